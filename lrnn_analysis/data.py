@@ -1,0 +1,250 @@
+"""Offline, seeded sequence tasks.
+
+Every task yields train/val/test splits as float32 tensors ``x`` of shape
+(N, T, input_dim) and targets ``y`` (int64 class labels, or float32 (N, 1) for
+regression). Splits depend only on ``seed``; the data themselves never come
+from the network.
+"""
+from __future__ import annotations
+
+import gzip
+import random
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+VENDORED_MNIST = Path(__file__).parent / "_data" / "mnist10k.npz"
+PERMUTATION_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset split three ways, with what a model needs to know about it."""
+
+    name: str
+    description: str
+    train: Split
+    val: Split
+    test: Split
+    input_dim: int
+    seq_len: int
+    num_classes: int | None
+    seed: int
+    default_eps: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def output_dim(self) -> int:
+        return self.num_classes if self.num_classes is not None else 1
+
+    @property
+    def input_range(self) -> tuple[float, float]:
+        """Smallest and largest input value in the training split."""
+        return float(self.train.x.min()), float(self.train.x.max())
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a checkpoint records to rebuild this task with ``load_task``."""
+        return {"name": self.name, "seed": self.seed, "options": dict(self.options)}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.to_dict(),
+            "description": self.description,
+            "input_dim": self.input_dim,
+            "seq_len": self.seq_len,
+            "num_classes": self.num_classes,
+            "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+        }
+
+
+def _split(x: np.ndarray, y: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[Split, Split, Split]:
+    """Shuffle with ``seed`` and cut into train/val/test with the given val and test fractions."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val, n_test = (int(round(f * len(x))) for f in fractions)
+    parts = np.split(order, [len(x) - n_val - n_test, len(x) - n_test])
+    return tuple(_as_split(x[idx], y[idx]) for idx in parts)  # type: ignore[return-value]
+
+
+def _as_split(x: np.ndarray, y: np.ndarray) -> Split:
+    target = torch.as_tensor(y, dtype=torch.float32) if y.dtype.kind == "f" else torch.as_tensor(y, dtype=torch.int64)
+    return Split(torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32), target)
+
+
+def _digits(seed: int, permute: bool) -> Task:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    if permute:
+        x = x[:, np.random.default_rng(PERMUTATION_SEED).permutation(x.shape[1])]
+    train, val, test = _split(x[:, :, None], bunch.target.astype(np.int64), seed, (0.1, 0.2))
+    name = "pdigits" if permute else "digits"
+    what = "permuted " if permute else ""
+    return Task(name, f"scikit-learn 8x8 digits as {what}64-step pixel sequences in [0, 1]",
+                train, val, test, 1, 64, 10, seed, 0.1)
+
+
+def _mnist1d(seed: int) -> Task:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    # make_dataset reseeds the global generators; keep the caller's state intact.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    x = data["x"].astype(np.float32)[:, :, None]
+    y = data["y"].astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = len(x) // 10
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    test = _as_split(data["x_test"].astype(np.float32)[:, :, None], data["y_test"].astype(np.int64))
+    return Task("mnist1d", "MNIST-1D (make_dataset defaults), 40-step sequences",
+                _as_split(x[train_idx], y[train_idx]), _as_split(x[val_idx], y[val_idx]), test,
+                1, 40, 10, seed, 0.15)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: truncated IDX file ({body.size} of {int(np.prod(shape))} values)")
+    return body.reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{directory}: no {stem}[.gz] IDX file")
+
+
+def _load_mnist_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Images and labels from an .npz (``images``, ``labels``) or an IDX directory.
+
+    Returns (images, labels, test) where ``test`` is the IDX directory's own test set, if any.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"MNIST data not found: {path}")
+    if path.is_dir():
+        train = (_read_idx(_find_idx(path, "train-images-idx3-ubyte")), _read_idx(_find_idx(path, "train-labels-idx1-ubyte")))
+        test = (_read_idx(_find_idx(path, "t10k-images-idx3-ubyte")), _read_idx(_find_idx(path, "t10k-labels-idx1-ubyte")))
+        return train[0], train[1], test
+    with np.load(path, allow_pickle=False) as archive:
+        missing = {"images", "labels"} - set(archive.files)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+        return archive["images"], archive["labels"], None
+
+
+def _smnist(seed: int, permute: bool, path: str | Path | None = None, pixels_per_step: int = 1) -> Task:
+    if 784 % pixels_per_step:
+        raise ValueError(f"pixels_per_step must divide 784, got {pixels_per_step}")
+    source = Path(path) if path is not None else VENDORED_MNIST
+    images, labels, idx_test = _load_mnist_arrays(source)
+    if images.shape[1:] not in ((28, 28), (784,)) or len(images) != len(labels):
+        raise ValueError(f"{source}: expected N 28x28 images and N labels, got {images.shape} and {labels.shape}")
+    steps = 784 // pixels_per_step
+    permutation = np.random.default_rng(PERMUTATION_SEED).permutation(784) if permute else None
+
+    def sequences(raw: np.ndarray) -> np.ndarray:
+        flat = raw.reshape(len(raw), 784).astype(np.float32) / 255.0
+        if permutation is not None:
+            flat = flat[:, permutation]
+        return flat.reshape(len(raw), steps, pixels_per_step)
+
+    x, y = sequences(images), labels.astype(np.int64)
+    if idx_test is None:
+        train, val, test = _split(x, y, seed, (0.1, 0.1))
+    else:
+        order = np.random.default_rng(seed).permutation(len(x))
+        n_val = len(x) // 12
+        train, val = _as_split(x[order[n_val:]], y[order[n_val:]]), _as_split(x[order[:n_val]], y[order[:n_val]])
+        test = _as_split(sequences(idx_test[0]), idx_test[1].astype(np.int64))
+    name = "psmnist" if permute else "smnist"
+    what = "permuted " if permute else ""
+    options = {"pixels_per_step": pixels_per_step, **({"path": str(path)} if path is not None else {})}
+    return Task(name, f"{what}pixel-by-pixel MNIST, {steps} steps of {pixels_per_step} pixel(s), from {source.name}",
+                train, val, test, pixels_per_step, steps, 10, seed, 0.03, options)
+
+
+def _adding(seed: int, length: int = 100, n_train: int = 5000, n_val: int = 1000, n_test: int = 1000) -> Task:
+    """The adding problem: sum the two values marked in the second channel."""
+    if length < 2:
+        raise ValueError(f"adding problem needs length >= 2, got {length}")
+    rng = np.random.default_rng(seed)
+    total = n_train + n_val + n_test
+    values = rng.uniform(0.0, 1.0, size=(total, length)).astype(np.float32)
+    markers = np.zeros((total, length), dtype=np.float32)
+    half = length // 2
+    first = rng.integers(0, half, size=total)
+    second = rng.integers(half, length, size=total)
+    rows = np.arange(total)
+    markers[rows, first] = 1.0
+    markers[rows, second] = 1.0
+    x = np.stack([values, markers], axis=-1)
+    y = (values[rows, first] + values[rows, second])[:, None].astype(np.float32)
+    cuts = [n_train, n_train + n_val]
+    train, val, test = (_as_split(a, b) for a, b in zip(np.split(x, cuts), np.split(y, cuts)))
+    options = {"length": length, "n_train": n_train, "n_val": n_val, "n_test": n_test}
+    return Task("adding", f"adding problem, length {length}, MSE target (two input channels)",
+                train, val, test, 2, length, None, seed, round(5.0 / length, 6), options)
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "digits": lambda seed: _digits(seed, permute=False),
+    "pdigits": lambda seed: _digits(seed, permute=True),
+    "mnist1d": _mnist1d,
+    "smnist": lambda seed, **opts: _smnist(seed, permute=False, **opts),
+    "psmnist": lambda seed, **opts: _smnist(seed, permute=True, **opts),
+    "adding": _adding,
+}
+
+TASK_OPTIONS: dict[str, set[str]] = {
+    "digits": set(),
+    "pdigits": set(),
+    "mnist1d": set(),
+    "smnist": {"path", "pixels_per_step"},
+    "psmnist": {"path", "pixels_per_step"},
+    "adding": {"length", "n_train", "n_val", "n_test"},
+}
+
+
+def load_task(name: str, seed: int = 0, **opts: Any) -> Task:
+    """Build task ``name`` with its splits drawn from ``seed``.
+
+    Options: ``smnist``/``psmnist`` take ``path`` (an .npz with ``images``/``labels``
+    or a directory of MNIST IDX files; default: the vendored 10k digits) and
+    ``pixels_per_step``; ``adding`` takes ``length`` and split sizes.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    opts = {k: v for k, v in opts.items() if v is not None}
+    unknown = set(opts) - TASK_OPTIONS[name]
+    if unknown:
+        raise ValueError(f"task {name!r} does not take options {sorted(unknown)}; it takes {sorted(TASK_OPTIONS[name])}")
+    return TASKS[name](seed, **opts)

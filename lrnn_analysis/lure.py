@@ -1,0 +1,138 @@
+"""Lur'e form of a recurrent network: h' = A h + sigma(W h + u).
+
+Every model in the zoo (except gated ones) is written as this linear system in
+feedback with an elementwise nonlinearity sigma whose slope lies in [0, L],
+together with the scheme that is actually run:
+
+* ``ode``   continuous time, dh/dt = A h + sigma(W h + u);
+* ``euler`` h+ = h + eps * f(h, u);
+* ``rk2``   explicit midpoint, h+ = h + eps * f(h + eps/2 * f(h, u), u);
+* ``rk4``   classical Runge-Kutta with u held over the step;
+* ``map``   h+ = sigma(W h + u)  (A is unused and must be zero).
+
+``substeps`` repeats the scheme that many times per input step (a neural-ODE
+RNN integrating over [0, eps_total] with a fixed grid). Matrices are float64
+in the column convention; vectors passed to ``step``/``simulate`` may carry
+leading batch dimensions (row convention on the last axis).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+METHODS = ("ode", "euler", "rk2", "rk4", "map")
+ACTIVATIONS = {"tanh": (np.tanh, 1.0), "relu": (lambda z: np.maximum(z, 0.0), 1.0)}
+
+
+def _as_float64_matrix(value: Any, name: str) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().double().numpy()
+    array = np.array(value, dtype=np.float64, copy=True)
+    if array.ndim != 2 or array.shape[0] != array.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} has non-finite entries")
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class LureSystem:
+    """h' = A h + sigma(W h + u), sigma elementwise with slope in [0, slope]."""
+
+    A: np.ndarray
+    W: np.ndarray
+    slope: float = 1.0
+    method: str = "ode"
+    eps: float | None = None
+    substeps: int = 1
+    activation: str = "tanh"
+    _sigma: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        A = _as_float64_matrix(self.A, "A")
+        W = _as_float64_matrix(self.W, "W")
+        if A.shape != W.shape:
+            raise ValueError(f"A {A.shape} and W {W.shape} must have the same shape")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {tuple(ACTIVATIONS)}")
+        sigma, max_slope = ACTIVATIONS[self.activation]
+        if not (np.isfinite(self.slope) and self.slope >= max_slope):
+            raise ValueError(f"slope {self.slope} must be >= {max_slope}, the largest slope of {self.activation}")
+        if self.method in ("euler", "rk2", "rk4"):
+            if self.eps is None or not (np.isfinite(self.eps) and self.eps > 0):
+                raise ValueError(f"method {self.method!r} needs a step eps > 0, got {self.eps}")
+        elif self.eps is not None:
+            raise ValueError(f"method {self.method!r} takes no step eps")
+        if self.method == "map" and np.any(A != 0):
+            raise ValueError("method 'map' has no linear part: A must be zero")
+        if int(self.substeps) != self.substeps or self.substeps < 1:
+            raise ValueError(f"substeps must be a positive integer, got {self.substeps}")
+        object.__setattr__(self, "A", A)
+        object.__setattr__(self, "W", W)
+        object.__setattr__(self, "slope", float(self.slope))
+        object.__setattr__(self, "eps", None if self.eps is None else float(self.eps))
+        object.__setattr__(self, "substeps", int(self.substeps))
+        object.__setattr__(self, "_sigma", sigma)
+
+    @property
+    def n(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def is_discrete(self) -> bool:
+        return self.method != "ode"
+
+    def vector_field(self, h: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """f(h, u) = A h + sigma(W h + u)."""
+        return h @ self.A.T + self._sigma(h @ self.W.T + u)
+
+    def step(self, h: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """One input step of the discrete system (all substeps); undefined for 'ode'."""
+        if self.method == "ode":
+            raise ValueError("a continuous-time system has no step; integrate vector_field instead")
+        if self.method == "map":
+            return self._sigma(h @ self.W.T + u)
+        for _ in range(self.substeps):
+            h = self._scheme_step(h, u)
+        return h
+
+    def _scheme_step(self, h: np.ndarray, u: np.ndarray) -> np.ndarray:
+        f, e = self.vector_field, self.eps
+        if self.method == "euler":
+            return h + e * f(h, u)
+        if self.method == "rk2":
+            return h + e * f(h + 0.5 * e * f(h, u), u)
+        k1 = f(h, u)
+        k2 = f(h + 0.5 * e * k1, u)
+        k3 = f(h + 0.5 * e * k2, u)
+        k4 = f(h + e * k3, u)
+        return h + (e / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+    def simulate(self, h0: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        """Hidden states h_1..h_T of the discrete system for inputs u_1..u_T.
+
+        ``inputs`` has shape (..., T, n) and ``h0`` shape (..., n); returns (..., T, n).
+        """
+        h = np.asarray(h0, dtype=np.float64)
+        states = []
+        for t in range(inputs.shape[-2]):
+            h = self.step(h, inputs[..., t, :])
+            states.append(h)
+        return np.stack(states, axis=-2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "method": self.method,
+            "eps": self.eps,
+            "substeps": self.substeps,
+            "slope": self.slope,
+            "activation": self.activation,
+            "A": self.A.tolist(),
+            "W": self.W.tolist(),
+        }

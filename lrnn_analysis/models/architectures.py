@@ -1,0 +1,261 @@
+"""The model zoo: every architecture maps x (batch, time, input_dim) to outputs
+D h_T + d from its final hidden state, with inputs entering as u_t = U x_t + b.
+
+Row vectors are used inside the recurrence (h @ X^T computes X h for each row);
+matrices returned by ``matrices``/``lure_form`` are in the column convention.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..lure import LureSystem
+from .config import ModelConfig
+
+StepFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+def lipschitz_matrix(M: Tensor, beta: float, gamma: float) -> Tensor:
+    """X = (1 - beta)(M + M^T) + beta (M - M^T) - gamma I."""
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    return (1.0 - beta) * (M + M.T) + beta * (M - M.T) - gamma * eye
+
+
+def lure_step(A: Tensor | None, W: Tensor, method: str, eps: float | None, substeps: int = 1) -> StepFunction:
+    """One input step of h' = A h + tanh(W h + u) under ``method`` (row convention).
+
+    A is None when it is zero. Both matrix products of a stage share one matmul
+    with the stacked matrix [A^T | W^T].
+    """
+    if method == "map":
+        W_T = W.T
+        return lambda h, u: torch.tanh(h @ W_T + u)
+    n = W.shape[0]
+    if A is None:
+        W_T = W.T
+
+        def field(h: Tensor, u: Tensor) -> Tensor:
+            return torch.tanh(h @ W_T + u)
+    else:
+        stacked = torch.cat([A, W], dim=0).T
+
+        def field(h: Tensor, u: Tensor) -> Tensor:
+            z = h @ stacked
+            return z[:, :n] + torch.tanh(z[:, n:] + u)
+
+    def scheme(h: Tensor, u: Tensor) -> Tensor:
+        if method == "euler":
+            return h + eps * field(h, u)
+        if method == "rk2":
+            return h + eps * field(h + (0.5 * eps) * field(h, u), u)
+        k1 = field(h, u)
+        k2 = field(h + (0.5 * eps) * k1, u)
+        k3 = field(h + (0.5 * eps) * k2, u)
+        k4 = field(h + eps * k3, u)
+        return h + (eps / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+    if substeps == 1:
+        return scheme
+
+    def repeated(h: Tensor, u: Tensor) -> Tensor:
+        for _ in range(substeps):
+            h = scheme(h, u)
+        return h
+
+    return repeated
+
+
+class RecurrentModel(nn.Module):
+    """Shared input map, decoder and time loop; subclasses define one step."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.U = nn.Linear(config.input_dim, config.hidden)
+        self.D = nn.Linear(config.hidden, config.output_dim)
+        for layer in (self.U, self.D):
+            nn.init.xavier_normal_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _square_parameter(self) -> nn.Parameter:
+        n = self.config.hidden
+        return nn.Parameter(torch.randn(n, n) * (self.config.init_std / n))
+
+    def _input_sequence(self, x: Tensor) -> Tensor:
+        """All input projections in one matmul, time-major: (T, B, n)."""
+        return self.U(x.transpose(0, 1))
+
+    def _step_function(self) -> StepFunction:
+        raise NotImplementedError
+
+    def _run(self, x: Tensor, keep_states: bool) -> Tensor:
+        if x.ndim != 3 or x.shape[-1] != self.config.input_dim:
+            raise ValueError(
+                f"{self.config.arch} model expects input of shape (batch, time, {self.config.input_dim}), got {tuple(x.shape)}"
+            )
+        inputs = self._input_sequence(x)
+        step = self._step_function()
+        h = inputs.new_zeros(x.shape[0], self.config.hidden)
+        states = []
+        for u_t in inputs.unbind(0):
+            h = step(h, u_t)
+            if keep_states:
+                states.append(h)
+        return torch.stack(states, dim=1) if keep_states else h
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.D(self._run(x, keep_states=False))
+
+    def hidden_states(self, x: Tensor) -> Tensor:
+        """Hidden states h_1..h_T, shape (batch, time, hidden)."""
+        return self._run(x, keep_states=True)
+
+    def recurrent_matrices(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The matrices of the recurrence (column convention), e.g. {"A": ..., "W": ...}."""
+        raise NotImplementedError
+
+    def lure_form(self) -> LureSystem | None:
+        """h' = A h + tanh(W h + u) with the scheme that is run, or None if there is none."""
+        return None
+
+
+class LureRNN(RecurrentModel):
+    """A model whose recurrence is exactly a Lur'e system run with a fixed scheme."""
+
+    def matrices(self, dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor]:
+        """(A, W) in the column convention; A is None where it is zero."""
+        raise NotImplementedError
+
+    @property
+    def _scheme(self) -> tuple[str, float | None, int]:
+        c = self.config
+        if c.discretization == "map":
+            return "map", None, 1
+        return c.discretization, c.eps / c.ode_substeps, c.ode_substeps
+
+    def _step_function(self) -> StepFunction:
+        A, W = self.matrices()
+        return lure_step(A, W, *self._scheme)
+
+    def recurrent_matrices(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        A, W = self.matrices(dtype)
+        return {"W": W} if A is None else {"A": A, "W": W}
+
+    def lure_form(self) -> LureSystem:
+        with torch.no_grad():
+            A, W = self.matrices(torch.float64)
+        method, eps, substeps = self._scheme
+        A = torch.zeros_like(W) if A is None else A
+        return LureSystem(A, W, slope=1.0, method=method, eps=eps, substeps=substeps)
+
+
+def _cast(parameter: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return parameter if dtype is None else parameter.to(dtype)
+
+
+class LipschitzRNN(LureRNN):
+    """dh/dt = A h + tanh(W h + u), A and W from M_A, M_W by the Lipschitz parameterization."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.M_A = self._square_parameter()
+        self.M_W = self._square_parameter()
+
+    def matrices(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        c = self.config
+        return (lipschitz_matrix(_cast(self.M_A, dtype), c.beta_a, c.gamma_a),
+                lipschitz_matrix(_cast(self.M_W, dtype), c.beta_w, c.gamma_w))
+
+
+class AntisymmetricRNN(LureRNN):
+    """h <- h + eps tanh((M - M^T - gamma I) h + u)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.M_W = self._square_parameter()
+
+    def matrices(self, dtype: torch.dtype | None = None) -> tuple[None, Tensor]:
+        M = _cast(self.M_W, dtype)
+        return None, M - M.T - self.config.gamma_w * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+
+
+class CayleyRNN(LureRNN):
+    """h <- tanh(W h + u) with the orthogonal W = (I + S)^-1 (I - S), S = M - M^T."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.M_W = self._square_parameter()
+
+    def matrices(self, dtype: torch.dtype | None = None) -> tuple[None, Tensor]:
+        M = _cast(self.M_W, dtype)
+        S = M - M.T
+        eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+        return None, torch.linalg.solve(eye + S, eye - S)
+
+
+class PlainWRNN(LureRNN):
+    """Recurrences with a free matrix W = M_W: residual (euler), vanilla (map), node (ODE solver)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.M_W = self._square_parameter()
+
+    def matrices(self, dtype: torch.dtype | None = None) -> tuple[None, Tensor]:
+        return None, _cast(self.M_W, dtype)
+
+
+class GatedLipschitzRNN(RecurrentModel):
+    """h <- h + eps (A h + tanh(W h + u)) * sigmoid(W h + V x + c); no Lur'e form."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.M_A = self._square_parameter()
+        self.M_W = self._square_parameter()
+        self.V = nn.Linear(config.input_dim, config.hidden)
+        nn.init.xavier_normal_(self.V.weight)
+        nn.init.zeros_(self.V.bias)
+
+    def recurrent_matrices(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        c = self.config
+        return {"A": lipschitz_matrix(_cast(self.M_A, dtype), c.beta_a, c.gamma_a),
+                "W": lipschitz_matrix(_cast(self.M_W, dtype), c.beta_w, c.gamma_w)}
+
+    def _input_sequence(self, x: Tensor) -> Tensor:
+        weight = torch.cat([self.U.weight, self.V.weight], dim=0)
+        bias = torch.cat([self.U.bias, self.V.bias], dim=0)
+        return nn.functional.linear(x.transpose(0, 1), weight, bias)
+
+    def _step_function(self) -> StepFunction:
+        mats = self.recurrent_matrices()
+        stacked = torch.cat([mats["A"], mats["W"]], dim=0).T
+        n, eps = self.config.hidden, self.config.eps
+
+        def step(h: Tensor, inputs: Tensor) -> Tensor:
+            z = h @ stacked
+            Wh = z[:, n:]
+            update = (z[:, :n] + torch.tanh(Wh + inputs[:, :n])) * torch.sigmoid(Wh + inputs[:, n:])
+            return h + eps * update
+
+        return step
+
+
+MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
+    "lipschitz": LipschitzRNN,
+    "lipschitz-gated": GatedLipschitzRNN,
+    "antisymmetric": AntisymmetricRNN,
+    "cayley": CayleyRNN,
+    "residual": PlainWRNN,
+    "vanilla": PlainWRNN,
+    "node": PlainWRNN,
+}
+
+
+def build_model(config: ModelConfig, seed: int | None = None) -> RecurrentModel:
+    """A freshly initialised model for ``config`` (initialisation drawn from ``seed`` if given)."""
+    if seed is None:
+        return MODEL_CLASSES[config.arch](config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODEL_CLASSES[config.arch](config)

@@ -1,0 +1,134 @@
+"""Training loop: Adam with step learning-rate decay, optional gradient clipping,
+per-epoch validation and the spectral abscissa of the recurrent matrices."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import Task
+from .evaluation import evaluate, loss_function
+from .models import RecurrentModel
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimiser settings. The learning rate is multiplied by ``lr_decay`` after each epoch in
+    ``decay_epochs`` (default: once, after 75% of the epochs)."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.03
+    lr_decay: float = 0.1
+    decay_epochs: tuple[int, ...] | None = None
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not (self.lr > 0 and 0 < self.lr_decay <= 1 and self.weight_decay >= 0):
+            raise ValueError("need lr > 0, 0 < lr_decay <= 1 and weight_decay >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        decay = (max(1, round(0.75 * self.epochs)),) if self.decay_epochs is None else self.decay_epochs
+        object.__setattr__(self, "decay_epochs", tuple(sorted(int(e) for e in decay)))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["decay_epochs"] = list(self.decay_epochs)
+        return data
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    metrics: dict[str, Any]
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": dict(self.metrics), "log": list(self.log)}
+
+
+def spectral_abscissas(model: RecurrentModel) -> dict[str, float]:
+    """max Re(lambda) of each recurrent matrix, computed in float64."""
+    with torch.no_grad():
+        mats = model.recurrent_matrices(torch.float64)
+    return {name: float(np.linalg.eigvals(m.cpu().numpy()).real.max()) for name, m in mats.items()}
+
+
+def train_model(
+    model: RecurrentModel,
+    task: Task,
+    settings: TrainSettings,
+    device: torch.device,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place on ``task.train``; validate each epoch; test at the end."""
+    torch.manual_seed(settings.seed)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    criterion = loss_function(task.is_classification)
+    x_train, y_train = task.train.x.to(device), task.train.y.to(device)
+    order_rng = torch.Generator().manual_seed(settings.seed)
+    log: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    bar = tqdm(range(1, settings.epochs + 1), desc=f"train {model.config.arch}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(x_train), generator=order_rng).to(device)
+        total = 0.0
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            loss = criterion(model(x_train[idx]), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+        val = evaluate(model, task.val.x, task.val.y, task.is_classification)
+        entry = {
+            "epoch": epoch,
+            "train_loss": total / len(order),
+            "val_loss": val.loss,
+            "val_accuracy": val.accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+            "spectral_abscissa": spectral_abscissas(model),
+        }
+        log.append(entry)
+        bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_acc="-" if val.accuracy is None else f"{val.accuracy:.3f}")
+        if epoch in settings.decay_epochs:
+            for group in optimizer.param_groups:
+                group["lr"] *= settings.lr_decay
+    seconds = time.perf_counter() - started
+    test = evaluate(model, task.test.x, task.test.y, task.is_classification)
+    val = evaluate(model, task.val.x, task.val.y, task.is_classification)
+    metrics = {
+        "test_loss": test.loss,
+        "test_accuracy": test.accuracy,
+        "val_loss": val.loss,
+        "val_accuracy": val.accuracy,
+        "train_seconds": seconds,
+        "epochs": settings.epochs,
+    }
+    return TrainResult(metrics, log)
+
+
+def training_metadata(task: Task, settings: TrainSettings, result: TrainResult, device: torch.device) -> dict[str, Any]:
+    """What a trained checkpoint records besides its config: task and split seed, settings,
+    metrics, the per-epoch log, versions and device."""
+    from .runtime import environment
+
+    return {
+        "task": task.to_dict(),
+        "training": settings.to_dict(),
+        "metrics": dict(result.metrics),
+        "log": list(result.log),
+        "environment": environment(device),
+    }
