@@ -65,10 +65,11 @@ def load_checkpoint(path: str | Path, **reference_hparams: float) -> LoadedCheck
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     with open(path, "rb") as stream:
-        head = stream.read(8)
-    if len(head) < 8:
+        head = stream.read(9)
+    if len(head) < 9:
         raise CheckpointError(f"{path}: file is empty or truncated ({len(head)} bytes)")
-    if head.startswith(b"PK") or head[:1] == b"\x80":
+    looks_like_safetensors = head[8:9] == b"{"  # 8-byte header length, then the JSON header
+    if not looks_like_safetensors and (head.startswith(b"PK") or head[:1] == b"\x80"):
         return _load_torch_file(path, reference_hparams)
     return _load_safetensors(path)
 

@@ -1,0 +1,183 @@
+"""Round trips and every kind of bad checkpoint: each a CheckpointError naming the file."""
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+
+from lrnn_analysis import checkpoints
+from lrnn_analysis.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from lrnn_analysis.cli import main
+from lrnn_analysis.models import ModelConfig, build_model
+
+CONFIG = ModelConfig("lipschitz", 1, 6, 3, eps=0.2, discretization="rk2")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = build_model(CONFIG, seed=0)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, {"task": {"name": "digits", "seed": 0}})
+    return model, path
+
+
+def _rewrite_header(path, edit):
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + size:])
+
+
+def test_round_trip(saved):
+    model, path = saved
+    loaded, metadata = load_checkpoint(path)
+    assert loaded.config == CONFIG
+    assert metadata["task"] == {"name": "digits", "seed": 0} and metadata["format"] == checkpoints.FORMAT
+    x = torch.randn(2, 5, 1)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="not a file"):
+        load_checkpoint(tmp_path)
+
+
+def test_truncated_and_corrupt_files(saved, tmp_path):
+    _, path = saved
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=f"{cut}: not a readable safetensors"):
+        load_checkpoint(cut)
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(raw[:3])
+    with pytest.raises(CheckpointError, match="empty or truncated"):
+        load_checkpoint(tiny)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(256))
+    with pytest.raises(CheckpointError, match="garbage.safetensors"):
+        load_checkpoint(garbage)
+
+
+def test_hostile_pickle_is_refused_without_running_code(tmp_path):
+    canary = tmp_path / "canary"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    for name, save in (("zip.pt", lambda p: torch.save({"w": Exploit()}, p)),
+                       ("legacy.pkl", lambda p: p.write_bytes(pickle.dumps({"w": Exploit()}, protocol=2)))):
+        path = tmp_path / name
+        save(path)
+        with pytest.raises(CheckpointError, match=r"refused to unpickle \(it would import (posix|os)\.system\)"):
+            load_checkpoint(path)
+        assert not canary.exists()
+
+
+def test_non_finite_weights(saved, tmp_path):
+    model, _ = saved
+    state = model.state_dict()
+    state["M_A"][0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save({"config": CONFIG.to_dict(), "state_dict": state}, path)
+    with pytest.raises(CheckpointError, match="tensor M_A has non-finite values"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="refusing to save non-finite"):
+        save_checkpoint(tmp_path / "x.safetensors", model)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_inconsistent_config_and_tensors(saved):
+    _, path = saved
+    _rewrite_header(path, lambda h: h["__metadata__"].update(
+        lrnn_analysis=json.dumps({**json.loads(h["__metadata__"]["lrnn_analysis"]),
+                                  "config": {**CONFIG.to_dict(), "hidden": 7}})))
+    with pytest.raises(CheckpointError, match="tensor .* has shape .* config implies"):
+        load_checkpoint(path)
+
+
+def test_unknown_architecture_and_bad_metadata(saved):
+    _, path = saved
+    original = path.read_bytes()
+    _rewrite_header(path, lambda h: h["__metadata__"].update(
+        lrnn_analysis=json.dumps({"format": checkpoints.FORMAT, "config": {**CONFIG.to_dict(), "arch": "lstm"}})))
+    with pytest.raises(CheckpointError, match="invalid model config .*unknown architecture 'lstm'"):
+        load_checkpoint(path)
+    path.write_bytes(original)
+    _rewrite_header(path, lambda h: h["__metadata__"].update(lrnn_analysis="{not json"))
+    with pytest.raises(CheckpointError, match="corrupt metadata JSON"):
+        load_checkpoint(path)
+    path.write_bytes(original)
+    _rewrite_header(path, lambda h: h.pop("__metadata__"))
+    with pytest.raises(CheckpointError, match="no 'lrnn_analysis' metadata"):
+        load_checkpoint(path)
+
+
+def test_missing_and_extra_tensors(saved, tmp_path):
+    model, _ = saved
+    state = model.state_dict()
+    del state["M_W"]
+    path = tmp_path / "partial.pt"
+    torch.save({"config": CONFIG.to_dict(), "state_dict": state}, path)
+    with pytest.raises(CheckpointError, match=r"missing \['M_W'\]"):
+        load_checkpoint(path)
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="without a model config"):
+        load_checkpoint(tmp_path / "bare.pt")
+
+
+def _reference_state(n=4):
+    return {"B": torch.randn(n, n), "C": torch.randn(n, n), "E.weight": torch.randn(n, 1), "E.bias": torch.randn(n),
+            "D.weight": torch.randn(10, n), "D.bias": torch.randn(10)}
+
+
+def test_reference_state_dict_hparams_from_filename_or_arguments(tmp_path):
+    name = "LipschitzRNN_mnist_T_784_units_4_beta_0.75_alpha_1_gamma_0.001_eps_0.03_solver_euler_gclip_0_optimizer_Adam_seed_1.pkl"
+    torch.save(_reference_state(), tmp_path / name)
+    model, metadata = load_checkpoint(tmp_path / name)
+    assert (model.config.eps, model.config.beta_a, model.config.gamma_w) == (0.03, 0.75, 0.001)
+    assert metadata["reference_hparams"]["seed"] == 1
+    torch.save({f"module.{k}": v for k, v in _reference_state().items()}, tmp_path / "ref.pt")
+    with pytest.raises(CheckpointError, match=r"needs \['beta', 'gamma', 'eps'\]"):
+        load_checkpoint(tmp_path / "ref.pt")
+    model, _ = load_checkpoint(tmp_path / "ref.pt", beta=0.5, gamma=0.1, eps=0.2)
+    assert (model.config.beta_w, model.config.eps) == (0.5, 0.2)
+
+
+def test_interrupted_save_leaves_nothing(saved, tmp_path, monkeypatch):
+    model, _ = saved
+
+    def explode(state, filename, metadata):
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "sub" / "new.safetensors", model)
+    assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_cli_reports_bad_checkpoint_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and err.startswith("lrnn info: error:")
+
+
+def test_header_length_that_looks_like_a_pickle_opcode(tmp_path):
+    model = build_model(CONFIG, seed=0)
+    path = tmp_path / "m.safetensors"
+    for pad in range(300):
+        save_checkpoint(path, model, {"note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert load_checkpoint(path).model.config == CONFIG

@@ -1,0 +1,234 @@
+"""Equations of every architecture against hand-written loops, Lur'e forms and reference parity."""
+import numpy as np
+import pytest
+import torch
+
+from lrnn_analysis.lure import LureSystem
+from lrnn_analysis.models import (
+    ARCHITECTURES,
+    DISCRETIZATIONS,
+    ModelConfig,
+    build_model,
+    from_reference_state_dict,
+    lipschitz_matrix,
+    parse_reference_filename,
+)
+
+ALL_VARIANTS = [(arch, disc) for arch in ARCHITECTURES for disc in DISCRETIZATIONS[arch]]
+
+
+def _config(arch, disc, n=5, d=3, out=4, **kw):
+    return ModelConfig(arch, d, n, out, eps=0.3, discretization=disc, beta_a=0.6, gamma_a=0.2,
+                       beta_w=0.8, gamma_w=0.1, init_std=3.0, **kw)
+
+
+def _numpy_params(model):
+    return {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+
+
+def _hand_written(config, p, x):
+    """The issue's equations, one sample and one step at a time, column vectors."""
+    n, eps = config.hidden, config.eps
+    eye = np.eye(n)
+
+    def lip(M, beta, gamma):
+        return (1 - beta) * (M + M.T) + beta * (M - M.T) - gamma * eye
+
+    outputs = []
+    for sample in x:
+        h = np.zeros(n)
+        for x_t in sample:
+            u = p["U.weight"] @ x_t + p["U.bias"]
+            if config.arch in ("lipschitz", "lipschitz-gated"):
+                A = lip(p["M_A"], config.beta_a, config.gamma_a)
+                W = lip(p["M_W"], config.beta_w, config.gamma_w)
+                f = lambda v: A @ v + np.tanh(W @ v + u)  # noqa: E731
+                if config.arch == "lipschitz-gated":
+                    gate = 1 / (1 + np.exp(-(W @ h + p["V.weight"] @ x_t + p["V.bias"])))
+                    h = h + eps * f(h) * gate
+                elif config.discretization == "euler":
+                    h = h + eps * f(h)
+                else:
+                    h = h + eps * f(h + eps / 2 * f(h))
+            elif config.arch == "antisymmetric":
+                M = p["M_W"]
+                h = h + eps * np.tanh((M - M.T - config.gamma_w * eye) @ h + u)
+            elif config.arch == "cayley":
+                S = p["M_W"] - p["M_W"].T
+                W = np.linalg.inv(eye + S) @ (eye - S)
+                h = np.tanh(W @ h + u)
+            elif config.arch == "residual":
+                h = h + eps * np.tanh(p["M_W"] @ h + u)
+            elif config.arch == "vanilla":
+                h = np.tanh(p["M_W"] @ h + u)
+            elif config.arch == "node":
+                f = lambda v: np.tanh(p["M_W"] @ v + u)  # noqa: E731
+                dt = eps / config.ode_substeps
+                for _ in range(config.ode_substeps):
+                    if config.discretization == "euler":
+                        h = h + dt * f(h)
+                    elif config.discretization == "rk2":
+                        h = h + dt * f(h + dt / 2 * f(h))
+                    else:
+                        k1 = f(h)
+                        k2 = f(h + dt / 2 * k1)
+                        k3 = f(h + dt / 2 * k2)
+                        k4 = f(h + dt * k3)
+                        h = h + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        outputs.append(p["D.weight"] @ h + p["D.bias"])
+    return np.stack(outputs)
+
+
+@pytest.mark.parametrize("arch,disc", ALL_VARIANTS)
+def test_model_matches_hand_written_equations(arch, disc):
+    config = _config(arch, disc, ode_substeps=2 if arch == "node" else 1)
+    model = build_model(config, seed=1).double()
+    x = torch.randn(3, 6, config.input_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = _hand_written(config, _numpy_params(model), x.numpy())
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] != "lipschitz-gated"])
+def test_lure_form_reproduces_hidden_states(arch, disc):
+    config = _config(arch, disc, ode_substeps=3 if arch == "node" else 1)
+    model = build_model(config, seed=2).double()
+    system = model.lure_form()
+    assert isinstance(system, LureSystem)
+    assert system.A.dtype == np.float64 and system.W.dtype == np.float64
+    x = torch.randn(4, 7, config.input_dim, dtype=torch.float64)
+    u = (x @ model.U.weight.T + model.U.bias).detach().numpy()
+    simulated = system.simulate(np.zeros((4, config.hidden)), u)
+    np.testing.assert_allclose(model.hidden_states(x).detach().numpy(), simulated, rtol=1e-12, atol=1e-13)
+
+
+def test_lure_form_method_and_matrices():
+    model = build_model(_config("lipschitz", "rk2"), seed=0)
+    system = model.lure_form()
+    assert (system.method, system.eps, system.slope) == ("rk2", 0.3, 1.0)
+    M_A = model.M_A.detach().double().numpy()
+    np.testing.assert_allclose(system.A, 0.4 * (M_A + M_A.T) + 0.6 * (M_A - M_A.T) - 0.2 * np.eye(5), atol=1e-12)
+    assert build_model(_config("vanilla", "map")).lure_form().method == "map"
+    node = build_model(_config("node", "rk4", ode_substeps=4)).lure_form()
+    assert (node.method, node.substeps, node.eps) == ("rk4", 4, pytest.approx(0.075))
+    assert build_model(_config("lipschitz-gated", "euler")).lure_form() is None
+
+
+def test_symmetric_part_eigenvalues_and_beta_one_normality():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = rng.integers(2, 9)
+        M = rng.normal(size=(n, n))
+        beta, gamma = rng.uniform(0, 1), rng.uniform(-1, 1)
+        A = lipschitz_matrix(torch.tensor(M), beta, gamma).numpy()
+        sym = np.linalg.eigvalsh((A + A.T) / 2)
+        np.testing.assert_allclose(sym, np.sort((1 - beta) * np.linalg.eigvalsh(M + M.T) - gamma), atol=1e-10)
+        A1 = lipschitz_matrix(torch.tensor(M), 1.0, gamma).numpy()
+        np.testing.assert_allclose(A1 @ A1.T, A1.T @ A1, atol=1e-10)
+        np.testing.assert_allclose(np.linalg.eigvals(A1).real, -gamma, atol=1e-10)
+
+
+def test_cayley_matrix_is_orthogonal():
+    W = build_model(_config("cayley", "map"), seed=3).lure_form().W
+    np.testing.assert_allclose(W.T @ W, np.eye(5), atol=1e-12)
+
+
+def test_initialisation_scale_is_init_std_over_n():
+    n = 200
+    model = build_model(ModelConfig("lipschitz", 1, n, 2, init_std=0.1), seed=0)
+    assert model.M_A.std().item() == pytest.approx(0.1 / n, rel=0.02)
+
+
+@pytest.mark.parametrize("arch,disc", ALL_VARIANTS)
+def test_models_are_twice_differentiable(arch, disc):
+    model = build_model(_config(arch, disc), seed=0).double()
+    x, y = torch.randn(2, 4, 3, dtype=torch.float64), torch.tensor([0, 1])
+    params = list(model.parameters())
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    v = [torch.randn_like(p) for p in params]
+    hvp = torch.autograd.grad(sum((g * w).sum() for g, w in zip(grads, v)), params)
+    assert all(torch.isfinite(h).all() for h in hvp)
+    assert any(h.abs().sum() > 0 for h in hvp)
+
+
+def test_config_round_trip_rebuilds_same_model():
+    config = _config("lipschitz", "rk2")
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    a, b = build_model(config, seed=5), build_model(ModelConfig.from_dict(config.to_dict()), seed=5)
+    x = torch.randn(2, 3, 3)
+    assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("bad", [
+    {"arch": "lstm"}, {"hidden": 0}, {"eps": -0.1}, {"eps": float("nan")},
+    {"discretization": "rk2", "arch": "vanilla"}, {"input_dim": 1.5},
+])
+def test_invalid_config_is_rejected(bad):
+    fields = {"arch": "lipschitz", "input_dim": 1, "hidden": 4, "output_dim": 2, **bad}
+    with pytest.raises(ValueError):
+        ModelConfig(**fields)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({"arch": "lipschitz", "input_dim": 1, "hidden": 4, "output_dim": 2, "colour": 1})
+
+
+def test_wrong_input_size_is_a_clear_error():
+    model = build_model(ModelConfig("lipschitz", 2, 4, 3))
+    with pytest.raises(ValueError, match=r"expects input of shape \(batch, time, 2\)"):
+        model(torch.randn(1, 5, 3))
+
+
+def _reference_forward(state, x, beta, gamma, eps, alpha):
+    """The reference implementation's loop (row vectors, per-step E(x_t), two separate matmuls)."""
+    B, C = state["B"], state["C"]
+    eye = torch.eye(B.shape[0])
+    A = beta * (B - B.T) + (1 - beta) * (B + B.T) - gamma * eye
+    W = beta * (C - C.T) + (1 - beta) * (C + C.T) - gamma * eye
+    h = torch.zeros(x.shape[0], B.shape[0])
+    for i in range(x.shape[1]):
+        z = x[:, i, :] @ state["E.weight"].T + state["E.bias"]
+        h = h + eps * alpha * torch.matmul(h, A) + eps * torch.tanh(torch.matmul(h, W) + z)
+    return h @ state["D.weight"].T + state["D.bias"]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_reference_parity(alpha):
+    gen = torch.Generator().manual_seed(0)
+    n, d, k = 16, 2, 10
+    state = {
+        "B": torch.randn(n, n, generator=gen) * 0.5,
+        "C": torch.randn(n, n, generator=gen) * 0.5,
+        "E.weight": torch.randn(n, d, generator=gen),
+        "E.bias": torch.randn(n, generator=gen),
+        "D.weight": torch.randn(k, n, generator=gen),
+        "D.bias": torch.randn(k, generator=gen),
+    }
+    x = torch.randn(8, 30, d, generator=gen)
+    model = from_reference_state_dict(state, beta=0.75, gamma=0.01, eps=0.1, alpha=alpha)
+    with torch.no_grad():
+        ours, theirs = model(x), _reference_forward(state, x, 0.75, 0.01, 0.1, alpha)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.lure_form().A.T, alpha * _reference_A(state["B"], 0.75, 0.01), atol=1e-6)
+
+
+def _reference_A(B, beta, gamma):
+    B = B.double().numpy()
+    return beta * (B - B.T) + (1 - beta) * (B + B.T) - gamma * np.eye(B.shape[0])
+
+
+def test_reference_state_dict_errors():
+    with pytest.raises(ValueError, match="lacks"):
+        from_reference_state_dict({"B": torch.zeros(2, 2)}, beta=0.5, gamma=0.0, eps=0.1)
+    state = {"B": torch.zeros(3, 3), "C": torch.zeros(2, 2), "E.weight": torch.zeros(3, 1), "E.bias": torch.zeros(3),
+             "D.weight": torch.zeros(2, 3), "D.bias": torch.zeros(2)}
+    with pytest.raises(ValueError, match="C has shape"):
+        from_reference_state_dict(state, beta=0.5, gamma=0.0, eps=0.1)
+
+
+def test_parse_reference_filename():
+    name = ("LipschitzRNN_mnist_T_784_units_128_beta_0.75_alpha_1_gamma_0.001_eps_0.03_solver_euler_"
+            "gclip_0_optimizer_Adam_seed_1.pkl")
+    assert parse_reference_filename(name) == {
+        "model": "LipschitzRNN", "task": "mnist", "T": 784, "units": 128, "beta": 0.75, "alpha": 1.0,
+        "gamma": 0.001, "eps": 0.03, "solver": "euler", "gclip": 0.0, "optimizer": "Adam", "seed": 1}
+    old = parse_reference_filename("runs/LipschitzRNN_pmnist_T784_units64_beta0.7_gamma0.01_eps0.05_init6_seed2.pkl")
+    assert (old["beta"], old["gamma"], old["eps"], old["units"], old["seed"]) == (0.7, 0.01, 0.05, 64, 2)
