@@ -17,6 +17,7 @@ from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import TASKS, load_task
 from .models import ARCHITECTURES, ModelConfig, build_model
 from .runtime import DEVICE_CHOICES, resolve_device
+from .tables import format_table
 from .training import TrainSettings, train_model, training_metadata
 
 
@@ -137,6 +138,50 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+
+
+ROBUSTNESS_OPTIONS = {
+    "input_noise": "gaussian",
+    "salt_pepper": "salt-pepper",
+    "occlusion": "occlusion",
+    "fgsm": "fgsm",
+    "param_noise": "gaussian-relative",
+}
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from .robustness import SweepModel, sweep
+
+    _set_threads(args.threads)
+    device = resolve_device(args.device)
+    loaded = [(path, *load_checkpoint(path)) for path in args.checkpoints]
+    task = _task_from_args(args, loaded[0][2].get("task"))
+    grid = {kind: getattr(args, option) for option, kind in ROBUSTNESS_OPTIONS.items() if getattr(args, option)}
+    if not grid:
+        raise UsageError("no perturbation levels given (e.g. --input-noise 0,0.1,0.2)")
+    models = [SweepModel(_model_label(model), str(path), model) for path, model, _ in loaded]
+    result = sweep(models, task, grid, args.seeds, split=args.split, device=device, batch_size=args.batch_size,
+                   max_samples=args.max_samples, recurrent_only=args.recurrent_only, progress=not args.quiet)
+    result.write_csv(args.out)
+    if args.json:
+        result.write_json(str(Path(args.out).with_suffix(".json")))
+    print(format_table(result.summary, ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy_mean",
+                                        "accuracy_ci95", "accuracy_drop", "loss_mean"],
+                       ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy", "+-95%", "drop", "loss"]))
+    print(f"wrote {args.out}" + (f" and {Path(args.out).with_suffix('.json')}" if args.json else ""))
+    return 0
+
+
+def _model_label(model) -> str:
+    config = model.config
+    return f"{config.arch} ({config.discretization})"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -179,6 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("checkpoint")
     info.add_argument("--json", action="store_true", help="print the metadata as JSON")
     info.set_defaults(handler=cmd_info)
+    robust = sub.add_parser("robustness", help="accuracy under input and parameter perturbations (tidy CSV)")
+    robust.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    _add_task_options(robust, required=False)
+    robust.add_argument("--input-noise", type=_float_list, default=None, help="Gaussian input noise sigmas, e.g. 0,0.1,0.2,0.3")
+    robust.add_argument("--salt-pepper", type=_float_list, default=None, help="salt-and-pepper probabilities")
+    robust.add_argument("--occlusion", type=_float_list, default=None, help="fractions of time steps set to zero")
+    robust.add_argument("--fgsm", type=_float_list, default=None, help="FGSM budgets in input units")
+    robust.add_argument("--param-noise", type=_float_list, default=None, help="relative Gaussian parameter noise sigmas")
+    robust.add_argument("--recurrent-only", action="store_true", help="parameter noise only on M_A, M_W")
+    robust.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds (0..N-1)")
+    robust.add_argument("--split", choices=("train", "val", "test"), default="test")
+    robust.add_argument("--max-samples", type=_positive_int, default=None)
+    robust.add_argument("--batch-size", type=_positive_int, default=1000)
+    robust.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    robust.add_argument("--threads", type=_positive_int, default=1)
+    robust.add_argument("--out", required=True, help="tidy CSV (one row per model, perturbation, level, seed)")
+    robust.add_argument("--json", action="store_true", help="also write rows, summary and provenance as JSON beside the CSV")
+    robust.add_argument("--quiet", action="store_true")
+    robust.set_defaults(handler=cmd_robustness)
     return parser
 
 

@@ -1,0 +1,26 @@
+"""Perturbation-robustness sweeps: input and parameter perturbations, batched, seeded, tidy results."""
+from .perturbations import (
+    INPUT_KINDS,
+    KINDS,
+    PARAMETER_KINDS,
+    ParameterDirections,
+    Perturbation,
+    perturb_inputs,
+    perturb_parameters,
+)
+from .sweep import (
+    ROW_FIELDS,
+    SUMMARY_FIELDS,
+    SweepModel,
+    SweepResult,
+    evaluate_parameter_draws,
+    recurrent_parameter_names,
+    summarize,
+    sweep,
+)
+
+__all__ = [
+    "INPUT_KINDS", "KINDS", "PARAMETER_KINDS", "ROW_FIELDS", "SUMMARY_FIELDS", "ParameterDirections", "Perturbation",
+    "SweepModel", "SweepResult", "evaluate_parameter_draws", "perturb_inputs", "perturb_parameters",
+    "recurrent_parameter_names", "summarize", "sweep",
+]

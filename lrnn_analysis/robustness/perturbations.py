@@ -1,0 +1,148 @@
+"""Perturbations of inputs and parameters: each a (kind, level, seed) applied to copies.
+
+Noise for a given seed is the same at every level (common random numbers), so curves
+over the level are smooth and level 0 is the unperturbed input or parameters exactly.
+All draws come from a CPU ``torch.Generator`` seeded with ``seed``, then move to the
+data's device, so results do not depend on the device.
+
+Input kinds (x has shape (N, T, d)):
+
+* ``gaussian``      x + level * xi,  xi ~ N(0, 1) i.i.d. over sample, time and channel;
+* ``salt-pepper``   each value independently replaced with probability ``level`` by the
+                    task's data minimum or maximum (half each);
+* ``occlusion``     round(level * T) time steps per sample, chosen at random, set to zero;
+* ``fgsm``          x + level * sign(grad_x loss(model(x), y)), the worst-case companion
+                    (deterministic: the seed is ignored).
+
+Parameter kinds (applied to a name -> tensor mapping):
+
+* ``gaussian-relative``  theta <- theta + level * rms(theta) * xi per tensor,
+                         rms(theta) = sqrt(mean(theta^2)), xi ~ N(0, 1) i.i.d.;
+* ``hessian-direction``  theta <- theta + level * v, v a unit vector in the span of the given
+                         Hessian eigenvectors: v = sum_i c_i v_i with c uniform on the unit
+                         sphere of R^k drawn from the seed (k = 1 gives +v_1 or -v_1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+INPUT_KINDS = ("gaussian", "salt-pepper", "occlusion", "fgsm")
+PARAMETER_KINDS = ("gaussian-relative", "hessian-direction")
+KINDS = INPUT_KINDS + PARAMETER_KINDS
+DETERMINISTIC_KINDS = ("fgsm",)
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    kind: str
+    level: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown perturbation {self.kind!r}; expected one of {KINDS}")
+        if isinstance(self.level, bool) or not isinstance(self.level, (int, float)) or not math.isfinite(self.level) or self.level < 0:
+            raise ValueError(f"{self.kind} level must be a finite number >= 0, got {self.level!r}")
+        if self.kind in ("salt-pepper", "occlusion") and self.level > 1:
+            raise ValueError(f"{self.kind} level is a probability/fraction in [0, 1], got {self.level}")
+        object.__setattr__(self, "level", float(self.level))
+
+    @property
+    def target(self) -> str:
+        return "input" if self.kind in INPUT_KINDS else "parameter"
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target": self.target}
+
+
+@dataclass(frozen=True)
+class ParameterDirections:
+    """Unit directions in the space of the named parameters, flattened in ``names`` order: (k, P)."""
+
+    names: tuple[str, ...]
+    vectors: Tensor
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or self.vectors.shape[0] < 1:
+            raise ValueError(f"directions must have shape (k, P) with k >= 1, got {tuple(self.vectors.shape)}")
+
+
+def perturb_inputs(
+    x: Tensor,
+    perturbation: Perturbation,
+    data_range: tuple[float, float],
+    gradient: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """A perturbed copy of x (N, T, d). ``gradient(x)`` returns d loss / d x (needed by fgsm)."""
+    level, kind = perturbation.level, perturbation.kind
+    if kind == "fgsm":
+        if gradient is None:
+            raise ValueError("fgsm needs the loss gradient with respect to the inputs")
+        return x + level * torch.sign(gradient(x))
+    gen = perturbation.generator()
+    if kind == "gaussian":
+        return x + level * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+    if kind == "salt-pepper":
+        flip = torch.rand(x.shape, generator=gen).to(x.device) < level
+        salt = torch.rand(x.shape, generator=gen).to(x.device) < 0.5
+        low, high = data_range
+        return torch.where(flip, torch.where(salt, torch.full_like(x, high), torch.full_like(x, low)), x)
+    if kind == "occlusion":
+        n, steps = x.shape[0], x.shape[1]
+        count = round(level * steps)
+        ranks = torch.rand((n, steps), generator=gen).argsort(dim=1).argsort(dim=1).to(x.device)
+        return x.masked_fill((ranks < count).unsqueeze(-1), 0.0)
+    raise ValueError(f"{kind} is not an input perturbation")
+
+
+def perturb_parameters(
+    params: Mapping[str, Tensor],
+    perturbation: Perturbation,
+    names: Sequence[str] | None = None,
+    directions: ParameterDirections | None = None,
+) -> dict[str, Tensor]:
+    """New tensors for the parameters (the inputs are not modified).
+
+    ``names`` restricts ``gaussian-relative`` to those parameters (default: all);
+    ``hessian-direction`` perturbs exactly the parameters its ``directions`` cover.
+    """
+    out = dict(params)
+    gen = perturbation.generator()
+    if perturbation.kind == "gaussian-relative":
+        chosen = sorted(params) if names is None else list(names)
+        unknown = [n for n in chosen if n not in params]
+        if unknown:
+            raise ValueError(f"no parameters named {unknown}; the model has {sorted(params)}")
+        for name in chosen:
+            theta = params[name]
+            rms = theta.detach().pow(2).mean().sqrt()
+            xi = torch.randn(theta.shape, generator=gen).to(theta.device, theta.dtype)
+            out[name] = theta + perturbation.level * rms * xi
+        return out
+    if perturbation.kind == "hessian-direction":
+        if directions is None:
+            raise ValueError("hessian-direction needs Hessian eigenvectors (directions)")
+        coefficients = torch.randn(directions.vectors.shape[0], generator=gen, dtype=torch.float64)
+        coefficients /= coefficients.norm()
+        v = (coefficients @ directions.vectors.detach().cpu().double())
+        v /= v.norm()
+        offset = 0
+        for name in directions.names:
+            if name not in params:
+                raise ValueError(f"direction covers unknown parameter {name!r}")
+            theta = params[name]
+            size = theta.numel()
+            out[name] = theta + perturbation.level * v[offset:offset + size].view(theta.shape).to(theta.device, theta.dtype)
+            offset += size
+        if offset != directions.vectors.shape[1]:
+            raise ValueError(f"directions have {directions.vectors.shape[1]} entries but the named parameters have {offset}")
+        return out
+    raise ValueError(f"{perturbation.kind} is not a parameter perturbation")

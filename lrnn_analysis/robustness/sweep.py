@@ -1,0 +1,242 @@
+"""Sweeps of perturbation x level x seed over several models, as a tidy table.
+
+One row per (model, checkpoint, perturbation, level, seed) with accuracy, loss, n and
+device; the summary has the mean and 95% confidence interval over seeds. Parameter
+draws are evaluated together: the perturbed parameter sets are stacked and the model
+is run once over the stack with ``torch.func.vmap`` of ``functional_call`` (the plain
+loop over draws, ``batched=False``, gives the same numbers to rounding).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from ..data import Task
+from ..evaluation import evaluate
+from ..io import atomic_write, write_json
+from ..models import RecurrentModel
+from ..runtime import environment
+from .perturbations import DETERMINISTIC_KINDS, ParameterDirections, Perturbation, perturb_inputs, perturb_parameters
+
+ROW_FIELDS = ("model", "checkpoint", "perturbation", "target", "level", "seed", "accuracy", "loss", "n", "device")
+SUMMARY_FIELDS = ("model", "checkpoint", "perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95",
+                  "accuracy_drop", "loss_mean", "loss_ci95")
+RECURRENT_PARAMETERS = ("M_A", "M_W")
+
+
+@dataclass(frozen=True)
+class SweepModel:
+    """A model to sweep, how to label it, and (for ``hessian-direction``) its eigenvectors."""
+
+    label: str
+    checkpoint: str
+    model: RecurrentModel
+    directions: ParameterDirections | None = None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    rows: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "summary": self.summary, "settings": self.settings, "environment": self.environment}
+
+    def write_csv(self, path: str) -> None:
+        """The tidy rows as CSV, written atomically."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=ROW_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+
+    def write_json(self, path: str) -> None:
+        write_json(path, self.to_dict())
+
+
+def recurrent_parameter_names(model: RecurrentModel) -> list[str]:
+    names = dict(model.named_parameters())
+    return [name for name in RECURRENT_PARAMETERS if name in names]
+
+
+def sweep(
+    models: Sequence[SweepModel],
+    task: Task,
+    grid: Mapping[str, Sequence[float]],
+    seeds: int | Sequence[int] = 5,
+    *,
+    split: str = "test",
+    device: torch.device | str = "cpu",
+    batch_size: int = 1000,
+    max_samples: int | None = None,
+    recurrent_only: bool = False,
+    draws_per_call: int = 32,
+    batched: bool | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Evaluate every model under every (perturbation kind, level) in ``grid`` for every seed.
+
+    Inputs come from ``task``'s ``split`` (the first ``max_samples``). Parameter noise
+    perturbs all parameters, or only the recurrent matrices M_A, M_W with ``recurrent_only``.
+    ``batched`` (default: on CUDA only) evaluates up to ``draws_per_call`` parameter draws in one
+    vmapped call. On CPU evaluation is compute-bound and the plain loop over draws was measured
+    faster (bench/robustness.py), so it is the CPU default.
+    """
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise ValueError("need at least one seed")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    plan = {kind: [Perturbation(kind, level) for level in levels] for kind, levels in grid.items()}
+    for entry in models:
+        _check_compatible(entry, task)
+        if "hessian-direction" in plan and entry.directions is None:
+            raise ValueError(f"{entry.label}: hessian-direction needs its Hessian eigenvectors")
+    device = torch.device(device)
+    if batched is None:
+        batched = device.type == "cuda"
+    data = getattr(task, split)
+    x, y = data.x[:max_samples].to(device), data.y[:max_samples].to(device)
+    data_range = task.input_range
+    started = time.perf_counter()
+    total = len(models) * sum(len(p) * (1 if kind in DETERMINISTIC_KINDS else len(seed_list)) for kind, p in plan.items())
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=total, desc="robustness", unit="eval", disable=not progress) as bar:
+        for entry in models:
+            model = entry.model.to(device).eval()
+            clean = evaluate(model, x, y, task.is_classification, batch_size)
+            params = {name: p.detach() for name, p in model.named_parameters()}
+            names = recurrent_parameter_names(model) if recurrent_only else None
+
+            def record(p: Perturbation, accuracy: float | None, loss: float) -> None:
+                rows.append({"model": entry.label, "checkpoint": entry.checkpoint, "perturbation": p.kind,
+                             "target": p.target, "level": p.level, "seed": p.seed, "accuracy": accuracy,
+                             "loss": loss, "n": len(x), "device": str(device)})
+                bar.update()
+
+            for kind, base in plan.items():
+                kind_seeds = [0] if kind in DETERMINISTIC_KINDS else seed_list
+                draws = [Perturbation(kind, b.level, s) for b in base for s in kind_seeds]
+                pending = []
+                for p in draws:
+                    if p.level == 0:
+                        record(p, clean.accuracy, clean.loss)
+                    elif p.target == "input":
+                        gradient = (lambda inputs: _input_gradient(model, inputs, y, task.is_classification)) if kind == "fgsm" else None
+                        perturbed = perturb_inputs(x, p, data_range, gradient)
+                        result = evaluate(model, perturbed, y, task.is_classification, batch_size)
+                        record(p, result.accuracy, result.loss)
+                    else:
+                        pending.append(p)
+                for start in range(0, len(pending), draws_per_call):
+                    chunk = pending[start:start + draws_per_call]
+                    stacked = [perturb_parameters(params, p, names, entry.directions) for p in chunk]
+                    scores = evaluate_parameter_draws(model, stacked, x, y, task.is_classification, batch_size, batched)
+                    for p, (accuracy, loss) in zip(chunk, scores):
+                        record(p, accuracy, loss)
+    settings = {"task": task.to_dict(), "split": split, "n": len(x), "grid": {k: list(map(float, v)) for k, v in grid.items()},
+                "seeds": seed_list, "recurrent_only": recurrent_only, "batched": batched,
+                "seconds": time.perf_counter() - started}
+    return SweepResult(rows, summarize(rows), settings, environment(device))
+
+
+def _check_compatible(entry: SweepModel, task: Task) -> None:
+    config = entry.model.config
+    if config.input_dim != task.input_dim:
+        raise ValueError(f"{entry.checkpoint}: model takes input_dim {config.input_dim} but task {task.name} "
+                         f"gives {task.input_dim} per step")
+    if config.output_dim != task.output_dim:
+        raise ValueError(f"{entry.checkpoint}: model has {config.output_dim} outputs but task {task.name} needs {task.output_dim}")
+
+
+def _input_gradient(model: RecurrentModel, x: Tensor, y: Tensor, classification: bool, batch_size: int = 1000) -> Tensor:
+    """d loss / d x for each sample (the model's parameters get no gradient)."""
+    grads = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size].detach().requires_grad_(True)
+        loss = _loss_sum(model(xb), y[start:start + batch_size], classification)
+        grads.append(torch.autograd.grad(loss, xb)[0])
+    return torch.cat(grads)
+
+
+def _loss_sum(outputs: Tensor, y: Tensor, classification: bool) -> Tensor:
+    """Sum over samples of the per-sample loss (CE, or MSE averaged over output dims)."""
+    if classification:
+        return torch.nn.functional.cross_entropy(outputs, y, reduction="sum")
+    return torch.nn.functional.mse_loss(outputs, y, reduction="sum") / outputs.shape[-1]
+
+
+def evaluate_parameter_draws(
+    model: RecurrentModel,
+    draws: Sequence[Mapping[str, Tensor]],
+    x: Tensor,
+    y: Tensor,
+    classification: bool,
+    batch_size: int = 1000,
+    batched: bool = True,
+) -> list[tuple[float | None, float]]:
+    """(accuracy, mean loss) of the model under each parameter set in ``draws``.
+
+    ``batched`` runs all draws in one vmapped functional call per data batch; otherwise
+    one functional call per draw.
+    """
+    count = len(draws)
+    loss_sum = torch.zeros(count, dtype=torch.float64)
+    correct = torch.zeros(count, dtype=torch.int64)
+    stacked = {name: torch.stack([d[name] for d in draws]) for name in draws[0]} if batched else None
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            if batched:
+                outputs = vmap(lambda p: functional_call(model, p, (xb,)))(stacked)
+            else:
+                outputs = torch.stack([functional_call(model, dict(d), (xb,)) for d in draws])
+            for i in range(count):
+                loss_sum[i] += float(_loss_sum(outputs[i], yb, classification))
+                if classification:
+                    correct[i] += int((outputs[i].argmax(dim=-1) == yb).sum())
+    n = len(x)
+    return [(int(correct[i]) / n if classification else None, float(loss_sum[i]) / n) for i in range(count)]
+
+
+def _ci95(values: np.ndarray) -> float:
+    if len(values) < 2:
+        return 0.0
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and 95% t-interval over seeds per (model, checkpoint, perturbation, level); the drop
+    is measured from the clean accuracy (the level-0 rows, else none)."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["checkpoint"], row["perturbation"], row["level"]), []).append(row)
+    clean = {(k[0], k[1]): np.mean([r["accuracy"] for r in g]) for k, g in groups.items()
+             if k[3] == 0 and g[0]["accuracy"] is not None}
+    summary = []
+    for (model, checkpoint, kind, level), group in groups.items():
+        losses = np.array([r["loss"] for r in group], dtype=float)
+        has_accuracy = group[0]["accuracy"] is not None
+        accuracies = np.array([r["accuracy"] for r in group], dtype=float) if has_accuracy else None
+        base = clean.get((model, checkpoint))
+        summary.append({
+            "model": model, "checkpoint": checkpoint, "perturbation": kind, "level": level, "seeds": len(group),
+            "accuracy_mean": float(accuracies.mean()) if has_accuracy else None,
+            "accuracy_ci95": _ci95(accuracies) if has_accuracy else None,
+            "accuracy_drop": float(base - accuracies.mean()) if has_accuracy and base is not None else None,
+            "loss_mean": float(losses.mean()), "loss_ci95": _ci95(losses),
+        })
+    return summary
