@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .io import atomic_write
+from .io import atomic_write, dumps
 from .models import (
     ModelConfig,
     RecurrentModel,
@@ -49,7 +49,7 @@ def save_checkpoint(path: str | Path, model: RecurrentModel, metadata: Mapping[s
         raise CheckpointError(f"{path}: refusing to save non-finite weights in {bad}")
     record = {"format": FORMAT, **dict(metadata or {}), "config": model.config.to_dict()}
     try:
-        header = json.dumps(record, sort_keys=True, allow_nan=False)
+        header = dumps(record, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: metadata is not JSON-serialisable ({error})") from error
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={METADATA_KEY: header}))

@@ -11,14 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
+from .io import write_json
+from .constraints import CONSTRAINTS, StabilityConstraint, check_feasible
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import TASKS, load_task
 from .models import ARCHITECTURES, ModelConfig, build_model
 from .runtime import DEVICE_CHOICES, resolve_device
-from .tables import format_table
-from .training import TrainSettings, train_model, training_metadata
+from .tables import format_table, write_csv
+from .training import TrainSettings, spectral_summary, train_model, training_metadata
 
 
 class UsageError(Exception):
@@ -37,6 +40,10 @@ def _int_list(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _add_task_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -87,9 +94,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
         decay_epochs=args.decay_epochs, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
     )
+    constraint = StabilityConstraint(args.constrain, args.margin) if args.constrain else None
     model = build_model(config, seed=args.seed)
-    result = train_model(model, task, settings, device, progress=not args.quiet)
+    if constraint is not None:
+        check_feasible(model, constraint)
+    result = train_model(model, task, settings, device, progress=not args.quiet, constraint=constraint)
     metadata = training_metadata(task, settings, result, device)
+    if constraint is not None:
+        from .stability import certify
+
+        certificate = certify(model.lure_form(), [constraint.certificate])[0]
+        metadata["constraint"] = {**constraint.to_dict(), "certificate_result": certificate.to_dict(include_matrices=False)}
     metadata["command"] = "lrnn " + shlex.join(args.argv)
     out = save_checkpoint(args.out, model, metadata)
     metrics = result.metrics
@@ -99,15 +114,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     score = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test MSE {metrics['test_loss']:.5f}"
     print(f"{score}, test loss {metrics['test_loss']:.4f}, trained {settings.epochs} epochs in {metrics['train_seconds']:.1f} s on {device}")
     print(_spectral_line(model))
+    if constraint is not None:
+        verdict = metadata["constraint"]["certificate_result"]
+        print(f"constraint {constraint.certificate} (margin {constraint.margin:g}): holds {verdict['holds']}, margin {verdict['margin']:.4g}")
     print(f"saved {out}")
     return 0
 
 
 def _spectral_line(model) -> str:
-    from .training import spectral_abscissas
-
-    parts = [f"alpha({name}) = {value:+.4f}" for name, value in spectral_abscissas(model).items()]
-    return "spectral abscissa: " + ", ".join(parts)
+    parts = [f"{key.split('_')[0]}({key.split('_')[1]}) = {value:+.4f}" for key, value in spectral_summary(model).items()]
+    return "spectra: " + ", ".join(parts)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -126,13 +142,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metadata[key].items()))
     log = metadata.get("log") or []
     if log:
-        names = sorted(log[0].get("spectral_abscissa", {}))
-        header = f"{'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'val_acc':>8} {'lr':>8}" + "".join(f" {'alpha(' + n + ')':>10}" for n in names)
+        names = [key for key in log[0] if key.split("_")[0] in ("alpha", "mu2", "norm")]
+        header = f"{'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'val_acc':>8} {'lr':>8}" + "".join(f" {n:>10}" for n in names)
         print(header)
         for entry in log:
             row = (f"{entry['epoch']:>5} {entry['train_loss']:>10.4f} {entry['val_loss']:>9.4f} "
                    f"{_fmt(entry.get('val_accuracy')):>8} {entry['lr']:>8.2g}")
-            row += "".join(f" {entry['spectral_abscissa'][n]:>+10.4f}" for n in names)
+            row += "".join(f" {entry[n]:>+10.4f}" for n in names)
             print(row)
     print(_spectral_line(model))
     return 0
@@ -182,6 +198,170 @@ def _model_label(model) -> str:
     return f"{config.arch} ({config.discretization})"
 
 
+def cmd_stability(args: argparse.Namespace) -> int:
+    from .stability import certify, spectrum
+
+    model, _ = load_checkpoint(args.checkpoint)
+    system = model.lure_form()
+    if system is None:
+        raise UsageError(f"{args.checkpoint}: a {model.config.arch} model has no Lur'e form, so no certificate applies")
+    report = spectrum(system)
+    results = certify(system, args.certificates, time_budget=args.time_budget)
+    scheme = system.method if system.eps is None else f"{system.method}, eps {system.eps:g}" + (
+        f" x {system.substeps} substeps" if system.substeps > 1 else "")
+    print(f"{args.checkpoint}: {model.config.arch} ({scheme}), n = {system.n}, slope L = {system.slope:g}")
+    print("spectra (diagnostics: necessary conditions only, never a certificate)")
+    box = report.bendixson_A
+    print(f"  alpha(A) = {report.abscissa_A:+.5f}   mu2(A) = {report.mu2_A:+.5f}   ||A||_2 = {report.norm_A:.5f}   ||W||_2 = {report.norm_W:.5f}")
+    print(f"  Bendixson box of A: Re in [{box.re_min:+.5f}, {box.re_max:+.5f}], |Im| <= {box.im_max:.5f}")
+    if report.discretization is not None:
+        d = report.discretization
+        print(f"  {d.method} step matrix of A: spectral radius {d.step_spectral_radius:.6f}, "
+              f"every eps*lambda(A) in the stability region: {'yes' if d.all_in_region else 'no'}")
+    rows = [r.to_dict(include_matrices=False) for r in results]
+    print("certificates")
+    print(format_table(rows, ["name", "holds", "margin", "rate", "tier", "seconds", "reason"]))
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(),
+                               "spectrum": report.to_dict(), "certificates": [r.to_dict(include_matrices=args.evidence) for r in results]})
+    return 0 if all(r.holds for r in results) else 1
+
+
+def _batches(split, batch_size: int, count: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` batches (all with None) of a split, in order."""
+    starts = range(0, len(split), batch_size)
+    if count is not None:
+        starts = list(starts)[:count]
+    return [(split.x[s:s + batch_size], split.y[s:s + batch_size]) for s in starts]
+
+
+def cmd_hessian(args: argparse.Namespace) -> int:
+    from .evaluation import loss_function
+    from .hessian import analyze
+
+    _set_threads(args.threads)
+    device = resolve_device(args.device)
+    model, metadata = load_checkpoint(args.checkpoint)
+    task = _task_from_args(args, metadata.get("task"))
+    _check_model_fits_task(args.checkpoint, model, task)
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    batches = [(x.to(device, dtype), y.to(device) if task.is_classification else y.to(device, dtype))
+               for x, y in _batches(getattr(task, args.split), args.batch_size, None if args.full else args.batches)]
+    report = analyze(model, loss_function(task.is_classification), batches, params=args.params, top_k=args.top_k,
+                     trace=args.trace, density=args.density, backend=args.backend, seed=args.seed, dtype=dtype,
+                     progress=not args.quiet, trace_method=args.trace_method)
+    info = report.operator
+    print(f"{args.checkpoint}: {model.config.arch}, {len(info.get('params', []))} parameter tensors "
+          f"({', '.join(info.get('params', []))}), {info.get('n_samples')} samples of {task.name}/{args.split} "
+          f"in {info.get('n_batches')} batch(es), {args.backend} backend, {info.get('dtype')}, seed {args.seed}")
+    eigen = report.eigen
+    rows = [{"eigenvalue": float(v), "residual": float(r), "relative residual": float(r / abs(v)) if v else None,
+             "converged": bool(c)} for v, r, c in zip(eigen.values, eigen.residuals, eigen.converged)]
+    print(format_table(rows, ["eigenvalue", "residual", "relative residual", "converged"]))
+    lam_min = "-" if report.lambda_min is None else f"{report.lambda_min:.6g}"
+    print(f"lambda_max = {report.lambda_max:.6g}, lambda_min = {lam_min}")
+    if report.trace is not None:
+        t = report.trace
+        print(f"trace = {t.estimate:.6g} +- {t.ci_halfwidth:.3g} (95% CI, {t.method}, {t.matvecs} HVPs, stopped on {t.stop_reason})")
+    if report.density is not None:
+        d = report.density
+        print(f"spectral density: {d.n_probes} probes x {d.steps} Lanczos steps, Gaussian kernel width {d.sigma:.3g}")
+    print(f"{report.matvecs} Hessian-vector products in {report.wall_time:.1f} s")
+    for note in report.notes:
+        print(f"note: {note}")
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "task": task.to_dict(), "split": args.split,
+                               **report.to_dict()})
+    return 0
+
+
+def _check_model_fits_task(path: str, model, task) -> None:
+    if model.config.input_dim != task.input_dim or model.config.output_dim != task.output_dim:
+        raise UsageError(f"{path}: model (input_dim {model.config.input_dim}, {model.config.output_dim} outputs) does not fit "
+                         f"task {task.name} (input_dim {task.input_dim}, {task.output_dim} outputs)")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .report import AuditSettings, Gate, run_audit, write_audit
+
+    gates = [Gate.parse(text) for text in args.gate]
+    _set_threads(args.threads)
+    device = resolve_device(args.device)
+    overrides = {"beta": args.beta, "gamma": args.gamma, "eps": args.eps}
+    model, metadata = load_checkpoint(args.checkpoint, **overrides)
+    task = _task_from_args(args, metadata.get("task"))
+    _check_model_fits_task(args.checkpoint, model, task)
+    settings = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
+    result = run_audit(model, task, str(args.checkpoint), metadata, settings, gates, device, progress=not args.quiet)
+    out = write_audit(result, args.out)
+    report = result.report
+    print(f"audit of {args.checkpoint} ({model.config.arch}, task {task.name}) written to {out}/report.md and report.json")
+    print(f"clean test accuracy {_fmt(report['clean']['accuracy'])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
+          f"lambda_min {report['hessian']['lambda_min']:.4g}, trace {report['hessian']['trace']['estimate']:.4g} "
+          f"+- {report['hessian']['trace']['ci_halfwidth']:.3g}")
+    for certificate in report["stability"].get("certificates", []):
+        print(f"certificate {certificate['name']}: {'holds' if certificate['holds'] else 'fails'} ({certificate['reason']})")
+    if result.gates:
+        print(format_table([g.to_dict() for g in result.gates], ["gate", "passed", "observed", "detail"]))
+        print("all gates pass" if result.passed else "a gate failed")
+    return 0 if result.passed else 1
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .recipes import find_recipes, load_recipe, run_recipe
+
+    _set_threads(args.threads)
+    device = resolve_device(args.device)
+    paths = args.recipes or find_recipes(args.analyses_dir)
+    if not paths:
+        raise UsageError(f"no recipes given and none in {args.analyses_dir}")
+    recipes = [load_recipe(path) for path in paths]
+    outcomes = []
+    for recipe in recipes:
+        if not args.quiet:
+            print(f"running {recipe.name} ({recipe.analysis}) ...", flush=True)
+        outcomes.append(run_recipe(recipe, args.out, device, progress=not args.quiet))
+    rows = [{"recipe": o.name, "analysis": o.analysis, "seconds": o.seconds, "outputs": len(o.outputs), "summary": o.summary}
+            for o in outcomes]
+    print(format_table(rows, ["recipe", "analysis", "seconds", "outputs", "summary"]))
+    print(f"wrote {sum(len(o.outputs) for o in outcomes)} files into {args.out}")
+    return 0
+
+
+def _grid(text: str) -> list[float]:
+    """'a,b,c' or 'start:stop:count' (inclusive, evenly spaced)."""
+    if ":" in text:
+        try:
+            start, stop, count = text.split(":")
+            values = np.linspace(float(start), float(stop), int(count))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected start:stop:count, got {text!r}") from error
+        return [float(v) for v in values]
+    return _float_list(text)
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    from .stability import certify_parameterization, phase_diagram
+
+    beta_w = args.beta if args.beta_w is None else args.beta_w
+    gamma_w = args.gamma_a if args.gamma_w is None else args.gamma_w
+    tests = args.tests
+    results = certify_parameterization(args.beta, args.gamma_a, beta_w, gamma_w, args.radius, args.eps, args.slope, tests)
+    print(f"Lipschitz parameterization: beta_A = {args.beta:g}, gamma_A = {args.gamma_a:g}, beta_W = {beta_w:g}, "
+          f"gamma_W = {gamma_w:g}, eps = {args.eps}, L = {args.slope:g}, ||M_A||_2, ||M_W||_2 <= r = {args.radius:g}")
+    print(format_table([r.to_dict() for r in results], ["test", "holds", "value", "margin", "r_star"],
+                       ["test", "every model certified", "value", "margin", "largest certified r*"]))
+    if args.phase_betas or args.phase_gammas:
+        if not (args.phase_betas and args.phase_gammas and args.out):
+            raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out")
+        cells = phase_diagram(args.phase_betas, args.phase_gammas, args.radius, args.eps, args.slope, tests,
+                              beta_W=args.beta_w, gamma_W=args.gamma_w)
+        write_csv(args.out, [c.to_dict() for c in cells])
+        print(f"phase diagram: {len(cells)} cells, {sum(c.holds for c in cells)} certified, written to {args.out}")
+    return 0 if all(r.holds for r in results) else 1
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -214,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--grad-clip", type=float, default=None)
     train.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
+    train.add_argument("--constrain", choices=CONSTRAINTS, default=None,
+                       help="project M_A, M_W after every step so this norm certificate holds (lipschitz only)")
+    train.add_argument("--margin", type=float, default=0.01, help="margin of the --constrain certificate")
     train.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     train.add_argument("--threads", type=_positive_int, default=1, help="CPU threads (small recurrent models run fastest on one)")
     train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
@@ -224,6 +407,77 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("checkpoint")
     info.add_argument("--json", action="store_true", help="print the metadata as JSON")
     info.set_defaults(handler=cmd_info)
+    stability = sub.add_parser("stability", help="spectra and global-stability certificates of a checkpoint")
+    stability.add_argument("checkpoint")
+    stability.add_argument("--certificates", type=_name_list, default=None,
+                           help="comma-separated, e.g. euler-norm,euler-lmi (default: those of the scheme the model runs)")
+    stability.add_argument("--time-budget", type=float, default=None, help="seconds for all LMI tiers together")
+    stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
+    stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
+    stability.set_defaults(handler=cmd_stability)
+
+    cert = sub.add_parser("certify", help="certify every model of a Lipschitz parameterization with ||M|| <= r")
+    cert.add_argument("--beta", type=float, required=True, help="beta_A (and beta_W unless --beta-w)")
+    cert.add_argument("--gamma-a", type=float, required=True)
+    cert.add_argument("--beta-w", type=float, default=None)
+    cert.add_argument("--gamma-w", type=float, default=None, help="default: gamma_A")
+    cert.add_argument("--eps", type=float, default=None, help="step of the discretization (adds euler-norm, rk2-norm)")
+    cert.add_argument("--radius", type=float, required=True, help="bound r on ||M_A||_2 and ||M_W||_2")
+    cert.add_argument("--slope", type=float, default=1.0, help="Lipschitz constant L of the activation")
+    cert.add_argument("--tests", type=_name_list, default=None, help="e.g. ct-norm,euler-norm")
+    cert.add_argument("--phase-betas", type=_grid, default=None,
+                      help="beta grid (a,b,c or start:stop:count); W shares beta and gamma unless --beta-w/--gamma-w fix them")
+    cert.add_argument("--phase-gammas", type=_grid, default=None, help="gamma grid: a,b,c or start:stop:count")
+    cert.add_argument("--out", default=None, help="CSV of the phase diagram (one row per beta, gamma, test)")
+    cert.set_defaults(handler=cmd_certify)
+
+    hess = sub.add_parser("hessian", help="loss Hessian: extreme eigenvalues, trace with CI, spectral density")
+    hess.add_argument("checkpoint")
+    _add_task_options(hess, required=False)
+    hess.add_argument("--split", choices=("train", "val", "test"), default="train")
+    hess.add_argument("--batch-size", type=_positive_int, default=128)
+    amount = hess.add_mutually_exclusive_group()
+    amount.add_argument("--batches", type=_positive_int, default=1, help="use the first N batches of the split")
+    amount.add_argument("--full", action="store_true", help="use the whole split (HVPs weighted by samples)")
+    hess.add_argument("--params", default=None, help="parameter names or globs, e.g. M_A,M_W (default: all)")
+    hess.add_argument("--top-k", type=_positive_int, default=1, help="eigenvalues at each end of the spectrum")
+    hess.add_argument("--trace", action="store_true", help="estimate the trace with a 95%% CI")
+    hess.add_argument("--trace-method", choices=("hutchinson", "hutch++"), default="hutchinson")
+    hess.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
+    hess.add_argument("--backend", choices=("native", "pyhessian"), default="native")
+    hess.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    hess.add_argument("--seed", type=int, default=0)
+    hess.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    hess.add_argument("--threads", type=_positive_int, default=1, help="CPU threads")
+    hess.add_argument("--json", default=None, metavar="PATH", help="write every number and its uncertainty as JSON")
+    hess.add_argument("--quiet", action="store_true")
+    hess.set_defaults(handler=cmd_hessian)
+
+    audit = sub.add_parser("audit", help="stability, Hessian and robustness report of one checkpoint, with gates")
+    audit.add_argument("checkpoint")
+    _add_task_options(audit, required=False)
+    audit.add_argument("--gate", action="append", default=[], metavar="KIND=VALUE",
+                       help="certified=NAME, min-accuracy=A, max-lambda=X, max-trace=X, max-accuracy-drop=KIND:LEVEL:DROP")
+    audit.add_argument("--out", required=True, help="report directory (written atomically)")
+    audit.add_argument("--thorough", action="store_true", help="paper-grade settings (slow)")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--beta", type=float, default=None, help="reference state dicts: beta (else from the file name)")
+    audit.add_argument("--gamma", type=float, default=None, help="reference state dicts: gamma")
+    audit.add_argument("--eps", type=float, default=None, help="reference state dicts: eps")
+    audit.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    audit.add_argument("--threads", type=_positive_int, default=1)
+    audit.add_argument("--quiet", action="store_true")
+    audit.set_defaults(handler=cmd_audit)
+
+    reproduce = sub.add_parser("reproduce", help="run analysis recipes (default: all of analyses/) into figures/")
+    reproduce.add_argument("recipes", nargs="*", help="recipe files (default: every analyses/*.toml)")
+    reproduce.add_argument("--analyses-dir", default="analyses")
+    reproduce.add_argument("--out", default="figures", help="output directory")
+    reproduce.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    reproduce.add_argument("--threads", type=_positive_int, default=1)
+    reproduce.add_argument("--quiet", action="store_true")
+    reproduce.set_defaults(handler=cmd_reproduce)
+
     robust = sub.add_parser("robustness", help="accuracy under input and parameter perturbations (tidy CSV)")
     robust.add_argument("checkpoints", nargs="+", metavar="CKPT")
     _add_task_options(robust, required=False)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .constraints import StabilityConstraint, check_feasible, project
 from .data import Task
 from .evaluation import evaluate, loss_function
 from .models import RecurrentModel
@@ -54,11 +55,18 @@ class TrainResult:
         return {"metrics": dict(self.metrics), "log": list(self.log)}
 
 
-def spectral_abscissas(model: RecurrentModel) -> dict[str, float]:
-    """max Re(lambda) of each recurrent matrix, computed in float64."""
+def spectral_summary(model: RecurrentModel) -> dict[str, float]:
+    """For each recurrent matrix X (A, W): alpha_X = max Re lambda(X), mu2_X = lambda_max((X + X^T)/2)
+    and norm_X = ||X||_2, in float64 (the reference driver logged only alpha)."""
     with torch.no_grad():
         mats = model.recurrent_matrices(torch.float64)
-    return {name: float(np.linalg.eigvals(m.cpu().numpy()).real.max()) for name, m in mats.items()}
+    summary = {}
+    for name, matrix in mats.items():
+        X = matrix.cpu().numpy()
+        summary[f"alpha_{name}"] = float(np.linalg.eigvals(X).real.max())
+        summary[f"mu2_{name}"] = float(np.linalg.eigvalsh(0.5 * (X + X.T))[-1])
+        summary[f"norm_{name}"] = float(np.linalg.norm(X, 2))
+    return summary
 
 
 def train_model(
@@ -67,10 +75,18 @@ def train_model(
     settings: TrainSettings,
     device: torch.device,
     progress: bool = True,
+    constraint: StabilityConstraint | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``task.train``; validate each epoch; test at the end."""
+    """Train ``model`` in place on ``task.train``; validate each epoch; test at the end.
+
+    With a ``constraint`` the recurrent parameters are projected after every optimizer
+    step (and once before training) so that its norm certificate holds with its margin.
+    """
     torch.manual_seed(settings.seed)
     model.to(device)
+    if constraint is not None:
+        check_feasible(model, constraint)
+        project(model, constraint)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     criterion = loss_function(task.is_classification)
     x_train, y_train = task.train.x.to(device), task.train.y.to(device)
@@ -82,6 +98,7 @@ def train_model(
         model.train()
         order = torch.randperm(len(x_train), generator=order_rng).to(device)
         total = 0.0
+        smallest_scale = 1.0
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
             loss = criterion(model(x_train[idx]), y_train[idx])
@@ -90,6 +107,8 @@ def train_model(
             if settings.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
+            if constraint is not None:
+                smallest_scale = min(smallest_scale, project(model, constraint).scale)
             total += float(loss.detach()) * len(idx)
         val = evaluate(model, task.val.x, task.val.y, task.is_classification)
         entry = {
@@ -99,8 +118,11 @@ def train_model(
             "val_accuracy": val.accuracy,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
-            "spectral_abscissa": spectral_abscissas(model),
+            **spectral_summary(model),
         }
+        if constraint is not None:
+            entry["constraint_value"] = project(model, constraint).value
+            entry["constraint_smallest_scale"] = smallest_scale
         log.append(entry)
         bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_acc="-" if val.accuracy is None else f"{val.accuracy:.3f}")
         if epoch in settings.decay_epochs:

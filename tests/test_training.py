@@ -16,7 +16,8 @@ def test_short_training_learns_digits(digits_task):
     result = train_model(model, digits_task, TrainSettings(epochs=12, seed=0), torch.device("cpu"), progress=False)
     assert result.metrics["test_accuracy"] > 0.5  # chance is 0.1
     assert len(result.log) == 12
-    assert set(result.log[0]["spectral_abscissa"]) == {"A", "W"}
+    assert {"alpha_A", "mu2_A", "norm_A", "alpha_W", "mu2_W", "norm_W"} <= set(result.log[0])
+    assert result.log[-1]["alpha_A"] <= result.log[-1]["mu2_A"] <= result.log[-1]["norm_A"]
     assert result.log[-1]["lr"] == pytest.approx(0.003)  # decayed after 75% of the epochs
 
 
@@ -44,7 +45,7 @@ def test_cli_train_and_info(tmp_path, capsys):
                  "--seed", "4", "--out", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "test accuracy" in printed and "spectral abscissa: alpha(W)" in printed and str(out) in printed
+    assert "test accuracy" in printed and "spectra: alpha(W)" in printed and str(out) in printed
     model, metadata = load_checkpoint(out)
     assert model.config.arch == "node" and model.config.eps == 0.1
     assert metadata["task"] == {"name": "digits", "seed": 0, "options": {}}
@@ -52,7 +53,7 @@ def test_cli_train_and_info(tmp_path, capsys):
     assert metadata["environment"]["device"] == "cpu" and "torch" in metadata["environment"]
     assert metadata["command"].startswith("lrnn train --task digits")
     assert main(["info", str(out)]) == 0
-    assert "alpha(W)" in capsys.readouterr().out
+    assert "alpha_W" in capsys.readouterr().out
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["hidden"] == 8
 

@@ -1,0 +1,129 @@
+"""Analyses as tidy tables: plain objects in (models, tasks, batches), rows out.
+
+Each function returns lists of dicts, one row per observation, ready for CSV and for
+the functions of :mod:`lrnn_analysis.plots`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .evaluation import evaluate, loss_function
+from .models import RecurrentModel
+from .stability import certify, spectrum
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def spectra_tables(models: Mapping[str, RecurrentModel]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Eigenvalues of A and W per model (model, matrix, re, im) and one row per model with the
+    Bendixson box of A, the scheme and the spectral summary (diagnostics, not certificates)."""
+    eigen_rows, model_rows = [], []
+    for label, model in models.items():
+        system = model.lure_form()
+        if system is None:
+            continue
+        report = spectrum(system)
+        for matrix, values in (("A", report.eig_A), ("W", report.eig_W)):
+            eigen_rows += [{"model": label, "matrix": matrix, "re": float(v.real), "im": float(v.imag)} for v in values]
+        step = report.discretization
+        model_rows.append({
+            "model": label, "method": system.method, "eps": system.eps, **report.bendixson_A.to_dict(),
+            "alpha_A": report.abscissa_A, "mu2_A": report.mu2_A, "norm_A": report.norm_A, "norm_W": report.norm_W,
+            "step_spectral_radius": None if step is None else step.step_spectral_radius,
+            "all_in_stability_region": None if step is None else step.all_in_region,
+        })
+    return eigen_rows, model_rows
+
+
+def certificate_table(
+    models: Mapping[str, RecurrentModel],
+    names: Sequence[str] | None = None,
+    time_budget: float | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (model, certificate): holds, margin, rate, tier, seconds, reason."""
+    rows = []
+    for label, model in models.items():
+        system = model.lure_form()
+        if system is None:
+            rows.append({"model": label, "certificate": None, "holds": False, "reason": "no Lur'e form"})
+            continue
+        for result in certify(system, names, time_budget=time_budget):
+            rows.append({"model": label, "certificate": result.name, "holds": bool(result.holds), "margin": result.margin,
+                         "rate": result.rate, "tier": result.tier, "seconds": result.seconds, "reason": result.reason})
+    return rows
+
+
+def accuracy_table(models: Mapping[str, RecurrentModel], x: torch.Tensor, y: torch.Tensor, classification: bool) -> list[dict[str, Any]]:
+    """Clean loss and accuracy per model on (x, y)."""
+    rows = []
+    for label, model in models.items():
+        result = evaluate(model, x, y, classification)
+        rows.append({"model": label, "accuracy": result.accuracy, "loss": result.loss, "n": result.n,
+                     "parameters": sum(p.numel() for p in model.parameters())})
+    return rows
+
+
+def hessian_tables(
+    models: Mapping[str, RecurrentModel],
+    batches: Sequence[Batch],
+    classification: bool,
+    *,
+    params: str | None = None,
+    trace_matvecs: int = 100,
+    density: bool = True,
+    density_probes: int = 4,
+    density_steps: int = 40,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """λ_max, λ_min and tr(H) ± 95% CI per model (one row each) and, with ``density``, the
+    smoothed SLQ density (model, eigenvalue, density)."""
+    from .hessian import analyze
+
+    summary, density_rows = [], []
+    for label, model in models.items():
+        report = analyze(model, loss_function(classification), list(batches), params=params, trace=True, density=density,
+                         seed=seed, progress=progress, trace_matvecs=trace_matvecs, density_probes=density_probes,
+                         density_steps=density_steps)
+        summary.append({"model": label, "lambda_max": report.lambda_max, "lambda_min": report.lambda_min,
+                        "trace": report.trace.estimate, "trace_ci95": report.trace.ci_halfwidth,
+                        "eigen_converged": report.eigen.all_converged, "matvecs": report.matvecs,
+                        "seconds": report.wall_time, "seed": seed})
+        if report.density is not None:
+            density_rows += [{"model": label, "eigenvalue": float(t), "density": float(d)}
+                             for t, d in zip(report.density.grid, report.density.density)]
+    return summary, density_rows
+
+
+def training_log_table(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-epoch rows (model, epoch, val_accuracy, alpha_X, mu2_X, norm_X) from checkpoint logs."""
+    keep = ("epoch", "train_loss", "val_accuracy", "alpha_A", "mu2_A", "norm_A", "alpha_W", "mu2_W", "norm_W")
+    return [{"model": label, **{k: entry.get(k) for k in keep}} for label, log in logs.items() for entry in log]
+
+
+def landscape_table(
+    models: Mapping[str, RecurrentModel],
+    batches: Sequence[Batch],
+    classification: bool,
+    steps: Sequence[float],
+    *,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Loss along the top Hessian eigenvector and along a filter-normalised random direction,
+    rows (model, direction, t, loss, accuracy)."""
+    from .hessian import HessianOperator, eigenvalues, eigenvector_directions, landscape
+
+    loss_fn = loss_function(classification)
+    rows = []
+    for label, model in models.items():
+        op = HessianOperator(model, loss_fn, list(batches))
+        top = eigenvalues(op, k=1, which="LA", seed=seed)
+        for name, directions in (("top Hessian eigenvector", eigenvector_directions(op, top, (0,))), ("random (filter-normalised)", "random")):
+            result = landscape(model, loss_fn, list(batches), directions, np.asarray(steps, dtype=float), seed=seed)
+            for i, t in enumerate(result.alphas):
+                rows.append({"model": label, "direction": name, "t": float(t), "loss": float(result.loss[i]),
+                             "accuracy": None if result.accuracy is None else float(result.accuracy[i])})
+    return rows

@@ -1,0 +1,131 @@
+"""The default Hessian analysis behind ``lrnn hessian``: extreme eigenvalues, optional trace and density."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..runtime import environment
+from ._results import dataclass_dict
+from .density import DensityResult, spectral_density
+from .eigen import EigenResult, eigenvalues
+from .operator import DEFAULT_MEMORY_BUDGET, Batch, HessianOperator, LossFunction, ParamSpec, as_batches, select_parameters
+from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
+from .trace import TraceResult, trace as trace_estimate
+
+BACKENDS = ("native", "pyhessian")
+
+
+@dataclass(frozen=True)
+class HessianReport:
+    """Everything one analysis measured, with uncertainties and provenance.
+
+    ``eigen`` holds the eigenpairs (native: Lanczos, ``which="BE"``, the top_k largest then the
+    top_k smallest; pyhessian: its power iteration, largest |λ| first). ``lambda_max`` is the
+    largest eigenvalue found (for pyhessian: its "top eigenvalue", the largest |λ|, as the
+    paper reports it) and ``lambda_min`` the smallest (None for pyhessian, which cannot give it).
+    ``matvecs`` totals the Hessian-vector products of all estimators. ``operator`` describes
+    the parameters and data; ``notes`` says what a reader must know to interpret the numbers.
+    """
+
+    backend: str
+    operator: dict[str, Any]
+    lambda_max: float
+    lambda_min: float | None
+    eigen: EigenResult
+    trace: TraceResult | None
+    density: DensityResult | None
+    seed: int
+    matvecs: int
+    wall_time: float
+    environment: dict[str, Any]
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self)
+
+
+def analyze(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Batch | Iterable[Batch],
+    *,
+    params: ParamSpec = None,
+    top_k: int = 1,
+    trace: bool = False,
+    density: bool = False,
+    backend: str = "native",
+    seed: int = 0,
+    dtype: torch.dtype | str | None = None,
+    progress: bool = True,
+    tol: float = 1e-3,
+    atol: float = 0.0,
+    max_iter: int | None = None,
+    trace_method: str = "hutchinson",
+    trace_tol: float = 1e-2,
+    trace_matvecs: int = 200,
+    density_probes: int = 5,
+    density_steps: int = 80,
+    cache_graph: bool | None = None,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+) -> HessianReport:
+    """λ_max and λ_min (and the top_k at each end), optionally tr(H) with a CI and the SLQ density.
+
+    ``backend="native"``: one ``HessianOperator`` shared by ``eigenvalues(which="BE", tol, atol)``,
+    ``trace(trace_method, trace_tol, trace_matvecs)`` and ``spectral_density(density_probes,
+    density_steps)``. ``backend="pyhessian"``: PyHessian's power iteration (``tol``,
+    ``max_iter`` default 100) and trace (``trace_tol``, ``trace_matvecs`` samples); it has no
+    λ_min and no working density, so ``density=True`` is an error there. Every random draw
+    comes from ``seed``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "pyhessian" and density:
+        raise ValueError("PyHessian's density() fails on current torch (torch.eig was removed); use backend='native'")
+    start_time = time.perf_counter()
+    batches = as_batches(data)
+    device = next(model.parameters()).device
+    if backend == "native":
+        op = HessianOperator(model, loss_fn, batches, params, dtype, cache_graph=cache_graph,
+                             memory_budget=memory_budget, progress=progress)
+        eigen = eigenvalues(op, k=top_k, which="BE", tol=tol, seed=seed, atol=atol, max_iter=max_iter, progress=progress)
+        trace_result = trace_estimate(op, trace_method, trace_tol, trace_matvecs, seed, progress=progress) if trace else None
+        density_result = (spectral_density(op, density_probes, density_steps, seed, progress=progress)
+                          if density else None)
+        described = op.describe()
+        lambda_max, lambda_min = float(eigen.values.max()), float(eigen.values.min())
+        notes = [] if eigen.all_converged else [
+            f"not every Ritz pair met ‖Hv − θv‖ ≤ {tol}·|θ| + {atol} within {eigen.iterations} Lanczos steps: "
+            "see eigen.converged"]
+        env = environment(device)
+    else:
+        common = dict(params=params, seed=seed, dtype=dtype)
+        eigen = pyhessian_eigenvalues(model, loss_fn, batches, top_k=top_k, tol=tol,
+                                      max_iter=100 if max_iter is None else max_iter, **common)
+        trace_result = pyhessian_trace(model, loss_fn, batches, tol=trace_tol, max_iter=trace_matvecs, **common) if trace else None
+        density_result = None
+        names = select_parameters(model, params)
+        described = {"params": names, "dtype": str(torch.float32 if dtype is None else dtype).removeprefix("torch."),
+                     "device": str(device), "n_samples": sum(len(x) for x, _ in batches), "n_batches": len(batches),
+                     "batch_sizes": [len(x) for x, _ in batches]}
+        lambda_max, lambda_min = float(eigen.values[0]), None
+        notes = ["PyHessian's top eigenvalue is the eigenvalue of largest |λ| (negative on an indefinite Hessian "
+                 "dominated by negative curvature); its power iteration stops on the change of the estimate: "
+                 "see eigen.residuals",
+                 "PyHessian gives no smallest eigenvalue"]
+        if trace_result is not None:
+            notes.append("PyHessian's trace loop stops on its own rule (early when the running mean is negative); "
+                         "the confidence interval is computed here from its samples")
+        env = {**environment(device), "pyhessian": metadata.version("pyhessian")}
+    matvecs = eigen.matvecs + sum(r.matvecs for r in (trace_result, density_result) if r is not None)
+    if device.type == "cpu":
+        notes.append("computed on the CPU")
+    return HessianReport(
+        backend=backend, operator=described, lambda_max=lambda_max, lambda_min=lambda_min, eigen=eigen,
+        trace=trace_result, density=density_result, seed=seed, matvecs=matvecs,
+        wall_time=time.perf_counter() - start_time, environment=env, notes=tuple(notes),
+    )

@@ -1,0 +1,155 @@
+"""Loss (and accuracy) on a line or plane through the trained parameters."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ._results import dataclass_dict
+from .eigen import EigenResult
+from .operator import Batch, HessianOperator, LossFunction, ParamSpec, as_batches, eval_mode, select_parameters
+
+Direction = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class LandscapeResult:
+    """L(θ + α d_1) on ``alphas`` (1-D) or L(θ + α d_1 + β d_2) on ``alphas`` × ``betas`` (2-D).
+
+    ``loss`` (and ``accuracy``, None for non-integer targets) has shape (len(alphas),) or
+    (len(alphas), len(betas)); the loss is the sample-weighted mean over all batches.
+    """
+
+    alphas: np.ndarray
+    betas: np.ndarray | None
+    loss: np.ndarray
+    accuracy: np.ndarray | None
+    directions: str
+    params: tuple[str, ...]
+    seed: int | None
+    evaluations: int
+    wall_time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self)
+
+
+def random_directions(model: nn.Module, n: int = 2, seed: int = 0, params: ParamSpec = None,
+                      filter_normalize: bool = True) -> list[dict[str, Tensor]]:
+    """``n`` Gaussian directions, filter-normalised (Li, Xu, Taylor, Studer, Goldstein 2018).
+
+    Each row d_i of a matrix direction (a filter: one output unit) is rescaled to the norm of the
+    same row of the weights, ‖d_i‖ = ‖θ_i‖; a vector (bias) is rescaled as a whole. Drawn on the
+    CPU from ``seed``, so the directions do not depend on the device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    named = dict(model.named_parameters())
+    directions = []
+    for _ in range(n):
+        direction = {}
+        for name in select_parameters(model, params):
+            weight = named[name].detach()
+            d = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+            if filter_normalize:
+                w = weight.to(torch.float64).cpu()
+                if d.ndim >= 2:
+                    rows_d, rows_w = d.reshape(d.shape[0], -1), w.reshape(w.shape[0], -1)
+                    d = (rows_d * (rows_w.norm(dim=1) / rows_d.norm(dim=1)).unsqueeze(1)).reshape(d.shape)
+                else:
+                    d = d * (w.norm() / d.norm())
+            direction[name] = d.to(device=weight.device, dtype=weight.dtype)
+        directions.append(direction)
+    return directions
+
+
+def eigenvector_directions(op: HessianOperator, result: EigenResult, indices: Sequence[int] = (0, 1)) -> list[dict[str, Tensor]]:
+    """Eigenvectors of ``result`` (computed on ``op``) as ``{name: tensor}`` directions of unit norm."""
+    if result.vectors is None:
+        raise ValueError(f"the {result.method} result carries no eigenvectors")
+    return [op.unflatten(result.vectors[:, i]) for i in indices]
+
+
+def _axes(grid: Any, n_directions: int) -> tuple[np.ndarray, np.ndarray | None]:
+    two = isinstance(grid, (tuple, list)) and len(grid) == 2 and all(np.ndim(g) == 1 for g in grid)
+    if n_directions == 1:
+        if two:
+            raise ValueError("a 1-D landscape takes one grid of step sizes")
+        return np.asarray(grid, dtype=np.float64).reshape(-1), None
+    if two:
+        return np.asarray(grid[0], dtype=np.float64), np.asarray(grid[1], dtype=np.float64)
+    axis = np.asarray(grid, dtype=np.float64).reshape(-1)
+    return axis, axis
+
+
+def landscape(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Batch | Iterable[Batch],
+    directions: str | Sequence[Direction],
+    grid: Any,
+    *,
+    params: ParamSpec = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> LandscapeResult:
+    """Loss and accuracy at θ + α d_1 (+ β d_2) for every grid point, by functional calls.
+
+    ``directions`` is ``"random"`` (filter-normalised Gaussian directions of ``params``, drawn
+    from ``seed``; one for a 1-D ``grid``, two for a pair ``(alphas, betas)``) or a sequence of
+    one or two ``{name: tensor}`` directions, e.g. from ``eigenvector_directions``; a 2-D plane
+    given one grid uses it on both axes. The model runs in eval mode and its parameters are
+    never written.
+    """
+    start_time = time.perf_counter()
+    if isinstance(directions, str):
+        if directions != "random":
+            raise ValueError(f"directions must be 'random' or a sequence of direction dicts, got {directions!r}")
+        two = isinstance(grid, (tuple, list)) and len(grid) == 2 and all(np.ndim(g) == 1 for g in grid)
+        chosen = random_directions(model, 2 if two else 1, seed, params)
+        kind, used_seed = "random filter-normalised", seed
+    else:
+        chosen, kind, used_seed = list(directions), "given", None
+    if len(chosen) not in (1, 2):
+        raise ValueError(f"a landscape takes one or two directions, got {len(chosen)}")
+    alphas, betas = _axes(grid, len(chosen))
+    named = dict(model.named_parameters())
+    names = tuple(sorted(set().union(*chosen), key=list(named).index))
+    unknown = set(names) - set(named)
+    if unknown:
+        raise ValueError(f"directions name unknown parameters {sorted(unknown)}")
+    base = {name: named[name].detach() for name in names}
+    steps = [(float(a), None) for a in alphas] if betas is None else [(float(a), float(b)) for a in alphas for b in betas]
+    batches = as_batches(data)
+    n_total = sum(len(x) for x, _ in batches)
+    classification = all(not y.is_floating_point() for _, y in batches)
+    device = next(iter(base.values())).device
+    losses, accuracies = [], []
+    with torch.no_grad(), eval_mode(model):
+        for a, b in tqdm(steps, desc="landscape", disable=not progress, leave=False):
+            point = {}
+            for name, theta in base.items():
+                shift = a * chosen[0][name].to(theta) if name in chosen[0] else torch.zeros_like(theta)
+                if b is not None and name in chosen[1]:
+                    shift = shift + b * chosen[1][name].to(theta)
+                point[name] = theta + shift
+            total, correct = 0.0, 0
+            for x, y in batches:
+                x, y = x.to(device), y.to(device)
+                out = functional_call(model, point, (x,))
+                total += float(loss_fn(out, y)) * len(x)
+                if classification:
+                    correct += int((out.argmax(dim=1) == y).sum())
+            losses.append(total / n_total)
+            accuracies.append(correct / n_total)
+    shape = (len(alphas),) if betas is None else (len(alphas), len(betas))
+    return LandscapeResult(
+        alphas=alphas, betas=betas, loss=np.array(losses).reshape(shape),
+        accuracy=np.array(accuracies).reshape(shape) if classification else None, directions=kind,
+        params=names, seed=used_seed, evaluations=len(steps), wall_time=time.perf_counter() - start_time,
+    )

@@ -1,0 +1,303 @@
+"""Figures drawn from tidy tables (sequences of dict rows or DataFrames), never from hidden state.
+
+Every function returns a matplotlib Figure; :func:`save_figure` writes it as PNG and PDF.
+One style throughout: seaborn's ``ticks`` theme, a colour-blind palette, and for print
+in grey scale every series also differs by marker and line style (bars by hatch).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from .io import atomic_write  # noqa: E402
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
+STABILITY_POLYNOMIALS = {"euler": (1.0, 1.0), "rk2": (1.0, 1.0, 0.5), "rk4": (1.0, 1.0, 0.5, 1 / 6, 1 / 24)}
+
+Table = Sequence[Mapping[str, Any]] | pd.DataFrame
+
+
+def _frame(table: Table, required: Iterable[str]) -> pd.DataFrame:
+    frame = table.copy() if isinstance(table, pd.DataFrame) else pd.DataFrame(list(table))
+    missing = [c for c in required if c not in frame.columns]
+    if frame.empty or missing:
+        raise ValueError(f"table needs rows with columns {list(required)}; missing {missing or 'rows'}")
+    return frame
+
+
+def _style() -> None:
+    sns.set_theme(style="ticks", context="paper", palette="colorblind", font_scale=1.1)
+    plt.rcParams.update({"figure.dpi": 100, "savefig.bbox": "tight", "axes.titleweight": "bold"})
+
+
+def _series_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    colours = sns.color_palette("colorblind", len(names))
+    return {name: {"color": colours[i], "marker": MARKERS[i % len(MARKERS)], "linestyle": DASHES[i % len(DASHES)]}
+            for i, name in enumerate(names)}
+
+
+def _panels(count: int, width: float = 4.2, height: float = 3.4, ncols: int | None = None) -> tuple[Figure, np.ndarray]:
+    ncols = ncols or min(count, 3)
+    nrows = int(np.ceil(count / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
+    """Write ``stem``.png and ``stem``.pdf atomically; returns both paths."""
+    paths = []
+    for suffix in (".png", ".pdf"):
+        path = Path(stem).with_suffix(suffix)
+        paths.append(atomic_write(path, lambda tmp, s=suffix: fig.savefig(tmp, format=s[1:], dpi=150)))
+    return paths
+
+
+def stability_region_mask(method: str, eps: float, re: np.ndarray, im: np.ndarray) -> np.ndarray:
+    """|R(eps lambda)| on a grid of lambda = re + i im (the region is where it is < 1)."""
+    z = eps * (re + 1j * im)
+    value = np.zeros_like(z)
+    for coefficient in reversed(STABILITY_POLYNOMIALS[method]):
+        value = value * z + coefficient
+    return np.abs(value)
+
+
+def plot_spectra(eigenvalues: Table, regions: Table) -> Figure:
+    """Eigenvalues of A and W per model in the complex plane.
+
+    ``eigenvalues``: rows (model, matrix in {A, W}, re, im). ``regions``: one row per model
+    (model, method, eps, re_min, re_max, im_max) with the Bendixson box of A; for a
+    discretized model the scheme's stability region {lambda : |R(eps lambda)| < 1} is
+    shaded (Euler: the disc of centre -1/eps and radius 1/eps).
+    """
+    _style()
+    eig = _frame(eigenvalues, ["model", "matrix", "re", "im"])
+    reg = _frame(regions, ["model", "method", "eps", "re_min", "re_max", "im_max"]).set_index("model")
+    models = list(dict.fromkeys(eig["model"]))
+    fig, axes = _panels(len(models), 4.4, 4.0)
+    marker = {"A": dict(marker="o", facecolors="none", edgecolors="C0", label="eig(A)"),
+              "W": dict(marker="x", color="C3", label="eig(W)")}
+    for ax, model in zip(axes.flat, models):
+        sub = eig[eig["model"] == model]
+        for matrix, style in marker.items():
+            points = sub[sub["matrix"] == matrix]
+            if len(points):
+                ax.scatter(points["re"], points["im"], s=18, linewidths=0.9, zorder=3, **style)
+        span_re = np.r_[sub["re"].to_numpy(), 0.0]
+        span_im = np.r_[sub["im"].to_numpy(), 0.0]
+        if model in reg.index:
+            r = reg.loc[model]
+            ax.add_patch(Rectangle((r["re_min"], -r["im_max"]), r["re_max"] - r["re_min"], 2 * r["im_max"], fill=False,
+                                   linestyle="--", edgecolor="0.3", linewidth=1.0, label="Bendixson box of A"))
+            span_re = np.r_[span_re, r["re_min"], r["re_max"]]
+            span_im = np.r_[span_im, -r["im_max"], r["im_max"]]
+            if r["method"] in STABILITY_POLYNOMIALS and pd.notna(r["eps"]):
+                extent = 1.5 * max(np.ptp(span_re), np.ptp(span_im), 1e-3)
+                centre = 0.5 * (span_re.min() + span_re.max())
+                grid_re, grid_im = np.meshgrid(np.linspace(centre - extent, centre + extent, 400),
+                                               np.linspace(-extent, extent, 400))
+                modulus = stability_region_mask(r["method"], float(r["eps"]), grid_re, grid_im)
+                ax.contourf(grid_re, grid_im, modulus, levels=[0, 1], colors=["0.85"], alpha=0.6, zorder=0)
+                ax.contour(grid_re, grid_im, modulus, levels=[1], colors=["0.35"], linewidths=0.8, zorder=1)
+                ax.plot([], [], color="0.35", linewidth=0.8, label=f"{r['method']} stability region (eps={float(r['eps']):g})")
+        ax.axvline(0.0, color="k", linewidth=0.8, label="imaginary axis")
+        half_re = 0.55 * max(np.ptp(span_re), 0.25 * np.ptp(span_im), 1e-3)
+        half_im = 0.55 * max(np.ptp(span_im), 0.25 * np.ptp(span_re), 1e-3)
+        middle_re, middle_im = 0.5 * (span_re.min() + span_re.max()), 0.5 * (span_im.min() + span_im.max())
+        ax.set_xlim(middle_re - half_re, middle_re + half_re)
+        ax.set_ylim(middle_im - half_im, middle_im + half_im)
+        ax.set_title(model)
+        ax.set_xlabel("Re λ")
+        ax.set_ylabel("Im λ")
+    _shared_legend(fig, axes)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def _shared_legend(fig: Figure, axes: np.ndarray) -> None:
+    """One legend below the panels with every distinct label of every panel."""
+    entries: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), 4), frameon=False)
+
+
+def plot_phase_diagram(cells: Table) -> Figure:
+    """Margin of each parameterization test over (beta, gamma); the certified region
+    (margin > 0) is outlined and hatched. Rows: (beta, gamma, test, margin)."""
+    _style()
+    frame = _frame(cells, ["beta", "gamma", "test", "margin"])
+    tests = list(dict.fromkeys(frame["test"]))
+    fig, axes = _panels(len(tests), 4.4, 3.8)
+    for ax, test in zip(axes.flat, tests):
+        grid = frame[frame["test"] == test].pivot_table(index="gamma", columns="beta", values="margin")
+        limit = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+        betas, gammas = grid.columns.to_numpy(float), grid.index.to_numpy(float)
+        mesh = ax.pcolormesh(betas, gammas, grid.to_numpy(), cmap="RdBu", vmin=-limit, vmax=limit, shading="nearest")
+        if np.nanmax(grid.to_numpy()) > 0 > np.nanmin(grid.to_numpy()):
+            ax.contour(betas, gammas, grid.to_numpy(), levels=[0.0], colors="k", linewidths=1.5)
+        ax.contourf(betas, gammas, grid.to_numpy(), levels=[0.0, np.inf], colors="none", hatches=["//"])
+        ax.set_title(f"{test}: certified where margin > 0 (hatched)", fontsize=9)
+        ax.set_xlabel("β")
+        ax.set_ylabel("γ")
+        fig.colorbar(mesh, ax=ax, label="margin")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_spectra(log: Table, quantities: Sequence[str] = ("alpha_A", "mu2_A", "norm_W")) -> Figure:
+    """Spectral quantities per epoch, one line per model. Rows: (model, epoch, <quantities>)."""
+    _style()
+    frame = _frame(log, ["model", "epoch"])
+    quantities = [q for q in quantities if q in frame.columns and frame[q].notna().any()]
+    if not quantities:
+        raise ValueError("the log has none of the requested spectral quantities")
+    labels = {"alpha_A": "spectral abscissa α(A)", "mu2_A": "log-norm μ₂(A)", "norm_A": "‖A‖₂",
+              "alpha_W": "spectral abscissa α(W)", "mu2_W": "log-norm μ₂(W)", "norm_W": "‖W‖₂"}
+    models = list(dict.fromkeys(frame["model"]))
+    styles = _series_styles(models)
+    fig, axes = _panels(len(quantities), 4.2, 3.2)
+    for ax, quantity in zip(axes.flat, quantities):
+        for model in models:
+            sub = frame[(frame["model"] == model) & frame[quantity].notna()]
+            every = max(1, len(sub) // 10)
+            ax.plot(sub["epoch"], sub[quantity], label=model, markevery=every, markersize=4, **styles[model])
+        if quantity.startswith(("alpha", "mu2")):
+            ax.axhline(0.0, color="k", linewidth=0.7)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(labels.get(quantity, quantity))
+    _legend_below(fig, axes.flat[0], len(models))
+    return fig
+
+
+def _legend_below(fig: Figure, ax: plt.Axes, count: int) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    rows = int(np.ceil(count / 4))
+    fig.legend(handles, labels, loc="lower center", ncol=min(count, 4), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
+
+
+def plot_hessian_summary(rows: Table) -> Figure:
+    """Top and bottom Hessian eigenvalues and the trace with its 95% CI, one bar per model.
+    Rows: (model, lambda_max, lambda_min, trace, trace_ci95)."""
+    _style()
+    frame = _frame(rows, ["model", "lambda_max", "lambda_min", "trace", "trace_ci95"])
+    models = list(frame["model"])
+    colours = sns.color_palette("colorblind", len(models))
+    panels = [("lambda_max", None, "top eigenvalue λ_max"), ("lambda_min", None, "bottom eigenvalue λ_min"),
+              ("trace", "trace_ci95", "trace (95% CI)")]
+    fig, axes = _panels(3, 3.8, 3.6)
+    positions = np.arange(len(models))
+    for ax, (column, error, title) in zip(axes.flat, panels):
+        bars = ax.bar(positions, frame[column], yerr=frame[error] if error else None, capsize=4,
+                      color=colours, edgecolor="k", linewidth=0.6)
+        for bar, hatch in zip(bars, HATCHES * 3):
+            bar.set_hatch(hatch)
+        ax.axhline(0.0, color="k", linewidth=0.7)
+        ax.set_xticks(positions, models, rotation=35, ha="right")
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_density(rows: Table) -> Figure:
+    """Smoothed Hessian spectral densities (stochastic Lanczos quadrature) on a log scale,
+    models overlaid. Rows: (model, eigenvalue, density)."""
+    _style()
+    frame = _frame(rows, ["model", "eigenvalue", "density"])
+    models = list(dict.fromkeys(frame["model"]))
+    styles = _series_styles(models)
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    floor = frame.loc[frame["density"] > 0, "density"].max() * 1e-8
+    for model in models:
+        sub = frame[frame["model"] == model]
+        style = dict(styles[model])
+        style.pop("marker")
+        ax.plot(sub["eigenvalue"], np.maximum(sub["density"], floor), label=model, linewidth=1.4, **style)
+    ax.set_yscale("log")
+    ax.set_xlabel("Hessian eigenvalue")
+    ax.set_ylabel("density (log scale)")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_robustness(summary: Table) -> Figure:
+    """Accuracy against perturbation level, one panel per perturbation kind, one line per
+    model with its 95% CI band over seeds. Rows: (model, perturbation, level, accuracy_mean, accuracy_ci95)."""
+    _style()
+    frame = _frame(summary, ["model", "perturbation", "level", "accuracy_mean", "accuracy_ci95"])
+    kinds = list(dict.fromkeys(frame["perturbation"]))
+    models = list(dict.fromkeys(frame["model"]))
+    styles = _series_styles(models)
+    units = {"gaussian": "input noise σ", "salt-pepper": "flip probability p", "occlusion": "fraction of steps occluded",
+             "fgsm": "FGSM budget ε", "gaussian-relative": "relative parameter noise σ", "hessian-direction": "step t along Hessian eigenvector"}
+    fig, axes = _panels(len(kinds), 4.0, 3.3)
+    for ax, kind in zip(axes.flat, kinds):
+        for model in models:
+            sub = frame[(frame["perturbation"] == kind) & (frame["model"] == model)].sort_values("level")
+            if sub.empty:
+                continue
+            mean, ci = sub["accuracy_mean"].to_numpy(float), sub["accuracy_ci95"].fillna(0).to_numpy(float)
+            ax.plot(sub["level"], mean, label=model, markersize=4, **styles[model])
+            ax.fill_between(sub["level"], mean - ci, mean + ci, color=styles[model]["color"], alpha=0.18, linewidth=0)
+        ax.set_xlabel(units.get(kind, kind))
+        ax.set_ylabel("test accuracy")
+        ax.set_title(kind, fontsize=10)
+    _legend_below(fig, axes.flat[0], len(models))
+    return fig
+
+
+def plot_landscape_1d(rows: Table) -> Figure:
+    """Loss along 1-D lines through the trained parameters. Rows: (model, direction, t, loss)."""
+    _style()
+    frame = _frame(rows, ["model", "direction", "t", "loss"])
+    directions = list(dict.fromkeys(frame["direction"]))
+    models = list(dict.fromkeys(frame["model"]))
+    styles = _series_styles(models)
+    fig, axes = _panels(len(directions), 4.0, 3.3)
+    for ax, direction in zip(axes.flat, directions):
+        for model in models:
+            sub = frame[(frame["direction"] == direction) & (frame["model"] == model)].sort_values("t")
+            if len(sub):
+                ax.plot(sub["t"], sub["loss"], label=model, markersize=3, markevery=max(1, len(sub) // 8), **styles[model])
+        ax.set_xlabel("step t along direction")
+        ax.set_ylabel("loss")
+        ax.set_title(str(direction), fontsize=10)
+    _legend_below(fig, axes.flat[0], len(models))
+    return fig
+
+
+def plot_landscape_2d(rows: Table) -> Figure:
+    """Loss on a plane through the trained parameters, one panel per model. Rows: (model, a, b, loss)."""
+    _style()
+    frame = _frame(rows, ["model", "a", "b", "loss"])
+    models = list(dict.fromkeys(frame["model"]))
+    fig, axes = _panels(len(models), 4.2, 3.7)
+    for ax, model in zip(axes.flat, models):
+        grid = frame[frame["model"] == model].pivot_table(index="b", columns="a", values="loss")
+        a, b, z = grid.columns.to_numpy(float), grid.index.to_numpy(float), grid.to_numpy()
+        filled = ax.contourf(a, b, np.log10(np.maximum(z, 1e-12)), levels=14, cmap="viridis")
+        lines = ax.contour(a, b, np.log10(np.maximum(z, 1e-12)), levels=7, colors="k", linewidths=0.6)
+        ax.clabel(lines, fontsize=7, fmt="%.1f")
+        ax.plot([0], [0], marker="*", color="w", markeredgecolor="k", markersize=11)
+        fig.colorbar(filled, ax=ax, label="log10 loss")
+        ax.set_xlabel("direction 1")
+        ax.set_ylabel("direction 2")
+        ax.set_title(model, fontsize=10)
+    fig.tight_layout()
+    return fig

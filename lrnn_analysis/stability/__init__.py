@@ -1,0 +1,63 @@
+"""Stability analysis of Lur'e-form RNNs: spectra, certificates, parameterization bounds, falsification.
+
+Public API::
+
+    from lrnn_analysis.stability import LureSystem, spectrum, certify, certify_parameterization
+"""
+from ..lure import LureSystem
+from .certificates import (
+    CERTIFICATES,
+    TIERS,
+    CertificateResult,
+    Evidence,
+    TierAttempt,
+    certify,
+    default_certificates,
+    verify_certificate,
+)
+from .parameterization import (
+    ParameterBounds,
+    ParameterizationResult,
+    PhaseCell,
+    certify_parameterization,
+    lipschitz_matrix,
+    parameter_bounds,
+    phase_diagram,
+)
+from .norms import NORM_TESTS, NormTestOutcome, norm_certificate_value, norm_test, norm_test_threshold, norm_test_value
+from .spectra import BendixsonBox, DiscretizationDiagnostics, SpectrumReport, bendixson_box, spectrum
+from .simulate import SimulationResult, simulate_pairs
+from .verification import Verification
+
+__all__ = [
+    "CERTIFICATES",
+    "NORM_TESTS",
+    "TIERS",
+    "BendixsonBox",
+    "CertificateResult",
+    "DiscretizationDiagnostics",
+    "Evidence",
+    "LureSystem",
+    "NormTestOutcome",
+    "ParameterBounds",
+    "ParameterizationResult",
+    "PhaseCell",
+    "SimulationResult",
+    "SpectrumReport",
+    "TierAttempt",
+    "Verification",
+    "bendixson_box",
+    "certify",
+    "certify_parameterization",
+    "default_certificates",
+    "lipschitz_matrix",
+    "norm_certificate_value",
+    "norm_test",
+    "norm_test_threshold",
+    "norm_test_value",
+    "parameter_bounds",
+    "phase_diagram",
+    "simulate_pairs",
+    "spectrum",
+    "verify_certificate",
+]

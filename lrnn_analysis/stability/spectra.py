@@ -1,0 +1,211 @@
+"""Spectral diagnostics of a Lur'e system h' = A h + sigma(W h + u).
+
+Everything here is a *necessary* condition or a descriptive number, never a
+certificate: eigenvalues of A alone say nothing about the nonlinear system.
+
+Notation: for a square X, H = (X + X^T)/2 and S = (X - X^T)/2 are its symmetric
+and skew parts, mu2(X) = lambda_max(H) is the logarithmic 2-norm and
+alpha(X) = max Re lambda(X) the spectral abscissa. Bendixson's theorem:
+every eigenvalue lambda of X satisfies lambda_min(H) <= Re lambda <= lambda_max(H)
+and |Im lambda| <= ||S||_2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..lure import LureSystem
+
+# Coefficients c_k of the stability polynomial R(z) = sum_k c_k z^k of each
+# explicit scheme applied to y' = lambda y (one substep).
+STABILITY_POLYNOMIALS: dict[str, tuple[float, ...]] = {
+    "euler": (1.0, 1.0),
+    "rk2": (1.0, 1.0, 0.5),
+    "rk4": (1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0),
+}
+
+
+def mu2(X: np.ndarray) -> float:
+    """Logarithmic 2-norm mu2(X) = lambda_max((X + X^T)/2)."""
+    return float(np.linalg.eigvalsh(0.5 * (X + X.T))[-1])
+
+
+def spectral_abscissa(X: np.ndarray) -> float:
+    """alpha(X) = max_i Re lambda_i(X)."""
+    return float(np.max(np.linalg.eigvals(X).real))
+
+
+def spectral_radius(X: np.ndarray) -> float:
+    """max_i |lambda_i(X)|."""
+    return float(np.max(np.abs(np.linalg.eigvals(X))))
+
+
+def norm2(X: np.ndarray) -> float:
+    """Spectral norm ||X||_2 (largest singular value)."""
+    return float(np.linalg.norm(X, 2)) if X.size else 0.0
+
+
+def stability_polynomial(method: str, z: np.ndarray) -> np.ndarray:
+    """R(z) of an explicit scheme, evaluated elementwise (complex z allowed)."""
+    value = np.zeros_like(np.asarray(z, dtype=np.complex128))
+    for coefficient in reversed(STABILITY_POLYNOMIALS[method]):
+        value = value * z + coefficient
+    return value
+
+
+def step_matrix(method: str, eps: float, J: np.ndarray) -> np.ndarray:
+    """Linear one-substep matrix R(eps J) of an explicit scheme for x' = J x.
+
+    Euler: I + eps J; RK2 (midpoint): I + eps J + (eps J)^2/2; RK4 adds
+    (eps J)^3/6 + (eps J)^4/24. Used with J = A (diagnostics) and J = A + D W
+    (necessary conditions of the incremental certificates).
+    """
+    Z = eps * J
+    result = np.zeros_like(Z)
+    for coefficient in reversed(STABILITY_POLYNOMIALS[method]):
+        result = result @ Z + coefficient * np.eye(Z.shape[0])
+    return result
+
+
+@dataclass(frozen=True)
+class BendixsonBox:
+    """Rectangle containing every eigenvalue of A: re_min <= Re lambda <= re_max, |Im lambda| <= im_max."""
+
+    re_min: float
+    re_max: float
+    im_max: float
+
+    def contains(self, eigenvalues: np.ndarray, rtol: float = 1e-9) -> bool:
+        scale = rtol * max(1.0, abs(self.re_min), abs(self.re_max), self.im_max)
+        ev = np.asarray(eigenvalues)
+        return bool(
+            np.all(ev.real >= self.re_min - scale)
+            and np.all(ev.real <= self.re_max + scale)
+            and np.all(np.abs(ev.imag) <= self.im_max + scale)
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return {"re_min": self.re_min, "re_max": self.re_max, "im_max": self.im_max}
+
+
+def bendixson_box(X: np.ndarray) -> BendixsonBox:
+    """Bendixson's rectangle of X from its symmetric and skew parts."""
+    sym_eigs = np.linalg.eigvalsh(0.5 * (X + X.T))
+    return BendixsonBox(float(sym_eigs[0]), float(sym_eigs[-1]), norm2(0.5 * (X - X.T)))
+
+
+@dataclass(frozen=True)
+class DiscretizationDiagnostics:
+    """Linear step matrix R(eps A) of the scheme that is run, per substep.
+
+    ``in_region[i]`` says whether z_i = eps lambda_i(A) lies strictly inside the
+    scheme's stability region |R(z)| < 1 (Euler |1 + z| < 1, RK2
+    |1 + z + z^2/2| < 1, RK4 the quartic). Necessary for stability of the
+    linear part only.
+    """
+
+    method: str
+    eps: float
+    substeps: int
+    step_eigenvalues: np.ndarray
+    step_spectral_radius: float
+    in_region: np.ndarray
+
+    @property
+    def all_in_region(self) -> bool:
+        return bool(np.all(self.in_region))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "eps": self.eps,
+            "substeps": self.substeps,
+            "step_eigenvalues": _complex_list(self.step_eigenvalues),
+            "step_spectral_radius": self.step_spectral_radius,
+            "in_region": [bool(x) for x in self.in_region],
+            "all_in_region": self.all_in_region,
+        }
+
+
+@dataclass(frozen=True)
+class SpectrumReport:
+    """Spectral **diagnostics** of a Lur'e system (necessary conditions, not certificates).
+
+    Fields: eigenvalues of A, W and of their symmetric parts (ascending),
+    alpha(A), mu2(A), ||A||_2, ||W||_2, Bendixson box of A, and for a discretized
+    system the linear step matrix diagnostics.
+    """
+
+    n: int
+    slope: float
+    eig_A: np.ndarray
+    eig_W: np.ndarray
+    eig_sym_A: np.ndarray
+    eig_sym_W: np.ndarray
+    abscissa_A: float
+    mu2_A: float
+    norm_A: float
+    norm_W: float
+    bendixson_A: BendixsonBox
+    discretization: DiscretizationDiagnostics | None
+    kind: str = "diagnostics (necessary conditions only; not a certificate)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "n": self.n,
+            "slope": self.slope,
+            "eig_A": _complex_list(self.eig_A),
+            "eig_W": _complex_list(self.eig_W),
+            "eig_sym_A": self.eig_sym_A.tolist(),
+            "eig_sym_W": self.eig_sym_W.tolist(),
+            "abscissa_A": self.abscissa_A,
+            "mu2_A": self.mu2_A,
+            "norm_A": self.norm_A,
+            "norm_W": self.norm_W,
+            "bendixson_A": self.bendixson_A.to_dict(),
+            "discretization": None if self.discretization is None else self.discretization.to_dict(),
+        }
+
+
+def _complex_list(values: np.ndarray) -> list[list[float]]:
+    return [[float(v.real), float(v.imag)] for v in np.asarray(values, dtype=np.complex128)]
+
+
+def _sorted_eigenvalues(X: np.ndarray) -> np.ndarray:
+    ev = np.linalg.eigvals(X).astype(np.complex128)
+    return ev[np.lexsort((ev.imag, ev.real))]
+
+
+def spectrum(system: LureSystem) -> SpectrumReport:
+    """Spectral diagnostics of ``system`` (see :class:`SpectrumReport`)."""
+    A, W = system.A, system.W
+    eig_A = _sorted_eigenvalues(A)
+    discretization = None
+    if system.method in STABILITY_POLYNOMIALS:
+        eps = float(system.eps)
+        step_eigenvalues = stability_polynomial(system.method, eps * eig_A)
+        discretization = DiscretizationDiagnostics(
+            method=system.method,
+            eps=eps,
+            substeps=system.substeps,
+            step_eigenvalues=step_eigenvalues,
+            step_spectral_radius=float(np.max(np.abs(step_eigenvalues))),
+            in_region=np.abs(step_eigenvalues) < 1.0,
+        )
+    return SpectrumReport(
+        n=system.n,
+        slope=system.slope,
+        eig_A=eig_A,
+        eig_W=_sorted_eigenvalues(W),
+        eig_sym_A=np.linalg.eigvalsh(0.5 * (A + A.T)),
+        eig_sym_W=np.linalg.eigvalsh(0.5 * (W + W.T)),
+        abscissa_A=float(np.max(eig_A.real)),
+        mu2_A=mu2(A),
+        norm_A=norm2(A),
+        norm_W=norm2(W),
+        bendixson_A=bendixson_box(A),
+        discretization=discretization,
+    )

@@ -1,0 +1,83 @@
+"""End to end: train a tiny model, audit it with passing and failing gates, reproduce a tiny recipe."""
+import json
+
+import pytest
+
+from lrnn_analysis import report as report_module
+from lrnn_analysis.cli import main
+from lrnn_analysis.report import Gate
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    assert main(["train", "--task", "digits", "--hidden", "8", "--epochs", "6", "--gamma-a", "1", "--gamma-w", "0",
+                 "--constrain", "euler-norm", "--margin", "0.01", "--out", str(path), "--quiet"]) == 0
+    return path
+
+
+def test_audit_passing_and_failing_gates(trained, tmp_path, capsys):
+    out = tmp_path / "audit"
+    code = main(["audit", str(trained), "--out", str(out), "--quiet", "--gate", "min-accuracy=0.2",
+                 "--gate", "max-lambda=1e6", "--gate", "certified=euler-norm", "--gate", "max-accuracy-drop=gaussian:0.15:1.0"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True and len(report["gates"]) == 4
+    assert {"checkpoint", "config", "task", "clean", "stability", "hessian", "robustness", "settings", "timings",
+            "environment"} <= set(report)
+    assert report["hessian"]["lambda_max"] >= report["hessian"]["lambda_min"]
+    assert any(r["level"] == 0.15 for r in report["robustness"]["summary"])
+    markdown = (out / "report.md").read_text()
+    assert "PASS" in markdown and "![spectra](spectra.png)" in markdown
+    assert (out / "spectra.png").exists() and (out / "robustness.pdf").exists()
+    capsys.readouterr()
+    code = main(["audit", str(trained), "--out", str(out), "--quiet", "--gate", "min-accuracy=0.999"])
+    assert code == 1
+    assert json.loads((out / "report.json").read_text())["passed"] is False
+    assert "a gate failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gate", ["speed=3", "min-accuracy=high", "certified=warp-lmi", "max-accuracy-drop=gaussian:0.1"])
+def test_bad_gates_exit_2_before_any_work(trained, tmp_path, capsys, gate):
+    assert main(["audit", str(trained), "--out", str(tmp_path / "a"), "--gate", gate, "--quiet"]) == 2
+    assert "bad gate" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError):
+        Gate.parse(gate)
+
+
+def test_interrupted_audit_leaves_nothing(trained, tmp_path, monkeypatch):
+    def interrupt(result, directory):
+        (directory / "half.png").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "_figures", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(["audit", str(trained), "--out", str(tmp_path / "audit"), "--quiet"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reproduce_a_tiny_recipe(trained, tmp_path, capsys):
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.safetensors").write_bytes(trained.read_bytes())
+    recipes = {
+        "spectra.toml": 'name = "spectra"\nanalysis = "spectra"\noutput = "spectra"\ncheckpoints = ["models/tiny.safetensors"]\n',
+        "robust.toml": ('name = "robust"\nanalysis = "robustness"\ntask = "digits"\noutput = "robust"\nseed = 0\n'
+                        'checkpoints = ["models/tiny.safetensors"]\nlabels = ["tiny"]\n'
+                        '[settings]\nseeds = 2\nmax_samples = 50\n[settings.grid]\ngaussian = [0.0, 0.1]\n'),
+        "phase.toml": ('name = "phase"\nanalysis = "phase-diagram"\noutput = "phase"\n'
+                       '[settings]\nbetas = [0.0, 1.0, 3]\ngammas = [0.0, 1.0, 3]\nradius = 0.1\neps = 0.1\ngamma_w = 0.0\n'),
+    }
+    for name, text in recipes.items():
+        (tmp_path / "analyses" / name).write_text(text)
+    out = tmp_path / "figures"
+    assert main(["reproduce", "--analyses-dir", str(tmp_path / "analyses"), "--out", str(out), "--quiet"]) == 0
+    for stem in ("spectra", "robust", "phase"):
+        for suffix in (".csv", ".json", ".png", ".pdf"):
+            assert (out / f"{stem}{suffix}").exists(), f"{stem}{suffix}"
+    provenance = json.loads((out / "robust.json").read_text())
+    assert provenance["recipe"]["seed"] == 0 and "torch" in provenance["environment"]
+    assert "recipe" in capsys.readouterr().out
+    (tmp_path / "analyses" / "bad.toml").write_text('name = "x"\nanalysis = "nonsense"\noutput = "x"\n')
+    assert main(["reproduce", str(tmp_path / "analyses" / "bad.toml"), "--out", str(out)]) == 2

@@ -1,0 +1,87 @@
+"""PyHessian parity: agreement where it is right, documented disagreement where it is not, exact values beside."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues, pyhessian_eigenvalues, pyhessian_trace
+from lrnn_analysis.models import ModelConfig, build_model
+
+
+def regression_case(loss_fn):
+    model = build_model(ModelConfig("lipschitz", 2, 8, 1, eps=0.2), seed=0)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 12, 2, generator=generator), torch.randn(8, 1, generator=generator)
+    op = HessianOperator(model, loss_fn, (x, y), dtype="float64")
+    return model, (x, y), op, np.linalg.eigvalsh(op.to_dense().numpy())
+
+
+def negated_mse(out, y):
+    return -nn.functional.mse_loss(out, y)
+
+
+def test_psd_dominated_case_native_and_pyhessian_agree():
+    model, batch, op, spectrum = regression_case(nn.MSELoss())
+    assert spectrum[-1] > 3 * abs(spectrum[0])
+    native = eigenvalues(op, which="LA", tol=1e-3)
+    theirs = pyhessian_eigenvalues(model, nn.MSELoss(), batch, tol=1e-3, dtype="float64")
+    assert native.values[0] == pytest.approx(spectrum[-1], rel=1e-6)
+    assert theirs.values[0] == pytest.approx(spectrum[-1], rel=2e-3)
+    assert theirs.method == "pyhessian-power" and theirs.matvecs >= 3 and theirs.vectors is None
+    assert theirs.residuals[0] == pytest.approx(0.0, abs=0.01 * spectrum[-1])
+
+
+def test_indefinite_case_pyhessian_returns_the_most_negative_eigenvalue():
+    model, batch, op, spectrum = regression_case(negated_mse)
+    lambda_min, lambda_max = spectrum[0], spectrum[-1]
+    assert -lambda_min > 3 * lambda_max > 0
+    theirs = pyhessian_eigenvalues(model, negated_mse, batch, dtype="float64")
+    native = eigenvalues(op, which="BE", tol=1e-6)
+    # PyHessian's "top eigenvalue" is λ_min here; the native λ_max is the true one.
+    assert theirs.values[0] == pytest.approx(lambda_min, rel=2e-3)
+    np.testing.assert_allclose(native.values, [lambda_max, lambda_min], rtol=1e-6)
+
+
+def test_indefinite_case_pyhessian_trace_stops_after_a_few_samples():
+    model, batch, op, spectrum = regression_case(negated_mse)
+    theirs = pyhessian_trace(model, negated_mse, batch, tol=1e-3, dtype="float64")
+    assert np.sum(spectrum) < 0
+    assert len(theirs.samples) <= 4 and theirs.stop_reason == "pyhessian-rule"
+    assert theirs.matvecs == len(theirs.samples)
+
+
+def test_pyhessian_backend_is_seeded_leaves_model_untouched_and_skips_unused_parameters():
+    model, batch, _, _ = regression_case(nn.MSELoss())
+    model.register_parameter("unused", nn.Parameter(torch.randn(2)))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = pyhessian_eigenvalues(model, nn.MSELoss(), batch, seed=5)
+    second = pyhessian_eigenvalues(model, nn.MSELoss(), batch, seed=5)
+    assert first.values[0] == second.values[0] and first.seed == 5
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    block = pyhessian_eigenvalues(model, nn.MSELoss(), batch, params="M_A,M_W", dtype="float64")
+    native = eigenvalues(HessianOperator(model, nn.MSELoss(), batch, params="M_A,M_W", dtype="float64"), which="LM")
+    assert block.values[0] == pytest.approx(native.values[0], rel=1e-2)
+
+
+def test_pyhessian_full_dataset_mode_counts_products():
+    model, (x, y), _, spectrum = regression_case(nn.MSELoss())
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    theirs = pyhessian_eigenvalues(model, nn.MSELoss(), batches, dtype="float64")
+    assert theirs.values[0] == pytest.approx(spectrum[-1], rel=2e-3)
+    estimate = pyhessian_trace(model, nn.MSELoss(), batches, max_iter=5, dtype="float64")
+    assert estimate.matvecs == len(estimate.samples) <= 5
+
+
+def test_analyze_with_pyhessian_backend_notes_its_semantics():
+    model, batch, _, spectrum = regression_case(negated_mse)
+    report = analyze(model, negated_mse, batch, backend="pyhessian", trace=True, progress=False, dtype="float64")
+    assert report.lambda_min is None and report.lambda_max == pytest.approx(spectrum[0], rel=2e-3)
+    assert any("largest |λ|" in note for note in report.notes)
+    assert "pyhessian" in report.environment
+    json.dumps(report.to_dict(), allow_nan=False)
+    with pytest.raises(ValueError, match="density"):
+        analyze(model, negated_mse, batch, backend="pyhessian", density=True, progress=False)
