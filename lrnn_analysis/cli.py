@@ -167,11 +167,12 @@ ROBUSTNESS_OPTIONS = {
     "occlusion": "occlusion",
     "fgsm": "fgsm",
     "param_noise": "gaussian-relative",
+    "hessian_direction": "hessian-direction",
 }
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
-    from .robustness import SweepModel, sweep
+    from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
@@ -180,7 +181,15 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     grid = {kind: getattr(args, option) for option, kind in ROBUSTNESS_OPTIONS.items() if getattr(args, option)}
     if not grid:
         raise UsageError("no perturbation levels given (e.g. --input-noise 0,0.1,0.2)")
-    models = [SweepModel(_model_label(model), str(path), model) for path, model, _ in loaded]
+    for path, model, _ in loaded:
+        _check_model_fits_task(path, model, task)
+    models = []
+    for path, model, _ in loaded:
+        directions = None
+        if "hessian-direction" in grid:
+            names = recurrent_parameter_names(model) if args.recurrent_only else None
+            directions = hessian_directions(model.to(device), task, args.hessian_k, params=names, seed=0)
+        models.append(SweepModel(_model_label(model), str(path), model, directions))
     result = sweep(models, task, grid, args.seeds, split=args.split, device=device, batch_size=args.batch_size,
                    max_samples=args.max_samples, recurrent_only=args.recurrent_only, progress=not args.quiet)
     result.write_csv(args.out)
@@ -277,9 +286,7 @@ def cmd_hessian(args: argparse.Namespace) -> int:
 
 
 def _check_model_fits_task(path: str, model, task) -> None:
-    if model.config.input_dim != task.input_dim or model.config.output_dim != task.output_dim:
-        raise UsageError(f"{path}: model (input_dim {model.config.input_dim}, {model.config.output_dim} outputs) does not fit "
-                         f"task {task.name} (input_dim {task.input_dim}, {task.output_dim} outputs)")
+    task.check_fits(model.config.input_dim, model.config.output_dim, str(path))
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -486,7 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--occlusion", type=_float_list, default=None, help="fractions of time steps set to zero")
     robust.add_argument("--fgsm", type=_float_list, default=None, help="FGSM budgets in input units")
     robust.add_argument("--param-noise", type=_float_list, default=None, help="relative Gaussian parameter noise sigmas")
-    robust.add_argument("--recurrent-only", action="store_true", help="parameter noise only on M_A, M_W")
+    robust.add_argument("--hessian-direction", type=_float_list, default=None,
+                        help="steps t along a seeded unit combination of the top Hessian eigenvectors")
+    robust.add_argument("--hessian-k", type=_positive_int, default=1, help="number of top eigenvectors spanning the directions")
+    robust.add_argument("--recurrent-only", action="store_true", help="parameter perturbations only on M_A, M_W")
     robust.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds (0..N-1)")
     robust.add_argument("--split", choices=("train", "val", "test"), default="test")
     robust.add_argument("--max-samples", type=_positive_int, default=None)

@@ -59,6 +59,12 @@ class Task:
         """Smallest and largest input value in the training split."""
         return float(self.train.x.min()), float(self.train.x.max())
 
+    def check_fits(self, input_dim: int, output_dim: int, where: str) -> None:
+        """Raise ValueError unless a model with these sizes can run on this task."""
+        if (input_dim, output_dim) != (self.input_dim, self.output_dim):
+            raise ValueError(f"{where}: model (input_dim {input_dim}, {output_dim} outputs) does not fit task {self.name} "
+                             f"(input_dim {self.input_dim}, {self.output_dim} outputs)")
+
     def to_dict(self) -> dict[str, Any]:
         """What a checkpoint records to rebuild this task with ``load_task``."""
         return {"name": self.name, "seed": self.seed, "options": dict(self.options)}

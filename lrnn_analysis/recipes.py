@@ -31,7 +31,7 @@ from .checkpoints import load_checkpoint
 from .data import Task, load_task
 from .io import write_json
 from .models import RecurrentModel
-from .robustness import SweepModel, sweep
+from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
 from .runtime import environment
 from .stability import phase_diagram
 from .tables import write_csv
@@ -195,10 +195,18 @@ def _hessian(ctx: _Context) -> tuple[list[str], str]:
 
 def _robustness(ctx: _Context) -> tuple[list[str], str]:
     task = ctx.task()
-    models = [SweepModel(label, str(path), model) for (label, model), path in zip(ctx.models().items(), ctx.recipe.checkpoint_paths())]
-    result = sweep(models, task, ctx.setting("grid", {}), int(ctx.setting("seeds", 5)), split=ctx.setting("split", "test"),
+    grid = ctx.setting("grid", {})
+    recurrent_only = bool(ctx.setting("recurrent_only", False))
+    models = []
+    for (label, model), path in zip(ctx.models().items(), ctx.recipe.checkpoint_paths()):
+        directions = None
+        if "hessian-direction" in grid:
+            names = recurrent_parameter_names(model) if recurrent_only else None
+            directions = hessian_directions(model, task, int(ctx.setting("hessian_k", 1)), params=names, seed=ctx.recipe.seed)
+        models.append(SweepModel(label, str(path), model, directions))
+    result = sweep(models, task, grid, int(ctx.setting("seeds", 5)), split=ctx.setting("split", "test"),
                    device=ctx.device, max_samples=ctx.setting("max_samples", None),
-                   recurrent_only=bool(ctx.setting("recurrent_only", False)), progress=ctx.progress)
+                   recurrent_only=recurrent_only, progress=ctx.progress)
     written = ctx.write(result.rows, plots.plot_robustness(result.summary), {"summary": result.summary, "settings": result.settings})
     written += ctx.write(result.summary, None, suffix="_summary")
     top_level = max(r["level"] for r in result.summary)
@@ -207,10 +215,17 @@ def _robustness(ctx: _Context) -> tuple[list[str], str]:
     return written, f"{len(result.rows)} rows" + (f"; smallest drop at level {top_level:g}: {best['model']} ({best['accuracy_drop']:.3f})" if best else "")
 
 
+def _axis(spec: Any) -> list[float]:
+    """A grid given as [start, stop, count] (a table key ``linspace``) or as the values themselves."""
+    if isinstance(spec, dict):
+        start, stop, count = spec["linspace"]
+        return [float(v) for v in np.linspace(start, stop, int(count))]
+    return [float(v) for v in spec]
+
+
 def _phase_diagram(ctx: _Context) -> tuple[list[str], str]:
     s = ctx.recipe.settings
-    grid = lambda spec: np.linspace(*spec[:2], int(spec[2])) if isinstance(spec, list) and len(spec) == 3 else spec  # noqa: E731
-    cells = [c.to_dict() for c in phase_diagram(grid(s["betas"]), grid(s["gammas"]), float(s["radius"]), s.get("eps"),
+    cells = [c.to_dict() for c in phase_diagram(_axis(s["betas"]), _axis(s["gammas"]), float(s["radius"]), s.get("eps"),
                                                 float(s.get("slope", 1.0)), s.get("tests"), s.get("beta_w"), s.get("gamma_w"))]
     written = ctx.write(cells, plots.plot_phase_diagram(cells))
     return written, f"{sum(c['holds'] for c in cells)} of {len(cells)} cells certified"

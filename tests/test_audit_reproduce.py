@@ -67,7 +67,7 @@ def test_reproduce_a_tiny_recipe(trained, tmp_path, capsys):
                         'checkpoints = ["models/tiny.safetensors"]\nlabels = ["tiny"]\n'
                         '[settings]\nseeds = 2\nmax_samples = 50\n[settings.grid]\ngaussian = [0.0, 0.1]\n'),
         "phase.toml": ('name = "phase"\nanalysis = "phase-diagram"\noutput = "phase"\n'
-                       '[settings]\nbetas = [0.0, 1.0, 3]\ngammas = [0.0, 1.0, 3]\nradius = 0.1\neps = 0.1\ngamma_w = 0.0\n'),
+                       '[settings]\nbetas = {linspace = [0.0, 1.0, 3]}\ngammas = [0.0, 0.5, 1.0]\nradius = 0.1\neps = 0.1\ngamma_w = 0.0\n'),
     }
     for name, text in recipes.items():
         (tmp_path / "analyses" / name).write_text(text)

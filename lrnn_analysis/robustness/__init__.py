@@ -1,4 +1,5 @@
 """Perturbation-robustness sweeps: input and parameter perturbations, batched, seeded, tidy results."""
+from .directions import hessian_directions
 from .perturbations import (
     INPUT_KINDS,
     KINDS,
@@ -21,6 +22,6 @@ from .sweep import (
 
 __all__ = [
     "INPUT_KINDS", "KINDS", "PARAMETER_KINDS", "ROW_FIELDS", "SUMMARY_FIELDS", "ParameterDirections", "Perturbation",
-    "SweepModel", "SweepResult", "evaluate_parameter_draws", "perturb_inputs", "perturb_parameters",
+    "SweepModel", "SweepResult", "evaluate_parameter_draws", "hessian_directions", "perturb_inputs", "perturb_parameters",
     "recurrent_parameter_names", "summarize", "sweep",
 ]

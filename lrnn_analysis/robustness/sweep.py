@@ -102,7 +102,7 @@ def sweep(
         raise ValueError(f"split must be train, val or test, got {split!r}")
     plan = {kind: [Perturbation(kind, level) for level in levels] for kind, levels in grid.items()}
     for entry in models:
-        _check_compatible(entry, task)
+        task.check_fits(entry.model.config.input_dim, entry.model.config.output_dim, entry.checkpoint)
         if "hessian-direction" in plan and entry.directions is None:
             raise ValueError(f"{entry.label}: hessian-direction needs its Hessian eigenvectors")
     device = torch.device(device)
@@ -151,15 +151,6 @@ def sweep(
                 "seeds": seed_list, "recurrent_only": recurrent_only, "batched": batched,
                 "seconds": time.perf_counter() - started}
     return SweepResult(rows, summarize(rows), settings, environment(device))
-
-
-def _check_compatible(entry: SweepModel, task: Task) -> None:
-    config = entry.model.config
-    if config.input_dim != task.input_dim:
-        raise ValueError(f"{entry.checkpoint}: model takes input_dim {config.input_dim} but task {task.name} "
-                         f"gives {task.input_dim} per step")
-    if config.output_dim != task.output_dim:
-        raise ValueError(f"{entry.checkpoint}: model has {config.output_dim} outputs but task {task.name} needs {task.output_dim}")
 
 
 def _input_gradient(model: RecurrentModel, x: Tensor, y: Tensor, classification: bool, batch_size: int = 1000) -> Tensor:

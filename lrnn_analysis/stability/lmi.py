@@ -41,8 +41,8 @@ SOLVERS = ("auto", "CLARABEL", "SCS")
 # Interior-point solvers form dense Newton systems of size ~ (N(N+1)/2)^2 for an
 # N x N PSD cone: fine for small cones, minutes at N = 128 on 2 cores.
 _CLARABEL_MAX_CONE = 40
-_MAX_SDP_SOLVES = 12
-_BISECTION_RTOL = 2e-3
+_MAX_SDP_SOLVES = 8
+_BISECTION_RTOL = 1e-2
 _BACKOFFS = (1e-9, 1e-7, 1e-5, 1e-3)
 _BIG = 1e300
 # Largest condition number allowed for P in the SDP tiers (gain sqrt(cond P) <= 100).
@@ -276,7 +276,7 @@ class _SdpProblem:
         if solver == "CLARABEL":
             options = {"time_limit": max(time_limit, 1.0)}
         else:
-            options = {"time_limit_secs": max(time_limit, 1.0), "eps_abs": 1e-6, "eps_rel": 1e-6, "max_iters": 10000}
+            options = {"time_limit_secs": max(time_limit, 1.0), "eps_abs": 1e-5, "eps_rel": 1e-5, "max_iters": 2500}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)

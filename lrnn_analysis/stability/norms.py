@@ -117,7 +117,7 @@ def norm_test(system: LureSystem, name: str) -> NormTestOutcome:
     )
     tolerance = 64.0 * (system.n + 1) * _UNIT_ROUNDOFF * (magnitude + (eps or 0.0) * norm_A)
     threshold = norm_test_threshold(name)
-    return NormTestOutcome(name, value, threshold, tolerance, value + tolerance < threshold)
+    return NormTestOutcome(name, value, threshold, float(tolerance), bool(value + tolerance < threshold))
 
 
 def norm_certificate_value(system: LureSystem, name: str | None = None) -> float:

@@ -162,7 +162,7 @@ def certify_parameterization(
         results.append(
             ParameterizationResult(
                 test=test,
-                holds=value < threshold,
+                holds=bool(value < threshold),
                 value=value,
                 margin=threshold - value,
                 r=float(r),

@@ -1,0 +1,33 @@
+"""Hessian eigenvectors as parameter-space directions for the ``hessian-direction`` perturbation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..data import Task
+from ..evaluation import loss_function
+from ..hessian import HessianOperator, eigenvalues
+from ..models import RecurrentModel
+from .perturbations import ParameterDirections
+
+
+def hessian_directions(
+    model: RecurrentModel,
+    task: Task,
+    k: int = 1,
+    batches: int = 1,
+    batch_size: int = 128,
+    params: Sequence[str] | None = None,
+    seed: int = 0,
+) -> ParameterDirections:
+    """The top-``k`` eigenvectors (largest algebraic eigenvalues) of the training-loss Hessian
+    on the first ``batches`` training batches, over ``params`` (default: all parameters)."""
+    device = next(model.parameters()).device
+    split = task.train
+    data = [(split.x[s:s + batch_size].to(device), split.y[s:s + batch_size].to(device))
+            for s in range(0, len(split), batch_size)][:batches]
+    op = HessianOperator(model, loss_function(task.is_classification), data, params=list(params) if params else None)
+    result = eigenvalues(op, k=k, which="LA", seed=seed)
+    vectors = torch.as_tensor(result.vectors.T.copy(), dtype=torch.float64)
+    return ParameterDirections(tuple(op.names), vectors)
