@@ -33,14 +33,7 @@ from lrnn_analysis.hessian.pyhessian_backend import _PyHessianRun
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.runtime import environment
 
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from common import best_time
 
 
 def lipschitz(input_dim: int, hidden: int, eps: float) -> torch.nn.Module:
@@ -52,14 +45,14 @@ def hvp_times(model, loss_fn, batch, repeats: int, with_func: bool) -> dict:
     op = HessianOperator(model, loss_fn, batch)
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
     op.hvp(v)
-    native = best_time(lambda: op.hvp(v), repeats)
+    native = best_time(lambda: op.hvp(v), repeats, warmup=False)
     graph_bytes = op.graph_bytes
     del op
 
     run = _PyHessianRun(model, loss_fn, batch, None, None, 0)
     chunks = [c.reshape(p.shape) for c, p in zip(torch.split(v, [p.numel() for p in run.hessian.params]), run.hessian.params)]
     run.hvp(chunks)
-    theirs = best_time(lambda: run.hvp(chunks), repeats)
+    theirs = best_time(lambda: run.hvp(chunks), repeats, warmup=False)
     run.close()
     del run
 
@@ -73,7 +66,7 @@ def hvp_times(model, loss_fn, batch, repeats: int, with_func: bool) -> dict:
         def loss(p):
             return loss_fn(functional_call(model, p, (x,)), y)
 
-        out["torch_func_forward_over_reverse_s"] = best_time(lambda: jvp(grad(loss), (params,), (tangents,)), 2)
+        out["torch_func_forward_over_reverse_s"] = best_time(lambda: jvp(grad(loss), (params,), (tangents,)), 2, warmup=False)
         out["ratio_func_over_native"] = out["torch_func_forward_over_reverse_s"] / native
     return out
 

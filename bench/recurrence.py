@@ -23,6 +23,8 @@ import torch
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.runtime import environment
 
+from common import best_time
+
 
 def reference_loop(params: dict[str, torch.Tensor], x: torch.Tensor, beta: float, gamma: float, eps: float) -> torch.Tensor:
     B, C = params["B"], params["C"]
@@ -34,16 +36,6 @@ def reference_loop(params: dict[str, torch.Tensor], x: torch.Tensor, beta: float
         W = beta * (C - C.transpose(1, 0)) + (1 - beta) * (C + C.transpose(1, 0)) - gamma * eye
         h = h + eps * torch.matmul(h, A) + eps * torch.tanh(torch.matmul(h, W) + z)
     return torch.nn.functional.linear(h, params["D.weight"], params["D.bias"])
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def matmul_rate(batch: int, n: int, seconds: float = 1.0) -> float:

@@ -46,6 +46,13 @@ def _name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = CUDA when present")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="CPU threads (these small recurrent models run fastest on one)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_task_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--task", choices=sorted(TASKS), required=required, help="task name")
     parser.add_argument("--split-seed", type=int, default=None, help="seed of the train/val/test split (default 0, or the checkpoint's)")
@@ -404,10 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--constrain", choices=CONSTRAINTS, default=None,
                        help="project M_A, M_W after every step so this norm certificate holds (lipschitz only)")
     train.add_argument("--margin", type=float, default=0.01, help="margin of the --constrain certificate")
-    train.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    train.add_argument("--threads", type=_positive_int, default=1, help="CPU threads (small recurrent models run fastest on one)")
     train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(train)
     train.set_defaults(handler=cmd_train)
 
     info = sub.add_parser("info", help="print a checkpoint's config, metrics and training log")
@@ -454,10 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     hess.add_argument("--backend", choices=("native", "pyhessian"), default="native")
     hess.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     hess.add_argument("--seed", type=int, default=0)
-    hess.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    hess.add_argument("--threads", type=_positive_int, default=1, help="CPU threads")
     hess.add_argument("--json", default=None, metavar="PATH", help="write every number and its uncertainty as JSON")
-    hess.add_argument("--quiet", action="store_true")
+    _add_run_options(hess)
     hess.set_defaults(handler=cmd_hessian)
 
     audit = sub.add_parser("audit", help="stability, Hessian and robustness report of one checkpoint, with gates")
@@ -471,18 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--beta", type=float, default=None, help="reference state dicts: beta (else from the file name)")
     audit.add_argument("--gamma", type=float, default=None, help="reference state dicts: gamma")
     audit.add_argument("--eps", type=float, default=None, help="reference state dicts: eps")
-    audit.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    audit.add_argument("--threads", type=_positive_int, default=1)
-    audit.add_argument("--quiet", action="store_true")
+    _add_run_options(audit)
     audit.set_defaults(handler=cmd_audit)
 
     reproduce = sub.add_parser("reproduce", help="run analysis recipes (default: all of analyses/) into figures/")
     reproduce.add_argument("recipes", nargs="*", help="recipe files (default: every analyses/*.toml)")
     reproduce.add_argument("--analyses-dir", default="analyses")
     reproduce.add_argument("--out", default="figures", help="output directory")
-    reproduce.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    reproduce.add_argument("--threads", type=_positive_int, default=1)
-    reproduce.add_argument("--quiet", action="store_true")
+    _add_run_options(reproduce)
     reproduce.set_defaults(handler=cmd_reproduce)
 
     robust = sub.add_parser("robustness", help="accuracy under input and parameter perturbations (tidy CSV)")
@@ -501,11 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--split", choices=("train", "val", "test"), default="test")
     robust.add_argument("--max-samples", type=_positive_int, default=None)
     robust.add_argument("--batch-size", type=_positive_int, default=1000)
-    robust.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    robust.add_argument("--threads", type=_positive_int, default=1)
     robust.add_argument("--out", required=True, help="tidy CSV (one row per model, perturbation, level, seed)")
     robust.add_argument("--json", action="store_true", help="also write rows, summary and provenance as JSON beside the CSV")
-    robust.add_argument("--quiet", action="store_true")
+    _add_run_options(robust)
     robust.set_defaults(handler=cmd_robustness)
     return parser
 

@@ -236,50 +236,48 @@ def plot_density(rows: Table) -> Figure:
     return fig
 
 
+def _facet_lines(frame: pd.DataFrame, panel: str, x: str, y: str, xlabel: Mapping[str, str] | str, ylabel: str,
+                 band: str | None = None) -> Figure:
+    """One panel per value of ``panel``, one styled line per model (with a +-``band`` shade)."""
+    panels = list(dict.fromkeys(frame[panel]))
+    models = list(dict.fromkeys(frame["model"]))
+    styles = _series_styles(models)
+    fig, axes = _panels(len(panels), 4.0, 3.3)
+    for ax, value in zip(axes.flat, panels):
+        for model in models:
+            sub = frame[(frame[panel] == value) & (frame["model"] == model)].sort_values(x)
+            if sub.empty:
+                continue
+            mean = sub[y].to_numpy(float)
+            ax.plot(sub[x], mean, label=model, markersize=4, markevery=max(1, len(sub) // 8), **styles[model])
+            if band is not None:
+                half = sub[band].fillna(0).to_numpy(float)
+                ax.fill_between(sub[x], mean - half, mean + half, color=styles[model]["color"], alpha=0.18, linewidth=0)
+        ax.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel.get(value, value))
+        ax.set_ylabel(ylabel)
+        ax.set_title(str(value), fontsize=10)
+    _legend_below(fig, axes.flat[0], len(models))
+    return fig
+
+
+PERTURBATION_UNITS = {"gaussian": "input noise σ", "salt-pepper": "flip probability p", "occlusion": "fraction of steps occluded",
+                      "fgsm": "FGSM budget ε", "gaussian-relative": "relative parameter noise σ",
+                      "hessian-direction": "step t along Hessian eigenvectors"}
+
+
 def plot_robustness(summary: Table) -> Figure:
     """Accuracy against perturbation level, one panel per perturbation kind, one line per
     model with its 95% CI band over seeds. Rows: (model, perturbation, level, accuracy_mean, accuracy_ci95)."""
     _style()
     frame = _frame(summary, ["model", "perturbation", "level", "accuracy_mean", "accuracy_ci95"])
-    kinds = list(dict.fromkeys(frame["perturbation"]))
-    models = list(dict.fromkeys(frame["model"]))
-    styles = _series_styles(models)
-    units = {"gaussian": "input noise σ", "salt-pepper": "flip probability p", "occlusion": "fraction of steps occluded",
-             "fgsm": "FGSM budget ε", "gaussian-relative": "relative parameter noise σ", "hessian-direction": "step t along Hessian eigenvector"}
-    fig, axes = _panels(len(kinds), 4.0, 3.3)
-    for ax, kind in zip(axes.flat, kinds):
-        for model in models:
-            sub = frame[(frame["perturbation"] == kind) & (frame["model"] == model)].sort_values("level")
-            if sub.empty:
-                continue
-            mean, ci = sub["accuracy_mean"].to_numpy(float), sub["accuracy_ci95"].fillna(0).to_numpy(float)
-            ax.plot(sub["level"], mean, label=model, markersize=4, **styles[model])
-            ax.fill_between(sub["level"], mean - ci, mean + ci, color=styles[model]["color"], alpha=0.18, linewidth=0)
-        ax.set_xlabel(units.get(kind, kind))
-        ax.set_ylabel("test accuracy")
-        ax.set_title(kind, fontsize=10)
-    _legend_below(fig, axes.flat[0], len(models))
-    return fig
+    return _facet_lines(frame, "perturbation", "level", "accuracy_mean", PERTURBATION_UNITS, "test accuracy", band="accuracy_ci95")
 
 
 def plot_landscape_1d(rows: Table) -> Figure:
     """Loss along 1-D lines through the trained parameters. Rows: (model, direction, t, loss)."""
     _style()
     frame = _frame(rows, ["model", "direction", "t", "loss"])
-    directions = list(dict.fromkeys(frame["direction"]))
-    models = list(dict.fromkeys(frame["model"]))
-    styles = _series_styles(models)
-    fig, axes = _panels(len(directions), 4.0, 3.3)
-    for ax, direction in zip(axes.flat, directions):
-        for model in models:
-            sub = frame[(frame["direction"] == direction) & (frame["model"] == model)].sort_values("t")
-            if len(sub):
-                ax.plot(sub["t"], sub["loss"], label=model, markersize=3, markevery=max(1, len(sub) // 8), **styles[model])
-        ax.set_xlabel("step t along direction")
-        ax.set_ylabel("loss")
-        ax.set_title(str(direction), fontsize=10)
-    _legend_below(fig, axes.flat[0], len(models))
-    return fig
+    return _facet_lines(frame, "direction", "t", "loss", "step t along direction", "loss")
 
 
 def plot_landscape_2d(rows: Table) -> Figure:

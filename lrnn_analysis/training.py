@@ -6,7 +6,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -14,6 +13,7 @@ from .constraints import StabilityConstraint, check_feasible, project
 from .data import Task
 from .evaluation import evaluate, loss_function
 from .models import RecurrentModel
+from .stability.spectra import mu2, norm2, spectral_abscissa
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ def spectral_summary(model: RecurrentModel) -> dict[str, float]:
     summary = {}
     for name, matrix in mats.items():
         X = matrix.cpu().numpy()
-        summary[f"alpha_{name}"] = float(np.linalg.eigvals(X).real.max())
-        summary[f"mu2_{name}"] = float(np.linalg.eigvalsh(0.5 * (X + X.T))[-1])
-        summary[f"norm_{name}"] = float(np.linalg.norm(X, 2))
+        summary[f"alpha_{name}"] = spectral_abscissa(X)
+        summary[f"mu2_{name}"] = mu2(X)
+        summary[f"norm_{name}"] = norm2(X)
     return summary
 
 

@@ -1,0 +1,79 @@
+"""Train the reference checkpoints with ``lrnn train`` and write their model cards.
+
+    .venv/bin/python models/train_reference.py [NAME ...]      (default: all)
+
+Each card records the exact command, task, hyper-parameters, seed, test accuracy, training
+time and which certificates hold for the scheme the model runs.
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from lrnn_analysis.checkpoints import load_checkpoint
+from lrnn_analysis.stability import certify
+
+HERE = Path(__file__).parent
+DIGITS = "--task digits --hidden 64 --seed 0"
+SMNIST = "--task smnist --hidden 64 --seed 0 --epochs 10 --lr 0.003 --grad-clip 1 --decay-epochs 8"
+MODELS = {
+    "digits-lipschitz-euler": f"{DIGITS} --arch lipschitz --discretization euler",
+    "digits-lipschitz-rk2": f"{DIGITS} --arch lipschitz --discretization rk2",
+    "digits-lipschitz-certified": f"{DIGITS} --arch lipschitz --discretization euler --beta-a 1 --gamma-a 0.5 --gamma-w 0 "
+                                  "--constrain euler-norm --margin 0.001",
+    "digits-antisymmetric": f"{DIGITS} --arch antisymmetric",
+    "digits-node": f"{DIGITS} --arch node",
+    "digits-residual": f"{DIGITS} --arch residual",
+    "digits-vanilla": f"{DIGITS} --arch vanilla --lr 0.003 --init-std 8 --grad-clip 1",
+    "digits-cayley": f"{DIGITS} --arch cayley --lr 0.01",
+    "smnist-lipschitz": f"{SMNIST} --arch lipschitz",
+    "smnist-antisymmetric": f"{SMNIST} --arch antisymmetric",
+}
+
+
+def card(name: str, command: str) -> str:
+    model, meta = load_checkpoint(HERE / f"{name}.safetensors")
+    config, metrics, task = model.config, meta["metrics"], meta["task"]
+    system = model.lure_form()
+    results = certify(system, time_budget=60.0) if system is not None else []
+    params = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"# {name}", "",
+        f"- task: `{task['name']}` (split seed {task['seed']}, options {task.get('options') or {}})",
+        f"- architecture: `{config.arch}` run with `{config.discretization}`, hidden {config.hidden}, eps {config.eps:g}, "
+        f"{params} parameters",
+        f"- hyper-parameters: beta_A {config.beta_a:g}, gamma_A {config.gamma_a:g}, beta_W {config.beta_w:g}, "
+        f"gamma_W {config.gamma_w:g}, init_std {config.init_std:g}; training {meta['training']}",
+        f"- test accuracy: **{metrics['test_accuracy']:.4f}** (test loss {metrics['test_loss']:.4f}); "
+        f"training time {metrics['train_seconds']:.0f} s on {meta['environment']['device']} "
+        f"(torch {meta['environment']['torch']})",
+    ]
+    if "constraint" in meta:
+        c = meta["constraint"]
+        lines.append(f"- trained with `--constrain {c['certificate']} --margin {c['margin']}`: certified by construction")
+    lines += ["", "Certificates for the scheme it runs (`lrnn stability`, 60 s budget):", ""]
+    if results:
+        lines += ["| certificate | holds | margin | rate | tier |", "|---|---|---|---|---|"]
+        lines += [f"| {r.name} | {'yes' if r.holds else 'no'} | {r.margin:.4g} | {'-' if r.rate is None else f'{r.rate:.6g}'} | "
+                  f"{r.tier or '-'} |" for r in results]
+        failing = [r.reason for r in results if not r.holds]
+        if failing:
+            lines += ["", f"Why not: {failing[0]}"]
+    else:
+        lines.append("None apply: a gated recurrence has no Lur'e form.")
+    lines += ["", "Reproduce:", "", "```bash", command, "```", ""]
+    return "\n".join(lines)
+
+
+def main(names: list[str]) -> None:
+    for name in names or list(MODELS):
+        command = f"lrnn train {MODELS[name]} --out models/{name}.safetensors --quiet"
+        print(f"$ {command}", flush=True)
+        subprocess.run([str(Path(sys.executable).parent / "lrnn"), *shlex.split(command)[1:]], check=True, cwd=HERE.parent)
+        (HERE / f"{name}.md").write_text(card(name, command))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
