@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/lrnn train --task digits --arch lipschitz --out runs/lipschitz-digits.safetensors
+	$(BIN)/lrnn reproduce
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)

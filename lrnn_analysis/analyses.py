@@ -76,18 +76,20 @@ def hessian_tables(
     density: bool = True,
     density_probes: int = 4,
     density_steps: int = 40,
+    max_iter: int = 150,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """λ_max, λ_min and tr(H) ± 95% CI per model (one row each) and, with ``density``, the
-    smoothed SLQ density (model, eigenvalue, density)."""
+    smoothed SLQ density (model, eigenvalue, density). Lanczos stops after ``max_iter`` steps;
+    ``eigen_converged`` says whether both ends met the residual tolerance by then."""
     from .hessian import analyze
 
     summary, density_rows = [], []
     for label, model in models.items():
         report = analyze(model, loss_function(classification), list(batches), params=params, trace=True, density=density,
                          seed=seed, progress=progress, trace_matvecs=trace_matvecs, density_probes=density_probes,
-                         density_steps=density_steps)
+                         density_steps=density_steps, max_iter=max_iter)
         summary.append({"model": label, "lambda_max": report.lambda_max, "lambda_min": report.lambda_min,
                         "trace": report.trace.estimate, "trace_ci95": report.trace.ci_halfwidth,
                         "eigen_converged": report.eigen.all_converged, "matvecs": report.matvecs,

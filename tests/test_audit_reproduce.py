@@ -81,3 +81,19 @@ def test_reproduce_a_tiny_recipe(trained, tmp_path, capsys):
     assert "recipe" in capsys.readouterr().out
     (tmp_path / "analyses" / "bad.toml").write_text('name = "x"\nanalysis = "nonsense"\noutput = "x"\n')
     assert main(["reproduce", str(tmp_path / "analyses" / "bad.toml"), "--out", str(out)]) == 2
+
+
+def test_audit_of_a_reference_implementation_state_dict(tmp_path):
+    import torch
+
+    n = 6
+    state = {"B": torch.randn(n, n) / n, "C": torch.randn(n, n) / n, "E.weight": torch.randn(n, 1),
+             "E.bias": torch.zeros(n), "D.weight": torch.randn(10, n), "D.bias": torch.zeros(10)}
+    path = tmp_path / "LipschitzRNN_mnist_T_784_units_6_beta_0.75_alpha_1_gamma_0.001_eps_0.03_solver_euler_seed_1.pkl"
+    torch.save(state, path)
+    out = tmp_path / "audit"
+    assert main(["audit", str(path), "--out", str(out), "--quiet"]) == 2  # no task recorded in a reference file
+    assert main(["audit", str(path), "--task", "digits", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["eps"] == 0.03 and report["config"]["beta_a"] == 0.75
+    assert {c["name"] for c in report["stability"]["certificates"]} == {"euler-norm", "euler-lmi"}

@@ -206,7 +206,8 @@ def verify_certificate(
     if not name.endswith("-lmi"):
         raise ValueError(f"{name} is not an LMI certificate")
     form = incremental_form(system, family)
-    r = rate if form.continuous else (rate ** (1.0 / _substeps(system, family))) ** 2
+    meaningful = np.isfinite(rate) and rate >= 0
+    r = rate if form.continuous or not meaningful else (rate ** (1.0 / _substeps(system, family))) ** 2
     return verify(form, P, multipliers, r)
 
 
@@ -257,11 +258,12 @@ def _necessary_failure(system: LureSystem, family: str) -> str | None:
     for label, d in (("A", np.zeros(n)), ("A + L W", np.full(n, L))):
         g = jacobian_goodness(system, family, d)
         if family == "ct" and g <= 0.0:
-            return f"no input-uniform certificate can exist: {label} is not Hurwitz (spectral abscissa {-g:.6g})"
+            return (f"no input-uniform certificate can exist (sector [0, {L:g}]): {label} is not Hurwitz "
+                    f"(spectral abscissa {-g:.6g})")
         if family != "ct" and -g >= 1.0:
             what = "step matrix" if family != "map" else "linear map"
             return (
-                f"no input-uniform certificate can exist: the {what} at J = {label} has spectral radius"
+                f"no input-uniform certificate can exist (sector [0, {L:g}]): the {what} at J = {label} has spectral radius"
                 f" {np.sqrt(-g):.6g} >= 1"
             )
     return None
@@ -270,12 +272,13 @@ def _necessary_failure(system: LureSystem, family: str) -> str | None:
 def _from_norm(system: LureSystem, family: str) -> tuple[bool, float, float | None, float | None]:
     """(holds, margin, rate, substep_rate) of the norm test for ``family``."""
     outcome = norm_test(system, f"{family}-norm")
+    bound = outcome.value + outcome.tolerance  # the rate is backed off by the round-off bound of the norms
     if family == "ct":
-        margin = -outcome.value
+        margin = -bound
         return outcome.holds, margin, (margin if outcome.holds else None), None
-    rate = outcome.value ** _substeps(system, family)
+    rate = bound ** _substeps(system, family)
     holds = outcome.holds
-    return holds, 1.0 - rate, (rate if holds else None), (outcome.value if holds else None)
+    return holds, 1.0 - rate, (rate if holds else None), (bound if holds else None)
 
 
 def _norm_certificate(system: LureSystem, name: str) -> CertificateResult:

@@ -148,6 +148,10 @@ def certify_parameterization(
     and ``rk2-norm``. Each result says whether the norm test holds at radius ``r``
     and gives the largest certified radius r*.
     """
+    if eps is not None and not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if not (np.isfinite(slope) and slope >= 1.0):
+        raise ValueError(f"slope L must be >= 1, the largest slope of tanh, got {slope}")
     if tests is None:
         tests = ("ct-norm",) if eps is None else ("ct-norm", "euler-norm", "rk2-norm")
     results = []

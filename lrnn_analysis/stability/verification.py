@@ -5,6 +5,8 @@ float64 with numpy/LAPACK:
 
 * P is exactly symmetric, finite, and lambda_min(P) > 1e-9 * lambda_max(P) > 0;
 * every multiplier is finite and >= 0;
+* (P, Lambda) is rescaled to lambda_max(P) = 1 before the LMI is assembled (the LMI is
+  homogeneous, so this loses nothing and keeps the round-off bound meaningful);
 * lambda_max(M(P, Lambda, r)) + tol < 0, where tol bounds the floating-point
   error of assembling M and of the symmetric eigensolver (see
   :meth:`IncrementalForm.assemble`).
@@ -71,6 +73,8 @@ def verify(form: IncrementalForm, P: np.ndarray, lam: np.ndarray, r: float) -> V
         return fail(f"shape mismatch: P {P.shape}, multipliers {lam.shape}")
     if not (np.all(np.isfinite(P)) and np.all(np.isfinite(lam)) and np.isfinite(r)):
         return fail("non-finite entries")
+    if r < 0 or (not form.continuous and r >= 1):
+        return fail(f"rate parameter {r} certifies no contraction (need a >= 0, or rho^2 in [0, 1))")
     if not np.array_equal(P, P.T):
         return fail("P is not symmetric")
     p_eigs = np.linalg.eigvalsh(P)
@@ -80,6 +84,12 @@ def verify(form: IncrementalForm, P: np.ndarray, lam: np.ndarray, r: float) -> V
         return fail(f"P not positive definite: lambda_min(P) = {p_min:.3e}, lambda_max(P) = {p_max:.3e}", p_min, p_max, lam_min)
     if lam_min < 0:
         return fail(f"negative multiplier {lam_min:.3e}", p_min, p_max, lam_min)
+    # M is homogeneous in (P, Lambda): checking the pair scaled to lambda_max(P) = 1 is equally
+    # conclusive and keeps subnormal or huge evidence from defeating the round-off bound.
+    P, lam = P / p_max, lam / p_max
+    p_min, p_max, lam_min = p_min / p_max, 1.0, lam_min / p_max
+    if not np.array_equal(P, P.T):
+        return fail("P is not symmetric after scaling", p_min, p_max, lam_min)
     M, tolerance = form.assemble(P, lam, r)
     top = float(np.linalg.eigvalsh(M)[-1])
     margin = -(top + tolerance)
