@@ -49,7 +49,7 @@ def _series_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def _panels(count: int, width: float = 4.2, height: float = 3.4, ncols: int | None = None) -> tuple[Figure, np.ndarray]:
-    ncols = ncols or min(count, 3)
+    ncols = ncols or (2 if count == 4 else min(count, 3))
     nrows = int(np.ceil(count / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
     for ax in axes.flat[count:]:
@@ -122,18 +122,24 @@ def plot_spectra(eigenvalues: Table, regions: Table) -> Figure:
         ax.set_title(model)
         ax.set_xlabel("Re λ")
         ax.set_ylabel("Im λ")
-    _shared_legend(fig, axes)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    rows = _shared_legend(fig, axes)
+    fig.tight_layout(rect=(0, _legend_fraction(fig, rows), 1, 1))
     return fig
 
 
-def _shared_legend(fig: Figure, axes: np.ndarray) -> None:
+def _shared_legend(fig: Figure, axes: np.ndarray) -> int:
     """One legend below the panels with every distinct label of every panel."""
     entries: dict[str, Any] = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), 4), frameon=False)
+    return int(np.ceil(len(entries) / 4))
+
+
+def _legend_fraction(fig: Figure, rows: int) -> float:
+    """Fraction of the figure's height that ``rows`` legend rows below the panels need."""
+    return (0.25 * rows + 0.15) / fig.get_figheight()
 
 
 def plot_phase_diagram(cells: Table) -> Figure:
@@ -186,9 +192,8 @@ def plot_training_spectra(log: Table, quantities: Sequence[str] = ("alpha_A", "m
 
 def _legend_below(fig: Figure, ax: plt.Axes, count: int) -> None:
     handles, labels = ax.get_legend_handles_labels()
-    rows = int(np.ceil(count / 4))
     fig.legend(handles, labels, loc="lower center", ncol=min(count, 4), frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
+    fig.tight_layout(rect=(0, _legend_fraction(fig, int(np.ceil(count / 4))), 1, 1))
 
 
 def plot_hessian_summary(rows: Table) -> Figure:
@@ -207,7 +212,12 @@ def plot_hessian_summary(rows: Table) -> Figure:
                       color=colours, edgecolor="k", linewidth=0.6)
         for bar, hatch in zip(bars, HATCHES * 3):
             bar.set_hatch(hatch)
-        ax.axhline(0.0, color="k", linewidth=0.7)
+        values = frame[column].to_numpy(float)
+        if np.all(values > 0) and values.max() > 50 * values.min():
+            ax.set_yscale("log")
+            title += " (log scale)"
+        else:
+            ax.axhline(0.0, color="k", linewidth=0.7)
         ax.set_xticks(positions, models, rotation=35, ha="right")
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
