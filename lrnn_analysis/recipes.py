@@ -198,7 +198,7 @@ def _robustness(ctx: _Context) -> tuple[list[str], str]:
     grid = ctx.setting("grid", {})
     recurrent_only = bool(ctx.setting("recurrent_only", False))
     models = []
-    for (label, model), path in zip(ctx.models().items(), ctx.recipe.checkpoint_paths()):
+    for (label, model), path in zip(ctx.models().items(), ctx.recipe.checkpoints):
         directions = None
         if "hessian-direction" in grid:
             names = recurrent_parameter_names(model) if recurrent_only else None

@@ -204,7 +204,7 @@ def evaluate_parameter_draws(
 
 
 def _ci95(values: np.ndarray) -> float:
-    if len(values) < 2:
+    if len(values) < 2 or np.all(values == values[0]):
         return 0.0
     return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
 
