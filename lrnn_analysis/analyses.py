@@ -129,3 +129,24 @@ def landscape_table(
                 rows.append({"model": label, "direction": name, "t": float(t), "loss": float(result.loss[i]),
                              "accuracy": None if result.accuracy is None else float(result.accuracy[i])})
     return rows
+
+
+def landscape_plane_table(
+    models: Mapping[str, RecurrentModel],
+    batches: Sequence[Batch],
+    classification: bool,
+    steps: Sequence[float],
+    *,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Loss on the plane spanned by two filter-normalised random directions, rows (model, a, b, loss)."""
+    from .hessian import landscape
+
+    rows = []
+    axis = np.asarray(steps, dtype=float)
+    for label, model in models.items():
+        result = landscape(model, loss_function(classification), list(batches), "random", (axis, axis), seed=seed)
+        for i, a in enumerate(result.alphas):
+            for j, b in enumerate(result.betas):
+                rows.append({"model": label, "a": float(a), "b": float(b), "loss": float(result.loss[i, j])})
+    return rows
