@@ -106,47 +106,33 @@ def training_log_table(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
     return [{"model": label, **{k: entry.get(k) for k in keep}} for label, log in logs.items() for entry in log]
 
 
-def landscape_table(
+def landscape_tables(
     models: Mapping[str, RecurrentModel],
     batches: Sequence[Batch],
     classification: bool,
     steps: Sequence[float],
+    plane_steps: Sequence[float] | None = None,
     *,
     seed: int = 0,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Loss along the top Hessian eigenvector and along a filter-normalised random direction,
-    rows (model, direction, t, loss, accuracy)."""
+    rows (model, direction, t, loss, accuracy); with ``plane_steps``, also the loss on the plane
+    of two filter-normalised random directions, rows (model, a, b, loss)."""
     from .hessian import HessianOperator, eigenvalues, eigenvector_directions, landscape
 
     loss_fn = loss_function(classification)
-    rows = []
+    lines, plane = [], []
     for label, model in models.items():
         op = HessianOperator(model, loss_fn, list(batches))
         top = eigenvalues(op, k=1, which="LA", seed=seed)
         for name, directions in (("top Hessian eigenvector", eigenvector_directions(op, top, (0,))), ("random (filter-normalised)", "random")):
             result = landscape(model, loss_fn, list(batches), directions, np.asarray(steps, dtype=float), seed=seed)
             for i, t in enumerate(result.alphas):
-                rows.append({"model": label, "direction": name, "t": float(t), "loss": float(result.loss[i]),
-                             "accuracy": None if result.accuracy is None else float(result.accuracy[i])})
-    return rows
-
-
-def landscape_plane_table(
-    models: Mapping[str, RecurrentModel],
-    batches: Sequence[Batch],
-    classification: bool,
-    steps: Sequence[float],
-    *,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """Loss on the plane spanned by two filter-normalised random directions, rows (model, a, b, loss)."""
-    from .hessian import landscape
-
-    rows = []
-    axis = np.asarray(steps, dtype=float)
-    for label, model in models.items():
-        result = landscape(model, loss_function(classification), list(batches), "random", (axis, axis), seed=seed)
-        for i, a in enumerate(result.alphas):
-            for j, b in enumerate(result.betas):
-                rows.append({"model": label, "a": float(a), "b": float(b), "loss": float(result.loss[i, j])})
-    return rows
+                lines.append({"model": label, "direction": name, "t": float(t), "loss": float(result.loss[i]),
+                              "accuracy": None if result.accuracy is None else float(result.accuracy[i])})
+        if plane_steps is not None:
+            axis = np.asarray(plane_steps, dtype=float)
+            result = landscape(model, loss_fn, list(batches), "random", (axis, axis), seed=seed)
+            plane += [{"model": label, "a": float(a), "b": float(b), "loss": float(result.loss[i, j])}
+                      for i, a in enumerate(result.alphas) for j, b in enumerate(result.betas)]
+    return lines, plane

@@ -239,18 +239,14 @@ def _training_spectra(ctx: _Context) -> tuple[list[str], str]:
 
 def _landscape(ctx: _Context) -> tuple[list[str], str]:
     task = ctx.task()
-    spec = ctx.setting("steps", [-1.0, 1.0, 21])
-    models, batches = ctx.models(), ctx.batches(task)
-    rows = analyses.landscape_table(models, batches, task.is_classification,
-                                    np.linspace(spec[0], spec[1], int(spec[2])), seed=ctx.recipe.seed)
-    written = ctx.write(rows, plots.plot_landscape_1d(rows))
     plane_spec = ctx.setting("plane_steps", None)
-    if plane_spec is not None:
-        plane = analyses.landscape_plane_table(models, batches, task.is_classification,
-                                               np.linspace(plane_spec[0], plane_spec[1], int(plane_spec[2])), seed=ctx.recipe.seed)
+    lines, plane = analyses.landscape_tables(ctx.models(), ctx.batches(task), task.is_classification,
+                                             _axis(ctx.setting("steps", {"linspace": [-1.0, 1.0, 21]})),
+                                             None if plane_spec is None else _axis(plane_spec), seed=ctx.recipe.seed)
+    written = ctx.write(lines, plots.plot_landscape_1d(lines))
+    if plane:
         written += ctx.write(plane, plots.plot_landscape_2d(plane), suffix="_plane")
-        rows = rows + plane
-    return written, f"{len(rows)} points"
+    return written, f"{len(lines) + len(plane)} points"
 
 
 ANALYSES: dict[str, Callable[[_Context], tuple[list[str], str]]] = {

@@ -68,12 +68,21 @@ def test_reproduce_a_tiny_recipe(trained, tmp_path, capsys):
                         '[settings]\nseeds = 2\nmax_samples = 50\n[settings.grid]\ngaussian = [0.0, 0.1]\n'),
         "phase.toml": ('name = "phase"\nanalysis = "phase-diagram"\noutput = "phase"\n'
                        '[settings]\nbetas = {linspace = [0.0, 1.0, 3]}\ngammas = [0.0, 0.5, 1.0]\nradius = 0.1\neps = 0.1\ngamma_w = 0.0\n'),
+        "hessian.toml": ('name = "hessian"\nanalysis = "hessian"\ntask = "digits"\noutput = "hessian"\n'
+                         'checkpoints = ["models/tiny.safetensors"]\n[settings]\nbatch_size = 32\ntrace_matvecs = 20\n'
+                         'density_probes = 2\ndensity_steps = 10\n'),
+        "certs.toml": ('name = "certs"\nanalysis = "certificates"\ntask = "digits"\noutput = "certs"\n'
+                       'checkpoints = ["models/tiny.safetensors"]\n'),
+        "log.toml": 'name = "log"\nanalysis = "training-spectra"\noutput = "log"\ncheckpoints = ["models/tiny.safetensors"]\n',
+        "land.toml": ('name = "land"\nanalysis = "landscape"\ntask = "digits"\noutput = "land"\n'
+                      'checkpoints = ["models/tiny.safetensors"]\n[settings]\nbatch_size = 32\n'
+                      'steps = {linspace = [-0.5, 0.5, 3]}\nplane_steps = [-0.5, 0.0, 0.5]\n'),
     }
     for name, text in recipes.items():
         (tmp_path / "analyses" / name).write_text(text)
     out = tmp_path / "figures"
     assert main(["reproduce", "--analyses-dir", str(tmp_path / "analyses"), "--out", str(out), "--quiet"]) == 0
-    for stem in ("spectra", "robust", "phase"):
+    for stem in ("spectra", "robust", "phase", "hessian", "hessian_density", "certs", "log", "land", "land_plane"):
         for suffix in (".csv", ".json", ".png", ".pdf"):
             assert (out / f"{stem}{suffix}").exists(), f"{stem}{suffix}"
     provenance = json.loads((out / "robust.json").read_text())
