@@ -20,7 +20,7 @@ from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import TASKS, load_task
 from .models import ARCHITECTURES, ModelConfig, build_model
 from .runtime import DEVICE_CHOICES, resolve_device
-from .tables import format_table, write_csv
+from .tables import format_table, format_value, write_csv
 from .training import TrainSettings, spectral_summary, train_model, training_metadata
 
 
@@ -146,7 +146,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"task: {task.get('name')} (split seed {task.get('seed')}, options {task.get('options', {})})")
     for key in ("training", "metrics", "reference_hparams", "environment"):
         if key in metadata:
-            print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metadata[key].items()))
+            print(f"{key}: " + ", ".join(f"{k}={format_value(v)}" for k, v in metadata[key].items()))
     log = metadata.get("log") or []
     if log:
         names = [key for key in log[0] if key.split("_")[0] in ("alpha", "mu2", "norm")]
@@ -154,7 +154,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(header)
         for entry in log:
             row = (f"{entry['epoch']:>5} {entry['train_loss']:>10.4f} {entry['val_loss']:>9.4f} "
-                   f"{_fmt(entry.get('val_accuracy')):>8} {entry['lr']:>8.2g}")
+                   f"{format_value(entry.get('val_accuracy')):>8} {entry['lr']:>8.2g}")
             row += "".join(f" {entry[n]:>+10.4f}" for n in names)
             print(row)
     print(_spectral_line(model))
@@ -311,7 +311,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     out = write_audit(result, args.out)
     report = result.report
     print(f"audit of {args.checkpoint} ({model.config.arch}, task {task.name}) written to {out}/report.md and report.json")
-    print(f"clean test accuracy {_fmt(report['clean']['accuracy'])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
+    print(f"clean test accuracy {format_value(report['clean']['accuracy'])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
           f"lambda_min {report['hessian']['lambda_min']:.4g}, trace {report['hessian']['trace']['estimate']:.4g} "
           f"+- {report['hessian']['trace']['ci_halfwidth']:.3g}")
     for certificate in report["stability"].get("certificates", []):
@@ -374,12 +374,6 @@ def cmd_certify(args: argparse.Namespace) -> int:
         write_csv(args.out, [c.to_dict() for c in cells])
         print(f"phase diagram: {len(cells)} cells, {sum(c.holds for c in cells)} certified, written to {args.out}")
     return 0 if all(r.holds for r in results) else 1
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from .models import RecurrentModel
 from .robustness import KINDS, SweepModel, sweep
 from .runtime import environment
 from .stability import CERTIFICATES, certify, default_certificates, spectrum
-from .tables import format_table, write_csv
+from .tables import format_table, format_value, write_csv
 
 GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop")
 
@@ -252,20 +252,20 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
              f"task {r['task']['name']} (split seed {r['task']['seed']}), device {r['environment'].get('device')}.", ""]
     if result.gates:
         lines += ["## Gates", "", "| gate | result | observed | detail |", "|---|---|---|---|"]
-        lines += [f"| `{g.gate}` | {'PASS' if g.passed else 'FAIL'} | {_cell(g.observed)} | {g.detail} |" for g in result.gates]
+        lines += [f"| `{g.gate}` | {'PASS' if g.passed else 'FAIL'} | {format_value(g.observed)} | {g.detail} |" for g in result.gates]
         lines += ["", f"**Overall: {'PASS' if result.passed else 'FAIL'}**", ""]
     lines += ["## Key numbers", "", "| quantity | value |", "|---|---|",
-              f"| clean test accuracy | {_cell(r['clean']['accuracy'])} (loss {_cell(r['clean']['loss'])}, n = {r['clean']['n']}) |",
-              f"| Hessian λ_max | {_cell(hessian['lambda_max'])} |", f"| Hessian λ_min | {_cell(hessian['lambda_min'])} |",
-              f"| Hessian trace | {_cell(hessian['trace']['estimate'])} ± {_cell(hessian['trace']['ci_halfwidth'])} (95% CI) |"]
+              f"| clean test accuracy | {format_value(r['clean']['accuracy'])} (loss {format_value(r['clean']['loss'])}, n = {r['clean']['n']}) |",
+              f"| Hessian λ_max | {format_value(hessian['lambda_max'])} |", f"| Hessian λ_min | {format_value(hessian['lambda_min'])} |",
+              f"| Hessian trace | {format_value(hessian['trace']['estimate'])} ± {format_value(hessian['trace']['ci_halfwidth'])} (95% CI) |"]
     if "spectrum" in stability:
         s = stability["spectrum"]
-        lines += [f"| α(A), μ₂(A) | {_cell(s['abscissa_A'])}, {_cell(s['mu2_A'])} |", f"| ‖A‖₂, ‖W‖₂ | {_cell(s['norm_A'])}, {_cell(s['norm_W'])} |"]
+        lines += [f"| α(A), μ₂(A) | {format_value(s['abscissa_A'])}, {format_value(s['mu2_A'])} |", f"| ‖A‖₂, ‖W‖₂ | {format_value(s['norm_A'])}, {format_value(s['norm_W'])} |"]
     lines += ["", "## Certificates", ""]
     if stability.get("certificates"):
         lines += ["| certificate | holds | margin | rate | tier | seconds | reason |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {c['name']} | {'yes' if c['holds'] else 'no'} | {_cell(c['margin'])} | {_cell(c['rate'])} | {c['tier'] or '-'} | "
-                  f"{_cell(c['seconds'])} | {c['reason']} |" for c in stability["certificates"]]
+        lines += [f"| {c['name']} | {'yes' if c['holds'] else 'no'} | {format_value(c['margin'])} | {format_value(c['rate'])} | {c['tier'] or '-'} | "
+                  f"{format_value(c['seconds'])} | {c['reason']} |" for c in stability["certificates"]]
     else:
         lines.append("The model has no Lur'e form (gated recurrence): no certificate applies.")
     robustness = format_table(r["robustness"]["summary"], ["perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95", "accuracy_drop"])
@@ -276,14 +276,6 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     lines += [f"Timings (s): {', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items())}. "
               f"Seed {r['settings']['seed']}. Versions: {', '.join(f'{k} {v}' for k, v in r['environment'].items() if k != 'platform')}.", ""]
     return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def write_audit(result: AuditResult, out_dir: str | Path) -> Path:

@@ -3,7 +3,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main

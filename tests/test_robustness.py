@@ -6,7 +6,7 @@ import torch
 
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
-from lrnn_analysis.data import Split, Task, load_task
+from lrnn_analysis.data import Split, Task
 from lrnn_analysis.evaluation import evaluate
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.robustness import (
