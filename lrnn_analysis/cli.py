@@ -8,11 +8,13 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .io import write_json
 from .constraints import CONSTRAINTS, StabilityConstraint, check_feasible
@@ -215,14 +217,19 @@ def _model_label(model) -> str:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from .stability import certify, spectrum
+    from .stability import certify, default_certificates, spectrum
 
     model, _ = load_checkpoint(args.checkpoint)
     system = model.lure_form()
     if system is None:
         raise UsageError(f"{args.checkpoint}: a {model.config.arch} model has no Lur'e form, so no certificate applies")
     report = spectrum(system)
-    results = certify(system, args.certificates, time_budget=args.time_budget)
+    names = args.certificates or list(default_certificates(system))
+    started = time.monotonic()
+    results = []
+    for name in tqdm(names, desc="certificates", unit="cert", disable=args.quiet):
+        remaining = None if args.time_budget is None else max(0.0, args.time_budget - (time.monotonic() - started))
+        results += certify(system, [name], time_budget=remaining)
     scheme = system.method if system.eps is None else f"{system.method}, eps {system.eps:g}" + (
         f" x {system.substeps} substeps" if system.substeps > 1 else "")
     print(f"{args.checkpoint}: {model.config.arch} ({scheme}), n = {system.n}, slope L = {system.slope:g}")
@@ -420,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     stability.add_argument("--time-budget", type=float, default=None, help="seconds for all LMI tiers together")
     stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
     stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
+    stability.add_argument("--quiet", action="store_true", help="no progress bar")
     stability.set_defaults(handler=cmd_stability)
 
     cert = sub.add_parser("certify", help="certify every model of a Lipschitz parameterization with ||M|| <= r")
