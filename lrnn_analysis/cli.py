@@ -250,14 +250,6 @@ def cmd_stability(args: argparse.Namespace) -> int:
     return 0 if all(r.holds for r in results) else 1
 
 
-def _batches(split, batch_size: int, count: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``count`` batches (all with None) of a split, in order."""
-    starts = range(0, len(split), batch_size)
-    if count is not None:
-        starts = list(starts)[:count]
-    return [(split.x[s:s + batch_size], split.y[s:s + batch_size]) for s in starts]
-
-
 def cmd_hessian(args: argparse.Namespace) -> int:
     from .evaluation import loss_function
     from .hessian import analyze
@@ -269,8 +261,8 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     _check_model_fits_task(args.checkpoint, model, task)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = model.to(device=device, dtype=dtype)
-    batches = [(x.to(device, dtype), y.to(device) if task.is_classification else y.to(device, dtype))
-               for x, y in _batches(getattr(task, args.split), args.batch_size, None if args.full else args.batches)]
+    batches = [(x.to(dtype), y if task.is_classification else y.to(dtype))
+               for x, y in getattr(task, args.split).batches(args.batch_size, None if args.full else args.batches, device)]
     report = analyze(model, loss_function(task.is_classification), batches, params=args.params, top_k=args.top_k,
                      trace=args.trace, density=args.density, backend=args.backend, seed=args.seed, dtype=dtype,
                      progress=not args.quiet, trace_method=args.trace_method)

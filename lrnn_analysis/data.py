@@ -29,6 +29,12 @@ class Split:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def batches(self, size: int, count: int | None = None,
+                device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``count`` (default: all) consecutive batches of ``size`` samples, on ``device``."""
+        starts = list(range(0, len(self), size))[:count]
+        return [(self.x[s:s + size].to(device), self.y[s:s + size].to(device)) for s in starts]
+
 
 @dataclass(frozen=True)
 class Task:

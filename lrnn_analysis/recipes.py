@@ -141,10 +141,8 @@ class _Context:
         return load_task(self.recipe.task, seed=self.recipe.split_seed, **self.recipe.task_options)
 
     def batches(self, task: Task) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        size, count = int(self.setting("batch_size", 128)), int(self.setting("batches", 1))
         split = getattr(task, self.setting("split", "train"))
-        return [(split.x[s:s + size].to(self.device), split.y[s:s + size].to(self.device))
-                for s in range(0, len(split), size)][:count]
+        return split.batches(int(self.setting("batch_size", 128)), int(self.setting("batches", 1)), self.device)
 
     def write(self, rows: list[dict[str, Any]], figure, extra: dict[str, Any] | None = None, suffix: str = "") -> list[str]:
         stem = self.out_dir / f"{self.recipe.output}{suffix}"

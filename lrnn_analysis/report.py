@@ -154,10 +154,7 @@ def run_audit(
     started = time.perf_counter()
     from .hessian import analyze
 
-    split = task.train
-    size = settings.hessian_batch_size
-    batches = [(split.x[s:s + size].to(device), split.y[s:s + size].to(device))
-               for s in range(0, len(split), size)][:settings.hessian_batches]
+    batches = task.train.batches(settings.hessian_batch_size, settings.hessian_batches, device)
     hessian = analyze(model, loss_function(classification), batches, trace=True, density=settings.density,
                       seed=settings.seed, progress=progress, trace_matvecs=settings.trace_matvecs)
     timings["hessian"] = time.perf_counter() - started

@@ -23,10 +23,7 @@ def hessian_directions(
 ) -> ParameterDirections:
     """The top-``k`` eigenvectors (largest algebraic eigenvalues) of the training-loss Hessian
     on the first ``batches`` training batches, over ``params`` (default: all parameters)."""
-    device = next(model.parameters()).device
-    split = task.train
-    data = [(split.x[s:s + batch_size].to(device), split.y[s:s + batch_size].to(device))
-            for s in range(0, len(split), batch_size)][:batches]
+    data = task.train.batches(batch_size, batches, next(model.parameters()).device)
     op = HessianOperator(model, loss_function(task.is_classification), data, params=list(params) if params else None)
     result = eigenvalues(op, k=k, which="LA", seed=seed)
     vectors = torch.as_tensor(result.vectors.T.copy(), dtype=torch.float64)
