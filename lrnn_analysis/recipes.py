@@ -125,15 +125,15 @@ class _Context:
     def setting(self, key: str, default: Any) -> Any:
         return self.recipe.settings.get(key, default)
 
-    def models(self) -> dict[str, RecurrentModel]:
+    def _labelled_paths(self) -> list[tuple[str, Path]]:
         paths = self.recipe.checkpoint_paths()
-        labels = self.recipe.labels or tuple(p.stem for p in paths)
-        return {label: load_checkpoint(path).model.to(self.device).eval() for label, path in zip(labels, paths)}
+        return list(zip(self.recipe.labels or tuple(p.stem for p in paths), paths))
+
+    def models(self) -> dict[str, RecurrentModel]:
+        return {label: load_checkpoint(path).model.to(self.device).eval() for label, path in self._labelled_paths()}
 
     def metadata(self) -> dict[str, dict[str, Any]]:
-        paths = self.recipe.checkpoint_paths()
-        labels = self.recipe.labels or tuple(p.stem for p in paths)
-        return {label: load_checkpoint(path).metadata for label, path in zip(labels, paths)}
+        return {label: load_checkpoint(path).metadata for label, path in self._labelled_paths()}
 
     def task(self) -> Task:
         if self.recipe.task is None:
