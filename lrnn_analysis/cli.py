@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .io import write_json
-from .constraints import CONSTRAINTS, StabilityConstraint, check_feasible
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from .constraints import CONSTRAINTS, StabilityConstraint
 from .data import TASKS, load_task
+from .io import write_json
 from .models import ARCHITECTURES, ModelConfig, build_model
 from .runtime import DEVICE_CHOICES, resolve_device
 from .tables import format_table, format_value, write_csv
@@ -76,9 +76,8 @@ def _task_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = 
     return load_task(name, seed=seed, **options)
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -105,8 +104,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     constraint = StabilityConstraint(args.constrain, args.margin) if args.constrain else None
     model = build_model(config, seed=args.seed)
-    if constraint is not None:
-        check_feasible(model, constraint)
     result = train_model(model, task, settings, device, progress=not args.quiet, constraint=constraint)
     metadata = training_metadata(task, settings, result, device)
     if constraint is not None:
