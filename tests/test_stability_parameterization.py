@@ -4,11 +4,12 @@ import json
 import numpy as np
 import pytest
 
+from helpers import lipschitz_matrix_np as lipschitz_matrix
+
 from lrnn_analysis.stability import (
     LureSystem,
     certify,
     certify_parameterization,
-    lipschitz_matrix,
     parameter_bounds,
     phase_diagram,
 )

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
+from helpers import lipschitz_matrix_np as lipschitz_matrix
+
 from lrnn_analysis.stability import (
     LureSystem,
     certify,
     certify_parameterization,
-    lipschitz_matrix,
     norm_test,
     verify_certificate,
 )

@@ -17,10 +17,10 @@ from .config import ModelConfig
 StepFunction = Callable[[Tensor, Tensor], Tensor]
 
 
-def lipschitz_matrix(M: Tensor, beta: float, gamma: float) -> Tensor:
-    """X = (1 - beta)(M + M^T) + beta (M - M^T) - gamma I."""
-    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    return (1.0 - beta) * (M + M.T) + beta * (M - M.T) - gamma * eye
+def lipschitz_matrix(M: Tensor, beta: float | Tensor, gamma: float | Tensor) -> Tensor:
+    """X = (1 - beta)(M + M^T) + beta (M - M^T) - gamma I (batched over leading axes of M, beta, gamma)."""
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    return (1.0 - beta) * (M + M.mT) + beta * (M - M.mT) - gamma * eye
 
 
 def lure_step(A: Tensor | None, W: Tensor, method: str, eps: float | None, substeps: int = 1) -> StepFunction:

@@ -20,7 +20,6 @@ from .parameterization import (
     ParameterizationResult,
     PhaseCell,
     certify_parameterization,
-    lipschitz_matrix,
     parameter_bounds,
     phase_diagram,
 )
@@ -50,7 +49,6 @@ __all__ = [
     "certify",
     "certify_parameterization",
     "default_certificates",
-    "lipschitz_matrix",
     "norm_certificate_value",
     "norm_test",
     "norm_test_threshold",

@@ -26,12 +26,6 @@ from .norms import norm_test_threshold, norm_test_value
 PARAMETERIZATION_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "map-norm")
 
 
-def lipschitz_matrix(M: np.ndarray, beta: float, gamma: float) -> np.ndarray:
-    """(1 - beta)(M + M^T) + beta (M - M^T) - gamma I (batched over leading axes)."""
-    Mt = np.swapaxes(M, -1, -2)
-    return (1.0 - beta) * (M + Mt) + beta * (M - Mt) - gamma * np.eye(M.shape[-1])
-
-
 @dataclass(frozen=True)
 class ParameterBounds:
     """Upper bounds on mu2(A), ||A||_2, ||I + eps A||_2 and ||W||_2 over the family."""
