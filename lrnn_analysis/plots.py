@@ -20,11 +20,11 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from .io import atomic_write  # noqa: E402
+from .stability.spectra import STABILITY_POLYNOMIALS, stability_polynomial  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
-STABILITY_POLYNOMIALS = {"euler": (1.0, 1.0), "rk2": (1.0, 1.0, 0.5), "rk4": (1.0, 1.0, 0.5, 1 / 6, 1 / 24)}
 
 Table = Sequence[Mapping[str, Any]] | pd.DataFrame
 
@@ -68,11 +68,7 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
 
 def stability_region_mask(method: str, eps: float, re: np.ndarray, im: np.ndarray) -> np.ndarray:
     """|R(eps lambda)| on a grid of lambda = re + i im (the region is where it is < 1)."""
-    z = eps * (re + 1j * im)
-    value = np.zeros_like(z)
-    for coefficient in reversed(STABILITY_POLYNOMIALS[method]):
-        value = value * z + coefficient
-    return np.abs(value)
+    return np.abs(stability_polynomial(method, eps * (re + 1j * im)))
 
 
 def plot_spectra(eigenvalues: Table, regions: Table) -> Figure:
