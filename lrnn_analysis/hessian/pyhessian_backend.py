@@ -25,7 +25,8 @@ from torch import nn
 
 from .eigen import EigenResult
 from .operator import Batch, LossFunction, ParamSpec, as_batches, resolve_dtype, select_parameters
-from .trace import CONFIDENCE, TraceResult, _halfwidth
+from ..statistics import t_halfwidth
+from .trace import CONFIDENCE, TraceResult
 
 
 class _PyHessianRun:
@@ -178,7 +179,7 @@ def pyhessian_trace(
         run.close()
     stopped = len(samples) < max_iter
     return TraceResult(
-        estimate=float(np.mean(samples)), ci_halfwidth=_halfwidth(samples), confidence=CONFIDENCE,
+        estimate=float(np.mean(samples)), ci_halfwidth=t_halfwidth(samples, CONFIDENCE), confidence=CONFIDENCE,
         method="pyhessian-hutchinson", samples=np.array(samples), exact_part=0.0, sketch_size=0, tol=tol,
         max_matvecs=max_iter, converged=stopped, stop_reason="pyhessian-rule" if stopped else "budget",
         matvecs=run.count, seed=seed, wall_time=time.perf_counter() - start_time,

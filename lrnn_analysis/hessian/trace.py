@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
 from scipy.sparse.linalg import LinearOperator
 from tqdm.auto import tqdm
 
+from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 
@@ -44,14 +44,6 @@ class TraceResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)
-
-
-def _halfwidth(samples: list[float]) -> float:
-    """t_{0.975, m−1} · s / √m."""
-    m = len(samples)
-    if m < 2:
-        return math.inf
-    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, m - 1) * np.std(samples, ddof=1) / math.sqrt(m))
 
 
 def trace(
@@ -103,7 +95,7 @@ def trace(
                 z = z - basis @ (basis.T @ z)
             samples.append(float(z @ matvec(z)))
             bar.update()
-            halfwidth = _halfwidth(samples)
+            halfwidth = t_halfwidth(samples, CONFIDENCE)
             if len(samples) >= min_probes and halfwidth <= tol * abs(exact + np.mean(samples)):
                 stop_reason = "tolerance"
                 break

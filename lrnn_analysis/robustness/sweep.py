@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
@@ -27,6 +25,7 @@ from ..evaluation import evaluate
 from ..io import atomic_write, write_json
 from ..models import RecurrentModel
 from ..runtime import environment
+from ..statistics import t_halfwidth
 from .perturbations import DETERMINISTIC_KINDS, ParameterDirections, Perturbation, perturb_inputs, perturb_parameters
 
 ROW_FIELDS = ("model", "checkpoint", "perturbation", "target", "level", "seed", "accuracy", "loss", "n", "device")
@@ -206,7 +205,7 @@ def evaluate_parameter_draws(
 def _ci95(values: np.ndarray) -> float:
     if len(values) < 2 or np.all(values == values[0]):
         return 0.0
-    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return t_halfwidth(values)
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
