@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .constraints import CONSTRAINTS, StabilityConstraint
 from .data import TASKS, load_task
-from .io import write_json
+from .io import write_csv, write_json
 from .models import ARCHITECTURES, ModelConfig, build_model
 from .runtime import DEVICE_CHOICES, resolve_device
-from .tables import format_table, format_value, write_csv
+from .tables import format_table, format_value
 from .training import TrainSettings, spectral_summary, train_model, training_metadata
 
 

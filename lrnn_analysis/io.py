@@ -1,11 +1,13 @@
 """Atomic file output: a reader sees the old file or the complete new one, never a part."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,3 +45,12 @@ def dumps(data: Any, **options: Any) -> str:
 
 def write_json(path: str | Path, data: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
+    """Rows (dicts with the same keys) as CSV, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns or (rows[0].keys() if rows else [])), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))

@@ -29,12 +29,11 @@ import torch
 from . import analyses, plots
 from .checkpoints import load_checkpoint
 from .data import Task, load_task
-from .io import write_json
+from .io import write_csv, write_json
 from .models import RecurrentModel
 from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
 from .runtime import environment
 from .stability import phase_diagram
-from .tables import write_csv
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -146,7 +145,7 @@ class _Context:
 
     def write(self, rows: list[dict[str, Any]], figure, extra: dict[str, Any] | None = None, suffix: str = "") -> list[str]:
         stem = self.out_dir / f"{self.recipe.output}{suffix}"
-        write_csv(str(stem.with_suffix(".csv")), rows)
+        write_csv(stem.with_suffix(".csv"), rows)
         write_json(stem.with_suffix(".json"), {"recipe": self.recipe.to_dict(), "rows": rows, **(extra or {}),
                                                "environment": environment(self.device)})
         written = [str(stem.with_suffix(".csv")), str(stem.with_suffix(".json"))]

@@ -29,12 +29,12 @@ import torch
 from . import analyses, plots
 from .data import Task
 from .evaluation import evaluate, loss_function
-from .io import write_json
+from .io import write_csv, write_json
 from .models import RecurrentModel
 from .robustness import KINDS, SweepModel, sweep
 from .runtime import environment
 from .stability import CERTIFICATES, certify, default_certificates, spectrum
-from .tables import format_table, format_value, write_csv
+from .tables import format_table, format_value
 
 GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop")
 
@@ -285,7 +285,7 @@ def write_audit(result: AuditResult, out_dir: str | Path) -> Path:
         figures = _figures(result, staging)
         for name, rows in result.tables.items():
             if rows:
-                write_csv(str(staging / f"{name}.csv"), rows)
+                write_csv(staging / f"{name}.csv", rows)
         write_json(staging / "report.json", result.report)
         (staging / "report.md").write_text(_markdown(result, figures))
         if target.exists():

@@ -29,17 +29,3 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], head
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
-
-def write_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
-    """Rows (dicts with the same keys) as CSV, written atomically."""
-    import csv
-    import io
-
-    from .io import atomic_write
-
-    columns = list(columns or (rows[0].keys() if rows else []))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))

@@ -8,8 +8,6 @@ loop over draws, ``batched=False``, gives the same numbers to rounding).
 """
 from __future__ import annotations
 
-import csv
-import io
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -22,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data import Task
 from ..evaluation import evaluate
-from ..io import atomic_write, write_json
+from ..io import write_csv, write_json
 from ..models import RecurrentModel
 from ..runtime import environment
 from ..statistics import t_halfwidth
@@ -56,11 +54,7 @@ class SweepResult:
 
     def write_csv(self, path: str) -> None:
         """The tidy rows as CSV, written atomically."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=ROW_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+        write_csv(path, self.rows, ROW_FIELDS)
 
     def write_json(self, path: str) -> None:
         write_json(path, self.to_dict())
