@@ -86,7 +86,7 @@ def train_model(
     model.to(device)
     if constraint is not None:
         check_feasible(model, constraint)
-        project(model, constraint)
+        projection = project(model, constraint)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     criterion = loss_function(task.is_classification)
     x_train, y_train = task.train.x.to(device), task.train.y.to(device)
@@ -108,7 +108,8 @@ def train_model(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
             if constraint is not None:
-                smallest_scale = min(smallest_scale, project(model, constraint).scale)
+                projection = project(model, constraint)
+                smallest_scale = min(smallest_scale, projection.scale)
             total += float(loss.detach()) * len(idx)
         val = evaluate(model, task.val.x, task.val.y, task.is_classification)
         entry = {
@@ -121,7 +122,7 @@ def train_model(
             **spectral_summary(model),
         }
         if constraint is not None:
-            entry["constraint_value"] = project(model, constraint).value
+            entry["constraint_value"] = projection.value
             entry["constraint_smallest_scale"] = smallest_scale
         log.append(entry)
         bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_acc="-" if val.accuracy is None else f"{val.accuracy:.3f}")
