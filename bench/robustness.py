@@ -11,7 +11,6 @@ Cases: a digits-size model (T = 64, n = 64, the 359 test digits) and an sMNIST-s
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -19,11 +18,7 @@ from lrnn_analysis.data import load_task
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.robustness import Perturbation, evaluate_parameter_draws, perturb_parameters
 
-
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+from common import best_time
 
 
 def run_case(name: str, task_name: str, hidden: int, samples: int, draws: int, repeats: int) -> None:
@@ -39,9 +34,8 @@ def run_case(name: str, task_name: str, hidden: int, samples: int, draws: int, r
     def looped():
         return evaluate_parameter_draws(model, sets, x, y, True, batch_size=samples, batched=False)
 
-    batched()
-    t_batched = min(timed(batched)[0] for _ in range(repeats))
-    t_looped = min(timed(looped)[0] for _ in range(repeats))
+    t_batched = best_time(batched, repeats)
+    t_looped = best_time(looped, repeats, warmup=False)
     same = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched(), looped()))
     print(f"{name:>14}: T={task.seq_len:>3} n={hidden:>3} samples={len(x):>4} draws={draws}: "
           f"loop {t_looped:7.3f} s, batched {t_batched:7.3f} s, speed-up {t_looped / t_batched:5.2f}x, results agree: {same}")
