@@ -3,19 +3,24 @@
 Measures in one run (machines here are noisy, so only the ratios are comparable):
   * our ``lipschitz`` model (one input matmul for all steps, time-major unbind, one fused
     matmul per step);
-  * a faithful re-implementation of the reference loop (erichson/LipschitzRNN models.py:
-    A and W rebuilt and E(x_t) applied inside the loop, two separate matmuls per step);
+  * a faithful re-implementation of the reference loop (erichson/LipschitzRNN models.py,
+    ``rnn_models.forward``: A and W built once per forward at the first step, E(x_t) applied
+    inside the loop, two separate matmuls per step);
   * the machine's matmul rate at the step's shape, giving a FLOP-bound time.
 
 FLOPs counted: the recurrence does one (B x n) @ (n x 2n) product per step, 4 B n^2 FLOPs,
 and its backward twice that, so forward+backward ~ 12 T B n^2 (input projection, tanh and
 decoder are lower order and ignored).
 
-    python bench/recurrence.py [--T 784] [--batch 128] [--hidden 128] [--repeats 3] [--threads N]
+The two are timed alternating in one run; each is reported as median (min, max) and the
+speed-up as the median of the per-round ratios with its range.
+
+    python bench/recurrence.py [--T 784] [--batch 128] [--hidden 128] [--repeats 5] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -23,7 +28,7 @@ import torch
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.runtime import environment
 
-from common import best_time
+from common import alternating_times, ratio_spread, spread
 
 
 def reference_loop(params: dict[str, torch.Tensor], x: torch.Tensor, beta: float, gamma: float, eps: float) -> torch.Tensor:
@@ -32,8 +37,9 @@ def reference_loop(params: dict[str, torch.Tensor], x: torch.Tensor, beta: float
     h = torch.zeros(x.shape[0], B.shape[0])
     for i in range(x.shape[1]):
         z = torch.nn.functional.linear(x[:, i, :], params["E.weight"], params["E.bias"])
-        A = beta * (B - B.transpose(1, 0)) + (1 - beta) * (B + B.transpose(1, 0)) - gamma * eye
-        W = beta * (C - C.transpose(1, 0)) + (1 - beta) * (C + C.transpose(1, 0)) - gamma * eye
+        if i == 0:
+            A = beta * (B - B.transpose(1, 0)) + (1 - beta) * (B + B.transpose(1, 0)) - gamma * eye
+            W = beta * (C - C.transpose(1, 0)) + (1 - beta) * (C + C.transpose(1, 0)) - gamma * eye
         h = h + eps * torch.matmul(h, A) + eps * torch.tanh(torch.matmul(h, W) + z)
     return torch.nn.functional.linear(h, params["D.weight"], params["D.bias"])
 
@@ -54,7 +60,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=784)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -81,18 +87,58 @@ def main() -> None:
 
     with torch.no_grad():
         diff = (model(x) - reference_loop(ref, x, beta, gamma, eps)).abs().max().item()
-    t_ours, t_ref = best_time(ours, args.repeats), best_time(theirs, args.repeats)
+    times = alternating_times({"ours": ours, "reference": theirs}, args.repeats)
+    t_ours = statistics.median(times["ours"])
     rate = matmul_rate(args.batch, args.hidden)
     flops = 12 * args.T * args.batch * args.hidden ** 2
     env = environment("cpu")
     print(f"forward+backward, T={args.T}, batch={args.batch}, n={args.hidden}, Euler, float32, "
           f"{torch.get_num_threads()} thread(s), torch {env['torch']}")
     print(f"  max |ours - reference| on outputs: {diff:.2e}")
-    print(f"  ours:            {t_ours:8.3f} s")
-    print(f"  reference loop:  {t_ref:8.3f} s")
-    print(f"  speed-up (reference / ours): {t_ref / t_ours:.2f}x")
+    print(f"  ours:            {spread(times['ours'])}")
+    print(f"  reference loop:  {spread(times['reference'])}")
+    print(f"  time ratio (ours / reference), per round: {ratio_spread(times['ours'], times['reference'])}")
     print(f"  matmul rate at ({args.batch}x{args.hidden})@({args.hidden}x{2 * args.hidden}): {rate / 1e9:.1f} GFLOP/s")
     print(f"  FLOP-bound time for {flops / 1e9:.1f} GFLOP: {flops / rate:.3f} s  (ours runs at {flops / rate / t_ours:.0%} of the matmul rate)")
+    parts = gap_breakdown(model, x, y, loss, args.repeats)
+    print("  where our time goes (medians; each line adds one ingredient to the one above):")
+    for name, values in parts.items():
+        print(f"    {name:<44} {spread(values)}")
+
+
+def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -> dict[str, list[float]]:
+    """Times that separate the recurrence's cost into its ingredients.
+
+    * the step's three matmuls alone (the forward product and the two backward products per
+      step), as a plain loop without autograd: the FLOP work at the recurrence's shapes;
+    * the forward pass without autograd: adds the elementwise work (tanh, scaling, adds) and
+      the per-step operator dispatch;
+    * the forward pass with autograd recording: adds saving the states and building the graph;
+    * forward and backward: adds the backward's elementwise work and the graph's replay.
+    """
+    T, batch, n = x.shape[1], x.shape[0], model.config.hidden
+    h, w, g = torch.randn(batch, n), torch.randn(n, 2 * n), torch.randn(batch, 2 * n)
+
+    def matmuls() -> None:
+        for _ in range(T):
+            torch.mm(h, w)
+            torch.mm(g, w.T)
+            torch.mm(h.T, g)
+
+    def forward_no_grad() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def forward_recorded() -> None:
+        model(x)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        loss(model(x), y).backward()
+
+    return alternating_times({"step matmuls only (no autograd)": matmuls, "+ elementwise, dispatch (forward, no grad)": forward_no_grad,
+                              "+ autograd recording (forward)": forward_recorded, "+ backward (forward+backward)": forward_backward},
+                             repeats)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Parameter-noise sweep: batched draws (vmap over stacked parameters) vs the per-draw loop.
 
-Both paths evaluate the same perturbed parameter sets on the same data in the same run
-and must agree; only the ratio of their times is meaningful on a noisy machine.
+Both paths evaluate the same perturbed parameter sets on the same data in the same run,
+alternating, and must agree; only the ratio of their times is meaningful on a noisy machine.
 
     python bench/robustness.py [--draws 20] [--threads N] [--quick]
 
@@ -18,7 +18,7 @@ from lrnn_analysis.data import load_task
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.robustness import Perturbation, evaluate_parameter_draws, perturb_parameters
 
-from common import best_time
+from common import alternating_times, ratio_spread, spread
 
 
 def run_case(name: str, task_name: str, hidden: int, samples: int, draws: int, repeats: int) -> None:
@@ -34,18 +34,19 @@ def run_case(name: str, task_name: str, hidden: int, samples: int, draws: int, r
     def looped():
         return evaluate_parameter_draws(model, sets, x, y, True, batch_size=samples, batched=False)
 
-    t_batched = best_time(batched, repeats)
-    t_looped = best_time(looped, repeats, warmup=False)
+    times = alternating_times({"loop": looped, "batched": batched}, repeats)
     same = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched(), looped()))
-    print(f"{name:>14}: T={task.seq_len:>3} n={hidden:>3} samples={len(x):>4} draws={draws}: "
-          f"loop {t_looped:7.3f} s, batched {t_batched:7.3f} s, speed-up {t_looped / t_batched:5.2f}x, results agree: {same}")
+    print(f"{name}: T={task.seq_len} n={hidden} samples={len(x)} draws={draws}, results agree: {same}")
+    print(f"  loop     {spread(times['loop'])}")
+    print(f"  batched  {spread(times['batched'])}")
+    print(f"  time ratio (batched / loop), per round: {ratio_spread(times['batched'], times['loop'])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -53,7 +54,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device} (these cases run on the CPU)")
     run_case("digits", "digits", 64, 359, args.draws, args.repeats)
-    run_case("sMNIST-size", "smnist", 128, 64 if args.quick else 256, args.draws, 1 if args.quick else args.repeats)
+    run_case("sMNIST-size", "smnist", 128, 64 if args.quick else 256, args.draws, 2 if args.quick else args.repeats)
 
 
 if __name__ == "__main__":
