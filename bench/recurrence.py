@@ -101,7 +101,7 @@ def main() -> None:
     print(f"  matmul rate at ({args.batch}x{args.hidden})@({args.hidden}x{2 * args.hidden}): {rate / 1e9:.1f} GFLOP/s")
     print(f"  FLOP-bound time for {flops / 1e9:.1f} GFLOP: {flops / rate:.3f} s  (ours runs at {flops / rate / t_ours:.0%} of the matmul rate)")
     parts = gap_breakdown(model, x, y, loss, args.repeats)
-    print("  where our time goes (medians; each line adds one ingredient to the one above):")
+    print("  where our time goes (each \"whole\" line against the matmul-only line above it):")
     for name, values in parts.items():
         print(f"    {name:<44} {spread(values)}")
 
@@ -109,17 +109,21 @@ def main() -> None:
 def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -> dict[str, list[float]]:
     """Times that separate the recurrence's cost into its ingredients.
 
-    * the step's three matmuls alone (the forward product and the two backward products per
-      step), as a plain loop without autograd: the FLOP work at the recurrence's shapes;
-    * the forward pass without autograd: adds the elementwise work (tanh, scaling, adds) and
-      the per-step operator dispatch;
-    * the forward pass with autograd recording: adds saving the states and building the graph;
-    * forward and backward: adds the backward's elementwise work and the graph's replay.
+    Forward: the step's matmul alone (T plain products at the step's shape, no autograd), then
+    the forward pass without autograd (adds tanh, scaling, adds and the per-step operator
+    dispatch), then with autograd recording (adds saving states and building the graph).
+    Forward+backward: the three matmuls per step alone (the forward product and the two
+    backward products), then the whole forward+backward (adds the backward's elementwise work
+    and the graph's replay).
     """
     T, batch, n = x.shape[1], x.shape[0], model.config.hidden
     h, w, g = torch.randn(batch, n), torch.randn(n, 2 * n), torch.randn(batch, 2 * n)
 
-    def matmuls() -> None:
+    def forward_matmuls() -> None:
+        for _ in range(T):
+            torch.mm(h, w)
+
+    def all_matmuls() -> None:
         for _ in range(T):
             torch.mm(h, w)
             torch.mm(g, w.T)
@@ -136,9 +140,11 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -
         model.zero_grad(set_to_none=True)
         loss(model(x), y).backward()
 
-    return alternating_times({"step matmuls only (no autograd)": matmuls, "+ elementwise, dispatch (forward, no grad)": forward_no_grad,
-                              "+ autograd recording (forward)": forward_recorded, "+ backward (forward+backward)": forward_backward},
-                             repeats)
+    return alternating_times({"forward: step matmul only": forward_matmuls,
+                              "forward: whole, no autograd": forward_no_grad,
+                              "forward: whole, autograd recording": forward_recorded,
+                              "forward+backward: step matmuls only": all_matmuls,
+                              "forward+backward: whole": forward_backward}, repeats)
 
 
 if __name__ == "__main__":
