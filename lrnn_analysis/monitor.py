@@ -122,6 +122,7 @@ class StabilityMonitor:
                 values[f"{result.name}_holds"] = result.holds
                 values[f"{result.name}_rate"] = result.rate
                 values[f"{result.name}_tier"] = result.tier
+                values[f"{result.name}_budget_exhausted"] = result.budget_exhausted
         return values
 
     def _layer_values(self, name: str, rnn: nn.RNNBase) -> list[tuple[str | None, dict[str, Any]]]:

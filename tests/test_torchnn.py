@@ -249,6 +249,9 @@ def test_monitor_on_a_toolkit_model(tmp_path):
     assert warm_row["hessian_matvecs"] < cold_row["hessian_matvecs"]
     assert warm_row["lambda_max"] == pytest.approx(exact, rel=1e-3)
     monitor.update(model, epoch=4)
+    from lrnn_analysis import plots
+
+    assert len(plots.plot_training_spectra(monitor.rows, ("norm_W", "lambda_max")).axes) >= 2
     path = monitor.write_csv(tmp_path / "monitor.csv")
     with open(path) as stream:
         rows = list(csv.DictReader(stream))
@@ -273,3 +276,24 @@ def test_monitor_on_torch_rnn_and_lstm(tmp_path):
     figure = plots.plot_training_spectra(monitor.rows, ("norm_W", "mu2_W"))
     assert len(figure.axes) >= 2
     assert math.isfinite(monitor.rows[0]["monitor_seconds"])
+
+
+@pytest.mark.parametrize("layer", [nn.RNN, nn.LSTM, nn.GRU])
+def test_hessian_of_wrapped_layers_matches_autograd(layer):
+    from torch.func import functional_call, hessian
+
+    from lrnn_analysis.hessian import HessianOperator
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(layer(2, 3, batch_first=False), nn.Linear(3, 2)).double()
+    x = torch.randn(4, 5, 2, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    names = [name for name, _ in model.named_parameters() if name.startswith("rnn.weight_hh")]
+    dense = HessianOperator(model, nn.functional.cross_entropy, (x, y), params=model.recurrent_parameters).to_dense()
+    (W,) = [p.detach() for name, p in model.named_parameters() if name in names]
+
+    def loss(w):
+        return nn.functional.cross_entropy(functional_call(model, {names[0]: w}, (x,)), y)
+
+    exact = hessian(loss)(W).reshape(W.numel(), W.numel()).detach().numpy()
+    np.testing.assert_allclose(dense, exact, rtol=1e-8, atol=1e-10)
