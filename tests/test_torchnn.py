@@ -280,7 +280,8 @@ def test_monitor_on_torch_rnn_and_lstm(tmp_path):
 
 @pytest.mark.parametrize("layer", [nn.RNN, nn.LSTM, nn.GRU])
 def test_hessian_of_wrapped_layers_matches_autograd(layer):
-    from torch.func import functional_call, hessian
+    from torch.autograd.functional import hessian
+    from torch.func import functional_call
 
     from lrnn_analysis.hessian import HessianOperator
 
@@ -295,5 +296,5 @@ def test_hessian_of_wrapped_layers_matches_autograd(layer):
     def loss(w):
         return nn.functional.cross_entropy(functional_call(model, {names[0]: w}, (x,)), y)
 
-    exact = hessian(loss)(W).reshape(W.numel(), W.numel()).detach().numpy()
+    exact = hessian(loss, W).reshape(W.numel(), W.numel()).detach().numpy()
     np.testing.assert_allclose(dense, exact, rtol=1e-8, atol=1e-10)
