@@ -162,14 +162,16 @@ def plot_phase_diagram(cells: Table) -> Figure:
 
 
 def plot_training_spectra(log: Table, quantities: Sequence[str] = ("alpha_A", "mu2_A", "norm_W")) -> Figure:
-    """Spectral quantities per epoch, one line per model. Rows: (model, epoch, <quantities>)."""
+    """Spectral quantities per epoch, one line per model. Rows: (model, epoch, <quantities>), e.g. a
+    checkpoint's training log or :class:`lrnn_analysis.monitor.StabilityMonitor` rows (also ``lambda_max``)."""
     _style()
     frame = _frame(log, ["model", "epoch"])
     quantities = [q for q in quantities if q in frame.columns and frame[q].notna().any()]
     if not quantities:
         raise ValueError("the log has none of the requested spectral quantities")
     labels = {"alpha_A": "spectral abscissa α(A)", "mu2_A": "log-norm μ₂(A)", "norm_A": "‖A‖₂",
-              "alpha_W": "spectral abscissa α(W)", "mu2_W": "log-norm μ₂(W)", "norm_W": "‖W‖₂"}
+              "alpha_W": "spectral abscissa α(W)", "mu2_W": "log-norm μ₂(W)", "norm_W": "‖W‖₂",
+              "lambda_max": "Hessian λ_max"}
     models = list(dict.fromkeys(frame["model"]))
     styles = _series_styles(models)
     fig, axes = _panels(len(quantities), 4.2, 3.2)

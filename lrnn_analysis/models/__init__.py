@@ -10,6 +10,7 @@ from .architectures import (
     lure_step,
 )
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
+from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
 from .reference import from_reference_state_dict, is_reference_state_dict, parse_reference_filename
 
 __all__ = [
@@ -20,11 +21,15 @@ __all__ = [
     "LipschitzRNN",
     "LureRNN",
     "ModelConfig",
+    "RecurrentLayer",
     "RecurrentModel",
+    "SequenceClassifier",
     "build_model",
+    "find_recurrent_layers",
     "from_reference_state_dict",
     "is_reference_state_dict",
     "lipschitz_matrix",
     "lure_step",
     "parse_reference_filename",
+    "recurrent_parameter_patterns",
 ]

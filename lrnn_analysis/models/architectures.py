@@ -143,6 +143,10 @@ class LureRNN(RecurrentModel):
         A, W = self.matrices(dtype)
         return {"W": W} if A is None else {"A": A, "W": W}
 
+    def lure_inputs(self, x: Tensor) -> Tensor:
+        """u_t = U x_t + b, the inputs of the Lur'e form, shape (batch, time, hidden)."""
+        return self._input_sequence(x).transpose(0, 1)
+
     def lure_form(self) -> LureSystem:
         with torch.no_grad():
             A, W = self.matrices(torch.float64)

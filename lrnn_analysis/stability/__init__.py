@@ -15,6 +15,9 @@ from .certificates import (
     default_certificates,
     verify_certificate,
 )
+from .cascade import CascadeCertificate, certify_layers, certify_recurrent
+from .consistency import LureConsistency, check_lure_form
+from .gated import GatedCertificate, gated_contraction
 from .parameterization import (
     ParameterBounds,
     ParameterizationResult,
@@ -33,9 +36,12 @@ __all__ = [
     "NORM_TESTS",
     "TIERS",
     "BendixsonBox",
+    "CascadeCertificate",
     "CertificateResult",
     "DiscretizationDiagnostics",
     "Evidence",
+    "GatedCertificate",
+    "LureConsistency",
     "LureSystem",
     "NormTestOutcome",
     "ParameterBounds",
@@ -47,8 +53,12 @@ __all__ = [
     "Verification",
     "bendixson_box",
     "certify",
+    "certify_layers",
+    "certify_recurrent",
+    "check_lure_form",
     "certify_parameterization",
     "default_certificates",
+    "gated_contraction",
     "norm_certificate_value",
     "norm_test",
     "norm_test_threshold",

@@ -1,0 +1,194 @@
+"""``torch.nn`` recurrent layers as models under analysis.
+
+:class:`SequenceClassifier` wraps an ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU`` and a head:
+x of shape (batch, time, input) (whatever the layer's ``batch_first``) maps to
+``head(h_T)``, the last hidden state of the last layer. :func:`find_recurrent_layers`
+finds such layers inside any user module and names their recurrent parameters.
+
+``nn.RNN`` layer l (column vectors, PyTorch's own equations) is exactly the Lur'e map
+
+    h_t = sigma(W_hh h_{t-1} + u_t),   u_t = W_ih x_t + b_ih + b_hh,
+
+sigma = tanh or relu (slope L = 1), where x_t is the network input for l = 0 and
+layer l-1's state h_t for l >= 1 (same time step). :meth:`SequenceClassifier.lure_forms`
+returns one :class:`LureSystem` (method ``map``) per layer; ``lure_form()`` returns it
+for a one-layer RNN and None for several layers (a stack of layers is a cascade of
+Lur'e maps, not one: :func:`lrnn_analysis.stability.torchnn.certify_recurrent` certifies
+each layer and the cascade). LSTM and GRU layers have no Lur'e form; their stability
+conditions are in :mod:`lrnn_analysis.stability.gated`.
+
+Everything is evaluated as in ``eval()`` mode: inter-layer dropout is not part of the
+recurrence that is certified.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..lure import LureSystem
+
+RECURRENT_LAYER_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
+
+
+@dataclass(frozen=True)
+class RecurrentLayer:
+    """A ``torch.nn`` recurrent layer found inside a module, with its name there (``""`` for the root)."""
+
+    name: str
+    module: nn.RNNBase
+
+    @property
+    def kind(self) -> str:
+        """``rnn-tanh``, ``rnn-relu``, ``lstm`` or ``gru``."""
+        return layer_kind(self.module)
+
+    @property
+    def recurrent_patterns(self) -> tuple[str, ...]:
+        """Glob patterns of the hidden-to-hidden weights, e.g. ``("rnn.weight_hh_*",)``."""
+        prefix = f"{self.name}." if self.name else ""
+        return (f"{prefix}weight_hh_*",)
+
+
+def layer_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.LSTM):
+        return "lstm"
+    if isinstance(module, nn.GRU):
+        return "gru"
+    if isinstance(module, nn.RNN):
+        return f"rnn-{module.nonlinearity}"
+    raise TypeError(f"{type(module).__name__} is not a torch.nn recurrent layer (RNN, LSTM, GRU)")
+
+
+def find_recurrent_layers(module: nn.Module) -> list[RecurrentLayer]:
+    """Every ``nn.RNN``/``nn.LSTM``/``nn.GRU`` inside ``module`` (itself included), in module order."""
+    return [RecurrentLayer(name, sub) for name, sub in module.named_modules() if isinstance(sub, RECURRENT_LAYER_TYPES)]
+
+
+def recurrent_parameter_patterns(module: nn.Module) -> tuple[str, ...]:
+    """Default recurrent parameter patterns of ``module``: the ``weight_hh_*`` of each torch.nn recurrent layer."""
+    return tuple(p for layer in find_recurrent_layers(module) for p in layer.recurrent_patterns)
+
+
+def check_supported(rnn: nn.Module) -> None:
+    """Refuse what the wrapper cannot represent exactly: bidirectional layers and LSTM projections."""
+    layer_kind(rnn)
+    if rnn.bidirectional:
+        raise ValueError("bidirectional recurrent layers are not supported: the last state is not one causal recurrence")
+    if getattr(rnn, "proj_size", 0):
+        raise ValueError("LSTM with proj_size > 0 is not supported")
+
+
+def layer_parameters(rnn: nn.RNNBase, layer: int) -> dict[str, Tensor | None]:
+    """``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` of one layer (biases None without bias)."""
+    if not 0 <= layer < rnn.num_layers:
+        raise ValueError(f"layer {layer} out of range: the module has {rnn.num_layers} layer(s)")
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    return {name: getattr(rnn, f"{name}_l{layer}", None) for name in names}
+
+
+def _single_layer(rnn: nn.RNNBase, layer: int, input_size: int) -> tuple[nn.RNNBase, dict[str, Tensor]]:
+    """A one-layer module of the same kind and the parameters of ``layer``, for ``functional_call``."""
+    options: dict[str, Any] = {"bias": rnn.bias, "batch_first": True}
+    if isinstance(rnn, nn.RNN):
+        options["nonlinearity"] = rnn.nonlinearity
+    reference = next(rnn.parameters())
+    with torch.device("meta"):
+        single = type(rnn)(input_size, rnn.hidden_size, 1, **options)
+    params = {f"{k}_l0": v for k, v in layer_parameters(rnn, layer).items() if v is not None}
+    return single.to_empty(device=reference.device).to(reference.dtype), params
+
+
+def rnn_lure_forms(rnn: nn.RNN) -> tuple[LureSystem, ...]:
+    """The Lur'e map h+ = sigma(W_hh h + u) of every layer of an ``nn.RNN`` (float64, method ``map``)."""
+    if not isinstance(rnn, nn.RNN):
+        raise TypeError(f"{type(rnn).__name__} has no Lur'e form; only nn.RNN layers do")
+    check_supported(rnn)
+    with torch.no_grad():
+        weights = [layer_parameters(rnn, l)["weight_hh"].double().cpu() for l in range(rnn.num_layers)]
+    return tuple(LureSystem(torch.zeros_like(W), W, slope=1.0, method="map", activation=rnn.nonlinearity)
+                 for W in weights)
+
+
+class SequenceClassifier(nn.Module):
+    """``head(h_T)`` of a ``torch.nn`` recurrent layer; input (batch, time, features) always.
+
+    ``rnn`` is an ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU`` (unidirectional, no projection),
+    ``head`` any module mapping (batch, hidden) to outputs (e.g. ``nn.Linear``).
+    """
+
+    def __init__(self, rnn: nn.RNNBase, head: nn.Module, name: str | None = None) -> None:
+        super().__init__()
+        check_supported(rnn)
+        self.rnn = rnn
+        self.head = head
+        self.name = name or f"{layer_kind(rnn)} x{rnn.num_layers}, hidden {rnn.hidden_size}"
+
+    @property
+    def kind(self) -> str:
+        return layer_kind(self.rnn)
+
+    @property
+    def recurrent_parameters(self) -> tuple[str, ...]:
+        """Glob patterns of the recurrent weights: ``("rnn.weight_hh_*",)``."""
+        return ("rnn.weight_hh_*",)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.rnn.input_size:
+            raise ValueError(f"expected input of shape (batch, time, {self.rnn.input_size}), got {tuple(x.shape)}")
+
+    def _output(self, x: Tensor) -> Tensor:
+        """The last layer's states for every step, (batch, time, hidden)."""
+        self._check_input(x)
+        output, _ = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1))
+        return output if self.rnn.batch_first else output.transpose(0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self._output(x)[:, -1])
+
+    def hidden_states(self, x: Tensor, layer: int | None = None) -> Tensor:
+        """Hidden states h_1..h_T of ``layer`` (default: the last), shape (batch, time, hidden), from zero state.
+
+        The last layer's states come from the module itself; an earlier layer's from the
+        module's own code run on that layer's parameters alone (``functional_call``).
+        """
+        last = self.rnn.num_layers - 1
+        layer = last if layer is None else layer
+        if layer == last:
+            return self._output(x)
+        self._check_input(x)
+        states = x
+        for index in range(layer + 1):
+            single, params = _single_layer(self.rnn, index, states.shape[-1])
+            states, _ = functional_call(single, params, (states,))
+        return states
+
+    def layer_inputs(self, x: Tensor, layer: int) -> Tensor:
+        """What ``layer`` reads at each step: x itself for layer 0, else the previous layer's states."""
+        return x if layer == 0 else self.hidden_states(x, layer - 1)
+
+    def lure_inputs(self, x: Tensor, layer: int | None = None) -> Tensor:
+        """u_t = W_ih x_t + b_ih + b_hh of an ``nn.RNN`` layer (default: the last), shape (batch, time, hidden)."""
+        self._require_rnn()
+        layer = self.rnn.num_layers - 1 if layer is None else layer
+        p = layer_parameters(self.rnn, layer)
+        u = self.layer_inputs(x, layer) @ p["weight_ih"].T
+        if p["bias_ih"] is not None:
+            u = u + p["bias_ih"] + p["bias_hh"]
+        return u
+
+    def _require_rnn(self) -> None:
+        if not isinstance(self.rnn, nn.RNN):
+            raise ValueError(f"{self.kind} has no Lur'e form (gates multiply the state); see lrnn_analysis.stability.gated")
+
+    def lure_forms(self) -> tuple[LureSystem, ...] | None:
+        """One Lur'e map h+ = sigma(W_hh h + u) per ``nn.RNN`` layer (float64); None for LSTM/GRU."""
+        return rnn_lure_forms(self.rnn) if isinstance(self.rnn, nn.RNN) else None
+
+    def lure_form(self) -> LureSystem | None:
+        """The Lur'e map of a one-layer ``nn.RNN``; None for several layers (see :meth:`lure_forms`) or LSTM/GRU."""
+        forms = self.lure_forms()
+        return forms[0] if forms is not None and len(forms) == 1 else None

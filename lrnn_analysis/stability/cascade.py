@@ -1,0 +1,154 @@
+"""Certificates of ``torch.nn`` recurrent layers, one layer at a time, and of their cascade.
+
+Layer l of a stack reads layer l-1's state of the same step. For ``nn.RNN`` each layer is
+the Lur'e map h+ = sigma(W_hh h + u) (:mod:`lrnn_analysis.models.torchnn`) and is
+certified by ``map-norm``/``map-lmi``; ``nn.LSTM``/``nn.GRU`` layers by the conditions of
+:mod:`lrnn_analysis.stability.gated`.
+
+**Cascade.** Suppose layer l contracts in a norm ||.||_l with factor rho_l for a shared
+input, and its step is Lipschitz in its input with constant g_l measured from ||.||_{l-1}
+to ||.||_l. With e_l(t) = ||h^l_t - h~^l_t||_l for two runs of the stack on the same input
+sequence,
+
+    e_1(t) <= rho_1 e_1(t-1),   e_l(t) <= rho_l e_l(t-1) + g_l e_{l-1}(t),
+
+so E(t) <= N E(t-1) elementwise with N lower triangular, N_lk = rho_k prod_{m=k+1}^{l} g_m
+(k <= l). Counting the non-decreasing index paths from k to l in t steps gives
+
+    e_l(t) <= sum_{k<=l} C(t + l - k - 1, l - k) rho^t (prod_{m=k+1}^{l} g_m) e_k(0),
+    rho = max_l rho_l:
+
+the stack contracts at the rate of its slowest layer, up to a polynomial factor of degree
+L - 1 in t, with the products of the coupling gains as constants. For an RNN layer certified
+with P_l (P = I for the norm test; normalised here to lambda_min(P_l) = 1, so ||v||_2 <=
+||v||_{P_l}), ||sigma(z) - sigma(z~)||_{P_l} <= L sqrt(lambda_max(P_l)) ||z - z~||_2 and
+z - z~ = W_ih^(l) (h^{l-1} - h~^{l-1}), so g_l = L ||W_ih^(l)||_2 sqrt(lambda_max(P_l)) = L
+||W_ih^(l)||_2 sqrt(cond P_l). Gated layers' coupling gains are finite (smooth maps on a
+bounded invariant set) but not computed: their cascade reports the rate only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from torch import nn
+
+from ..models.torchnn import find_recurrent_layers, layer_kind, layer_parameters, rnn_lure_forms
+from .certificates import CertificateResult, certify
+from .gated import GatedCertificate, gated_contraction
+
+
+@dataclass(frozen=True)
+class CascadeCertificate:
+    """Per-layer certificates of a stack of recurrent layers and what they imply for the stack.
+
+    ``layers[l]`` holds layer l's results (every requested certificate for an RNN layer,
+    the gated condition for LSTM/GRU). The stack holds iff every layer holds some
+    certificate; ``rate`` = max over layers of the best certified factor;
+    ``coupling_gains[l - 1]`` = g_l (RNN only, see the module docstring);
+    ``layer_gains[l]`` = sqrt(cond P_l).
+    """
+
+    module: str
+    kind: str
+    holds: bool
+    rate: float | None
+    reason: str
+    layers: tuple[tuple[CertificateResult | GatedCertificate, ...], ...]
+    coupling_gains: tuple[float, ...] | None = None
+    layer_gains: tuple[float, ...] | None = None
+    polynomial_degree: int = 0
+    assumptions: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module, "kind": self.kind, "holds": self.holds, "rate": self.rate, "reason": self.reason,
+            "layers": [[r.to_dict() for r in results] for results in self.layers],
+            "coupling_gains": None if self.coupling_gains is None else list(self.coupling_gains),
+            "layer_gains": None if self.layer_gains is None else list(self.layer_gains),
+            "polynomial_degree": self.polynomial_degree, "assumptions": list(self.assumptions),
+        }
+
+
+def _best(results: Sequence[CertificateResult | GatedCertificate]) -> CertificateResult | GatedCertificate | None:
+    holding = [r for r in results if r.holds]
+    return min(holding, key=lambda r: r.rate) if holding else None
+
+
+def certify_layers(
+    rnn: nn.RNNBase,
+    names: Sequence[str] | None = None,
+    *,
+    input_bound: float | None = None,
+    time_budget: float | None = None,
+    tiers: Sequence[str] | None = None,
+    module_name: str = "",
+) -> CascadeCertificate:
+    """Certify every layer of ``rnn`` and the stack (see the module docstring).
+
+    ``names`` are the RNN certificates (default ``map-norm``, ``map-lmi``); ``input_bound``
+    (||x_t||_inf) is needed by the LSTM/GRU conditions only; ``time_budget`` is shared by
+    the layers' LMI tiers.
+    """
+    kind = layer_kind(rnn)
+    layers = rnn.num_layers
+    if kind in ("lstm", "gru"):
+        results = gated_contraction(rnn, input_bound)
+        per_layer = tuple((r,) for r in results)
+        best = [r if r.holds else None for r in results]
+        coupling = layer_gains = None
+    else:
+        budget = None if time_budget is None else time_budget / layers
+        names = ("map-norm", "map-lmi") if names is None else tuple(names)
+        systems = rnn_lure_forms(rnn)
+        per_layer = tuple(tuple(certify(system, names, budget, tiers=tiers)) for system in systems)
+        best = [_best(results) for results in per_layer]
+        layer_gains = tuple(float("nan") if b is None else float(b.gain) for b in best)
+        coupling = tuple(
+            _coupling_gain(rnn, l, best[l]) for l in range(1, layers)
+        )
+    failed = [l for l, b in enumerate(best) if b is None]
+    holds = not failed
+    rate = max(b.rate for b in best) if holds else None
+    if holds:
+        reason = f"every layer contracts; the stack contracts with factor {rate:.6g} per step"
+        if layers > 1:
+            reason += f" (times a polynomial of degree {layers - 1} in t)"
+    else:
+        first = per_layer[failed[0]][-1]
+        reason = f"layer(s) {failed} not certified: {first.reason}"
+    assumptions = tuple(dict.fromkeys(a for results in per_layer for r in results for a in r.assumptions))
+    return CascadeCertificate(
+        module=module_name, kind=kind, holds=holds, rate=rate, reason=reason, layers=per_layer,
+        coupling_gains=coupling, layer_gains=layer_gains, polynomial_degree=layers - 1, assumptions=assumptions,
+    )
+
+
+def _coupling_gain(rnn: nn.RNN, layer: int, best: CertificateResult | None) -> float:
+    """g_l = L ||W_ih^(l)||_2 sqrt(cond P_l) (P = I for the norm test); nan when layer l is not certified."""
+    if best is None:
+        return float("nan")
+    W_ih = layer_parameters(rnn, layer)["weight_ih"].detach().cpu().double().numpy()
+    return float(np.linalg.norm(W_ih, 2) * best.gain)  # slope L = 1 for tanh and relu
+
+
+def certify_recurrent(
+    model: nn.Module,
+    names: Sequence[str] | None = None,
+    *,
+    input_bound: float | None = None,
+    time_budget: float | None = None,
+    tiers: Sequence[str] | None = None,
+) -> list[CascadeCertificate]:
+    """:func:`certify_layers` for every ``torch.nn`` recurrent layer found inside ``model``.
+
+    Only the recurrent layers are certified: how the model combines their states is its own
+    business. A model without any is an error.
+    """
+    found = find_recurrent_layers(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} contains no torch.nn recurrent layer (RNN, LSTM, GRU)")
+    budget = None if time_budget is None else time_budget / len(found)
+    return [certify_layers(layer.module, names, input_bound=input_bound, time_budget=budget, tiers=tiers,
+                           module_name=layer.name) for layer in found]
