@@ -16,10 +16,13 @@ from .certificates import (
     verify_certificate,
 )
 from .parameterization import (
+    InitRadius,
     ParameterBounds,
     ParameterizationResult,
     PhaseCell,
     certify_parameterization,
+    certifying_gamma_A,
+    gaussian_init_radius,
     parameter_bounds,
     phase_diagram,
 )
@@ -36,6 +39,7 @@ __all__ = [
     "CertificateResult",
     "DiscretizationDiagnostics",
     "Evidence",
+    "InitRadius",
     "LureSystem",
     "NormTestOutcome",
     "ParameterBounds",
@@ -48,7 +52,9 @@ __all__ = [
     "bendixson_box",
     "certify",
     "certify_parameterization",
+    "certifying_gamma_A",
     "default_certificates",
+    "gaussian_init_radius",
     "norm_certificate_value",
     "norm_test",
     "norm_test_threshold",
