@@ -316,7 +316,7 @@ def _necessary_failure(working: LureSystem, family: str, scale: float, norm_hold
     sector = f"(sector [0, {L:g}])"
     for label, d in (("A", np.zeros(n)), ("A + L W", np.full(n, L))):
         g = jacobian_goodness(working, family, d)
-        if not (np.isfinite(g) and np.isfinite(bound)):
+        if np.isnan(g) or not np.isfinite(bound) or (family == "ct" and not np.isfinite(g)):
             return f"not certified: the frozen Jacobian {label} of the {family} scheme overflows float64"
         if family == "ct":
             alpha = -g

@@ -104,8 +104,8 @@ def jacobian_goodness(system: LureSystem, family: str, d: np.ndarray) -> float:
         if family == "ct":
             return -spectral_abscissa(J)
         if family == "map":
-            return -spectral_radius(d[:, None] * system.W) ** 2
-        return -spectral_radius(step_matrix(family, float(system.eps), J)) ** 2
+            return float(-np.float64(spectral_radius(d[:, None] * system.W)) ** 2)
+        return float(-np.float64(spectral_radius(step_matrix(family, float(system.eps), J))) ** 2)
 
 
 def jacobian_error_bound(system: LureSystem, family: str) -> float:
