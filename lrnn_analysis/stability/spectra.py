@@ -102,7 +102,8 @@ class BendixsonBox:
     im_max: float
 
     def contains(self, eigenvalues: np.ndarray, rtol: float = 1e-9) -> bool:
-        scale = rtol * max(1.0, abs(self.re_min), abs(self.re_max), self.im_max)
+        """Whether every eigenvalue lies in the box, up to ``rtol`` times the box's size (never an absolute 1)."""
+        scale = rtol * max(abs(self.re_min), abs(self.re_max), self.im_max) + UNDERFLOW_FLOOR
         ev = np.asarray(eigenvalues)
         return bool(
             np.all(ev.real >= self.re_min - scale)
