@@ -197,7 +197,8 @@ def certify(
     reported (``budget_exhausted``). ``tiers`` restricts the tiers an LMI request
     may use (default all of ``norm``, ``P=I``, ``diag-P``, ``full-P``, in that
     order). ``solver`` is ``auto`` (Clarabel for small PSD cones, SCS for large
-    ones, each falling back to the other on a solver error), ``CLARABEL`` or ``SCS``.
+    ones, each falling back to the other on a solver error, which the tier's reason
+    reports), ``CLARABEL`` or ``SCS``. ``time_budget=None`` passes no time limit to the solvers.
     """
     if names is None:
         names = default_certificates(system)

@@ -176,7 +176,7 @@ class ParameterizationResult:
     ``r_star`` is the largest radius at which the test holds (every r <= r_star is
     certified; 0 with ``holds_at_zero`` False if it fails already at r = 0).
     ``gamma_A_interval`` is the closed interval of gamma_A that certifies at the other
-    settings (None if none does). ``reason`` says why the verdict is what it is and
+    settings (None if none does; an infinite end is None in :meth:`to_dict`). ``reason`` says why the verdict is what it is and
     ``remedy`` what to change (empty when the test holds).
     """
 
@@ -216,7 +216,8 @@ class ParameterizationResult:
             "eps": self.eps,
             "slope": self.slope,
             "bounds": self.bounds.to_dict(),
-            "gamma_A_interval": None if self.gamma_A_interval is None else list(self.gamma_A_interval),
+            "gamma_A_interval": None if self.gamma_A_interval is None
+            else [v if math.isfinite(v) else None for v in self.gamma_A_interval],
             "reason": self.reason,
             "remedy": self.remedy,
         }
