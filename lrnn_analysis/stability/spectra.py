@@ -117,8 +117,8 @@ class BendixsonBox:
 
 def bendixson_box(X: np.ndarray) -> BendixsonBox:
     """Bendixson's rectangle of X from its symmetric and skew parts."""
-    sym_eigs = np.linalg.eigvalsh(0.5 * (X + X.T))
-    return BendixsonBox(float(sym_eigs[0]), float(sym_eigs[-1]), norm2(0.5 * (X - X.T)))
+    sym_eigs = np.linalg.eigvalsh(0.5 * X + 0.5 * X.T)
+    return BendixsonBox(float(sym_eigs[0]), float(sym_eigs[-1]), norm2(0.5 * X - 0.5 * X.T))
 
 
 @dataclass(frozen=True)
@@ -225,8 +225,8 @@ def spectrum(system: LureSystem) -> SpectrumReport:
         slope=system.slope,
         eig_A=eig_A,
         eig_W=_sorted_eigenvalues(W),
-        eig_sym_A=np.linalg.eigvalsh(0.5 * (A + A.T)),
-        eig_sym_W=np.linalg.eigvalsh(0.5 * (W + W.T)),
+        eig_sym_A=np.linalg.eigvalsh(0.5 * A + 0.5 * A.T),
+        eig_sym_W=np.linalg.eigvalsh(0.5 * W + 0.5 * W.T),
         abscissa_A=float(np.max(eig_A.real)),
         mu2_A=mu2(A),
         norm_A=norm2(A),
