@@ -339,36 +339,102 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+_MAX_GRID = 100_000
+
+
 def _grid(text: str) -> list[float]:
-    """'a,b,c' or 'start:stop:count' (inclusive, evenly spaced)."""
+    """'a,b,c' or 'start:stop:count' (inclusive, evenly spaced, 1 <= count <= 100000); finite values."""
     if ":" in text:
         try:
             start, stop, count = text.split(":")
-            values = np.linspace(float(start), float(stop), int(count))
+            size = int(count)
+            if not 1 <= size <= _MAX_GRID:
+                raise ValueError
+            values = [float(v) for v in np.linspace(float(start), float(stop), size)]
         except ValueError as error:
-            raise argparse.ArgumentTypeError(f"expected start:stop:count, got {text!r}") from error
-        return [float(v) for v in values]
-    return _float_list(text)
+            raise argparse.ArgumentTypeError(
+                f"expected start:stop:count with 1 <= count <= {_MAX_GRID}, got {text!r}") from error
+    else:
+        values = _float_list(text)
+    if not values or not all(np.isfinite(values)) or len(values) > _MAX_GRID:
+        raise argparse.ArgumentTypeError(f"expected 1 to {_MAX_GRID} finite numbers, got {text!r}")
+    return values
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from error
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _certify_settings(args: argparse.Namespace) -> tuple[float, float, float, str, float, str]:
+    """(beta_W, gamma_A, gamma_W, how gamma_W was set, r, how r was set) from the certify options."""
+    if args.gamma_a is None and args.gamma is None:
+        raise UsageError("give --gamma (gamma_A = gamma_W) or --gamma-a (and optionally --gamma-w)")
+    gamma_a = args.gamma if args.gamma_a is None else args.gamma_a
+    if args.gamma_w is not None:
+        gamma_w, w_source = args.gamma_w, "--gamma-w"
+    elif args.gamma is not None:
+        gamma_w, w_source = args.gamma, "shared --gamma"
+    else:
+        gamma_w, w_source = gamma_a, "default: gamma_W = gamma_A"
+    beta_w = args.beta if args.beta_w is None else args.beta_w
+    from_init = args.hidden is not None or args.init_std is not None
+    if from_init == (args.radius is not None):
+        raise UsageError("give either --radius or both --hidden and --init-std")
+    if from_init:
+        if args.hidden is None or args.init_std is None:
+            raise UsageError("--hidden and --init-std go together (they derive the radius of the initialisation)")
+        from .stability import gaussian_init_radius
+
+        init = gaussian_init_radius(args.hidden, args.init_std, args.init_failure_probability)
+        return beta_w, gamma_a, gamma_w, w_source, init.radius, f"the initialisation's radius: {init.describe()}"
+    return beta_w, gamma_a, gamma_w, w_source, args.radius, "--radius"
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from .stability import certify_parameterization, phase_diagram
 
-    beta_w = args.beta if args.beta_w is None else args.beta_w
-    gamma_w = args.gamma_a if args.gamma_w is None else args.gamma_w
-    tests = args.tests
-    results = certify_parameterization(args.beta, args.gamma_a, beta_w, gamma_w, args.radius, args.eps, args.slope, tests)
-    print(f"Lipschitz parameterization: beta_A = {args.beta:g}, gamma_A = {args.gamma_a:g}, beta_W = {beta_w:g}, "
-          f"gamma_W = {gamma_w:g}, eps = {args.eps}, L = {args.slope:g}, ||M_A||_2, ||M_W||_2 <= r = {args.radius:g}")
+    beta_w, gamma_a, gamma_w, w_source, radius, r_source = _certify_settings(args)
+    phase = args.phase_betas or args.phase_gammas
+    if phase and not (args.phase_betas and args.phase_gammas and args.out):
+        raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out")
+    if phase and len(args.phase_betas) * len(args.phase_gammas) > _MAX_GRID:
+        raise UsageError(f"the phase diagram has more than {_MAX_GRID} cells")
+    results = certify_parameterization(args.beta, gamma_a, beta_w, gamma_w, radius, args.eps, args.slope, args.tests)
+    print(f"Lipschitz parameterization: beta_A = {args.beta:g}, gamma_A = {gamma_a:g}, beta_W = {beta_w:g}, "
+          f"gamma_W = {gamma_w:g} ({w_source}), eps = {args.eps}, L = {args.slope:g}")
+    print(f"every M_A, M_W with ||M||_2 <= r = {radius:.6g} ({r_source})")
     print(format_table([r.to_dict() for r in results], ["test", "holds", "value", "margin", "r_star"],
                        ["test", "every model certified", "value", "margin", "largest certified r*"]))
-    if args.phase_betas or args.phase_gammas:
-        if not (args.phase_betas and args.phase_gammas and args.out):
-            raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out")
-        cells = phase_diagram(args.phase_betas, args.phase_gammas, args.radius, args.eps, args.slope, tests,
-                              beta_W=args.beta_w, gamma_W=args.gamma_w)
+    for result in results:
+        if not result.holds:
+            print(f"{result.test}: {result.reason}")
+            print(f"  what to change: {result.remedy}")
+    shared = gamma_w == gamma_a and args.gamma_w is None
+    if shared and not any(r.holds_at_zero for r in results):
+        print(f"one shared gamma (gamma_W = gamma_A = {gamma_a:g}) makes every norm test impossible for L >= 1: W's "
+              "shift -gamma_W I adds L |gamma_W| to ||W||_2 and cancels A's -gamma_A I. Set --gamma-w 0 "
+              "(or smaller than gamma_A / L) and raise --gamma-a as suggested above.")
+    if phase:
+        cells = phase_diagram(args.phase_betas, args.phase_gammas, radius, args.eps, args.slope, args.tests,
+                              beta_W=args.beta_w, gamma_W=args.gamma_w, user_point=(args.beta, gamma_a))
         write_csv(args.out, [c.to_dict() for c in cells])
-        print(f"phase diagram: {len(cells)} cells, {sum(c.holds for c in cells)} certified, written to {args.out}")
+        grid = [c for c in cells if c.point == "grid"]
+        certified = sum(c.holds for c in grid)
+        w_axes = ("beta_W = beta_A" if args.beta_w is None else f"beta_W = {args.beta_w:g}") + ", " + (
+            "gamma_W = gamma_A" if args.gamma_w is None else f"gamma_W = {args.gamma_w:g}")
+        n_cells = len(args.phase_betas) * len(args.phase_gammas)
+        print(f"phase diagram over beta_A x gamma_A ({w_axes}) at r = {radius:.6g}: {n_cells} cells x "
+              f"{len(grid) // n_cells} tests, {certified} of {len(grid)} certified; your point (beta_A, gamma_A) = "
+              f"({args.beta:g}, {gamma_a:g}) is in the rows with point = user; written to {args.out}")
+        if certified == 0 and args.gamma_w is None:
+            print("0 cells certified because W shares each cell's gamma: gamma_W = gamma_A cancels A's shift "
+                  "(see above). Hold W's shift fixed with --gamma-w 0.")
     return 0 if all(r.holds for r in results) else 1
 
 
@@ -419,19 +485,27 @@ def build_parser() -> argparse.ArgumentParser:
     stability.add_argument("--quiet", action="store_true", help="no progress bar")
     stability.set_defaults(handler=cmd_stability)
 
-    cert = sub.add_parser("certify", help="certify every model of a Lipschitz parameterization with ||M|| <= r")
-    cert.add_argument("--beta", type=float, required=True, help="beta_A (and beta_W unless --beta-w)")
-    cert.add_argument("--gamma-a", type=float, required=True)
-    cert.add_argument("--beta-w", type=float, default=None)
-    cert.add_argument("--gamma-w", type=float, default=None, help="default: gamma_A")
-    cert.add_argument("--eps", type=float, default=None, help="step of the discretization (adds euler-norm, rk2-norm)")
-    cert.add_argument("--radius", type=float, required=True, help="bound r on ||M_A||_2 and ||M_W||_2")
-    cert.add_argument("--slope", type=float, default=1.0, help="Lipschitz constant L of the activation")
+    cert = sub.add_parser("certify", help="certify every model of a Lipschitz parameterization with ||M_A||_2, ||M_W||_2 <= r")
+    cert.add_argument("--beta", type=_finite_float, required=True, help="beta_A (and beta_W unless --beta-w)")
+    cert.add_argument("--gamma", type=_finite_float, default=None, help="one shared gamma: gamma_A = gamma_W")
+    cert.add_argument("--gamma-a", type=_finite_float, default=None, help="gamma_A (overrides --gamma)")
+    cert.add_argument("--beta-w", type=_finite_float, default=None)
+    cert.add_argument("--gamma-w", type=_finite_float, default=None,
+                      help="gamma_W (overrides --gamma; default: gamma_A)")
+    cert.add_argument("--eps", type=_finite_float, default=None, help="step of the discretization (adds euler-norm, rk2-norm)")
+    cert.add_argument("--radius", type=_finite_float, default=None, help="bound r on ||M_A||_2 and ||M_W||_2")
+    cert.add_argument("--hidden", type=_positive_int, default=None,
+                      help="with --init-std: r = the radius of the toolkit's initialisation of this hidden size")
+    cert.add_argument("--init-std", type=_finite_float, default=None,
+                      help="with --hidden: entries of M ~ N(0, (init_std/hidden)^2), as `lrnn train` initialises them")
+    cert.add_argument("--init-failure-probability", type=_finite_float, default=1e-6,
+                      help="probability allowed that an initial M_A or M_W exceeds the derived radius (default 1e-6)")
+    cert.add_argument("--slope", type=_finite_float, default=1.0, help="Lipschitz constant L of the activation")
     cert.add_argument("--tests", type=_name_list, default=None, help="e.g. ct-norm,euler-norm")
     cert.add_argument("--phase-betas", type=_grid, default=None,
-                      help="beta grid (a,b,c or start:stop:count); W shares beta and gamma unless --beta-w/--gamma-w fix them")
-    cert.add_argument("--phase-gammas", type=_grid, default=None, help="gamma grid: a,b,c or start:stop:count")
-    cert.add_argument("--out", default=None, help="CSV of the phase diagram (one row per beta, gamma, test)")
+                      help="beta_A grid (a,b,c or start:stop:count); W shares beta and gamma unless --beta-w/--gamma-w fix them")
+    cert.add_argument("--phase-gammas", type=_grid, default=None, help="gamma_A grid: a,b,c or start:stop:count")
+    cert.add_argument("--out", default=None, help="CSV of the phase diagram (one row per beta_A, gamma_A, test; your point marked)")
     cert.set_defaults(handler=cmd_certify)
 
     hess = sub.add_parser("hessian", help="loss Hessian: extreme eigenvalues, trace with CI, spectral density")

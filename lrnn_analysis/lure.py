@@ -39,10 +39,21 @@ def _as_float64_matrix(value: Any, name: str) -> np.ndarray:
     array = np.array(value, dtype=np.float64, copy=True)
     if array.ndim != 2 or array.shape[0] != array.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} is empty: a Lur'e system needs n >= 1 states")
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} has non-finite entries")
     array.setflags(write=False)
     return array
+
+
+def _is_positive_integer(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return int(value) == value and value >= 1
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +88,7 @@ class LureSystem:
             raise ValueError(f"method {self.method!r} takes no step eps")
         if self.method == "map" and np.any(A != 0):
             raise ValueError("method 'map' has no linear part: A must be zero")
-        if int(self.substeps) != self.substeps or self.substeps < 1:
+        if not _is_positive_integer(self.substeps):
             raise ValueError(f"substeps must be a positive integer, got {self.substeps}")
         object.__setattr__(self, "A", A)
         object.__setattr__(self, "W", W)

@@ -139,26 +139,50 @@ def _legend_fraction(fig: Figure, rows: int) -> float:
 
 
 def plot_phase_diagram(cells: Table) -> Figure:
-    """Margin of each parameterization test over (beta, gamma); the certified region
-    (margin > 0) is outlined and hatched. Rows: (beta, gamma, test, margin)."""
+    """Margin of each parameterization test over (beta_A, gamma_A); the certified region
+    (margin > 0) is outlined and hatched, and rows with ``point`` = "user" are starred.
+    Rows: (beta_A, gamma_A, test, margin), optionally beta_W, gamma_W (named in the titles) and point."""
     _style()
-    frame = _frame(cells, ["beta", "gamma", "test", "margin"])
+    frame = _frame(cells, ["beta_A", "gamma_A", "test", "margin"])
+    is_user = frame["point"] == "user" if "point" in frame.columns else np.zeros(len(frame), dtype=bool)
+    user, frame = frame[is_user], frame[~is_user]
     tests = list(dict.fromkeys(frame["test"]))
     fig, axes = _panels(len(tests), 4.4, 3.8)
     for ax, test in zip(axes.flat, tests):
-        grid = frame[frame["test"] == test].pivot_table(index="gamma", columns="beta", values="margin")
-        limit = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+        rows = frame[frame["test"] == test]
+        grid = rows.pivot_table(index="gamma_A", columns="beta_A", values="margin", dropna=False)
+        limit = float(np.nanmax(np.abs(grid.to_numpy()))) if np.isfinite(grid.to_numpy()).any() else 1.0
         betas, gammas = grid.columns.to_numpy(float), grid.index.to_numpy(float)
-        mesh = ax.pcolormesh(betas, gammas, grid.to_numpy(), cmap="RdBu", vmin=-limit, vmax=limit, shading="nearest")
+        mesh = ax.pcolormesh(betas, gammas, grid.to_numpy(), cmap="RdBu", vmin=-(limit or 1.0), vmax=limit or 1.0,
+                             shading="nearest")
         if np.nanmax(grid.to_numpy()) > 0 > np.nanmin(grid.to_numpy()):
             ax.contour(betas, gammas, grid.to_numpy(), levels=[0.0], colors="k", linewidths=1.5)
         ax.contourf(betas, gammas, grid.to_numpy(), levels=[0.0, np.inf], colors="none", hatches=["//"])
-        ax.set_title(f"{test}: certified where margin > 0 (hatched)", fontsize=9)
-        ax.set_xlabel("β")
-        ax.set_ylabel("γ")
+        mine = user[user["test"] == test]
+        if len(mine):
+            ax.plot(mine["beta_A"], mine["gamma_A"], marker="*", markersize=14, color="gold", markeredgecolor="k",
+                    linestyle="none", label="your (β_A, γ_A)")
+            ax.legend(loc="upper right", fontsize=8)
+        ax.set_title(f"{test}: certified where margin > 0 (hatched)\n{_w_description(rows)}", fontsize=9)
+        ax.set_xlabel("β_A")
+        ax.set_ylabel("γ_A")
         fig.colorbar(mesh, ax=ax, label="margin")
     fig.tight_layout()
     return fig
+
+
+def _w_description(rows: pd.DataFrame) -> str:
+    """How W's (beta_W, gamma_W) relate to the axes: shared with A's, or held fixed."""
+    parts = []
+    for name, axis, symbol in (("beta_W", "beta_A", "β"), ("gamma_W", "gamma_A", "γ")):
+        if name not in rows.columns:
+            continue
+        values = rows[name].unique()
+        if np.array_equal(rows[name].to_numpy(), rows[axis].to_numpy()):
+            parts.append(f"{symbol}_W = {symbol}_A")
+        elif len(values) == 1:
+            parts.append(f"{symbol}_W = {values[0]:g}")
+    return ", ".join(parts) if parts else "W's parameters not recorded"
 
 
 def plot_training_spectra(log: Table, quantities: Sequence[str] = ("alpha_A", "mu2_A", "norm_W")) -> Figure:

@@ -45,7 +45,9 @@ def test_certify_parameterization_and_phase_table(tmp_path, capsys):
     assert main(["certify", "--beta", "0.75", "--gamma-a", "1", "--gamma-w", "0", "--eps", "0.1", "--radius", "0.1",
                  "--phase-betas", "0:1:3", "--phase-gammas", "0.5,1", "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 3 * 2 * 3 and set(rows[0]) >= {"beta", "gamma", "test", "holds", "margin", "r_star"}
+    assert len(rows) == 3 * 2 * 3 + 3 and set(rows[0]) >= {"beta_A", "gamma_A", "beta_W", "gamma_W", "test", "holds",
+                                                           "margin", "r_star", "point"}
+    assert [(r["beta_A"], r["gamma_A"]) for r in rows if r["point"] == "user"] == [("0.75", "1.0")] * 3
     assert main(["certify", "--beta", "0.75", "--gamma-a", "1", "--radius", "0.1", "--phase-betas", "0,1"]) == 2
 
 

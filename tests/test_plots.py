@@ -16,8 +16,10 @@ def test_every_plot_renders(tmp_path):
     regions = [{"model": "a", "method": "euler", "eps": 0.5, "re_min": -0.6, "re_max": -0.1, "im_max": 1.2},
                {"model": "b", "method": "rk2", "eps": 0.5, "re_min": -0.6, "re_max": -0.1, "im_max": 1.2}]
     _save(plots.plot_spectra(eig, regions), tmp_path, "spectra")
-    cells = [{"beta": b, "gamma": g, "test": t, "margin": g - 0.5 * b} for b in np.linspace(0, 1, 4)
-             for g in np.linspace(0, 1, 4) for t in ("ct-norm", "euler-norm")]
+    cells = [{"beta_A": b, "gamma_A": g, "beta_W": 0.75, "gamma_W": 0.0, "test": t, "margin": g - 0.5 * b, "point": "grid"}
+             for b in np.linspace(0, 1, 4) for g in np.linspace(0, 1, 4) for t in ("ct-norm", "euler-norm")]
+    cells += [{"beta_A": 0.75, "gamma_A": 0.3, "beta_W": 0.75, "gamma_W": 0.0, "test": t, "margin": -0.1, "point": "user"}
+              for t in ("ct-norm", "euler-norm")]
     _save(plots.plot_phase_diagram(cells), tmp_path, "phase")
     log = [{"model": m, "epoch": e, "alpha_A": -0.1 * e, "mu2_A": 0.1, "norm_W": 1 + e} for m in ("a", "b") for e in range(5)]
     _save(plots.plot_training_spectra(log), tmp_path, "training")

@@ -71,5 +71,5 @@ def test_phase_diagram_is_a_tidy_table():
     json.dumps(rows)
     assert {r["test"] for r in rows} == {"ct-norm", "euler-norm", "rk2-norm"}
     assert all((r["margin"] > 0) == r["holds"] for r in rows)
-    ct = [r for r in rows if r["test"] == "ct-norm" and r["beta"] == 0.5]
+    ct = [r for r in rows if r["test"] == "ct-norm" and r["beta_A"] == 0.5]
     assert [r["holds"] for r in ct] == sorted(r["holds"] for r in ct)

@@ -19,10 +19,13 @@ from .cascade import CascadeCertificate, certify_layers, certify_recurrent
 from .consistency import LureConsistency, check_lure_form
 from .gated import GatedCertificate, gated_contraction
 from .parameterization import (
+    InitRadius,
     ParameterBounds,
     ParameterizationResult,
     PhaseCell,
     certify_parameterization,
+    certifying_gamma_A,
+    gaussian_init_radius,
     parameter_bounds,
     phase_diagram,
 )
@@ -42,6 +45,7 @@ __all__ = [
     "Evidence",
     "GatedCertificate",
     "LureConsistency",
+    "InitRadius",
     "LureSystem",
     "NormTestOutcome",
     "ParameterBounds",
@@ -57,8 +61,10 @@ __all__ = [
     "certify_recurrent",
     "check_lure_form",
     "certify_parameterization",
+    "certifying_gamma_A",
     "default_certificates",
     "gated_contraction",
+    "gaussian_init_radius",
     "norm_certificate_value",
     "norm_test",
     "norm_test_threshold",

@@ -18,9 +18,21 @@ None where nothing could be computed.
 
 A ``*-lmi`` request runs tiers cheapest first, stopping at the first verified
 success: ``norm`` (the closed-form test) -> ``P=I`` -> ``diag-P`` -> ``full-P``.
+
+Numerics. ``ct`` certificates are computed on the time-rescaled system
+(A, W) / s with s = 2^k the power of two nearest to ||A||_2 + L ||W||_2: scaling the
+increment dynamics delta' = (A + D W) delta by s only rescales time, the division by a
+power of two is exact, and every verdict is then independent of the scale of (A, W);
+the rate is multiplied back by s and the multipliers of the evidence divided by s
+(the LMI of the rescaled system is a congruence of the original's). Discrete rates are
+reported as upper bounds rounded up, with ``log_rate`` = ln(rate) for factors too small
+for float64 (the rate saturates at the smallest normal float64 instead of reading 0).
+A system whose certificate data overflow float64, or a solver that fails or panics,
+gives "not certified" with the reason, never an exception.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -30,8 +42,20 @@ from threadpoolctl import threadpool_limits
 
 from ..lure import LureSystem
 from .forms import incremental_form
-from .lmi import LMI_TIERS, SOLVERS, Candidate, TierOutcome, fixed_identity_tier, jacobian_goodness, sampled_slopes, sdp_tier
-from .norms import norm_test
+from .lmi import (
+    LMI_TIERS,
+    SOLVERS,
+    Candidate,
+    TierOutcome,
+    fixed_identity_tier,
+    jacobian_error_bound,
+    jacobian_goodness,
+    is_numerical_failure,
+    sampled_slopes,
+    sdp_tier,
+)
+from .norms import NormTestOutcome, norm_test
+from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF, norm2
 from .verification import Verification, verify
 
 CERTIFICATES = (
@@ -108,7 +132,11 @@ class Evidence:
 
 @dataclass(frozen=True)
 class CertificateResult:
-    """Outcome of one certificate (see the module docstring for ``rate``, ``gain`` and ``margin``)."""
+    """Outcome of one certificate (see the module docstring for ``rate``, ``gain`` and ``margin``).
+
+    ``log_rate`` (discrete certificates) is ln of the contraction factor per input step,
+    an upper bound like ``rate`` and meaningful where ``rate`` saturates at 2.2e-308.
+    """
 
     name: str
     holds: bool
@@ -125,6 +153,7 @@ class CertificateResult:
     verification: Verification | None = None
     attempts: tuple[TierAttempt, ...] = field(default=())
     budget_exhausted: bool = False
+    log_rate: float | None = None
 
     def to_dict(self, include_matrices: bool = True) -> dict[str, Any]:
         return {
@@ -132,6 +161,7 @@ class CertificateResult:
             "holds": self.holds,
             "margin": self.margin,
             "rate": self.rate,
+            "log_rate": self.log_rate,
             "gain": self.gain,
             "tier": self.tier,
             "seconds": self.seconds,
@@ -167,7 +197,8 @@ def certify(
     reported (``budget_exhausted``). ``tiers`` restricts the tiers an LMI request
     may use (default all of ``norm``, ``P=I``, ``diag-P``, ``full-P``, in that
     order). ``solver`` is ``auto`` (Clarabel for small PSD cones, SCS for large
-    ones, each falling back to the other on a solver error), ``CLARABEL`` or ``SCS``.
+    ones, each falling back to the other on a solver error, which the tier's reason
+    reports), ``CLARABEL`` or ``SCS``. ``time_budget=None`` passes no time limit to the solvers.
     """
     if names is None:
         names = default_certificates(system)
@@ -200,15 +231,33 @@ def verify_certificate(
     """Independently check an LMI certificate (P, multipliers) for ``system`` in float64.
 
     ``rate`` is in the units of :class:`CertificateResult`: a for ct, the
-    contraction factor per input step for discrete certificates.
+    contraction factor per input step for discrete certificates (converted to rho^2
+    per substep and rounded down, so a pass proves the stated rate). ct evidence is
+    checked on the time-rescaled system (module docstring): the returned record's
+    ``r``, ``margin`` and ``tolerance`` are in its units (a / s).
     """
     family = _family(system, name)
     if not name.endswith("-lmi"):
         raise ValueError(f"{name} is not an LMI certificate")
-    form = incremental_form(system, family)
-    meaningful = np.isfinite(rate) and rate >= 0
-    r = rate if form.continuous or not meaningful else (rate ** (1.0 / _substeps(system, family))) ** 2
+    working, scale = _working_system(system, family)
+    form = incremental_form(working, family)
+    multipliers = np.asarray(multipliers, dtype=np.float64)
+    meaningful = np.isfinite(rate) and 0 <= rate < (np.inf if form.continuous else 1.0)
+    if form.continuous:
+        return verify(form, P, multipliers * scale, rate / scale)
+    r = (rate ** (1.0 / _substeps(system, family))) ** 2 * (1.0 - 8.0 * UNIT_ROUNDOFF) if meaningful else rate
     return verify(form, P, multipliers, r)
+
+
+def _working_system(system: LureSystem, family: str) -> tuple[LureSystem, float]:
+    """The system the computations run on and its time scale s (module docstring); s = 1 unless ct."""
+    if family != "ct":
+        return system, 1.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        size = norm2(system.A) + system.slope * norm2(system.W)
+    scale = math.ldexp(1.0, round(math.log2(size))) if np.isfinite(size) and size > 0 else 1.0
+    rescaled = LureSystem(system.A / scale, system.W / scale, slope=system.slope, method="ode", activation=system.activation)
+    return rescaled, scale
 
 
 def _family(system: LureSystem, name: str) -> str:
@@ -252,59 +301,117 @@ def _rate_meaning(family: str) -> str:
     return "contraction factor per input step: ||delta_k|| <= gain * rate^k * ||delta_0||"
 
 
-def _necessary_failure(system: LureSystem, family: str) -> str | None:
-    """Reason string when the frozen Jacobian at D = 0 or D = L I is already unstable."""
-    n, L = system.n, system.slope
+def _necessary_failure(working: LureSystem, family: str, scale: float, norm_holds: bool) -> str | None:
+    """Reason no certificate is attempted: a frozen Jacobian at D = 0 or D = L I is not stable.
+
+    Decided from computed eigenvalues against :func:`~.lmi.jacobian_error_bound`: beyond the
+    bound the system is reported unstable; within it float64 cannot decide and nothing is
+    certified. A norm test that holds is a proof (with its own round-off bound) that every
+    frozen Jacobian is stable, so it overrides the eigenvalue estimate and ``ct-norm`` and
+    ``ct-lmi`` never disagree about it.
+    """
+    if norm_holds:
+        return None
+    n, L = working.n, working.slope
+    bound = jacobian_error_bound(working, family)
+    sector = f"(sector [0, {L:g}])"
     for label, d in (("A", np.zeros(n)), ("A + L W", np.full(n, L))):
-        g = jacobian_goodness(system, family, d)
-        if family == "ct" and g <= 0.0:
-            return (f"no input-uniform certificate can exist (sector [0, {L:g}]): {label} is not Hurwitz "
-                    f"(spectral abscissa {-g:.6g})")
-        if family != "ct" and -g >= 1.0:
-            what = "step matrix" if family != "map" else "linear map"
-            return (
-                f"no input-uniform certificate can exist (sector [0, {L:g}]): the {what} at J = {label} has spectral radius"
-                f" {np.sqrt(-g):.6g} >= 1"
-            )
+        g = jacobian_goodness(working, family, d)
+        if np.isnan(g) or not np.isfinite(bound) or (family == "ct" and not np.isfinite(g)):
+            return f"not certified: the frozen Jacobian {label} of the {family} scheme overflows float64"
+        if family == "ct":
+            alpha = -g
+            if alpha > bound:
+                return (f"no input-uniform certificate can exist {sector}: {label} is not Hurwitz "
+                        f"(spectral abscissa {alpha * scale:.6g}, round-off bound {bound * scale:.3g})")
+            if alpha >= -bound:
+                return (f"not certified: the spectral abscissa of {label}, {alpha * scale:.6g}, is within the round-off "
+                        f"bound {bound * scale:.3g} of 0, so float64 cannot decide whether it is Hurwitz")
+            continue
+        what = "step matrix" if family != "map" else "linear map"
+        radius = float(np.sqrt(-g))
+        if radius > 1.0 + bound:
+            return (f"no input-uniform certificate can exist {sector}: the {what} at J = {label} has spectral radius"
+                    f" {radius:.6g} > 1 (round-off bound {bound:.3g})")
+        if radius >= 1.0 - bound:
+            return (f"not certified: the {what} at J = {label} has spectral radius {radius:.6g}, within the round-off"
+                    f" bound {bound:.3g} of 1, so float64 cannot decide whether it contracts")
     return None
 
 
-def _from_norm(system: LureSystem, family: str) -> tuple[bool, float, float | None, float | None]:
-    """(holds, margin, rate, substep_rate) of the norm test for ``family``."""
-    outcome = norm_test(system, f"{family}-norm")
-    bound = outcome.value + outcome.tolerance  # the rate is backed off by the round-off bound of the norms
+@dataclass(frozen=True)
+class _NormNumbers:
+    outcome: NormTestOutcome
+    margin: float | None
+    rate: float | None
+    substep_rate: float | None
+    log_rate: float | None
+
+
+def _from_norm(working: LureSystem, family: str, scale: float, substeps: int) -> _NormNumbers:
+    """The norm test of ``family`` on the working system, in the units of :class:`CertificateResult`.
+
+    The rate is backed off by the round-off bound of the norms (value + tolerance).
+    """
+    outcome = norm_test(working, f"{family}-norm")
+    bound = outcome.value + outcome.tolerance
     if family == "ct":
-        margin = -bound
-        return outcome.holds, margin, (margin if outcome.holds else None), None
-    rate = bound ** _substeps(system, family)
-    holds = outcome.holds
-    return holds, 1.0 - rate, (rate if holds else None), (bound if holds else None)
+        margin = -bound * scale if np.isfinite(bound) else None
+        return _NormNumbers(outcome, margin, margin if outcome.holds else None, None, None)
+    if not outcome.holds:
+        return _NormNumbers(outcome, 1.0 - bound if np.isfinite(bound) else None, None, None, None)
+    rho = float(np.nextafter(bound, np.inf))
+    rate, log_rate = _contraction(math.log(rho) if rho > 0 else -math.inf, substeps)
+    return _NormNumbers(outcome, 1.0 - rate, rate, rho, log_rate)
+
+
+def _contraction(log_substep: float, substeps: int) -> tuple[float, float]:
+    """(rate, log_rate) per input step from ln(rho) per substep, both rounded up.
+
+    ln and exp err by at most one ulp and the product by one rounding, so
+    log_rate * (1 - 8u) and exp(.) * (1 + 4u) are upper bounds; a rate below the
+    smallest normal float64 is reported as that number (2.2e-308), never as 0.
+    """
+    if log_substep == -math.inf:
+        return 0.0, -math.inf
+    log_rate = substeps * log_substep
+    log_rate = log_rate + 8.0 * UNIT_ROUNDOFF * abs(log_rate)
+    return max(math.exp(log_rate) * (1.0 + 4.0 * UNIT_ROUNDOFF), UNDERFLOW_FLOOR), log_rate
 
 
 def _norm_certificate(system: LureSystem, name: str) -> CertificateResult:
     start = time.monotonic()
     family = _family(system, name)
-    holds, margin, rate, substep_rate = _from_norm(system, family)
-    necessary = _necessary_failure(system, family)
+    working, scale = _working_system(system, family)
+    numbers = _from_norm(working, family, scale, _substeps(system, family))
+    holds = numbers.outcome.holds
     if holds:
         reason = "norm test holds"
     else:
-        reason = necessary or f"norm test fails (margin {margin:.6g})"
+        reason = _necessary_failure(working, family, scale, False) or _norm_failure(numbers, scale)
     seconds = time.monotonic() - start
     return CertificateResult(
         name=name,
         holds=holds,
-        margin=margin,
-        rate=rate,
+        margin=numbers.margin,
+        rate=numbers.rate,
         gain=1.0 if holds else None,
         tier="norm" if holds else None,
         seconds=seconds,
         reason=reason,
         assumptions=_assumptions(system, family),
         rate_meaning=_rate_meaning(family),
-        substep_rate=substep_rate,
-        attempts=(TierAttempt("norm", holds, rate, seconds, 0, None, reason),),
+        substep_rate=numbers.substep_rate,
+        log_rate=numbers.log_rate,
+        attempts=(TierAttempt("norm", holds, numbers.rate, seconds, 0, None, reason),),
     )
+
+
+def _norm_failure(numbers: _NormNumbers, scale: float) -> str:
+    if numbers.margin is None:
+        return "not certified: the norms of the test overflow float64"
+    return (f"norm test fails (margin {numbers.margin:.6g}, round-off bound "
+            f"{numbers.outcome.tolerance * scale:.3g} included)")
 
 
 def _lmi_certificate(
@@ -313,15 +420,20 @@ def _lmi_certificate(
     start = time.monotonic()
     family = _family(system, name)
     common = {"name": name, "assumptions": _assumptions(system, family), "rate_meaning": _rate_meaning(family)}
-    _, norm_margin, _, _ = _from_norm(system, family)
-    necessary = _necessary_failure(system, family)
+    working, scale = _working_system(system, family)
+    substeps = _substeps(system, family)
+    numbers = _from_norm(working, family, scale, substeps)
+    necessary = _necessary_failure(working, family, scale, numbers.outcome.holds)
+    form = incremental_form(working, family)
+    if necessary is None and not all(np.all(np.isfinite(X)) for X in (form.out,) + form.q_maps):
+        necessary = f"not certified: the lifted increment form of the {family} scheme overflows float64"
     if necessary is not None:
         return CertificateResult(
-            holds=False, margin=norm_margin, rate=None, gain=None, tier=None,
+            holds=False, margin=numbers.margin, rate=None, gain=None, tier=None,
             seconds=time.monotonic() - start, reason=necessary, **common,
         )
-    form = incremental_form(system, family)
-    g_upper = min(jacobian_goodness(system, family, d) for d in sampled_slopes(system.n, system.slope))
+    goodness = [jacobian_goodness(working, family, d) for d in sampled_slopes(working.n, working.slope)]
+    g_upper = min(g for g in goodness if np.isfinite(g))
     attempts: list[TierAttempt] = []
     exhausted = False
     for tier in tiers:
@@ -330,43 +442,57 @@ def _lmi_certificate(
             attempts.append(TierAttempt(tier, False, None, 0.0, 0, None, "skipped: time budget exhausted"))
             continue
         if tier == "norm":
-            tier_start = time.monotonic()
-            holds, margin, rate, substep_rate = _from_norm(system, family)
-            attempts.append(TierAttempt("norm", holds, rate, time.monotonic() - tier_start, 0, None,
+            holds = numbers.outcome.holds
+            attempts.append(TierAttempt("norm", holds, numbers.rate, 0.0, 0, None,
                                         "norm test holds" if holds else "norm test fails"))
             if holds:
                 return CertificateResult(
-                    holds=True, margin=margin, rate=rate, gain=1.0, tier="norm", substep_rate=substep_rate,
+                    holds=True, margin=numbers.margin, rate=numbers.rate, gain=1.0, tier="norm",
+                    substep_rate=numbers.substep_rate, log_rate=numbers.log_rate,
                     seconds=time.monotonic() - start, reason="verified by the norm test",
                     attempts=tuple(attempts), **common,
                 )
             continue
-        outcome = fixed_identity_tier(form, deadline) if tier == "P=I" else sdp_tier(form, tier, g_upper, deadline, solver)
+        tier_start = time.monotonic()
+        try:
+            if tier == "P=I":
+                outcome = fixed_identity_tier(form, deadline)
+            else:
+                outcome = sdp_tier(form, tier, g_upper, deadline, solver)
+        except BaseException as error:
+            if not is_numerical_failure(error):
+                raise
+            attempts.append(TierAttempt(tier, False, None, time.monotonic() - tier_start, 0, None,
+                                        f"not certified: {type(error).__name__}: {error}"))
+            continue
         exhausted = exhausted or outcome.budget_exhausted
-        result = _tier_result(system, family, outcome)
-        attempts.append(result)
+        attempts.append(_tier_result(system, family, scale, outcome))
         if outcome.candidate is not None:
-            return _lmi_success(system, family, outcome.candidate, tier, start, attempts, exhausted, common)
+            return _lmi_success(system, family, scale, outcome.candidate, tier, start, attempts, exhausted, common)
     reason = "no tier verified a certificate"
     if exhausted:
         reason += " (time budget exhausted)"
     return CertificateResult(
-        holds=False, margin=norm_margin, rate=None, gain=None, tier=None,
+        holds=False, margin=numbers.margin, rate=None, gain=None, tier=None,
         seconds=time.monotonic() - start, reason=reason, attempts=tuple(attempts),
         budget_exhausted=exhausted, **common,
     )
 
 
-def _user_rate(system: LureSystem, family: str, r: float) -> tuple[float, float | None]:
-    """(rate, substep_rate) in the units of CertificateResult from the LMI parameter r."""
+def _user_rate(system: LureSystem, family: str, scale: float, r: float) -> tuple[float, float | None, float | None]:
+    """(rate, substep_rate, log_rate) in the units of CertificateResult from the LMI parameter r.
+
+    ct: a = s r (exact, s a power of two). Discrete: rho = sqrt(r) and rho^substeps, rounded up.
+    """
     if family == "ct":
-        return r, None
-    rho = float(np.sqrt(r))
-    return rho ** _substeps(system, family), rho
+        return r * scale, None, None
+    rho = float(np.nextafter(math.sqrt(r), np.inf))
+    rate, log_rate = _contraction(0.5 * math.log(r) if r > 0 else -math.inf, _substeps(system, family))
+    return rate, rho, log_rate
 
 
-def _tier_result(system: LureSystem, family: str, outcome: TierOutcome) -> TierAttempt:
-    rate = None if outcome.candidate is None else _user_rate(system, family, outcome.candidate.r)[0]
+def _tier_result(system: LureSystem, family: str, scale: float, outcome: TierOutcome) -> TierAttempt:
+    rate = None if outcome.candidate is None else _user_rate(system, family, scale, outcome.candidate.r)[0]
     return TierAttempt(
         outcome.tier, outcome.candidate is not None, rate, outcome.seconds, outcome.solves, outcome.solver, outcome.reason
     )
@@ -375,6 +501,7 @@ def _tier_result(system: LureSystem, family: str, outcome: TierOutcome) -> TierA
 def _lmi_success(
     system: LureSystem,
     family: str,
+    scale: float,
     candidate: Candidate,
     tier: str,
     start: float,
@@ -382,8 +509,9 @@ def _lmi_success(
     exhausted: bool,
     common: dict[str, Any],
 ) -> CertificateResult:
-    rate, substep_rate = _user_rate(system, family, candidate.r)
+    rate, substep_rate, log_rate = _user_rate(system, family, scale, candidate.r)
     verification = candidate.verification
+    evidence_r = candidate.r * scale if family == "ct" else candidate.r
     return CertificateResult(
         holds=True,
         margin=rate if family == "ct" else 1.0 - rate,
@@ -393,7 +521,8 @@ def _lmi_success(
         seconds=time.monotonic() - start,
         reason=f"verified in float64 (LMI margin {verification.margin:.3e})",
         substep_rate=substep_rate,
-        evidence=Evidence(candidate.P, candidate.lam, candidate.r),
+        log_rate=log_rate,
+        evidence=Evidence(candidate.P, candidate.lam / scale, evidence_r),
         verification=verification,
         attempts=tuple(attempts),
         budget_exhausted=exhausted,

@@ -34,6 +34,7 @@ import numpy as np
 import scipy.linalg
 
 from ..lure import LureSystem
+from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF
 
 FAMILIES = ("ct", "euler", "rk2", "rk4", "map")
 _TABLEAUS: dict[str, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
@@ -44,7 +45,6 @@ _TABLEAUS: dict[str, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = 
         (1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0),
     ),
 }
-_UNIT_ROUNDOFF = np.finfo(np.float64).eps / 2.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +100,8 @@ class IncrementalForm:
 
         ``lam`` has shape (stages, n). The error bound covers the products and sums
         forming M and the backward error of a symmetric eigensolver on M, using
-        |fl(XY) - XY| <= gamma_k |X||Y| and || |X||Y| ||_F <= ||X||_F ||Y||_F.
+        |fl(XY) - XY| <= gamma_k |X||Y| and || |X||Y| ||_F <= ||X||_F ||Y||_F, plus
+        an absolute N * 2^-1022 per entry for gradual underflow.
         """
         n, N, L = self.n, self.N, self.slope
         lam = np.asarray(lam, dtype=np.float64).reshape(self.stages, n)
@@ -125,7 +126,7 @@ class IncrementalForm:
             lam_max = float(np.max(np.abs(lam[s]))) if n else 0.0
             magnitude += 2.0 * L * lam_max * np.linalg.norm(G) + 2.0 * lam_max * np.sqrt(n)
         M = 0.5 * (M + M.T)
-        tolerance = 8.0 * (N + n + 8) * _UNIT_ROUNDOFF * (magnitude + np.linalg.norm(M))
+        tolerance = 8.0 * (N + n + 8) * (UNIT_ROUNDOFF * (magnitude + np.linalg.norm(M)) + N * UNDERFLOW_FLOOR)
         return M, float(tolerance)
 
     def schur(self, P: np.ndarray, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -172,24 +173,26 @@ def incremental_form(system: LureSystem, family: str) -> IncrementalForm:
     if system.eps is None:
         raise ValueError(f"family {family!r} needs a system with a step eps")
     eps = float(system.eps)
-    a, b = _TABLEAUS[family]
-    m = len(b)
-    N = n * (m + 1)
-    E0 = np.zeros((n, N))
-    E0[:, :n] = I
-    stage_increments: list[np.ndarray] = []
-    q_maps = []
-    for i in range(m):
-        delta_i = E0.copy()
-        for j in range(i):
-            if a[i][j]:
-                delta_i = delta_i + eps * a[i][j] * stage_increments[j]
-        p_i = np.zeros((n, N))
-        p_i[:, n * (i + 1) : n * (i + 2)] = I
-        stage_increments.append(A @ delta_i + p_i)
-        q_maps.append(W @ delta_i)
-    C = E0.copy()
-    for i in range(m):
-        if b[i]:
-            C = C + eps * b[i] * stage_increments[i]
-    return IncrementalForm(family, n, system.slope, eps, C, tuple(q_maps))
+    # An overflowing scheme (huge eps ||A||) yields non-finite entries, which callers report.
+    with np.errstate(over="ignore", invalid="ignore"):
+        a, b = _TABLEAUS[family]
+        m = len(b)
+        N = n * (m + 1)
+        E0 = np.zeros((n, N))
+        E0[:, :n] = I
+        stage_increments: list[np.ndarray] = []
+        q_maps = []
+        for i in range(m):
+            delta_i = E0.copy()
+            for j in range(i):
+                if a[i][j]:
+                    delta_i = delta_i + eps * a[i][j] * stage_increments[j]
+            p_i = np.zeros((n, N))
+            p_i[:, n * (i + 1) : n * (i + 2)] = I
+            stage_increments.append(A @ delta_i + p_i)
+            q_maps.append(W @ delta_i)
+        C = E0.copy()
+        for i in range(m):
+            if b[i]:
+                C = C + eps * b[i] * stage_increments[i]
+        return IncrementalForm(family, n, system.slope, eps, C, tuple(q_maps))

@@ -33,7 +33,7 @@ import scipy.optimize
 
 from ..lure import LureSystem
 from .forms import IncrementalForm
-from .spectra import spectral_abscissa, spectral_radius, step_matrix
+from .spectra import STABILITY_POLYNOMIALS, norm2, roundoff_bound, spectral_abscissa, spectral_radius, step_matrix
 from .verification import Verification, verify
 
 LMI_TIERS = ("P=I", "diag-P", "full-P")
@@ -50,6 +50,19 @@ KAPPA_MAX = 1e4
 # The SDP only needs some margin t > 0; capping t turns it into a feasibility problem,
 # which first-order solvers finish far faster than the true maximization.
 _SLACK_CAP = 1e-4
+
+
+_SOLVER_ERRORS = (cp.error.SolverError, np.linalg.LinAlgError, scipy.linalg.LinAlgError, ArithmeticError)
+
+
+def is_numerical_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a solver or linear-algebra failure (reported as "not certified").
+
+    Includes the ``PanicException`` a Rust solver (Clarabel, via pyo3) raises on a panic:
+    it derives from BaseException and is not importable under a stable name, so it is
+    matched by class name. KeyboardInterrupt, SystemExit and every other error propagate.
+    """
+    return isinstance(error, _SOLVER_ERRORS) or type(error).__name__ == "PanicException"
 
 
 @dataclass(frozen=True)
@@ -84,13 +97,35 @@ def jacobian_goodness(system: LureSystem, family: str, d: np.ndarray) -> float:
 
     Any certificate with rate r also certifies the linear increment dynamics with
     J, hence ct: a <= -alpha(J); discrete: rho^2 >= spectral_radius(R(eps J))^2.
+    nan when the step matrix overflows float64.
     """
-    J = system.A + d[:, None] * system.W
-    if family == "ct":
-        return -spectral_abscissa(J)
-    if family == "map":
-        return -spectral_radius(d[:, None] * system.W) ** 2
-    return -spectral_radius(step_matrix(family, float(system.eps), J)) ** 2
+    with np.errstate(over="ignore", invalid="ignore"):
+        J = system.A + d[:, None] * system.W
+        if family == "ct":
+            return -spectral_abscissa(J)
+        if family == "map":
+            return float(-np.float64(spectral_radius(d[:, None] * system.W)) ** 2)
+        return float(-np.float64(spectral_radius(step_matrix(family, float(system.eps), J))) ** 2)
+
+
+def jacobian_error_bound(system: LureSystem, family: str) -> float:
+    """Round-off bound on the spectral quantity behind :func:`jacobian_goodness`, for every D in [0, L].
+
+    ct: alpha(A + D W), with ||A + D W||_2 <= K = ||A||_2 + L ||W||_2; map: the spectral
+    radius of D W, of norm <= L ||W||_2; Runge-Kutta: the spectral radius of
+    R(eps J) = sum_k c_k (eps J)^k, formed from terms of norm <= |c_k| (eps K)^k.
+    :func:`~.spectra.roundoff_bound` of that size (a backward-error bound: the
+    eigenvalues of a non-normal J may err more, so conclusions from it are diagnostics).
+    """
+    n, L = system.n, system.slope
+    with np.errstate(over="ignore", invalid="ignore"):
+        if family == "map":
+            return roundoff_bound(n, L * norm2(system.W))
+        K = norm2(system.A) + L * norm2(system.W)
+        if family == "ct":
+            return roundoff_bound(n, K)
+        x = np.float64(system.eps) * np.float64(K)
+        return roundoff_bound(n, sum(abs(c) * x**k for k, c in enumerate(STABILITY_POLYNOMIALS[family])))
 
 
 def optimize_multipliers(
@@ -271,18 +306,23 @@ class _SdpProblem:
         self.cone = form.N + (0 if form.continuous else n)
 
     def solve(self, r: float, solver: str, time_limit: float) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+        """One feasibility solve at rate parameter r; ``time_limit`` may be inf (no limit passed)."""
         self.rate.value = r
         options: dict[str, Any]
         if solver == "CLARABEL":
-            options = {"time_limit": max(time_limit, 1.0)}
+            options = {} if not np.isfinite(time_limit) else {"time_limit": max(time_limit, 1.0)}
         else:
-            options = {"time_limit_secs": max(time_limit, 1.0), "eps_abs": 1e-5, "eps_rel": 1e-5, "max_iters": 2500}
+            options = {"eps_abs": 1e-5, "eps_rel": 1e-5, "max_iters": 2500}
+            if np.isfinite(time_limit):
+                options["time_limit_secs"] = max(time_limit, 1.0)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 self.problem.solve(solver=solver, **options)
-        except (cp.error.SolverError, ValueError, ArithmeticError) as error:
-            return None, f"{solver} error: {error}"
+        except BaseException as error:
+            if not (is_numerical_failure(error) or isinstance(error, ValueError)):
+                raise
+            return None, f"{solver} error: {type(error).__name__}: {error}"
         status = self.problem.status
         if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or self.P.value is None:
             return None, f"{solver}: {status}"
@@ -308,11 +348,13 @@ def sdp_tier(form: IncrementalForm, tier: str, g_upper: float, deadline: float, 
     trial = form.weakest
     solves, used, reason = 0, None, "no solve attempted"
     exhausted = False
+    fallbacks: list[str] = []
     while solves < _MAX_SDP_SOLVES:
         if time.monotonic() >= deadline:
             exhausted = True
             break
         found = None
+        errors = []
         for name in order:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -323,6 +365,9 @@ def sdp_tier(form: IncrementalForm, tier: str, g_upper: float, deadline: float, 
             used = name
             if found is not None or "error" not in status:
                 break
+            errors.append(status)
+        if errors and len(errors) < len(order) and not exhausted:
+            fallbacks.append(f"{errors[0]}; fell back to {used}")
         if exhausted:
             break
         improved = False
@@ -346,4 +391,6 @@ def sdp_tier(form: IncrementalForm, tier: str, g_upper: float, deadline: float, 
         if best is None or g_hi - g_lo <= _BISECTION_RTOL * max(g_hi - form.weakest, 1e-12 * form.scale):
             break
         trial = 0.5 * (g_lo + g_hi)
+    if fallbacks:
+        reason += f" ({len(fallbacks)} solver failure(s), first: {fallbacks[0]})"
     return TierOutcome(tier, best, time.monotonic() - start, solves, used, reason, exhausted)

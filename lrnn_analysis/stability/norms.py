@@ -29,10 +29,9 @@ from typing import Any
 import numpy as np
 
 from ..lure import LureSystem
-from .spectra import mu2, norm2
+from .spectra import mu2, norm2, roundoff_bound
 
 NORM_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "map-norm")
-_UNIT_ROUNDOFF = np.finfo(np.float64).eps / 2.0
 
 
 def norm_test_threshold(name: str) -> float:
@@ -80,7 +79,8 @@ class NormTestOutcome:
     """A norm test evaluated in float64.
 
     ``holds`` is ``value + tolerance < threshold``: the tolerance bounds the
-    floating-point error of the computed norms, so a borderline value is not certified.
+    floating-point error of the computed norms (:func:`norm_test_tolerance`), so a
+    borderline value is not certified. A value that overflows float64 never holds.
     """
 
     name: str
@@ -99,6 +99,28 @@ class NormTestOutcome:
         }
 
 
+def norm_test_tolerance(
+    name: str, n: int, *, norm_A: float, norm_Ahat: float, norm_W: float, eps: float | None, slope: float
+) -> float:
+    """Bound on the float64 error of :func:`norm_test_value` as computed by :func:`norm_test`.
+
+    :func:`~.spectra.roundoff_bound` of the size of everything that is rounded:
+    ``ct-norm`` ||A||_2 + L ||W||_2 (mu2(A) errs by u ||A||_2 however small mu2(A) is);
+    ``map-norm`` L ||W||_2; the Runge-Kutta tests 1 + eps ||A||_2 (forming I + eps A)
+    + ||I + eps A||_2 + eps L ||W||_2 + 4 T(eps K), where T is the polynomial tail of the
+    test (x^2/2, or x^2/2 + x^3/6 + x^4/24) and 4 T(x) / x bounds its derivative, so
+    4 T(eps K) covers the tail's error from a relative error of K.
+    """
+    L = slope
+    if name == "ct-norm":
+        return roundoff_bound(n, norm_A + L * norm_W)
+    if name == "map-norm":
+        return roundoff_bound(n, L * norm_W)
+    assert eps is not None
+    tail = norm_test_value(name, norm_A=norm_A, norm_Ahat=0.0, norm_W=norm_W, eps=eps, slope=L) - eps * L * norm_W
+    return roundoff_bound(n, 1.0 + eps * norm_A + norm_Ahat + eps * L * norm_W + 4.0 * tail)
+
+
 def norm_test(system: LureSystem, name: str) -> NormTestOutcome:
     """Evaluate the norm test ``name`` on ``system`` (see the module docstring)."""
     _check_name(name)
@@ -106,18 +128,19 @@ def norm_test(system: LureSystem, name: str) -> NormTestOutcome:
     eps = system.eps if name not in ("ct-norm", "map-norm") else None
     if eps is None and name not in ("ct-norm", "map-norm"):
         raise ValueError(f"{name} needs a system with a step eps")
-    norm_A, norm_W = norm2(A), norm2(W)
-    norm_Ahat = norm2(np.eye(system.n) + eps * A) if eps is not None else 1.0
-    mu_A = mu2(A)
-    value = float(
-        norm_test_value(name, mu_A=mu_A, norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps, slope=L)
-    )
-    magnitude = float(
-        norm_test_value(name, mu_A=abs(mu_A), norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps, slope=L)
-    )
-    tolerance = 64.0 * (system.n + 1) * _UNIT_ROUNDOFF * (magnitude + (eps or 0.0) * norm_A)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm_A, norm_W = np.float64(norm2(A)), np.float64(norm2(W))
+        norm_Ahat = np.float64(norm2(np.eye(system.n) + eps * A)) if eps is not None else np.float64(1.0)
+        mu_A = np.float64(mu2(A))
+        value = float(
+            norm_test_value(name, mu_A=mu_A, norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps, slope=L)
+        )
+        tolerance = float(
+            norm_test_tolerance(name, system.n, norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps, slope=L)
+        )
     threshold = norm_test_threshold(name)
-    return NormTestOutcome(name, value, threshold, float(tolerance), bool(value + tolerance < threshold))
+    holds = bool(np.isfinite(value) and np.isfinite(tolerance) and value + tolerance < threshold)
+    return NormTestOutcome(name, value, threshold, tolerance, holds)
 
 
 def norm_certificate_value(system: LureSystem, name: str | None = None) -> float:

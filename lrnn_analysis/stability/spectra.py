@@ -18,6 +18,11 @@ import numpy as np
 
 from ..lure import LureSystem
 
+UNIT_ROUNDOFF = 2.0**-53
+# Absolute floor of every round-off bound: results below the smallest normal float64 lose
+# relative accuracy (gradual underflow), so each bound also covers an absolute error of this size.
+UNDERFLOW_FLOOR = float(np.finfo(np.float64).tiny)
+
 # Coefficients c_k of the stability polynomial R(z) = sum_k c_k z^k of each
 # explicit scheme applied to y' = lambda y (one substep).
 STABILITY_POLYNOMIALS: dict[str, tuple[float, ...]] = {
@@ -28,23 +33,42 @@ STABILITY_POLYNOMIALS: dict[str, tuple[float, ...]] = {
 
 
 def mu2(X: np.ndarray) -> float:
-    """Logarithmic 2-norm mu2(X) = lambda_max((X + X^T)/2)."""
-    return float(np.linalg.eigvalsh(0.5 * (X + X.T))[-1])
+    """Logarithmic 2-norm mu2(X) = lambda_max((X + X^T)/2); nan if X (or its symmetric part) overflowed."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        H = 0.5 * X + 0.5 * X.T
+    return float(np.linalg.eigvalsh(H)[-1]) if np.all(np.isfinite(H)) else float("nan")
 
 
 def spectral_abscissa(X: np.ndarray) -> float:
-    """alpha(X) = max_i Re lambda_i(X)."""
-    return float(np.max(np.linalg.eigvals(X).real))
+    """alpha(X) = max_i Re lambda_i(X); nan if X has non-finite entries."""
+    return float(np.max(np.linalg.eigvals(X).real)) if np.all(np.isfinite(X)) else float("nan")
 
 
 def spectral_radius(X: np.ndarray) -> float:
-    """max_i |lambda_i(X)|."""
-    return float(np.max(np.abs(np.linalg.eigvals(X))))
+    """max_i |lambda_i(X)|; nan if X has non-finite entries."""
+    return float(np.max(np.abs(np.linalg.eigvals(X)))) if np.all(np.isfinite(X)) else float("nan")
 
 
 def norm2(X: np.ndarray) -> float:
-    """Spectral norm ||X||_2 (largest singular value)."""
-    return float(np.linalg.norm(X, 2)) if X.size else 0.0
+    """Spectral norm ||X||_2 (largest singular value); nan if X has non-finite entries."""
+    if not X.size:
+        return 0.0
+    return float(np.linalg.norm(X, 2)) if np.all(np.isfinite(X)) else float("nan")
+
+
+def roundoff_bound(n: int, magnitude: float) -> float:
+    """Bound on the float64 error of a 2-norm, logarithmic norm or eigenvalue of an n x n matrix.
+
+    ``magnitude`` is the 2-norm of what is rounded (e.g. ||A||_2 + L ||W||_2 for J = A + D W).
+    LAPACK's SVD and symmetric eigensolver are backward stable, so they err by at most
+    p(n) u ||X||_2 with a modest p(n) (Golub and Van Loan, sections 8.1 and 8.6); the bound
+    is 64 (n + 1) (u * magnitude + eta), u = 2^-53, eta = 2^-1022 (underflow). It scales
+    with the size of the matrix, never with the size of the result: a logarithmic norm or
+    eigenvalue near 0 of a large matrix is as uncertain as a large one. For eigenvalues of
+    a non-normal matrix this is the backward error only, so any conclusion drawn from it
+    is a diagnostic, never a certificate.
+    """
+    return 64.0 * (n + 1) * (UNIT_ROUNDOFF * float(magnitude) + UNDERFLOW_FLOOR)
 
 
 def stability_polynomial(method: str, z: np.ndarray) -> np.ndarray:
@@ -78,7 +102,8 @@ class BendixsonBox:
     im_max: float
 
     def contains(self, eigenvalues: np.ndarray, rtol: float = 1e-9) -> bool:
-        scale = rtol * max(1.0, abs(self.re_min), abs(self.re_max), self.im_max)
+        """Whether every eigenvalue lies in the box, up to ``rtol`` times the box's size (never an absolute 1)."""
+        scale = rtol * max(abs(self.re_min), abs(self.re_max), self.im_max) + UNDERFLOW_FLOOR
         ev = np.asarray(eigenvalues)
         return bool(
             np.all(ev.real >= self.re_min - scale)
@@ -92,8 +117,8 @@ class BendixsonBox:
 
 def bendixson_box(X: np.ndarray) -> BendixsonBox:
     """Bendixson's rectangle of X from its symmetric and skew parts."""
-    sym_eigs = np.linalg.eigvalsh(0.5 * (X + X.T))
-    return BendixsonBox(float(sym_eigs[0]), float(sym_eigs[-1]), norm2(0.5 * (X - X.T)))
+    sym_eigs = np.linalg.eigvalsh(0.5 * X + 0.5 * X.T)
+    return BendixsonBox(float(sym_eigs[0]), float(sym_eigs[-1]), norm2(0.5 * X - 0.5 * X.T))
 
 
 @dataclass(frozen=True)
@@ -200,8 +225,8 @@ def spectrum(system: LureSystem) -> SpectrumReport:
         slope=system.slope,
         eig_A=eig_A,
         eig_W=_sorted_eigenvalues(W),
-        eig_sym_A=np.linalg.eigvalsh(0.5 * (A + A.T)),
-        eig_sym_W=np.linalg.eigvalsh(0.5 * (W + W.T)),
+        eig_sym_A=np.linalg.eigvalsh(0.5 * A + 0.5 * A.T),
+        eig_sym_W=np.linalg.eigvalsh(0.5 * W + 0.5 * W.T),
         abscissa_A=float(np.max(eig_A.real)),
         mu2_A=mu2(A),
         norm_A=norm2(A),

@@ -73,6 +73,8 @@ def verify(form: IncrementalForm, P: np.ndarray, lam: np.ndarray, r: float) -> V
         return fail(f"shape mismatch: P {P.shape}, multipliers {lam.shape}")
     if not (np.all(np.isfinite(P)) and np.all(np.isfinite(lam)) and np.isfinite(r)):
         return fail("non-finite entries")
+    if not all(np.all(np.isfinite(X)) for X in (form.out,) + form.q_maps):
+        return fail("the lifted increment form overflows float64")
     if r < 0 or (not form.continuous and r >= 1):
         return fail(f"rate parameter {r} certifies no contraction (need a >= 0, or rho^2 in [0, 1))")
     if not np.array_equal(P, P.T):
@@ -90,7 +92,10 @@ def verify(form: IncrementalForm, P: np.ndarray, lam: np.ndarray, r: float) -> V
     p_min, p_max, lam_min = p_min / p_max, 1.0, lam_min / p_max
     if not np.array_equal(P, P.T):
         return fail("P is not symmetric after scaling", p_min, p_max, lam_min)
-    M, tolerance = form.assemble(P, lam, r)
+    with np.errstate(over="ignore", invalid="ignore"):
+        M, tolerance = form.assemble(P, lam, r)
+    if not (np.all(np.isfinite(M)) and np.isfinite(tolerance)):
+        return fail("the LMI matrix overflows float64", p_min, p_max, lam_min)
     top = float(np.linalg.eigvalsh(M)[-1])
     margin = -(top + tolerance)
     passed = margin > 0

@@ -1,0 +1,99 @@
+"""`lrnn certify`: the initialisation radius, a reason and a remedy for every "no", the phase diagram's axes."""
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from lrnn_analysis.cli import main
+from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.stability import certify_parameterization, gaussian_init_radius
+
+PAPER = ["certify", "--beta", "0.75", "--gamma", "0.001", "--eps", "0.03", "--hidden", "128", "--init-std", "0.1"]
+
+
+def test_init_radius_is_the_stated_bound_and_covers_the_models_initialisation():
+    init = gaussian_init_radius(128, 0.1)
+    s = 0.1 / 128
+    t = math.sqrt(2 * math.log(2 / 1e-6))
+    assert init.entry_std == s and init.radius == pytest.approx(s * (2 * math.sqrt(128) + t), rel=1e-15)
+    n = 32
+    init = gaussian_init_radius(n, 0.1)
+    norms = []
+    for seed in range(30):
+        model = build_model(ModelConfig(arch="lipschitz", input_dim=1, hidden=n, output_dim=2, init_std=0.1), seed=seed)
+        norms += [float(np.linalg.norm(m.detach().double().numpy(), 2)) for m in (model.M_A, model.M_W)]
+    assert max(norms) <= init.radius
+    # the toolkit draws entries with std init_std / hidden: the mean norm sits just below Gordon's 2 s sqrt(N)
+    assert 0.8 * init.expected_bound <= np.mean(norms) <= init.expected_bound
+    for bad in ((0, 0.1), (8, 0.0), (8, -1.0), (8, math.inf)):
+        with pytest.raises(ValueError):
+            gaussian_init_radius(*bad)
+
+
+def test_paper_setting_says_why_and_what_to_change(capsys):
+    assert main(PAPER) == 1
+    out = capsys.readouterr().out
+    assert "Gordon" in out and "probability" in out and "0.0218861" in out
+    for test in ("ct-norm", "euler-norm", "rk2-norm"):
+        assert f"{test}: not certified" in out
+    assert out.count("what to change: ") == 3 and "cancels" in out
+    assert "one shared gamma" in out and "--gamma-w 0" in out
+    result = certify_parameterization(0.75, 0.001, 0.75, 0.0, gaussian_init_radius(128, 0.1).radius, eps=0.03)[0]
+    assert f"gamma_A >= {result.gamma_A_interval[0]:.6g}" in out  # the gamma_W = 0 remedy is printed
+
+
+def test_following_the_remedy_certifies(capsys):
+    r = gaussian_init_radius(128, 0.1).radius
+    results = certify_parameterization(0.75, 0.001, 0.75, 0.0, r, eps=0.03)
+    gamma_a = max(res.gamma_A_interval[0] for res in results)
+    assert all(res.gamma_A_interval[0] <= gamma_a <= res.gamma_A_interval[1] for res in results)
+    argv = ["certify", "--beta", "0.75", "--gamma-a", repr(gamma_a), "--gamma-w", "0", "--eps", "0.03",
+            "--hidden", "128", "--init-std", "0.1"]
+    assert main(argv) == 0
+    assert "what to change" not in capsys.readouterr().out
+
+
+def test_phase_diagram_names_the_axes_and_marks_the_user_point(tmp_path, capsys):
+    out = tmp_path / "phase.csv"
+    assert main(PAPER + ["--phase-betas", "0:1:5", "--phase-gammas", "0:1:7", "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "0 of 105 certified" in printed and "0 cells certified because W shares each cell's gamma" in printed
+    assert "--gamma-w 0" in printed
+    rows = list(csv.DictReader(out.open()))
+    assert {"beta_A", "gamma_A", "beta_W", "gamma_W", "point"} <= set(rows[0])
+    user = [r for r in rows if r["point"] == "user"]
+    assert len(user) == 3 and all((r["beta_A"], r["gamma_A"]) == ("0.75", "0.001") for r in user)
+    fixed = tmp_path / "fixed.csv"
+    assert main(["certify", "--beta", "0.75", "--gamma-a", "0.5", "--gamma-w", "0", "--eps", "0.03", "--radius", "0.02",
+                 "--phase-betas", "0:1:5", "--phase-gammas", "0:1:7", "--out", str(fixed)]) == 0
+    rows = list(csv.DictReader(fixed.open()))
+    assert {r["gamma_W"] for r in rows} == {"0.0"} and any(r["holds"] == "True" for r in rows)
+    assert "gamma_W = 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["certify", "--beta", "0.75", "--radius", "0.1"],  # no gamma
+    ["certify", "--beta", "0.75", "--gamma", "0.1"],  # no radius
+    ["certify", "--beta", "0.75", "--gamma", "0.1", "--radius", "0.1", "--hidden", "8", "--init-std", "0.1"],
+    ["certify", "--beta", "0.75", "--gamma", "0.1", "--hidden", "8"],
+    ["certify", "--beta", "0.75", "--gamma", "0.1", "--radius", "-1"],
+    ["certify", "--beta", "0.75", "--gamma-a", "inf", "--radius", "0.1"],
+    ["certify", "--beta", "nan", "--gamma", "0.1", "--radius", "0.1"],
+    ["certify", "--beta", "0.75", "--gamma", "0.1", "--radius", "0.1", "--eps", "1e400"],
+    ["certify", "--beta", "0.75", "--gamma", "0.1", "--radius", "0.1", "--phase-betas", "0:1:100000000",
+     "--phase-gammas", "0,1", "--out", "x.csv"],
+    ["certify", "--beta", "0.75", "--gamma", "0.1", "--hidden", "8", "--init-std", "0.1",
+     "--init-failure-probability", "1.5"],
+])
+def test_bad_certify_options_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_huge_gamma_is_not_certified_without_a_traceback(capsys):
+    assert main(["certify", "--beta", "0.75", "--gamma-a", "1e308", "--gamma-w", "0", "--eps", "1", "--radius", "1"]) == 1
+    assert "overflows float64" in capsys.readouterr().out
