@@ -173,7 +173,7 @@ def run_audit(
                        max_samples=settings.max_samples, progress=progress)
     tables["robustness"], tables["robustness_summary"] = robustness.rows, robustness.summary
     timings["robustness"] = time.perf_counter() - started
-    if metadata.get("log") and "norm_W" in metadata["log"][0]:
+    if metadata.get("log") and {"norm_W", "alpha_A"} & set(metadata["log"][0]):
         tables["training_log"] = analyses.training_log_table({Path(checkpoint).stem: metadata["log"]})
 
     report = {

@@ -10,7 +10,6 @@ from .architectures import (
     lure_step,
 )
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
-from .reference import from_reference_state_dict, is_reference_state_dict, parse_reference_filename
 
 __all__ = [
     "ARCHITECTURES",
@@ -22,9 +21,6 @@ __all__ = [
     "ModelConfig",
     "RecurrentModel",
     "build_model",
-    "from_reference_state_dict",
-    "is_reference_state_dict",
     "lipschitz_matrix",
     "lure_step",
-    "parse_reference_filename",
 ]
