@@ -51,7 +51,7 @@ def save_checkpoint(path: str | Path, model: RecurrentModel, metadata: Mapping[s
 def load_checkpoint(path: str | Path, **reference_hparams: float | str | None) -> LoadedCheckpoint:
     """Load a native checkpoint, or a PyTorch file: a state dict with a config, or a file of the
     reference implementation (a state dict or a whole-module pickle, see ``lrnn_analysis.reference``;
-    ``reference_hparams`` beta/gamma/eps/alpha/solver/task override what the file records)."""
+    ``reference_hparams`` beta/gamma/eps/alpha/solver/task/model override what the file records)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")

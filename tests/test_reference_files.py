@@ -153,6 +153,7 @@ def test_key_sets_that_identify_no_single_model_are_errors(tmp_path):
     torch.save(random_state("asymRNN"), tmp_path / "ambiguous.pt")
     with pytest.raises(CheckpointError, match="fit asymRNN and calRNN alike"):
         load_checkpoint(tmp_path / "ambiguous.pt", gamma=0.1, eps=0.1)
+    assert load_checkpoint(tmp_path / "ambiguous.pt", model="calRNN").model.config.arch == "cayley"
     mixed = {("module." + k if k.startswith("E") else k): v for k, v in random_state("LipschitzRNN").items()}
     torch.save(mixed, tmp_path / "mixed.pt")
     with pytest.raises(CheckpointError, match="DataParallel prefix"):

@@ -15,7 +15,7 @@ from .models import MODEL_HPARAMS, MODEL_KEYS, convert_reference_model, identify
 from .pickles import DATA_PARALLEL, REFERENCE_MODULE_CLASSES, PickledObject, class_name
 
 HPARAMS = ("beta", "gamma", "eps", "alpha", "solver")
-OVERRIDES = (*HPARAMS, "task")
+OVERRIDES = (*HPARAMS, "task", "model")
 PICKLED_ATTRIBUTES = ("n_units", "eps", "beta", "gamma", "alpha", "model", "solver")
 SOURCE_PICKLE, SOURCE_NAME, SOURCE_OVERRIDE = "pickle attribute", "file name", "override"
 TEST_SET_NOTE = ("the bundled 10k MNIST digits may overlap the standard 60k training set the reference model was "
@@ -40,7 +40,7 @@ def is_reference_content(content: Any) -> bool:
 
 def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The toolkit model and metadata of a reference file whose unpickled ``content`` is a state dict
-    or an inert ``PickledObject`` tree; ``overrides`` (beta, gamma, eps, alpha, solver, task) win over
+    or an inert ``PickledObject`` tree; ``overrides`` (beta, gamma, eps, alpha, solver, task, model) win over
     the pickled attributes, which win over the file name. Raises ValueError on anything inexact."""
     path = Path(path)
     unknown = {k for k, v in overrides.items() if v is not None} - set(OVERRIDES)
@@ -59,13 +59,16 @@ def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any])
                          f"{parsed[key]!r}; using the pickle's (the file may have been renamed)")
     if "n_units" in pickled and "units" in parsed and pickled["n_units"] != parsed["units"]:
         _warn(notes, f"{path.name}: the pickle records n_units = {pickled['n_units']} but the file name says {parsed['units']}")
-    model_name = identify_model(set(state), pickled.get("model", parsed.get("model")))
+    model_name = identify_model(set(state), overrides.get("model") or pickled.get("model", parsed.get("model")))
     values, sources = {}, {}
     for key in MODEL_HPARAMS[model_name]:
         for source, table in ((SOURCE_OVERRIDE, overrides), (SOURCE_PICKLE, pickled), (SOURCE_NAME, parsed)):
             if table.get(key) is not None:
                 values[key], sources[key] = table[key], source
                 break
+    missing = [k for k in MODEL_HPARAMS[model_name] if k not in values and k != "alpha"]
+    if missing:
+        raise ValueError(f"reference {kind} needs {missing}; pass them or keep the reference file name")
     if "alpha" in MODEL_HPARAMS[model_name] and "alpha" not in values:
         values["alpha"] = 1.0
         if kind == "state dict":
@@ -74,9 +77,6 @@ def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any])
                          "default 1 - pass alpha=... if the model was trained with another")
         else:
             sources["alpha"] = "pickle (no alpha attribute: the saving code had no alpha)"
-    missing = [k for k in MODEL_HPARAMS[model_name] if k not in values]
-    if missing:
-        raise ValueError(f"reference {kind} needs {missing}; pass them or keep the reference file name")
     if "n_units" in pickled and pickled["n_units"] != state["E.weight"].shape[0]:
         raise ValueError(f"the pickle records n_units = {pickled['n_units']} but E.weight has {state['E.weight'].shape[0]} rows")
     model = convert_reference_model(model_name, state, values)
