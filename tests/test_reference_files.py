@@ -438,3 +438,23 @@ def test_history_pickles_hold_plain_data_only(tmp_path):
     with pytest.raises(CheckpointError, match=r"not a readable reference training history \(refused: GLOBAL (posix|os)\.system"):
         load_checkpoint(path)
     assert not canary.exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pickles_saved_from_a_gpu_load_on_the_cpu(tmp_path, reference_code, monkeypatch, legacy):
+    module = reference_code.RnnModels(D, K, n_units=N, eps=HP["eps"], beta=HP["beta"], gamma=HP["gamma"],
+                                      alpha=HP["alpha"], model="LipschitzRNN_ODE", solver="midpoint")
+    path = tmp_path / f"{_name('LipschitzRNN_ODE', solver='midpoint')}.pkl"
+    with monkeypatch.context() as patch:  # the reference trains on CUDA: its storages say cuda:0
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(module, path, _use_new_zipfile_serialization=not legacy)
+    raw = path.read_bytes()
+    assert b"cuda:0" in raw
+    state = {k: v.detach().double() for k, v in module.state_dict().items()}
+    x = torch.randn(2, T, D)
+    expected = reference_forward("LipschitzRNN_ODE", state, x.double(), solver="midpoint")
+    _forget(reference_code, tmp_path / "reference_code")
+    model, _ = load_checkpoint(path)
+    with torch.no_grad():
+        assert float((model(x).double() - expected).abs().max() / expected.abs().max()) < 1e-5
+    assert reference_code.CALLS == []
