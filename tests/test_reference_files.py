@@ -342,7 +342,12 @@ def test_hostile_pickles_are_refused_without_running_code(tmp_path, reference_co
         def __reduce__(self):
             return (reference_code._gaussian, (3,))
 
-    payloads = {"system": Exploit(), "reduce_payload": reference_code.make_payload(str(canary)), "helper": NamesAHelper()}
+    class CallsAStandIn:
+        def __reduce__(self):
+            return (reference_code.RnnModels, ())
+
+    payloads = {"system": Exploit(), "reduce_payload": reference_code.make_payload(str(canary)), "helper": NamesAHelper(),
+                "empty_call": CallsAStandIn()}
     paths = {}
     for name, payload in payloads.items():
         for legacy in (False, True):
@@ -357,8 +362,10 @@ def test_hostile_pickles_are_refused_without_running_code(tmp_path, reference_co
         paths[path] = "newobj_args"
     del cls.__reduce_ex__
     _forget(reference_code, tmp_path / "reference_code")
-    expected = {"system": r"it would import (posix|os)\.system", "reduce_payload": r"models\.RnnModels",
-                "helper": r"models\._gaussian", "newobj_args": r"models\.RnnModels"}
+    expected = {"system": r"it would import (posix|os)\.system",
+                "reduce_payload": r"stand-in for models\.RnnModels called or created with arguments \(a __reduce__ payload\)",
+                "empty_call": r"stand-in for models\.RnnModels called like a function \(a __reduce__ payload\)",
+                "helper": r"models\._gaussian", "newobj_args": r"stand-in for models\.RnnModels called or created with arguments"}
     for path, name in paths.items():
         with pytest.raises(CheckpointError, match=rf"refused to unpickle \(.*{expected[name]}") as caught:
             load_checkpoint(path)

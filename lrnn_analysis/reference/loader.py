@@ -173,7 +173,7 @@ def _task(name: str | None, steps: int | None, input_dim: int, notes: list[str])
     """The toolkit task with the reference driver's data conventions for its ``mnist``/``pmnist``."""
     if name not in ("mnist", "pmnist"):
         if name is not None:
-            notes.append(f"task {name!r} has no toolkit counterpart; pass --task")
+            notes.append(f"the reference task {name!r} has no toolkit counterpart (only mnist and pmnist do); pass --task")
         return None
     if steps is not None and (784 % steps or 784 // steps != input_dim):
         raise ValueError(f"the file name says T = {steps} steps, i.e. {784 / steps:g} pixels per step, "

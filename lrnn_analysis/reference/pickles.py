@@ -51,14 +51,15 @@ class PickledObject:
 
     def __new__(cls, *args: Any) -> "PickledObject":
         if args:
-            raise pickle.UnpicklingError(f"refused: GLOBAL {cls.qualified_name} created with arguments {args!r:.80}")
+            raise pickle.UnpicklingError(f"refused: the stand-in for {cls.qualified_name} called or created with arguments "
+                                         "(a __reduce__ payload)")
         instance = object.__new__(cls)
         object.__setattr__(instance, "attributes", {})
         return instance
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Only REDUCE calls the class, and only a __reduce__ payload makes a pickle do that.
-        raise pickle.UnpicklingError(f"refused: GLOBAL {self.qualified_name} called like a function (a __reduce__ payload)")
+        raise pickle.UnpicklingError(f"refused: the stand-in for {self.qualified_name} called like a function (a __reduce__ payload)")
 
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
