@@ -465,3 +465,18 @@ def test_pickles_saved_from_a_gpu_load_on_the_cpu(tmp_path, reference_code, monk
     with torch.no_grad():
         assert float((model(x).double() - expected).abs().max() / expected.abs().max()) < 1e-5
     assert reference_code.CALLS == []
+
+
+def test_pickled_data_parallel_wrapper_is_unwrapped(tmp_path, reference_code):
+    module = reference_code.RnnModels(D, K, n_units=N, eps=HP["eps"], beta=HP["beta"], gamma=HP["gamma"],
+                                      alpha=HP["alpha"], model="asymRNN")
+    path = tmp_path / f"{_name('asymRNN')}.pkl"
+    torch.save(torch.nn.DataParallel(module), path)
+    state = {k: v.detach().double() for k, v in module.state_dict().items()}
+    x = torch.randn(2, T, D)
+    expected = reference_forward("asymRNN", state, x.double())
+    _forget(reference_code, tmp_path / "reference_code")
+    model, metadata = load_checkpoint(path)
+    with torch.no_grad():
+        assert float((model(x).double() - expected).abs().max() / expected.abs().max()) < 1e-5
+    assert model.config.arch == "antisymmetric" and metadata["reference"]["hparams"]["gamma"]["source"] == "pickle attribute"

@@ -11,7 +11,7 @@ import torch
 
 from .filenames import parse_reference_filename
 from .logs import loss_file_candidates, read_reference_log
-from .models import MODEL_HPARAMS, MODEL_KEYS, convert_reference_model, identify_model, strip_data_parallel
+from .models import MODEL_HPARAMS, convert_reference_model, identify_model, strip_data_parallel
 from .pickles import DATA_PARALLEL, REFERENCE_MODULE_CLASSES, PickledObject, class_name
 
 HPARAMS = ("beta", "gamma", "eps", "alpha", "solver")
