@@ -346,8 +346,9 @@ def test_hostile_pickles_are_refused_without_running_code(tmp_path, reference_co
         def __reduce__(self):
             return (reference_code.RnnModels, ())
 
+    module = reference_code.RnnModels(D, K, n_units=N)
     payloads = {"system": Exploit(), "reduce_payload": reference_code.make_payload(str(canary)), "helper": NamesAHelper(),
-                "empty_call": CallsAStandIn()}
+                "empty_call": CallsAStandIn(), "module_and_system": [module, Exploit()]}
     paths = {}
     for name, payload in payloads.items():
         for legacy in (False, True):
@@ -362,7 +363,7 @@ def test_hostile_pickles_are_refused_without_running_code(tmp_path, reference_co
         paths[path] = "newobj_args"
     del cls.__reduce_ex__
     _forget(reference_code, tmp_path / "reference_code")
-    expected = {"system": r"it would import (posix|os)\.system",
+    expected = {"system": r"it would import (posix|os)\.system", "module_and_system": r"it would import (posix|os)\.system",
                 "reduce_payload": r"stand-in for models\.RnnModels called or created with arguments \(a __reduce__ payload\)",
                 "empty_call": r"stand-in for models\.RnnModels called like a function \(a __reduce__ payload\)",
                 "helper": r"models\._gaussian", "newobj_args": r"stand-in for models\.RnnModels called or created with arguments"}
@@ -440,6 +441,8 @@ def test_history_pickles_hold_plain_data_only(tmp_path):
         with pytest.raises(pickle.UnpicklingError, match="refused"):
             load_plain_pickle(pickle.dumps(payload, protocol=2))
     assert load_plain_pickle(pickle.dumps({"a": [np.float32(1.5), np.int64(3), 2.0]})) == {"a": [1.5, 3, 2.0]}
+    numpy1 = pickle.dumps([np.float64(-0.25)], protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in numpy1 and load_plain_pickle(numpy1) == [-0.25]  # numpy 1.x, as in 2020
     path = _save_state(tmp_path, "LipschitzRNN", _name("LipschitzRNN"))
     (tmp_path / f"{_name('LipschitzRNN')}_loss.pkl").write_bytes(pickle.dumps({"eigA": [Exploit()], "eigW": [], "testacc": []}))
     with pytest.raises(CheckpointError, match=r"not a readable reference training history \(refused: GLOBAL (posix|os)\.system"):
