@@ -450,16 +450,27 @@ def test_history_pickles_hold_plain_data_only(tmp_path):
     assert not canary.exists()
 
 
+class _OldTorchBackend:
+    """Pickles like nn.Module's ``_backend`` attribute of PyTorch <= 1.3."""
+
+    def __reduce__(self):
+        import torch.nn.backends.thnn
+
+        return (torch.nn.backends.thnn._get_thnn_function_backend, ())
+
+
 @pytest.mark.parametrize("legacy", [False, True])
-def test_pickles_saved_from_a_gpu_load_on_the_cpu(tmp_path, reference_code, monkeypatch, legacy):
+def test_pickles_saved_from_a_gpu_by_old_torch_load_on_the_cpu(tmp_path, reference_code, monkeypatch, legacy):
     module = reference_code.RnnModels(D, K, n_units=N, eps=HP["eps"], beta=HP["beta"], gamma=HP["gamma"],
                                       alpha=HP["alpha"], model="LipschitzRNN_ODE", solver="midpoint")
     path = tmp_path / f"{_name('LipschitzRNN_ODE', solver='midpoint')}.pkl"
+    for submodule in (module, module.E, module.func):
+        submodule._backend = _OldTorchBackend()
     with monkeypatch.context() as patch:  # the reference trains on CUDA: its storages say cuda:0
         patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
         torch.save(module, path, _use_new_zipfile_serialization=not legacy)
     raw = path.read_bytes()
-    assert b"cuda:0" in raw
+    assert b"cuda:0" in raw and b"_get_thnn_function_backend" in raw
     state = {k: v.detach().double() for k, v in module.state_dict().items()}
     x = torch.randn(2, T, D)
     expected = reference_forward("LipschitzRNN_ODE", state, x.double(), solver="midpoint")

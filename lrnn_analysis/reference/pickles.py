@@ -4,8 +4,8 @@ Whole-module files (``torch.save(model, path)``) go through torch's own ``weight
 unpickler, which rebuilds tensors, parameters, storages, ``OrderedDict``/``set``/``torch.device``
 and plain containers and refuses every other global. The classes such a file names (the
 reference's ``RnnModels`` under its three historical names, its ``LipschitzRNN_ODE`` and the
-``nn.Linear``/``nn.Tanh``/``nn.Sigmoid`` submodules) are allow-listed *by name* as inert
-stand-ins: a stand-in can only be created empty (NEWOBJ) and given a dict of attributes (BUILD);
+``nn.Linear``/``nn.Tanh``/``nn.Sigmoid`` submodules; the ``_backend`` marker of PyTorch <= 1.3)
+are allow-listed *by name* as inert stand-ins: a stand-in can only be created empty (NEWOBJ) and given a dict of attributes (BUILD);
 calling one (a ``__reduce__`` payload, REDUCE) is refused, and none of the real classes is ever
 imported. torch's ``weights_only`` unpickler refuses the legacy (non-zip) format's persistent ids
 for module classes outright, so a legacy pickle that holds modules is read by torch's legacy
@@ -35,9 +35,9 @@ TORCH_MODULE_CLASSES = (
     "torch.nn.modules.activation.Tanh",
     "torch.nn.modules.activation.Sigmoid",
     "torch.nn.parallel.data_parallel.DataParallel",
-    # nn.Module kept this attribute up to PyTorch 1.3.
-    "torch.nn.backends.thnn.THNNFunctionBackend",
 )
+# Up to PyTorch 1.3 every nn.Module held ``_backend``, pickled as a call of this function.
+THNN_BACKEND = "torch.nn.backends.thnn._get_thnn_function_backend"
 DATA_PARALLEL = "torch.nn.parallel.data_parallel.DataParallel"
 
 
@@ -79,11 +79,19 @@ STAND_INS: dict[str, type[PickledObject]] = {
 }
 
 
+def _thnn_backend(*args: Any) -> str:
+    """What a pre-1.4 module's ``_backend`` attribute becomes: a marker string."""
+    if args:
+        raise pickle.UnpicklingError(f"refused: {THNN_BACKEND} called with arguments")
+    return THNN_BACKEND
+
+
 @contextmanager
 def reference_stand_ins() -> Iterator[None]:
     """Within this context ``torch.load(..., weights_only=True)`` also accepts the reference's module
     classes, as inert ``PickledObject`` stand-ins."""
-    with torch.serialization.safe_globals([(cls, name) for name, cls in STAND_INS.items()]):
+    allowed = [(cls, name) for name, cls in STAND_INS.items()] + [(_thnn_backend, THNN_BACKEND)]
+    with torch.serialization.safe_globals(allowed):
         yield
 
 
@@ -127,6 +135,7 @@ _TORCH_GLOBALS: dict[str, Any] = {
     "torch.Size": torch.Size,
     "builtins.set": set,
     "__builtin__.set": set,
+    THNN_BACKEND: _thnn_backend,
 }
 
 
