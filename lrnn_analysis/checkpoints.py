@@ -17,18 +17,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .io import atomic_write, dumps
-from .models import (
-    ModelConfig,
-    RecurrentModel,
-    build_model,
-    from_reference_state_dict,
-    is_reference_state_dict,
-    parse_reference_filename,
-)
+from .models import ModelConfig, RecurrentModel, build_model
+from .reference import is_reference_content, load_reference, load_torch_file
 
 FORMAT = "lrnn-analysis/1"
 METADATA_KEY = "lrnn_analysis"
-REFERENCE_HPARAMS = ("beta", "gamma", "eps", "alpha")
 
 
 class CheckpointError(Exception):
@@ -55,10 +48,10 @@ def save_checkpoint(path: str | Path, model: RecurrentModel, metadata: Mapping[s
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={METADATA_KEY: header}))
 
 
-def load_checkpoint(path: str | Path, **reference_hparams: float) -> LoadedCheckpoint:
-    """Load a native checkpoint, or a PyTorch state dict (ours with a config, or the
-    reference implementation's; its beta/gamma/eps/alpha come from ``reference_hparams``
-    or else from the reference file name)."""
+def load_checkpoint(path: str | Path, **reference_hparams: float | str | None) -> LoadedCheckpoint:
+    """Load a native checkpoint, or a PyTorch file: a state dict with a config, or a file of the
+    reference implementation (a state dict or a whole-module pickle, see ``lrnn_analysis.reference``;
+    ``reference_hparams`` beta/gamma/eps/alpha/solver/task/model override what the file records)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -94,41 +87,27 @@ def _load_safetensors(path: Path) -> LoadedCheckpoint:
 
 def _load_torch_file(path: Path, reference_hparams: Mapping[str, float]) -> LoadedCheckpoint:
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = load_torch_file(path)
     except pickle.UnpicklingError as error:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
         what = f"it would import {culprit.group(1)}" if culprit else _first_line(error)
         raise CheckpointError(f"{path}: refused to unpickle ({what}); only plain tensor state dicts are accepted") from error
     except Exception as error:
         raise CheckpointError(f"{path}: corrupt or truncated PyTorch file ({_first_line(error)})") from error
+    if is_reference_content(content):
+        try:
+            return LoadedCheckpoint(*load_reference(path, content, reference_hparams))
+        except (ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: {_first_line(error)}") from error
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(content).__name__}")
     if isinstance(content.get("config"), dict) and isinstance(content.get("state_dict"), dict):
         metadata = {k: v for k, v in content.items() if k != "state_dict"}
         return LoadedCheckpoint(_build_validated(path, content["config"], content["state_dict"]), metadata)
-    if is_reference_state_dict(content):
-        return _load_reference(path, content, reference_hparams)
     raise CheckpointError(
         f"{path}: state dict without a model config (keys {sorted(content)[:6]}...); save it with lrnn-analysis "
         "or as {'config': ..., 'state_dict': ...}"
     )
-
-
-def _load_reference(path: Path, state: dict[str, Any], overrides: Mapping[str, float]) -> LoadedCheckpoint:
-    parsed = parse_reference_filename(path)
-    hparams = {k: parsed[k] for k in REFERENCE_HPARAMS if k in parsed}
-    hparams.update({k: v for k, v in overrides.items() if v is not None})
-    missing = [k for k in ("beta", "gamma", "eps") if k not in hparams]
-    if missing:
-        raise CheckpointError(f"{path}: reference state dict needs {missing}; pass them or keep the reference file name")
-    _check_tensors(path, state)
-    try:
-        model = from_reference_state_dict(state, **{k: float(v) for k, v in hparams.items()})
-    except (ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: {_first_line(error)}") from error
-    metadata = {"format": "reference", "source": "erichson/LipschitzRNN", "reference_hparams": parsed | hparams,
-                "config": model.config.to_dict()}
-    return LoadedCheckpoint(model, metadata)
 
 
 def _check_tensors(path: Path, tensors: Mapping[str, Any]) -> None:

@@ -143,19 +143,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "task" in metadata:
         task = metadata["task"]
         print(f"task: {task.get('name')} (split seed {task.get('seed')}, options {task.get('options', {})})")
-    for key in ("training", "metrics", "reference_hparams", "environment"):
+    if "reference" in metadata:
+        reference = metadata["reference"]
+        print(f"reference model: {reference['model']} ({reference['file']})")
+        for name, item in reference["hparams"].items():
+            print(f"  {name} = {format_value(item['value'])}  (from {item['source']})")
+        for note in reference.get("notes", []):
+            print(f"note: {note}")
+    for key in ("training", "metrics", "environment"):
         if key in metadata:
             print(f"{key}: " + ", ".join(f"{k}={format_value(v)}" for k, v in metadata[key].items()))
     log = metadata.get("log") or []
     if log:
-        names = [key for key in log[0] if key.split("_")[0] in ("alpha", "mu2", "norm")]
-        header = f"{'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'val_acc':>8} {'lr':>8}" + "".join(f" {n:>10}" for n in names)
-        print(header)
-        for entry in log:
-            row = (f"{entry['epoch']:>5} {entry['train_loss']:>10.4f} {entry['val_loss']:>9.4f} "
-                   f"{format_value(entry.get('val_accuracy')):>8} {entry['lr']:>8.2g}")
-            row += "".join(f" {entry[n]:>+10.4f}" for n in names)
-            print(row)
+        columns = [key for key in log[0] if key not in ("seconds",)]
+        print(format_table(log, columns))
     print(_spectral_line(model))
     return 0
 
@@ -298,7 +299,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     gates = [Gate.parse(text) for text in args.gate]
     _set_threads(args.threads)
     device = resolve_device(args.device)
-    overrides = {"beta": args.beta, "gamma": args.gamma, "eps": args.eps}
+    overrides = {"beta": args.beta, "gamma": args.gamma, "eps": args.eps, "alpha": args.alpha, "solver": args.solver}
     model, metadata = load_checkpoint(args.checkpoint, **overrides)
     task = _task_from_args(args, metadata.get("task"))
     _check_model_fits_task(args.checkpoint, model, task)
@@ -539,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--beta", type=float, default=None, help="reference state dicts: beta (else from the file name)")
     audit.add_argument("--gamma", type=float, default=None, help="reference state dicts: gamma")
     audit.add_argument("--eps", type=float, default=None, help="reference state dicts: eps")
+    audit.add_argument("--alpha", type=float, default=None, help="reference files: alpha (else recorded, else 1 with a warning)")
+    audit.add_argument("--solver", default=None, help="reference LipschitzRNN_ODE files: torchdiffeq solver (euler, midpoint)")
     _add_run_options(audit)
     audit.set_defaults(handler=cmd_audit)
 

@@ -19,6 +19,15 @@ import torch
 
 VENDORED_MNIST = Path(__file__).parent / "_data" / "mnist10k.npz"
 PERMUTATION_SEED = 1234
+# The reference implementation's pmnist: torch.manual_seed(12008); torch.randperm(784).
+REFERENCE_PERMUTATION_SEED = 12008
+PIXEL_SCALES = ("unit", "raw")
+PERMUTATIONS = ("toolkit", "reference")
+
+
+def reference_permutation() -> np.ndarray:
+    """``torch.manual_seed(12008); torch.randperm(784)``, drawn from a private generator."""
+    return torch.randperm(784, generator=torch.Generator().manual_seed(REFERENCE_PERMUTATION_SEED)).numpy()
 
 
 @dataclass(frozen=True)
@@ -173,20 +182,29 @@ def _load_mnist_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[np.nda
         return archive["images"], archive["labels"], None
 
 
-def _smnist(seed: int, permute: bool, path: str | Path | None = None, pixels_per_step: int = 1) -> Task:
+def _smnist(seed: int, permute: bool, path: str | Path | None = None, pixels_per_step: int = 1,
+            scale: str = "unit", permutation: str = "toolkit") -> Task:
     if 784 % pixels_per_step:
         raise ValueError(f"pixels_per_step must divide 784, got {pixels_per_step}")
+    if scale not in PIXEL_SCALES:
+        raise ValueError(f"scale must be one of {PIXEL_SCALES}, got {scale!r}")
+    if permutation not in PERMUTATIONS or (permutation != "toolkit" and not permute):
+        raise ValueError(f"permutation must be one of {PERMUTATIONS} (psmnist only), got {permutation!r}")
     source = Path(path) if path is not None else VENDORED_MNIST
     images, labels, idx_test = _load_mnist_arrays(source)
     if images.shape[1:] not in ((28, 28), (784,)) or len(images) != len(labels):
         raise ValueError(f"{source}: expected N 28x28 images and N labels, got {images.shape} and {labels.shape}")
     steps = 784 // pixels_per_step
-    permutation = np.random.default_rng(PERMUTATION_SEED).permutation(784) if permute else None
+    pixel_order = None
+    if permute:
+        pixel_order = reference_permutation() if permutation == "reference" else np.random.default_rng(PERMUTATION_SEED).permutation(784)
 
     def sequences(raw: np.ndarray) -> np.ndarray:
-        flat = raw.reshape(len(raw), 784).astype(np.float32) / 255.0
-        if permutation is not None:
-            flat = flat[:, permutation]
+        flat = raw.reshape(len(raw), 784).astype(np.float32)
+        if scale == "unit":
+            flat /= 255.0
+        if pixel_order is not None:
+            flat = flat[:, pixel_order]
         return flat.reshape(len(raw), steps, pixels_per_step)
 
     x, y = sequences(images), labels.astype(np.int64)
@@ -200,7 +218,13 @@ def _smnist(seed: int, permute: bool, path: str | Path | None = None, pixels_per
     name = "psmnist" if permute else "smnist"
     what = "permuted " if permute else ""
     options = {"pixels_per_step": pixels_per_step, **({"path": str(path)} if path is not None else {})}
-    return Task(name, f"{what}pixel-by-pixel MNIST, {steps} steps of {pixels_per_step} pixel(s), from {source.name}",
+    if scale != "unit":
+        options["scale"] = scale
+    if permutation != "toolkit":
+        options["permutation"] = permutation
+        what = "permuted (the reference implementation's permutation) "
+    values = "raw values 0..255" if scale == "raw" else "values in [0, 1]"
+    return Task(name, f"{what}pixel-by-pixel MNIST, {steps} steps of {pixels_per_step} pixel(s), {values}, from {source.name}",
                 train, val, test, pixels_per_step, steps, 10, seed, 0.03, options)
 
 
@@ -240,8 +264,8 @@ TASK_OPTIONS: dict[str, set[str]] = {
     "digits": set(),
     "pdigits": set(),
     "mnist1d": set(),
-    "smnist": {"path", "pixels_per_step"},
-    "psmnist": {"path", "pixels_per_step"},
+    "smnist": {"path", "pixels_per_step", "scale"},
+    "psmnist": {"path", "pixels_per_step", "scale", "permutation"},
     "adding": {"length", "n_train", "n_val", "n_test"},
 }
 
@@ -250,8 +274,11 @@ def load_task(name: str, seed: int = 0, **opts: Any) -> Task:
     """Build task ``name`` with its splits drawn from ``seed``.
 
     Options: ``smnist``/``psmnist`` take ``path`` (an .npz with ``images``/``labels``
-    or a directory of MNIST IDX files; default: the vendored 10k digits) and
-    ``pixels_per_step``; ``adding`` takes ``length`` and split sizes.
+    or a directory of MNIST IDX files; default: the vendored 10k digits), ``pixels_per_step``,
+    ``scale`` ("unit": pixels / 255 in [0, 1], the default; "raw": 0..255 as the reference's pmnist
+    feeds them) and, for psmnist, ``permutation`` ("toolkit", the default, or "reference":
+    ``torch.manual_seed(12008); torch.randperm(784)`` on the flattened image); ``adding`` takes
+    ``length`` and split sizes.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")

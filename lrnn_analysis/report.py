@@ -173,7 +173,7 @@ def run_audit(
                        max_samples=settings.max_samples, progress=progress)
     tables["robustness"], tables["robustness_summary"] = robustness.rows, robustness.summary
     timings["robustness"] = time.perf_counter() - started
-    if metadata.get("log") and "norm_W" in metadata["log"][0]:
+    if metadata.get("log") and {"norm_W", "alpha_A"} & set(metadata["log"][0]):
         tables["training_log"] = analyses.training_log_table({Path(checkpoint).stem: metadata["log"]})
 
     report = {
@@ -189,6 +189,8 @@ def run_audit(
         "timings": timings,
         "environment": environment(device),
     }
+    if "reference" in metadata:
+        report["reference"] = metadata["reference"]
     gate_results = tuple(_evaluate_gate(g, report) for g in gates)
     report["gates"] = [g.to_dict() for g in gate_results]
     report["passed"] = all(g.passed for g in gate_results)
@@ -247,6 +249,12 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     lines = [f"# Audit of `{r['checkpoint']}`", "",
              f"{r['config']['arch']} ({r['config']['discretization']}), hidden {r['config']['hidden']}, "
              f"task {r['task']['name']} (split seed {r['task']['seed']}), device {r['environment'].get('device')}.", ""]
+    if "reference" in r:
+        ref = r["reference"]
+        lines += ["## Reference implementation file", "",
+                  f"{ref['model']} ({ref['file']}), data: task {r['task']['name']} with options {r['task'].get('options', {})}.", ""]
+        lines += [f"- {name} = {format_value(item['value'])} (from {item['source']})" for name, item in ref["hparams"].items()]
+        lines += [f"- note: {note}" for note in ref.get("notes", [])] + [""]
     if result.gates:
         lines += ["## Gates", "", "| gate | result | observed | detail |", "|---|---|---|---|"]
         lines += [f"| `{g.gate}` | {'PASS' if g.passed else 'FAIL'} | {format_value(g.observed)} | {g.detail} |" for g in result.gates]

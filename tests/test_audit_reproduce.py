@@ -1,5 +1,6 @@
 """End to end: train a tiny model, audit it with passing and failing gates, reproduce a tiny recipe."""
 import json
+import pickle
 
 import pytest
 
@@ -100,9 +101,13 @@ def test_audit_of_a_reference_implementation_state_dict(tmp_path):
              "E.bias": torch.zeros(n), "D.weight": torch.randn(10, n), "D.bias": torch.zeros(10)}
     path = tmp_path / "LipschitzRNN_mnist_T_784_units_6_beta_0.75_alpha_1_gamma_0.001_eps_0.03_solver_euler_seed_1.pkl"
     torch.save(state, path)
+    history = {"loss": [3.0, 2.0], "eigA": [-0.1, -0.05], "eigW": [0.2, 0.1], "testacc": [0.5, 0.7]}
+    path.with_name(path.name.replace("_gamma_", "_gamma_A_").replace(".pkl", "_loss.pkl")).write_bytes(pickle.dumps(history))
     out = tmp_path / "audit"
-    assert main(["audit", str(path), "--out", str(out), "--quiet"]) == 2  # no task recorded in a reference file
     assert main(["audit", str(path), "--task", "digits", "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["eps"] == 0.03 and report["config"]["beta_a"] == 0.75
+    assert report["reference"]["model"] == "LipschitzRNN" and report["reference"]["hparams"]["eps"]["source"] == "file name"
+    assert "## Reference implementation file" in (out / "report.md").read_text()
+    assert (out / "training_log.csv").is_file() and (out / "training_spectra.png").is_file()
     assert {c["name"] for c in report["stability"]["certificates"]} == {"euler-norm", "euler-lmi"}

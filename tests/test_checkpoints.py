@@ -147,7 +147,8 @@ def test_reference_state_dict_hparams_from_filename_or_arguments(tmp_path):
     torch.save({f"module.{k}": v for k, v in _reference_state().items()}, tmp_path / "ref.pt")
     with pytest.raises(CheckpointError, match=r"needs \['beta', 'gamma', 'eps'\]"):
         load_checkpoint(tmp_path / "ref.pt")
-    model, _ = load_checkpoint(tmp_path / "ref.pt", beta=0.5, gamma=0.1, eps=0.2)
+    with pytest.warns(UserWarning, match="alpha is recorded nowhere"):
+        model, _ = load_checkpoint(tmp_path / "ref.pt", beta=0.5, gamma=0.1, eps=0.2)
     assert (model.config.beta_w, model.config.eps) == (0.5, 0.2)
 
 

@@ -1,4 +1,4 @@
-"""Equations of every architecture against hand-written loops, Lur'e forms and reference parity."""
+"""Equations of every architecture against hand-written loops and Lur'e forms (reference files: test_reference_files.py)."""
 import numpy as np
 import pytest
 import torch
@@ -9,9 +9,7 @@ from lrnn_analysis.models import (
     DISCRETIZATIONS,
     ModelConfig,
     build_model,
-    from_reference_state_dict,
     lipschitz_matrix,
-    parse_reference_filename,
 )
 
 ALL_VARIANTS = [(arch, disc) for arch in ARCHITECTURES for disc in DISCRETIZATIONS[arch]]
@@ -175,60 +173,3 @@ def test_wrong_input_size_is_a_clear_error():
     model = build_model(ModelConfig("lipschitz", 2, 4, 3))
     with pytest.raises(ValueError, match=r"expects input of shape \(batch, time, 2\)"):
         model(torch.randn(1, 5, 3))
-
-
-def _reference_forward(state, x, beta, gamma, eps, alpha):
-    """The reference implementation's loop (row vectors, per-step E(x_t), two separate matmuls)."""
-    B, C = state["B"], state["C"]
-    eye = torch.eye(B.shape[0])
-    A = beta * (B - B.T) + (1 - beta) * (B + B.T) - gamma * eye
-    W = beta * (C - C.T) + (1 - beta) * (C + C.T) - gamma * eye
-    h = torch.zeros(x.shape[0], B.shape[0])
-    for i in range(x.shape[1]):
-        z = x[:, i, :] @ state["E.weight"].T + state["E.bias"]
-        h = h + eps * alpha * torch.matmul(h, A) + eps * torch.tanh(torch.matmul(h, W) + z)
-    return h @ state["D.weight"].T + state["D.bias"]
-
-
-@pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_reference_parity(alpha):
-    gen = torch.Generator().manual_seed(0)
-    n, d, k = 16, 2, 10
-    state = {
-        "B": torch.randn(n, n, generator=gen) * 0.5,
-        "C": torch.randn(n, n, generator=gen) * 0.5,
-        "E.weight": torch.randn(n, d, generator=gen),
-        "E.bias": torch.randn(n, generator=gen),
-        "D.weight": torch.randn(k, n, generator=gen),
-        "D.bias": torch.randn(k, generator=gen),
-    }
-    x = torch.randn(8, 30, d, generator=gen)
-    model = from_reference_state_dict(state, beta=0.75, gamma=0.01, eps=0.1, alpha=alpha)
-    with torch.no_grad():
-        ours, theirs = model(x), _reference_forward(state, x, 0.75, 0.01, 0.1, alpha)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(model.lure_form().A.T, alpha * _reference_A(state["B"], 0.75, 0.01), atol=1e-6)
-
-
-def _reference_A(B, beta, gamma):
-    B = B.double().numpy()
-    return beta * (B - B.T) + (1 - beta) * (B + B.T) - gamma * np.eye(B.shape[0])
-
-
-def test_reference_state_dict_errors():
-    with pytest.raises(ValueError, match="lacks"):
-        from_reference_state_dict({"B": torch.zeros(2, 2)}, beta=0.5, gamma=0.0, eps=0.1)
-    state = {"B": torch.zeros(3, 3), "C": torch.zeros(2, 2), "E.weight": torch.zeros(3, 1), "E.bias": torch.zeros(3),
-             "D.weight": torch.zeros(2, 3), "D.bias": torch.zeros(2)}
-    with pytest.raises(ValueError, match="C has shape"):
-        from_reference_state_dict(state, beta=0.5, gamma=0.0, eps=0.1)
-
-
-def test_parse_reference_filename():
-    name = ("LipschitzRNN_mnist_T_784_units_128_beta_0.75_alpha_1_gamma_0.001_eps_0.03_solver_euler_"
-            "gclip_0_optimizer_Adam_seed_1.pkl")
-    assert parse_reference_filename(name) == {
-        "model": "LipschitzRNN", "task": "mnist", "T": 784, "units": 128, "beta": 0.75, "alpha": 1.0,
-        "gamma": 0.001, "eps": 0.03, "solver": "euler", "gclip": 0.0, "optimizer": "Adam", "seed": 1}
-    old = parse_reference_filename("runs/LipschitzRNN_pmnist_T784_units64_beta0.7_gamma0.01_eps0.05_init6_seed2.pkl")
-    assert (old["beta"], old["gamma"], old["eps"], old["units"], old["seed"]) == (0.7, 0.01, 0.05, 64, 2)

@@ -11,7 +11,6 @@ from .architectures import (
 )
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
-from .reference import from_reference_state_dict, is_reference_state_dict, parse_reference_filename
 
 __all__ = [
     "ARCHITECTURES",
@@ -26,10 +25,7 @@ __all__ = [
     "SequenceClassifier",
     "build_model",
     "find_recurrent_layers",
-    "from_reference_state_dict",
-    "is_reference_state_dict",
     "lipschitz_matrix",
     "lure_step",
-    "parse_reference_filename",
     "recurrent_parameter_patterns",
 ]

@@ -1,0 +1,233 @@
+"""Reading the reference implementation's pickles without executing anything from them.
+
+Whole-module files (``torch.save(model, path)``) go through torch's own ``weights_only``
+unpickler, which rebuilds tensors, parameters, storages, ``OrderedDict``/``set``/``torch.device``
+and plain containers and refuses every other global. The classes such a file names (the
+reference's ``RnnModels`` under its three historical names, its ``LipschitzRNN_ODE`` and the
+``nn.Linear``/``nn.Tanh``/``nn.Sigmoid`` submodules; the ``_backend`` marker of PyTorch <= 1.3)
+are allow-listed *by name* as inert stand-ins: a stand-in can only be created empty (NEWOBJ) and given a dict of attributes (BUILD);
+calling one (a ``__reduce__`` payload, REDUCE) is refused, and none of the real classes is ever
+imported. torch's ``weights_only`` unpickler refuses the legacy (non-zip) format's persistent ids
+for module classes outright, so a legacy pickle that holds modules is read by torch's legacy
+reader with a restricted ``pickle_module`` whose ``find_class`` knows the same globals and
+stand-ins and nothing else (the only way a pickle reaches a callable). The training history (``*_loss.pkl``) is a plain pickled dict read by a restricted
+unpickler that knows containers, numbers and numpy's numeric scalars only.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import types
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+REFERENCE_MODULE_CLASSES = ("models.RnnModels", "models.rnn_models", "models.relaxRNN")
+REFERENCE_SUBMODULE_CLASSES = ("models.LipschitzRNN_ODE",)
+TORCH_MODULE_CLASSES = (
+    "torch.nn.modules.linear.Linear",
+    "torch.nn.modules.activation.Tanh",
+    "torch.nn.modules.activation.Sigmoid",
+    "torch.nn.parallel.data_parallel.DataParallel",
+)
+# Up to PyTorch 1.3 every nn.Module held ``_backend``, pickled as a call of this function.
+THNN_BACKEND = "torch.nn.backends.thnn._get_thnn_function_backend"
+DATA_PARALLEL = "torch.nn.parallel.data_parallel.DataParallel"
+
+
+class PickledObject:
+    """An inert record of a pickled object: its class name and the attribute dict it was given."""
+
+    qualified_name = ""
+    # Read by torch's legacy reader when it compares pickled source code; never write patches.
+    dump_patches = False
+    attributes: dict[str, Any]
+
+    def __new__(cls, *args: Any) -> "PickledObject":
+        if args:
+            raise pickle.UnpicklingError(f"refused: the stand-in for {cls.qualified_name} called or created with arguments "
+                                         "(a __reduce__ payload)")
+        instance = object.__new__(cls)
+        object.__setattr__(instance, "attributes", {})
+        return instance
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Only REDUCE calls the class, and only a __reduce__ payload makes a pickle do that.
+        raise pickle.UnpicklingError(f"refused: the stand-in for {self.qualified_name} called like a function (a __reduce__ payload)")
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise pickle.UnpicklingError(f"refused: {self.qualified_name} given a {type(state).__name__} state, not an attribute dict")
+        object.__setattr__(self, "attributes", dict(state))
+
+    def __repr__(self) -> str:
+        return f"<pickled {self.qualified_name}>"
+
+
+def _stand_in(qualified_name: str) -> type[PickledObject]:
+    return type(qualified_name.rsplit(".", 1)[1], (PickledObject,), {"qualified_name": qualified_name, "__module__": __name__})
+
+
+STAND_INS: dict[str, type[PickledObject]] = {
+    name: _stand_in(name) for name in REFERENCE_MODULE_CLASSES + REFERENCE_SUBMODULE_CLASSES + TORCH_MODULE_CLASSES
+}
+
+
+def _thnn_backend(*args: Any) -> str:
+    """What a pre-1.4 module's ``_backend`` attribute becomes: a marker string."""
+    if args:
+        raise pickle.UnpicklingError(f"refused: {THNN_BACKEND} called with arguments")
+    return THNN_BACKEND
+
+
+@contextmanager
+def reference_stand_ins() -> Iterator[None]:
+    """Within this context ``torch.load(..., weights_only=True)`` also accepts the reference's module
+    classes, as inert ``PickledObject`` stand-ins."""
+    allowed = [(cls, name) for name, cls in STAND_INS.items()] + [(_thnn_backend, THNN_BACKEND)]
+    with torch.serialization.safe_globals(allowed):
+        yield
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """``torch.load`` of ``path`` that executes nothing from the file: torch's ``weights_only``
+    unpickler with the reference stand-ins allowed, or for a legacy file holding modules the
+    restricted legacy reader. Refusals raise ``pickle.UnpicklingError`` with the reason only."""
+    with reference_stand_ins():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = _weights_only_reason(str(error))
+            with open(path, "rb") as stream:
+                legacy_pickle = stream.read(1) == b"\x80"
+            if not (legacy_pickle and reason.startswith("Only persistent_load of storage is allowed")):
+                raise pickle.UnpicklingError(reason) from None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
+        warnings.filterwarnings("ignore", category=torch.serialization.SourceChangeWarning)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
+
+
+def _weights_only_reason(message: str) -> str:
+    """The unpickler's own reason, without torch's advice (to rerun unsafely, to allow-list, to read
+    the documentation)."""
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    parts = [p.strip() for p in re.split(r"\n\s*\n", message) if p.strip()]
+    kept = [p for p in parts if not p.startswith(("Weights only load failed", "Check the documentation"))]
+    reason = " ".join(kept) or "refused by the weights-only unpickler"
+    return reason.split(" Please use `torch.serialization")[0].strip()
+
+
+_TORCH_GLOBALS: dict[str, Any] = {
+    "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
+    "collections.OrderedDict": OrderedDict,
+    "torch.device": torch.device,
+    "torch.Size": torch.Size,
+    "builtins.set": set,
+    "__builtin__.set": set,
+    THNN_BACKEND: _thnn_backend,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Knows the tensor-rebuild functions, plain containers and the reference stand-ins only.
+    (torch's legacy reader resolves ``*Storage`` names itself, to dtype markers.)"""
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if full in STAND_INS:
+            return STAND_INS[full]
+        if full in _TORCH_GLOBALS:
+            return _TORCH_GLOBALS[full]
+        if full == "_codecs.encode":
+            return _latin1_bytes
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {full} is not allowed in a reference model file")
+
+
+_RESTRICTED_PICKLE = types.SimpleNamespace(
+    __name__="lrnn_analysis.reference.restricted_pickle",
+    Unpickler=_RestrictedUnpickler,
+    load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load(),
+)
+
+
+def class_name(obj: Any) -> str | None:
+    return obj.qualified_name if isinstance(obj, PickledObject) else None
+
+
+# ---- the training history: a plain pickled dict ----------------------------------------------
+
+_NUMPY_SCALAR_CODES = {"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1"}
+
+
+class _PickledDtype:
+    """numpy.dtype as pickled: the type code from its arguments, the byte order from its state."""
+
+    def __init__(self, code: Any, align: Any = False, copy: Any = True) -> None:
+        if code not in _NUMPY_SCALAR_CODES:
+            raise pickle.UnpicklingError(f"refused: numpy dtype {code!r:.40} (only numeric scalar types are read)")
+        self.code, self.byteorder = code, "="
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "=")):
+            raise pickle.UnpicklingError("refused: a numpy dtype state that is not a plain byte order")
+        self.byteorder = state[1]
+
+
+def _numpy_scalar(dtype: Any, data: Any) -> int | float | bool:
+    if not isinstance(dtype, _PickledDtype) or not hasattr(dtype, "code") or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("refused: a numpy scalar that is not a numeric type with its bytes")
+    resolved = np.dtype(("" if dtype.byteorder == "|" else dtype.byteorder) + dtype.code)
+    if len(data) != resolved.itemsize:
+        raise pickle.UnpicklingError(f"refused: a {dtype.code} scalar of {len(data)} bytes")
+    return np.frombuffer(data, dtype=resolved)[0].item()
+
+
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refused: _codecs.encode other than str to latin1 bytes")
+    return text.encode("latin1")
+
+
+_PLAIN_GLOBALS = {
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): _PickledDtype,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PLAIN_GLOBALS:
+            return _PLAIN_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"refused: GLOBAL {module}.{name} (a plain data pickle holds containers and numbers only)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused: a persistent id (not a plain data pickle)")
+
+
+def load_plain_pickle(data: bytes) -> Any:
+    """Containers (dict, list, tuple), str, bytes, numbers and numpy numeric scalars (as Python
+    numbers) from a pickle; anything else raises ``pickle.UnpicklingError``."""
+    return _check_plain(_PlainUnpickler(io.BytesIO(data)).load())
+
+
+def _check_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_check_plain(k): _check_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_check_plain(v) for v in value)
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        return value
+    raise pickle.UnpicklingError(f"refused: a {type(value).__name__} in a plain data pickle")
