@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from . import analyses, plots
-from .data import Task
+from .data import TASKS, Task
 from .evaluation import evaluate, loss_function
 from .io import write_csv, write_json
 from .provenance import check_training_data
@@ -139,6 +139,8 @@ def run_audit(
     ``checkpoint`` names it in the report (default: its name). Without a Lur'e form the
     stability section says that no certificate is available. ``report["training_data"]``
     says whether the model's training split is known to be ``task``'s (else a warning)."""
+    if isinstance(model, ModelUnderAnalysis) and metadata is not None:
+        raise ValueError("metadata belongs to the ModelUnderAnalysis; give it there, not to run_audit")
     subject = as_model_under_analysis(model, metadata)
     checkpoint = checkpoint or subject.name
     subject.check_fits(task, checkpoint)
@@ -263,7 +265,8 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     what = (f"{config['arch']} ({config['discretization']}), hidden {config['hidden']}" if config else
             f"{r['model']['name']} ({r['model']['module']}, {r['model']['parameters']} parameters)")
     lines = [f"# Audit of `{r['checkpoint']}`", "",
-             f"{what}, task {r['task']['name']} (split seed {r['task']['seed']}), device {r['environment'].get('device')}.", ""]
+             f"{what}, task {r['task']['name']}" + (f" (split seed {r['task']['seed']})" if r["task"]["name"] in TASKS else "")
+             + f", device {r['environment'].get('device')}.", ""]
     if r["training_data"]["warning"]:
         lines += [f"**Warning: {r['training_data']['warning']}.**", ""]
     if result.gates:

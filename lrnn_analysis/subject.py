@@ -123,7 +123,7 @@ class ModelUnderAnalysis:
 
     def lure_system(self) -> LureSystem | None:
         """The Lur'e form (calling the callable if one was given), or None when there is none."""
-        system = self.lure_form() if callable(self.lure_form) and not isinstance(self.lure_form, LureSystem) else self.lure_form
+        system = self.lure_form() if callable(self.lure_form) else self.lure_form
         if system is not None and not isinstance(system, LureSystem):
             raise TypeError(f"{self.name}: lure_form returned a {type(system).__name__}, not a LureSystem")
         return system

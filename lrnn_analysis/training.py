@@ -82,6 +82,8 @@ def train_model(
     With a ``constraint`` the recurrent parameters are projected after every optimizer
     step (and once before training) so that its norm certificate holds with its margin.
     """
+    if len(task.val) == 0:
+        raise ValueError(f"task {task.name} has no validation split, and training validates every epoch (give x_val, y_val)")
     torch.manual_seed(settings.seed)
     model.to(device)
     if constraint is not None:

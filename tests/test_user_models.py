@@ -22,7 +22,7 @@ from lrnn_analysis.recipes import load_recipe, run_recipe
 from lrnn_analysis.report import AuditSettings, run_audit
 from lrnn_analysis.robustness import Perturbation, SweepModel, perturb_parameters, sweep
 from lrnn_analysis.subject import ModelUnderAnalysis
-from lrnn_analysis.training import TrainResult, TrainSettings, training_metadata
+from lrnn_analysis.training import TrainResult, TrainSettings, train_model, training_metadata
 from lrnn_analysis.userdata import load_data
 
 MODEL_SOURCE = '''
@@ -119,6 +119,8 @@ def test_data_file_becomes_a_task(user):
         np.testing.assert_array_equal(task.test.x.numpy(), archive["x_test"])
         np.testing.assert_array_equal(task.train.y.numpy(), archive["y_train"])
     assert (task.name, task.input_dim, task.seq_len, task.num_classes, len(task.val)) == ("mydata.npz", 2, 10, 3, 0)
+    with pytest.raises(ValueError, match="has no validation split"):
+        train_model(build_model(ModelConfig("lipschitz", 2, 4, 3)), task, TrainSettings(epochs=1), torch.device("cpu"), False)
     regression = Task.from_arrays(task.train.x.numpy(), np.ones((240, 2), np.float32), task.test.x.numpy(),
                                   np.zeros((90, 2), np.float32), name="mine")
     assert (regression.output_dim, regression.is_classification) == (2, False)
