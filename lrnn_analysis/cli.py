@@ -22,8 +22,8 @@ from .data import TASKS, load_task
 from .io import write_csv, write_json
 from .models import ARCHITECTURES, ModelConfig, build_model
 from .runtime import DEVICE_CHOICES, resolve_device
-from .tables import format_table, format_value
 from .subject import load_model
+from .tables import format_table, format_value
 from .training import TrainSettings, spectral_summary, train_model, training_metadata
 
 

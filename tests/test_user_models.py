@@ -14,7 +14,7 @@ from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
 from lrnn_analysis.data import Task, load_task
 from lrnn_analysis.evaluation import loss_function
-from lrnn_analysis.hessian import HessianOperator, analyze
+from lrnn_analysis.hessian import analyze
 from lrnn_analysis.lure import LureSystem
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.provenance import LEAKAGE_WARNING, check_training_data, split_fingerprint
