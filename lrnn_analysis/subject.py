@@ -13,7 +13,8 @@ Its optional pieces decide what can be computed:
 
 A module may declare the first two itself: a ``lure_form()`` method and a
 ``recurrent_parameters`` attribute (a sequence of patterns) are used when the constructor is
-not given them. The toolkit's own architectures are one provider (:meth:`from_recurrent_model`,
+not given them. The hidden-to-hidden weights ``weight_hh_l*`` of the ``torch.nn`` RNN, LSTM and
+GRU layers a module contains are recurrent by definition and are the default otherwise. The toolkit's own architectures are one provider (:meth:`from_recurrent_model`,
 :func:`load_model`); any user module is another (:meth:`from_module`).
 """
 from __future__ import annotations
@@ -103,11 +104,15 @@ class ModelUnderAnalysis:
     ) -> "ModelUnderAnalysis":
         """Any module mapping (batch, time, input) to outputs. ``lure_form`` and ``recurrent``
         default to what the module declares (a ``lure_form()`` method, a ``recurrent_parameters``
-        attribute), and otherwise to none."""
+        attribute), else for ``recurrent`` to the ``weight_hh_l*`` of its torch.nn RNN/LSTM/GRU
+        layers, and otherwise to none."""
         if lure_form is None and callable(getattr(module, "lure_form", None)):
             lure_form = module.lure_form
         if recurrent is None:
             recurrent = getattr(module, "recurrent_parameters", None)
+        if recurrent is None:
+            recurrent = [f"{name}.weight_hh_l*" if name else "weight_hh_l*"
+                         for name, layer in module.named_modules() if isinstance(layer, nn.RNNBase)]
         return cls(module, name or type(module).__name__, lure_form, _patterns(recurrent), metadata or {})
 
     @classmethod

@@ -317,3 +317,32 @@ def test_robustness_refuses_checkpoints_of_different_tasks(tmp_path, digits_task
     assert main(argv + ["--task", "digits"]) == 0
     err = capsys.readouterr().err
     assert "smnist.safetensors" in err and LEAKAGE_WARNING in err and "digits.safetensors):" not in err
+
+
+class _LSTMClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(2, 6, batch_first=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_a_module_with_a_torch_lstm_is_audited_without_a_certificate(user):
+    _, _, task = user
+    torch.manual_seed(0)
+    module = _LSTMClassifier()
+    subject = ModelUnderAnalysis.from_module(module)
+    assert subject.recurrent_names() == ["lstm.weight_hh_l0"]
+    result = sweep([SweepModel("lstm", "l", subject)], task, {"gaussian-relative": [0.0, 1.0]}, seeds=[0],
+                   recurrent_only=True, progress=False)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    perturbed = perturb_parameters(params, Perturbation("gaussian-relative", 1.0, 0), ["lstm.weight_hh_l0"])
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(functional_call(module, perturbed, (task.test.x,)), task.test.y)
+    assert result.rows[1]["loss"] == pytest.approx(float(expected), rel=1e-5) and result.rows[1]["loss"] != result.rows[0]["loss"]
+    settings = AuditSettings(trace_matvecs=10, seeds=1, grid={"gaussian": (0.0, 0.1)})
+    report = run_audit(subject, task, settings=settings, progress=False).report
+    assert report["stability"]["reason"] == "no Lur'e form: no certificate available for this model"
+    assert report["clean"]["accuracy"] == pytest.approx(_accuracy_by_hand(module, task.test.x, task.test.y), abs=1e-12)
