@@ -220,7 +220,7 @@ def test_user_data_validation_errors_name_the_file_and_the_array(tmp_path):
 
 
 def test_cli_data_option_reports_bad_files_in_one_line(tmp_path, capsys):
-    model = build_model(ModelConfig("lipschitz", 2, 8, 3), seed=0)
+    model = build_model(ModelConfig("lipschitz", 2, 8, 1), seed=0)
     save_checkpoint(tmp_path / "m.safetensors", model, {})
     np.savez(tmp_path / "bad.npz", x_train=np.zeros((4, 3)), y_train=np.zeros(4, np.int64),
              x_test=np.zeros((4, 3, 2)), y_test=np.zeros(4, np.int64))
@@ -229,6 +229,10 @@ def test_cli_data_option_reports_bad_files_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "bad.npz: x_train: expected shape (N, T, D)" in err and err.count("\n") == 1
     assert not (tmp_path / "r.csv").exists()
+    code = main(["robustness", str(tmp_path / "m.safetensors"), "--task", "adding", "--length", "5", "--param-noise", "0.1",
+                 "--recurrent", "M_W,weight_hh*", "--out", str(tmp_path / "r.csv"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pattern 'weight_hh*' matches none of" in err and not (tmp_path / "r.csv").exists()
 
 
 # Regression 1: a model trained on another split of digits, scored on the toolkit's split.
@@ -251,6 +255,13 @@ def test_leakage_warning_for_a_model_trained_on_another_split(digits_task, tmp_p
     plain = sweep([SweepModel("user", "u", ModelUnderAnalysis.from_module(model))], digits_task, {"gaussian": [0.0]},
                   seeds=1, max_samples=50, progress=False)
     assert "records no training task" in plain.warnings[0]
+
+    settings = AuditSettings(trace_matvecs=5, seeds=1, max_samples=50, hessian_batch_size=32, grid={"gaussian": (0.0,)})
+    audit = run_audit(model, digits_task, "m", metadata, settings, progress=False)
+    assert audit.report["training_data"]["warning"].startswith(LEAKAGE_WARNING)
+    from lrnn_analysis.report import _markdown
+
+    assert f"**Warning: {LEAKAGE_WARNING}" in _markdown(audit, {})
 
     save_checkpoint(tmp_path / "m.safetensors", model, metadata)
     argv = ["robustness", str(tmp_path / "m.safetensors"), "--input-noise", "0", "--seeds", "1", "--max-samples", "50",
