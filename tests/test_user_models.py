@@ -113,8 +113,10 @@ def _accuracy_by_hand(module, x, y):
         return float((module(x).argmax(dim=1) == y).double().mean())
 
 
-def test_data_file_becomes_a_task(user):
-    folder, _, task = user
+def test_data_file_becomes_a_task(user, digits_task):
+    folder, module, task = user
+    with pytest.raises(ValueError, match="the model does not run on task digits inputs of shape \\(batch, 64, 1\\)"):
+        _subject(module).check_fits(digits_task)
     with np.load(folder / "mydata.npz") as archive:
         np.testing.assert_array_equal(task.test.x.numpy(), archive["x_test"])
         np.testing.assert_array_equal(task.train.y.numpy(), archive["y_train"])
@@ -124,6 +126,8 @@ def test_data_file_becomes_a_task(user):
     regression = Task.from_arrays(task.train.x.numpy(), np.ones((240, 2), np.float32), task.test.x.numpy(),
                                   np.zeros((90, 2), np.float32), name="mine")
     assert (regression.output_dim, regression.is_classification) == (2, False)
+    with pytest.raises(ValueError, match="returns \\(2, 3\\) on a batch of 2; task mine needs \\(batch, 2\\) outputs"):
+        _subject(module).check_fits(regression)
 
 
 def test_sweep_of_a_user_module_matches_direct_computation(user):
