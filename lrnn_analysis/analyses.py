@@ -1,7 +1,8 @@
 """Analyses as tidy tables: plain objects in (models, tasks, batches), rows out.
 
 Each function returns lists of dicts, one row per observation, ready for CSV and for
-the functions of :mod:`lrnn_analysis.plots`.
+the functions of :mod:`lrnn_analysis.plots`. Models are :class:`ModelUnderAnalysis` (a
+toolkit model or a plain module is wrapped with what it declares), keyed by label.
 """
 from __future__ import annotations
 
@@ -11,18 +12,25 @@ import numpy as np
 import torch
 
 from .evaluation import evaluate, loss_function
-from .models import RecurrentModel
 from .stability import certify, spectrum
+from .subject import ModelUnderAnalysis, as_model_under_analysis
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Models = Mapping[str, "ModelUnderAnalysis | torch.nn.Module"]
+NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
 
 
-def spectra_tables(models: Mapping[str, RecurrentModel]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _modules(models: Models) -> dict[str, torch.nn.Module]:
+    return {label: as_model_under_analysis(model, name=label).module for label, model in models.items()}
+
+
+def spectra_tables(models: Models) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Eigenvalues of A and W per model (model, matrix, re, im) and one row per model with the
-    Bendixson box of A, the scheme and the spectral summary (diagnostics, not certificates)."""
+    Bendixson box of A, the scheme and the spectral summary (diagnostics, not certificates).
+    Models without a Lur'e form have no rows."""
     eigen_rows, model_rows = [], []
     for label, model in models.items():
-        system = model.lure_form()
+        system = as_model_under_analysis(model, name=label).lure_system()
         if system is None:
             continue
         report = spectrum(system)
@@ -39,16 +47,16 @@ def spectra_tables(models: Mapping[str, RecurrentModel]) -> tuple[list[dict[str,
 
 
 def certificate_table(
-    models: Mapping[str, RecurrentModel],
+    models: Models,
     names: Sequence[str] | None = None,
     time_budget: float | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (model, certificate): holds, margin, rate, tier, seconds, reason."""
     rows = []
     for label, model in models.items():
-        system = model.lure_form()
+        system = as_model_under_analysis(model, name=label).lure_system()
         if system is None:
-            rows.append({"model": label, "certificate": None, "holds": False, "reason": "no Lur'e form"})
+            rows.append({"model": label, "certificate": None, "holds": False, "reason": NO_LURE_FORM})
             continue
         for result in certify(system, names, time_budget=time_budget):
             rows.append({"model": label, "certificate": result.name, "holds": bool(result.holds), "margin": result.margin,
@@ -56,10 +64,10 @@ def certificate_table(
     return rows
 
 
-def accuracy_table(models: Mapping[str, RecurrentModel], x: torch.Tensor, y: torch.Tensor, classification: bool) -> list[dict[str, Any]]:
+def accuracy_table(models: Models, x: torch.Tensor, y: torch.Tensor, classification: bool) -> list[dict[str, Any]]:
     """Clean loss and accuracy per model on (x, y)."""
     rows = []
-    for label, model in models.items():
+    for label, model in _modules(models).items():
         result = evaluate(model, x, y, classification)
         rows.append({"model": label, "accuracy": result.accuracy, "loss": result.loss, "n": result.n,
                      "parameters": sum(p.numel() for p in model.parameters())})
@@ -67,7 +75,7 @@ def accuracy_table(models: Mapping[str, RecurrentModel], x: torch.Tensor, y: tor
 
 
 def hessian_tables(
-    models: Mapping[str, RecurrentModel],
+    models: Models,
     batches: Sequence[Batch],
     classification: bool,
     *,
@@ -86,7 +94,7 @@ def hessian_tables(
     from .hessian import analyze
 
     summary, density_rows = [], []
-    for label, model in models.items():
+    for label, model in _modules(models).items():
         report = analyze(model, loss_function(classification), list(batches), params=params, trace=True, density=density,
                          seed=seed, progress=progress, trace_matvecs=trace_matvecs, density_probes=density_probes,
                          density_steps=density_steps, max_iter=max_iter)
@@ -107,7 +115,7 @@ def training_log_table(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
 
 
 def landscape_tables(
-    models: Mapping[str, RecurrentModel],
+    models: Models,
     batches: Sequence[Batch],
     classification: bool,
     steps: Sequence[float],
@@ -122,7 +130,7 @@ def landscape_tables(
 
     loss_fn = loss_function(classification)
     lines, plane = [], []
-    for label, model in models.items():
+    for label, model in _modules(models).items():
         op = HessianOperator(model, loss_fn, list(batches))
         top = eigenvalues(op, k=1, which="LA", seed=seed)
         for name, directions in (("top Hessian eigenvector", eigenvector_directions(op, top, (0,))), ("random (filter-normalised)", "random")):

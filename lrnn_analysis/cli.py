@@ -22,6 +22,7 @@ from .data import TASKS, load_task
 from .io import write_csv, write_json
 from .models import ARCHITECTURES, ModelConfig, build_model
 from .runtime import DEVICE_CHOICES, resolve_device
+from .subject import load_model
 from .tables import format_table, format_value
 from .training import TrainSettings, spectral_summary, train_model, training_metadata
 
@@ -63,8 +64,19 @@ def _add_task_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--length", type=_positive_int, default=None, help="adding: sequence length")
 
 
+def _add_data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="your own data: .npz or PyTorch file with x_train, y_train, x_test, y_test (optional x_val, y_val)")
+
+
 def _task_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = None):
-    """The task named on the command line, or else the one recorded in a checkpoint."""
+    """The data file or task named on the command line, or else the task recorded in a checkpoint."""
+    if getattr(args, "data", None) is not None:
+        if args.task is not None:
+            raise UsageError("give either --task or --data, not both")
+        from .userdata import load_data
+
+        return load_data(args.data)
     recorded = recorded or {}
     name = args.task or recorded.get("name")
     if name is None:
@@ -178,27 +190,59 @@ ROBUSTNESS_OPTIONS = {
 }
 
 
+def _recorded_task(loaded: Sequence[tuple[str, Any]]) -> dict[str, Any] | None:
+    """The task every checkpoint records; an error when they record different ones (each
+    checkpoint is scored on its own task unless --task/--data names one for all)."""
+    records = [(path, subject.metadata.get("task")) for path, subject in loaded]
+    distinct = {json.dumps(record, sort_keys=True) for _, record in records}
+    if len(distinct) > 1:
+        listed = ", ".join(f"{path} ({_describe_record(record)})" for path, record in records)
+        raise UsageError(f"the checkpoints record different tasks: {listed}; give --task or --data to score all on one")
+    return records[0][1]
+
+
+def _describe_record(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "no task recorded"
+    options = record.get("options") or {}
+    return f"task {record.get('name')}, split seed {record.get('seed')}" + (f", options {options}" if options else "")
+
+
+def _architecture(subject) -> str:
+    """The toolkit architecture a checkpoint records, else the model's name."""
+    return (subject.metadata.get("config") or {}).get("arch", subject.name)
+
+
+def _print_warnings(warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def cmd_robustness(args: argparse.Namespace) -> int:
     from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
-    loaded = [(path, *load_checkpoint(path)) for path in args.checkpoints]
-    task = _task_from_args(args, loaded[0][2].get("task"))
+    loaded = [(path, load_model(path)) for path in args.checkpoints]
+    explicit = args.task is not None or args.data is not None
+    task = _task_from_args(args, loaded[0][1].metadata.get("task") if explicit else _recorded_task(loaded))
     grid = {kind: getattr(args, option) for option, kind in ROBUSTNESS_OPTIONS.items() if getattr(args, option)}
     if not grid:
         raise UsageError("no perturbation levels given (e.g. --input-noise 0,0.1,0.2)")
-    for path, model, _ in loaded:
-        _check_model_fits_task(path, model, task)
+    for path, subject in loaded:
+        subject.check_fits(task, str(path))
     models = []
-    for path, model, _ in loaded:
+    for path, subject in loaded:
         directions = None
         if "hessian-direction" in grid:
-            names = recurrent_parameter_names(model) if args.recurrent_only else None
-            directions = hessian_directions(model.to(device), task, args.hessian_k, params=names, seed=0)
-        models.append(SweepModel(_model_label(model), str(path), model, directions))
+            restricted = args.recurrent is not None or args.recurrent_only
+            names = recurrent_parameter_names(subject, args.recurrent) if restricted else None
+            subject.module.to(device)
+            directions = hessian_directions(subject, task, args.hessian_k, params=names, seed=0)
+        models.append(SweepModel(subject.name, str(path), subject, directions))
     result = sweep(models, task, grid, args.seeds, split=args.split, device=device, batch_size=args.batch_size,
-                   max_samples=args.max_samples, recurrent_only=args.recurrent_only, progress=not args.quiet)
+                   max_samples=args.max_samples, recurrent_only=args.recurrent_only, recurrent=args.recurrent,
+                   progress=not args.quiet)
     result.write_csv(args.out)
     if args.json:
         result.write_json(str(Path(args.out).with_suffix(".json")))
@@ -206,21 +250,17 @@ def cmd_robustness(args: argparse.Namespace) -> int:
                                         "accuracy_ci95", "accuracy_drop", "loss_mean"],
                        ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy", "+-95%", "drop", "loss"]))
     print(f"wrote {args.out}" + (f" and {Path(args.out).with_suffix('.json')}" if args.json else ""))
+    _print_warnings(result.warnings)
     return 0
-
-
-def _model_label(model) -> str:
-    config = model.config
-    return f"{config.arch} ({config.discretization})"
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
     from .stability import certify, default_certificates, spectrum
 
-    model, _ = load_checkpoint(args.checkpoint)
-    system = model.lure_form()
+    subject = load_model(args.checkpoint)
+    system = subject.lure_system()
     if system is None:
-        raise UsageError(f"{args.checkpoint}: a {model.config.arch} model has no Lur'e form, so no certificate applies")
+        raise UsageError(f"{args.checkpoint}: {subject.name}: no Lur'e form: no certificate available for this model")
     report = spectrum(system)
     names = args.certificates or list(default_certificates(system))
     started = time.monotonic()
@@ -230,7 +270,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
         results += certify(system, [name], time_budget=remaining)
     scheme = system.method if system.eps is None else f"{system.method}, eps {system.eps:g}" + (
         f" x {system.substeps} substeps" if system.substeps > 1 else "")
-    print(f"{args.checkpoint}: {model.config.arch} ({scheme}), n = {system.n}, slope L = {system.slope:g}")
+    print(f"{args.checkpoint}: {_architecture(subject)} ({scheme}), n = {system.n}, slope L = {system.slope:g}")
     print("spectra (diagnostics: necessary conditions only, never a certificate)")
     box = report.bendixson_A
     print(f"  alpha(A) = {report.abscissa_A:+.5f}   mu2(A) = {report.mu2_A:+.5f}   ||A||_2 = {report.norm_A:.5f}   ||W||_2 = {report.norm_W:.5f}")
@@ -243,7 +283,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
     print("certificates")
     print(format_table(rows, ["name", "holds", "margin", "rate", "tier", "seconds", "reason"]))
     if args.json:
-        write_json(args.json, {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(),
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
                                "spectrum": report.to_dict(), "certificates": [r.to_dict(include_matrices=args.evidence) for r in results]})
     return 0 if all(r.holds for r in results) else 1
 
@@ -254,18 +294,18 @@ def cmd_hessian(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
-    model, metadata = load_checkpoint(args.checkpoint)
-    task = _task_from_args(args, metadata.get("task"))
-    _check_model_fits_task(args.checkpoint, model, task)
+    subject = load_model(args.checkpoint)
+    task = _task_from_args(args, subject.metadata.get("task"))
+    subject.check_fits(task, str(args.checkpoint))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    model = model.to(device=device, dtype=dtype)
+    model = subject.module.to(device=device, dtype=dtype)
     batches = [(x.to(dtype), y if task.is_classification else y.to(dtype))
                for x, y in getattr(task, args.split).batches(args.batch_size, None if args.full else args.batches, device)]
     report = analyze(model, loss_function(task.is_classification), batches, params=args.params, top_k=args.top_k,
                      trace=args.trace, density=args.density, backend=args.backend, seed=args.seed, dtype=dtype,
                      progress=not args.quiet, trace_method=args.trace_method)
     info = report.operator
-    print(f"{args.checkpoint}: {model.config.arch}, {len(info.get('params', []))} parameter tensors "
+    print(f"{args.checkpoint}: {_architecture(subject)}, {len(info.get('params', []))} parameter tensors "
           f"({', '.join(info.get('params', []))}), {info.get('n_samples')} samples of {task.name}/{args.split} "
           f"in {info.get('n_batches')} batch(es), {args.backend} backend, {info.get('dtype')}, seed {args.seed}")
     eigen = report.eigen
@@ -289,10 +329,6 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_model_fits_task(path: str, model, task) -> None:
-    task.check_fits(model.config.input_dim, model.config.output_dim, str(path))
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     from .report import AuditSettings, Gate, run_audit, write_audit
 
@@ -300,14 +336,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     device = resolve_device(args.device)
     overrides = {"beta": args.beta, "gamma": args.gamma, "eps": args.eps, "alpha": args.alpha, "solver": args.solver}
-    model, metadata = load_checkpoint(args.checkpoint, **overrides)
-    task = _task_from_args(args, metadata.get("task"))
-    _check_model_fits_task(args.checkpoint, model, task)
+    subject = load_model(args.checkpoint, **overrides)
+    task = _task_from_args(args, subject.metadata.get("task"))
+    subject.check_fits(task, str(args.checkpoint))
     settings = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
-    result = run_audit(model, task, str(args.checkpoint), metadata, settings, gates, device, progress=not args.quiet)
+    result = run_audit(subject, task, str(args.checkpoint), None, settings, gates, device, progress=not args.quiet)
     out = write_audit(result, args.out)
     report = result.report
-    print(f"audit of {args.checkpoint} ({model.config.arch}, task {task.name}) written to {out}/report.md and report.json")
+    print(f"audit of {args.checkpoint} ({_architecture(subject)}, task {task.name}) written to {out}/report.md and report.json")
     print(f"clean test accuracy {format_value(report['clean']['accuracy'])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
           f"lambda_min {report['hessian']['lambda_min']:.4g}, trace {report['hessian']['trace']['estimate']:.4g} "
           f"+- {report['hessian']['trace']['ci_halfwidth']:.3g}")
@@ -316,6 +352,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if result.gates:
         print(format_table([g.to_dict() for g in result.gates], ["gate", "passed", "observed", "detail"]))
         print("all gates pass" if result.passed else "a gate failed")
+    _print_warnings([report["training_data"]["warning"]] if report["training_data"]["warning"] else [])
     return 0 if result.passed else 1
 
 
@@ -337,6 +374,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             for o in outcomes]
     print(format_table(rows, ["recipe", "analysis", "seconds", "outputs", "summary"]))
     print(f"wrote {sum(len(o.outputs) for o in outcomes)} files into {args.out}")
+    _print_warnings([f"{o.name}: {w}" for o in outcomes for w in o.warnings])
     return 0
 
 
@@ -512,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     hess = sub.add_parser("hessian", help="loss Hessian: extreme eigenvalues, trace with CI, spectral density")
     hess.add_argument("checkpoint")
     _add_task_options(hess, required=False)
+    _add_data_option(hess)
     hess.add_argument("--split", choices=("train", "val", "test"), default="train")
     hess.add_argument("--batch-size", type=_positive_int, default=128)
     amount = hess.add_mutually_exclusive_group()
@@ -532,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="stability, Hessian and robustness report of one checkpoint, with gates")
     audit.add_argument("checkpoint")
     _add_task_options(audit, required=False)
+    _add_data_option(audit)
     audit.add_argument("--gate", action="append", default=[], metavar="KIND=VALUE",
                        help="certified=NAME, min-accuracy=A, max-lambda=X, max-trace=X, max-accuracy-drop=KIND:LEVEL:DROP")
     audit.add_argument("--out", required=True, help="report directory (written atomically)")
@@ -555,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust = sub.add_parser("robustness", help="accuracy under input and parameter perturbations (tidy CSV)")
     robust.add_argument("checkpoints", nargs="+", metavar="CKPT")
     _add_task_options(robust, required=False)
+    _add_data_option(robust)
     robust.add_argument("--input-noise", type=_float_list, default=None, help="Gaussian input noise sigmas, e.g. 0,0.1,0.2,0.3")
     robust.add_argument("--salt-pepper", type=_float_list, default=None, help="salt-and-pepper probabilities")
     robust.add_argument("--occlusion", type=_float_list, default=None, help="fractions of time steps set to zero")
@@ -563,7 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--hessian-direction", type=_float_list, default=None,
                         help="steps t along a seeded unit combination of the top Hessian eigenvectors")
     robust.add_argument("--hessian-k", type=_positive_int, default=1, help="number of top eigenvectors spanning the directions")
-    robust.add_argument("--recurrent-only", action="store_true", help="parameter perturbations only on M_A, M_W")
+    recurrent = robust.add_mutually_exclusive_group()
+    recurrent.add_argument("--recurrent-only", action="store_true",
+                           help="parameter perturbations only on each model's declared recurrent parameters (toolkit models: M_A, M_W)")
+    recurrent.add_argument("--recurrent", type=_name_list, default=None, metavar="PATTERNS",
+                           help="parameter perturbations only on the parameters these comma-separated globs match (each must match)")
     robust.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds (0..N-1)")
     robust.add_argument("--split", choices=("train", "val", "test"), default="test")
     robust.add_argument("--max-samples", type=_positive_int, default=None)

@@ -67,12 +67,22 @@ class Task:
 
     @property
     def output_dim(self) -> int:
-        return self.num_classes if self.num_classes is not None else 1
+        """Number of classes, or of regression targets (y has shape (N, k))."""
+        return self.num_classes if self.num_classes is not None else int(self.train.y.shape[-1])
 
     @property
     def input_range(self) -> tuple[float, float]:
         """Smallest and largest input value in the training split."""
         return float(self.train.x.min()), float(self.train.x.max())
+
+    @classmethod
+    def from_arrays(cls, x_train: Any, y_train: Any, x_test: Any, y_test: Any, x_val: Any = None, y_val: Any = None,
+                    *, name: str = "arrays", num_classes: int | None = None) -> "Task":
+        """A task on your own splits: x (N, T, D) float, y integer classes (N,) or float targets
+        (N, k); validated by :func:`lrnn_analysis.userdata.task_from_arrays`."""
+        from .userdata import task_from_arrays
+
+        return task_from_arrays(x_train, y_train, x_test, y_test, x_val, y_val, name=name, num_classes=num_classes)
 
     def check_fits(self, input_dim: int, output_dim: int, where: str) -> None:
         """Raise ValueError unless a model with these sizes can run on this task."""

@@ -24,6 +24,8 @@ def loss_function(is_classification: bool) -> nn.Module:
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, is_classification: bool, batch_size: int = 1000) -> Evaluation:
     """Sample-weighted mean loss and accuracy (None for regression) over (x, y)."""
+    if len(x) == 0:
+        raise ValueError("no samples to evaluate (empty split)")
     device = next(model.parameters()).device
     criterion = loss_function(is_classification)
     was_training = model.training

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from . import analyses, plots
-from .checkpoints import load_checkpoint
 from .data import Task, load_task
 from .io import write_csv, write_json
-from .models import RecurrentModel
+from .provenance import check_training_data
 from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
 from .runtime import environment
 from .stability import phase_diagram
+from .subject import ModelUnderAnalysis, load_model
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +66,14 @@ class Recipe:
     def checkpoint_paths(self) -> list[Path]:
         return [p if p.is_absolute() else self.root / p for p in map(Path, self.checkpoints)]
 
+    def model_labels(self) -> tuple[str, ...]:
+        """The labels given, else each checkpoint's file stem, else (when two stems are equal,
+        e.g. runA/model.pt and runB/model.pt) each checkpoint as written in the recipe."""
+        if self.labels:
+            return self.labels
+        stems = tuple(Path(c).stem for c in self.checkpoints)
+        return stems if len(set(stems)) == len(stems) else self.checkpoints
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "analysis": self.analysis, "output": self.output, "path": str(self.path),
                 "task": self.task, "task_options": self.task_options, "split_seed": self.split_seed,
@@ -80,10 +88,11 @@ class RecipeOutcome:
     outputs: tuple[str, ...]
     summary: str
     seconds: float
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "analysis": self.analysis, "outputs": list(self.outputs), "summary": self.summary,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "warnings": list(self.warnings)}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -105,6 +114,10 @@ def load_recipe(path: str | Path) -> Recipe:
     checkpoints = tuple(data.get("checkpoints", ()))
     if labels and len(labels) != len(checkpoints):
         raise ValueError(f"{path}: {len(labels)} labels for {len(checkpoints)} checkpoints")
+    for what, values in (("labels", labels), ("checkpoints", checkpoints)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{path}: duplicate {what} {repeated}")
     if not isinstance(data.get("settings", {}), dict):
         raise ValueError(f"{path}: settings must be a table")
     return Recipe(name=str(data["name"]), analysis=data["analysis"], output=str(data["output"]), path=path,
@@ -120,19 +133,25 @@ class _Context:
     out_dir: Path
     device: torch.device
     progress: bool
+    warnings: list[str] = field(default_factory=list)
 
     def setting(self, key: str, default: Any) -> Any:
         return self.recipe.settings.get(key, default)
 
-    def _labelled_paths(self) -> list[tuple[str, Path]]:
-        paths = self.recipe.checkpoint_paths()
-        return list(zip(self.recipe.labels or tuple(p.stem for p in paths), paths))
+    def entries(self) -> list[tuple[str, Path, ModelUnderAnalysis]]:
+        """(label, checkpoint path, model) per checkpoint, in recipe order (labels are unique)."""
+        entries = []
+        for label, path in zip(self.recipe.model_labels(), self.recipe.checkpoint_paths()):
+            subject = load_model(path, name=label)
+            subject.module.to(self.device).eval()
+            entries.append((label, path, subject))
+        return entries
 
-    def models(self) -> dict[str, RecurrentModel]:
-        return {label: load_checkpoint(path).model.to(self.device).eval() for label, path in self._labelled_paths()}
+    def models(self) -> dict[str, ModelUnderAnalysis]:
+        return {label: subject for label, _, subject in self.entries()}
 
     def metadata(self) -> dict[str, dict[str, Any]]:
-        return {label: load_checkpoint(path).metadata for label, path in self._labelled_paths()}
+        return {label: dict(subject.metadata) for label, _, subject in self.entries()}
 
     def task(self) -> Task:
         if self.recipe.task is None:
@@ -166,12 +185,16 @@ def _spectra(ctx: _Context) -> tuple[list[str], str]:
 def _certificates(ctx: _Context) -> tuple[list[str], str]:
     models = ctx.models()
     task = ctx.task()
+    for label, subject in models.items():
+        subject.check_fits(task, label)
     accuracy = {r["model"]: r["accuracy"] for r in analyses.accuracy_table(models, task.test.x, task.test.y, task.is_classification)}
     rows = analyses.certificate_table(models, ctx.setting("certificates", None), ctx.setting("time_budget", 30.0))
     for row in rows:
         row["test_accuracy"] = accuracy[row["model"]]
     eigen_rows, model_rows = analyses.spectra_tables(models)
-    written = ctx.write(rows, plots.plot_spectra(eigen_rows, model_rows))
+    training_data = {label: check_training_data(subject.metadata, task).to_dict() for label, subject in models.items()}
+    ctx.warnings += [f"{label}: {check['warning']}" for label, check in training_data.items() if check["warning"]]
+    written = ctx.write(rows, plots.plot_spectra(eigen_rows, model_rows), {"training_data": training_data})
     certified = sorted({r["model"] for r in rows if r["holds"]})
     return written, f"certified: {', '.join(certified) or 'none'}"
 
@@ -195,16 +218,19 @@ def _robustness(ctx: _Context) -> tuple[list[str], str]:
     grid = ctx.setting("grid", {})
     recurrent_only = bool(ctx.setting("recurrent_only", False))
     models = []
-    for (label, model), path in zip(ctx.models().items(), ctx.recipe.checkpoints):
+    for label, path, model in ctx.entries():
         directions = None
         if "hessian-direction" in grid:
+            model.check_fits(task, str(path))
             names = recurrent_parameter_names(model) if recurrent_only else None
             directions = hessian_directions(model, task, int(ctx.setting("hessian_k", 1)), params=names, seed=ctx.recipe.seed)
         models.append(SweepModel(label, str(path), model, directions))
     result = sweep(models, task, grid, int(ctx.setting("seeds", 5)), split=ctx.setting("split", "test"),
                    device=ctx.device, max_samples=ctx.setting("max_samples", None),
                    recurrent_only=recurrent_only, progress=ctx.progress)
-    written = ctx.write(result.rows, plots.plot_robustness(result.summary), {"summary": result.summary, "settings": result.settings})
+    ctx.warnings += list(result.warnings)
+    written = ctx.write(result.rows, plots.plot_robustness(result.summary), {"summary": result.summary, "settings": result.settings,
+                                                                           "warnings": list(result.warnings)})
     written += ctx.write(result.summary, None, suffix="_summary")
     top_level = max(r["level"] for r in result.summary)
     at_top = [r for r in result.summary if r["level"] == top_level and r["accuracy_drop"] is not None]
@@ -263,7 +289,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, device: torch.device | str =
     torch.manual_seed(recipe.seed)
     context = _Context(recipe, Path(out_dir), torch.device(device), progress)
     written, summary = ANALYSES[recipe.analysis](context)
-    return RecipeOutcome(recipe.name, recipe.analysis, tuple(written), summary, time.perf_counter() - started)
+    return RecipeOutcome(recipe.name, recipe.analysis, tuple(written), summary, time.perf_counter() - started,
+                         tuple(context.warnings))
 
 
 def find_recipes(directory: str | Path) -> list[Path]:

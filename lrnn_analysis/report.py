@@ -27,13 +27,14 @@ from typing import Any, Sequence
 import torch
 
 from . import analyses, plots
-from .data import Task
+from .data import TASKS, Task
 from .evaluation import evaluate, loss_function
 from .io import write_csv, write_json
-from .models import RecurrentModel
+from .provenance import check_training_data
 from .robustness import KINDS, SweepModel, sweep
 from .runtime import environment
 from .stability import CERTIFICATES, certify, default_certificates, spectrum
+from .subject import ModelUnderAnalysis, as_model_under_analysis
 from .tables import format_table, format_value
 
 GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop")
@@ -123,23 +124,34 @@ class AuditResult:
 
 
 def run_audit(
-    model: RecurrentModel,
+    model: ModelUnderAnalysis | torch.nn.Module,
     task: Task,
-    checkpoint: str,
-    metadata: dict[str, Any],
+    checkpoint: str | None = None,
+    metadata: dict[str, Any] | None = None,
     settings: AuditSettings = AuditSettings(),
     gates: Sequence[Gate] = (),
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> AuditResult:
-    """Measure everything the report shows and evaluate the gates."""
+    """Measure everything the report shows and evaluate the gates.
+
+    ``model`` is a :class:`ModelUnderAnalysis` (a toolkit model is wrapped with ``metadata``);
+    ``checkpoint`` names it in the report (default: its name). Without a Lur'e form the
+    stability section says that no certificate is available. ``report["training_data"]``
+    says whether the model's training split is known to be ``task``'s (else a warning)."""
+    if isinstance(model, ModelUnderAnalysis) and metadata is not None:
+        raise ValueError("metadata belongs to the ModelUnderAnalysis; give it there, not to run_audit")
+    subject = as_model_under_analysis(model, metadata)
+    checkpoint = checkpoint or subject.name
+    subject.check_fits(task, checkpoint)
     device = torch.device(device)
-    model = model.to(device).eval()
+    model = subject.module.to(device).eval()
     timings: dict[str, float] = {}
     classification = task.is_classification
+    training_data = check_training_data(subject.metadata, task)
 
     started = time.perf_counter()
-    system = model.lure_form()
+    system = subject.lure_system()
     stability: dict[str, Any] = {"lure_form": system is not None}
     tables: dict[str, list[dict[str, Any]]] = {}
     if system is not None:
@@ -148,7 +160,9 @@ def run_audit(
         results = certify(system, wanted, time_budget=settings.certificate_budget)
         stability["spectrum"] = spectrum(system).to_dict()
         stability["certificates"] = [r.to_dict(include_matrices=False) for r in results]
-        tables["spectra"], tables["spectra_summary"] = analyses.spectra_tables({checkpoint: model})
+        tables["spectra"], tables["spectra_summary"] = analyses.spectra_tables({checkpoint: subject})
+    else:
+        stability["reason"] = analyses.NO_LURE_FORM
     timings["stability"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -169,18 +183,21 @@ def run_audit(
             kind, level, _ = gate.value.split(":")
             grid[kind] = sorted(set(grid.get(kind, [0.0])) | {0.0, float(level)})
     clean = evaluate(model, task.test.x[:settings.max_samples], task.test.y[:settings.max_samples], classification)
-    robustness = sweep([SweepModel(Path(checkpoint).stem, checkpoint, model)], task, grid, settings.seeds, device=device,
+    robustness = sweep([SweepModel(Path(checkpoint).stem, checkpoint, subject)], task, grid, settings.seeds, device=device,
                        max_samples=settings.max_samples, progress=progress)
     tables["robustness"], tables["robustness_summary"] = robustness.rows, robustness.summary
     timings["robustness"] = time.perf_counter() - started
-    if metadata.get("log") and {"norm_W", "alpha_A"} & set(metadata["log"][0]):
-        tables["training_log"] = analyses.training_log_table({Path(checkpoint).stem: metadata["log"]})
+    log = subject.metadata.get("log")
+    if log and {"norm_W", "alpha_A"} & set(log[0]):
+        tables["training_log"] = analyses.training_log_table({Path(checkpoint).stem: log})
 
     report = {
         "checkpoint": checkpoint,
-        "config": model.config.to_dict(),
+        "model": subject.describe(),
+        "config": subject.metadata.get("config"),
         "task": task.to_dict(),
-        "training_metrics": metadata.get("metrics"),
+        "training_data": training_data.to_dict(),
+        "training_metrics": subject.metadata.get("metrics"),
         "clean": clean.to_dict(),
         "stability": stability,
         "hessian": hessian.to_dict(),
@@ -189,8 +206,8 @@ def run_audit(
         "timings": timings,
         "environment": environment(device),
     }
-    if "reference" in metadata:
-        report["reference"] = metadata["reference"]
+    if "reference" in subject.metadata:
+        report["reference"] = subject.metadata["reference"]
     gate_results = tuple(_evaluate_gate(g, report) for g in gates)
     report["gates"] = [g.to_dict() for g in gate_results]
     report["passed"] = all(g.passed for g in gate_results)
@@ -201,7 +218,7 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
     if gate.kind == "certified":
         found = [c for c in report["stability"].get("certificates", []) if c["name"] == gate.value]
         if not found:
-            return GateResult(str(gate), False, None, "the model has no Lur'e form, so no certificate applies")
+            return GateResult(str(gate), False, None, analyses.NO_LURE_FORM)
         c = found[0]
         return GateResult(str(gate), bool(c["holds"]), c["margin"], f"tier {c['tier']}: {c['reason']}")
     if gate.kind == "min-accuracy":
@@ -246,9 +263,14 @@ def _figures(result: AuditResult, directory: Path) -> dict[str, str]:
 def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     r = result.report
     hessian, stability = r["hessian"], r["stability"]
+    config = r["config"]
+    what = (f"{config['arch']} ({config['discretization']}), hidden {config['hidden']}" if config else
+            f"{r['model']['name']} ({r['model']['module']}, {r['model']['parameters']} parameters)")
     lines = [f"# Audit of `{r['checkpoint']}`", "",
-             f"{r['config']['arch']} ({r['config']['discretization']}), hidden {r['config']['hidden']}, "
-             f"task {r['task']['name']} (split seed {r['task']['seed']}), device {r['environment'].get('device')}.", ""]
+             f"{what}, task {r['task']['name']}" + (f" (split seed {r['task']['seed']})" if r["task"]["name"] in TASKS else "")
+             + f", device {r['environment'].get('device')}.", ""]
+    if r["training_data"]["warning"]:
+        lines += [f"**Warning: {r['training_data']['warning']}.**", ""]
     if "reference" in r:
         ref = r["reference"]
         lines += ["## Reference implementation file", "",
@@ -272,7 +294,7 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
         lines += [f"| {c['name']} | {'yes' if c['holds'] else 'no'} | {format_value(c['margin'])} | {format_value(c['rate'])} | {c['tier'] or '-'} | "
                   f"{format_value(c['seconds'])} | {c['reason']} |" for c in stability["certificates"]]
     else:
-        lines.append("The model has no Lur'e form (gated recurrence): no certificate applies.")
+        lines.append(f"{stability['reason'][0].upper()}{stability['reason'][1:]}.")
     robustness = format_table(r["robustness"]["summary"], ["perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95", "accuracy_drop"])
     lines += ["", "Spectra are diagnostics (necessary conditions), not certificates.", "", "## Robustness", ""]
     lines += ["    " + line for line in robustness.splitlines()] + [""]

@@ -82,6 +82,8 @@ def train_model(
     With a ``constraint`` the recurrent parameters are projected after every optimizer
     step (and once before training) so that its norm certificate holds with its margin.
     """
+    if len(task.val) == 0:
+        raise ValueError(f"task {task.name} has no validation split, and training validates every epoch (give x_val, y_val)")
     torch.manual_seed(settings.seed)
     model.to(device)
     if constraint is not None:
@@ -144,12 +146,15 @@ def train_model(
 
 
 def training_metadata(task: Task, settings: TrainSettings, result: TrainResult, device: torch.device) -> dict[str, Any]:
-    """What a trained checkpoint records besides its config: task and split seed, settings,
-    metrics, the per-epoch log, versions and device."""
+    """What a trained checkpoint records besides its config: task and split seed, the
+    fingerprint of the training split (the leakage guard of lrnn_analysis.provenance),
+    settings, metrics, the per-epoch log, versions and device."""
+    from .provenance import split_fingerprint
     from .runtime import environment
 
     return {
         "task": task.to_dict(),
+        "train_fingerprint": split_fingerprint(task.train),
         "training": settings.to_dict(),
         "metrics": dict(result.metrics),
         "log": list(result.log),

@@ -80,8 +80,12 @@ def analyze(
     density_steps)``. ``backend="pyhessian"``: PyHessian's power iteration (``tol``,
     ``max_iter`` default 100) and trace (``trace_tol``, ``trace_matvecs`` samples); it has no
     λ_min and no working density, so ``density=True`` is an error there. Every random draw
-    comes from ``seed``.
+    comes from ``seed``. ``model`` may be a :class:`~lrnn_analysis.subject.ModelUnderAnalysis`
+    (``params=model.recurrent_names()`` for its recurrent block).
     """
+    from ..subject import as_module
+
+    model = as_module(model)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "pyhessian" and density:

@@ -132,6 +132,8 @@ class HessianOperator(LinearOperator):
 
     ``matvec``/``matmat`` take and return numpy arrays (scipy convention, in the operator's
     numpy ``dtype``); ``hvp`` takes and returns flat torch tensors on the model's device.
+    ``model`` may be a :class:`~lrnn_analysis.subject.ModelUnderAnalysis` (its module is used;
+    ``params=model.recurrent_names()`` selects its recurrent block).
     """
 
     def __init__(
@@ -146,6 +148,9 @@ class HessianOperator(LinearOperator):
         memory_budget: float = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
     ) -> None:
+        from ..subject import as_module
+
+        model = as_module(model)
         self.model = model
         self.loss_fn = loss_fn
         self.names = tuple(select_parameters(model, params))

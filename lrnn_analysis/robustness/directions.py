@@ -8,12 +8,12 @@ import torch
 from ..data import Task
 from ..evaluation import loss_function
 from ..hessian import HessianOperator, eigenvalues
-from ..models import RecurrentModel
+from ..subject import ModelUnderAnalysis, as_module
 from .perturbations import ParameterDirections
 
 
 def hessian_directions(
-    model: RecurrentModel,
+    model: ModelUnderAnalysis | torch.nn.Module,
     task: Task,
     k: int = 1,
     batches: int = 1,
@@ -23,8 +23,9 @@ def hessian_directions(
 ) -> ParameterDirections:
     """The top-``k`` eigenvectors (largest algebraic eigenvalues) of the training-loss Hessian
     on the first ``batches`` training batches, over ``params`` (default: all parameters)."""
+    model = as_module(model)
     data = task.train.batches(batch_size, batches, next(model.parameters()).device)
-    op = HessianOperator(model, loss_function(task.is_classification), data, params=list(params) if params else None)
+    op = HessianOperator(model, loss_function(task.is_classification), data, params=None if params is None else list(params))
     result = eigenvalues(op, k=k, which="LA", seed=seed)
     vectors = torch.as_tensor(result.vectors.T.copy(), dtype=torch.float64)
     return ParameterDirections(tuple(op.names), vectors)

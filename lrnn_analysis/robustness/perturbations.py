@@ -118,6 +118,8 @@ def perturb_parameters(
     gen = perturbation.generator()
     if perturbation.kind == "gaussian-relative":
         chosen = sorted(params) if names is None else list(names)
+        if not chosen:
+            raise ValueError("no parameters to perturb: the selection is empty")
         unknown = [n for n in chosen if n not in params]
         if unknown:
             raise ValueError(f"no parameters named {unknown}; the model has {sorted(params)}")

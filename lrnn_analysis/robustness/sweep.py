@@ -14,32 +14,38 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ..data import Task
 from ..evaluation import evaluate
 from ..io import write_csv, write_json
-from ..models import RecurrentModel
+from ..provenance import check_training_data
 from ..runtime import environment
+from ..subject import ModelUnderAnalysis, as_model_under_analysis, match_parameters
 from ..statistics import t_halfwidth
 from .perturbations import DETERMINISTIC_KINDS, ParameterDirections, Perturbation, perturb_inputs, perturb_parameters
 
 ROW_FIELDS = ("model", "checkpoint", "perturbation", "target", "level", "seed", "accuracy", "loss", "n", "device")
 SUMMARY_FIELDS = ("model", "checkpoint", "perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95",
                   "accuracy_drop", "loss_mean", "loss_ci95")
-RECURRENT_PARAMETERS = ("M_A", "M_W")
 
 
 @dataclass(frozen=True)
 class SweepModel:
-    """A model to sweep, how to label it, and (for ``hessian-direction``) its eigenvectors."""
+    """A model to sweep, how to label it, and (for ``hessian-direction``) its eigenvectors.
+
+    ``model`` is a :class:`ModelUnderAnalysis` (a toolkit model or a plain module is wrapped
+    with what it declares)."""
 
     label: str
     checkpoint: str
-    model: RecurrentModel
+    model: ModelUnderAnalysis | nn.Module
     directions: ParameterDirections | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", as_model_under_analysis(self.model, name=self.label))
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,11 @@ class SweepResult:
     summary: list[dict[str, Any]]
     settings: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "summary": self.summary, "settings": self.settings, "environment": self.environment}
+        return {"rows": self.rows, "summary": self.summary, "settings": self.settings, "environment": self.environment,
+                "warnings": list(self.warnings)}
 
     def write_csv(self, path: str) -> None:
         """The tidy rows as CSV, written atomically."""
@@ -60,9 +68,13 @@ class SweepResult:
         write_json(path, self.to_dict())
 
 
-def recurrent_parameter_names(model: RecurrentModel) -> list[str]:
-    names = dict(model.named_parameters())
-    return [name for name in RECURRENT_PARAMETERS if name in names]
+def recurrent_parameter_names(model: ModelUnderAnalysis | nn.Module, patterns: str | Sequence[str] | None = None) -> list[str]:
+    """The parameters ``patterns`` (globs) match, or else the model's declared recurrent
+    parameters; an error when a pattern matches nothing or the model declares none."""
+    subject = as_model_under_analysis(model)
+    if patterns is not None:
+        return match_parameters(subject.module, patterns, subject.name)
+    return subject.recurrent_names()
 
 
 def sweep(
@@ -76,6 +88,7 @@ def sweep(
     batch_size: int = 1000,
     max_samples: int | None = None,
     recurrent_only: bool = False,
+    recurrent: str | Sequence[str] | None = None,
     draws_per_call: int = 32,
     batched: bool | None = None,
     progress: bool = True,
@@ -83,7 +96,11 @@ def sweep(
     """Evaluate every model under every (perturbation kind, level) in ``grid`` for every seed.
 
     Inputs come from ``task``'s ``split`` (the first ``max_samples``). Parameter noise
-    perturbs all parameters, or only the recurrent matrices M_A, M_W with ``recurrent_only``.
+    perturbs all parameters; with ``recurrent_only`` only each model's declared recurrent
+    parameters, and with ``recurrent`` (glob patterns) only those it matches. A model that
+    declares none, or a pattern that matches nothing, is an error (never a sweep that
+    perturbs nothing). ``warnings`` says which models' training split is not known to be
+    ``task``'s (see :mod:`lrnn_analysis.provenance`): their accuracy may include training samples.
     ``batched`` (default: on CUDA only) evaluates up to ``draws_per_call`` parameter draws in one
     vmapped call. On CPU evaluation is compute-bound and the plain loop over draws was measured
     faster (bench/robustness.py), so it is the CPU default.
@@ -94,10 +111,23 @@ def sweep(
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     plan = {kind: [Perturbation(kind, level) for level in levels] for kind, levels in grid.items()}
+    selected: dict[str, list[str] | None] = {}
+    training_data: dict[str, dict[str, Any]] = {}
+    warnings = []
+    keys = [(entry.label, entry.checkpoint) for entry in models]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"models listed more than once (label, checkpoint): {repeated}")
     for entry in models:
-        task.check_fits(entry.model.config.input_dim, entry.model.config.output_dim, entry.checkpoint)
+        entry.model.check_fits(task, entry.checkpoint)
         if "hessian-direction" in plan and entry.directions is None:
             raise ValueError(f"{entry.label}: hessian-direction needs its Hessian eigenvectors")
+        restricted = recurrent is not None or recurrent_only
+        selected[entry.checkpoint] = recurrent_parameter_names(entry.model, recurrent) if restricted else None
+        check = check_training_data(entry.model.metadata, task)
+        training_data[entry.checkpoint] = check.to_dict()
+        if check.warning:
+            warnings.append(f"{entry.label} ({entry.checkpoint}): {check.warning}")
     device = torch.device(device)
     if batched is None:
         batched = device.type == "cuda"
@@ -109,10 +139,10 @@ def sweep(
     rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="robustness", unit="eval", disable=not progress) as bar:
         for entry in models:
-            model = entry.model.to(device).eval()
+            model = entry.model.module.to(device).eval()
             clean = evaluate(model, x, y, task.is_classification, batch_size)
             params = {name: p.detach() for name, p in model.named_parameters()}
-            names = recurrent_parameter_names(model) if recurrent_only else None
+            names = selected[entry.checkpoint]
 
             def record(p: Perturbation, accuracy: float | None, loss: float) -> None:
                 rows.append({"model": entry.label, "checkpoint": entry.checkpoint, "perturbation": p.kind,
@@ -141,12 +171,12 @@ def sweep(
                     for p, (accuracy, loss) in zip(chunk, scores):
                         record(p, accuracy, loss)
     settings = {"task": task.to_dict(), "split": split, "n": len(x), "grid": {k: list(map(float, v)) for k, v in grid.items()},
-                "seeds": seed_list, "recurrent_only": recurrent_only, "batched": batched,
-                "seconds": time.perf_counter() - started}
-    return SweepResult(rows, summarize(rows), settings, environment(device))
+                "seeds": seed_list, "recurrent_only": recurrent_only, "recurrent": recurrent, "perturbed_parameters": selected,
+                "training_data": training_data, "batched": batched, "seconds": time.perf_counter() - started}
+    return SweepResult(rows, summarize(rows), settings, environment(device), tuple(warnings))
 
 
-def _input_gradient(model: RecurrentModel, x: Tensor, y: Tensor, classification: bool, batch_size: int = 1000) -> Tensor:
+def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, classification: bool, batch_size: int = 1000) -> Tensor:
     """d loss / d x for each sample (the model's parameters get no gradient)."""
     grads = []
     for start in range(0, len(x), batch_size):
@@ -164,7 +194,7 @@ def _loss_sum(outputs: Tensor, y: Tensor, classification: bool) -> Tensor:
 
 
 def evaluate_parameter_draws(
-    model: RecurrentModel,
+    model: nn.Module,
     draws: Sequence[Mapping[str, Tensor]],
     x: Tensor,
     y: Tensor,

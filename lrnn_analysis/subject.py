@@ -1,0 +1,221 @@
+"""The model under analysis: any ``nn.Module`` mapping (batch, time, input) to outputs, plus what
+the toolkit may know about it.
+
+Every analysis (sweeps, audit, Hessian, tables, recipes) takes a :class:`ModelUnderAnalysis`.
+Its optional pieces decide what can be computed:
+
+* ``lure_form``: a :class:`LureSystem` (or a zero-argument callable returning one) writing the
+  recurrence as h' = A h + sigma(W h + u); without it, no stability certificate is available;
+* ``recurrent``: glob patterns over ``named_parameters()`` naming the recurrent weights (used by
+  recurrent-only perturbations and Hessian blocks); each pattern must match a parameter;
+* ``metadata``: what is known about its training, e.g. ``task`` (the record of
+  :meth:`Task.to_dict`) and ``train_fingerprint`` (:func:`lrnn_analysis.provenance.split_fingerprint`).
+
+A module may declare the first two itself: a ``lure_form()`` method and a
+``recurrent_parameters`` attribute (a sequence of patterns) are used when the constructor is
+not given them. The hidden-to-hidden weights ``weight_hh_l*`` of the ``torch.nn`` RNN, LSTM and
+GRU layers a module contains are recurrent by definition and are the default otherwise. The toolkit's own architectures are one provider (:meth:`from_recurrent_model`,
+:func:`load_model`); any user module is another (:meth:`from_module`).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .lure import LureSystem
+
+if TYPE_CHECKING:
+    from .data import Task
+
+LureSource = LureSystem | Callable[[], "LureSystem | None"] | None
+
+
+def _patterns(recurrent: str | Sequence[str] | None) -> tuple[str, ...]:
+    if recurrent is None:
+        return ()
+    parts = recurrent.split(",") if isinstance(recurrent, str) else list(recurrent)
+    if not all(isinstance(p, str) for p in parts):
+        raise ValueError(f"recurrent parameter patterns must be strings, got {recurrent!r}")
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+def match_parameters(module: nn.Module, patterns: str | Sequence[str], what: str = "model") -> list[str]:
+    """Names of ``module``'s parameters matched by the glob ``patterns`` (a list, or one
+    comma-separated string), in the module's order. A pattern that matches nothing, or no
+    pattern at all, is an error: a selection that silently selects nothing is never returned."""
+    wanted = _patterns(patterns)
+    names = [name for name, _ in module.named_parameters()]
+    if not wanted:
+        raise ValueError(f"{what}: no parameter patterns given")
+    chosen: set[str] = set()
+    for pattern in wanted:
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"{what}: parameter pattern {pattern!r} matches none of {names}")
+        chosen.update(matched)
+    return [name for name in names if name in chosen]
+
+
+@dataclass(frozen=True, eq=False)
+class ModelUnderAnalysis:
+    """A module to analyse, its name, its optional Lur'e form, its recurrent parameters
+    (glob patterns, validated against ``module.named_parameters()``) and its metadata.
+
+    ``input_dim``/``output_dim`` are the sizes when known (the toolkit's models record them);
+    otherwise :meth:`check_fits` runs the module on two samples to check it.
+    """
+
+    module: nn.Module
+    name: str
+    lure_form: LureSource = None
+    recurrent: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    input_dim: int | None = None
+    output_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.module, nn.Module):
+            raise TypeError(f"the model under analysis must be a torch.nn.Module, got {type(self.module).__name__}")
+        if not any(True for _ in self.module.parameters()):
+            raise ValueError(f"{self.name}: the module has no parameters")
+        if not (self.lure_form is None or isinstance(self.lure_form, LureSystem) or callable(self.lure_form)):
+            raise TypeError(f"{self.name}: lure_form must be a LureSystem or a callable returning one, "
+                            f"got {type(self.lure_form).__name__}")
+        object.__setattr__(self, "recurrent", _patterns(self.recurrent))
+        if self.recurrent:
+            match_parameters(self.module, self.recurrent, self.name)
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata or {})))
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        lure_form: LureSource = None,
+        recurrent: str | Sequence[str] | None = None,
+        name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> "ModelUnderAnalysis":
+        """Any module mapping (batch, time, input) to outputs. ``lure_form`` and ``recurrent``
+        default to what the module declares (a ``lure_form()`` method, a ``recurrent_parameters``
+        attribute), else for ``recurrent`` to the ``weight_hh_l*`` of its torch.nn RNN/LSTM/GRU
+        layers, and otherwise to none."""
+        if lure_form is None and callable(getattr(module, "lure_form", None)):
+            lure_form = module.lure_form
+        if recurrent is None:
+            recurrent = getattr(module, "recurrent_parameters", None)
+        if recurrent is None:
+            recurrent = [f"{name}.weight_hh_l*" if name else "weight_hh_l*"
+                         for name, layer in module.named_modules() if isinstance(layer, nn.RNNBase)]
+        return cls(module, name or type(module).__name__, lure_form, _patterns(recurrent), metadata or {})
+
+    @classmethod
+    def from_recurrent_model(
+        cls, model: nn.Module, metadata: Mapping[str, Any] | None = None, name: str | None = None
+    ) -> "ModelUnderAnalysis":
+        """One of the toolkit's architectures (a ``RecurrentModel``), with its checkpoint metadata;
+        the name defaults to "ARCH (SCHEME)" and the sizes come from its config."""
+        config = model.config
+        record = {**dict(metadata or {}), "config": config.to_dict()}
+        return cls(model, name or f"{config.arch} ({config.discretization})", model.lure_form,
+                   _patterns(model.recurrent_parameters), record, config.input_dim, config.output_dim)
+
+    def lure_system(self) -> LureSystem | None:
+        """The Lur'e form (calling the callable if one was given), or None when there is none."""
+        system = self.lure_form() if callable(self.lure_form) else self.lure_form
+        if system is not None and not isinstance(system, LureSystem):
+            raise TypeError(f"{self.name}: lure_form returned a {type(system).__name__}, not a LureSystem")
+        return system
+
+    def recurrent_names(self) -> list[str]:
+        """Names of the declared recurrent parameters; an error when none are declared."""
+        if not self.recurrent:
+            raise ValueError(f"{self.name}: the model declares no recurrent parameters; "
+                             "name them with recurrent=[patterns] (globs over its parameter names)")
+        return match_parameters(self.module, self.recurrent, self.name)
+
+    def parameter_names(self, patterns: str | Sequence[str] | None = None) -> list[str]:
+        """All parameter names, or those the glob ``patterns`` match (an error when one matches nothing)."""
+        if patterns is None:
+            return [name for name, _ in self.module.named_parameters()]
+        return match_parameters(self.module, patterns, self.name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def check_fits(self, task: "Task", where: str | None = None) -> None:
+        """Raise ValueError unless the module runs on ``task``'s inputs and returns (batch,
+        task.output_dim) outputs. Known sizes are compared; unknown ones are probed on two
+        test samples."""
+        where = where or self.name
+        if self.input_dim is not None and self.output_dim is not None:
+            task.check_fits(self.input_dim, self.output_dim, where)
+            return
+        x = task.test.x[:2].to(self.device)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                out = self.module(x)
+        except Exception as error:  # the user's module: any failure means it does not fit
+            text = str(error).strip().splitlines()
+            raise ValueError(f"{where}: the model does not run on task {task.name} inputs of shape "
+                             f"(batch, {task.seq_len}, {task.input_dim}): {text[0] if text else type(error).__name__}") from error
+        finally:
+            self.module.train(was_training)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), task.output_dim):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{where}: the model returns {shape} on a batch of {len(x)}; task {task.name} "
+                             f"needs (batch, {task.output_dim}) outputs")
+
+    def describe(self) -> dict[str, Any]:
+        """What the model is, for reports: name, module class, parameter count, recurrent
+        parameters, whether it has a Lur'e form, and its config when it is a toolkit model."""
+        return {
+            "name": self.name,
+            "module": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
+            "parameters": self.parameter_count,
+            "recurrent": list(self.recurrent_names()) if self.recurrent else [],
+            "lure_form": self.lure_form is not None,
+            "config": self.metadata.get("config"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.describe(), "metadata": dict(self.metadata)}
+
+
+def as_model_under_analysis(model: "ModelUnderAnalysis | nn.Module", metadata: Mapping[str, Any] | None = None,
+                            name: str | None = None) -> ModelUnderAnalysis:
+    """``model`` itself, or a toolkit model / plain module wrapped with its declared pieces."""
+    if isinstance(model, ModelUnderAnalysis):
+        return model
+    from .models import RecurrentModel
+
+    if isinstance(model, RecurrentModel):
+        return ModelUnderAnalysis.from_recurrent_model(model, metadata, name)
+    return ModelUnderAnalysis.from_module(model, name=name, metadata=metadata)
+
+
+def as_module(model: "ModelUnderAnalysis | nn.Module") -> nn.Module:
+    """The ``nn.Module`` to run: ``model.module`` for a model under analysis, else ``model``."""
+    return model.module if isinstance(model, ModelUnderAnalysis) else model
+
+
+def load_model(path: str | Path, name: str | None = None, **reference_hparams: float) -> ModelUnderAnalysis:
+    """A toolkit checkpoint (native, or the reference implementation's) as a model under
+    analysis, with the checkpoint's metadata (task record, training fingerprint, log)."""
+    from .checkpoints import load_checkpoint
+
+    model, metadata = load_checkpoint(path, **reference_hparams)
+    return ModelUnderAnalysis.from_recurrent_model(model, metadata, name)
