@@ -40,7 +40,8 @@ from .models import RecurrentModel
 from .outputs import OutputDirectory, OutputError, check_name
 from .robustness import KINDS, SweepModel, hessian_directions, recurrent_parameter_names, sweep
 from .runtime import environment
-from .stability import phase_diagram
+from .stability import CERTIFICATES, phase_diagram
+from .stability.parameterization import PARAMETERIZATION_TESTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -159,6 +160,14 @@ def _strings(path: Path, key: str, value: Any) -> list[str]:
     return value
 
 
+def _names(options: tuple[str, ...]) -> Callable[[Path, str, Any], list[str]]:
+    def check(path: Path, key: str, value: Any) -> list[str]:
+        for name in _strings(path, key, value):
+            _choice(options)(path, key, name)
+        return value
+    return check
+
+
 def _axis_points(path: Path, key: str, spec: Any, least: int = 1) -> int:
     """Check a grid axis (``least`` to MAX_AXIS_POINTS finite numbers, as a list or as
     ``{linspace = [start, stop, count]}``); returns its length."""
@@ -199,13 +208,13 @@ def _grid_setting(path: Path, key: str, grid: Any) -> dict[str, list[float]]:
 _BATCHES = {"split": _choice(SPLITS), "batch_size": _integer(1, 100_000), "batches": _integer(1, 10_000)}
 SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
     "spectra": {},
-    "certificates": {"certificates": _strings, "time_budget": _number(1e-3, 1e6)},
+    "certificates": {"certificates": _names(CERTIFICATES), "time_budget": _number(1e-3, 1e6)},
     "hessian": {**_BATCHES, "params": _string, "trace_matvecs": _integer(1, 100_000), "density": _boolean,
                 "density_probes": _integer(1, 1000), "density_steps": _integer(1, 10_000)},
     "robustness": {"grid": _grid_setting, "recurrent_only": _boolean, "hessian_k": _integer(1, 100),
                    "seeds": _integer(1, 1000), "split": _choice(SPLITS), "max_samples": _integer(1, 10_000_000)},
     "phase-diagram": {"betas": _axis_setting(2), "gammas": _axis_setting(2), "radius": _number(0.0, 1e12),
-                      "eps": _number(0.0, 1e12), "slope": _number(0.0, 1e12), "tests": _strings,
+                      "eps": _number(0.0, 1e12), "slope": _number(0.0, 1e12), "tests": _names(PARAMETERIZATION_TESTS),
                       "beta_w": _number(-1e12, 1e12), "gamma_w": _number(-1e12, 1e12)},
     "training-spectra": {"quantities": _strings},
     "landscape": {**_BATCHES, "steps": _axis_setting(1), "plane_steps": _axis_setting(2)},

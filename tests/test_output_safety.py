@@ -393,6 +393,9 @@ SPECTRA = 'name = "s"\nanalysis = "spectra"\noutput = "s"\n'
     (phase_recipe("p", "p").replace("gammas = [0.5, 1.0]", "gammas = {linspace = [0.0, 1.0, 10001]}")
      .replace("betas = [0.0, 1.0]", "betas = {linspace = [0.0, 1.0, 10001]}"), "settings"),
     (phase_recipe("p", "p").replace("radius = 0.1\n", ""), "settings.radius"),
+    (phase_recipe("p", "p") + 'tests = ["warp-norm"]\n', "settings.tests"),
+    ('name = "c"\nanalysis = "certificates"\noutput = "c"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
+     '[settings]\ncertificates = ["ct-lmi", "warp"]\n', "settings.certificates"),
     (phase_recipe("p", "p").replace("gammas = [0.5, 1.0]", "gammas = [0.5]"), "settings.gammas"),
     ('name = "r"\nanalysis = "robustness"\noutput = "r"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
      '[settings.grid]\nwarp = [0.1]\n', "settings.grid.warp"),
