@@ -418,6 +418,11 @@ class OutputDirectory:
         self._written.add(name)
         return path
 
+    @property
+    def written(self) -> list[str]:
+        """The names this run has written so far."""
+        return sorted(name for name in self._written if self.staging is not None and (self.staging / name).exists())
+
     def publish(self, groups: Mapping[str, Sequence[str]]) -> Path:
         """Write the marker and swap the staging directory in at the target (see the module text).
 
@@ -426,8 +431,8 @@ class OutputDirectory:
         if staging is None:
             raise RuntimeError("OutputDirectory.publish outside its with-block or twice")
         listed = {name for files in groups.values() for name in files}
-        if listed != {name for name in self._written if (staging / name).exists()}:
-            raise RuntimeError(f"the groups list {sorted(listed)} but the run wrote {sorted(self._written)}")
+        if listed != set(self.written):
+            raise RuntimeError(f"the groups list {sorted(listed)} but the run wrote {self.written}")
         kept = {group: list(files) for group, files in groups.items()}
         if self.keep_other_groups and self.previous is not None:
             for group, files in self.previous["groups"].items():

@@ -295,4 +295,4 @@ def write_audit_into(result: AuditResult, out: OutputDirectory) -> Path:
     write_json(out.path("report.json"), result.report)
     markdown = _markdown(result, figures)
     atomic_write(out.path("report.md"), lambda tmp: tmp.write_text(markdown))
-    return out.publish({"report": sorted(path.name for path in out.staging.iterdir() if not path.name.startswith("."))})
+    return out.publish({"report": out.written})
