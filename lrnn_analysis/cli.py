@@ -21,6 +21,7 @@ from .constraints import CONSTRAINTS, StabilityConstraint
 from .data import TASKS, load_task
 from .io import write_csv, write_json
 from .models import ARCHITECTURES, ModelConfig, build_model
+from .outputs import OutputDirectory, check_output_file
 from .runtime import DEVICE_CHOICES, resolve_device
 from .subject import load_model
 from .tables import format_table, format_value
@@ -93,6 +94,7 @@ def _set_threads(threads: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    check_output_file(args.out, force=args.force, inputs=[args.data_path])
     _set_threads(args.threads)
     device = resolve_device(args.device)
     task = _task_from_args(args)
@@ -221,6 +223,11 @@ def _print_warnings(warnings: Sequence[str]) -> None:
 def cmd_robustness(args: argparse.Namespace) -> int:
     from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
 
+    json_path = Path(args.out).with_suffix(".json") if args.json else None
+    inputs = [*args.checkpoints, args.data_path, args.data]
+    check_output_file(args.out, force=args.force, inputs=inputs)
+    if json_path is not None:
+        check_output_file(json_path, force=args.force, inputs=inputs, others=[args.out])
     _set_threads(args.threads)
     device = resolve_device(args.device)
     loaded = [(path, load_model(path)) for path in args.checkpoints]
@@ -244,12 +251,12 @@ def cmd_robustness(args: argparse.Namespace) -> int:
                    max_samples=args.max_samples, recurrent_only=args.recurrent_only, recurrent=args.recurrent,
                    progress=not args.quiet)
     result.write_csv(args.out)
-    if args.json:
-        result.write_json(str(Path(args.out).with_suffix(".json")))
+    if json_path is not None:
+        result.write_json(str(json_path))
     print(format_table(result.summary, ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy_mean",
                                         "accuracy_ci95", "accuracy_drop", "loss_mean"],
                        ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy", "+-95%", "drop", "loss"]))
-    print(f"wrote {args.out}" + (f" and {Path(args.out).with_suffix('.json')}" if args.json else ""))
+    print(f"wrote {args.out}" + (f" and {json_path}" if json_path is not None else ""))
     _print_warnings(result.warnings)
     return 0
 
@@ -257,6 +264,8 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 def cmd_stability(args: argparse.Namespace) -> int:
     from .stability import certify, default_certificates, spectrum
 
+    if args.json:
+        check_output_file(args.json, force=args.force, inputs=[args.checkpoint])
     subject = load_model(args.checkpoint)
     system = subject.lure_system()
     if system is None:
@@ -292,6 +301,8 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     from .evaluation import loss_function
     from .hessian import analyze
 
+    if args.json:
+        check_output_file(args.json, force=args.force, inputs=[args.checkpoint, args.data_path, args.data])
     _set_threads(args.threads)
     device = resolve_device(args.device)
     subject = load_model(args.checkpoint)
@@ -330,18 +341,19 @@ def cmd_hessian(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .report import AuditSettings, Gate, run_audit, write_audit
+    from .report import AUDIT_WRITER, AuditSettings, Gate, run_audit, write_audit_into
 
     gates = [Gate.parse(text) for text in args.gate]
-    _set_threads(args.threads)
-    device = resolve_device(args.device)
-    overrides = {"beta": args.beta, "gamma": args.gamma, "eps": args.eps, "alpha": args.alpha, "solver": args.solver}
-    subject = load_model(args.checkpoint, **overrides)
-    task = _task_from_args(args, subject.metadata.get("task"))
-    subject.check_fits(task, str(args.checkpoint))
-    settings = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
-    result = run_audit(subject, task, str(args.checkpoint), None, settings, gates, device, progress=not args.quiet)
-    out = write_audit(result, args.out)
+    with OutputDirectory(args.out, AUDIT_WRITER, force=args.force, inputs=[args.checkpoint, args.data_path, args.data]) as directory:
+        _set_threads(args.threads)
+        device = resolve_device(args.device)
+        overrides = {"beta": args.beta, "gamma": args.gamma, "eps": args.eps, "alpha": args.alpha, "solver": args.solver}
+        subject = load_model(args.checkpoint, **overrides)
+        task = _task_from_args(args, subject.metadata.get("task"))
+        subject.check_fits(task, str(args.checkpoint))
+        settings = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
+        result = run_audit(subject, task, str(args.checkpoint), None, settings, gates, device, progress=not args.quiet)
+        out = write_audit_into(result, directory)
     report = result.report
     print(f"audit of {args.checkpoint} ({_architecture(subject)}, task {task.name}) written to {out}/report.md and report.json")
     print(f"clean test accuracy {format_value(report['clean']['accuracy'])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
@@ -357,7 +369,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .recipes import find_recipes, load_recipe, run_recipe
+    from .recipes import REPRODUCE_WRITER, check_recipe_set, find_recipes, load_recipe, run_recipe
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
@@ -365,11 +377,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if not paths:
         raise UsageError(f"no recipes given and none in {args.analyses_dir}")
     recipes = [load_recipe(path) for path in paths]
+    check_recipe_set(recipes)
     outcomes = []
-    for recipe in recipes:
-        if not args.quiet:
-            print(f"running {recipe.name} ({recipe.analysis}) ...", flush=True)
-        outcomes.append(run_recipe(recipe, args.out, device, progress=not args.quiet))
+    with OutputDirectory(args.out, REPRODUCE_WRITER, force=args.force, inputs=[p for r in recipes for p in r.inputs()],
+                         keep_other_groups=True) as directory:
+        for recipe in recipes:
+            if not args.quiet:
+                print(f"running {recipe.name} ({recipe.analysis}) ...", flush=True)
+            outcomes.append(run_recipe(recipe, directory, device, progress=not args.quiet))
+        directory.publish({recipe.output: outcome.files for recipe, outcome in zip(recipes, outcomes)})
     rows = [{"recipe": o.name, "analysis": o.analysis, "seconds": o.seconds, "outputs": len(o.outputs), "summary": o.summary}
             for o in outcomes]
     print(format_table(rows, ["recipe", "analysis", "seconds", "outputs", "summary"]))
@@ -444,6 +460,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
         raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out")
     if phase and len(args.phase_betas) * len(args.phase_gammas) > _MAX_GRID:
         raise UsageError(f"the phase diagram has more than {_MAX_GRID} cells")
+    if args.out:
+        check_output_file(args.out, force=args.force)
     results = certify_parameterization(args.beta, gamma_a, beta_w, gamma_w, radius, args.eps, args.slope, args.tests)
     print(f"Lipschitz parameterization: beta_A = {args.beta:g}, gamma_A = {gamma_a:g}, beta_W = {beta_w:g}, "
           f"gamma_W = {gamma_w:g} ({w_source}), eps = {args.eps}, L = {args.slope:g}")
@@ -507,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="project M_A, M_W after every step so this norm certificate holds (lipschitz only)")
     train.add_argument("--margin", type=float, default=0.01, help="margin of the --constrain certificate")
     train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    train.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     _add_run_options(train)
     train.set_defaults(handler=cmd_train)
 
@@ -521,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     stability.add_argument("--time-budget", type=float, default=None, help="seconds for all LMI tiers together")
     stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
     stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
+    stability.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     stability.add_argument("--quiet", action="store_true", help="no progress bar")
     stability.set_defaults(handler=cmd_stability)
 
@@ -545,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="beta_A grid (a,b,c or start:stop:count); W shares beta and gamma unless --beta-w/--gamma-w fix them")
     cert.add_argument("--phase-gammas", type=_grid, default=None, help="gamma_A grid: a,b,c or start:stop:count")
     cert.add_argument("--out", default=None, help="CSV of the phase diagram (one row per beta_A, gamma_A, test; your point marked)")
+    cert.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     cert.set_defaults(handler=cmd_certify)
 
     hess = sub.add_parser("hessian", help="loss Hessian: extreme eigenvalues, trace with CI, spectral density")
@@ -565,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     hess.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     hess.add_argument("--seed", type=int, default=0)
     hess.add_argument("--json", default=None, metavar="PATH", help="write every number and its uncertainty as JSON")
+    hess.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     _add_run_options(hess)
     hess.set_defaults(handler=cmd_hessian)
 
@@ -574,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_option(audit)
     audit.add_argument("--gate", action="append", default=[], metavar="KIND=VALUE",
                        help="certified=NAME, min-accuracy=A, max-lambda=X, max-trace=X, max-accuracy-drop=KIND:LEVEL:DROP")
-    audit.add_argument("--out", required=True, help="report directory (written atomically)")
+    audit.add_argument("--out", required=True, help="report directory (written atomically; replaces only a previous audit report)")
+    audit.add_argument("--force", action="store_true", help="also replace a report another lrnn command wrote")
     audit.add_argument("--thorough", action="store_true", help="paper-grade settings (slow)")
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--beta", type=float, default=None, help="reference state dicts: beta (else from the file name)")
@@ -588,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = sub.add_parser("reproduce", help="run analysis recipes (default: all of analyses/) into figures/")
     reproduce.add_argument("recipes", nargs="*", help="recipe files (default: every analyses/*.toml)")
     reproduce.add_argument("--analyses-dir", default="analyses")
-    reproduce.add_argument("--out", default="figures", help="output directory")
+    reproduce.add_argument("--out", default="figures", help="output directory (replaces only the files of the recipes run)")
+    reproduce.add_argument("--force", action="store_true", help="also replace a report another lrnn command wrote")
     _add_run_options(reproduce)
     reproduce.set_defaults(handler=cmd_reproduce)
 
@@ -615,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--batch-size", type=_positive_int, default=1000)
     robust.add_argument("--out", required=True, help="tidy CSV (one row per model, perturbation, level, seed)")
     robust.add_argument("--json", action="store_true", help="also write rows, summary and provenance as JSON beside the CSV")
+    robust.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     _add_run_options(robust)
     robust.set_defaults(handler=cmd_robustness)
     return parser

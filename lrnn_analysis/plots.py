@@ -19,7 +19,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from .io import atomic_write  # noqa: E402
+from .outputs import atomic_write  # noqa: E402
 from .stability.spectra import STABILITY_POLYNOMIALS, stability_polynomial  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -57,12 +57,15 @@ def _panels(count: int, width: float = 4.2, height: float = 3.4, ncols: int | No
     return fig, axes
 
 
+FIGURE_SUFFIXES = (".png", ".pdf")
+
+
 def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
-    """Write ``stem``.png and ``stem``.pdf atomically; returns both paths."""
-    paths = []
-    for suffix in (".png", ".pdf"):
-        path = Path(stem).with_suffix(suffix)
-        paths.append(atomic_write(path, lambda tmp, s=suffix: fig.savefig(tmp, format=s[1:], dpi=150)))
+    """Write ``stem``.png and ``stem``.pdf atomically (the suffix is appended, never substituted);
+    returns both paths."""
+    paths = [Path(f"{stem}{suffix}") for suffix in FIGURE_SUFFIXES]
+    for path, suffix in zip(paths, FIGURE_SUFFIXES):
+        atomic_write(path, lambda tmp, s=suffix: fig.savefig(tmp, format=s[1:], dpi=150))
     return paths
 
 

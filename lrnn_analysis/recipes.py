@@ -6,6 +6,11 @@ folder holding the recipe. Running it writes ``<out>/<output>.csv`` (the tidy ta
 ``<output>.json`` (table, settings, seed, versions, device, timing) and
 ``<output>.png``/``.pdf`` (the figure drawn from the table).
 
+Every recipe is validated before anything is computed (keys, types and bounds of every
+setting, checkpoints that exist, labels, output names), and ``lrnn reproduce`` writes all
+its recipes' files into one staging directory that replaces ``--out`` at the end (see
+:mod:`lrnn_analysis.outputs`): a failure or a kill leaves the previous outputs untouched.
+
     name = "hessian-comparison"
     analysis = "hessian"
     task = "digits"
@@ -17,22 +22,25 @@ folder holding the recipe. Running it writes ``<out>/<output>.csv`` (the tidy ta
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import analyses, plots
-from .data import Task, load_task
+from .data import TASKS, Task, load_task
 from .io import write_csv, write_json
+from .outputs import OutputDirectory, OutputError, check_name
 from .provenance import check_training_data
-from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
+from .robustness import KINDS, SweepModel, hessian_directions, recurrent_parameter_names, sweep
 from .runtime import environment
-from .stability import phase_diagram
+from .stability import CERTIFICATES, phase_diagram
+from .stability.parameterization import PARAMETERIZATION_TESTS
 from .subject import ModelUnderAnalysis, load_model
 
 if sys.version_info >= (3, 11):
@@ -74,6 +82,15 @@ class Recipe:
         stems = tuple(Path(c).stem for c in self.checkpoints)
         return stems if len(set(stems)) == len(stems) else self.checkpoints
 
+    def stems(self) -> list[str]:
+        """The file stems this recipe writes (each as .csv and .json, some also as .png and .pdf)."""
+        return [f"{self.output}{suffix}" for suffix in STEM_SUFFIXES[self.analysis]]
+
+    def inputs(self) -> list[Path]:
+        """Files the recipe reads: its checkpoints and a data file named in its task options."""
+        data = self.task_options.get("path")
+        return self.checkpoint_paths() + ([Path(data)] if isinstance(data, str) else [])
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "analysis": self.analysis, "output": self.output, "path": str(self.path),
                 "task": self.task, "task_options": self.task_options, "split_seed": self.split_seed,
@@ -89,51 +106,232 @@ class RecipeOutcome:
     summary: str
     seconds: float
     warnings: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "analysis": self.analysis, "outputs": list(self.outputs), "summary": self.summary,
                 "seconds": self.seconds, "warnings": list(self.warnings)}
 
 
+REPRODUCE_WRITER = "lrnn reproduce"
+MAX_AXIS_POINTS = 10_001
+MAX_GRID_CELLS = 250_000
+SPLITS = ("train", "val", "test")
+
+
+def _fail(path: Path, key: str, problem: str) -> ValueError:
+    return ValueError(f"{path}: {key}: {problem}")
+
+
+def _integer(low: int, high: int) -> Callable[[Path, str, Any], int]:
+    def check(path: Path, key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _fail(path, key, f"expected an integer in [{low}, {high}], got {value!r}")
+        return value
+    return check
+
+
+def _number(low: float, high: float) -> Callable[[Path, str, Any], float]:
+    def check(path: Path, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+            raise _fail(path, key, f"expected a finite number in [{low:g}, {high:g}], got {value!r}")
+        return float(value)
+    return check
+
+
+def _boolean(path: Path, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Path, str, Any], str]:
+    def check(path: Path, key: str, value: Any) -> str:
+        if value not in options:
+            raise _fail(path, key, f"expected one of {list(options)}, got {value!r}")
+        return value
+    return check
+
+
+def _string(path: Path, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(path, key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _strings(path: Path, key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise _fail(path, key, f"expected a non-empty list of strings, got {value!r}")
+    return value
+
+
+def _names(options: tuple[str, ...]) -> Callable[[Path, str, Any], list[str]]:
+    def check(path: Path, key: str, value: Any) -> list[str]:
+        for name in _strings(path, key, value):
+            _choice(options)(path, key, name)
+        return value
+    return check
+
+
+def _axis_points(path: Path, key: str, spec: Any, least: int = 1) -> int:
+    """Check a grid axis (``least`` to MAX_AXIS_POINTS finite numbers, as a list or as
+    ``{linspace = [start, stop, count]}``); returns its length."""
+    if isinstance(spec, dict):
+        bounds = spec.get("linspace")
+        if set(spec) != {"linspace"} or not isinstance(bounds, list) or len(bounds) != 3:
+            raise _fail(path, key, f"expected a list of numbers or {{linspace = [start, stop, count]}}, got {spec!r}")
+        _number(-1e12, 1e12)(path, f"{key}.linspace start", bounds[0])
+        _number(-1e12, 1e12)(path, f"{key}.linspace stop", bounds[1])
+        return _integer(least, MAX_AXIS_POINTS)(path, f"{key}.linspace count", bounds[2])
+    if not isinstance(spec, list) or not least <= len(spec) <= MAX_AXIS_POINTS:
+        raise _fail(path, key, f"expected a list of {least} to {MAX_AXIS_POINTS} numbers or {{linspace = [start, stop, count]}}")
+    for value in spec:
+        _number(-1e12, 1e12)(path, key, value)
+    return len(spec)
+
+
+def _axis_setting(least: int) -> Callable[[Path, str, Any], Any]:
+    """An axis of at least ``least`` points (a contour plot needs two along each axis)."""
+    def check(path: Path, key: str, spec: Any) -> Any:
+        _axis_points(path, key, spec, least)
+        return spec
+    return check
+
+
+def _grid_setting(path: Path, key: str, grid: Any) -> dict[str, list[float]]:
+    if not isinstance(grid, dict) or not grid:
+        raise _fail(path, key, f"expected a table of perturbation kinds, e.g. gaussian = [0.0, 0.1], got {grid!r}")
+    for kind, levels in grid.items():
+        _choice(KINDS)(path, f"{key}.{kind}", kind)
+        if not isinstance(levels, list) or not 1 <= len(levels) <= 1000:
+            raise _fail(path, f"{key}.{kind}", "expected a list of 1 to 1000 levels")
+        for level in levels:
+            _number(0.0, 1e6)(path, f"{key}.{kind}", level)
+    return grid
+
+
+_BATCHES = {"split": _choice(SPLITS), "batch_size": _integer(1, 100_000), "batches": _integer(1, 10_000)}
+SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
+    "spectra": {},
+    "certificates": {"certificates": _names(CERTIFICATES), "time_budget": _number(1e-3, 1e6)},
+    "hessian": {**_BATCHES, "params": _string, "trace_matvecs": _integer(1, 100_000), "density": _boolean,
+                "density_probes": _integer(1, 1000), "density_steps": _integer(1, 10_000)},
+    "robustness": {"grid": _grid_setting, "recurrent_only": _boolean, "hessian_k": _integer(1, 100),
+                   "seeds": _integer(1, 1000), "split": _choice(SPLITS), "max_samples": _integer(1, 10_000_000)},
+    "phase-diagram": {"betas": _axis_setting(2), "gammas": _axis_setting(2), "radius": _number(0.0, 1e12),
+                      "eps": _number(0.0, 1e12), "slope": _number(0.0, 1e12), "tests": _names(PARAMETERIZATION_TESTS),
+                      "beta_w": _number(-1e12, 1e12), "gamma_w": _number(-1e12, 1e12)},
+    "training-spectra": {"quantities": _strings},
+    "landscape": {**_BATCHES, "steps": _axis_setting(1), "plane_steps": _axis_setting(2)},
+}
+REQUIRED_SETTINGS = {"robustness": {"grid"}, "phase-diagram": {"betas", "gammas", "radius"}}
+NEEDS_TASK = {"certificates", "hessian", "robustness", "landscape"}
+WITHOUT_CHECKPOINTS = {"phase-diagram"}
+# The file stems an analysis writes, as suffixes of the recipe's ``output``.
+STEM_SUFFIXES = {"spectra": ("", "_summary"), "certificates": ("",), "hessian": ("", "_density"),
+                 "robustness": ("", "_summary"), "phase-diagram": ("",), "training-spectra": ("",),
+                 "landscape": ("", "_plane")}
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate one recipe file (errors name the file)."""
+    """Parse and validate one recipe file: every key, type and bound, checkpoints that exist,
+    unique labels, a valid output name (errors name the file and the key)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{path}: no such recipe") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the recipe ({error})") from error
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path}: invalid TOML ({error})") from error
     unknown = set(data) - RECIPE_KEYS
     missing = {"name", "analysis", "output"} - set(data)
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-    if data["analysis"] not in ANALYSES:
-        raise ValueError(f"{path}: unknown analysis {data['analysis']!r}; expected one of {sorted(ANALYSES)}")
-    labels = tuple(data.get("labels", ()))
-    checkpoints = tuple(data.get("checkpoints", ()))
-    if labels and len(labels) != len(checkpoints):
-        raise ValueError(f"{path}: {len(labels)} labels for {len(checkpoints)} checkpoints")
-    for what, values in (("labels", labels), ("checkpoints", checkpoints)):
-        repeated = sorted({str(v) for v in values if values.count(v) > 1})
-        if repeated:
-            raise ValueError(f"{path}: duplicate {what} {repeated}")
-    if not isinstance(data.get("settings", {}), dict):
-        raise ValueError(f"{path}: settings must be a table")
-    return Recipe(name=str(data["name"]), analysis=data["analysis"], output=str(data["output"]), path=path,
-                  task=data.get("task"), task_options=dict(data.get("task_options", {})),
-                  split_seed=int(data.get("split_seed", 0)), checkpoints=checkpoints, labels=labels,
-                  seed=int(data.get("seed", 0)), settings=dict(data.get("settings", {})),
-                  description=str(data.get("description", "")))
+    analysis = data["analysis"]
+    if analysis not in ANALYSES:
+        raise _fail(path, "analysis", f"unknown analysis {analysis!r}; expected one of {sorted(ANALYSES)}")
+    name = _string(path, "name", data["name"])
+    output = data["output"]
+    try:
+        check_name(output, f"{path}: output")
+    except OutputError as error:
+        raise ValueError(str(error)) from None
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise _fail(path, "description", "expected a string")
+    task = data.get("task")
+    if task is not None and task not in TASKS:
+        raise _fail(path, "task", f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    if task is None and analysis in NEEDS_TASK:
+        raise _fail(path, "task", f"analysis {analysis} needs a task")
+    task_options = data.get("task_options", {})
+    if not isinstance(task_options, dict):
+        raise _fail(path, "task_options", "expected a table")
+    split_seed = _integer(0, 2**63 - 1)(path, "split_seed", data.get("split_seed", 0))
+    seed = _integer(0, 2**63 - 1)(path, "seed", data.get("seed", 0))
+    checkpoints = data.get("checkpoints", [])
+    if analysis in WITHOUT_CHECKPOINTS:
+        if checkpoints or "labels" in data:
+            raise _fail(path, "checkpoints", f"analysis {analysis} takes no checkpoints or labels")
+    else:
+        _strings(path, "checkpoints", checkpoints)
+    labels = data.get("labels", [])
+    if "labels" in data:
+        _strings(path, "labels", labels)
+        if len(labels) != len(checkpoints):
+            raise _fail(path, "labels", f"{len(labels)} labels for {len(checkpoints)} checkpoints")
+    settings = data.get("settings", {})
+    if not isinstance(settings, dict):
+        raise _fail(path, "settings", "expected a table")
+    schema = SETTINGS[analysis]
+    for key, value in settings.items():
+        if key not in schema:
+            raise _fail(path, f"settings.{key}", f"not a setting of analysis {analysis}; expected one of {sorted(schema)}")
+        schema[key](path, f"settings.{key}", value)
+    for key in sorted(REQUIRED_SETTINGS.get(analysis, set()) - set(settings)):
+        raise _fail(path, f"settings.{key}", f"analysis {analysis} needs it")
+    if analysis == "phase-diagram":
+        cells = _axis_points(path, "settings.betas", settings["betas"]) * _axis_points(path, "settings.gammas", settings["gammas"])
+        if cells > MAX_GRID_CELLS:
+            raise _fail(path, "settings", f"betas x gammas is {cells} cells; at most {MAX_GRID_CELLS}")
+    recipe = Recipe(name=name, analysis=analysis, output=output, path=path, task=task, task_options=dict(task_options),
+                    split_seed=split_seed, checkpoints=tuple(checkpoints), labels=tuple(labels), seed=seed,
+                    settings=dict(settings), description=description)
+    for checkpoint in recipe.checkpoint_paths():
+        if not checkpoint.is_file():
+            raise _fail(path, "checkpoints", f"{checkpoint} is not an existing file")
+    repeated = sorted({c for c in recipe.checkpoints if recipe.checkpoints.count(c) > 1})
+    if repeated:
+        raise _fail(path, "checkpoints", f"duplicate checkpoints {repeated}")
+    model_labels = recipe.model_labels()
+    repeated = sorted({label for label in model_labels if model_labels.count(label) > 1})
+    if repeated:
+        raise _fail(path, "labels" if labels else "checkpoints",
+                    f"the model label(s) {repeated} occur more than once (give each checkpoint its own label)")
+    return recipe
+
+
+def check_recipe_set(recipes: Sequence[Recipe]) -> None:
+    """Recipes run together write distinct files: no two share an output stem."""
+    owners: dict[str, Recipe] = {}
+    for recipe in recipes:
+        for stem in recipe.stems():
+            if stem in owners:
+                raise ValueError(f"{recipe.path}: output: {recipe.output!r} writes {stem}.*, which "
+                                 f"{owners[stem].path} writes too")
+            owners[stem] = recipe
 
 
 @dataclass
 class _Context:
     recipe: Recipe
-    out_dir: Path
+    out: OutputDirectory
     device: torch.device
     progress: bool
     warnings: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
     def setting(self, key: str, default: Any) -> Any:
         return self.recipe.settings.get(key, default)
@@ -154,24 +352,25 @@ class _Context:
         return {label: dict(subject.metadata) for label, _, subject in self.entries()}
 
     def task(self) -> Task:
-        if self.recipe.task is None:
-            raise ValueError(f"{self.recipe.path}: analysis {self.recipe.analysis} needs a task")
         return load_task(self.recipe.task, seed=self.recipe.split_seed, **self.recipe.task_options)
 
     def batches(self, task: Task) -> list[tuple[torch.Tensor, torch.Tensor]]:
         split = getattr(task, self.setting("split", "train"))
-        return split.batches(int(self.setting("batch_size", 128)), int(self.setting("batches", 1)), self.device)
+        return split.batches(self.setting("batch_size", 128), self.setting("batches", 1), self.device)
 
     def write(self, rows: list[dict[str, Any]], figure, extra: dict[str, Any] | None = None, suffix: str = "") -> list[str]:
-        stem = self.out_dir / f"{self.recipe.output}{suffix}"
-        write_csv(stem.with_suffix(".csv"), rows)
-        write_json(stem.with_suffix(".json"), {"recipe": self.recipe.to_dict(), "rows": rows, **(extra or {}),
-                                               "environment": environment(self.device)})
-        written = [str(stem.with_suffix(".csv")), str(stem.with_suffix(".json"))]
+        """The table as CSV and JSON (with provenance) and the figure as PNG and PDF, staged in ``out``."""
+        stem = f"{self.recipe.output}{suffix}"
+        names = [f"{stem}.csv", f"{stem}.json"] + ([f"{stem}{s}" for s in plots.FIGURE_SUFFIXES] if figure is not None else [])
+        paths = [self.out.path(name) for name in names]
+        write_csv(paths[0], rows)
+        write_json(paths[1], {"recipe": self.recipe.to_dict(), "rows": rows, **(extra or {}),
+                              "environment": environment(self.device)})
         if figure is not None:
-            written += [str(p) for p in plots.save_figure(figure, stem)]
+            plots.save_figure(figure, self.out.staging / stem)
             plots.plt.close(figure)
-        return written
+        self.files += names
+        return [str(self.out.target / name) for name in names]
 
 
 def _spectra(ctx: _Context) -> tuple[list[str], str]:
@@ -283,14 +482,22 @@ ANALYSES: dict[str, Callable[[_Context], tuple[list[str], str]]] = {
 }
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, device: torch.device | str = "cpu", progress: bool = True) -> RecipeOutcome:
-    """Run one recipe and write its table, provenance and figure into ``out_dir``."""
+def run_recipe(recipe: Recipe, out: OutputDirectory | str | Path, device: torch.device | str = "cpu",
+               progress: bool = True, force: bool = False) -> RecipeOutcome:
+    """Run one recipe and write its table, provenance and figure into ``out``: an open
+    :class:`OutputDirectory` (the caller publishes it), or a directory path, where the recipe's
+    files replace its previous ones and every other recipe's files stay."""
+    if not isinstance(out, OutputDirectory):
+        with OutputDirectory(out, REPRODUCE_WRITER, force=force, inputs=recipe.inputs(), keep_other_groups=True) as directory:
+            outcome = run_recipe(recipe, directory, device, progress)
+            directory.publish({recipe.output: outcome.files})
+            return outcome
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    context = _Context(recipe, Path(out_dir), torch.device(device), progress)
+    context = _Context(recipe, out, torch.device(device), progress)
     written, summary = ANALYSES[recipe.analysis](context)
     return RecipeOutcome(recipe.name, recipe.analysis, tuple(written), summary, time.perf_counter() - started,
-                         tuple(context.warnings))
+                         tuple(context.warnings), tuple(context.files))
 
 
 def find_recipes(directory: str | Path) -> list[Path]:

@@ -16,9 +16,6 @@ or not at all. Gates decide the exit code:
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +27,7 @@ from . import analyses, plots
 from .data import TASKS, Task
 from .evaluation import evaluate, loss_function
 from .io import write_csv, write_json
+from .outputs import OutputDirectory, atomic_write
 from .provenance import check_training_data
 from .robustness import KINDS, SweepModel, sweep
 from .runtime import environment
@@ -242,7 +240,7 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
                       f"mean drop {observed:.4f} under {kind} at level {level} over {rows[0]['seeds']} seeds")
 
 
-def _figures(result: AuditResult, directory: Path) -> dict[str, str]:
+def _figures(result: AuditResult, out: OutputDirectory) -> dict[str, str]:
     drawn = {}
     tables = result.tables
     figures = {
@@ -254,7 +252,9 @@ def _figures(result: AuditResult, directory: Path) -> dict[str, str]:
     for name, draw in figures.items():
         figure = draw()
         if figure is not None:
-            plots.save_figure(figure, directory / name)
+            for suffix in plots.FIGURE_SUFFIXES:
+                out.path(f"{name}{suffix}")
+            plots.save_figure(figure, out.staging / name)
             plots.plt.close(figure)
             drawn[name] = f"{name}.png"
     return drawn
@@ -305,27 +305,24 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def write_audit(result: AuditResult, out_dir: str | Path) -> Path:
-    """Write the report into ``out_dir`` atomically: built in a sibling temporary directory,
-    then renamed into place (an existing ``out_dir`` is replaced only once the new one is whole)."""
-    target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        figures = _figures(result, staging)
-        for name, rows in result.tables.items():
-            if rows:
-                write_csv(staging / f"{name}.csv", rows)
-        write_json(staging / "report.json", result.report)
-        (staging / "report.md").write_text(_markdown(result, figures))
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+AUDIT_WRITER = "lrnn audit"
+
+
+def write_audit(result: AuditResult, out_dir: str | Path, force: bool = False) -> Path:
+    """Write the report into ``out_dir``; it appears whole or not at all and replaces only an
+    empty directory or a previous report (another command's only with ``force``): see
+    :mod:`lrnn_analysis.outputs`."""
+    with OutputDirectory(out_dir, AUDIT_WRITER, force=force, inputs=[result.report.get("checkpoint")]) as out:
+        return write_audit_into(result, out)
+
+
+def write_audit_into(result: AuditResult, out: OutputDirectory) -> Path:
+    """Write the report's files into an open :class:`OutputDirectory` and publish it."""
+    figures = _figures(result, out)
+    for name, rows in result.tables.items():
+        if rows:
+            write_csv(out.path(f"{name}.csv"), rows)
+    write_json(out.path("report.json"), result.report)
+    markdown = _markdown(result, figures)
+    atomic_write(out.path("report.md"), lambda tmp: tmp.write_text(markdown))
+    return out.publish({"report": out.written})

@@ -48,8 +48,8 @@ def test_bad_gates_exit_2_before_any_work(trained, tmp_path, capsys, gate):
 
 
 def test_interrupted_audit_leaves_nothing(trained, tmp_path, monkeypatch):
-    def interrupt(result, directory):
-        (directory / "half.png").write_bytes(b"partial")
+    def interrupt(result, out):
+        out.path("half.png").write_bytes(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report_module, "_figures", interrupt)

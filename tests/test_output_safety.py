@@ -1,0 +1,428 @@
+"""Outputs never destroy or escape: user files survive, inputs are never written, recipe outputs
+stay inside --out, special files are refused, report directories are replaced whole (even when
+killed), concurrent runs are refused, leftovers are cleaned and modes follow the umask."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lrnn_analysis import outputs, recipes
+from lrnn_analysis.checkpoints import save_checkpoint
+from lrnn_analysis.cli import main
+from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.outputs import MARKER, OutputDirectory, OutputError, atomic_write, check_output_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (relative name -> bytes), to compare byte for byte."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = build_model(ModelConfig("lipschitz", 1, 4, 10, eps=0.1), seed=0)
+    return save_checkpoint(tmp_path_factory.mktemp("models") / "tiny.safetensors", model,
+                           {"task": {"name": "digits", "seed": 0, "options": {}}})
+
+
+@pytest.fixture
+def user_dir(tmp_path):
+    directory = tmp_path / "mine"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "notes.txt").write_text("my notes\n")
+    (directory / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    return directory
+
+
+def write_report(out: OutputDirectory, tag: str, names=("report.json", "report.md", "spectra.png")) -> Path:
+    for name in names:
+        atomic_write(out.path(name), lambda tmp, n=name: tmp.write_text(f"{tag} {n}"))
+    return out.publish({"report": list(names)})
+
+
+# --- file outputs -------------------------------------------------------------------------------
+
+def test_an_existing_file_is_replaced_only_with_force_and_never_an_input(tmp_path):
+    existing = tmp_path / "r.csv"
+    existing.write_text("mine")
+    with pytest.raises(OutputError, match="exists; add --force"):
+        check_output_file(existing)
+    assert check_output_file(existing, force=True) == existing
+    source = tmp_path / "model.safetensors"
+    source.write_text("weights")
+    os.link(source, tmp_path / "hard.safetensors")
+    (tmp_path / "soft.safetensors").symlink_to(source)
+    for alias in (source, tmp_path / "hard.safetensors", tmp_path / "sub" / ".." / "model.safetensors"):
+        with pytest.raises(OutputError, match="input"):
+            check_output_file(alias, force=True, inputs=[tmp_path / "soft.safetensors"])
+    with pytest.raises(OutputError, match="same file"):
+        check_output_file(tmp_path / "new.json", others=[tmp_path / "." / "new.json"])
+    assert source.read_text() == "weights" and existing.read_text() == "mine"
+
+
+def test_special_files_links_and_directories_are_never_replaced(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.csv"
+    (tmp_path / "victim.txt").write_text("keep")
+    link.symlink_to(tmp_path / "victim.txt")
+    for path, kind in ((fifo, "FIFO"), (link, "symbolic link"), (tmp_path, "directory")):
+        with pytest.raises(OutputError, match=kind):
+            check_output_file(path, force=True)
+        with pytest.raises(OutputError, match=kind):
+            atomic_write(path, lambda tmp: tmp.write_text("x"))
+    with pytest.raises(OutputError, match="device node"):
+        atomic_write("/dev/null", lambda tmp: tmp.write_text("x"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="not a directory"):
+        check_output_file(tmp_path / "file" / "out.csv")
+    assert (tmp_path / "victim.txt").read_text() == "keep" and link.is_symlink()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a device node needs root")
+def test_a_device_node_is_refused(tmp_path):
+    node = tmp_path / "null"
+    os.mknod(node, 0o666 | 0o020000, os.makedev(1, 3))
+    with pytest.raises(OutputError, match="device node"):
+        check_output_file(node, force=True)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_created_files_and_directories_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "a.csv", lambda tmp: tmp.write_text("x"))
+        with OutputDirectory(tmp_path / "report", "lrnn audit") as out:
+            write_report(out, "new")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "report").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "report" / "report.md").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_dead_writers_temporary_file_is_removed_and_a_live_ones_kept(tmp_path):
+    import fcntl
+
+    dead = tmp_path / f".r.csv{outputs.TEMP_INFIX}dead"
+    live = tmp_path / f".r.csv{outputs.TEMP_INFIX}live"
+    dead.write_text("partial")
+    live.write_text("partial")
+    with open(live) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        atomic_write(tmp_path / "r.csv", lambda tmp: tmp.write_text("whole"))
+    assert not dead.exists() and live.exists() and (tmp_path / "r.csv").read_text() == "whole"
+
+
+# --- report directories ---------------------------------------------------------------------
+
+def test_a_directory_lrnn_did_not_write_is_refused_untouched(tmp_path, user_dir):
+    before = snapshot(user_dir)
+    with pytest.raises(OutputError, match="not written by lrnn"):
+        with OutputDirectory(user_dir, "lrnn audit", force=True):
+            pass
+    assert snapshot(user_dir) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_a_previous_report_is_replaced_and_only_its_own_files(tmp_path):
+    target = tmp_path / "report"
+    target.mkdir()  # an empty directory holds nothing to lose
+    with OutputDirectory(target, "lrnn audit") as out:
+        write_report(out, "one")
+    marker = json.loads((target / MARKER).read_text())
+    assert marker == {"writer": "lrnn audit", "groups": {"report": ["report.json", "report.md", "spectra.png"]}}
+    with OutputDirectory(target, "lrnn audit") as out:
+        write_report(out, "two", names=("report.json",))
+    assert snapshot(target) == {MARKER: (target / MARKER).read_bytes(), "report.json": b"two report.json"}
+    with pytest.raises(OutputError, match="add --force"):
+        OutputDirectory(target, "lrnn reproduce").__enter__()
+    (target / "mine.txt").write_text("added by the user")
+    with pytest.raises(OutputError, match="mine.txt"):
+        OutputDirectory(target, "lrnn audit", force=True).__enter__()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+@pytest.mark.parametrize("make", [lambda p: p.write_text("plain"), lambda p: p.symlink_to(p.parent / "elsewhere"),
+                                  lambda p: os.mkfifo(p)])
+def test_a_file_link_or_fifo_at_a_report_path_is_refused(tmp_path, make):
+    (tmp_path / "elsewhere").mkdir()
+    make(tmp_path / "report")
+    before = os.lstat(tmp_path / "report")
+    with pytest.raises(OutputError, match="not a report directory"):
+        OutputDirectory(tmp_path / "report", "lrnn audit", force=True).__enter__()
+    assert os.lstat(tmp_path / "report").st_ino == before.st_ino
+
+
+@pytest.mark.parametrize("name", ["../escape.csv", "/tmp/abs.csv", "", ".", "..", "a/b.csv", ".hidden", "a..b"])
+def test_names_inside_a_report_are_confined(tmp_path, name):
+    with OutputDirectory(tmp_path / "report", "lrnn audit") as out:
+        with pytest.raises(OutputError, match="not a valid output name"):
+            out.path(name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_input_inside_the_report_directory_is_refused(tmp_path):
+    with OutputDirectory(tmp_path / "report", "lrnn audit") as out:
+        write_report(out, "one")
+    with pytest.raises(OutputError, match="input"):
+        OutputDirectory(tmp_path / "report", "lrnn audit", inputs=[tmp_path / "report" / "report.json"]).__enter__()
+
+
+def test_a_second_concurrent_run_is_refused_and_leaves_nothing(tmp_path):
+    target = tmp_path / "report"
+    with OutputDirectory(target, "lrnn audit") as first:
+        with pytest.raises(OutputError, match="another lrnn run"):
+            OutputDirectory(target, "lrnn audit").__enter__()
+        write_report(first, "first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    assert (target / "report.md").read_text() == "first report.md"
+
+
+def test_without_renameat2_the_swap_still_replaces_the_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "_RENAMEAT2", None)
+    for tag in ("one", "two"):
+        with OutputDirectory(tmp_path / "report", "lrnn audit") as out:
+            write_report(out, tag)
+    assert (tmp_path / "report" / "report.md").read_text() == "two report.md"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from lrnn_analysis import outputs
+
+    target, point, tag = sys.argv[1:4]
+    if point != "none":
+        name, when = point.split(":")
+        original = getattr(outputs, name)
+        def wrapped(*args, **kwargs):
+            if when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = original(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(outputs, name, wrapped)
+    with outputs.OutputDirectory(target, "lrnn audit") as out:
+        names = ("report.json", "report.md", "spectra.png")
+        for name in names:
+            outputs.atomic_write(out.path(name), lambda tmp, n=name: tmp.write_text(tag + " " + n))
+        out.publish({"report": list(names)})
+""")
+
+
+def run_writer(target: Path, point: str, tag: str) -> int:
+    return subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), point, tag], cwd=ROOT, timeout=60).returncode
+
+
+def report_tag(target: Path) -> str:
+    """The tag of the complete report at ``target`` (fails if it is missing, partial or mixed)."""
+    marker = json.loads((target / MARKER).read_text())
+    names = marker["groups"]["report"]
+    tags = {(target / name).read_text().split()[0] for name in names}
+    assert sorted(names) == ["report.json", "report.md", "spectra.png"] and len(tags) == 1
+    assert set(os.listdir(target)) - {outputs.STAGING_MARKER} == set(names) | {MARKER}
+    return tags.pop()
+
+
+@pytest.mark.parametrize("point", ["atomic_write:before", "atomic_write:after", "_exchange:before", "_exchange:after",
+                                   "_remove_report:before", "_remove_report:after", "_fsync_directory:after"])
+def test_a_killed_report_write_leaves_the_old_or_the_new_report(tmp_path, point):
+    target = tmp_path / "report"
+    assert run_writer(target, "none", "old") == 0
+    assert run_writer(target, point, "new") == -signal.SIGKILL
+    assert report_tag(target) in ("old", "new")
+    assert run_writer(target, "none", "next") == 0
+    assert report_tag(target) == "next"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # leftovers and the lock are gone
+
+
+def test_only_the_toolkits_own_leftovers_are_cleaned(tmp_path):
+    staging = tmp_path / f".report{outputs.STAGING_INFIX}abc"
+    staging.mkdir()
+    (staging / outputs.STAGING_MARKER).write_text("lrnn audit\n")
+    (staging / "half.png").write_text("partial")
+    lookalike = tmp_path / f".report{outputs.STAGING_INFIX}mine"
+    lookalike.mkdir()
+    (lookalike / "precious.txt").write_text("keep")
+    with OutputDirectory(tmp_path / "report", "lrnn audit") as out:
+        write_report(out, "new")
+    assert not staging.exists() and (lookalike / "precious.txt").read_text() == "keep"
+
+
+# --- the commands ----------------------------------------------------------------------------
+
+def test_every_command_refuses_a_user_directory_or_file_and_its_inputs(tmp_path, checkpoint, user_dir, capsys):
+    ckpt = str(checkpoint)
+    existing = tmp_path / "results.csv"
+    existing.write_text("my results\n")
+    before = {path: snapshot(path) for path in (user_dir, existing, checkpoint, checkpoint.parent)}
+    commands = [
+        ["audit", ckpt, "--out", str(user_dir)],
+        ["audit", ckpt, "--out", str(checkpoint.parent)],
+        ["audit", ckpt, "--out", ckpt],
+        ["audit", ckpt, "--out", str(existing), "--force"],
+        ["reproduce", "--analyses-dir", str(ROOT / "analyses"), "--out", str(user_dir)],
+        ["robustness", ckpt, "--input-noise", "0", "--out", ckpt, "--force"],
+        ["robustness", ckpt, "--input-noise", "0", "--out", str(existing)],
+        ["robustness", ckpt, "--input-noise", "0", "--out", str(tmp_path / "r.json"), "--json"],
+        ["robustness", ckpt, "--input-noise", "0", "--out", str(user_dir), "--force"],
+        ["stability", ckpt, "--json", ckpt, "--force"],
+        ["stability", ckpt, "--json", str(existing)],
+        ["hessian", ckpt, "--json", ckpt, "--force"],
+        ["certify", "--beta", "0.5", "--gamma-a", "0.5", "--radius", "0.1", "--phase-betas", "0,1",
+         "--phase-gammas", "0,1", "--out", str(existing)],
+        ["train", "--task", "digits", "--epochs", "1", "--hidden", "4", "--out", str(existing)],
+        ["train", "--task", "digits", "--epochs", "1", "--hidden", "4", "--out", str(user_dir), "--force"],
+    ]
+    for argv in commands:
+        assert main(argv + ["--quiet"] * (argv[0] not in ("certify",))) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, (argv, err)
+    assert {path: snapshot(path) for path in before} == before
+    assert not (tmp_path / "r.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "results.csv"]
+
+
+def test_an_audit_into_a_report_of_another_command_needs_force(tmp_path, checkpoint, capsys):
+    target = tmp_path / "figs"
+    with OutputDirectory(target, recipes.REPRODUCE_WRITER) as out:
+        write_report(out, "old")
+    before = snapshot(target)
+    assert main(["audit", str(checkpoint), "--out", str(target), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err and snapshot(target) == before
+
+
+@pytest.fixture
+def fast_figures(monkeypatch):
+    """Recipes draw an empty figure and save placeholder bytes: these tests are about where files go."""
+    def save(figure, stem):
+        paths = [Path(f"{stem}{suffix}") for suffix in recipes.plots.FIGURE_SUFFIXES]
+        for path in paths:
+            atomic_write(path, lambda tmp: tmp.write_bytes(b"figure"))
+        return paths
+
+    monkeypatch.setattr(recipes.plots, "plot_phase_diagram", lambda cells: recipes.plots.plt.figure())
+    monkeypatch.setattr(recipes.plots, "save_figure", save)
+
+
+def phase_recipe(name: str, output: str, extra: str = "") -> str:
+    return (f'name = "{name}"\nanalysis = "phase-diagram"\noutput = "{output}"\n{extra}'
+            '[settings]\nbetas = [0.0, 1.0]\ngammas = [0.5, 1.0]\nradius = 0.1\neps = 0.1\n')
+
+
+def test_reproduce_replaces_only_the_recipes_it_runs(tmp_path, fast_figures):
+    (tmp_path / "analyses").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "analyses" / f"{name}.toml").write_text(phase_recipe(name, name))
+    out = tmp_path / "figures"
+    assert main(["reproduce", "--analyses-dir", str(tmp_path / "analyses"), "--out", str(out), "--quiet"]) == 0
+    b_files = {k: v for k, v in snapshot(out).items() if k.startswith("b.")}
+    assert sorted(b_files) == ["b.csv", "b.json", "b.pdf", "b.png"]
+    (tmp_path / "analyses" / "a.toml").write_text(phase_recipe("a", "a", 'description = "again"\n'))
+    assert main(["reproduce", str(tmp_path / "analyses" / "a.toml"), "--out", str(out), "--quiet"]) == 0
+    assert {k: v for k, v in snapshot(out).items() if k.startswith("b.")} == b_files
+    assert json.loads((out / "a.json").read_text())["recipe"]["description"] == "again"
+    assert set(json.loads((out / MARKER).read_text())["groups"]) == {"a", "b"}
+
+
+def test_reproduce_writes_nothing_when_a_later_recipe_is_bad_or_fails(tmp_path, monkeypatch, capsys, fast_figures):
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "analyses" / "a.toml").write_text(phase_recipe("a", "a"))
+    (tmp_path / "analyses" / "b.toml").write_text(phase_recipe("b", "b").replace("radius = 0.1", "radius = -1"))
+    out = tmp_path / "figures"
+    assert main(["reproduce", "--analyses-dir", str(tmp_path / "analyses"), "--out", str(out), "--quiet"]) == 2
+    assert "b.toml: settings.radius" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analyses"]
+
+    (tmp_path / "analyses" / "b.toml").write_text(phase_recipe("b", "b"))
+    assert main(["reproduce", "--analyses-dir", str(tmp_path / "analyses"), "--out", str(out), "--quiet"]) == 0
+    before = snapshot(out)
+    calls = []
+
+    def fail_second(ctx):
+        calls.append(ctx.recipe.name)
+        if len(calls) == 2:
+            raise ValueError("the second recipe failed")
+        return original(ctx)
+
+    original = recipes.ANALYSES["phase-diagram"]
+    monkeypatch.setitem(recipes.ANALYSES, "phase-diagram", fail_second)
+    (tmp_path / "analyses" / "a.toml").write_text(phase_recipe("a", "a", 'description = "new"\n'))
+    assert main(["reproduce", "--analyses-dir", str(tmp_path / "analyses"), "--out", str(out), "--quiet"]) == 2
+    assert calls == ["a", "b"] and snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analyses", "figures"]
+
+
+@pytest.mark.parametrize("output", ["../../x", "/tmp/lrnn-abs", "", ".", "a/b", "..", ".hidden"])
+def test_a_recipe_output_outside_out_is_refused(tmp_path, output, capsys):
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "analyses" / "a.toml").write_text(phase_recipe("a", output))
+    out = tmp_path / "deep" / "figures"
+    assert main(["reproduce", "--analyses-dir", str(tmp_path / "analyses"), "--out", str(out), "--quiet"]) == 2
+    assert "a.toml: output" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analyses"] and not Path("/tmp/lrnn-abs.csv").exists()
+
+
+SPECTRA = 'name = "s"\nanalysis = "spectra"\noutput = "s"\n'
+
+
+@pytest.mark.parametrize("text,key", [
+    ('name = "s"\nanalysis = "spectra"\noutput = "s"\ncheckpoints = [', "invalid TOML"),
+    (SPECTRA.replace("spectra\"\nout", "nonsense\"\nout"), "analysis"),
+    (SPECTRA + 'checkpoints = ["models/missing.safetensors"]\n', "checkpoints"),
+    (SPECTRA + 'checkpoints = ["models/tiny.safetensors"]\nlabels = "ab"\n', "labels"),
+    (SPECTRA + 'checkpoints = ["models/tiny.safetensors", "models/tiny.safetensors"]\nlabels = ["x", "x"]\n', "labels"),
+    (SPECTRA + 'checkpoints = ["models/tiny.safetensors", "models/tiny.safetensors"]\n', "checkpoints"),
+    (SPECTRA + 'checkpoints = ["models/tiny.safetensors"]\nlabels = ["x", "y"]\n', "labels"),
+    (SPECTRA + 'checkpoints = ["models/tiny.safetensors"]\nsplit_seed = 1.5\n', "split_seed"),
+    (SPECTRA + 'checkpoints = ["models/tiny.safetensors"]\nseed = true\n', "seed"),
+    (SPECTRA + 'checkpoints = ["models/tiny.safetensors"]\n[settings]\nbatches = 2\n', "settings.batches"),
+    ('name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
+     '[settings]\nbatches = -1\n', "settings.batches"),
+    ('name = "h"\nanalysis = "hessian"\noutput = "h"\ncheckpoints = ["models/tiny.safetensors"]\n', "task"),
+    ('name = "l"\nanalysis = "landscape"\noutput = "l"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
+     '[settings]\nsteps = {linspace = [-1.0, 1.0, 100000000]}\n', "settings.steps.linspace count"),
+    (phase_recipe("p", "p").replace("gammas = [0.5, 1.0]", "gammas = {linspace = [0.0, 1.0, 10001]}")
+     .replace("betas = [0.0, 1.0]", "betas = {linspace = [0.0, 1.0, 10001]}"), "settings"),
+    (phase_recipe("p", "p").replace("radius = 0.1\n", ""), "settings.radius"),
+    (phase_recipe("p", "p") + 'tests = ["warp-norm"]\n', "settings.tests"),
+    ('name = "c"\nanalysis = "certificates"\noutput = "c"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
+     '[settings]\ncertificates = ["ct-lmi", "warp"]\n', "settings.certificates"),
+    (phase_recipe("p", "p").replace("gammas = [0.5, 1.0]", "gammas = [0.5]"), "settings.gammas"),
+    ('name = "r"\nanalysis = "robustness"\noutput = "r"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
+     '[settings.grid]\nwarp = [0.1]\n', "settings.grid.warp"),
+])
+def test_bad_recipes_are_named_with_file_and_key(tmp_path, checkpoint, text, key):
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.safetensors").write_bytes(checkpoint.read_bytes())
+    path = tmp_path / "analyses" / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        recipes.load_recipe(path)
+    assert str(error.value).startswith(f"{path}: ") and key in str(error.value)
+
+
+def test_recipes_run_together_must_write_distinct_files(tmp_path):
+    (tmp_path / "a.toml").write_text(phase_recipe("a", "x"))
+    (tmp_path / "b.toml").write_text(phase_recipe("b", "x"))
+    with pytest.raises(ValueError, match="b.toml: output"):
+        recipes.check_recipe_set([recipes.load_recipe(tmp_path / "a.toml"), recipes.load_recipe(tmp_path / "b.toml")])
+
+
+def test_the_committed_figures_are_a_report_make_run_may_replace():
+    directory = OutputDirectory(ROOT / "figures", recipes.REPRODUCE_WRITER)
+    directory._check()
+    assert directory.previous is not None
+    listed = {name for files in directory.previous["groups"].values() for name in files}
+    assert listed == {p.name for p in (ROOT / "figures").iterdir()} - {MARKER}
+    stems = {stem for path in recipes.find_recipes(ROOT / "analyses") for stem in recipes.load_recipe(path).stems()}
+    assert {name.rsplit(".", 1)[0] for name in listed} <= stems
