@@ -16,6 +16,7 @@ or not at all. Gates decide the exit code:
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from .data import Task
 from .evaluation import evaluate, loss_function
 from .io import write_csv, write_json
 from .models import RecurrentModel
-from .robustness import KINDS, SweepModel, sweep
+from .robustness import KINDS, Perturbation, SweepModel, sweep
 from .runtime import environment
 from .stability import CERTIFICATES, certify, default_certificates, spectrum
 from .tables import format_table, format_value
@@ -75,6 +76,8 @@ class Gate:
 
     @classmethod
     def parse(cls, text: str) -> "Gate":
+        """Check the gate completely: every threshold finite and in range (an accuracy in [0, 1],
+        a drop in [-1, 1], a perturbation level valid for its kind)."""
         kind, sep, value = text.partition("=")
         if not sep or kind not in GATE_KINDS or not value:
             raise ValueError(f"bad gate {text!r}: expected KIND=VALUE with KIND one of {GATE_KINDS}")
@@ -82,20 +85,28 @@ class Gate:
             raise ValueError(f"bad gate {text!r}: unknown certificate {value!r}; expected one of {CERTIFICATES}")
         if kind == "max-accuracy-drop":
             parts = value.split(":")
-            if len(parts) != 3 or parts[0] not in KINDS or not all(_is_float(p) for p in parts[1:]):
-                raise ValueError(f"bad gate {text!r}: expected max-accuracy-drop=KIND:LEVEL:DROP with KIND one of {KINDS}")
-        elif kind != "certified" and not _is_float(value):
-            raise ValueError(f"bad gate {text!r}: {kind} takes a number")
+            if len(parts) != 3 or parts[0] not in KINDS or not all(_is_finite(p) for p in parts[1:]):
+                raise ValueError(f"bad gate {text!r}: expected max-accuracy-drop=KIND:LEVEL:DROP with KIND one of {KINDS} "
+                                 "and finite LEVEL and DROP")
+            try:
+                Perturbation(parts[0], float(parts[1]))
+            except ValueError as error:
+                raise ValueError(f"bad gate {text!r}: {error}") from None
+            if not -1.0 <= float(parts[2]) <= 1.0:
+                raise ValueError(f"bad gate {text!r}: an accuracy drop lies in [-1, 1]")
+        elif kind != "certified" and not _is_finite(value):
+            raise ValueError(f"bad gate {text!r}: {kind} takes a finite number")
+        elif kind == "min-accuracy" and not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"bad gate {text!r}: an accuracy lies in [0, 1]")
         return cls(kind, value)
 
     def __str__(self) -> str:
         return f"{self.kind}={self.value}"
 
 
-def _is_float(text: str) -> bool:
+def _is_finite(text: str) -> bool:
     try:
-        float(text)
-        return True
+        return math.isfinite(float(text))
     except ValueError:
         return False
 
@@ -178,6 +189,7 @@ def run_audit(
 
     report = {
         "checkpoint": checkpoint,
+        "checkpoint_sha256": metadata.get("weights_sha256"),
         "config": model.config.to_dict(),
         "task": task.to_dict(),
         "training_metrics": metadata.get("metrics"),
@@ -245,6 +257,7 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     r = result.report
     hessian, stability = r["hessian"], r["stability"]
     lines = [f"# Audit of `{r['checkpoint']}`", "",
+             f"Checkpoint weights and config SHA-256: `{r['checkpoint_sha256'] or 'not recorded'}`.", "",
              f"{r['config']['arch']} ({r['config']['discretization']}), hidden {r['config']['hidden']}, "
              f"task {r['task']['name']} (split seed {r['task']['seed']}), device {r['environment'].get('device')}.", ""]
     if result.gates:

@@ -8,6 +8,7 @@ from .architectures import (
     build_model,
     lipschitz_matrix,
     lure_step,
+    parameter_shapes,
 )
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .reference import from_reference_state_dict, is_reference_state_dict, parse_reference_filename
@@ -26,5 +27,6 @@ __all__ = [
     "is_reference_state_dict",
     "lipschitz_matrix",
     "lure_step",
+    "parameter_shapes",
     "parse_reference_filename",
 ]

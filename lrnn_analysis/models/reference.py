@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .architectures import LipschitzRNN
+from .architectures import LipschitzRNN, parameter_shapes
 from .config import ModelConfig
 
 REFERENCE_KEYS = ("B", "C", "E.weight", "E.bias", "D.weight", "D.bias")
@@ -43,14 +43,19 @@ def from_reference_state_dict(
     missing = [k for k in REFERENCE_KEYS if k not in state]
     if missing:
         raise ValueError(f"reference state dict lacks {missing}")
+    for key in REFERENCE_KEYS:
+        if not isinstance(state[key], torch.Tensor):
+            raise ValueError(f"reference entry {key} is a {type(state[key]).__name__}, not a tensor")
     B, C = state["B"], state["C"]
+    for key in ("B", "E.weight", "D.weight"):
+        if state[key].ndim != 2:
+            raise ValueError(f"reference tensor {key} has shape {tuple(state[key].shape)}, expected a matrix")
     n = B.shape[0]
-    expected = {"B": (n, n), "C": (n, n), "E.bias": (n,), "D.weight": (state["D.weight"].shape[0], n)}
+    expected = {"B": (n, n), "C": (n, n), "E.bias": (n,), "D.weight": (state["D.weight"].shape[0], n),
+                "D.bias": (state["D.weight"].shape[0],), "E.weight": (n, state["E.weight"].shape[1])}
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
             raise ValueError(f"reference tensor {key} has shape {tuple(state[key].shape)}, expected {shape}")
-    if state["E.weight"].ndim != 2 or state["E.weight"].shape[0] != n:
-        raise ValueError(f"reference tensor E.weight has shape {tuple(state['E.weight'].shape)}, expected ({n}, input_dim)")
     config = ModelConfig(
         arch="lipschitz",
         input_dim=int(state["E.weight"].shape[1]),
@@ -64,6 +69,7 @@ def from_reference_state_dict(
         gamma_w=float(gamma),
         init_std=float(init_std),
     )
+    parameter_shapes(config)
     model = LipschitzRNN(config)
     ours = {
         "M_A": alpha * B.T,
