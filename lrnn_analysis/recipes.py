@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import analyses, plots
-from .checkpoints import load_checkpoint
+from .checkpoints import LoadedCheckpoint, load_checkpoint
 from .data import Task, load_task
 from .io import write_csv, write_json
 from .models import RecurrentModel
@@ -120,6 +120,7 @@ class _Context:
     out_dir: Path
     device: torch.device
     progress: bool
+    hashes: dict[str, str] = field(default_factory=dict)  # label -> weights_sha256 of each checkpoint loaded
 
     def setting(self, key: str, default: Any) -> Any:
         return self.recipe.settings.get(key, default)
@@ -128,11 +129,16 @@ class _Context:
         paths = self.recipe.checkpoint_paths()
         return list(zip(self.recipe.labels or tuple(p.stem for p in paths), paths))
 
+    def _load(self) -> dict[str, LoadedCheckpoint]:
+        loaded = {label: load_checkpoint(path) for label, path in self._labelled_paths()}
+        self.hashes.update({label: checkpoint.sha256 for label, checkpoint in loaded.items()})
+        return loaded
+
     def models(self) -> dict[str, RecurrentModel]:
-        return {label: load_checkpoint(path).model.to(self.device).eval() for label, path in self._labelled_paths()}
+        return {label: checkpoint.model.to(self.device).eval() for label, checkpoint in self._load().items()}
 
     def metadata(self) -> dict[str, dict[str, Any]]:
-        return {label: load_checkpoint(path).metadata for label, path in self._labelled_paths()}
+        return {label: checkpoint.metadata for label, checkpoint in self._load().items()}
 
     def task(self) -> Task:
         if self.recipe.task is None:
@@ -147,6 +153,7 @@ class _Context:
         stem = self.out_dir / f"{self.recipe.output}{suffix}"
         write_csv(stem.with_suffix(".csv"), rows)
         write_json(stem.with_suffix(".json"), {"recipe": self.recipe.to_dict(), "rows": rows, **(extra or {}),
+                                               "checkpoint_sha256": dict(self.hashes),
                                                "environment": environment(self.device)})
         written = [str(stem.with_suffix(".csv")), str(stem.with_suffix(".json"))]
         if figure is not None:
