@@ -254,10 +254,16 @@ def _check_layout(name: str, entries: Mapping[str, tuple[Any, Any, int, int]], d
 def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream: BinaryIO) -> LoadedCheckpoint:
     name = display_name(path)
     try:
-        content = torch.load(stream, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about pickle protocols are not for our users
+            warnings.simplefilter("ignore")
+            content = torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False (running code from the file): never pass it on.
         culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f"it would import {culprit.group(1)}" if culprit else "it holds objects other than tensors and plain values"
+        opcode = re.search(r"Unsupported operand (\d+)", str(error))
+        what = (f"it would import {culprit.group(1)}" if culprit
+                else f"pickle opcode {opcode.group(1)} is not read by the safe loader; re-save it with torch.save" if opcode
+                else "it holds objects other than tensors and plain values")
         raise CheckpointError(f"{name}: refused to unpickle ({what}); only plain tensor state dicts are accepted") from error
     except Exception as error:
         raise CheckpointError(f"{name}: corrupt or truncated PyTorch file ({_torch_reason(error)})") from error
