@@ -390,3 +390,15 @@ def test_mnist_labels_and_pixels_are_checked(tmp_path):
     np.savez(tmp_path / "bad.npz", images=images, labels=np.full(20, 11))
     with pytest.raises(ValueError, match="labels must be the integers 0..9"):
         load_task("smnist", path=str(tmp_path / "bad.npz"))
+
+
+def test_sigint_while_starting_up_is_one_line_too():
+    code = textwrap.dedent("""
+        import os, signal, sys, threading
+        from lrnn_analysis.__main__ import run
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        sys.exit(run())
+    """)
+    process = _run(code)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.decode() == "lrnn: interrupted\n", err
