@@ -396,7 +396,7 @@ def test_sigint_while_starting_up_is_one_line_too():
     code = textwrap.dedent("""
         import os, signal, sys, threading
         from lrnn_analysis.__main__ import run
-        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         sys.exit(run())
     """)
     process = _run(code)
