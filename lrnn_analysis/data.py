@@ -13,6 +13,7 @@ import os
 import random
 import stat
 import struct
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,14 +192,23 @@ def _load_mnist_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[np.nda
         train = (_read_idx(_find_idx(path, "train-images-idx3-ubyte")), _read_idx(_find_idx(path, "train-labels-idx1-ubyte")))
         test = (_read_idx(_find_idx(path, "t10k-images-idx3-ubyte")), _read_idx(_find_idx(path, "t10k-labels-idx1-ubyte")))
         return train[0], train[1], test
-    with np.load(path, allow_pickle=False) as archive:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not a readable .npz archive ({error})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: expected an .npz archive with arrays images and labels")
+    with archive:
         missing = {"images", "labels"} - set(archive.files)
         if missing:
             raise ValueError(f"{path}: missing arrays {sorted(missing)}")
         for key in ("images", "labels"):
             if archive.zip.getinfo(f"{key}.npy").file_size > MAX_DATA_BYTES:
                 raise ValueError(f"{path}: array {key} is larger than {MAX_DATA_BYTES} bytes")
-        return archive["images"], archive["labels"], None
+        try:
+            return archive["images"], archive["labels"], None
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise ValueError(f"{path}: corrupt .npz archive ({error})") from None
 
 
 def _check_mnist_values(source: Path, images: np.ndarray, labels: np.ndarray) -> None:

@@ -402,3 +402,15 @@ def test_sigint_while_starting_up_is_one_line_too():
     process = _run(code)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and err.decode() == "lrnn: interrupted\n", err
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04" + b"\x00" * 40, b"garbage", None])
+def test_unreadable_npz_data_is_a_value_error(tmp_path, content):
+    path = tmp_path / "data.npz"
+    if content is None:
+        np.save(tmp_path / "data.npy", np.zeros((20, 28, 28)))
+        (tmp_path / "data.npy").rename(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="data.npz"):
+        load_task("smnist", path=str(path))
