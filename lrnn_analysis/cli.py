@@ -106,6 +106,16 @@ def _certificate_list(text: str) -> list[str]:
     return names
 
 
+def _parameterization_tests(text: str) -> list[str]:
+    from .stability.parameterization import PARAMETERIZATION_TESTS
+
+    names = _name_list(text)
+    unknown = [name for name in names if name not in PARAMETERIZATION_TESTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown tests {unknown}; expected names from {', '.join(PARAMETERIZATION_TESTS)}")
+    return names
+
+
 def _gate(text: str):
     from .report import Gate
 
@@ -507,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--eps", type=_positive, default=None, help="step of the discretization (adds euler-norm, rk2-norm)")
     cert.add_argument("--radius", type=_nonnegative, required=True, help="bound r on ||M_A||_2 and ||M_W||_2")
     cert.add_argument("--slope", type=_positive, default=1.0, help="Lipschitz constant L of the activation")
-    cert.add_argument("--tests", type=_name_list, default=None, help="e.g. ct-norm,euler-norm")
+    cert.add_argument("--tests", type=_parameterization_tests, default=None, help="e.g. ct-norm,euler-norm")
     cert.add_argument("--phase-betas", type=_grid, default=None,
                       help="beta grid (a,b,c or start:stop:count); W shares beta and gamma unless --beta-w/--gamma-w fix them")
     cert.add_argument("--phase-gammas", type=_grid, default=None, help="gamma grid: a,b,c or start:stop:count")

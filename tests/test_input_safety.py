@@ -329,6 +329,7 @@ def test_committed_reference_models_verify():
     (["stability", "{ckpt}", "--certificates", "warp-lmi"], "--certificates"),
     (["certify", "--beta", "0.75", "--gamma-a", "inf", "--radius", "0.1"], "--gamma-a"),
     (["certify", "--beta", "0.75", "--gamma-a", "0.5", "--radius", "-1"], "--radius"),
+    (["certify", "--beta", "0.75", "--gamma-a", "0.5", "--radius", "0.1", "--tests", "warp-norm"], "--tests"),
     (["certify", "--beta", "0.75", "--gamma-a", "0.5", "--radius", "0.1", "--phase-betas", "0:1:100000"], "--phase-betas"),
     (["train", "--task", "digits", "--hidden", "100000", "--out", "{tmp}/m.safetensors"], "--hidden"),
     (["train", "--task", "digits", "--lr", "nan", "--out", "{tmp}/m.safetensors"], "--lr"),
