@@ -1,14 +1,19 @@
 """The ``lrnn`` command: parses options, calls the Python API, prints results.
 
-Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr).
+Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr), 130 interrupted
+(SIGINT), 141 the reader of the output went away (a closed pipe, as for a tool killed by SIGPIPE).
+Every option is checked against its bounds while parsing, before anything is computed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,12 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, IntegrityWarning, display_name, load_checkpoint, save_checkpoint
 from .constraints import CONSTRAINTS, StabilityConstraint
-from .data import TASKS, load_task
+from .data import MAX_ADDING_LENGTH, MAX_SEED, TASKS, load_task
 from .io import write_csv, write_json
 from .models import ARCHITECTURES, ModelConfig, build_model
 from .outputs import OutputDirectory, check_output_file
+from .models.config import MAX_SIZES
 from .runtime import DEVICE_CHOICES, resolve_device
 from .subject import load_model
 from .tables import format_table, format_value
@@ -32,37 +38,108 @@ class UsageError(Exception):
     """Bad input detected after parsing; reported as one line with exit code 2."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (no usage block), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# Bounds of the options: generous, finite, checked while parsing.
+MAX_LEVELS = 100
+MAX_GRID_POINTS = 500
+MAX_EIGENPAIRS = 100
+MAX_BATCH = 1_000_000
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text[:40]}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float = -math.inf, high: float = math.inf, above: bool = False) -> Callable[[str], float]:
+    """A finite float in [low, high] (in (low, high] when ``above``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (above and value == low):
+            bounds = f"{'(' if above else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {text[:40]}")
+        return value
+
+    return parse
+
+
+_seed = _int_in(0, MAX_SEED)
+_finite = _float_in()
+_positive = _float_in(0.0, above=True)
+_nonnegative = _float_in(0.0)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    parse = _int_in(1, 10**6)
+    values = tuple(parse(part) for part in text.split(",") if part.strip())
+    if len(values) > MAX_LEVELS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_LEVELS} values, got {len(values)}")
+    return values
 
 
 def _name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _certificate_list(text: str) -> list[str]:
+    from .stability import CERTIFICATES
+
+    names = _name_list(text)
+    unknown = [name for name in names if name not in CERTIFICATES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown certificates {unknown}; expected names from {', '.join(CERTIFICATES)}")
+    return names
+
+
+def _parameterization_tests(text: str) -> list[str]:
+    from .stability.parameterization import PARAMETERIZATION_TESTS
+
+    names = _name_list(text)
+    unknown = [name for name in names if name not in PARAMETERIZATION_TESTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown tests {unknown}; expected names from {', '.join(PARAMETERIZATION_TESTS)}")
+    return names
+
+
+def _gate(text: str):
+    from .report import Gate
+
+    try:
+        return Gate.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = CUDA when present")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=_int_in(1, 1024), default=1,
                         help="CPU threads (these small recurrent models run fastest on one)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_task_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--task", choices=sorted(TASKS), required=required, help="task name")
-    parser.add_argument("--split-seed", type=int, default=None, help="seed of the train/val/test split (default 0, or the checkpoint's)")
+    parser.add_argument("--split-seed", type=_seed, default=None, help="seed of the train/val/test split (default 0, or the checkpoint's)")
     parser.add_argument("--data-path", default=None, help="smnist/psmnist: .npz or MNIST IDX directory (default: vendored 10k digits)")
-    parser.add_argument("--pixels-per-step", type=_positive_int, default=None, help="smnist/psmnist: pixels per time step")
-    parser.add_argument("--length", type=_positive_int, default=None, help="adding: sequence length")
+    parser.add_argument("--pixels-per-step", type=_int_in(1, 784), default=None, help="smnist/psmnist: pixels per time step (divides 784)")
+    parser.add_argument("--length", type=_int_in(2, MAX_ADDING_LENGTH), default=None, help="adding: sequence length")
 
 
 def _add_data_option(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +229,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(metadata, indent=2, sort_keys=True))
         return 0
     config = model.config.to_dict()
-    print(f"checkpoint {args.checkpoint} ({metadata.get('format')})")
+    print(f"checkpoint {display_name(args.checkpoint)} ({metadata.get('format')})")
+    print(f"weights_sha256: {metadata['weights_sha256']}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
     if "task" in metadata:
         task = metadata["task"]
@@ -175,11 +253,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+def _float_list(text: str, parse: Callable[[str], float] = _finite) -> list[float]:
+    values = [parse(part) for part in text.split(",") if part.strip()]
+    if not values or len(values) > MAX_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_LEVELS} comma-separated numbers, got {len(values)}")
+    return values
+
+
+def _levels(kind: str) -> Callable[[str], list[float]]:
+    """Comma-separated levels of perturbation ``kind``, each valid for it."""
+    from .robustness import Perturbation
+
+    def level(text: str) -> float:
+        value = _finite(text)
+        try:
+            Perturbation(kind, value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return lambda text: _float_list(text, level)
 
 
 ROBUSTNESS_OPTIONS = {
@@ -246,7 +339,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
             names = recurrent_parameter_names(subject, args.recurrent) if restricted else None
             subject.module.to(device)
             directions = hessian_directions(subject, task, args.hessian_k, params=names, seed=0)
-        models.append(SweepModel(subject.name, str(path), subject, directions))
+        models.append(SweepModel(subject.name, display_name(path), subject, directions))
     result = sweep(models, task, grid, args.seeds, split=args.split, device=device, batch_size=args.batch_size,
                    max_samples=args.max_samples, recurrent_only=args.recurrent_only, recurrent=args.recurrent,
                    progress=not args.quiet)
@@ -341,9 +434,9 @@ def cmd_hessian(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .report import AUDIT_WRITER, AuditSettings, Gate, run_audit, write_audit_into
+    from .report import AUDIT_WRITER, AuditSettings, run_audit, write_audit_into
 
-    gates = [Gate.parse(text) for text in args.gate]
+    gates = list(args.gate)
     with OutputDirectory(args.out, AUDIT_WRITER, force=args.force, inputs=[args.checkpoint, args.data_path, args.data]) as directory:
         _set_threads(args.threads)
         device = resolve_device(args.device)
@@ -352,7 +445,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         task = _task_from_args(args, subject.metadata.get("task"))
         subject.check_fits(task, str(args.checkpoint))
         settings = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
-        result = run_audit(subject, task, str(args.checkpoint), None, settings, gates, device, progress=not args.quiet)
+        result = run_audit(subject, task, display_name(args.checkpoint), None, settings, gates, device, progress=not args.quiet)
         out = write_audit_into(result, directory)
     report = result.report
     print(f"audit of {args.checkpoint} ({_architecture(subject)}, task {task.name}) written to {out}/report.md and report.json")
@@ -400,30 +493,15 @@ _MAX_GRID = 100_000
 def _grid(text: str) -> list[float]:
     """'a,b,c' or 'start:stop:count' (inclusive, evenly spaced, 1 <= count <= 100000); finite values."""
     if ":" in text:
-        try:
-            start, stop, count = text.split(":")
-            size = int(count)
-            if not 1 <= size <= _MAX_GRID:
-                raise ValueError
-            values = [float(v) for v in np.linspace(float(start), float(stop), size)]
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(
-                f"expected start:stop:count with 1 <= count <= {_MAX_GRID}, got {text!r}") from error
-    else:
-        values = _float_list(text)
-    if not values or not all(np.isfinite(values)) or len(values) > _MAX_GRID:
-        raise argparse.ArgumentTypeError(f"expected 1 to {_MAX_GRID} finite numbers, got {text!r}")
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"expected start:stop:count, got {text[:40]!r}")
+        start, stop, count = _finite(parts[0]), _finite(parts[1]), _int_in(1, MAX_GRID_POINTS)(parts[2])
+        return [float(v) for v in np.linspace(start, stop, count)]
+    values = _float_list(text)
+    if len(values) > MAX_GRID_POINTS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_GRID_POINTS} grid points")
     return values
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from error
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 def _certify_settings(args: argparse.Namespace) -> tuple[float, float, float, str, float, str]:
@@ -496,34 +574,34 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lrnn", description="Stability, curvature and robustness of continuous-time RNNs.")
+    parser = _Parser(prog="lrnn", description="Stability, curvature and robustness of continuous-time RNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model on a task and save a checkpoint")
     _add_task_options(train, required=True)
     train.add_argument("--arch", choices=ARCHITECTURES, default="lipschitz")
-    train.add_argument("--hidden", type=_positive_int, default=64)
-    train.add_argument("--eps", type=float, default=None, help="step per input (default: the task's)")
+    train.add_argument("--hidden", type=_int_in(1, MAX_SIZES["hidden"]), default=64)
+    train.add_argument("--eps", type=_positive, default=None, help="step per input (default: the task's)")
     train.add_argument("--discretization", default=None, help="euler|rk2 (lipschitz), rk4|rk2|euler (node)")
-    train.add_argument("--beta", type=float, default=0.75, help="beta of A and W")
-    train.add_argument("--gamma", type=float, default=0.001, help="gamma of A and W")
-    train.add_argument("--beta-a", type=float, default=None)
-    train.add_argument("--beta-w", type=float, default=None)
-    train.add_argument("--gamma-a", type=float, default=None)
-    train.add_argument("--gamma-w", type=float, default=None)
-    train.add_argument("--init-std", type=float, default=0.1, help="recurrent init: N(0, (init_std/hidden)^2)")
-    train.add_argument("--ode-substeps", type=_positive_int, default=1, help="node: solver steps per input step")
-    train.add_argument("--epochs", type=_positive_int, default=100)
-    train.add_argument("--batch-size", type=_positive_int, default=128)
-    train.add_argument("--lr", type=float, default=0.03)
-    train.add_argument("--lr-decay", type=float, default=0.1)
+    train.add_argument("--beta", type=_finite, default=0.75, help="beta of A and W")
+    train.add_argument("--gamma", type=_finite, default=0.001, help="gamma of A and W")
+    train.add_argument("--beta-a", type=_finite, default=None)
+    train.add_argument("--beta-w", type=_finite, default=None)
+    train.add_argument("--gamma-a", type=_finite, default=None)
+    train.add_argument("--gamma-w", type=_finite, default=None)
+    train.add_argument("--init-std", type=_positive, default=0.1, help="recurrent init: N(0, (init_std/hidden)^2)")
+    train.add_argument("--ode-substeps", type=_int_in(1, MAX_SIZES["ode_substeps"]), default=1, help="node: solver steps per input step")
+    train.add_argument("--epochs", type=_int_in(1, 100_000), default=100)
+    train.add_argument("--batch-size", type=_int_in(1, MAX_BATCH), default=128)
+    train.add_argument("--lr", type=_positive, default=0.03)
+    train.add_argument("--lr-decay", type=_float_in(0.0, 1.0, above=True), default=0.1)
     train.add_argument("--decay-epochs", type=_int_list, default=None, help="comma-separated (default: 75%% of epochs)")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--grad-clip", type=float, default=None)
-    train.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
+    train.add_argument("--weight-decay", type=_nonnegative, default=0.0)
+    train.add_argument("--grad-clip", type=_positive, default=None)
+    train.add_argument("--seed", type=_seed, default=0, help="initialisation and batch-order seed")
     train.add_argument("--constrain", choices=CONSTRAINTS, default=None,
                        help="project M_A, M_W after every step so this norm certificate holds (lipschitz only)")
-    train.add_argument("--margin", type=float, default=0.01, help="margin of the --constrain certificate")
+    train.add_argument("--margin", type=_nonnegative, default=0.01, help="margin of the --constrain certificate")
     train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     train.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     _add_run_options(train)
@@ -535,9 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=cmd_info)
     stability = sub.add_parser("stability", help="spectra and global-stability certificates of a checkpoint")
     stability.add_argument("checkpoint")
-    stability.add_argument("--certificates", type=_name_list, default=None,
+    stability.add_argument("--certificates", type=_certificate_list, default=None,
                            help="comma-separated, e.g. euler-norm,euler-lmi (default: those of the scheme the model runs)")
-    stability.add_argument("--time-budget", type=float, default=None, help="seconds for all LMI tiers together")
+    stability.add_argument("--time-budget", type=_positive, default=None, help="seconds for all LMI tiers together")
     stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
     stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
     stability.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
@@ -545,22 +623,22 @@ def build_parser() -> argparse.ArgumentParser:
     stability.set_defaults(handler=cmd_stability)
 
     cert = sub.add_parser("certify", help="certify every model of a Lipschitz parameterization with ||M_A||_2, ||M_W||_2 <= r")
-    cert.add_argument("--beta", type=_finite_float, required=True, help="beta_A (and beta_W unless --beta-w)")
-    cert.add_argument("--gamma", type=_finite_float, default=None, help="one shared gamma: gamma_A = gamma_W")
-    cert.add_argument("--gamma-a", type=_finite_float, default=None, help="gamma_A (overrides --gamma)")
-    cert.add_argument("--beta-w", type=_finite_float, default=None)
-    cert.add_argument("--gamma-w", type=_finite_float, default=None,
+    cert.add_argument("--beta", type=_finite, required=True, help="beta_A (and beta_W unless --beta-w)")
+    cert.add_argument("--gamma", type=_finite, default=None, help="one shared gamma: gamma_A = gamma_W")
+    cert.add_argument("--gamma-a", type=_finite, default=None, help="gamma_A (overrides --gamma)")
+    cert.add_argument("--beta-w", type=_finite, default=None)
+    cert.add_argument("--gamma-w", type=_finite, default=None,
                       help="gamma_W (overrides --gamma; default: gamma_A)")
-    cert.add_argument("--eps", type=_finite_float, default=None, help="step of the discretization (adds euler-norm, rk2-norm)")
-    cert.add_argument("--radius", type=_finite_float, default=None, help="bound r on ||M_A||_2 and ||M_W||_2")
-    cert.add_argument("--hidden", type=_positive_int, default=None,
+    cert.add_argument("--eps", type=_positive, default=None, help="step of the discretization (adds euler-norm, rk2-norm)")
+    cert.add_argument("--radius", type=_nonnegative, default=None, help="bound r on ||M_A||_2 and ||M_W||_2")
+    cert.add_argument("--hidden", type=_int_in(1, MAX_SIZES["hidden"]), default=None,
                       help="with --init-std: r = the radius of the toolkit's initialisation of this hidden size")
-    cert.add_argument("--init-std", type=_finite_float, default=None,
+    cert.add_argument("--init-std", type=_nonnegative, default=None,
                       help="with --hidden: entries of M ~ N(0, (init_std/hidden)^2), as `lrnn train` initialises them")
-    cert.add_argument("--init-failure-probability", type=_finite_float, default=1e-6,
+    cert.add_argument("--init-failure-probability", type=_positive, default=1e-6,
                       help="probability allowed that an initial M_A or M_W exceeds the derived radius (default 1e-6)")
-    cert.add_argument("--slope", type=_finite_float, default=1.0, help="Lipschitz constant L of the activation")
-    cert.add_argument("--tests", type=_name_list, default=None, help="e.g. ct-norm,euler-norm")
+    cert.add_argument("--slope", type=_positive, default=1.0, help="Lipschitz constant L of the activation")
+    cert.add_argument("--tests", type=_parameterization_tests, default=None, help="e.g. ct-norm,euler-norm")
     cert.add_argument("--phase-betas", type=_grid, default=None,
                       help="beta_A grid (a,b,c or start:stop:count); W shares beta and gamma unless --beta-w/--gamma-w fix them")
     cert.add_argument("--phase-gammas", type=_grid, default=None, help="gamma_A grid: a,b,c or start:stop:count")
@@ -573,18 +651,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_options(hess, required=False)
     _add_data_option(hess)
     hess.add_argument("--split", choices=("train", "val", "test"), default="train")
-    hess.add_argument("--batch-size", type=_positive_int, default=128)
+    hess.add_argument("--batch-size", type=_int_in(1, MAX_BATCH), default=128)
     amount = hess.add_mutually_exclusive_group()
-    amount.add_argument("--batches", type=_positive_int, default=1, help="use the first N batches of the split")
+    amount.add_argument("--batches", type=_int_in(1, 100_000), default=1, help="use the first N batches of the split")
     amount.add_argument("--full", action="store_true", help="use the whole split (HVPs weighted by samples)")
     hess.add_argument("--params", default=None, help="parameter names or globs, e.g. M_A,M_W (default: all)")
-    hess.add_argument("--top-k", type=_positive_int, default=1, help="eigenvalues at each end of the spectrum")
+    hess.add_argument("--top-k", type=_int_in(1, MAX_EIGENPAIRS), default=1, help="eigenvalues at each end of the spectrum")
     hess.add_argument("--trace", action="store_true", help="estimate the trace with a 95%% CI")
     hess.add_argument("--trace-method", choices=("hutchinson", "hutch++"), default="hutchinson")
     hess.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
     hess.add_argument("--backend", choices=("native", "pyhessian"), default="native")
     hess.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    hess.add_argument("--seed", type=int, default=0)
+    hess.add_argument("--seed", type=_seed, default=0)
     hess.add_argument("--json", default=None, metavar="PATH", help="write every number and its uncertainty as JSON")
     hess.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     _add_run_options(hess)
@@ -594,16 +672,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("checkpoint")
     _add_task_options(audit, required=False)
     _add_data_option(audit)
-    audit.add_argument("--gate", action="append", default=[], metavar="KIND=VALUE",
+    audit.add_argument("--gate", type=_gate, action="append", default=[], metavar="KIND=VALUE",
                        help="certified=NAME, min-accuracy=A, max-lambda=X, max-trace=X, max-accuracy-drop=KIND:LEVEL:DROP")
     audit.add_argument("--out", required=True, help="report directory (written atomically; replaces only a previous audit report)")
     audit.add_argument("--force", action="store_true", help="also replace a report another lrnn command wrote")
     audit.add_argument("--thorough", action="store_true", help="paper-grade settings (slow)")
-    audit.add_argument("--seed", type=int, default=0)
-    audit.add_argument("--beta", type=float, default=None, help="reference state dicts: beta (else from the file name)")
-    audit.add_argument("--gamma", type=float, default=None, help="reference state dicts: gamma")
-    audit.add_argument("--eps", type=float, default=None, help="reference state dicts: eps")
-    audit.add_argument("--alpha", type=float, default=None, help="reference files: alpha (else recorded, else 1 with a warning)")
+    audit.add_argument("--seed", type=_seed, default=0)
+    audit.add_argument("--beta", type=_finite, default=None, help="reference state dicts: beta (else from the file name)")
+    audit.add_argument("--gamma", type=_finite, default=None, help="reference state dicts: gamma")
+    audit.add_argument("--eps", type=_positive, default=None, help="reference state dicts: eps")
+    audit.add_argument("--alpha", type=_finite, default=None, help="reference files: alpha (else recorded, else 1 with a warning)")
     audit.add_argument("--solver", default=None, help="reference LipschitzRNN_ODE files: torchdiffeq solver (euler, midpoint)")
     _add_run_options(audit)
     audit.set_defaults(handler=cmd_audit)
@@ -620,23 +698,23 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("checkpoints", nargs="+", metavar="CKPT")
     _add_task_options(robust, required=False)
     _add_data_option(robust)
-    robust.add_argument("--input-noise", type=_float_list, default=None, help="Gaussian input noise sigmas, e.g. 0,0.1,0.2,0.3")
-    robust.add_argument("--salt-pepper", type=_float_list, default=None, help="salt-and-pepper probabilities")
-    robust.add_argument("--occlusion", type=_float_list, default=None, help="fractions of time steps set to zero")
-    robust.add_argument("--fgsm", type=_float_list, default=None, help="FGSM budgets in input units")
-    robust.add_argument("--param-noise", type=_float_list, default=None, help="relative Gaussian parameter noise sigmas")
-    robust.add_argument("--hessian-direction", type=_float_list, default=None,
+    robust.add_argument("--input-noise", type=_levels("gaussian"), default=None, help="Gaussian input noise sigmas, e.g. 0,0.1,0.2,0.3")
+    robust.add_argument("--salt-pepper", type=_levels("salt-pepper"), default=None, help="salt-and-pepper probabilities")
+    robust.add_argument("--occlusion", type=_levels("occlusion"), default=None, help="fractions of time steps set to zero")
+    robust.add_argument("--fgsm", type=_levels("fgsm"), default=None, help="FGSM budgets in input units")
+    robust.add_argument("--param-noise", type=_levels("gaussian-relative"), default=None, help="relative Gaussian parameter noise sigmas")
+    robust.add_argument("--hessian-direction", type=_levels("hessian-direction"), default=None,
                         help="steps t along a seeded unit combination of the top Hessian eigenvectors")
-    robust.add_argument("--hessian-k", type=_positive_int, default=1, help="number of top eigenvectors spanning the directions")
+    robust.add_argument("--hessian-k", type=_int_in(1, MAX_EIGENPAIRS), default=1, help="number of top eigenvectors spanning the directions")
     recurrent = robust.add_mutually_exclusive_group()
     recurrent.add_argument("--recurrent-only", action="store_true",
                            help="parameter perturbations only on each model's declared recurrent parameters (toolkit models: M_A, M_W)")
     recurrent.add_argument("--recurrent", type=_name_list, default=None, metavar="PATTERNS",
                            help="parameter perturbations only on the parameters these comma-separated globs match (each must match)")
-    robust.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds (0..N-1)")
+    robust.add_argument("--seeds", type=_int_in(1, 1000), default=5, help="number of seeds (0..N-1)")
     robust.add_argument("--split", choices=("train", "val", "test"), default="test")
-    robust.add_argument("--max-samples", type=_positive_int, default=None)
-    robust.add_argument("--batch-size", type=_positive_int, default=1000)
+    robust.add_argument("--max-samples", type=_int_in(1, 10**8), default=None)
+    robust.add_argument("--batch-size", type=_int_in(1, MAX_BATCH), default=1000)
     robust.add_argument("--out", required=True, help="tidy CSV (one row per model, perturbation, level, seed)")
     robust.add_argument("--json", action="store_true", help="also write rows, summary and provenance as JSON beside the CSV")
     robust.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
@@ -646,16 +724,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Bad input (files, options, sizes) is one line on stderr and exit 2;
+    SIGINT is one line and exit 130; a closed output pipe exits 141 without a word.
+    Any other exception is a bug and keeps its traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 stays printable
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a bad option already reported in one line
+        return done.code if isinstance(done.code, int) else 2
     args.argv = argv
     handler: Callable[[argparse.Namespace], int] = args.handler
+    prefix = f"lrnn {args.command}"
     try:
-        return handler(args)
-    except (CheckpointError, UsageError, ValueError, FileNotFoundError) as error:
-        print(f"lrnn {args.command}: error: {error}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(prefix, warnings.showwarning)
+            code = handler(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python docs (signal module, "Note on SIGPIPE"): point stdout at devnull so the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except (CheckpointError, UsageError, ValueError) as error:
+        print(f"{prefix}: error: {_one_line(str(error))}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"{prefix}: error: {_os_error_text(error)}", file=sys.stderr)
+        return 2
+
+
+def _warning_printer(prefix: str, default: Callable[..., None]) -> Callable[..., None]:
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, IntegrityWarning):
+            print(f"{prefix}: warning: {_one_line(str(message))}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
+
+
+def _os_error_text(error: OSError) -> str:
+    """'FILE: reason' for an OSError (permission, directory, device, disk...)."""
+    reason = error.strerror or type(error).__name__
+    if error.filename is None:
+        return _one_line(str(error))
+    names = [display_name(os.fsdecode(name)) for name in (error.filename, error.filename2) if name is not None]
+    return f"{' -> '.join(names)}: {reason}"
 
 
 if __name__ == "__main__":

@@ -332,6 +332,7 @@ class _Context:
     progress: bool
     warnings: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    hashes: dict[str, str | None] = field(default_factory=dict)  # label -> weights_sha256 of each checkpoint loaded
 
     def setting(self, key: str, default: Any) -> Any:
         return self.recipe.settings.get(key, default)
@@ -342,6 +343,7 @@ class _Context:
         for label, path in zip(self.recipe.model_labels(), self.recipe.checkpoint_paths()):
             subject = load_model(path, name=label)
             subject.module.to(self.device).eval()
+            self.hashes[label] = subject.metadata.get("weights_sha256")
             entries.append((label, path, subject))
         return entries
 
@@ -365,6 +367,7 @@ class _Context:
         paths = [self.out.path(name) for name in names]
         write_csv(paths[0], rows)
         write_json(paths[1], {"recipe": self.recipe.to_dict(), "rows": rows, **(extra or {}),
+                              "checkpoint_sha256": dict(self.hashes),
                               "environment": environment(self.device)})
         if figure is not None:
             plots.save_figure(figure, self.out.staging / stem)

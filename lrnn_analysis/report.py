@@ -16,6 +16,7 @@ or not at all. Gates decide the exit code:
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from .evaluation import evaluate, loss_function
 from .io import write_csv, write_json
 from .outputs import OutputDirectory, atomic_write
 from .provenance import check_training_data
-from .robustness import KINDS, SweepModel, sweep
+from .robustness import KINDS, Perturbation, SweepModel, sweep
 from .runtime import environment
 from .stability import CERTIFICATES, certify, default_certificates, spectrum
 from .subject import ModelUnderAnalysis, as_model_under_analysis
@@ -74,6 +75,8 @@ class Gate:
 
     @classmethod
     def parse(cls, text: str) -> "Gate":
+        """Check the gate completely: every threshold finite and in range (an accuracy in [0, 1],
+        a drop in [-1, 1], a perturbation level valid for its kind)."""
         kind, sep, value = text.partition("=")
         if not sep or kind not in GATE_KINDS or not value:
             raise ValueError(f"bad gate {text!r}: expected KIND=VALUE with KIND one of {GATE_KINDS}")
@@ -81,20 +84,28 @@ class Gate:
             raise ValueError(f"bad gate {text!r}: unknown certificate {value!r}; expected one of {CERTIFICATES}")
         if kind == "max-accuracy-drop":
             parts = value.split(":")
-            if len(parts) != 3 or parts[0] not in KINDS or not all(_is_float(p) for p in parts[1:]):
-                raise ValueError(f"bad gate {text!r}: expected max-accuracy-drop=KIND:LEVEL:DROP with KIND one of {KINDS}")
-        elif kind != "certified" and not _is_float(value):
-            raise ValueError(f"bad gate {text!r}: {kind} takes a number")
+            if len(parts) != 3 or parts[0] not in KINDS or not all(_is_finite(p) for p in parts[1:]):
+                raise ValueError(f"bad gate {text!r}: expected max-accuracy-drop=KIND:LEVEL:DROP with KIND one of {KINDS} "
+                                 "and finite LEVEL and DROP")
+            try:
+                Perturbation(parts[0], float(parts[1]))
+            except ValueError as error:
+                raise ValueError(f"bad gate {text!r}: {error}") from None
+            if not -1.0 <= float(parts[2]) <= 1.0:
+                raise ValueError(f"bad gate {text!r}: an accuracy drop lies in [-1, 1]")
+        elif kind != "certified" and not _is_finite(value):
+            raise ValueError(f"bad gate {text!r}: {kind} takes a finite number")
+        elif kind == "min-accuracy" and not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"bad gate {text!r}: an accuracy lies in [0, 1]")
         return cls(kind, value)
 
     def __str__(self) -> str:
         return f"{self.kind}={self.value}"
 
 
-def _is_float(text: str) -> bool:
+def _is_finite(text: str) -> bool:
     try:
-        float(text)
-        return True
+        return math.isfinite(float(text))
     except ValueError:
         return False
 
@@ -192,6 +203,7 @@ def run_audit(
     report = {
         "checkpoint": checkpoint,
         "model": subject.describe(),
+        "checkpoint_sha256": subject.metadata.get("weights_sha256"),
         "config": subject.metadata.get("config"),
         "task": task.to_dict(),
         "training_data": training_data.to_dict(),
@@ -268,7 +280,8 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
             f"{r['model']['name']} ({r['model']['module']}, {r['model']['parameters']} parameters)")
     lines = [f"# Audit of `{r['checkpoint']}`", "",
              f"{what}, task {r['task']['name']}" + (f" (split seed {r['task']['seed']})" if r["task"]["name"] in TASKS else "")
-             + f", device {r['environment'].get('device')}.", ""]
+             + f", device {r['environment'].get('device')}.", "",
+             f"Checkpoint weights and config SHA-256: `{r['checkpoint_sha256'] or 'not recorded'}`.", ""]
     if r["training_data"]["warning"]:
         lines += [f"**Warning: {r['training_data']['warning']}.**", ""]
     if "reference" in r:

@@ -8,6 +8,7 @@ from .architectures import (
     build_model,
     lipschitz_matrix,
     lure_step,
+    parameter_shapes,
 )
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
@@ -27,5 +28,6 @@ __all__ = [
     "find_recurrent_layers",
     "lipschitz_matrix",
     "lure_step",
+    "parameter_shapes",
     "recurrent_parameter_patterns",
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -16,6 +17,8 @@ DISCRETIZATIONS: dict[str, tuple[str, ...]] = {
     "node": ("rk4", "rk2", "euler"),
 }
 ARCHITECTURES = tuple(DISCRETIZATIONS)
+# Generous but finite: a config from an untrusted file must not ask for unbounded memory or time.
+MAX_SIZES = {"input_dim": 65536, "hidden": 65536, "output_dim": 65536, "ode_substeps": 10000}
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class ModelConfig:
     ode_substeps: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("arch", "discretization"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {_short(getattr(self, name))}")
         if self.arch not in DISCRETIZATIONS:
             raise ValueError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
         allowed = DISCRETIZATIONS[self.arch]
@@ -51,14 +57,15 @@ class ModelConfig:
             object.__setattr__(self, "discretization", allowed[0])
         elif self.discretization not in allowed:
             raise ValueError(f"{self.arch} runs with {allowed}, not {self.discretization!r}")
-        for name in ("input_dim", "hidden", "output_dim", "ode_substeps"):
+        for name, limit in MAX_SIZES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ValueError(f"{name} must be an integer in [1, {limit}], got {_short(value)}")
         for name in ("eps", "beta_a", "gamma_a", "beta_w", "gamma_w", "init_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+            if not finite or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {_short(value)}")
             object.__setattr__(self, name, float(value))
         if self.eps <= 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
@@ -72,6 +79,8 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         if not isinstance(data, dict):
             raise ValueError(f"model config must be a mapping, got {type(data).__name__}")
+        if not all(isinstance(key, str) for key in data):
+            raise ValueError(f"model config keys must be strings, got {[k for k in data if not isinstance(k, str)][:3]}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -80,3 +89,9 @@ class ModelConfig:
         if missing:
             raise ValueError(f"model config lacks {sorted(missing)}")
         return cls(**data)
+
+
+def _short(value: Any) -> str:
+    """repr of a bad value, cut short (a hostile file may hold a 10^400 integer)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return text if len(text) <= 60 else text[:57] + "..."

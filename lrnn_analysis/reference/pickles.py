@@ -23,7 +23,7 @@ import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -95,23 +95,25 @@ def reference_stand_ins() -> Iterator[None]:
         yield
 
 
-def load_torch_file(path: str | Path) -> Any:
-    """``torch.load`` of ``path`` that executes nothing from the file: torch's ``weights_only``
+def load_torch_file(stream: BinaryIO) -> Any:
+    """``torch.load`` of an open file that executes nothing from it: torch's ``weights_only``
     unpickler with the reference stand-ins allowed, or for a legacy file holding modules the
     restricted legacy reader. Refusals raise ``pickle.UnpicklingError`` with the reason only."""
     with reference_stand_ins():
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            stream.seek(0)
+            return torch.load(stream, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             reason = _weights_only_reason(str(error))
-            with open(path, "rb") as stream:
-                legacy_pickle = stream.read(1) == b"\x80"
+            stream.seek(0)
+            legacy_pickle = stream.read(1) == b"\x80"
             if not (legacy_pickle and reason.startswith("Only persistent_load of storage is allowed")):
                 raise pickle.UnpicklingError(reason) from None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
         warnings.filterwarnings("ignore", category=torch.serialization.SourceChangeWarning)
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
+        stream.seek(0)
+        return torch.load(stream, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
 
 
 def _weights_only_reason(message: str) -> str:
