@@ -256,8 +256,9 @@ def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream:
         opcode = re.search(r"Unsupported operand (\d+)", str(error))
         what = (f"it would import {culprit.group(1)}" if culprit
                 else f"pickle opcode {opcode.group(1)} is not read by the safe loader; re-save it with torch.save" if opcode
-                else "it holds objects other than tensors and plain values")
-        raise CheckpointError(f"{name}: refused to unpickle ({what}); only plain tensor state dicts are accepted") from error
+                else _first_line(error))
+        raise CheckpointError(f"{name}: refused to unpickle ({what}); only tensors, plain containers and the "
+                              "reference implementation's modules are read") from error
     except Exception as error:
         raise CheckpointError(f"{name}: corrupt or truncated PyTorch file ({_torch_reason(error)})") from error
     if is_reference_content(content):

@@ -302,14 +302,14 @@ def load_recipe(path: str | Path) -> Recipe:
     for checkpoint in recipe.checkpoint_paths():
         if not checkpoint.is_file():
             raise _fail(path, "checkpoints", f"{checkpoint} is not an existing file")
-    repeated = sorted({c for c in recipe.checkpoints if recipe.checkpoints.count(c) > 1})
-    if repeated:
-        raise _fail(path, "checkpoints", f"duplicate checkpoints {repeated}")
     model_labels = recipe.model_labels()
     repeated = sorted({label for label in model_labels if model_labels.count(label) > 1})
     if repeated:
         raise _fail(path, "labels" if labels else "checkpoints",
                     f"the model label(s) {repeated} occur more than once (give each checkpoint its own label)")
+    repeated = sorted({c for c in recipe.checkpoints if recipe.checkpoints.count(c) > 1})
+    if repeated:
+        raise _fail(path, "checkpoints", f"duplicate checkpoints {repeated}")
     return recipe
 
 

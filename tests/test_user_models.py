@@ -272,7 +272,7 @@ def test_leakage_warning_for_a_model_trained_on_another_split(digits_task, tmp_p
             "--out", str(tmp_path / "r.csv"), "--quiet"]
     assert main(argv) == 0
     assert LEAKAGE_WARNING not in capsys.readouterr().err  # scored on its own recorded split
-    assert main(argv + ["--split-seed", "0"]) == 0
+    assert main(argv + ["--split-seed", "0", "--force"]) == 0
     assert LEAKAGE_WARNING in capsys.readouterr().err
 
 
@@ -315,7 +315,7 @@ def test_recipe_keys_models_by_path(tmp_path, digits_task):
                                                            ("runB/model.safetensors", accuracies[1])]
     (recipes / "dup.toml").write_text('name = "d"\nanalysis = "spectra"\noutput = "d"\n'
                                       'checkpoints = ["runA/model.safetensors", "runB/model.safetensors"]\nlabels = ["x", "x"]\n')
-    with pytest.raises(ValueError, match="duplicate labels \\['x'\\]"):
+    with pytest.raises(ValueError, match="labels: the model label\\(s\\) \\['x'\\] occur more than once"):
         load_recipe(recipes / "dup.toml")
 
 
