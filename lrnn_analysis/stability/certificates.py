@@ -17,7 +17,7 @@ failed certificate ``margin`` is the (non-positive) margin of its norm test, or
 None where nothing could be computed.
 
 A ``*-lmi`` request runs tiers cheapest first, stopping at the first verified
-success: ``norm`` (the closed-form test) -> ``P=I`` -> ``diag-P`` -> ``full-P``.
+success: ``norm`` (the closed-form test) -> ``P=I`` -> ``diag-P`` -> ``riccati`` -> ``full-P``.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from ..lure import LureSystem
 from .forms import incremental_form
 from .lmi import LMI_TIERS, SOLVERS, Candidate, TierOutcome, fixed_identity_tier, jacobian_goodness, sampled_slopes, sdp_tier
 from .norms import norm_test
+from .riccati import RICCATI_TIER, riccati_tier
 from .verification import Verification, verify
 
 CERTIFICATES = (
@@ -46,7 +47,7 @@ CERTIFICATES = (
     "map-norm",
     "map-lmi",
 )
-TIERS = ("norm",) + LMI_TIERS
+TIERS = ("norm",) + LMI_TIERS[:2] + (RICCATI_TIER,) + LMI_TIERS[2:]
 DEFAULT_CERTIFICATES = {
     "ode": ("ct-norm", "ct-lmi"),
     "euler": ("euler-norm", "euler-lmi"),
@@ -165,7 +166,7 @@ def certify(
     bounds the total time approximately: it is checked between tiers and bisection
     steps and passed to the SDP solvers; tiers skipped for lack of time are
     reported (``budget_exhausted``). ``tiers`` restricts the tiers an LMI request
-    may use (default all of ``norm``, ``P=I``, ``diag-P``, ``full-P``, in that
+    may use (default all of ``norm``, ``P=I``, ``diag-P``, ``riccati``, ``full-P``, in that
     order). ``solver`` is ``auto`` (Clarabel for small PSD cones, SCS for large
     ones, each falling back to the other on a solver error), ``CLARABEL`` or ``SCS``.
     """
@@ -341,7 +342,12 @@ def _lmi_certificate(
                     attempts=tuple(attempts), **common,
                 )
             continue
-        outcome = fixed_identity_tier(form, deadline) if tier == "P=I" else sdp_tier(form, tier, g_upper, deadline, solver)
+        if tier == "P=I":
+            outcome = fixed_identity_tier(form, deadline)
+        elif tier == RICCATI_TIER:
+            outcome = riccati_tier(form, g_upper, deadline)
+        else:
+            outcome = sdp_tier(form, tier, g_upper, deadline, solver)
         exhausted = exhausted or outcome.budget_exhausted
         result = _tier_result(system, family, outcome)
         attempts.append(result)
