@@ -160,7 +160,7 @@ class RiccatiSolver:
             K, H = self._gain(P, F, B, S, R)
             closed = F + B @ K
             residual = self._residual(P, K, H, F, eta)
-            if np.linalg.norm(residual, 2) <= 0.25 * eta:
+            if np.linalg.norm(residual) <= 0.25 * eta:
                 return P
             with np.errstate(all="ignore"):
                 step = _Lyapunov(closed, not self.form.continuous).solve(residual, transposed=True)
