@@ -17,7 +17,7 @@ failed certificate ``margin`` is the (non-positive) margin of its norm test, or
 None where nothing could be computed.
 
 A ``*-lmi`` request runs tiers cheapest first, stopping at the first verified
-success: ``norm`` (the closed-form test) -> ``P=I`` -> ``diag-P`` -> ``full-P``.
+success: ``norm`` (the closed-form test) -> ``P=I`` -> ``diag-P`` -> ``riccati`` -> ``full-P``.
 
 Numerics. ``ct`` certificates are computed on the time-rescaled system
 (A, W) / s with s = 2^k the power of two nearest to ||A||_2 + L ||W||_2: scaling the
@@ -43,7 +43,6 @@ from threadpoolctl import threadpool_limits
 from ..lure import LureSystem
 from .forms import incremental_form
 from .lmi import (
-    LMI_TIERS,
     SOLVERS,
     Candidate,
     TierOutcome,
@@ -55,6 +54,7 @@ from .lmi import (
     sdp_tier,
 )
 from .norms import NormTestOutcome, norm_test
+from .riccati import RICCATI_TIER, riccati_tier
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF, norm2
 from .verification import Verification, verify
 
@@ -70,7 +70,7 @@ CERTIFICATES = (
     "map-norm",
     "map-lmi",
 )
-TIERS = ("norm",) + LMI_TIERS
+TIERS = ("norm", "P=I", "diag-P", RICCATI_TIER, "full-P")
 DEFAULT_CERTIFICATES = {
     "ode": ("ct-norm", "ct-lmi"),
     "euler": ("euler-norm", "euler-lmi"),
@@ -195,7 +195,7 @@ def certify(
     bounds the total time approximately: it is checked between tiers and bisection
     steps and passed to the SDP solvers; tiers skipped for lack of time are
     reported (``budget_exhausted``). ``tiers`` restricts the tiers an LMI request
-    may use (default all of ``norm``, ``P=I``, ``diag-P``, ``full-P``, in that
+    may use (default all of ``norm``, ``P=I``, ``diag-P``, ``riccati``, ``full-P``, in that
     order). ``solver`` is ``auto`` (Clarabel for small PSD cones, SCS for large
     ones, each falling back to the other on a solver error, which the tier's reason
     reports), ``CLARABEL`` or ``SCS``. ``time_budget=None`` passes no time limit to the solvers.
@@ -457,6 +457,8 @@ def _lmi_certificate(
         try:
             if tier == "P=I":
                 outcome = fixed_identity_tier(form, deadline)
+            elif tier == RICCATI_TIER:
+                outcome = riccati_tier(form, g_upper, deadline)
             else:
                 outcome = sdp_tier(form, tier, g_upper, deadline, solver)
         except BaseException as error:

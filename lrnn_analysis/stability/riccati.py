@@ -1,0 +1,376 @@
+"""Tier ``riccati``: full-P certificates from algebraic Riccati equations, O(n^3) per solve.
+
+Partition the lifted LMI of :mod:`.forms` as xi = (delta, p), p = (p_1, ..., p_m), with
+the dynamics out = [F0, B] (delta' or delta+ = F0 delta + B p) and the multiplier term
+Sigma(Lambda) = [[0, S], [S^T, -R]] (for ct and euler S = L W^T Lambda, R = 2 Lambda; for
+rk2/rk4 R also holds the stage coupling, R = 2 Lambda - L sym(Lambda G_pp)). For fixed
+Lambda and rate the LMI M(P, Lambda, r) < 0 is, by a Schur complement, a Riccati
+inequality in P:
+
+* ct (rate a), Ac = A + a I:
+  R > 0 and Ac^T P + P Ac + (P B + S) R^{-1} (B^T P + S^T) < 0; with B = I this is
+  (A + a I + L W / 2)^T P + P (A + a I + L W / 2) + P (2 Lambda)^{-1} P + (L^2 / 2) W^T Lambda W < 0.
+* discrete (r = rho^2), F = F0 / rho, G = B / rho, S_r = S / r, R_r = R / r:
+  R_r - G^T P G > 0 and F^T P F - P + (F^T P G + S_r)(R_r - G^T P G)^{-1}(G^T P F + S_r^T) < 0
+  (euler: F = Ah / rho, G = (eps / rho) I, S_r = L W^T Lambda / r, R_r = 2 Lambda / r).
+
+Replacing "< 0" by "= -eta I" gives algebraic Riccati equations. Their stabilizing
+solution (closed loop Ac + B K Hurwitz, or F + G K Schur, K the maximizing p = K delta)
+is the smallest P satisfying the inequality, and it exists iff the rate is feasible for
+that Lambda. It is computed by Newton-Kleinman steps (one Lyapunov or Stein equation
+each) warm-started from the previous solution, falling back to scipy's Schur method with
+X = -P: ``solve_continuous_are(Ac, B, -eta I, R, s=-S)`` and
+``solve_discrete_are(F, G, -eta I, R_r, s=-S_r)`` (substitute X = -P into scipy's
+A^T X + X A - (X B + s) R^{-1} (B^T X + s^T) + q = 0 and its discrete twin). A solution
+counts only if the LMI's Schur complement at that rate is negative definite and
+cond(P) <= KAPPA_MAX (the bound of the SDP tiers: gain sqrt(cond P) <= 100).
+
+Outer loop, alternating until the rate stops improving:
+
+1. for the current Lambda, bisection on the rate up to the necessary bound from frozen
+   Jacobians (if no contracting rate is feasible at the start, the bisection starts from
+   a non-contracting one and the loop below must cross into contraction);
+2. a multiplier step at the rate reached: gradient descent on the barrier log tr Y(Lambda),
+   Y the Gramian of the closed loop, which blows up where the rate stops being feasible
+   for Lambda (gradient by the adjoint method, see :func:`_gramian_objective`).
+
+Every (P, Lambda) met at the end of a bisection goes to :func:`.lmi.finalize`: best rate
+for that pair in closed form, backed off, verified in float64. Lambda starts at I (for a
+common multiplier c I the scale is immaterial: the LMI is homogeneous in (P, Lambda)).
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+
+from .forms import IncrementalForm
+from .lmi import KAPPA_MAX, Candidate, TierOutcome, finalize
+
+RICCATI_TIER = "riccati"
+# Slack eta of the Riccati equation relative to the mean multiplier (the LMI is homogeneous
+# in (P, Lambda, eta)); finalize recovers most of it in the rate. The stabilizing solution is
+# the smallest P, so too small an eta leaves P nearly singular where the system has slack
+# (cond P > KAPPA_MAX on the norm-certified digits model at 1e-6; 1e-4 certifies it).
+_ETA_RELATIVE = 1e-4
+_BISECTION_RTOL = 2e-4
+_MAX_ROUNDS = 25
+_ROUND_RTOL = 1e-4
+_DESCENT_STEPS = 12
+_NEWTON_STEPS = 8
+_PHASE_ONE_DOUBLINGS = 12
+_BIG = 1e300
+
+
+class _Solution(NamedTuple):
+    """Stabilizing Riccati solution P with K (p = K delta), the closed loop, B (or G) and H.
+
+    H = R (ct) or R_r - G^T P G (discrete); closed = Ac + B K (ct) or F + G K (discrete).
+    """
+
+    P: np.ndarray
+    K: np.ndarray
+    closed: np.ndarray
+    B: np.ndarray
+    H: np.ndarray
+
+
+class _Lyapunov:
+    """Solves A^T X + X A + Q = 0 and A X + X A^T + Q = 0 (ct) or the Stein equations
+    A^T X A - X + Q = 0 and A X A^T - X + Q = 0 (discrete) with one real Schur form.
+
+    The Stein equations go through the Cayley transform C = (A - I)(A + I)^{-1} (as scipy's
+    ``solve_discrete_lyapunov`` does): A X A^T - X + Q = 0 iff
+    C X + X C^T = -2 (A + I)^{-1} Q (A + I)^{-T}.
+    """
+
+    def __init__(self, A: np.ndarray, discrete: bool) -> None:
+        self.discrete = discrete
+        if discrete:
+            self.shifted = scipy.linalg.lu_factor(A + np.eye(A.shape[0]))
+            A = scipy.linalg.lu_solve(self.shifted, A - np.eye(A.shape[0]))
+        self.T, self.Z = scipy.linalg.schur(A, output="real")
+
+    def _continuous(self, Q: np.ndarray, transposed: bool) -> np.ndarray:
+        """X with M X + X M^T = -Q, M = A (transposed False) or A^T."""
+        T, Z = self.T, self.Z
+        C = -(Z.T @ Q @ Z)
+        trsyl = scipy.linalg.get_lapack_funcs("trsyl", (T, C))
+        op = ("T", "N") if transposed else ("N", "T")
+        X, scale, info = trsyl(T, T, C, trana=op[0], tranb=op[1])
+        if info < 0:
+            raise np.linalg.LinAlgError(f"trsyl failed with info {info}")
+        X = Z @ (X / scale) @ Z.T
+        return 0.5 * (X + X.T)
+
+    def solve(self, Q: np.ndarray, transposed: bool) -> np.ndarray:
+        """X with A X A^T - X + Q = 0 / A X + X A^T + Q = 0, or their transposes (A -> A^T)."""
+        if not self.discrete:
+            return self._continuous(Q, transposed)
+        lu = self.shifted
+        if transposed:
+            left = scipy.linalg.lu_solve(lu, Q, trans=1)
+            rhs = scipy.linalg.lu_solve(lu, left.T, trans=1).T
+        else:
+            left = scipy.linalg.lu_solve(lu, Q)
+            rhs = scipy.linalg.lu_solve(lu, left.T).T
+        return self._continuous(2.0 * rhs, transposed)
+
+
+class RiccatiSolver:
+    """Solves the Riccati equation of ``form`` for given (Lambda, r, eta), warm-started from the last solution."""
+
+    def __init__(self, form: IncrementalForm) -> None:
+        self.form = form
+        self.warm: np.ndarray | None = None
+        self.solves = 0
+
+    def _data(self, lam: np.ndarray, r: float) -> tuple[np.ndarray, ...] | None:
+        """(F, B, S, R) of the equation at rate ``r``: ct shifted by r I, discrete scaled by 1/rho."""
+        form, n = self.form, self.form.n
+        Sigma, _ = form.assemble(np.zeros((n, n)), lam, 0.0)
+        S, R = Sigma[:n, n:], -Sigma[n:, n:]
+        F, B = form.out[:, :n], form.out[:, n:]
+        if form.continuous:
+            return F + r * np.eye(n), B, S, R
+        if r <= 0:
+            return None
+        rho = np.sqrt(r)
+        return F / rho, B / rho, S / r, R / r
+
+    def _gain(self, P: np.ndarray, F: np.ndarray, B: np.ndarray, S: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        H = R if self.form.continuous else R - B.T @ P @ B
+        return np.linalg.solve(H, (B.T @ P if self.form.continuous else B.T @ P @ F) + S.T), H
+
+    def _residual(self, P: np.ndarray, K: np.ndarray, H: np.ndarray, F: np.ndarray, eta: float) -> np.ndarray:
+        """Riccati residual; with K the maximizer the quadratic term is K^T H K."""
+        if self.form.continuous:
+            core = F.T @ P + P @ F
+        else:
+            core = F.T @ P @ F - P
+        residual = core + K.T @ H @ K + eta * np.eye(self.form.n)
+        return 0.5 * (residual + residual.T)
+
+    def _newton(self, P: np.ndarray, data: tuple[np.ndarray, ...], eta: float) -> np.ndarray | None:
+        """Newton-Kleinman from P: (F + B K)^T dP + dP (F + B K) = -Res(P) (ct) or the Stein twin."""
+        F, B, S, R = data
+        for _ in range(_NEWTON_STEPS):
+            K, H = self._gain(P, F, B, S, R)
+            closed = F + B @ K
+            residual = self._residual(P, K, H, F, eta)
+            if np.linalg.norm(residual) <= 0.25 * eta:
+                return P
+            with np.errstate(all="ignore"):
+                step = _Lyapunov(closed, not self.form.continuous).solve(residual, transposed=True)
+            if not np.all(np.isfinite(step)):
+                return None
+            P = P + step
+        return None
+
+    def solve(self, lam: np.ndarray, r: float, eta: float) -> _Solution | None:
+        """The stabilizing solution at (Lambda, r) if it satisfies the LMI strictly with cond(P) <= KAPPA_MAX.
+
+        Newton-Kleinman from the last solution; scipy's Schur method when there is none yet.
+        (Newton from a nearby solution converges where the rate is feasible; where it fails
+        the rate is taken as infeasible, which can only cost rate, never soundness.)
+        """
+        form, n = self.form, self.form.n
+        lam = np.asarray(lam, dtype=np.float64).reshape(form.stages, n)
+        data = self._data(lam, r)
+        if data is None:
+            return None
+        F, B, S, R = data
+        self.solves += 1
+        try:
+            np.linalg.cholesky(R)
+            P = None if self.warm is None else self._newton(self.warm, data, eta)
+            if P is None:
+                if self.warm is not None:
+                    return None
+                with np.errstate(all="ignore"):
+                    if form.continuous:
+                        X = scipy.linalg.solve_continuous_are(F, B, -eta * np.eye(n), R, s=-S)
+                    else:
+                        X = scipy.linalg.solve_discrete_are(F, B, -eta * np.eye(n), R, s=-S)
+                P = -0.5 * (X + X.T)
+            if not np.all(np.isfinite(P)):
+                return None
+            K, H = self._gain(P, F, B, S, R)
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        eigs = np.linalg.eigvalsh(P)
+        if not (eigs[0] > 0 and eigs[-1] <= KAPPA_MAX * eigs[0]):
+            return None
+        closed = F + B @ K
+        poles = np.linalg.eigvals(closed)
+        if (poles.real.max() >= 0) if form.continuous else (np.abs(poles).max() >= 1):
+            return None
+        # The LMI itself decides: Schur complement of the p-block at this rate.
+        parts = form.schur(P, lam)
+        if parts is None:
+            return None
+        shift = 2.0 * r if form.continuous else -r
+        if np.linalg.eigvalsh(parts[0] + shift * P)[-1] >= 0:
+            return None
+        self.warm = P
+        return _Solution(P, K, closed, B, H)
+
+
+def _gramian_objective(solver: RiccatiSolver, theta: np.ndarray, r: float) -> tuple[float, np.ndarray]:
+    """f(theta) = log tr Y for Lambda = exp(theta), Y the Gramian of the Riccati closed loop, and its gradient.
+
+    Where the rate stops being feasible for Lambda the closed loop loses stability and Y
+    blows up: f is a barrier, and decreasing it at the rate reached moves Lambda to where
+    a better rate is feasible. f is invariant under Lambda -> c Lambda. Gradient by the
+    adjoint method. ct, Acl = Ac + B K, K = R^{-1}(B^T P + S^T), Acl Y + Y Acl^T + I = 0:
+    with Acl^T Z + Z Acl + I = 0, d tr Y = 2 tr(Y Z B dK); D = Y Z B H^{-1},
+    V = B D^T + D B^T. Discrete, Fcl = F + G K, K = H^{-1}(G^T P F + S^T), H = R - G^T P G,
+    Y = Fcl Y Fcl^T + I: Z = Fcl^T Z Fcl + I, D = Y Fcl^T Z G H^{-1}, V = Fcl D G^T + G D^T Fcl^T.
+    The dP terms go through U (Acl U + U Acl^T + V = 0, or U = Fcl U Fcl^T + V), and
+    d tr Y = c tr(Xi dSigma) + tr(U) d eta with Xi = Psi U Psi^T + [[0, D], [D^T, K D + D^T K^T]],
+    Psi = [I; K], c = 1 (ct) or 1/r; dSigma / dLambda_{s,i} is read off the form's G_s.
+    """
+    form = solver.form
+    n, m, L = form.n, form.stages, form.slope
+    lam = np.exp(theta).reshape(m, n)
+    solution = solver.solve(lam, r, _ETA_RELATIVE * float(lam.mean()))
+    if solution is None:
+        return _BIG, np.zeros_like(theta)
+    _, K, closed, B, H = solution
+    identity = np.eye(n)
+    try:
+        with np.errstate(all="ignore"):
+            lyapunov = _Lyapunov(closed, not form.continuous)
+            Y = lyapunov.solve(identity, transposed=False)
+            Z = lyapunov.solve(identity, transposed=True)
+            if form.continuous:
+                D = np.linalg.solve(H.T, (Y @ Z @ B).T).T
+                V = B @ D.T
+            else:
+                D = np.linalg.solve(H.T, (Y @ closed.T @ Z @ B).T).T
+                V = closed @ D @ B.T
+            U = lyapunov.solve(V + V.T, transposed=False)
+    except (np.linalg.LinAlgError, ValueError):
+        return _BIG, np.zeros_like(theta)
+    trace = float(np.trace(Y))
+    if not (np.isfinite(trace) and trace > 0 and np.all(np.isfinite(U))):
+        return _BIG, np.zeros_like(theta)
+    Psi = np.vstack([identity, K])
+    Xi = Psi @ U @ Psi.T
+    Xi[:n, n:] += D
+    Xi[n:, :n] += D.T
+    KD = K @ D
+    Xi[n:, n:] += KD + KD.T
+    Xi = 0.5 * (Xi + Xi.T)
+    c = 1.0 if form.continuous else 1.0 / r
+    grad = np.empty((m, n))
+    for s, G in enumerate(form.q_maps):
+        rows = slice(n * (s + 1), n * (s + 2))
+        grad[s] = 2.0 * c * (L * np.einsum("ij,ij->i", G, Xi[rows, :]) - np.diag(Xi[rows, rows]))
+    grad += np.trace(U) * _ETA_RELATIVE / (n * m)
+    return float(np.log(trace)), (grad * lam / trace).ravel()
+
+
+def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, deadline: float) -> np.ndarray:
+    """Gradient descent on :func:`_gramian_objective` with Barzilai-Borwein steps and Armijo backtracking.
+
+    A step into the region where the rate is infeasible (value _BIG) is shortened.
+    """
+    f, g = _gramian_objective(solver, theta, r)
+    step = 0.5 / max(float(np.abs(g).max()), 1e-300)
+    for _ in range(_DESCENT_STEPS):
+        if f >= _BIG or not np.any(g) or time.monotonic() >= deadline:
+            break
+        trial = theta - step * g
+        f_trial, g_trial = _gramian_objective(solver, trial, r)
+        if f_trial <= f - 1e-4 * step * float(g @ g):
+            s_k, y_k = trial - theta, g_trial - g
+            curvature = float(s_k @ y_k)
+            theta, f, g = trial, f_trial, g_trial
+            step = min(float(s_k @ s_k) / curvature, 4.0 * step) if curvature > 0 else 2.0 * step
+        else:
+            step *= 0.25
+            if step * float(np.abs(g).max()) < 1e-8:
+                break
+    return theta - theta.mean()
+
+
+def _raise_rate(
+    solver: RiccatiSolver, lam: np.ndarray, g_lo: float, g_hi: float, first_step: float, tolerance: float, deadline: float
+) -> tuple[np.ndarray | None, float]:
+    """Largest feasible goodness in (g_lo, g_hi) for fixed ``lam``: (P, goodness), P None if none.
+
+    Steps up from g_lo (a rate already reached) by ``first_step``, doubling while feasible,
+    then bisects down to ``tolerance``; a Lambda with no better rate costs one solve.
+    """
+    form = solver.form
+    eta = _ETA_RELATIVE * float(lam.mean())
+    best_P: np.ndarray | None = None
+    step = max(first_step, tolerance)
+    trial = min(g_lo + step, 0.5 * (g_lo + g_hi))
+    expanding = True
+    while time.monotonic() < deadline and g_hi - g_lo > tolerance:
+        solution = solver.solve(lam, form.from_goodness(trial), eta)
+        if solution is not None:
+            best_P, g_lo = solution.P, trial
+            if expanding:
+                step *= 2.0
+                trial = min(g_lo + step, 0.5 * (g_lo + g_hi))
+                continue
+        else:
+            expanding = False
+            g_hi = trial
+        trial = 0.5 * (g_lo + g_hi)
+    return best_P, g_lo
+
+
+def _phase_one_floor(solver: RiccatiSolver, lam: np.ndarray, span: float) -> float | None:
+    """A goodness at which the Riccati equation is solvable for ``lam``: the weakest rate, or
+    weaker (non-contracting) ones, doubling the distance; None if none is found."""
+    form = solver.form
+    eta = _ETA_RELATIVE * float(lam.mean())
+    for k in range(_PHASE_ONE_DOUBLINGS):
+        g = form.weakest - (2.0**k - 1.0) * span
+        if form.continuous or form.from_goodness(g) > 0:
+            if solver.solve(lam, form.from_goodness(g), eta) is not None:
+                return g - 0.5 * _BISECTION_RTOL * span
+    return None
+
+
+def riccati_tier(form: IncrementalForm, g_upper: float, deadline: float) -> TierOutcome:
+    """Tier ``riccati``: rate search with Riccati solves, alternating with a multiplier step."""
+    start = time.monotonic()
+    n, m = form.n, form.stages
+    solver = RiccatiSolver(form)
+    span = max(g_upper - form.weakest, 1e-12 * form.scale)
+    tolerance = _BISECTION_RTOL * span
+    best: Candidate | None = None
+    reason = "no rate is feasible for the multipliers reached"
+    lam = np.ones((m, n))
+    floor = _phase_one_floor(solver, lam, span)
+    if floor is None:
+        P, g_feasible = None, form.weakest
+    else:
+        P, g_feasible = _raise_rate(solver, lam, floor, g_upper, 0.25 * (g_upper - floor), tolerance, deadline)
+    gain = 0.25 * span
+    for _ in range(_MAX_ROUNDS):
+        if P is None:
+            break
+        if g_feasible > form.weakest:
+            candidate, why = finalize(form, P, lam)
+            if candidate is not None and (best is None or form.goodness(candidate.r) > form.goodness(best.r)):
+                best = candidate
+            elif best is None:
+                reason = why
+        if time.monotonic() >= deadline or gain <= _ROUND_RTOL * span:
+            break
+        theta = _descend(solver, np.log(lam).ravel(), form.from_goodness(g_feasible), deadline)
+        lam = np.exp(theta).reshape(m, n)
+        P, g_next = _raise_rate(solver, lam, g_feasible, g_upper, gain, tolerance, deadline)
+        gain, g_feasible = g_next - g_feasible, g_next
+    if best is not None:
+        reason = "verified"
+    exhausted = time.monotonic() >= deadline
+    return TierOutcome(RICCATI_TIER, best, time.monotonic() - start, solver.solves, None, reason, exhausted)
