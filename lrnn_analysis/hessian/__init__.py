@@ -6,16 +6,33 @@
     tr = trace(op, method="hutch++")              # .estimate ± .ci_halfwidth
 """
 from .analysis import BACKENDS, HessianReport, analyze
+from .curvature import (
+    OPERATOR_KINDS,
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    JacobianSandwichOperator,
+    curvature_operator,
+)
 from .density import DensityResult, spectral_density
 from .eigen import WHICH, EigenResult, eigenvalues, power_iteration
 from .landscape import LandscapeResult, eigenvector_directions, landscape, random_directions
 from .lanczos import Lanczos
-from .operator import HessianOperator, select_parameters
+from .operator import CurvatureOperator, HessianOperator, ParameterSelection, match_parameters, select_parameters
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import METHODS, TraceResult, trace
 
 __all__ = [
     "BACKENDS",
+    "OPERATOR_KINDS",
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
+    "GGNOperator",
+    "JacobianSandwichOperator",
+    "ParameterSelection",
+    "curvature_operator",
+    "match_parameters",
     "METHODS",
     "WHICH",
     "DensityResult",
