@@ -29,10 +29,11 @@ RECURRENT_FIRST = ("M_A", "M_W")
 class HessianReport:
     """Everything one analysis measured, with uncertainties and provenance.
 
-    ``eigen`` holds the eigenpairs (native: Lanczos, ``which="BE"``, the top_k largest then the
-    top_k smallest; pyhessian: its power iteration, largest |λ| first). ``lambda_max`` is the
-    largest eigenvalue found (for pyhessian: its "top eigenvalue", the largest |λ|, as the
-    paper reports it) and ``lambda_min`` the smallest (None for pyhessian, which cannot give it).
+    ``eigen`` holds the eigenpairs (native Hessian: Lanczos, ``which="BE"``, the top_k largest then
+    the top_k smallest; GGN/Fisher/EF, positive semi-definite: ``which="LA"``, the top_k largest;
+    pyhessian: its power iteration, largest |λ| first). ``lambda_max`` is the largest eigenvalue
+    found (for pyhessian: its "top eigenvalue", the largest |λ|, as the paper reports it) and
+    ``lambda_min`` the smallest (None for pyhessian, which cannot give it, and for the PSD operators).
     ``matvecs`` totals the operator products of all estimators. ``operator`` describes the
     matrix (``operator["operator"]``: hessian, ggn, fisher or ef), the parameters and data;
     ``diagonal``, ``frobenius`` and ``blocks`` are the optional estimates (``estimates``);
@@ -122,7 +123,9 @@ def analyze(
     if backend == "native":
         op = curvature_operator(operator, model, loss_fn, batches, params, dtype, mc_samples=mc_samples, seed=seed,
                                 cache_graph=cache_graph, memory_budget=memory_budget, progress=progress)
-        eigen = eigenvalues(op, k=top_k, which="BE", tol=tol, seed=seed, atol=atol, max_iter=max_iter, progress=progress)
+        positive_semidefinite = operator != "hessian"
+        eigen = eigenvalues(op, k=top_k, which="LA" if positive_semidefinite else "BE", tol=tol, seed=seed, atol=atol,
+                            max_iter=max_iter, progress=progress)
         trace_result = trace_estimate(op, trace_method, trace_tol, trace_matvecs, seed, progress=progress) if trace else None
         density_result = (spectral_density(op, density_probes, density_steps, seed, scale=density_scale, progress=progress)
                           if density else None)
@@ -133,8 +136,11 @@ def analyze(
         if "blocks" in estimates:
             blocks_result = block_curvature(op, tol, seed=seed, first=RECURRENT_FIRST, max_iter=max_iter)
         described = op.describe()
-        lambda_max, lambda_min = float(eigen.values.max()), float(eigen.values.min())
-        notes = [] if eigen.all_converged else [
+        lambda_max = float(eigen.values.max())
+        lambda_min = None if positive_semidefinite else float(eigen.values.min())
+        notes = [f"the {operator} is positive semi-definite by construction: only its largest eigenvalues are computed "
+                 "(its smallest is 0 whenever P exceeds the number of samples times outputs)"] if positive_semidefinite else []
+        notes += [] if eigen.all_converged else [
             f"not every Ritz pair met ‖Cv − θv‖ ≤ {tol}·|θ| + {atol} within {eigen.iterations} Lanczos steps: "
             "see eigen.converged"]
         for key, meaning in (("no_grad_params", "the loss does not use them: zero rows and columns"),
