@@ -54,6 +54,9 @@ def test_xtrace_is_exact_when_the_rank_is_below_the_probe_count():
     assert result.estimate == pytest.approx(np.trace(A), rel=1e-6)
     with pytest.raises(ValueError, match="xtrace needs"):
         trace(aslinearoperator(A), "xtrace", max_matvecs=80)
+    singular = U @ np.diag([5.0, 3.0, 2.0, -1.0, 0.5]) @ U.T
+    with pytest.raises(ValueError, match="rank-deficient"):
+        trace(aslinearoperator(singular), "xtrace", max_matvecs=16, seed=1)
 
 
 @pytest.mark.parametrize("method", ["hutchinson", "xdiag"])

@@ -12,7 +12,7 @@ from scipy.sparse.linalg import LinearOperator
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
-from .trace import CONFIDENCE, leave_one_out_factors
+from .trace import CONFIDENCE, leave_one_out_factors, unit_roundoff
 
 DIAGONAL_METHODS = ("hutchinson", "xdiag")
 
@@ -65,7 +65,7 @@ def diagonal(op: LinearOperator, method: str = "hutchinson", max_matvecs: int = 
         W = np.stack([rademacher(rng, matvec.dim) for _ in range(s)], axis=1)
         Y = np.stack([matvec(w) for w in W.T], axis=1)
         Q, R = np.linalg.qr(Y)
-        S = leave_one_out_factors(R)
+        S = leave_one_out_factors(R, unit_roundoff(op))
         Z = np.stack([matvec(q) for q in Q.T], axis=1)
         full = np.sum(Q * Z, axis=1)
         per_probe = np.empty((s, matvec.dim))

@@ -104,7 +104,7 @@ def trace(
     start_time = time.perf_counter()
     matvec = CountedMatvec(op)
     if method == "xtrace":
-        estimates = _xtrace_estimates(matvec, max_matvecs, np.random.default_rng(seed))
+        estimates = _xtrace_estimates(matvec, max_matvecs, np.random.default_rng(seed), unit_roundoff(op))
         halfwidth = t_halfwidth(estimates, CONFIDENCE)
         return TraceResult(
             estimate=float(np.mean(estimates)), ci_halfwidth=halfwidth, confidence=CONFIDENCE, method=method,
@@ -151,16 +151,18 @@ def trace(
     )
 
 
-def leave_one_out_factors(R: np.ndarray) -> np.ndarray:
+def leave_one_out_factors(R: np.ndarray, roundoff: float) -> np.ndarray:
     """Columns s_i of R⁻ᵀ normalised to unit length: Q_(i)Q_(i)ᵀ = Q (I − s_i s_iᵀ) Qᵀ is the projector
-    onto the span of every sketch column but the i-th (Y = QR of full column rank)."""
-    if not np.all(np.isfinite(R)) or np.min(np.abs(np.diag(R))) <= np.finfo(np.float64).eps * np.abs(R).max() * len(R):
+    onto the span of every sketch column but the i-th (Y = QR of full column rank). A sketch whose
+    R has a diagonal entry ≤ 10·s·``roundoff``·max|R| (numerically rank-deficient at the products'
+    unit round-off) is an error."""
+    if not np.all(np.isfinite(R)) or np.min(np.abs(np.diag(R))) <= 10 * len(R) * roundoff * np.abs(R).max():
         raise ValueError("the sketch is rank-deficient (H has rank below the number of probes): compute it exactly")
     S = np.linalg.inv(R).T
     return S / np.linalg.norm(S, axis=0)
 
 
-def _xtrace_estimates(matvec: CountedMatvec, max_matvecs: int, rng: np.random.Generator) -> np.ndarray:
+def _xtrace_estimates(matvec: CountedMatvec, max_matvecs: int, rng: np.random.Generator, roundoff: float) -> np.ndarray:
     """The s = max_matvecs // 2 exchangeable XTrace estimates (see ``trace``)."""
     s = max_matvecs // 2
     if s < 2 or s >= matvec.dim:
@@ -168,7 +170,7 @@ def _xtrace_estimates(matvec: CountedMatvec, max_matvecs: int, rng: np.random.Ge
     W = np.stack([rademacher(rng, matvec.dim) for _ in range(s)], axis=1)
     Y = np.stack([matvec(w) for w in W.T], axis=1)
     Q, R = np.linalg.qr(Y)
-    S = leave_one_out_factors(R)
+    S = leave_one_out_factors(R, roundoff)
     Z = np.stack([matvec(q) for q in Q.T], axis=1)
     QtZ = Q.T @ Z
     full = float(np.trace(QtZ))
