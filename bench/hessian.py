@@ -5,7 +5,8 @@ Measures in one run (machines here are noisy, so only ratios measured in the sam
      (round-robin, ``--repeats`` rounds, min/median/max): native HessianOperator (double backward
      through the cached gradient graph), PyHessian 0.1 (the same idea, its single-batch mode),
      curvlinops (HessianLinearOperator: forward, backward and double backward per product),
-     hessian-eigenthings (if installed), torch.func forward-over-reverse (jvp of grad); and GGN
+     hessian-eigenthings (if installed; its adapter follows the upstream HVPOperator API and was not
+     run here, the package is not on the registry), torch.func forward-over-reverse (jvp of grad); and GGN
      products, native GGNOperator vs curvlinops GGNLinearOperator. Peers that are not installed
      are skipped and named in the output;
   2. matmat: batched double backward (is_grads_batched) vs a loop of products, alternating, per
