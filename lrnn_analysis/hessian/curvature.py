@@ -66,7 +66,7 @@ def output_hessian(kind: str, f: Tensor) -> Tensor:
 def output_gradient(kind: str, f: Tensor, y: Tensor) -> Tensor:
     """∇_f ℓ_i(f_i, y_i) per sample, shape (n, K): p − e_y (cross-entropy) or (2/K)(f − y) (MSE)."""
     if kind == "cross_entropy":
-        return torch.softmax(f, dim=1) - nn.functional.one_hot(y, f.shape[1]).to(f.dtype)
+        return torch.softmax(f, dim=1) - nn.functional.one_hot(y.long(), f.shape[1]).to(f.dtype)
     return (2.0 / f.shape[1]) * (f - y)
 
 

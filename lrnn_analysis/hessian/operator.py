@@ -1,4 +1,5 @@
-"""The loss Hessian with respect to (a subset of) a model's parameters as a linear operator.
+"""The loss Hessian with respect to (a subset of) a model's parameters as a linear operator, and the
+``CurvatureOperator`` base it shares with the GGN and Fisher operators (``curvature.py``).
 
 For parameters θ ∈ R^P, batches (x_b, y_b) of n_b samples (N = Σ n_b) and a mean-reduced loss
 ℓ_b(θ) = loss_fn(model_θ(x_b), y_b), the operator is
