@@ -407,9 +407,12 @@ def cmd_hessian(args: argparse.Namespace) -> int:
                for x, y in getattr(task, args.split).batches(args.batch_size, None if args.full else args.batches, device)]
     report = analyze(model, loss_function(task.is_classification), batches, params=args.params, top_k=args.top_k,
                      trace=args.trace, density=args.density, backend=args.backend, seed=args.seed, dtype=dtype,
-                     progress=not args.quiet, trace_method=args.trace_method)
+                     progress=not args.quiet, trace_method=args.trace_method, operator=args.operator,
+                     mc_samples=args.mc_samples, estimates=args.estimate, diagonal_method=args.diag_method,
+                     density_scale=args.density_scale)
     info = report.operator
-    print(f"{args.checkpoint}: {_architecture(subject)}, {len(info.get('params', []))} parameter tensors "
+    fisher = f" ({args.mc_samples} label sample(s) per input)" if args.operator == "fisher" else ""
+    print(f"{args.checkpoint}: {_architecture(subject)}, {args.operator}{fisher}, {len(info.get('params', []))} parameter tensors "
           f"({', '.join(info.get('params', []))}), {info.get('n_samples')} samples of {task.name}/{args.split} "
           f"in {info.get('n_batches')} batch(es), {args.backend} backend, {info.get('dtype')}, seed {args.seed}")
     eigen = report.eigen
@@ -423,8 +426,21 @@ def cmd_hessian(args: argparse.Namespace) -> int:
         print(f"trace = {t.estimate:.6g} +- {t.ci_halfwidth:.3g} (95% CI, {t.method}, {t.matvecs} HVPs, stopped on {t.stop_reason})")
     if report.density is not None:
         d = report.density
-        print(f"spectral density: {d.n_probes} probes x {d.steps} Lanczos steps, Gaussian kernel width {d.sigma:.3g}")
-    print(f"{report.matvecs} Hessian-vector products in {report.wall_time:.1f} s")
+        scale = "" if d.scale == "linear" else f" in symlog units (linthresh {d.linthresh:.3g})"
+        print(f"spectral density: {d.n_probes} probes x {d.steps} Lanczos steps, Gaussian kernel width {d.sigma:.3g}{scale}")
+        print("moments tr(C^k)/P: " + ", ".join(f"k={k}: {m:.4g} +- {h:.2g}" for k, (m, h) in
+                                                 enumerate(zip(d.moments, d.moment_ci_halfwidths), start=1)))
+    if report.diagonal is not None:
+        g = report.diagonal
+        print(f"diagonal ({g.method}, {g.matvecs} products): sum {g.estimate.sum():.6g}, max {g.estimate.max():.4g}, "
+              f"median standard error {np.median(g.standard_error):.3g}")
+    if report.frobenius is not None:
+        f = report.frobenius
+        print(f"squared Frobenius norm = {f.estimate:.6g} +- {f.ci_halfwidth:.3g} (95% CI, {f.matvecs} products)")
+    if report.blocks is not None:
+        print(format_table(list(report.blocks.rows), ["param", "numel", "lambda_max", "trace", "trace_ci_halfwidth",
+                                                      "trace_method", "matvecs"]))
+    print(f"{report.matvecs} operator products in {report.wall_time:.1f} s")
     for note in report.notes:
         print(f"note: {note}")
     if args.json:
@@ -658,8 +674,16 @@ def build_parser() -> argparse.ArgumentParser:
     hess.add_argument("--params", default=None, help="parameter names or globs, e.g. M_A,M_W (default: all)")
     hess.add_argument("--top-k", type=_int_in(1, MAX_EIGENPAIRS), default=1, help="eigenvalues at each end of the spectrum")
     hess.add_argument("--trace", action="store_true", help="estimate the trace with a 95%% CI")
-    hess.add_argument("--trace-method", choices=("hutchinson", "hutch++"), default="hutchinson")
+    hess.add_argument("--trace-method", choices=("hutchinson", "hutch++", "xtrace"), default="hutchinson")
     hess.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
+    hess.add_argument("--density-scale", choices=("linear", "symlog"), default="linear",
+                      help="symlog: density of sign(l)*log10(1+|l|/linthresh)")
+    hess.add_argument("--operator", choices=("hessian", "ggn", "fisher", "ef"), default="hessian",
+                      help="Hessian, generalized Gauss-Newton, Monte-Carlo Fisher or empirical Fisher")
+    hess.add_argument("--mc-samples", type=_positive_int, default=1, help="sampled labels per input (--operator fisher)")
+    hess.add_argument("--estimate", type=_name_list, default=[], metavar="diag,frobenius,blocks",
+                      help="also estimate the diagonal, the squared Frobenius norm and/or per-tensor trace and lambda_max")
+    hess.add_argument("--diag-method", choices=("hutchinson", "xdiag"), default="hutchinson")
     hess.add_argument("--backend", choices=("native", "pyhessian"), default="native")
     hess.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     hess.add_argument("--seed", type=_seed, default=0)

@@ -2,7 +2,8 @@
 
 The audit runs, on one model and task:
   * stability: spectra (diagnostics) and the certificates of the scheme the model runs;
-  * Hessian: λ_max, λ_min and tr(H) with a 95% CI on a fixed number of training batches;
+  * Hessian: λ_max, λ_min and tr(H) with a 95% CI, the GGN's λ_max and the per-tensor Hessian
+    blocks (trace, λ_max; recurrent matrices first) on a fixed number of training batches;
   * robustness: clean test accuracy and a short perturbation grid over seeds;
 and writes ``report.md`` (human), ``report.json`` (every number, settings, seeds, versions,
 device, timings), tables (CSV) and figures (PNG, PDF) into a directory that appears whole
@@ -179,7 +180,9 @@ def run_audit(
 
     batches = task.train.batches(settings.hessian_batch_size, settings.hessian_batches, device)
     hessian = analyze(model, loss_function(classification), batches, trace=True, density=settings.density,
-                      seed=settings.seed, progress=progress, trace_matvecs=settings.trace_matvecs)
+                      seed=settings.seed, progress=progress, trace_matvecs=settings.trace_matvecs, estimates=("blocks",))
+    ggn = analyze(model, loss_function(classification), batches, operator="ggn", seed=settings.seed, progress=progress)
+    tables["hessian_blocks"] = [{"model": checkpoint, **row} for row in hessian.blocks.rows]
     timings["hessian"] = time.perf_counter() - started
     if hessian.density is not None:
         tables["hessian_density"] = [{"model": checkpoint, "eigenvalue": float(t), "density": float(d)}
@@ -211,6 +214,7 @@ def run_audit(
         "clean": clean.to_dict(),
         "stability": stability,
         "hessian": hessian.to_dict(),
+        "ggn": ggn.to_dict(),
         "robustness": {"summary": robustness.summary, "settings": robustness.settings},
         "settings": settings.to_dict(),
         "timings": timings,
@@ -297,10 +301,15 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     lines += ["## Key numbers", "", "| quantity | value |", "|---|---|",
               f"| clean test accuracy | {format_value(r['clean']['accuracy'])} (loss {format_value(r['clean']['loss'])}, n = {r['clean']['n']}) |",
               f"| Hessian λ_max | {format_value(hessian['lambda_max'])} |", f"| Hessian λ_min | {format_value(hessian['lambda_min'])} |",
+              f"| GGN λ_max | {format_value(r['ggn']['lambda_max'])} |",
+              f"| curvature samples | {hessian['operator']['n_samples']} training samples ({hessian['operator']['n_batches']} batch(es)) |",
               f"| Hessian trace | {format_value(hessian['trace']['estimate'])} ± {format_value(hessian['trace']['ci_halfwidth'])} (95% CI) |"]
     if "spectrum" in stability:
         s = stability["spectrum"]
         lines += [f"| α(A), μ₂(A) | {format_value(s['abscissa_A'])}, {format_value(s['mu2_A'])} |", f"| ‖A‖₂, ‖W‖₂ | {format_value(s['norm_A'])}, {format_value(s['norm_W'])} |"]
+    blocks = format_table(hessian["blocks"]["rows"], ["param", "numel", "lambda_max", "trace", "trace_ci_halfwidth", "trace_method"])
+    lines += ["", "Hessian per parameter tensor (diagonal blocks; recurrent matrices first):", ""]
+    lines += ["    " + line for line in blocks.splitlines()]
     lines += ["", "## Certificates", ""]
     if stability.get("certificates"):
         lines += ["| certificate | holds | margin | rate | tier | seconds | reason |", "|---|---|---|---|---|---|---|"]

@@ -94,3 +94,21 @@ def test_landscape_curvature_along_eigenvectors_is_the_eigenvalue(case):
     assert plane.params == ("M_A", "M_W") and plane.loss.shape == (3, 3)
     curvature_min = (plane.loss[1, 0] - 2 * plane.loss[1, 1] + plane.loss[1, 2]) / h**2
     assert curvature_min == pytest.approx(pairs.values[1], rel=1e-3)
+
+
+def test_analyze_ggn_with_diag_frobenius_and_blocks(case):
+    from lrnn_analysis.hessian import GGNOperator
+
+    model, x, y = case
+    report = analyze(model, nn.CrossEntropyLoss(), (x, y), params="M_A,M_W,D.*,nothing", operator="ggn",
+                     estimates=("diag", "frobenius", "blocks"), dtype="float64", progress=False, estimate_matvecs=40)
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (x, y), params="M_A,M_W,D.*", dtype="float64").to_dense().numpy()
+    assert report.operator["operator"] == "ggn" and report.operator["unmatched_patterns"] == ["nothing"]
+    assert any("nothing" in note for note in report.notes)
+    assert report.lambda_max == pytest.approx(np.linalg.eigvalsh(G)[-1], rel=1e-5)
+    assert report.diagonal.estimate.shape == (G.shape[0],) and report.frobenius.matvecs <= 40
+    assert [row["param"] for row in report.blocks.rows] == ["M_A", "M_W", "D.weight", "D.bias"]
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["blocks"]["rows"][0]["param"] == "M_A" and "estimate" in data["frobenius"]
+    with pytest.raises(ValueError, match="pyhessian"):
+        analyze(model, nn.CrossEntropyLoss(), (x, y), backend="pyhessian", operator="ggn", progress=False)

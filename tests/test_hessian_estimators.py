@@ -131,10 +131,17 @@ def test_hutchplusplus_beats_hutchinson_and_tolerance_stops(ce):
     json.dumps(stopped.to_dict(), allow_nan=False)
 
 
-def test_trace_on_a_full_rank_sketch_is_exact():
+def test_trace_on_a_full_rank_sketch_is_exact_up_to_its_roundoff_bound(ce):
     A = np.diag(np.arange(1.0, 7.0))
     result = trace(aslinearoperator(A), "hutch++", max_matvecs=18, sketch_size=6)
-    assert result.estimate == pytest.approx(21.0) and result.ci_halfwidth == pytest.approx(0.0, abs=1e-9)
+    assert result.estimate == pytest.approx(21.0) and 0 < result.ci_halfwidth < 1e-12
+    assert result.stop_reason == "exact" and result.converged and result.matvecs == 12
+    op64, H = ce
+    op32 = HessianOperator(op64.model, op64.loss_fn, op64.batches[0])
+    full = trace(op32, "hutch++", max_matvecs=2 * op32.dim, sketch_size=op32.dim)
+    assert full.ci_halfwidth == full.roundoff_bound > 0
+    assert abs(full.estimate - np.trace(H)) <= full.ci_halfwidth
+    assert full.roundoff_bound < 1e-2 * abs(np.trace(H))
 
 
 def test_gauss_quadrature_is_exact_for_low_degree_moments(ce):

@@ -111,8 +111,20 @@ def test_parameter_subsets_by_name_and_glob_give_the_diagonal_block():
         op = HessianOperator(model, loss_fn, (x, y), params=spec, dtype="float64")
         assert op.names == ("M_A", "M_W") and op.dim == 50
         torch.testing.assert_close(op.to_dense(), full[index][:, index], rtol=1e-6, atol=1e-8)
-    with pytest.raises(ValueError, match="matches none"):
-        HessianOperator(model, loss_fn, (x, y), params="nope")
+    with pytest.raises(ValueError, match="match none"):
+        HessianOperator(model, loss_fn, (x, y), params="nope,nada")
+
+
+@pytest.mark.parametrize("arch", ["antisymmetric", "cayley", "residual", "vanilla", "node"])
+def test_params_patterns_match_leniently_and_report_what_matched(arch):
+    model, x, y = small_case(arch, DISCRETIZATIONS[arch][0])
+    op = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), params="M_A,M_W", dtype="float64")
+    assert op.names == ("M_W",)
+    described = op.describe()
+    assert described["params"] == ["M_W"] and described["unmatched_patterns"] == ["M_A"]
+    assert described["param_patterns"] == ["M_A", "M_W"]
+    full = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)], patterns=["M_W"])
+    torch.testing.assert_close(op.to_dense(), full, rtol=1e-6, atol=1e-8)
 
 
 def test_parameters_without_gradient_give_zero_blocks():
@@ -130,6 +142,29 @@ def test_parameters_without_gradient_give_zero_blocks():
     frozen = HessianOperator(model, loss_fn, (x, y), params="U.bias", dtype="float64")
     assert frozen.dim == 5 and torch.linalg.norm(frozen.to_dense()) > 0
     assert eigenvalues(op, which="LA").values[0] > 0
+
+
+def test_only_unused_parameters_selected_give_a_zero_operator_not_an_autograd_error():
+    model, x, y = small_case()
+    model.register_parameter("unused", nn.Parameter(torch.randn(3)))
+    for cache_graph in (True, False):
+        op = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), params="unused", dtype="float64", cache_graph=cache_graph)
+        assert op.no_grad_params == ("unused",) and op.zero_curvature_params == ()
+        assert torch.equal(op.to_dense(), torch.zeros(3, 3, dtype=torch.float64))
+
+
+def test_a_parameter_the_loss_is_affine_in_has_zero_curvature_and_is_not_called_unused():
+    model, x, y = small_case()
+    op = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), params="D.bias", dtype="float64")
+    assert op.no_grad_params == () and torch.linalg.norm(op.to_dense()) > 0
+    affine = HessianOperator(model, lambda out, target: out.sum(), (x, y), params="D.bias,U.bias", dtype="float64")
+    assert affine.zero_curvature_params == ("D.bias",) and affine.no_grad_params == ()
+    dense = affine.to_dense()
+    block = affine.block_slices()["D.bias"]
+    assert torch.all(dense[block] == 0) and torch.all(dense[:, block] == 0)
+    torch.testing.assert_close(dense, dense_hessian(model, lambda out, target: out.sum(), [(x, y)], patterns=affine.names),
+                               rtol=1e-6, atol=1e-8)
+    assert affine.describe()["zero_curvature_params"] == ["D.bias"]
 
 
 def test_tiny_loss_scale_is_exact():

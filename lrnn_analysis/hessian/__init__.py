@@ -4,18 +4,49 @@
     op = HessianOperator(model, loss_fn, (x, y), params="M_A,M_W")
     top = eigenvalues(op, k=1, which="LA")       # .values, .residuals, .converged, .matvecs
     tr = trace(op, method="hutch++")              # .estimate ± .ci_halfwidth
+    G = GGNOperator(model, loss_fn, (x, y))       # also FisherOperator, EmpiricalFisherOperator
 """
 from .analysis import BACKENDS, HessianReport, analyze
+from .curvature import (
+    OPERATOR_KINDS,
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    JacobianSandwichOperator,
+    curvature_operator,
+)
 from .density import DensityResult, spectral_density
-from .eigen import WHICH, EigenResult, eigenvalues, power_iteration
+from .blocks import BLOCK_FIELDS, BlockTable, BlockView, block_curvature
+from .diagonal import DIAGONAL_METHODS, DiagonalResult, FrobeniusResult, diagonal, frobenius_norm_squared
+from .eigen import WHICH, EigenResult, LambdaMaxTrack, eigenvalues, power_iteration, track_lambda_max
 from .landscape import LandscapeResult, eigenvector_directions, landscape, random_directions
 from .lanczos import Lanczos
-from .operator import HessianOperator, select_parameters
+from .operator import CurvatureOperator, HessianOperator, ParameterSelection, match_parameters, select_parameters
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import METHODS, TraceResult, trace
 
 __all__ = [
     "BACKENDS",
+    "OPERATOR_KINDS",
+    "BLOCK_FIELDS",
+    "DIAGONAL_METHODS",
+    "BlockTable",
+    "BlockView",
+    "CurvatureOperator",
+    "DiagonalResult",
+    "FrobeniusResult",
+    "LambdaMaxTrack",
+    "block_curvature",
+    "diagonal",
+    "frobenius_norm_squared",
+    "track_lambda_max",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
+    "GGNOperator",
+    "JacobianSandwichOperator",
+    "ParameterSelection",
+    "curvature_operator",
+    "match_parameters",
     "METHODS",
     "WHICH",
     "DensityResult",

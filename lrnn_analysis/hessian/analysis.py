@@ -4,32 +4,40 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..runtime import environment
 from ._results import dataclass_dict
+from .blocks import BlockTable, block_curvature
+from .curvature import OPERATOR_KINDS, curvature_operator
 from .density import DensityResult, spectral_density
+from .diagonal import DiagonalResult, FrobeniusResult, diagonal as diagonal_estimate, frobenius_norm_squared
 from .eigen import EigenResult, eigenvalues
-from .operator import DEFAULT_MEMORY_BUDGET, Batch, HessianOperator, LossFunction, ParamSpec, as_batches, select_parameters
+from .operator import DEFAULT_MEMORY_BUDGET, Batch, LossFunction, ParamSpec, as_batches, match_parameters
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import TraceResult, trace as trace_estimate
 
 BACKENDS = ("native", "pyhessian")
+ESTIMATES = ("diag", "frobenius", "blocks")
+RECURRENT_FIRST = ("M_A", "M_W")
 
 
 @dataclass(frozen=True)
 class HessianReport:
     """Everything one analysis measured, with uncertainties and provenance.
 
-    ``eigen`` holds the eigenpairs (native: Lanczos, ``which="BE"``, the top_k largest then the
-    top_k smallest; pyhessian: its power iteration, largest |λ| first). ``lambda_max`` is the
-    largest eigenvalue found (for pyhessian: its "top eigenvalue", the largest |λ|, as the
-    paper reports it) and ``lambda_min`` the smallest (None for pyhessian, which cannot give it).
-    ``matvecs`` totals the Hessian-vector products of all estimators. ``operator`` describes
-    the parameters and data; ``notes`` says what a reader must know to interpret the numbers.
+    ``eigen`` holds the eigenpairs (native Hessian: Lanczos, ``which="BE"``, the top_k largest then
+    the top_k smallest; GGN/Fisher/EF, positive semi-definite: ``which="LA"``, the top_k largest;
+    pyhessian: its power iteration, largest |λ| first). ``lambda_max`` is the largest eigenvalue
+    found (for pyhessian: its "top eigenvalue", the largest |λ|, as the paper reports it) and
+    ``lambda_min`` the smallest (None for pyhessian, which cannot give it, and for the PSD operators).
+    ``matvecs`` totals the operator products of all estimators. ``operator`` describes the
+    matrix (``operator["operator"]``: hessian, ggn, fisher or ef), the parameters and data;
+    ``diagonal``, ``frobenius`` and ``blocks`` are the optional estimates (``estimates``);
+    ``notes`` says what a reader must know to interpret the numbers.
     """
 
     backend: str
@@ -39,6 +47,9 @@ class HessianReport:
     eigen: EigenResult
     trace: TraceResult | None
     density: DensityResult | None
+    diagonal: DiagonalResult | None
+    frobenius: FrobeniusResult | None
+    blocks: BlockTable | None
     seed: int
     matvecs: int
     wall_time: float
@@ -72,39 +83,74 @@ def analyze(
     density_steps: int = 80,
     cache_graph: bool | None = None,
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    operator: str = "hessian",
+    mc_samples: int = 1,
+    estimates: Sequence[str] = (),
+    diagonal_method: str = "hutchinson",
+    estimate_matvecs: int = 100,
+    density_scale: str = "linear",
 ) -> HessianReport:
     """λ_max and λ_min (and the top_k at each end), optionally tr(H) with a CI and the SLQ density.
 
-    ``backend="native"``: one ``HessianOperator`` shared by ``eigenvalues(which="BE", tol, atol)``,
+    ``backend="native"``: one operator (``operator``) shared by ``eigenvalues(which="BE", tol, atol)``,
     ``trace(trace_method, trace_tol, trace_matvecs)`` and ``spectral_density(density_probes,
     density_steps)``. ``backend="pyhessian"``: PyHessian's power iteration (``tol``,
     ``max_iter`` default 100) and trace (``trace_tol``, ``trace_matvecs`` samples); it has no
     λ_min and no working density, so ``density=True`` is an error there. Every random draw
     comes from ``seed``. ``model`` may be a :class:`~lrnn_analysis.subject.ModelUnderAnalysis`
     (``params=model.recurrent_names()`` for its recurrent block).
+
+    ``operator``: the matrix analysed, ``"hessian"``, ``"ggn"``, ``"fisher"`` (Monte-Carlo,
+    ``mc_samples`` labels per sample from ``seed``) or ``"ef"`` (empirical Fisher); native only.
+    ``estimates``: any of ``"diag"`` (``diagonal_method``, ``estimate_matvecs`` products),
+    ``"frobenius"`` (‖C‖_F², up to ``estimate_matvecs`` products) and ``"blocks"`` (per-tensor
+    trace and λ_max, recurrent matrices first). ``density_scale``: ``"linear"`` or ``"symlog"``.
     """
     from ..subject import as_module
 
     model = as_module(model)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if operator not in OPERATOR_KINDS:
+        raise ValueError(f"operator must be one of {OPERATOR_KINDS}, got {operator!r}")
+    unknown = [e for e in estimates if e not in ESTIMATES]
+    if unknown:
+        raise ValueError(f"estimates must be among {ESTIMATES}, got {unknown}")
+    if backend == "pyhessian" and (operator != "hessian" or estimates):
+        raise ValueError("backend='pyhessian' gives only the Hessian's eigenvalues and trace; use backend='native'")
     if backend == "pyhessian" and density:
         raise ValueError("PyHessian's density() fails on current torch (torch.eig was removed); use backend='native'")
     start_time = time.perf_counter()
     batches = as_batches(data)
     device = next(model.parameters()).device
+    diagonal_result = frobenius_result = blocks_result = None
     if backend == "native":
-        op = HessianOperator(model, loss_fn, batches, params, dtype, cache_graph=cache_graph,
-                             memory_budget=memory_budget, progress=progress)
-        eigen = eigenvalues(op, k=top_k, which="BE", tol=tol, seed=seed, atol=atol, max_iter=max_iter, progress=progress)
+        op = curvature_operator(operator, model, loss_fn, batches, params, dtype, mc_samples=mc_samples, seed=seed,
+                                cache_graph=cache_graph, memory_budget=memory_budget, progress=progress)
+        positive_semidefinite = operator != "hessian"
+        eigen = eigenvalues(op, k=top_k, which="LA" if positive_semidefinite else "BE", tol=tol, seed=seed, atol=atol,
+                            max_iter=max_iter, progress=progress)
         trace_result = trace_estimate(op, trace_method, trace_tol, trace_matvecs, seed, progress=progress) if trace else None
-        density_result = (spectral_density(op, density_probes, density_steps, seed, progress=progress)
+        density_result = (spectral_density(op, density_probes, density_steps, seed, scale=density_scale, progress=progress)
                           if density else None)
+        if "diag" in estimates:
+            diagonal_result = diagonal_estimate(op, diagonal_method, estimate_matvecs, seed)
+        if "frobenius" in estimates:
+            frobenius_result = frobenius_norm_squared(op, trace_tol, estimate_matvecs, seed)
+        if "blocks" in estimates:
+            blocks_result = block_curvature(op, tol, seed=seed, first=RECURRENT_FIRST, max_iter=max_iter)
         described = op.describe()
-        lambda_max, lambda_min = float(eigen.values.max()), float(eigen.values.min())
-        notes = [] if eigen.all_converged else [
-            f"not every Ritz pair met ‖Hv − θv‖ ≤ {tol}·|θ| + {atol} within {eigen.iterations} Lanczos steps: "
+        lambda_max = float(eigen.values.max())
+        lambda_min = None if positive_semidefinite else float(eigen.values.min())
+        notes = [f"the {operator} is positive semi-definite by construction: only its largest eigenvalues are computed "
+                 "(its smallest is 0 whenever P exceeds the number of samples times outputs)"] if positive_semidefinite else []
+        notes += [] if eigen.all_converged else [
+            f"not every Ritz pair met ‖Cv − θv‖ ≤ {tol}·|θ| + {atol} within {eigen.iterations} Lanczos steps: "
             "see eigen.converged"]
+        for key, meaning in (("no_grad_params", "the loss does not use them: zero rows and columns"),
+                             ("zero_curvature_params", "the loss is affine in them: zero rows and columns")):
+            if described.get(key):
+                notes.append(f"{', '.join(described[key])}: {meaning}")
         env = environment(device)
     else:
         common = dict(params=params, seed=seed, dtype=dtype)
@@ -112,8 +158,9 @@ def analyze(
                                       max_iter=100 if max_iter is None else max_iter, **common)
         trace_result = pyhessian_trace(model, loss_fn, batches, tol=trace_tol, max_iter=trace_matvecs, **common) if trace else None
         density_result = None
-        names = select_parameters(model, params)
-        described = {"params": names, "dtype": str(torch.float32 if dtype is None else dtype).removeprefix("torch."),
+        selection = match_parameters(model, params)
+        described = {"operator": "hessian", "params": list(selection.names),
+                     "unmatched_patterns": list(selection.unmatched_patterns), "dtype": str(torch.float32 if dtype is None else dtype).removeprefix("torch."),
                      "device": str(device), "n_samples": sum(len(x) for x, _ in batches), "n_batches": len(batches),
                      "batch_sizes": [len(x) for x, _ in batches]}
         lambda_max, lambda_min = float(eigen.values[0]), None
@@ -125,11 +172,15 @@ def analyze(
             notes.append("PyHessian's trace loop stops on its own rule (early when the running mean is negative); "
                          "the confidence interval is computed here from its samples")
         env = {**environment(device), "pyhessian": metadata.version("pyhessian")}
-    matvecs = eigen.matvecs + sum(r.matvecs for r in (trace_result, density_result) if r is not None)
+    if described.get("unmatched_patterns"):
+        notes.append(f"parameter pattern(s) matching nothing in this model: {', '.join(described['unmatched_patterns'])}")
+    matvecs = eigen.matvecs + sum(r.matvecs for r in (trace_result, density_result, diagonal_result, frobenius_result,
+                                                      blocks_result) if r is not None)
     if device.type == "cpu":
         notes.append("computed on the CPU")
     return HessianReport(
         backend=backend, operator=described, lambda_max=lambda_max, lambda_min=lambda_min, eigen=eigen,
-        trace=trace_result, density=density_result, seed=seed, matvecs=matvecs,
+        trace=trace_result, density=density_result, diagonal=diagonal_result, frobenius=frobenius_result,
+        blocks=blocks_result, seed=seed, matvecs=matvecs,
         wall_time=time.perf_counter() - start_time, environment=env, notes=tuple(notes),
     )

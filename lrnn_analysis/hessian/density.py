@@ -10,6 +10,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 from tqdm.auto import tqdm
 
+from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 from .lanczos import Lanczos
@@ -23,6 +24,14 @@ class DensityResult:
     degree ≤ 2m − 1 (m Lanczos steps), and E[vᵀ f(H) v] = tr f(H) / P. ``density`` is the mean over
     probes of Σ_j w_j N(t; θ_j, sigma²) on ``grid``, which spans [min θ − 3σ, max θ + 3σ] and is
     rescaled so that its trapezoid integral is 1.
+
+    ``scale="symlog"``: the same with every node mapped to t = sign(θ)·log10(1 + |θ|/``linthresh``)
+    first, so ``grid`` and ``sigma`` are in t (a density of the symmetric-log eigenvalue, which
+    resolves the many tiny eigenvalues next to the few large ones; negative ones keep their sign).
+
+    ``moments[k-1]`` estimates tr(H^k)/P for k = 1..len(moments) (the mean over probes of
+    Σ_j w_j θ_j^k, exact per probe for k ≤ 2m − 1) and ``moment_ci_halfwidths`` is the 95%
+    t-interval over the probes (infinite with one probe).
     """
 
     nodes: tuple[np.ndarray, ...]
@@ -30,6 +39,10 @@ class DensityResult:
     grid: np.ndarray
     density: np.ndarray
     sigma: float
+    scale: str
+    linthresh: float | None
+    moments: np.ndarray
+    moment_ci_halfwidths: np.ndarray
     n_probes: int
     steps: int
     dim: int
@@ -45,6 +58,14 @@ class DensityResult:
         return dataclass_dict(self)
 
 
+SCALES = ("linear", "symlog")
+
+
+def symlog(values: np.ndarray, linthresh: float) -> np.ndarray:
+    """sign(λ)·log10(1 + |λ|/linthresh)."""
+    return np.sign(values) * np.log10(1.0 + np.abs(values) / linthresh)
+
+
 def spectral_density(
     op: LinearOperator,
     n_probes: int = 10,
@@ -53,6 +74,9 @@ def spectral_density(
     *,
     sigma: float | None = None,
     grid_points: int = 1000,
+    scale: str = "linear",
+    linthresh: float | None = None,
+    max_moment: int = 4,
     progress: bool = False,
 ) -> DensityResult:
     """Stochastic Lanczos quadrature with full reorthogonalisation (``steps`` products per probe).
@@ -60,9 +84,14 @@ def spectral_density(
     A probe whose Krylov space is exhausted before ``steps`` stops early (its quadrature is then
     exact). ``sigma`` is the Gaussian kernel width; default 1% of the node range
     (max θ − min θ over all probes), or 1e-3·max(1, |θ|) when every node is equal.
+    ``scale="symlog"`` smooths in t = sign(θ)·log10(1 + |θ|/linthresh) instead (default
+    linthresh: 1e-4·max|θ|, or 1 for a zero spectrum). ``max_moment``: moments tr(H^k)/P for
+    k = 1..max_moment, with their interval over probes.
     """
     if n_probes < 1 or steps < 1:
         raise ValueError(f"n_probes and steps must be >= 1, got {n_probes} and {steps}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     start_time = time.perf_counter()
     matvec = CountedMatvec(op)
     rng = np.random.default_rng(seed)
@@ -76,7 +105,19 @@ def spectral_density(
             theta, S = np.linalg.eigh(process.tridiagonal())
             nodes.append(theta)
             weights.append(S[0, :] ** 2)
+    per_probe = np.array([[np.sum(w * theta**k) for k in range(1, max_moment + 1)] for theta, w in zip(nodes, weights)])
+    moments = per_probe.mean(axis=0)
+    halfwidths = np.array([t_halfwidth(per_probe[:, k], 0.95) for k in range(max_moment)])
     every = np.concatenate(nodes)
+    if scale == "symlog":
+        top = float(np.abs(every).max())
+        linthresh = float(linthresh if linthresh is not None else (1e-4 * top if top > 0 else 1.0))
+        if not linthresh > 0:
+            raise ValueError(f"linthresh must be > 0, got {linthresh}")
+        mapped = [symlog(theta, linthresh) for theta in nodes]
+    else:
+        linthresh, mapped = None, nodes
+    every = np.concatenate(mapped)
     lo, hi = float(every.min()), float(every.max())
     if sigma is None:
         sigma = 0.01 * (hi - lo) if hi > lo else 1e-3 * max(1.0, abs(hi))
@@ -84,12 +125,13 @@ def spectral_density(
         raise ValueError(f"sigma must be > 0, got {sigma}")
     grid = np.linspace(lo - 3 * sigma, hi + 3 * sigma, grid_points)
     density = np.zeros_like(grid)
-    for theta, w in zip(nodes, weights):
+    for theta, w in zip(mapped, weights):
         kernel = np.exp(-0.5 * ((grid[:, None] - theta[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
         density += kernel @ w
     density /= np.trapezoid(density, grid)
     return DensityResult(
-        nodes=tuple(nodes), weights=tuple(weights), grid=grid, density=density, sigma=float(sigma),
+        nodes=tuple(nodes), weights=tuple(weights), grid=grid, density=density, sigma=float(sigma), scale=scale,
+        linthresh=linthresh, moments=moments, moment_ci_halfwidths=halfwidths,
         n_probes=n_probes, steps=steps, dim=matvec.dim, matvecs=matvec.count, seed=seed,
         wall_time=time.perf_counter() - start_time,
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
@@ -78,6 +78,7 @@ def eigenvalues(
     *,
     atol: float = 0.0,
     max_iter: int | None = None,
+    v0: np.ndarray | None = None,
     progress: bool = False,
 ) -> EigenResult:
     """k extreme eigenpairs of the symmetric operator ``op`` by Lanczos with full reorthogonalisation.
@@ -85,7 +86,8 @@ def eigenvalues(
     ``which``: ``"LA"`` the k largest (descending), ``"SA"`` the k smallest (ascending),
     ``"LM"`` the k of largest |λ| (by |λ| descending), ``"BE"`` both ends: the k largest
     (descending) then the k smallest (ascending), so ``values[0]`` is λ_max and ``values[k]``
-    is λ_min. The Krylov space grows from a Gaussian start vector drawn from ``seed`` until
+    is λ_min. The Krylov space grows from ``v0`` (a warm start, e.g. the eigenvector of a nearby
+    operator; length P, finite, non-zero) or else a Gaussian start vector drawn from ``seed``, until
     every wanted Ritz pair has ‖H y − θ y‖ ≤ tol·|θ| + atol (the residual β_m|s_m| of the
     Lanczos relation; never the change between iterates), the space is exhausted, or
     ``max_iter`` steps (default min(P, 300)). The residuals are then computed explicitly,
@@ -101,7 +103,12 @@ def eigenvalues(
     matvec = CountedMatvec(op)
     max_iter = min(matvec.dim, 300 if max_iter is None else max_iter)
     needed = min(matvec.dim, 2 * k if which == "BE" else k)
-    process = Lanczos(matvec, np.random.default_rng(seed).standard_normal(matvec.dim))
+    if v0 is not None:
+        v0 = np.asarray(v0, dtype=np.float64).reshape(-1)
+        if v0.shape != (matvec.dim,):
+            raise ValueError(f"v0 must have length {matvec.dim}, got shape {v0.shape}")
+    start = np.random.default_rng(seed).standard_normal(matvec.dim) if v0 is None else v0
+    process = Lanczos(matvec, start)
     with tqdm(total=max_iter, desc=f"lanczos {which}", disable=not progress, leave=False) as bar:
         while True:
             process.step()
@@ -120,8 +127,61 @@ def eigenvalues(
     return EigenResult(
         values=values, residuals=residuals, converged=residuals <= tol * np.abs(values) + atol,
         vectors=vectors, which=which, k=k, tol=tol, atol=atol, method="lanczos", iterations=iterations,
-        matvecs=matvec.count, seed=seed, wall_time=time.perf_counter() - start_time,
+        matvecs=matvec.count, seed=None if v0 is not None else seed, wall_time=time.perf_counter() - start_time,
     )
+
+
+@dataclass(frozen=True)
+class LambdaMaxTrack:
+    """λ_max along a sequence of operators (checkpoints): one row per checkpoint with the warm-started
+    Lanczos answer (``matvecs``) and, when compared, the cold start's (``cold_matvecs``,
+    ``cold_lambda_max``). ``hvps_saved`` = Σ cold − Σ warm (None when not compared)."""
+
+    rows: tuple[dict[str, Any], ...]
+    tol: float
+    seed: int
+    hvps_warm: int
+    hvps_cold: int | None
+    hvps_saved: int | None
+    wall_time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self)
+
+
+def track_lambda_max(
+    operators: Iterable[LinearOperator],
+    tol: float = 1e-3,
+    seed: int = 0,
+    *,
+    labels: Sequence[str] | None = None,
+    compare_cold: bool = True,
+    max_iter: int | None = None,
+) -> LambdaMaxTrack:
+    """Follow λ_max across checkpoints: Lanczos (``which="LA"``, residual test ``tol``) on each operator,
+    started from the previous checkpoint's top eigenvector (the first from ``seed``). The operators
+    must share the dimension (same parameters); they may be a generator, built one at a time.
+    ``compare_cold`` also runs the cold start from ``seed`` on each, to report the products saved."""
+    start_time = time.perf_counter()
+    rows, previous, dim = [], None, None
+    for index, op in enumerate(operators):
+        if dim is not None and op.shape[0] != dim:
+            raise ValueError(f"checkpoint {index} has dimension {op.shape[0]}, the previous ones {dim}")
+        dim = op.shape[0]
+        warm = eigenvalues(op, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter, v0=previous)
+        previous = warm.vectors[:, 0]
+        row = {"checkpoint": labels[index] if labels is not None else index, "lambda_max": float(warm.values[0]),
+               "relative_residual": float(warm.relative_residuals[0]), "converged": bool(warm.converged[0]),
+               "matvecs": warm.matvecs, "warm_started": index > 0}
+        if compare_cold:
+            cold = eigenvalues(op, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter)
+            row.update(cold_lambda_max=float(cold.values[0]), cold_matvecs=cold.matvecs)
+        rows.append(row)
+    warm_total = sum(r["matvecs"] for r in rows)
+    cold_total = sum(r["cold_matvecs"] for r in rows) if compare_cold else None
+    return LambdaMaxTrack(rows=tuple(rows), tol=tol, seed=seed, hvps_warm=warm_total, hvps_cold=cold_total,
+                          hvps_saved=None if cold_total is None else cold_total - warm_total,
+                          wall_time=time.perf_counter() - start_time)
 
 
 def power_iteration(

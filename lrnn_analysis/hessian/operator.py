@@ -1,4 +1,5 @@
-"""The loss Hessian with respect to (a subset of) a model's parameters as a linear operator.
+"""The loss Hessian with respect to (a subset of) a model's parameters as a linear operator, and the
+``CurvatureOperator`` base it shares with the GGN and Fisher operators (``curvature.py``).
 
 For parameters θ ∈ R^P, batches (x_b, y_b) of n_b samples (N = Σ n_b) and a mean-reduced loss
 ℓ_b(θ) = loss_fn(model_θ(x_b), y_b), the operator is
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -41,27 +45,53 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.
     return dtype
 
 
-def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
-    """Names of the parameters ``params`` selects, in the model's order.
+@dataclass(frozen=True)
+class ParameterSelection:
+    """Which parameters a ``params`` spec selected: ``names`` (model order), the ``patterns`` given
+    (None: every trainable parameter) and the patterns that matched nothing."""
+
+    names: tuple[str, ...]
+    patterns: tuple[str, ...] | None
+    unmatched_patterns: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "patterns": None if self.patterns is None else list(self.patterns),
+                "unmatched_patterns": list(self.unmatched_patterns)}
+
+
+def match_parameters(model: nn.Module, params: ParamSpec = None) -> ParameterSelection:
+    """The parameters ``params`` selects, leniently.
 
     ``params`` is None (every parameter with ``requires_grad``), a list of names or glob
     patterns (``"M_*"``, ``"D.*"``), or one string of them separated by commas
-    (``"M_A,M_W"``). A pattern that matches nothing is an error.
+    (``"M_A,M_W"``). A pattern may match nothing (``M_A`` on a model that has only ``M_W``):
+    it is listed in ``unmatched_patterns``. Only a list that matches nothing at all is an error.
     """
     names = [name for name, _ in model.named_parameters()]
     if params is None:
-        return [name for name, p in model.named_parameters() if p.requires_grad]
-    patterns = [part.strip() for part in params.split(",")] if isinstance(params, str) else list(params)
+        trainable = tuple(name for name, p in model.named_parameters() if p.requires_grad)
+        if not trainable:
+            raise ValueError("the model has no trainable parameters")
+        return ParameterSelection(trainable, None, ())
+    patterns = [part.strip() for part in params.split(",")] if isinstance(params, str) else [str(p).strip() for p in params]
     patterns = [p for p in patterns if p]
     if not patterns:
         raise ValueError("no parameters selected: empty parameter list")
-    chosen = set()
+    chosen: set[str] = set()
+    unmatched = []
     for pattern in patterns:
         matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
-            raise ValueError(f"parameter pattern {pattern!r} matches none of {names}")
+            unmatched.append(pattern)
         chosen.update(matched)
-    return [name for name in names if name in chosen]
+    if not chosen:
+        raise ValueError(f"parameter patterns {patterns} match none of {names}")
+    return ParameterSelection(tuple(name for name in names if name in chosen), tuple(patterns), tuple(unmatched))
+
+
+def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
+    """Names of the parameters ``params`` selects, in the model's order (see ``match_parameters``)."""
+    return list(match_parameters(model, params).names)
 
 
 def as_batches(data: Batch | Iterable[Batch]) -> list[Batch]:
@@ -111,30 +141,25 @@ class _SavedBytes:
         return tensor
 
 
-class HessianOperator(LinearOperator):
-    """Symmetric P×P operator v ↦ H v of the loss Hessian (scipy ``LinearOperator``).
+class CurvatureOperator(LinearOperator):
+    """A symmetric P×P curvature matrix of the loss as a scipy ``LinearOperator`` (the shared part).
 
     ``data`` is one ``(x, y)`` batch or an iterable of batches (materialised once, so the
-    operator is the same matrix for every product); the Hessian of several batches is their
-    sample-weighted mean. ``params`` selects a block (names or globs, see
-    ``select_parameters``); parameters outside it are held fixed.
-
-    The operator works on its own detached copy of the parameters in ``dtype`` (default: the
-    model's), runs the model in eval mode and restores its mode, and never touches ``.grad``
-    or the caller's tensors. Selected parameters that the loss does not depend on (unused in
-    the forward pass) have zero rows and columns; their names are in ``no_grad_params``.
-
-    Graph reuse: the gradient graph of every batch (``create_graph=True``) is built once and
-    each product is one extra backward pass through it (``retain_graph=True``), when the
-    graph fits ``memory_budget`` bytes (measured on the first batch from the tensors autograd
-    saves, extrapolated by sample count). Otherwise each product recomputes forward, backward
-    and double backward batch by batch. ``cache_graph`` True/False overrides the choice.
+    operator is the same matrix for every product); the matrix of several batches is their
+    sample-weighted mean, weights n_b / N. ``params`` selects a block (names or globs, see
+    ``match_parameters``; ``selection`` records what matched); parameters outside it are held
+    fixed. The operator works on its own detached copy of the parameters in ``dtype``
+    (default: the model's), runs the model in eval mode and restores its mode, and never
+    touches ``.grad`` or the caller's tensors.
 
     ``matvec``/``matmat`` take and return numpy arrays (scipy convention, in the operator's
-    numpy ``dtype``); ``hvp`` takes and returns flat torch tensors on the model's device.
+    numpy ``dtype``); ``apply`` takes and returns flat torch tensors on the model's device.
+    Subclasses implement ``_apply(chunks)`` (one tensor per selected parameter).
     ``model`` may be a :class:`~lrnn_analysis.subject.ModelUnderAnalysis` (its module is used;
     ``params=model.recurrent_names()`` selects its recurrent block).
     """
+
+    kind = "curvature"
 
     def __init__(
         self,
@@ -144,8 +169,6 @@ class HessianOperator(LinearOperator):
         params: ParamSpec = None,
         dtype: torch.dtype | str | None = None,
         *,
-        cache_graph: bool | None = None,
-        memory_budget: float = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
     ) -> None:
         from ..subject import as_module
@@ -153,9 +176,10 @@ class HessianOperator(LinearOperator):
         model = as_module(model)
         self.model = model
         self.loss_fn = loss_fn
-        self.names = tuple(select_parameters(model, params))
+        self.selection = match_parameters(model, params)
+        self.names = self.selection.names
         named = dict(model.named_parameters())
-        reference = named[self.names[0]] if self.names else next(model.parameters())
+        reference = named[self.names[0]]
         self.torch_dtype = resolve_dtype(dtype, reference.dtype if reference.is_floating_point() else torch.float32)
         self.device = reference.device
         self.shapes = tuple(named[name].shape for name in self.names)
@@ -164,7 +188,6 @@ class HessianOperator(LinearOperator):
         if dim == 0:
             raise ValueError("the selected parameters have no entries")
         super().__init__(dtype=np.dtype(str(self.torch_dtype).removeprefix("torch.")), shape=(dim, dim))
-
         self._leaves = [named[name].detach().to(self.torch_dtype).clone().requires_grad_(True) for name in self.names]
         self._constants = {name: self._cast(tensor.detach()) for name, tensor in
                            [*model.named_parameters(), *model.named_buffers()] if name not in self.names}
@@ -172,12 +195,7 @@ class HessianOperator(LinearOperator):
         self.n_samples = sum(len(x) for x, _ in self.batches)
         self.weights = tuple(len(x) / self.n_samples for x, _ in self.batches)
         self.matvecs = 0
-        self.graph_bytes: int | None = None
         self._progress = progress
-        self._active: set[int] = set()
-        self._grads = self._build_graph(cache_graph, memory_budget)
-        self.graph_cached = self._grads is not None
-        self.no_grad_params = tuple(name for i, name in enumerate(self.names) if i not in self._active)
 
     @property
     def dim(self) -> int:
@@ -190,16 +208,147 @@ class HessianOperator(LinearOperator):
     def _cast(self, tensor: Tensor) -> Tensor:
         return tensor.to(self.torch_dtype) if tensor.is_floating_point() else tensor
 
-    def _batch_gradient(self, batch: Batch) -> list[Tensor | None]:
-        """∇ℓ_b at the frozen parameters, with its graph (create_graph=True); None where unused."""
-        x, y = (self._cast(t.to(self.device)) for t in batch)
+    def _inputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        return self._cast(x.to(self.device)), self._cast(y.to(self.device))
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """The model's output at the frozen parameters (graph to the leaves), in eval mode."""
         state = {**self._constants, **dict(zip(self.names, self._leaves))}
         with eval_mode(self.model):
-            loss = self.loss_fn(functional_call(self.model, state, (x,)), y)
+            return functional_call(self.model, state, (x,))
+
+    def _apply(self, chunks: list[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def apply(self, v: Tensor) -> Tensor:
+        """The product with a flat vector ``v`` of length P (returned flat, on the model's device, in the operator's dtype)."""
+        result = self._apply(self.unflatten_list(v.to(device=self.device, dtype=self.torch_dtype)))
+        self.matvecs += 1
+        return torch.cat([h.reshape(-1) for h in result]).detach()
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.torch_dtype)
+        return self.apply(v).cpu().numpy().astype(self.dtype, copy=False)
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)
+
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        return np.stack([self._matvec(column) for column in np.asarray(X).T], axis=1)
+
+    def _adjoint(self) -> "CurvatureOperator":
+        return self
+
+    def to_dense(self) -> Tensor:
+        """The P×P matrix, column by column (P products); for small models only."""
+        if self.dim > MAX_DENSE_DIM:
+            raise ValueError(f"refusing to build a dense {self.dim}x{self.dim} matrix (limit {MAX_DENSE_DIM})")
+        eye = torch.eye(self.dim, dtype=self.torch_dtype, device=self.device)
+        return torch.stack([self.apply(column) for column in eye], dim=1)
+
+    def unflatten_list(self, v: Tensor) -> list[Tensor]:
+        """Flat vector → one tensor per selected parameter, in parameter shapes."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
+        return [chunk.reshape(shape) for chunk, shape in zip(torch.split(v, self.numels), self.shapes)]
+
+    def unflatten(self, v: Tensor | np.ndarray) -> dict[str, Tensor]:
+        """Flat vector → ``{name: tensor}`` in parameter shapes (e.g. an eigenvector as a direction)."""
+        v = torch.as_tensor(np.asarray(v) if not isinstance(v, Tensor) else v, dtype=self.torch_dtype, device=self.device)
+        return dict(zip(self.names, self.unflatten_list(v)))
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """``{name: tensor}`` over the selected parameters → one flat vector."""
+        return torch.cat([tensors[name].to(device=self.device, dtype=self.torch_dtype).reshape(-1) for name in self.names])
+
+    def block_slices(self) -> dict[str, slice]:
+        """Where each selected parameter tensor sits in the flat vector."""
+        offsets = np.cumsum((0, *self.numels))
+        return {name: slice(int(a), int(b)) for name, a, b in zip(self.names, offsets[:-1], offsets[1:])}
+
+    def describe(self) -> dict[str, Any]:
+        """What the operator is, for the record."""
+        return {
+            "operator": self.kind,
+            "params": list(self.names),
+            "param_patterns": None if self.selection.patterns is None else list(self.selection.patterns),
+            "unmatched_patterns": list(self.selection.unmatched_patterns),
+            "dim": self.dim,
+            "dtype": str(self.torch_dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "n_samples": self.n_samples,
+            "n_batches": self.n_batches,
+            "batch_sizes": [len(x) for x, _ in self.batches],
+        }
+
+
+MATMAT_MODES = ("auto", "loop", "batched")
+
+
+class HessianOperator(CurvatureOperator):
+    """The loss Hessian H = Σ_b (n_b/N) ∇²ℓ_b(θ) (see ``CurvatureOperator`` for data, params, dtype).
+
+    Selected parameters that the loss does not use (unused in the forward pass, or every
+    selected parameter unused) have zero rows and columns and are named in ``no_grad_params``;
+    parameters in which the loss is affine (their gradient is a constant, e.g. an output
+    bias when it is the only parameter selected) also have zero rows and columns and are
+    named in ``zero_curvature_params`` — they do have a gradient.
+
+    Graph reuse: the gradient graph of every batch (``create_graph=True``) is built once and
+    each product is one extra backward pass through it (``retain_graph=True``), when the
+    graph fits ``memory_budget`` bytes (measured on the first batch from the tensors autograd
+    saves, extrapolated by sample count). Otherwise each product recomputes forward, backward
+    and double backward batch by batch. ``cache_graph`` True/False overrides the choice.
+
+    ``matmat`` with the cached graph: ``"loop"`` (one backward per column), ``"batched"``
+    (one backward for all columns, ``is_grads_batched=True``, i.e. vmap over the double
+    backward) or ``"auto"``: the first ``matmat`` of ≥ 2 columns times both on its own
+    columns (half each, per column) and later calls use the faster; the timing is in
+    ``matmat_calibration``. ``hvp`` is ``apply``.
+    """
+
+    kind = "hessian"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFunction,
+        data: Batch | Iterable[Batch],
+        params: ParamSpec = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        cache_graph: bool | None = None,
+        memory_budget: float = DEFAULT_MEMORY_BUDGET,
+        matmat: str = "auto",
+        progress: bool = False,
+    ) -> None:
+        super().__init__(model, loss_fn, data, params, dtype, progress=progress)
+        if matmat not in MATMAT_MODES:
+            raise ValueError(f"matmat must be one of {MATMAT_MODES}, got {matmat!r}")
+        self.matmat_mode = matmat
+        self.matmat_calibration: dict[str, float] | None = None
+        self.graph_bytes: int | None = None
+        self._active: set[int] = set()
+        self._has_grad: set[int] = set()
+        self._grads = self._build_graph(cache_graph, memory_budget)
+        self.graph_cached = self._grads is not None
+        self.no_grad_params = tuple(name for i, name in enumerate(self.names) if i not in self._has_grad)
+        self.zero_curvature_params = tuple(name for i, name in enumerate(self.names)
+                                           if i in self._has_grad and i not in self._active)
+
+    def _batch_gradient(self, batch: Batch) -> list[Tensor | None]:
+        """∇ℓ_b at the frozen parameters, with its graph (create_graph=True); None where unused."""
+        x, y = self._inputs(batch)
+        loss = self.loss_fn(self._forward(x), y)
+        if not loss.requires_grad:
+            return [None] * len(self._leaves)
         grads = torch.autograd.grad(loss, self._leaves, create_graph=True, allow_unused=True)
         for i, g in enumerate(grads):
-            if g is not None and g.requires_grad:
-                self._active.add(i)
+            if g is not None:
+                self._has_grad.add(i)
+                if g.requires_grad:
+                    self._active.add(i)
         return list(grads)
 
     def _build_graph(self, cache_graph: bool | None, memory_budget: float) -> list[Tensor | None] | None:
@@ -225,73 +374,77 @@ class HessianOperator(LinearOperator):
                     total[i] = weight * g if total[i] is None else total[i] + weight * g
         return total
 
-    def _double_backward(self, grads: Sequence[Tensor | None], chunks: Sequence[Tensor], retain: bool) -> list[Tensor]:
+    def _double_backward(self, grads: Sequence[Tensor | None], chunks: Sequence[Tensor], retain: bool,
+                         batched: bool = False) -> list[Tensor]:
+        lead = (len(chunks[0]),) if batched else ()
+        zeros = [torch.zeros(lead + leaf.shape, dtype=leaf.dtype, device=leaf.device) for leaf in self._leaves]
         pairs = [(g, c) for g, c in zip(grads, chunks) if g is not None and g.requires_grad]
         if not pairs:
-            return [torch.zeros_like(leaf) for leaf in self._leaves]
+            return zeros
         outputs, grad_outputs = zip(*pairs)
-        hv = torch.autograd.grad(outputs, self._leaves, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True)
-        return [torch.zeros_like(leaf) if h is None else h for h, leaf in zip(hv, self._leaves)]
+        hv = torch.autograd.grad(outputs, self._leaves, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True,
+                                 is_grads_batched=batched)
+        return [zero if h is None else h for h, zero in zip(hv, zeros)]
+
+    def _apply(self, chunks: list[Tensor]) -> list[Tensor]:
+        if self._grads is not None:
+            return self._double_backward(self._grads, chunks, retain=True)
+        result = [torch.zeros_like(leaf) for leaf in self._leaves]
+        for weight, batch in zip(self.weights, self.batches):
+            for acc, h in zip(result, self._double_backward(self._batch_gradient(batch), chunks, retain=False)):
+                acc.add_(h, alpha=weight)
+        return result
 
     def hvp(self, v: Tensor) -> Tensor:
         """H v for a flat vector ``v`` of length P (returned flat, on the model's device, in the operator's dtype)."""
-        chunks = self.unflatten_list(v.to(device=self.device, dtype=self.torch_dtype))
-        if self._grads is not None:
-            result = self._double_backward(self._grads, chunks, retain=True)
-        else:
-            result = [torch.zeros_like(leaf) for leaf in self._leaves]
-            for weight, batch in zip(self.weights, self.batches):
-                for acc, h in zip(result, self._double_backward(self._batch_gradient(batch), chunks, retain=False)):
-                    acc.add_(h, alpha=weight)
-        self.matvecs += 1
-        return torch.cat([h.reshape(-1) for h in result]).detach()
+        return self.apply(v)
 
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.torch_dtype)
-        return self.hvp(v).cpu().numpy().astype(self.dtype, copy=False)
+    def _batched_products(self, X: np.ndarray) -> np.ndarray:
+        """H X in one batched double backward through the cached graph (X of shape (P, k))."""
+        V = torch.as_tensor(np.ascontiguousarray(X.T), dtype=self.torch_dtype, device=self.device)
+        chunks = [c.reshape((len(V),) + shape) for c, shape in zip(torch.split(V, self.numels, dim=1), self.shapes)]
+        result = self._double_backward(self._grads, chunks, retain=True, batched=True)
+        self.matvecs += len(V)
+        out = torch.cat([h.reshape(len(V), -1) for h in result], dim=1).detach()
+        return out.T.cpu().numpy().astype(self.dtype, copy=False)
 
-    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matvec(x)
+    def _looped_products(self, X: np.ndarray) -> np.ndarray:
+        return np.stack([self._matvec(column) for column in X.T], axis=1)
 
     def _matmat(self, X: np.ndarray) -> np.ndarray:
-        return np.stack([self._matvec(column) for column in np.asarray(X).T], axis=1)
-
-    def _adjoint(self) -> "HessianOperator":
-        return self
-
-    def to_dense(self) -> Tensor:
-        """The P×P matrix, column by column (P products); for small models only."""
-        if self.dim > MAX_DENSE_DIM:
-            raise ValueError(f"refusing to build a dense {self.dim}x{self.dim} Hessian (limit {MAX_DENSE_DIM})")
-        eye = torch.eye(self.dim, dtype=self.torch_dtype, device=self.device)
-        return torch.stack([self.hvp(column) for column in eye], dim=1)
-
-    def unflatten_list(self, v: Tensor) -> list[Tensor]:
-        """Flat vector → one tensor per selected parameter, in parameter shapes."""
-        if v.shape != (self.dim,):
-            raise ValueError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
-        return [chunk.reshape(shape) for chunk, shape in zip(torch.split(v, self.numels), self.shapes)]
-
-    def unflatten(self, v: Tensor | np.ndarray) -> dict[str, Tensor]:
-        """Flat vector → ``{name: tensor}`` in parameter shapes (e.g. an eigenvector as a direction)."""
-        v = torch.as_tensor(np.asarray(v) if not isinstance(v, Tensor) else v, dtype=self.torch_dtype, device=self.device)
-        return dict(zip(self.names, self.unflatten_list(v)))
-
-    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
-        """``{name: tensor}`` over the selected parameters → one flat vector."""
-        return torch.cat([tensors[name].to(device=self.device, dtype=self.torch_dtype).reshape(-1) for name in self.names])
+        X = np.asarray(X)
+        mode = self.matmat_mode
+        if self._grads is None or X.shape[1] < 2 or mode == "loop":
+            return self._looped_products(X)
+        if mode == "batched":
+            return self._batched_products(X)
+        if self.matmat_calibration is None:
+            half = X.shape[1] // 2
+            start = time.perf_counter()
+            looped = self._looped_products(X[:, :half])
+            loop_seconds = (time.perf_counter() - start) / half
+            start = time.perf_counter()
+            try:
+                batched = self._batched_products(X[:, half:])
+            except RuntimeError:  # an operation of the model without a batching rule for the double backward
+                self.matmat_calibration = {"loop_s_per_column": loop_seconds, "batched_s_per_column": math.inf,
+                                           "columns": float(X.shape[1])}
+                return np.concatenate([looped, self._looped_products(X[:, half:])], axis=1)
+            batched_seconds = (time.perf_counter() - start) / (X.shape[1] - half)
+            self.matmat_calibration = {"loop_s_per_column": loop_seconds, "batched_s_per_column": batched_seconds,
+                                       "columns": float(X.shape[1])}
+            return np.concatenate([looped, batched], axis=1)
+        calibration = self.matmat_calibration
+        if calibration["batched_s_per_column"] < calibration["loop_s_per_column"]:
+            return self._batched_products(X)
+        return self._looped_products(X)
 
     def describe(self) -> dict[str, Any]:
-        """What the operator is, for the record."""
         return {
-            "params": list(self.names),
-            "dim": self.dim,
-            "dtype": str(self.torch_dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "n_samples": self.n_samples,
-            "n_batches": self.n_batches,
-            "batch_sizes": [len(x) for x, _ in self.batches],
+            **super().describe(),
             "graph_cached": self.graph_cached,
             "graph_bytes_estimate": self.graph_bytes,
             "no_grad_params": list(self.no_grad_params),
+            "zero_curvature_params": list(self.zero_curvature_params),
+            "matmat_calibration": self.matmat_calibration,
         }

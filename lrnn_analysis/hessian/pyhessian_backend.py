@@ -180,7 +180,7 @@ def pyhessian_trace(
     stopped = len(samples) < max_iter
     return TraceResult(
         estimate=float(np.mean(samples)), ci_halfwidth=t_halfwidth(samples, CONFIDENCE), confidence=CONFIDENCE,
-        method="pyhessian-hutchinson", samples=np.array(samples), exact_part=0.0, sketch_size=0, tol=tol,
+        method="pyhessian-hutchinson", samples=np.array(samples), exact_part=0.0, roundoff_bound=0.0, sketch_size=0, tol=tol,
         max_matvecs=max_iter, converged=stopped, stop_reason="pyhessian-rule" if stopped else "budget",
         matvecs=run.count, seed=seed, wall_time=time.perf_counter() - start_time,
     )
