@@ -5,11 +5,14 @@ Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -78,6 +81,45 @@ def _task_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = 
 
 def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
+
+
+DISTRIBUTED_COMMANDS = ("hessian", "robustness")
+
+
+def _launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _distributed_context(args: argparse.Namespace, device: torch.device) -> _Ranks:
+    """Under torchrun (RANK and WORLD_SIZE set): join the process group (gloo on CPU, NCCL on
+    CUDA with one GPU per local rank); ranks other than 0 print nothing and show no progress.
+    Without torchrun: one process on ``device``."""
+    if not _launched_by_torchrun():
+        return _Ranks(device)
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    ranks = _Ranks(device, dist.get_rank(), dist.get_world_size())
+    if not ranks.is_main:
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")
+    return ranks
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -178,10 +220,12 @@ ROBUSTNESS_OPTIONS = {
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
+    from .distributed import distributed_sweep
     from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
 
     _set_threads(args.threads)
-    device = resolve_device(args.device)
+    ranks = _distributed_context(args, resolve_device(args.device))
+    device = ranks.device
     loaded = [(path, *load_checkpoint(path)) for path in args.checkpoints]
     task = _task_from_args(args, loaded[0][2].get("task"))
     grid = {kind: getattr(args, option) for option, kind in ROBUSTNESS_OPTIONS.items() if getattr(args, option)}
@@ -196,8 +240,11 @@ def cmd_robustness(args: argparse.Namespace) -> int:
             names = recurrent_parameter_names(model) if args.recurrent_only else None
             directions = hessian_directions(model.to(device), task, args.hessian_k, params=names, seed=0)
         models.append(SweepModel(_model_label(model), str(path), model, directions))
-    result = sweep(models, task, grid, args.seeds, split=args.split, device=device, batch_size=args.batch_size,
-                   max_samples=args.max_samples, recurrent_only=args.recurrent_only, progress=not args.quiet)
+    run_sweep = distributed_sweep if ranks.world_size > 1 else sweep
+    result = run_sweep(models, task, grid, args.seeds, split=args.split, device=device, batch_size=args.batch_size,
+                       max_samples=args.max_samples, recurrent_only=args.recurrent_only, progress=not args.quiet)
+    if not ranks.is_main:
+        return 0
     result.write_csv(args.out)
     if args.json:
         result.write_json(str(Path(args.out).with_suffix(".json")))
@@ -248,11 +295,13 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
+    from .distributed import DistributedOperator, shard_batches
     from .evaluation import loss_function
     from .hessian import analyze
 
     _set_threads(args.threads)
-    device = resolve_device(args.device)
+    ranks = _distributed_context(args, resolve_device(args.device))
+    device = ranks.device
     model, metadata = load_checkpoint(args.checkpoint)
     task = _task_from_args(args, metadata.get("task"))
     _check_model_fits_task(args.checkpoint, model, task)
@@ -260,9 +309,12 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     model = model.to(device=device, dtype=dtype)
     batches = [(x.to(dtype), y if task.is_classification else y.to(dtype))
                for x, y in getattr(task, args.split).batches(args.batch_size, None if args.full else args.batches, device)]
+    if ranks.world_size > 1:
+        batches = shard_batches(batches, ranks.rank, ranks.world_size)
     report = analyze(model, loss_function(task.is_classification), batches, params=args.params, top_k=args.top_k,
                      trace=args.trace, density=args.density, backend=args.backend, seed=args.seed, dtype=dtype,
-                     progress=not args.quiet, trace_method=args.trace_method)
+                     progress=not args.quiet, trace_method=args.trace_method,
+                     wrap_operator=DistributedOperator if ranks.world_size > 1 else None)
     info = report.operator
     print(f"{args.checkpoint}: {model.config.arch}, {len(info.get('params', []))} parameter tensors "
           f"({', '.join(info.get('params', []))}), {info.get('n_samples')} samples of {task.name}/{args.split} "
@@ -282,7 +334,7 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     print(f"{report.matvecs} Hessian-vector products in {report.wall_time:.1f} s")
     for note in report.notes:
         print(f"note: {note}")
-    if args.json:
+    if args.json and ranks.is_main:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "task": task.to_dict(), "split": args.split,
                                **report.to_dict()})
     return 0
@@ -504,6 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     handler: Callable[[argparse.Namespace], int] = args.handler
+    if _launched_by_torchrun() and args.command not in DISTRIBUTED_COMMANDS:
+        print(f"lrnn {args.command}: error: only {' and '.join(DISTRIBUTED_COMMANDS)} run distributed; "
+              "run this command without torchrun", file=sys.stderr)
+        return 2
     try:
         return handler(args)
     except (CheckpointError, UsageError, ValueError, FileNotFoundError) as error:

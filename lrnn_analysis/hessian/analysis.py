@@ -4,9 +4,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from ..runtime import environment
@@ -72,18 +73,22 @@ def analyze(
     density_steps: int = 80,
     cache_graph: bool | None = None,
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    wrap_operator: Callable[[HessianOperator], LinearOperator] | None = None,
 ) -> HessianReport:
     """λ_max and λ_min (and the top_k at each end), optionally tr(H) with a CI and the SLQ density.
 
     ``backend="native"``: one ``HessianOperator`` shared by ``eigenvalues(which="BE", tol, atol)``,
     ``trace(trace_method, trace_tol, trace_matvecs)`` and ``spectral_density(density_probes,
-    density_steps)``. ``backend="pyhessian"``: PyHessian's power iteration (``tol``,
-    ``max_iter`` default 100) and trace (``trace_tol``, ``trace_matvecs`` samples); it has no
-    λ_min and no working density, so ``density=True`` is an error there. Every random draw
-    comes from ``seed``.
+    density_steps)``; ``wrap_operator`` (e.g. ``DistributedOperator`` over the ranks' shards of
+    the data) replaces it by an operator built from it, with the same ``describe()``.
+    ``backend="pyhessian"``: PyHessian's power iteration (``tol``, ``max_iter`` default 100) and
+    trace (``trace_tol``, ``trace_matvecs`` samples); it has no λ_min and no working density, so
+    ``density=True`` is an error there. Every random draw comes from ``seed``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "pyhessian" and wrap_operator is not None:
+        raise ValueError("the pyhessian backend builds its own products; wrap_operator needs backend='native'")
     if backend == "pyhessian" and density:
         raise ValueError("PyHessian's density() fails on current torch (torch.eig was removed); use backend='native'")
     start_time = time.perf_counter()
@@ -92,6 +97,8 @@ def analyze(
     if backend == "native":
         op = HessianOperator(model, loss_fn, batches, params, dtype, cache_graph=cache_graph,
                              memory_budget=memory_budget, progress=progress)
+        if wrap_operator is not None:
+            op = wrap_operator(op)
         eigen = eigenvalues(op, k=top_k, which="BE", tol=tol, seed=seed, atol=atol, max_iter=max_iter, progress=progress)
         trace_result = trace_estimate(op, trace_method, trace_tol, trace_matvecs, seed, progress=progress) if trace else None
         density_result = (spectral_density(op, density_probes, density_steps, seed, progress=progress)
