@@ -10,14 +10,18 @@ SWEEP_GRID = {"gaussian": [0.0, 0.2], "gaussian-relative": [0.1, 0.0, 0.05], "fg
 SWEEP_SEEDS = [2, 0, 1]
 
 
+TRACE_OPTIONS = {"trace": True, "trace_matvecs": 12, "seed": 3, "progress": False}
+
+
 def tiny_model(seed: int):
-    return build_model(ModelConfig("lipschitz", 1, 6, 10, eps=0.1, init_std=4.0), seed=seed)
+    return build_model(ModelConfig("lipschitz", 1, 4, 10, eps=0.1, init_std=4.0), seed=seed)
 
 
 def hessian_case():
-    """A float64 model, its loss and 5 batches of digits (the last one short: 16, 16, 16, 16, 6)."""
+    """A float64 model, its loss and 5 batches of digits cut to 10 time steps (the last batch short:
+    16, 16, 16, 16, 6 samples)."""
     task = load_task("digits", seed=0)
-    x, y = task.train.x[:70].double(), task.train.y[:70]
+    x, y = task.train.x[:70, :10].double(), task.train.y[:70]
     batches = [(x[s:s + 16], y[s:s + 16]) for s in range(0, 70, 16)]
     return tiny_model(0).double(), loss_function(True), batches
 

@@ -15,7 +15,7 @@ from lrnn_analysis.cli import main
 from lrnn_analysis.distributed import DistributedOperator, distributed_sweep, shard_batches
 from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues
 
-from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, hessian_case, sweep_case
+from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_case, sweep_case
 
 
 def run(out: Path, checkpoint: str) -> None:
@@ -27,8 +27,8 @@ def run(out: Path, checkpoint: str) -> None:
     dense_matmat = op.matmat(np.eye(op.shape[0]))
     dense_matvec = np.stack([op.matvec(column) for column in np.eye(op.shape[0])], axis=1)
     top = eigenvalues(op, k=2, which="BE", seed=3)
-    report = analyze(model, loss_fn, shard_batches(batches, rank, world), dtype=torch.float64, trace=True, seed=3,
-                     progress=False, wrap_operator=DistributedOperator)
+    report = analyze(model, loss_fn, shard_batches(batches, rank, world), dtype=torch.float64,
+                     wrap_operator=DistributedOperator, **TRACE_OPTIONS)
     try:
         op.matvec(np.full(op.shape[0], float(rank)))
         mismatch = "no error"
@@ -49,7 +49,7 @@ def run(out: Path, checkpoint: str) -> None:
             "sweep_environment": result.environment, "sweep_settings": result.settings, "summary": result.summary}))
     common = ["--quiet", "--device", "cpu"]
     codes = [main(["hessian", checkpoint, "--full", "--split", "test", "--batch-size", "128", "--dtype", "float64",
-                   "--top-k", "1", "--json", str(out / "hessian_cli.json"), *common]),
+                   "--params", "M_A,M_W", "--json", str(out / "hessian_cli.json"), *common]),
              main(["robustness", checkpoint, "--input-noise", "0,0.2", "--param-noise", "0,0.05,0.1", "--seeds", "2",
                    "--max-samples", "60", "--out", str(out / "robustness_cli.csv"), "--json", *common])]
     if rank == 0:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, hessian_case, sweep_case, tiny_model
+from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_case, sweep_case, tiny_model
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
 from lrnn_analysis.distributed import DistributedOperator, shard_batches
@@ -90,7 +90,7 @@ def test_estimators_run_unchanged(two_ranks):
     single = HessianOperator(model, loss_fn, batches, dtype=torch.float64)
     np.testing.assert_allclose(np.load(out / "eigenvalues.npy"), eigenvalues(single, k=2, which="BE", seed=3).values, rtol=1e-10)
     result = json.loads((out / "result.json").read_text())
-    report = analyze(model, loss_fn, batches, dtype=torch.float64, trace=True, seed=3, progress=False)
+    report = analyze(model, loss_fn, batches, dtype=torch.float64, **TRACE_OPTIONS)
     distributed = result["report"]
     assert distributed["lambda_max"] == pytest.approx(report.lambda_max, rel=1e-10)
     assert distributed["trace"]["estimate"] == pytest.approx(report.trace.estimate, rel=1e-10)
@@ -122,7 +122,7 @@ def test_cli_under_torchrun_matches_one_process(two_ranks, tmp_path):
     out, checkpoint = two_ranks
     assert json.loads((out / "cli_codes.json").read_text()) == [0, 0]
     assert main(["hessian", str(checkpoint), "--full", "--split", "test", "--batch-size", "128", "--dtype", "float64",
-                 "--top-k", "1", "--json", str(tmp_path / "h.json"), "--quiet", "--device", "cpu"]) == 0
+                 "--params", "M_A,M_W", "--json", str(tmp_path / "h.json"), "--quiet", "--device", "cpu"]) == 0
     single, distributed = (json.loads(p.read_text()) for p in (tmp_path / "h.json", out / "hessian_cli.json"))
     assert distributed["lambda_max"] == pytest.approx(single["lambda_max"], rel=1e-10)
     assert distributed["operator"]["n_samples"] == single["operator"]["n_samples"]
