@@ -20,6 +20,8 @@ Perturbation noise depends only on the seed (common random numbers), never on th
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
 
 from .robustness import SweepResult, summarize, sweep
 from .runtime import distributed_info, environment
@@ -161,6 +164,32 @@ def _batch_sizes(op: LinearOperator) -> list[int] | None:
     return None if sizes is None else [int(s) for s in sizes]
 
 
+def _fingerprint(value: Any, digest: Any) -> None:
+    """Feed ``value``'s content (tensors, modules' state, dataclass fields) into ``digest``."""
+    if isinstance(value, Tensor):
+        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(value, nn.Module):
+        for name, tensor in value.state_dict().items():
+            digest.update(name.encode())
+            _fingerprint(tensor, digest)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            digest.update(item.name.encode())
+            _fingerprint(getattr(value, item.name), digest)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _fingerprint(item, digest)
+    else:
+        digest.update(repr(value).encode())
+
+
+def _models_fingerprint(models: Sequence[Any]) -> str:
+    digest = hashlib.sha256()
+    _fingerprint(list(models), digest)
+    return digest.hexdigest()
+
+
 def distributed_sweep(models: Sequence[Any], task: Any, grid: Mapping[str, Sequence[float]],
                       seeds: int | Sequence[int] = 5, *, group: Any = None, progress: bool = True,
                       **options: Any) -> SweepResult:
@@ -175,8 +204,9 @@ def distributed_sweep(models: Sequence[Any], task: Any, grid: Mapping[str, Seque
     them, so the rows and the CSV equal the single-process ones number for number on the same
     device with the plain loop over parameter draws (``batched=False``, the CPU default; batched
     draws group differently, so vmapped numbers agree to rounding only). Collective: every rank
-    calls it with the same arguments; an error on any rank is raised on all of them. A kind's
-    levels must be distinct. Progress is shown on rank 0 only.
+    calls it with the same arguments (the models, with their parameters and Hessian directions,
+    are fingerprinted and must be bitwise the same on every rank); an error on any rank is raised
+    on all of them. A kind's levels must be distinct. Progress is shown on rank 0 only.
     """
     rank, world_size = _require_group(group)
     started = time.perf_counter()
@@ -186,7 +216,7 @@ def distributed_sweep(models: Sequence[Any], task: Any, grid: Mapping[str, Seque
             raise ValueError(f"{kind}: duplicate levels {list(levels)}")
     cells = [(m, kind, i) for m in range(len(models)) for kind in grid for i in range(len(grid[kind]))]
     mine = cells[rank::world_size]
-    payload: dict[str, Any] = {"rows": [], "settings": None, "error": None}
+    payload: dict[str, Any] = {"rows": [], "settings": None, "error": None, "models": _models_fingerprint(models)}
     try:
         for m in sorted({cell[0] for cell in mine}):
             subgrid = {kind: [grid[kind][i] for mm, k, i in mine if mm == m and k == kind] for kind in grid}
@@ -199,6 +229,8 @@ def distributed_sweep(models: Sequence[Any], task: Any, grid: Mapping[str, Seque
     gathered: list[dict[str, Any]] = [{} for _ in range(world_size)]
     dist.all_gather_object(gathered, payload, group=group)
     errors = [f"rank {r}: {p['error']}" for r, p in enumerate(gathered) if p["error"]]
+    if len({p["models"] for p in gathered}) > 1:
+        errors.append("the ranks were given different models or directions (every rank must sweep the same ones)")
     if errors:
         raise ValueError("; ".join(errors))
     kind_index = {kind: k for k, kind in enumerate(grid)}

@@ -36,8 +36,13 @@ def run(out: Path, checkpoint: str) -> None:
         mismatch = str(error)
     models, task, options = sweep_case()
     result = distributed_sweep(models, task, SWEEP_GRID, SWEEP_SEEDS, progress=False, **options)
+    try:
+        distributed_sweep(models[rank:rank + 1], task, {"gaussian": [0.0]}, [0], progress=False, **options)
+        model_mismatch = "no error"
+    except ValueError as error:
+        model_mismatch = str(error)
     mismatches = [None for _ in range(world)]
-    dist.all_gather_object(mismatches, mismatch)
+    dist.all_gather_object(mismatches, [mismatch, model_mismatch])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         np.save(out / "dense_matmat.npy", dense_matmat)

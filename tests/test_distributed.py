@@ -100,9 +100,10 @@ def test_estimators_run_unchanged(two_ranks):
     assert distributed["environment"]["distributed"] == {"world_size": 2, "backend": "gloo", "rank": 0}
 
 
-def test_different_vectors_on_the_ranks_raise_on_every_rank(two_ranks):
+def test_ranks_that_disagree_raise_on_every_rank(two_ranks):
     result = json.loads((two_ranks[0] / "result.json").read_text())
-    assert all("different vectors" in message for message in result["mismatch"])
+    assert all("different vectors" in vectors for vectors, _ in result["mismatch"])
+    assert all("different models" in models for _, models in result["mismatch"])
 
 
 def test_sweep_csv_identical_to_single_process(two_ranks, tmp_path):
