@@ -1,5 +1,4 @@
 """The tiny cases that test_distributed.py runs in one process and distributed_worker.py in two."""
-import torch
 
 from lrnn_analysis.data import load_task
 from lrnn_analysis.evaluation import loss_function
