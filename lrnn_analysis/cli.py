@@ -7,6 +7,7 @@ Every option is checked against its bounds while parsing, before anything is com
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -170,6 +172,45 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+DISTRIBUTED_COMMANDS = ("hessian", "robustness")
+
+
+def _launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _distributed_context(args: argparse.Namespace, device: torch.device) -> _Ranks:
+    """Under torchrun (RANK and WORLD_SIZE set): join the process group (gloo on CPU, NCCL on
+    CUDA with one GPU per local rank); ranks other than 0 print nothing and show no progress.
+    Without torchrun: one process on ``device``."""
+    if not _launched_by_torchrun():
+        return _Ranks(device)
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    ranks = _Ranks(device, dist.get_rank(), dist.get_world_size())
+    if not ranks.is_main:
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")
+    return ranks
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     check_output_file(args.out, force=args.force, inputs=[args.data_path])
     _set_threads(args.threads)
@@ -314,6 +355,7 @@ def _print_warnings(warnings: Sequence[str]) -> None:
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
+    from .distributed import distributed_sweep
     from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
 
     json_path = Path(args.out).with_suffix(".json") if args.json else None
@@ -322,7 +364,8 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     if json_path is not None:
         check_output_file(json_path, force=args.force, inputs=inputs, others=[args.out])
     _set_threads(args.threads)
-    device = resolve_device(args.device)
+    ranks = _distributed_context(args, resolve_device(args.device))
+    device = ranks.device
     loaded = [(path, load_model(path)) for path in args.checkpoints]
     explicit = args.task is not None or args.data is not None
     task = _task_from_args(args, loaded[0][1].metadata.get("task") if explicit else _recorded_task(loaded))
@@ -340,9 +383,12 @@ def cmd_robustness(args: argparse.Namespace) -> int:
             subject.module.to(device)
             directions = hessian_directions(subject, task, args.hessian_k, params=names, seed=0)
         models.append(SweepModel(subject.name, display_name(path), subject, directions))
-    result = sweep(models, task, grid, args.seeds, split=args.split, device=device, batch_size=args.batch_size,
-                   max_samples=args.max_samples, recurrent_only=args.recurrent_only, recurrent=args.recurrent,
-                   progress=not args.quiet)
+    run_sweep = distributed_sweep if ranks.world_size > 1 else sweep
+    result = run_sweep(models, task, grid, args.seeds, split=args.split, device=device, batch_size=args.batch_size,
+                       max_samples=args.max_samples, recurrent_only=args.recurrent_only, recurrent=args.recurrent,
+                       progress=not args.quiet)
+    if not ranks.is_main:
+        return 0
     result.write_csv(args.out)
     if json_path is not None:
         result.write_json(str(json_path))
@@ -391,13 +437,15 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
+    from .distributed import DistributedOperator, shard_batches
     from .evaluation import loss_function
     from .hessian import analyze
 
     if args.json:
         check_output_file(args.json, force=args.force, inputs=[args.checkpoint, args.data_path, args.data])
     _set_threads(args.threads)
-    device = resolve_device(args.device)
+    ranks = _distributed_context(args, resolve_device(args.device))
+    device = ranks.device
     subject = load_model(args.checkpoint)
     task = _task_from_args(args, subject.metadata.get("task"))
     subject.check_fits(task, str(args.checkpoint))
@@ -405,11 +453,14 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     model = subject.module.to(device=device, dtype=dtype)
     batches = [(x.to(dtype), y if task.is_classification else y.to(dtype))
                for x, y in getattr(task, args.split).batches(args.batch_size, None if args.full else args.batches, device)]
+    if ranks.world_size > 1:
+        batches = shard_batches(batches, ranks.rank, ranks.world_size)
     report = analyze(model, loss_function(task.is_classification), batches, params=args.params, top_k=args.top_k,
                      trace=args.trace, density=args.density, backend=args.backend, seed=args.seed, dtype=dtype,
                      progress=not args.quiet, trace_method=args.trace_method, operator=args.operator,
                      mc_samples=args.mc_samples, estimates=args.estimate, diagonal_method=args.diag_method,
-                     density_scale=args.density_scale)
+                     density_scale=args.density_scale,
+                     wrap_operator=DistributedOperator if ranks.world_size > 1 else None)
     info = report.operator
     fisher = f" ({args.mc_samples} label sample(s) per input)" if args.operator == "fisher" else ""
     print(f"{args.checkpoint}: {_architecture(subject)}, {args.operator}{fisher}, {len(info.get('params', []))} parameter tensors "
@@ -443,7 +494,7 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     print(f"{report.matvecs} operator products in {report.wall_time:.1f} s")
     for note in report.notes:
         print(f"note: {note}")
-    if args.json:
+    if args.json and ranks.is_main:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "task": task.to_dict(), "split": args.split,
                                **report.to_dict()})
     return 0
@@ -763,6 +814,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     handler: Callable[[argparse.Namespace], int] = args.handler
     prefix = f"lrnn {args.command}"
+    if _launched_by_torchrun() and args.command not in DISTRIBUTED_COMMANDS:
+        print(f"{prefix}: error: only {' and '.join(DISTRIBUTED_COMMANDS)} run distributed; "
+              "run this command without torchrun", file=sys.stderr)
+        return 2
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(prefix, warnings.showwarning)

@@ -323,7 +323,7 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     for name, file in figures.items():
         lines += [f"![{name}]({file})", ""]
     lines += [f"Timings (s): {', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items())}. "
-              f"Seed {r['settings']['seed']}. Versions: {', '.join(f'{k} {v}' for k, v in r['environment'].items() if k != 'platform')}.", ""]
+              f"Seed {r['settings']['seed']}. Versions: {', '.join(f'{k} {v}' for k, v in r['environment'].items() if k not in ('platform', 'distributed'))}.", ""]
     return "\n".join(lines)
 
 

@@ -23,14 +23,24 @@ def resolve_device(choice: str = "auto") -> torch.device:
     return torch.device(choice)
 
 
+def distributed_info() -> dict[str, Any]:
+    """The torch.distributed process group of this process: ``world_size``, ``backend`` and ``rank``,
+    or ``{"world_size": 1, "backend": None}`` when none is initialised (a single-process run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return {"world_size": torch.distributed.get_world_size(), "backend": str(torch.distributed.get_backend()),
+                "rank": torch.distributed.get_rank()}
+    return {"world_size": 1, "backend": None}
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Library versions and the device, for the record."""
+    """Library versions, the process group (``distributed``) and the device, for the record."""
     info: dict[str, Any] = {
         "lrnn_analysis": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
+        "distributed": distributed_info(),
     }
     if device is not None:
         device = torch.device(device)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from ..runtime import environment
@@ -89,16 +90,19 @@ def analyze(
     diagonal_method: str = "hutchinson",
     estimate_matvecs: int = 100,
     density_scale: str = "linear",
+    wrap_operator: Callable[[LinearOperator], LinearOperator] | None = None,
 ) -> HessianReport:
     """λ_max and λ_min (and the top_k at each end), optionally tr(H) with a CI and the SLQ density.
 
     ``backend="native"``: one operator (``operator``) shared by ``eigenvalues(which="BE", tol, atol)``,
     ``trace(trace_method, trace_tol, trace_matvecs)`` and ``spectral_density(density_probes,
-    density_steps)``. ``backend="pyhessian"``: PyHessian's power iteration (``tol``,
-    ``max_iter`` default 100) and trace (``trace_tol``, ``trace_matvecs`` samples); it has no
-    λ_min and no working density, so ``density=True`` is an error there. Every random draw
-    comes from ``seed``. ``model`` may be a :class:`~lrnn_analysis.subject.ModelUnderAnalysis`
-    (``params=model.recurrent_names()`` for its recurrent block).
+    density_steps)``; ``wrap_operator`` (e.g. ``DistributedOperator`` over the ranks' shards of
+    the data) replaces it by an operator built from it, with the same ``describe()``.
+    ``backend="pyhessian"``: PyHessian's power iteration (``tol``, ``max_iter`` default 100) and
+    trace (``trace_tol``, ``trace_matvecs`` samples); it has no λ_min and no working density, so
+    ``density=True`` is an error there. Every random draw comes from ``seed``. ``model`` may be a
+    :class:`~lrnn_analysis.subject.ModelUnderAnalysis` (``params=model.recurrent_names()`` for its
+    recurrent block).
 
     ``operator``: the matrix analysed, ``"hessian"``, ``"ggn"``, ``"fisher"`` (Monte-Carlo,
     ``mc_samples`` labels per sample from ``seed``) or ``"ef"`` (empirical Fisher); native only.
@@ -118,6 +122,8 @@ def analyze(
         raise ValueError(f"estimates must be among {ESTIMATES}, got {unknown}")
     if backend == "pyhessian" and (operator != "hessian" or estimates):
         raise ValueError("backend='pyhessian' gives only the Hessian's eigenvalues and trace; use backend='native'")
+    if backend == "pyhessian" and wrap_operator is not None:
+        raise ValueError("the pyhessian backend builds its own products; wrap_operator needs backend='native'")
     if backend == "pyhessian" and density:
         raise ValueError("PyHessian's density() fails on current torch (torch.eig was removed); use backend='native'")
     start_time = time.perf_counter()
@@ -127,6 +133,8 @@ def analyze(
     if backend == "native":
         op = curvature_operator(operator, model, loss_fn, batches, params, dtype, mc_samples=mc_samples, seed=seed,
                                 cache_graph=cache_graph, memory_budget=memory_budget, progress=progress)
+        if wrap_operator is not None:
+            op = wrap_operator(op)
         positive_semidefinite = operator != "hessian"
         eigen = eigenvalues(op, k=top_k, which="LA" if positive_semidefinite else "BE", tol=tol, seed=seed, atol=atol,
                             max_iter=max_iter, progress=progress)

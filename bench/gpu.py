@@ -1,0 +1,263 @@
+"""The GPU path, measured in one run on a CUDA device.
+
+    python bench/gpu.py [--repeats 5] [--draws 32] [--skip-compile] [--skip-audit]
+    python bench/gpu.py --smoke      # tiny sizes on the CPU: checks the script, measures nothing useful
+
+At sMNIST size (T = 784 steps, batch 128, n = 128, float32), each timing after a warm-up call,
+with torch.cuda.synchronize() around every call, the variants of a comparison alternating, and
+min/median/max over ``--repeats`` rounds; a speed-up is the median of the per-round ratios
+(baseline / variant) with their min and max:
+
+1. forward+backward of the recurrence: the toolkit's ``lipschitz`` model against the reference
+   loop (erichson/LipschitzRNN: E(x_t) applied per step, A and W built once per forward at step
+   0, h ← h + ε·α·(h A) + ε·tanh(h W + z), α = 1), outputs compared;
+2. the same forward+backward eager, under ``torch.compile`` (compile time reported apart) and
+   replayed from CUDA graphs (``torch.cuda.make_graphed_callables``): 784 sequential steps of
+   small kernels are launch-bound on a GPU; outputs and gradients compared with eager;
+3. one Hessian-vector product (``HessianOperator``, every parameter, one batch of 128 digits);
+4. the parameter-noise sweep's draws: batched (vmap over stacked parameter sets) against the
+   loop over draws (``evaluate_parameter_draws``), results compared; target ≥ 3×;
+5. the whole ``lrnn audit`` (default settings) of an untrained sMNIST-size model saved to a
+   temporary checkpoint, with ``--device cuda``; target ≤ 60 s.
+
+Exit status: 0 after measuring; 0 with the line "no CUDA device ..." when CUDA is not available
+(nothing is measured then).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sizes:
+    task: str
+    steps: int
+    batch: int
+    hidden: int
+    samples: int
+
+
+GPU_SIZES = Sizes("smnist", 784, 128, 128, 1000)
+SMOKE_SIZES = Sizes("digits", 16, 8, 16, 32)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternating_times(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each function: one warm-up call each, then ``repeats`` rounds in turn."""
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(times: dict[str, list[float]], baseline: str | None = None) -> None:
+    for name, values in times.items():
+        line = f"    {name:<28} {min(values):9.4f} {statistics.median(values):9.4f} {max(values):9.4f} s"
+        if baseline is not None and name != baseline:
+            ratios = [b / v for b, v in zip(times[baseline], values)]
+            line += f"   {statistics.median(ratios):6.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x) vs {baseline}"
+        print(line, flush=True)
+
+
+def reference_forward(ref: dict[str, torch.Tensor], x: torch.Tensor, beta: float, gamma: float, eps: float,
+                      alpha: float = 1.0) -> torch.Tensor:
+    """The reference implementation's forward pass (LipschitzRNN models.py), written out."""
+    B, C = ref["B"], ref["C"]
+    eye = torch.eye(B.shape[0], device=x.device)
+    h = torch.zeros(x.shape[0], B.shape[0], device=x.device)
+    for i in range(x.shape[1]):
+        z = torch.nn.functional.linear(x[:, i, :], ref["E.weight"], ref["E.bias"])
+        if i == 0:
+            A = beta * (B - B.transpose(1, 0)) + (1 - beta) * (B + B.transpose(1, 0)) - gamma * eye
+            W = beta * (C - C.transpose(1, 0)) + (1 - beta) * (C + C.transpose(1, 0)) - gamma * eye
+        h = h + eps * alpha * torch.matmul(h, A) + eps * torch.tanh(torch.matmul(h, W) + z)
+    return torch.nn.functional.linear(h, ref["D.weight"], ref["D.bias"])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _gradients(model: torch.nn.Module, forward: Callable[[], torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = forward()
+    torch.nn.functional.cross_entropy(out, y).backward()
+    return out.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
+def recurrence(sizes: Sizes, device: torch.device, repeats: int, compile_too: bool) -> None:
+    from lrnn_analysis.models import ModelConfig, build_model
+
+    beta, gamma, eps = 0.75, 0.001, 0.03
+    model = build_model(ModelConfig("lipschitz", 1, sizes.hidden, 10, eps=eps, beta_a=beta, gamma_a=gamma,
+                                    beta_w=beta, gamma_w=gamma), seed=0).to(device)
+    ref = {"B": model.M_A.detach().T.clone(), "C": model.M_W.detach().T.clone(),
+           "E.weight": model.U.weight.detach().clone(), "E.bias": model.U.bias.detach().clone(),
+           "D.weight": model.D.weight.detach().clone(), "D.bias": model.D.bias.detach().clone()}
+    ref = {k: v.requires_grad_() for k, v in ref.items()}
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(sizes.batch, sizes.steps, 1, generator=generator).to(device)
+    y = torch.randint(0, 10, (sizes.batch,), generator=generator).to(device)
+    loss = torch.nn.functional.cross_entropy
+
+    def ours() -> None:
+        model.zero_grad(set_to_none=True)
+        loss(model(x), y).backward()
+
+    def reference() -> None:
+        for p in ref.values():
+            p.grad = None
+        loss(reference_forward(ref, x, beta, gamma, eps), y).backward()
+
+    with torch.no_grad():
+        difference = _relative(model(x), reference_forward(ref, x, beta, gamma, eps))
+    print(f"1. recurrence forward+backward, T = {sizes.steps}, batch {sizes.batch}, n = {sizes.hidden}, float32; "
+          f"max relative difference of the outputs, toolkit vs reference: {difference:.1e}", flush=True)
+    report(alternating_times({"reference loop": reference, "toolkit (eager)": ours}, repeats, device), "reference loop")
+
+    print("2. eager vs torch.compile vs CUDA graphs (same model, same batch)", flush=True)
+    eager_out, eager_grads = _gradients(model, lambda: model(x), y)
+    variants: dict[str, Callable[[], None]] = {"eager": ours}
+    if device.type == "cuda":
+        # make_graphed_callables replaces a module's forward in place: graph a copy.
+        graphed = torch.cuda.make_graphed_callables(copy.deepcopy(model), (x,))
+        out, grads = _gradients(graphed, lambda: graphed(x), y)
+        print(f"    CUDA graphs vs eager: outputs {_relative(out, eager_out):.1e}, gradients "
+              f"{max(_relative(g, e) for g, e in zip(grads, eager_grads)):.1e} (max relative difference)", flush=True)
+
+        def replayed() -> None:
+            graphed.zero_grad(set_to_none=True)
+            loss(graphed(x), y).backward()
+
+        variants["CUDA graphs"] = replayed
+    else:
+        print("    CUDA graphs: not on the CPU", flush=True)
+    if compile_too:
+        for mode in ("default", "reduce-overhead"):
+            compiled = torch.compile(model, mode=mode)
+            start = time.perf_counter()
+            out, grads = _gradients(model, lambda: compiled(x), y)
+            _sync(device)
+            print(f"    torch.compile(mode={mode!r}): first call (compile) {time.perf_counter() - start:.1f} s; vs eager: "
+                  f"outputs {_relative(out, eager_out):.1e}, gradients "
+                  f"{max(_relative(g, e) for g, e in zip(grads, eager_grads)):.1e}", flush=True)
+
+            def run_compiled(compiled=compiled) -> None:
+                model.zero_grad(set_to_none=True)
+                loss(compiled(x), y).backward()
+
+            variants[f"compile {mode}"] = run_compiled
+    report(alternating_times(variants, repeats, device), "eager")
+
+
+def hessian_vector_product(sizes: Sizes, device: torch.device, repeats: int) -> None:
+    from lrnn_analysis.data import load_task
+    from lrnn_analysis.evaluation import loss_function
+    from lrnn_analysis.hessian import HessianOperator
+    from lrnn_analysis.models import ModelConfig, build_model
+
+    task = load_task(sizes.task, seed=0)
+    model = build_model(ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps), seed=0).to(device)
+    batch = (task.train.x[:sizes.batch, :sizes.steps].to(device), task.train.y[:sizes.batch].to(device))
+    op = HessianOperator(model, loss_function(True), batch)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0)).to(device)
+    print(f"3. Hessian-vector product: P = {op.dim}, {len(batch[0])} samples x {batch[0].shape[1]} steps, "
+          f"graph cached: {op.graph_cached} ({(op.graph_bytes or 0) / 2**20:.0f} MiB estimated)", flush=True)
+    report(alternating_times({"HVP": lambda: op.hvp(v)}, repeats, device))
+
+
+def parameter_draws(sizes: Sizes, device: torch.device, repeats: int, draws: int) -> None:
+    from lrnn_analysis.data import load_task
+    from lrnn_analysis.models import ModelConfig, build_model
+    from lrnn_analysis.robustness import Perturbation, evaluate_parameter_draws, perturb_parameters
+
+    task = load_task(sizes.task, seed=0)
+    model = build_model(ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps), seed=0).to(device).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    sets = [perturb_parameters(params, Perturbation("gaussian-relative", 0.05, seed=s)) for s in range(draws)]
+    x, y = task.test.x[:sizes.samples, :sizes.steps].to(device), task.test.y[:sizes.samples].to(device)
+
+    def run(batched: bool) -> list[tuple[float | None, float]]:
+        return evaluate_parameter_draws(model, sets, x, y, True, batch_size=len(x), batched=batched)
+
+    batched, looped = run(True), run(False)
+    agree = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched, looped))
+    print(f"4. parameter-noise draws: {draws} draws x {len(x)} samples x {x.shape[1]} steps; batched and loop agree "
+          f"(same accuracies, losses to 1e-5): {agree}; target: batched >= 3x the loop", flush=True)
+    report(alternating_times({"loop over draws": lambda: run(False), "batched (vmap)": lambda: run(True)}, repeats, device),
+           "loop over draws")
+
+
+def audit(sizes: Sizes, device: torch.device) -> None:
+    from lrnn_analysis.checkpoints import save_checkpoint
+    from lrnn_analysis.cli import main as lrnn
+    from lrnn_analysis.data import load_task
+    from lrnn_analysis.models import ModelConfig, build_model
+
+    task = load_task(sizes.task, seed=0)
+    model = build_model(ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps), seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = save_checkpoint(Path(tmp) / "model.safetensors", model, {"task": {"name": sizes.task, "seed": 0, "options": {}}})
+        _sync(device)
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = lrnn(["audit", str(checkpoint), "--out", str(Path(tmp) / "audit"), "--device", device.type, "--quiet"])
+        _sync(device)
+        seconds = time.perf_counter() - start
+    print(f"5. lrnn audit of an untrained {sizes.task} model (n = {sizes.hidden}), default settings, --device {device.type}: "
+          f"{seconds:.1f} s, exit {code}; target <= 60 s", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--draws", type=int, default=32)
+    parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (its compile time is long)")
+    parser.add_argument("--skip-audit", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script only")
+    args = parser.parse_args()
+    if args.smoke:
+        device, sizes = torch.device("cpu"), SMOKE_SIZES
+        torch.set_num_threads(1)
+    elif not torch.cuda.is_available():
+        print("no CUDA device: bench/gpu.py measures the GPU path and needs one (torch.cuda.is_available() is False); "
+              "nothing measured")
+        return 0
+    else:
+        device, sizes = torch.device("cuda"), GPU_SIZES
+        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    recurrence(sizes, device, args.repeats, compile_too=not args.skip_compile and not args.smoke)
+    hessian_vector_product(sizes, device, args.repeats)
+    parameter_draws(sizes, device, args.repeats, args.draws)
+    if not args.skip_audit:
+        audit(sizes, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

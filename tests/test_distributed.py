@@ -1,0 +1,158 @@
+"""Two CPU processes (torchrun, gloo) against one: the operator, the estimators, the sweep and the CLI."""
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_case, sweep_case, tiny_model
+from lrnn_analysis.checkpoints import save_checkpoint
+from lrnn_analysis.cli import main
+from lrnn_analysis.distributed import DistributedOperator, shard_batches
+from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues
+from lrnn_analysis.robustness import sweep
+from lrnn_analysis.runtime import environment
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+TIMEOUT = 180
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """torchrun stops its workers on SIGTERM; whatever is left of its process group is killed."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run distributed_worker.py on 2 ranks once; its outputs for every test of this module."""
+    root = tmp_path_factory.mktemp("distributed")
+    checkpoint = save_checkpoint(root / "m.safetensors", tiny_model(0), {"task": {"name": "digits", "seed": 0, "options": {}}})
+    out = root / "ranks"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(WORKER), str(out), str(checkpoint)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, env=env)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        output = f"torchrun did not finish within {TIMEOUT} s"
+    finally:
+        _stop(process)
+    assert process.returncode == 0, output
+    return out, checkpoint
+
+
+def _relative_error(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_operator_equals_single_process_to_round_off(two_ranks):
+    out, _ = two_ranks
+    model, loss_fn, batches = hessian_case()
+    single = HessianOperator(model, loss_fn, batches, dtype=torch.float64).to_dense().numpy()
+    for name in ("dense_matmat.npy", "dense_matvec.npy"):
+        assert _relative_error(np.load(out / name), single) <= 1e-12
+    # The sample weighting matters here (shards of 48 and 22 samples): a plain mean over ranks is far off.
+    halves = [HessianOperator(model, loss_fn, shard_batches(batches, r, 2), dtype=torch.float64).to_dense().numpy()
+              for r in range(2)]
+    assert _relative_error((halves[0] + halves[1]) / 2, single) > 1e-3
+
+
+def test_estimators_run_unchanged(two_ranks):
+    out, _ = two_ranks
+    model, loss_fn, batches = hessian_case()
+    single = HessianOperator(model, loss_fn, batches, dtype=torch.float64)
+    np.testing.assert_allclose(np.load(out / "eigenvalues.npy"), eigenvalues(single, k=2, which="BE", seed=3).values, rtol=1e-10)
+    result = json.loads((out / "result.json").read_text())
+    report = analyze(model, loss_fn, batches, dtype=torch.float64, **TRACE_OPTIONS)
+    distributed = result["report"]
+    assert distributed["lambda_max"] == pytest.approx(report.lambda_max, rel=1e-10)
+    assert distributed["trace"]["estimate"] == pytest.approx(report.trace.estimate, rel=1e-10)
+    assert distributed["operator"]["n_samples"] == 70
+    assert distributed["operator"]["batch_sizes"] == [16, 16, 16, 16, 6]
+    assert distributed["operator"]["samples_per_rank"] == [48, 22]
+    assert distributed["environment"]["distributed"] == {"world_size": 2, "backend": "gloo", "rank": 0}
+
+
+def test_ranks_that_disagree_raise_on_every_rank(two_ranks):
+    result = json.loads((two_ranks[0] / "result.json").read_text())
+    assert all("different vectors" in vectors for vectors, _ in result["mismatch"])
+    assert all("different models" in models for _, models in result["mismatch"])
+
+
+def test_sweep_csv_identical_to_single_process(two_ranks, tmp_path):
+    out, _ = two_ranks
+    models, task, options = sweep_case()
+    single = sweep(models, task, SWEEP_GRID, SWEEP_SEEDS, progress=False, **options)
+    single.write_csv(str(tmp_path / "single.csv"))
+    assert (out / "sweep.csv").read_text() == (tmp_path / "single.csv").read_text()
+    assert len(single.rows) == 2 * (2 * 3 + 3 * 3 + 2)
+    result = json.loads((out / "result.json").read_text())
+    assert result["summary"] == json.loads(json.dumps(single.summary))
+    assert result["sweep_environment"]["distributed"]["world_size"] == 2
+    assert result["sweep_settings"]["cells_per_rank"] == [7, 7]
+
+
+def test_cli_under_torchrun_matches_one_process(two_ranks, tmp_path):
+    out, checkpoint = two_ranks
+    assert json.loads((out / "cli_codes.json").read_text()) == [0, 0]
+    assert main(["hessian", str(checkpoint), "--full", "--split", "test", "--batch-size", "128", "--dtype", "float64",
+                 "--params", "M_A,M_W", "--json", str(tmp_path / "h.json"), "--quiet", "--device", "cpu"]) == 0
+    single, distributed = (json.loads(p.read_text()) for p in (tmp_path / "h.json", out / "hessian_cli.json"))
+    assert distributed["lambda_max"] == pytest.approx(single["lambda_max"], rel=1e-10)
+    assert distributed["operator"]["n_samples"] == single["operator"]["n_samples"]
+    assert single["environment"]["distributed"] == {"world_size": 1, "backend": None}
+    assert distributed["environment"]["distributed"]["world_size"] == 2
+    assert main(["robustness", str(checkpoint), "--input-noise", "0,0.2", "--param-noise", "0,0.05,0.1", "--seeds", "2",
+                 "--max-samples", "60", "--out", str(tmp_path / "r.csv"), "--quiet", "--device", "cpu"]) == 0
+    assert (out / "robustness_cli.csv").read_text() == (tmp_path / "r.csv").read_text()
+    assert len(list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))) == 2 * 2 + 3 * 2
+    provenance = json.loads((out / "robustness_cli.json").read_text())["environment"]["distributed"]
+    assert provenance["world_size"] == 2 and provenance["backend"] == "gloo"
+
+
+def test_shard_batches_contiguous_blocks():
+    batches = list(range(7))
+    shards = [shard_batches(batches, r, 3) for r in range(3)]
+    assert shards == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="cannot be shared"):
+        shard_batches(batches[:2], 0, 3)
+    with pytest.raises(ValueError, match="not in a world"):
+        shard_batches(batches, 3, 3)
+
+
+def test_single_process_provenance_and_errors(monkeypatch, capsys):
+    assert environment()["distributed"] == {"world_size": 1, "backend": None}
+    model, loss_fn, batches = hessian_case()
+    with pytest.raises(ValueError, match="not initialised"):
+        DistributedOperator(HessianOperator(model, loss_fn, batches))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["reproduce", "--out", "unused"]) == 2
+    assert "run this command without torchrun" in capsys.readouterr().err
