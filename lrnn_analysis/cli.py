@@ -731,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="symlog: density of sign(l)*log10(1+|l|/linthresh)")
     hess.add_argument("--operator", choices=("hessian", "ggn", "fisher", "ef"), default="hessian",
                       help="Hessian, generalized Gauss-Newton, Monte-Carlo Fisher or empirical Fisher")
-    hess.add_argument("--mc-samples", type=_positive_int, default=1, help="sampled labels per input (--operator fisher)")
+    hess.add_argument("--mc-samples", type=_int_in(1, 1000), default=1, help="sampled labels per input (--operator fisher)")
     hess.add_argument("--estimate", type=_name_list, default=[], metavar="diag,frobenius,blocks",
                       help="also estimate the diagonal, the squared Frobenius norm and/or per-tensor trace and lambda_max")
     hess.add_argument("--diag-method", choices=("hutchinson", "xdiag"), default="hutchinson")
