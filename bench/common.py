@@ -11,18 +11,31 @@ import time
 from typing import Callable, Mapping
 
 
-def alternating_times(contenders: Mapping[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
-    """Wall times of ``repeats`` rounds; each round calls every contender once, in order."""
+def alternating_times(contenders: Mapping[str, Callable[[], object]], repeats: int, warmup: bool = True,
+                      sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Wall times of ``repeats`` rounds; each round calls every contender once, in order.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before the clock starts and before it stops,
+    so asynchronous device work is counted in the call that launched it.
+    """
+    sync = sync or (lambda: None)
     if warmup:
         for fn in contenders.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """min / median / max of a list of measurements, and how many there are."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "rounds": len(values)}
 
 
 def spread(values: list[float], unit: str = "s", digits: int = 3) -> str:
@@ -36,14 +49,3 @@ def ratio_spread(numerator: list[float], denominator: list[float]) -> str:
     ratios = [a / b for a, b in zip(numerator, denominator)]
     return f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)"
 
-
-def best_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
-    """Smallest wall time of ``repeats`` calls (after one warm-up call)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)

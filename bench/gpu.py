@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+import common
+
 
 @dataclass(frozen=True)
 class Sizes:
@@ -59,19 +61,9 @@ def _sync(device: torch.device) -> None:
 
 
 def alternating_times(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each function: one warm-up call each, then ``repeats`` rounds in turn."""
-    for fn in fns.values():
-        fn()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
+    """Seconds per call of each function: one warm-up call each, then ``repeats`` rounds in turn,
+    with the device synchronised around every call."""
+    return common.alternating_times(fns, repeats, sync=lambda: _sync(device))
 
 
 def report(times: dict[str, list[float]], baseline: str | None = None) -> None:

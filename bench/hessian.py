@@ -43,6 +43,9 @@ from lrnn_analysis.hessian.pyhessian_backend import _PyHessianRun
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.runtime import environment
 
+import common
+from common import summary
+
 PEER_MODULES = {"pyhessian": "pyhessian", "curvlinops": "curvlinops", "eigenthings": "hessian_eigenthings"}
 
 
@@ -53,15 +56,7 @@ def lipschitz(input_dim: int, hidden: int, eps: float) -> torch.nn.Module:
 
 def alternating_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict[str, float]]:
     """Each function once per round, in turn (after one warm-up call each): min/median/max seconds."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: {"min": min(t), "median": statistics.median(t), "max": max(t), "rounds": len(t)} for name, t in times.items()}
+    return {name: summary(values) for name, values in common.alternating_times(fns, rounds).items()}
 
 
 def ratios(times: dict[str, dict[str, float]], baseline: str) -> dict[str, float]:
