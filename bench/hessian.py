@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import time
 from typing import Callable
 
