@@ -63,8 +63,14 @@ def load_checkpoint(path: str | Path, **reference_hparams: float | str | None) -
         raise CheckpointError(f"{path}: file is empty or truncated ({len(head)} bytes)")
     looks_like_safetensors = head[8:9] == b"{"  # 8-byte header length, then the JSON header
     if not looks_like_safetensors and (head.startswith(b"PK") or head[:1] == b"\x80"):
-        return _load_torch_file(path, reference_hparams)
-    return _load_safetensors(path)
+        loaded = _load_torch_file(path, reference_hparams)
+    else:
+        loaded = _load_safetensors(path)
+    given = sorted(k for k, v in reference_hparams.items() if v is not None)
+    if given and loaded.metadata.get("format") != "reference":
+        raise CheckpointError(f"{path}: {', '.join(given)} override(s) apply only to files of the reference "
+                              "implementation; this checkpoint records its own config")
+    return loaded
 
 
 def _load_safetensors(path: Path) -> LoadedCheckpoint:
