@@ -160,8 +160,9 @@ def _load_models(args: argparse.Namespace) -> list[tuple[str, ModelUnderAnalysis
     if repeated:
         raise UsageError(f"--weights {repeated[0]} given twice")
     if not args.weights:
+        subject = load_user_model(spec, None, model_args)
         _print_warnings([f"no --weights: analysing {spec} with the parameters its factory gives the module"])
-        return loaded + [(spec.text, load_user_model(spec, None, model_args))]
+        return loaded + [(spec.text, subject)]
     return loaded + [(str(path), load_user_model(spec, path, model_args)) for path in args.weights]
 
 

@@ -429,12 +429,13 @@ class _Context:
     def entries(self) -> list[tuple[str, Path | str, ModelUnderAnalysis]]:
         """(label, file, model) per checkpoint, then per weights file of the recipe's ``model`` (the
         spec itself when it has none), in recipe order (labels are unique)."""
-        labels = iter(self.recipe.model_labels())
+        labels = self.recipe.model_labels()
+        checkpoints = self.recipe.checkpoint_paths()
         entries: list[tuple[str, Path | str, ModelUnderAnalysis]] = [
-            (label, path, load_model(path, name=label)) for label, path in zip(labels, self.recipe.checkpoint_paths())]
+            (label, path, load_model(path, name=label)) for label, path in zip(labels, checkpoints)]
         spec = self.recipe.model_spec()
         if spec is not None:
-            for label, weights in zip(labels, self.recipe.weight_paths() or [None]):
+            for label, weights in zip(labels[len(checkpoints):], self.recipe.weight_paths() or [None]):
                 subject = load_user_model(spec, weights, self.recipe.model_args, name=label)
                 entries.append((label, weights if weights is not None else spec.text, subject))
         for _, _, subject in entries:
