@@ -370,6 +370,9 @@ def load_recipe(path: str | Path) -> Recipe:
         for file in files:
             if not file.is_file():
                 raise _fail(path, key, f"{file} is not an existing file")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise _fail(path, "labels", f"duplicate labels {repeated}: give each model its own label")
     for key, given in (("checkpoints", recipe.checkpoints), ("weights", recipe.weights)):
         repeated = sorted({c for c in given if given.count(c) > 1})
         if repeated:

@@ -272,7 +272,7 @@ def test_leakage_warning_for_a_model_trained_on_another_split(digits_task, tmp_p
             "--out", str(tmp_path / "r.csv"), "--quiet"]
     assert main(argv) == 0
     assert LEAKAGE_WARNING not in capsys.readouterr().err  # scored on its own recorded split
-    assert main(argv + ["--split-seed", "0"]) == 0
+    assert main(argv + ["--split-seed", "0", "--force"]) == 0
     assert LEAKAGE_WARNING in capsys.readouterr().err
 
 
