@@ -107,7 +107,9 @@ def _import(spec: ModelSpec) -> Any:
     if not path.is_file():
         raise UserModelError(f"model {spec}: {path} is not an existing file")
     resolved = path.resolve()
-    name = f"_lrnn_user_{resolved.stem}_{hashlib.sha256(str(resolved).encode()).hexdigest()[:12]}"
+    name = f"lrnn_user.{resolved.stem}"
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) != str(resolved):
+        name = f"{name}_{hashlib.sha256(str(resolved).encode()).hexdigest()[:12]}"
     if name in sys.modules:
         return sys.modules[name]
     loader_spec = importlib.util.spec_from_file_location(name, resolved)
