@@ -252,7 +252,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(subject.to_dict() if "user_model" in metadata else metadata, indent=2, sort_keys=True))
         return 0
     if "user_model" in metadata:
-        _print_user_model(args.checkpoint, subject)
+        _print_user_model(subject, args.task)
         return 0
     model = subject.module
     config = model.config.to_dict()
@@ -283,7 +283,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_user_model(label: str, subject: ModelUnderAnalysis) -> None:
+def _print_user_model(subject: ModelUnderAnalysis, task: str | None) -> None:
     """What `lrnn info` knows about a --model: spec, arguments, weights, parameters, declared pieces."""
     source = subject.metadata["user_model"]
     described = subject.describe()
@@ -303,7 +303,8 @@ def _print_user_model(label: str, subject: ModelUnderAnalysis) -> None:
         report = spectrum(system)
         print(f"Lur'e form: {system.method}, n = {system.n}, slope L = {system.slope:g}; alpha(A) = {report.abscissa_A:+.4f}, "
               f"||A||_2 = {report.norm_A:.4f}, ||W||_2 = {report.norm_W:.4f}")
-    print("task: none recorded (give --task or --data to the commands that evaluate)")
+    print(f"task: {task} (from --task; the model records none)" if task is not None
+          else "task: none recorded (give --task or --data to the commands that evaluate)")
 
 
 def _float_list(text: str) -> list[float]:

@@ -207,6 +207,18 @@ def test_info_describes_a_user_model(project, capsys):
     assert "model args: none" in out and "rnn.weight_hh_l0: (8, 8)" in out
     assert "recurrent parameters: rnn.weight_hh_l0" in out and "Lur'e form: map, n = 8" in out
     assert "task: none recorded" in out
+    assert main(["info", "--model", _spec(project), "--weights", str(project / "rnn.pt"), "--task", "digits"]) == 0
+    assert "task: digits (from --task; the model records none)" in capsys.readouterr().out
+
+
+def test_outputs_never_replace_the_model_file_weights_or_data(project, capsys):
+    before = {name: (project / name).read_bytes() for name in ("mymodels.py", "rnn.pt", "data.npz")}
+    for target in before:
+        assert main(["robustness", "--model", _spec(project), "--weights", str(project / "rnn.pt"), "--data",
+                     str(project / "data.npz"), "--param-noise", "0", "--seeds", "1", "--out", str(project / target),
+                     "--force", "--quiet"]) == 2
+        assert "input" in capsys.readouterr().err
+    assert {name: (project / name).read_bytes() for name in before} == before
 
 
 def test_recipe_with_model_weights_and_data(project, tmp_path):

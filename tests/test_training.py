@@ -73,7 +73,8 @@ def test_cli_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
 
 def test_cli_usage_errors_exit_2(capsys):
     for argv in (["train", "--task", "digits", "--arch", "lstm", "--out", "x"], ["train", "--task", "digits"],
-                 ["info"], ["nonsense"]):
+                 ["nonsense"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
+    assert main(["info"]) == 2  # neither a checkpoint nor --model
