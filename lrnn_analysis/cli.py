@@ -106,10 +106,10 @@ def _add_model_options(parser: argparse.ArgumentParser, several: bool = False, t
     group.add_argument("--weights", action="append", default=[], metavar="PATH",
                        help="state dict of --model (.pt/.pth read with weights_only=True, or .safetensors)"
                             + ("; repeat for several weight files of the same module" if several else ""))
-    group.add_argument("--beta", type=float, default=None, help="reference files: beta (else recorded, else from the file name)")
-    group.add_argument("--gamma", type=float, default=None, help="reference files: gamma")
-    group.add_argument("--eps", type=float, default=None, help="reference files: eps")
-    group.add_argument("--alpha", type=float, default=None, help="reference files: alpha (else recorded, else 1 with a warning)")
+    group.add_argument("--beta", type=_finite_float, default=None, help="reference files: beta (else recorded, else from the file name)")
+    group.add_argument("--gamma", type=_finite_float, default=None, help="reference files: gamma")
+    group.add_argument("--eps", type=_finite_float, default=None, help="reference files: eps")
+    group.add_argument("--alpha", type=_finite_float, default=None, help="reference files: alpha (else recorded, else 1 with a warning)")
     group.add_argument("--solver", default=None, help="reference LipschitzRNN_ODE files: torchdiffeq solver (euler, midpoint, rk4)")
     if task:
         group.add_argument("--task", choices=sorted(TASKS), default=None, help="the task to show/record instead of the recorded one")
