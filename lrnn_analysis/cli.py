@@ -402,6 +402,10 @@ def cmd_stability(args: argparse.Namespace) -> int:
         print(f"note: --task {args.task} is not used: the certificates hold for every input sequence")
     system = subject.lure_system()
     if system is None:
+        from .models.torchnn import find_recurrent_layers
+
+        if find_recurrent_layers(subject.module):
+            return _recurrent_layer_stability(args, subject)
         raise UsageError(f"{args.checkpoint}: {subject.name}: no Lur'e form: no certificate available for this model")
     report = spectrum(system)
     names = args.certificates or list(default_certificates(system))
@@ -428,6 +432,26 @@ def cmd_stability(args: argparse.Namespace) -> int:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
                                "spectrum": report.to_dict(), "certificates": [r.to_dict(include_matrices=args.evidence) for r in results]})
     return 0 if all(r.holds for r in results) else 1
+
+
+def _recurrent_layer_stability(args: argparse.Namespace, subject: ModelUnderAnalysis) -> int:
+    """`lrnn stability` of a model without a Lur'e form of its own that contains torch.nn
+    RNN/LSTM/GRU layers: each layer and each stack of layers is certified (see
+    ``lrnn_analysis.stability.cascade``); how the model combines their states is not."""
+    from .stability import certify_recurrent
+
+    results = certify_recurrent(subject.module, args.certificates, input_bound=args.input_bound, time_budget=args.time_budget)
+    print(f"{args.checkpoint}: {subject.name}: no Lur'e form of the whole model; certifying its torch.nn recurrent "
+          "layers (what the model does with their states is not certified)")
+    rows = [{"module": c.module or "(root)", "kind": c.kind, "layer": layer, **{k: r.to_dict()[k] for k in ("name", "holds", "rate", "reason")}}
+            for c in results for layer, layer_results in enumerate(c.layers) for r in layer_results]
+    print(format_table(rows, ["module", "kind", "layer", "name", "holds", "rate", "reason"]))
+    for cascade in results:
+        print(f"{cascade.module or '(root)'} ({cascade.kind}): {'holds' if cascade.holds else 'fails'}: {cascade.reason}")
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "model": subject.describe(),
+                               "recurrent_layers": [c.to_dict() for c in results]})
+    return 0 if all(c.holds for c in results) else 1
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
@@ -672,6 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     stability.add_argument("--certificates", type=_name_list, default=None,
                            help="comma-separated, e.g. euler-norm,euler-lmi (default: those of the scheme the model runs)")
     stability.add_argument("--time-budget", type=float, default=None, help="seconds for all LMI tiers together")
+    stability.add_argument("--input-bound", type=_finite_float, default=None, metavar="XBAR",
+                           help="torch.nn LSTM/GRU layers: their conditions hold for inputs with ||x_t||_inf <= XBAR")
     stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
     stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
     stability.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")

@@ -154,6 +154,24 @@ def test_stability_of_a_user_rnn_equals_its_hand_built_lure_form(project, tmp_pa
     assert f"{project / 'rnn.pt'}: " in capsys.readouterr().out
 
 
+def test_stability_of_a_user_lstm_certifies_its_layer(project, tmp_path, capsys):
+    from lrnn_analysis.stability import certify_recurrent
+
+    module = load_user_model(_spec(project), project / "lstm.safetensors", {"kind": "lstm"}).module
+    bound = float(np.abs(np.load(project / "data.npz")["x_test"]).max())
+    direct = certify_recurrent(module, input_bound=bound)[0]
+    json_path = tmp_path / "lstm.json"
+    code = main(["stability", "--model", _spec(project), "--model-arg", "kind=lstm", "--weights",
+                 str(project / "lstm.safetensors"), "--input-bound", str(bound), "--json", str(json_path)])
+    assert code == (0 if direct.holds else 1)
+    layers = json.loads(json_path.read_text())["recurrent_layers"]
+    assert [(c["module"], c["kind"], c["holds"], c["reason"]) for c in layers] == [("lstm", "lstm", direct.holds, direct.reason)]
+    assert "no Lur'e form of the whole model; certifying its torch.nn recurrent layers" in capsys.readouterr().out
+    assert main(["stability", "--model", _spec(project), "--model-arg", "kind=lstm", "--weights",
+                 str(project / "lstm.safetensors")]) == 1
+    assert "no certificate without an input bound" in capsys.readouterr().out
+
+
 def test_hessian_of_a_user_model_matches_the_exact_hessian(project, tmp_path):
     json_path = tmp_path / "hessian.json"
     assert main(["hessian", "--model", _spec(project), "--weights", str(project / "rnn.pt"), "--data",
