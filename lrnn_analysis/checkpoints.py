@@ -150,10 +150,16 @@ def load_checkpoint(path: str | Path, **reference_hparams: float | str | None) -
             stream.seek(0)
             looks_like_safetensors = head[8:9] == b"{"  # 8-byte header length, then the JSON header
             if not looks_like_safetensors and (head.startswith(b"PK") or head[:1] == b"\x80"):
-                return _load_torch_file(path, reference_hparams, stream)
-            return _load_safetensors(path, stream, info.st_size)
+                loaded = _load_torch_file(path, reference_hparams, stream)
+            else:
+                loaded = _load_safetensors(path, stream, info.st_size)
         except OSError as error:
             raise CheckpointError(f"{name}: cannot read ({error.strerror or error})") from error
+    given = sorted(k for k, v in reference_hparams.items() if v is not None)
+    if given and loaded.metadata.get("format") != "reference":
+        raise CheckpointError(f"{name}: {', '.join(given)} override(s) apply only to files of the reference "
+                              "implementation; this checkpoint records its own config")
+    return loaded
 
 
 def _check_regular(name: str, info: os.stat_result) -> None:

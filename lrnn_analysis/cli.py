@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointError, IntegrityWarning, display_name, load_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, IntegrityWarning, display_name, save_checkpoint
 from .constraints import CONSTRAINTS, StabilityConstraint
 from .data import MAX_ADDING_LENGTH, MAX_SEED, TASKS, load_task
 from .io import write_csv, write_json
@@ -31,7 +31,7 @@ from .models import ARCHITECTURES, ModelConfig, build_model
 from .outputs import OutputDirectory, check_output_file
 from .models.config import MAX_SIZES
 from .runtime import DEVICE_CHOICES, resolve_device
-from .subject import load_model
+from .subject import ModelUnderAnalysis, load_model
 from .tables import format_table, format_value
 from .training import TrainSettings, spectral_summary, train_model, training_metadata
 
@@ -168,6 +168,105 @@ def _task_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = 
     return load_task(name, seed=seed, **options)
 
 
+REFERENCE_OVERRIDES = ("beta", "gamma", "eps", "alpha", "solver")
+
+
+def _add_model_options(parser: argparse.ArgumentParser, several: bool = False, task: bool = False) -> None:
+    """The options of every command that loads a model: a user module instead of (or, with
+    ``several``, besides) checkpoints, and the hyper-parameter overrides of reference files.
+    ``task`` adds --task for commands that take no other task options."""
+    group = parser.add_argument_group("model to load")
+    group.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                       help="your own model: a .py file or importable module, and the function returning the nn.Module "
+                            "(runs that code)")
+    group.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="keyword argument of FACTORY (repeatable); VALUE is read as a JSON literal "
+                            "(16, 0.1, true, [8, 8], \"text\") when it parses, else as plain text")
+    group.add_argument("--weights", action="append", default=[], metavar="PATH",
+                       help="state dict of --model (.pt/.pth read with weights_only=True, or .safetensors)"
+                            + ("; repeat for several weight files of the same module" if several else ""))
+    group.add_argument("--beta", type=_finite, default=None, help="reference files: beta (else recorded, else from the file name)")
+    group.add_argument("--gamma", type=_finite, default=None, help="reference files: gamma")
+    group.add_argument("--eps", type=_positive, default=None, help="reference files: eps")
+    group.add_argument("--alpha", type=_finite, default=None, help="reference files: alpha (else recorded, else 1 with a warning)")
+    group.add_argument("--solver", default=None, help="reference LipschitzRNN_ODE files: torchdiffeq solver (euler, midpoint, rk4)")
+    if task:
+        group.add_argument("--task", choices=sorted(TASKS), default=None, help="the task to show/record instead of the recorded one")
+
+
+def _reference_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in REFERENCE_OVERRIDES if getattr(args, name) is not None}
+
+
+def _checkpoint_list(args: argparse.Namespace) -> list[str]:
+    checkpoints = getattr(args, "checkpoints", None)
+    if checkpoints is None:
+        checkpoints = [] if args.checkpoint is None else [args.checkpoint]
+    return list(checkpoints)
+
+
+def _input_files(args: argparse.Namespace) -> list[Any]:
+    """Every file the command reads (which its outputs must never replace)."""
+    model_file = None
+    if args.model is not None:
+        from .usermodule import ModelSpec
+
+        model_file = ModelSpec.parse(args.model).path
+    return [*_checkpoint_list(args), *args.weights, model_file, getattr(args, "data_path", None), getattr(args, "data", None)]
+
+
+def _load_models(args: argparse.Namespace) -> list[tuple[str, ModelUnderAnalysis]]:
+    """(label, model) for every checkpoint (with the reference overrides), then for --model: one per
+    --weights file, labelled by it (or by the spec without weights, with a warning)."""
+    checkpoints = _checkpoint_list(args)
+    overrides = _reference_overrides(args)
+    if args.model is None:
+        if args.weights or args.model_arg:
+            raise UsageError("--weights and --model-arg go with --model MODULE:FACTORY")
+        if not checkpoints:
+            raise UsageError("give a checkpoint or --model MODULE:FACTORY --weights PATH")
+    elif overrides and not checkpoints:
+        raise UsageError(f"--{', --'.join(overrides)}: for files of the reference implementation; "
+                         "a --model takes its settings as --model-arg KEY=VALUE")
+    loaded = [(str(path), load_model(path, **overrides)) for path in checkpoints]
+    if args.model is None:
+        return loaded
+    from .usermodule import ModelSpec, load_user_model, parse_model_args
+
+    spec = ModelSpec.parse(args.model)
+    model_args = parse_model_args(args.model_arg, spec.text)
+    repeated = sorted({w for w in args.weights if args.weights.count(w) > 1})
+    if repeated:
+        raise UsageError(f"--weights {repeated[0]} given twice")
+    if not args.weights:
+        subject = load_user_model(spec, None, model_args)
+        _print_warnings([f"no --weights: analysing {spec} with the parameters its factory gives the module"])
+        return loaded + [(spec.text, subject)]
+    return loaded + [(str(path), load_user_model(spec, path, model_args)) for path in args.weights]
+
+
+def _load_subject(args: argparse.Namespace) -> ModelUnderAnalysis:
+    """The one model of a single-model command: its checkpoint, or --model with at most one
+    --weights; ``args.checkpoint`` becomes the label that names it in the output."""
+    if args.checkpoint is not None and args.model is not None:
+        raise UsageError("give either a checkpoint or --model MODULE:FACTORY, not both")
+    if len(args.weights) > 1:
+        raise UsageError(f"lrnn {args.command} analyses one model: give one --weights file (lrnn robustness takes several)")
+    ((label, subject),) = _load_models(args)
+    args.checkpoint = label
+    return subject
+
+
+def _task_for(args: argparse.Namespace, loaded: Sequence[tuple[str, ModelUnderAnalysis]]):
+    """The task of --task/--data, else the one every checkpoint records; a --model records none."""
+    if args.task is None and args.data is None:
+        unrecorded = [label for label, subject in loaded if subject.metadata.get("format") == "user module"]
+        if unrecorded:
+            raise UsageError(f"{unrecorded[0]}: a model built by --model records no task: give --task NAME or --data FILE")
+        return _task_from_args(args, _recorded_task(loaded))
+    return _task_from_args(args, loaded[0][1].metadata.get("task"))
+
+
 def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -265,15 +364,24 @@ def _spectral_line(model) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model, metadata = load_checkpoint(args.checkpoint)
+    subject = _load_subject(args)
+    metadata = dict(subject.metadata)
     if args.json:
-        print(json.dumps(metadata, indent=2, sort_keys=True))
+        print(json.dumps(subject.to_dict() if "user_model" in metadata else metadata, indent=2, sort_keys=True))
         return 0
+    if "user_model" in metadata:
+        _print_user_model(subject, args.task)
+        return 0
+    model = subject.module
     config = model.config.to_dict()
     print(f"checkpoint {display_name(args.checkpoint)} ({metadata.get('format')})")
     print(f"weights_sha256: {metadata['weights_sha256']}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
-    if "task" in metadata:
+    if args.task is not None:
+        recorded = metadata.get("task")
+        print(f"task: {args.task} (from --task; the checkpoint records "
+              f"{recorded.get('name') if recorded else 'none'})")
+    elif "task" in metadata:
         task = metadata["task"]
         print(f"task: {task.get('name')} (split seed {task.get('seed')}, options {task.get('options', {})})")
     if "reference" in metadata:
@@ -292,6 +400,30 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(format_table(log, columns))
     print(_spectral_line(model))
     return 0
+
+
+def _print_user_model(subject: ModelUnderAnalysis, task: str | None) -> None:
+    """What `lrnn info` knows about a --model: spec, arguments, weights, parameters, declared pieces."""
+    source = subject.metadata["user_model"]
+    described = subject.describe()
+    print(f"model {source['model']} ({described['module']}), {described['parameters']} parameters")
+    print("model args: " + (", ".join(f"{k}={v!r}" for k, v in source["model_args"].items()) or "none"))
+    print(f"weights: {source['weights']} (sha256 {source['weights_sha256']})" if source["weights"]
+          else "weights: none (the parameters the factory gives the module)")
+    for name, tensor in subject.module.named_parameters():
+        print(f"  {name}: {tuple(tensor.shape)}")
+    print(f"recurrent parameters: {', '.join(described['recurrent']) or 'none declared'}")
+    system = subject.lure_system()
+    if system is None:
+        print("Lur'e form: none (no stability certificate for this model)")
+    else:
+        from .stability import spectrum
+
+        report = spectrum(system)
+        print(f"Lur'e form: {system.method}, n = {system.n}, slope L = {system.slope:g}; alpha(A) = {report.abscissa_A:+.4f}, "
+              f"||A||_2 = {report.norm_A:.4f}, ||W||_2 = {report.norm_W:.4f}")
+    print(f"task: {task} (from --task; the model records none)" if task is not None
+          else "task: none recorded (give --task or --data to the commands that evaluate)")
 
 
 def _float_list(text: str, parse: Callable[[str], float] = _finite) -> list[float]:
@@ -359,16 +491,15 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
 
     json_path = Path(args.out).with_suffix(".json") if args.json else None
-    inputs = [*args.checkpoints, args.data_path, args.data]
+    inputs = _input_files(args)
     check_output_file(args.out, force=args.force, inputs=inputs)
     if json_path is not None:
         check_output_file(json_path, force=args.force, inputs=inputs, others=[args.out])
     _set_threads(args.threads)
     ranks = _distributed_context(args, resolve_device(args.device))
     device = ranks.device
-    loaded = [(path, load_model(path)) for path in args.checkpoints]
-    explicit = args.task is not None or args.data is not None
-    task = _task_from_args(args, loaded[0][1].metadata.get("task") if explicit else _recorded_task(loaded))
+    loaded = _load_models(args)
+    task = _task_for(args, loaded)
     grid = {kind: getattr(args, option) for option, kind in ROBUSTNESS_OPTIONS.items() if getattr(args, option)}
     if not grid:
         raise UsageError("no perturbation levels given (e.g. --input-noise 0,0.1,0.2)")
@@ -404,10 +535,16 @@ def cmd_stability(args: argparse.Namespace) -> int:
     from .stability import certify, default_certificates, spectrum
 
     if args.json:
-        check_output_file(args.json, force=args.force, inputs=[args.checkpoint])
-    subject = load_model(args.checkpoint)
+        check_output_file(args.json, force=args.force, inputs=_input_files(args))
+    subject = _load_subject(args)
+    if args.task is not None:
+        print(f"note: --task {args.task} is not used: the certificates hold for every input sequence")
     system = subject.lure_system()
     if system is None:
+        from .models.torchnn import find_recurrent_layers
+
+        if find_recurrent_layers(subject.module):
+            return _recurrent_layer_stability(args, subject)
         raise UsageError(f"{args.checkpoint}: {subject.name}: no Lur'e form: no certificate available for this model")
     report = spectrum(system)
     names = args.certificates or list(default_certificates(system))
@@ -436,18 +573,38 @@ def cmd_stability(args: argparse.Namespace) -> int:
     return 0 if all(r.holds for r in results) else 1
 
 
+def _recurrent_layer_stability(args: argparse.Namespace, subject: ModelUnderAnalysis) -> int:
+    """`lrnn stability` of a model without a Lur'e form of its own that contains torch.nn
+    RNN/LSTM/GRU layers: each layer and each stack of layers is certified (see
+    ``lrnn_analysis.stability.cascade``); how the model combines their states is not."""
+    from .stability import certify_recurrent
+
+    results = certify_recurrent(subject.module, args.certificates, input_bound=args.input_bound, time_budget=args.time_budget)
+    print(f"{args.checkpoint}: {subject.name}: no Lur'e form of the whole model; certifying its torch.nn recurrent "
+          "layers (what the model does with their states is not certified)")
+    rows = [{"module": c.module or "(root)", "kind": c.kind, "layer": layer, **{k: r.to_dict()[k] for k in ("name", "holds", "rate", "reason")}}
+            for c in results for layer, layer_results in enumerate(c.layers) for r in layer_results]
+    print(format_table(rows, ["module", "kind", "layer", "name", "holds", "rate", "reason"]))
+    for cascade in results:
+        print(f"{cascade.module or '(root)'} ({cascade.kind}): {'holds' if cascade.holds else 'fails'}: {cascade.reason}")
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "model": subject.describe(),
+                               "recurrent_layers": [c.to_dict() for c in results]})
+    return 0 if all(c.holds for c in results) else 1
+
+
 def cmd_hessian(args: argparse.Namespace) -> int:
     from .distributed import DistributedOperator, shard_batches
     from .evaluation import loss_function
     from .hessian import analyze
 
     if args.json:
-        check_output_file(args.json, force=args.force, inputs=[args.checkpoint, args.data_path, args.data])
+        check_output_file(args.json, force=args.force, inputs=_input_files(args))
     _set_threads(args.threads)
     ranks = _distributed_context(args, resolve_device(args.device))
     device = ranks.device
-    subject = load_model(args.checkpoint)
-    task = _task_from_args(args, subject.metadata.get("task"))
+    subject = _load_subject(args)
+    task = _task_for(args, [(args.checkpoint, subject)])
     subject.check_fits(task, str(args.checkpoint))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = subject.module.to(device=device, dtype=dtype)
@@ -504,12 +661,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .report import AUDIT_WRITER, AuditSettings, run_audit, write_audit_into
 
     gates = list(args.gate)
-    with OutputDirectory(args.out, AUDIT_WRITER, force=args.force, inputs=[args.checkpoint, args.data_path, args.data]) as directory:
+    with OutputDirectory(args.out, AUDIT_WRITER, force=args.force, inputs=_input_files(args)) as directory:
         _set_threads(args.threads)
         device = resolve_device(args.device)
-        overrides = {"beta": args.beta, "gamma": args.gamma, "eps": args.eps, "alpha": args.alpha, "solver": args.solver}
-        subject = load_model(args.checkpoint, **overrides)
-        task = _task_from_args(args, subject.metadata.get("task"))
+        subject = _load_subject(args)
+        task = _task_for(args, [(args.checkpoint, subject)])
         subject.check_fits(task, str(args.checkpoint))
         settings = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
         result = run_audit(subject, task, display_name(args.checkpoint), None, settings, gates, device, progress=not args.quiet)
@@ -675,14 +831,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     info = sub.add_parser("info", help="print a checkpoint's config, metrics and training log")
-    info.add_argument("checkpoint")
+    info.add_argument("checkpoint", nargs="?", default=None)
     info.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    _add_model_options(info, task=True)
     info.set_defaults(handler=cmd_info)
     stability = sub.add_parser("stability", help="spectra and global-stability certificates of a checkpoint")
-    stability.add_argument("checkpoint")
+    stability.add_argument("checkpoint", nargs="?", default=None)
+    _add_model_options(stability, task=True)
     stability.add_argument("--certificates", type=_certificate_list, default=None,
                            help="comma-separated, e.g. euler-norm,euler-lmi (default: those of the scheme the model runs)")
     stability.add_argument("--time-budget", type=_positive, default=None, help="seconds for all LMI tiers together")
+    stability.add_argument("--input-bound", type=_positive, default=None, metavar="XBAR",
+                           help="torch.nn LSTM/GRU layers: their conditions hold for inputs with ||x_t||_inf <= XBAR")
     stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
     stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
     stability.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
@@ -714,7 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
     cert.set_defaults(handler=cmd_certify)
 
     hess = sub.add_parser("hessian", help="loss Hessian: extreme eigenvalues, trace with CI, spectral density")
-    hess.add_argument("checkpoint")
+    hess.add_argument("checkpoint", nargs="?", default=None)
+    _add_model_options(hess)
     _add_task_options(hess, required=False)
     _add_data_option(hess)
     hess.add_argument("--split", choices=("train", "val", "test"), default="train")
@@ -744,7 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
     hess.set_defaults(handler=cmd_hessian)
 
     audit = sub.add_parser("audit", help="stability, Hessian and robustness report of one checkpoint, with gates")
-    audit.add_argument("checkpoint")
+    audit.add_argument("checkpoint", nargs="?", default=None)
+    _add_model_options(audit)
     _add_task_options(audit, required=False)
     _add_data_option(audit)
     audit.add_argument("--gate", type=_gate, action="append", default=[], metavar="KIND=VALUE",
@@ -753,11 +915,6 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--force", action="store_true", help="also replace a report another lrnn command wrote")
     audit.add_argument("--thorough", action="store_true", help="paper-grade settings (slow)")
     audit.add_argument("--seed", type=_seed, default=0)
-    audit.add_argument("--beta", type=_finite, default=None, help="reference state dicts: beta (else from the file name)")
-    audit.add_argument("--gamma", type=_finite, default=None, help="reference state dicts: gamma")
-    audit.add_argument("--eps", type=_positive, default=None, help="reference state dicts: eps")
-    audit.add_argument("--alpha", type=_finite, default=None, help="reference files: alpha (else recorded, else 1 with a warning)")
-    audit.add_argument("--solver", default=None, help="reference LipschitzRNN_ODE files: torchdiffeq solver (euler, midpoint)")
     _add_run_options(audit)
     audit.set_defaults(handler=cmd_audit)
 
@@ -770,7 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.set_defaults(handler=cmd_reproduce)
 
     robust = sub.add_parser("robustness", help="accuracy under input and parameter perturbations (tidy CSV)")
-    robust.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    robust.add_argument("checkpoints", nargs="*", metavar="CKPT")
+    _add_model_options(robust, several=True)
     _add_task_options(robust, required=False)
     _add_data_option(robust)
     robust.add_argument("--input-noise", type=_levels("gaussian"), default=None, help="Gaussian input noise sigmas, e.g. 0,0.1,0.2,0.3")
@@ -783,9 +941,11 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--hessian-k", type=_int_in(1, MAX_EIGENPAIRS), default=1, help="number of top eigenvectors spanning the directions")
     recurrent = robust.add_mutually_exclusive_group()
     recurrent.add_argument("--recurrent-only", action="store_true",
-                           help="parameter perturbations only on each model's declared recurrent parameters (toolkit models: M_A, M_W)")
+                           help="parameter perturbations only on each model's declared recurrent parameters (toolkit models: "
+                                "M_A, M_W; torch.nn RNN/LSTM/GRU layers: weight_hh_*; a module's recurrent_parameters)")
     recurrent.add_argument("--recurrent", type=_name_list, default=None, metavar="PATTERNS",
-                           help="parameter perturbations only on the parameters these comma-separated globs match (each must match)")
+                           help="parameter perturbations only on the parameters these comma-separated globs over parameter "
+                                "names match, e.g. 'rnn.weight_hh_*' (each must match)")
     robust.add_argument("--seeds", type=_int_in(1, 1000), default=5, help="number of seeds (0..N-1)")
     robust.add_argument("--split", choices=("train", "val", "test"), default="test")
     robust.add_argument("--max-samples", type=_int_in(1, 10**8), default=None)

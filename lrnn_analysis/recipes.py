@@ -1,8 +1,14 @@
 """Declarative analysis recipes (``analyses/*.toml``) and the runner behind ``lrnn reproduce``.
 
 A recipe names checkpoints, a task, one analysis, its settings, a seed and an output
-stem. Relative checkpoint paths are resolved against the project root, the parent of the
-folder holding the recipe. Running it writes ``<out>/<output>.csv`` (the tidy table),
+stem. Instead of (or besides) checkpoints it may name your own model, ``model =
+"mymodels.py:build"`` (a ``.py`` file or importable module and the function returning the
+``nn.Module``, see :mod:`lrnn_analysis.usermodule`), its ``model_args = {hidden = 16}`` and
+``weights = ["runA.pt", "runB.pt"]`` (one model per state-dict file); and instead of a task,
+``data = "mydata.npz"`` (see :mod:`lrnn_analysis.userdata`). Without ``task`` or ``data``, the
+checkpoints are scored on the task they all record (an error when they differ, or when a
+``model`` is named: it records none). Relative paths (checkpoints, the model file, weights,
+data) are resolved against the project root, the parent of the folder holding the recipe. Running it writes ``<out>/<output>.csv`` (the tidy table),
 ``<output>.json`` (table, settings, seed, versions, device, timing) and
 ``<output>.png``/``.pdf`` (the figure drawn from the table).
 
@@ -22,10 +28,11 @@ its recipes' files into one staging directory that replaces ``--out`` at the end
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +49,8 @@ from .runtime import environment
 from .stability import CERTIFICATES, phase_diagram
 from .stability.parameterization import PARAMETERIZATION_TESTS
 from .subject import ModelUnderAnalysis, load_model
+from .userdata import load_data
+from .usermodule import ModelSpec, import_factory, load_user_model
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +58,7 @@ else:
     import tomli as tomllib
 
 RECIPE_KEYS = {"name", "analysis", "task", "task_options", "split_seed", "checkpoints", "labels", "seed", "output",
-               "settings", "description"}
+               "settings", "description", "model", "model_args", "weights", "data"}
 
 
 @dataclass(frozen=True)
@@ -66,36 +75,76 @@ class Recipe:
     seed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    model: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    weights: tuple[str, ...] = ()
+    data: str | None = None
+    recorded_task: dict[str, Any] | None = None
 
     @property
     def root(self) -> Path:
         return self.path.resolve().parent.parent
 
+    def _resolve(self, path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else self.root / path
+
     def checkpoint_paths(self) -> list[Path]:
-        return [p if p.is_absolute() else self.root / p for p in map(Path, self.checkpoints)]
+        return [self._resolve(c) for c in self.checkpoints]
+
+    def weight_paths(self) -> list[Path]:
+        return [self._resolve(w) for w in self.weights]
+
+    def data_path(self) -> Path | None:
+        return None if self.data is None else self._resolve(self.data)
+
+    def model_spec(self) -> ModelSpec | None:
+        return None if self.model is None else ModelSpec.parse(self.model, self.root)
+
+    def sources(self) -> tuple[str, ...]:
+        """Each model as written in the recipe: its checkpoints, then one per weights file of
+        ``model`` (or ``model`` itself without weights)."""
+        own = (self.weights or (self.model,)) if self.model is not None else ()
+        return (*self.checkpoints, *own)
 
     def model_labels(self) -> tuple[str, ...]:
-        """The labels given, else each checkpoint's file stem, else (when two stems are equal,
-        e.g. runA/model.pt and runB/model.pt) each checkpoint as written in the recipe."""
+        """The labels given, else each model's file stem, else (when two stems are equal,
+        e.g. runA/model.pt and runB/model.pt) each model as written in the recipe."""
         if self.labels:
             return self.labels
-        stems = tuple(Path(c).stem for c in self.checkpoints)
-        return stems if len(set(stems)) == len(stems) else self.checkpoints
+        sources = self.sources()
+        stems = tuple(s if s == self.model else Path(s).stem for s in sources)
+        return stems if len(set(stems)) == len(stems) else sources
 
     def stems(self) -> list[str]:
         """The file stems this recipe writes (each as .csv and .json, some also as .png and .pdf)."""
         return [f"{self.output}{suffix}" for suffix in STEM_SUFFIXES[self.analysis]]
 
     def inputs(self) -> list[Path]:
-        """Files the recipe reads: its checkpoints and a data file named in its task options."""
+        """Files the recipe reads: its checkpoints, the model file, weights, data file and a data
+        file named in its task options."""
         data = self.task_options.get("path")
-        return self.checkpoint_paths() + ([Path(data)] if isinstance(data, str) else [])
+        spec = self.model_spec()
+        return (self.checkpoint_paths() + self.weight_paths() + ([Path(data)] if isinstance(data, str) else [])
+                + [p for p in (self.data_path(), spec.path if spec is not None else None) if p is not None])
+
+    def load_task(self) -> Task:
+        """The data file, else the named task, else the task every checkpoint records."""
+        if self.data is not None:
+            return load_data(self.data_path())
+        if self.task is not None:
+            return load_task(self.task, seed=self.split_seed, **self.task_options)
+        if self.recorded_task is None:
+            raise ValueError(f"{self.path}: task: no task, data or recorded task")
+        record = self.recorded_task
+        return load_task(record["name"], seed=record.get("seed", 0), **record.get("options", {}))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "analysis": self.analysis, "output": self.output, "path": str(self.path),
                 "task": self.task, "task_options": self.task_options, "split_seed": self.split_seed,
                 "checkpoints": list(self.checkpoints), "labels": list(self.labels), "seed": self.seed,
-                "settings": self.settings, "description": self.description}
+                "settings": self.settings, "description": self.description, "model": self.model,
+                "model_args": self.model_args, "weights": list(self.weights), "data": self.data,
+                "recorded_task": self.recorded_task}
 
 
 @dataclass(frozen=True)
@@ -216,7 +265,7 @@ SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
     "certificates": {"certificates": _names(CERTIFICATES), "time_budget": _number(1e-3, 1e6)},
     "hessian": {**_BATCHES, "params": _string, "trace_matvecs": _integer(1, 100_000), "density": _boolean,
                 "density_probes": _integer(1, 1000), "density_steps": _integer(1, 10_000)},
-    "robustness": {"grid": _grid_setting, "recurrent_only": _boolean, "hessian_k": _integer(1, 100),
+    "robustness": {"grid": _grid_setting, "recurrent_only": _boolean, "recurrent": _string, "hessian_k": _integer(1, 100),
                    "seeds": _integer(1, 1000), "split": _choice(SPLITS), "max_samples": _integer(1, 10_000_000)},
     "phase-diagram": {"betas": _axis_setting(2), "gammas": _axis_setting(2), "radius": _number(0.0, 1e12),
                       "eps": _number(0.0, 1e12), "slope": _number(0.0, 1e12), "tests": _names(PARAMETERIZATION_TESTS),
@@ -264,8 +313,22 @@ def load_recipe(path: str | Path) -> Recipe:
     task = data.get("task")
     if task is not None and task not in TASKS:
         raise _fail(path, "task", f"unknown task {task!r}; expected one of {sorted(TASKS)}")
-    if task is None and analysis in NEEDS_TASK:
-        raise _fail(path, "task", f"analysis {analysis} needs a task")
+    user_data = data.get("data")
+    if user_data is not None:
+        _string(path, "data", user_data)
+        if task is not None or "task_options" in data or "split_seed" in data:
+            raise _fail(path, "data", "give either task (with task_options, split_seed) or data, not both")
+    model = data.get("model")
+    model_args = data.get("model_args", {})
+    weights = data.get("weights", [])
+    if model is None and ("model_args" in data or "weights" in data):
+        raise _fail(path, "model", "model_args and weights go with model = \"MODULE:FACTORY\"")
+    if model is not None:
+        _string(path, "model", model)
+    if not isinstance(model_args, dict) or not all(isinstance(k, str) and k.isidentifier() for k in model_args):
+        raise _fail(path, "model_args", f"expected a table of keyword arguments, got {model_args!r}")
+    if "weights" in data:
+        _strings(path, "weights", weights)
     task_options = data.get("task_options", {})
     if not isinstance(task_options, dict):
         raise _fail(path, "task_options", "expected a table")
@@ -273,15 +336,13 @@ def load_recipe(path: str | Path) -> Recipe:
     seed = _integer(0, 2**63 - 1)(path, "seed", data.get("seed", 0))
     checkpoints = data.get("checkpoints", [])
     if analysis in WITHOUT_CHECKPOINTS:
-        if checkpoints or "labels" in data:
-            raise _fail(path, "checkpoints", f"analysis {analysis} takes no checkpoints or labels")
-    else:
+        if checkpoints or "labels" in data or model is not None or user_data is not None:
+            raise _fail(path, "checkpoints", f"analysis {analysis} takes no checkpoints, model, labels or data")
+    elif "checkpoints" in data or model is None:
         _strings(path, "checkpoints", checkpoints)
     labels = data.get("labels", [])
     if "labels" in data:
         _strings(path, "labels", labels)
-        if len(labels) != len(checkpoints):
-            raise _fail(path, "labels", f"{len(labels)} labels for {len(checkpoints)} checkpoints")
     settings = data.get("settings", {})
     if not isinstance(settings, dict):
         raise _fail(path, "settings", "expected a table")
@@ -296,21 +357,53 @@ def load_recipe(path: str | Path) -> Recipe:
         cells = _axis_points(path, "settings.betas", settings["betas"]) * _axis_points(path, "settings.gammas", settings["gammas"])
         if cells > MAX_GRID_CELLS:
             raise _fail(path, "settings", f"betas x gammas is {cells} cells; at most {MAX_GRID_CELLS}")
+    if settings.get("recurrent_only") and "recurrent" in settings:
+        raise _fail(path, "settings.recurrent", "give recurrent (patterns) or recurrent_only (the declared ones), not both")
     recipe = Recipe(name=name, analysis=analysis, output=output, path=path, task=task, task_options=dict(task_options),
                     split_seed=split_seed, checkpoints=tuple(checkpoints), labels=tuple(labels), seed=seed,
-                    settings=dict(settings), description=description)
-    for checkpoint in recipe.checkpoint_paths():
-        if not checkpoint.is_file():
-            raise _fail(path, "checkpoints", f"{checkpoint} is not an existing file")
+                    settings=dict(settings), description=description, model=model, model_args=dict(model_args),
+                    weights=tuple(weights), data=user_data)
+    if labels and len(labels) != len(recipe.sources()):
+        raise _fail(path, "labels", f"{len(labels)} labels for {len(recipe.sources())} models (checkpoints, then weights)")
+    for key, files in (("checkpoints", recipe.checkpoint_paths()), ("weights", recipe.weight_paths()),
+                       ("data", [recipe.data_path()] if user_data is not None else [])):
+        for file in files:
+            if not file.is_file():
+                raise _fail(path, key, f"{file} is not an existing file")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise _fail(path, "labels", f"duplicate labels {repeated}: give each model its own label")
+    for key, given in (("checkpoints", recipe.checkpoints), ("weights", recipe.weights)):
+        repeated = sorted({c for c in given if given.count(c) > 1})
+        if repeated:
+            raise _fail(path, key, f"duplicate {key} {repeated}")
+    if model is not None:
+        try:
+            import_factory(recipe.model_spec())
+        except ValueError as error:
+            raise _fail(path, "model", str(error)) from None
+    if task is None and user_data is None and analysis in NEEDS_TASK:
+        recipe = replace(recipe, recorded_task=_recorded_task(recipe))
     model_labels = recipe.model_labels()
     repeated = sorted({label for label in model_labels if model_labels.count(label) > 1})
     if repeated:
         raise _fail(path, "labels" if labels else "checkpoints",
                     f"the model label(s) {repeated} occur more than once (give each checkpoint its own label)")
-    repeated = sorted({c for c in recipe.checkpoints if recipe.checkpoints.count(c) > 1})
-    if repeated:
-        raise _fail(path, "checkpoints", f"duplicate checkpoints {repeated}")
     return recipe
+
+
+def _recorded_task(recipe: Recipe) -> dict[str, Any]:
+    """The task every checkpoint of a recipe without ``task`` or ``data`` records (each would be
+    scored on its own): an error when one records none, they differ, or a ``model`` is named."""
+    where = f"analysis {recipe.analysis} needs a task"
+    if recipe.model is not None:
+        raise _fail(recipe.path, "task", f"{where}: model {recipe.model} records none; give task or data")
+    records = {c: load_model(p).metadata.get("task") for c, p in zip(recipe.checkpoints, recipe.checkpoint_paths())}
+    distinct = {json.dumps(r, sort_keys=True) for r in records.values()}
+    if None in records.values() or len(distinct) > 1:
+        listed = ", ".join(f"{c} ({'none' if r is None else r.get('name')})" for c, r in records.items())
+        raise _fail(recipe.path, "task", f"{where}: the checkpoints record {listed}; give task or data")
+    return next(iter(records.values()))
 
 
 def check_recipe_set(recipes: Sequence[Recipe]) -> None:
@@ -337,14 +430,21 @@ class _Context:
     def setting(self, key: str, default: Any) -> Any:
         return self.recipe.settings.get(key, default)
 
-    def entries(self) -> list[tuple[str, Path, ModelUnderAnalysis]]:
-        """(label, checkpoint path, model) per checkpoint, in recipe order (labels are unique)."""
-        entries = []
-        for label, path in zip(self.recipe.model_labels(), self.recipe.checkpoint_paths()):
-            subject = load_model(path, name=label)
+    def entries(self) -> list[tuple[str, Path | str, ModelUnderAnalysis]]:
+        """(label, file, model) per checkpoint, then per weights file of the recipe's ``model`` (the
+        spec itself when it has none), in recipe order (labels are unique)."""
+        labels = self.recipe.model_labels()
+        checkpoints = self.recipe.checkpoint_paths()
+        entries: list[tuple[str, Path | str, ModelUnderAnalysis]] = [
+            (label, path, load_model(path, name=label)) for label, path in zip(labels, checkpoints)]
+        spec = self.recipe.model_spec()
+        if spec is not None:
+            for label, weights in zip(labels[len(checkpoints):], self.recipe.weight_paths() or [None]):
+                subject = load_user_model(spec, weights, self.recipe.model_args, name=label)
+                entries.append((label, weights if weights is not None else spec.text, subject))
+        for label, _, subject in entries:
             subject.module.to(self.device).eval()
             self.hashes[label] = subject.metadata.get("weights_sha256")
-            entries.append((label, path, subject))
         return entries
 
     def models(self) -> dict[str, ModelUnderAnalysis]:
@@ -354,7 +454,7 @@ class _Context:
         return {label: dict(subject.metadata) for label, _, subject in self.entries()}
 
     def task(self) -> Task:
-        return load_task(self.recipe.task, seed=self.recipe.split_seed, **self.recipe.task_options)
+        return self.recipe.load_task()
 
     def batches(self, task: Task) -> list[tuple[torch.Tensor, torch.Tensor]]:
         split = getattr(task, self.setting("split", "train"))
@@ -419,17 +519,18 @@ def _robustness(ctx: _Context) -> tuple[list[str], str]:
     task = ctx.task()
     grid = ctx.setting("grid", {})
     recurrent_only = bool(ctx.setting("recurrent_only", False))
+    recurrent = ctx.setting("recurrent", None)
     models = []
     for label, path, model in ctx.entries():
         directions = None
         if "hessian-direction" in grid:
             model.check_fits(task, str(path))
-            names = recurrent_parameter_names(model) if recurrent_only else None
+            names = recurrent_parameter_names(model, recurrent) if recurrent_only or recurrent else None
             directions = hessian_directions(model, task, int(ctx.setting("hessian_k", 1)), params=names, seed=ctx.recipe.seed)
         models.append(SweepModel(label, str(path), model, directions))
     result = sweep(models, task, grid, int(ctx.setting("seeds", 5)), split=ctx.setting("split", "test"),
                    device=ctx.device, max_samples=ctx.setting("max_samples", None),
-                   recurrent_only=recurrent_only, progress=ctx.progress)
+                   recurrent_only=recurrent_only, recurrent=recurrent, progress=ctx.progress)
     ctx.warnings += list(result.warnings)
     written = ctx.write(result.rows, plots.plot_robustness(result.summary), {"summary": result.summary, "settings": result.settings,
                                                                            "warnings": list(result.warnings)})

@@ -387,7 +387,7 @@ SPECTRA = 'name = "s"\nanalysis = "spectra"\noutput = "s"\n'
     (SPECTRA + 'checkpoints = ["models/tiny.safetensors"]\n[settings]\nbatches = 2\n', "settings.batches"),
     ('name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
      '[settings]\nbatches = -1\n', "settings.batches"),
-    ('name = "h"\nanalysis = "hessian"\noutput = "h"\ncheckpoints = ["models/tiny.safetensors"]\n', "task"),
+    ('name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "nonsense"\ncheckpoints = ["models/tiny.safetensors"]\n', "task"),
     ('name = "l"\nanalysis = "landscape"\noutput = "l"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
      '[settings]\nsteps = {linspace = [-1.0, 1.0, 100000000]}\n', "settings.steps.linspace count"),
     (phase_recipe("p", "p").replace("gammas = [0.5, 1.0]", "gammas = {linspace = [0.0, 1.0, 10001]}")

@@ -60,6 +60,10 @@ def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any])
     if "n_units" in pickled and "units" in parsed and pickled["n_units"] != parsed["units"]:
         _warn(notes, f"{path.name}: the pickle records n_units = {pickled['n_units']} but the file name says {parsed['units']}")
     model_name = identify_model(set(state), overrides.get("model") or pickled.get("model", parsed.get("model")))
+    unused = [k for k in HPARAMS if overrides.get(k) is not None and k not in MODEL_HPARAMS[model_name]]
+    if unused:
+        _warn(notes, f"{path.name}: the override(s) {', '.join(unused)} do not apply to a {model_name} model "
+                     f"(its hyper-parameters: {', '.join(MODEL_HPARAMS[model_name]) or 'none'}); ignored")
     values, sources = {}, {}
     for key in MODEL_HPARAMS[model_name]:
         for source, table in ((SOURCE_OVERRIDE, overrides), (SOURCE_PICKLE, pickled), (SOURCE_NAME, parsed)):
