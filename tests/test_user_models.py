@@ -315,7 +315,7 @@ def test_recipe_keys_models_by_path(tmp_path, digits_task):
                                                            ("runB/model.safetensors", accuracies[1])]
     (recipes / "dup.toml").write_text('name = "d"\nanalysis = "spectra"\noutput = "d"\n'
                                       'checkpoints = ["runA/model.safetensors", "runB/model.safetensors"]\nlabels = ["x", "x"]\n')
-    with pytest.raises(ValueError, match="labels: the model label\\(s\\) \\['x'\\] occur more than once"):
+    with pytest.raises(ValueError, match="labels: duplicate labels \\['x'\\]"):
         load_recipe(recipes / "dup.toml")
 
 
