@@ -368,7 +368,6 @@ class _Context:
                               "environment": environment(self.device)})
         if figure is not None:
             plots.save_figure(figure, self.out.staging / stem)
-            plots.plt.close(figure)
         self.files += names
         return [str(self.out.target / name) for name in names]
 

@@ -255,7 +255,6 @@ def _figures(result: AuditResult, out: OutputDirectory) -> dict[str, str]:
             for suffix in plots.FIGURE_SUFFIXES:
                 out.path(f"{name}{suffix}")
             plots.save_figure(figure, out.staging / name)
-            plots.plt.close(figure)
             drawn[name] = f"{name}.png"
     return drawn
 
