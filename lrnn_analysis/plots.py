@@ -498,7 +498,7 @@ def _facet_lines(frame: pd.DataFrame, panel_column: str, x: str, y: str, options
             panel.set_ylabel(ylabel)
             panel.set_title(options.title(value, default_titles.get(value, str(value))))
             if band is not None:
-                panel.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+                panel.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
         handles, names = _legend_entries(canvas.axes)
         if band is not None:
             handles = [(Patch(facecolor=h.get_color(), alpha=0.18, linewidth=0), h) for h in handles]
