@@ -277,7 +277,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     if args.figure is not None:
         from .plots import plot_robustness
 
-        _write_figure(plot_robustness(result.summary), args.figure)
+        _write_figure(plot_robustness(result.summary, "accuracy" if task.is_classification else "loss"), args.figure)
     _print_warnings(result.warnings)
     return 0
 

@@ -475,9 +475,9 @@ def plot_density(rows: Table, *, labels: Mapping[str, str] | None = None, colors
 
 def _facet_lines(frame: pd.DataFrame, panel_column: str, x: str, y: str, options: _Options, canvas: _Canvas,
                  xlabel: Mapping[str, str] | str, ylabel: str, default_titles: Mapping[str, str],
-                 band: str | None = None) -> Figure:
+                 band: str | None = None, clip: tuple[float, float] = (-np.inf, np.inf), percent: bool = False) -> Figure:
     """One panel per value of ``panel_column``, one styled line per model, with a +-``band``
-    shade clipped to [0, 1] (accuracies) in the line's colour."""
+    shade clipped to ``clip`` (accuracies: [0, 1]) in the line's colour."""
     styles = options.styles()
     with canvas.draw():
         for panel, value in zip(canvas.axes, options.panels):
@@ -490,14 +490,14 @@ def _facet_lines(frame: pd.DataFrame, panel_column: str, x: str, y: str, options
                                      markevery=max(1, len(sub) // 8), **styles[model])
                 if band is not None:
                     half = sub[band].fillna(0).to_numpy(float)
-                    shade = panel.fill_between(sub[x], np.clip(mean - half, 0.0, 1.0), np.clip(mean + half, 0.0, 1.0),
+                    shade = panel.fill_between(sub[x], np.clip(mean - half, *clip), np.clip(mean + half, *clip),
                                                color=styles[model]["color"], alpha=0.18, linewidth=0)
                     shade.set_gid(f"band:{model}")
                     line.set_gid(f"line:{model}")
             panel.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel.get(value, str(value)))
             panel.set_ylabel(ylabel)
             panel.set_title(options.title(value, default_titles.get(value, str(value))))
-            if band is not None:
+            if percent:
                 panel.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
         handles, names = _legend_entries(canvas.axes)
         if band is not None:
@@ -506,18 +506,28 @@ def _facet_lines(frame: pd.DataFrame, panel_column: str, x: str, y: str, options
     return canvas.figure
 
 
-def plot_robustness(summary: Table, *, labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,
-                    titles: Mapping[str, str] | None = None, figsize: tuple[float, float] | None = None,
-                    ax: Axes | None = None, axes: Sequence[Axes] | None = None) -> Figure:
-    """Accuracy against perturbation level, one panel per perturbation kind (panel keys: the
-    kinds, titled by :data:`PERTURBATION_TITLES`), one line per model with its 95% CI band over
-    seeds, clipped to [0, 1]. Rows: (model, perturbation, level, accuracy_mean, accuracy_ci95)."""
-    frame = _frame(summary, ["model", "perturbation", "level", "accuracy_mean", "accuracy_ci95"])
+def plot_robustness(summary: Table, metric: str = "accuracy", *, labels: Mapping[str, str] | None = None,
+                    colors: Mapping[str, Any] | None = None, titles: Mapping[str, str] | None = None,
+                    figsize: tuple[float, float] | None = None, ax: Axes | None = None,
+                    axes: Sequence[Axes] | None = None) -> Figure:
+    """Accuracy (or, with ``metric="loss"``, the loss: regression tasks have no accuracy) against
+    perturbation level, one panel per perturbation kind (panel keys: the kinds, titled by
+    :data:`PERTURBATION_TITLES`), one line per model with its 95% CI band over seeds, clipped to
+    [0, 1] (losses: to >= 0). Rows: (model, perturbation, level, <metric>_mean, <metric>_ci95)."""
+    if metric not in ("accuracy", "loss"):
+        raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+    mean, half = f"{metric}_mean", f"{metric}_ci95"
+    frame = _frame(summary, ["model", "perturbation", "level", mean, half])
+    if pd.to_numeric(frame[mean], errors="coerce").isna().all():
+        raise ValueError(f"the table has no {mean} values (a regression task has no accuracy: use metric='loss')")
     kinds = list(dict.fromkeys(frame["perturbation"]))
     options = _Options(list(dict.fromkeys(frame["model"])), kinds, labels, colors, titles)
     canvas = _Canvas(len(kinds), kinds, ax, axes, figsize, (4.0, 3.0))
-    return _facet_lines(frame, "perturbation", "level", "accuracy_mean", options, canvas, PERTURBATION_UNITS,
-                        "test accuracy (%)", PERTURBATION_TITLES, band="accuracy_ci95")
+    if metric == "accuracy":
+        return _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
+                            "test accuracy (%)", PERTURBATION_TITLES, band=half, clip=(0.0, 1.0), percent=True)
+    return _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
+                        "test loss", PERTURBATION_TITLES, band=half, clip=(0.0, np.inf))
 
 
 def plot_landscape_1d(rows: Table, *, labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,

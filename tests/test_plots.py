@@ -180,26 +180,44 @@ def test_certify_figure_is_written_checked_up_front_and_never_replaces_a_user_fi
 
 
 @pytest.fixture
-def checkpoint(tmp_path):
+def checkpoints(tmp_path):
     from lrnn_analysis.checkpoints import save_checkpoint
     from lrnn_analysis.models import ModelConfig, build_model
 
-    model = build_model(ModelConfig("lipschitz", 1, 6, 10, eps=0.1, gamma_a=1.0, gamma_w=0.0, init_std=0.1), seed=0)
-    return save_checkpoint(tmp_path / "m.safetensors", model, {"task": {"name": "digits", "seed": 0, "options": {}}})
+    digits = build_model(ModelConfig("lipschitz", 1, 6, 10, eps=0.1, gamma_a=1.0, gamma_w=0.0, init_std=0.1), seed=0)
+    adding = build_model(ModelConfig("lipschitz", 2, 4, 1, eps=0.1), seed=0)
+    return (save_checkpoint(tmp_path / "digits.safetensors", digits, {"task": {"name": "digits", "seed": 0, "options": {}}}),
+            save_checkpoint(tmp_path / "adding.safetensors", adding,
+                            {"task": {"name": "adding", "seed": 0, "options": {"length": 5}}}))
 
 
-def test_robustness_and_hessian_figures(checkpoint, tmp_path, capsys):
-    robust = ["robustness", str(checkpoint), "--input-noise", "0,0.1", "--seeds", "2", "--max-samples", "50",
+def test_robustness_and_hessian_figures(checkpoints, tmp_path, capsys):
+    digits, adding = checkpoints
+    robust = ["robustness", str(digits), "--input-noise", "0,0.1", "--seeds", "2", "--max-samples", "50",
               "--out", str(tmp_path / "r.csv"), "--quiet"]
     assert main(robust + ["--figure", str(tmp_path / "r.gif")]) == 2 and not (tmp_path / "r.csv").exists()
     assert main(robust + ["--figure", str(tmp_path / "r.csv")]) == 2
     assert main(robust + ["--figure", str(tmp_path / "r.svg")]) == 0
     assert (tmp_path / "r.svg").read_bytes().lstrip().startswith(b"<?xml") and (tmp_path / "r.csv").exists()
+    regression = ["robustness", str(adding), "--param-noise", "0,0.1", "--seeds", "2", "--max-samples", "20",
+                  "--out", str(tmp_path / "a.csv"), "--figure", str(tmp_path / "a.png"), "--quiet"]
+    assert main(regression) == 0 and (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
     capsys.readouterr()
-    hessian = ["hessian", str(checkpoint), "--batch-size", "16", "--quiet"]
+    hessian = ["hessian", str(adding), "--batch-size", "16", "--quiet"]
     assert main(hessian + ["--figure", str(tmp_path / "d.png")]) == 2
     assert "--density" in capsys.readouterr().err
-    assert main(hessian + ["--density", "--figure", str(tmp_path / "d.png")]) == 0
-    assert (tmp_path / "d.png").read_bytes().startswith(b"\x89PNG")
-    assert main(hessian + ["--density", "--figure", str(tmp_path / "d.png")]) == 2
+    assert main(hessian + ["--density", "--figure", str(tmp_path / "d.pdf")]) == 0
+    assert b"/FontFile2" in (tmp_path / "d.pdf").read_bytes()
+    assert main(hessian + ["--density", "--figure", str(tmp_path / "d.pdf")]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_robustness_of_a_regression_task_draws_the_loss():
+    summary = [{**row, "accuracy_mean": None, "accuracy_ci95": None, "loss_mean": 0.01 + row["level"], "loss_ci95": 0.05}
+               for row in _summary()]
+    with pytest.raises(ValueError, match="metric='loss'"):
+        plots.plot_robustness(summary)
+    figure = plots.plot_robustness(summary, "loss")
+    assert figure.axes[0].get_ylabel() == "test loss"
+    band = next(c for c in figure.axes[0].collections if c.get_gid() == "band:a")
+    assert np.concatenate([p.vertices[:, 1] for p in band.get_paths()]).min() == 0.0
