@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from matplotlib.legend_handler import HandlerTuple
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import Formatter
 
 from .outputs import atomic_write
 from .stability.spectra import STABILITY_POLYNOMIALS, stability_polynomial
@@ -498,12 +498,26 @@ def _facet_lines(frame: pd.DataFrame, panel_column: str, x: str, y: str, options
             panel.set_ylabel(ylabel)
             panel.set_title(options.title(value, default_titles.get(value, str(value))))
             if percent:
-                panel.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+                panel.yaxis.set_major_formatter(_Percent())
         handles, names = _legend_entries(canvas.axes)
         if band is not None:
             handles = [(Patch(facecolor=h.get_color(), alpha=0.18, linewidth=0), h) for h in handles]
         canvas.legend(handles, names, title="mean over seeds, 95% CI shaded" if band is not None else None)
     return canvas.figure
+
+
+class _Percent(Formatter):
+    """Fractions as percentages, with the fewest decimals that show the tick spacing exactly."""
+
+    ticks: Sequence[float] = ()
+
+    def set_locs(self, locs: Sequence[float]) -> None:
+        self.ticks = list(locs)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        step = 100 * float(np.min(np.diff(self.ticks))) if len(self.ticks) > 1 else 100.0
+        decimals = next((d for d in range(4) if abs(round(step, d) - step) < 1e-6 * max(step, 1e-12)), 3)
+        return f"{100 * x:.{decimals}f}%"
 
 
 def plot_robustness(summary: Table, metric: str = "accuracy", *, labels: Mapping[str, str] | None = None,
@@ -540,7 +554,7 @@ def plot_landscape_1d(rows: Table, *, labels: Mapping[str, str] | None = None, c
     options = _Options(list(dict.fromkeys(frame["model"])), directions, labels, colors, titles)
     canvas = _Canvas(len(directions), directions, ax, axes, figsize, (4.0, 3.0))
     return _facet_lines(frame, "direction", "t", "loss", options, canvas, "step t in θ* + t·d", "training loss",
-                        {d: str(d).capitalize() for d in directions})
+                        {d: str(d)[:1].upper() + str(d)[1:] for d in directions})
 
 
 def plot_landscape_2d(rows: Table, *, labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,
