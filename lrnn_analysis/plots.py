@@ -25,7 +25,7 @@ TrueType fonts in PDF and PostScript (``pdf.fonttype = ps.fonttype = 42``).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -211,7 +211,7 @@ class _Canvas:
         if not handles:
             return
         options = dict(handler_map={tuple: HandlerTuple(ndivide=1)}, title=title)
-        with style() if self.owned else _unchanged():
+        with style() if self.owned else nullcontext():
             if not self.owned or inside:
                 self.axes[-1].legend(handles, labels, loc="best", fontsize="small", title_fontsize="small", **options)
             elif self.free_slot is not None:
@@ -225,12 +225,7 @@ class _Canvas:
 
     def draw(self):
         """Context for drawing: the toolkit's style on a figure this call created, else the caller's rcParams."""
-        return style() if self.owned else _unchanged()
-
-
-@contextmanager
-def _unchanged() -> Iterator[None]:
-    yield
+        return style() if self.owned else nullcontext()
 
 
 def _legend_entries(axes: Sequence[Axes]) -> tuple[list[Any], list[str]]:

@@ -221,3 +221,18 @@ def test_robustness_of_a_regression_task_draws_the_loss():
     assert figure.axes[0].get_ylabel() == "test loss"
     band = next(c for c in figure.axes[0].collections if c.get_gid() == "band:a")
     assert np.concatenate([p.vertices[:, 1] for p in band.get_paths()]).min() == 0.0
+
+
+def test_the_audit_report_of_a_regression_task_draws_the_loss(checkpoints, tmp_path):
+    from lrnn_analysis.data import load_task
+    from lrnn_analysis.outputs import OutputDirectory
+    from lrnn_analysis.report import AUDIT_WRITER, AuditSettings, run_audit, write_audit_into
+    from lrnn_analysis.subject import load_model
+
+    settings = AuditSettings(certificate_budget=5.0, hessian_batch_size=16, trace_matvecs=8, seeds=2, max_samples=20,
+                             grid={"gaussian-relative": (0.0, 0.1)})
+    result = run_audit(load_model(checkpoints[1]), load_task("adding", seed=0, length=5), "adding", None, settings,
+                       progress=False)
+    with OutputDirectory(tmp_path / "audit", AUDIT_WRITER) as directory:
+        out = write_audit_into(result, directory)
+    assert (out / "robustness.png").read_bytes().startswith(b"\x89PNG")
