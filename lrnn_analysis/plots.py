@@ -344,7 +344,7 @@ def plot_phase_diagram(cells: Table, *, labels: Mapping[str, str] | None = None,
             panel.set_xlabel("β_A")
             panel.set_ylabel("γ_A")
             canvas.figure.colorbar(mesh, ax=panel, label="margin (certified where > 0)")
-        handles = [Patch(facecolor="none", edgecolor=hatch_colour, hatch="//", linewidth=0.0),
+        handles = [Patch(facecolor="white", edgecolor=hatch_colour, hatch="///", linewidth=0.6),
                    Line2D([], [], color=boundary_colour, linewidth=1.5)]
         names = [options.label("certified", "certified (margin > 0)"), options.label("boundary", "margin = 0")]
         user_handles, user_names = _legend_entries(canvas.axes)
