@@ -481,6 +481,22 @@ def _architecture(subject) -> str:
     return (subject.metadata.get("config") or {}).get("arch", subject.name)
 
 
+def _check_figure(path: str | None, force: bool, inputs: Sequence[Any], others: Sequence[Any]) -> None:
+    """Before computing: a --figure path with a known suffix (.png, .pdf, .svg) that may be written."""
+    if path is not None:
+        from .plots import figure_format
+
+        figure_format(path)
+        check_output_file(path, force=force, inputs=inputs, others=others)
+
+
+def _write_figure(figure, path: str) -> None:
+    from .plots import write_figure
+
+    write_figure(figure, path)
+    print(f"wrote the figure {path}")
+
+
 def _print_warnings(warnings: Sequence[str]) -> None:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -495,6 +511,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     check_output_file(args.out, force=args.force, inputs=inputs)
     if json_path is not None:
         check_output_file(json_path, force=args.force, inputs=inputs, others=[args.out])
+    _check_figure(args.figure, args.force, inputs, [args.out, json_path])
     _set_threads(args.threads)
     ranks = _distributed_context(args, resolve_device(args.device))
     device = ranks.device
@@ -527,6 +544,10 @@ def cmd_robustness(args: argparse.Namespace) -> int:
                                         "accuracy_ci95", "accuracy_drop", "loss_mean"],
                        ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy", "+-95%", "drop", "loss"]))
     print(f"wrote {args.out}" + (f" and {json_path}" if json_path is not None else ""))
+    if args.figure is not None:
+        from .plots import plot_robustness
+
+        _write_figure(plot_robustness(result.summary, "accuracy" if task.is_classification else "loss"), args.figure)
     _print_warnings(result.warnings)
     return 0
 
@@ -600,6 +621,9 @@ def cmd_hessian(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_file(args.json, force=args.force, inputs=_input_files(args))
+    if args.figure is not None and not args.density:
+        raise UsageError("--figure draws the spectral density: add --density")
+    _check_figure(args.figure, args.force, _input_files(args), [args.json])
     _set_threads(args.threads)
     ranks = _distributed_context(args, resolve_device(args.device))
     device = ranks.device
@@ -654,6 +678,12 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     if args.json and ranks.is_main:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "task": task.to_dict(), "split": args.split,
                                **report.to_dict()})
+    if args.figure is not None:
+        from .plots import plot_density
+
+        rows = [{"model": subject.name, "eigenvalue": float(t), "density": float(d)}
+                for t, d in zip(report.density.grid, report.density.density)]
+        _write_figure(plot_density(rows), args.figure)
     return 0
 
 
@@ -757,12 +787,13 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     beta_w, gamma_a, gamma_w, w_source, radius, r_source = _certify_settings(args)
     phase = args.phase_betas or args.phase_gammas
-    if phase and not (args.phase_betas and args.phase_gammas and args.out):
-        raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out")
+    if (phase or args.figure) and not (args.phase_betas and args.phase_gammas and (args.out or args.figure)):
+        raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out and/or --figure")
     if phase and len(args.phase_betas) * len(args.phase_gammas) > _MAX_GRID:
         raise UsageError(f"the phase diagram has more than {_MAX_GRID} cells")
     if args.out:
         check_output_file(args.out, force=args.force)
+    _check_figure(args.figure, args.force, [], [args.out])
     results = certify_parameterization(args.beta, gamma_a, beta_w, gamma_w, radius, args.eps, args.slope, args.tests)
     print(f"Lipschitz parameterization: beta_A = {args.beta:g}, gamma_A = {gamma_a:g}, beta_W = {beta_w:g}, "
           f"gamma_W = {gamma_w:g} ({w_source}), eps = {args.eps}, L = {args.slope:g}")
@@ -781,7 +812,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if phase:
         cells = phase_diagram(args.phase_betas, args.phase_gammas, radius, args.eps, args.slope, args.tests,
                               beta_W=args.beta_w, gamma_W=args.gamma_w, user_point=(args.beta, gamma_a))
-        write_csv(args.out, [c.to_dict() for c in cells])
+        if args.out:
+            write_csv(args.out, [c.to_dict() for c in cells])
         grid = [c for c in cells if c.point == "grid"]
         certified = sum(c.holds for c in grid)
         w_axes = ("beta_W = beta_A" if args.beta_w is None else f"beta_W = {args.beta_w:g}") + ", " + (
@@ -789,7 +821,11 @@ def cmd_certify(args: argparse.Namespace) -> int:
         n_cells = len(args.phase_betas) * len(args.phase_gammas)
         print(f"phase diagram over beta_A x gamma_A ({w_axes}) at r = {radius:.6g}: {n_cells} cells x "
               f"{len(grid) // n_cells} tests, {certified} of {len(grid)} certified; your point (beta_A, gamma_A) = "
-              f"({args.beta:g}, {gamma_a:g}) is in the rows with point = user; written to {args.out}")
+              f"({args.beta:g}, {gamma_a:g}) is in the rows with point = user" + (f"; written to {args.out}" if args.out else ""))
+        if args.figure:
+            from .plots import plot_phase_diagram
+
+            _write_figure(plot_phase_diagram([c.to_dict() for c in cells]), args.figure)
         if certified == 0 and args.gamma_w is None:
             print("0 cells certified because W shares each cell's gamma: gamma_W = gamma_A cancels A's shift "
                   "(see above). Hold W's shift fixed with --gamma-w 0.")
@@ -870,6 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="beta_A grid (a,b,c or start:stop:count); W shares beta and gamma unless --beta-w/--gamma-w fix them")
     cert.add_argument("--phase-gammas", type=_grid, default=None, help="gamma_A grid: a,b,c or start:stop:count")
     cert.add_argument("--out", default=None, help="CSV of the phase diagram (one row per beta_A, gamma_A, test; your point marked)")
+    cert.add_argument("--figure", default=None, metavar="PATH",
+                      help="draw the phase diagram, your point starred (.png, .pdf or .svg)")
     cert.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     cert.set_defaults(handler=cmd_certify)
 
@@ -900,6 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     hess.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     hess.add_argument("--seed", type=_seed, default=0)
     hess.add_argument("--json", default=None, metavar="PATH", help="write every number and its uncertainty as JSON")
+    hess.add_argument("--figure", default=None, metavar="PATH", help="with --density: draw it (.png, .pdf or .svg)")
     hess.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     _add_run_options(hess)
     hess.set_defaults(handler=cmd_hessian)
@@ -952,6 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--batch-size", type=_int_in(1, MAX_BATCH), default=1000)
     robust.add_argument("--out", required=True, help="tidy CSV (one row per model, perturbation, level, seed)")
     robust.add_argument("--json", action="store_true", help="also write rows, summary and provenance as JSON beside the CSV")
+    robust.add_argument("--figure", default=None, metavar="PATH", help="also draw accuracy against level (.png, .pdf or .svg)")
     robust.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     _add_run_options(robust)
     robust.set_defaults(handler=cmd_robustness)

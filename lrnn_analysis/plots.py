@@ -1,32 +1,127 @@
 """Figures drawn from tidy tables (sequences of dict rows or DataFrames), never from hidden state.
 
-Every function returns a matplotlib Figure; :func:`save_figure` writes it as PNG and PDF.
-One style throughout: seaborn's ``ticks`` theme, a colour-blind palette, and for print
-in grey scale every series also differs by marker and line style (bars by hatch).
+Every plot function takes its table(s), then these keyword-only arguments, and returns the
+:class:`~matplotlib.figure.Figure` it drew on:
+
+* ``labels``  ``{series key: legend label}``; ``colors`` ``{series key: matplotlib colour}``.
+  A series is one model (its ``model`` value) except where a function says otherwise; its
+  line, markers, band and bars all take the one colour resolved for it.
+* ``titles``  ``{panel key: title}`` (each function names its panel keys; ``""`` drops a title).
+* ``figsize`` ``(width, height)`` in inches of the figure the function creates.
+* ``ax``      draw a one-panel drawing into this Axes; multi-panel functions take ``axes``
+  instead (or too): a sequence with one Axes per panel, in panel order. With ``ax``/``axes``
+  the function draws into your figure with your rcParams and puts its legend inside the last
+  axes; ``figsize`` is then an error.
+
+An unknown key in ``labels``, ``colors`` or ``titles`` is an error, never ignored.
+
+Figures the functions create use the toolkit's style (seaborn's ``ticks``/``paper`` settings,
+a colour-blind palette; for grey-scale print every series also differs by marker and line
+style, bars by hatch), applied inside :func:`style` (a ``matplotlib.rc_context``): nothing
+changes your ``matplotlib.rcParams``, and your ``font.family`` is used. The figures are not
+registered with pyplot (display them in a notebook, save them with :func:`save_figure` or
+:func:`write_figure`, or draw into your own axes to use ``plt.show()``). The writers embed
+TrueType fonts in PDF and PostScript (``pdf.fonttype = ps.fonttype = 42``).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import matplotlib
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from cycler import cycler
+from matplotlib.axes import Axes
+from matplotlib.colors import is_color_like, to_rgba
+from matplotlib.figure import Figure
+from matplotlib.legend_handler import HandlerTuple
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import Formatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from .outputs import atomic_write  # noqa: E402
-from .stability.spectra import STABILITY_POLYNOMIALS, stability_polynomial  # noqa: E402
+from .outputs import atomic_write
+from .stability.spectra import STABILITY_POLYNOMIALS, stability_polynomial
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
+PALETTE = tuple(sns.color_palette("colorblind"))
 
 Table = Sequence[Mapping[str, Any]] | pd.DataFrame
+
+# Display title and axis label (with its unit) of each perturbation kind, shared by every figure.
+PERTURBATION_TITLES = {
+    "gaussian": "Gaussian input noise",
+    "salt-pepper": "Salt-and-pepper noise",
+    "occlusion": "Occlusion",
+    "fgsm": "FGSM",
+    "gaussian-relative": "Relative Gaussian parameter noise",
+    "hessian-direction": "Along top Hessian eigenvectors",
+}
+PERTURBATION_UNITS = {
+    "gaussian": "noise std σ (input units)",
+    "salt-pepper": "replacement probability p",
+    "occlusion": "fraction of time steps set to zero",
+    "fgsm": "budget ε (input units, per value)",
+    "gaussian-relative": "noise std σ (× RMS of each tensor)",
+    "hessian-direction": "step t (parameter-space ℓ₂ distance)",
+}
+TEST_TITLES = {
+    "ct-norm": "Continuous time (ct-norm)",
+    "euler-norm": "Forward Euler (euler-norm)",
+    "rk2-norm": "RK2 (rk2-norm)",
+    "rk4-norm": "RK4 (rk4-norm)",
+    "map-norm": "Map h⁺ = σ(Wh + u) (map-norm)",
+}
+
+# seaborn's "ticks" style and "paper" context (font_scale 1.1) as plain rcParams, without its
+# font family: figures use the user's font.
+_SEABORN = {**sns.axes_style("ticks"), **sns.plotting_context("paper", font_scale=1.1)}
+STYLE: dict[str, Any] = {
+    **{key: value for key, value in _SEABORN.items() if key not in ("font.family", "font.sans-serif", "image.cmap")},
+    "axes.prop_cycle": cycler(color=PALETTE),
+    "axes.titleweight": "bold",
+    "figure.dpi": 100,
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+}
+FIGURE_SUFFIXES = (".png", ".pdf")
+FIGURE_FORMATS = (".png", ".pdf", ".svg")
+PNG_DPI = 150
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    """The toolkit's look, for the duration of a ``with`` block only (``matplotlib.rc_context``)."""
+    with mpl.rc_context(STYLE):
+        yield
+
+
+def figure_format(path: str | Path) -> str:
+    """The format ``path``'s suffix names: png, pdf or svg; anything else is a ValueError."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise ValueError(f"{path}: a figure file ends in {', '.join(FIGURE_FORMATS)} (the suffix chooses the format), "
+                         f"not {suffix or 'no suffix'!r}")
+    return suffix[1:]
+
+
+def write_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names (PNG at 150 dpi;
+    PDF and PostScript fonts embedded as TrueType; no creation date, so equal figures give equal files)."""
+    fmt = figure_format(path)
+    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+    with mpl.rc_context({"pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "lrnn"}):
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=PNG_DPI, metadata=metadata))
+
+
+def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
+    """Write ``stem``.png and ``stem``.pdf atomically (the suffix is appended, never substituted);
+    returns both paths."""
+    return [write_figure(fig, f"{stem}{suffix}") for suffix in FIGURE_SUFFIXES]
 
 
 def _frame(table: Table, required: Iterable[str]) -> pd.DataFrame:
@@ -37,36 +132,109 @@ def _frame(table: Table, required: Iterable[str]) -> pd.DataFrame:
     return frame
 
 
-def _style() -> None:
-    sns.set_theme(style="ticks", context="paper", palette="colorblind", font_scale=1.1)
-    plt.rcParams.update({"figure.dpi": 100, "savefig.bbox": "tight", "axes.titleweight": "bold"})
+def _check_keys(what: str, given: Mapping[str, Any] | None, known: Sequence[Any]) -> dict[Any, Any]:
+    """``given`` as a dict, after checking that it is a mapping whose keys are all ``known``."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise ValueError(f"{what} must be a mapping {{key: value}} with keys among {list(known)}, got {type(given).__name__}")
+    unknown = [key for key in given if key not in known]
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {unknown}; this figure's keys are {list(known)}")
+    return dict(given)
 
 
-def _series_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    colours = sns.color_palette("colorblind", len(names))
-    return {name: {"color": colours[i], "marker": MARKERS[i % len(MARKERS)], "linestyle": DASHES[i % len(DASHES)]}
-            for i, name in enumerate(names)}
+class _Options:
+    """The customisation arguments of one call, checked against the figure's series and panels."""
+
+    def __init__(self, series: Sequence[Any], panels: Sequence[Any], labels: Mapping[str, str] | None,
+                 colors: Mapping[str, Any] | None, titles: Mapping[str, str] | None):
+        self.series, self.panels = list(series), list(panels)
+        self._labels = _check_keys("labels", labels, self.series)
+        self._colors = _check_keys("colors", colors, self.series)
+        self._titles = _check_keys("titles", titles, self.panels)
+        bad = [f"{key}={value!r}" for key, value in self._colors.items() if not is_color_like(value)]
+        if bad:
+            raise ValueError(f"colors: not a matplotlib colour: {', '.join(bad)}")
+
+    def label(self, key: Any, default: str | None = None) -> str:
+        return str(self._labels.get(key, default if default is not None else key))
+
+    def color(self, key: Any, default: Any) -> tuple[float, float, float, float]:
+        return to_rgba(self._colors.get(key, default))
+
+    def title(self, key: Any, default: str) -> str:
+        return str(self._titles.get(key, default))
+
+    def styles(self) -> dict[Any, dict[str, Any]]:
+        """Colour (resolved once), marker and line style of each series, in series order."""
+        return {name: {"color": self.color(name, PALETTE[i % len(PALETTE)]), "marker": MARKERS[i % len(MARKERS)],
+                       "linestyle": DASHES[i % len(DASHES)]} for i, name in enumerate(self.series)}
 
 
-def _panels(count: int, width: float = 4.2, height: float = 3.4, ncols: int | None = None) -> tuple[Figure, np.ndarray]:
-    ncols = ncols or (2 if count == 4 else min(count, 3))
-    nrows = int(np.ceil(count / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
-    for ax in axes.flat[count:]:
-        ax.set_visible(False)
-    return fig, axes
+class _Canvas:
+    """The axes a plot function draws into: a new figure in the toolkit's style, or the caller's axes."""
+
+    def __init__(self, count: int, names: Sequence[Any], ax: Axes | None, axes: Sequence[Axes] | None,
+                 figsize: tuple[float, float] | None, panel_size: tuple[float, float], ncols: int | None = None):
+        if ax is not None and axes is not None:
+            raise ValueError("give ax or axes, not both")
+        if ax is not None:
+            axes = [ax]
+        self.owned = axes is None
+        if not self.owned:
+            axes = list(axes)
+            if not all(isinstance(a, Axes) for a in axes):
+                raise ValueError("ax/axes must be matplotlib Axes")
+            if len(axes) != count:
+                raise ValueError(f"this table draws {count} panel(s) ({', '.join(map(str, names))}); "
+                                 f"got {len(axes)} axes (pass axes=[...] with one Axes per panel, or filter the table)")
+            if figsize is not None:
+                raise ValueError("figsize applies to a figure the function creates; with ax/axes, size your own figure")
+            self.axes = axes
+            self.figure = axes[0].get_figure(root=True)
+            self.free_slot = None
+            return
+        self.ncols = ncols or (2 if count == 4 else min(count, 3))
+        nrows = int(np.ceil(count / self.ncols))
+        size = figsize or (panel_size[0] * self.ncols, panel_size[1] * nrows)
+        with style():
+            self.figure = Figure(figsize=size, layout="constrained")
+            grid = self.figure.add_gridspec(nrows, self.ncols)
+            self.axes = [self.figure.add_subplot(grid[i // self.ncols, i % self.ncols]) for i in range(count)]
+        empty = nrows * self.ncols - count
+        self.free_slot = grid[nrows - 1, self.ncols - empty:] if empty else None
+
+    def legend(self, handles: Sequence[Any], labels: Sequence[str], title: str | None = None, inside: bool = False) -> None:
+        """One legend for all panels: in the empty grid cells after the last panel when there are
+        some, else below the panels; inside the last axes when the caller gave the axes or ``inside``."""
+        if not handles:
+            return
+        options = dict(handler_map={tuple: HandlerTuple(ndivide=1)}, title=title)
+        with style() if self.owned else nullcontext():
+            if not self.owned or inside:
+                self.axes[-1].legend(handles, labels, loc="best", fontsize="small", title_fontsize="small", **options)
+            elif self.free_slot is not None:
+                slot = self.figure.add_subplot(self.free_slot)
+                slot.axis("off")
+                slot.legend(handles, labels, loc="center", frameon=False, **options)
+            else:
+                width = self.figure.get_figwidth()
+                ncol = max(1, min(len(handles), int(width // 2.0)))
+                self.figure.legend(handles, labels, loc="outside lower center", ncol=ncol, frameon=False, **options)
+
+    def draw(self):
+        """Context for drawing: the toolkit's style on a figure this call created, else the caller's rcParams."""
+        return style() if self.owned else nullcontext()
 
 
-FIGURE_SUFFIXES = (".png", ".pdf")
-
-
-def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
-    """Write ``stem``.png and ``stem``.pdf atomically (the suffix is appended, never substituted);
-    returns both paths."""
-    paths = [Path(f"{stem}{suffix}") for suffix in FIGURE_SUFFIXES]
-    for path, suffix in zip(paths, FIGURE_SUFFIXES):
-        atomic_write(path, lambda tmp, s=suffix: fig.savefig(tmp, format=s[1:], dpi=150))
-    return paths
+def _legend_entries(axes: Sequence[Axes]) -> tuple[list[Any], list[str]]:
+    """Every distinct label of every panel with its first handle (labels starting with _ skipped)."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return list(entries.values()), list(entries)
 
 
 def stability_region_mask(method: str, eps: float, re: np.ndarray, im: np.ndarray) -> np.ndarray:
@@ -74,104 +242,114 @@ def stability_region_mask(method: str, eps: float, re: np.ndarray, im: np.ndarra
     return np.abs(stability_polynomial(method, eps * (re + 1j * im)))
 
 
-def plot_spectra(eigenvalues: Table, regions: Table) -> Figure:
-    """Eigenvalues of A and W per model in the complex plane.
+def plot_spectra(eigenvalues: Table, regions: Table, *, labels: Mapping[str, str] | None = None,
+                 colors: Mapping[str, Any] | None = None, titles: Mapping[str, str] | None = None,
+                 figsize: tuple[float, float] | None = None, ax: Axes | None = None,
+                 axes: Sequence[Axes] | None = None) -> Figure:
+    """Eigenvalues of A and W per model in the complex plane, one panel per model (panel keys:
+    the models; series keys: "A", "W").
 
     ``eigenvalues``: rows (model, matrix in {A, W}, re, im). ``regions``: one row per model
     (model, method, eps, re_min, re_max, im_max) with the Bendixson box of A; for a
     discretized model the scheme's stability region {lambda : |R(eps lambda)| < 1} is
     shaded (Euler: the disc of centre -1/eps and radius 1/eps).
     """
-    _style()
     eig = _frame(eigenvalues, ["model", "matrix", "re", "im"])
     reg = _frame(regions, ["model", "method", "eps", "re_min", "re_max", "im_max"]).set_index("model")
     models = list(dict.fromkeys(eig["model"]))
-    fig, axes = _panels(len(models), 4.4, 4.0)
-    marker = {"A": dict(marker="o", facecolors="none", edgecolors="C0", label="eig(A)"),
-              "W": dict(marker="x", color="C3", label="eig(W)")}
-    for ax, model in zip(axes.flat, models):
-        sub = eig[eig["model"] == model]
-        for matrix, style in marker.items():
-            points = sub[sub["matrix"] == matrix]
-            if len(points):
-                ax.scatter(points["re"], points["im"], s=18, linewidths=0.9, zorder=3, **style)
-        span_re = np.r_[sub["re"].to_numpy(), 0.0]
-        span_im = np.r_[sub["im"].to_numpy(), 0.0]
-        if model in reg.index:
-            r = reg.loc[model]
-            ax.add_patch(Rectangle((r["re_min"], -r["im_max"]), r["re_max"] - r["re_min"], 2 * r["im_max"], fill=False,
-                                   linestyle="--", edgecolor="0.3", linewidth=1.0, label="Bendixson box of A"))
-            span_re = np.r_[span_re, r["re_min"], r["re_max"]]
-            span_im = np.r_[span_im, -r["im_max"], r["im_max"]]
-            if r["method"] in STABILITY_POLYNOMIALS and pd.notna(r["eps"]):
-                extent = 1.5 * max(np.ptp(span_re), np.ptp(span_im), 1e-3)
-                centre = 0.5 * (span_re.min() + span_re.max())
-                grid_re, grid_im = np.meshgrid(np.linspace(centre - extent, centre + extent, 400),
-                                               np.linspace(-extent, extent, 400))
-                modulus = stability_region_mask(r["method"], float(r["eps"]), grid_re, grid_im)
-                ax.contourf(grid_re, grid_im, modulus, levels=[0, 1], colors=["0.85"], alpha=0.6, zorder=0)
-                ax.contour(grid_re, grid_im, modulus, levels=[1], colors=["0.35"], linewidths=0.8, zorder=1)
-                ax.plot([], [], color="0.35", linewidth=0.8, label=f"{r['method']} stability region (eps={float(r['eps']):g})")
-        ax.axvline(0.0, color="k", linewidth=0.8, label="imaginary axis")
-        half_re = 0.55 * max(np.ptp(span_re), 0.25 * np.ptp(span_im), 1e-3)
-        half_im = 0.55 * max(np.ptp(span_im), 0.25 * np.ptp(span_re), 1e-3)
-        middle_re, middle_im = 0.5 * (span_re.min() + span_re.max()), 0.5 * (span_im.min() + span_im.max())
-        ax.set_xlim(middle_re - half_re, middle_re + half_re)
-        ax.set_ylim(middle_im - half_im, middle_im + half_im)
-        ax.set_title(model)
-        ax.set_xlabel("Re λ")
-        ax.set_ylabel("Im λ")
-    rows = _shared_legend(fig, axes)
-    fig.tight_layout(rect=(0, _legend_fraction(fig, rows), 1, 1))
-    return fig
+    options = _Options(("A", "W"), models, labels, colors, titles)
+    canvas = _Canvas(len(models), models, ax, axes, figsize, (3.6, 3.3))
+    marker = {"A": dict(marker="o", facecolors="none", edgecolors=[options.color("A", PALETTE[0])],
+                        label=options.label("A", "eig(A)")),
+              "W": dict(marker="x", color=options.color("W", PALETTE[3]), label=options.label("W", "eig(W)"))}
+    regions_drawn: dict[str, Patch] = {}
+    with canvas.draw():
+        for panel, model in zip(canvas.axes, models):
+            sub = eig[eig["model"] == model]
+            for matrix, style_ in marker.items():
+                points = sub[sub["matrix"] == matrix]
+                if len(points):
+                    panel.scatter(points["re"], points["im"], s=16, linewidths=0.9, zorder=3, **style_)
+            span_re, scheme = np.r_[sub["re"].to_numpy(), 0.0], ""
+            span_im = np.r_[sub["im"].to_numpy(), 0.0]
+            if model in reg.index:
+                r = reg.loc[model]
+                panel.add_patch(Rectangle((r["re_min"], -r["im_max"]), r["re_max"] - r["re_min"], 2 * r["im_max"],
+                                          fill=False, linestyle="--", edgecolor="0.3", linewidth=1.0,
+                                          label="Bendixson box of A"))
+                span_re = np.r_[span_re, r["re_min"], r["re_max"]]
+                span_im = np.r_[span_im, -r["im_max"], r["im_max"]]
+                if r["method"] in STABILITY_POLYNOMIALS and pd.notna(r["eps"]):
+                    extent = 1.5 * max(np.ptp(span_re), np.ptp(span_im), 1e-3)
+                    centre = 0.5 * (span_re.min() + span_re.max())
+                    grid_re, grid_im = np.meshgrid(np.linspace(centre - extent, centre + extent, 400),
+                                                   np.linspace(-extent, extent, 400))
+                    modulus = stability_region_mask(r["method"], float(r["eps"]), grid_re, grid_im)
+                    panel.contourf(grid_re, grid_im, modulus, levels=[0, 1], colors=["0.85"], alpha=0.6, zorder=0)
+                    panel.contour(grid_re, grid_im, modulus, levels=[1], colors=["0.35"], linewidths=0.8, zorder=1)
+                    regions_drawn.setdefault("stability region of the model's scheme",
+                                             Patch(facecolor="0.85", edgecolor="0.35", linewidth=0.8))
+                    scheme = f"\n{r['method']}, ε = {float(r['eps']):g}"
+            panel.axvline(0.0, color="k", linewidth=0.8, label="imaginary axis")
+            half_re = 0.55 * max(np.ptp(span_re), 0.25 * np.ptp(span_im), 1e-3)
+            half_im = 0.55 * max(np.ptp(span_im), 0.25 * np.ptp(span_re), 1e-3)
+            middle_re, middle_im = 0.5 * (span_re.min() + span_re.max()), 0.5 * (span_im.min() + span_im.max())
+            panel.set_xlim(middle_re - half_re, middle_re + half_re)
+            panel.set_ylim(middle_im - half_im, middle_im + half_im)
+            panel.set_title(options.title(model, f"{model}{scheme}"))
+            panel.set_xlabel("Re λ")
+            panel.set_ylabel("Im λ")
+        handles, names = _legend_entries(canvas.axes)
+        canvas.legend(handles + list(regions_drawn.values()), names + list(regions_drawn))
+    return canvas.figure
 
 
-def _shared_legend(fig: Figure, axes: np.ndarray) -> int:
-    """One legend below the panels with every distinct label of every panel."""
-    entries: dict[str, Any] = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            entries.setdefault(label, handle)
-    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), 4), frameon=False)
-    return int(np.ceil(len(entries) / 4))
-
-
-def _legend_fraction(fig: Figure, rows: int) -> float:
-    """Fraction of the figure's height that ``rows`` legend rows below the panels need."""
-    return (0.25 * rows + 0.15) / fig.get_figheight()
-
-
-def plot_phase_diagram(cells: Table) -> Figure:
-    """Margin of each parameterization test over (beta_A, gamma_A); the certified region
-    (margin > 0) is outlined and hatched, and rows with ``point`` = "user" are starred.
+def plot_phase_diagram(cells: Table, *, labels: Mapping[str, str] | None = None,
+                       colors: Mapping[str, Any] | None = None, titles: Mapping[str, str] | None = None,
+                       figsize: tuple[float, float] | None = None, ax: Axes | None = None,
+                       axes: Sequence[Axes] | None = None) -> Figure:
+    """Margin of each parameterization test over (beta_A, gamma_A), one panel per test (panel
+    keys: the tests). The certified region (margin > 0) is hatched and outlined, and rows with
+    ``point`` = "user" are starred. Series keys: "certified" (the hatching), "boundary"
+    (margin = 0) and "user" (the star).
     Rows: (beta_A, gamma_A, test, margin), optionally beta_W, gamma_W (named in the titles) and point."""
-    _style()
     frame = _frame(cells, ["beta_A", "gamma_A", "test", "margin"])
     is_user = frame["point"] == "user" if "point" in frame.columns else np.zeros(len(frame), dtype=bool)
     user, frame = frame[is_user], frame[~is_user]
     tests = list(dict.fromkeys(frame["test"]))
-    fig, axes = _panels(len(tests), 4.4, 3.8)
-    for ax, test in zip(axes.flat, tests):
-        rows = frame[frame["test"] == test]
-        grid = rows.pivot_table(index="gamma_A", columns="beta_A", values="margin", dropna=False)
-        limit = float(np.nanmax(np.abs(grid.to_numpy()))) if np.isfinite(grid.to_numpy()).any() else 1.0
-        betas, gammas = grid.columns.to_numpy(float), grid.index.to_numpy(float)
-        mesh = ax.pcolormesh(betas, gammas, grid.to_numpy(), cmap="RdBu", vmin=-(limit or 1.0), vmax=limit or 1.0,
-                             shading="nearest")
-        if np.nanmax(grid.to_numpy()) > 0 > np.nanmin(grid.to_numpy()):
-            ax.contour(betas, gammas, grid.to_numpy(), levels=[0.0], colors="k", linewidths=1.5)
-        ax.contourf(betas, gammas, grid.to_numpy(), levels=[0.0, np.inf], colors="none", hatches=["//"])
-        mine = user[user["test"] == test]
-        if len(mine):
-            ax.plot(mine["beta_A"], mine["gamma_A"], marker="*", markersize=14, color="gold", markeredgecolor="k",
-                    linestyle="none", label="your (β_A, γ_A)")
-            ax.legend(loc="upper right", fontsize=8)
-        ax.set_title(f"{test}: certified where margin > 0 (hatched)\n{_w_description(rows)}", fontsize=9)
-        ax.set_xlabel("β_A")
-        ax.set_ylabel("γ_A")
-        fig.colorbar(mesh, ax=ax, label="margin")
-    fig.tight_layout()
-    return fig
+    options = _Options(("certified", "boundary", "user"), tests, labels, colors, titles)
+    canvas = _Canvas(len(tests), tests, ax, axes, figsize, (3.9, 3.3))
+    hatch_colour, boundary_colour = options.color("certified", "0.15"), options.color("boundary", "k")
+    user_colour = options.color("user", "gold")
+    with canvas.draw():
+        for panel, test in zip(canvas.axes, tests):
+            rows = frame[frame["test"] == test]
+            grid = rows.pivot_table(index="gamma_A", columns="beta_A", values="margin", dropna=False)
+            values = grid.to_numpy()
+            limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+            betas, gammas = grid.columns.to_numpy(float), grid.index.to_numpy(float)
+            mesh = panel.pcolormesh(betas, gammas, values, cmap="RdBu", vmin=-(limit or 1.0), vmax=limit or 1.0,
+                                    shading="nearest", rasterized=True)
+            if np.nanmax(values) > 0 > np.nanmin(values):
+                panel.contour(betas, gammas, values, levels=[0.0], colors=[boundary_colour], linewidths=1.5)
+            hatched = panel.contourf(betas, gammas, values, levels=[0.0, np.inf], colors="none", hatches=["//"])
+            hatched.set_edgecolor(hatch_colour)
+            hatched.set_linewidth(0.0)
+            mine = user[user["test"] == test]
+            if len(mine):
+                panel.plot(mine["beta_A"], mine["gamma_A"], marker="*", markersize=13, color=user_colour,
+                           markeredgecolor="k", linestyle="none", label=options.label("user", "your (β_A, γ_A)"))
+            default = TEST_TITLES.get(test, str(test))
+            panel.set_title(options.title(test, f"{default}\n{_w_description(rows)}"))
+            panel.set_xlabel("β_A")
+            panel.set_ylabel("γ_A")
+            canvas.figure.colorbar(mesh, ax=panel, label="margin (certified where > 0)")
+        handles = [Patch(facecolor="white", edgecolor=hatch_colour, hatch="///", linewidth=0.6),
+                   Line2D([], [], color=boundary_colour, linewidth=1.5)]
+        names = [options.label("certified", "certified (margin > 0)"), options.label("boundary", "margin = 0")]
+        user_handles, user_names = _legend_entries(canvas.axes)
+        canvas.legend(handles + user_handles, names + user_names)
+    return canvas.figure
 
 
 def _w_description(rows: pd.DataFrame) -> str:
@@ -188,149 +366,213 @@ def _w_description(rows: pd.DataFrame) -> str:
     return ", ".join(parts) if parts else "W's parameters not recorded"
 
 
-def plot_training_spectra(log: Table, quantities: Sequence[str] = ("alpha_A", "mu2_A", "norm_W")) -> Figure:
-    """Spectral quantities per epoch, one line per model. Rows: (model, epoch, <quantities>), e.g. a
-    checkpoint's training log or :class:`lrnn_analysis.monitor.StabilityMonitor` rows (also ``lambda_max``)."""
-    _style()
+SPECTRAL_QUANTITIES = {"alpha_A": "spectral abscissa α(A)", "mu2_A": "log-norm μ₂(A)", "norm_A": "‖A‖₂",
+                       "alpha_W": "spectral abscissa α(W)", "mu2_W": "log-norm μ₂(W)", "norm_W": "‖W‖₂",
+                       "lambda_max": "Hessian λ_max"}
+
+
+def plot_training_spectra(log: Table, quantities: Sequence[str] = ("alpha_A", "mu2_A", "norm_W"), *,
+                          labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,
+                          titles: Mapping[str, str] | None = None, figsize: tuple[float, float] | None = None,
+                          ax: Axes | None = None, axes: Sequence[Axes] | None = None) -> Figure:
+    """Spectral quantities per epoch, one panel per quantity (panel keys: the quantities), one
+    line per model. Rows: (model, epoch, <quantities>), e.g. a checkpoint's training log or
+    :class:`lrnn_analysis.monitor.StabilityMonitor` rows (also ``lambda_max``)."""
     frame = _frame(log, ["model", "epoch"])
     quantities = [q for q in quantities if q in frame.columns and frame[q].notna().any()]
     if not quantities:
         raise ValueError("the log has none of the requested spectral quantities")
-    labels = {"alpha_A": "spectral abscissa α(A)", "mu2_A": "log-norm μ₂(A)", "norm_A": "‖A‖₂",
-              "alpha_W": "spectral abscissa α(W)", "mu2_W": "log-norm μ₂(W)", "norm_W": "‖W‖₂",
-              "lambda_max": "Hessian λ_max"}
     models = list(dict.fromkeys(frame["model"]))
-    styles = _series_styles(models)
-    fig, axes = _panels(len(quantities), 4.2, 3.2)
-    for ax, quantity in zip(axes.flat, quantities):
-        for model in models:
-            sub = frame[(frame["model"] == model) & frame[quantity].notna()]
-            every = max(1, len(sub) // 10)
-            ax.plot(sub["epoch"], sub[quantity], label=model, markevery=every, markersize=4, **styles[model])
-        if quantity.startswith(("alpha", "mu2")):
-            ax.axhline(0.0, color="k", linewidth=0.7)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(labels.get(quantity, quantity))
-    _legend_below(fig, axes.flat[0], len(models))
-    return fig
+    options = _Options(models, quantities, labels, colors, titles)
+    styles = options.styles()
+    canvas = _Canvas(len(quantities), quantities, ax, axes, figsize, (3.6, 2.8))
+    with canvas.draw():
+        for panel, quantity in zip(canvas.axes, quantities):
+            for model in models:
+                sub = frame[(frame["model"] == model) & frame[quantity].notna()]
+                every = max(1, len(sub) // 10)
+                panel.plot(sub["epoch"], sub[quantity], label=options.label(model), markevery=every, markersize=4,
+                           **styles[model])
+            if quantity.startswith(("alpha", "mu2")):
+                panel.axhline(0.0, color="k", linewidth=0.7)
+            panel.set_xlabel("epoch")
+            panel.set_ylabel(SPECTRAL_QUANTITIES.get(quantity, quantity))
+            panel.set_title(options.title(quantity, ""))
+        canvas.legend(*_legend_entries(canvas.axes))
+    return canvas.figure
 
 
-def _legend_below(fig: Figure, ax: plt.Axes, count: int) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(count, 4), frameon=False)
-    fig.tight_layout(rect=(0, _legend_fraction(fig, int(np.ceil(count / 4))), 1, 1))
+HESSIAN_PANELS = {"lambda_max": ("lambda_max", None, "Top eigenvalue λ_max", "Hessian eigenvalue"),
+                  "lambda_min": ("lambda_min", None, "Bottom eigenvalue λ_min", "Hessian eigenvalue"),
+                  "trace": ("trace", "trace_ci95", "Trace tr(H), 95% CI", "Hessian trace")}
 
 
-def plot_hessian_summary(rows: Table) -> Figure:
-    """Top and bottom Hessian eigenvalues and the trace with its 95% CI, one bar per model.
+def plot_hessian_summary(rows: Table, quantities: Sequence[str] = ("lambda_max", "lambda_min", "trace"), *,
+                         labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,
+                         titles: Mapping[str, str] | None = None, figsize: tuple[float, float] | None = None,
+                         ax: Axes | None = None, axes: Sequence[Axes] | None = None) -> Figure:
+    """Top and bottom Hessian eigenvalues and the trace with its 95% CI, one bar per model,
+    one panel per quantity (panel keys: ``quantities``, among "lambda_max", "lambda_min", "trace").
     Rows: (model, lambda_max, lambda_min, trace, trace_ci95)."""
-    _style()
+    unknown = [q for q in quantities if q not in HESSIAN_PANELS]
+    if unknown or not quantities:
+        raise ValueError(f"quantities: expected some of {list(HESSIAN_PANELS)}, got {list(quantities)}")
     frame = _frame(rows, ["model", "lambda_max", "lambda_min", "trace", "trace_ci95"])
     models = list(frame["model"])
-    colours = sns.color_palette("colorblind", len(models))
-    panels = [("lambda_max", None, "top eigenvalue λ_max"), ("lambda_min", None, "bottom eigenvalue λ_min"),
-              ("trace", "trace_ci95", "trace (95% CI)")]
-    fig, axes = _panels(3, 3.8, 3.6)
+    options = _Options(models, quantities, labels, colors, titles)
+    styles = options.styles()
+    canvas = _Canvas(len(quantities), quantities, ax, axes, figsize, (3.5, 3.3))
     positions = np.arange(len(models))
-    for ax, (column, error, title) in zip(axes.flat, panels):
-        bars = ax.bar(positions, frame[column], yerr=frame[error] if error else None, capsize=4,
-                      color=colours, edgecolor="k", linewidth=0.6)
-        for bar, hatch in zip(bars, HATCHES * 3):
-            bar.set_hatch(hatch)
-        values = frame[column].to_numpy(float)
-        if np.all(values > 0) and values.max() > 50 * values.min():
-            ax.set_yscale("log")
-            title += " (log scale)"
-        else:
-            ax.axhline(0.0, color="k", linewidth=0.7)
-        ax.set_xticks(positions, models, rotation=35, ha="right")
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    with canvas.draw():
+        for panel, quantity in zip(canvas.axes, quantities):
+            column, error, title, ylabel = HESSIAN_PANELS[quantity]
+            bars = panel.bar(positions, frame[column], yerr=frame[error] if error else None, capsize=4,
+                             color=[styles[m]["color"] for m in models], edgecolor="k", linewidth=0.6)
+            for bar, hatch in zip(bars, HATCHES * (len(models) // len(HATCHES) + 1)):
+                bar.set_hatch(hatch)
+            values = frame[column].to_numpy(float)
+            if np.all(values > 0) and values.max() > 50 * values.min():
+                panel.set_yscale("log")
+                title += " (log scale)"
+            else:
+                panel.axhline(0.0, color="k", linewidth=0.7)
+            panel.set_xticks(positions, [options.label(m) for m in models], rotation=35, ha="right")
+            panel.set_ylabel(ylabel)
+            panel.set_title(options.title(quantity, title))
+    return canvas.figure
 
 
-def plot_density(rows: Table) -> Figure:
+def plot_density(rows: Table, *, labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,
+                 titles: Mapping[str, str] | None = None, figsize: tuple[float, float] | None = None,
+                 ax: Axes | None = None) -> Figure:
     """Smoothed Hessian spectral densities (stochastic Lanczos quadrature) on a log scale,
-    models overlaid. Rows: (model, eigenvalue, density)."""
-    _style()
+    models overlaid in one panel (panel key "density"). Rows: (model, eigenvalue, density)."""
     frame = _frame(rows, ["model", "eigenvalue", "density"])
     models = list(dict.fromkeys(frame["model"]))
-    styles = _series_styles(models)
-    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    options = _Options(models, ("density",), labels, colors, titles)
+    styles = options.styles()
+    canvas = _Canvas(1, ("density",), ax, None, figsize, (5.6, 3.6))
     floor = frame.loc[frame["density"] > 0, "density"].max() * 1e-8
-    for model in models:
-        sub = frame[frame["model"] == model]
-        style = dict(styles[model])
-        style.pop("marker")
-        ax.plot(sub["eigenvalue"], np.maximum(sub["density"], floor), label=model, linewidth=1.4, **style)
-    ax.set_yscale("log")
-    ax.set_xlabel("Hessian eigenvalue")
-    ax.set_ylabel("density (log scale)")
-    ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _facet_lines(frame: pd.DataFrame, panel: str, x: str, y: str, xlabel: Mapping[str, str] | str, ylabel: str,
-                 band: str | None = None) -> Figure:
-    """One panel per value of ``panel``, one styled line per model (with a +-``band`` shade)."""
-    panels = list(dict.fromkeys(frame[panel]))
-    models = list(dict.fromkeys(frame["model"]))
-    styles = _series_styles(models)
-    fig, axes = _panels(len(panels), 4.0, 3.3)
-    for ax, value in zip(axes.flat, panels):
+    with canvas.draw():
+        panel = canvas.axes[0]
         for model in models:
-            sub = frame[(frame[panel] == value) & (frame["model"] == model)].sort_values(x)
-            if sub.empty:
-                continue
-            mean = sub[y].to_numpy(float)
-            ax.plot(sub[x], mean, label=model, markersize=4, markevery=max(1, len(sub) // 8), **styles[model])
-            if band is not None:
-                half = sub[band].fillna(0).to_numpy(float)
-                ax.fill_between(sub[x], mean - half, mean + half, color=styles[model]["color"], alpha=0.18, linewidth=0)
-        ax.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel.get(value, value))
-        ax.set_ylabel(ylabel)
-        ax.set_title(str(value), fontsize=10)
-    _legend_below(fig, axes.flat[0], len(models))
-    return fig
+            sub = frame[frame["model"] == model]
+            style_ = {key: value for key, value in styles[model].items() if key != "marker"}
+            panel.plot(sub["eigenvalue"], np.maximum(sub["density"], floor), label=options.label(model), linewidth=1.4,
+                       **style_)
+        panel.set_yscale("log")
+        panel.set_xlabel("Hessian eigenvalue λ")
+        panel.set_ylabel("spectral density (log scale)")
+        panel.set_title(options.title("density", "Hessian spectral density (SLQ)"))
+        canvas.legend(*_legend_entries(canvas.axes), inside=True)
+    return canvas.figure
 
 
-PERTURBATION_UNITS = {"gaussian": "input noise σ", "salt-pepper": "flip probability p", "occlusion": "fraction of steps occluded",
-                      "fgsm": "FGSM budget ε", "gaussian-relative": "relative parameter noise σ",
-                      "hessian-direction": "step t along Hessian eigenvectors"}
+def _facet_lines(frame: pd.DataFrame, panel_column: str, x: str, y: str, options: _Options, canvas: _Canvas,
+                 xlabel: Mapping[str, str] | str, ylabel: str, default_titles: Mapping[str, str],
+                 band: str | None = None, clip: tuple[float, float] = (-np.inf, np.inf), percent: bool = False) -> Figure:
+    """One panel per value of ``panel_column``, one styled line per model, with a +-``band``
+    shade clipped to ``clip`` (accuracies: [0, 1]) in the line's colour."""
+    styles = options.styles()
+    with canvas.draw():
+        for panel, value in zip(canvas.axes, options.panels):
+            for model in options.series:
+                sub = frame[(frame[panel_column] == value) & (frame["model"] == model)].sort_values(x)
+                if sub.empty:
+                    continue
+                mean = sub[y].to_numpy(float)
+                (line,) = panel.plot(sub[x], mean, label=options.label(model), markersize=4,
+                                     markevery=max(1, len(sub) // 8), **styles[model])
+                if band is not None:
+                    half = sub[band].fillna(0).to_numpy(float)
+                    shade = panel.fill_between(sub[x], np.clip(mean - half, *clip), np.clip(mean + half, *clip),
+                                               color=styles[model]["color"], alpha=0.18, linewidth=0)
+                    shade.set_gid(f"band:{model}")
+                    line.set_gid(f"line:{model}")
+            panel.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel.get(value, str(value)))
+            panel.set_ylabel(ylabel)
+            panel.set_title(options.title(value, default_titles.get(value, str(value))))
+            if percent:
+                panel.yaxis.set_major_formatter(_Percent())
+        handles, names = _legend_entries(canvas.axes)
+        if band is not None:
+            handles = [(Patch(facecolor=h.get_color(), alpha=0.18, linewidth=0), h) for h in handles]
+        canvas.legend(handles, names, title="mean over seeds, 95% CI shaded" if band is not None else None)
+    return canvas.figure
 
 
-def plot_robustness(summary: Table) -> Figure:
-    """Accuracy against perturbation level, one panel per perturbation kind, one line per
-    model with its 95% CI band over seeds. Rows: (model, perturbation, level, accuracy_mean, accuracy_ci95)."""
-    _style()
-    frame = _frame(summary, ["model", "perturbation", "level", "accuracy_mean", "accuracy_ci95"])
-    return _facet_lines(frame, "perturbation", "level", "accuracy_mean", PERTURBATION_UNITS, "test accuracy", band="accuracy_ci95")
+class _Percent(Formatter):
+    """Fractions as percentages, with the fewest decimals that show the tick spacing exactly."""
+
+    ticks: Sequence[float] = ()
+
+    def set_locs(self, locs: Sequence[float]) -> None:
+        self.ticks = list(locs)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        step = 100 * float(np.min(np.diff(self.ticks))) if len(self.ticks) > 1 else 100.0
+        decimals = next((d for d in range(4) if abs(round(step, d) - step) < 1e-6 * max(step, 1e-12)), 3)
+        return f"{100 * x:.{decimals}f}%"
 
 
-def plot_landscape_1d(rows: Table) -> Figure:
-    """Loss along 1-D lines through the trained parameters. Rows: (model, direction, t, loss)."""
-    _style()
+def plot_robustness(summary: Table, metric: str = "accuracy", *, labels: Mapping[str, str] | None = None,
+                    colors: Mapping[str, Any] | None = None, titles: Mapping[str, str] | None = None,
+                    figsize: tuple[float, float] | None = None, ax: Axes | None = None,
+                    axes: Sequence[Axes] | None = None) -> Figure:
+    """Accuracy (or, with ``metric="loss"``, the loss: regression tasks have no accuracy) against
+    perturbation level, one panel per perturbation kind (panel keys: the kinds, titled by
+    :data:`PERTURBATION_TITLES`), one line per model with its 95% CI band over seeds, clipped to
+    [0, 1] (losses: to >= 0). Rows: (model, perturbation, level, <metric>_mean, <metric>_ci95)."""
+    if metric not in ("accuracy", "loss"):
+        raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+    mean, half = f"{metric}_mean", f"{metric}_ci95"
+    frame = _frame(summary, ["model", "perturbation", "level", mean, half])
+    if pd.to_numeric(frame[mean], errors="coerce").isna().all():
+        raise ValueError(f"the table has no {mean} values (a regression task has no accuracy: use metric='loss')")
+    kinds = list(dict.fromkeys(frame["perturbation"]))
+    options = _Options(list(dict.fromkeys(frame["model"])), kinds, labels, colors, titles)
+    canvas = _Canvas(len(kinds), kinds, ax, axes, figsize, (4.0, 3.0))
+    if metric == "accuracy":
+        return _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
+                            "test accuracy (%)", PERTURBATION_TITLES, band=half, clip=(0.0, 1.0), percent=True)
+    return _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
+                        "test loss", PERTURBATION_TITLES, band=half, clip=(0.0, np.inf))
+
+
+def plot_landscape_1d(rows: Table, *, labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,
+                      titles: Mapping[str, str] | None = None, figsize: tuple[float, float] | None = None,
+                      ax: Axes | None = None, axes: Sequence[Axes] | None = None) -> Figure:
+    """Loss along 1-D lines θ* + t d through the trained parameters θ*, one panel per direction
+    (panel keys: the directions). Rows: (model, direction, t, loss)."""
     frame = _frame(rows, ["model", "direction", "t", "loss"])
-    return _facet_lines(frame, "direction", "t", "loss", "step t along direction", "loss")
+    directions = list(dict.fromkeys(frame["direction"]))
+    options = _Options(list(dict.fromkeys(frame["model"])), directions, labels, colors, titles)
+    canvas = _Canvas(len(directions), directions, ax, axes, figsize, (4.0, 3.0))
+    return _facet_lines(frame, "direction", "t", "loss", options, canvas, "step t in θ* + t·d", "training loss",
+                        {d: str(d)[:1].upper() + str(d)[1:] for d in directions})
 
 
-def plot_landscape_2d(rows: Table) -> Figure:
-    """Loss on a plane through the trained parameters, one panel per model. Rows: (model, a, b, loss)."""
-    _style()
+def plot_landscape_2d(rows: Table, *, labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,
+                      titles: Mapping[str, str] | None = None, figsize: tuple[float, float] | None = None,
+                      ax: Axes | None = None, axes: Sequence[Axes] | None = None) -> Figure:
+    """Loss on the plane θ* + a d₁ + b d₂ through the trained parameters θ*, one panel per model
+    (panel keys: the models; series key "trained": the star at θ*). Rows: (model, a, b, loss)."""
     frame = _frame(rows, ["model", "a", "b", "loss"])
     models = list(dict.fromkeys(frame["model"]))
-    fig, axes = _panels(len(models), 4.2, 3.7)
-    for ax, model in zip(axes.flat, models):
-        grid = frame[frame["model"] == model].pivot_table(index="b", columns="a", values="loss")
-        a, b, z = grid.columns.to_numpy(float), grid.index.to_numpy(float), grid.to_numpy()
-        filled = ax.contourf(a, b, np.log10(np.maximum(z, 1e-12)), levels=14, cmap="viridis")
-        lines = ax.contour(a, b, np.log10(np.maximum(z, 1e-12)), levels=7, colors="k", linewidths=0.6)
-        ax.clabel(lines, fontsize=7, fmt="%.1f")
-        ax.plot([0], [0], marker="*", color="w", markeredgecolor="k", markersize=11)
-        fig.colorbar(filled, ax=ax, label="log10 loss")
-        ax.set_xlabel("direction 1")
-        ax.set_ylabel("direction 2")
-        ax.set_title(model, fontsize=10)
-    fig.tight_layout()
-    return fig
+    options = _Options(("trained",), models, labels, colors, titles)
+    canvas = _Canvas(len(models), models, ax, axes, figsize, (3.7, 3.2))
+    with canvas.draw():
+        for panel, model in zip(canvas.axes, models):
+            grid = frame[frame["model"] == model].pivot_table(index="b", columns="a", values="loss")
+            a, b, z = grid.columns.to_numpy(float), grid.index.to_numpy(float), grid.to_numpy()
+            filled = panel.contourf(a, b, np.log10(np.maximum(z, 1e-12)), levels=14, cmap="viridis")
+            lines = panel.contour(a, b, np.log10(np.maximum(z, 1e-12)), levels=7, colors="k", linewidths=0.6)
+            panel.clabel(lines, fontsize=7, fmt="%.1f")
+            panel.plot([0], [0], marker="*", color=options.color("trained", "w"), markeredgecolor="k", markersize=11,
+                       linestyle="none", label=options.label("trained", "trained parameters θ*"))
+            canvas.figure.colorbar(filled, ax=panel, label="log₁₀ training loss")
+            panel.set_xlabel("a (along d₁)")
+            panel.set_ylabel("b (along d₂)")
+            panel.set_title(options.title(model, str(model)))
+        canvas.legend(*_legend_entries(canvas.axes[-1:]), inside=True)
+    return canvas.figure

@@ -471,7 +471,6 @@ class _Context:
                               "environment": environment(self.device)})
         if figure is not None:
             plots.save_figure(figure, self.out.staging / stem)
-            plots.plt.close(figure)
         self.files += names
         return [str(self.out.target / name) for name in names]
 
@@ -521,13 +520,15 @@ def _robustness(ctx: _Context) -> tuple[list[str], str]:
     recurrent_only = bool(ctx.setting("recurrent_only", False))
     recurrent = ctx.setting("recurrent", None)
     models = []
-    for label, path, model in ctx.entries():
+    # The checkpoint column names each file as the recipe writes it (relative to the project root),
+    # so the committed tables do not depend on where the project was checked out.
+    for (label, path, model), written in zip(ctx.entries(), ctx.recipe.checkpoints):
         directions = None
         if "hessian-direction" in grid:
             model.check_fits(task, str(path))
             names = recurrent_parameter_names(model, recurrent) if recurrent_only or recurrent else None
             directions = hessian_directions(model, task, int(ctx.setting("hessian_k", 1)), params=names, seed=ctx.recipe.seed)
-        models.append(SweepModel(label, str(path), model, directions))
+        models.append(SweepModel(label, written, model, directions))
     result = sweep(models, task, grid, int(ctx.setting("seeds", 5)), split=ctx.setting("split", "test"),
                    device=ctx.device, max_samples=ctx.setting("max_samples", None),
                    recurrent_only=recurrent_only, recurrent=recurrent, progress=ctx.progress)

@@ -259,9 +259,11 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
 def _figures(result: AuditResult, out: OutputDirectory) -> dict[str, str]:
     drawn = {}
     tables = result.tables
+    # A regression task has no accuracies: its robustness figure shows the loss.
+    metric = "accuracy" if any(r["accuracy_mean"] is not None for r in tables["robustness_summary"]) else "loss"
     figures = {
         "spectra": lambda: plots.plot_spectra(tables["spectra"], tables["spectra_summary"]) if "spectra" in tables else None,
-        "robustness": lambda: plots.plot_robustness(tables["robustness_summary"]),
+        "robustness": lambda: plots.plot_robustness(tables["robustness_summary"], metric),
         "hessian_density": lambda: plots.plot_density(tables["hessian_density"]) if "hessian_density" in tables else None,
         "training_spectra": lambda: plots.plot_training_spectra(tables["training_log"]) if "training_log" in tables else None,
     }
@@ -271,7 +273,6 @@ def _figures(result: AuditResult, out: OutputDirectory) -> dict[str, str]:
             for suffix in plots.FIGURE_SUFFIXES:
                 out.path(f"{name}{suffix}")
             plots.save_figure(figure, out.staging / name)
-            plots.plt.close(figure)
             drawn[name] = f"{name}.png"
     return drawn
 

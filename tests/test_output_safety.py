@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
 
 from lrnn_analysis import outputs, recipes
 from lrnn_analysis.checkpoints import save_checkpoint
@@ -309,7 +310,7 @@ def fast_figures(monkeypatch):
             atomic_write(path, lambda tmp: tmp.write_bytes(b"figure"))
         return paths
 
-    monkeypatch.setattr(recipes.plots, "plot_phase_diagram", lambda cells: recipes.plots.plt.figure())
+    monkeypatch.setattr(recipes.plots, "plot_phase_diagram", lambda cells: Figure())
     monkeypatch.setattr(recipes.plots, "save_figure", save)
 
 

@@ -1,41 +1,147 @@
-"""Every plot function renders from a small tidy table and saves PNG and PDF."""
+"""Every plot function renders from a small tidy table, takes the customisation arguments, leaves
+the user's rcParams alone, and the writers embed TrueType fonts; `--figure` on the command line."""
+import copy
+
+import matplotlib as mpl
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
 
 from lrnn_analysis import plots
+from lrnn_analysis.cli import main
+from lrnn_analysis.robustness import KINDS
 
 
-def _save(fig, tmp_path, name):
-    paths = plots.save_figure(fig, tmp_path / name)
-    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
-    plots.plt.close(fig)
-
-
-def test_every_plot_renders(tmp_path):
+def _eigenvalues():
     eig = [{"model": m, "matrix": x, "re": r, "im": i} for m in ("a", "b") for x in ("A", "W") for r, i in ((-0.5, 1.0), (-0.2, -1.0))]
     regions = [{"model": "a", "method": "euler", "eps": 0.5, "re_min": -0.6, "re_max": -0.1, "im_max": 1.2},
                {"model": "b", "method": "rk2", "eps": 0.5, "re_min": -0.6, "re_max": -0.1, "im_max": 1.2}]
-    _save(plots.plot_spectra(eig, regions), tmp_path, "spectra")
+    return eig, regions
+
+
+def _cells():
     cells = [{"beta_A": b, "gamma_A": g, "beta_W": 0.75, "gamma_W": 0.0, "test": t, "margin": g - 0.5 * b, "point": "grid"}
              for b in np.linspace(0, 1, 4) for g in np.linspace(0, 1, 4) for t in ("ct-norm", "euler-norm")]
-    cells += [{"beta_A": 0.75, "gamma_A": 0.3, "beta_W": 0.75, "gamma_W": 0.0, "test": t, "margin": -0.1, "point": "user"}
-              for t in ("ct-norm", "euler-norm")]
-    _save(plots.plot_phase_diagram(cells), tmp_path, "phase")
-    log = [{"model": m, "epoch": e, "alpha_A": -0.1 * e, "mu2_A": 0.1, "norm_W": 1 + e} for m in ("a", "b") for e in range(5)]
-    _save(plots.plot_training_spectra(log), tmp_path, "training")
-    hess = [{"model": m, "lambda_max": v, "lambda_min": -v / 10, "trace": 3 * v, "trace_ci95": 0.5} for m, v in (("a", 2.0), ("b", 5.0))]
-    _save(plots.plot_hessian_summary(hess), tmp_path, "hessian")
-    grid = np.linspace(-1, 5, 50)
-    density = [{"model": m, "eigenvalue": x, "density": np.exp(-(x - s) ** 2)} for m, s in (("a", 0), ("b", 2)) for x in grid]
-    _save(plots.plot_density(density), tmp_path, "density")
-    summary = [{"model": m, "perturbation": k, "level": lv, "accuracy_mean": 0.9 - lv, "accuracy_ci95": 0.02}
-               for m in ("a", "b") for k in ("gaussian", "gaussian-relative") for lv in (0.0, 0.1, 0.2)]
-    _save(plots.plot_robustness(summary), tmp_path, "robustness")
-    line = [{"model": m, "direction": d, "t": t, "loss": t ** 2 + 0.1} for m in ("a", "b") for d in ("top", "random")
-            for t in np.linspace(-1, 1, 9)]
-    _save(plots.plot_landscape_1d(line), tmp_path, "landscape1d")
-    plane = [{"model": "a", "a": a, "b": b, "loss": a ** 2 + 2 * b ** 2 + 0.1} for a in np.linspace(-1, 1, 7) for b in np.linspace(-1, 1, 7)]
-    _save(plots.plot_landscape_2d(plane), tmp_path, "landscape2d")
+    return cells + [{"beta_A": 0.75, "gamma_A": 0.3, "beta_W": 0.75, "gamma_W": 0.0, "test": t, "margin": -0.1, "point": "user"}
+                    for t in ("ct-norm", "euler-norm")]
+
+
+def _summary(mean=0.9, half=0.02):
+    return [{"model": m, "perturbation": k, "level": lv, "accuracy_mean": mean - lv, "accuracy_ci95": half}
+            for m in ("a", "b") for k in ("gaussian", "gaussian-relative") for lv in (0.0, 0.1, 0.2)]
+
+
+# name -> (draw(**options), a series key, a panel key, number of panels)
+CASES = {
+    "spectra": (lambda **o: plots.plot_spectra(*_eigenvalues(), **o), "W", "a", 2),
+    "phase_diagram": (lambda **o: plots.plot_phase_diagram(_cells(), **o), "user", "ct-norm", 2),
+    "training_spectra": (lambda **o: plots.plot_training_spectra(
+        [{"model": m, "epoch": e, "alpha_A": -0.1 * e, "mu2_A": 0.1, "norm_W": 1 + e} for m in ("a", "b") for e in range(5)],
+        **o), "a", "mu2_A", 3),
+    "hessian_summary": (lambda **o: plots.plot_hessian_summary(
+        [{"model": m, "lambda_max": v, "lambda_min": -v / 10, "trace": 3 * v, "trace_ci95": 0.5} for m, v in (("a", 2.0), ("b", 5.0))],
+        **o), "a", "trace", 3),
+    "density": (lambda **o: plots.plot_density(
+        [{"model": m, "eigenvalue": x, "density": np.exp(-(x - s) ** 2)} for m, s in (("a", 0), ("b", 2))
+         for x in np.linspace(-1, 5, 50)], **o), "a", "density", 1),
+    "robustness": (lambda **o: plots.plot_robustness(_summary(), **o), "a", "gaussian", 2),
+    "landscape_1d": (lambda **o: plots.plot_landscape_1d(
+        [{"model": m, "direction": d, "t": t, "loss": t ** 2 + 0.1} for m in ("a", "b") for d in ("top", "random")
+         for t in np.linspace(-1, 1, 9)], **o), "a", "top", 2),
+    "landscape_2d": (lambda **o: plots.plot_landscape_2d(
+        [{"model": "a", "a": a, "b": b, "loss": a ** 2 + 2 * b ** 2 + 0.1} for a in np.linspace(-1, 1, 7)
+         for b in np.linspace(-1, 1, 7)], **o), "trained", "a", 1),
+}
+
+
+def _texts(figure):
+    """Every title, axis label and legend text of a figure."""
+    texts = []
+    for ax in figure.axes:
+        texts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        texts += [t.get_text() for t in ax.get_xticklabels()]
+        if ax.get_legend() is not None:
+            texts += [t.get_text() for t in ax.get_legend().get_texts()]
+    for legend in figure.legends:
+        texts += [t.get_text() for t in legend.get_texts()]
+    return texts
+
+
+def _rcparams():
+    return copy.deepcopy(dict(mpl.rcParams))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_plot_takes_the_customisation_arguments_and_keeps_rcparams(name, tmp_path):
+    draw, series, panel, count = CASES[name]
+    with mpl.rc_context({"font.family": "serif", "axes.titleweight": "normal", "pdf.fonttype": 3}):
+        before = _rcparams()
+        figure = draw(labels={series: "Series X"}, colors={series: "#123456"}, titles={panel: "Panel Y"}, figsize=(5.0, 3.0))
+        assert isinstance(figure, Figure) and tuple(figure.get_size_inches()) == (5.0, 3.0)
+        assert "Series X" in _texts(figure) and "Panel Y" in _texts(figure)
+        paths = plots.save_figure(figure, tmp_path / name)
+        assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+        assert _rcparams() == before
+
+        mine = Figure(figsize=(6, 3))
+        axes = list(mine.subplots(1, count, squeeze=False).flat)
+        drawn = draw(ax=axes[0]) if count == 1 else draw(axes=axes)
+        assert drawn is mine and _rcparams() == before
+        assert any(ax.get_legend() is not None for ax in axes) or name == "hessian_summary"
+        if count > 1:
+            with pytest.raises(ValueError, match=f"draws {count} panel"):
+                draw(ax=axes[0])
+        with pytest.raises(ValueError, match="figsize"):
+            draw(ax=axes[0], figsize=(3, 3)) if count == 1 else draw(axes=axes, figsize=(3, 3))
+        with pytest.raises(ValueError, match="unknown key"):
+            draw(labels={"no such series": "x"})
+        with pytest.raises(ValueError, match="unknown key"):
+            draw(titles={"no such panel": "x"})
+        with pytest.raises(ValueError, match="colour"):
+            draw(colors={series: "not-a-colour"})
+        assert _rcparams() == before
+        assert mpl.rcParams["font.family"] == ["serif"]
+
+
+def test_a_line_and_its_band_take_one_colour_and_bands_stay_in_0_1():
+    summary = [{"model": m, "perturbation": "gaussian", "level": lv, "accuracy_mean": acc, "accuracy_ci95": 0.1}
+               for m, acc in (("a", 0.98), ("b", 0.04)) for lv in (0.0, 0.1)]
+    figure = plots.plot_robustness(summary, colors={"a": "red"})
+    ax = figure.axes[0]
+    lines = {line.get_gid(): line for line in ax.get_lines()}
+    bands = {band.get_gid(): band for band in ax.collections}
+    assert to_rgba(lines["line:a"].get_color()) == to_rgba("red")
+    assert to_rgba(bands["band:a"].get_facecolor()[0])[:3] == to_rgba("red")[:3]
+    assert to_rgba(lines["line:b"].get_color()) == to_rgba(bands["band:b"].get_facecolor()[0])[:3] + (1.0,)
+    assert to_rgba(lines["line:b"].get_color()) != to_rgba("red")
+    for band in bands.values():
+        y = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
+        assert y.min() >= 0.0 and y.max() <= 1.0
+    top = np.concatenate([p.vertices[:, 1] for p in bands["band:a"].get_paths()])
+    bottom = np.concatenate([p.vertices[:, 1] for p in bands["band:b"].get_paths()])
+    assert top.max() == 1.0 and bottom.min() == 0.0
+
+
+def test_robustness_panels_have_readable_titles_and_units():
+    figure = plots.plot_robustness(_summary())
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == ["Gaussian input noise", "Relative Gaussian parameter noise"]
+    assert all("(" in ax.get_xlabel() for ax in figure.axes[:2])
+    assert set(plots.PERTURBATION_TITLES) == set(KINDS) == set(plots.PERTURBATION_UNITS)
+
+
+def test_writers_embed_truetype_fonts_and_refuse_unknown_suffixes(tmp_path):
+    figure = plots.plot_robustness(_summary())
+    with mpl.rc_context({"pdf.fonttype": 3, "ps.fonttype": 3}):
+        pdf = plots.write_figure(figure, tmp_path / "f.pdf").read_bytes()
+    assert b"/FontFile2" in pdf and b"/Subtype /Type3" not in pdf
+    assert plots.write_figure(figure, tmp_path / "f.svg").read_bytes().lstrip().startswith(b"<?xml")
+    assert plots.write_figure(figure, tmp_path / "f.PNG").read_bytes().startswith(b"\x89PNG")
+    for bad in ("f.jpg", "f", "f.pdf.txt"):
+        with pytest.raises(ValueError, match="suffix"):
+            plots.write_figure(figure, tmp_path / bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.PNG", "f.pdf", "f.svg"]
 
 
 def test_euler_stability_region_is_the_disc():
@@ -51,3 +157,82 @@ def test_missing_columns_are_a_clear_error():
         plots.plot_robustness([{"model": "a"}])
     with pytest.raises(ValueError):
         plots.plot_density([])
+
+
+CERTIFY = ["certify", "--beta", "0.75", "--gamma-a", "1", "--gamma-w", "0", "--eps", "0.1", "--radius", "0.1",
+           "--phase-betas", "0:1:3", "--phase-gammas", "0.5,1"]
+
+
+def test_certify_figure_is_written_checked_up_front_and_never_replaces_a_user_file(tmp_path, capsys):
+    figure = tmp_path / "phase.pdf"
+    assert main(CERTIFY + ["--figure", str(figure)]) == 0
+    assert b"/FontFile2" in figure.read_bytes() and f"wrote the figure {figure}" in capsys.readouterr().out
+    user = tmp_path / "mine.png"
+    user.write_bytes(b"my own figure")
+    assert main(CERTIFY + ["--figure", str(user)]) == 2
+    assert "exists" in capsys.readouterr().err and user.read_bytes() == b"my own figure"
+    assert main(CERTIFY + ["--figure", str(tmp_path / "phase.jpg")]) == 2
+    err = capsys.readouterr()
+    assert len(err.err.strip().splitlines()) == 1 and ".svg" in err.err and err.out == ""
+    assert main(CERTIFY + ["--out", str(tmp_path / "p.csv"), "--figure", str(tmp_path / "p.csv")]) == 2
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "phase.jpg").exists()
+    assert main(CERTIFY[:11] + ["--figure", str(tmp_path / "nogrid.png")]) == 2
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    from lrnn_analysis.checkpoints import save_checkpoint
+    from lrnn_analysis.models import ModelConfig, build_model
+
+    digits = build_model(ModelConfig("lipschitz", 1, 6, 10, eps=0.1, gamma_a=1.0, gamma_w=0.0, init_std=0.1), seed=0)
+    adding = build_model(ModelConfig("lipschitz", 2, 4, 1, eps=0.1), seed=0)
+    return (save_checkpoint(tmp_path / "digits.safetensors", digits, {"task": {"name": "digits", "seed": 0, "options": {}}}),
+            save_checkpoint(tmp_path / "adding.safetensors", adding,
+                            {"task": {"name": "adding", "seed": 0, "options": {"length": 5}}}))
+
+
+def test_robustness_and_hessian_figures(checkpoints, tmp_path, capsys):
+    digits, adding = checkpoints
+    robust = ["robustness", str(digits), "--input-noise", "0,0.1", "--seeds", "2", "--max-samples", "50",
+              "--out", str(tmp_path / "r.csv"), "--quiet"]
+    assert main(robust + ["--figure", str(tmp_path / "r.gif")]) == 2 and not (tmp_path / "r.csv").exists()
+    assert main(robust + ["--figure", str(tmp_path / "r.csv")]) == 2
+    assert main(robust + ["--figure", str(tmp_path / "r.svg")]) == 0
+    assert (tmp_path / "r.svg").read_bytes().lstrip().startswith(b"<?xml") and (tmp_path / "r.csv").exists()
+    regression = ["robustness", str(adding), "--param-noise", "0,0.1", "--seeds", "2", "--max-samples", "20",
+                  "--out", str(tmp_path / "a.csv"), "--figure", str(tmp_path / "a.png"), "--quiet"]
+    assert main(regression) == 0 and (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
+    capsys.readouterr()
+    hessian = ["hessian", str(adding), "--batch-size", "16", "--quiet"]
+    assert main(hessian + ["--figure", str(tmp_path / "d.png")]) == 2
+    assert "--density" in capsys.readouterr().err
+    assert main(hessian + ["--density", "--figure", str(tmp_path / "d.pdf")]) == 0
+    assert b"/FontFile2" in (tmp_path / "d.pdf").read_bytes()
+    assert main(hessian + ["--density", "--figure", str(tmp_path / "d.pdf")]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_robustness_of_a_regression_task_draws_the_loss():
+    summary = [{**row, "accuracy_mean": None, "accuracy_ci95": None, "loss_mean": 0.01 + row["level"], "loss_ci95": 0.05}
+               for row in _summary()]
+    with pytest.raises(ValueError, match="metric='loss'"):
+        plots.plot_robustness(summary)
+    figure = plots.plot_robustness(summary, "loss")
+    assert figure.axes[0].get_ylabel() == "test loss"
+    band = next(c for c in figure.axes[0].collections if c.get_gid() == "band:a")
+    assert np.concatenate([p.vertices[:, 1] for p in band.get_paths()]).min() == 0.0
+
+
+def test_the_audit_report_of_a_regression_task_draws_the_loss(checkpoints, tmp_path):
+    from lrnn_analysis.data import load_task
+    from lrnn_analysis.outputs import OutputDirectory
+    from lrnn_analysis.report import AUDIT_WRITER, AuditSettings, run_audit, write_audit_into
+    from lrnn_analysis.subject import load_model
+
+    settings = AuditSettings(certificate_budget=5.0, hessian_batch_size=16, trace_matvecs=8, seeds=2, max_samples=20,
+                             grid={"gaussian-relative": (0.0, 0.1)})
+    result = run_audit(load_model(checkpoints[1]), load_task("adding", seed=0, length=5), "adding", None, settings,
+                       progress=False)
+    with OutputDirectory(tmp_path / "audit", AUDIT_WRITER) as directory:
+        out = write_audit_into(result, directory)
+    assert (out / "robustness.png").read_bytes().startswith(b"\x89PNG")
