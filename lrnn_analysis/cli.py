@@ -59,7 +59,7 @@ class _HelpFormatter(argparse.HelpFormatter):
                  and "%(default)" not in (action.help or ""))
         if shown:
             action = copy.copy(action)
-            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
         return super()._format_action(action)
 
 
@@ -707,8 +707,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     beta_w, gamma_a, gamma_w, w_source, radius, r_source = _certify_settings(args)
     phase = args.phase_betas or args.phase_gammas
-    if phase and not (args.phase_betas and args.phase_gammas and args.out):
-        raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out")
+    if (phase or args.out) and not (args.phase_betas and args.phase_gammas and args.out):
+        raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out (--out writes only the phase diagram)")
     if phase and len(args.phase_betas) * len(args.phase_gammas) > _MAX_GRID:
         raise UsageError(f"the phase diagram has more than {_MAX_GRID} cells")
     if args.out:
