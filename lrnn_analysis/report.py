@@ -347,8 +347,9 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
         lines += [f"- {name} = {format_value(item['value'])} (from {item['source']})" for name, item in ref["hparams"].items()]
         lines += [f"- note: {note}" for note in ref.get("notes", [])] + [""]
     if result.gates:
-        lines += ["## Gates", "", "| gate | result | observed | detail |", "|---|---|---|---|"]
-        lines += [f"| `{g.gate}` | {'PASS' if g.passed else 'FAIL'} | {format_value(g.observed)} | {g.detail} |" for g in result.gates]
+        lines += ["## Gates", "", "| gate | result | threshold | observed | detail |", "|---|---|---|---|---|"]
+        lines += [f"| `{g.gate}` | {'PASS' if g.passed else 'FAIL'} | {format_value(g.threshold)} | {format_value(g.observed)} | "
+                  f"{g.detail} |" for g in result.gates]
         lines += ["", f"**Overall: {'PASS' if result.passed else 'FAIL'}**", ""]
     lines += ["## Key numbers", "", "| quantity | value |", "|---|---|",
               f"| clean test accuracy | {format_value(r['clean']['accuracy'])} (loss {format_value(r['clean']['loss'])}, n = {r['clean']['n']}) |",
@@ -401,7 +402,7 @@ def _settings_section(settings: dict[str, Any], operator: dict[str, Any]) -> lis
         ("spectral density", "yes" if settings["density"] else "no"),
         ("robustness levels", f"{grid} (`--levels KIND:L1,L2`)"),
         ("robustness seeds", f"{settings['seeds']} (`--seeds`)"),
-        ("robustness samples", "the whole test split" if settings["max_samples"] is None else f"the first {settings['max_samples']} test samples"),
+        ("robustness samples", "the whole test split" if settings["max_samples"] is None else f"the first {settings['max_samples']} test samples (or all, if fewer)"),
         ("certificate time budget", f"{format_value(budget)} s"),
         ("seed", f"{settings['seed']} (`--seed`)"),
     ]
