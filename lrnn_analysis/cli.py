@@ -832,7 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--batches", type=_int_in(1, 100_000), default=1, help="use the first N batches of the split")
     amount.add_argument("--full", action="store_true", help="use the whole split (HVPs weighted by samples)")
     hess.add_argument("--params", default=None, help="parameter names or globs, e.g. M_A,M_W (default: all)")
-    hess.add_argument("--top-k", type=_int_in(1, MAX_EIGENPAIRS), default=1, help="eigenvalues at each end of the spectrum")
+    hess.add_argument("--top-k", "--hessian-k", dest="top_k", type=_int_in(1, MAX_EIGENPAIRS), default=1,
+                      help="eigenvalues at each end of the spectrum")
     hess.add_argument("--trace", action="store_true", help="estimate the trace with a 95%% CI")
     hess.add_argument("--trace-method", choices=("hutchinson", "hutch++", "xtrace"), default="hutchinson")
     hess.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")

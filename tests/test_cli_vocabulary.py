@@ -64,7 +64,7 @@ def test_certificates_and_tests_are_one_option_in_stability_and_certify(option):
 @pytest.mark.parametrize("option", ["--top-k", "--hessian-k"])
 def test_top_k_and_hessian_k_are_one_option(option):
     assert _parse("robustness", CKPT, "--hessian-direction", "0.1", option, "3", "--out", "r.csv").top_k == 3
-    assert _parse("hessian", CKPT, "--top-k", "3").top_k == 3
+    assert _parse("hessian", CKPT, option, "3").top_k == 3
 
 
 @pytest.mark.parametrize("new, old, kind", [("--input-noise", "--gaussian", "gaussian"),
@@ -119,7 +119,7 @@ def test_every_help_shows_the_defaults_and_the_audit_presets_it_names(capsys, mo
         assert main([command, "--help"]) == 0
         text[command] = re.sub(r"\s+", " ", capsys.readouterr().out)
     assert "--batch-size BATCH_SIZE (default: 1000)" in text["robustness"]
-    assert "--lr LR (default: 0.03)" in text["train"] and "--top-k TOP_K eigenvalues at each end of the spectrum (default: 1)" in text["hessian"]
+    assert "--lr LR (default: 0.03)" in text["train"] and "--top-k TOP_K, --hessian-k TOP_K eigenvalues at each end of the spectrum (default: 1)" in text["hessian"]
     assert "--device {auto,cpu,cuda} auto = CUDA when present (default: auto)" in text["audit"]
     quick, thorough = AuditSettings(), AuditSettings.thorough()
     assert f"(default: {quick.hessian_batches}, --thorough {thorough.hessian_batches})" in text["audit"]
