@@ -151,3 +151,23 @@ def test_a_command_run_into_a_log_writes_no_progress_bar(tmp_path, capsys):
     assert "\r" not in err and "epoch" not in err, err
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["training"]["epochs"] == 2
+
+
+def test_info_names_the_format_of_a_pytorch_dict_checkpoint(tmp_path, capsys):
+    import torch
+
+    from lrnn_analysis.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig("lipschitz", 1, 3, 10), seed=0)
+    path = tmp_path / "dict.pt"
+    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, path)
+    assert main(["info", str(path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"checkpoint {path} (PyTorch file with a config and a state dict)" and "None" not in first
+
+
+def test_certify_refuses_out_without_a_phase_diagram_before_printing(tmp_path, capsys):
+    out = tmp_path / "phase.csv"
+    assert main(["certify", "--beta", "0.75", "--gamma-a", "0.5", "--gamma-w", "0", "--radius", "0.1", "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and "--out writes only the phase diagram" in printed.err and not out.exists()
