@@ -48,7 +48,7 @@ GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accur
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """Quick by default; ``thorough()`` gives paper-grade settings, ``replace`` any between.
+    """Quick by default; ``thorough()`` gives paper-grade settings; ``with_changes`` sets any between.
 
     The Hessian quantities use the first ``hessian_batches`` training batches of
     ``hessian_batch_size`` samples; the trace spends at most ``trace_matvecs`` Hessian-vector
@@ -128,6 +128,8 @@ class Gate:
                 Perturbation(parts[0], float(parts[1]))
             except ValueError as error:
                 raise ValueError(f"bad gate {text!r}: {error}") from None
+            if parts[0] == "hessian-direction":
+                raise ValueError(f"bad gate {text!r}: the audit sweeps no hessian-direction")
             if not -1.0 <= float(parts[2]) <= 1.0:
                 raise ValueError(f"bad gate {text!r}: an accuracy drop lies in [-1, 1]")
             value = ":".join(parts)

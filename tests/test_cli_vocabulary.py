@@ -96,6 +96,7 @@ def test_gates_name_a_perturbation_in_either_spelling(spelling):
     assert str(gate) == "max-accuracy-drop=gaussian:0.1:0.05"
     gate = _parse("audit", CKPT, "--out", "a", "--gate", "max-accuracy-drop=param-noise:0.02:0.1").gate[0]
     assert gate.value == "gaussian-relative:0.02:0.1"
+    assert main(["audit", CKPT, "--out", "a", "--gate", "max-accuracy-drop=hessian-direction:0.1:0.1"]) == 2
 
 
 def test_audit_levels_take_either_spelling_and_refuse_a_kind_twice(capsys):
