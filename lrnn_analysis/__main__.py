@@ -1,7 +1,7 @@
 """The ``lrnn`` command (and ``python -m lrnn_analysis``).
 
-Importing the CLI imports torch, which takes seconds; a Ctrl-C in that time is reported like
-one during the work (one line, exit 130) instead of as a traceback from inside torch.
+Importing the CLI is quick (torch and the other heavy libraries load when a command runs, where
+a Ctrl-C is one line and exit 130); a Ctrl-C during that import is reported the same way.
 """
 import sys
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .errors import CheckpointError, IntegrityWarning, display_name  # noqa: F401 (re-exported)
 from .io import atomic_write, dumps
 from .models import ModelConfig, RecurrentModel, build_model, parameter_shapes
 from .reference import is_reference_content, load_reference, load_torch_file
@@ -61,14 +62,6 @@ METADATA_SECTIONS = {"config": dict, "task": dict, "training": dict, "metrics": 
                      HASH_KEY: str}
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be loaded or saved; the message names the file and the problem."""
-
-
-class IntegrityWarning(UserWarning):
-    """A native checkpoint that records no integrity hash (written before hashes were recorded)."""
-
-
 class LoadedCheckpoint(NamedTuple):
     model: RecurrentModel
     metadata: dict[str, Any]
@@ -77,11 +70,6 @@ class LoadedCheckpoint(NamedTuple):
     def sha256(self) -> str:
         """``weights_sha256`` of the loaded weights and config (verified when the file records one)."""
         return self.metadata[HASH_KEY]
-
-
-def display_name(path: str | Path) -> str:
-    """``path`` as printable text: bytes that are not UTF-8 appear as ``\\xNN`` escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def weights_sha256(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> str:

@@ -3,11 +3,16 @@
 Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr), 130 interrupted
 (SIGINT), 141 the reader of the output went away (a closed pipe, as for a tool killed by SIGPIPE).
 Every option is checked against its bounds while parsing, before anything is computed.
+
+Building the parser imports no torch, numpy, scipy, cvxpy or matplotlib (``lrnn --help`` is
+instant): its name tables come from :mod:`lrnn_analysis.vocabulary`, and each command imports
+what it uses when it runs.
 """
 from __future__ import annotations
 
 import argparse
 import atexit
+import copy
 import json
 import math
 import os
@@ -17,31 +22,55 @@ import time
 import warnings
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
-
-from .checkpoints import CheckpointError, IntegrityWarning, display_name, save_checkpoint
-from .constraints import CONSTRAINTS, StabilityConstraint
-from .data import MAX_ADDING_LENGTH, MAX_SEED, TASKS, load_task
-from .io import write_csv, write_json
-from .models import ARCHITECTURES, ModelConfig, build_model
+from .errors import CheckpointError, IntegrityWarning, display_name
 from .outputs import OutputDirectory, check_output_file
-from .models.config import MAX_SIZES
-from .runtime import DEVICE_CHOICES, resolve_device
-from .subject import ModelUnderAnalysis, load_model
-from .tables import format_table, format_value
-from .training import TrainSettings, spectral_summary, train_model, training_metadata
+from .vocabulary import (
+    ARCHITECTURES,
+    CERTIFICATES,
+    CONSTRAINTS,
+    DEVICE_CHOICES,
+    KINDS,
+    MAX_ADDING_LENGTH,
+    MAX_SEED,
+    MAX_SIZES,
+    PARAMETERIZATION_TESTS,
+    PERTURBATION_ALIASES,
+    TASK_NAMES,
+    perturbation_kind,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from .subject import ModelUnderAnalysis
 
 
 class UsageError(Exception):
     """Bad input detected after parsing; reported as one line with exit code 2."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, when it has one to show."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default = action.default
+        shown = (action.option_strings and action.help is not argparse.SUPPRESS and default is not None
+                 and default is not False and default != [] and default is not argparse.SUPPRESS
+                 and "%(default)" not in (action.help or ""))
+        if shown:
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (no usage block), exit 2."""
+    """Usage errors as one line on stderr (no usage block), exit 2; defaults shown in --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -101,8 +130,6 @@ def _name_list(text: str) -> list[str]:
 
 
 def _certificate_list(text: str) -> list[str]:
-    from .stability import CERTIFICATES
-
     names = _name_list(text)
     unknown = [name for name in names if name not in CERTIFICATES]
     if unknown or not names:
@@ -111,8 +138,6 @@ def _certificate_list(text: str) -> list[str]:
 
 
 def _parameterization_tests(text: str) -> list[str]:
-    from .stability.parameterization import PARAMETERIZATION_TESTS
-
     names = _name_list(text)
     unknown = [name for name in names if name not in PARAMETERIZATION_TESTS]
     if unknown or not names:
@@ -137,7 +162,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_task_options(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--task", choices=sorted(TASKS), required=required, help="task name")
+    parser.add_argument("--task", choices=sorted(TASK_NAMES), required=required, help="task name")
     parser.add_argument("--split-seed", type=_seed, default=None, help="seed of the train/val/test split (default 0, or the checkpoint's)")
     parser.add_argument("--data-path", default=None, help="smnist/psmnist: .npz or MNIST IDX directory (default: vendored 10k digits)")
     parser.add_argument("--pixels-per-step", type=_int_in(1, 784), default=None, help="smnist/psmnist: pixels per time step (divides 784)")
@@ -157,6 +182,8 @@ def _task_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = 
         from .userdata import load_data
 
         return load_data(args.data)
+    from .data import load_task
+
     recorded = recorded or {}
     name = args.task or recorded.get("name")
     if name is None:
@@ -191,7 +218,7 @@ def _add_model_options(parser: argparse.ArgumentParser, several: bool = False, t
     group.add_argument("--alpha", type=_finite, default=None, help="reference files: alpha (else recorded, else 1 with a warning)")
     group.add_argument("--solver", default=None, help="reference LipschitzRNN_ODE files: torchdiffeq solver (euler, midpoint, rk4)")
     if task:
-        group.add_argument("--task", choices=sorted(TASKS), default=None, help="the task to show/record instead of the recorded one")
+        group.add_argument("--task", choices=sorted(TASK_NAMES), default=None, help="the task to show/record instead of the recorded one")
 
 
 def _reference_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,6 +255,8 @@ def _load_models(args: argparse.Namespace) -> list[tuple[str, ModelUnderAnalysis
     elif overrides and not checkpoints:
         raise UsageError(f"--{', --'.join(overrides)}: for files of the reference implementation; "
                          "a --model takes its settings as --model-arg KEY=VALUE")
+    from .subject import load_model
+
     loaded = [(str(path), load_model(path, **overrides)) for path in checkpoints]
     if args.model is None:
         return loaded
@@ -268,6 +297,8 @@ def _task_for(args: argparse.Namespace, loaded: Sequence[tuple[str, ModelUnderAn
 
 
 def _set_threads(threads: int) -> None:
+    import torch
+
     torch.set_num_threads(threads)
 
 
@@ -295,6 +326,7 @@ def _distributed_context(args: argparse.Namespace, device: torch.device) -> _Ran
     Without torchrun: one process on ``device``."""
     if not _launched_by_torchrun():
         return _Ranks(device)
+    import torch
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -311,6 +343,12 @@ def _distributed_context(args: argparse.Namespace, device: torch.device) -> _Ran
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoints import save_checkpoint
+    from .constraints import StabilityConstraint
+    from .models import ModelConfig, build_model
+    from .runtime import resolve_device
+    from .training import TrainSettings, train_model, training_metadata
+
     check_output_file(args.out, force=args.force, inputs=[args.data_path])
     _set_threads(args.threads)
     device = resolve_device(args.device)
@@ -359,11 +397,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _spectral_line(model) -> str:
+    from .training import spectral_summary
+
     parts = [f"{key.split('_')[0]}({key.split('_')[1]}) = {value:+.4f}" for key, value in spectral_summary(model).items()]
     return "spectra: " + ", ".join(parts)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .tables import format_table, format_value
+
     subject = _load_subject(args)
     metadata = dict(subject.metadata)
     if args.json:
@@ -374,7 +416,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     model = subject.module
     config = model.config.to_dict()
-    print(f"checkpoint {display_name(args.checkpoint)} ({metadata.get('format')})")
+    recorded = metadata.get("format")
+    print(f"checkpoint {display_name(args.checkpoint)} "
+          f"({f'format {recorded}' if recorded else 'PyTorch file with a config and a state dict'})")
     print(f"weights_sha256: {metadata['weights_sha256']}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
     if args.task is not None:
@@ -435,9 +479,9 @@ def _float_list(text: str, parse: Callable[[str], float] = _finite) -> list[floa
 
 def _levels(kind: str) -> Callable[[str], list[float]]:
     """Comma-separated levels of perturbation ``kind``, each valid for it."""
-    from .robustness import Perturbation
-
     def level(text: str) -> float:
+        from .robustness import Perturbation
+
         value = _finite(text)
         try:
             Perturbation(kind, value)
@@ -502,11 +546,28 @@ def _print_warnings(warnings: Sequence[str]) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+_BESIDE_CSV = ""
+
+
+def _robustness_json_path(args: argparse.Namespace) -> Path | None:
+    """Where ``--json`` writes: beside the CSV when given alone, else the .json PATH given."""
+    if args.json is None:
+        return None
+    if args.json == _BESIDE_CSV:
+        return Path(args.out).with_suffix(".json")
+    if Path(args.json).suffix != ".json":
+        raise UsageError(f"--json {display_name(args.json)}: the JSON file's name must end in .json "
+                         "(to write it beside the CSV, give --json after the checkpoints, with no PATH)")
+    return Path(args.json)
+
+
 def cmd_robustness(args: argparse.Namespace) -> int:
     from .distributed import distributed_sweep
     from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
+    from .runtime import resolve_device
+    from .tables import format_table
 
-    json_path = Path(args.out).with_suffix(".json") if args.json else None
+    json_path = _robustness_json_path(args)
     inputs = _input_files(args)
     check_output_file(args.out, force=args.force, inputs=inputs)
     if json_path is not None:
@@ -529,7 +590,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
             restricted = args.recurrent is not None or args.recurrent_only
             names = recurrent_parameter_names(subject, args.recurrent) if restricted else None
             subject.module.to(device)
-            directions = hessian_directions(subject, task, args.hessian_k, params=names, seed=0)
+            directions = hessian_directions(subject, task, args.top_k, params=names, seed=0)
         models.append(SweepModel(subject.name, display_name(path), subject, directions))
     run_sweep = distributed_sweep if ranks.world_size > 1 else sweep
     result = run_sweep(models, task, grid, args.seeds, split=args.split, device=device, batch_size=args.batch_size,
@@ -553,7 +614,10 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
+    from .io import write_json
+    from .progress import progress_bar
     from .stability import certify, default_certificates, spectrum
+    from .tables import format_table
 
     if args.json:
         check_output_file(args.json, force=args.force, inputs=_input_files(args))
@@ -571,7 +635,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
     names = args.certificates or list(default_certificates(system))
     started = time.monotonic()
     results = []
-    for name in tqdm(names, desc="certificates", unit="cert", disable=args.quiet):
+    for name in progress_bar(names, desc="certificates", unit="cert", enabled=not args.quiet):
         remaining = None if args.time_budget is None else max(0.0, args.time_budget - (time.monotonic() - started))
         results += certify(system, [name], time_budget=remaining)
     scheme = system.method if system.eps is None else f"{system.method}, eps {system.eps:g}" + (
@@ -598,7 +662,9 @@ def _recurrent_layer_stability(args: argparse.Namespace, subject: ModelUnderAnal
     """`lrnn stability` of a model without a Lur'e form of its own that contains torch.nn
     RNN/LSTM/GRU layers: each layer and each stack of layers is certified (see
     ``lrnn_analysis.stability.cascade``); how the model combines their states is not."""
+    from .io import write_json
     from .stability import certify_recurrent
+    from .tables import format_table
 
     results = certify_recurrent(subject.module, args.certificates, input_bound=args.input_bound, time_budget=args.time_budget)
     print(f"{args.checkpoint}: {subject.name}: no Lur'e form of the whole model; certifying its torch.nn recurrent "
@@ -615,9 +681,15 @@ def _recurrent_layer_stability(args: argparse.Namespace, subject: ModelUnderAnal
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     from .distributed import DistributedOperator, shard_batches
     from .evaluation import loss_function
     from .hessian import analyze
+    from .io import write_json
+    from .runtime import resolve_device
+    from .tables import format_table
 
     if args.json:
         check_output_file(args.json, force=args.force, inputs=_input_files(args))
@@ -687,8 +759,35 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kind_levels(text: str) -> tuple[str, list[float]]:
+    """'KIND:L1,L2,...' with KIND a perturbation in either spelling: (canonical kind, levels)."""
+    name, sep, levels = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KIND:L1,L2,..., got {text[:40]!r}")
+    try:
+        kind = perturbation_kind(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if kind == "hessian-direction":
+        raise argparse.ArgumentTypeError("the audit sweeps no hessian-direction (use lrnn robustness --hessian-direction)")
+    return kind, _levels(kind)(levels)
+
+
+def _audit_grid(levels: list[tuple[str, list[float]]] | None) -> dict[str, list[float]] | None:
+    if levels is None:
+        return None
+    grid: dict[str, list[float]] = {}
+    for kind, values in levels:
+        if kind in grid:
+            raise UsageError(f"--levels names perturbation {kind} twice")
+        grid[kind] = values
+    return grid
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from .report import AUDIT_WRITER, AuditSettings, run_audit, write_audit_into
+    from .runtime import resolve_device
+    from .tables import format_table, format_value
 
     gates = list(args.gate)
     with OutputDirectory(args.out, AUDIT_WRITER, force=args.force, inputs=_input_files(args)) as directory:
@@ -697,7 +796,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         subject = _load_subject(args)
         task = _task_for(args, [(args.checkpoint, subject)])
         subject.check_fits(task, str(args.checkpoint))
-        settings = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
+        preset = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
+        settings = preset.with_changes(hessian_batches=args.hessian_batches, trace_matvecs=args.trace_matvecs,
+                                       seeds=args.seeds, grid=_audit_grid(args.levels))
         result = run_audit(subject, task, display_name(args.checkpoint), None, settings, gates, device, progress=not args.quiet)
         out = write_audit_into(result, directory)
     report = result.report
@@ -708,7 +809,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for certificate in report["stability"].get("certificates", []):
         print(f"certificate {certificate['name']}: {'holds' if certificate['holds'] else 'fails'} ({certificate['reason']})")
     if result.gates:
-        print(format_table([g.to_dict() for g in result.gates], ["gate", "passed", "observed", "detail"]))
+        print(format_table([g.to_dict() for g in result.gates], ["gate", "passed", "threshold", "observed", "detail"]))
         print("all gates pass" if result.passed else "a gate failed")
     _print_warnings([report["training_data"]["warning"]] if report["training_data"]["warning"] else [])
     return 0 if result.passed else 1
@@ -716,6 +817,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .recipes import REPRODUCE_WRITER, check_recipe_set, find_recipes, load_recipe, run_recipe
+    from .runtime import resolve_device
+    from .tables import format_table
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
@@ -750,6 +853,8 @@ def _grid(text: str) -> list[float]:
         if len(parts) != 3:
             raise argparse.ArgumentTypeError(f"expected start:stop:count, got {text[:40]!r}")
         start, stop, count = _finite(parts[0]), _finite(parts[1]), _int_in(1, MAX_GRID_POINTS)(parts[2])
+        import numpy as np
+
         return [float(v) for v in np.linspace(start, stop, count)]
     values = _float_list(text)
     if len(values) > MAX_GRID_POINTS:
@@ -783,12 +888,15 @@ def _certify_settings(args: argparse.Namespace) -> tuple[float, float, float, st
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
+    from .io import write_csv
     from .stability import certify_parameterization, phase_diagram
+    from .tables import format_table
 
     beta_w, gamma_a, gamma_w, w_source, radius, r_source = _certify_settings(args)
     phase = args.phase_betas or args.phase_gammas
-    if (phase or args.figure) and not (args.phase_betas and args.phase_gammas and (args.out or args.figure)):
-        raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out and/or --figure")
+    if (phase or args.out or args.figure) and not (args.phase_betas and args.phase_gammas and (args.out or args.figure)):
+        raise UsageError("a phase diagram needs --phase-betas, --phase-gammas and --out and/or --figure "
+                         "(--out writes only the phase diagram)")
     if phase and len(args.phase_betas) * len(args.phase_gammas) > _MAX_GRID:
         raise UsageError(f"the phase diagram has more than {_MAX_GRID} cells")
     if args.out:
@@ -816,11 +924,13 @@ def cmd_certify(args: argparse.Namespace) -> int:
             write_csv(args.out, [c.to_dict() for c in cells])
         grid = [c for c in cells if c.point == "grid"]
         certified = sum(c.holds for c in grid)
+        cells_certified = len({(c.beta_A, c.gamma_A) for c in grid if c.holds})
         w_axes = ("beta_W = beta_A" if args.beta_w is None else f"beta_W = {args.beta_w:g}") + ", " + (
             "gamma_W = gamma_A" if args.gamma_w is None else f"gamma_W = {args.gamma_w:g}")
         n_cells = len(args.phase_betas) * len(args.phase_gammas)
         print(f"phase diagram over beta_A x gamma_A ({w_axes}) at r = {radius:.6g}: {n_cells} cells x "
-              f"{len(grid) // n_cells} tests, {certified} of {len(grid)} certified; your point (beta_A, gamma_A) = "
+              f"{len(grid) // n_cells} tests = {len(grid)} rows; {certified} of the {len(grid)} (cell, test) pairs "
+              f"certified, {cells_certified} of the {n_cells} cells by at least one test; your point (beta_A, gamma_A) = "
               f"({args.beta:g}, {gamma_a:g}) is in the rows with point = user" + (f"; written to {args.out}" if args.out else ""))
         if args.figure:
             from .plots import plot_phase_diagram
@@ -874,7 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
     stability = sub.add_parser("stability", help="spectra and global-stability certificates of a checkpoint")
     stability.add_argument("checkpoint", nargs="?", default=None)
     _add_model_options(stability, task=True)
-    stability.add_argument("--certificates", type=_certificate_list, default=None,
+    stability.add_argument("--certificates", "--tests", dest="certificates", type=_certificate_list, default=None,
                            help="comma-separated, e.g. euler-norm,euler-lmi (default: those of the scheme the model runs)")
     stability.add_argument("--time-budget", type=_positive, default=None, help="seconds for all LMI tiers together")
     stability.add_argument("--input-bound", type=_positive, default=None, metavar="XBAR",
@@ -899,9 +1009,10 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--init-std", type=_nonnegative, default=None,
                       help="with --hidden: entries of M ~ N(0, (init_std/hidden)^2), as `lrnn train` initialises them")
     cert.add_argument("--init-failure-probability", type=_positive, default=1e-6,
-                      help="probability allowed that an initial M_A or M_W exceeds the derived radius (default 1e-6)")
+                      help="probability allowed that an initial M_A or M_W exceeds the derived radius")
     cert.add_argument("--slope", type=_positive, default=1.0, help="Lipschitz constant L of the activation")
-    cert.add_argument("--tests", type=_parameterization_tests, default=None, help="e.g. ct-norm,euler-norm")
+    cert.add_argument("--certificates", "--tests", dest="tests", type=_parameterization_tests, default=None,
+                      help=f"comma-separated, from {','.join(PARAMETERIZATION_TESTS)} (default: ct-norm, and euler-norm, rk2-norm with --eps)")
     cert.add_argument("--phase-betas", type=_grid, default=None,
                       help="beta_A grid (a,b,c or start:stop:count); W shares beta and gamma unless --beta-w/--gamma-w fix them")
     cert.add_argument("--phase-gammas", type=_grid, default=None, help="gamma_A grid: a,b,c or start:stop:count")
@@ -922,7 +1033,8 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--batches", type=_int_in(1, 100_000), default=1, help="use the first N batches of the split")
     amount.add_argument("--full", action="store_true", help="use the whole split (HVPs weighted by samples)")
     hess.add_argument("--params", default=None, help="parameter names or globs, e.g. M_A,M_W (default: all)")
-    hess.add_argument("--top-k", type=_int_in(1, MAX_EIGENPAIRS), default=1, help="eigenvalues at each end of the spectrum")
+    hess.add_argument("--top-k", "--hessian-k", dest="top_k", type=_int_in(1, MAX_EIGENPAIRS), default=1,
+                      help="eigenvalues at each end of the spectrum")
     hess.add_argument("--trace", action="store_true", help="estimate the trace with a 95%% CI")
     hess.add_argument("--trace-method", choices=("hutchinson", "hutch++", "xtrace"), default="hutchinson")
     hess.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
@@ -952,7 +1064,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="certified=NAME, min-accuracy=A, max-lambda=X, max-trace=X, max-accuracy-drop=KIND:LEVEL:DROP")
     audit.add_argument("--out", required=True, help="report directory (written atomically; replaces only a previous audit report)")
     audit.add_argument("--force", action="store_true", help="also replace a report another lrnn command wrote")
-    audit.add_argument("--thorough", action="store_true", help="paper-grade settings (slow)")
+    audit.add_argument("--thorough", action="store_true", help="paper-grade settings (slow); the options below override either preset")
+    audit.add_argument("--hessian-batches", type=_int_in(1, 100_000), default=None,
+                       help="training batches of 128 samples for the Hessian, GGN and trace (default: 1, --thorough 8)")
+    audit.add_argument("--trace-matvecs", type=_int_in(1, 100_000), default=None,
+                       help="most Hessian-vector products for the trace (default: 60, --thorough 400)")
+    audit.add_argument("--seeds", type=_int_in(1, 1000), default=None, help="robustness seeds (default: 3, --thorough 10)")
+    audit.add_argument("--levels", type=_kind_levels, action="append", default=None, metavar="KIND:L1,L2",
+                       help="robustness levels of one perturbation, repeatable; replaces the preset's grid; KIND as in tables "
+                            f"({', '.join(k for k in KINDS if k != 'hessian-direction')}) or as the robustness options ({', '.join(PERTURBATION_ALIASES)}); level 0 "
+                            "is always run (default: gaussian:0,0.05,0.1,0.2 and gaussian-relative:0,0.02,0.05,0.1; "
+                            "--thorough adds salt-pepper, occlusion and fgsm)")
     audit.add_argument("--seed", type=_seed, default=0)
     _add_run_options(audit)
     audit.set_defaults(handler=cmd_audit)
@@ -970,14 +1092,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(robust, several=True)
     _add_task_options(robust, required=False)
     _add_data_option(robust)
-    robust.add_argument("--input-noise", type=_levels("gaussian"), default=None, help="Gaussian input noise sigmas, e.g. 0,0.1,0.2,0.3")
+    robust.add_argument("--input-noise", "--gaussian", dest="input_noise", type=_levels("gaussian"), default=None,
+                        help="Gaussian input noise sigmas, e.g. 0,0.1,0.2,0.3 (perturbation gaussian)")
     robust.add_argument("--salt-pepper", type=_levels("salt-pepper"), default=None, help="salt-and-pepper probabilities")
     robust.add_argument("--occlusion", type=_levels("occlusion"), default=None, help="fractions of time steps set to zero")
     robust.add_argument("--fgsm", type=_levels("fgsm"), default=None, help="FGSM budgets in input units")
-    robust.add_argument("--param-noise", type=_levels("gaussian-relative"), default=None, help="relative Gaussian parameter noise sigmas")
+    robust.add_argument("--param-noise", "--gaussian-relative", dest="param_noise", type=_levels("gaussian-relative"), default=None,
+                        help="relative Gaussian parameter noise sigmas (perturbation gaussian-relative)")
     robust.add_argument("--hessian-direction", type=_levels("hessian-direction"), default=None,
                         help="steps t along a seeded unit combination of the top Hessian eigenvectors")
-    robust.add_argument("--hessian-k", type=_int_in(1, MAX_EIGENPAIRS), default=1, help="number of top eigenvectors spanning the directions")
+    robust.add_argument("--top-k", "--hessian-k", dest="top_k", type=_int_in(1, MAX_EIGENPAIRS), default=1,
+                        help="number of top Hessian eigenvectors spanning the --hessian-direction directions")
     recurrent = robust.add_mutually_exclusive_group()
     recurrent.add_argument("--recurrent-only", action="store_true",
                            help="parameter perturbations only on each model's declared recurrent parameters (toolkit models: "
@@ -990,7 +1115,9 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--max-samples", type=_int_in(1, 10**8), default=None)
     robust.add_argument("--batch-size", type=_int_in(1, MAX_BATCH), default=1000)
     robust.add_argument("--out", required=True, help="tidy CSV (one row per model, perturbation, level, seed)")
-    robust.add_argument("--json", action="store_true", help="also write rows, summary and provenance as JSON beside the CSV")
+    robust.add_argument("--json", nargs="?", const=_BESIDE_CSV, default=None, metavar="PATH",
+                        help="also write rows, summary and provenance as JSON to PATH (a .json file; "
+                             "--json alone: beside the CSV, with the suffix .json)")
     robust.add_argument("--figure", default=None, metavar="PATH", help="also draw accuracy against level (.png, .pdf or .svg)")
     robust.add_argument("--force", action="store_true", help="replace an existing output file (never an input, a link or a special file)")
     _add_run_options(robust)

@@ -26,8 +26,8 @@ import torch
 from .lure import LureSystem
 from .models import LipschitzRNN, RecurrentModel
 from .stability import norm_test, norm_test_threshold
+from .vocabulary import CONSTRAINTS
 
-CONSTRAINTS = ("ct-norm", "euler-norm", "rk2-norm")
 SECANT_STEPS = 30
 
 

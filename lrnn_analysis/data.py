@@ -22,6 +22,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .vocabulary import MAX_ADDING_LENGTH, MAX_SEED
+
 VENDORED_MNIST = Path(__file__).parent / "_data" / "mnist10k.npz"
 PERMUTATION_SEED = 1234
 # The reference implementation's pmnist: torch.manual_seed(12008); torch.randperm(784).
@@ -34,8 +36,6 @@ def reference_permutation() -> np.ndarray:
     """``torch.manual_seed(12008); torch.randperm(784)``, drawn from a private generator."""
     return torch.randperm(784, generator=torch.Generator().manual_seed(REFERENCE_PERMUTATION_SEED)).numpy()
 # Task options come from command lines and from checkpoints (untrusted): bounded sizes.
-MAX_SEED = 2**63 - 1
-MAX_ADDING_LENGTH = 100_000
 MAX_ADDING_SAMPLES = 1_000_000
 MAX_ADDING_VALUES = 50_000_000  # samples x length (x 2 channels of float32: 400 MB)
 MAX_DATA_BYTES = 2**30  # one uncompressed IDX file or .npz member

@@ -51,6 +51,7 @@ from .stability.parameterization import PARAMETERIZATION_TESTS
 from .subject import ModelUnderAnalysis, load_model
 from .userdata import load_data
 from .usermodule import ModelSpec, import_factory, load_user_model
+from .vocabulary import PERTURBATION_ALIASES, perturbation_grid
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -251,12 +252,15 @@ def _grid_setting(path: Path, key: str, grid: Any) -> dict[str, list[float]]:
     if not isinstance(grid, dict) or not grid:
         raise _fail(path, key, f"expected a table of perturbation kinds, e.g. gaussian = [0.0, 0.1], got {grid!r}")
     for kind, levels in grid.items():
-        _choice(KINDS)(path, f"{key}.{kind}", kind)
+        _choice(KINDS + tuple(PERTURBATION_ALIASES))(path, f"{key}.{kind}", kind)
         if not isinstance(levels, list) or not 1 <= len(levels) <= 1000:
             raise _fail(path, f"{key}.{kind}", "expected a list of 1 to 1000 levels")
         for level in levels:
             _number(0.0, 1e6)(path, f"{key}.{kind}", level)
-    return grid
+    try:
+        return perturbation_grid(grid)
+    except ValueError as error:
+        raise _fail(path, key, str(error)) from None
 
 
 _BATCHES = {"split": _choice(SPLITS), "batch_size": _integer(1, 100_000), "batches": _integer(1, 10_000)}

@@ -12,14 +12,19 @@ or not at all. Gates decide the exit code:
   certified=NAME                 certificate NAME holds (e.g. euler-lmi)
   min-accuracy=A                 clean test accuracy >= A
   max-lambda=X                   λ_max <= X
-  max-trace=X                    tr(H) estimate <= X
+  max-trace=X                    upper end of the 95% CI of tr(H) <= X
   max-accuracy-drop=KIND:LEVEL:D mean accuracy drop under perturbation KIND at LEVEL <= D
+                                 (KIND as in tables, e.g. gaussian, or as the option, e.g. input-noise)
+
+λ_max, λ_min and tr(H) are of the loss on a sample of training batches: other settings (a
+quick audit and a thorough one of the same model) give other values, so a ``max-lambda`` or
+``max-trace`` gate is comparable only between audits with equal Hessian settings.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,18 +36,24 @@ from .evaluation import evaluate, loss_function
 from .io import write_csv, write_json
 from .outputs import OutputDirectory, atomic_write
 from .provenance import check_training_data
-from .robustness import KINDS, Perturbation, SweepModel, sweep
+from .robustness import Perturbation, SweepModel, sweep
 from .runtime import environment
 from .stability import CERTIFICATES, certify, default_certificates, spectrum
 from .subject import ModelUnderAnalysis, as_model_under_analysis
-from .tables import format_table, format_value
+from .tables import format_value
+from .vocabulary import perturbation_grid, perturbation_kind
 
 GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop")
 
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """Quick by default; ``thorough()`` gives paper-grade settings."""
+    """Quick by default; ``thorough()`` gives paper-grade settings; ``with_changes`` sets any between.
+
+    The Hessian quantities use the first ``hessian_batches`` training batches of
+    ``hessian_batch_size`` samples; the trace spends at most ``trace_matvecs`` Hessian-vector
+    products. ``grid`` maps a perturbation kind (either spelling, see
+    :func:`lrnn_analysis.vocabulary.perturbation_kind`) to its levels, each run with ``seeds`` seeds."""
 
     seed: int = 0
     certificate_budget: float = 20.0
@@ -55,6 +66,19 @@ class AuditSettings:
     seeds: int = 3
     max_samples: int | None = 1000
 
+    def __post_init__(self) -> None:
+        for name in ("hessian_batches", "hessian_batch_size", "trace_matvecs", "seeds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"audit setting {name} must be an integer >= 1, got {value!r}")
+        grid = {kind: tuple(float(level) for level in levels) for kind, levels in perturbation_grid(self.grid).items()}
+        if "hessian-direction" in grid:
+            raise ValueError("the audit sweeps no hessian-direction (its eigenvectors are not computed here)")
+        for kind, levels in grid.items():
+            for level in levels:
+                Perturbation(kind, level)
+        object.__setattr__(self, "grid", grid)
+
     @classmethod
     def thorough(cls, seed: int = 0) -> "AuditSettings":
         return cls(seed=seed, certificate_budget=600.0, hessian_batches=8, trace_matvecs=400, density=True,
@@ -63,9 +87,20 @@ class AuditSettings:
                          "gaussian-relative": (0.0, 0.01, 0.02, 0.05, 0.1)},
                    seeds=10, max_samples=None)
 
+    def preset(self) -> str:
+        """``quick`` or ``thorough`` when these are exactly that preset (at this seed), else ``custom``."""
+        if self == AuditSettings(seed=self.seed):
+            return "quick"
+        return "thorough" if self == AuditSettings.thorough(self.seed) else "custom"
+
+    def with_changes(self, **changes: Any) -> "AuditSettings":
+        """These settings with the ``changes`` that are not None."""
+        return replace(self, **{name: value for name, value in changes.items() if value is not None})
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["grid"] = {k: list(v) for k, v in self.grid.items()}
+        data["preset"] = self.preset()
         return data
 
 
@@ -85,15 +120,19 @@ class Gate:
             raise ValueError(f"bad gate {text!r}: unknown certificate {value!r}; expected one of {CERTIFICATES}")
         if kind == "max-accuracy-drop":
             parts = value.split(":")
-            if len(parts) != 3 or parts[0] not in KINDS or not all(_is_finite(p) for p in parts[1:]):
-                raise ValueError(f"bad gate {text!r}: expected max-accuracy-drop=KIND:LEVEL:DROP with KIND one of {KINDS} "
+            if len(parts) != 3 or not all(_is_finite(p) for p in parts[1:]):
+                raise ValueError(f"bad gate {text!r}: expected max-accuracy-drop=KIND:LEVEL:DROP with KIND a perturbation "
                                  "and finite LEVEL and DROP")
             try:
+                parts[0] = perturbation_kind(parts[0])
                 Perturbation(parts[0], float(parts[1]))
             except ValueError as error:
                 raise ValueError(f"bad gate {text!r}: {error}") from None
+            if parts[0] == "hessian-direction":
+                raise ValueError(f"bad gate {text!r}: the audit sweeps no hessian-direction")
             if not -1.0 <= float(parts[2]) <= 1.0:
                 raise ValueError(f"bad gate {text!r}: an accuracy drop lies in [-1, 1]")
+            value = ":".join(parts)
         elif kind != "certified" and not _is_finite(value):
             raise ValueError(f"bad gate {text!r}: {kind} takes a finite number")
         elif kind == "min-accuracy" and not 0.0 <= float(value) <= 1.0:
@@ -113,9 +152,15 @@ def _is_finite(text: str) -> bool:
 
 @dataclass(frozen=True)
 class GateResult:
+    """One gate's outcome: ``observed`` (None when nothing was measured) compared with
+    ``threshold`` (None for ``certified``); ``quantity`` names what was compared."""
+
     gate: str
-    passed: bool
+    kind: str
+    quantity: str
+    threshold: float | None
     observed: Any
+    passed: bool
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,7 +234,7 @@ def run_audit(
                                      for t, d in zip(hessian.density.grid, hessian.density.density)]
 
     started = time.perf_counter()
-    grid = {kind: sorted(set(levels)) for kind, levels in settings.grid.items()}
+    grid = {kind: sorted(set(levels) | {0.0}) for kind, levels in settings.grid.items()}
     for gate in gates:
         if gate.kind == "max-accuracy-drop":
             kind, level, _ = gate.value.split(":")
@@ -229,31 +274,40 @@ def run_audit(
 
 
 def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
+    def result(quantity: str, threshold: float | None, observed: Any, passed: bool, detail: str) -> GateResult:
+        return GateResult(str(gate), gate.kind, quantity, threshold, observed, passed, detail)
+
     if gate.kind == "certified":
+        quantity = f"margin of certificate {gate.value}"
         found = [c for c in report["stability"].get("certificates", []) if c["name"] == gate.value]
         if not found:
-            return GateResult(str(gate), False, None, analyses.NO_LURE_FORM)
+            return result(quantity, None, None, False, analyses.NO_LURE_FORM)
         c = found[0]
-        return GateResult(str(gate), bool(c["holds"]), c["margin"], f"tier {c['tier']}: {c['reason']}")
+        detail = f"verified at tier {c['tier']}: {c['reason']}" if c["tier"] else f"no tier verified it: {c['reason']}"
+        return result(quantity, None, c["margin"], bool(c["holds"]), detail)
     if gate.kind == "min-accuracy":
-        observed = report["clean"]["accuracy"]
+        observed, threshold = report["clean"]["accuracy"], float(gate.value)
         if observed is None:
-            return GateResult(str(gate), False, None, "a regression task has no accuracy")
-        return GateResult(str(gate), observed >= float(gate.value), observed, f"clean test accuracy {observed:.4f}")
+            return result("clean test accuracy", threshold, None, False, "a regression task has no accuracy")
+        return result("clean test accuracy", threshold, observed, observed >= threshold, f"clean test accuracy {observed:.4f}")
     if gate.kind == "max-lambda":
-        observed = report["hessian"]["lambda_max"]
-        return GateResult(str(gate), observed <= float(gate.value), observed, f"lambda_max {observed:.4g}")
+        observed, threshold = report["hessian"]["lambda_max"], float(gate.value)
+        samples = report["hessian"]["operator"]["n_samples"]
+        return result("Hessian lambda_max", threshold, observed, observed <= threshold,
+                      f"lambda_max {observed:.4g} on {samples} training samples")
     if gate.kind == "max-trace":
-        trace = report["hessian"]["trace"]
-        return GateResult(str(gate), trace["estimate"] <= float(gate.value), trace["estimate"],
-                          f"trace {trace['estimate']:.4g} +- {trace['ci_halfwidth']:.3g}")
+        trace, threshold = report["hessian"]["trace"], float(gate.value)
+        upper = trace["estimate"] + trace["ci_halfwidth"]
+        return result("upper end of the 95% CI of the Hessian trace", threshold, upper, upper <= threshold,
+                      f"trace {trace['estimate']:.4g} +- {trace['ci_halfwidth']:.3g} (95% CI upper end {upper:.4g})")
     kind, level, allowed = gate.value.split(":")
+    quantity = f"mean accuracy drop under {kind} at level {level}"
     rows = [r for r in report["robustness"]["summary"] if r["perturbation"] == kind and r["level"] == float(level)]
     observed = rows[0]["accuracy_drop"] if rows else None
     if observed is None:
-        return GateResult(str(gate), False, None, f"no accuracy drop measured for {kind} at {level}")
-    return GateResult(str(gate), observed <= float(allowed), observed,
-                      f"mean drop {observed:.4f} under {kind} at level {level} over {rows[0]['seeds']} seeds")
+        return result(quantity, float(allowed), None, False, f"no accuracy drop measured for {kind} at {level}")
+    return result(quantity, float(allowed), observed, observed <= float(allowed),
+                  f"mean drop {observed:.4f} under {kind} at level {level} over {rows[0]['seeds']} seeds")
 
 
 def _figures(result: AuditResult, out: OutputDirectory) -> dict[str, str]:
@@ -283,7 +337,7 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     config = r["config"]
     what = (f"{config['arch']} ({config['discretization']}), hidden {config['hidden']}" if config else
             f"{r['model']['name']} ({r['model']['module']}, {r['model']['parameters']} parameters)")
-    lines = [f"# Audit of `{r['checkpoint']}`", "",
+    lines = [f"# Audit of `{Path(r['checkpoint']).name}`", "",
              f"{what}, task {r['task']['name']}" + (f" (split seed {r['task']['seed']})" if r["task"]["name"] in TASKS else "")
              + f", device {r['environment'].get('device')}.", "",
              f"Checkpoint weights and config SHA-256: `{r['checkpoint_sha256'] or 'not recorded'}`.", ""]
@@ -296,21 +350,27 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
         lines += [f"- {name} = {format_value(item['value'])} (from {item['source']})" for name, item in ref["hparams"].items()]
         lines += [f"- note: {note}" for note in ref.get("notes", [])] + [""]
     if result.gates:
-        lines += ["## Gates", "", "| gate | result | observed | detail |", "|---|---|---|---|"]
-        lines += [f"| `{g.gate}` | {'PASS' if g.passed else 'FAIL'} | {format_value(g.observed)} | {g.detail} |" for g in result.gates]
+        lines += ["## Gates", "", "| gate | result | threshold | observed | detail |", "|---|---|---|---|---|"]
+        lines += [f"| `{g.gate}` | {'PASS' if g.passed else 'FAIL'} | {format_value(g.threshold)} | {format_value(g.observed)} | "
+                  f"{g.detail} |" for g in result.gates]
         lines += ["", f"**Overall: {'PASS' if result.passed else 'FAIL'}**", ""]
     lines += ["## Key numbers", "", "| quantity | value |", "|---|---|",
               f"| clean test accuracy | {format_value(r['clean']['accuracy'])} (loss {format_value(r['clean']['loss'])}, n = {r['clean']['n']}) |",
               f"| Hessian λ_max | {format_value(hessian['lambda_max'])} |", f"| Hessian λ_min | {format_value(hessian['lambda_min'])} |",
               f"| GGN λ_max | {format_value(r['ggn']['lambda_max'])} |",
               f"| curvature samples | {hessian['operator']['n_samples']} training samples ({hessian['operator']['n_batches']} batch(es)) |",
-              f"| Hessian trace | {format_value(hessian['trace']['estimate'])} ± {format_value(hessian['trace']['ci_halfwidth'])} (95% CI) |"]
+              f"| Hessian trace | {format_value(hessian['trace']['estimate'])} ± {format_value(hessian['trace']['ci_halfwidth'])} "
+              f"(95% CI, {hessian['trace']['matvecs']} Hessian-vector products) |"]
     if "spectrum" in stability:
         s = stability["spectrum"]
         lines += [f"| α(A), μ₂(A) | {format_value(s['abscissa_A'])}, {format_value(s['mu2_A'])} |", f"| ‖A‖₂, ‖W‖₂ | {format_value(s['norm_A'])}, {format_value(s['norm_W'])} |"]
-    blocks = format_table(hessian["blocks"]["rows"], ["param", "numel", "lambda_max", "trace", "trace_ci_halfwidth", "trace_method"])
+    lines += ["", f"The Hessian and GGN numbers are of the training loss on a sample of {hessian['operator']['n_samples']} "
+              "training samples. λ_max depends on that sample: the same model audited with other settings (quick "
+              "and --thorough, or another --hessian-batches or --seed) gives another λ_max and trace, so compare a "
+              "max-lambda or max-trace gate only between audits with equal settings (see Settings below)."]
     lines += ["", "Hessian per parameter tensor (diagonal blocks; recurrent matrices first):", ""]
-    lines += ["    " + line for line in blocks.splitlines()]
+    lines += _markdown_table(hessian["blocks"]["rows"], ["param", "numel", "lambda_max", "trace", "trace_ci_halfwidth", "trace_method"],
+                             ["parameter", "entries", "λ_max", "trace", "± (95% CI)", "trace method"])
     lines += ["", "## Certificates", ""]
     if stability.get("certificates"):
         lines += ["| certificate | holds | margin | rate | tier | seconds | reason |", "|---|---|---|---|---|---|---|"]
@@ -318,14 +378,38 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
                   f"{format_value(c['seconds'])} | {c['reason']} |" for c in stability["certificates"]]
     else:
         lines.append(f"{stability['reason'][0].upper()}{stability['reason'][1:]}.")
-    robustness = format_table(r["robustness"]["summary"], ["perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95", "accuracy_drop"])
     lines += ["", "Spectra are diagnostics (necessary conditions), not certificates.", "", "## Robustness", ""]
-    lines += ["    " + line for line in robustness.splitlines()] + [""]
+    lines += _markdown_table(r["robustness"]["summary"], ["perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95", "accuracy_drop"],
+                             ["perturbation", "level", "seeds", "accuracy", "± (95% CI)", "drop"]) + [""]
+    lines += _settings_section(r["settings"], hessian["operator"])
     for name, file in figures.items():
         lines += [f"![{name}]({file})", ""]
     lines += [f"Timings (s): {', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items())}. "
               f"Seed {r['settings']['seed']}. Versions: {', '.join(f'{k} {v}' for k, v in r['environment'].items() if k not in ('platform', 'distributed'))}.", ""]
     return "\n".join(lines)
+
+
+def _markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows]
+
+
+def _settings_section(settings: dict[str, Any], operator: dict[str, Any]) -> list[str]:
+    grid = "; ".join(f"{kind}: {', '.join(format_value(level) for level in levels)}" for kind, levels in settings["grid"].items())
+    budget = settings["certificate_budget"]
+    rows = [
+        ("preset", f"{settings['preset']} (quick: `lrnn audit`, thorough: `lrnn audit --thorough`)"),
+        ("Hessian sample", f"{operator['n_samples']} training samples: {settings['hessian_batches']} batch(es) of "
+                           f"{settings['hessian_batch_size']} (`--hessian-batches`)"),
+        ("trace budget", f"{settings['trace_matvecs']} Hessian-vector products at most (`--trace-matvecs`)"),
+        ("spectral density", "yes" if settings["density"] else "no"),
+        ("robustness levels", f"{grid} (`--levels KIND:L1,L2`)"),
+        ("robustness seeds", f"{settings['seeds']} (`--seeds`)"),
+        ("robustness samples", "the whole test split" if settings["max_samples"] is None else f"the first {settings['max_samples']} test samples (or all, if fewer)"),
+        ("certificate time budget", f"{format_value(budget)} s"),
+        ("seed", f"{settings['seed']} (`--seed`)"),
+    ]
+    return ["## Settings", "", "| setting | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows] + [""]
 
 
 AUDIT_WRITER = "lrnn audit"

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from . import __version__
+from .vocabulary import DEVICE_CHOICES
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(choice: str = "auto") -> torch.device:

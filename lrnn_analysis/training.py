@@ -7,13 +7,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .constraints import StabilityConstraint, check_feasible, project
 from .data import Task
 from .evaluation import evaluate, loss_function
 from .models import RecurrentModel
 from .stability.spectra import mu2, norm2, spectral_abscissa
+from .progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def train_model(
     order_rng = torch.Generator().manual_seed(settings.seed)
     log: list[dict[str, Any]] = []
     started = time.perf_counter()
-    bar = tqdm(range(1, settings.epochs + 1), desc=f"train {model.config.arch}", unit="epoch", disable=not progress)
+    bar = progress_bar(range(1, settings.epochs + 1), desc=f"train {model.config.arch}", unit="epoch", enabled=progress)
     for epoch in bar:
         model.train()
         order = torch.randperm(len(x_train), generator=order_rng).to(device)

@@ -58,7 +58,7 @@ def test_phase_diagram_names_the_axes_and_marks_the_user_point(tmp_path, capsys)
     out = tmp_path / "phase.csv"
     assert main(PAPER + ["--phase-betas", "0:1:5", "--phase-gammas", "0:1:7", "--out", str(out)]) == 1
     printed = capsys.readouterr().out
-    assert "0 of 105 certified" in printed and "0 cells certified because W shares each cell's gamma" in printed
+    assert "35 cells x 3 tests = 105 rows; 0 of the 105 (cell, test) pairs certified, 0 of the 35 cells" in printed and "0 cells certified because W shares each cell's gamma" in printed
     assert "--gamma-w 0" in printed
     rows = list(csv.DictReader(out.open()))
     assert {"beta_A", "gamma_A", "beta_W", "gamma_W", "point"} <= set(rows[0])

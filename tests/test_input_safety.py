@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from lrnn_analysis import checkpoints, cli
-from lrnn_analysis.checkpoints import CheckpointError, IntegrityWarning, load_checkpoint, save_checkpoint, weights_sha256
+from lrnn_analysis.checkpoints import IntegrityWarning, load_checkpoint, save_checkpoint, weights_sha256
 from lrnn_analysis.cli import main
 from lrnn_analysis.data import load_task
 from lrnn_analysis.models import ModelConfig, build_model
@@ -393,16 +393,21 @@ def test_mnist_labels_and_pixels_are_checked(tmp_path):
         load_task("smnist", path=str(tmp_path / "bad.npz"))
 
 
-def test_sigint_while_starting_up_is_one_line_too():
-    code = textwrap.dedent("""
+def test_sigint_while_starting_up_is_one_line_too(tmp_path):
+    # torch and the other heavy libraries load when the command runs: an interrupt while they
+    # load (or during the work that follows) is one line.
+    out = tmp_path / "never.safetensors"
+    code = textwrap.dedent(f"""
         import os, signal, sys, threading
         from lrnn_analysis.__main__ import run
+        sys.argv = ["lrnn", "train", "--task", "digits", "--epochs", "100000", "--out", {str(out)!r}, "--quiet"]
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         sys.exit(run())
     """)
     process = _run(code)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and err.decode() == "lrnn: interrupted\n", err
+    assert process.returncode == 130 and err.decode() == "lrnn train: interrupted\n", err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("content", [b"PK\x03\x04" + b"\x00" * 40, b"garbage", None])

@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
-from tqdm.auto import tqdm
 
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 from .lanczos import Lanczos
+from ..progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def spectral_density(
     matvec = CountedMatvec(op)
     rng = np.random.default_rng(seed)
     nodes, weights = [], []
-    with tqdm(total=n_probes * steps, desc="SLQ density", disable=not progress, leave=False) as bar:
+    with progress_bar(total=n_probes * steps, desc="SLQ density", enabled=progress, leave=False) as bar:
         for _ in range(n_probes):
             process = Lanczos(matvec, rademacher(rng, matvec.dim))
             while process.steps < steps and not process.exhausted:

@@ -7,11 +7,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
-from tqdm.auto import tqdm
 
 from ._common import CountedMatvec
 from ._results import dataclass_dict, jsonable
 from .lanczos import Lanczos
+from ..progress import progress_bar
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -109,7 +109,7 @@ def eigenvalues(
             raise ValueError(f"v0 must have length {matvec.dim}, got shape {v0.shape}")
     start = np.random.default_rng(seed).standard_normal(matvec.dim) if v0 is None else v0
     process = Lanczos(matvec, start)
-    with tqdm(total=max_iter, desc=f"lanczos {which}", disable=not progress, leave=False) as bar:
+    with progress_bar(total=max_iter, desc=f"lanczos {which}", enabled=progress, leave=False) as bar:
         while True:
             process.step()
             bar.update()
@@ -207,7 +207,7 @@ def power_iteration(
     rng = np.random.default_rng(seed)
     values, residuals, converged, vectors = [], [], [], []
     iterations = 0
-    with tqdm(total=k * max_iter, desc="power iteration", disable=not progress, leave=False) as bar:
+    with progress_bar(total=k * max_iter, desc="power iteration", enabled=progress, leave=False) as bar:
         for _ in range(min(k, matvec.dim)):
             v = rng.standard_normal(matvec.dim)
             previous, stopped = None, False

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ._results import dataclass_dict
 from .eigen import EigenResult
 from .operator import Batch, HessianOperator, LossFunction, ParamSpec, as_batches, eval_mode, select_parameters
+from ..progress import progress_bar
 
 Direction = Mapping[str, Tensor]
 
@@ -131,7 +131,7 @@ def landscape(
     device = next(iter(base.values())).device
     losses, accuracies = [], []
     with torch.no_grad(), eval_mode(model):
-        for a, b in tqdm(steps, desc="landscape", disable=not progress, leave=False):
+        for a, b in progress_bar(steps, desc="landscape", enabled=progress, leave=False):
             point = {}
             for name, theta in base.items():
                 shift = a * chosen[0][name].to(theta) if name in chosen[0] else torch.zeros_like(theta)

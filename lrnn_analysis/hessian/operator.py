@@ -24,7 +24,8 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
+
+from ..progress import progress_bar
 
 Batch = tuple[Tensor, Tensor]
 LossFunction = Callable[[Tensor, Tensor], Tensor]
@@ -368,7 +369,7 @@ class HessianOperator(CurvatureOperator):
             return None
         total: list[Tensor | None] = [None if g is None else self.weights[0] * g for g in first]
         rest = zip(self.weights[1:], self.batches[1:])
-        for weight, batch in tqdm(rest, total=len(self.batches) - 1, desc="hessian graph", disable=not self._progress, leave=False):
+        for weight, batch in progress_bar(rest, total=len(self.batches) - 1, desc="hessian graph", enabled=self._progress, leave=False):
             for i, g in enumerate(self._batch_gradient(batch)):
                 if g is not None:
                     total[i] = weight * g if total[i] is None else total[i] + weight * g

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
-from tqdm.auto import tqdm
 
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
+from ..progress import progress_bar
 
 METHODS = ("hutchinson", "hutch++", "xtrace")
 CONFIDENCE = 0.95
@@ -120,7 +120,7 @@ def trace(
             raise ValueError(f"hutch++ needs max_matvecs >= 2 * sketch_size ({2 * sketch}), got {max_matvecs}")
     samples: list[float] = []
     halfwidth, stop_reason = math.inf, "budget"
-    with tqdm(total=max_matvecs, desc=f"trace ({method})", disable=not progress, leave=False) as bar:
+    with progress_bar(total=max_matvecs, desc=f"trace ({method})", enabled=progress, leave=False) as bar:
         if sketch:
             Y = np.stack([matvec(rademacher(rng, matvec.dim)) for _ in range(sketch)], axis=1)
             basis, _ = np.linalg.qr(Y)

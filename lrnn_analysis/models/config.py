@@ -6,19 +6,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-# Schemes each architecture can be run with; the first is the default.
-DISCRETIZATIONS: dict[str, tuple[str, ...]] = {
-    "lipschitz": ("euler", "rk2"),
-    "lipschitz-gated": ("euler",),
-    "antisymmetric": ("euler",),
-    "cayley": ("map",),
-    "residual": ("euler",),
-    "vanilla": ("map",),
-    "node": ("rk4", "rk2", "euler"),
-}
-ARCHITECTURES = tuple(DISCRETIZATIONS)
-# Generous but finite: a config from an untrusted file must not ask for unbounded memory or time.
-MAX_SIZES = {"input_dim": 65536, "hidden": 65536, "output_dim": 65536, "ode_substeps": 10000}
+from ..vocabulary import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import types
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np

@@ -31,9 +31,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-INPUT_KINDS = ("gaussian", "salt-pepper", "occlusion", "fgsm")
-PARAMETER_KINDS = ("gaussian-relative", "hessian-direction")
-KINDS = INPUT_KINDS + PARAMETER_KINDS
+from ..vocabulary import INPUT_KINDS, KINDS, PARAMETER_KINDS, perturbation_kind  # noqa: F401 (re-exported)
+
 DETERMINISTIC_KINDS = ("fgsm",)
 
 
@@ -44,8 +43,7 @@ class Perturbation:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown perturbation {self.kind!r}; expected one of {KINDS}")
+        object.__setattr__(self, "kind", perturbation_kind(self.kind))
         if isinstance(self.level, bool) or not isinstance(self.level, (int, float)) or not math.isfinite(self.level) or self.level < 0:
             raise ValueError(f"{self.kind} level must be a finite number >= 0, got {self.level!r}")
         if self.kind in ("salt-pepper", "occlusion") and self.level > 1:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
 
 from ..data import Task
 from ..evaluation import evaluate
@@ -25,7 +24,9 @@ from ..provenance import check_training_data
 from ..runtime import environment
 from ..subject import ModelUnderAnalysis, as_model_under_analysis, match_parameters
 from ..statistics import t_halfwidth
+from ..vocabulary import perturbation_grid
 from .perturbations import DETERMINISTIC_KINDS, ParameterDirections, Perturbation, perturb_inputs, perturb_parameters
+from ..progress import progress_bar
 
 ROW_FIELDS = ("model", "checkpoint", "perturbation", "target", "level", "seed", "accuracy", "loss", "n", "device")
 SUMMARY_FIELDS = ("model", "checkpoint", "perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95",
@@ -103,13 +104,15 @@ def sweep(
     ``task``'s (see :mod:`lrnn_analysis.provenance`): their accuracy may include training samples.
     ``batched`` (default: on CUDA only) evaluates up to ``draws_per_call`` parameter draws in one
     vmapped call. On CPU evaluation is compute-bound and the plain loop over draws was measured
-    faster (bench/robustness.py), so it is the CPU default.
+    faster (bench/robustness.py), so it is the CPU default. A kind may be named by its alias
+    (``input-noise``, ``param-noise``); results name it canonically (``gaussian``, ``gaussian-relative``).
     """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("need at least one seed")
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
+    grid = perturbation_grid(grid)
     plan = {kind: [Perturbation(kind, level) for level in levels] for kind, levels in grid.items()}
     selected: dict[str, list[str] | None] = {}
     training_data: dict[str, dict[str, Any]] = {}
@@ -137,7 +140,7 @@ def sweep(
     started = time.perf_counter()
     total = len(models) * sum(len(p) * (1 if kind in DETERMINISTIC_KINDS else len(seed_list)) for kind, p in plan.items())
     rows: list[dict[str, Any]] = []
-    with tqdm(total=total, desc="robustness", unit="eval", disable=not progress) as bar:
+    with progress_bar(total=total, desc="robustness", unit="eval", enabled=progress) as bar:
         for entry in models:
             model = entry.model.module.to(device).eval()
             clean = evaluate(model, x, y, task.is_classification, batch_size)

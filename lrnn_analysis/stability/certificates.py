@@ -57,19 +57,8 @@ from .norms import NormTestOutcome, norm_test
 from .riccati import RICCATI_TIER, riccati_tier
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF, norm2
 from .verification import Verification, verify
+from ..vocabulary import CERTIFICATES
 
-CERTIFICATES = (
-    "ct-norm",
-    "ct-lmi",
-    "euler-norm",
-    "euler-lmi",
-    "rk2-norm",
-    "rk2-lmi",
-    "rk4-norm",
-    "rk4-lmi",
-    "map-norm",
-    "map-lmi",
-)
 TIERS = ("norm", "P=I", "diag-P", RICCATI_TIER, "full-P")
 DEFAULT_CERTIFICATES = {
     "ode": ("ct-norm", "ct-lmi"),

@@ -1,0 +1,70 @@
+"""The names and bounds the command line offers, importable without torch, numpy or scipy.
+
+Building ``lrnn``'s parser (and so ``lrnn --help``) reads only this module; the modules that
+do the work import their tables from here, so each name is defined once.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+TASK_NAMES = ("digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding")
+MAX_SEED = 2**63 - 1
+MAX_ADDING_LENGTH = 100_000
+
+# Schemes each architecture can be run with; the first is the default.
+DISCRETIZATIONS: dict[str, tuple[str, ...]] = {
+    "lipschitz": ("euler", "rk2"),
+    "lipschitz-gated": ("euler",),
+    "antisymmetric": ("euler",),
+    "cayley": ("map",),
+    "residual": ("euler",),
+    "vanilla": ("map",),
+    "node": ("rk4", "rk2", "euler"),
+}
+ARCHITECTURES = tuple(DISCRETIZATIONS)
+# Generous but finite: a config from an untrusted file must not ask for unbounded memory or time.
+MAX_SIZES = {"input_dim": 65536, "hidden": 65536, "output_dim": 65536, "ode_substeps": 10000}
+
+CERTIFICATES = (
+    "ct-norm",
+    "ct-lmi",
+    "euler-norm",
+    "euler-lmi",
+    "rk2-norm",
+    "rk2-lmi",
+    "rk4-norm",
+    "rk4-lmi",
+    "map-norm",
+    "map-lmi",
+)
+PARAMETERIZATION_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "map-norm")
+CONSTRAINTS = ("ct-norm", "euler-norm", "rk2-norm")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+INPUT_KINDS = ("gaussian", "salt-pepper", "occlusion", "fgsm")
+PARAMETER_KINDS = ("gaussian-relative", "hessian-direction")
+KINDS = INPUT_KINDS + PARAMETER_KINDS
+# The command line's option names for two kinds; accepted wherever a kind is named.
+PERTURBATION_ALIASES = {"input-noise": "gaussian", "param-noise": "gaussian-relative"}
+
+
+def perturbation_kind(name: str) -> str:
+    """The perturbation kind ``name`` means: a kind of :data:`KINDS` or one of its aliases
+    (``input-noise`` = ``gaussian``, ``param-noise`` = ``gaussian-relative``)."""
+    kind = PERTURBATION_ALIASES.get(name, name)
+    if kind not in KINDS:
+        aliases = ", ".join(f"{alias} = {kind}" for alias, kind in PERTURBATION_ALIASES.items())
+        raise ValueError(f"unknown perturbation {name!r}; expected one of {KINDS} (aliases: {aliases})")
+    return kind
+
+
+def perturbation_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, Sequence[float]]:
+    """``grid`` with every kind in its canonical spelling; a kind named twice (e.g. as
+    ``gaussian`` and as ``input-noise``) is an error, never a silent merge."""
+    canonical: dict[str, Sequence[float]] = {}
+    for name, levels in grid.items():
+        kind = perturbation_kind(name)
+        if kind in canonical:
+            raise ValueError(f"perturbation {kind!r} given twice (as {name!r} and under another spelling)")
+        canonical[kind] = levels
+    return canonical
