@@ -8,7 +8,7 @@ from typing import Any
 
 # Schemes each architecture can be run with; the first is the default.
 DISCRETIZATIONS: dict[str, tuple[str, ...]] = {
-    "lipschitz": ("euler", "rk2"),
+    "lipschitz": ("euler", "rk2", "rk38"),
     "lipschitz-gated": ("euler",),
     "antisymmetric": ("euler",),
     "cayley": ("map",),

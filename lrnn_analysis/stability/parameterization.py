@@ -48,7 +48,7 @@ import numpy as np
 from .norms import norm_test_threshold, norm_test_value
 from .spectra import UNIT_ROUNDOFF
 
-PARAMETERIZATION_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "map-norm")
+PARAMETERIZATION_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "rk38-norm", "map-norm")
 DEFAULT_INIT_FAILURE_PROBABILITY = 1e-6
 _u = UNIT_ROUNDOFF
 
