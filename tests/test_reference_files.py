@@ -174,7 +174,7 @@ def test_key_sets_that_identify_no_single_model_are_errors(tmp_path):
 
 
 def test_ode_solvers_the_toolkit_cannot_run_exactly_are_refused(tmp_path):
-    for solver, why in (("dopri5", "adaptive"), ("fixed_adams", "multistep"), ("nonsense", "not a torchdiffeq fixed-grid")):
+    for solver, why in (("dopri5", "adaptive"), ("bosh3", "adaptive"), ("nonsense", "not a torchdiffeq fixed-grid")):
         path = _save_state(tmp_path, "LipschitzRNN_ODE", _name("LipschitzRNN_ODE", solver=solver))
         with pytest.raises(CheckpointError, match=why):
             load_checkpoint(path)

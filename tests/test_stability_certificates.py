@@ -87,7 +87,7 @@ def random_contractive(rng, n, scale_W):
     return -np.eye(n) + 0.8 * (M - M.T) + 0.2 * M, scale_W * rng.standard_normal((n, n)) / np.sqrt(n)
 
 
-@pytest.mark.parametrize("family,eps", [("ct", None), ("euler", 0.1), ("map", None)])
+@pytest.mark.parametrize("family,eps", [("ct", None), ("euler", 0.1), ("rk38", 0.1), ("map", None)])
 def test_lmi_tiers_never_weaker_than_the_norm_test(family, eps):
     rng = np.random.default_rng(5)
     checked = 0
