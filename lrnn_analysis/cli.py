@@ -951,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--arch", choices=ARCHITECTURES, default="lipschitz")
     train.add_argument("--hidden", type=_int_in(1, MAX_SIZES["hidden"]), default=64)
     train.add_argument("--eps", type=_positive, default=None, help="step per input (default: the task's)")
-    train.add_argument("--discretization", default=None, help="euler|rk2 (lipschitz), rk4|rk2|euler (node)")
+    train.add_argument("--discretization", default=None, help="euler|rk2|rk38 (lipschitz; rk38 = 3/8-rule RK4), rk4|rk2|euler (node)")
     train.add_argument("--beta", type=_finite, default=0.75, help="beta of A and W")
     train.add_argument("--gamma", type=_finite, default=0.001, help="gamma of A and W")
     train.add_argument("--beta-a", type=_finite, default=None)

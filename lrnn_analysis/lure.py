@@ -8,6 +8,9 @@ together with the scheme that is actually run:
 * ``euler`` h+ = h + eps * f(h, u);
 * ``rk2``   explicit midpoint, h+ = h + eps * f(h + eps/2 * f(h, u), u);
 * ``rk4``   classical Runge-Kutta with u held over the step;
+* ``rk38``  Kutta's 3/8-rule Runge-Kutta (torchdiffeq's fixed-grid ``rk4``) with u held:
+            k1 = f(h), k2 = f(h + eps k1/3), k3 = f(h + eps (k2 - k1/3)),
+            k4 = f(h + eps (k1 - k2 + k3)), h+ = h + eps (k1 + 3 k2 + 3 k3 + k4)/8;
 * ``map``   h+ = sigma(W h + u)  (A is unused and must be zero).
 
 Orientation: column vectors. W acts on the left of the state, h+ = sigma(W h + u), and
@@ -29,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("ode", "euler", "rk2", "rk4", "map")
+METHODS = ("ode", "euler", "rk2", "rk4", "rk38", "map")
 ACTIVATIONS = {"tanh": (np.tanh, 1.0), "relu": (lambda z: np.maximum(z, 0.0), 1.0)}
 
 
@@ -81,7 +84,7 @@ class LureSystem:
         sigma, max_slope = ACTIVATIONS[self.activation]
         if not (np.isfinite(self.slope) and self.slope >= max_slope):
             raise ValueError(f"slope {self.slope} must be >= {max_slope}, the largest slope of {self.activation}")
-        if self.method in ("euler", "rk2", "rk4"):
+        if self.method in ("euler", "rk2", "rk4", "rk38"):
             if self.eps is None or not (np.isfinite(self.eps) and self.eps > 0):
                 raise ValueError(f"method {self.method!r} needs a step eps > 0, got {self.eps}")
         elif self.eps is not None:
@@ -126,6 +129,11 @@ class LureSystem:
         if self.method == "rk2":
             return h + e * f(h + 0.5 * e * f(h, u), u)
         k1 = f(h, u)
+        if self.method == "rk38":
+            k2 = f(h + (e / 3.0) * k1, u)
+            k3 = f(h + e * (k2 - k1 / 3.0), u)
+            k4 = f(h + e * (k1 - k2 + k3), u)
+            return h + (e / 8.0) * (k1 + 3.0 * (k2 + k3) + k4)
         k2 = f(h + 0.5 * e * k1, u)
         k3 = f(h + 0.5 * e * k2, u)
         k4 = f(h + e * k3, u)

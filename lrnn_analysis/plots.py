@@ -74,6 +74,7 @@ TEST_TITLES = {
     "euler-norm": "Forward Euler (euler-norm)",
     "rk2-norm": "RK2 (rk2-norm)",
     "rk4-norm": "RK4 (rk4-norm)",
+    "rk38-norm": "3/8-rule RK4 (rk38-norm)",
     "map-norm": "Map h⁺ = σ(Wh + u) (map-norm)",
 }
 

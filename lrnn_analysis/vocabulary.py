@@ -13,7 +13,7 @@ MAX_ADDING_LENGTH = 100_000
 
 # Schemes each architecture can be run with; the first is the default.
 DISCRETIZATIONS: dict[str, tuple[str, ...]] = {
-    "lipschitz": ("euler", "rk2"),
+    "lipschitz": ("euler", "rk2", "rk38"),
     "lipschitz-gated": ("euler",),
     "antisymmetric": ("euler",),
     "cayley": ("map",),
@@ -34,10 +34,12 @@ CERTIFICATES = (
     "rk2-lmi",
     "rk4-norm",
     "rk4-lmi",
+    "rk38-norm",
+    "rk38-lmi",
     "map-norm",
     "map-lmi",
 )
-PARAMETERIZATION_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "map-norm")
+PARAMETERIZATION_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "rk38-norm", "map-norm")
 CONSTRAINTS = ("ct-norm", "euler-norm", "rk2-norm")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 

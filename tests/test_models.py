@@ -46,8 +46,14 @@ def _hand_written(config, p, x):
                     h = h + eps * f(h) * gate
                 elif config.discretization == "euler":
                     h = h + eps * f(h)
-                else:
+                elif config.discretization == "rk2":
                     h = h + eps * f(h + eps / 2 * f(h))
+                else:  # rk38, Kutta's 3/8 rule
+                    k1 = f(h)
+                    k2 = f(h + eps / 3 * k1)
+                    k3 = f(h + eps * (k2 - k1 / 3))
+                    k4 = f(h + eps * (k1 - k2 + k3))
+                    h = h + eps / 8 * (k1 + 3 * k2 + 3 * k3 + k4)
             elif config.arch == "antisymmetric":
                 M = p["M_W"]
                 h = h + eps * np.tanh((M - M.T - config.gamma_w * eye) @ h + u)

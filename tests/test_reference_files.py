@@ -73,8 +73,19 @@ def reference_forward(model, state, x, beta=HP["beta"], gamma=HP["gamma"], eps=H
             def f(v):
                 return torch.matmul(v, A) + torch.tanh(torch.matmul(v, W) + z)
 
-            # torchdiffeq fixed grid [0, eps], one step: euler, or the explicit midpoint rule.
-            h = h + eps * f(h) if solver == "euler" else h + eps * f(h + 0.5 * eps * f(h))
+            # torchdiffeq fixed grid [0, eps], one step: euler, the explicit midpoint rule, or its
+            # "rk4", Kutta's 3/8 rule (k2 at t + eps/3, k3 at t + 2 eps/3: f does not read t).
+            if solver == "euler":
+                h = h + eps * f(h)
+            elif solver == "midpoint":
+                h = h + eps * f(h + 0.5 * eps * f(h))
+            else:
+                assert solver == "rk4"
+                k1 = f(h)
+                k2 = f(h + eps * k1 / 3)
+                k3 = f(h + eps * (k2 - k1 / 3))
+                k4 = f(h + eps * (k1 - k2 + k3))
+                h = h + eps * (k1 + 3 * k2 + 3 * k3 + k4) / 8
     return h @ state["D.weight"].T + state["D.bias"]
 
 
@@ -86,7 +97,7 @@ def random_state(model, dtype=torch.float64, seed=0):
             for key in sorted(MODEL_KEYS[model])}
 
 
-CASES = [(m, "euler") for m in REFERENCE_MODELS] + [("LipschitzRNN_ODE", "midpoint")]
+CASES = [(m, "euler") for m in REFERENCE_MODELS] + [("LipschitzRNN_ODE", "midpoint"), ("LipschitzRNN_ODE", "rk4")]
 
 
 @pytest.mark.parametrize("model,solver", CASES)
@@ -111,6 +122,8 @@ def test_certificates_see_the_real_A_with_alpha_folded_in():
     np.testing.assert_allclose(model.lure_form().W, _lipschitz(state["C"], HP["beta"], HP["gamma"]).T.numpy(), atol=1e-14)
     ode = convert_reference_model("LipschitzRNN_ODE", random_state("LipschitzRNN_ODE"), {**HP, "solver": "midpoint"})
     assert (ode.config.arch, ode.config.discretization, ode.config.gamma_a) == ("lipschitz", "rk2", HP["gamma"])
+    rk4 = convert_reference_model("LipschitzRNN_ODE", random_state("LipschitzRNN_ODE"), {**HP, "solver": "rk4"})
+    assert (rk4.config.discretization, rk4.lure_form().method) == ("rk38", "rk38")
 
 
 def _save_state(tmp_path, model, name, dtype=torch.float32, prefix=""):
@@ -161,7 +174,7 @@ def test_key_sets_that_identify_no_single_model_are_errors(tmp_path):
 
 
 def test_ode_solvers_the_toolkit_cannot_run_exactly_are_refused(tmp_path):
-    for solver, why in (("rk4", "3/8-rule"), ("dopri5", "adaptive"), ("nonsense", "not a torchdiffeq fixed-grid")):
+    for solver, why in (("dopri5", "adaptive"), ("bosh3", "adaptive"), ("nonsense", "not a torchdiffeq fixed-grid")):
         path = _save_state(tmp_path, "LipschitzRNN_ODE", _name("LipschitzRNN_ODE", solver=solver))
         with pytest.raises(CheckpointError, match=why):
             load_checkpoint(path)

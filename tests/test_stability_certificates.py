@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from lrnn_analysis.stability import LureSystem, certify, norm_certificate_value, verify_certificate
+from lrnn_analysis.stability import LureSystem, certify, norm_certificate_value, simulate_pairs, verify_certificate
 
 MULTISTABLE_A = np.array([[-1.0, 10.0], [0.0, -1.0]])
 MULTISTABLE_W = np.array([[-3.0, 0.0], [0.2, 0.0]])
@@ -159,3 +159,31 @@ def test_defaults_budget_and_argument_checks():
         certify(LureSystem(-np.eye(2), np.eye(2)), ["euler-lmi"])
     with pytest.raises(ValueError):
         certify(system, ["rk2-lmi"], tiers=["magic"])
+
+
+def test_rk38_certificates_are_verified_at_least_as_good_as_the_norm_test_and_never_beaten_by_simulation():
+    """The 3/8-rule scheme (torchdiffeq's rk4): rk38-norm, and rk38-lmi from the P = I and full-P tiers
+    alone, hold in float64 verification, the LMIs never do worse than the norm test, and simulated
+    trajectory pairs of the scheme never contract more slowly than any certified rate."""
+    rng = np.random.default_rng(5)
+    for trial in range(4):
+        n = 4
+        M = rng.standard_normal((n, n)) / np.sqrt(n)
+        A = -np.eye(n) + 0.3 * (M - M.T) + 0.1 * M
+        W = 0.3 * rng.standard_normal((n, n)) / np.sqrt(n)
+        system = LureSystem(A, W, method="rk38", eps=0.1)
+        norm = certify(system, ["rk38-norm"])[0]
+        assert norm.holds, norm.reason
+        results = [norm]
+        for tier in ("P=I", "full-P"):
+            lmi = certify(system, ["rk38-lmi"], tiers=[tier])[0]
+            assert lmi.holds and lmi.tier == tier, (tier, lmi.reason)
+            assert verify_certificate(system, "rk38-lmi", lmi.evidence.P, lmi.evidence.multipliers, lmi.rate).passed
+            assert lmi.rate <= norm.rate * (1 + 1e-6)
+            results.append(lmi)
+        assert certify(system, ["rk38-lmi"])[0].rate <= norm.rate
+        for result in results:
+            P = None if result.evidence is None else result.evidence.P
+            sim = simulate_pairs(system, pairs=6, steps=40, seed=trial, input_scale=2.0, init_scale=3.0, P=P)
+            assert sim.max_step_factor <= result.rate * (1 + 1e-6)
+            assert sim.max_growth <= result.gain * (1 + 1e-6)

@@ -42,7 +42,8 @@ def test_mu_bound_is_attained_by_a_symmetric_model():
     assert np.isclose(np.linalg.eigvalsh(A)[-1], b.mu_A)
 
 
-@pytest.mark.parametrize("test,eps", [("ct-norm", None), ("euler-norm", 0.1), ("rk2-norm", 0.1), ("rk4-norm", 0.1), ("map-norm", None)])
+@pytest.mark.parametrize("test,eps", [("ct-norm", None), ("euler-norm", 0.1), ("rk2-norm", 0.1), ("rk4-norm", 0.1),
+                                      ("rk38-norm", 0.1), ("map-norm", None)])
 def test_r_star_is_the_certified_radius(test, eps):
     args = dict(beta_A=0.3, gamma_A=1.2, beta_W=0.5, gamma_W=0.1, eps=eps, tests=[test])
     r_star = certify_parameterization(r=0.1, **args)[0].r_star
@@ -54,12 +55,13 @@ def test_r_star_is_the_certified_radius(test, eps):
 def test_certified_family_members_pass_the_system_norm_test():
     rng = np.random.default_rng(1)
     beta_A, gamma_A, beta_W, gamma_W, eps = 0.2, 1.5, 0.5, 0.0, 0.1
-    result = certify_parameterization(beta_A, gamma_A, beta_W, gamma_W, 0.3, eps=eps)
+    result = certify_parameterization(beta_A, gamma_A, beta_W, gamma_W, 0.3, eps=eps,
+                                      tests=["ct-norm", "euler-norm", "rk2-norm", "rk38-norm"])
     assert all(r.holds for r in result)
     MA, MW = random_unit_norm(rng, 40, 4) * 0.3, random_unit_norm(rng, 40, 4) * 0.3
     for ma, mw in zip(MA, MW):
         A, W = lipschitz_matrix(ma, beta_A, gamma_A), lipschitz_matrix(mw, beta_W, gamma_W)
-        for method in ("euler", "rk2"):
+        for method in ("euler", "rk2", "rk38"):
             names = ["ct-norm", f"{method}-norm"]
             assert all(r.holds for r in certify(LureSystem(A, W, method=method, eps=eps), names))
 

@@ -51,7 +51,7 @@ def test_ct_equation_is_the_continuous_riccati_equation_of_the_lmi():
     assert np.linalg.eigvalsh(M)[-1] < 0
 
 
-@pytest.mark.parametrize("method,eps", [("ode", None), ("euler", 0.1), ("rk2", 0.1), ("rk4", 0.2)])
+@pytest.mark.parametrize("method,eps", [("ode", None), ("euler", 0.1), ("rk2", 0.1), ("rk4", 0.2), ("rk38", 0.2)])
 def test_newton_kleinman_matches_the_schur_method_and_infeasible_rates_are_refused(method, eps):
     rng = np.random.default_rng(2)
     system = random_system(rng, 6, method, eps, scale_W=0.5)
@@ -116,7 +116,7 @@ def test_riccati_tier_agrees_with_the_sdp_tier(method, eps, sizes):
     assert compared >= 2
 
 
-@pytest.mark.parametrize("method,eps", [("ode", None), ("euler", 0.05), ("rk4", 0.1)])
+@pytest.mark.parametrize("method,eps", [("ode", None), ("euler", 0.05), ("rk4", 0.1), ("rk38", 0.1)])
 def test_riccati_certifies_where_the_norm_test_fails_and_simulations_respect_it(method, eps):
     rng = np.random.default_rng(5)
     family = "ct" if method == "ode" else method

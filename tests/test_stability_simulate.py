@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from lrnn_analysis.stability import LureSystem, simulate_pairs
 
@@ -32,3 +33,18 @@ def test_lyapunov_exponents_of_linear_systems():
     np.testing.assert_allclose(euler.lyapunov_exponents.sum(), np.log(0.72), atol=1e-12)
     np.testing.assert_allclose(euler.max_step_factor, 0.9, atol=1e-12)
     assert euler.lyapunov_unit == "per input step" and ode.lyapunov_unit == "per unit time"
+
+
+@pytest.mark.parametrize("method", ["euler", "rk2", "rk4", "rk38"])
+def test_tangent_step_is_the_jacobian_of_the_step(method):
+    from lrnn_analysis.stability.simulate import _tangent_step
+
+    rng = np.random.default_rng(7)
+    n = 4
+    system = LureSystem(rng.standard_normal((n, n)), rng.standard_normal((n, n)), method=method, eps=0.3, substeps=2)
+    h, u = rng.standard_normal(n), rng.standard_normal(n)
+    stepped, V = _tangent_step(system, h, np.eye(n), u)
+    np.testing.assert_allclose(stepped, system.step(h, u), atol=1e-14)
+    t = 1e-6
+    central = np.stack([(system.step(h + t * e, u) - system.step(h - t * e, u)) / (2 * t) for e in np.eye(n)], axis=1)
+    np.testing.assert_allclose(V, central, atol=1e-7)

@@ -17,7 +17,7 @@ def stage_states(system, h, u):
     return states
 
 
-@pytest.mark.parametrize("method", ["euler", "rk2", "rk4", "map", "ode"])
+@pytest.mark.parametrize("method", ["euler", "rk2", "rk4", "rk38", "map", "ode"])
 def test_lifted_form_reproduces_the_exact_nonlinear_increment(method):
     rng = np.random.default_rng(0)
     n = 4
@@ -65,7 +65,8 @@ def random_system(rng, n, method, eps):
     return LureSystem(A, W, method=method, eps=eps)
 
 
-@pytest.mark.parametrize("method,eps", [("ode", None), ("euler", 0.1), ("rk2", 0.2), ("rk4", 0.3), ("map", None)])
+@pytest.mark.parametrize("method,eps", [("ode", None), ("euler", 0.1), ("rk2", 0.2), ("rk4", 0.3), ("rk38", 0.3),
+                                        ("map", None)])
 def test_certified_rates_survive_sampled_jacobians_and_simulation(method, eps):
     rng = np.random.default_rng(11)
     family = "ct" if method == "ode" else method
@@ -113,3 +114,29 @@ def test_rk4_norm_bound_dominates_stagewise_jacobians():
             Ds = [rng.uniform(0.0, 1.0, n) for _ in range(4)]
             assert np.linalg.norm(linear_step(system, Ds), 2) <= bound * (1 + 1e-12)
             assert np.linalg.norm(linear_step(rk2, Ds[:2]), 2) <= rk2_bound * (1 + 1e-12)
+
+
+def test_rk38_norm_bound_dominates_stagewise_jacobians_and_the_linear_step_is_rk4s():
+    """The 3/8 rule's step for frozen stage Jacobians J_i = A + D_i W never exceeds rk38-norm, and with
+    one common J it is R(eps J), the stability polynomial it shares with classical RK4."""
+    from lrnn_analysis.stability.spectra import step_matrix
+
+    rng = np.random.default_rng(4)
+    worst = 0.0
+    for _ in range(40):
+        n = 3
+        A, W = rng.standard_normal((n, n)), rng.standard_normal((n, n))
+        system = LureSystem(A, W, method="rk38", eps=rng.uniform(0.01, 0.5))
+        bound = norm_test(system, "rk38-norm").value
+        for _ in range(50):
+            Ds = [rng.uniform(0.0, 1.0, n) * (rng.random() < 0.8) for _ in range(4)]
+            worst = max(worst, np.linalg.norm(linear_step(system, Ds), 2) / bound)
+        d = rng.uniform(0.0, 1.0, n)
+        J = A + d[:, None] * W
+        np.testing.assert_allclose(linear_step(system, [d] * 4), step_matrix("rk38", system.eps, J), atol=1e-12)
+        np.testing.assert_allclose(step_matrix("rk38", system.eps, J), step_matrix("rk4", system.eps, J), atol=0)
+        # No input and W = 0: the nonlinear step is the linear one, R(eps A) h.
+        h = rng.standard_normal(n)
+        linear = LureSystem(A, np.zeros((n, n)), method="rk38", eps=system.eps)
+        np.testing.assert_allclose(linear.step(h, np.zeros(n)), step_matrix("rk38", system.eps, A) @ h, atol=1e-12)
+    assert worst <= 1 + 1e-12

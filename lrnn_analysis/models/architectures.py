@@ -52,6 +52,11 @@ def lure_step(A: Tensor | None, W: Tensor, method: str, eps: float | None, subst
         if method == "rk2":
             return h + eps * field(h + (0.5 * eps) * field(h, u), u)
         k1 = field(h, u)
+        if method == "rk38":
+            k2 = field(h + (eps / 3.0) * k1, u)
+            k3 = field(h + eps * (k2 - k1 / 3.0), u)
+            k4 = field(h + eps * (k1 - k2 + k3), u)
+            return h + (eps / 8.0) * (k1 + 3.0 * (k2 + k3) + k4)
         k2 = field(h + (0.5 * eps) * k1, u)
         k3 = field(h + (0.5 * eps) * k2, u)
         k4 = field(h + eps * k3, u)

@@ -7,7 +7,8 @@ outputs D(h_T). With X(M) = beta (M - M^T) + (1 - beta)(M + M^T) - gamma I:
 * ``LipschitzRNN``        h <- h + eps alpha (h A) + eps tanh(h W + z),  A = X(B), W = X(C)
 * ``LipschitzRNN_gated``  h <- h + eps [alpha (h A) + tanh(h W + z)] * sigmoid(h W + E_gate(x_t))
 * ``LipschitzRNN_ODE``    dh/dt = h A + tanh(h W + z) (no alpha), one step of the fixed-grid solver
-                          over [0, eps]; A = X(func.B), W = X(func.C)
+                          over [0, eps] (euler, midpoint = rk2, torchdiffeq's rk4 = the 3/8 rule
+                          rk38); A = X(func.B), W = X(func.C)
 * ``asymRNN``             h <- h + eps tanh(h (C - C^T - gamma I) + z)
 * ``calRNN``              h <- tanh(h (I + S)^-1 (I - S) + z),  S = C - C^T
 * ``resRNN``              h <- h + eps tanh(W(h) + z)   (``W`` an nn.Linear without bias)
@@ -47,12 +48,11 @@ MODEL_HPARAMS: dict[str, tuple[str, ...]] = {
     "resRNN": ("eps",),
     "simpleRNN": (),
 }
-# torchdiffeq's fixed-grid solvers that the toolkit runs exactly, as toolkit discretizations.
-# Its "rk4" is the 3/8 rule (rk4_alt_step_func), not the classical RK4 the toolkit runs.
-ODE_SOLVERS = {"euler": "euler", "midpoint": "rk2"}
+# torchdiffeq's fixed-grid solvers as the toolkit discretizations that run them exactly. Its
+# "rk4" steps with rk4_alt_step_func, Kutta's 3/8 rule (the toolkit's rk38), not classical RK4;
+# f does not depend on t, so the stage times it passes do not matter.
+ODE_SOLVERS = {"euler": "euler", "midpoint": "rk2", "rk4": "rk38"}
 KNOWN_UNSUPPORTED_SOLVERS = {
-    "rk4": "torchdiffeq's 'rk4' is the 3/8-rule Runge-Kutta step, which the toolkit does not run "
-           "(its rk4 is the classical one)",
     **{name: "an adaptive solver: its steps depend on its error control, which the toolkit does not reproduce"
        for name in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")},
     **{name: "a multistep solver the toolkit does not run" for name in ("explicit_adams", "implicit_adams", "fixed_adams")},

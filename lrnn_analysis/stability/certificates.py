@@ -6,7 +6,7 @@ contract: with increments delta = h - h~,
 * continuous time (``ct-*``):  ||delta(t)|| <= gain * exp(-rate * t) * ||delta(0)||,
   ``rate`` = a > 0 per unit time (hence a unique globally exponentially stable
   equilibrium for every constant input);
-* discrete time (``euler-*``, ``rk2-*``, ``rk4-*``, ``map-*``): the map that is
+* discrete time (``euler-*``, ``rk2-*``, ``rk4-*``, ``rk38-*``, ``map-*``): the map that is
   actually run satisfies ||delta_k|| <= gain * rate^k * ||delta_0||, ``rate`` = rho^s < 1
   the contraction factor per input step (rho per substep, s substeps), in the
   P-norm exactly: ||delta_{k+1}||_P <= rate ||delta_k||_P.
@@ -65,6 +65,7 @@ DEFAULT_CERTIFICATES = {
     "euler": ("euler-norm", "euler-lmi"),
     "rk2": ("rk2-norm", "rk2-lmi"),
     "rk4": ("rk4-norm", "rk4-lmi"),
+    "rk38": ("rk38-norm", "rk38-lmi"),
     "map": ("map-norm", "map-lmi"),
 }
 
@@ -263,7 +264,7 @@ def _family(system: LureSystem, name: str) -> str:
 
 
 def _substeps(system: LureSystem, family: str) -> int:
-    return system.substeps if family in ("euler", "rk2", "rk4") else 1
+    return system.substeps if family in ("euler", "rk2", "rk4", "rk38") else 1
 
 
 def _assumptions(system: LureSystem, family: str) -> tuple[str, ...]:

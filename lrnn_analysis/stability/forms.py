@@ -6,7 +6,8 @@ condition p_s,i (L q_s,i - p_s,i) >= 0 for every i. Lift xi = (delta, p_1, ..., 
 in R^N, N = (m + 1) n. Every scheme is linear in xi:
 
 * ``ct``    delta' = F xi with F = [A, I], q_1 = W delta;
-* ``euler``, ``rk2``, ``rk4`` (explicit Runge-Kutta with tableau (a, b), step eps):
+* ``euler``, ``rk2``, ``rk4``, ``rk38`` (explicit Runge-Kutta with tableau (a, b), step eps;
+  ``rk38`` is the 3/8 rule, a = [[], [1/3], [-1/3, 1], [1, -1, 1]], b = [1, 3, 3, 1]/8):
   delta_1 = delta, k_j = A delta_j + p_j, delta_i = delta + eps sum_{j<i} a_ij k_j,
   q_i = W delta_i and delta+ = delta + eps sum_i b_i k_i = C xi;
   e.g. RK2 gives C = [I + eps A + eps^2 A^2/2, (eps^2/2) A, eps I];
@@ -36,13 +37,17 @@ import scipy.linalg
 from ..lure import LureSystem
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF
 
-FAMILIES = ("ct", "euler", "rk2", "rk4", "map")
+FAMILIES = ("ct", "euler", "rk2", "rk4", "rk38", "map")
 _TABLEAUS: dict[str, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
     "euler": (((0.0,),), (1.0,)),
     "rk2": (((0.0, 0.0), (0.5, 0.0)), (0.0, 1.0)),
     "rk4": (
         ((0.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.0, 0.0), (0.0, 0.5, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0)),
         (1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0),
+    ),
+    "rk38": (
+        ((0.0, 0.0, 0.0, 0.0), (1.0 / 3.0, 0.0, 0.0, 0.0), (-1.0 / 3.0, 1.0, 0.0, 0.0), (1.0, -1.0, 1.0, 0.0)),
+        (1.0 / 8.0, 3.0 / 8.0, 3.0 / 8.0, 1.0 / 8.0),
     ),
 }
 

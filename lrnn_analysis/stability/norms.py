@@ -15,6 +15,17 @@ With Ah = I + eps A:
                  + (eps^2/6)(J2 J1 + J3 J2 + J4 J3) + (eps^3/12)(J3 J2 J1 + J4 J3 J2)
                  + (eps^4/24) J4 J3 J2 J1, and the first two terms are the convex
                  combination (1/6)[(I + eps J1) + 2 (I + eps J2) + 2 (I + eps J3) + (I + eps J4)].
+* ``rk38-norm``  rho = ||Ah||_2 + eps L ||W||_2 + (eps K)^2 + (eps K)^3/3 + (eps K)^4/24 < 1 for
+                 the 3/8 rule (a21 = 1/3, a31 = -1/3, a32 = 1, a41 = 1, a42 = -1, a43 = 1,
+                 b = (1, 3, 3, 1)/8). Stage increments are delta_i = delta + eps sum_{j<i} a_ij J_j delta_j,
+                 so the step is I + eps sum_i b_i J_i + eps^2 sum_{i>j} b_i a_ij J_i J_j
+                 + eps^3 sum_{i>j>k} b_i a_ij a_jk J_i J_j J_k + eps^4 b4 a43 a32 a21 J4 J3 J2 J1.
+                 The first two terms are the convex combination sum_i b_i (I + eps J_i) (b_i >= 0,
+                 sum b_i = 1); the others are bounded with ||J_i||_2 <= K and the absolute values
+                 of the coefficients (some a_ij are negative, so the cancellations of the order
+                 conditions cannot be used): sum_{i>j} b_i |a_ij| = 1/8 + 3/8 (4/3) + 1/8 (3) = 1,
+                 sum_{i>j>k} b_i |a_ij a_jk| = 3/8 (1/3) + 1/8 (1/3 + 1/3 + 1) = 1/3 and
+                 b4 |a43 a32 a21| = 1/24.
 * ``map-norm``   rho = L ||W||_2 < 1 for h+ = sigma(W h + u).
 
 Discrete values are per substep; with ``substeps`` = s the contraction factor per
@@ -31,7 +42,7 @@ import numpy as np
 from ..lure import LureSystem
 from .spectra import mu2, norm2, roundoff_bound
 
-NORM_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "map-norm")
+NORM_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "rk38-norm", "map-norm")
 
 
 def norm_test_threshold(name: str) -> float:
@@ -71,6 +82,8 @@ def norm_test_value(
     eK = eps * (norm_A + L * norm_W)
     if name == "rk2-norm":
         return value + eK**2 / 2.0
+    if name == "rk38-norm":
+        return value + eK**2 + eK**3 / 3.0 + eK**4 / 24.0
     return value + eK**2 / 2.0 + eK**3 / 6.0 + eK**4 / 24.0
 
 
@@ -108,7 +121,7 @@ def norm_test_tolerance(
     ``ct-norm`` ||A||_2 + L ||W||_2 (mu2(A) errs by u ||A||_2 however small mu2(A) is);
     ``map-norm`` L ||W||_2; the Runge-Kutta tests 1 + eps ||A||_2 (forming I + eps A)
     + ||I + eps A||_2 + eps L ||W||_2 + 4 T(eps K), where T is the polynomial tail of the
-    test (x^2/2, or x^2/2 + x^3/6 + x^4/24) and 4 T(x) / x bounds its derivative, so
+    test (x^2/2, x^2/2 + x^3/6 + x^4/24 or x^2 + x^3/3 + x^4/24) and 4 T(x) / x bounds its derivative, so
     4 T(eps K) covers the tail's error from a relative error of K.
     """
     L = slope

@@ -162,6 +162,15 @@ def _tangent_step(system: LureSystem, h: np.ndarray, V: np.ndarray, u: np.ndarra
         elif system.method == "rk2":
             hm, Vm = h + 0.5 * e * f(h), V + 0.5 * e * tf(h, V)
             h, V = h + e * f(hm), V + e * tf(hm, Vm)
+        elif system.method == "rk38":
+            k1, K1 = f(h), tf(h, V)
+            h2, V2 = h + (e / 3.0) * k1, V + (e / 3.0) * K1
+            k2, K2 = f(h2), tf(h2, V2)
+            h3, V3 = h + e * (k2 - k1 / 3.0), V + e * (K2 - K1 / 3.0)
+            k3, K3 = f(h3), tf(h3, V3)
+            h4, V4 = h + e * (k1 - k2 + k3), V + e * (K1 - K2 + K3)
+            k4, K4 = f(h4), tf(h4, V4)
+            h, V = h + (e / 8.0) * (k1 + 3 * (k2 + k3) + k4), V + (e / 8.0) * (K1 + 3 * (K2 + K3) + K4)
         else:
             k1, K1 = f(h), tf(h, V)
             h2, V2 = h + 0.5 * e * k1, V + 0.5 * e * K1

@@ -29,6 +29,9 @@ STABILITY_POLYNOMIALS: dict[str, tuple[float, ...]] = {
     "euler": (1.0, 1.0),
     "rk2": (1.0, 1.0, 0.5),
     "rk4": (1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0),
+    # The 3/8 rule has order 4 and four stages, hence the same polynomial as classical RK4:
+    # sum b = 1, sum b c = 1/2, sum b_i a_ij c_j = 1/6, b4 a43 a32 a21 = 1/24.
+    "rk38": (1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0),
 }
 
 
@@ -82,8 +85,8 @@ def stability_polynomial(method: str, z: np.ndarray) -> np.ndarray:
 def step_matrix(method: str, eps: float, J: np.ndarray) -> np.ndarray:
     """Linear one-substep matrix R(eps J) of an explicit scheme for x' = J x.
 
-    Euler: I + eps J; RK2 (midpoint): I + eps J + (eps J)^2/2; RK4 adds
-    (eps J)^3/6 + (eps J)^4/24. Used with J = A (diagnostics) and J = A + D W
+    Euler: I + eps J; RK2 (midpoint): I + eps J + (eps J)^2/2; RK4 and the 3/8 rule
+    add (eps J)^3/6 + (eps J)^4/24. Used with J = A (diagnostics) and J = A + D W
     (necessary conditions of the incremental certificates).
     """
     Z = eps * J
