@@ -46,7 +46,11 @@ def parse_reference_filename(path: str | Path) -> dict[str, Any]:
         if key is None:
             i += 1
             continue
-        if token == key and i + 1 < len(tokens):
+        if token == key and i + 1 < len(tokens) and ALIASES.get(key, key) in TEXT_FIELDS:
+            # a text value may hold underscores itself (solver fixed_adams): it runs to the next field
+            end = next((j for j in range(i + 2, len(tokens)) if _field_of(tokens[j]) is not None), len(tokens))
+            raw, i = "_".join(tokens[i + 1:end]), end
+        elif token == key and i + 1 < len(tokens):
             raw, i = tokens[i + 1], i + 2
         elif token == key:
             break
