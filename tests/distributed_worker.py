@@ -57,7 +57,8 @@ def run(out: Path, checkpoint: str, recipes: list[str]) -> None:
                    "--params", "M_A,M_W", "--json", str(out / "hessian_cli.json"), *common]),
              main(["robustness", checkpoint, "--input-noise", "0,0.2", "--param-noise", "0,0.05,0.1", "--seeds", "2",
                    "--max-samples", "60", "--out", str(out / "robustness_cli.csv"), "--json", *common]),
-             main(["reproduce", *recipes, "--out", str(out / "reproduce" / "report"), *common])]
+             main(["reproduce", *recipes, "--out", str(out / "reproduce" / "report"), *common]),
+             main(["reproduce", *recipes, "--out", str(out / "foreign"), *common])]
     if rank == 0:
         (out / "cli_codes.json").write_text(json.dumps(codes))
     dist.destroy_process_group()

@@ -52,7 +52,8 @@ def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     checkpoint = save_checkpoint(root / "m.safetensors", tiny_model(0), {"task": {"name": "digits", "seed": 0, "options": {}}})
     out = root / "ranks"
-    out.mkdir()
+    (out / "foreign").mkdir(parents=True)
+    (out / "foreign" / "notes.txt").write_text("not written by lrnn")
     recipes = write_recipes(root / "analyses", checkpoint)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), str(WORKER), str(out), str(checkpoint), *recipes]
@@ -122,7 +123,7 @@ def test_sweep_csv_identical_to_single_process(two_ranks, tmp_path):
 
 def test_cli_under_torchrun_matches_one_process(two_ranks, tmp_path):
     out, checkpoint, _ = two_ranks
-    assert json.loads((out / "cli_codes.json").read_text()) == [0, 0, 0]
+    assert json.loads((out / "cli_codes.json").read_text()) == [0, 0, 0, 2]
     assert main(["hessian", str(checkpoint), "--full", "--split", "test", "--batch-size", "128", "--dtype", "float64",
                  "--params", "M_A,M_W", "--json", str(tmp_path / "h.json"), "--quiet", "--device", "cpu"]) == 0
     single, distributed = (json.loads(p.read_text()) for p in (tmp_path / "h.json", out / "hessian_cli.json"))
@@ -160,6 +161,8 @@ def test_reproduce_under_torchrun_matches_one_process(two_ranks, tmp_path):
         provenance = json.loads((report / name).read_text())["environment"]["distributed"]
         assert provenance == {"world_size": 2, "backend": "gloo", "rank": 0}, name
     assert json.loads((single / "robust.json").read_text())["environment"]["distributed"] == {"world_size": 1, "backend": None}
+    # A directory rank 0 may not replace stops every rank before any work (the launch finished: none waited).
+    assert [p.name for p in (out / "foreign").iterdir()] == ["notes.txt"]
 
 
 def test_shard_batches_contiguous_blocks():
