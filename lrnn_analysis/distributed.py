@@ -68,9 +68,9 @@ def all_or_none(group: Any = None) -> Iterator[None]:
     On leaving the block the ranks exchange their outcomes (one ``all_gather_object``): a rank
     whose block raised re-raises its own exception; the others raise a ``ValueError`` naming the
     failed rank(s) and their errors, so that no rank goes on to a collective that the failed one
-    will never enter. Only exceptions raised between collectives are shared this way: a rank that
-    fails while the others wait inside a collective of the block (an all-reduce, say) leaves them
-    waiting until the process exits and ``torchrun`` stops the group.
+    will never enter. The block must hold no collective of its own: a rank that failed before it
+    would meet the others' collective with this exchange. (Errors inside collective work, such as
+    an operator's products, are left to end the failed process; ``torchrun`` then stops the group.)
     """
     _, world_size = _require_group(group)
     gathered: list[str | None] = [None] * world_size
