@@ -6,7 +6,7 @@ toolkit model or a plain module is wrapped with what it declares), keyed by labe
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -87,17 +87,21 @@ def hessian_tables(
     max_iter: int = 150,
     seed: int = 0,
     progress: bool = False,
+    wrap_operator: Callable[[Any], Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """λ_max, λ_min and tr(H) ± 95% CI per model (one row each) and, with ``density``, the
     smoothed SLQ density (model, eigenvalue, density). Lanczos stops after ``max_iter`` steps;
-    ``eigen_converged`` says whether both ends met the residual tolerance by then."""
+    ``eigen_converged`` says whether both ends met the residual tolerance by then.
+    ``wrap_operator``: as in :func:`~lrnn_analysis.hessian.analyze` (``DistributedOperator`` over
+    the ranks' shards of the batches)."""
     from .hessian import analyze
 
     summary, density_rows = [], []
     for label, model in _modules(models).items():
         report = analyze(model, loss_function(classification), list(batches), params=params, trace=True, density=density,
                          seed=seed, progress=progress, trace_matvecs=trace_matvecs, density_probes=density_probes,
-                         density_steps=density_steps, max_iter=max_iter)
+                         density_steps=density_steps, max_iter=max_iter,
+                         wrap_operator=wrap_operator)
         summary.append({"model": label, "lambda_max": report.lambda_max, "lambda_min": report.lambda_min,
                         "trace": report.trace.estimate, "trace_ci95": report.trace.ci_halfwidth,
                         "eigen_converged": report.eigen.all_converged, "matvecs": report.matvecs,

@@ -302,7 +302,7 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-DISTRIBUTED_COMMANDS = ("hessian", "robustness")
+DISTRIBUTED_COMMANDS = ("hessian", "robustness", "reproduce")
 
 
 def _launched_by_torchrun() -> bool:
@@ -816,25 +816,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .recipes import REPRODUCE_WRITER, check_recipe_set, find_recipes, load_recipe, run_recipe
+    from .recipes import find_recipes, run_recipes
     from .runtime import resolve_device
     from .tables import format_table
 
     _set_threads(args.threads)
-    device = resolve_device(args.device)
     paths = args.recipes or find_recipes(args.analyses_dir)
     if not paths:
         raise UsageError(f"no recipes given and none in {args.analyses_dir}")
-    recipes = [load_recipe(path) for path in paths]
-    check_recipe_set(recipes)
-    outcomes = []
-    with OutputDirectory(args.out, REPRODUCE_WRITER, force=args.force, inputs=[p for r in recipes for p in r.inputs()],
-                         keep_other_groups=True) as directory:
-        for recipe in recipes:
-            if not args.quiet:
-                print(f"running {recipe.name} ({recipe.analysis}) ...", flush=True)
-            outcomes.append(run_recipe(recipe, directory, device, progress=not args.quiet))
-        directory.publish({recipe.output: outcome.files for recipe, outcome in zip(recipes, outcomes)})
+    ranks = _distributed_context(args, resolve_device(args.device))
+
+    def announce(recipe) -> None:
+        if not args.quiet:
+            print(f"running {recipe.name} ({recipe.analysis}) ...", flush=True)
+
+    outcomes = run_recipes(paths, args.out, ranks.device, progress=not args.quiet, force=args.force, announce=announce)
+    if not ranks.is_main:
+        return 0
     rows = [{"recipe": o.name, "analysis": o.analysis, "seconds": o.seconds, "outputs": len(o.outputs), "summary": o.summary}
             for o in outcomes]
     print(format_table(rows, ["recipe", "analysis", "seconds", "outputs", "summary"]))
@@ -1142,7 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     prefix = f"lrnn {args.command}"
     if _launched_by_torchrun() and args.command not in DISTRIBUTED_COMMANDS:
-        print(f"{prefix}: error: only {' and '.join(DISTRIBUTED_COMMANDS)} run distributed; "
+        print(f"{prefix}: error: only {', '.join(DISTRIBUTED_COMMANDS)} run distributed; "
               "run this command without torchrun", file=sys.stderr)
         return 2
     try:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from typing import Any, Mapping, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -58,6 +59,30 @@ def shard_batches(batches: Sequence[T], rank: int, world_size: int) -> list[T]:
     base, extra = divmod(len(batches), world_size)
     start = rank * base + min(rank, extra)
     return list(batches[start:start + base + (1 if rank < extra else 0)])
+
+
+@contextmanager
+def all_or_none(group: Any = None) -> Iterator[None]:
+    """Collective: a step every rank runs, which fails on every rank when it fails on any.
+
+    On leaving the block the ranks exchange their outcomes (one ``all_gather_object``): a rank
+    whose block raised re-raises its own exception; the others raise a ``ValueError`` naming the
+    failed rank(s) and their errors, so that no rank goes on to a collective that the failed one
+    will never enter. The block must hold no collective of its own: a rank that failed before it
+    would meet the others' collective with this exchange. (Errors inside collective work, such as
+    an operator's products, are left to end the failed process; ``torchrun`` then stops the group.)
+    """
+    _, world_size = _require_group(group)
+    gathered: list[str | None] = [None] * world_size
+    try:
+        yield
+    except Exception as error:
+        dist.all_gather_object(gathered, f"{type(error).__name__}: {error}", group=group)
+        raise
+    dist.all_gather_object(gathered, None, group=group)
+    failed = [f"rank {rank}: {error}" for rank, error in enumerate(gathered) if error is not None]
+    if failed:
+        raise ValueError("; ".join(failed))
 
 
 def _communication_device(group: Any) -> torch.device:
@@ -251,4 +276,4 @@ def distributed_sweep(models: Sequence[Any], task: Any, grid: Mapping[str, Seque
     return SweepResult(rows, summarize(rows), settings, environment(options.get("device", "cpu")))
 
 
-__all__ = ["DistributedOperator", "distributed_info", "distributed_sweep", "shard_batches"]
+__all__ = ["DistributedOperator", "all_or_none", "distributed_info", "distributed_sweep", "shard_batches"]

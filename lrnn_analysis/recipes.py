@@ -28,24 +28,26 @@ its recipes' files into one staging directory that replaces ``--out`` at the end
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
 
 from . import analyses, plots
 from .data import TASKS, Task, load_task
+from .distributed import DistributedOperator, all_or_none, distributed_sweep, shard_batches
 from .io import write_csv, write_json
 from .outputs import OutputDirectory, OutputError, check_name
 from .provenance import check_training_data
 from .robustness import KINDS, SweepModel, hessian_directions, recurrent_parameter_names, sweep
-from .runtime import environment
+from .runtime import distributed_info, environment
 from .stability import CERTIFICATES, phase_diagram
 from .stability.parameterization import PARAMETERIZATION_TESTS
 from .subject import ModelUnderAnalysis, load_model
@@ -423,16 +425,25 @@ def check_recipe_set(recipes: Sequence[Recipe]) -> None:
 
 @dataclass
 class _Context:
+    """What a recipe runs with. ``out`` is None on the ranks other than 0 of a distributed run:
+    they take part in the recipe's collective computations and write nothing."""
+
     recipe: Recipe
-    out: OutputDirectory
+    out: OutputDirectory | None
     device: torch.device
     progress: bool
+    rank: int = 0
+    world_size: int = 1
     warnings: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     hashes: dict[str, str | None] = field(default_factory=dict)  # label -> weights_sha256 of each checkpoint loaded
 
     def setting(self, key: str, default: Any) -> Any:
         return self.recipe.settings.get(key, default)
+
+    def together(self) -> ContextManager[None]:
+        """A step that fails on every rank when it fails on one (nothing to share in one process)."""
+        return all_or_none() if self.world_size > 1 else contextlib.nullcontext()
 
     def entries(self) -> list[tuple[str, Path | str, ModelUnderAnalysis]]:
         """(label, file, model) per checkpoint, then per weights file of the recipe's ``model`` (the
@@ -505,37 +516,54 @@ def _certificates(ctx: _Context) -> tuple[list[str], str]:
 
 
 def _hessian(ctx: _Context) -> tuple[list[str], str]:
-    task = ctx.task()
+    with ctx.together():
+        task = ctx.task()
+        models = ctx.models()
+        batches = ctx.batches(task)
+    # Under torchrun the ranks share the batches when each can hold one; else rank 0 works alone.
+    shared_by = ctx.world_size if len(batches) >= ctx.world_size else 1
+    if shared_by == 1 and ctx.out is None:
+        return [], ""
+    if shared_by > 1:
+        batches = shard_batches(batches, ctx.rank, ctx.world_size)
     summary, density = analyses.hessian_tables(
-        ctx.models(), ctx.batches(task), task.is_classification, params=ctx.setting("params", None),
+        models, batches, task.is_classification, params=ctx.setting("params", None),
         trace_matvecs=int(ctx.setting("trace_matvecs", 100)), density=bool(ctx.setting("density", True)),
         density_probes=int(ctx.setting("density_probes", 4)), density_steps=int(ctx.setting("density_steps", 40)),
-        seed=ctx.recipe.seed, progress=ctx.progress)
-    written = ctx.write(summary, plots.plot_hessian_summary(summary))
+        seed=ctx.recipe.seed, progress=ctx.progress, wrap_operator=DistributedOperator if shared_by > 1 else None)
+    if ctx.out is None:
+        return [], ""
+    written = ctx.write(summary, plots.plot_hessian_summary(summary), {"batches_shared_by": shared_by})
     if density:
-        written += ctx.write(density, plots.plot_density(density), suffix="_density")
+        written += ctx.write(density, plots.plot_density(density), {"batches_shared_by": shared_by}, suffix="_density")
     top = min(summary, key=lambda r: r["lambda_max"])
     return written, f"smallest lambda_max {top['lambda_max']:.4g} ({top['model']})"
 
 
 def _robustness(ctx: _Context) -> tuple[list[str], str]:
-    task = ctx.task()
     grid = ctx.setting("grid", {})
     recurrent_only = bool(ctx.setting("recurrent_only", False))
     recurrent = ctx.setting("recurrent", None)
     models = []
-    # The checkpoint column names each model as the recipe writes it (relative to the project root),
-    # so the committed tables do not depend on where the project was checked out.
-    for (label, path, model), written in zip(ctx.entries(), ctx.recipe.sources(), strict=True):
-        directions = None
-        if "hessian-direction" in grid:
-            model.check_fits(task, str(path))
-            names = recurrent_parameter_names(model, recurrent) if recurrent_only or recurrent else None
-            directions = hessian_directions(model, task, int(ctx.setting("hessian_k", 1)), params=names, seed=ctx.recipe.seed)
-        models.append(SweepModel(label, written, model, directions))
-    result = sweep(models, task, grid, int(ctx.setting("seeds", 5)), split=ctx.setting("split", "test"),
-                   device=ctx.device, max_samples=ctx.setting("max_samples", None),
-                   recurrent_only=recurrent_only, recurrent=recurrent, progress=ctx.progress)
+    # Every rank prepares the same models (and Hessian directions, from the recipe's seed):
+    # distributed_sweep checks that they agree bit for bit.
+    with ctx.together():
+        task = ctx.task()
+        # The checkpoint column names each model as the recipe writes it (relative to the project root),
+        # so the committed tables do not depend on where the project was checked out.
+        for (label, path, model), written in zip(ctx.entries(), ctx.recipe.sources(), strict=True):
+            directions = None
+            if "hessian-direction" in grid:
+                model.check_fits(task, str(path))
+                names = recurrent_parameter_names(model, recurrent) if recurrent_only or recurrent else None
+                directions = hessian_directions(model, task, int(ctx.setting("hessian_k", 1)), params=names, seed=ctx.recipe.seed)
+            models.append(SweepModel(label, written, model, directions))
+    run_sweep = distributed_sweep if ctx.world_size > 1 else sweep
+    result = run_sweep(models, task, grid, int(ctx.setting("seeds", 5)), split=ctx.setting("split", "test"),
+                       device=ctx.device, max_samples=ctx.setting("max_samples", None),
+                       recurrent_only=recurrent_only, recurrent=recurrent, progress=ctx.progress)
+    if ctx.out is None:
+        return [], ""
     ctx.warnings += list(result.warnings)
     written = ctx.write(result.rows, plots.plot_robustness(result.summary), {"summary": result.summary, "settings": result.settings,
                                                                            "warnings": list(result.warnings)})
@@ -591,22 +619,78 @@ ANALYSES: dict[str, Callable[[_Context], tuple[list[str], str]]] = {
 }
 
 
-def run_recipe(recipe: Recipe, out: OutputDirectory | str | Path, device: torch.device | str = "cpu",
+# The analyses every rank of a distributed run takes part in; the others run on rank 0 alone.
+COLLECTIVE_ANALYSES = ("robustness", "hessian")
+
+
+def run_recipe(recipe: Recipe, out: OutputDirectory | str | Path | None, device: torch.device | str = "cpu",
                progress: bool = True, force: bool = False) -> RecipeOutcome:
     """Run one recipe and write its table, provenance and figure into ``out``: an open
     :class:`OutputDirectory` (the caller publishes it), or a directory path, where the recipe's
-    files replace its previous ones and every other recipe's files stay."""
-    if not isinstance(out, OutputDirectory):
+    files replace its previous ones and every other recipe's files stay. Under torch.distributed
+    (more than one rank) every rank calls it, rank 0 with the open directory and the others with
+    ``out=None`` (they compute their share of a collective analysis and write nothing); see
+    :func:`run_recipes`."""
+    group = distributed_info()
+    if out is None and group["world_size"] == 1:
+        raise ValueError("out=None is for the ranks other than 0 of a distributed run")
+    if out is not None and not isinstance(out, OutputDirectory):
+        if group["world_size"] > 1:
+            raise ValueError("under torch.distributed, run recipes with run_recipes (rank 0 holds the output directory)")
         with OutputDirectory(out, REPRODUCE_WRITER, force=force, inputs=recipe.inputs(), keep_other_groups=True) as directory:
             outcome = run_recipe(recipe, directory, device, progress)
             directory.publish({recipe.output: outcome.files})
             return outcome
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    context = _Context(recipe, out, torch.device(device), progress)
+    context = _Context(recipe, out, torch.device(device), progress, group.get("rank", 0), group["world_size"])
     written, summary = ANALYSES[recipe.analysis](context)
     return RecipeOutcome(recipe.name, recipe.analysis, tuple(written), summary, time.perf_counter() - started,
                          tuple(context.warnings), tuple(context.files))
+
+
+def run_recipes(paths: Sequence[str | Path], out: str | Path, device: torch.device | str = "cpu", *,
+                progress: bool = True, force: bool = False,
+                announce: Callable[[Recipe], None] | None = None) -> list[RecipeOutcome]:
+    """Load and validate the recipe files (every one, and their outputs distinct) before anything
+    is computed, then run them into the report directory ``out`` (one :class:`OutputDirectory`:
+    locked, staged, published whole at the end; files of recipes not run are kept). ``announce``
+    is called with each recipe as it starts. Returns the outcomes in the order of ``paths``.
+
+    Under torch.distributed with N > 1 ranks (``lrnn reproduce`` under ``torchrun``) every rank
+    calls it with the same arguments. Every rank validates the recipes and rank 0 opens ``out``,
+    one step that fails on every rank when it fails on one (:func:`all_or_none`). Then all ranks
+    run the collective recipes (robustness: ``distributed_sweep``; Hessian: ``DistributedOperator``
+    over the ranks' shards of the batches when there are at least N, else rank 0 alone) in the
+    order of ``paths``, each with its loading step shared the same way; an error inside the sweep
+    is raised on every rank, and a rank that fails inside the Hessian's products exits and
+    ``torchrun`` stops the others. After them the other ranks return (with no outcomes) and
+    rank 0 runs the remaining recipes and publishes. Each recipe seeds itself, so running the
+    collective ones first changes no result. Only rank 0 writes (the directory, its lock and
+    staging); the other ranks write nothing.
+    """
+    group = distributed_info()
+    rank, world_size = group.get("rank", 0), group["world_size"]
+    step = all_or_none if world_size > 1 else contextlib.nullcontext
+    with contextlib.ExitStack() as stack:
+        with step():
+            recipes = [load_recipe(path) for path in paths]
+            check_recipe_set(recipes)
+            directory = None if rank != 0 else stack.enter_context(OutputDirectory(
+                out, REPRODUCE_WRITER, force=force, inputs=[p for r in recipes for p in r.inputs()], keep_other_groups=True))
+        collective = [r for r in recipes if world_size > 1 and r.analysis in COLLECTIVE_ANALYSES]
+        outcomes: dict[int, RecipeOutcome] = {}
+        for index, recipe in sorted(enumerate(recipes), key=lambda item: item[1] not in collective):
+            if directory is None and recipe not in collective:
+                break
+            if announce is not None and directory is not None:
+                announce(recipe)
+            outcomes[index] = run_recipe(recipe, directory, device, progress)
+        if directory is None:
+            return []
+        ordered = [outcomes[index] for index in range(len(recipes))]
+        directory.publish({recipe.output: outcome.files for recipe, outcome in zip(recipes, ordered)})
+    return ordered
 
 
 def find_recipes(directory: str | Path) -> list[Path]:

@@ -29,3 +29,21 @@ def sweep_case():
     task = load_task("digits", seed=0)
     models = [SweepModel("lipschitz", f"model-{seed}", tiny_model(seed)) for seed in (0, 1)]
     return models, task, {"max_samples": 60, "device": "cpu"}
+
+
+def write_recipes(directory, checkpoint) -> list:
+    """Three recipes on ``checkpoint`` into ``directory``: spectra (rank 0 alone), then a robustness
+    sweep and a Hessian over 2 batches (both shared by the ranks)."""
+    models = f'checkpoints = ["{checkpoint}"]\n'
+    recipes = {
+        "spectra.toml": 'name = "spectra"\nanalysis = "spectra"\noutput = "spectra"\n' + models,
+        "robust.toml": ('name = "robust"\nanalysis = "robustness"\ntask = "digits"\noutput = "robust"\nseed = 0\n' + models +
+                        '[settings]\nseeds = 2\nmax_samples = 40\n[settings.grid]\ngaussian = [0.0, 0.2]\n'
+                        'gaussian-relative = [0.0, 0.05, 0.1]\n'),
+        "hessian.toml": ('name = "hessian"\nanalysis = "hessian"\ntask = "digits"\noutput = "hessian"\n' + models +
+                         '[settings]\nbatches = 2\nbatch_size = 16\ntrace_matvecs = 6\ndensity = false\n'),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in recipes.items():
+        (directory / name).write_text(text)
+    return [str(directory / name) for name in recipes]

@@ -1,6 +1,6 @@
 """One rank of the 2-process checks in test_distributed.py (started there by torchrun, gloo on CPU).
 
-Usage: torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR CHECKPOINT
+Usage: torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR CHECKPOINT RECIPE...
 Rank 0 writes what the ranks computed together into OUT_DIR; the test compares it with one process.
 """
 import json
@@ -18,7 +18,7 @@ from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues
 from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_case, sweep_case
 
 
-def run(out: Path, checkpoint: str) -> None:
+def run(out: Path, checkpoint: str, recipes: list[str]) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, loss_fn, batches = hessian_case()
@@ -56,11 +56,13 @@ def run(out: Path, checkpoint: str) -> None:
     codes = [main(["hessian", checkpoint, "--full", "--split", "test", "--batch-size", "128", "--dtype", "float64",
                    "--params", "M_A,M_W", "--json", str(out / "hessian_cli.json"), *common]),
              main(["robustness", checkpoint, "--input-noise", "0,0.2", "--param-noise", "0,0.05,0.1", "--seeds", "2",
-                   "--max-samples", "60", "--out", str(out / "robustness_cli.csv"), "--json", *common])]
+                   "--max-samples", "60", "--out", str(out / "robustness_cli.csv"), "--json", *common]),
+             main(["reproduce", *recipes, "--out", str(out / "reproduce" / "report"), *common]),
+             main(["reproduce", *recipes, "--out", str(out / "foreign"), *common])]
     if rank == 0:
         (out / "cli_codes.json").write_text(json.dumps(codes))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), sys.argv[2])
+    run(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])

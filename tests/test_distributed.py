@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_case, sweep_case, tiny_model
+from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_case, sweep_case, tiny_model, write_recipes
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
 from lrnn_analysis.distributed import DistributedOperator, shard_batches
@@ -52,9 +52,11 @@ def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     checkpoint = save_checkpoint(root / "m.safetensors", tiny_model(0), {"task": {"name": "digits", "seed": 0, "options": {}}})
     out = root / "ranks"
-    out.mkdir()
+    (out / "foreign").mkdir(parents=True)
+    (out / "foreign" / "notes.txt").write_text("not written by lrnn")
+    recipes = write_recipes(root / "analyses", checkpoint)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(WORKER), str(out), str(checkpoint)]
+               "--master_port", str(_free_port()), str(WORKER), str(out), str(checkpoint), *recipes]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, env=env)
@@ -65,7 +67,7 @@ def two_ranks(tmp_path_factory):
     finally:
         _stop(process)
     assert process.returncode == 0, output
-    return out, checkpoint
+    return out, checkpoint, recipes
 
 
 def _relative_error(a, b) -> float:
@@ -73,7 +75,7 @@ def _relative_error(a, b) -> float:
 
 
 def test_operator_equals_single_process_to_round_off(two_ranks):
-    out, _ = two_ranks
+    out = two_ranks[0]
     model, loss_fn, batches = hessian_case()
     single = HessianOperator(model, loss_fn, batches, dtype=torch.float64).to_dense().numpy()
     for name in ("dense_matmat.npy", "dense_matvec.npy"):
@@ -85,7 +87,7 @@ def test_operator_equals_single_process_to_round_off(two_ranks):
 
 
 def test_estimators_run_unchanged(two_ranks):
-    out, _ = two_ranks
+    out = two_ranks[0]
     model, loss_fn, batches = hessian_case()
     single = HessianOperator(model, loss_fn, batches, dtype=torch.float64)
     np.testing.assert_allclose(np.load(out / "eigenvalues.npy"), eigenvalues(single, k=2, which="BE", seed=3).values, rtol=1e-10)
@@ -107,7 +109,7 @@ def test_ranks_that_disagree_raise_on_every_rank(two_ranks):
 
 
 def test_sweep_csv_identical_to_single_process(two_ranks, tmp_path):
-    out, _ = two_ranks
+    out = two_ranks[0]
     models, task, options = sweep_case()
     single = sweep(models, task, SWEEP_GRID, SWEEP_SEEDS, progress=False, **options)
     single.write_csv(str(tmp_path / "single.csv"))
@@ -120,8 +122,8 @@ def test_sweep_csv_identical_to_single_process(two_ranks, tmp_path):
 
 
 def test_cli_under_torchrun_matches_one_process(two_ranks, tmp_path):
-    out, checkpoint = two_ranks
-    assert json.loads((out / "cli_codes.json").read_text()) == [0, 0]
+    out, checkpoint, _ = two_ranks
+    assert json.loads((out / "cli_codes.json").read_text()) == [0, 0, 0, 2]
     assert main(["hessian", str(checkpoint), "--full", "--split", "test", "--batch-size", "128", "--dtype", "float64",
                  "--params", "M_A,M_W", "--json", str(tmp_path / "h.json"), "--quiet", "--device", "cpu"]) == 0
     single, distributed = (json.loads(p.read_text()) for p in (tmp_path / "h.json", out / "hessian_cli.json"))
@@ -135,6 +137,32 @@ def test_cli_under_torchrun_matches_one_process(two_ranks, tmp_path):
     assert len(list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))) == 2 * 2 + 3 * 2
     provenance = json.loads((out / "robustness_cli.json").read_text())["environment"]["distributed"]
     assert provenance["world_size"] == 2 and provenance["backend"] == "gloo"
+
+
+def test_reproduce_under_torchrun_matches_one_process(two_ranks, tmp_path):
+    out, _, recipes = two_ranks
+    # Rank 0 alone wrote, into the report directory only: no lock, staging or other rank's files beside it.
+    assert sorted(p.name for p in (out / "reproduce").iterdir()) == ["report"]
+    report = out / "reproduce" / "report"
+    stems = {"spectra": 4, "spectra_summary": 2, "robust": 4, "robust_summary": 2, "hessian": 4}
+    written = sorted(p.name for p in report.iterdir())
+    assert len(written) == sum(stems.values()) + 1 and all(name.split(".")[0] in stems for name in written if name[0] != ".")
+    single = tmp_path / "single"
+    assert main(["reproduce", *recipes, "--out", str(single), "--quiet", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in single.iterdir()) == written
+    for name in ("robust.csv", "robust_summary.csv", "spectra.csv", "spectra_summary.csv"):
+        assert (report / name).read_bytes() == (single / name).read_bytes(), name
+    assert len(list(csv.DictReader(io.StringIO((report / "robust.csv").read_text())))) == 2 * 2 + 3 * 2
+    distributed, alone = (json.loads((d / "hessian.json").read_text()) for d in (report, single))
+    assert distributed["batches_shared_by"] == 2 and alone["batches_shared_by"] == 1
+    for key in ("lambda_max", "lambda_min", "trace"):
+        assert distributed["rows"][0][key] == pytest.approx(alone["rows"][0][key], rel=1e-4), key
+    for name in ("robust.json", "spectra.json", "hessian.json"):
+        provenance = json.loads((report / name).read_text())["environment"]["distributed"]
+        assert provenance == {"world_size": 2, "backend": "gloo", "rank": 0}, name
+    assert json.loads((single / "robust.json").read_text())["environment"]["distributed"] == {"world_size": 1, "backend": None}
+    # A directory rank 0 may not replace stops every rank before any work (the launch finished: none waited).
+    assert [p.name for p in (out / "foreign").iterdir()] == ["notes.txt"]
 
 
 def test_shard_batches_contiguous_blocks():
@@ -154,5 +182,5 @@ def test_single_process_provenance_and_errors(monkeypatch, capsys):
         DistributedOperator(HessianOperator(model, loss_fn, batches))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["reproduce", "--out", "unused"]) == 2
+    assert main(["stability", "unused.safetensors"]) == 2
     assert "run this command without torchrun" in capsys.readouterr().err
