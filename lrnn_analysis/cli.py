@@ -97,6 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         gamma_w=args.gamma_w if args.gamma_w is not None else args.gamma,
         init_std=args.init_std,
         ode_substeps=args.ode_substeps,
+        rho=args.rho,
+        rank=args.rank,
+        cond_penalty=args.cond_penalty,
     )
     settings = TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
@@ -111,6 +114,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         certificate = certify(model.lure_form(), [constraint.certificate])[0]
         metadata["constraint"] = {**constraint.to_dict(), "certificate_result": certificate.to_dict(include_matrices=False)}
+    evidence_line = None
+    if constraint is not None or config.arch in ("contracting", "ren"):
+        from .stability.evidence import METADATA_KEY, certify_trained
+
+        evidence, evidence_line = certify_trained(model)
+        if evidence is not None:
+            metadata[METADATA_KEY] = evidence.to_dict()
     metadata["command"] = "lrnn " + shlex.join(args.argv)
     out = save_checkpoint(args.out, model, metadata)
     metrics = result.metrics
@@ -123,6 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if constraint is not None:
         verdict = metadata["constraint"]["certificate_result"]
         print(f"constraint {constraint.certificate} (margin {constraint.margin:g}): holds {verdict['holds']}, margin {verdict['margin']:.4g}")
+    if evidence_line is not None:
+        print(evidence_line)
     print(f"saved {out}")
     return 0
 
@@ -216,15 +228,25 @@ def _model_label(model) -> str:
 def cmd_stability(args: argparse.Namespace) -> int:
     from .stability import certify, default_certificates, spectrum
 
-    model, _ = load_checkpoint(args.checkpoint)
+    from .stability.evidence import certificate_result, check_stored
+
+    model, metadata = load_checkpoint(args.checkpoint)
+    stored = check_stored(model, metadata)
+    if stored.status != "absent":
+        print(f"{args.checkpoint}: {stored.describe()}", file=sys.stdout if stored.verified else sys.stderr)
     system = model.lure_form()
     if system is None:
+        if stored.verified:
+            return _print_stored_only(args, model, certificate_result(stored, model))
         raise UsageError(f"{args.checkpoint}: a {model.config.arch} model has no Lur'e form, so no certificate applies")
     report = spectrum(system)
     names = args.certificates or list(default_certificates(system))
     started = time.monotonic()
     results = []
     for name in tqdm(names, desc="certificates", unit="cert", disable=args.quiet):
+        if stored.verified and name == stored.evidence.certificate:
+            results.append(certificate_result(stored, model))
+            continue
         remaining = None if args.time_budget is None else max(0.0, args.time_budget - (time.monotonic() - started))
         results += certify(system, [name], time_budget=remaining)
     scheme = system.method if system.eps is None else f"{system.method}, eps {system.eps:g}" + (
@@ -245,6 +267,18 @@ def cmd_stability(args: argparse.Namespace) -> int:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(),
                                "spectrum": report.to_dict(), "certificates": [r.to_dict(include_matrices=args.evidence) for r in results]})
     return 0 if all(r.holds for r in results) else 1
+
+
+def _print_stored_only(args: argparse.Namespace, model, result) -> int:
+    """``lrnn stability`` of a model without a Lur'e form whose stored certificate verified."""
+    print(f"{args.checkpoint}: {model.config.arch} (no Lur'e form; its own contraction certificate), n = {model.config.hidden}")
+    rows = [result.to_dict(include_matrices=False)]
+    print("certificates")
+    print(format_table(rows, ["name", "holds", "margin", "rate", "tier", "seconds", "reason"]))
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(),
+                               "certificates": [result.to_dict(include_matrices=args.evidence)]})
+    return 0
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
@@ -310,6 +344,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     print(f"clean test accuracy {format_value(report['clean']['accuracy'])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
           f"lambda_min {report['hessian']['lambda_min']:.4g}, trace {report['hessian']['trace']['estimate']:.4g} "
           f"+- {report['hessian']['trace']['ci_halfwidth']:.3g}")
+    stored = report["stability"]["stored_evidence"]
+    if stored["status"] == "verified":
+        print(f"verified from stored evidence: {stored['certificate']} at rate {stored['rate']:.6g} (tier {stored['tier']})")
+    elif stored["status"] == "failed":
+        print(f"STORED EVIDENCE NOT VERIFIED: {stored['reason']}; certificates searched as usual", file=sys.stderr)
     for certificate in report["stability"].get("certificates", []):
         print(f"certificate {certificate['name']}: {'holds' if certificate['holds'] else 'fails'} ({certificate['reason']})")
     if result.gates:
@@ -456,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gamma-w", type=float, default=None)
     train.add_argument("--init-std", type=float, default=0.1, help="recurrent init: N(0, (init_std/hidden)^2)")
     train.add_argument("--ode-substeps", type=_positive_int, default=1, help="node: solver steps per input step")
+    train.add_argument("--rho", type=float, default=0.999, help="contracting/ren: contraction factor per step they are built to")
+    train.add_argument("--rank", type=int, default=0, help="contracting/ren: rows of X (0: hidden)")
+    train.add_argument("--cond-penalty", type=float, default=0.1,
+                       help="contracting: kappa of the loss term kappa * mean(log^2 sigma_i(T))")
     train.add_argument("--epochs", type=_positive_int, default=100)
     train.add_argument("--batch-size", type=_positive_int, default=128)
     train.add_argument("--lr", type=float, default=0.03)

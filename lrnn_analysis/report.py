@@ -34,6 +34,7 @@ from .models import RecurrentModel
 from .robustness import KINDS, SweepModel, sweep
 from .runtime import environment
 from .stability import CERTIFICATES, certify, default_certificates, spectrum
+from .stability.evidence import certificate_result, check_stored
 from .tables import format_table, format_value
 
 GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop")
@@ -140,12 +141,17 @@ def run_audit(
 
     started = time.perf_counter()
     system = model.lure_form()
-    stability: dict[str, Any] = {"lure_form": system is not None}
+    stored = check_stored(model, metadata)
+    stability: dict[str, Any] = {"lure_form": system is not None, "stored_evidence": stored.to_dict()}
     tables: dict[str, list[dict[str, Any]]] = {}
+    from_evidence = [certificate_result(stored, model)] if stored.verified else []
+    if system is None and from_evidence:
+        stability["certificates"] = [r.to_dict(include_matrices=False) for r in from_evidence]
     if system is not None:
         wanted = list(default_certificates(system))
         wanted += [g.value for g in gates if g.kind == "certified" and g.value not in wanted]
-        results = certify(system, wanted, time_budget=settings.certificate_budget)
+        searched = [n for n in wanted if not (from_evidence and n == stored.evidence.certificate)]
+        results = from_evidence + certify(system, searched, time_budget=settings.certificate_budget)
         stability["spectrum"] = spectrum(system).to_dict()
         stability["certificates"] = [r.to_dict(include_matrices=False) for r in results]
         tables["spectra"], tables["spectra_summary"] = analyses.spectra_tables({checkpoint: model})
@@ -259,12 +265,17 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
         s = stability["spectrum"]
         lines += [f"| α(A), μ₂(A) | {format_value(s['abscissa_A'])}, {format_value(s['mu2_A'])} |", f"| ‖A‖₂, ‖W‖₂ | {format_value(s['norm_A'])}, {format_value(s['norm_W'])} |"]
     lines += ["", "## Certificates", ""]
+    stored = stability.get("stored_evidence") or {}
+    if stored.get("status") == "verified":
+        lines += [f"Verified from stored evidence: {stored['certificate']} at rate {stored['rate']:.6g} (tier {stored['tier']}).", ""]
+    elif stored.get("status") == "failed":
+        lines += [f"**Stored evidence NOT verified**: {stored['reason']}; certificates searched as usual.", ""]
     if stability.get("certificates"):
         lines += ["| certificate | holds | margin | rate | tier | seconds | reason |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {c['name']} | {'yes' if c['holds'] else 'no'} | {format_value(c['margin'])} | {format_value(c['rate'])} | {c['tier'] or '-'} | "
                   f"{format_value(c['seconds'])} | {c['reason']} |" for c in stability["certificates"]]
     else:
-        lines.append("The model has no Lur'e form (gated recurrence): no certificate applies.")
+        lines.append("The model has no Lur'e form: no toolkit certificate applies.")
     robustness = format_table(r["robustness"]["summary"], ["perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95", "accuracy_drop"])
     lines += ["", "Spectra are diagnostics (necessary conditions), not certificates.", "", "## Robustness", ""]
     lines += ["    " + line for line in robustness.splitlines()] + [""]

@@ -81,6 +81,8 @@ def train_model(
 
     With a ``constraint`` the recurrent parameters are projected after every optimizer
     step (and once before training) so that its norm certificate holds with its margin.
+    A model whose ``regularization()`` returns a tensor has it added to the loss that is
+    minimised (``train_loss`` in the log is the data loss alone).
     """
     torch.manual_seed(settings.seed)
     model.to(device)
@@ -102,8 +104,9 @@ def train_model(
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
             loss = criterion(model(x_train[idx]), y_train[idx])
+            penalty = model.regularization()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if penalty is None else loss + penalty).backward()
             if settings.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()

@@ -1,20 +1,15 @@
 """Model zoo: one registry, one interface (``build_model(config)``)."""
-from .architectures import (
-    MODEL_CLASSES,
-    GatedLipschitzRNN,
-    LipschitzRNN,
-    LureRNN,
-    RecurrentModel,
-    build_model,
-    lipschitz_matrix,
-    lure_step,
-)
+from .architectures import GatedLipschitzRNN, LipschitzRNN, LureRNN, RecurrentModel, lipschitz_matrix, lure_step
+from .contracting import ContractingREN, ContractingRNN, contracting_construction, ren_construction
+from .registry import MODEL_CLASSES, build_model
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
 from .reference import from_reference_state_dict, is_reference_state_dict, parse_reference_filename
 
 __all__ = [
     "ARCHITECTURES",
+    "ContractingREN",
+    "ContractingRNN",
     "DISCRETIZATIONS",
     "MODEL_CLASSES",
     "GatedLipschitzRNN",
@@ -25,6 +20,7 @@ __all__ = [
     "RecurrentModel",
     "SequenceClassifier",
     "build_model",
+    "contracting_construction",
     "find_recurrent_layers",
     "from_reference_state_dict",
     "is_reference_state_dict",
@@ -32,4 +28,5 @@ __all__ = [
     "lure_step",
     "parse_reference_filename",
     "recurrent_parameter_patterns",
+    "ren_construction",
 ]

@@ -120,6 +120,10 @@ class RecurrentModel(nn.Module):
         """h' = A h + tanh(W h + u) with the scheme that is run, or None if there is none."""
         return None
 
+    def regularization(self) -> Tensor | None:
+        """A term the model adds to the training loss (None: nothing)."""
+        return None
+
 
 class LureRNN(RecurrentModel):
     """A model whose recurrence is exactly a Lur'e system run with a fixed scheme."""
@@ -243,23 +247,3 @@ class GatedLipschitzRNN(RecurrentModel):
             return h + eps * update
 
         return step
-
-
-MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
-    "lipschitz": LipschitzRNN,
-    "lipschitz-gated": GatedLipschitzRNN,
-    "antisymmetric": AntisymmetricRNN,
-    "cayley": CayleyRNN,
-    "residual": PlainWRNN,
-    "vanilla": PlainWRNN,
-    "node": PlainWRNN,
-}
-
-
-def build_model(config: ModelConfig, seed: int | None = None) -> RecurrentModel:
-    """A freshly initialised model for ``config`` (initialisation drawn from ``seed`` if given)."""
-    if seed is None:
-        return MODEL_CLASSES[config.arch](config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MODEL_CLASSES[config.arch](config)

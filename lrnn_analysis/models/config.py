@@ -14,6 +14,8 @@ DISCRETIZATIONS: dict[str, tuple[str, ...]] = {
     "residual": ("euler",),
     "vanilla": ("map",),
     "node": ("rk4", "rk2", "euler"),
+    "contracting": ("euler",),
+    "ren": ("map",),
 }
 ARCHITECTURES = tuple(DISCRETIZATIONS)
 
@@ -28,6 +30,11 @@ class ModelConfig:
     ``node``, the integration interval [0, eps], split into ``ode_substeps`` steps of
     the fixed-grid solver ``discretization``). Recurrent matrices M are initialised
     with entries ~ N(0, (init_std / hidden)^2), as in the reference implementation.
+
+    ``contracting`` and ``ren`` (:mod:`.contracting`) contract at rate ``rho`` per step
+    for every parameter value; ``rank`` is the number of rows m of their X (0: hidden),
+    ``cond_penalty`` the weight kappa of kappa * mean(log^2 sigma_i(T)) added to the
+    training loss of ``contracting`` (``eps`` is the step of its euler Lur'e form).
     """
 
     arch: str
@@ -42,6 +49,9 @@ class ModelConfig:
     gamma_w: float = 0.001
     init_std: float = 0.1
     ode_substeps: int = 1
+    rho: float = 0.999
+    rank: int = 0
+    cond_penalty: float = 0.1
 
     def __post_init__(self) -> None:
         if self.arch not in DISCRETIZATIONS:
@@ -55,13 +65,19 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eps", "beta_a", "gamma_a", "beta_w", "gamma_w", "init_std"):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"rank must be a non-negative integer, got {self.rank!r}")
+        for name in ("eps", "beta_a", "gamma_a", "beta_w", "gamma_w", "init_std", "rho", "cond_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
         if self.eps <= 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not 0 < self.rho <= 1:
+            raise ValueError(f"rho must be in (0, 1], got {self.rho}")
+        if self.cond_penalty < 0:
+            raise ValueError(f"cond_penalty must be >= 0, got {self.cond_penalty}")
         if self.init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
