@@ -12,7 +12,8 @@ import torch
 
 from .evaluation import evaluate, loss_function
 from .models import RecurrentModel
-from .stability import certify, spectrum
+from .stability import certify, default_certificates, spectrum
+from .stability.evidence import certificate_result, check_stored
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -42,18 +43,44 @@ def certificate_table(
     models: Mapping[str, RecurrentModel],
     names: Sequence[str] | None = None,
     time_budget: float | None = None,
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (model, certificate): holds, margin, rate, tier, seconds, reason."""
+    """One row per (model, certificate): holds, margin, rate, tier, seconds, reason.
+
+    With ``metadata`` (per model, as loaded from its checkpoint), evidence stored in it is
+    verified first; a verified certificate is reported from it (tier ``stored evidence (...)``)
+    instead of searched, and a failed check is reported in the rows' ``stored_evidence``.
+    """
     rows = []
     for label, model in models.items():
+        check = check_stored(model, (metadata or {}).get(label, {}))
+        stored = [certificate_result(check, model)] if check.verified else []
         system = model.lure_form()
-        if system is None:
-            rows.append({"model": label, "certificate": None, "holds": False, "reason": "no Lur'e form"})
+        if system is None and not stored:
+            rows.append({"model": label, "certificate": None, "holds": False, "reason": "no Lur'e form",
+                         "stored_evidence": check.status})
             continue
-        for result in certify(system, names, time_budget=time_budget):
+        wanted = [] if system is None else [n for n in (names or default_certificates(system))
+                                            if not (stored and n == stored[0].name)]
+        results = stored + (certify(system, wanted, time_budget=time_budget) if wanted else [])
+        for result in results:
             rows.append({"model": label, "certificate": result.name, "holds": bool(result.holds), "margin": result.margin,
-                         "rate": result.rate, "tier": result.tier, "seconds": result.seconds, "reason": result.reason})
+                         "rate": result.rate, "tier": result.tier, "seconds": result.seconds, "reason": result.reason,
+                         "stored_evidence": check.status})
     return rows
+
+
+def certified_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model from :func:`certificate_table` rows (with ``test_accuracy``, ``parameters``):
+    its best (smallest) certified rate and the certificate that gives it, or certified False."""
+    summary: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = summary.setdefault(row["model"], {"model": row["model"], "test_accuracy": row.get("test_accuracy"),
+                                                  "parameters": row.get("parameters"), "certified": False,
+                                                  "rate": None, "certificate": None, "tier": None})
+        if row["holds"] and row.get("rate") is not None and (entry["rate"] is None or row["rate"] < entry["rate"]):
+            entry.update(certified=True, rate=row["rate"], certificate=row["certificate"], tier=row["tier"])
+    return list(summary.values())
 
 
 def accuracy_table(models: Mapping[str, RecurrentModel], x: torch.Tensor, y: torch.Tensor, classification: bool) -> list[dict[str, Any]]:

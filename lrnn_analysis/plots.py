@@ -246,6 +246,43 @@ def plot_hessian_summary(rows: Table) -> Figure:
     return fig
 
 
+def plot_certified_accuracy(rows: Table) -> Figure:
+    """Test accuracy and certified contraction per model: one row per model with
+    (model, test_accuracy, certified, rate, certificate); rate is the certified factor per
+    step (None where nothing is certified, drawn as a hatched "not certified" bar)."""
+    _style()
+    frame = _frame(rows, ["model", "test_accuracy", "certified", "rate", "certificate"])
+    models = list(frame["model"])
+    positions = np.arange(len(models))
+    certified = frame["certified"].astype(bool).to_numpy()
+    colours = ["tab:green" if c else "tab:gray" for c in certified]
+    fig, axes = _panels(2, 4.6, 3.8)
+    ax = axes.flat[0]
+    ax.bar(positions, frame["test_accuracy"].to_numpy(float), color=colours, edgecolor="k", linewidth=0.6)
+    for x, value in zip(positions, frame["test_accuracy"].to_numpy(float)):
+        ax.text(x, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("test accuracy (green: certified)", fontsize=10)
+    ax.set_xticks(positions, models, rotation=35, ha="right")
+    ax = axes.flat[1]
+    margins = [1.0 - float(r) if c and r is not None and np.isfinite(float(r)) else np.nan
+               for r, c in zip(frame["rate"], certified)]
+    finite = [m for m in margins if np.isfinite(m) and m > 0]
+    floor = min(finite) / 10 if finite else 1e-6
+    for x, margin, label in zip(positions, margins, frame["certificate"]):
+        if np.isfinite(margin) and margin > 0:
+            ax.bar(x, margin, color="tab:green", edgecolor="k", linewidth=0.6)
+            ax.text(x, margin, f"{1 - margin:.5f}\n{label}", ha="center", va="bottom", fontsize=7)
+        else:
+            ax.bar(x, floor, color="white", edgecolor="k", hatch="//", linewidth=0.6)
+            ax.text(x, floor, "not\ncertified", ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_title("certified contraction: 1 - rate per step (log)", fontsize=10)
+    ax.set_xticks(positions, models, rotation=35, ha="right")
+    fig.tight_layout()
+    return fig
+
+
 def plot_density(rows: Table) -> Figure:
     """Smoothed Hessian spectral densities (stochastic Lanczos quadrature) on a log scale,
     models overlaid. Rows: (model, eigenvalue, density)."""

@@ -167,11 +167,15 @@ def _certificates(ctx: _Context) -> tuple[list[str], str]:
     models = ctx.models()
     task = ctx.task()
     accuracy = {r["model"]: r["accuracy"] for r in analyses.accuracy_table(models, task.test.x, task.test.y, task.is_classification)}
-    rows = analyses.certificate_table(models, ctx.setting("certificates", None), ctx.setting("time_budget", 30.0))
+    rows = analyses.certificate_table(models, ctx.setting("certificates", None), ctx.setting("time_budget", 30.0),
+                                      ctx.metadata())
     for row in rows:
         row["test_accuracy"] = accuracy[row["model"]]
+        row["parameters"] = sum(p.numel() for p in models[row["model"]].parameters())
     eigen_rows, model_rows = analyses.spectra_tables(models)
     written = ctx.write(rows, plots.plot_spectra(eigen_rows, model_rows))
+    summary = analyses.certified_summary(rows)
+    written += ctx.write(summary, plots.plot_certified_accuracy(summary), suffix="_accuracy")
     certified = sorted({r["model"] for r in rows if r["holds"]})
     return written, f"certified: {', '.join(certified) or 'none'}"
 

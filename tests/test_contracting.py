@@ -105,7 +105,7 @@ def test_lure_form_runs_the_model_in_rotated_coordinates():
     x = torch.rand(3, 12, 1, dtype=torch.float64)
     with torch.no_grad():
         h = model.hidden_states(x).numpy()
-        u = model.lure_inputs(x).numpy()
+        u = model.U(x).numpy()  # u_t = U x_t + b
     zeta = model.lure_form().simulate(np.zeros((3, 5)), u)
     np.testing.assert_allclose(zeta @ model.coordinates().T, h, atol=1e-10)
 
