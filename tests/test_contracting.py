@@ -258,3 +258,25 @@ def test_constrained_training_stores_evidence(tmp_path, capsys):
     assert "certificate evidence stored: euler-lmi" in capsys.readouterr().out
     model, metadata = load_checkpoint(out)
     assert check_stored(model, metadata).verified
+
+
+def test_ren_matches_its_equations_neuron_by_neuron():
+    """E x+ = F x + B1 w + B2 x_t, Lambda v = C1 x + D11 w + Lambda u, w = tanh(v), solved one neuron at a time."""
+    model = _model("ren", hidden=40, seed=3).double()
+    with torch.no_grad():
+        model.B2.weight.normal_()
+    c = model.construction(torch.float64)
+    E, F, B1, C1, lam, D11 = (t.detach().numpy() for t in (c.E, c.F, c.B, c.C, c.lam, c.D11))
+    p = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 5, 1, dtype=torch.float64)
+    expected = []
+    for sample in x.numpy():
+        h = np.zeros(40)
+        for x_t in sample:
+            u = p["U.weight"] @ x_t + p["U.bias"]
+            w = np.zeros(40)
+            for i in range(40):
+                w[i] = np.tanh((C1[i] @ h + D11[i] @ w) / lam[i] + u[i])
+            h = np.linalg.solve(E, F @ h + B1 @ w + p["B2.weight"] @ x_t)
+        expected.append(p["D.weight"] @ h + p["D.bias"])
+    np.testing.assert_allclose(model(x).detach().numpy(), np.stack(expected), rtol=1e-10, atol=1e-12)
