@@ -35,11 +35,7 @@ def _hand_written(config, p, x):
         return (1 - beta) * (M + M.T) + beta * (M - M.T) - gamma * eye
 
     if config.arch in ("contracting", "ren"):
-        X = 0.1 * p["X"]
-        if config.arch == "contracting":
-            Q, R = np.linalg.qr(X[:, n:2 * n])
-            X = np.hstack([X[:, :n], Q * np.diag(R), X[:, 2 * n:]])
-        H = X.T @ X + 1e-3 * np.eye(3 * n)
+        H = (0.1 * p["X"]).T @ (0.1 * p["X"]) + 1e-3 * np.eye(3 * n)
         Hb = [[H[i * n:(i + 1) * n, j * n:(j + 1) * n] for j in range(3)] for i in range(3)]
         E = 0.5 * (Hb[0][0] / config.rho**2 + Hb[2][2] + 0.1 * (p["Y"] - p["Y"].T))
         F, B = Hb[2][0], Hb[2][1]

@@ -5,8 +5,7 @@ X of shape m x 3n, m = ``config.rank`` or n) with n x n blocks H_ij, P = H_33 an
 E = (H_11 / rho^2 + P + Y - Y^T) / 2, in the spirit of the contracting Recurrent
 Equilibrium Networks of Revay, Wang and Manchester (2021).
 
-``contracting`` (:class:`ContractingRNN`; its X_2 has orthogonal columns, see
-:func:`orthogonal_columns`), with F = H_31, B = H_32,
+``contracting`` (:class:`ContractingRNN`), with F = H_31, B = H_32,
 Lambda = diag(sum_j |(H_22)_ij|) / 2 and C = -Lambda^-1 H_21, runs
 
     E h+ = F h + B tanh(C h + u),   u = U x + b.
@@ -88,17 +87,6 @@ def contracting_construction(X: Tensor, Y: Tensor, rho: float) -> Construction:
     return Construction(_descriptor(H, Y, rho), H[2][0], H[2][1], -H[1][0] / lam[:, None], H[2][2], lam, None)
 
 
-def orthogonal_columns(Z: Tensor) -> Tensor:
-    """Q diag(r_jj) from Z = Q R (m >= n): Z with its columns made orthogonal (Z itself if they are).
-
-    Used for X_2 of :class:`ContractingRNN`, so that H_22 is diagonal and the diagonal-dominance
-    multipliers Lambda = diag(sum_j |(H_22)_ij|) / 2 lose nothing (H_22 = 2 Lambda up to delta);
-    the certificate does not depend on it (Lambda dominates H_22 whatever X_2 is).
-    """
-    Q, R = torch.linalg.qr(Z)
-    return Q * torch.diagonal(R)  # invariant to the signs QR picks
-
-
 def block_mask(n: int, block: int, device: torch.device | None = None) -> Tensor:
     """mask[i, j] = 1 where neurons i and j lie in the same block of ``block`` consecutive neurons."""
     ids = torch.arange(n, device=device) // block
@@ -150,9 +138,7 @@ class ContractingRNN(_DirectlyParameterized):
 
     def construction(self, dtype: torch.dtype | None = None) -> Construction:
         X, Y = self._cast(dtype)
-        n = self.config.hidden
-        return contracting_construction(torch.cat([X[:, :n], orthogonal_columns(X[:, n:2 * n]), X[:, 2 * n:]], dim=1),
-                                        Y, self.config.rho)
+        return contracting_construction(X, Y, self.config.rho)
 
     def _explicit(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(E^-1 F, E^-1 B, C): h+ = E^-1 F h + E^-1 B tanh(C h + u)."""
