@@ -47,8 +47,8 @@ def card(name: str, command: str) -> str:
     results = from_evidence + (certify(system, searched, time_budget=60.0) if searched else [])
     params = sum(p.numel() for p in model.parameters())
     if config.arch in ("contracting", "ren"):
-        hyper = (f"rho {config.rho:g}, rank {config.rank or config.hidden}, cond_penalty {config.cond_penalty:g}, "
-                 f"init_std {config.init_std:g}")
+        hyper = f"rho {config.rho:g}, rank {config.rank or config.hidden}, init_std {config.init_std:g}" + (
+            f", cond_penalty {config.cond_penalty:g}" if config.arch == "contracting" else "")
     else:
         hyper = (f"beta_A {config.beta_a:g}, gamma_A {config.gamma_a:g}, beta_W {config.beta_w:g}, "
                  f"gamma_W {config.gamma_w:g}, init_std {config.init_std:g}")
