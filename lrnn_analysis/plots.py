@@ -277,6 +277,7 @@ def plot_certified_accuracy(rows: Table) -> Figure:
             ax.bar(x, floor, color="white", edgecolor="k", hatch="//", linewidth=0.6)
             ax.text(x, floor, "not\ncertified", ha="center", va="bottom", fontsize=7)
     ax.set_yscale("log")
+    ax.set_ylim(floor / 2, 20 * max(finite + [floor]))
     ax.set_title("certified contraction: 1 - rate per step (log)", fontsize=10)
     ax.set_xticks(positions, models, rotation=35, ha="right")
     fig.tight_layout()
