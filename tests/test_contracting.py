@@ -231,11 +231,11 @@ def test_changed_weights_are_detected(certified_checkpoint):
 
 def test_cli_stability_uses_stored_evidence_and_falls_back_visibly(certified_checkpoint, capsys):
     path, evidence = certified_checkpoint
-    assert main(["stability", str(path), "--quiet"]) == 0
+    assert main(["stability", str(path), "--quiet", "--certificates", "euler-lmi"]) == 0
     out = capsys.readouterr().out
     assert "verified from stored evidence" in out and "stored evidence (construction)" in out
     _edit_evidence(path, lambda e: e.__setitem__("rate", e["rate"] * 0.5))
-    code = main(["stability", str(path), "--quiet", "--time-budget", "20"])
+    code = main(["stability", str(path), "--quiet", "--certificates", "euler-lmi", "--time-budget", "20"])
     captured = capsys.readouterr()
     assert "STORED EVIDENCE NOT VERIFIED" in captured.err
     assert "stored evidence (construction)" not in captured.out and code in (0, 1)
@@ -247,7 +247,8 @@ def test_cli_trains_ren_and_contracting_with_evidence(tmp_path, capsys):
         assert main(["train", "--task", "digits", "--arch", arch, "--hidden", "4", "--epochs", "1", "--out", str(out),
                      "--quiet"]) == 0
         assert "certificate evidence stored" in capsys.readouterr().out
-        assert main(["stability", str(out), "--quiet"]) == 0
+        certificates = ["--certificates", "euler-lmi"] if arch == "contracting" else []
+        assert main(["stability", str(out), "--quiet", *certificates]) == 0
         assert "verified from stored evidence" in capsys.readouterr().out
 
 
