@@ -523,9 +523,9 @@ def _robustness(ctx: _Context) -> tuple[list[str], str]:
     recurrent_only = bool(ctx.setting("recurrent_only", False))
     recurrent = ctx.setting("recurrent", None)
     models = []
-    # The checkpoint column names each file as the recipe writes it (relative to the project root),
+    # The checkpoint column names each model as the recipe writes it (relative to the project root),
     # so the committed tables do not depend on where the project was checked out.
-    for (label, path, model), written in zip(ctx.entries(), ctx.recipe.checkpoints):
+    for (label, path, model), written in zip(ctx.entries(), ctx.recipe.sources(), strict=True):
         directions = None
         if "hessian-direction" in grid:
             model.check_fits(task, str(path))
