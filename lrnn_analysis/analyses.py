@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .evaluation import evaluate, loss_function
-from .stability import certify, spectrum
+from .stability import certify, default_certificates, spectrum
+from .stability.evidence import certificate_result, check_stored
 from .subject import ModelUnderAnalysis, as_model_under_analysis
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -51,17 +52,43 @@ def certificate_table(
     names: Sequence[str] | None = None,
     time_budget: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (model, certificate): holds, margin, rate, tier, seconds, reason."""
+    """One row per (model, certificate): holds, margin, rate, tier, seconds, reason.
+
+    Certificate evidence stored in a model's metadata (as loaded from its checkpoint) is
+    verified first; a verified certificate is reported from it (tier ``stored evidence (...)``)
+    instead of searched, and a failed check is reported in the rows' ``stored_evidence``.
+    """
     rows = []
     for label, model in models.items():
-        system = as_model_under_analysis(model, name=label).lure_system()
-        if system is None:
-            rows.append({"model": label, "certificate": None, "holds": False, "reason": NO_LURE_FORM})
+        subject = as_model_under_analysis(model, name=label)
+        check = check_stored(subject.module, subject.metadata)
+        stored = [certificate_result(check, subject.module)] if check.verified else []
+        system = subject.lure_system()
+        if system is None and not stored:
+            rows.append({"model": label, "certificate": None, "holds": False, "reason": NO_LURE_FORM,
+                         "stored_evidence": check.status})
             continue
-        for result in certify(system, names, time_budget=time_budget):
+        wanted = [] if system is None else [n for n in (names or default_certificates(system))
+                                            if not (stored and n == stored[0].name)]
+        results = stored + (certify(system, wanted, time_budget=time_budget) if wanted else [])
+        for result in results:
             rows.append({"model": label, "certificate": result.name, "holds": bool(result.holds), "margin": result.margin,
-                         "rate": result.rate, "tier": result.tier, "seconds": result.seconds, "reason": result.reason})
+                         "rate": result.rate, "tier": result.tier, "seconds": result.seconds, "reason": result.reason,
+                         "stored_evidence": check.status})
     return rows
+
+
+def certified_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model from :func:`certificate_table` rows (with ``test_accuracy``, ``parameters``):
+    its best (smallest) certified rate and the certificate that gives it, or certified False."""
+    summary: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = summary.setdefault(row["model"], {"model": row["model"], "test_accuracy": row.get("test_accuracy"),
+                                                  "parameters": row.get("parameters"), "certified": False,
+                                                  "rate": None, "certificate": None, "tier": None})
+        if row["holds"] and row.get("rate") is not None and (entry["rate"] is None or row["rate"] < entry["rate"]):
+            entry.update(certified=True, rate=row["rate"], certificate=row["certificate"], tier=row["tier"])
+    return list(summary.values())
 
 
 def accuracy_table(models: Models, x: torch.Tensor, y: torch.Tensor, classification: bool) -> list[dict[str, Any]]:

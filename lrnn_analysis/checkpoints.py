@@ -17,8 +17,9 @@ the file (PyTorch files are read with ``torch.load(weights_only=True)``):
 
 Integrity hash: ``weights_sha256(config, tensors)`` is the SHA-256 of a sequence of fields,
 each preceded by its byte length as an 8-byte little-endian integer: the text
-``lrnn-analysis weights v1``; the config as canonical JSON (``ModelConfig.to_dict()``, sorted
-keys, separators ``,`` and ``:``); then for every tensor in the order of its name (sorted by
+``lrnn-analysis weights v1``; the config as canonical JSON (``ModelConfig.to_dict()`` without
+the fields added since v1, ``HASH_OMITTED_AT_DEFAULT``, while they hold their default value, so
+hashes recorded before those fields existed still verify; sorted keys, separators ``,`` and ``:``); then for every tensor in the order of its name (sorted by
 code point) the name in UTF-8, the safetensors dtype code (``F32``...), the shape as JSON
 (``[64,64]``) and the raw little-endian bytes of the data as stored. It covers the weights and
 the config, not the other metadata (metrics, log).
@@ -33,6 +34,7 @@ import re
 import stat
 import struct
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping, NamedTuple
 
@@ -49,6 +51,8 @@ FORMAT = "lrnn-analysis/1"
 METADATA_KEY = "lrnn_analysis"
 HASH_KEY = "weights_sha256"
 HASH_DOMAIN = b"lrnn-analysis weights v1"
+# ModelConfig fields added after the v1 hash was defined (see the module docstring).
+HASH_OMITTED_AT_DEFAULT = ("rho", "rank", "cond_penalty")
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 
@@ -81,7 +85,12 @@ def weights_sha256(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> 
         digest.update(data)
 
     field(HASH_DOMAIN)
-    field(json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
+    record = config.to_dict()
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    for name in HASH_OMITTED_AT_DEFAULT:
+        if record[name] == defaults[name]:
+            del record[name]
+    field(json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         field(name.encode("utf-8"))

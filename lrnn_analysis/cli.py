@@ -366,6 +366,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         gamma_w=args.gamma_w if args.gamma_w is not None else args.gamma,
         init_std=args.init_std,
         ode_substeps=args.ode_substeps,
+        rho=args.rho,
+        rank=args.rank,
+        cond_penalty=args.cond_penalty,
     )
     settings = TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
@@ -380,6 +383,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         certificate = certify(model.lure_form(), [constraint.certificate])[0]
         metadata["constraint"] = {**constraint.to_dict(), "certificate_result": certificate.to_dict(include_matrices=False)}
+    evidence_line = None
+    if constraint is not None or config.arch in ("contracting", "ren"):
+        from .stability.evidence import METADATA_KEY, certify_trained
+
+        evidence, evidence_line = certify_trained(model)
+        if evidence is not None:
+            metadata[METADATA_KEY] = evidence.to_dict()
     metadata["command"] = "lrnn " + shlex.join(args.argv)
     out = save_checkpoint(args.out, model, metadata)
     metrics = result.metrics
@@ -392,6 +402,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if constraint is not None:
         verdict = metadata["constraint"]["certificate_result"]
         print(f"constraint {constraint.certificate} (margin {constraint.margin:g}): holds {verdict['holds']}, margin {verdict['margin']:.4g}")
+    if evidence_line is not None:
+        print(evidence_line)
     print(f"saved {out}")
     return 0
 
@@ -617,6 +629,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
     from .io import write_json
     from .progress import progress_bar
     from .stability import certify, default_certificates, spectrum
+    from .stability.evidence import certificate_result, check_stored
     from .tables import format_table
 
     if args.json:
@@ -624,11 +637,17 @@ def cmd_stability(args: argparse.Namespace) -> int:
     subject = _load_subject(args)
     if args.task is not None:
         print(f"note: --task {args.task} is not used: the certificates hold for every input sequence")
+    model = subject.module
+    stored = check_stored(model, subject.metadata)
+    if stored.status != "absent":
+        print(f"{args.checkpoint}: {stored.describe()}", file=sys.stdout if stored.verified else sys.stderr)
     system = subject.lure_system()
     if system is None:
         from .models.torchnn import find_recurrent_layers
 
-        if find_recurrent_layers(subject.module):
+        if stored.verified:
+            return _print_stored_only(args, subject, certificate_result(stored, model))
+        if find_recurrent_layers(model):
             return _recurrent_layer_stability(args, subject)
         raise UsageError(f"{args.checkpoint}: {subject.name}: no Lur'e form: no certificate available for this model")
     report = spectrum(system)
@@ -636,6 +655,9 @@ def cmd_stability(args: argparse.Namespace) -> int:
     started = time.monotonic()
     results = []
     for name in progress_bar(names, desc="certificates", unit="cert", enabled=not args.quiet):
+        if stored.verified and name == stored.evidence.certificate:
+            results.append(certificate_result(stored, model))
+            continue
         remaining = None if args.time_budget is None else max(0.0, args.time_budget - (time.monotonic() - started))
         results += certify(system, [name], time_budget=remaining)
     scheme = system.method if system.eps is None else f"{system.method}, eps {system.eps:g}" + (
@@ -678,6 +700,22 @@ def _recurrent_layer_stability(args: argparse.Namespace, subject: ModelUnderAnal
         write_json(args.json, {"checkpoint": str(args.checkpoint), "model": subject.describe(),
                                "recurrent_layers": [c.to_dict() for c in results]})
     return 0 if all(c.holds for c in results) else 1
+
+
+def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, result) -> int:
+    """``lrnn stability`` of a model without a Lur'e form whose stored certificate verified."""
+    from .io import write_json
+    from .tables import format_table
+
+    config = subject.module.config
+    print(f"{args.checkpoint}: {_architecture(subject)} (no Lur'e form; its own contraction certificate), n = {config.hidden}")
+    rows = [result.to_dict(include_matrices=False)]
+    print("certificates")
+    print(format_table(rows, ["name", "holds", "margin", "rate", "tier", "seconds", "reason"]))
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
+                               "certificates": [result.to_dict(include_matrices=args.evidence)]})
+    return 0
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
@@ -806,6 +844,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     print(f"clean test accuracy {format_value(report['clean']['accuracy'])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
           f"lambda_min {report['hessian']['lambda_min']:.4g}, trace {report['hessian']['trace']['estimate']:.4g} "
           f"+- {report['hessian']['trace']['ci_halfwidth']:.3g}")
+    stored = report["stability"]["stored_evidence"]
+    if stored["status"] == "verified":
+        print(f"verified from stored evidence: {stored['certificate']} at rate {stored['rate']:.6g} (tier {stored['tier']})")
+    elif stored["status"] == "failed":
+        print(f"STORED EVIDENCE NOT VERIFIED: {stored['reason']}; certificates searched as usual", file=sys.stderr)
     for certificate in report["stability"].get("certificates", []):
         print(f"certificate {certificate['name']}: {'holds' if certificate['holds'] else 'fails'} ({certificate['reason']})")
     if result.gates:
@@ -958,6 +1001,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gamma-w", type=_finite, default=None)
     train.add_argument("--init-std", type=_positive, default=0.1, help="recurrent init: N(0, (init_std/hidden)^2)")
     train.add_argument("--ode-substeps", type=_int_in(1, MAX_SIZES["ode_substeps"]), default=1, help="node: solver steps per input step")
+    train.add_argument("--rho", type=_float_in(0.0, 1.0, above=True), default=0.999,
+                       help="contracting/ren: contraction factor per step they are built to")
+    train.add_argument("--rank", type=_int_in(0, 3 * MAX_SIZES["hidden"]), default=0,
+                       help="contracting/ren: rows of X (0: hidden; at most 3 * hidden)")
+    train.add_argument("--cond-penalty", type=_nonnegative, default=0.1,
+                       help="contracting: kappa of the loss term kappa * mean(log^2 sigma_i(T))")
     train.add_argument("--epochs", type=_int_in(1, 100_000), default=100)
     train.add_argument("--batch-size", type=_int_in(1, MAX_BATCH), default=128)
     train.add_argument("--lr", type=_positive, default=0.03)

@@ -443,6 +443,59 @@ def plot_hessian_summary(rows: Table, quantities: Sequence[str] = ("lambda_max",
     return canvas.figure
 
 
+CERTIFIED_PANELS = {"accuracy": "Test accuracy", "certified": "Certified contraction margin"}
+
+
+def plot_certified_accuracy(rows: Table, *, labels: Mapping[str, str] | None = None,
+                            colors: Mapping[str, Any] | None = None, titles: Mapping[str, str] | None = None,
+                            figsize: tuple[float, float] | None = None, ax: Axes | None = None,
+                            axes: Sequence[Axes] | None = None) -> Figure:
+    """Test accuracy and certified contraction, one bar per model, two panels (panel keys
+    "accuracy", "certified"). Rows: one per model (model, test_accuracy, certified, rate,
+    certificate); ``rate`` is the certified contraction factor per step, drawn as the margin
+    1 − rate on a log axis and labelled with the rate and its certificate. A model with
+    nothing certified gets a white hatched "not certified" bar at the axis floor."""
+    frame = _frame(rows, ["model", "test_accuracy", "certified", "rate", "certificate"])
+    models = list(frame["model"])
+    options = _Options(models, tuple(CERTIFIED_PANELS), labels, colors, titles)
+    styles = options.styles()
+    canvas = _Canvas(2, tuple(CERTIFIED_PANELS), ax, axes, figsize, (4.6, 3.8))
+    positions = np.arange(len(models))
+    hatches = HATCHES * (len(models) // len(HATCHES) + 1)
+    accuracy = frame["test_accuracy"].to_numpy(float)
+    certified = frame["certified"].astype(bool).to_numpy()
+    margins = [1.0 - float(rate) if ok and rate is not None and np.isfinite(float(rate)) else np.nan
+               for rate, ok in zip(frame["rate"], certified)]
+    positive = [m for m in margins if np.isfinite(m) and m > 0]
+    floor = min(positive) / 10 if positive else 1e-6
+    ticks = [options.label(m) for m in models]
+    with canvas.draw():
+        panel_accuracy, panel_certified = canvas.axes
+        bars = panel_accuracy.bar(positions, accuracy, color=[styles[m]["color"] for m in models], edgecolor="k",
+                                  linewidth=0.6)
+        for bar, hatch, x, value in zip(bars, hatches, positions, accuracy):
+            bar.set_hatch(hatch)
+            panel_accuracy.text(x, value, f"{value:.3f}", ha="center", va="bottom", fontsize="x-small")
+        panel_accuracy.set_ylim(0, 1.08)
+        panel_accuracy.set_ylabel("test accuracy")
+        panel_accuracy.set_title(options.title("accuracy", CERTIFIED_PANELS["accuracy"]))
+        for model, hatch, x, margin, certificate in zip(models, hatches, positions, margins, frame["certificate"]):
+            if np.isfinite(margin) and margin > 0:
+                panel_certified.bar(x, margin, color=styles[model]["color"], hatch=hatch, edgecolor="k", linewidth=0.6)
+                panel_certified.text(x, margin, f"{1 - margin:.5f}\n{certificate}", ha="center", va="bottom",
+                                     fontsize="xx-small")
+            else:
+                panel_certified.bar(x, floor, color="white", hatch="//", edgecolor="k", linewidth=0.6)
+                panel_certified.text(x, floor, "not\ncertified", ha="center", va="bottom", fontsize="xx-small")
+        panel_certified.set_yscale("log")
+        panel_certified.set_ylim(floor / 2, 20 * max(positive + [floor]))
+        panel_certified.set_ylabel("1 − certified rate per step (log scale)")
+        panel_certified.set_title(options.title("certified", CERTIFIED_PANELS["certified"]))
+        for panel in canvas.axes:
+            panel.set_xticks(positions, ticks, rotation=35, ha="right")
+    return canvas.figure
+
+
 def plot_density(rows: Table, *, labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,
                  titles: Mapping[str, str] | None = None, figsize: tuple[float, float] | None = None,
                  ax: Axes | None = None) -> Figure:

@@ -283,7 +283,7 @@ REQUIRED_SETTINGS = {"robustness": {"grid"}, "phase-diagram": {"betas", "gammas"
 NEEDS_TASK = {"certificates", "hessian", "robustness", "landscape"}
 WITHOUT_CHECKPOINTS = {"phase-diagram"}
 # The file stems an analysis writes, as suffixes of the recipe's ``output``.
-STEM_SUFFIXES = {"spectra": ("", "_summary"), "certificates": ("",), "hessian": ("", "_density"),
+STEM_SUFFIXES = {"spectra": ("", "_summary"), "certificates": ("", "_accuracy"), "hessian": ("", "_density"),
                  "robustness": ("", "_summary"), "phase-diagram": ("",), "training-spectra": ("",),
                  "landscape": ("", "_plane")}
 
@@ -507,10 +507,13 @@ def _certificates(ctx: _Context) -> tuple[list[str], str]:
     rows = analyses.certificate_table(models, ctx.setting("certificates", None), ctx.setting("time_budget", 30.0))
     for row in rows:
         row["test_accuracy"] = accuracy[row["model"]]
+        row["parameters"] = sum(p.numel() for p in models[row["model"]].module.parameters())
     eigen_rows, model_rows = analyses.spectra_tables(models)
     training_data = {label: check_training_data(subject.metadata, task).to_dict() for label, subject in models.items()}
     ctx.warnings += [f"{label}: {check['warning']}" for label, check in training_data.items() if check["warning"]]
     written = ctx.write(rows, plots.plot_spectra(eigen_rows, model_rows), {"training_data": training_data})
+    summary = analyses.certified_summary(rows)
+    written += ctx.write(summary, plots.plot_certified_accuracy(summary), suffix="_accuracy")
     certified = sorted({r["model"] for r in rows if r["holds"]})
     return written, f"certified: {', '.join(certified) or 'none'}"
 

@@ -39,6 +39,7 @@ from .provenance import check_training_data
 from .robustness import Perturbation, SweepModel, sweep
 from .runtime import environment
 from .stability import CERTIFICATES, certify, default_certificates, spectrum
+from .stability.evidence import certificate_result, check_stored
 from .subject import ModelUnderAnalysis, as_model_under_analysis
 from .tables import format_value
 from .vocabulary import perturbation_grid, perturbation_kind
@@ -207,16 +208,21 @@ def run_audit(
 
     started = time.perf_counter()
     system = subject.lure_system()
-    stability: dict[str, Any] = {"lure_form": system is not None}
+    stored = check_stored(model, subject.metadata)
+    stability: dict[str, Any] = {"lure_form": system is not None, "stored_evidence": stored.to_dict()}
     tables: dict[str, list[dict[str, Any]]] = {}
+    from_evidence = [certificate_result(stored, model)] if stored.verified else []
+    if system is None and from_evidence:
+        stability["certificates"] = [r.to_dict(include_matrices=False) for r in from_evidence]
     if system is not None:
         wanted = list(default_certificates(system))
         wanted += [g.value for g in gates if g.kind == "certified" and g.value not in wanted]
-        results = certify(system, wanted, time_budget=settings.certificate_budget)
+        searched = [n for n in wanted if not (from_evidence and n == stored.evidence.certificate)]
+        results = from_evidence + certify(system, searched, time_budget=settings.certificate_budget)
         stability["spectrum"] = spectrum(system).to_dict()
         stability["certificates"] = [r.to_dict(include_matrices=False) for r in results]
         tables["spectra"], tables["spectra_summary"] = analyses.spectra_tables({checkpoint: subject})
-    else:
+    elif not from_evidence:
         stability["reason"] = analyses.NO_LURE_FORM
     timings["stability"] = time.perf_counter() - started
 
@@ -372,6 +378,11 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     lines += _markdown_table(hessian["blocks"]["rows"], ["param", "numel", "lambda_max", "trace", "trace_ci_halfwidth", "trace_method"],
                              ["parameter", "entries", "λ_max", "trace", "± (95% CI)", "trace method"])
     lines += ["", "## Certificates", ""]
+    stored = stability.get("stored_evidence") or {}
+    if stored.get("status") == "verified":
+        lines += [f"Verified from stored evidence: {stored['certificate']} at rate {stored['rate']:.6g} (tier {stored['tier']}).", ""]
+    elif stored.get("status") == "failed":
+        lines += [f"**Stored evidence NOT verified**: {stored['reason']}; certificates searched as usual.", ""]
     if stability.get("certificates"):
         lines += ["| certificate | holds | margin | rate | tier | seconds | reason |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {c['name']} | {'yes' if c['holds'] else 'no'} | {format_value(c['margin'])} | {format_value(c['rate'])} | {c['tier'] or '-'} | "

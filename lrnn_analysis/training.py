@@ -81,6 +81,8 @@ def train_model(
 
     With a ``constraint`` the recurrent parameters are projected after every optimizer
     step (and once before training) so that its norm certificate holds with its margin.
+    A model whose ``regularization()`` returns a tensor has it added to the loss that is
+    minimised (``train_loss`` in the log is the data loss alone).
     """
     if len(task.val) == 0:
         raise ValueError(f"task {task.name} has no validation split, and training validates every epoch (give x_val, y_val)")
@@ -104,8 +106,9 @@ def train_model(
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
             loss = criterion(model(x_train[idx]), y_train[idx])
+            penalty = model.regularization()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if penalty is None else loss + penalty).backward()
             if settings.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()

@@ -20,6 +20,8 @@ DISCRETIZATIONS: dict[str, tuple[str, ...]] = {
     "residual": ("euler",),
     "vanilla": ("map",),
     "node": ("rk4", "rk2", "euler"),
+    "contracting": ("euler",),
+    "ren": ("map",),
 }
 ARCHITECTURES = tuple(DISCRETIZATIONS)
 # Generous but finite: a config from an untrusted file must not ask for unbounded memory or time.

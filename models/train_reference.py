@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from lrnn_analysis.checkpoints import load_checkpoint
-from lrnn_analysis.stability import certify
+from lrnn_analysis.stability import certify, default_certificates
+from lrnn_analysis.stability.evidence import certificate_result, check_stored
 
 HERE = Path(__file__).parent
 DIGITS = "--task digits --hidden 64 --seed 0"
@@ -28,6 +29,8 @@ MODELS = {
     "digits-residual": f"{DIGITS} --arch residual",
     "digits-vanilla": f"{DIGITS} --arch vanilla --lr 0.003 --init-std 8 --grad-clip 1",
     "digits-cayley": f"{DIGITS} --arch cayley --lr 0.01",
+    "digits-contracting": f"{DIGITS} --arch contracting",
+    "digits-ren": f"{DIGITS} --arch ren",
     "smnist-lipschitz": f"{SMNIST} --arch lipschitz",
     "smnist-antisymmetric": f"{SMNIST} --arch antisymmetric",
 }
@@ -37,15 +40,24 @@ def card(name: str, command: str) -> str:
     model, meta = load_checkpoint(HERE / f"{name}.safetensors")
     config, metrics, task = model.config, meta["metrics"], meta["task"]
     system = model.lure_form()
-    results = certify(system, time_budget=60.0) if system is not None else []
+    stored = check_stored(model, meta)
+    from_evidence = [certificate_result(stored, model)] if stored.verified else []
+    searched = [] if system is None else [n for n in default_certificates(system)
+                                          if not (from_evidence and n == from_evidence[0].name)]
+    results = from_evidence + (certify(system, searched, time_budget=60.0) if searched else [])
     params = sum(p.numel() for p in model.parameters())
+    if config.arch in ("contracting", "ren"):
+        hyper = f"rho {config.rho:g}, rank {config.rank or config.hidden}, init_std {config.init_std:g}" + (
+            f", cond_penalty {config.cond_penalty:g}" if config.arch == "contracting" else "")
+    else:
+        hyper = (f"beta_A {config.beta_a:g}, gamma_A {config.gamma_a:g}, beta_W {config.beta_w:g}, "
+                 f"gamma_W {config.gamma_w:g}, init_std {config.init_std:g}")
     lines = [
         f"# {name}", "",
         f"- task: `{task['name']}` (split seed {task['seed']}, options {task.get('options') or {}})",
         f"- architecture: `{config.arch}` run with `{config.discretization}`, hidden {config.hidden}, eps {config.eps:g}, "
         f"{params} parameters",
-        f"- hyper-parameters: beta_A {config.beta_a:g}, gamma_A {config.gamma_a:g}, beta_W {config.beta_w:g}, "
-        f"gamma_W {config.gamma_w:g}, init_std {config.init_std:g}; training {meta['training']}",
+        f"- hyper-parameters: {hyper}; training {meta['training']}",
         f"- test accuracy: **{metrics['test_accuracy']:.4f}** (test loss {metrics['test_loss']:.4f}); "
         f"training time {metrics['train_seconds']:.0f} s on {meta['environment']['device']} "
         f"(torch {meta['environment']['torch']})",
@@ -53,6 +65,10 @@ def card(name: str, command: str) -> str:
     if "constraint" in meta:
         c = meta["constraint"]
         lines.append(f"- trained with `--constrain {c['certificate']} --margin {c['margin']}`: certified by construction")
+    if stored.verified:
+        e = stored.evidence
+        lines.append(f"- carries certificate evidence: {e.certificate} at rate {e.rate:.6g} per step (tier {e.tier}), "
+                     f"verified from the stored evidence in float64 in {stored.seconds * 1e3:.0f} ms")
     lines += ["", "Certificates for the scheme it runs (`lrnn stability`, 60 s budget):", ""]
     if results:
         lines += ["| certificate | holds | margin | rate | tier |", "|---|---|---|---|---|"]
@@ -62,7 +78,7 @@ def card(name: str, command: str) -> str:
         if failing:
             lines += ["", f"Why not: {failing[0]}"]
     else:
-        lines.append("None apply: a gated recurrence has no Lur'e form.")
+        lines.append("None apply: the recurrence has no Lur'e form.")
     lines += ["", "Reproduce:", "", "```bash", command, "```", ""]
     return "\n".join(lines)
 

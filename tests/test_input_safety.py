@@ -1,6 +1,7 @@
 """Every bad input is one line on stderr naming the file and the problem, exit 2: hostile and
 careless checkpoints, task options, command-line options, OS errors; SIGINT and a closed pipe
 end without a traceback; the integrity hash detects modified weights and configs."""
+import hashlib
 import json
 import os
 import pickle
@@ -92,6 +93,20 @@ def test_small_file_declaring_a_huge_model_is_refused_before_building(saved, cap
 def test_unbounded_or_mistyped_config_sizes(saved, capsys, hidden):
     _edit(saved, record_edit=lambda r: r["config"].update(hidden=hidden))
     _fails(capsys, ["info", str(saved)], "invalid model config", "hidden", path=saved)
+
+
+@pytest.mark.parametrize("field, value", [("rank", 13), ("rank", -1), ("rank", 2.0), ("rank", True), ("rho", 0.0),
+                                          ("rho", 1.5), ("rho", "0.9"), ("cond_penalty", -1.0), ("cond_penalty", None)])
+def test_bounded_and_typed_contracting_fields(saved, capsys, field, value):
+    _edit(saved, record_edit=lambda r: r["config"].update({field: value}))
+    _fails(capsys, ["info", str(saved)], "invalid model config", field, path=saved)
+
+
+def test_a_contracting_rank_below_hidden_is_refused_before_building(tmp_path, capsys, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.safetensors", build_model(ModelConfig("contracting", 1, 4, 10), seed=0))
+    _edit(path, record_edit=lambda r: r["config"].update(rank=2))
+    monkeypatch.setattr(checkpoints, "build_model", lambda *a, **k: pytest.fail("built a model before validating"))
+    _fails(capsys, ["info", str(path)], "invalid model config", "rank", path=path)
 
 
 def test_a_model_beyond_the_parameter_budget_is_refused_before_allocation():
@@ -287,6 +302,22 @@ def test_a_bit_flip_in_the_weights_or_the_config_is_detected(saved, tmp_path, ca
     _fails(capsys, ["info", str(flipped)], "integrity check failed", path=flipped)
     _edit(saved, record_edit=lambda r: r["config"].update(eps=0.25))
     _fails(capsys, ["info", str(saved)], "integrity check failed", path=saved)
+
+
+def test_config_fields_added_since_v1_enter_the_hash_only_away_from_their_default(saved):
+    tensors = {k: v.float() for k, v in load_checkpoint(saved).model.state_dict().items()}
+    v1_config = {k: v for k, v in CONFIG.to_dict().items() if k not in checkpoints.HASH_OMITTED_AT_DEFAULT}
+    digest = hashlib.sha256()
+    for data in [checkpoints.HASH_DOMAIN, json.dumps(v1_config, sort_keys=True, separators=(",", ":")).encode()] + [
+            part for name in sorted(tensors) for part in (name.encode(), b"F32", json.dumps(list(tensors[name].shape), separators=(",", ":")).encode(),
+                                                          tensors[name].numpy().tobytes())]:
+        digest.update(struct.pack("<Q", len(data)) + data)
+    assert weights_sha256(CONFIG, tensors) == digest.hexdigest()
+    for field, value in (("rho", 0.5), ("rank", 4), ("cond_penalty", 0.0)):
+        assert weights_sha256(ModelConfig(**{**CONFIG.to_dict(), field: value}), tensors) != digest.hexdigest()
+    _edit(saved, record_edit=lambda r: r["config"].update(rho=0.5))
+    with pytest.raises(CheckpointError, match="integrity check failed"):
+        load_checkpoint(saved)
 
 
 def test_a_checkpoint_without_a_hash_loads_with_a_visible_warning(saved, capsys):

@@ -32,12 +32,27 @@ def _hand_written(config, p, x):
     def lip(M, beta, gamma):
         return (1 - beta) * (M + M.T) + beta * (M - M.T) - gamma * eye
 
+    if config.arch in ("contracting", "ren"):
+        H = (0.1 * p["X"]).T @ (0.1 * p["X"]) + 1e-3 * np.eye(3 * n)
+        Hb = [[H[i * n:(i + 1) * n, j * n:(j + 1) * n] for j in range(3)] for i in range(3)]
+        E = 0.5 * (Hb[0][0] / config.rho**2 + Hb[2][2] + 0.1 * (p["Y"] - p["Y"].T))
+        F, B = Hb[2][0], Hb[2][1]
+        if config.arch == "contracting":
+            lam = 0.5 * np.abs(Hb[1][1]).sum(axis=1)
+            C = -Hb[1][0] / lam[:, None]
+        else:  # n <= 16: one block, D11 = 0 and Lambda from the off-diagonal row sums
+            lam = 0.5 * np.abs(Hb[1][1]).sum(axis=1)
+            K = -Hb[1][0] / lam[:, None]
     outputs = []
     for sample in x:
         h = np.zeros(n)
         for x_t in sample:
             u = p["U.weight"] @ x_t + p["U.bias"]
-            if config.arch in ("lipschitz", "lipschitz-gated"):
+            if config.arch == "contracting":
+                h = np.linalg.solve(E, F @ h + B @ np.tanh(C @ h + u))
+            elif config.arch == "ren":
+                h = np.linalg.solve(E, F @ h + B @ np.tanh(K @ h + u) + p["B2.weight"] @ x_t)
+            elif config.arch in ("lipschitz", "lipschitz-gated"):
                 A = lip(p["M_A"], config.beta_a, config.gamma_a)
                 W = lip(p["M_W"], config.beta_w, config.gamma_w)
                 f = lambda v: A @ v + np.tanh(W @ v + u)  # noqa: E731
@@ -92,7 +107,7 @@ def test_model_matches_hand_written_equations(arch, disc):
     np.testing.assert_allclose(model(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] != "lipschitz-gated"])
+@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] not in ("lipschitz-gated", "contracting", "ren")])
 def test_lure_form_reproduces_hidden_states(arch, disc):
     config = _config(arch, disc, ode_substeps=3 if arch == "node" else 1)
     model = build_model(config, seed=2).double()

@@ -32,6 +32,11 @@ def _summary(mean=0.9, half=0.02):
             for m in ("a", "b") for k in ("gaussian", "gaussian-relative") for lv in (0.0, 0.1, 0.2)]
 
 
+def _certified():
+    return [{"model": "a", "test_accuracy": 0.95, "certified": True, "rate": 0.999, "certificate": "euler-lmi"},
+            {"model": "b", "test_accuracy": 0.97, "certified": False, "rate": None, "certificate": None}]
+
+
 # name -> (draw(**options), a series key, a panel key, number of panels)
 CASES = {
     "spectra": (lambda **o: plots.plot_spectra(*_eigenvalues(), **o), "W", "a", 2),
@@ -42,6 +47,7 @@ CASES = {
     "hessian_summary": (lambda **o: plots.plot_hessian_summary(
         [{"model": m, "lambda_max": v, "lambda_min": -v / 10, "trace": 3 * v, "trace_ci95": 0.5} for m, v in (("a", 2.0), ("b", 5.0))],
         **o), "a", "trace", 3),
+    "certified_accuracy": (lambda **o: plots.plot_certified_accuracy(_certified(), **o), "a", "certified", 2),
     "density": (lambda **o: plots.plot_density(
         [{"model": m, "eigenvalue": x, "density": np.exp(-(x - s) ** 2)} for m, s in (("a", 0), ("b", 2))
          for x in np.linspace(-1, 5, 50)], **o), "a", "density", 1),
@@ -88,7 +94,7 @@ def test_every_plot_takes_the_customisation_arguments_and_keeps_rcparams(name, t
         axes = list(mine.subplots(1, count, squeeze=False).flat)
         drawn = draw(ax=axes[0]) if count == 1 else draw(axes=axes)
         assert drawn is mine and _rcparams() == before
-        assert any(ax.get_legend() is not None for ax in axes) or name == "hessian_summary"
+        assert any(ax.get_legend() is not None for ax in axes) or name in ("hessian_summary", "certified_accuracy")
         if count > 1:
             with pytest.raises(ValueError, match=f"draws {count} panel"):
                 draw(ax=axes[0])
@@ -121,6 +127,18 @@ def test_a_line_and_its_band_take_one_colour_and_bands_stay_in_0_1():
     top = np.concatenate([p.vertices[:, 1] for p in bands["band:a"].get_paths()])
     bottom = np.concatenate([p.vertices[:, 1] for p in bands["band:b"].get_paths()])
     assert top.max() == 1.0 and bottom.min() == 0.0
+
+
+def test_certified_accuracy_draws_each_model_in_its_colour_and_marks_the_uncertified():
+    figure = plots.plot_certified_accuracy(_certified(), colors={"a": "#123456", "b": "#abcdef"})
+    accuracy, certified = figure.axes
+    assert [to_rgba(p.get_facecolor()) for p in accuracy.patches] == [to_rgba("#123456"), to_rgba("#abcdef")]
+    assert [round(p.get_height(), 6) for p in accuracy.patches] == [0.95, 0.97]
+    margin, floor = certified.patches
+    assert to_rgba(margin.get_facecolor()) == to_rgba("#123456") and np.isclose(margin.get_height(), 1e-3)
+    assert to_rgba(floor.get_facecolor()) == to_rgba("white") and floor.get_hatch() == "//"
+    texts = [t.get_text() for t in certified.texts]
+    assert texts == ["0.99900\neuler-lmi", "not\ncertified"] and certified.get_yscale() == "log"
 
 
 def test_robustness_panels_have_readable_titles_and_units():

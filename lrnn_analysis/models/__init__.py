@@ -1,20 +1,14 @@
 """Model zoo: one registry, one interface (``build_model(config)``)."""
-from .architectures import (
-    MODEL_CLASSES,
-    GatedLipschitzRNN,
-    LipschitzRNN,
-    LureRNN,
-    RecurrentModel,
-    build_model,
-    lipschitz_matrix,
-    lure_step,
-    parameter_shapes,
-)
+from .architectures import GatedLipschitzRNN, LipschitzRNN, LureRNN, RecurrentModel, lipschitz_matrix, lure_step
+from .contracting import ContractingREN, ContractingRNN, contracting_construction, ren_construction
+from .registry import MODEL_CLASSES, build_model, parameter_shapes
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
 
 __all__ = [
     "ARCHITECTURES",
+    "ContractingREN",
+    "ContractingRNN",
     "DISCRETIZATIONS",
     "MODEL_CLASSES",
     "GatedLipschitzRNN",
@@ -25,9 +19,11 @@ __all__ = [
     "RecurrentModel",
     "SequenceClassifier",
     "build_model",
+    "contracting_construction",
     "find_recurrent_layers",
     "lipschitz_matrix",
     "lure_step",
     "parameter_shapes",
     "recurrent_parameter_patterns",
+    "ren_construction",
 ]

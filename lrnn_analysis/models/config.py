@@ -19,6 +19,11 @@ class ModelConfig:
     ``node``, the integration interval [0, eps], split into ``ode_substeps`` steps of
     the fixed-grid solver ``discretization``). Recurrent matrices M are initialised
     with entries ~ N(0, (init_std / hidden)^2), as in the reference implementation.
+
+    ``contracting`` and ``ren`` (:mod:`.contracting`) contract at rate ``rho`` per step
+    for every parameter value; ``rank`` is the number of rows m of their X (0: hidden),
+    ``cond_penalty`` the weight kappa of kappa * mean(log^2 sigma_i(T)) added to the
+    training loss of ``contracting`` (``eps`` is the step of its euler Lur'e form).
     """
 
     arch: str
@@ -33,6 +38,9 @@ class ModelConfig:
     gamma_w: float = 0.001
     init_std: float = 0.1
     ode_substeps: int = 1
+    rho: float = 0.999
+    rank: int = 0
+    cond_penalty: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("arch", "discretization"):
@@ -49,7 +57,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
                 raise ValueError(f"{name} must be an integer in [1, {limit}], got {_short(value)}")
-        for name in ("eps", "beta_a", "gamma_a", "beta_w", "gamma_w", "init_std"):
+        # rank 0 means "hidden"; the constructions use at most the 3 * hidden rows of X.
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank <= 3 * self.hidden:
+            raise ValueError(f"rank must be an integer in [0, 3 * hidden = {3 * self.hidden}], got {_short(self.rank)}")
+        for name in ("eps", "beta_a", "gamma_a", "beta_w", "gamma_w", "init_std", "rho", "cond_penalty"):
             value = getattr(self, name)
             finite = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
             if not finite or not math.isfinite(value):
@@ -57,6 +68,10 @@ class ModelConfig:
             object.__setattr__(self, name, float(value))
         if self.eps <= 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not 0 < self.rho <= 1:
+            raise ValueError(f"rho must be in (0, 1], got {self.rho}")
+        if self.cond_penalty < 0:
+            raise ValueError(f"cond_penalty must be >= 0, got {self.cond_penalty}")
         if self.init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
 

@@ -1,0 +1,245 @@
+"""Recurrent networks that contract for every value of their parameters.
+
+Both models are built from one positive definite matrix H = X^T X + delta I (3n x 3n,
+X of shape m x 3n, m = ``config.rank`` or n) with n x n blocks H_ij, P = H_33 and
+E = (H_11 / rho^2 + P + Y - Y^T) / 2, in the spirit of the contracting Recurrent
+Equilibrium Networks of Revay, Wang and Manchester (2021).
+
+``contracting`` (:class:`ContractingRNN`), with F = H_31, B = H_32,
+Lambda = diag(sum_j |(H_22)_ij|) / 2 and C = -Lambda^-1 H_21, runs
+
+    E h+ = F h + B tanh(C h + u),   u = U x + b.
+
+Increments (Delta, p) with p = tanh(C h + u) - tanh(C h~ + u) obey the sector condition
+2 p^T Lambda (C Delta - p) >= 0. With Q = E^T P^-1 E, the bound E^T P^-1 E >= E + E^T - P
+= H_11 / rho^2 (from (E - P)^T P^-1 (E - P) >= 0), 2 Lambda >= H_22 (diagonal dominance)
+and the Schur complement of H_33 in H > 0,
+
+    [F B]^T P^-1 [F B] - [[rho^2 Q, C^T Lambda], [Lambda C, 2 Lambda]] < 0,
+
+so ||Delta+||_Q <= rho ||Delta||_Q for every input sequence. The rewrite h = T zeta,
+T = E^-1 B / eps, makes the model the toolkit's euler Lur'e system
+zeta+ = zeta + eps (A zeta + tanh(W zeta + u)) with A = (T^-1 E^-1 F T - I) / eps,
+W = C T, and the same inequality with P_zeta = T^T Q T (a congruence by diag(T, I)).
+T is invertible when B is, which needs m >= n.
+
+``ren`` (:class:`ContractingREN`) is the explicit contracting REN: with
+D11 = -(strictly block-lower-triangular part of H_22) (blocks of ``REN_BLOCK`` neurons),
+Lambda = diag(H_22)/2 + (sum of |(H_22)_ij| over the other neurons of i's block)/2,
+C1 = -H_21, F = H_31, B1 = H_32,
+
+    E x+ = F x + B1 w + B2 x_t,   w = tanh(Lambda^-1 (C1 x + D11 w) + u),
+
+w computed block by block (D11 makes it explicit). 2 Lambda - D11 - D11^T >= H_22 by
+diagonal dominance of the difference, so the same argument gives
+||Delta+||_Q <= rho ||Delta||_Q with the sector multipliers Lambda on v = Lambda^-1 (C1 x + D11 w) + u.
+It is not a Lur'e system h+ = A h + sigma(W h + u) (w feeds back into its own
+pre-activation), so its certificate is this contraction LMI, checked in float64 by
+the toolkit's verification on the lifted form (Delta, p) -> Delta+ (see
+:mod:`lrnn_analysis.stability.evidence`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..lure import LureSystem
+from .architectures import RecurrentModel, StepFunction
+from .config import ModelConfig
+
+DELTA = 1e-3
+REN_BLOCK = 16
+# X and Y are stored divided by this: Adam's steps are absolute, and the recipe's learning
+# rate (0.03) on entries of size ~1/sqrt(m) is 10x what trains these models well.
+PARAMETER_SCALE = 0.1
+
+
+class Construction(NamedTuple):
+    """The matrices of one draw of the direct parameterisation (column convention)."""
+
+    E: Tensor
+    F: Tensor
+    B: Tensor
+    C: Tensor
+    P: Tensor
+    lam: Tensor
+    D11: Tensor | None
+
+
+def _blocks(X: Tensor, n: int) -> list[list[Tensor]]:
+    H = X.mT @ X + DELTA * torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    return [[H[i * n:(i + 1) * n, j * n:(j + 1) * n] for j in range(3)] for i in range(3)]
+
+
+def _descriptor(H: list[list[Tensor]], Y: Tensor, rho: float) -> Tensor:
+    """E = (H_11 / rho^2 + P + Y - Y^T) / 2."""
+    return 0.5 * (H[0][0] / rho**2 + H[2][2] + Y - Y.mT)
+
+
+def contracting_construction(X: Tensor, Y: Tensor, rho: float) -> Construction:
+    """E, F, B, C, P, Lambda of :class:`ContractingRNN` from its parameters (module docstring)."""
+    n = Y.shape[0]
+    H = _blocks(X, n)
+    lam = 0.5 * H[1][1].abs().sum(dim=1)
+    return Construction(_descriptor(H, Y, rho), H[2][0], H[2][1], -H[1][0] / lam[:, None], H[2][2], lam, None)
+
+
+def block_mask(n: int, block: int, device: torch.device | None = None) -> Tensor:
+    """mask[i, j] = 1 where neurons i and j lie in the same block of ``block`` consecutive neurons."""
+    ids = torch.arange(n, device=device) // block
+    return (ids[:, None] == ids[None, :]).to(torch.float32)
+
+
+def ren_construction(X: Tensor, Y: Tensor, rho: float, block: int = REN_BLOCK) -> Construction:
+    """E, F, B1, C1, P, Lambda, D11 of :class:`ContractingREN` (module docstring)."""
+    n = Y.shape[0]
+    H = _blocks(X, n)
+    H22 = H[1][1]
+    same = block_mask(n, block, X.device).to(X.dtype)
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)
+    lam = 0.5 * (torch.diagonal(H22) + (H22.abs() * (same - eye)).sum(dim=1))
+    D11 = -torch.tril(H22 * (1.0 - same))
+    return Construction(_descriptor(H, Y, rho), H[2][0], H[2][1], -H[1][0], H[2][2], lam, D11)
+
+
+class _DirectlyParameterized(RecurrentModel):
+    """Parameters X (m x 3n) and Y (n x n), stored divided by ``PARAMETER_SCALE``; subclasses
+    build the recurrence from them."""
+
+    recurrent_parameters = ("X", "Y")
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        n = config.hidden
+        m = config.rank or n
+        if not n <= m <= 3 * n and isinstance(self, ContractingRNN):
+            raise ValueError(f"contracting needs hidden <= rank <= 3 * hidden (B must be invertible), got rank {m}")
+        if not 1 <= m <= 3 * n:
+            raise ValueError(f"rank must be at most 3 * hidden = {3 * n}, got {m}")
+        # Near-identity start: X_3 = X_1 + noise makes F ~ P ~ E, i.e. h+ ~ h, and B, C small.
+        X1 = torch.randn(m, n) / m**0.5
+        X2 = torch.randn(m, n) * (config.init_std / m**0.5)
+        X3 = X1 + torch.randn(m, n) * (config.init_std / m**0.5)
+        self.X = nn.Parameter(torch.cat([X1, X2, X3], dim=1) / PARAMETER_SCALE)
+        self.Y = nn.Parameter(torch.zeros(n, n))
+
+    def construction(self, dtype: torch.dtype | None = None) -> Construction:
+        raise NotImplementedError
+
+    def _cast(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        """X and Y of the construction (the parameters times ``PARAMETER_SCALE``)."""
+        X, Y = (self.X, self.Y) if dtype is None else (self.X.to(dtype), self.Y.to(dtype))
+        return X * PARAMETER_SCALE, Y * PARAMETER_SCALE
+
+
+class ContractingRNN(_DirectlyParameterized):
+    """E h+ = F h + B tanh(C h + u): contracting at rate rho for every X, Y (module docstring)."""
+
+    def construction(self, dtype: torch.dtype | None = None) -> Construction:
+        X, Y = self._cast(dtype)
+        return contracting_construction(X, Y, self.config.rho)
+
+    def _explicit(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(E^-1 F, E^-1 B, C): h+ = E^-1 F h + E^-1 B tanh(C h + u)."""
+        c = self.construction(dtype)
+        solved = torch.linalg.solve(c.E, torch.cat([c.F, c.B], dim=1))
+        n = self.config.hidden
+        return solved[:, :n], solved[:, n:], c.C
+
+    def _step_function(self) -> StepFunction:
+        A_h, B_h, C = self._explicit()
+        n = self.config.hidden
+        stacked = torch.cat([A_h, C], dim=0).T
+        B_T = B_h.T
+
+        def step(h: Tensor, u: Tensor) -> Tensor:
+            z = h @ stacked
+            return z[:, :n] + torch.tanh(z[:, n:] + u) @ B_T
+
+        return step
+
+    def recurrent_matrices(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """A = E^-1 F (the linear part of the step h+ = A h + B tanh(C h + u)), B = E^-1 B and C."""
+        A_h, B_h, C = self._explicit(dtype)
+        return {"A": A_h, "B": B_h, "C": C}
+
+    def coordinates(self) -> np.ndarray:
+        """T (float64) with h = T zeta, zeta the state of :meth:`lure_form`."""
+        with torch.no_grad():
+            c = self.construction(torch.float64)
+            return (torch.linalg.solve(c.E, c.B) / self.config.eps).cpu().numpy()
+
+    def lure_form(self) -> LureSystem:
+        """zeta+ = zeta + eps (A zeta + tanh(W zeta + u)) in zeta = T^-1 h (module docstring)."""
+        with torch.no_grad():
+            c = self.construction(torch.float64)
+            eps = self.config.eps
+            T = torch.linalg.solve(c.E, c.B) / eps
+            step = torch.linalg.solve(T, torch.linalg.solve(c.E, c.F) @ T)
+            eye = torch.eye(T.shape[0], dtype=T.dtype)
+            return LureSystem((step - eye) / eps, c.C @ T, slope=1.0, method="euler", eps=eps)
+
+    def regularization(self) -> Tensor | None:
+        """kappa * mean(log^2 sigma_i(T)): keeps T, hence P_zeta, well conditioned for float64 checks."""
+        kappa = self.config.cond_penalty
+        if kappa == 0:
+            return None
+        c = self.construction()
+        T = torch.linalg.solve(c.E, c.B) / self.config.eps
+        return kappa * torch.log(torch.linalg.svdvals(T)).square().mean()
+
+
+class ContractingREN(_DirectlyParameterized):
+    """The explicit contracting REN: E x+ = F x + B1 w + B2 x_t, w = tanh(Lambda^-1 (C1 x + D11 w) + u)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.B2 = nn.Linear(config.input_dim, config.hidden, bias=False)
+        nn.init.zeros_(self.B2.weight)
+
+    def construction(self, dtype: torch.dtype | None = None) -> Construction:
+        X, Y = self._cast(dtype)
+        return ren_construction(X, Y, self.config.rho)
+
+    def _input_sequence(self, x: Tensor) -> Tensor:
+        """(u_t, x_t) side by side, time-major: u_t = U x_t + b enters v, x_t enters the state through B2."""
+        x = x.transpose(0, 1)
+        return torch.cat([self.U(x), x], dim=-1)
+
+    def explicit_matrices(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """x+ = A x + B w + E^-1 B2 x_t and v = K x + D w + u with A = E^-1 F, B = E^-1 B1,
+        K = Lambda^-1 C1, D = Lambda^-1 D11 (strictly block-lower-triangular)."""
+        c = self.construction(dtype)
+        n = self.config.hidden
+        solved = torch.linalg.solve(c.E, torch.cat([c.F, c.B], dim=1))
+        return {"A": solved[:, :n], "B": solved[:, n:], "K": c.C / c.lam[:, None], "D": c.D11 / c.lam[:, None],
+                "E": c.E}
+
+    def recurrent_matrices(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        mats = self.explicit_matrices(dtype)
+        return {name: mats[name] for name in ("A", "B", "K", "D")}
+
+    def _step_function(self) -> StepFunction:
+        mats = self.explicit_matrices()
+        n = self.config.hidden
+        stacked = torch.cat([mats["A"], mats["K"]], dim=0).T
+        B_T, D, E = mats["B"].T, mats["D"], mats["E"]
+        B2_T = torch.linalg.solve(E, self.B2.weight).T
+        starts = list(range(0, n, REN_BLOCK))
+
+        def step(h: Tensor, inputs: Tensor) -> Tensor:
+            z = h @ stacked
+            base = z[:, n:] + inputs[:, :n]
+            blocks: list[Tensor] = []
+            for start in starts:
+                stop = min(start + REN_BLOCK, n)
+                v = base[:, start:stop]
+                if blocks:
+                    v = v + torch.cat(blocks, dim=1) @ D[start:stop, :start].T
+                blocks.append(torch.tanh(v))
+            return z[:, :n] + torch.cat(blocks, dim=1) @ B_T + inputs[:, n:] @ B2_T
+
+        return step

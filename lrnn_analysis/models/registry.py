@@ -1,0 +1,49 @@
+"""Architecture name -> model class, the meta-device shape check, and ``build_model``."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .architectures import AntisymmetricRNN, CayleyRNN, GatedLipschitzRNN, LipschitzRNN, PlainWRNN, RecurrentModel
+from .config import ModelConfig
+from .contracting import ContractingREN, ContractingRNN
+
+MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
+    "lipschitz": LipschitzRNN,
+    "lipschitz-gated": GatedLipschitzRNN,
+    "antisymmetric": AntisymmetricRNN,
+    "cayley": CayleyRNN,
+    "residual": PlainWRNN,
+    "vanilla": PlainWRNN,
+    "node": PlainWRNN,
+    "contracting": ContractingRNN,
+    "ren": ContractingREN,
+}
+
+
+# At most this many parameters (400 MB in float32): checked before anything is allocated.
+MAX_PARAMETERS = 100_000_000
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every state-dict tensor of the model ``config`` describes, computed
+    on the meta device (nothing is allocated); ValueError beyond ``MAX_PARAMETERS``."""
+    with torch.device("meta"):
+        model = MODEL_CLASSES[config.arch](config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    count = sum(math.prod(shape) for shape in shapes.values())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"a {config.arch} model with hidden {config.hidden}, input_dim {config.input_dim} and "
+                         f"output_dim {config.output_dim} has {count} parameters, more than the limit {MAX_PARAMETERS}")
+    return shapes
+
+
+def build_model(config: ModelConfig, seed: int | None = None) -> RecurrentModel:
+    """A freshly initialised model for ``config`` (initialisation drawn from ``seed`` if given)."""
+    parameter_shapes(config)
+    if seed is None:
+        return MODEL_CLASSES[config.arch](config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODEL_CLASSES[config.arch](config)

@@ -1,0 +1,297 @@
+"""Certificate evidence carried in a checkpoint and re-verified in float64 before any search.
+
+A certified model stores, under the metadata key ``certificate_evidence``: the certificate
+(``euler-lmi`` etc. on the model's Lur'e form, or ``ren-contraction``), P, the diagonal
+multipliers, the contraction factor per input step, the tier that found it
+(``construction`` for the contracting architectures) and the SHA-256 of the weights it
+belongs to. Arrays are nested lists of JSON floats, which Python writes with ``repr`` and
+reads back bit for bit.
+
+:func:`check_stored` re-runs the same float64 verification as the search
+(:func:`~.certificates.verify_certificate`, or :func:`~.verification.verify` on the
+REN's lifted increment form), so a stored certificate costs milliseconds to trust and a
+changed weight or an edited number is caught: the check then fails with the reason and
+callers search as if nothing were stored.
+
+``ren-contraction``: for x+ = A x + B w (+ input), v = K x + D w + u, w = tanh(v) (the
+explicit REN, :class:`~lrnn_analysis.models.ContractingREN`), increments (Delta, p) map to
+Delta+ = [A, B] (Delta, p) with q = Delta v = [K, D] (Delta, p) in the sector [0, 1]; the
+certificate is M = [A B]^T P [A B] - rho^2 E0^T P E0 + Sigma(Lambda) < 0, the discrete
+form of :mod:`.forms` with these maps.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from ..lure import LureSystem
+from .certificates import CertificateResult, Evidence, _assumptions, certify, verify_certificate
+from .forms import IncrementalForm, incremental_form
+from .spectra import UNIT_ROUNDOFF
+from .verification import Verification, verify
+
+METADATA_KEY = "certificate_evidence"
+SCHEMA = "lrnn-analysis/evidence/1"
+REN_CERTIFICATE = "ren-contraction"
+CONSTRUCTION_TIER = "construction"
+_RATE_BACKOFFS = (1e-9, 1e-7, 1e-5, 1e-3)
+
+
+@dataclass(frozen=True, eq=False)
+class StoredEvidence:
+    """An LMI certificate of a model's recurrence, tied to its weights by SHA-256.
+
+    ``rate`` is the contraction factor per input step (the units of :class:`CertificateResult`).
+    """
+
+    certificate: str
+    P: np.ndarray
+    multipliers: np.ndarray
+    rate: float
+    tier: str
+    weights_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "certificate": self.certificate,
+            "tier": self.tier,
+            "rate": float(self.rate),
+            "weights_sha256": self.weights_sha256,
+            "P": np.asarray(self.P, dtype=np.float64).tolist(),
+            "multipliers": np.asarray(self.multipliers, dtype=np.float64).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "StoredEvidence":
+        """Parse stored evidence; ValueError names what is malformed."""
+        if not isinstance(data, Mapping) or data.get("schema") != SCHEMA:
+            raise ValueError(f"not {SCHEMA} evidence")
+        missing = {"certificate", "tier", "rate", "weights_sha256", "P", "multipliers"} - set(data)
+        if missing:
+            raise ValueError(f"evidence lacks {sorted(missing)}")
+        rate = data["rate"]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+            raise ValueError(f"rate is not a number: {rate!r}")
+        for key in ("certificate", "tier", "weights_sha256"):
+            if not isinstance(data[key], str):
+                raise ValueError(f"{key} is not a string")
+        try:
+            P = np.array(data["P"], dtype=np.float64)
+            multipliers = np.array(data["multipliers"], dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"P or multipliers are not arrays of numbers ({error})") from error
+        if P.ndim != 2 or multipliers.ndim not in (1, 2):
+            raise ValueError(f"P has shape {P.shape}, multipliers {multipliers.shape}")
+        return cls(data["certificate"], P, multipliers, float(rate), data["tier"], data["weights_sha256"])
+
+
+@dataclass(frozen=True)
+class EvidenceCheck:
+    """Outcome of :func:`check_stored`: ``status`` is ``absent``, ``verified`` or ``failed``."""
+
+    status: str
+    reason: str
+    seconds: float
+    evidence: StoredEvidence | None = None
+    verification: Verification | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.status == "verified"
+
+    def describe(self) -> str:
+        if self.status == "absent":
+            return "no stored certificate evidence"
+        if self.verified:
+            e = self.evidence
+            return (f"verified from stored evidence: {e.certificate} at rate {e.rate:.6g} (tier {e.tier}, "
+                    f"LMI margin {self.verification.margin:.3e}) in {self.seconds * 1e3:.1f} ms")
+        return f"STORED EVIDENCE NOT VERIFIED: {self.reason}; searching for a certificate as usual"
+
+    def to_dict(self) -> dict[str, Any]:
+        e = self.evidence
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "seconds": self.seconds,
+            "certificate": None if e is None else e.certificate,
+            "rate": None if e is None else e.rate,
+            "tier": None if e is None else e.tier,
+            "verification": None if self.verification is None else self.verification.to_dict(),
+        }
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of the weights as a checkpoint stores them: float32, names sorted, with shapes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+        digest.update(f"{name}:{tuple(array.shape)};".encode())
+        digest.update(array.astype("<f4").tobytes())
+    return digest.hexdigest()
+
+
+def explicit_increment_form(A: np.ndarray, B: np.ndarray, K: np.ndarray, D: np.ndarray) -> IncrementalForm:
+    """The discrete lifted form of x+ = A x + B w, v = K x + D w + u, w = sigma(v), sigma in sector [0, 1]."""
+    mats = [np.asarray(M, dtype=np.float64) for M in (A, B, K, D)]
+    n = mats[0].shape[0]
+    if any(M.shape != (n, n) for M in mats):
+        raise ValueError(f"A, B, K, D must all be {n} x {n}, got {[M.shape for M in mats]}")
+    return IncrementalForm("map", n, 1.0, None, np.hstack(mats[:2]), (np.hstack(mats[2:]),))
+
+
+def ren_increment_form(model: Any) -> IncrementalForm:
+    """:func:`explicit_increment_form` of a :class:`~lrnn_analysis.models.ContractingREN`, in float64."""
+    with torch.no_grad():
+        mats = model.explicit_matrices(torch.float64)
+    return explicit_increment_form(*(mats[k].cpu().numpy() for k in ("A", "B", "K", "D")))
+
+
+def _discrete_r(rate: float) -> float:
+    """rho^2 per step from a contraction factor, rounded down (as :func:`verify_certificate`)."""
+    return rate**2 * (1.0 - 8.0 * UNIT_ROUNDOFF)
+
+
+def verify_stored(model: Any, evidence: StoredEvidence) -> Verification:
+    """The float64 verification of ``evidence`` for ``model``'s recurrence as it is now."""
+    if not hasattr(model, "config"):
+        raise ValueError("stored certificate evidence applies to the toolkit's architectures only, "
+                         f"not a {type(model).__name__}")
+    if evidence.certificate == REN_CERTIFICATE:
+        if not hasattr(model, "explicit_matrices"):
+            raise ValueError(f"{REN_CERTIFICATE} evidence applies to a ren model, not {model.config.arch}")
+        meaningful = math.isfinite(evidence.rate) and 0 <= evidence.rate < 1
+        r = _discrete_r(evidence.rate) if meaningful else evidence.rate
+        return verify(ren_increment_form(model), evidence.P, evidence.multipliers, r)
+    system = model.lure_form()
+    if system is None:
+        raise ValueError(f"{evidence.certificate} evidence needs a Lur'e form; a {model.config.arch} model has none")
+    return verify_certificate(system, evidence.certificate, evidence.P, evidence.multipliers, evidence.rate)
+
+
+def check_stored(model: Any, metadata: Mapping[str, Any]) -> EvidenceCheck:
+    """Verify the evidence stored in ``metadata`` (if any) against ``model``; never raises on bad evidence."""
+    start = time.perf_counter()
+    if METADATA_KEY not in metadata:
+        return EvidenceCheck("absent", "no stored evidence", 0.0)
+    try:
+        evidence = StoredEvidence.from_dict(metadata[METADATA_KEY])
+    except ValueError as error:
+        return EvidenceCheck("failed", f"stored evidence is malformed ({error})", time.perf_counter() - start)
+    digest = weights_sha256(model)
+    if digest != evidence.weights_sha256:
+        return EvidenceCheck("failed", f"the weights changed since the evidence was stored (SHA-256 {digest[:12]}... "
+                             f"!= stored {evidence.weights_sha256[:12]}...)", time.perf_counter() - start, evidence)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            verification = verify_stored(model, evidence)
+    except ValueError as error:
+        return EvidenceCheck("failed", str(error), time.perf_counter() - start, evidence)
+    seconds = time.perf_counter() - start
+    if not verification.passed:
+        return EvidenceCheck("failed", f"float64 verification of the stored evidence failed: {verification.reason}",
+                             seconds, evidence, verification)
+    return EvidenceCheck("verified", "verified from stored evidence", seconds, evidence, verification)
+
+
+def _verified_rate(verify_at: Any, best_r: float | None, rho: float) -> tuple[float, Verification]:
+    """The best rate (per step) that verifies: backed-off closed-form optimum, else ``rho`` itself."""
+    candidates = []
+    if best_r is not None and 0 <= best_r < rho**2:
+        candidates = [float(np.nextafter(math.sqrt(best_r * (1 + b)), np.inf)) for b in _RATE_BACKOFFS]
+    for rate in [c for c in candidates if c < rho] + [rho]:
+        verification = verify_at(rate)
+        if verification.passed:
+            return rate, verification
+    return rho, verification
+
+
+def construction_evidence(model: Any) -> tuple[StoredEvidence, Verification]:
+    """The certificate a contracting or REN model carries by construction (module docstrings).
+
+    contracting: P_zeta = T^T Q T on its euler Lur'e form; ren: P = Q on its lifted form;
+    Q = E^T P^-1 E and Lambda from the construction, in float64 from the weights. The rate is
+    the best one these (P, Lambda) verify (closed form, backed off), at most rho.
+    """
+    with torch.no_grad():
+        c = model.construction(torch.float64)
+        E, P, lam = (t.cpu().numpy() for t in (c.E, c.P, c.lam))
+    Q = E.T @ np.linalg.solve(P, E)
+    rho = float(model.config.rho)
+    if model.config.arch == "ren":
+        form = ren_increment_form(model)
+        lyapunov = 0.5 * (Q + Q.T)
+        certificate = REN_CERTIFICATE
+        rate, verification = _verified_rate(lambda rate: verify(form, lyapunov, lam, _discrete_r(rate)),
+                                            form.best_rate(lyapunov, lam), rho)
+    else:
+        system: LureSystem = model.lure_form()
+        T = model.coordinates()
+        Pz = T.T @ Q @ T
+        lyapunov = 0.5 * (Pz + Pz.T)
+        certificate = "euler-lmi"
+        form = incremental_form(system, "euler")
+        best = form.best_rate(lyapunov / np.abs(lyapunov).max(), lam / np.abs(lyapunov).max())
+        rate, verification = _verified_rate(
+            lambda rate: verify_certificate(system, certificate, lyapunov, lam, rate), best, rho)
+    return StoredEvidence(certificate, lyapunov, lam, rate, CONSTRUCTION_TIER, weights_sha256(model)), verification
+
+
+def search_evidence(model: Any, time_budget: float | None = 60.0) -> tuple[StoredEvidence | None, CertificateResult]:
+    """Evidence for a Lur'e-form model found by the LMI tiers (``P=I``, ``diag-P``, ``full-P``)."""
+    system = model.lure_form()
+    family = "ct" if system.method == "ode" else system.method
+    result = certify(system, [f"{family}-lmi"], time_budget=time_budget, tiers=("P=I", "diag-P", "full-P"))[0]
+    if not result.holds or result.evidence is None:
+        return None, result
+    stored = StoredEvidence(result.name, result.evidence.P, result.evidence.multipliers, result.rate, result.tier,
+                            weights_sha256(model))
+    return stored, result
+
+
+def certify_trained(model: Any) -> tuple[StoredEvidence | None, str]:
+    """Evidence a freshly trained certified model stores, and one line saying what it is.
+
+    contracting/ren: the construction's certificate; a Lur'e model (``--constrain``
+    training): the LMI tiers' certificate. Returns (None, why) when nothing verifies.
+    """
+    if hasattr(model, "construction"):
+        evidence, verification = construction_evidence(model)
+        if not verification.passed:
+            return None, f"certificate evidence NOT stored: the construction's certificate failed in float64 ({verification.reason})"
+    else:
+        evidence, result = search_evidence(model)
+        if evidence is None:
+            return None, f"certificate evidence NOT stored: {result.reason}"
+    return evidence, (f"certificate evidence stored: {evidence.certificate} at rate {evidence.rate:.6g} "
+                      f"(tier {evidence.tier}), verified in float64")
+
+
+def certificate_result(check: EvidenceCheck, model: Any) -> CertificateResult:
+    """A verified stored certificate in the form ``certify`` reports (tier ``stored evidence (...)``)."""
+    if not check.verified:
+        raise ValueError("only verified evidence becomes a certificate result")
+    e, v = check.evidence, check.verification
+    system = model.lure_form()
+    if e.certificate == REN_CERTIFICATE or system is None:
+        assumptions = ("sigma = tanh acts elementwise with slopes in [0, 1]",
+                       "holds for every input sequence (input-uniform, incremental)",
+                       "the explicit REN x+ = A x + B w + B2 x_t, w = tanh(K x + D w + u)")
+    else:
+        assumptions = _assumptions(system, e.certificate.split("-")[0])
+    return CertificateResult(
+        name=e.certificate, holds=True, margin=1.0 - e.rate, rate=e.rate, gain=float(np.sqrt(v.p_condition)),
+        tier=f"stored evidence ({e.tier})", seconds=check.seconds,
+        reason=f"verified from stored evidence in float64 (LMI margin {v.margin:.3e})",
+        assumptions=assumptions,
+        rate_meaning="contraction factor per input step: ||delta_k|| <= gain * rate^k * ||delta_0||",
+        evidence=Evidence(e.P, np.asarray(e.multipliers).reshape(1, -1), v.r), verification=v,
+    )
