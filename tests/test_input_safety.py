@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from lrnn_analysis import checkpoints, cli
-from lrnn_analysis.checkpoints import IntegrityWarning, load_checkpoint, save_checkpoint, weights_sha256
+from lrnn_analysis.checkpoints import CheckpointError, IntegrityWarning, load_checkpoint, save_checkpoint, weights_sha256
 from lrnn_analysis.cli import main
 from lrnn_analysis.data import load_task
 from lrnn_analysis.models import ModelConfig, build_model
