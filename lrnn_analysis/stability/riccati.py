@@ -61,7 +61,7 @@ RICCATI_TIER = "riccati"
 # rate range at the P reached (c never grows, so the rates searched stay comparable).
 _ETA_RELATIVE = 1e-4
 _ETA_RATE_COST = 1e-3
-_BISECTION_RTOL = 2e-4
+_BISECTION_RTOL = 1e-3
 _MAX_ROUNDS = 25
 _ROUND_RTOL = 1e-4
 _DESCENT_STEPS = 12
