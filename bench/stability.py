@@ -120,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="default 32 64 128 (64 128 256 with --compare)")
     parser.add_argument("--families", nargs="+", default=["ct", "euler"], choices=["ct", "euler"])
-    parser.add_argument("--tiers", nargs="+", default=["norm", "P=I", "diag-P", "riccati", "full-P"])
+    parser.add_argument("--tiers", nargs="+", default=["norm", "P=I", "riccati", "diag-P", "full-P"])
     parser.add_argument("--quick", action="store_true", help="size 32 only")
     parser.add_argument("--budget", type=float, default=300.0, help="time budget per tier run (s)")
     parser.add_argument("--full-p-128", action="store_true", help="also run full P at n >= 128")

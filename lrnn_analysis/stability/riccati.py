@@ -356,11 +356,25 @@ def _phase_one_floor(solver: RiccatiSolver, lam: np.ndarray, span: float, eta_co
     return None
 
 
-def _eta_for_rate_cost(form: IncrementalForm, P: np.ndarray, lam: np.ndarray, r: float, span: float) -> float:
-    """The eta coefficient whose slack costs at most _ETA_RATE_COST * span of goodness at P (see _ETA_RATE_COST)."""
+def _lower_eta(solver: RiccatiSolver, P: np.ndarray, lam: np.ndarray, r: float, span: float, eta_coef: float) -> float:
+    """The eta coefficient for the next round: toward the one whose slack costs at most
+    _ETA_RATE_COST * span of goodness at P (see _ETA_RATE_COST), never above ``eta_coef``.
+
+    A smaller eta makes P more nearly singular; a target whose solution at (Lambda, r)
+    breaks the cond(P) cap is replaced by the geometric mean with the current one (twice),
+    else the current coefficient is kept.
+    """
+    form = solver.form
     p_min = float(np.linalg.eigvalsh(P)[0])
     per_goodness = 2.0 * p_min if form.continuous else p_min / max(r, 1e-300)
-    return _ETA_RATE_COST * span * per_goodness / float(lam.mean())
+    target = _ETA_RATE_COST * span * per_goodness / float(lam.mean())
+    for _ in range(3):
+        if target >= eta_coef:
+            return eta_coef
+        if solver.solve(lam, r, target * float(lam.mean())) is not None:
+            return target
+        target = float(np.sqrt(target * eta_coef))
+    return eta_coef
 
 
 def riccati_tier(form: IncrementalForm, g_upper: float, deadline: float) -> TierOutcome:
@@ -383,7 +397,7 @@ def riccati_tier(form: IncrementalForm, g_upper: float, deadline: float) -> Tier
     for _ in range(_MAX_ROUNDS):
         if P is None:
             break
-        eta_coef = min(eta_coef, _eta_for_rate_cost(form, P, lam, form.from_goodness(g_feasible), span))
+        eta_coef = _lower_eta(solver, P, lam, form.from_goodness(g_feasible), span, eta_coef)
         if g_feasible > form.weakest:
             candidate, why = finalize(form, P, lam)
             if candidate is not None and (best is None or form.goodness(candidate.r) > form.goodness(best.r)):
