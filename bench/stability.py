@@ -18,7 +18,8 @@ the per-tier mode unless --full-p-128.
 system with min/median/max seconds, the rate each certified (per input step; for ct the
 decay rate a), the gain sqrt(cond P) and the median time ratio full-P / riccati. Full P
 is not run above --sdp-max-n (its dense interior-point or SCS solves do not finish in
-minutes there); the line says so. --model adds a committed checkpoint (its Lur'e form).
+minutes there); the line says so. --model adds a committed checkpoint (its Lur'e form), in
+either mode.
 """
 from __future__ import annotations
 
@@ -120,14 +121,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="default 32 64 128 (64 128 256 with --compare)")
     parser.add_argument("--families", nargs="+", default=["ct", "euler"], choices=["ct", "euler"])
-    parser.add_argument("--tiers", nargs="+", default=["norm", "P=I", "diag-P", "riccati", "full-P"])
+    parser.add_argument("--tiers", nargs="+", default=["norm", "P=I", "riccati", "diag-P", "full-P"])
     parser.add_argument("--quick", action="store_true", help="size 32 only")
     parser.add_argument("--budget", type=float, default=300.0, help="time budget per tier run (s)")
     parser.add_argument("--full-p-128", action="store_true", help="also run full P at n >= 128")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--compare", action="store_true", help="riccati vs full-P side by side")
     parser.add_argument("--systems", nargs="+", default=["random", "lipschitz"], choices=["random", "lipschitz"])
-    parser.add_argument("--model", nargs="*", default=[], help="checkpoints to add to --compare")
+    parser.add_argument("--model", nargs="*", default=[], help="checkpoints to add (their Lur'e form)")
     parser.add_argument("--repeats", type=int, default=3, help="riccati runs per system (--compare)")
     parser.add_argument("--sdp-repeats", type=int, default=1, help="full-P runs per system (--compare)")
     parser.add_argument("--sdp-budget", type=float, default=150.0, help="time budget per full-P run (s)")
@@ -143,6 +144,12 @@ def main() -> None:
                 for family in args.families:
                     compare(f"{kind} seed {args.seed}", makers[kind](n, family, args.seed), family, args)
         return
+    for path in args.model:
+        system = model_system(path)
+        family = "ct" if system.method == "ode" else system.method
+        for tier in args.tiers:
+            print(json.dumps({"model": path, "family": family, "n": system.n, "tier": tier,
+                              **run_tier(system, f"{family}-lmi", tier, args.budget)}), flush=True)
     sizes = [32] if args.quick else (args.sizes or [32, 64, 128])
     for n in sizes:
         for family in args.families:

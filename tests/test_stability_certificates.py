@@ -32,9 +32,12 @@ def test_nonnormal_system_needs_a_scaled_lyapunov_matrix():
     results = by_name(certify(system))
     assert not results["ct-norm"].holds and results["ct-norm"].margin < 0
     lmi = results["ct-lmi"]
-    assert lmi.holds and lmi.tier == "diag-P" and lmi.rate > 0
-    assert [a.tier for a in lmi.attempts] == ["norm", "P=I", "diag-P"]
+    assert lmi.holds and lmi.tier == "riccati" and lmi.rate > 0
+    assert [a.tier for a in lmi.attempts] == ["norm", "P=I", "riccati"]
     assert lmi.gain > 1.0 and lmi.verification.passed and lmi.verification.margin > 0
+    diagonal = certify(system, ["ct-lmi"], tiers=["norm", "P=I", "diag-P"])[0]
+    assert diagonal.holds and diagonal.tier == "diag-P" and diagonal.rate > 0
+    assert diagonal.gain > 1.0 and diagonal.verification.passed
 
 
 def test_known_multistable_system_is_never_certified():
@@ -68,7 +71,7 @@ def test_map_certificates():
     results = by_name(certify(LureSystem(np.zeros((2, 2)), W, method="map")))
     assert not results["map-norm"].holds
     lmi = results["map-lmi"]
-    assert lmi.holds and lmi.tier in ("diag-P", "full-P")
+    assert lmi.holds and lmi.tier in ("riccati", "diag-P", "full-P")
     assert np.sqrt(0.4) - 1e-6 <= lmi.rate < 1.0
     contractive = certify(LureSystem(np.zeros((2, 2)), 0.5 * np.eye(2), method="map"), ["map-norm"])[0]
     assert contractive.holds and np.isclose(contractive.rate, 0.5)

@@ -136,3 +136,19 @@ def test_riccati_certifies_where_the_norm_test_fails_and_simulations_respect_it(
         assert sim.max_step_factor <= per_step * (1 + 1e-6)
         assert sim.max_growth <= result.gain * (1 + 1e-6)
     assert certified >= 2
+
+
+def test_ct_riccati_rate_follows_a_rescaling_of_time():
+    """(A, W) -> c (A, W) multiplies the best rate by c; the tier's slack and search are relative
+    to the system's scale, so its rate follows within the tests' 2% (c not a power of two, so the
+    working systems differ)."""
+    rng = np.random.default_rng(4)
+    random_system(rng, 4, "ode", None)
+    system = random_system(rng, 8, "ode", None)
+    reference = certify(system, ["ct-lmi"], tiers=["riccati"])[0]
+    assert reference.holds
+    for c in (0.3, 3.0, 700.0):
+        scaled = LureSystem(c * system.A, c * system.W)
+        result = certify(scaled, ["ct-lmi"], tiers=["riccati"])[0]
+        assert result.holds
+        assert abs(result.rate / c - reference.rate) <= 0.02 * reference.rate, (c, result.rate / c, reference.rate)

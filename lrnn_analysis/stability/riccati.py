@@ -50,12 +50,18 @@ from .forms import IncrementalForm
 from .lmi import KAPPA_MAX, Candidate, TierOutcome, finalize
 
 RICCATI_TIER = "riccati"
-# Slack eta of the Riccati equation relative to the mean multiplier (the LMI is homogeneous
-# in (P, Lambda, eta)); finalize recovers most of it in the rate. The stabilizing solution is
-# the smallest P, so too small an eta leaves P nearly singular where the system has slack
+# Slack eta of the Riccati equation, eta = c mean(Lambda) (the LMI is homogeneous in
+# (P, Lambda, eta)). Its terms are of size mean(Lambda) scale^2 (scale = ||A|| + L ||W|| for
+# ct, 1 for discrete), so c starts at _ETA_RELATIVE scale^2. The stabilizing solution is the
+# smallest P, so too small an eta leaves P nearly singular where the system has slack
 # (cond P > KAPPA_MAX on the norm-certified digits model at 1e-6; 1e-4 certifies it).
+# Too large an eta costs rate: if P* satisfies the LMI at goodness g*, it satisfies it with
+# slack eta at g* - eta / (2 lambda_min(P*)) (ct) or g* - r eta / lambda_min(P*) (discrete).
+# So after every rate search c is lowered until that cost is at most _ETA_RATE_COST of the
+# rate range at the P reached (c never grows, so the rates searched stay comparable).
 _ETA_RELATIVE = 1e-4
-_BISECTION_RTOL = 2e-4
+_ETA_RATE_COST = 1e-3
+_BISECTION_RTOL = 1e-3
 _MAX_ROUNDS = 25
 _ROUND_RTOL = 1e-4
 _DESCENT_STEPS = 12
@@ -218,8 +224,12 @@ class RiccatiSolver:
         return _Solution(P, K, closed, B, H)
 
 
-def _gramian_objective(solver: RiccatiSolver, theta: np.ndarray, r: float) -> tuple[float, np.ndarray]:
+def _gramian_objective(
+    solver: RiccatiSolver, theta: np.ndarray, r: float, eta_coef: float = _ETA_RELATIVE
+) -> tuple[float, np.ndarray]:
     """f(theta) = log tr Y for Lambda = exp(theta), Y the Gramian of the Riccati closed loop, and its gradient.
+
+    The slack is eta = eta_coef mean(Lambda).
 
     Where the rate stops being feasible for Lambda the closed loop loses stability and Y
     blows up: f is a barrier, and decreasing it at the rate reached moves Lambda to where
@@ -235,7 +245,7 @@ def _gramian_objective(solver: RiccatiSolver, theta: np.ndarray, r: float) -> tu
     form = solver.form
     n, m, L = form.n, form.stages, form.slope
     lam = np.exp(theta).reshape(m, n)
-    solution = solver.solve(lam, r, _ETA_RELATIVE * float(lam.mean()))
+    solution = solver.solve(lam, r, eta_coef * float(lam.mean()))
     if solution is None:
         return _BIG, np.zeros_like(theta)
     _, K, closed, B, H = solution
@@ -269,22 +279,22 @@ def _gramian_objective(solver: RiccatiSolver, theta: np.ndarray, r: float) -> tu
     for s, G in enumerate(form.q_maps):
         rows = slice(n * (s + 1), n * (s + 2))
         grad[s] = 2.0 * c * (L * np.einsum("ij,ij->i", G, Xi[rows, :]) - np.diag(Xi[rows, rows]))
-    grad += np.trace(U) * _ETA_RELATIVE / (n * m)
+    grad += np.trace(U) * eta_coef / (n * m)
     return float(np.log(trace)), (grad * lam / trace).ravel()
 
 
-def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, deadline: float) -> np.ndarray:
+def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, eta_coef: float, deadline: float) -> np.ndarray:
     """Gradient descent on :func:`_gramian_objective` with Barzilai-Borwein steps and Armijo backtracking.
 
     A step into the region where the rate is infeasible (value _BIG) is shortened.
     """
-    f, g = _gramian_objective(solver, theta, r)
+    f, g = _gramian_objective(solver, theta, r, eta_coef)
     step = 0.5 / max(float(np.abs(g).max()), 1e-300)
     for _ in range(_DESCENT_STEPS):
         if f >= _BIG or not np.any(g) or time.monotonic() >= deadline:
             break
         trial = theta - step * g
-        f_trial, g_trial = _gramian_objective(solver, trial, r)
+        f_trial, g_trial = _gramian_objective(solver, trial, r, eta_coef)
         if f_trial <= f - 1e-4 * step * float(g @ g):
             s_k, y_k = trial - theta, g_trial - g
             curvature = float(s_k @ y_k)
@@ -298,7 +308,14 @@ def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, deadline: float
 
 
 def _raise_rate(
-    solver: RiccatiSolver, lam: np.ndarray, g_lo: float, g_hi: float, first_step: float, tolerance: float, deadline: float
+    solver: RiccatiSolver,
+    lam: np.ndarray,
+    g_lo: float,
+    g_hi: float,
+    first_step: float,
+    tolerance: float,
+    eta_coef: float,
+    deadline: float,
 ) -> tuple[np.ndarray | None, float]:
     """Largest feasible goodness in (g_lo, g_hi) for fixed ``lam``: (P, goodness), P None if none.
 
@@ -306,7 +323,7 @@ def _raise_rate(
     then bisects down to ``tolerance``; a Lambda with no better rate costs one solve.
     """
     form = solver.form
-    eta = _ETA_RELATIVE * float(lam.mean())
+    eta = eta_coef * float(lam.mean())
     best_P: np.ndarray | None = None
     step = max(first_step, tolerance)
     trial = min(g_lo + step, 0.5 * (g_lo + g_hi))
@@ -326,17 +343,38 @@ def _raise_rate(
     return best_P, g_lo
 
 
-def _phase_one_floor(solver: RiccatiSolver, lam: np.ndarray, span: float) -> float | None:
+def _phase_one_floor(solver: RiccatiSolver, lam: np.ndarray, span: float, eta_coef: float) -> float | None:
     """A goodness at which the Riccati equation is solvable for ``lam``: the weakest rate, or
     weaker (non-contracting) ones, doubling the distance; None if none is found."""
     form = solver.form
-    eta = _ETA_RELATIVE * float(lam.mean())
+    eta = eta_coef * float(lam.mean())
     for k in range(_PHASE_ONE_DOUBLINGS):
         g = form.weakest - (2.0**k - 1.0) * span
         if form.continuous or form.from_goodness(g) > 0:
             if solver.solve(lam, form.from_goodness(g), eta) is not None:
                 return g - 0.5 * _BISECTION_RTOL * span
     return None
+
+
+def _lower_eta(solver: RiccatiSolver, P: np.ndarray, lam: np.ndarray, r: float, span: float, eta_coef: float) -> float:
+    """The eta coefficient for the next round: toward the one whose slack costs at most
+    _ETA_RATE_COST * span of goodness at P (see _ETA_RATE_COST), never above ``eta_coef``.
+
+    A smaller eta makes P more nearly singular; a target whose solution at (Lambda, r)
+    breaks the cond(P) cap is replaced by the geometric mean with the current one (twice),
+    else the current coefficient is kept.
+    """
+    form = solver.form
+    p_min = float(np.linalg.eigvalsh(P)[0])
+    per_goodness = 2.0 * p_min if form.continuous else p_min / max(r, 1e-300)
+    target = _ETA_RATE_COST * span * per_goodness / float(lam.mean())
+    for _ in range(3):
+        if target >= eta_coef:
+            return eta_coef
+        if solver.solve(lam, r, target * float(lam.mean())) is not None:
+            return target
+        target = float(np.sqrt(target * eta_coef))
+    return eta_coef
 
 
 def riccati_tier(form: IncrementalForm, g_upper: float, deadline: float) -> TierOutcome:
@@ -349,15 +387,17 @@ def riccati_tier(form: IncrementalForm, g_upper: float, deadline: float) -> Tier
     best: Candidate | None = None
     reason = "no rate is feasible for the multipliers reached"
     lam = np.ones((m, n))
-    floor = _phase_one_floor(solver, lam, span)
+    eta_coef = _ETA_RELATIVE * form.scale**2
+    floor = _phase_one_floor(solver, lam, span, eta_coef)
     if floor is None:
         P, g_feasible = None, form.weakest
     else:
-        P, g_feasible = _raise_rate(solver, lam, floor, g_upper, 0.25 * (g_upper - floor), tolerance, deadline)
+        P, g_feasible = _raise_rate(solver, lam, floor, g_upper, 0.25 * (g_upper - floor), tolerance, eta_coef, deadline)
     gain = 0.25 * span
     for _ in range(_MAX_ROUNDS):
         if P is None:
             break
+        eta_coef = _lower_eta(solver, P, lam, form.from_goodness(g_feasible), span, eta_coef)
         if g_feasible > form.weakest:
             candidate, why = finalize(form, P, lam)
             if candidate is not None and (best is None or form.goodness(candidate.r) > form.goodness(best.r)):
@@ -366,9 +406,9 @@ def riccati_tier(form: IncrementalForm, g_upper: float, deadline: float) -> Tier
                 reason = why
         if time.monotonic() >= deadline or gain <= _ROUND_RTOL * span:
             break
-        theta = _descend(solver, np.log(lam).ravel(), form.from_goodness(g_feasible), deadline)
+        theta = _descend(solver, np.log(lam).ravel(), form.from_goodness(g_feasible), eta_coef, deadline)
         lam = np.exp(theta).reshape(m, n)
-        P, g_next = _raise_rate(solver, lam, g_feasible, g_upper, gain, tolerance, deadline)
+        P, g_next = _raise_rate(solver, lam, g_feasible, g_upper, gain, tolerance, eta_coef, deadline)
         gain, g_feasible = g_next - g_feasible, g_next
     if best is not None:
         reason = "verified"
