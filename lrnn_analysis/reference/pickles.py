@@ -273,16 +273,16 @@ def load_plain_pickle(data: bytes) -> Any:
     """Containers (dict, list, tuple), str, bytes, numbers and numpy numeric scalars (as Python
     numbers) from a pickle; anything else raises ``pickle.UnpicklingError``, as do containers
     nested deeper than ``MAX_PLAIN_DEPTH`` (a container holding itself included) and more
-    elements, counting shared ones at each place they occur, than the pickle has bytes (a memo
-    reference is one opcode but can repeat a whole container)."""
-    budget = [max(len(data), 2**16)]
+    elements, counting shared ones at each place they occur, than 16 per byte of the pickle (a
+    memo reference is one opcode but can repeat a whole container: nested, exponentially)."""
+    budget = [16 * max(len(data), 2**16)]
     return _check_plain(_PlainUnpickler(io.BytesIO(data)).load(), 0, budget)
 
 
 def _check_plain(value: Any, depth: int, budget: list[int]) -> Any:
     budget[0] -= 1
     if budget[0] < 0:
-        raise pickle.UnpicklingError("refused: shared references expand to more elements than the pickle has bytes")
+        raise pickle.UnpicklingError("refused: shared references expand to more than 16 elements per byte of the pickle")
     if isinstance(value, (dict, list, tuple)) and depth >= MAX_PLAIN_DEPTH:
         raise pickle.UnpicklingError(f"refused: containers nested deeper than {MAX_PLAIN_DEPTH} levels")
     if isinstance(value, dict):
