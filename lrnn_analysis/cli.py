@@ -1216,7 +1216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _warning_printer(prefix: str, default: Callable[..., None]) -> Callable[..., None]:
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if issubclass(category, IntegrityWarning):
+        # The toolkit's own warnings (integrity, reference files, ...) are one line for the user,
+        # not Python's two lines naming our source file; others keep Python's format.
+        if issubclass(category, IntegrityWarning) or getattr(category, "__module__", "").startswith("lrnn_analysis."):
             print(f"{prefix}: warning: {_one_line(str(message))}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

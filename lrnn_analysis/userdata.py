@@ -10,6 +10,7 @@ before any data is read, or ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from .data import TASKS, Split, Task
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 OPTIONAL_KEYS = ("x_val", "y_val")
 MAX_ARRAY_BYTES = 8 * 1024**3
+MAX_CLASS_LABEL = 2**31 - 1
 
 
 def _as_array(value: Any, key: str) -> np.ndarray:
@@ -40,7 +42,8 @@ def _check_x(x: np.ndarray, key: str) -> np.ndarray:
         raise ValueError(f"{key}: expected floating-point inputs, got dtype {x.dtype}")
     if min(x.shape) < 1:
         raise ValueError(f"{key}: empty array of shape {x.shape}")
-    x32 = x.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused below
+        x32 = x.astype(np.float32)
     if not np.isfinite(x32).all():
         raise ValueError(f"{key}: has non-finite values (NaN or inf, in float32)")
     return x32
@@ -54,12 +57,15 @@ def _check_y(y: np.ndarray, key: str, n: int) -> np.ndarray:
             raise ValueError(f"{key}: integer class labels must have shape (N,), got {y.shape}")
         if (y < 0).any():
             raise ValueError(f"{key}: class labels must be >= 0, found {int(y.min())}")
+        if int(y.max()) > MAX_CLASS_LABEL:
+            raise ValueError(f"{key}: class label {int(y.max())} is larger than {MAX_CLASS_LABEL}")
         return y.astype(np.int64)
     if y.dtype.kind == "f":
         if y.ndim != 2:
             raise ValueError(f"{key}: regression targets must have shape (N, k), got {y.shape} "
                              "(reshape (N,) targets to (N, 1); class labels must be integers)")
-        y32 = y.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused below
+            y32 = y.astype(np.float32)
         if not np.isfinite(y32).all():
             raise ValueError(f"{key}: has non-finite values (NaN or inf, in float32)")
         return y32
@@ -127,10 +133,16 @@ def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
                 key = member.removesuffix(".npy")
                 if dtype.hasobject:
                     raise ValueError(f"{path}: {key}: holds Python objects; only numeric arrays are read")
-                if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > MAX_ARRAY_BYTES:
+                if any(size < 0 for size in shape):
+                    raise ValueError(f"{path}: {key}: negative dimension in shape {shape}")
+                if math.prod(shape) * dtype.itemsize > MAX_ARRAY_BYTES:  # Python ints: no wrap-around
                     raise ValueError(f"{path}: {key}: shape {shape} of {dtype} exceeds {MAX_ARRAY_BYTES // 1024**3} GiB")
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
+    except ValueError as error:
+        if str(error).startswith(f"{path}: "):
+            raise
+        raise ValueError(f"{path}: not a readable .npz file ({error})") from error
     except (zipfile.BadZipFile, EOFError, OSError) as error:
         raise ValueError(f"{path}: not a readable .npz file ({error})") from error
 

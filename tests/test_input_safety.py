@@ -243,7 +243,7 @@ def test_reference_state_dict_with_a_scalar_B(tmp_path, capsys):
              "D.weight": torch.randn(10, n), "D.bias": torch.randn(10)}
     torch.save(state, tmp_path / "ref.pt")
     _fails(capsys, ["audit", str(tmp_path / "ref.pt"), "--task", "digits", "--out", str(tmp_path / "a"),
-                    "--beta", "0.75", "--gamma", "0.001", "--eps", "0.1"], "B has shape ()", path=tmp_path / "ref.pt")
+                    "--beta", "0.75", "--gamma", "0.001", "--eps", "0.1", "--alpha", "1"], "B has shape ()", path=tmp_path / "ref.pt")
     assert not (tmp_path / "a").exists()
 
 

@@ -140,9 +140,54 @@ _TORCH_GLOBALS: dict[str, Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Python's pure-Python unpickler with BUILD (setting an object's state) limited to objects
+    that validate their own state (``buildable``): a BUILD on an allow-listed function would
+    otherwise set its attributes (``__defaults__``, ``__name__``, ...) for the whole process."""
+
+    buildable: tuple[type, ...] = ()
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def _load_build(self) -> None:
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if not isinstance(target, self.buildable):
+            raise pickle.UnpicklingError(f"refused: BUILD (setting the state) of a {type(target).__name__}")
+        target.__setstate__(state)
+
+    dispatch[pickle.BUILD[0]] = _load_build
+
+
+class _RestrictedUnpickler(_GuardedUnpickler):
     """Knows the tensor-rebuild functions, plain containers and the reference stand-ins only.
-    (torch's legacy reader resolves ``*Storage`` names itself, to dtype markers.)"""
+    (torch's legacy reader resolves ``*Storage`` names itself, to dtype markers.)
+
+    torch's legacy reader installs its own ``persistent_load``; it is kept for storages only. A
+    module id is answered here, with the stand-in class itself: torch would compare the pickled
+    source with the class's and, for a class with ``dump_patches``, write a ``.patch`` file into
+    the working directory."""
+
+    buildable = (PickledObject,)
+
+    @property  # type: ignore[override]
+    def persistent_load(self) -> Any:
+        return self._checked_persistent_load
+
+    @persistent_load.setter
+    def persistent_load(self, function: Any) -> None:
+        self._torch_persistent_load = function
+
+    def _checked_persistent_load(self, pid: Any) -> Any:
+        kind = pid[0] if isinstance(pid, tuple) and pid else None
+        if isinstance(kind, bytes):
+            kind = kind.decode("latin1")
+        if kind == "module":
+            if len(pid) != 4 or not any(pid[1] is cls for cls in STAND_INS.values()):
+                raise pickle.UnpicklingError("refused: a module persistent id that is not one of the reference's classes")
+            return pid[1]
+        if kind == "storage" and getattr(self, "_torch_persistent_load", None) is not None:
+            return self._torch_persistent_load(pid)
+        raise pickle.UnpicklingError(f"refused: a persistent id of kind {str(kind)[:40]!r}")
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
@@ -208,7 +253,9 @@ _PLAIN_GLOBALS = {
 }
 
 
-class _PlainUnpickler(pickle.Unpickler):
+class _PlainUnpickler(_GuardedUnpickler):
+    buildable = (_PickledDtype,)
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _PLAIN_GLOBALS:
             return _PLAIN_GLOBALS[(module, name)]
@@ -218,17 +265,29 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refused: a persistent id (not a plain data pickle)")
 
 
+MAX_PLAIN_DEPTH = 64
+
+
 def load_plain_pickle(data: bytes) -> Any:
     """Containers (dict, list, tuple), str, bytes, numbers and numpy numeric scalars (as Python
-    numbers) from a pickle; anything else raises ``pickle.UnpicklingError``."""
-    return _check_plain(_PlainUnpickler(io.BytesIO(data)).load())
+    numbers) from a pickle; anything else raises ``pickle.UnpicklingError``, as do containers
+    nested deeper than ``MAX_PLAIN_DEPTH`` (a container holding itself included) and more
+    elements, counting shared ones at each place they occur, than 16 per byte of the pickle (a
+    memo reference is one opcode but can repeat a whole container: nested, exponentially)."""
+    budget = [16 * max(len(data), 2**16)]
+    return _check_plain(_PlainUnpickler(io.BytesIO(data)).load(), 0, budget)
 
 
-def _check_plain(value: Any) -> Any:
+def _check_plain(value: Any, depth: int, budget: list[int]) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise pickle.UnpicklingError("refused: shared references expand to more than 16 elements per byte of the pickle")
+    if isinstance(value, (dict, list, tuple)) and depth >= MAX_PLAIN_DEPTH:
+        raise pickle.UnpicklingError(f"refused: containers nested deeper than {MAX_PLAIN_DEPTH} levels")
     if isinstance(value, dict):
-        return {_check_plain(k): _check_plain(v) for k, v in value.items()}
+        return {_check_plain(k, depth + 1, budget): _check_plain(v, depth + 1, budget) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_check_plain(v) for v in value)
+        return type(value)(_check_plain(v, depth + 1, budget) for v in value)
     if value is None or isinstance(value, (str, bytes, bool, int, float)):
         return value
     raise pickle.UnpicklingError(f"refused: a {type(value).__name__} in a plain data pickle")

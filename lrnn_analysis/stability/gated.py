@@ -156,12 +156,16 @@ def lstm_contraction(rnn: nn.LSTM, layer: int, input_bound: float) -> GatedCerti
     gbar = np.tanh(np.abs(bg) + Rg)
     si, sf, so = (_sigmoid_slope_bound(c, r) for c, r in ((bi, Ri), (bf, Rf), (bo, Ro)))
     sg = _tanh_slope_bound(bg, Rg)
-    cbar = ibar * gbar / (1.0 - fbar)
-    beta = sf * s[1] * cbar + ibar * sg * s[2] + si * s[0] * gbar
-    M = np.array([
-        [fbar.max(), beta.max()],
-        [(obar * fbar).max(), (obar * beta + so * s[3] * np.tanh(cbar)).max()],
-    ])
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # fbar = 1: cbar = inf, checked below
+        cbar = ibar * gbar / (1.0 - fbar)
+        beta = sf * s[1] * cbar + ibar * sg * s[2] + si * s[0] * gbar
+        M = np.array([
+            [fbar.max(), beta.max()],
+            [(obar * fbar).max(), (obar * beta + so * s[3] * np.tanh(cbar)).max()],
+        ])
+    if not np.all(np.isfinite(M)):  # a forget gate that can reach 1 in float64: no bound on c
+        return _result("lstm-contraction", "lstm", layer, float("inf"), 0.0, xbar,
+                       "max(||dc||_inf / w_1, ||dh||_inf / w_2)", None)
     eigenvalues, vectors = np.linalg.eig(M + 1e-9 * max(M.max(), 1e-300) * np.ones((2, 2)))
     w = np.abs(vectors[:, int(np.argmax(eigenvalues.real))].real)
     w = w / w.max()
