@@ -269,16 +269,24 @@ def _listed(marker: Mapping[str, Any]) -> set[str]:
     return {name for files in marker["groups"].values() for name in files}
 
 
+def _staged_names(directory: Path) -> set[str]:
+    """The file names a staging directory's marker records (its first line is the writer)."""
+    try:
+        lines = (directory / STAGING_MARKER).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return {line for line in lines[1:] if line and "/" not in line and line not in (".", "..")}
+
+
 def _remove_report(directory: Path) -> bool:
-    """Remove a directory this module made: the files its marker lists, its markers, then the
-    directory itself if nothing else is left (a staging directory without a report marker
-    holds only files this module wrote). Returns whether it is gone."""
+    """Remove a directory this module made: the files its report marker (or, for a staging
+    directory, its staging marker) lists, its markers and temporary files, then the directory
+    itself if nothing else is left; a file nobody recorded stays, and so does the directory.
+    Returns whether it is gone."""
     marker = _read_marker(directory)
-    if marker is None and _lstat(directory / STAGING_MARKER) is not None:
-        shutil.rmtree(directory, ignore_errors=True)
-        return _lstat(directory) is None
     temporaries = {path.name for path in directory.glob(f".*{TEMP_INFIX}*")}
-    for name in (_listed(marker) if marker else set()) | {MARKER, STAGING_MARKER} | temporaries:
+    recorded = _listed(marker) if marker else _staged_names(directory)
+    for name in recorded | {MARKER, STAGING_MARKER} | temporaries:
         path = directory / name
         info = _lstat(path)
         if info is not None and not stat.S_ISDIR(info.st_mode):
@@ -400,7 +408,7 @@ class OutputDirectory:
     def __exit__(self, *exc_info: Any) -> None:
         try:
             if self.staging is not None:
-                shutil.rmtree(self.staging, ignore_errors=True)
+                _remove_report(self.staging)
                 self.staging = None
         finally:
             self._release_lock()
@@ -415,8 +423,15 @@ class OutputDirectory:
         path = self.staging / name
         if not _inside(path, self.staging):
             raise OutputError(f"{path}: resolves outside {self.target}")
+        self._record(name)
         self._written.add(name)
         return path
+
+    def _record(self, name: str) -> None:
+        """Note ``name`` in the staging marker before writing it, so that the next run removes
+        what a killed run left there and nothing else."""
+        with open(self.staging / STAGING_MARKER, "a") as stream:
+            stream.write(name + "\n")
 
     @property
     def written(self) -> list[str]:
@@ -440,6 +455,7 @@ class OutputDirectory:
                            and _lstat(self.target / name) is not None]
                 if carried:
                     for name in carried:
+                        self._record(name)
                         _carry(self.target / name, staging / name)
                     kept[group] = carried
         marker = {"writer": self.writer, "groups": {group: sorted(files) for group, files in sorted(kept.items())}}

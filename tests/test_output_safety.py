@@ -16,6 +16,7 @@ from lrnn_analysis import outputs, recipes
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.io import write_json
 from lrnn_analysis.outputs import MARKER, OutputDirectory, OutputError, atomic_write, check_output_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,7 +249,7 @@ def test_a_killed_report_write_leaves_the_old_or_the_new_report(tmp_path, point)
 def test_only_the_toolkits_own_leftovers_are_cleaned(tmp_path):
     staging = tmp_path / f".report{outputs.STAGING_INFIX}abc"
     staging.mkdir()
-    (staging / outputs.STAGING_MARKER).write_text("lrnn audit\n")
+    (staging / outputs.STAGING_MARKER).write_text("lrnn audit\nhalf.png\n")  # a killed run records before writing
     (staging / "half.png").write_text("partial")
     lookalike = tmp_path / f".report{outputs.STAGING_INFIX}mine"
     lookalike.mkdir()
@@ -427,3 +428,20 @@ def test_the_committed_figures_are_a_report_make_run_may_replace():
     assert listed == {p.name for p in (ROOT / "figures").iterdir()} - {MARKER}
     stems = {stem for path in recipes.find_recipes(ROOT / "analyses") for stem in recipes.load_recipe(path).stems()}
     assert {name.rsplit(".", 1)[0] for name in listed} <= stems
+
+
+def test_a_leftover_staging_directory_keeps_files_lrnn_did_not_record(tmp_path):
+    """A directory named like a killed run's staging directory, holding a staging marker and a
+    file of the user's, is cleaned of what lrnn recorded only: the user's file survives."""
+    target = tmp_path / "report"
+    leftover = tmp_path / ".report.lrnn-staging-abc123"
+    leftover.mkdir()
+    (leftover / ".lrnn-staging").write_text("lrnn audit\nreport.json\n")
+    (leftover / "report.json").write_text("{}")
+    (leftover / "mine.txt").write_text("keep me")
+    with OutputDirectory(target, "lrnn audit") as out:
+        write_json(out.path("report.json"), {"a": 1})
+        out.publish({"report": ["report.json"]})
+    assert (leftover / "mine.txt").read_text() == "keep me"
+    assert not (leftover / "report.json").exists() and not (leftover / ".lrnn-staging").exists()
+    assert json.loads((target / "report.json").read_text()) == {"a": 1}
