@@ -45,21 +45,32 @@ def _patterns(recurrent: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in parts if p.strip())
 
 
+def glob_parameters(module: nn.Module, patterns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the names of ``module``'s parameters that any glob of ``patterns`` matches, in the
+    module's order; the patterns that match none)."""
+    names = [name for name, _ in module.named_parameters()]
+    chosen: set[str] = set()
+    unmatched = []
+    for pattern in patterns:
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            unmatched.append(pattern)
+        chosen.update(matched)
+    return [name for name in names if name in chosen], unmatched
+
+
 def match_parameters(module: nn.Module, patterns: str | Sequence[str], what: str = "model") -> list[str]:
     """Names of ``module``'s parameters matched by the glob ``patterns`` (a list, or one
     comma-separated string), in the module's order. A pattern that matches nothing, or no
     pattern at all, is an error: a selection that silently selects nothing is never returned."""
     wanted = _patterns(patterns)
-    names = [name for name, _ in module.named_parameters()]
     if not wanted:
         raise ValueError(f"{what}: no parameter patterns given")
-    chosen: set[str] = set()
-    for pattern in wanted:
-        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise ValueError(f"{what}: parameter pattern {pattern!r} matches none of {names}")
-        chosen.update(matched)
-    return [name for name in names if name in chosen]
+    chosen, unmatched = glob_parameters(module, wanted)
+    if unmatched:
+        names = [name for name, _ in module.named_parameters()]
+        raise ValueError(f"{what}: parameter pattern {unmatched[0]!r} matches none of {names}")
+    return chosen
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,7 +13,6 @@ Hv = ∂/∂θ ⟨∇ℓ(θ), v⟩, evaluated at a frozen copy of θ.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
 import time
 from dataclasses import dataclass
@@ -78,16 +77,12 @@ def match_parameters(model: nn.Module, params: ParamSpec = None) -> ParameterSel
     patterns = [p for p in patterns if p]
     if not patterns:
         raise ValueError("no parameters selected: empty parameter list")
-    chosen: set[str] = set()
-    unmatched = []
-    for pattern in patterns:
-        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            unmatched.append(pattern)
-        chosen.update(matched)
+    from ..subject import glob_parameters
+
+    chosen, unmatched = glob_parameters(model, patterns)
     if not chosen:
         raise ValueError(f"parameter patterns {patterns} match none of {names}")
-    return ParameterSelection(tuple(name for name in names if name in chosen), tuple(patterns), tuple(unmatched))
+    return ParameterSelection(tuple(chosen), tuple(patterns), tuple(unmatched))
 
 
 def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
