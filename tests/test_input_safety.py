@@ -390,9 +390,31 @@ def test_gate_thresholds_are_finite_and_in_range(text):
 
 # --- signals and pipes (real processes) --------------------------------------------------
 
+_CHILDREN: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_child_left_behind():
+    yield
+    while _CHILDREN:
+        child = _CHILDREN.pop()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def _interruptible() -> None:
+    # A shell that starts the suite in the background (`make test &`) makes its children ignore
+    # SIGINT, and Python then installs no KeyboardInterrupt handler: give the child the
+    # disposition a command typed at a terminal has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(code_or_argv, **kwargs):
     argv = [sys.executable, "-c", code_or_argv] if isinstance(code_or_argv, str) else [sys.executable, "-m", "lrnn_analysis.cli", *code_or_argv]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_interruptible, **kwargs)
+    _CHILDREN.append(child)
+    return child
 
 
 def test_a_closed_pipe_ends_quietly(saved):
