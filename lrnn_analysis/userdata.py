@@ -148,10 +148,16 @@ def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def _torch_arrays(path: Path) -> dict[str, Any]:
+    from .reference.pickles import weights_only_reason
+
+    size = path.stat().st_size
+    if size > MAX_ARRAY_BYTES:
+        raise ValueError(f"{path}: a PyTorch data file of {size} bytes exceeds {MAX_ARRAY_BYTES // 1024**3} GiB")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path}: refused to unpickle ({str(error).strip().splitlines()[0]}); "
+        # torch's message advises loading with weights_only=False (running code from the file): never pass it on.
+        raise ValueError(f"{path}: refused to unpickle ({weights_only_reason(str(error))}); "
                          "only a dict of tensors is accepted") from error
     except Exception as error:
         raise ValueError(f"{path}: not a readable PyTorch file ({str(error).strip().splitlines()[0]})") from error

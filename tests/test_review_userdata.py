@@ -59,3 +59,19 @@ def test_unsigned_labels_beyond_int64_are_refused(tmp_path):
     labels = np.array([2**64 - 1, 0, 1, 0], dtype=np.uint64)
     with pytest.raises(ValueError, match="class label 18446744073709551615 is larger"):
         load_data(_npz(tmp_path / "u64.npz", y_train=_saved(labels)))
+
+
+class _NotATensor:
+    pass
+
+
+def test_a_torch_data_file_with_objects_is_refused_without_torchs_advice(tmp_path):
+    import torch
+
+    path = tmp_path / "data.pt"
+    torch.save({"x_train": _NotATensor()}, path)
+    with pytest.raises(ValueError) as caught:
+        load_data(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: refused to unpickle (") and "weights_only=False" not in message
+    assert len(message.splitlines()) == 1

@@ -103,7 +103,7 @@ def load_torch_file(stream: BinaryIO) -> Any:
             stream.seek(0)
             return torch.load(stream, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            reason = _weights_only_reason(str(error))
+            reason = weights_only_reason(str(error))
             stream.seek(0)
             legacy_pickle = stream.read(1) == b"\x80"
             if not (legacy_pickle and reason.startswith("Only persistent_load of storage is allowed")):
@@ -115,7 +115,7 @@ def load_torch_file(stream: BinaryIO) -> Any:
         return torch.load(stream, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
 
 
-def _weights_only_reason(message: str) -> str:
+def weights_only_reason(message: str) -> str:
     """The unpickler's own reason, without torch's advice (to rerun unsafely, to allow-list, to read
     the documentation)."""
     if "WeightsUnpickler error:" in message:
