@@ -27,6 +27,21 @@ def test_help_of_lrnn_and_every_command_imports_no_heavy_library():
     assert done.stdout.splitlines()[-1] == f"{[0] * (len(COMMANDS) + 1)} []"
 
 
+def test_each_command_imports_only_what_it_uses():
+    """`lrnn certify` (closed-form bounds) needs numpy alone; `lrnn info` needs torch to read a
+    checkpoint but neither the SDP solvers nor the plotting stack."""
+    checkpoint = Path(__file__).resolve().parents[1] / "models" / "digits-vanilla.safetensors"
+    cases = {"certify": (["certify", "--beta", "0.75", "--gamma-a", "0.5", "--gamma-w", "0", "--radius", "0.1"],
+                         {"torch", "scipy", "cvxpy", "matplotlib", "pandas"}),
+             "info": (["info", str(checkpoint)], {"cvxpy", "matplotlib", "pandas", "seaborn"})}
+    for command, (argv, forbidden) in cases.items():
+        code = (f"import sys\nfrom lrnn_analysis.cli import main\ncode = main({argv!r})\n"
+                f"print(code, sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(forbidden)!r})))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == "0 []", (command, done.stdout.splitlines()[-1])
+
+
 def test_python_m_lrnn_analysis_help_imports_no_heavy_library():
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "lrnn_analysis", "--help"],
                           capture_output=True, text=True, timeout=120)

@@ -3,75 +3,66 @@
 Public API::
 
     from lrnn_analysis.stability import LureSystem, spectrum, certify, certify_parameterization
-"""
-from ..lure import LureSystem
-from .certificates import (
-    CERTIFICATES,
-    TIERS,
-    CertificateResult,
-    Evidence,
-    TierAttempt,
-    certify,
-    default_certificates,
-    verify_certificate,
-)
-from .cascade import CascadeCertificate, certify_layers, certify_recurrent
-from .consistency import LureConsistency, check_lure_form
-from .gated import GatedCertificate, gated_contraction
-from .parameterization import (
-    InitRadius,
-    ParameterBounds,
-    ParameterizationResult,
-    PhaseCell,
-    certify_parameterization,
-    certifying_gamma_A,
-    gaussian_init_radius,
-    parameter_bounds,
-    phase_diagram,
-)
-from .norms import NORM_TESTS, NormTestOutcome, norm_certificate_value, norm_test, norm_test_threshold, norm_test_value
-from .spectra import BendixsonBox, DiscretizationDiagnostics, SpectrumReport, bendixson_box, spectrum
-from .simulate import SimulationResult, simulate_pairs
-from .verification import Verification
 
-__all__ = [
-    "CERTIFICATES",
-    "NORM_TESTS",
-    "TIERS",
-    "BendixsonBox",
-    "CascadeCertificate",
-    "CertificateResult",
-    "DiscretizationDiagnostics",
-    "Evidence",
-    "GatedCertificate",
-    "LureConsistency",
-    "InitRadius",
-    "LureSystem",
-    "NormTestOutcome",
-    "ParameterBounds",
-    "ParameterizationResult",
-    "PhaseCell",
-    "SimulationResult",
-    "SpectrumReport",
-    "TierAttempt",
-    "Verification",
-    "bendixson_box",
-    "certify",
-    "certify_layers",
-    "certify_recurrent",
-    "check_lure_form",
-    "certify_parameterization",
-    "certifying_gamma_A",
-    "default_certificates",
-    "gated_contraction",
-    "gaussian_init_radius",
-    "norm_certificate_value",
-    "norm_test",
-    "norm_test_threshold",
-    "norm_test_value",
-    "parameter_bounds",
-    "phase_diagram",
-    "simulate_pairs",
-    "spectrum",
-    "verify_certificate",
-]
+Submodules load on first use (PEP 562), so a command that needs only the parameterization
+bounds does not import the SDP solvers or torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BendixsonBox": ".spectra",
+    "CERTIFICATES": ".certificates",
+    "CascadeCertificate": ".cascade",
+    "CertificateResult": ".certificates",
+    "DiscretizationDiagnostics": ".spectra",
+    "Evidence": ".certificates",
+    "GatedCertificate": ".gated",
+    "InitRadius": ".parameterization",
+    "LureConsistency": ".consistency",
+    "LureSystem": "..lure",
+    "NORM_TESTS": ".norms",
+    "NormTestOutcome": ".norms",
+    "ParameterBounds": ".parameterization",
+    "ParameterizationResult": ".parameterization",
+    "PhaseCell": ".parameterization",
+    "SimulationResult": ".simulate",
+    "SpectrumReport": ".spectra",
+    "TIERS": ".certificates",
+    "TierAttempt": ".certificates",
+    "Verification": ".verification",
+    "bendixson_box": ".spectra",
+    "certify": ".certificates",
+    "certify_layers": ".cascade",
+    "certify_parameterization": ".parameterization",
+    "certify_recurrent": ".cascade",
+    "certifying_gamma_A": ".parameterization",
+    "check_lure_form": ".consistency",
+    "default_certificates": ".certificates",
+    "gated_contraction": ".gated",
+    "gaussian_init_radius": ".parameterization",
+    "norm_certificate_value": ".norms",
+    "norm_test": ".norms",
+    "norm_test_threshold": ".norms",
+    "norm_test_value": ".norms",
+    "parameter_bounds": ".parameterization",
+    "phase_diagram": ".parameterization",
+    "simulate_pairs": ".simulate",
+    "spectrum": ".spectra",
+    "verify_certificate": ".certificates",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
