@@ -590,7 +590,10 @@ def _phase_diagram(ctx: _Context) -> tuple[list[str], str]:
     cells = [c.to_dict() for c in phase_diagram(_axis(s["betas"]), _axis(s["gammas"]), float(s["radius"]), s.get("eps"),
                                                 float(s.get("slope", 1.0)), s.get("tests"), s.get("beta_w"), s.get("gamma_w"))]
     written = ctx.write(cells, plots.plot_phase_diagram(cells))
-    return written, f"{sum(c['holds'] for c in cells)} of {len(cells)} cells certified"
+    grid = {(c["beta_A"], c["gamma_A"]) for c in cells}
+    tests = {c["test"] for c in cells}
+    return written, (f"{sum(c['holds'] for c in cells)} of {len(cells)} (cell, test) pairs certified "
+                     f"({len(grid)} cells x {len(tests)} tests)")
 
 
 def _training_spectra(ctx: _Context) -> tuple[list[str], str]:

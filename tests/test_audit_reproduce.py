@@ -1,5 +1,6 @@
 """End to end: train a tiny model, audit it with passing and failing gates, reproduce a tiny recipe."""
 import json
+import re
 import pickle
 
 import pytest
@@ -91,7 +92,9 @@ def test_reproduce_a_tiny_recipe(trained, tmp_path, capsys):
     provenance = json.loads((out / "robust.json").read_text())
     assert provenance["recipe"]["seed"] == 0 and "torch" in provenance["environment"]
     assert set(provenance["checkpoint_sha256"].values()) == {load_checkpoint(trained).sha256}
-    assert "recipe" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "recipe" in printed
+    assert re.search(r"\d+ of 27 \(cell, test\) pairs certified \(9 cells x 3 tests\)", printed), printed
     (tmp_path / "analyses" / "bad.toml").write_text('name = "x"\nanalysis = "nonsense"\noutput = "x"\n')
     assert main(["reproduce", str(tmp_path / "analyses" / "bad.toml"), "--out", str(out)]) == 2
 
