@@ -2,7 +2,6 @@
 import json
 import os
 import pickle
-import struct
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ from lrnn_analysis.checkpoints import CheckpointError, load_checkpoint, save_che
 from lrnn_analysis.cli import main
 from lrnn_analysis.models import ModelConfig, build_model
 
+from checkpoint_edits import rewrite_header
+
 CONFIG = ModelConfig("lipschitz", 1, 6, 3, eps=0.2, discretization="rk2")
 
 
@@ -20,16 +21,6 @@ def saved(tmp_path):
     model = build_model(CONFIG, seed=0)
     path = save_checkpoint(tmp_path / "m.safetensors", model, {"task": {"name": "digits", "seed": 0}})
     return model, path
-
-
-def _rewrite_header(path, edit):
-    raw = path.read_bytes()
-    size = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + size])
-    edit(header)
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + size:])
 
 
 def test_round_trip(saved):
@@ -96,7 +87,7 @@ def test_non_finite_weights(saved, tmp_path):
 
 def test_inconsistent_config_and_tensors(saved):
     _, path = saved
-    _rewrite_header(path, lambda h: h["__metadata__"].update(
+    rewrite_header(path, lambda h: h["__metadata__"].update(
         lrnn_analysis=json.dumps({**json.loads(h["__metadata__"]["lrnn_analysis"]),
                                   "config": {**CONFIG.to_dict(), "hidden": 7}})))
     with pytest.raises(CheckpointError, match="tensor .* has shape .* config implies"):
@@ -106,16 +97,16 @@ def test_inconsistent_config_and_tensors(saved):
 def test_unknown_architecture_and_bad_metadata(saved):
     _, path = saved
     original = path.read_bytes()
-    _rewrite_header(path, lambda h: h["__metadata__"].update(
+    rewrite_header(path, lambda h: h["__metadata__"].update(
         lrnn_analysis=json.dumps({"format": checkpoints.FORMAT, "config": {**CONFIG.to_dict(), "arch": "lstm"}})))
     with pytest.raises(CheckpointError, match="invalid model config .*unknown architecture 'lstm'"):
         load_checkpoint(path)
     path.write_bytes(original)
-    _rewrite_header(path, lambda h: h["__metadata__"].update(lrnn_analysis="{not json"))
+    rewrite_header(path, lambda h: h["__metadata__"].update(lrnn_analysis="{not json"))
     with pytest.raises(CheckpointError, match="corrupt metadata JSON"):
         load_checkpoint(path)
     path.write_bytes(original)
-    _rewrite_header(path, lambda h: h.pop("__metadata__"))
+    rewrite_header(path, lambda h: h.pop("__metadata__"))
     with pytest.raises(CheckpointError, match="no 'lrnn_analysis' metadata"):
         load_checkpoint(path)
 

@@ -4,7 +4,6 @@ Every certificate here is checked by the toolkit's float64 verification, never b
 construction's own algebra.
 """
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -24,6 +23,8 @@ from lrnn_analysis.stability.evidence import (
 )
 from lrnn_analysis.stability.spectra import UNIT_ROUNDOFF
 from lrnn_analysis.stability.verification import verify
+
+from checkpoint_edits import rewrite_header
 
 
 def _random_parameters(rng, n, m):
@@ -177,23 +178,8 @@ def certified_checkpoint(tmp_path):
     return path, evidence
 
 
-def _rewrite_header(path, edit):
-    raw = path.read_bytes()
-    size = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + size])
-    edit(header)
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + size:])
-
-
 def _edit_evidence(path, change):
-    def edit(header):
-        meta = json.loads(header["__metadata__"]["lrnn_analysis"])
-        change(meta[METADATA_KEY])
-        header["__metadata__"]["lrnn_analysis"] = json.dumps(meta)
-
-    _rewrite_header(path, edit)
+    rewrite_header(path, record_edit=lambda record: change(record[METADATA_KEY]))
 
 
 def test_stored_evidence_round_trips_exactly_and_verifies(certified_checkpoint):

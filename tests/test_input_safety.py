@@ -24,6 +24,8 @@ from lrnn_analysis.data import load_task
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.report import Gate
 
+from checkpoint_edits import rewrite_header
+
 CONFIG = ModelConfig("lipschitz", 1, 4, 10, eps=0.2)
 TASK = {"name": "digits", "seed": 0, "options": {}}
 
@@ -47,22 +49,6 @@ def time_limit():
     signal.signal(signal.SIGALRM, previous)
 
 
-def _edit(path, header_edit=None, record_edit=None):
-    """Rewrite a native checkpoint's safetensors header and/or its metadata record in place."""
-    raw = path.read_bytes()
-    size = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + size])
-    record = json.loads(header["__metadata__"]["lrnn_analysis"])
-    if record_edit:
-        record_edit(record)
-    header["__metadata__"]["lrnn_analysis"] = json.dumps(record)
-    if header_edit:
-        header_edit(header)
-    text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size:])
-    return path
-
-
 def _error_line(capsys, command, path=None):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1, err
@@ -84,27 +70,27 @@ def _fails(capsys, argv, *needles, path=None):
 
 @pytest.mark.parametrize("hidden, needle", [(20000, "more than the limit"), (5000, "config implies")])
 def test_small_file_declaring_a_huge_model_is_refused_before_building(saved, capsys, monkeypatch, hidden, needle):
-    _edit(saved, record_edit=lambda r: r["config"].update(hidden=hidden))
+    rewrite_header(saved, record_edit=lambda r: r["config"].update(hidden=hidden))
     monkeypatch.setattr(checkpoints, "build_model", lambda *a, **k: pytest.fail("built a model before validating"))
     _fails(capsys, ["info", str(saved)], needle, path=saved)
 
 
 @pytest.mark.parametrize("hidden", [10**9, 65537, True, 4.0, "4", -4])
 def test_unbounded_or_mistyped_config_sizes(saved, capsys, hidden):
-    _edit(saved, record_edit=lambda r: r["config"].update(hidden=hidden))
+    rewrite_header(saved, record_edit=lambda r: r["config"].update(hidden=hidden))
     _fails(capsys, ["info", str(saved)], "invalid model config", "hidden", path=saved)
 
 
 @pytest.mark.parametrize("field, value", [("rank", 13), ("rank", -1), ("rank", 2.0), ("rank", True), ("rho", 0.0),
                                           ("rho", 1.5), ("rho", "0.9"), ("cond_penalty", -1.0), ("cond_penalty", None)])
 def test_bounded_and_typed_contracting_fields(saved, capsys, field, value):
-    _edit(saved, record_edit=lambda r: r["config"].update({field: value}))
+    rewrite_header(saved, record_edit=lambda r: r["config"].update({field: value}))
     _fails(capsys, ["info", str(saved)], "invalid model config", field, path=saved)
 
 
 def test_a_contracting_rank_below_hidden_is_refused_before_building(tmp_path, capsys, monkeypatch):
     path = save_checkpoint(tmp_path / "c.safetensors", build_model(ModelConfig("contracting", 1, 4, 10), seed=0))
-    _edit(path, record_edit=lambda r: r["config"].update(rank=2))
+    rewrite_header(path, record_edit=lambda r: r["config"].update(rank=2))
     monkeypatch.setattr(checkpoints, "build_model", lambda *a, **k: pytest.fail("built a model before validating"))
     _fails(capsys, ["info", str(path)], "invalid model config", "rank", path=path)
 
@@ -174,7 +160,7 @@ def test_corrupt_idx_header_is_a_value_error(tmp_path):
 # --- one line, exit 2, the file named ----------------------------------------------------
 
 def test_unsupported_dtype(saved, capsys):
-    _edit(saved, header_edit=lambda h: h["M_A"].update(dtype="F8_E4M3"))
+    rewrite_header(saved, edit=lambda h: h["M_A"].update(dtype="F8_E4M3"))
     _fails(capsys, ["info", str(saved)], "dtype 'F8_E4M3'", path=saved)
 
 
@@ -197,7 +183,7 @@ def test_float64_weight_that_overflows_float32_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("section", ["metrics", "training", "environment", "task", "log", "constraint"])
 @pytest.mark.parametrize("value", [[1, 2], "text", 7])
 def test_metadata_sections_of_the_wrong_type(saved, capsys, section, value):
-    _edit(saved, record_edit=lambda r: r.update({section: value}))
+    rewrite_header(saved, record_edit=lambda r: r.update({section: value}))
     for command in (["info", str(saved)], ["info", "--json", str(saved)]):
         _fails(capsys, command, "metadata", section, path=saved)
 
@@ -216,7 +202,7 @@ def test_hostile_numbers_and_nesting_in_the_metadata(saved, capsys, fragment, ne
         text = json.dumps(record)
         header["__metadata__"]["lrnn_analysis"] = text.replace('"config": {', '"config": {' + fragment + ", ", 1)
 
-    _edit(saved, header_edit=edit)
+    rewrite_header(saved, edit=edit)
     _fails(capsys, ["info", str(saved)], needle, path=saved)
 
 
@@ -300,7 +286,7 @@ def test_a_bit_flip_in_the_weights_or_the_config_is_detected(saved, tmp_path, ca
     flipped = tmp_path / "flipped.safetensors"
     flipped.write_bytes(bytes(raw))
     _fails(capsys, ["info", str(flipped)], "integrity check failed", path=flipped)
-    _edit(saved, record_edit=lambda r: r["config"].update(eps=0.25))
+    rewrite_header(saved, record_edit=lambda r: r["config"].update(eps=0.25))
     _fails(capsys, ["info", str(saved)], "integrity check failed", path=saved)
 
 
@@ -315,13 +301,13 @@ def test_config_fields_added_since_v1_enter_the_hash_only_away_from_their_defaul
     assert weights_sha256(CONFIG, tensors) == digest.hexdigest()
     for field, value in (("rho", 0.5), ("rank", 4), ("cond_penalty", 0.0)):
         assert weights_sha256(ModelConfig(**{**CONFIG.to_dict(), field: value}), tensors) != digest.hexdigest()
-    _edit(saved, record_edit=lambda r: r["config"].update(rho=0.5))
+    rewrite_header(saved, record_edit=lambda r: r["config"].update(rho=0.5))
     with pytest.raises(CheckpointError, match="integrity check failed"):
         load_checkpoint(saved)
 
 
 def test_a_checkpoint_without_a_hash_loads_with_a_visible_warning(saved, capsys):
-    _edit(saved, record_edit=lambda r: r.pop("weights_sha256"))
+    rewrite_header(saved, record_edit=lambda r: r.pop("weights_sha256"))
     with pytest.warns(IntegrityWarning, match="records no integrity hash"):
         loaded = load_checkpoint(saved)
     assert len(loaded.sha256) == 64
