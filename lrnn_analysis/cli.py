@@ -129,20 +129,20 @@ def _name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _certificate_list(text: str) -> list[str]:
-    names = _name_list(text)
-    unknown = [name for name in names if name not in CERTIFICATES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown certificates {unknown}; expected names from {', '.join(CERTIFICATES)}")
-    return names
+def _names_from(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """A parser of comma-separated names, each one of ``allowed``."""
+    def parse(text: str) -> list[str]:
+        names = _name_list(text)
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; expected names from {', '.join(allowed)}")
+        return names
+
+    return parse
 
 
-def _parameterization_tests(text: str) -> list[str]:
-    names = _name_list(text)
-    unknown = [name for name in names if name not in PARAMETERIZATION_TESTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown tests {unknown}; expected names from {', '.join(PARAMETERIZATION_TESTS)}")
-    return names
+_certificate_list = _names_from(CERTIFICATES, "certificates")
+_parameterization_tests = _names_from(PARAMETERIZATION_TESTS, "tests")
 
 
 def _gate(text: str):
