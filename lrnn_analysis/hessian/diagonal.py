@@ -12,7 +12,7 @@ from scipy.sparse.linalg import LinearOperator
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
-from .trace import CONFIDENCE, leave_one_out_factors, unit_roundoff
+from .trace import CONFIDENCE, exchangeable_sketch, unit_roundoff
 
 DIAGONAL_METHODS = ("hutchinson", "xdiag")
 
@@ -59,14 +59,8 @@ def diagonal(op: LinearOperator, method: str = "hutchinson", max_matvecs: int = 
             raise ValueError(f"hutchinson diagonal needs max_matvecs >= 2, got {max_matvecs}")
         per_probe = np.stack([z * matvec(z) for z in (rademacher(rng, matvec.dim) for _ in range(max_matvecs))])
     else:
-        s = max_matvecs // 2
-        if s < 2 or s >= matvec.dim:
-            raise ValueError(f"xdiag needs 4 <= max_matvecs and max_matvecs // 2 < dimension {matvec.dim}, got {max_matvecs}")
-        W = np.stack([rademacher(rng, matvec.dim) for _ in range(s)], axis=1)
-        Y = np.stack([matvec(w) for w in W.T], axis=1)
-        Q, R = np.linalg.qr(Y)
-        S = leave_one_out_factors(R, unit_roundoff(op))
-        Z = np.stack([matvec(q) for q in Q.T], axis=1)
+        W, Y, Q, S, Z = exchangeable_sketch(matvec, max_matvecs, rng, unit_roundoff(op), "xdiag")
+        s = W.shape[1]
         full = np.sum(Q * Z, axis=1)
         per_probe = np.empty((s, matvec.dim))
         for i in range(s):

@@ -162,16 +162,26 @@ def leave_one_out_factors(R: np.ndarray, roundoff: float) -> np.ndarray:
     return S / np.linalg.norm(S, axis=0)
 
 
-def _xtrace_estimates(matvec: CountedMatvec, max_matvecs: int, rng: np.random.Generator, roundoff: float) -> np.ndarray:
-    """The s = max_matvecs // 2 exchangeable XTrace estimates (see ``trace``)."""
+def exchangeable_sketch(matvec: CountedMatvec, max_matvecs: int, rng: np.random.Generator, roundoff: float,
+                        method: str) -> tuple[np.ndarray, ...]:
+    """The sketch XTrace and XDiag share (Epperly, Tropp, Webber): s = max_matvecs // 2
+    Rademacher probes W, Y = H W, Y = Q R, the leave-one-out factors S of R, and Z = H Q
+    (2s products). Returns (W, Y, Q, S, Z)."""
     s = max_matvecs // 2
     if s < 2 or s >= matvec.dim:
-        raise ValueError(f"xtrace needs 4 <= max_matvecs and max_matvecs // 2 < dimension {matvec.dim}, got {max_matvecs}")
+        raise ValueError(f"{method} needs 4 <= max_matvecs and max_matvecs // 2 < dimension {matvec.dim}, got {max_matvecs}")
     W = np.stack([rademacher(rng, matvec.dim) for _ in range(s)], axis=1)
     Y = np.stack([matvec(w) for w in W.T], axis=1)
     Q, R = np.linalg.qr(Y)
     S = leave_one_out_factors(R, roundoff)
     Z = np.stack([matvec(q) for q in Q.T], axis=1)
+    return W, Y, Q, S, Z
+
+
+def _xtrace_estimates(matvec: CountedMatvec, max_matvecs: int, rng: np.random.Generator, roundoff: float) -> np.ndarray:
+    """The s = max_matvecs // 2 exchangeable XTrace estimates (see ``trace``)."""
+    W, Y, Q, S, Z = exchangeable_sketch(matvec, max_matvecs, rng, roundoff, "xtrace")
+    s = W.shape[1]
     QtZ = Q.T @ Z
     full = float(np.trace(QtZ))
     estimates = np.empty(s)
