@@ -42,8 +42,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, IntegrityWarning, display_name  # noqa: F401 (re-exported)
-from .io import atomic_write, dumps
+from .errors import CheckpointError, IntegrityWarning, display_name, first_line  # noqa: F401 (re-exported)
+from .io import dumps
+from .outputs import atomic_write
 from .models import ModelConfig, RecurrentModel, build_model, parameter_shapes
 from .reference import is_reference_content, load_reference, load_torch_file
 
@@ -259,7 +260,7 @@ def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream:
         opcode = re.search(r"Unsupported operand (\d+)", str(error))
         what = (f"it would import {culprit.group(1)}" if culprit
                 else f"pickle opcode {opcode.group(1)} is not read by the safe loader; re-save it with torch.save" if opcode
-                else _first_line(error))
+                else first_line(error))
         raise CheckpointError(f"{name}: refused to unpickle ({what}); only tensors, plain containers and the "
                               "reference implementation's modules are read") from error
     except Exception as error:
@@ -268,7 +269,7 @@ def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream:
         try:
             model, metadata = load_reference(path, content, reference_hparams)
         except (ValueError, RuntimeError, TypeError, IndexError, OverflowError) as error:
-            raise CheckpointError(f"{name}: {_first_line(error)}") from error
+            raise CheckpointError(f"{name}: {first_line(error)}") from error
         tensors = model.state_dict()
         _check_finite(name, tensors)
         return LoadedCheckpoint(model, {**metadata, HASH_KEY: weights_sha256(model.config, tensors)})
@@ -331,7 +332,7 @@ def _check_shapes(name: str, config: ModelConfig, shapes: Mapping[str, tuple[int
     try:
         expected = parameter_shapes(config)
     except ValueError as error:
-        raise CheckpointError(f"{name}: invalid model config ({_first_line(error)})") from error
+        raise CheckpointError(f"{name}: invalid model config ({first_line(error)})") from error
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
@@ -345,7 +346,7 @@ def _config(name: str, data: Any) -> ModelConfig:
     try:
         return ModelConfig.from_dict(data)
     except (TypeError, ValueError, OverflowError) as error:
-        raise CheckpointError(f"{name}: invalid model config ({_first_line(error)})") from error
+        raise CheckpointError(f"{name}: invalid model config ({first_line(error)})") from error
 
 
 def _check_metadata(name: str, metadata: Mapping[str, Any]) -> None:
@@ -399,7 +400,7 @@ def _parse_json(name: str, text: Any, what: str) -> Any:
         return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant,
                           object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as error:
-        raise CheckpointError(f"{name}: corrupt {what} JSON ({_first_line(error)})") from None
+        raise CheckpointError(f"{name}: corrupt {what} JSON ({first_line(error)})") from None
 
 
 def _nesting_depth(text: str) -> int:
@@ -443,10 +444,5 @@ def _json_type(value: Any) -> str:
 
 def _torch_reason(error: BaseException) -> str:
     """The first line of a torch error, unless it is torch's advice about ``weights_only``."""
-    line = _first_line(error)
+    line = first_line(error)
     return type(error).__name__ if "weights_only" in line or "can still be loaded" in line else line
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

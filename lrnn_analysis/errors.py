@@ -19,3 +19,9 @@ class IntegrityWarning(UserWarning):
 def display_name(path: str | Path) -> str:
     """``path`` as printable text: bytes that are not UTF-8 appear as ``\\xNN`` escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

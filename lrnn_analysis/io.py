@@ -11,7 +11,7 @@ import numpy as np
 
 from .outputs import atomic_write
 
-__all__ = ["atomic_write", "dumps", "numpy_default", "write_csv", "write_json"]
+__all__ = ["dumps", "numpy_default", "write_csv", "write_json"]
 
 
 def numpy_default(value: Any) -> Any:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .data import TASKS, Split, Task
+from .errors import first_line
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 OPTIONAL_KEYS = ("x_val", "y_val")
@@ -160,7 +161,7 @@ def _torch_arrays(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: refused to unpickle ({weights_only_reason(str(error))}); "
                          "only a dict of tensors is accepted") from error
     except Exception as error:
-        raise ValueError(f"{path}: not a readable PyTorch file ({str(error).strip().splitlines()[0]})") from error
+        raise ValueError(f"{path}: not a readable PyTorch file ({first_line(error)})") from error
     if not isinstance(content, Mapping) or not all(isinstance(k, str) for k in content):
         raise ValueError(f"{path}: expected a dict of named tensors, found {type(content).__name__}")
     return dict(content)

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .errors import first_line
 from .subject import ModelUnderAnalysis
 
 
@@ -41,8 +42,8 @@ class UserModelError(ValueError):
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    """``Type: first line`` of ``error``'s message (the type alone when it is empty)."""
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__
 
 
 @dataclass(frozen=True)

@@ -75,3 +75,11 @@ def test_a_torch_data_file_with_objects_is_refused_without_torchs_advice(tmp_pat
     message = str(caught.value)
     assert message.startswith(f"{path}: refused to unpickle (") and "weights_only=False" not in message
     assert len(message.splitlines()) == 1
+
+
+def test_a_truncated_torch_data_file_is_a_value_error_naming_it(tmp_path):
+    path = tmp_path / "data.pt"
+    path.write_bytes(b"\x80\x02")
+    with pytest.raises(ValueError, match=f"^{path}: ") as caught:
+        load_data(path)
+    assert len(str(caught.value).splitlines()) == 1
