@@ -33,6 +33,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from .robustness import SweepResult, summarize, sweep
+from .robustness.sweep import prepare_models
 from .runtime import distributed_info, environment
 
 T = TypeVar("T")
@@ -270,10 +271,14 @@ def distributed_sweep(models: Sequence[Any], task: Any, grid: Mapping[str, Seque
 
     tagged = sorted((item for p in gathered for item in p["rows"]), key=single_process_position)
     rows = [row for _, row in tagged]
+    selected, training_data, warnings = prepare_models(models, task, grid, options.get("recurrent_only", False),
+                                                       options.get("recurrent"))
     settings = next(p["settings"] for p in gathered if p["settings"] is not None)
     settings = {**settings, "grid": {k: list(map(float, v)) for k, v in grid.items()}, "seeds": seed_list,
+                "perturbed_parameters": {entry.checkpoint: names for entry, names in zip(models, selected)},
+                "training_data": training_data,
                 "seconds": time.perf_counter() - started, "cells_per_rank": [len(cells[r::world_size]) for r in range(world_size)]}
-    return SweepResult(rows, summarize(rows), settings, environment(options.get("device", "cpu")))
+    return SweepResult(rows, summarize(rows), settings, environment(options.get("device", "cpu")), tuple(warnings))
 
 
 __all__ = ["DistributedOperator", "all_or_none", "distributed_info", "distributed_sweep", "shard_batches"]

@@ -51,7 +51,8 @@ def run(out: Path, checkpoint: str, recipes: list[str]) -> None:
         result.write_csv(str(out / "sweep.csv"))
         (out / "result.json").write_text(json.dumps({
             "describe": op.describe(), "report": report.to_dict(), "mismatch": mismatches,
-            "sweep_environment": result.environment, "sweep_settings": result.settings, "summary": result.summary}))
+            "sweep_environment": result.environment, "sweep_settings": result.settings, "summary": result.summary,
+            "sweep_warnings": list(result.warnings)}))
     common = ["--quiet", "--device", "cpu"]
     codes = [main(["hessian", checkpoint, "--full", "--split", "test", "--batch-size", "128", "--dtype", "float64",
                    "--params", "M_A,M_W", "--json", str(out / "hessian_cli.json"), *common]),

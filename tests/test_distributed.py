@@ -119,6 +119,9 @@ def test_sweep_csv_identical_to_single_process(two_ranks, tmp_path):
     assert result["summary"] == json.loads(json.dumps(single.summary))
     assert result["sweep_environment"]["distributed"]["world_size"] == 2
     assert result["sweep_settings"]["cells_per_rank"] == [7, 7]
+    for key in ("perturbed_parameters", "training_data"):  # every model's, not only the first's
+        assert result["sweep_settings"][key] == json.loads(json.dumps(single.settings[key]))
+    assert result["sweep_warnings"] == list(single.warnings)
 
 
 def test_cli_under_torchrun_matches_one_process(two_ranks, tmp_path):

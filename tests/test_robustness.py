@@ -213,3 +213,24 @@ def test_hessian_directions_are_unit_top_eigenvectors_and_drive_a_sweep(digits):
     result = sweep([SweepModel("m", "c", model, directions)], task, {"hessian-direction": [0, 0.5]}, seeds=2, progress=False)
     assert [r["level"] for r in result.rows] == [0.0, 0.0, 0.5, 0.5]
     assert result.rows[2]["loss"] != result.rows[0]["loss"]
+
+
+def test_models_sharing_a_checkpoint_name_keep_their_own_recurrent_parameters(digits):
+    """Two entries with the same checkpoint text and different labels: each is perturbed on its
+    own declared recurrent parameters (a lipschitz model's M_A, M_W; an antisymmetric model's M_W)."""
+    from lrnn_analysis.subject import ModelUnderAnalysis
+
+    lipschitz = ModelUnderAnalysis.from_recurrent_model(
+        build_model(ModelConfig("lipschitz", digits.input_dim, 8, digits.output_dim, eps=0.1), seed=0), {})
+    antisymmetric = ModelUnderAnalysis.from_recurrent_model(
+        build_model(ModelConfig("antisymmetric", digits.input_dim, 8, digits.output_dim, eps=0.1), seed=0), {})
+    result = sweep([SweepModel("a", "same.pt", lipschitz), SweepModel("b", "same.pt", antisymmetric)], digits,
+                   {"gaussian-relative": [0.0, 0.5]}, seeds=1, max_samples=40, recurrent_only=True, progress=False)
+    assert lipschitz.recurrent_names() == ["M_A", "M_W"] and antisymmetric.recurrent_names() == ["M_W"]
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    for label, subject in (("a", lipschitz), ("b", antisymmetric)):
+        params = {name: p.detach() for name, p in subject.module.named_parameters()}
+        drawn = perturb_parameters(params, Perturbation("gaussian-relative", 0.5, seed=0), subject.recurrent_names())
+        expected = evaluate_parameter_draws(subject.module, [drawn], x, y, True, 1000, False)[0]
+        row = next(r for r in result.rows if r["model"] == label and r["level"] == 0.5)
+        assert (row["accuracy"], row["loss"]) == pytest.approx(expected, rel=1e-6)

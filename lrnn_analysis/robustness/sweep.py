@@ -78,6 +78,32 @@ def recurrent_parameter_names(model: ModelUnderAnalysis | nn.Module, patterns: s
     return subject.recurrent_names()
 
 
+def prepare_models(models: Sequence[SweepModel], task: Task, plan: Mapping[str, Any], recurrent_only: bool,
+                   recurrent: str | Sequence[str] | None) -> tuple[list[list[str] | None], dict[str, dict[str, Any]], list[str]]:
+    """What ``sweep`` checks and records per model before evaluating anything: that each fits the
+    task (and has its Hessian directions when ``plan`` needs them), the parameters each parameter
+    perturbation touches (a list parallel to ``models``; None: all), each model's training-data
+    check by checkpoint, and the warnings."""
+    keys = [(entry.label, entry.checkpoint) for entry in models]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"models listed more than once (label, checkpoint): {repeated}")
+    restricted = recurrent is not None or recurrent_only
+    selected: list[list[str] | None] = []
+    training_data: dict[str, dict[str, Any]] = {}
+    warnings = []
+    for entry in models:
+        entry.model.check_fits(task, entry.checkpoint)
+        if "hessian-direction" in plan and entry.directions is None:
+            raise ValueError(f"{entry.label}: hessian-direction needs its Hessian eigenvectors")
+        selected.append(recurrent_parameter_names(entry.model, recurrent) if restricted else None)
+        check = check_training_data(entry.model.metadata, task)
+        training_data[entry.checkpoint] = check.to_dict()
+        if check.warning:
+            warnings.append(f"{entry.label} ({entry.checkpoint}): {check.warning}")
+    return selected, training_data, warnings
+
+
 def sweep(
     models: Sequence[SweepModel],
     task: Task,
@@ -114,23 +140,7 @@ def sweep(
         raise ValueError(f"split must be train, val or test, got {split!r}")
     grid = perturbation_grid(grid)
     plan = {kind: [Perturbation(kind, level) for level in levels] for kind, levels in grid.items()}
-    selected: dict[str, list[str] | None] = {}
-    training_data: dict[str, dict[str, Any]] = {}
-    warnings = []
-    keys = [(entry.label, entry.checkpoint) for entry in models]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
-        raise ValueError(f"models listed more than once (label, checkpoint): {repeated}")
-    for entry in models:
-        entry.model.check_fits(task, entry.checkpoint)
-        if "hessian-direction" in plan and entry.directions is None:
-            raise ValueError(f"{entry.label}: hessian-direction needs its Hessian eigenvectors")
-        restricted = recurrent is not None or recurrent_only
-        selected[entry.checkpoint] = recurrent_parameter_names(entry.model, recurrent) if restricted else None
-        check = check_training_data(entry.model.metadata, task)
-        training_data[entry.checkpoint] = check.to_dict()
-        if check.warning:
-            warnings.append(f"{entry.label} ({entry.checkpoint}): {check.warning}")
+    selected, training_data, warnings = prepare_models(models, task, plan, recurrent_only, recurrent)
     device = torch.device(device)
     if batched is None:
         batched = device.type == "cuda"
@@ -141,11 +151,11 @@ def sweep(
     total = len(models) * sum(len(p) * (1 if kind in DETERMINISTIC_KINDS else len(seed_list)) for kind, p in plan.items())
     rows: list[dict[str, Any]] = []
     with progress_bar(total=total, desc="robustness", unit="eval", enabled=progress) as bar:
-        for entry in models:
+        for index, entry in enumerate(models):
             model = entry.model.module.to(device).eval()
             clean = evaluate(model, x, y, task.is_classification, batch_size)
             params = {name: p.detach() for name, p in model.named_parameters()}
-            names = selected[entry.checkpoint]
+            names = selected[index]
 
             def record(p: Perturbation, accuracy: float | None, loss: float) -> None:
                 rows.append({"model": entry.label, "checkpoint": entry.checkpoint, "perturbation": p.kind,
@@ -174,7 +184,8 @@ def sweep(
                     for p, (accuracy, loss) in zip(chunk, scores):
                         record(p, accuracy, loss)
     settings = {"task": task.to_dict(), "split": split, "n": len(x), "grid": {k: list(map(float, v)) for k, v in grid.items()},
-                "seeds": seed_list, "recurrent_only": recurrent_only, "recurrent": recurrent, "perturbed_parameters": selected,
+                "seeds": seed_list, "recurrent_only": recurrent_only, "recurrent": recurrent,
+                "perturbed_parameters": {entry.checkpoint: names for entry, names in zip(models, selected)},
                 "training_data": training_data, "batched": batched, "seconds": time.perf_counter() - started}
     return SweepResult(rows, summarize(rows), settings, environment(device), tuple(warnings))
 
