@@ -197,6 +197,9 @@ def test_parse_every_model_name():
     old = parse_reference_filename("LipschitzRNN_pmnist_T784_units64_beta0.7_gamma0.01_eps0.05_init6_init6_seed2.pkl")
     assert (old["task"], old["T"], old["units"], old["beta"], old["gamma"], old["eps"], old["seed"]) == ("pmnist", 784, 64, 0.7, 0.01, 0.05, 2)
     assert parse_reference_filename("weights.pt") == {}
+    for bad in ("LipschitzRNN_mnist_T_1.5_units_8.pkl", "LipschitzRNN_mnist_units_128.9.pkl", "LipschitzRNN_mnist_eps_nan.pkl"):
+        with pytest.raises(ValueError, match="which is not a"):
+            parse_reference_filename(bad)
     adams = parse_reference_filename(_name("LipschitzRNN_ODE", solver="fixed_adams"))
     assert adams["solver"] == "fixed_adams" and adams["gclip"] == 0
     with pytest.raises(ValueError, match="gives eps twice"):

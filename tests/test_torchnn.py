@@ -298,3 +298,13 @@ def test_hessian_of_wrapped_layers_matches_autograd(layer):
 
     exact = hessian(loss, W).reshape(W.numel(), W.numel()).detach().numpy()
     np.testing.assert_allclose(dense, exact, rtol=1e-8, atol=1e-10)
+
+
+def test_check_lure_form_needs_a_tolerance_for_a_dtype_it_has_none_for():
+    """bfloat16 states round far more than float32's default tolerance allows: no guess."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(nn.RNN(3, 4, batch_first=True), nn.Linear(4, 2)).to(torch.bfloat16)
+    x = torch.randn(2, 5, 3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="no default tolerance for torch.bfloat16"):
+        check_lure_form(model, model.lure_form(), x)
+    assert check_lure_form(model, model.lure_form(), x, tolerance=0.05).consistent

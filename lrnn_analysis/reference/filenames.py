@@ -59,10 +59,13 @@ def parse_reference_filename(path: str | Path) -> dict[str, Any]:
         field = ALIASES.get(key, key)
         if field in TEXT_FIELDS:
             value: Any = raw
-        elif _is_number(raw):
-            value = NUMERIC_FIELDS[field](float(raw))
+        elif NUMERIC_FIELDS[field] is int and re.fullmatch(r"[-+]?\d+", raw):
+            value = int(raw)
+        elif NUMERIC_FIELDS[field] is float and _is_number(raw):
+            value = float(raw)
         else:
-            continue
+            kind = "a whole number" if NUMERIC_FIELDS[field] is int else "a number"
+            raise ValueError(f"{Path(path).name}: the name gives {field} = {raw!r}, which is not {kind}")
         if field in found and found[field] != value:
             raise ValueError(f"{Path(path).name}: the name gives {field} twice ({found[field]!r} and {value!r})")
         found[field] = value

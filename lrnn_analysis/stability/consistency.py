@@ -87,7 +87,9 @@ def check_lure_form(
     scale = max(float(np.abs(observed).max()), np.finfo(np.float64).tiny)
     max_abs = float(difference.max())
     relative = max_abs / scale
-    tol = DEFAULT_TOLERANCE.get(dtype, 1e-4) if tolerance is None else float(tolerance)
+    if tolerance is None and dtype not in DEFAULT_TOLERANCE:
+        raise ValueError(f"no default tolerance for {dtype} states; pass tolerance= explicitly")
+    tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
     return LureConsistency(
         max_abs_difference=max_abs, relative_difference=relative, scale=scale,
         worst_step=int(np.unravel_index(np.argmax(difference), difference.shape)[1]) + 1,
