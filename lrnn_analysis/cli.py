@@ -24,7 +24,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .errors import CheckpointError, IntegrityWarning, display_name
+from .errors import CheckpointError, display_name
 from .outputs import OutputDirectory, check_output_file
 from .vocabulary import (
     ARCHITECTURES,
@@ -788,7 +788,7 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     if args.json and ranks.is_main:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "task": task.to_dict(), "split": args.split,
                                **report.to_dict()})
-    if args.figure is not None:
+    if args.figure is not None and ranks.is_main:
         from .plots import plot_density
 
         rows = [{"model": subject.name, "eigenvalue": float(t), "density": float(d)}
@@ -1218,7 +1218,7 @@ def _warning_printer(prefix: str, default: Callable[..., None]) -> Callable[...,
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         # The toolkit's own warnings (integrity, reference files, ...) are one line for the user,
         # not Python's two lines naming our source file; others keep Python's format.
-        if issubclass(category, IntegrityWarning) or getattr(category, "__module__", "").startswith("lrnn_analysis."):
+        if getattr(category, "__module__", "").startswith("lrnn_analysis."):
             print(f"{prefix}: warning: {_one_line(str(message))}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

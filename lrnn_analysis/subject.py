@@ -151,11 +151,6 @@ class ModelUnderAnalysis:
                              "name them with recurrent=[patterns] (globs over its parameter names)")
         return match_parameters(self.module, self.recurrent, self.name)
 
-    def parameter_names(self, patterns: str | Sequence[str] | None = None) -> list[str]:
-        """All parameter names, or those the glob ``patterns`` match (an error when one matches nothing)."""
-        if patterns is None:
-            return [name for name, _ in self.module.named_parameters()]
-        return match_parameters(self.module, patterns, self.name)
 
     @property
     def device(self) -> torch.device:

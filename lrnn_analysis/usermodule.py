@@ -87,10 +87,17 @@ def parse_model_args(items: Sequence[str], spec: str = "model") -> dict[str, Any
         if key in arguments:
             raise UserModelError(f"{spec}: --model-arg {key} given twice")
         try:
-            arguments[key] = json.loads(value)
+            arguments[key] = json.loads(value, parse_constant=_non_finite(f"{spec}: --model-arg {item!r}"))
         except json.JSONDecodeError:
             arguments[key] = value
     return arguments
+
+
+def _non_finite(where: str) -> Callable[[str], Any]:
+    def refuse(constant: str) -> Any:
+        raise UserModelError(f"{where}: {constant} is not a finite number")
+
+    return refuse
 
 
 def _import(spec: ModelSpec) -> Any:

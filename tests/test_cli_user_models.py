@@ -117,6 +117,9 @@ def test_model_arguments_are_json_literals_else_text():
         parse_model_args(["a=1", "a=2"])
     with pytest.raises(UserModelError, match="KEY=VALUE"):
         parse_model_args(["1a=2"])
+    for constant in ("NaN", "Infinity", "[1, -Infinity]"):
+        with pytest.raises(UserModelError, match="is not a finite number"):
+            parse_model_args([f"eps={constant}"])
 
 
 @pytest.mark.parametrize("kind,weights", [("rnn", "rnn.pt"), ("lstm", "lstm.safetensors")])

@@ -25,14 +25,13 @@ memory budget), so a product costs three backward passes and no forward pass.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .operator import DEFAULT_MEMORY_BUDGET, Batch, CurvatureOperator, HessianOperator, LossFunction, ParamSpec, _SavedBytes
-
-LOSS_KINDS = ("cross_entropy", "mse")
 
 
 def loss_kind(loss_fn: LossFunction) -> str:
@@ -131,7 +130,9 @@ class JacobianSandwichOperator(CurvatureOperator):
         self._linearizations: list[_Linearization] | None = []
         for index, batch in enumerate(self.batches):
             counter = _SavedBytes()
-            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            # Only the first batch's graph is measured: hooks left on cached graphs would run at every product.
+            hooks = torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack) if index == 0 else nullcontext()
+            with hooks:
                 linearization = self._linearize(batch)
             self.matrices.append(self._output_matrices(index, linearization.f.detach(), self._inputs(batch)[1]) / self.n_samples)
             if index == 0:

@@ -36,7 +36,6 @@ from .forms import IncrementalForm
 from .spectra import STABILITY_POLYNOMIALS, norm2, roundoff_bound, spectral_abscissa, spectral_radius, step_matrix
 from .verification import Verification, verify
 
-LMI_TIERS = ("P=I", "diag-P", "full-P")
 SOLVERS = ("auto", "CLARABEL", "SCS")
 # Interior-point solvers form dense Newton systems of size ~ (N(N+1)/2)^2 for an
 # N x N PSD cone: fine for small cones, minutes at N = 128 on 2 cores.
