@@ -53,6 +53,12 @@ def test_analyze_rejects_unknown_backend(case):
         analyze(model, nn.CrossEntropyLoss(), (x, y), backend="other", progress=False)
 
 
+def test_analyze_refuses_the_block_table_of_a_wrapped_operator(case):
+    model, x, y = case
+    with pytest.raises(ValueError, match="per-block table"):
+        analyze(model, nn.CrossEntropyLoss(), (x, y), estimates=("blocks",), wrap_operator=lambda op: op, progress=False)
+
+
 def test_landscape_at_zero_is_the_evaluated_loss_and_model_is_unchanged(case):
     model, x, y = case
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -122,6 +122,8 @@ def analyze(
         raise ValueError(f"estimates must be among {ESTIMATES}, got {unknown}")
     if backend == "pyhessian" and (operator != "hessian" or estimates):
         raise ValueError("backend='pyhessian' gives only the Hessian's eigenvalues and trace; use backend='native'")
+    if wrap_operator is not None and "blocks" in estimates:
+        raise ValueError("the per-block table needs the operator's own parameter blocks; it is not available with wrap_operator")
     if backend == "pyhessian" and wrap_operator is not None:
         raise ValueError("the pyhessian backend builds its own products; wrap_operator needs backend='native'")
     if backend == "pyhessian" and density:
