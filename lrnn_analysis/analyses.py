@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from .evaluation import evaluate, loss_function
-from .stability import certify, default_certificates, spectrum
-from .stability.evidence import certificate_result, check_stored
+from .stability import spectrum
+from .stability.evidence import check_stored, stored_then_searched
 from .subject import ModelUnderAnalysis, as_model_under_analysis
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -62,15 +62,12 @@ def certificate_table(
     for label, model in models.items():
         subject = as_model_under_analysis(model, name=label)
         check = check_stored(subject.module, subject.metadata)
-        stored = [certificate_result(check, subject.module)] if check.verified else []
         system = subject.lure_system()
-        if system is None and not stored:
+        if system is None and not check.verified:
             rows.append({"model": label, "certificate": None, "holds": False, "reason": NO_LURE_FORM,
                          "stored_evidence": check.status})
             continue
-        wanted = [] if system is None else [n for n in (names or default_certificates(system))
-                                            if not (stored and n == stored[0].name)]
-        results = stored + (certify(system, wanted, time_budget=time_budget) if wanted else [])
+        results = stored_then_searched(check, subject.module, system, names, time_budget)
         for result in results:
             rows.append({"model": label, "certificate": result.name, "holds": bool(result.holds), "margin": result.margin,
                          "rate": result.rate, "tier": result.tier, "seconds": result.seconds, "reason": result.reason,

@@ -18,7 +18,6 @@ import math
 import os
 import shlex
 import sys
-import time
 import warnings
 from pathlib import Path
 from dataclasses import dataclass
@@ -628,8 +627,8 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 def cmd_stability(args: argparse.Namespace) -> int:
     from .io import write_json
     from .progress import progress_bar
-    from .stability import certify, default_certificates, spectrum
-    from .stability.evidence import certificate_result, check_stored
+    from .stability import spectrum
+    from .stability.evidence import certificate_result, check_stored, stored_then_searched
     from .tables import format_table
 
     if args.json:
@@ -651,15 +650,9 @@ def cmd_stability(args: argparse.Namespace) -> int:
             return _recurrent_layer_stability(args, subject)
         raise UsageError(f"{args.checkpoint}: {subject.name}: no Lur'e form: no certificate available for this model")
     report = spectrum(system)
-    names = args.certificates or list(default_certificates(system))
-    started = time.monotonic()
-    results = []
-    for name in progress_bar(names, desc="certificates", unit="cert", enabled=not args.quiet):
-        if stored.verified and name == stored.evidence.certificate:
-            results.append(certificate_result(stored, model))
-            continue
-        remaining = None if args.time_budget is None else max(0.0, args.time_budget - (time.monotonic() - started))
-        results += certify(system, [name], time_budget=remaining)
+    results = stored_then_searched(stored, model, system, args.certificates, args.time_budget,
+                                   wrap=lambda names: progress_bar(names, desc="certificates", unit="cert",
+                                                                   enabled=not args.quiet))
     scheme = system.method if system.eps is None else f"{system.method}, eps {system.eps:g}" + (
         f" x {system.substeps} substeps" if system.substeps > 1 else "")
     print(f"{args.checkpoint}: {_architecture(subject)} ({scheme}), n = {system.n}, slope L = {system.slope:g}")
@@ -1004,7 +997,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rho", type=_float_in(0.0, 1.0, above=True), default=0.999,
                        help="contracting/ren: contraction factor per step they are built to")
     train.add_argument("--rank", type=_int_in(0, 3 * MAX_SIZES["hidden"]), default=0,
-                       help="contracting/ren: rows of X (0: hidden; at most 3 * hidden)")
+                       help="contracting/ren: rows of Z (contracting, at most 2 * hidden) or X (ren, at most 3 * hidden); 0: hidden")
     train.add_argument("--cond-penalty", type=_nonnegative, default=0.1,
                        help="contracting: kappa of the loss term kappa * mean(log^2 sigma_i(T))")
     train.add_argument("--epochs", type=_int_in(1, 100_000), default=100)

@@ -38,8 +38,8 @@ from .outputs import OutputDirectory, atomic_write
 from .provenance import check_training_data
 from .robustness import Perturbation, SweepModel, sweep
 from .runtime import environment
-from .stability import CERTIFICATES, certify, default_certificates, spectrum
-from .stability.evidence import certificate_result, check_stored
+from .stability import CERTIFICATES, default_certificates, spectrum
+from .stability.evidence import check_stored, stored_then_searched
 from .subject import ModelUnderAnalysis, as_model_under_analysis
 from .tables import format_value
 from .vocabulary import perturbation_grid, perturbation_kind
@@ -211,18 +211,17 @@ def run_audit(
     stored = check_stored(model, subject.metadata)
     stability: dict[str, Any] = {"lure_form": system is not None, "stored_evidence": stored.to_dict()}
     tables: dict[str, list[dict[str, Any]]] = {}
-    from_evidence = [certificate_result(stored, model)] if stored.verified else []
-    if system is None and from_evidence:
-        stability["certificates"] = [r.to_dict(include_matrices=False) for r in from_evidence]
+    if system is None and stored.verified:
+        stability["certificates"] = [r.to_dict(include_matrices=False)
+                                     for r in stored_then_searched(stored, model, None)]
     if system is not None:
         wanted = list(default_certificates(system))
         wanted += [g.value for g in gates if g.kind == "certified" and g.value not in wanted]
-        searched = [n for n in wanted if not (from_evidence and n == stored.evidence.certificate)]
-        results = from_evidence + certify(system, searched, time_budget=settings.certificate_budget)
+        results = stored_then_searched(stored, model, system, wanted, settings.certificate_budget)
         stability["spectrum"] = spectrum(system).to_dict()
         stability["certificates"] = [r.to_dict(include_matrices=False) for r in results]
         tables["spectra"], tables["spectra_summary"] = analyses.spectra_tables({checkpoint: subject})
-    elif not from_evidence:
+    elif not stored.verified:
         stability["reason"] = analyses.NO_LURE_FORM
     timings["stability"] = time.perf_counter() - started
 

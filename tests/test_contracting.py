@@ -41,15 +41,24 @@ def _q(c):
     return 0.5 * (Q + Q.T)
 
 
+def _contracting_parameters(rng, n, m):
+    """Z with column scales spread over 1.5 decades, B and C with row scales spread over a decade,
+    ell over a decade (ill-conditioned M and Q)."""
+    Z = rng.normal(size=(m, 2 * n)) * 10.0 ** rng.uniform(-0.75, 0.75, size=(1, 2 * n))
+    B = rng.normal(size=(n, n)) * 10.0 ** rng.uniform(-0.5, 0.5, size=(n, 1))
+    C = rng.normal(size=(n, n)) * 10.0 ** rng.uniform(-0.5, 0.5, size=(n, 1))
+    ell = rng.choice([-1.0, 1.0], size=n) * 10.0 ** rng.uniform(-0.5, 0.5, size=n)
+    return (torch.from_numpy(a) for a in (Z, B, C, ell))
+
+
 def test_contracting_construction_certifies_every_draw():
     rng = np.random.default_rng(0)
     cond = []
     for _ in range(300):
         n = int(rng.integers(1, 5))
-        m = int(rng.integers(1, 3 * n + 1))
+        m = int(rng.integers(1, 2 * n + 1))
         rho = float(rng.uniform(0.5, 1.0))
-        X, Y = _random_parameters(rng, n, m)
-        c = contracting_construction(X, Y, rho)
+        c = contracting_construction(*_contracting_parameters(rng, n, m), rho)
         E = c.E.numpy()
         form = explicit_increment_form(np.linalg.solve(E, c.F.numpy()), np.linalg.solve(E, c.B.numpy()), c.C.numpy(),
                                        np.zeros((n, n)))
@@ -58,6 +67,24 @@ def test_contracting_construction_certifies_every_draw():
         check = verify(form, Q, c.lam.numpy(), rho**2 * (1 - 8 * UNIT_ROUNDOFF))
         assert check.passed, (n, m, rho, check.reason)
     assert max(cond) > 1e4  # the draws include ill-conditioned Lyapunov matrices
+
+
+def test_contracting_multiplier_block_is_exact():
+    """M_22 = 2 Lambda: the sector multipliers are exactly what the certificate needs, none
+    spent on off-diagonal terms (the full M is rebuilt and checked positive definite)."""
+    rng = np.random.default_rng(1)
+    n, m, rho = 5, 3, 0.9
+    Z, B, C, ell = _contracting_parameters(rng, n, m)
+    c = contracting_construction(Z, B, C, ell, rho)
+    lam = c.lam.numpy()
+    np.testing.assert_allclose(lam, 0.5 * (ell.numpy() ** 2 + 1e-3))
+    E, P = c.E.numpy(), c.P.numpy()
+    M11 = rho**2 * (E + E.T - P)
+    M = np.block([[M11, -(lam[:, None] * c.C.numpy()).T, c.F.numpy().T],
+                  [-(lam[:, None] * c.C.numpy()), np.diag(2 * lam), c.B.numpy().T],
+                  [c.F.numpy(), c.B.numpy(), P]])
+    np.testing.assert_allclose(M, M.T, atol=1e-12)
+    assert np.linalg.eigvalsh(M)[0] > 0
 
 
 def test_ren_construction_certifies_every_draw():
@@ -90,7 +117,8 @@ def test_lure_form_of_random_contracting_models_is_certified_by_the_toolkit():
     for seed in range(30):
         model = _model("contracting", hidden=int(rng.integers(2, 7)), seed=seed, rho=float(rng.uniform(0.8, 1.0)))
         with torch.no_grad():
-            model.Y.normal_(std=0.3)
+            model.B.add_(torch.randn_like(model.B) * 3.0)
+            model.C.normal_(std=3.0)
         if np.linalg.cond(model.coordinates()) > 1e3:
             continue
         checked += 1
@@ -163,10 +191,10 @@ def test_parameter_counts_and_regularizer():
     penalty = contracting.regularization()
     assert penalty.ndim == 0 and penalty.item() > 0
     penalty.backward()
-    assert contracting.X.grad is not None
+    assert all(contracting.get_parameter(name).grad is not None for name in ("Z", "B", "C", "ell"))
     assert _model("contracting", cond_penalty=0.0).regularization() is None
     with pytest.raises(ValueError, match="rank"):
-        _model("contracting", hidden=6, rank=3)
+        _model("contracting", hidden=6, rank=13)
 
 
 @pytest.fixture
@@ -210,7 +238,7 @@ def test_changed_weights_are_detected(certified_checkpoint):
     path, _ = certified_checkpoint
     model, metadata = load_checkpoint(path)
     with torch.no_grad():
-        model.Y[0, 1] += 1e-3
+        model.C[0, 1] += 1e-3
     check = check_stored(model, metadata)
     assert check.status == "failed" and "weights changed" in check.reason
 

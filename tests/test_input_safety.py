@@ -88,9 +88,9 @@ def test_bounded_and_typed_contracting_fields(saved, capsys, field, value):
     _fails(capsys, ["info", str(saved)], "invalid model config", field, path=saved)
 
 
-def test_a_contracting_rank_below_hidden_is_refused_before_building(tmp_path, capsys, monkeypatch):
+def test_a_contracting_rank_above_twice_hidden_is_refused_before_building(tmp_path, capsys, monkeypatch):
     path = save_checkpoint(tmp_path / "c.safetensors", build_model(ModelConfig("contracting", 1, 4, 10), seed=0))
-    rewrite_header(path, record_edit=lambda r: r["config"].update(rank=2))
+    rewrite_header(path, record_edit=lambda r: r["config"].update(rank=9))
     monkeypatch.setattr(checkpoints, "build_model", lambda *a, **k: pytest.fail("built a model before validating"))
     _fails(capsys, ["info", str(path)], "invalid model config", "rank", path=path)
 

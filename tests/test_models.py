@@ -32,17 +32,22 @@ def _hand_written(config, p, x):
     def lip(M, beta, gamma):
         return (1 - beta) * (M + M.T) + beta * (M - M.T) - gamma * eye
 
-    if config.arch in ("contracting", "ren"):
+    if config.arch == "contracting":
+        Z, B, C, ell = (0.1 * p[k] for k in ("Z", "B", "C", "ell"))
+        Z1, Z3 = Z[:, :n], Z[:, n:]
+        lam = 0.5 * (ell**2 + 1e-3)
+        M11 = 0.5 * C.T @ np.diag(lam) @ C + Z1.T @ Z1 + 1e-3 * eye
+        F = Z3.T @ Z1 - 0.5 * B @ C
+        P = 0.5 * B @ np.diag(1 / lam) @ B.T + Z3.T @ Z3 + 1e-3 * eye
+        E = 0.5 * (M11 / config.rho**2 + P)
+    if config.arch == "ren":
         H = (0.1 * p["X"]).T @ (0.1 * p["X"]) + 1e-3 * np.eye(3 * n)
         Hb = [[H[i * n:(i + 1) * n, j * n:(j + 1) * n] for j in range(3)] for i in range(3)]
         E = 0.5 * (Hb[0][0] / config.rho**2 + Hb[2][2] + 0.1 * (p["Y"] - p["Y"].T))
         F, B = Hb[2][0], Hb[2][1]
-        if config.arch == "contracting":
-            lam = 0.5 * np.abs(Hb[1][1]).sum(axis=1)
-            C = -Hb[1][0] / lam[:, None]
-        else:  # n <= 16: one block, D11 = 0 and Lambda from the off-diagonal row sums
-            lam = 0.5 * np.abs(Hb[1][1]).sum(axis=1)
-            K = -Hb[1][0] / lam[:, None]
+        # n <= 16: one block, D11 = 0 and Lambda from the off-diagonal row sums
+        lam = 0.5 * np.abs(Hb[1][1]).sum(axis=1)
+        K = -Hb[1][0] / lam[:, None]
     outputs = []
     for sample in x:
         h = np.zeros(n)

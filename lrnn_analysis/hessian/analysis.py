@@ -23,7 +23,6 @@ from .trace import TraceResult, trace as trace_estimate
 
 BACKENDS = ("native", "pyhessian")
 ESTIMATES = ("diag", "frobenius", "blocks")
-RECURRENT_FIRST = ("M_A", "M_W")
 
 
 @dataclass(frozen=True)
@@ -108,10 +107,12 @@ def analyze(
     ``mc_samples`` labels per sample from ``seed``) or ``"ef"`` (empirical Fisher); native only.
     ``estimates``: any of ``"diag"`` (``diagonal_method``, ``estimate_matvecs`` products),
     ``"frobenius"`` (‖C‖_F², up to ``estimate_matvecs`` products) and ``"blocks"`` (per-tensor
-    trace and λ_max, recurrent matrices first). ``density_scale``: ``"linear"`` or ``"symlog"``.
+    trace and λ_max, the model's declared recurrent parameters first). ``density_scale``: ``"linear"`` or ``"symlog"``.
     """
-    from ..subject import as_module
+    from ..subject import ModelUnderAnalysis, as_module
 
+    recurrent_first = (tuple(model.recurrent_names()) if isinstance(model, ModelUnderAnalysis) and model.recurrent
+                       else tuple(getattr(model, "recurrent_parameters", ())))
     model = as_module(model)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -148,7 +149,7 @@ def analyze(
         if "frobenius" in estimates:
             frobenius_result = frobenius_norm_squared(op, trace_tol, estimate_matvecs, seed)
         if "blocks" in estimates:
-            blocks_result = block_curvature(op, tol, seed=seed, first=RECURRENT_FIRST, max_iter=max_iter)
+            blocks_result = block_curvature(op, tol, seed=seed, first=recurrent_first, max_iter=max_iter)
         described = op.describe()
         lambda_max = float(eigen.values.max())
         lambda_min = None if positive_semidefinite else float(eigen.values.min())

@@ -21,7 +21,8 @@ class ModelConfig:
     with entries ~ N(0, (init_std / hidden)^2), as in the reference implementation.
 
     ``contracting`` and ``ren`` (:mod:`.contracting`) contract at rate ``rho`` per step
-    for every parameter value; ``rank`` is the number of rows m of their X (0: hidden),
+    for every parameter value; ``rank`` is the number of rows m of their Z (contracting,
+    at most 2 * hidden) or X (ren, at most 3 * hidden), 0 meaning hidden;
     ``cond_penalty`` the weight kappa of kappa * mean(log^2 sigma_i(T)) added to the
     training loss of ``contracting`` (``eps`` is the step of its euler Lur'e form).
     """

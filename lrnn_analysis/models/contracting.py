@@ -1,32 +1,43 @@
 """Recurrent networks that contract for every value of their parameters.
 
-Both models are built from one positive definite matrix H = X^T X + delta I (3n x 3n,
-X of shape m x 3n, m = ``config.rank`` or n) with n x n blocks H_ij, P = H_33 and
-E = (H_11 / rho^2 + P + Y - Y^T) / 2, in the spirit of the contracting Recurrent
-Equilibrium Networks of Revay, Wang and Manchester (2021).
+Both models certify themselves with one positive definite 3n x 3n matrix M whose n x n
+blocks M_ij (1: the state increment, 2: the nonlinearity's increment, 3: the next state)
+give P = M_33, F = M_31, B = M_32, M_21 = -Lambda C and 2 Lambda >= M_22, and with
+E = (M_11 / rho^2 + P + Y - Y^T) / 2 (Y = 0 for ``contracting``), in the spirit of the
+contracting Recurrent Equilibrium Networks of Revay, Wang and Manchester (2021).
 
-``contracting`` (:class:`ContractingRNN`), with F = H_31, B = H_32,
-Lambda = diag(sum_j |(H_22)_ij|) / 2 and C = -Lambda^-1 H_21, runs
+``contracting`` (:class:`ContractingRNN`) runs
 
-    E h+ = F h + B tanh(C h + u),   u = U x + b.
+    E h+ = F h + B tanh(C h + u),   u = U x + b,
+
+with B, C free n x n matrices, Lambda = diag(l^2 + delta) / 2 (l free, delta = ``DELTA``) and
+Z = [Z_1, Z_3] free (m x 2n, m = ``config.rank`` or n):
+
+    M_11 = C^T Lambda C / 2 + Z_1^T Z_1 + delta I,   M_22 = 2 Lambda,
+    F = M_31 = -B C / 2 + Z_3^T Z_1,   P = M_33 = B Lambda^-1 B^T / 2 + Z_3^T Z_3 + delta I,
+
+i.e. M = K^T (2 Lambda)^-1 K + [Z_1, 0, Z_3]^T [Z_1, 0, Z_3] + delta diag(I, 0, I) with
+K = [-Lambda C, 2 Lambda, B^T]: M > 0, and its middle block is exactly the diagonal
+2 Lambda, so no multiplier is spent on off-diagonal terms of M_22 (every M > 0 with a
+diagonal middle block arises this way, up to the rank of Z).
 
 Increments (Delta, p) with p = tanh(C h + u) - tanh(C h~ + u) obey the sector condition
 2 p^T Lambda (C Delta - p) >= 0. With Q = E^T P^-1 E, the bound E^T P^-1 E >= E + E^T - P
-= H_11 / rho^2 (from (E - P)^T P^-1 (E - P) >= 0), 2 Lambda >= H_22 (diagonal dominance)
-and the Schur complement of H_33 in H > 0,
+= M_11 / rho^2 (from (E - P)^T P^-1 (E - P) >= 0), 2 Lambda >= M_22 and the Schur complement
+of M_33 in M > 0,
 
-    [F B]^T P^-1 [F B] - [[rho^2 Q, C^T Lambda], [Lambda C, 2 Lambda]] < 0,
+    [F B]^T P^-1 [F B] - [[rho^2 Q, -C^T Lambda], [-Lambda C, 2 Lambda]] < 0,
 
 so ||Delta+||_Q <= rho ||Delta||_Q for every input sequence. The rewrite h = T zeta,
 T = E^-1 B / eps, makes the model the toolkit's euler Lur'e system
 zeta+ = zeta + eps (A zeta + tanh(W zeta + u)) with A = (T^-1 E^-1 F T - I) / eps,
 W = C T, and the same inequality with P_zeta = T^T Q T (a congruence by diag(T, I)).
-T is invertible when B is, which needs m >= n.
+T is invertible when B is.
 
-``ren`` (:class:`ContractingREN`) is the explicit contracting REN: with
+``ren`` (:class:`ContractingREN`) is the explicit contracting REN with M = H = X^T X + delta I
+(X of shape m x 3n), F = H_31, B1 = H_32, C1 = -H_21,
 D11 = -(strictly block-lower-triangular part of H_22) (blocks of ``REN_BLOCK`` neurons),
 Lambda = diag(H_22)/2 + (sum of |(H_22)_ij| over the other neurons of i's block)/2,
-C1 = -H_21, F = H_31, B1 = H_32,
 
     E x+ = F x + B1 w + B2 x_t,   w = tanh(Lambda^-1 (C1 x + D11 w) + u),
 
@@ -52,8 +63,8 @@ from .config import ModelConfig
 
 DELTA = 1e-3
 REN_BLOCK = 16
-# X and Y are stored divided by this: Adam's steps are absolute, and the recipe's learning
-# rate (0.03) on entries of size ~1/sqrt(m) is 10x what trains these models well.
+# The parameters are stored divided by this: Adam's steps are absolute, and the recipe's
+# learning rate (0.03) on entries of size ~1/sqrt(m) is 10x what trains these models well.
 PARAMETER_SCALE = 0.1
 
 
@@ -70,21 +81,23 @@ class Construction(NamedTuple):
 
 
 def _blocks(X: Tensor, n: int) -> list[list[Tensor]]:
+    """The n x n blocks H_ij of H = X^T X + delta I."""
     H = X.mT @ X + DELTA * torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
     return [[H[i * n:(i + 1) * n, j * n:(j + 1) * n] for j in range(3)] for i in range(3)]
 
 
-def _descriptor(H: list[list[Tensor]], Y: Tensor, rho: float) -> Tensor:
-    """E = (H_11 / rho^2 + P + Y - Y^T) / 2."""
-    return 0.5 * (H[0][0] / rho**2 + H[2][2] + Y - Y.mT)
-
-
-def contracting_construction(X: Tensor, Y: Tensor, rho: float) -> Construction:
-    """E, F, B, C, P, Lambda of :class:`ContractingRNN` from its parameters (module docstring)."""
-    n = Y.shape[0]
-    H = _blocks(X, n)
-    lam = 0.5 * H[1][1].abs().sum(dim=1)
-    return Construction(_descriptor(H, Y, rho), H[2][0], H[2][1], -H[1][0] / lam[:, None], H[2][2], lam, None)
+def contracting_construction(Z: Tensor, B: Tensor, C: Tensor, ell: Tensor, rho: float) -> Construction:
+    """E, F, B, C, P, Lambda of :class:`ContractingRNN` from Z = [Z_1, Z_3], B, C and
+    Lambda = diag(ell^2 + delta) / 2 (module docstring)."""
+    n = B.shape[0]
+    eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
+    Z1, Z3 = Z[:, :n], Z[:, n:]
+    lam = 0.5 * (ell * ell + DELTA)
+    M11 = 0.5 * C.mT @ (lam[:, None] * C) + Z1.mT @ Z1 + DELTA * eye
+    F = Z3.mT @ Z1 - 0.5 * B @ C
+    P = 0.5 * B @ (B.mT / lam[:, None]) + Z3.mT @ Z3 + DELTA * eye
+    E = 0.5 * (M11 / rho**2 + P)
+    return Construction(E, F, B, C, P, lam, None)
 
 
 def block_mask(n: int, block: int, device: torch.device | None = None) -> Tensor:
@@ -102,45 +115,44 @@ def ren_construction(X: Tensor, Y: Tensor, rho: float, block: int = REN_BLOCK) -
     eye = torch.eye(n, dtype=X.dtype, device=X.device)
     lam = 0.5 * (torch.diagonal(H22) + (H22.abs() * (same - eye)).sum(dim=1))
     D11 = -torch.tril(H22 * (1.0 - same))
-    return Construction(_descriptor(H, Y, rho), H[2][0], H[2][1], -H[1][0], H[2][2], lam, D11)
+    E = 0.5 * (H[0][0] / rho**2 + H[2][2] + Y - Y.mT)
+    return Construction(E, H[2][0], H[2][1], -H[1][0], H[2][2], lam, D11)
 
 
-class _DirectlyParameterized(RecurrentModel):
-    """Parameters X (m x 3n) and Y (n x n), stored divided by ``PARAMETER_SCALE``; subclasses
-    build the recurrence from them."""
+def _scaled(parameters: tuple[Tensor, ...], dtype: torch.dtype | None) -> tuple[Tensor, ...]:
+    """The construction's matrices from stored parameters: cast to ``dtype``, times ``PARAMETER_SCALE``."""
+    return tuple((p if dtype is None else p.to(dtype)) * PARAMETER_SCALE for p in parameters)
 
-    recurrent_parameters = ("X", "Y")
+
+def _stored(value: Tensor) -> nn.Parameter:
+    return nn.Parameter(value / PARAMETER_SCALE)
+
+
+class ContractingRNN(RecurrentModel):
+    """E h+ = F h + B tanh(C h + u): contracting at rate rho for every Z, B, C, ell (module docstring).
+
+    Parameters (stored divided by ``PARAMETER_SCALE``): ``Z`` (m x 2n), ``B`` and ``C`` (n x n), ``ell`` (n).
+    """
+
+    recurrent_parameters = ("Z", "B", "C", "ell")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         n = config.hidden
         m = config.rank or n
-        if not n <= m <= 3 * n and isinstance(self, ContractingRNN):
-            raise ValueError(f"contracting needs hidden <= rank <= 3 * hidden (B must be invertible), got rank {m}")
-        if not 1 <= m <= 3 * n:
-            raise ValueError(f"rank must be at most 3 * hidden = {3 * n}, got {m}")
-        # Near-identity start: X_3 = X_1 + noise makes F ~ P ~ E, i.e. h+ ~ h, and B, C small.
-        X1 = torch.randn(m, n) / m**0.5
-        X2 = torch.randn(m, n) * (config.init_std / m**0.5)
-        X3 = X1 + torch.randn(m, n) * (config.init_std / m**0.5)
-        self.X = nn.Parameter(torch.cat([X1, X2, X3], dim=1) / PARAMETER_SCALE)
-        self.Y = nn.Parameter(torch.zeros(n, n))
+        if not 1 <= m <= 2 * n:
+            raise ValueError(f"contracting needs 1 <= rank <= 2 * hidden = {2 * n}, got rank {m}")
+        # Near-identity start: Z_3 = Z_1 + noise makes F ~ P ~ E, i.e. h+ ~ h, and B, C small.
+        Z1 = torch.randn(m, n) / m**0.5
+        Z3 = Z1 + torch.randn(m, n) * (config.init_std / m**0.5)
+        self.Z = _stored(torch.cat([Z1, Z3], dim=1))
+        self.B = _stored(torch.randn(n, n) * (config.init_std / n**0.5))
+        self.C = _stored(torch.randn(n, n) * (config.init_std / n**0.5))
+        self.ell = _stored(torch.ones(n))
 
     def construction(self, dtype: torch.dtype | None = None) -> Construction:
-        raise NotImplementedError
-
-    def _cast(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-        """X and Y of the construction (the parameters times ``PARAMETER_SCALE``)."""
-        X, Y = (self.X, self.Y) if dtype is None else (self.X.to(dtype), self.Y.to(dtype))
-        return X * PARAMETER_SCALE, Y * PARAMETER_SCALE
-
-
-class ContractingRNN(_DirectlyParameterized):
-    """E h+ = F h + B tanh(C h + u): contracting at rate rho for every X, Y (module docstring)."""
-
-    def construction(self, dtype: torch.dtype | None = None) -> Construction:
-        X, Y = self._cast(dtype)
-        return contracting_construction(X, Y, self.config.rho)
+        Z, B, C, ell = _scaled((self.Z, self.B, self.C, self.ell), dtype)
+        return contracting_construction(Z, B, C, ell, self.config.rho)
 
     def _explicit(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(E^-1 F, E^-1 B, C): h+ = E^-1 F h + E^-1 B tanh(C h + u)."""
@@ -192,16 +204,31 @@ class ContractingRNN(_DirectlyParameterized):
         return kappa * torch.log(torch.linalg.svdvals(T)).square().mean()
 
 
-class ContractingREN(_DirectlyParameterized):
-    """The explicit contracting REN: E x+ = F x + B1 w + B2 x_t, w = tanh(Lambda^-1 (C1 x + D11 w) + u)."""
+class ContractingREN(RecurrentModel):
+    """The explicit contracting REN: E x+ = F x + B1 w + B2 x_t, w = tanh(Lambda^-1 (C1 x + D11 w) + u).
+
+    Parameters X (m x 3n) and Y (n x n), stored divided by ``PARAMETER_SCALE``, and B2.
+    """
+
+    recurrent_parameters = ("X", "Y")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
+        n = config.hidden
+        m = config.rank or n
+        if not 1 <= m <= 3 * n:
+            raise ValueError(f"ren needs 1 <= rank <= 3 * hidden = {3 * n}, got rank {m}")
+        # Near-identity start: X_3 = X_1 + noise makes F ~ P ~ E, i.e. x+ ~ x, and B1, C1 small.
+        X1 = torch.randn(m, n) / m**0.5
+        X2 = torch.randn(m, n) * (config.init_std / m**0.5)
+        X3 = X1 + torch.randn(m, n) * (config.init_std / m**0.5)
+        self.X = _stored(torch.cat([X1, X2, X3], dim=1))
+        self.Y = nn.Parameter(torch.zeros(n, n))
         self.B2 = nn.Linear(config.input_dim, config.hidden, bias=False)
         nn.init.zeros_(self.B2.weight)
 
     def construction(self, dtype: torch.dtype | None = None) -> Construction:
-        X, Y = self._cast(dtype)
+        X, Y = _scaled((self.X, self.Y), dtype)
         return ren_construction(X, Y, self.config.rho)
 
     def _input_sequence(self, x: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -295,3 +295,29 @@ def certificate_result(check: EvidenceCheck, model: Any) -> CertificateResult:
         rate_meaning="contraction factor per input step: ||delta_k|| <= gain * rate^k * ||delta_0||",
         evidence=Evidence(e.P, np.asarray(e.multipliers).reshape(1, -1), v.r), verification=v,
     )
+
+
+def stored_then_searched(
+    check: EvidenceCheck,
+    model: Any,
+    system: LureSystem | None,
+    names: Sequence[str] | None = None,
+    time_budget: float | None = None,
+    wrap: Callable[[list[str]], Iterable[str]] | None = None,
+) -> list[CertificateResult]:
+    """A model's certificates: the stored one first when ``check`` verified it (reported from
+    the evidence, never searched), then every other name in ``names`` (default:
+    ``default_certificates(system)``) searched by :func:`certify` on ``system`` within
+    ``time_budget`` seconds in all. With no Lur'e form (``system`` None) only the stored one.
+    ``wrap`` wraps the names searched (a progress bar)."""
+    from .certificates import default_certificates
+
+    results = [certificate_result(check, model)] if check.verified else []
+    if system is None:
+        return results
+    wanted = [n for n in (names or default_certificates(system)) if not (results and n == results[0].name)]
+    started = time.monotonic()
+    for name in (wanted if wrap is None else wrap(wanted)):
+        remaining = None if time_budget is None else max(0.0, time_budget - (time.monotonic() - started))
+        results += certify(system, [name], time_budget=remaining)
+    return results
