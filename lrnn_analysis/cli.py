@@ -415,6 +415,7 @@ def _spectral_line(model) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .stability.evidence import check_stored
     from .tables import format_table, format_value
 
     subject = _load_subject(args)
@@ -449,6 +450,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key in ("training", "metrics", "environment"):
         if key in metadata:
             print(f"{key}: " + ", ".join(f"{k}={format_value(v)}" for k, v in metadata[key].items()))
+    stored = check_stored(model, metadata)
+    if stored.verified:
+        print(f"certificate evidence: {stored.describe()}")
+    elif stored.status != "absent":
+        print(f"certificate evidence: STORED EVIDENCE NOT VERIFIED: {stored.reason}", file=sys.stderr)
     log = metadata.get("log") or []
     if log:
         columns = [key for key in log[0] if key not in ("seconds",)]

@@ -2,6 +2,7 @@
 import json
 import re
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,16 @@ def test_audit_of_a_reference_implementation_state_dict(tmp_path):
     assert "## Reference implementation file" in (out / "report.md").read_text()
     assert (out / "training_log.csv").is_file() and (out / "training_spectra.png").is_file()
     assert {c["name"] for c in report["stability"]["certificates"]} == {"euler-norm", "euler-lmi"}
+
+
+def test_every_committed_recipe_validates_against_the_committed_models():
+    """`make run` validates all recipes before computing anything: a recipe naming a model that is
+    not committed (or two recipes sharing an output) would stop it at once."""
+    from lrnn_analysis.recipes import check_recipe_set, find_recipes, load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    recipes = [load_recipe(path) for path in find_recipes(root / "analyses")]
+    check_recipe_set(recipes)
+    for recipe in recipes:
+        assert all(path.is_file() for path in recipe.checkpoint_paths()), recipe.path
+    assert {"hessian-comparison", "smnist-hessian", "smnist-robustness"} <= {r.name for r in recipes}

@@ -255,6 +255,16 @@ def test_cli_stability_uses_stored_evidence_and_falls_back_visibly(certified_che
     assert "stored evidence (construction)" not in captured.out and code in (0, 1)
 
 
+def test_cli_info_shows_whether_the_stored_evidence_verifies(certified_checkpoint, capsys):
+    path, _ = certified_checkpoint
+    assert main(["info", str(path)]) == 0
+    assert "certificate evidence: verified from stored evidence: euler-lmi" in capsys.readouterr().out
+    _edit_evidence(path, lambda e: e.__setitem__("rate", e["rate"] * 0.5))
+    assert main(["info", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "certificate evidence: STORED EVIDENCE NOT VERIFIED" in captured.err and "verified from" not in captured.out
+
+
 def test_cli_trains_ren_and_contracting_with_evidence(tmp_path, capsys):
     for arch in ("contracting", "ren"):
         out = tmp_path / f"{arch}.safetensors"
