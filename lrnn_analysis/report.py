@@ -211,9 +211,6 @@ def run_audit(
     stored = check_stored(model, subject.metadata)
     stability: dict[str, Any] = {"lure_form": system is not None, "stored_evidence": stored.to_dict()}
     tables: dict[str, list[dict[str, Any]]] = {}
-    if system is None and stored.verified:
-        stability["certificates"] = [r.to_dict(include_matrices=False)
-                                     for r in stored_then_searched(stored, model, None)]
     if system is not None:
         wanted = list(default_certificates(system))
         wanted += [g.value for g in gates if g.kind == "certified" and g.value not in wanted]
@@ -221,7 +218,10 @@ def run_audit(
         stability["spectrum"] = spectrum(system).to_dict()
         stability["certificates"] = [r.to_dict(include_matrices=False) for r in results]
         tables["spectra"], tables["spectra_summary"] = analyses.spectra_tables({checkpoint: subject})
-    elif not stored.verified:
+    elif stored.verified:
+        stability["certificates"] = [r.to_dict(include_matrices=False)
+                                     for r in stored_then_searched(stored, model, None)]
+    else:
         stability["reason"] = analyses.NO_LURE_FORM
     timings["stability"] = time.perf_counter() - started
 
