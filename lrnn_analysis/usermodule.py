@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .checkpoints import MAX_FILE_BYTES
 from .errors import first_line
 from .subject import ModelUnderAnalysis
 
@@ -176,6 +177,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such weights file")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: weights file of {size} bytes is larger than the {MAX_FILE_BYTES}-byte limit")
     with open(path, "rb") as stream:
         head = stream.read(9)
     if len(head) < 9:

@@ -83,3 +83,16 @@ def test_a_truncated_torch_data_file_is_a_value_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=f"^{path}: ") as caught:
         load_data(path)
     assert len(str(caught.value).splitlines()) == 1
+
+
+def test_a_weights_file_beyond_the_size_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    import torch
+
+    from lrnn_analysis import usermodule
+
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(100)}, path)
+    monkeypatch.setattr(usermodule, "MAX_FILE_BYTES", 64)
+    monkeypatch.setattr(usermodule.torch, "load", lambda *a, **k: pytest.fail("read a file beyond the limit"))
+    with pytest.raises(ValueError, match="larger than the 64-byte limit"):
+        usermodule.read_state_dict(path)
