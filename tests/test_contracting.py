@@ -164,6 +164,20 @@ def test_trained_contracting_model_trajectories_contract_at_the_certified_rate(d
     assert worst <= 1.0 + 1e-9
 
 
+def test_the_committed_contracting_model_contracts_at_its_stored_rate():
+    """The shipped digits model (trained 100 epochs): its stored evidence verifies and simulated
+    pairs of its Lur'e form never separate faster than the stored rate in the stored P-norm."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "models" / "digits-contracting.safetensors"
+    model, metadata = load_checkpoint(path)
+    check = check_stored(model, metadata)
+    assert check.verified and check.evidence.certificate == "euler-lmi" and check.evidence.rate < 1
+    system = model.lure_form()
+    worst = _pair_contraction(system.step, check.evidence.P, check.evidence.rate, system.n, np.random.default_rng(1))
+    assert worst <= 1.0 + 1e-9
+
+
 def test_ren_trajectories_contract_at_the_certified_rate():
     model = _model("ren", hidden=20, rho=0.9).double()
     evidence, verification = construction_evidence(model)
