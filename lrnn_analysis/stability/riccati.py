@@ -65,7 +65,13 @@ _BISECTION_RTOL = 1e-3
 _MAX_ROUNDS = 25
 _ROUND_RTOL = 1e-4
 _DESCENT_STEPS = 12
+# Newton-Kleinman: at most _NEWTON_STEPS Schur factorizations per solve, and _NEWTON_ITERATIONS
+# steps in all. A step may reuse the last factorization (a chord step, about a fifth of the cost
+# at n = 256) while it cuts the residual by _CHORD_CONTRACTION; see RiccatiSolver._newton.
 _NEWTON_STEPS = 8
+_NEWTON_ITERATIONS = 16
+_CHORD_CONTRACTION = 0.25
+_SYLVESTER_LEAF = 48
 _PHASE_ONE_DOUBLINGS = 12
 _BIG = 1e300
 
@@ -73,7 +79,8 @@ _BIG = 1e300
 class _Solution(NamedTuple):
     """Stabilizing Riccati solution P with K (p = K delta), the closed loop, B (or G) and H.
 
-    H = R (ct) or R_r - G^T P G (discrete); closed = Ac + B K (ct) or F + G K (discrete).
+    H = R (ct) or R_r - G^T P G (discrete); closed = Ac + B K (ct) or F + G K (discrete);
+    ``lyapunov`` holds the Schur form of ``closed``.
     """
 
     P: np.ndarray
@@ -81,6 +88,60 @@ class _Solution(NamedTuple):
     closed: np.ndarray
     B: np.ndarray
     H: np.ndarray
+    lyapunov: "_Lyapunov"
+
+
+def _split(T: np.ndarray, k: int) -> int:
+    """k, or k + 1 where k would cut a 2 x 2 block of the quasi-triangular T."""
+    return k + 1 if T[k, k - 1] != 0.0 else k
+
+
+def _trsyl(A: np.ndarray, B: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """X with A X + X B^T = C (LAPACK trsyl; A, B upper quasi-triangular in Schur canonical form)."""
+    trsyl = scipy.linalg.get_lapack_funcs("trsyl", (A, B, C))
+    X, scale, info = trsyl(A, B, C, trana="N", tranb="T")
+    if info < 0:
+        raise np.linalg.LinAlgError(f"trsyl failed with info {info}")
+    return X / scale
+
+
+def _sylvester(A: np.ndarray, B: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """X with A X + X B^T = C, A and B upper quasi-triangular, by recursive blocking.
+
+    LAPACK's trsyl is unblocked (BLAS level 2): at n = 256 it takes as long as the Schur
+    form. Splitting A = [[A11, A12], [0, A22]] gives A22 X2 + X2 B^T = C2, then
+    A11 X1 + X1 B^T = C1 - A12 X2; splitting B likewise by columns; all the work but the
+    small diagonal blocks is matrix products.
+    """
+    m, n = C.shape
+    if max(m, n) <= _SYLVESTER_LEAF:
+        return _trsyl(A, B, C)
+    if m >= n:
+        k = _split(A, m // 2)
+        X2 = _sylvester(A[k:, k:], B, C[k:])
+        X1 = _sylvester(A[:k, :k], B, C[:k] - A[:k, k:] @ X2)
+        return np.vstack([X1, X2])
+    k = _split(B, n // 2)
+    X2 = _sylvester(A, B[k:, k:], C[:, k:])
+    X1 = _sylvester(A, B[:k, :k], C[:, :k] - X2 @ B[:k, k:].T)
+    return np.hstack([X1, X2])
+
+
+def _lyapunov_triangular(T: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Symmetric X with T X + X T^T = C for symmetric C, T upper quasi-triangular, by recursive blocking.
+
+    With T = [[T11, T12], [0, T22]]: T22 X22 + X22 T22^T = C22, then the Sylvester equation
+    T11 X12 + X12 T22^T = C12 - T12 X22, then T11 X11 + X11 T11^T = C11 - T12 X12^T - X12 T12^T.
+    """
+    n = C.shape[0]
+    if n <= _SYLVESTER_LEAF:
+        return _trsyl(T, T, C)
+    k = _split(T, n // 2)
+    X22 = _lyapunov_triangular(T[k:, k:], C[k:, k:])
+    X12 = _sylvester(T[:k, :k], T[k:, k:], C[:k, k:] - T[:k, k:] @ X22)
+    coupling = T[:k, k:] @ X12.T
+    X11 = _lyapunov_triangular(T[:k, :k], C[:k, :k] - coupling - coupling.T)
+    return np.block([[X11, X12], [X12.T, X22]])
 
 
 class _Lyapunov:
@@ -89,7 +150,10 @@ class _Lyapunov:
 
     The Stein equations go through the Cayley transform C = (A - I)(A + I)^{-1} (as scipy's
     ``solve_discrete_lyapunov`` does): A X A^T - X + Q = 0 iff
-    C X + X C^T = -2 (A + I)^{-1} Q (A + I)^{-T}.
+    C X + X C^T = -2 (A + I)^{-1} Q (A + I)^{-1}^T. The transposed equations use the
+    flipped form J T^T J (J the exchange matrix), again upper quasi-triangular.
+    ``stable``: A is Hurwitz (ct) or Schur stable (discrete), read off the Schur form
+    (the real parts of the eigenvalues of A, or of C, whose real parts are negative iff |eig A| < 1).
     """
 
     def __init__(self, A: np.ndarray, discrete: bool) -> None:
@@ -98,17 +162,18 @@ class _Lyapunov:
             self.shifted = scipy.linalg.lu_factor(A + np.eye(A.shape[0]))
             A = scipy.linalg.lu_solve(self.shifted, A - np.eye(A.shape[0]))
         self.T, self.Z = scipy.linalg.schur(A, output="real")
+        self.flipped = np.ascontiguousarray(self.T[::-1, ::-1].T)
+        self.stable = bool(np.all(np.isfinite(self.T)) and np.diag(self.T).max() < 0)
 
     def _continuous(self, Q: np.ndarray, transposed: bool) -> np.ndarray:
         """X with M X + X M^T = -Q, M = A (transposed False) or A^T."""
-        T, Z = self.T, self.Z
+        Z = self.Z
         C = -(Z.T @ Q @ Z)
-        trsyl = scipy.linalg.get_lapack_funcs("trsyl", (T, C))
-        op = ("T", "N") if transposed else ("N", "T")
-        X, scale, info = trsyl(T, T, C, trana=op[0], tranb=op[1])
-        if info < 0:
-            raise np.linalg.LinAlgError(f"trsyl failed with info {info}")
-        X = Z @ (X / scale) @ Z.T
+        if transposed:
+            X = _lyapunov_triangular(self.flipped, C[::-1, ::-1])[::-1, ::-1]
+        else:
+            X = _lyapunov_triangular(self.T, C)
+        X = Z @ X @ Z.T
         return 0.5 * (X + X.T)
 
     def solve(self, Q: np.ndarray, transposed: bool) -> np.ndarray:
@@ -126,12 +191,31 @@ class _Lyapunov:
 
 
 class RiccatiSolver:
-    """Solves the Riccati equation of ``form`` for given (Lambda, r, eta), warm-started from the last solution."""
+    """Solves the Riccati equation of ``form`` for given (Lambda, r, eta), warm-started from the last solution.
+
+    Counts its work: ``solves`` (Riccati solves), ``factorizations`` (real Schur forms) and
+    ``lyapunov_solves`` (Lyapunov or Stein equations solved in a Schur form).
+    """
 
     def __init__(self, form: IncrementalForm) -> None:
         self.form = form
-        self.warm: np.ndarray | None = None
+        self.warm: _Solution | None = None
         self.solves = 0
+        self.factorizations = 0
+        self.lyapunov_solves = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"riccati_solves": self.solves, "schur_forms": self.factorizations, "lyapunov_solves": self.lyapunov_solves}
+
+    def factor(self, closed: np.ndarray) -> _Lyapunov:
+        self.factorizations += 1
+        with np.errstate(all="ignore"):
+            return _Lyapunov(closed, not self.form.continuous)
+
+    def lyapunov(self, factored: _Lyapunov, Q: np.ndarray, transposed: bool) -> np.ndarray:
+        self.lyapunov_solves += 1
+        with np.errstate(all="ignore"):
+            return factored.solve(Q, transposed)
 
     def _data(self, lam: np.ndarray, r: float) -> tuple[np.ndarray, ...] | None:
         """(F, B, S, R) of the equation at rate ``r``: ct shifted by r I, discrete scaled by 1/rho."""
@@ -159,19 +243,50 @@ class RiccatiSolver:
         residual = core + K.T @ H @ K + eta * np.eye(self.form.n)
         return 0.5 * (residual + residual.T)
 
-    def _newton(self, P: np.ndarray, data: tuple[np.ndarray, ...], eta: float) -> np.ndarray | None:
-        """Newton-Kleinman from P: (F + B K)^T dP + dP (F + B K) = -Res(P) (ct) or the Stein twin."""
+    def _newton(self, P: np.ndarray, factored: _Lyapunov | None, data: tuple[np.ndarray, ...], eta: float) -> np.ndarray | None:
+        """Newton-Kleinman from P: (F + B K)^T dP + dP (F + B K) = -Res(P) (ct) or the Stein twin.
+
+        ``factored`` (the Schur form of the closed loop at the last solution, for other data)
+        serves chord steps dP = -L0^{-1} Res(P) while each cuts ||Res|| by _CHORD_CONTRACTION;
+        otherwise the closed loop at the current P is factored (a true Newton step), from the
+        previous iterate if the chord step made the residual grow. Only the residual decides
+        convergence, so chord steps change the work, not the accuracy of the solution.
+        After a first Newton step the residual is positive semidefinite (the Riccati operator
+        is convex in P) and the iterates increase toward the stabilizing solution, whose closed
+        loops are stable; a later Newton step from an unstable closed loop means the iteration
+        has left that path, and it stops there (the rate counts as infeasible).
+        """
         F, B, S, R = data
-        for _ in range(_NEWTON_STEPS):
+        previous: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
+        fresh = False
+        newton_steps = 0
+        for _ in range(_NEWTON_ITERATIONS):
             K, H = self._gain(P, F, B, S, R)
             closed = F + B @ K
             residual = self._residual(P, K, H, F, eta)
-            if np.linalg.norm(residual) <= 0.25 * eta:
+            norm = float(np.linalg.norm(residual))
+            if not np.isfinite(norm):
+                return None
+            if norm <= 0.25 * eta:
                 return P
-            with np.errstate(all="ignore"):
-                step = _Lyapunov(closed, not self.form.continuous).solve(residual, transposed=True)
+            if previous is not None and not fresh and norm > _CHORD_CONTRACTION * previous[3]:
+                if norm > previous[3]:
+                    P, closed, residual, norm = previous
+                factored = None
+            if factored is None:
+                if newton_steps == _NEWTON_STEPS:
+                    return None
+                factored = self.factor(closed)
+                if newton_steps and not factored.stable:
+                    return None
+                newton_steps += 1
+                fresh = True
+            else:
+                fresh = False
+            step = self.lyapunov(factored, residual, transposed=True)
             if not np.all(np.isfinite(step)):
                 return None
+            previous = (P, closed, residual, norm)
             P = P + step
         return None
 
@@ -191,10 +306,11 @@ class RiccatiSolver:
         self.solves += 1
         try:
             np.linalg.cholesky(R)
-            P = None if self.warm is None else self._newton(self.warm, data, eta)
-            if P is None:
-                if self.warm is not None:
+            if self.warm is not None:
+                P = self._newton(self.warm.P, self.warm.lyapunov, data, eta)
+                if P is None:
                     return None
+            else:
                 with np.errstate(all="ignore"):
                     if form.continuous:
                         X = scipy.linalg.solve_continuous_are(F, B, -eta * np.eye(n), R, s=-S)
@@ -203,25 +319,24 @@ class RiccatiSolver:
                 P = -0.5 * (X + X.T)
             if not np.all(np.isfinite(P)):
                 return None
+            eigs = np.linalg.eigvalsh(P)
+            if not (eigs[0] > 0 and eigs[-1] <= KAPPA_MAX * eigs[0]):
+                return None
+            # The LMI itself decides: the Schur complement of the p-block at this rate must be
+            # negative definite (Cholesky of its negative).
+            parts = form.schur(P, lam)
+            if parts is None:
+                return None
+            np.linalg.cholesky(-(parts[0] + (2.0 * r if form.continuous else -r) * P))
             K, H = self._gain(P, F, B, S, R)
+            closed = F + B @ K
+            lyapunov = self.factor(closed)
         except (np.linalg.LinAlgError, ValueError):
             return None
-        eigs = np.linalg.eigvalsh(P)
-        if not (eigs[0] > 0 and eigs[-1] <= KAPPA_MAX * eigs[0]):
+        if not lyapunov.stable:
             return None
-        closed = F + B @ K
-        poles = np.linalg.eigvals(closed)
-        if (poles.real.max() >= 0) if form.continuous else (np.abs(poles).max() >= 1):
-            return None
-        # The LMI itself decides: Schur complement of the p-block at this rate.
-        parts = form.schur(P, lam)
-        if parts is None:
-            return None
-        shift = 2.0 * r if form.continuous else -r
-        if np.linalg.eigvalsh(parts[0] + shift * P)[-1] >= 0:
-            return None
-        self.warm = P
-        return _Solution(P, K, closed, B, H)
+        self.warm = _Solution(P, K, closed, B, H, lyapunov)
+        return self.warm
 
 
 def _gramian_objective(
@@ -248,20 +363,19 @@ def _gramian_objective(
     solution = solver.solve(lam, r, eta_coef * float(lam.mean()))
     if solution is None:
         return _BIG, np.zeros_like(theta)
-    _, K, closed, B, H = solution
+    _, K, closed, B, H, lyapunov = solution
     identity = np.eye(n)
     try:
+        Y = solver.lyapunov(lyapunov, identity, transposed=False)
+        Z = solver.lyapunov(lyapunov, identity, transposed=True)
         with np.errstate(all="ignore"):
-            lyapunov = _Lyapunov(closed, not form.continuous)
-            Y = lyapunov.solve(identity, transposed=False)
-            Z = lyapunov.solve(identity, transposed=True)
             if form.continuous:
                 D = np.linalg.solve(H.T, (Y @ Z @ B).T).T
                 V = B @ D.T
             else:
                 D = np.linalg.solve(H.T, (Y @ closed.T @ Z @ B).T).T
                 V = closed @ D @ B.T
-            U = lyapunov.solve(V + V.T, transposed=False)
+        U = solver.lyapunov(lyapunov, V + V.T, transposed=False)
     except (np.linalg.LinAlgError, ValueError):
         return _BIG, np.zeros_like(theta)
     trace = float(np.trace(Y))
@@ -413,4 +527,5 @@ def riccati_tier(form: IncrementalForm, g_upper: float, deadline: float) -> Tier
     if best is not None:
         reason = "verified"
     exhausted = time.monotonic() >= deadline
-    return TierOutcome(RICCATI_TIER, best, time.monotonic() - start, solver.solves, None, reason, exhausted)
+    return TierOutcome(RICCATI_TIER, best, time.monotonic() - start, solver.solves, None, reason, exhausted,
+                       solver.counts())
