@@ -65,11 +65,17 @@ _BISECTION_RTOL = 1e-3
 _MAX_ROUNDS = 25
 _ROUND_RTOL = 1e-4
 _DESCENT_STEPS = 12
+_LBFGS_MEMORY = 8
+_BACKTRACKS = 6
+_MAX_LOG_STEP = 2.0
 # Newton-Kleinman: at most _NEWTON_STEPS Schur factorizations per solve, and _NEWTON_ITERATIONS
 # steps in all. A step may reuse the last factorization (a chord step, about a fifth of the cost
 # at n = 256) while it cuts the residual by _CHORD_CONTRACTION; see RiccatiSolver._newton.
 _NEWTON_STEPS = 8
 _NEWTON_ITERATIONS = 16
+# A cold start (no previous solution) runs Newton from P = 0 with this many more steps, then
+# scipy's Schur method (a QZ of order 2n, seconds at n = 256) if that fails.
+_COLD_FACTOR = 4
 _CHORD_CONTRACTION = 0.25
 _SYLVESTER_LEAF = 48
 _PHASE_ONE_DOUBLINGS = 12
@@ -193,12 +199,14 @@ class _Lyapunov:
 class RiccatiSolver:
     """Solves the Riccati equation of ``form`` for given (Lambda, r, eta), warm-started from the last solution.
 
-    Counts its work: ``solves`` (Riccati solves), ``factorizations`` (real Schur forms) and
-    ``lyapunov_solves`` (Lyapunov or Stein equations solved in a Schur form).
+    Newton stops once ||Res(P)||_F <= ``tolerance`` * eta. Counts its work: ``solves``
+    (Riccati solves), ``factorizations`` (real Schur forms) and ``lyapunov_solves`` (Lyapunov
+    or Stein equations solved in a Schur form).
     """
 
-    def __init__(self, form: IncrementalForm) -> None:
+    def __init__(self, form: IncrementalForm, tolerance: float = 0.25) -> None:
         self.form = form
+        self.tolerance = tolerance
         self.warm: _Solution | None = None
         self.solves = 0
         self.factorizations = 0
@@ -243,7 +251,9 @@ class RiccatiSolver:
         residual = core + K.T @ H @ K + eta * np.eye(self.form.n)
         return 0.5 * (residual + residual.T)
 
-    def _newton(self, P: np.ndarray, factored: _Lyapunov | None, data: tuple[np.ndarray, ...], eta: float) -> np.ndarray | None:
+    def _newton(
+        self, P: np.ndarray, factored: _Lyapunov | None, data: tuple[np.ndarray, ...], eta: float, budget: int = 1
+    ) -> np.ndarray | None:
         """Newton-Kleinman from P: (F + B K)^T dP + dP (F + B K) = -Res(P) (ct) or the Stein twin.
 
         ``factored`` (the Schur form of the closed loop at the last solution, for other data)
@@ -254,27 +264,29 @@ class RiccatiSolver:
         After a first Newton step the residual is positive semidefinite (the Riccati operator
         is convex in P) and the iterates increase toward the stabilizing solution, whose closed
         loops are stable; a later Newton step from an unstable closed loop means the iteration
-        has left that path, and it stops there (the rate counts as infeasible).
+        has left that path, and it stops there (the rate counts as infeasible). From P = 0 the
+        residual eta I + S R^{-1} S^T (ct; discrete alike) is already positive semidefinite.
+        ``budget`` multiplies the step limits.
         """
         F, B, S, R = data
         previous: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
         fresh = False
         newton_steps = 0
-        for _ in range(_NEWTON_ITERATIONS):
+        for _ in range(budget * _NEWTON_ITERATIONS):
             K, H = self._gain(P, F, B, S, R)
             closed = F + B @ K
             residual = self._residual(P, K, H, F, eta)
             norm = float(np.linalg.norm(residual))
             if not np.isfinite(norm):
                 return None
-            if norm <= 0.25 * eta:
+            if norm <= self.tolerance * eta:
                 return P
             if previous is not None and not fresh and norm > _CHORD_CONTRACTION * previous[3]:
                 if norm > previous[3]:
                     P, closed, residual, norm = previous
                 factored = None
             if factored is None:
-                if newton_steps == _NEWTON_STEPS:
+                if newton_steps == budget * _NEWTON_STEPS:
                     return None
                 factored = self.factor(closed)
                 if newton_steps and not factored.stable:
@@ -293,9 +305,10 @@ class RiccatiSolver:
     def solve(self, lam: np.ndarray, r: float, eta: float) -> _Solution | None:
         """The stabilizing solution at (Lambda, r) if it satisfies the LMI strictly with cond(P) <= KAPPA_MAX.
 
-        Newton-Kleinman from the last solution; scipy's Schur method when there is none yet.
-        (Newton from a nearby solution converges where the rate is feasible; where it fails
-        the rate is taken as infeasible, which can only cost rate, never soundness.)
+        Newton-Kleinman from the last solution; when there is none yet, from P = 0, then by
+        scipy's Schur method. (Newton from a nearby solution converges where the rate is
+        feasible; where it fails the rate is taken as infeasible, which can only cost rate,
+        never soundness.)
         """
         form, n = self.form, self.form.n
         lam = np.asarray(lam, dtype=np.float64).reshape(form.stages, n)
@@ -311,6 +324,8 @@ class RiccatiSolver:
                 if P is None:
                     return None
             else:
+                P = self._newton(np.zeros((n, n)), None, data, eta, budget=_COLD_FACTOR)
+            if P is None:
                 with np.errstate(all="ignore"):
                     if form.continuous:
                         X = scipy.linalg.solve_continuous_are(F, B, -eta * np.eye(n), R, s=-S)
@@ -397,27 +412,59 @@ def _gramian_objective(
     return float(np.log(trace)), (grad * lam / trace).ravel()
 
 
-def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, eta_coef: float, deadline: float) -> np.ndarray:
-    """Gradient descent on :func:`_gramian_objective` with Barzilai-Borwein steps and Armijo backtracking.
+def _lbfgs_direction(g: np.ndarray, memory: list[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:
+    """-H g by the L-BFGS two-loop recursion over ``memory`` ((s, y, 1 / s^T y), oldest first);
+    with an empty memory -g scaled to a largest entry of 0.5."""
+    if not memory:
+        return -g * (0.5 / max(float(np.abs(g).max()), 1e-300))
+    direction = -g
+    alphas = []
+    for s_k, y_k, rho_k in reversed(memory):
+        alpha = rho_k * float(s_k @ direction)
+        alphas.append(alpha)
+        direction = direction - alpha * y_k
+    s_k, y_k, rho_k = memory[-1]
+    direction = direction / (rho_k * float(y_k @ y_k))
+    for (s_k, y_k, rho_k), alpha in zip(memory, reversed(alphas)):
+        direction = direction + (alpha - rho_k * float(y_k @ direction)) * s_k
+    return direction
 
-    A step into the region where the rate is infeasible (value _BIG) is shortened.
+
+def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, eta_coef: float, deadline: float) -> np.ndarray:
+    """Minimize :func:`_gramian_objective` over theta = log Lambda: L-BFGS directions, Armijo backtracking.
+
+    The memory keeps the last _LBFGS_MEMORY steps with positive curvature (and is dropped if
+    its direction does not descend). A step into the region where the rate is infeasible
+    (value _BIG) is shortened, at most _BACKTRACKS times by 4; no step changes a multiplier by
+    more than a factor e^_MAX_LOG_STEP.
     """
     f, g = _gramian_objective(solver, theta, r, eta_coef)
-    step = 0.5 / max(float(np.abs(g).max()), 1e-300)
+    memory: list[tuple[np.ndarray, np.ndarray, float]] = []
     for _ in range(_DESCENT_STEPS):
         if f >= _BIG or not np.any(g) or time.monotonic() >= deadline:
             break
-        trial = theta - step * g
-        f_trial, g_trial = _gramian_objective(solver, trial, r, eta_coef)
-        if f_trial <= f - 1e-4 * step * float(g @ g):
-            s_k, y_k = trial - theta, g_trial - g
-            curvature = float(s_k @ y_k)
-            theta, f, g = trial, f_trial, g_trial
-            step = min(float(s_k @ s_k) / curvature, 4.0 * step) if curvature > 0 else 2.0 * step
-        else:
-            step *= 0.25
-            if step * float(np.abs(g).max()) < 1e-8:
+        direction = _lbfgs_direction(g, memory)
+        if float(g @ direction) >= 0:
+            memory.clear()
+            direction = _lbfgs_direction(g, memory)
+        slope = float(g @ direction)
+        t = min(1.0, _MAX_LOG_STEP / float(np.abs(direction).max()))
+        accepted = False
+        for _ in range(_BACKTRACKS):
+            trial = theta + t * direction
+            f_trial, g_trial = _gramian_objective(solver, trial, r, eta_coef)
+            accepted = f_trial <= f + 1e-4 * t * slope
+            if accepted or time.monotonic() >= deadline:
                 break
+            t *= 0.25
+        if not accepted:
+            break
+        s_k, y_k = trial - theta, g_trial - g
+        curvature = float(s_k @ y_k)
+        if curvature > 0:
+            memory.append((s_k, y_k, 1.0 / curvature))
+            del memory[:-_LBFGS_MEMORY]
+        theta, f, g = trial, f_trial, g_trial
     return theta - theta.mean()
 
 
