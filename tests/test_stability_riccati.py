@@ -2,10 +2,12 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 
 from lrnn_analysis.stability import LureSystem, certify, simulate_pairs, verify_certificate
+from lrnn_analysis.stability.evidence import EVIDENCE_TIERS, search_evidence
 from lrnn_analysis.stability.forms import incremental_form
-from lrnn_analysis.stability.riccati import RiccatiSolver, _gramian_objective
+from lrnn_analysis.stability.riccati import RiccatiSolver, _Lyapunov, _gramian_objective
 
 
 def random_system(rng, n, method, eps, skew=1.5, scale_W=0.9):
@@ -161,3 +163,55 @@ def test_ct_riccati_rate_follows_a_rescaling_of_time():
         result = certify(scaled, ["ct-lmi"], tiers=["riccati"])[0]
         assert result.holds
         assert abs(result.rate / c - reference.rate) <= 0.02 * reference.rate, (c, result.rate / c, reference.rate)
+
+
+class _LureModule(torch.nn.Module):
+    """The least a model needs for search_evidence: weights (for the SHA-256) and a Lur'e form."""
+
+    def __init__(self, system):
+        super().__init__()
+        self.system = system
+        self.A = torch.nn.Parameter(torch.tensor(system.A))
+        self.W = torch.nn.Parameter(torch.tensor(system.W))
+
+    def lure_form(self):
+        return self.system
+
+
+def test_search_evidence_tries_the_riccati_tier_before_the_sdp_tiers():
+    """Evidence search uses certify's LMI tier order, so a full-P certificate comes from Riccati
+    solves instead of an SDP, and the stored evidence verifies in float64."""
+    assert EVIDENCE_TIERS == ("P=I", "riccati", "diag-P", "full-P")
+    system = random_system(np.random.default_rng(0), 12, "euler", 0.05)
+    stored, result = search_evidence(_LureModule(system))
+    assert [a.tier for a in result.attempts] == ["P=I", "riccati"] and not result.attempts[0].holds
+    assert stored is not None and stored.tier == "riccati" and stored.rate == result.rate
+    assert verify_certificate(system, "euler-lmi", stored.P, stored.multipliers, stored.rate).passed
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_blocked_lyapunov_solves_match_scipy(discrete):
+    """n = 101 > the blocking leaf, with 2 x 2 blocks (complex eigenvalues) in the Schur form."""
+    rng = np.random.default_rng(6)
+    n = 101
+    M = rng.standard_normal((n, n)) / np.sqrt(n)
+    A = 0.45 * M if discrete else M - 1.5 * np.eye(n)
+    Q = rng.standard_normal((n, n))
+    Q = Q @ Q.T
+    lyapunov = _Lyapunov(A, discrete)
+    assert lyapunov.stable and np.any(np.diag(lyapunov.T, -1) != 0)
+    for transposed in (False, True):
+        X = lyapunov.solve(Q, transposed)
+        B = A.T if transposed else A
+        expected = scipy.linalg.solve_discrete_lyapunov(B, Q) if discrete else scipy.linalg.solve_continuous_lyapunov(B, -Q)
+        np.testing.assert_allclose(X, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    assert not _Lyapunov(3.0 * A if discrete else -A, discrete).stable
+
+
+def test_riccati_attempt_reports_its_work():
+    system = random_system(np.random.default_rng(0), 12, "euler", 0.05)
+    attempt = certify(system, ["euler-lmi"], tiers=["riccati"])[0].attempts[-1]
+    work = attempt.to_dict()["work"]
+    assert work["riccati_solves"] == attempt.solves > 0
+    # One Schur form per accepted solve at least; the barrier gradient's three solves each reuse it.
+    assert 0 < work["schur_forms"] <= work["lyapunov_solves"]
