@@ -154,46 +154,36 @@ class _Lyapunov:
     """Solves A^T X + X A + Q = 0 and A X + X A^T + Q = 0 (ct) or the Stein equations
     A^T X A - X + Q = 0 and A X A^T - X + Q = 0 (discrete) with one real Schur form.
 
-    The Stein equations go through the Cayley transform C = (A - I)(A + I)^{-1} (as scipy's
-    ``solve_discrete_lyapunov`` does): A X A^T - X + Q = 0 iff
-    C X + X C^T = -2 (A + I)^{-1} Q (A + I)^{-1}^T. The transposed equations use the
-    flipped form J T^T J (J the exchange matrix), again upper quasi-triangular.
-    ``stable``: A is Hurwitz (ct) or Schur stable (discrete), read off the Schur form
-    (the real parts of the eigenvalues of A, or of C, whose real parts are negative iff |eig A| < 1).
+    The Stein equations go through the Cayley transform C = (A - I)(A + I)^{-1} = I - 2 S,
+    S = (A + I)^{-1} (as scipy's ``solve_discrete_lyapunov`` does): A X A^T - X + Q = 0 iff
+    C X + X C^T = -2 S Q S^T, and A^T X A - X + Q = 0 iff C^T X + X C = -2 S^T Q S. With
+    C (or A) = Z T Z^T, X = Z Y Z^T and Y solves the triangular equation with right side
+    -c V Q V^T, V = Z^T (ct), Z^T S or Z^T S^T (discrete), formed once per factorization.
+    The transposed equations use the flipped form J T^T J (J the exchange matrix), again
+    upper quasi-triangular. ``stable``: A is Hurwitz (ct) or Schur stable (discrete), read off
+    the Schur form (real parts of the eigenvalues of A, or of C: negative iff |eig A| < 1).
     """
 
     def __init__(self, A: np.ndarray, discrete: bool) -> None:
-        self.discrete = discrete
-        if discrete:
-            self.shifted = scipy.linalg.lu_factor(A + np.eye(A.shape[0]))
-            A = scipy.linalg.lu_solve(self.shifted, A - np.eye(A.shape[0]))
-        self.T, self.Z = scipy.linalg.schur(A, output="real")
+        identity = np.eye(A.shape[0])
+        shifted = np.linalg.inv(A + identity) if discrete else None
+        self.T, self.Z = scipy.linalg.schur(identity - 2.0 * shifted if discrete else A, output="real")
         self.flipped = np.ascontiguousarray(self.T[::-1, ::-1].T)
         self.stable = bool(np.all(np.isfinite(self.T)) and np.diag(self.T).max() < 0)
-
-    def _continuous(self, Q: np.ndarray, transposed: bool) -> np.ndarray:
-        """X with M X + X M^T = -Q, M = A (transposed False) or A^T."""
-        Z = self.Z
-        C = -(Z.T @ Q @ Z)
-        if transposed:
-            X = _lyapunov_triangular(self.flipped, C[::-1, ::-1])[::-1, ::-1]
-        else:
-            X = _lyapunov_triangular(self.T, C)
-        X = Z @ X @ Z.T
-        return 0.5 * (X + X.T)
+        Zt = self.Z.T
+        self.coefficient = 2.0 if discrete else 1.0
+        self.left = (Zt @ shifted, Zt @ shifted.T) if discrete else (Zt, Zt)
 
     def solve(self, Q: np.ndarray, transposed: bool) -> np.ndarray:
-        """X with A X A^T - X + Q = 0 / A X + X A^T + Q = 0, or their transposes (A -> A^T)."""
-        if not self.discrete:
-            return self._continuous(Q, transposed)
-        lu = self.shifted
+        """X with A X + X A^T + Q = 0 / A X A^T - X + Q = 0, or their transposes (A -> A^T)."""
+        V = self.left[transposed]
+        C = -self.coefficient * (V @ Q @ V.T)
         if transposed:
-            left = scipy.linalg.lu_solve(lu, Q, trans=1)
-            rhs = scipy.linalg.lu_solve(lu, left.T, trans=1).T
+            Y = _lyapunov_triangular(self.flipped, C[::-1, ::-1])[::-1, ::-1]
         else:
-            left = scipy.linalg.lu_solve(lu, Q)
-            rhs = scipy.linalg.lu_solve(lu, left.T).T
-        return self._continuous(2.0 * rhs, transposed)
+            Y = _lyapunov_triangular(self.T, C)
+        X = self.Z @ Y @ self.Z.T
+        return 0.5 * (X + X.T)
 
 
 class RiccatiSolver:
@@ -207,6 +197,7 @@ class RiccatiSolver:
     def __init__(self, form: IncrementalForm, tolerance: float = 0.25) -> None:
         self.form = form
         self.tolerance = tolerance
+        self._multiplier_terms: tuple[bytes, np.ndarray, np.ndarray] | None = None
         self.warm: _Solution | None = None
         self.solves = 0
         self.factorizations = 0
@@ -228,8 +219,11 @@ class RiccatiSolver:
     def _data(self, lam: np.ndarray, r: float) -> tuple[np.ndarray, ...] | None:
         """(F, B, S, R) of the equation at rate ``r``: ct shifted by r I, discrete scaled by 1/rho."""
         form, n = self.form, self.form.n
-        Sigma, _ = form.assemble(np.zeros((n, n)), lam, 0.0)
-        S, R = Sigma[:n, n:], -Sigma[n:, n:]
+        key = lam.tobytes()
+        if self._multiplier_terms is None or self._multiplier_terms[0] != key:
+            Sigma, _ = form.assemble(np.zeros((n, n)), lam, 0.0)
+            self._multiplier_terms = (key, Sigma[:n, n:], -Sigma[n:, n:])
+        _, S, R = self._multiplier_terms
         F, B = form.out[:, :n], form.out[:, n:]
         if form.continuous:
             return F + r * np.eye(n), B, S, R
@@ -239,8 +233,13 @@ class RiccatiSolver:
         return F / rho, B / rho, S / r, R / r
 
     def _gain(self, P: np.ndarray, F: np.ndarray, B: np.ndarray, S: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K = H^{-1} (B^T P + S^T) (ct) or H^{-1} (G^T P F + S^T) (discrete); Cholesky where H > 0."""
         H = R if self.form.continuous else R - B.T @ P @ B
-        return np.linalg.solve(H, (B.T @ P if self.form.continuous else B.T @ P @ F) + S.T), H
+        rhs = (B.T @ P if self.form.continuous else B.T @ P @ F) + S.T
+        try:
+            return scipy.linalg.cho_solve(scipy.linalg.cho_factor(H), rhs), H
+        except np.linalg.LinAlgError:
+            return np.linalg.solve(H, rhs), H
 
     def _residual(self, P: np.ndarray, K: np.ndarray, H: np.ndarray, F: np.ndarray, eta: float) -> np.ndarray:
         """Riccati residual; with K the maximizer the quadratic term is K^T H K."""
