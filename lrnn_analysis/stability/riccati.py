@@ -18,19 +18,22 @@ Replacing "< 0" by "= -eta I" gives algebraic Riccati equations. Their stabilizi
 solution (closed loop Ac + B K Hurwitz, or F + G K Schur, K the maximizing p = K delta)
 is the smallest P satisfying the inequality, and it exists iff the rate is feasible for
 that Lambda. It is computed by Newton-Kleinman steps (one Lyapunov or Stein equation
-each) warm-started from the previous solution, falling back to scipy's Schur method with
-X = -P: ``solve_continuous_are(Ac, B, -eta I, R, s=-S)`` and
+each) warm-started from the previous solution; steps reuse the last real Schur form of a
+closed loop while that still contracts the residual (chord steps), and the Schur-form
+equations are solved by recursive blocking (matrix products instead of LAPACK's unblocked
+trsyl). Without a previous solution Newton starts from P = 0 and falls back to scipy's
+Schur method with X = -P: ``solve_continuous_are(Ac, B, -eta I, R, s=-S)`` and
 ``solve_discrete_are(F, G, -eta I, R_r, s=-S_r)`` (substitute X = -P into scipy's
 A^T X + X A - (X B + s) R^{-1} (B^T X + s^T) + q = 0 and its discrete twin). A solution
-counts only if the LMI's Schur complement at that rate is negative definite and
-cond(P) <= KAPPA_MAX (the bound of the SDP tiers: gain sqrt(cond P) <= 100).
+counts only if the LMI's Schur complement at that rate is negative definite, its closed
+loop is stable and cond(P) <= KAPPA_MAX (the bound of the SDP tiers: gain sqrt(cond P) <= 100).
 
 Outer loop, alternating until the rate stops improving:
 
 1. for the current Lambda, bisection on the rate up to the necessary bound from frozen
    Jacobians (if no contracting rate is feasible at the start, the bisection starts from
    a non-contracting one and the loop below must cross into contraction);
-2. a multiplier step at the rate reached: gradient descent on the barrier log tr Y(Lambda),
+2. a multiplier step at the rate reached: L-BFGS descent on the barrier log tr Y(Lambda),
    Y the Gramian of the closed loop, which blows up where the rate stops being feasible
    for Lambda (gradient by the adjoint method, see :func:`_gramian_objective`).
 
