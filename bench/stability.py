@@ -18,10 +18,9 @@ the per-tier mode unless --full-p-128.
 system with min/median/max seconds, the rate each certified (per input step; for ct the
 decay rate a), the gain sqrt(cond P), the solve counts (for riccati also its Schur forms and
 Lyapunov solves, which compare across loads where seconds do not) and the median time ratio
-full-P / riccati. Full P
-is not run above --sdp-max-n (its dense interior-point or SCS solves do not finish in
-minutes there); the line says so. --model adds a committed checkpoint (its Lur'e form), in
-either mode.
+full-P / riccati. Full P is not run above --sdp-max-n (its dense interior-point or SCS solves
+do not finish in minutes there); the line says so. --model adds a committed checkpoint (its
+Lur'e form), in either mode.
 """
 from __future__ import annotations
 
