@@ -221,3 +221,41 @@ def test_riccati_attempt_reports_its_work():
     assert work["riccati_solves"] == attempt.solves > 0
     # One Schur form per accepted solve at least; the barrier gradient's three solves each reuse it.
     assert 0 < work["schur_forms"] <= work["lyapunov_solves"]
+
+
+@pytest.mark.parametrize("family,method,eps", [("ct", "ode", None), ("euler", "euler", 0.1)])
+def test_cold_solves_agree_with_the_schur_method_without_calling_it(family, method, eps, monkeypatch):
+    """Newton from P = 0 decides feasibility the way scipy's Schur method does on a grid of rates
+    up to the bound of the frozen Jacobian at D = L I / 2 (where the start is stable), and never
+    needs the Schur method there: past the feasible rates its iteration hits an unstable closed
+    loop, which from P = 0 proves that no stabilizing solution exists."""
+    system = random_system(np.random.default_rng(2), 6, method, eps, scale_W=0.5)
+    form = incremental_form(system, family)
+    lam = np.ones((1, 6))
+    J = system.A + 0.5 * system.W
+    if family == "ct":
+        rates = np.linspace(0.0, -np.linalg.eigvals(J).real.max(), 21)[1:-1]
+    else:
+        rates = np.linspace(np.abs(np.linalg.eigvals(np.eye(6) + eps * J)).max() ** 2, 1.0, 21)[1:-1]
+    are = {"ct": scipy.linalg.solve_continuous_are, "euler": scipy.linalg.solve_discrete_are}[family]
+
+    def schur_method_solves(r):
+        F, B, S, R = RiccatiSolver(form)._data(lam, r)
+        try:
+            P = -are(F, B, -1e-4 * np.eye(6), R, s=-S)
+        except np.linalg.LinAlgError:
+            return False
+        P = 0.5 * (P + P.T)
+        parts = form.schur(P, lam)
+        shift = 2.0 * r if family == "ct" else -r
+        return bool(parts is not None and np.linalg.eigvalsh(parts[0] + shift * P)[-1] < 0 and np.linalg.eigvalsh(P)[0] > 0)
+
+    expected = [schur_method_solves(r) for r in rates]
+    assert any(expected) and not all(expected)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Schur method was called")
+
+    monkeypatch.setattr(scipy.linalg, "solve_continuous_are", refuse)
+    monkeypatch.setattr(scipy.linalg, "solve_discrete_are", refuse)
+    assert [RiccatiSolver(form).solve(lam, r, 1e-4) is not None for r in rates] == expected

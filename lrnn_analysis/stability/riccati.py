@@ -255,7 +255,7 @@ class RiccatiSolver:
 
     def _newton(
         self, P: np.ndarray, factored: _Lyapunov | None, data: tuple[np.ndarray, ...], eta: float, budget: int = 1
-    ) -> np.ndarray | None:
+    ) -> tuple[np.ndarray | None, bool]:
         """Newton-Kleinman from P: (F + B K)^T dP + dP (F + B K) = -Res(P) (ct) or the Stein twin.
 
         ``factored`` (the Schur form of the closed loop at the last solution, for other data)
@@ -268,49 +268,54 @@ class RiccatiSolver:
         loops are stable; a later Newton step from an unstable closed loop means the iteration
         has left that path, and it stops there (the rate counts as infeasible). From P = 0 the
         residual eta I + S R^{-1} S^T (ct; discrete alike) is already positive semidefinite.
-        ``budget`` multiplies the step limits.
+        ``budget`` multiplies the step limits. Returns (P or None, whether it stopped that way
+        after a first Newton step from a stable closed loop, which from P = 0 means that no
+        stabilizing solution exists).
         """
         F, B, S, R = data
         previous: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
         fresh = False
         newton_steps = 0
+        stable_start = False
         for _ in range(budget * _NEWTON_ITERATIONS):
             K, H = self._gain(P, F, B, S, R)
             closed = F + B @ K
             residual = self._residual(P, K, H, F, eta)
             norm = float(np.linalg.norm(residual))
             if not np.isfinite(norm):
-                return None
+                return None, False
             if norm <= self.tolerance * eta:
-                return P
+                return P, False
             if previous is not None and not fresh and norm > _CHORD_CONTRACTION * previous[3]:
                 if norm > previous[3]:
                     P, closed, residual, norm = previous
                 factored = None
             if factored is None:
                 if newton_steps == budget * _NEWTON_STEPS:
-                    return None
+                    return None, False
                 factored = self.factor(closed)
                 if newton_steps and not factored.stable:
-                    return None
+                    return None, stable_start
+                if not newton_steps:
+                    stable_start = factored.stable
                 newton_steps += 1
                 fresh = True
             else:
                 fresh = False
             step = self.lyapunov(factored, residual, transposed=True)
             if not np.all(np.isfinite(step)):
-                return None
+                return None, False
             previous = (P, closed, residual, norm)
             P = P + step
-        return None
+        return None, False
 
     def solve(self, lam: np.ndarray, r: float, eta: float) -> _Solution | None:
         """The stabilizing solution at (Lambda, r) if it satisfies the LMI strictly with cond(P) <= KAPPA_MAX.
 
-        Newton-Kleinman from the last solution; when there is none yet, from P = 0, then by
-        scipy's Schur method. (Newton from a nearby solution converges where the rate is
-        feasible; where it fails the rate is taken as infeasible, which can only cost rate,
-        never soundness.)
+        Newton-Kleinman from the last solution; when there is none yet, from P = 0, then (unless
+        that Newton iteration showed the rate infeasible) by scipy's Schur method. (Newton from a
+        nearby solution converges where the rate is feasible; where it fails the rate is taken as
+        infeasible, which can only cost rate, never soundness.)
         """
         form, n = self.form, self.form.n
         lam = np.asarray(lam, dtype=np.float64).reshape(form.stages, n)
@@ -322,11 +327,13 @@ class RiccatiSolver:
         try:
             np.linalg.cholesky(R)
             if self.warm is not None:
-                P = self._newton(self.warm.P, self.warm.lyapunov, data, eta)
+                P, _ = self._newton(self.warm.P, self.warm.lyapunov, data, eta)
                 if P is None:
                     return None
             else:
-                P = self._newton(np.zeros((n, n)), None, data, eta, budget=_COLD_FACTOR)
+                P, infeasible = self._newton(np.zeros((n, n)), None, data, eta, budget=_COLD_FACTOR)
+                if infeasible:
+                    return None
             if P is None:
                 with np.errstate(all="ignore"):
                     if form.continuous:
