@@ -227,8 +227,8 @@ def test_riccati_attempt_reports_its_work():
 def test_cold_solves_agree_with_the_schur_method_without_calling_it(family, method, eps, monkeypatch):
     """Newton from P = 0 decides feasibility the way scipy's Schur method does on a grid of rates
     up to the bound of the frozen Jacobian at D = L I / 2 (where the start is stable), and never
-    needs the Schur method there: past the feasible rates its iteration hits an unstable closed
-    loop, which from P = 0 proves that no stabilizing solution exists."""
+    needs the Schur method there: past the feasible rates its iteration meets an unstable closed
+    loop, which for exact Newton steps from a stabilizing start means no stabilizing solution."""
     system = random_system(np.random.default_rng(2), 6, method, eps, scale_W=0.5)
     form = incremental_form(system, family)
     lam = np.ones((1, 6))

@@ -264,13 +264,14 @@ class RiccatiSolver:
         previous iterate if the chord step made the residual grow. Only the residual decides
         convergence, so chord steps change the work, not the accuracy of the solution.
         After a first Newton step the residual is positive semidefinite (the Riccati operator
-        is convex in P) and the iterates increase toward the stabilizing solution, whose closed
-        loops are stable; a later Newton step from an unstable closed loop means the iteration
-        has left that path, and it stops there (the rate counts as infeasible). From P = 0 the
-        residual eta I + S R^{-1} S^T (ct; discrete alike) is already positive semidefinite.
-        ``budget`` multiplies the step limits. Returns (P or None, whether it stopped that way
-        after a first Newton step from a stable closed loop, which from P = 0 means that no
-        stabilizing solution exists).
+        is convex in P), and from a stabilizing start exact Newton steps increase toward the
+        stabilizing solution with stable closed loops all the way if that solution exists
+        (Kleinman's theorem, for X = -P); so a later Newton step from an unstable closed loop
+        ends the iteration (the rate counts as infeasible). With chord steps in between this is
+        a heuristic, which can only cost rate. From P = 0 the residual eta I + S R^{-1} S^T
+        (ct; discrete alike) is already positive semidefinite. ``budget`` multiplies the step
+        limits. Returns (P or None, whether it stopped that way after a start from a stable
+        closed loop).
         """
         F, B, S, R = data
         previous: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
@@ -312,8 +313,9 @@ class RiccatiSolver:
     def solve(self, lam: np.ndarray, r: float, eta: float) -> _Solution | None:
         """The stabilizing solution at (Lambda, r) if it satisfies the LMI strictly with cond(P) <= KAPPA_MAX.
 
-        Newton-Kleinman from the last solution; when there is none yet, from P = 0, then (unless
-        that Newton iteration showed the rate infeasible) by scipy's Schur method. (Newton from a
+        Newton-Kleinman from the last solution; when there is none yet, from P = 0, then by
+        scipy's Schur method unless that iteration started from a stable closed loop and met an
+        unstable one (see :meth:`_newton`). (Newton from a
         nearby solution converges where the rate is feasible; where it fails the rate is taken as
         infeasible, which can only cost rate, never soundness.)
         """
