@@ -76,10 +76,11 @@ _MAX_LOG_STEP = 2.0
 # at n = 256) while it cuts the residual by _CHORD_CONTRACTION; see RiccatiSolver._newton.
 _NEWTON_STEPS = 8
 _NEWTON_ITERATIONS = 16
-# A cold start (no previous solution) runs Newton from P = 0 with this many more steps, then
-# scipy's Schur method (a QZ of order 2n, seconds at n = 256) if that fails.
-_COLD_FACTOR = 4
 _CHORD_CONTRACTION = 0.25
+# A cold start (no previous solution) runs Newton from P = 0 with this many times the steps,
+# then scipy's Schur method (a QZ of order 2n, seconds at n = 256) if that fails inconclusively.
+_COLD_FACTOR = 4
+# Order below which the Schur-form equations go to LAPACK's trsyl unsplit.
 _SYLVESTER_LEAF = 48
 _PHASE_ONE_DOUBLINGS = 12
 _BIG = 1e300
