@@ -20,7 +20,7 @@ A ``*-lmi`` request runs tiers cheapest first, stopping at the first verified
 success: ``norm`` (the closed-form test) -> ``P=I`` -> ``riccati`` -> ``diag-P`` -> ``full-P``.
 ``riccati`` (full P from O(n^3) Riccati solves) runs before the ``diag-P`` SDP: it searches a
 larger set of P, and on the random n = 64 systems of ``bench/stability.py`` it certifies in
-about 3 s where diag-P finds nothing after 11-28 s; diag-P stays as a fallback.
+under 1 s where diag-P finds nothing after 11-28 s; diag-P stays as a fallback.
 
 Numerics. ``ct`` certificates are computed on the time-rescaled system
 (A, W) / s with s = 2^k the power of two nearest to ||A||_2 + L ||W||_2: scaling the
