@@ -16,10 +16,11 @@ the per-tier mode unless --full-p-128.
 --compare runs, for each system, the riccati tier and the full-P tier alternately
 (--repeats times each), each with its own time budget, and prints one JSON line per
 system with min/median/max seconds, the rate each certified (per input step; for ct the
-decay rate a), the gain sqrt(cond P) and the median time ratio full-P / riccati. Full P
-is not run above --sdp-max-n (its dense interior-point or SCS solves do not finish in
-minutes there); the line says so. --model adds a committed checkpoint (its Lur'e form), in
-either mode.
+decay rate a), the gain sqrt(cond P), the solve counts (for riccati also its Schur forms and
+Lyapunov solves, which compare across loads where seconds do not) and the median time ratio
+full-P / riccati. Full P is not run above --sdp-max-n (its dense interior-point or SCS solves
+do not finish in minutes there); the line says so. --model adds a committed checkpoint (its
+Lur'e form), in either mode.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def run_tier(system: LureSystem, name: str, tier: str, budget: float) -> dict:
         "rate": result.rate,
         "gain": result.gain,
         "solves": None if attempt is None else attempt.solves,
+        "work": None if attempt is None else attempt.work,
         "solver": None if attempt is None else attempt.solver,
         "reason": result.reason if attempt is None else attempt.reason,
         "budget_exhausted": result.budget_exhausted,
@@ -79,6 +81,8 @@ def spread(runs: list[dict]) -> dict:
         "rate": rates[0] if rates else None,
         "rates_agree": len(set(rates)) <= 1,
         "gain": next((r["gain"] for r in runs if r["holds"]), None),
+        "solves": runs[-1]["solves"],
+        "work": runs[-1]["work"],
         "reason": runs[-1]["reason"],
         "budget_exhausted": any(r["budget_exhausted"] for r in runs),
     }

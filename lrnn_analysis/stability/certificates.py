@@ -20,7 +20,7 @@ A ``*-lmi`` request runs tiers cheapest first, stopping at the first verified
 success: ``norm`` (the closed-form test) -> ``P=I`` -> ``riccati`` -> ``diag-P`` -> ``full-P``.
 ``riccati`` (full P from O(n^3) Riccati solves) runs before the ``diag-P`` SDP: it searches a
 larger set of P, and on the random n = 64 systems of ``bench/stability.py`` it certifies in
-about 3 s where diag-P finds nothing after 11-28 s; diag-P stays as a fallback.
+under 1 s where diag-P finds nothing after 11-28 s; diag-P stays as a fallback.
 
 Numerics. ``ct`` certificates are computed on the time-rescaled system
 (A, W) / s with s = 2^k the power of two nearest to ||A||_2 + L ||W||_2: scaling the
@@ -75,7 +75,11 @@ DEFAULT_CERTIFICATES = {
 
 @dataclass(frozen=True)
 class TierAttempt:
-    """One tier tried for a certificate: whether it verified, its rate and cost."""
+    """One tier tried for a certificate: whether it verified, its rate and cost.
+
+    ``work`` counts the tier's inner steps where it reports them (the Riccati tier: Riccati
+    solves, Schur forms, Lyapunov solves), so costs compare across machines and loads.
+    """
 
     tier: str
     holds: bool
@@ -84,6 +88,7 @@ class TierAttempt:
     solves: int
     solver: str | None
     reason: str
+    work: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +99,7 @@ class TierAttempt:
             "solves": self.solves,
             "solver": self.solver,
             "reason": self.reason,
+            "work": dict(self.work),
         }
 
 
@@ -489,7 +495,8 @@ def _user_rate(system: LureSystem, family: str, scale: float, r: float) -> tuple
 def _tier_result(system: LureSystem, family: str, scale: float, outcome: TierOutcome) -> TierAttempt:
     rate = None if outcome.candidate is None else _user_rate(system, family, scale, outcome.candidate.r)[0]
     return TierAttempt(
-        outcome.tier, outcome.candidate is not None, rate, outcome.seconds, outcome.solves, outcome.solver, outcome.reason
+        outcome.tier, outcome.candidate is not None, rate, outcome.seconds, outcome.solves, outcome.solver, outcome.reason,
+        dict(outcome.work),
     )
 
 

@@ -32,7 +32,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from ..lure import LureSystem
-from .certificates import CertificateResult, Evidence, _assumptions, certify, verify_certificate
+from .certificates import TIERS, CertificateResult, Evidence, _assumptions, certify, verify_certificate
 from .forms import IncrementalForm, incremental_form
 from .spectra import UNIT_ROUNDOFF
 from .verification import Verification, verify
@@ -245,11 +245,18 @@ def construction_evidence(model: Any) -> tuple[StoredEvidence, Verification]:
     return StoredEvidence(certificate, lyapunov, lam, rate, CONSTRUCTION_TIER, weights_sha256(model)), verification
 
 
+EVIDENCE_TIERS = tuple(tier for tier in TIERS if tier != "norm")
+
+
 def search_evidence(model: Any, time_budget: float | None = 60.0) -> tuple[StoredEvidence | None, CertificateResult]:
-    """Evidence for a Lur'e-form model found by the LMI tiers (``P=I``, ``diag-P``, ``full-P``)."""
+    """Evidence for a Lur'e-form model found by the LMI tiers in ``certify``'s order
+    (``P=I``, ``riccati``, ``diag-P``, ``full-P``).
+
+    The ``norm`` tier is left out: a norm test that holds yields no (P, multipliers) to store.
+    """
     system = model.lure_form()
     family = "ct" if system.method == "ode" else system.method
-    result = certify(system, [f"{family}-lmi"], time_budget=time_budget, tiers=("P=I", "diag-P", "full-P"))[0]
+    result = certify(system, [f"{family}-lmi"], time_budget=time_budget, tiers=EVIDENCE_TIERS)[0]
     if not result.holds or result.evidence is None:
         return None, result
     stored = StoredEvidence(result.name, result.evidence.P, result.evidence.multipliers, result.rate, result.tier,

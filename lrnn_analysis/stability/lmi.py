@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cvxpy as cp
@@ -76,6 +76,8 @@ class Candidate:
 
 @dataclass(frozen=True)
 class TierOutcome:
+    """What one tier found and what it cost; ``work`` counts its inner steps (tier-specific names)."""
+
     tier: str
     candidate: Candidate | None
     seconds: float
@@ -83,6 +85,7 @@ class TierOutcome:
     solver: str | None
     reason: str
     budget_exhausted: bool
+    work: dict[str, int] = field(default_factory=dict)
 
 
 def sampled_slopes(n: int, slope: float, samples: int = 6, seed: int = 0) -> list[np.ndarray]:

@@ -18,19 +18,22 @@ Replacing "< 0" by "= -eta I" gives algebraic Riccati equations. Their stabilizi
 solution (closed loop Ac + B K Hurwitz, or F + G K Schur, K the maximizing p = K delta)
 is the smallest P satisfying the inequality, and it exists iff the rate is feasible for
 that Lambda. It is computed by Newton-Kleinman steps (one Lyapunov or Stein equation
-each) warm-started from the previous solution, falling back to scipy's Schur method with
-X = -P: ``solve_continuous_are(Ac, B, -eta I, R, s=-S)`` and
+each) warm-started from the previous solution; steps reuse the last real Schur form of a
+closed loop while that still contracts the residual (chord steps), and the Schur-form
+equations are solved by recursive blocking (matrix products instead of LAPACK's unblocked
+trsyl). Without a previous solution Newton starts from P = 0 and falls back to scipy's
+Schur method with X = -P: ``solve_continuous_are(Ac, B, -eta I, R, s=-S)`` and
 ``solve_discrete_are(F, G, -eta I, R_r, s=-S_r)`` (substitute X = -P into scipy's
 A^T X + X A - (X B + s) R^{-1} (B^T X + s^T) + q = 0 and its discrete twin). A solution
-counts only if the LMI's Schur complement at that rate is negative definite and
-cond(P) <= KAPPA_MAX (the bound of the SDP tiers: gain sqrt(cond P) <= 100).
+counts only if the LMI's Schur complement at that rate is negative definite, its closed
+loop is stable and cond(P) <= KAPPA_MAX (the bound of the SDP tiers: gain sqrt(cond P) <= 100).
 
 Outer loop, alternating until the rate stops improving:
 
 1. for the current Lambda, bisection on the rate up to the necessary bound from frozen
    Jacobians (if no contracting rate is feasible at the start, the bisection starts from
    a non-contracting one and the loop below must cross into contraction);
-2. a multiplier step at the rate reached: gradient descent on the barrier log tr Y(Lambda),
+2. a multiplier step at the rate reached: L-BFGS descent on the barrier log tr Y(Lambda),
    Y the Gramian of the closed loop, which blows up where the rate stops being feasible
    for Lambda (gradient by the adjoint method, see :func:`_gramian_objective`).
 
@@ -65,7 +68,20 @@ _BISECTION_RTOL = 1e-3
 _MAX_ROUNDS = 25
 _ROUND_RTOL = 1e-4
 _DESCENT_STEPS = 12
+_LBFGS_MEMORY = 8
+_BACKTRACKS = 6
+_MAX_LOG_STEP = 2.0
+# Newton-Kleinman: at most _NEWTON_STEPS Schur factorizations per solve, and _NEWTON_ITERATIONS
+# steps in all. A step may reuse the last factorization (a chord step, about a fifth of the cost
+# at n = 256) while it cuts the residual by _CHORD_CONTRACTION; see RiccatiSolver._newton.
 _NEWTON_STEPS = 8
+_NEWTON_ITERATIONS = 16
+_CHORD_CONTRACTION = 0.25
+# A cold start (no previous solution) runs Newton from P = 0 with this many times the steps,
+# then scipy's Schur method (a QZ of order 2n, seconds at n = 256) if that fails inconclusively.
+_COLD_FACTOR = 4
+# Order below which the Schur-form equations go to LAPACK's trsyl unsplit.
+_SYLVESTER_LEAF = 48
 _PHASE_ONE_DOUBLINGS = 12
 _BIG = 1e300
 
@@ -73,7 +89,8 @@ _BIG = 1e300
 class _Solution(NamedTuple):
     """Stabilizing Riccati solution P with K (p = K delta), the closed loop, B (or G) and H.
 
-    H = R (ct) or R_r - G^T P G (discrete); closed = Ac + B K (ct) or F + G K (discrete).
+    H = R (ct) or R_r - G^T P G (discrete); closed = Ac + B K (ct) or F + G K (discrete);
+    ``lyapunov`` holds the Schur form of ``closed``.
     """
 
     P: np.ndarray
@@ -81,63 +98,136 @@ class _Solution(NamedTuple):
     closed: np.ndarray
     B: np.ndarray
     H: np.ndarray
+    lyapunov: "_Lyapunov"
+
+
+def _split(T: np.ndarray, k: int) -> int:
+    """k, or k + 1 where k would cut a 2 x 2 block of the quasi-triangular T."""
+    return k + 1 if T[k, k - 1] != 0.0 else k
+
+
+def _trsyl(A: np.ndarray, B: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """X with A X + X B^T = C (LAPACK trsyl; A, B upper quasi-triangular in Schur canonical form)."""
+    trsyl = scipy.linalg.get_lapack_funcs("trsyl", (A, B, C))
+    X, scale, info = trsyl(A, B, C, trana="N", tranb="T")
+    if info < 0:
+        raise np.linalg.LinAlgError(f"trsyl failed with info {info}")
+    return X / scale
+
+
+def _sylvester(A: np.ndarray, B: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """X with A X + X B^T = C, A and B upper quasi-triangular, by recursive blocking.
+
+    LAPACK's trsyl is unblocked (BLAS level 2): at n = 256 it takes as long as the Schur
+    form. Splitting A = [[A11, A12], [0, A22]] gives A22 X2 + X2 B^T = C2, then
+    A11 X1 + X1 B^T = C1 - A12 X2; splitting B likewise by columns; all the work but the
+    small diagonal blocks is matrix products.
+    """
+    m, n = C.shape
+    if max(m, n) <= _SYLVESTER_LEAF:
+        return _trsyl(A, B, C)
+    if m >= n:
+        k = _split(A, m // 2)
+        X2 = _sylvester(A[k:, k:], B, C[k:])
+        X1 = _sylvester(A[:k, :k], B, C[:k] - A[:k, k:] @ X2)
+        return np.vstack([X1, X2])
+    k = _split(B, n // 2)
+    X2 = _sylvester(A, B[k:, k:], C[:, k:])
+    X1 = _sylvester(A, B[:k, :k], C[:, :k] - X2 @ B[:k, k:].T)
+    return np.hstack([X1, X2])
+
+
+def _lyapunov_triangular(T: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Symmetric X with T X + X T^T = C for symmetric C, T upper quasi-triangular, by recursive blocking.
+
+    With T = [[T11, T12], [0, T22]]: T22 X22 + X22 T22^T = C22, then the Sylvester equation
+    T11 X12 + X12 T22^T = C12 - T12 X22, then T11 X11 + X11 T11^T = C11 - T12 X12^T - X12 T12^T.
+    """
+    n = C.shape[0]
+    if n <= _SYLVESTER_LEAF:
+        return _trsyl(T, T, C)
+    k = _split(T, n // 2)
+    X22 = _lyapunov_triangular(T[k:, k:], C[k:, k:])
+    X12 = _sylvester(T[:k, :k], T[k:, k:], C[:k, k:] - T[:k, k:] @ X22)
+    coupling = T[:k, k:] @ X12.T
+    X11 = _lyapunov_triangular(T[:k, :k], C[:k, :k] - coupling - coupling.T)
+    return np.block([[X11, X12], [X12.T, X22]])
 
 
 class _Lyapunov:
     """Solves A^T X + X A + Q = 0 and A X + X A^T + Q = 0 (ct) or the Stein equations
     A^T X A - X + Q = 0 and A X A^T - X + Q = 0 (discrete) with one real Schur form.
 
-    The Stein equations go through the Cayley transform C = (A - I)(A + I)^{-1} (as scipy's
-    ``solve_discrete_lyapunov`` does): A X A^T - X + Q = 0 iff
-    C X + X C^T = -2 (A + I)^{-1} Q (A + I)^{-T}.
+    The Stein equations go through the Cayley transform C = (A - I)(A + I)^{-1} = I - 2 S,
+    S = (A + I)^{-1} (as scipy's ``solve_discrete_lyapunov`` does): A X A^T - X + Q = 0 iff
+    C X + X C^T = -2 S Q S^T, and A^T X A - X + Q = 0 iff C^T X + X C = -2 S^T Q S. With
+    C (or A) = Z T Z^T, X = Z Y Z^T and Y solves the triangular equation with right side
+    -c V Q V^T, V = Z^T (ct), Z^T S or Z^T S^T (discrete), formed once per factorization.
+    The transposed equations use the flipped form J T^T J (J the exchange matrix), again
+    upper quasi-triangular. ``stable``: A is Hurwitz (ct) or Schur stable (discrete), read off
+    the Schur form (real parts of the eigenvalues of A, or of C: negative iff |eig A| < 1).
     """
 
     def __init__(self, A: np.ndarray, discrete: bool) -> None:
-        self.discrete = discrete
-        if discrete:
-            self.shifted = scipy.linalg.lu_factor(A + np.eye(A.shape[0]))
-            A = scipy.linalg.lu_solve(self.shifted, A - np.eye(A.shape[0]))
-        self.T, self.Z = scipy.linalg.schur(A, output="real")
-
-    def _continuous(self, Q: np.ndarray, transposed: bool) -> np.ndarray:
-        """X with M X + X M^T = -Q, M = A (transposed False) or A^T."""
-        T, Z = self.T, self.Z
-        C = -(Z.T @ Q @ Z)
-        trsyl = scipy.linalg.get_lapack_funcs("trsyl", (T, C))
-        op = ("T", "N") if transposed else ("N", "T")
-        X, scale, info = trsyl(T, T, C, trana=op[0], tranb=op[1])
-        if info < 0:
-            raise np.linalg.LinAlgError(f"trsyl failed with info {info}")
-        X = Z @ (X / scale) @ Z.T
-        return 0.5 * (X + X.T)
+        identity = np.eye(A.shape[0])
+        shifted = np.linalg.inv(A + identity) if discrete else None
+        self.T, self.Z = scipy.linalg.schur(identity - 2.0 * shifted if discrete else A, output="real")
+        self.flipped = np.ascontiguousarray(self.T[::-1, ::-1].T)
+        self.stable = bool(np.all(np.isfinite(self.T)) and np.diag(self.T).max() < 0)
+        Zt = self.Z.T
+        self.coefficient = 2.0 if discrete else 1.0
+        self.left = (Zt @ shifted, Zt @ shifted.T) if discrete else (Zt, Zt)
 
     def solve(self, Q: np.ndarray, transposed: bool) -> np.ndarray:
-        """X with A X A^T - X + Q = 0 / A X + X A^T + Q = 0, or their transposes (A -> A^T)."""
-        if not self.discrete:
-            return self._continuous(Q, transposed)
-        lu = self.shifted
+        """X with A X + X A^T + Q = 0 / A X A^T - X + Q = 0, or their transposes (A -> A^T)."""
+        V = self.left[transposed]
+        C = -self.coefficient * (V @ Q @ V.T)
         if transposed:
-            left = scipy.linalg.lu_solve(lu, Q, trans=1)
-            rhs = scipy.linalg.lu_solve(lu, left.T, trans=1).T
+            Y = _lyapunov_triangular(self.flipped, C[::-1, ::-1])[::-1, ::-1]
         else:
-            left = scipy.linalg.lu_solve(lu, Q)
-            rhs = scipy.linalg.lu_solve(lu, left.T).T
-        return self._continuous(2.0 * rhs, transposed)
+            Y = _lyapunov_triangular(self.T, C)
+        X = self.Z @ Y @ self.Z.T
+        return 0.5 * (X + X.T)
 
 
 class RiccatiSolver:
-    """Solves the Riccati equation of ``form`` for given (Lambda, r, eta), warm-started from the last solution."""
+    """Solves the Riccati equation of ``form`` for given (Lambda, r, eta), warm-started from the last solution.
 
-    def __init__(self, form: IncrementalForm) -> None:
+    Newton stops once ||Res(P)||_F <= ``tolerance`` * eta. Counts its work: ``solves``
+    (Riccati solves), ``factorizations`` (real Schur forms) and ``lyapunov_solves`` (Lyapunov
+    or Stein equations solved in a Schur form).
+    """
+
+    def __init__(self, form: IncrementalForm, tolerance: float = 0.25) -> None:
         self.form = form
-        self.warm: np.ndarray | None = None
+        self.tolerance = tolerance
+        self._multiplier_terms: tuple[bytes, np.ndarray, np.ndarray] | None = None
+        self.warm: _Solution | None = None
         self.solves = 0
+        self.factorizations = 0
+        self.lyapunov_solves = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"riccati_solves": self.solves, "schur_forms": self.factorizations, "lyapunov_solves": self.lyapunov_solves}
+
+    def factor(self, closed: np.ndarray) -> _Lyapunov:
+        self.factorizations += 1
+        with np.errstate(all="ignore"):
+            return _Lyapunov(closed, not self.form.continuous)
+
+    def lyapunov(self, factored: _Lyapunov, Q: np.ndarray, transposed: bool) -> np.ndarray:
+        self.lyapunov_solves += 1
+        with np.errstate(all="ignore"):
+            return factored.solve(Q, transposed)
 
     def _data(self, lam: np.ndarray, r: float) -> tuple[np.ndarray, ...] | None:
         """(F, B, S, R) of the equation at rate ``r``: ct shifted by r I, discrete scaled by 1/rho."""
         form, n = self.form, self.form.n
-        Sigma, _ = form.assemble(np.zeros((n, n)), lam, 0.0)
-        S, R = Sigma[:n, n:], -Sigma[n:, n:]
+        key = lam.tobytes()
+        if self._multiplier_terms is None or self._multiplier_terms[0] != key:
+            Sigma, _ = form.assemble(np.zeros((n, n)), lam, 0.0)
+            self._multiplier_terms = (key, Sigma[:n, n:], -Sigma[n:, n:])
+        _, S, R = self._multiplier_terms
         F, B = form.out[:, :n], form.out[:, n:]
         if form.continuous:
             return F + r * np.eye(n), B, S, R
@@ -147,8 +237,13 @@ class RiccatiSolver:
         return F / rho, B / rho, S / r, R / r
 
     def _gain(self, P: np.ndarray, F: np.ndarray, B: np.ndarray, S: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K = H^{-1} (B^T P + S^T) (ct) or H^{-1} (G^T P F + S^T) (discrete); Cholesky where H > 0."""
         H = R if self.form.continuous else R - B.T @ P @ B
-        return np.linalg.solve(H, (B.T @ P if self.form.continuous else B.T @ P @ F) + S.T), H
+        rhs = (B.T @ P if self.form.continuous else B.T @ P @ F) + S.T
+        try:
+            return scipy.linalg.cho_solve(scipy.linalg.cho_factor(H), rhs), H
+        except np.linalg.LinAlgError:
+            return np.linalg.solve(H, rhs), H
 
     def _residual(self, P: np.ndarray, K: np.ndarray, H: np.ndarray, F: np.ndarray, eta: float) -> np.ndarray:
         """Riccati residual; with K the maximizer the quadratic term is K^T H K."""
@@ -159,28 +254,71 @@ class RiccatiSolver:
         residual = core + K.T @ H @ K + eta * np.eye(self.form.n)
         return 0.5 * (residual + residual.T)
 
-    def _newton(self, P: np.ndarray, data: tuple[np.ndarray, ...], eta: float) -> np.ndarray | None:
-        """Newton-Kleinman from P: (F + B K)^T dP + dP (F + B K) = -Res(P) (ct) or the Stein twin."""
+    def _newton(
+        self, P: np.ndarray, factored: _Lyapunov | None, data: tuple[np.ndarray, ...], eta: float, budget: int = 1
+    ) -> tuple[np.ndarray | None, bool]:
+        """Newton-Kleinman from P: (F + B K)^T dP + dP (F + B K) = -Res(P) (ct) or the Stein twin.
+
+        ``factored`` (the Schur form of the closed loop at the last solution, for other data)
+        serves chord steps dP = -L0^{-1} Res(P) while each cuts ||Res|| by _CHORD_CONTRACTION;
+        otherwise the closed loop at the current P is factored (a true Newton step), from the
+        previous iterate if the chord step made the residual grow. Only the residual decides
+        convergence, so chord steps change the work, not the accuracy of the solution.
+        After a first Newton step the residual is positive semidefinite (the Riccati operator
+        is convex in P), and from a stabilizing start exact Newton steps increase toward the
+        stabilizing solution with stable closed loops all the way if that solution exists
+        (Kleinman's theorem, for X = -P); so a later Newton step from an unstable closed loop
+        ends the iteration (the rate counts as infeasible). With chord steps in between this is
+        a heuristic, which can only cost rate. From P = 0 the residual eta I + S R^{-1} S^T
+        (ct; discrete alike) is already positive semidefinite. ``budget`` multiplies the step
+        limits. Returns (P or None, whether it stopped that way after a start from a stable
+        closed loop).
+        """
         F, B, S, R = data
-        for _ in range(_NEWTON_STEPS):
+        previous: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
+        fresh = False
+        newton_steps = 0
+        stable_start = False
+        for _ in range(budget * _NEWTON_ITERATIONS):
             K, H = self._gain(P, F, B, S, R)
             closed = F + B @ K
             residual = self._residual(P, K, H, F, eta)
-            if np.linalg.norm(residual) <= 0.25 * eta:
-                return P
-            with np.errstate(all="ignore"):
-                step = _Lyapunov(closed, not self.form.continuous).solve(residual, transposed=True)
+            norm = float(np.linalg.norm(residual))
+            if not np.isfinite(norm):
+                return None, False
+            if norm <= self.tolerance * eta:
+                return P, False
+            if previous is not None and not fresh and norm > _CHORD_CONTRACTION * previous[3]:
+                if norm > previous[3]:
+                    P, closed, residual, norm = previous
+                factored = None
+            if factored is None:
+                if newton_steps == budget * _NEWTON_STEPS:
+                    return None, False
+                factored = self.factor(closed)
+                if newton_steps and not factored.stable:
+                    return None, stable_start
+                if not newton_steps:
+                    stable_start = factored.stable
+                newton_steps += 1
+                fresh = True
+            else:
+                fresh = False
+            step = self.lyapunov(factored, residual, transposed=True)
             if not np.all(np.isfinite(step)):
-                return None
+                return None, False
+            previous = (P, closed, residual, norm)
             P = P + step
-        return None
+        return None, False
 
     def solve(self, lam: np.ndarray, r: float, eta: float) -> _Solution | None:
         """The stabilizing solution at (Lambda, r) if it satisfies the LMI strictly with cond(P) <= KAPPA_MAX.
 
-        Newton-Kleinman from the last solution; scipy's Schur method when there is none yet.
-        (Newton from a nearby solution converges where the rate is feasible; where it fails
-        the rate is taken as infeasible, which can only cost rate, never soundness.)
+        Newton-Kleinman from the last solution; when there is none yet, from P = 0, then by
+        scipy's Schur method unless that iteration started from a stable closed loop and met an
+        unstable one (see :meth:`_newton`). (Newton from a
+        nearby solution converges where the rate is feasible; where it fails the rate is taken as
+        infeasible, which can only cost rate, never soundness.)
         """
         form, n = self.form, self.form.n
         lam = np.asarray(lam, dtype=np.float64).reshape(form.stages, n)
@@ -191,10 +329,15 @@ class RiccatiSolver:
         self.solves += 1
         try:
             np.linalg.cholesky(R)
-            P = None if self.warm is None else self._newton(self.warm, data, eta)
-            if P is None:
-                if self.warm is not None:
+            if self.warm is not None:
+                P, _ = self._newton(self.warm.P, self.warm.lyapunov, data, eta)
+                if P is None:
                     return None
+            else:
+                P, infeasible = self._newton(np.zeros((n, n)), None, data, eta, budget=_COLD_FACTOR)
+                if infeasible:
+                    return None
+            if P is None:
                 with np.errstate(all="ignore"):
                     if form.continuous:
                         X = scipy.linalg.solve_continuous_are(F, B, -eta * np.eye(n), R, s=-S)
@@ -203,25 +346,24 @@ class RiccatiSolver:
                 P = -0.5 * (X + X.T)
             if not np.all(np.isfinite(P)):
                 return None
+            eigs = np.linalg.eigvalsh(P)
+            if not (eigs[0] > 0 and eigs[-1] <= KAPPA_MAX * eigs[0]):
+                return None
+            # The LMI itself decides: the Schur complement of the p-block at this rate must be
+            # negative definite (Cholesky of its negative).
+            parts = form.schur(P, lam)
+            if parts is None:
+                return None
+            np.linalg.cholesky(-(parts[0] + (2.0 * r if form.continuous else -r) * P))
             K, H = self._gain(P, F, B, S, R)
+            closed = F + B @ K
+            lyapunov = self.factor(closed)
         except (np.linalg.LinAlgError, ValueError):
             return None
-        eigs = np.linalg.eigvalsh(P)
-        if not (eigs[0] > 0 and eigs[-1] <= KAPPA_MAX * eigs[0]):
+        if not lyapunov.stable:
             return None
-        closed = F + B @ K
-        poles = np.linalg.eigvals(closed)
-        if (poles.real.max() >= 0) if form.continuous else (np.abs(poles).max() >= 1):
-            return None
-        # The LMI itself decides: Schur complement of the p-block at this rate.
-        parts = form.schur(P, lam)
-        if parts is None:
-            return None
-        shift = 2.0 * r if form.continuous else -r
-        if np.linalg.eigvalsh(parts[0] + shift * P)[-1] >= 0:
-            return None
-        self.warm = P
-        return _Solution(P, K, closed, B, H)
+        self.warm = _Solution(P, K, closed, B, H, lyapunov)
+        return self.warm
 
 
 def _gramian_objective(
@@ -248,20 +390,19 @@ def _gramian_objective(
     solution = solver.solve(lam, r, eta_coef * float(lam.mean()))
     if solution is None:
         return _BIG, np.zeros_like(theta)
-    _, K, closed, B, H = solution
+    _, K, closed, B, H, lyapunov = solution
     identity = np.eye(n)
     try:
+        Y = solver.lyapunov(lyapunov, identity, transposed=False)
+        Z = solver.lyapunov(lyapunov, identity, transposed=True)
         with np.errstate(all="ignore"):
-            lyapunov = _Lyapunov(closed, not form.continuous)
-            Y = lyapunov.solve(identity, transposed=False)
-            Z = lyapunov.solve(identity, transposed=True)
             if form.continuous:
                 D = np.linalg.solve(H.T, (Y @ Z @ B).T).T
                 V = B @ D.T
             else:
                 D = np.linalg.solve(H.T, (Y @ closed.T @ Z @ B).T).T
                 V = closed @ D @ B.T
-            U = lyapunov.solve(V + V.T, transposed=False)
+        U = solver.lyapunov(lyapunov, V + V.T, transposed=False)
     except (np.linalg.LinAlgError, ValueError):
         return _BIG, np.zeros_like(theta)
     trace = float(np.trace(Y))
@@ -283,27 +424,59 @@ def _gramian_objective(
     return float(np.log(trace)), (grad * lam / trace).ravel()
 
 
-def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, eta_coef: float, deadline: float) -> np.ndarray:
-    """Gradient descent on :func:`_gramian_objective` with Barzilai-Borwein steps and Armijo backtracking.
+def _lbfgs_direction(g: np.ndarray, memory: list[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:
+    """-H g by the L-BFGS two-loop recursion over ``memory`` ((s, y, 1 / s^T y), oldest first);
+    with an empty memory -g scaled to a largest entry of 0.5."""
+    if not memory:
+        return -g * (0.5 / max(float(np.abs(g).max()), 1e-300))
+    direction = -g
+    alphas = []
+    for s_k, y_k, rho_k in reversed(memory):
+        alpha = rho_k * float(s_k @ direction)
+        alphas.append(alpha)
+        direction = direction - alpha * y_k
+    s_k, y_k, rho_k = memory[-1]
+    direction = direction / (rho_k * float(y_k @ y_k))
+    for (s_k, y_k, rho_k), alpha in zip(memory, reversed(alphas)):
+        direction = direction + (alpha - rho_k * float(y_k @ direction)) * s_k
+    return direction
 
-    A step into the region where the rate is infeasible (value _BIG) is shortened.
+
+def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, eta_coef: float, deadline: float) -> np.ndarray:
+    """Minimize :func:`_gramian_objective` over theta = log Lambda: L-BFGS directions, Armijo backtracking.
+
+    The memory keeps the last _LBFGS_MEMORY steps with positive curvature (and is dropped if
+    its direction does not descend). A step into the region where the rate is infeasible
+    (value _BIG) is shortened, at most _BACKTRACKS times by 4; no step changes a multiplier by
+    more than a factor e^_MAX_LOG_STEP.
     """
     f, g = _gramian_objective(solver, theta, r, eta_coef)
-    step = 0.5 / max(float(np.abs(g).max()), 1e-300)
+    memory: list[tuple[np.ndarray, np.ndarray, float]] = []
     for _ in range(_DESCENT_STEPS):
         if f >= _BIG or not np.any(g) or time.monotonic() >= deadline:
             break
-        trial = theta - step * g
-        f_trial, g_trial = _gramian_objective(solver, trial, r, eta_coef)
-        if f_trial <= f - 1e-4 * step * float(g @ g):
-            s_k, y_k = trial - theta, g_trial - g
-            curvature = float(s_k @ y_k)
-            theta, f, g = trial, f_trial, g_trial
-            step = min(float(s_k @ s_k) / curvature, 4.0 * step) if curvature > 0 else 2.0 * step
-        else:
-            step *= 0.25
-            if step * float(np.abs(g).max()) < 1e-8:
+        direction = _lbfgs_direction(g, memory)
+        if float(g @ direction) >= 0:
+            memory.clear()
+            direction = _lbfgs_direction(g, memory)
+        slope = float(g @ direction)
+        t = min(1.0, _MAX_LOG_STEP / float(np.abs(direction).max()))
+        accepted = False
+        for _ in range(_BACKTRACKS):
+            trial = theta + t * direction
+            f_trial, g_trial = _gramian_objective(solver, trial, r, eta_coef)
+            accepted = f_trial <= f + 1e-4 * t * slope
+            if accepted or time.monotonic() >= deadline:
                 break
+            t *= 0.25
+        if not accepted:
+            break
+        s_k, y_k = trial - theta, g_trial - g
+        curvature = float(s_k @ y_k)
+        if curvature > 0:
+            memory.append((s_k, y_k, 1.0 / curvature))
+            del memory[:-_LBFGS_MEMORY]
+        theta, f, g = trial, f_trial, g_trial
     return theta - theta.mean()
 
 
@@ -413,4 +586,5 @@ def riccati_tier(form: IncrementalForm, g_upper: float, deadline: float) -> Tier
     if best is not None:
         reason = "verified"
     exhausted = time.monotonic() >= deadline
-    return TierOutcome(RICCATI_TIER, best, time.monotonic() - start, solver.solves, None, reason, exhausted)
+    return TierOutcome(RICCATI_TIER, best, time.monotonic() - start, solver.solves, None, reason, exhausted,
+                       solver.counts())
