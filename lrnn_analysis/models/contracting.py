@@ -128,6 +128,15 @@ def _stored(value: Tensor) -> nn.Parameter:
     return nn.Parameter(value / PARAMETER_SCALE)
 
 
+def _rows(config: ModelConfig, blocks: int) -> int:
+    """m = ``config.rank`` (0: hidden), checked to lie in [1, blocks * hidden]."""
+    n = config.hidden
+    m = config.rank or n
+    if not 1 <= m <= blocks * n:
+        raise ValueError(f"{config.arch} needs 1 <= rank <= {blocks} * hidden = {blocks * n}, got rank {m}")
+    return m
+
+
 class ContractingRNN(RecurrentModel):
     """E h+ = F h + B tanh(C h + u): contracting at rate rho for every Z, B, C, ell (module docstring).
 
@@ -138,10 +147,7 @@ class ContractingRNN(RecurrentModel):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        n = config.hidden
-        m = config.rank or n
-        if not 1 <= m <= 2 * n:
-            raise ValueError(f"contracting needs 1 <= rank <= 2 * hidden = {2 * n}, got rank {m}")
+        n, m = config.hidden, _rows(config, 2)
         # Near-identity start: Z_3 = Z_1 + noise makes F ~ P ~ E, i.e. h+ ~ h, and B, C small.
         Z1 = torch.randn(m, n) / m**0.5
         Z3 = Z1 + torch.randn(m, n) * (config.init_std / m**0.5)
@@ -214,10 +220,7 @@ class ContractingREN(RecurrentModel):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        n = config.hidden
-        m = config.rank or n
-        if not 1 <= m <= 3 * n:
-            raise ValueError(f"ren needs 1 <= rank <= 3 * hidden = {3 * n}, got rank {m}")
+        n, m = config.hidden, _rows(config, 3)
         # Near-identity start: X_3 = X_1 + noise makes F ~ P ~ E, i.e. x+ ~ x, and B1, C1 small.
         X1 = torch.randn(m, n) / m**0.5
         X2 = torch.randn(m, n) * (config.init_std / m**0.5)
