@@ -21,12 +21,12 @@ optimum (relative 1e-9, then 1e-7, 1e-5, 1e-3) so that roundoff cannot flip the 
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import cvxpy as cp
 import numpy as np
 import scipy.linalg
 import scipy.optimize
@@ -51,7 +51,7 @@ KAPPA_MAX = 1e4
 _SLACK_CAP = 1e-4
 
 
-_SOLVER_ERRORS = (cp.error.SolverError, np.linalg.LinAlgError, scipy.linalg.LinAlgError, ArithmeticError)
+_SOLVER_ERRORS = (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ArithmeticError)
 
 
 def is_numerical_failure(error: BaseException) -> bool:
@@ -61,7 +61,9 @@ def is_numerical_failure(error: BaseException) -> bool:
     it derives from BaseException and is not importable under a stable name, so it is
     matched by class name. KeyboardInterrupt, SystemExit and every other error propagate.
     """
-    return isinstance(error, _SOLVER_ERRORS) or type(error).__name__ == "PanicException"
+    cvxpy = sys.modules.get("cvxpy")  # imported only by the SDP tiers (_SdpProblem)
+    solver_error = () if cvxpy is None else (cvxpy.error.SolverError,)
+    return isinstance(error, _SOLVER_ERRORS + solver_error) or type(error).__name__ == "PanicException"
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,8 @@ class _SdpProblem:
     """
 
     def __init__(self, form: IncrementalForm, structure: str) -> None:
+        import cvxpy as cp
+
         n, m, L = form.n, form.stages, form.slope
         self.form = form
         self.rate = cp.Parameter()
@@ -309,6 +313,8 @@ class _SdpProblem:
 
     def solve(self, r: float, solver: str, time_limit: float) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
         """One feasibility solve at rate parameter r; ``time_limit`` may be inf (no limit passed)."""
+        import cvxpy as cp
+
         self.rate.value = r
         options: dict[str, Any]
         if solver == "CLARABEL":
