@@ -4,8 +4,9 @@
     .venv/bin/python models/train_reference.py --cards-only NAME ...
 
 ``--cards-only`` rewrites the cards of checkpoints already trained by their command (the
-long sMNIST runs, started by hand in the background). Each card records the exact command, task, hyper-parameters, seed, test accuracy, training
-time and which certificates hold for the scheme the model runs.
+long sMNIST runs, started by hand in the background). Each card records the exact command,
+task, hyper-parameters, seed, test accuracy, training time and which certificates hold for
+the scheme the model runs.
 """
 from __future__ import annotations
 
