@@ -835,7 +835,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         subject.check_fits(task, str(args.checkpoint))
         preset = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
         settings = preset.with_changes(hessian_batches=args.hessian_batches, trace_matvecs=args.trace_matvecs,
-                                       seeds=args.seeds, grid=_audit_grid(args.levels))
+                                       seeds=args.seeds, grid=_audit_grid(args.levels), input_bound=args.input_bound)
         result = run_audit(subject, task, display_name(args.checkpoint), None, settings, gates, device, progress=not args.quiet)
         out = write_audit_into(result, directory)
     report = result.report
@@ -850,6 +850,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"STORED EVIDENCE NOT VERIFIED: {stored['reason']}; certificates searched as usual", file=sys.stderr)
     for certificate in report["stability"].get("certificates", []):
         print(f"certificate {certificate['name']}: {'holds' if certificate['holds'] else 'fails'} ({certificate['reason']})")
+    for stack in report["stability"].get("recurrent_layers", []):
+        print(f"torch.nn {stack['kind']} {stack['module'] or '(root)'}: {'holds' if stack['holds'] else 'fails'} ({stack['reason']})")
     if result.gates:
         print(format_table([g.to_dict() for g in result.gates], ["gate", "passed", "threshold", "observed", "detail"]))
         print("all gates pass" if result.passed else "a gate failed")
@@ -1121,6 +1123,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"({', '.join(k for k in KINDS if k != 'hessian-direction')}) or as the robustness options ({', '.join(PERTURBATION_ALIASES)}); level 0 "
                             "is always run (default: gaussian:0,0.05,0.1,0.2 and gaussian-relative:0,0.02,0.05,0.1; "
                             "--thorough adds salt-pepper, occlusion and fgsm)")
+    audit.add_argument("--input-bound", type=_positive, default=None, metavar="XBAR",
+                       help="a model without a Lur'e form made of torch.nn LSTM/GRU layers: their conditions hold for "
+                            "inputs with ||x_t||_inf <= XBAR")
     audit.add_argument("--seed", type=_seed, default=0)
     _add_run_options(audit)
     audit.set_defaults(handler=cmd_audit)

@@ -9,7 +9,9 @@ and writes ``report.md`` (human), ``report.json`` (every number, settings, seeds
 device, timings), tables (CSV) and figures (PNG, PDF) into a directory that appears whole
 or not at all. Gates decide the exit code:
 
-  certified=NAME                 certificate NAME holds (e.g. euler-lmi)
+  certified=NAME                 certificate NAME holds (e.g. euler-lmi; for a model without a
+                                 Lur'e form made of torch.nn RNN/LSTM/GRU layers: NAME holds on
+                                 every layer, e.g. map-lmi or lstm-contraction)
   min-accuracy=A                 clean test accuracy >= A
   max-lambda=X                   λ_max <= X
   max-trace=X                    upper end of the 95% CI of tr(H) <= X
@@ -26,7 +28,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -38,13 +40,16 @@ from .outputs import OutputDirectory, atomic_write
 from .provenance import check_training_data
 from .robustness import Perturbation, SweepModel, sweep
 from .runtime import environment
-from .stability import CERTIFICATES, default_certificates, spectrum
+from .models.torchnn import find_recurrent_layers
+from .stability import certify_recurrent, default_certificates, spectrum
 from .stability.evidence import check_stored, stored_then_searched
 from .subject import ModelUnderAnalysis, as_model_under_analysis
 from .tables import format_value
-from .vocabulary import perturbation_grid, perturbation_kind
+from .vocabulary import GATE_CERTIFICATES, perturbation_grid, perturbation_kind
 
 GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop")
+LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
+               "(what the model does with their states is not)")
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,11 @@ class AuditSettings:
         "gaussian": (0.0, 0.05, 0.1, 0.2), "gaussian-relative": (0.0, 0.02, 0.05, 0.1)})
     seeds: int = 3
     max_samples: int | None = 1000
+    input_bound: float | None = None
 
     def __post_init__(self) -> None:
+        if self.input_bound is not None and not (math.isfinite(self.input_bound) and self.input_bound > 0):
+            raise ValueError(f"audit setting input_bound must be a finite number > 0, got {self.input_bound!r}")
         for name in ("hessian_batches", "hessian_batch_size", "trace_matvecs", "seeds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -117,8 +125,8 @@ class Gate:
         kind, sep, value = text.partition("=")
         if not sep or kind not in GATE_KINDS or not value:
             raise ValueError(f"bad gate {text!r}: expected KIND=VALUE with KIND one of {GATE_KINDS}")
-        if kind == "certified" and value not in CERTIFICATES:
-            raise ValueError(f"bad gate {text!r}: unknown certificate {value!r}; expected one of {CERTIFICATES}")
+        if kind == "certified" and value not in GATE_CERTIFICATES:
+            raise ValueError(f"bad gate {text!r}: unknown certificate {value!r}; expected one of {GATE_CERTIFICATES}")
         if kind == "max-accuracy-drop":
             parts = value.split(":")
             if len(parts) != 3 or not all(_is_finite(p) for p in parts[1:]):
@@ -221,6 +229,10 @@ def run_audit(
     elif stored.verified:
         stability["certificates"] = [r.to_dict(include_matrices=False)
                                      for r in stored_then_searched(stored, model, None)]
+    elif find_recurrent_layers(model):
+        cascades = certify_recurrent(model, input_bound=settings.input_bound, time_budget=settings.certificate_budget)
+        stability["recurrent_layers"] = [c.to_dict() for c in cascades]
+        stability["reason"] = LAYERS_ONLY
     else:
         stability["reason"] = analyses.NO_LURE_FORM
     timings["stability"] = time.perf_counter() - started
@@ -278,6 +290,24 @@ def run_audit(
     return AuditResult(report, gate_results, tables)
 
 
+def _layers_gate(gate: Gate, stacks: list[dict[str, Any]], result: Callable[..., GateResult]) -> GateResult:
+    """``certified=NAME`` for a model certified through its torch.nn recurrent layers: NAME must
+    hold on every layer of every stack (the smallest margin is the observed value)."""
+    quantity = f"smallest margin of {gate.value} over the torch.nn recurrent layers"
+    layers = [(stack, index, [r for r in results if r["name"] == gate.value])
+              for stack in stacks for index, results in enumerate(stack["layers"])]
+    missing = [f"{s['module'] or '(root)'} layer {i} ({s['kind']})" for s, i, found in layers if not found]
+    if missing:
+        return result(quantity, None, None, False, f"{gate.value} does not apply to {', '.join(missing)}")
+    failing = [(s, i, found[0]) for s, i, found in layers if not found[0]["holds"]]
+    margins = [found[0]["margin"] for _, _, found in layers if found[0]["margin"] is not None]
+    observed = min(margins) if margins else None
+    if failing:
+        s, i, r = failing[0]
+        return result(quantity, None, observed, False, f"{s['module'] or '(root)'} layer {i}: {r['reason']}")
+    return result(quantity, None, observed, True, f"{gate.value} holds on all {len(layers)} recurrent layer(s); {LAYERS_ONLY}")
+
+
 def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
     def result(quantity: str, threshold: float | None, observed: Any, passed: bool, detail: str) -> GateResult:
         return GateResult(str(gate), gate.kind, quantity, threshold, observed, passed, detail)
@@ -285,6 +315,8 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
     if gate.kind == "certified":
         quantity = f"margin of certificate {gate.value}"
         found = [c for c in report["stability"].get("certificates", []) if c["name"] == gate.value]
+        if not found and report["stability"].get("recurrent_layers"):
+            return _layers_gate(gate, report["stability"]["recurrent_layers"], result)
         if not found:
             return result(quantity, None, None, False, analyses.NO_LURE_FORM)
         c = found[0]
@@ -382,7 +414,15 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
         lines += [f"Verified from stored evidence: {stored['certificate']} at rate {stored['rate']:.6g} (tier {stored['tier']}).", ""]
     elif stored.get("status") == "failed":
         lines += [f"**Stored evidence NOT verified**: {stored['reason']}; certificates searched as usual.", ""]
-    if stability.get("certificates"):
+    if stability.get("recurrent_layers"):
+        lines += [f"{stability['reason'][0].upper()}{stability['reason'][1:]}.", "",
+                  "| module | kind | layer | certificate | holds | rate | reason |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s['module'] or '(root)'} | {s['kind']} | {i} | {c['name']} | {'yes' if c['holds'] else 'no'} | "
+                  f"{format_value(c['rate'])} | {c['reason']} |"
+                  for s in stability["recurrent_layers"] for i, results in enumerate(s["layers"]) for c in results]
+        lines += [""] + [f"- {s['module'] or '(root)'} ({s['kind']}): {'holds' if s['holds'] else 'fails'}: {s['reason']}"
+                         for s in stability["recurrent_layers"]]
+    elif stability.get("certificates"):
         lines += ["| certificate | holds | margin | rate | tier | seconds | reason |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {c['name']} | {'yes' if c['holds'] else 'no'} | {format_value(c['margin'])} | {format_value(c['rate'])} | {c['tier'] or '-'} | "
                   f"{format_value(c['seconds'])} | {c['reason']} |" for c in stability["certificates"]]

@@ -41,6 +41,10 @@ CERTIFICATES = (
     "map-norm",
     "map-lmi",
 )
+# Contraction certificates of models without a Lur'e form of the toolkit's kind: the explicit REN
+# (stored evidence) and torch.nn LSTM/GRU layers (their conditions).
+CONTRACTION_CERTIFICATES = ("ren-contraction", "lstm-contraction", "gru-contraction")
+GATE_CERTIFICATES = CERTIFICATES + CONTRACTION_CERTIFICATES
 PARAMETERIZATION_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "rk38-norm", "map-norm")
 CONSTRAINTS = ("ct-norm", "euler-norm", "rk2-norm")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

@@ -15,8 +15,10 @@ def test_presets_and_changes_between_them():
     changed = AuditSettings.thorough().with_changes(seeds=2, trace_matvecs=None, grid={"input-noise": [0.1]})
     assert (changed.seeds, changed.trace_matvecs, changed.hessian_batches) == (2, 400, 8)
     assert changed.grid == {"gaussian": (0.1,)} and changed.preset() == "custom"
+    assert AuditSettings().with_changes(input_bound=2.0).to_dict()["input_bound"] == 2.0
     for bad in ({"seeds": 0}, {"hessian_batches": 1.5}, {"grid": {"gaussian": [0.1], "input-noise": [0.2]}},
-                {"grid": {"occlusion": [2.0]}}, {"grid": {"hessian-direction": [0.1]}}):
+                {"grid": {"occlusion": [2.0]}}, {"grid": {"hessian-direction": [0.1]}}, {"input_bound": 0.0},
+                {"input_bound": float("nan")}):
         with pytest.raises(ValueError):
             AuditSettings(**bad)
 

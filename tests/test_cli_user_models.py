@@ -175,6 +175,38 @@ def test_stability_of_a_user_lstm_certifies_its_layer(project, tmp_path, capsys)
     assert "no certificate without an input bound" in capsys.readouterr().out
 
 
+def test_audit_of_a_user_lstm_certifies_and_gates_its_layer(project, tmp_path, capsys):
+    """No Lur'e form of the whole model: the audit certifies its torch.nn LSTM (as `lrnn stability`
+    does) and `certified=lstm-contraction` gates on that layer's condition."""
+    from lrnn_analysis.stability import certify_recurrent
+
+    module = load_user_model(_spec(project), project / "lstm.safetensors", {"kind": "lstm"}).module
+    bound = float(np.abs(np.load(project / "data.npz")["x_test"]).max())
+    direct = certify_recurrent(module, input_bound=bound)[0]
+    common = ["audit", "--model", _spec(project), "--model-arg", "kind=lstm", "--weights", str(project / "lstm.safetensors"),
+              "--data", str(project / "data.npz"), "--quiet", "--seeds", "1", "--trace-matvecs", "10"]
+    out = tmp_path / "bounded"
+    code = main(common + ["--out", str(out), "--input-bound", str(bound), "--gate", "certified=lstm-contraction",
+                          "--gate", "certified=map-lmi"])
+    assert code == 1  # map-lmi does not apply to an LSTM
+    report = json.loads((out / "report.json").read_text())
+    stacks = report["stability"]["recurrent_layers"]
+    assert [(c["module"], c["kind"], c["holds"], c["reason"]) for c in stacks] == [("lstm", "lstm", direct.holds, direct.reason)]
+    assert "certificates" not in report["stability"] and "torch.nn recurrent layers are certified" in report["stability"]["reason"]
+    lstm_gate, map_gate = report["gates"]
+    assert lstm_gate["passed"] == direct.holds and map_gate["passed"] is False
+    assert "map-lmi does not apply to lstm layer 0 (lstm)" in map_gate["detail"]
+    if direct.holds:
+        assert lstm_gate["observed"] == pytest.approx(direct.layers[0][0].margin)
+    markdown = (out / "report.md").read_text()
+    assert "| lstm | lstm | 0 | lstm-contraction |" in markdown
+    assert f"torch.nn lstm lstm: {'holds' if direct.holds else 'fails'}" in capsys.readouterr().out
+    out = tmp_path / "unbounded"
+    assert main(common + ["--out", str(out), "--gate", "certified=lstm-contraction"]) == 1
+    gate = json.loads((out / "report.json").read_text())["gates"][0]
+    assert gate["passed"] is False and "no certificate without an input bound" in gate["detail"]
+
+
 def test_hessian_of_a_user_model_matches_the_exact_hessian(project, tmp_path):
     json_path = tmp_path / "hessian.json"
     assert main(["hessian", "--model", _spec(project), "--weights", str(project / "rnn.pt"), "--data",

@@ -326,9 +326,10 @@ def test_audit_reports_a_ren_certificate_from_stored_evidence(tmp_path, capsys):
     assert main(["train", "--task", "digits", "--arch", "ren", "--hidden", "4", "--epochs", "1", "--out", str(ckpt),
                  "--quiet"]) == 0
     out = tmp_path / "audit"
-    assert main(["audit", str(ckpt), "--out", str(out), "--quiet"]) == 0
+    assert main(["audit", str(ckpt), "--out", str(out), "--quiet", "--gate", f"certified={REN_CERTIFICATE}"]) == 0
     assert "verified from stored evidence" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["stability"]["stored_evidence"]["status"] == "verified"
     assert [c["name"] for c in report["stability"]["certificates"]] == [REN_CERTIFICATE]
+    assert [(g["gate"], g["passed"]) for g in report["gates"]] == [(f"certified={REN_CERTIFICATE}", True)]
     assert "Verified from stored evidence" in (out / "report.md").read_text()
