@@ -347,7 +347,7 @@ class _LSTMClassifier(torch.nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
-def test_a_module_with_a_torch_lstm_is_audited_without_a_certificate(user):
+def test_a_module_with_a_torch_lstm_is_audited_through_its_layer(user):
     _, _, task = user
     torch.manual_seed(0)
     module = _LSTMClassifier()
@@ -362,5 +362,8 @@ def test_a_module_with_a_torch_lstm_is_audited_without_a_certificate(user):
     assert result.rows[1]["loss"] == pytest.approx(float(expected), rel=1e-5) and result.rows[1]["loss"] != result.rows[0]["loss"]
     settings = AuditSettings(trace_matvecs=10, seeds=1, grid={"gaussian": (0.0, 0.1)})
     report = run_audit(subject, task, settings=settings, progress=False).report
-    assert report["stability"]["reason"] == "no Lur'e form: no certificate available for this model"
+    assert report["stability"]["reason"].startswith("no Lur'e form of the whole model: its torch.nn recurrent layers")
+    stacks = report["stability"]["recurrent_layers"]
+    assert [(c["module"], c["kind"], c["holds"]) for c in stacks] == [("lstm", "lstm", False)]
+    assert "no certificate without an input bound" in stacks[0]["layers"][0][0]["reason"]
     assert report["clean"]["accuracy"] == pytest.approx(_accuracy_by_hand(module, task.test.x, task.test.y), abs=1e-12)
