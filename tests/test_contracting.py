@@ -205,7 +205,7 @@ def test_parameter_counts_and_regularizer():
     penalty = contracting.regularization()
     assert penalty.ndim == 0 and penalty.item() > 0
     penalty.backward()
-    assert all(contracting.get_parameter(name).grad is not None for name in ("Z", "B", "C", "ell"))
+    assert all(contracting.get_parameter(name).grad is not None for name in ("Z1", "dZ", "B", "C", "ell"))
     assert _model("contracting", cond_penalty=0.0).regularization() is None
     with pytest.raises(ValueError, match="rank"):
         _model("contracting", hidden=6, rank=13)

@@ -103,13 +103,13 @@ def test_landscape_curvature_along_eigenvectors_is_the_eigenvalue(case):
 
 
 def test_block_table_puts_the_models_own_recurrent_parameters_first():
-    """Not hard-coded M_A/M_W: a contracting model's Z, B, C, ell lead the table, in its declared order."""
+    """Not hard-coded M_A/M_W: a contracting model's Z1, dZ, B, C, ell lead the table, in its declared order."""
     model = build_model(ModelConfig("contracting", 1, 3, 2, eps=0.1), seed=0)
     generator = torch.Generator().manual_seed(2)
     x, y = torch.randn(5, 4, 1, generator=generator), torch.randint(0, 2, (5,), generator=generator)
-    report = analyze(model, nn.CrossEntropyLoss(), (x, y), params="D.*,ell,Z,B,C", estimates=("blocks",),
+    report = analyze(model, nn.CrossEntropyLoss(), (x, y), params="D.*,ell,Z1,dZ,B,C", estimates=("blocks",),
                      dtype="float64", progress=False, trace=False)
-    assert [row["param"] for row in report.blocks.rows] == ["Z", "B", "C", "ell", "D.weight", "D.bias"]
+    assert [row["param"] for row in report.blocks.rows] == ["Z1", "dZ", "B", "C", "ell", "D.weight", "D.bias"]
 
 
 def test_analyze_ggn_with_diag_frobenius_and_blocks(case):

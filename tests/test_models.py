@@ -33,8 +33,8 @@ def _hand_written(config, p, x):
         return (1 - beta) * (M + M.T) + beta * (M - M.T) - gamma * eye
 
     if config.arch == "contracting":
-        Z, B, C, ell = (0.1 * p[k] for k in ("Z", "B", "C", "ell"))
-        Z1, Z3 = Z[:, :n], Z[:, n:]
+        Z1, dZ, B, C, ell = (0.1 * p[k] for k in ("Z1", "dZ", "B", "C", "ell"))
+        Z3 = Z1 + dZ
         lam = 0.5 * (ell**2 + 1e-3)
         M11 = 0.5 * C.T @ np.diag(lam) @ C + Z1.T @ Z1 + 1e-3 * eye
         F = Z3.T @ Z1 - 0.5 * B @ C

@@ -11,7 +11,7 @@ contracting Recurrent Equilibrium Networks of Revay, Wang and Manchester (2021).
     E h+ = F h + B tanh(C h + u),   u = U x + b,
 
 with B, C free n x n matrices, Lambda = diag(l^2 + delta) / 2 (l free, delta = ``DELTA``) and
-Z = [Z_1, Z_3] free (m x 2n, m = ``config.rank`` or n):
+Z = [Z_1, Z_3] (m x 2n, m = ``config.rank`` or n) stored as Z_1 and dZ = Z_3 - Z_1:
 
     M_11 = C^T Lambda C / 2 + Z_1^T Z_1 + delta I,   M_22 = 2 Lambda,
     F = M_31 = -B C / 2 + Z_3^T Z_1,   P = M_33 = B Lambda^-1 B^T / 2 + Z_3^T Z_3 + delta I,
@@ -19,7 +19,11 @@ Z = [Z_1, Z_3] free (m x 2n, m = ``config.rank`` or n):
 i.e. M = K^T (2 Lambda)^-1 K + [Z_1, 0, Z_3]^T [Z_1, 0, Z_3] + delta diag(I, 0, I) with
 K = [-Lambda C, 2 Lambda, B^T]: M > 0, and its middle block is exactly the diagonal
 2 Lambda, so no multiplier is spent on off-diagonal terms of M_22 (every M > 0 with a
-diagonal middle block arises this way, up to the rank of Z).
+diagonal middle block arises this way, up to the rank of Z). Storing dZ rather than Z_3 keeps
+the near-identity step built in: apart from (rho^-2 - 1) Z_1^T Z_1 / 2, E - F (hence the step
+E^-1 F - I) involves Z_1 only together with dZ, B or C, so relative noise on Z_1 and dZ moves
+the step far less than independent noise on Z_1 and Z_3, which changes Z_3 - Z_1 by a relative
+amount of order |Z_1| / |Z_3 - Z_1| (measured in the README: relative parameter noise).
 
 Increments (Delta, p) with p = tanh(C h + u) - tanh(C h~ + u) obey the sector condition
 2 p^T Lambda (C Delta - p) >= 0. With Q = E^T P^-1 E, the bound E^T P^-1 E >= E + E^T - P
@@ -138,27 +142,27 @@ def _rows(config: ModelConfig, blocks: int) -> int:
 
 
 class ContractingRNN(RecurrentModel):
-    """E h+ = F h + B tanh(C h + u): contracting at rate rho for every Z, B, C, ell (module docstring).
+    """E h+ = F h + B tanh(C h + u): contracting at rate rho for every Z1, dZ, B, C, ell (module docstring).
 
-    Parameters (stored divided by ``PARAMETER_SCALE``): ``Z`` (m x 2n), ``B`` and ``C`` (n x n), ``ell`` (n).
+    Parameters (stored divided by ``PARAMETER_SCALE``): ``Z1`` and ``dZ`` (m x n; Z_3 = Z_1 + dZ),
+    ``B`` and ``C`` (n x n), ``ell`` (n).
     """
 
-    recurrent_parameters = ("Z", "B", "C", "ell")
+    recurrent_parameters = ("Z1", "dZ", "B", "C", "ell")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         n, m = config.hidden, _rows(config, 2)
-        # Near-identity start: Z_3 = Z_1 + noise makes F ~ P ~ E, i.e. h+ ~ h, and B, C small.
-        Z1 = torch.randn(m, n) / m**0.5
-        Z3 = Z1 + torch.randn(m, n) * (config.init_std / m**0.5)
-        self.Z = _stored(torch.cat([Z1, Z3], dim=1))
+        # Near-identity start: a small dZ makes F ~ P ~ E, i.e. h+ ~ h, and B, C small.
+        self.Z1 = _stored(torch.randn(m, n) / m**0.5)
+        self.dZ = _stored(torch.randn(m, n) * (config.init_std / m**0.5))
         self.B = _stored(torch.randn(n, n) * (config.init_std / n**0.5))
         self.C = _stored(torch.randn(n, n) * (config.init_std / n**0.5))
         self.ell = _stored(torch.ones(n))
 
     def construction(self, dtype: torch.dtype | None = None) -> Construction:
-        Z, B, C, ell = _scaled((self.Z, self.B, self.C, self.ell), dtype)
-        return contracting_construction(Z, B, C, ell, self.config.rho)
+        Z1, dZ, B, C, ell = _scaled((self.Z1, self.dZ, self.B, self.C, self.ell), dtype)
+        return contracting_construction(torch.cat([Z1, Z1 + dZ], dim=-1), B, C, ell, self.config.rho)
 
     def _explicit(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(E^-1 F, E^-1 B, C): h+ = E^-1 F h + E^-1 B tanh(C h + u)."""
