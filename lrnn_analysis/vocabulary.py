@@ -5,6 +5,7 @@ do the work import their tables from here, so each name is defined once.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 TASK_NAMES = ("digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding")
@@ -64,6 +65,16 @@ def perturbation_kind(name: str) -> str:
         aliases = ", ".join(f"{alias} = {kind}" for alias, kind in PERTURBATION_ALIASES.items())
         raise ValueError(f"unknown perturbation {name!r}; expected one of {KINDS} (aliases: {aliases})")
     return kind
+
+
+def perturbation_level(kind: str, level: object) -> float:
+    """``level`` as a float if it is a valid level of perturbation ``kind`` (canonical spelling):
+    finite and >= 0, and at most 1 for the probabilities/fractions of salt-pepper and occlusion."""
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not math.isfinite(level) or level < 0:
+        raise ValueError(f"{kind} level must be a finite number >= 0, got {level!r}")
+    if kind in ("salt-pepper", "occlusion") and level > 1:
+        raise ValueError(f"{kind} level is a probability/fraction in [0, 1], got {level}")
+    return float(level)
 
 
 def perturbation_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, Sequence[float]]:

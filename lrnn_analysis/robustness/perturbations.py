@@ -24,14 +24,13 @@ Parameter kinds (applied to a name -> tensor mapping):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..vocabulary import INPUT_KINDS, KINDS, PARAMETER_KINDS, perturbation_kind  # noqa: F401 (re-exported)
+from ..vocabulary import INPUT_KINDS, KINDS, PARAMETER_KINDS, perturbation_kind, perturbation_level  # noqa: F401 (re-exported)
 
 DETERMINISTIC_KINDS = ("fgsm",)
 
@@ -44,11 +43,7 @@ class Perturbation:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", perturbation_kind(self.kind))
-        if isinstance(self.level, bool) or not isinstance(self.level, (int, float)) or not math.isfinite(self.level) or self.level < 0:
-            raise ValueError(f"{self.kind} level must be a finite number >= 0, got {self.level!r}")
-        if self.kind in ("salt-pepper", "occlusion") and self.level > 1:
-            raise ValueError(f"{self.kind} level is a probability/fraction in [0, 1], got {self.level}")
-        object.__setattr__(self, "level", float(self.level))
+        object.__setattr__(self, "level", perturbation_level(self.kind, self.level))
 
     @property
     def target(self) -> str:
