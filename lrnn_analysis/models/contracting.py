@@ -188,21 +188,25 @@ class ContractingRNN(RecurrentModel):
         A_h, B_h, C = self._explicit(dtype)
         return {"A": A_h, "B": B_h, "C": C}
 
-    def coordinates(self) -> np.ndarray:
-        """T (float64) with h = T zeta, zeta the state of :meth:`lure_form`."""
-        with torch.no_grad():
-            c = self.construction(torch.float64)
-            return (torch.linalg.solve(c.E, c.B) / self.config.eps).cpu().numpy()
-
-    def lure_form(self) -> LureSystem:
-        """zeta+ = zeta + eps (A zeta + tanh(W zeta + u)) in zeta = T^-1 h (module docstring)."""
+    def lure_rewrite(self) -> tuple[Construction, LureSystem, np.ndarray]:
+        """From one float64 construction: the construction, the Lur'e form
+        zeta+ = zeta + eps (A zeta + tanh(W zeta + u)) in zeta = T^-1 h, and T (module docstring)."""
         with torch.no_grad():
             c = self.construction(torch.float64)
             eps = self.config.eps
             T = torch.linalg.solve(c.E, c.B) / eps
             step = torch.linalg.solve(T, torch.linalg.solve(c.E, c.F) @ T)
             eye = torch.eye(T.shape[0], dtype=T.dtype)
-            return LureSystem((step - eye) / eps, c.C @ T, slope=1.0, method="euler", eps=eps)
+            system = LureSystem((step - eye) / eps, c.C @ T, slope=1.0, method="euler", eps=eps)
+            return c, system, T.cpu().numpy()
+
+    def coordinates(self) -> np.ndarray:
+        """T (float64) with h = T zeta, zeta the state of :meth:`lure_form`."""
+        return self.lure_rewrite()[2]
+
+    def lure_form(self) -> LureSystem:
+        """zeta+ = zeta + eps (A zeta + tanh(W zeta + u)) in zeta = T^-1 h (module docstring)."""
+        return self.lure_rewrite()[1]
 
     def regularization(self) -> Tensor | None:
         """kappa * mean(log^2 sigma_i(T)): keeps T, hence P_zeta, well conditioned for float64 checks."""

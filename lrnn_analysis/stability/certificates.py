@@ -224,6 +224,12 @@ def certify(
     return results
 
 
+def rounded_r(rate: float, substeps: int = 1) -> float:
+    """rho^2 per (sub)step from a contraction factor ``rate`` per input step, rounded down by
+    8 units of roundoff, so that a verification passing at it proves ``rate``."""
+    return (rate ** (1.0 / substeps)) ** 2 * (1.0 - 8.0 * UNIT_ROUNDOFF)
+
+
 def verify_certificate(
     system: LureSystem, name: str, P: np.ndarray, multipliers: np.ndarray, rate: float
 ) -> Verification:
@@ -244,7 +250,7 @@ def verify_certificate(
     meaningful = np.isfinite(rate) and 0 <= rate < (np.inf if form.continuous else 1.0)
     if form.continuous:
         return verify(form, P, multipliers * scale, rate / scale)
-    r = (rate ** (1.0 / _substeps(system, family))) ** 2 * (1.0 - 8.0 * UNIT_ROUNDOFF) if meaningful else rate
+    r = rounded_r(rate, _substeps(system, family)) if meaningful else rate
     return verify(form, P, multipliers, r)
 
 

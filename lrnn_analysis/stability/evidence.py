@@ -32,9 +32,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from ..lure import LureSystem
-from .certificates import TIERS, CertificateResult, Evidence, _assumptions, certify, verify_certificate
+from .certificates import TIERS, CertificateResult, Evidence, _assumptions, certify, rounded_r, verify_certificate
 from .forms import IncrementalForm, incremental_form
-from .spectra import UNIT_ROUNDOFF
 from .verification import Verification, verify
 
 METADATA_KEY = "certificate_evidence"
@@ -155,11 +154,6 @@ def ren_increment_form(model: Any) -> IncrementalForm:
     return explicit_increment_form(*(mats[k].cpu().numpy() for k in ("A", "B", "K", "D")))
 
 
-def _discrete_r(rate: float) -> float:
-    """rho^2 per step from a contraction factor, rounded down (as :func:`verify_certificate`)."""
-    return rate**2 * (1.0 - 8.0 * UNIT_ROUNDOFF)
-
-
 def verify_stored(model: Any, evidence: StoredEvidence) -> Verification:
     """The float64 verification of ``evidence`` for ``model``'s recurrence as it is now."""
     if not hasattr(model, "config"):
@@ -169,7 +163,7 @@ def verify_stored(model: Any, evidence: StoredEvidence) -> Verification:
         if not hasattr(model, "explicit_matrices"):
             raise ValueError(f"{REN_CERTIFICATE} evidence applies to a ren model, not {model.config.arch}")
         meaningful = math.isfinite(evidence.rate) and 0 <= evidence.rate < 1
-        r = _discrete_r(evidence.rate) if meaningful else evidence.rate
+        r = rounded_r(evidence.rate) if meaningful else evidence.rate
         return verify(ren_increment_form(model), evidence.P, evidence.multipliers, r)
     system = model.lure_form()
     if system is None:
@@ -221,20 +215,22 @@ def construction_evidence(model: Any) -> tuple[StoredEvidence, Verification]:
     Q = E^T P^-1 E and Lambda from the construction, in float64 from the weights. The rate is
     the best one these (P, Lambda) verify (closed form, backed off), at most rho.
     """
-    with torch.no_grad():
-        c = model.construction(torch.float64)
-        E, P, lam = (t.cpu().numpy() for t in (c.E, c.P, c.lam))
+    ren = model.config.arch == "ren"
+    if ren:
+        with torch.no_grad():
+            c = model.construction(torch.float64)
+    else:
+        c, system, T = model.lure_rewrite()
+    E, P, lam = (t.cpu().numpy() for t in (c.E, c.P, c.lam))
     Q = E.T @ np.linalg.solve(P, E)
     rho = float(model.config.rho)
-    if model.config.arch == "ren":
+    if ren:
         form = ren_increment_form(model)
         lyapunov = 0.5 * (Q + Q.T)
         certificate = REN_CERTIFICATE
-        rate, verification = _verified_rate(lambda rate: verify(form, lyapunov, lam, _discrete_r(rate)),
+        rate, verification = _verified_rate(lambda rate: verify(form, lyapunov, lam, rounded_r(rate)),
                                             form.best_rate(lyapunov, lam), rho)
     else:
-        system: LureSystem = model.lure_form()
-        T = model.coordinates()
         Pz = T.T @ Q @ T
         lyapunov = 0.5 * (Pz + Pz.T)
         certificate = "euler-lmi"
