@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import io
 import json
 import pickle
 import re
@@ -30,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from .checkpoints import MAX_FILE_BYTES
@@ -171,27 +172,28 @@ def _arguments(model_args: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in (model_args or {}).items())
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of a state-dict file (safetensors, or PyTorch read with ``weights_only=True``),
-    every one a tensor with finite values where it is floating point. Raises ValueError."""
+    every one a tensor with finite values where it is floating point, and the SHA-256 of the
+    bytes they were read from (the file is read once). Raises ValueError."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such weights file")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise ValueError(f"{path}: weights file of {size} bytes is larger than the {MAX_FILE_BYTES}-byte limit")
-    with open(path, "rb") as stream:
-        head = stream.read(9)
+    data = path.read_bytes()
+    head = data[:9]
     if len(head) < 9:
         raise ValueError(f"{path}: weights file is empty or truncated ({len(head)} bytes)")
     if head[8:9] == b"{" and not head.startswith(b"PK"):
         try:
-            content: Any = load_file(str(path), device="cpu")
+            content: Any = load_safetensors(data)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise ValueError(f"{path}: not a readable safetensors file ({_first_line(error)})") from error
     elif head.startswith(b"PK") or head[:1] == b"\x80":
         try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
             what = f"it would import {culprit.group(1)}" if culprit else "not plain tensors"
@@ -212,13 +214,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a named tensor")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"{path}: tensor {key} has non-finite values (NaN or inf)")
-    return dict(content)
+    return dict(content), hashlib.sha256(data).hexdigest()
 
 
-def load_weights(module: nn.Module, path: str | Path, spec: ModelSpec | str = "model") -> None:
-    """Load a state-dict file into ``module``: exactly the module's keys, shapes and kinds of dtype."""
+def load_weights(module: nn.Module, path: str | Path, spec: ModelSpec | str = "model") -> str:
+    """Load a state-dict file into ``module``: exactly the module's keys, shapes and kinds of dtype.
+    Returns the SHA-256 of the file as it was read."""
     try:
-        state = read_state_dict(path)
+        state, digest = read_state_dict(path)
     except ValueError as error:
         raise UserModelError(f"model {spec}: weights {error}") from error
     expected = module.state_dict()
@@ -237,14 +240,7 @@ def load_weights(module: nn.Module, path: str | Path, spec: ModelSpec | str = "m
         if given.is_floating_point() != tensor.is_floating_point():
             raise UserModelError(f"model {spec}: weights {path}: {key} has dtype {given.dtype}, the module's {tensor.dtype}")
     module.load_state_dict(state, strict=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 def load_user_model(
@@ -262,8 +258,7 @@ def load_user_model(
     module = build_module(spec, model_args)
     source: dict[str, Any] = {"model": spec.text, "model_args": dict(model_args or {}), "weights": None}
     if weights is not None:
-        load_weights(module, weights, spec)
-        source |= {"weights": str(weights), "weights_sha256": _sha256(Path(weights))}
+        source |= {"weights": str(weights), "weights_sha256": load_weights(module, weights, spec)}
     module.eval()
     try:
         return ModelUnderAnalysis.from_module(module, name=name, metadata={"format": "user module", "user_model": source})

@@ -438,3 +438,21 @@ def test_overrides_on_a_native_checkpoint_are_an_error(tmp_path, capsys):
         assert main([*command[:1], str(path), *command[1:], "--beta", "0.5"]) == 2
         assert "override(s) apply only to files of the reference implementation" in capsys.readouterr().err
     assert not (tmp_path / "audit").exists()
+
+
+@pytest.mark.parametrize("weights", ["rnn.pt", "lstm.safetensors"])
+def test_the_recorded_weights_hash_is_of_the_file_read(project, weights):
+    import hashlib
+
+    kind = "lstm" if weights.startswith("lstm") else "rnn"
+    subject = load_user_model(_spec(project), project / weights, {"kind": kind})
+    expected = hashlib.sha256((project / weights).read_bytes()).hexdigest()
+    assert subject.metadata["user_model"]["weights_sha256"] == expected
+
+
+def test_a_truncated_safetensors_weights_file_is_one_line(project, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((project / "lstm.safetensors").read_bytes()[:200])
+    with pytest.raises(UserModelError, match="not a readable safetensors file") as caught:
+        load_user_model(_spec(project), cut, {"kind": "lstm"})
+    assert len(str(caught.value).splitlines()) == 1
