@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import copy
 import io
-import statistics
 import sys
 import tempfile
 import time
@@ -67,11 +66,11 @@ def alternating_times(fns: dict[str, Callable[[], object]], repeats: int, device
 
 
 def report(times: dict[str, list[float]], baseline: str | None = None) -> None:
+    """Each contender's seconds, and its speed-up over ``baseline`` (baseline / contender, same round)."""
     for name, values in times.items():
-        line = f"    {name:<28} {min(values):9.4f} {statistics.median(values):9.4f} {max(values):9.4f} s"
+        line = f"    {name:<28} {common.spread(values, digits=4)}"
         if baseline is not None and name != baseline:
-            ratios = [b / v for b, v in zip(times[baseline], values)]
-            line += f"   {statistics.median(ratios):6.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x) vs {baseline}"
+            line += f"   {common.ratio_spread(times[baseline], values)} vs {baseline}"
         print(line, flush=True)
 
 
