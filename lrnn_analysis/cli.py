@@ -684,14 +684,13 @@ def _recurrent_layer_stability(args: argparse.Namespace, subject: ModelUnderAnal
     ``lrnn_analysis.stability.cascade``); how the model combines their states is not."""
     from .io import write_json
     from .stability import certify_recurrent
+    from .stability.cascade import layer_rows
     from .tables import format_table
 
     results = certify_recurrent(subject.module, args.certificates, input_bound=args.input_bound, time_budget=args.time_budget)
     print(f"{args.checkpoint}: {subject.name}: no Lur'e form of the whole model; certifying its torch.nn recurrent "
           "layers (what the model does with their states is not certified)")
-    rows = [{"module": c.module or "(root)", "kind": c.kind, "layer": layer, **{k: r.to_dict()[k] for k in ("name", "holds", "rate", "reason")}}
-            for c in results for layer, layer_results in enumerate(c.layers) for r in layer_results]
-    print(format_table(rows, ["module", "kind", "layer", "name", "holds", "rate", "reason"]))
+    print(format_table(layer_rows([c.to_dict() for c in results]), ["module", "kind", "layer", "name", "holds", "rate", "reason"]))
     for cascade in results:
         print(f"{cascade.module or '(root)'} ({cascade.kind}): {'holds' if cascade.holds else 'fails'}: {cascade.reason}")
     if args.json:

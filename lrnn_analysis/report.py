@@ -42,6 +42,7 @@ from .robustness import Perturbation, SweepModel, sweep
 from .runtime import environment
 from .models.torchnn import find_recurrent_layers
 from .stability import certify_recurrent, default_certificates, spectrum
+from .stability.cascade import layer_rows
 from .stability.evidence import check_stored, stored_then_searched
 from .subject import ModelUnderAnalysis, as_model_under_analysis
 from .tables import format_value
@@ -417,9 +418,8 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     if stability.get("recurrent_layers"):
         lines += [f"{stability['reason'][0].upper()}{stability['reason'][1:]}.", "",
                   "| module | kind | layer | certificate | holds | rate | reason |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {s['module'] or '(root)'} | {s['kind']} | {i} | {c['name']} | {'yes' if c['holds'] else 'no'} | "
-                  f"{format_value(c['rate'])} | {c['reason']} |"
-                  for s in stability["recurrent_layers"] for i, results in enumerate(s["layers"]) for c in results]
+        lines += [f"| {row['module']} | {row['kind']} | {row['layer']} | {row['name']} | {'yes' if row['holds'] else 'no'} | "
+                  f"{format_value(row['rate'])} | {row['reason']} |" for row in layer_rows(stability["recurrent_layers"])]
         lines += [""] + [f"- {s['module'] or '(root)'} ({s['kind']}): {'holds' if s['holds'] else 'fails'}: {s['reason']}"
                          for s in stability["recurrent_layers"]]
     elif stability.get("certificates"):

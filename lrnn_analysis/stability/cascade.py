@@ -29,7 +29,7 @@ bounded invariant set) but not computed: their cascade reports the rate only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -131,6 +131,14 @@ def _coupling_gain(rnn: nn.RNN, layer: int, best: CertificateResult | None) -> f
         return float("nan")
     W_ih = layer_parameters(rnn, layer)["weight_ih"].detach().cpu().double().numpy()
     return float(np.linalg.norm(W_ih, 2) * best.gain)  # slope L = 1 for tanh and relu
+
+
+def layer_rows(stacks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (stack, layer, certificate) of :meth:`CascadeCertificate.to_dict` records:
+    module (``(root)`` for the model itself), kind, layer, name, holds, rate, reason."""
+    return [{"module": stack["module"] or "(root)", "kind": stack["kind"], "layer": index,
+             **{key: result[key] for key in ("name", "holds", "rate", "reason")}}
+            for stack in stacks for index, results in enumerate(stack["layers"]) for result in results]
 
 
 def certify_recurrent(
