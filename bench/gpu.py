@@ -166,7 +166,7 @@ def recurrence(sizes: Sizes, device: torch.device, repeats: int, compile_too: bo
 
 
 def hessian_vector_product(sizes: Sizes, device: torch.device, repeats: int) -> None:
-    from lrnn_analysis.data import load_task
+    from lrnn_analysis.builtin_tasks import load_task
     from lrnn_analysis.evaluation import loss_function
     from lrnn_analysis.hessian import HessianOperator
     from lrnn_analysis.models import ModelConfig, build_model
@@ -182,7 +182,7 @@ def hessian_vector_product(sizes: Sizes, device: torch.device, repeats: int) -> 
 
 
 def parameter_draws(sizes: Sizes, device: torch.device, repeats: int, draws: int) -> None:
-    from lrnn_analysis.data import load_task
+    from lrnn_analysis.builtin_tasks import load_task
     from lrnn_analysis.models import ModelConfig, build_model
     from lrnn_analysis.robustness import Perturbation, evaluate_parameter_draws, perturb_parameters
 
@@ -206,7 +206,7 @@ def parameter_draws(sizes: Sizes, device: torch.device, repeats: int, draws: int
 def audit(sizes: Sizes, device: torch.device) -> None:
     from lrnn_analysis.checkpoints import save_checkpoint
     from lrnn_analysis.cli import main as lrnn
-    from lrnn_analysis.data import load_task
+    from lrnn_analysis.builtin_tasks import load_task
     from lrnn_analysis.models import ModelConfig, build_model
 
     task = load_task(sizes.task, seed=0)

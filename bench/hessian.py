@@ -35,12 +35,12 @@ import torch
 from scipy.sparse.linalg import aslinearoperator
 from torch.func import functional_call, grad, jvp
 
-from lrnn_analysis.data import load_task
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.evaluation import loss_function
 from lrnn_analysis.hessian import GGNOperator, HessianOperator, eigenvalues, pyhessian_eigenvalues, trace
 from lrnn_analysis.hessian.pyhessian_backend import _PyHessianRun
 from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.runtime import environment
+from lrnn_analysis.environment import environment
 
 import common
 from common import summary

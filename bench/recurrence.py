@@ -26,7 +26,7 @@ import time
 import torch
 
 from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.runtime import environment
+from lrnn_analysis.environment import environment
 
 from common import alternating_times, ratio_spread, spread
 

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from lrnn_analysis.data import load_task
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.robustness import Perturbation, evaluate_parameter_draws, perturb_parameters
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lrnn_analysis.data import load_task
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.distributed import DistributedOperator, distributed_sweep, shard_batches
 from lrnn_analysis.evaluation import loss_function
 from lrnn_analysis.hessian import HessianOperator, Lanczos

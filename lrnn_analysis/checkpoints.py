@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, IntegrityWarning, display_name, first_line  # noqa: F401 (re-exported)
-from .io import dumps
+from .writers import dumps
 from .outputs import atomic_write
 from .models import ModelConfig, RecurrentModel, build_model, parameter_shapes
 from .reference import is_reference_content, load_reference, load_torch_file

@@ -1,11 +1,12 @@
 """The ``lrnn`` command: parses options, calls the Python API, prints results.
 
-Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr), 130 interrupted
+Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr), 3 a bug (an internal
+error: a short traceback and a request to report it), 130 interrupted
 (SIGINT), 141 the reader of the output went away (a closed pipe, as for a tool killed by SIGPIPE).
 Every option is checked against its bounds while parsing, before anything is computed.
 
 Building the parser imports no torch, numpy, scipy, cvxpy or matplotlib (``lrnn --help`` is
-instant): its name tables come from :mod:`lrnn_analysis.vocabulary`, and each command imports
+instant): its name tables come from :mod:`lrnn_analysis.choices`, and each command imports
 what it uses when it runs.
 """
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .errors import CheckpointError, display_name
+from .errors import InputError, display_name
 from .outputs import OutputDirectory, check_output_file
-from .vocabulary import (
+from .choices import (
     ARCHITECTURES,
     CERTIFICATES,
     CONSTRAINTS,
@@ -44,10 +45,10 @@ from .vocabulary import (
 if TYPE_CHECKING:
     import torch
 
-    from .subject import ModelUnderAnalysis
+    from .model_under_analysis import ModelUnderAnalysis
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad input detected after parsing; reported as one line with exit code 2."""
 
 
@@ -179,10 +180,10 @@ def _task_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = 
     if getattr(args, "data", None) is not None:
         if args.task is not None:
             raise UsageError("give either --task or --data, not both")
-        from .userdata import load_data
+        from .data_files import load_data
 
         return load_data(args.data)
-    from .data import load_task
+    from .builtin_tasks import load_task
 
     recorded = recorded or {}
     name = args.task or recorded.get("name")
@@ -255,7 +256,7 @@ def _load_models(args: argparse.Namespace) -> list[tuple[str, ModelUnderAnalysis
     elif overrides and not checkpoints:
         raise UsageError(f"--{', --'.join(overrides)}: for files of the reference implementation; "
                          "a --model takes its settings as --model-arg KEY=VALUE")
-    from .subject import load_model
+    from .model_under_analysis import load_model
 
     loaded = [(str(path), load_model(path, **overrides)) for path in checkpoints]
     if args.model is None:
@@ -346,7 +347,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoints import save_checkpoint
     from .constraints import StabilityConstraint
     from .models import ModelConfig, build_model
-    from .runtime import resolve_device
+    from .environment import resolve_device
     from .training import TrainSettings, train_model, training_metadata
 
     check_output_file(args.out, force=args.force, inputs=[args.data_path])
@@ -417,7 +418,7 @@ def _spectral_line(model) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .stability.evidence import check_stored
-    from .tables import format_table, format_value
+    from .formatting import format_table, format_value
 
     subject = _load_subject(args)
     metadata = dict(subject.metadata)
@@ -580,8 +581,8 @@ def _robustness_json_path(args: argparse.Namespace) -> Path | None:
 def cmd_robustness(args: argparse.Namespace) -> int:
     from .distributed import distributed_sweep
     from .robustness import SweepModel, hessian_directions, recurrent_parameter_names, sweep
-    from .runtime import resolve_device
-    from .tables import format_table
+    from .environment import resolve_device
+    from .formatting import format_table
 
     json_path = _robustness_json_path(args)
     inputs = _input_files(args)
@@ -630,11 +631,11 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from .io import write_json
+    from .writers import write_json
     from .progress import progress_bar
     from .stability import spectrum
     from .stability.evidence import certificate_result, check_stored, stored_then_searched
-    from .tables import format_table
+    from .formatting import format_table
 
     if args.json:
         check_output_file(args.json, force=args.force, inputs=_input_files(args))
@@ -682,10 +683,10 @@ def _recurrent_layer_stability(args: argparse.Namespace, subject: ModelUnderAnal
     """`lrnn stability` of a model without a Lur'e form of its own that contains torch.nn
     RNN/LSTM/GRU layers: each layer and each stack of layers is certified (see
     ``lrnn_analysis.stability.cascade``); how the model combines their states is not."""
-    from .io import write_json
+    from .writers import write_json
     from .stability import certify_recurrent
     from .stability.cascade import layer_rows
-    from .tables import format_table
+    from .formatting import format_table
 
     results = certify_recurrent(subject.module, args.certificates, input_bound=args.input_bound, time_budget=args.time_budget)
     print(f"{args.checkpoint}: {subject.name}: no Lur'e form of the whole model; certifying its torch.nn recurrent "
@@ -701,8 +702,8 @@ def _recurrent_layer_stability(args: argparse.Namespace, subject: ModelUnderAnal
 
 def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, result) -> int:
     """``lrnn stability`` of a model without a Lur'e form whose stored certificate verified."""
-    from .io import write_json
-    from .tables import format_table
+    from .writers import write_json
+    from .formatting import format_table
 
     config = subject.module.config
     print(f"{args.checkpoint}: {_architecture(subject)} (no Lur'e form; its own contraction certificate), n = {config.hidden}")
@@ -722,9 +723,9 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     from .distributed import DistributedOperator, shard_batches
     from .evaluation import loss_function
     from .hessian import analyze
-    from .io import write_json
-    from .runtime import resolve_device
-    from .tables import format_table
+    from .writers import write_json
+    from .environment import resolve_device
+    from .formatting import format_table
 
     if args.json:
         check_output_file(args.json, force=args.force, inputs=_input_files(args))
@@ -821,8 +822,8 @@ def _audit_grid(levels: list[tuple[str, list[float]]] | None) -> dict[str, list[
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .report import AUDIT_WRITER, AuditSettings, run_audit, write_audit_into
-    from .runtime import resolve_device
-    from .tables import format_table, format_value
+    from .environment import resolve_device
+    from .formatting import format_table, format_value
 
     gates = list(args.gate)
     with OutputDirectory(args.out, AUDIT_WRITER, force=args.force, inputs=_input_files(args)) as directory:
@@ -859,8 +860,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .recipes import find_recipes, run_recipes
-    from .runtime import resolve_device
-    from .tables import format_table
+    from .environment import resolve_device
+    from .formatting import format_table
 
     _set_threads(args.threads)
     paths = args.recipes or find_recipes(args.analyses_dir)
@@ -925,9 +926,9 @@ def _certify_settings(args: argparse.Namespace) -> tuple[float, float, float, st
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from .io import write_csv
+    from .writers import write_csv
     from .stability import certify_parameterization, phase_diagram
-    from .tables import format_table
+    from .formatting import format_table
 
     beta_w, gamma_a, gamma_w, w_source, radius, r_source = _certify_settings(args)
     phase = args.phase_betas or args.phase_gammas
@@ -1205,12 +1206,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, UsageError, ValueError) as error:
+    except InputError as error:
         print(f"{prefix}: error: {_one_line(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"{prefix}: error: {_os_error_text(error)}", file=sys.stderr)
         return 2
+    except Exception:
+        _report_bug(prefix)
+        return 3
+
+
+def _report_bug(prefix: str) -> None:
+    """An exception that is not about the user's input is a bug: its type, message and the last
+    frames of its traceback, and where to report it."""
+    import traceback
+
+    error = sys.exc_info()[1]
+    frames = traceback.format_exception(error, limit=-6)
+    print(f"{prefix}: internal error (a bug in lrnn-analysis or a library under it, not in your input):", file=sys.stderr)
+    print("".join(frames).rstrip(), file=sys.stderr)
+    print(f"{prefix}: please report this with the command line and the lines above", file=sys.stderr)
 
 
 def _warning_printer(prefix: str, default: Callable[..., None]) -> Callable[..., None]:

@@ -26,7 +26,7 @@ import torch
 from .lure import LureSystem
 from .models import LipschitzRNN, RecurrentModel
 from .stability import norm_test, norm_test_threshold
-from .vocabulary import CONSTRAINTS
+from .choices import CONSTRAINTS
 
 SECANT_STEPS = 30
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .robustness import SweepResult, summarize, sweep
 from .robustness.sweep import prepare_models
-from .runtime import distributed_info, environment
+from .environment import distributed_info, environment
 
 T = TypeVar("T")
 

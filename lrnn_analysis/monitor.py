@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .hessian import HessianOperator, Lanczos
-from .io import write_csv
+from .writers import write_csv
 from .lure import LureSystem
 from .models.torchnn import find_recurrent_layers, rnn_lure_forms
 from .stability.certificates import certify, default_certificates

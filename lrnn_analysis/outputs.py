@@ -34,6 +34,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from .errors import InputError
+
 MARKER = ".lrnn-report"
 STAGING_MARKER = ".lrnn-staging"
 TEMP_INFIX = ".lrnn-tmp-"
@@ -47,7 +49,7 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
-class OutputError(ValueError):
+class OutputError(InputError):
     """An output location that ``lrnn`` must not (or cannot) write; reported with exit code 2."""
 
 

@@ -5,7 +5,7 @@ stem. Instead of (or besides) checkpoints it may name your own model, ``model =
 "mymodels.py:build"`` (a ``.py`` file or importable module and the function returning the
 ``nn.Module``, see :mod:`lrnn_analysis.usermodule`), its ``model_args = {hidden = 16}`` and
 ``weights = ["runA.pt", "runB.pt"]`` (one model per state-dict file); and instead of a task,
-``data = "mydata.npz"`` (see :mod:`lrnn_analysis.userdata`). Without ``task`` or ``data``, the
+``data = "mydata.npz"`` (see :mod:`lrnn_analysis.data_files`). Without ``task`` or ``data``, the
 checkpoints are scored on the task they all record (an error when they differ, or when a
 ``model`` is named: it records none). Relative paths (checkpoints, the model file, weights,
 data) are resolved against the project root, the parent of the folder holding the recipe. Running it writes ``<out>/<output>.csv`` (the tidy table),
@@ -40,20 +40,21 @@ from typing import Any, Callable, ContextManager, Sequence
 import numpy as np
 import torch
 
-from . import analyses, plots
-from .data import TASKS, Task, load_task
+from . import tidy_tables, plots
+from .builtin_tasks import TASKS, load_task
+from .task import Task
 from .distributed import DistributedOperator, all_or_none, distributed_sweep, shard_batches
-from .io import write_csv, write_json
+from .writers import write_csv, write_json
 from .outputs import OutputDirectory, OutputError, check_name
-from .provenance import check_training_data
+from .training_split import check_training_data
 from .robustness import KINDS, SweepModel, hessian_directions, recurrent_parameter_names, sweep
-from .runtime import distributed_info, environment
+from .environment import distributed_info, environment
 from .stability import CERTIFICATES, phase_diagram
 from .stability.parameterization import PARAMETERIZATION_TESTS
-from .subject import ModelUnderAnalysis, load_model
-from .userdata import load_data
+from .model_under_analysis import ModelUnderAnalysis, load_model
+from .data_files import load_data
 from .usermodule import ModelSpec, import_factory, load_user_model
-from .vocabulary import PERTURBATION_ALIASES, perturbation_grid
+from .choices import PERTURBATION_ALIASES, perturbation_grid
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -491,7 +492,7 @@ class _Context:
 
 
 def _spectra(ctx: _Context) -> tuple[list[str], str]:
-    eigen_rows, model_rows = analyses.spectra_tables(ctx.models())
+    eigen_rows, model_rows = tidy_tables.spectra_tables(ctx.models())
     written = ctx.write(eigen_rows, plots.plot_spectra(eigen_rows, model_rows), {"models": model_rows})
     written += ctx.write(model_rows, None, suffix="_summary")
     worst = max(model_rows, key=lambda r: r["alpha_A"])
@@ -503,16 +504,16 @@ def _certificates(ctx: _Context) -> tuple[list[str], str]:
     task = ctx.task()
     for label, subject in models.items():
         subject.check_fits(task, label)
-    accuracy = {r["model"]: r["accuracy"] for r in analyses.accuracy_table(models, task.test.x, task.test.y, task.is_classification)}
-    rows = analyses.certificate_table(models, ctx.setting("certificates", None), ctx.setting("time_budget", 30.0))
+    accuracy = {r["model"]: r["accuracy"] for r in tidy_tables.accuracy_table(models, task.test.x, task.test.y, task.is_classification)}
+    rows = tidy_tables.certificate_table(models, ctx.setting("certificates", None), ctx.setting("time_budget", 30.0))
     for row in rows:
         row["test_accuracy"] = accuracy[row["model"]]
         row["parameters"] = sum(p.numel() for p in models[row["model"]].module.parameters())
-    eigen_rows, model_rows = analyses.spectra_tables(models)
+    eigen_rows, model_rows = tidy_tables.spectra_tables(models)
     training_data = {label: check_training_data(subject.metadata, task).to_dict() for label, subject in models.items()}
     ctx.warnings += [f"{label}: {check['warning']}" for label, check in training_data.items() if check["warning"]]
     written = ctx.write(rows, plots.plot_spectra(eigen_rows, model_rows), {"training_data": training_data})
-    summary = analyses.certified_summary(rows)
+    summary = tidy_tables.certified_summary(rows)
     written += ctx.write(summary, plots.plot_certified_accuracy(summary), suffix="_accuracy")
     certified = sorted({r["model"] for r in rows if r["holds"]})
     return written, f"certified: {', '.join(certified) or 'none'}"
@@ -529,7 +530,7 @@ def _hessian(ctx: _Context) -> tuple[list[str], str]:
         return [], ""
     if shared_by > 1:
         batches = shard_batches(batches, ctx.rank, ctx.world_size)
-    summary, density = analyses.hessian_tables(
+    summary, density = tidy_tables.hessian_tables(
         models, batches, task.is_classification, params=ctx.setting("params", None),
         trace_matvecs=int(ctx.setting("trace_matvecs", 100)), density=bool(ctx.setting("density", True)),
         density_probes=int(ctx.setting("density_probes", 4)), density_steps=int(ctx.setting("density_steps", 40)),
@@ -597,7 +598,7 @@ def _phase_diagram(ctx: _Context) -> tuple[list[str], str]:
 
 
 def _training_spectra(ctx: _Context) -> tuple[list[str], str]:
-    rows = analyses.training_log_table({label: meta.get("log", []) for label, meta in ctx.metadata().items()})
+    rows = tidy_tables.training_log_table({label: meta.get("log", []) for label, meta in ctx.metadata().items()})
     written = ctx.write(rows, plots.plot_training_spectra(rows, tuple(ctx.setting("quantities", ("alpha_A", "mu2_A", "norm_W")))))
     return written, f"{len(rows)} epochs logged"
 
@@ -605,7 +606,7 @@ def _training_spectra(ctx: _Context) -> tuple[list[str], str]:
 def _landscape(ctx: _Context) -> tuple[list[str], str]:
     task = ctx.task()
     plane_spec = ctx.setting("plane_steps", None)
-    lines, plane = analyses.landscape_tables(ctx.models(), ctx.batches(task), task.is_classification,
+    lines, plane = tidy_tables.landscape_tables(ctx.models(), ctx.batches(task), task.is_classification,
                                              _axis(ctx.setting("steps", {"linspace": [-1.0, 1.0, 21]})),
                                              None if plane_spec is None else _axis(plane_spec), seed=ctx.recipe.seed)
     written = ctx.write(lines, plots.plot_landscape_1d(lines))

@@ -32,21 +32,22 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import analyses, plots
-from .data import TASKS, Task
+from . import tidy_tables, plots
+from .builtin_tasks import TASKS
+from .task import Task
 from .evaluation import evaluate, loss_function
-from .io import write_csv, write_json
+from .writers import write_csv, write_json
 from .outputs import OutputDirectory, atomic_write
-from .provenance import check_training_data
+from .training_split import check_training_data
 from .robustness import Perturbation, SweepModel, sweep
-from .runtime import environment
+from .environment import environment
 from .models.torchnn import find_recurrent_layers
 from .stability import certify_recurrent, default_certificates, spectrum
 from .stability.cascade import layer_rows
 from .stability.evidence import check_stored, stored_then_searched
-from .subject import ModelUnderAnalysis, as_model_under_analysis
-from .tables import format_value
-from .vocabulary import GATE_CERTIFICATES, perturbation_grid, perturbation_kind
+from .model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
+from .formatting import format_value
+from .choices import GATE_CERTIFICATES, perturbation_grid, perturbation_kind
 
 GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop")
 LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
@@ -60,7 +61,7 @@ class AuditSettings:
     The Hessian quantities use the first ``hessian_batches`` training batches of
     ``hessian_batch_size`` samples; the trace spends at most ``trace_matvecs`` Hessian-vector
     products. ``grid`` maps a perturbation kind (either spelling, see
-    :func:`lrnn_analysis.vocabulary.perturbation_kind`) to its levels, each run with ``seeds`` seeds."""
+    :func:`lrnn_analysis.choices.perturbation_kind`) to its levels, each run with ``seeds`` seeds."""
 
     seed: int = 0
     certificate_budget: float = 20.0
@@ -226,7 +227,7 @@ def run_audit(
         results = stored_then_searched(stored, model, system, wanted, settings.certificate_budget)
         stability["spectrum"] = spectrum(system).to_dict()
         stability["certificates"] = [r.to_dict(include_matrices=False) for r in results]
-        tables["spectra"], tables["spectra_summary"] = analyses.spectra_tables({checkpoint: subject})
+        tables["spectra"], tables["spectra_summary"] = tidy_tables.spectra_tables({checkpoint: subject})
     elif stored.verified:
         stability["certificates"] = [r.to_dict(include_matrices=False)
                                      for r in stored_then_searched(stored, model, None)]
@@ -235,7 +236,7 @@ def run_audit(
         stability["recurrent_layers"] = [c.to_dict() for c in cascades]
         stability["reason"] = LAYERS_ONLY
     else:
-        stability["reason"] = analyses.NO_LURE_FORM
+        stability["reason"] = tidy_tables.NO_LURE_FORM
     timings["stability"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -264,7 +265,7 @@ def run_audit(
     timings["robustness"] = time.perf_counter() - started
     log = subject.metadata.get("log")
     if log and {"norm_W", "alpha_A"} & set(log[0]):
-        tables["training_log"] = analyses.training_log_table({Path(checkpoint).stem: log})
+        tables["training_log"] = tidy_tables.training_log_table({Path(checkpoint).stem: log})
 
     report = {
         "checkpoint": checkpoint,
@@ -319,7 +320,7 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
         if not found and report["stability"].get("recurrent_layers"):
             return _layers_gate(gate, report["stability"]["recurrent_layers"], result)
         if not found:
-            return result(quantity, None, None, False, analyses.NO_LURE_FORM)
+            return result(quantity, None, None, False, tidy_tables.NO_LURE_FORM)
         c = found[0]
         detail = f"verified at tier {c['tier']}: {c['reason']}" if c["tier"] else f"no tier verified it: {c['reason']}"
         return result(quantity, None, c["margin"], bool(c["holds"]), detail)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .constraints import StabilityConstraint, check_feasible, project
-from .data import Task
+from .task import Task
 from .evaluation import evaluate, loss_function
 from .models import RecurrentModel
 from .stability.spectra import mu2, norm2, spectral_abscissa
@@ -150,10 +150,10 @@ def train_model(
 
 def training_metadata(task: Task, settings: TrainSettings, result: TrainResult, device: torch.device) -> dict[str, Any]:
     """What a trained checkpoint records besides its config: task and split seed, the
-    fingerprint of the training split (the leakage guard of lrnn_analysis.provenance),
+    fingerprint of the training split (the leakage guard of lrnn_analysis.training_split),
     settings, metrics, the per-epoch log, versions and device."""
-    from .provenance import split_fingerprint
-    from .runtime import environment
+    from .training_split import split_fingerprint
+    from .environment import environment
 
     return {
         "task": task.to_dict(),

@@ -35,11 +35,11 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from .checkpoints import MAX_FILE_BYTES
-from .errors import first_line
-from .subject import ModelUnderAnalysis
+from .errors import InputError, first_line
+from .model_under_analysis import ModelUnderAnalysis
 
 
-class UserModelError(ValueError):
+class UserModelError(InputError):
     """A user model that cannot be built or loaded; the message names the spec and the problem."""
 
 

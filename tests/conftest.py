@@ -7,6 +7,6 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def digits_task():
-    from lrnn_analysis.data import load_task
+    from lrnn_analysis.builtin_tasks import load_task
 
     return load_task("digits", seed=0)

@@ -1,6 +1,6 @@
 """The tiny cases that test_distributed.py runs in one process and distributed_worker.py in two."""
 
-from lrnn_analysis.data import load_task
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.evaluation import loss_function
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.robustness import SweepModel

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lrnn_analysis.cli import main
-from lrnn_analysis.data import load_task
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.report import AuditSettings, Gate, _evaluate_gate, _markdown, run_audit
 

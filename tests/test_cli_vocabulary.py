@@ -12,7 +12,7 @@ import pytest
 
 from lrnn_analysis import progress
 from lrnn_analysis.cli import UsageError, _audit_grid, _robustness_json_path, build_parser, main
-from lrnn_analysis.vocabulary import CERTIFICATES, DISCRETIZATIONS, KINDS, MAX_SIZES, PARAMETERIZATION_TESTS, TASK_NAMES
+from lrnn_analysis.choices import CERTIFICATES, DISCRETIZATIONS, KINDS, MAX_SIZES, PARAMETERIZATION_TESTS, TASK_NAMES
 
 HEAVY = ("torch", "numpy", "scipy", "cvxpy", "matplotlib", "pandas", "seaborn", "sklearn", "tqdm")
 COMMANDS = ("train", "info", "stability", "certify", "hessian", "audit", "reproduce", "robustness")
@@ -52,7 +52,7 @@ def test_python_m_lrnn_analysis_help_imports_no_heavy_library():
 
 def test_the_light_name_tables_are_those_the_library_uses():
     from lrnn_analysis.constraints import CONSTRAINTS
-    from lrnn_analysis.data import TASKS
+    from lrnn_analysis.builtin_tasks import TASKS
     from lrnn_analysis.models.config import DISCRETIZATIONS as MODEL_DISCRETIZATIONS, MAX_SIZES as MODEL_MAX_SIZES
     from lrnn_analysis.robustness import KINDS as ROBUSTNESS_KINDS
     from lrnn_analysis.stability import CERTIFICATES as STABILITY_CERTIFICATES, NORM_TESTS

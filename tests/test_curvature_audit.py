@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from lrnn_analysis.data import load_task
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.hessian import GGNOperator
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.report import AuditSettings, _markdown, run_audit

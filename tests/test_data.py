@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrnn_analysis.data import TASKS, load_task
+from lrnn_analysis.builtin_tasks import TASKS, load_task
 
 
 def _assert_task(task, n_steps, input_dim, classes):

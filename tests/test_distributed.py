@@ -19,7 +19,7 @@ from lrnn_analysis.cli import main
 from lrnn_analysis.distributed import DistributedOperator, shard_batches
 from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues
 from lrnn_analysis.robustness import sweep
-from lrnn_analysis.runtime import environment
+from lrnn_analysis.environment import environment
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TIMEOUT = 180

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from lrnn_analysis import checkpoints, cli
 from lrnn_analysis.checkpoints import CheckpointError, IntegrityWarning, load_checkpoint, save_checkpoint, weights_sha256
 from lrnn_analysis.cli import main
-from lrnn_analysis.data import load_task
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.report import Gate
 

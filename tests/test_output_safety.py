@@ -16,7 +16,7 @@ from lrnn_analysis import outputs, recipes
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
 from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.io import write_json
+from lrnn_analysis.writers import write_json
 from lrnn_analysis.outputs import MARKER, OutputDirectory, OutputError, atomic_write, check_output_file
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -242,10 +242,10 @@ def test_robustness_of_a_regression_task_draws_the_loss():
 
 
 def test_the_audit_report_of_a_regression_task_draws_the_loss(checkpoints, tmp_path):
-    from lrnn_analysis.data import load_task
+    from lrnn_analysis.builtin_tasks import load_task
     from lrnn_analysis.outputs import OutputDirectory
     from lrnn_analysis.report import AUDIT_WRITER, AuditSettings, run_audit, write_audit_into
-    from lrnn_analysis.subject import load_model
+    from lrnn_analysis.model_under_analysis import load_model
 
     settings = AuditSettings(certificate_budget=5.0, hessian_batch_size=16, trace_matvecs=8, seeds=2, max_samples=20,
                              grid={"gaussian-relative": (0.0, 0.1)})

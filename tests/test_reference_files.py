@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from lrnn_analysis.analyses import training_log_table
+from lrnn_analysis.tidy_tables import training_log_table
 from lrnn_analysis.checkpoints import CheckpointError, load_checkpoint
 from lrnn_analysis.cli import main
-from lrnn_analysis.data import load_task, reference_permutation
+from lrnn_analysis.builtin_tasks import load_task, reference_permutation
 from lrnn_analysis.reference.models import MODEL_HPARAMS
 from lrnn_analysis.reference import (
     MODEL_KEYS,

@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from lrnn_analysis.userdata import load_data
+from lrnn_analysis.data_files import load_data
 
 
 def _npy(shape, descr="<f4", data=b""):

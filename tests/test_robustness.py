@@ -6,7 +6,7 @@ import torch
 
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
-from lrnn_analysis.data import Split, Task
+from lrnn_analysis.task import Split, Task
 from lrnn_analysis.evaluation import evaluate
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.robustness import (
@@ -218,7 +218,7 @@ def test_hessian_directions_are_unit_top_eigenvectors_and_drive_a_sweep(digits):
 def test_models_sharing_a_checkpoint_name_keep_their_own_recurrent_parameters(digits):
     """Two entries with the same checkpoint text and different labels: each is perturbed on its
     own declared recurrent parameters (a lipschitz model's M_A, M_W; an antisymmetric model's M_W)."""
-    from lrnn_analysis.subject import ModelUnderAnalysis
+    from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
 
     lipschitz = ModelUnderAnalysis.from_recurrent_model(
         build_model(ModelConfig("lipschitz", digits.input_dim, 8, digits.output_dim, eps=0.1), seed=0), {})

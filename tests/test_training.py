@@ -6,7 +6,7 @@ import torch
 
 from lrnn_analysis.checkpoints import load_checkpoint
 from lrnn_analysis.cli import main
-from lrnn_analysis.data import load_task
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.training import TrainSettings, train_model
 

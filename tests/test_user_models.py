@@ -12,18 +12,19 @@ from torch.func import functional_call
 
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
-from lrnn_analysis.data import Task, load_task
+from lrnn_analysis.builtin_tasks import load_task
+from lrnn_analysis.task import Task
 from lrnn_analysis.evaluation import loss_function
 from lrnn_analysis.hessian import analyze
 from lrnn_analysis.lure import LureSystem
 from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.provenance import LEAKAGE_WARNING, check_training_data, split_fingerprint
+from lrnn_analysis.training_split import LEAKAGE_WARNING, check_training_data, split_fingerprint
 from lrnn_analysis.recipes import load_recipe, run_recipe
 from lrnn_analysis.report import AuditSettings, run_audit
 from lrnn_analysis.robustness import Perturbation, SweepModel, perturb_parameters, sweep
-from lrnn_analysis.subject import ModelUnderAnalysis
+from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
 from lrnn_analysis.training import TrainResult, TrainSettings, train_model, training_metadata
-from lrnn_analysis.userdata import load_data
+from lrnn_analysis.data_files import load_data
 
 MODEL_SOURCE = '''
 import torch

@@ -21,7 +21,7 @@ from .diagonal import DIAGONAL_METHODS, DiagonalResult, FrobeniusResult, diagona
 from .eigen import WHICH, EigenResult, LambdaMaxTrack, eigenvalues, power_iteration, track_lambda_max
 from .landscape import LandscapeResult, eigenvector_directions, landscape, random_directions
 from .lanczos import Lanczos
-from .operator import CurvatureOperator, HessianOperator, ParameterSelection, match_parameters, select_parameters
+from .operator import CurvatureOperator, HessianOperator, ParameterSelection, parameter_selection, select_parameters
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import METHODS, TraceResult, trace
 
@@ -46,7 +46,7 @@ __all__ = [
     "JacobianSandwichOperator",
     "ParameterSelection",
     "curvature_operator",
-    "match_parameters",
+    "parameter_selection",
     "METHODS",
     "WHICH",
     "DensityResult",

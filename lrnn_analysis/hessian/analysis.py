@@ -10,14 +10,15 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
-from ..runtime import environment
+from ..environment import environment
 from ._results import dataclass_dict
 from .blocks import BlockTable, block_curvature
 from .curvature import OPERATOR_KINDS, curvature_operator
 from .density import DensityResult, spectral_density
 from .diagonal import DiagonalResult, FrobeniusResult, diagonal as diagonal_estimate, frobenius_norm_squared
 from .eigen import EigenResult, eigenvalues
-from .operator import DEFAULT_MEMORY_BUDGET, Batch, LossFunction, ParamSpec, as_batches, match_parameters
+from ..parameters import module_of
+from .operator import DEFAULT_MEMORY_BUDGET, Batch, LossFunction, ParamSpec, as_batches, parameter_selection
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import TraceResult, trace as trace_estimate
 
@@ -100,7 +101,7 @@ def analyze(
     ``backend="pyhessian"``: PyHessian's power iteration (``tol``, ``max_iter`` default 100) and
     trace (``trace_tol``, ``trace_matvecs`` samples); it has no λ_min and no working density, so
     ``density=True`` is an error there. Every random draw comes from ``seed``. ``model`` may be a
-    :class:`~lrnn_analysis.subject.ModelUnderAnalysis` (``params=model.recurrent_names()`` for its
+    :class:`~lrnn_analysis.model_under_analysis.ModelUnderAnalysis` (``params=model.recurrent_names()`` for its
     recurrent block).
 
     ``operator``: the matrix analysed, ``"hessian"``, ``"ggn"``, ``"fisher"`` (Monte-Carlo,
@@ -109,11 +110,10 @@ def analyze(
     ``"frobenius"`` (‖C‖_F², up to ``estimate_matvecs`` products) and ``"blocks"`` (per-tensor
     trace and λ_max, the model's declared recurrent parameters first). ``density_scale``: ``"linear"`` or ``"symlog"``.
     """
-    from ..subject import ModelUnderAnalysis, as_module
-
-    recurrent_first = (tuple(model.recurrent_names()) if isinstance(model, ModelUnderAnalysis) and model.recurrent
+    declared = getattr(model, "recurrent", None) if not isinstance(model, torch.nn.Module) else None
+    recurrent_first = (tuple(model.recurrent_names()) if declared
                        else tuple(getattr(model, "recurrent_parameters", ())))
-    model = as_module(model)
+    model = module_of(model)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if operator not in OPERATOR_KINDS:
@@ -169,7 +169,7 @@ def analyze(
                                       max_iter=100 if max_iter is None else max_iter, **common)
         trace_result = pyhessian_trace(model, loss_fn, batches, tol=trace_tol, max_iter=trace_matvecs, **common) if trace else None
         density_result = None
-        selection = match_parameters(model, params)
+        selection = parameter_selection(model, params)
         described = {"operator": "hessian", "params": list(selection.names),
                      "unmatched_patterns": list(selection.unmatched_patterns), "dtype": str(torch.float32 if dtype is None else dtype).removeprefix("torch."),
                      "device": str(device), "n_samples": sum(len(x) for x, _ in batches), "n_batches": len(batches),

@@ -24,6 +24,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..parameters import glob_parameters, module_of
 from ..progress import progress_bar
 
 Batch = tuple[Tensor, Tensor]
@@ -59,7 +60,7 @@ class ParameterSelection:
                 "unmatched_patterns": list(self.unmatched_patterns)}
 
 
-def match_parameters(model: nn.Module, params: ParamSpec = None) -> ParameterSelection:
+def parameter_selection(model: nn.Module, params: ParamSpec = None) -> ParameterSelection:
     """The parameters ``params`` selects, leniently.
 
     ``params`` is None (every parameter with ``requires_grad``), a list of names or glob
@@ -77,8 +78,6 @@ def match_parameters(model: nn.Module, params: ParamSpec = None) -> ParameterSel
     patterns = [p for p in patterns if p]
     if not patterns:
         raise ValueError("no parameters selected: empty parameter list")
-    from ..subject import glob_parameters
-
     chosen, unmatched = glob_parameters(model, patterns)
     if not chosen:
         raise ValueError(f"parameter patterns {patterns} match none of {names}")
@@ -86,8 +85,8 @@ def match_parameters(model: nn.Module, params: ParamSpec = None) -> ParameterSel
 
 
 def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
-    """Names of the parameters ``params`` selects, in the model's order (see ``match_parameters``)."""
-    return list(match_parameters(model, params).names)
+    """Names of the parameters ``params`` selects, in the model's order (see ``parameter_selection``)."""
+    return list(parameter_selection(model, params).names)
 
 
 def as_batches(data: Batch | Iterable[Batch]) -> list[Batch]:
@@ -143,7 +142,7 @@ class CurvatureOperator(LinearOperator):
     ``data`` is one ``(x, y)`` batch or an iterable of batches (materialised once, so the
     operator is the same matrix for every product); the matrix of several batches is their
     sample-weighted mean, weights n_b / N. ``params`` selects a block (names or globs, see
-    ``match_parameters``; ``selection`` records what matched); parameters outside it are held
+    ``parameter_selection``; ``selection`` records what matched); parameters outside it are held
     fixed. The operator works on its own detached copy of the parameters in ``dtype``
     (default: the model's), runs the model in eval mode and restores its mode, and never
     touches ``.grad`` or the caller's tensors.
@@ -151,7 +150,7 @@ class CurvatureOperator(LinearOperator):
     ``matvec``/``matmat`` take and return numpy arrays (scipy convention, in the operator's
     numpy ``dtype``); ``apply`` takes and returns flat torch tensors on the model's device.
     Subclasses implement ``_apply(chunks)`` (one tensor per selected parameter).
-    ``model`` may be a :class:`~lrnn_analysis.subject.ModelUnderAnalysis` (its module is used;
+    ``model`` may be a :class:`~lrnn_analysis.model_under_analysis.ModelUnderAnalysis` (its module is used;
     ``params=model.recurrent_names()`` selects its recurrent block).
     """
 
@@ -167,12 +166,10 @@ class CurvatureOperator(LinearOperator):
         *,
         progress: bool = False,
     ) -> None:
-        from ..subject import as_module
-
-        model = as_module(model)
+        model = module_of(model)
         self.model = model
         self.loss_fn = loss_fn
-        self.selection = match_parameters(model, params)
+        self.selection = parameter_selection(model, params)
         self.names = self.selection.names
         named = dict(model.named_parameters())
         reference = named[self.names[0]]

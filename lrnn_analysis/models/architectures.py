@@ -75,7 +75,7 @@ def lure_step(A: Tensor | None, W: Tensor, method: str, eps: float | None, subst
 class RecurrentModel(nn.Module):
     """Shared input map, decoder and time loop; subclasses define one step."""
 
-    # Glob patterns of the parameters that build the recurrent matrices (see lrnn_analysis.subject).
+    # Glob patterns of the parameters that build the recurrent matrices (see lrnn_analysis.model_under_analysis).
     recurrent_parameters: tuple[str, ...] = ("M_*",)
 
     def __init__(self, config: ModelConfig) -> None:

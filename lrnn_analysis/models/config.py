@@ -6,7 +6,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..vocabulary import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES
+from ..choices import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ from typing import Sequence
 
 import torch
 
-from ..data import Task
+from ..task import Task
 from ..evaluation import loss_function
 from ..hessian import HessianOperator, eigenvalues
-from ..subject import ModelUnderAnalysis, as_module
+from ..model_under_analysis import ModelUnderAnalysis
+from ..parameters import module_of
 from .perturbations import ParameterDirections
 
 
@@ -23,7 +24,7 @@ def hessian_directions(
 ) -> ParameterDirections:
     """The top-``k`` eigenvectors (largest algebraic eigenvalues) of the training-loss Hessian
     on the first ``batches`` training batches, over ``params`` (default: all parameters)."""
-    model = as_module(model)
+    model = module_of(model)
     data = task.train.batches(batch_size, batches, next(model.parameters()).device)
     op = HessianOperator(model, loss_function(task.is_classification), data, params=None if params is None else list(params))
     result = eigenvalues(op, k=k, which="LA", seed=seed)

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..vocabulary import INPUT_KINDS, KINDS, PARAMETER_KINDS, perturbation_kind, perturbation_level  # noqa: F401 (re-exported)
+from ..choices import INPUT_KINDS, KINDS, PARAMETER_KINDS, perturbation_kind, perturbation_level  # noqa: F401 (re-exported)
 
 DETERMINISTIC_KINDS = ("fgsm",)
 

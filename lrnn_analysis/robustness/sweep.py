@@ -17,14 +17,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..data import Task
+from ..task import Task
 from ..evaluation import evaluate
-from ..io import write_csv, write_json
-from ..provenance import check_training_data
-from ..runtime import environment
-from ..subject import ModelUnderAnalysis, as_model_under_analysis, match_parameters
+from ..writers import write_csv, write_json
+from ..training_split import check_training_data
+from ..environment import environment
+from ..model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
+from ..parameters import require_parameters
 from ..statistics import t_halfwidth
-from ..vocabulary import perturbation_grid
+from ..choices import perturbation_grid
 from .perturbations import DETERMINISTIC_KINDS, ParameterDirections, Perturbation, perturb_inputs, perturb_parameters
 from ..progress import progress_bar
 
@@ -74,7 +75,7 @@ def recurrent_parameter_names(model: ModelUnderAnalysis | nn.Module, patterns: s
     parameters; an error when a pattern matches nothing or the model declares none."""
     subject = as_model_under_analysis(model)
     if patterns is not None:
-        return match_parameters(subject.module, patterns, subject.name)
+        return require_parameters(subject.module, patterns, subject.name)
     return subject.recurrent_names()
 
 
@@ -127,7 +128,7 @@ def sweep(
     parameters, and with ``recurrent`` (glob patterns) only those it matches. A model that
     declares none, or a pattern that matches nothing, is an error (never a sweep that
     perturbs nothing). ``warnings`` says which models' training split is not known to be
-    ``task``'s (see :mod:`lrnn_analysis.provenance`): their accuracy may include training samples.
+    ``task``'s (see :mod:`lrnn_analysis.training_split`): their accuracy may include training samples.
     ``batched`` (default: on CUDA only) evaluates up to ``draws_per_call`` parameter draws in one
     vmapped call. On CPU evaluation is compute-bound and the plain loop over draws was measured
     faster (bench/robustness.py), so it is the CPU default. A kind may be named by its alias

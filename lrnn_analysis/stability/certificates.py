@@ -60,7 +60,7 @@ from .norms import NormTestOutcome, norm_test
 from .riccati import RICCATI_TIER, riccati_tier
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF, norm2
 from .verification import Verification, verify
-from ..vocabulary import CERTIFICATES
+from ..choices import CERTIFICATES
 
 TIERS = ("norm", "P=I", RICCATI_TIER, "diag-P", "full-P")
 DEFAULT_CERTIFICATES = {

@@ -47,7 +47,7 @@ import numpy as np
 
 from .norms import norm_test_threshold, norm_test_value
 from .spectra import UNIT_ROUNDOFF
-from ..vocabulary import PARAMETERIZATION_TESTS
+from ..choices import PARAMETERIZATION_TESTS
 
 DEFAULT_INIT_FAILURE_PROBABILITY = 1e-6
 _u = UNIT_ROUNDOFF

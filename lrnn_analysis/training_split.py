@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .data import TASKS, Split, Task
+from .builtin_tasks import TASKS
+from .task import Split, Task
 
 LEAKAGE_WARNING = "training data unknown: accuracy may include training samples"
 

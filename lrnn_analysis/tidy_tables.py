@@ -14,7 +14,7 @@ import torch
 from .evaluation import evaluate, loss_function
 from .stability import spectrum
 from .stability.evidence import check_stored, stored_then_searched
-from .subject import ModelUnderAnalysis, as_model_under_analysis
+from .model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Models = Mapping[str, "ModelUnderAnalysis | torch.nn.Module"]

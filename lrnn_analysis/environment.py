@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .vocabulary import DEVICE_CHOICES
+from .choices import DEVICE_CHOICES
 
 
 

@@ -9,7 +9,7 @@ Its optional pieces decide what can be computed:
 * ``recurrent``: glob patterns over ``named_parameters()`` naming the recurrent weights (used by
   recurrent-only perturbations and Hessian blocks); each pattern must match a parameter;
 * ``metadata``: what is known about its training, e.g. ``task`` (the record of
-  :meth:`Task.to_dict`) and ``train_fingerprint`` (:func:`lrnn_analysis.provenance.split_fingerprint`).
+  :meth:`Task.to_dict`) and ``train_fingerprint`` (:func:`lrnn_analysis.training_split.split_fingerprint`).
 
 A module may declare the first two itself: a ``lure_form()`` method and a
 ``recurrent_parameters`` attribute (a sequence of patterns) are used when the constructor is
@@ -19,7 +19,6 @@ GRU layers a module contains are recurrent by definition and are the default oth
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -29,48 +28,12 @@ import torch
 from torch import nn
 
 from .lure import LureSystem
+from .parameters import parameter_patterns, require_parameters
 
 if TYPE_CHECKING:
-    from .data import Task
+    from .task import Task
 
 LureSource = LureSystem | Callable[[], "LureSystem | None"] | None
-
-
-def _patterns(recurrent: str | Sequence[str] | None) -> tuple[str, ...]:
-    if recurrent is None:
-        return ()
-    parts = recurrent.split(",") if isinstance(recurrent, str) else list(recurrent)
-    if not all(isinstance(p, str) for p in parts):
-        raise ValueError(f"recurrent parameter patterns must be strings, got {recurrent!r}")
-    return tuple(p.strip() for p in parts if p.strip())
-
-
-def glob_parameters(module: nn.Module, patterns: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(the names of ``module``'s parameters that any glob of ``patterns`` matches, in the
-    module's order; the patterns that match none)."""
-    names = [name for name, _ in module.named_parameters()]
-    chosen: set[str] = set()
-    unmatched = []
-    for pattern in patterns:
-        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            unmatched.append(pattern)
-        chosen.update(matched)
-    return [name for name in names if name in chosen], unmatched
-
-
-def match_parameters(module: nn.Module, patterns: str | Sequence[str], what: str = "model") -> list[str]:
-    """Names of ``module``'s parameters matched by the glob ``patterns`` (a list, or one
-    comma-separated string), in the module's order. A pattern that matches nothing, or no
-    pattern at all, is an error: a selection that silently selects nothing is never returned."""
-    wanted = _patterns(patterns)
-    if not wanted:
-        raise ValueError(f"{what}: no parameter patterns given")
-    chosen, unmatched = glob_parameters(module, wanted)
-    if unmatched:
-        names = [name for name, _ in module.named_parameters()]
-        raise ValueError(f"{what}: parameter pattern {unmatched[0]!r} matches none of {names}")
-    return chosen
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,9 +61,9 @@ class ModelUnderAnalysis:
         if not (self.lure_form is None or isinstance(self.lure_form, LureSystem) or callable(self.lure_form)):
             raise TypeError(f"{self.name}: lure_form must be a LureSystem or a callable returning one, "
                             f"got {type(self.lure_form).__name__}")
-        object.__setattr__(self, "recurrent", _patterns(self.recurrent))
+        object.__setattr__(self, "recurrent", parameter_patterns(self.recurrent))
         if self.recurrent:
-            match_parameters(self.module, self.recurrent, self.name)
+            require_parameters(self.module, self.recurrent, self.name)
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata or {})))
 
     @classmethod
@@ -124,7 +87,7 @@ class ModelUnderAnalysis:
         if recurrent is None:
             recurrent = [f"{name}.weight_hh_l*" if name else "weight_hh_l*"
                          for name, layer in module.named_modules() if isinstance(layer, nn.RNNBase)]
-        return cls(module, name or type(module).__name__, lure_form, _patterns(recurrent), metadata or {})
+        return cls(module, name or type(module).__name__, lure_form, parameter_patterns(recurrent), metadata or {})
 
     @classmethod
     def from_recurrent_model(
@@ -135,7 +98,7 @@ class ModelUnderAnalysis:
         config = model.config
         record = {**dict(metadata or {}), "config": config.to_dict()}
         return cls(model, name or f"{config.arch} ({config.discretization})", model.lure_form,
-                   _patterns(model.recurrent_parameters), record, config.input_dim, config.output_dim)
+                   parameter_patterns(model.recurrent_parameters), record, config.input_dim, config.output_dim)
 
     def lure_system(self) -> LureSystem | None:
         """The Lur'e form (calling the callable if one was given), or None when there is none."""
@@ -149,7 +112,7 @@ class ModelUnderAnalysis:
         if not self.recurrent:
             raise ValueError(f"{self.name}: the model declares no recurrent parameters; "
                              "name them with recurrent=[patterns] (globs over its parameter names)")
-        return match_parameters(self.module, self.recurrent, self.name)
+        return require_parameters(self.module, self.recurrent, self.name)
 
 
     @property
@@ -211,11 +174,6 @@ def as_model_under_analysis(model: "ModelUnderAnalysis | nn.Module", metadata: M
     if isinstance(model, RecurrentModel):
         return ModelUnderAnalysis.from_recurrent_model(model, metadata, name)
     return ModelUnderAnalysis.from_module(model, name=name, metadata=metadata)
-
-
-def as_module(model: "ModelUnderAnalysis | nn.Module") -> nn.Module:
-    """The ``nn.Module`` to run: ``model.module`` for a model under analysis, else ``model``."""
-    return model.module if isinstance(model, ModelUnderAnalysis) else model
 
 
 def load_model(path: str | Path, name: str | None = None, **reference_hparams: float) -> ModelUnderAnalysis:

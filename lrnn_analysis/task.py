@@ -1,31 +1,94 @@
-"""Your data: a task from arrays, or from an ``.npz`` / PyTorch file holding them.
+"""A task: a data set split three ways (train, validation, test) and what a model needs to know about it.
 
-The arrays are ``x_train, y_train, x_test, y_test`` and optionally ``x_val, y_val``:
-x of shape (N, T, D), floating point and finite, with the same T and D in every split; y either
-integer class labels of shape (N,) (classification, ``num_classes`` = largest label + 1 unless
-given) or floating-point targets of shape (N, k) (regression, mean squared error), the same
-kind in every split. Anything else is an error naming the array (and the file). A file is read
-without executing code from it: ``np.load(allow_pickle=False)`` with array headers checked
-before any data is read, or ``torch.load(weights_only=True)``.
+Inputs are float32 tensors ``x`` of shape (N, T, input_dim); targets ``y`` are int64 class labels
+(N,) or float32 regression targets (N, k). :meth:`Task.from_arrays` builds one from the user's own
+arrays and checks them.
 """
 from __future__ import annotations
 
-import math
-import pickle
-import zipfile
-from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from .data import TASKS, Split, Task
-from .errors import first_line
+from .choices import TASK_NAMES
 
-REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
-OPTIONAL_KEYS = ("x_val", "y_val")
-MAX_ARRAY_BYTES = 8 * 1024**3
 MAX_CLASS_LABEL = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batches(self, size: int, count: int | None = None,
+                device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``count`` (default: all) consecutive batches of ``size`` samples, on ``device``."""
+        starts = list(range(0, len(self), size))[:count]
+        return [(self.x[s:s + size].to(device), self.y[s:s + size].to(device)) for s in starts]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset split three ways, with what a model needs to know about it."""
+
+    name: str
+    description: str
+    train: Split
+    val: Split
+    test: Split
+    input_dim: int
+    seq_len: int
+    num_classes: int | None
+    seed: int
+    default_eps: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def output_dim(self) -> int:
+        """Number of classes, or of regression targets (y has shape (N, k))."""
+        return self.num_classes if self.num_classes is not None else int(self.train.y.shape[-1])
+
+    @property
+    def input_range(self) -> tuple[float, float]:
+        """Smallest and largest input value in the training split."""
+        return float(self.train.x.min()), float(self.train.x.max())
+
+    @classmethod
+    def from_arrays(cls, x_train: Any, y_train: Any, x_test: Any, y_test: Any, x_val: Any = None, y_val: Any = None,
+                    *, name: str = "arrays", num_classes: int | None = None) -> "Task":
+        """A task on your own splits: x (N, T, D) float, y integer classes (N,) or float targets
+        (N, k); validated by :func:`lrnn_analysis.data_files.task_from_arrays`."""
+        return task_from_arrays(x_train, y_train, x_test, y_test, x_val, y_val, name=name, num_classes=num_classes)
+
+    def check_fits(self, input_dim: int, output_dim: int, where: str) -> None:
+        """Raise ValueError unless a model with these sizes can run on this task."""
+        if (input_dim, output_dim) != (self.input_dim, self.output_dim):
+            raise ValueError(f"{where}: model (input_dim {input_dim}, {output_dim} outputs) does not fit task {self.name} "
+                             f"(input_dim {self.input_dim}, {self.output_dim} outputs)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a checkpoint records to rebuild this task with ``load_task``."""
+        return {"name": self.name, "seed": self.seed, "options": dict(self.options)}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.to_dict(),
+            "description": self.description,
+            "input_dim": self.input_dim,
+            "seq_len": self.seq_len,
+            "num_classes": self.num_classes,
+            "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+        }
+
 
 
 def _as_array(value: Any, key: str) -> np.ndarray:
@@ -82,7 +145,7 @@ def task_from_arrays(
     Without ``x_val``/``y_val`` the validation split is empty. ``name`` may not be the name
     of a built-in task (the leakage guard tells the two apart by name).
     """
-    if name in TASKS:
+    if name in TASK_NAMES:
         raise ValueError(f"task name {name!r} is a built-in task; give your data another name")
     if (x_val is None) != (y_val is None):
         raise ValueError("x_val and y_val must be given together")
@@ -120,75 +183,3 @@ def task_from_arrays(
     kind = f"{num_classes} classes" if classification else f"regression of {train.y.shape[1]} targets"
     return Task(name, description or f"user data ({sizes}; {seq_len} steps of {input_dim}; {kind})",
                 train, val, test, int(input_dim), int(seq_len), num_classes, 0, 0.1)
-
-
-def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz, each header checked (no objects, size bounded) before it is read."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.namelist():
-                with archive.open(member) as stream:
-                    version = np.lib.format.read_magic(stream)
-                    shape, _, dtype = (np.lib.format.read_array_header_1_0(stream) if version == (1, 0)
-                                       else np.lib.format.read_array_header_2_0(stream))
-                key = member.removesuffix(".npy")
-                if dtype.hasobject:
-                    raise ValueError(f"{path}: {key}: holds Python objects; only numeric arrays are read")
-                if any(size < 0 for size in shape):
-                    raise ValueError(f"{path}: {key}: negative dimension in shape {shape}")
-                if math.prod(shape) * dtype.itemsize > MAX_ARRAY_BYTES:  # Python ints: no wrap-around
-                    raise ValueError(f"{path}: {key}: shape {shape} of {dtype} exceeds {MAX_ARRAY_BYTES // 1024**3} GiB")
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except ValueError as error:
-        if str(error).startswith(f"{path}: "):
-            raise
-        raise ValueError(f"{path}: not a readable .npz file ({error})") from error
-    except (zipfile.BadZipFile, EOFError, OSError) as error:
-        raise ValueError(f"{path}: not a readable .npz file ({error})") from error
-
-
-def _torch_arrays(path: Path) -> dict[str, Any]:
-    from .reference.pickles import weights_only_reason
-
-    size = path.stat().st_size
-    if size > MAX_ARRAY_BYTES:
-        raise ValueError(f"{path}: a PyTorch data file of {size} bytes exceeds {MAX_ARRAY_BYTES // 1024**3} GiB")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's message advises loading with weights_only=False (running code from the file): never pass it on.
-        raise ValueError(f"{path}: refused to unpickle ({weights_only_reason(str(error))}); "
-                         "only a dict of tensors is accepted") from error
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable PyTorch file ({first_line(error)})") from error
-    if not isinstance(content, Mapping) or not all(isinstance(k, str) for k in content):
-        raise ValueError(f"{path}: expected a dict of named tensors, found {type(content).__name__}")
-    return dict(content)
-
-
-def load_data(path: str | Path, name: str | None = None, num_classes: int | None = None) -> Task:
-    """A task from an ``.npz`` (zip) or PyTorch file holding ``x_train, y_train, x_test, y_test``
-    (optional ``x_val, y_val``), named after the file (e.g. ``mydata.npz``) unless ``name``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    with open(path, "rb") as stream:
-        head = stream.read(4)
-    is_zip = head.startswith(b"PK")
-    if is_zip and path.suffix == ".npz":
-        arrays = _npz_arrays(path)
-    elif is_zip or head[:1] == b"\x80":
-        arrays = _torch_arrays(path)
-    else:
-        raise ValueError(f"{path}: not an .npz or PyTorch file")
-    unknown = sorted(set(arrays) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
-    missing = [key for key in REQUIRED_KEYS if key not in arrays]
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; expected {list(REQUIRED_KEYS)} and optionally {list(OPTIONAL_KEYS)}")
-    if missing:
-        raise ValueError(f"{path}: missing keys {missing}; expected {list(REQUIRED_KEYS)} and optionally {list(OPTIONAL_KEYS)}")
-    try:
-        return task_from_arrays(**arrays, name=name or path.name, num_classes=num_classes)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error

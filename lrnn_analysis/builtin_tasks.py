@@ -15,14 +15,14 @@ import stat
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .vocabulary import MAX_ADDING_LENGTH, MAX_SEED
+from .choices import MAX_ADDING_LENGTH, MAX_SEED
+from .task import Split, Task
 
 VENDORED_MNIST = Path(__file__).parent / "_data" / "mnist10k.npz"
 PERMUTATION_SEED = 1234
@@ -39,81 +39,6 @@ def reference_permutation() -> np.ndarray:
 MAX_ADDING_SAMPLES = 1_000_000
 MAX_ADDING_VALUES = 50_000_000  # samples x length (x 2 channels of float32: 400 MB)
 MAX_DATA_BYTES = 2**30  # one uncompressed IDX file or .npz member
-
-
-@dataclass(frozen=True)
-class Split:
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def batches(self, size: int, count: int | None = None,
-                device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``count`` (default: all) consecutive batches of ``size`` samples, on ``device``."""
-        starts = list(range(0, len(self), size))[:count]
-        return [(self.x[s:s + size].to(device), self.y[s:s + size].to(device)) for s in starts]
-
-
-@dataclass(frozen=True)
-class Task:
-    """A dataset split three ways, with what a model needs to know about it."""
-
-    name: str
-    description: str
-    train: Split
-    val: Split
-    test: Split
-    input_dim: int
-    seq_len: int
-    num_classes: int | None
-    seed: int
-    default_eps: float
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_classification(self) -> bool:
-        return self.num_classes is not None
-
-    @property
-    def output_dim(self) -> int:
-        """Number of classes, or of regression targets (y has shape (N, k))."""
-        return self.num_classes if self.num_classes is not None else int(self.train.y.shape[-1])
-
-    @property
-    def input_range(self) -> tuple[float, float]:
-        """Smallest and largest input value in the training split."""
-        return float(self.train.x.min()), float(self.train.x.max())
-
-    @classmethod
-    def from_arrays(cls, x_train: Any, y_train: Any, x_test: Any, y_test: Any, x_val: Any = None, y_val: Any = None,
-                    *, name: str = "arrays", num_classes: int | None = None) -> "Task":
-        """A task on your own splits: x (N, T, D) float, y integer classes (N,) or float targets
-        (N, k); validated by :func:`lrnn_analysis.userdata.task_from_arrays`."""
-        from .userdata import task_from_arrays
-
-        return task_from_arrays(x_train, y_train, x_test, y_test, x_val, y_val, name=name, num_classes=num_classes)
-
-    def check_fits(self, input_dim: int, output_dim: int, where: str) -> None:
-        """Raise ValueError unless a model with these sizes can run on this task."""
-        if (input_dim, output_dim) != (self.input_dim, self.output_dim):
-            raise ValueError(f"{where}: model (input_dim {input_dim}, {output_dim} outputs) does not fit task {self.name} "
-                             f"(input_dim {self.input_dim}, {self.output_dim} outputs)")
-
-    def to_dict(self) -> dict[str, Any]:
-        """What a checkpoint records to rebuild this task with ``load_task``."""
-        return {"name": self.name, "seed": self.seed, "options": dict(self.options)}
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            **self.to_dict(),
-            "description": self.description,
-            "input_dim": self.input_dim,
-            "seq_len": self.seq_len,
-            "num_classes": self.num_classes,
-            "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
-        }
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[Split, Split, Split]:

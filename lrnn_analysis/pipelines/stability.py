@@ -1,0 +1,180 @@
+"""The stability pipeline: certificates of models under analysis.
+
+:func:`certify_model` is the one place that decides how a model is certified:
+
+1. certificate evidence stored in its checkpoint, re-verified in float64 against its weights
+   (reported from the evidence, never searched again);
+2. its Lur'e form h' = A h + sigma(W h + u): spectra (diagnostics) and the certificates of the
+   scheme it runs, searched tier by tier and verified in float64;
+3. without a Lur'e form, the ``torch.nn`` RNN/LSTM/GRU layers it contains, each layer and each
+   stack certified (what the model does with their states is not);
+4. otherwise no certificate, and the reason.
+
+:func:`run` certifies several models with one :class:`StabilitySettings` and returns a
+:class:`StabilityResult` whose :meth:`~StabilityResult.rows` is a tidy table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from ..choices import CERTIFICATES, CONTRACTION_CERTIFICATES
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..model_under_analysis import ModelUnderAnalysis
+    from ..stability import CascadeCertificate, CertificateResult, SpectrumReport
+    from ..stability.evidence import EvidenceCheck
+
+__all__ = ["NO_LURE_FORM", "LAYERS_ONLY", "ModelCertificate", "StabilityResult", "StabilitySettings", "certify_model", "run"]
+
+NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
+LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
+               "(what the model does with their states is not)")
+
+SOURCES = ("lure form", "stored evidence", "torch.nn layers", "none")
+
+
+@dataclass(frozen=True)
+class StabilitySettings:
+    """Which certificates to try and how long to search.
+
+    ``certificates``: names from :data:`~lrnn_analysis.choices.CERTIFICATES` (None: the defaults
+    of the scheme each model runs); ``time_budget``: seconds for all searched certificates of one
+    model (None: no limit); ``input_bound``: the bound on ``||x_t||_inf`` under which the
+    conditions of ``torch.nn`` LSTM/GRU layers are stated."""
+
+    certificates: tuple[str, ...] | None = None
+    time_budget: float | None = None
+    input_bound: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.certificates is not None:
+            names = tuple(self.certificates)
+            unknown = [n for n in names if n not in CERTIFICATES + CONTRACTION_CERTIFICATES]
+            if unknown or not names:
+                raise InputError(f"unknown certificates {unknown}; expected names from {', '.join(CERTIFICATES)}")
+            object.__setattr__(self, "certificates", names)
+        for name in ("time_budget", "input_bound"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise InputError(f"stability setting {name} must be a finite number > 0, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"certificates": None if self.certificates is None else list(self.certificates),
+                "time_budget": self.time_budget, "input_bound": self.input_bound}
+
+
+@dataclass(frozen=True, eq=False)
+class ModelCertificate:
+    """What :func:`certify_model` found for one model.
+
+    ``source`` says what was certified: ``"lure form"`` (``certificates`` searched on it, the
+    stored one first when it verified; ``spectrum`` its diagnostics), ``"stored evidence"`` (a
+    model without a Lur'e form whose stored certificate verified), ``"torch.nn layers"``
+    (``layers``: one cascade per stack of recurrent layers) or ``"none"`` (``reason`` says why)."""
+
+    model: str
+    source: str
+    stored: EvidenceCheck
+    certificates: tuple[CertificateResult, ...] = ()
+    layers: tuple[CascadeCertificate, ...] = ()
+    spectrum: SpectrumReport | None = None
+    reason: str = ""
+
+    @property
+    def holds(self) -> bool:
+        """Every certificate tried holds (on every layer, for ``torch.nn`` layers); False without any."""
+        if self.source == "torch.nn layers":
+            return bool(self.layers) and all(c.holds for c in self.layers)
+        return bool(self.certificates) and all(c.holds for c in self.certificates)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per certificate: model, certificate, holds, margin, rate, tier, seconds, reason."""
+        if self.source == "none":
+            return [{"model": self.model, "certificate": None, "holds": False, "reason": self.reason,
+                     "stored_evidence": self.stored.status}]
+        if self.source == "torch.nn layers":
+            from ..stability.cascade import layer_rows
+
+            return [{"model": self.model, **row} for row in layer_rows([c.to_dict() for c in self.layers])]
+        return [{"model": self.model, "certificate": r.name, "holds": bool(r.holds), "margin": r.margin, "rate": r.rate,
+                 "tier": r.tier, "seconds": r.seconds, "reason": r.reason, "stored_evidence": self.stored.status}
+                for r in self.certificates]
+
+    def to_dict(self, include_matrices: bool = False) -> dict[str, Any]:
+        data: dict[str, Any] = {"model": self.model, "source": self.source, "holds": self.holds,
+                                "stored_evidence": self.stored.to_dict()}
+        if self.spectrum is not None:
+            data["spectrum"] = self.spectrum.to_dict()
+        if self.source in ("lure form", "stored evidence"):
+            data["certificates"] = [r.to_dict(include_matrices=include_matrices) for r in self.certificates]
+        if self.source == "torch.nn layers":
+            data["recurrent_layers"] = [c.to_dict() for c in self.layers]
+        if self.reason:
+            data["reason"] = self.reason
+        return data
+
+
+def certify_model(
+    subject: ModelUnderAnalysis | Any,
+    certificates: Sequence[str] | None = None,
+    *,
+    time_budget: float | None = None,
+    input_bound: float | None = None,
+    wrap: Callable[[list[str]], Iterable[str]] | None = None,
+) -> ModelCertificate:
+    """Certify one model: stored evidence, else its Lur'e form, else its ``torch.nn`` recurrent
+    layers (see the module docstring). ``subject`` is a :class:`ModelUnderAnalysis`, a toolkit
+    model or any ``nn.Module``; ``certificates`` the names to try (default: the scheme's);
+    ``wrap`` wraps the names searched (a progress bar)."""
+    from ..model_under_analysis import as_model_under_analysis
+    from ..models.torchnn import find_recurrent_layers
+    from ..stability import certify_recurrent, spectrum
+    from ..stability.evidence import check_stored, stored_then_searched
+
+    settings = StabilitySettings(None if certificates is None else tuple(certificates), time_budget, input_bound)
+    subject = as_model_under_analysis(subject)
+    module = subject.module
+    stored = check_stored(module, subject.metadata)
+    system = subject.lure_system()
+    if system is not None:
+        found = stored_then_searched(stored, module, system, settings.certificates, settings.time_budget, wrap=wrap)
+        return ModelCertificate(subject.name, "lure form", stored, tuple(found), spectrum=spectrum(system))
+    if stored.verified:
+        return ModelCertificate(subject.name, "stored evidence", stored, tuple(stored_then_searched(stored, module, None)))
+    if find_recurrent_layers(module):
+        layers = certify_recurrent(module, settings.certificates, input_bound=settings.input_bound,
+                                   time_budget=settings.time_budget)
+        return ModelCertificate(subject.name, "torch.nn layers", stored, layers=tuple(layers), reason=LAYERS_ONLY)
+    return ModelCertificate(subject.name, "none", stored, reason=NO_LURE_FORM)
+
+
+@dataclass(frozen=True, eq=False)
+class StabilityResult:
+    """The certificates of every model, in the order given, and the settings they were found with."""
+
+    models: tuple[ModelCertificate, ...]
+    settings: StabilitySettings
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [row for model in self.models for row in model.rows()]
+
+    def to_dict(self, include_matrices: bool = False) -> dict[str, Any]:
+        return {"settings": self.settings.to_dict(), "models": [m.to_dict(include_matrices) for m in self.models]}
+
+
+def run(subjects: Sequence[ModelUnderAnalysis] | ModelUnderAnalysis, data: Any = None,
+        settings: StabilitySettings = StabilitySettings(), *,
+        wrap: Callable[[list[str]], Iterable[str]] | None = None) -> StabilityResult:
+    """Certify every model of ``subjects`` with ``settings``. Certificates hold for every input
+    sequence: ``data`` is not used (it is accepted so that every pipeline has one signature)."""
+    from ..model_under_analysis import ModelUnderAnalysis
+
+    if isinstance(subjects, ModelUnderAnalysis):
+        subjects = [subjects]
+    found = tuple(certify_model(s, settings.certificates, time_budget=settings.time_budget,
+                                input_bound=settings.input_bound, wrap=wrap) for s in subjects)
+    return StabilityResult(found, settings)
