@@ -17,7 +17,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
+# name -> module, or (module, attribute): the attribute None stands for the module itself.
+_EXPORTS: dict[str, str | tuple[str, str | None]] = {
     # the model under analysis, its loaders and data
     "ModelUnderAnalysis": ".model_under_analysis",
     "load_model": ".model_under_analysis",
@@ -26,6 +27,8 @@ _EXPORTS = {
     "Task": ".task",
     "load_task": ".builtin_tasks",
     "load_data": ".data_files",
+    # the pipelines every front end runs: settings in, result out
+    "pipelines": (".pipelines", None),
     # stability
     "StabilitySettings": ".pipelines.stability",
     "certify_model": ".pipelines.stability",
@@ -33,6 +36,7 @@ _EXPORTS = {
     "certify_parameterization": ".stability",
     "spectrum": ".stability",
     # curvature
+    "CurvatureSettings": ".pipelines.curvature",
     "HessianOperator": ".hessian",
     "GGNOperator": ".hessian",
     "FisherOperator": ".hessian",
@@ -43,12 +47,14 @@ _EXPORTS = {
     "diagonal": ".hessian",
     "analyze": ".hessian",
     # robustness
+    "RobustnessSettings": ".pipelines.robustness",
     "Perturbation": ".robustness",
     "sweep": ".robustness",
     # audit
-    "AuditSettings": ".report",
-    "Gate": ".report",
-    "run_audit": ".report",
+    "AuditSettings": ".pipelines.audit",
+    "Gate": ".pipelines.audit",
+    "run_audit": (".pipelines.audit", "run"),
+    "write_audit": ".audit_report",
     # figures (axes-level functions take ax= and return the Axes; multi-panel ones return the Figure)
     "plot_certified_accuracy": ".plots",
     "plot_density": ".plots",
@@ -68,7 +74,10 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    where = _EXPORTS[name]
+    path, attribute = where if isinstance(where, tuple) else (where, name)
+    module = importlib.import_module(path, __name__)
+    value = module if attribute is None else getattr(module, attribute)
     globals()[name] = value
     return value
 

@@ -20,10 +20,13 @@ Perturbation noise depends only on the seed (common random numbers), never on th
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
+import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -35,8 +38,37 @@ from torch import Tensor, nn
 from .robustness import SweepResult, summarize, sweep
 from .robustness.sweep import prepare_models
 from .environment import distributed_info, environment
+from .launch import launched_by_torchrun
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where a pipeline runs: its device and, under ``torch.distributed``, this process's rank
+    among ``world_size`` (one process: rank 0 of 1)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def join_process_group(device: torch.device) -> Ranks:
+    """Under ``torchrun``: join the process group (gloo on CPU; NCCL on CUDA, one GPU per local
+    rank) and return this rank; otherwise one process on ``device``."""
+    if not launched_by_torchrun():
+        return Ranks(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return Ranks(device, dist.get_rank(), dist.get_world_size())
 
 
 def _require_group(group: Any) -> tuple[int, int]:
@@ -281,4 +313,5 @@ def distributed_sweep(models: Sequence[Any], task: Any, grid: Mapping[str, Seque
     return SweepResult(rows, summarize(rows), settings, environment(options.get("device", "cpu")), tuple(warnings))
 
 
-__all__ = ["DistributedOperator", "all_or_none", "distributed_info", "distributed_sweep", "shard_batches"]
+__all__ = ["DistributedOperator", "Ranks", "all_or_none", "distributed_info", "distributed_sweep", "join_process_group",
+           "shard_batches"]

@@ -43,18 +43,35 @@ import torch
 from . import tidy_tables, plots
 from .builtin_tasks import TASKS, load_task
 from .task import Task
-from .distributed import DistributedOperator, all_or_none, distributed_sweep, shard_batches
+from .distributed import Ranks, all_or_none
+from .errors import InputError
 from .writers import write_csv, write_json
 from .outputs import OutputDirectory, OutputError, check_name
 from .training_split import check_training_data
-from .robustness import KINDS, SweepModel, hessian_directions, recurrent_parameter_names, sweep
+from .pipelines import curvature, robustness, stability
+from .robustness import SweepModel
 from .environment import distributed_info, environment
 from .stability import CERTIFICATES, phase_diagram
 from .stability.parameterization import PARAMETERIZATION_TESTS
 from .model_under_analysis import ModelUnderAnalysis, load_model
 from .data_files import load_data
 from .usermodule import ModelSpec, import_factory, load_user_model
-from .choices import PERTURBATION_ALIASES, perturbation_grid
+from .choices import (
+    KINDS,
+    MAX_BATCH_SIZE,
+    MAX_BATCHES,
+    MAX_DENSITY_PROBES,
+    MAX_DENSITY_STEPS,
+    MAX_EIGENPAIRS,
+    MAX_LEVELS,
+    MAX_MATVECS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_SEEDS,
+    PERTURBATION_ALIASES,
+    SPLITS,
+    perturbation_grid,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -142,6 +159,26 @@ class Recipe:
         record = self.recorded_task
         return load_task(record["name"], seed=record.get("seed", 0), **record.get("options", {}))
 
+    def pipeline_settings(self) -> Any:
+        """The settings of the pipeline this recipe runs (checked against their bounds), or None for
+        the analyses no pipeline owns (spectra, phase diagram, training spectra, landscape)."""
+        s = self.settings
+        if self.analysis == "certificates":
+            names = s.get("certificates")
+            return stability.StabilitySettings(None if names is None else tuple(names), s.get("time_budget", 30.0))
+        if self.analysis == "hessian":
+            return curvature.CurvatureSettings(
+                split=s.get("split", "train"), batch_size=s.get("batch_size", 128), batches=s.get("batches", 1),
+                params=s.get("params"), trace=True, trace_matvecs=s.get("trace_matvecs", 100),
+                density=s.get("density", True), density_probes=s.get("density_probes", 4),
+                density_steps=s.get("density_steps", 40), max_iter=150, seed=self.seed)
+        if self.analysis == "robustness":
+            return robustness.RobustnessSettings(
+                grid=s["grid"], seeds=s.get("seeds", 5), split=s.get("split", "test"), max_samples=s.get("max_samples"),
+                recurrent_only=s.get("recurrent_only", False), recurrent=s.get("recurrent"), top_k=s.get("hessian_k", 1),
+                direction_seed=self.seed)
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "analysis": self.analysis, "output": self.output, "path": str(self.path),
                 "task": self.task, "task_options": self.task_options, "split_seed": self.split_seed,
@@ -169,11 +206,10 @@ class RecipeOutcome:
 REPRODUCE_WRITER = "lrnn reproduce"
 MAX_AXIS_POINTS = 10_001
 MAX_GRID_CELLS = 250_000
-SPLITS = ("train", "val", "test")
 
 
-def _fail(path: Path, key: str, problem: str) -> ValueError:
-    return ValueError(f"{path}: {key}: {problem}")
+def _fail(path: Path, key: str, problem: str) -> InputError:
+    return InputError(f"{path}: {key}: {problem}")
 
 
 def _integer(low: int, high: int) -> Callable[[Path, str, Any], int]:
@@ -256,8 +292,8 @@ def _grid_setting(path: Path, key: str, grid: Any) -> dict[str, list[float]]:
         raise _fail(path, key, f"expected a table of perturbation kinds, e.g. gaussian = [0.0, 0.1], got {grid!r}")
     for kind, levels in grid.items():
         _choice(KINDS + tuple(PERTURBATION_ALIASES))(path, f"{key}.{kind}", kind)
-        if not isinstance(levels, list) or not 1 <= len(levels) <= 1000:
-            raise _fail(path, f"{key}.{kind}", "expected a list of 1 to 1000 levels")
+        if not isinstance(levels, list) or not 1 <= len(levels) <= MAX_LEVELS:
+            raise _fail(path, f"{key}.{kind}", f"expected a list of 1 to {MAX_LEVELS} levels")
         for level in levels:
             _number(0.0, 1e6)(path, f"{key}.{kind}", level)
     try:
@@ -266,14 +302,15 @@ def _grid_setting(path: Path, key: str, grid: Any) -> dict[str, list[float]]:
         raise _fail(path, key, str(error)) from None
 
 
-_BATCHES = {"split": _choice(SPLITS), "batch_size": _integer(1, 100_000), "batches": _integer(1, 10_000)}
+_BATCHES = {"split": _choice(SPLITS), "batch_size": _integer(1, MAX_BATCH_SIZE), "batches": _integer(1, MAX_BATCHES)}
 SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
     "spectra": {},
     "certificates": {"certificates": _names(CERTIFICATES), "time_budget": _number(1e-3, 1e6)},
-    "hessian": {**_BATCHES, "params": _string, "trace_matvecs": _integer(1, 100_000), "density": _boolean,
-                "density_probes": _integer(1, 1000), "density_steps": _integer(1, 10_000)},
-    "robustness": {"grid": _grid_setting, "recurrent_only": _boolean, "recurrent": _string, "hessian_k": _integer(1, 100),
-                   "seeds": _integer(1, 1000), "split": _choice(SPLITS), "max_samples": _integer(1, 10_000_000)},
+    "hessian": {**_BATCHES, "params": _string, "trace_matvecs": _integer(1, MAX_MATVECS), "density": _boolean,
+                "density_probes": _integer(1, MAX_DENSITY_PROBES), "density_steps": _integer(1, MAX_DENSITY_STEPS)},
+    "robustness": {"grid": _grid_setting, "recurrent_only": _boolean, "recurrent": _string,
+                   "hessian_k": _integer(1, MAX_EIGENPAIRS), "seeds": _integer(1, MAX_SEEDS), "split": _choice(SPLITS),
+                   "max_samples": _integer(1, MAX_SAMPLES)},
     "phase-diagram": {"betas": _axis_setting(2), "gammas": _axis_setting(2), "radius": _number(0.0, 1e12),
                       "eps": _number(0.0, 1e12), "slope": _number(0.0, 1e12), "tests": _names(PARAMETERIZATION_TESTS),
                       "beta_w": _number(-1e12, 1e12), "gamma_w": _number(-1e12, 1e12)},
@@ -339,8 +376,8 @@ def load_recipe(path: str | Path) -> Recipe:
     task_options = data.get("task_options", {})
     if not isinstance(task_options, dict):
         raise _fail(path, "task_options", "expected a table")
-    split_seed = _integer(0, 2**63 - 1)(path, "split_seed", data.get("split_seed", 0))
-    seed = _integer(0, 2**63 - 1)(path, "seed", data.get("seed", 0))
+    split_seed = _integer(0, MAX_SEED)(path, "split_seed", data.get("split_seed", 0))
+    seed = _integer(0, MAX_SEED)(path, "seed", data.get("seed", 0))
     checkpoints = data.get("checkpoints", [])
     if analysis in WITHOUT_CHECKPOINTS:
         if checkpoints or "labels" in data or model is not None or user_data is not None:
@@ -370,6 +407,10 @@ def load_recipe(path: str | Path) -> Recipe:
                     split_seed=split_seed, checkpoints=tuple(checkpoints), labels=tuple(labels), seed=seed,
                     settings=dict(settings), description=description, model=model, model_args=dict(model_args),
                     weights=tuple(weights), data=user_data)
+    try:
+        recipe.pipeline_settings()
+    except InputError as error:
+        raise _fail(path, "settings", str(error)) from None
     if labels and len(labels) != len(recipe.sources()):
         raise _fail(path, "labels", f"{len(labels)} labels for {len(recipe.sources())} models (checkpoints, then weights)")
     for key, files in (("checkpoints", recipe.checkpoint_paths()), ("weights", recipe.weight_paths()),
@@ -431,10 +472,8 @@ class _Context:
 
     recipe: Recipe
     out: OutputDirectory | None
-    device: torch.device
+    ranks: Ranks
     progress: bool
-    rank: int = 0
-    world_size: int = 1
     warnings: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     hashes: dict[str, str | None] = field(default_factory=dict)  # label -> weights_sha256 of each checkpoint loaded
@@ -444,7 +483,7 @@ class _Context:
 
     def together(self) -> ContextManager[None]:
         """A step that fails on every rank when it fails on one (nothing to share in one process)."""
-        return all_or_none() if self.world_size > 1 else contextlib.nullcontext()
+        return all_or_none() if self.ranks.world_size > 1 else contextlib.nullcontext()
 
     def entries(self) -> list[tuple[str, Path | str, ModelUnderAnalysis]]:
         """(label, file, model) per checkpoint, then per weights file of the recipe's ``model`` (the
@@ -459,7 +498,7 @@ class _Context:
                 subject = load_user_model(spec, weights, self.recipe.model_args, name=label)
                 entries.append((label, weights if weights is not None else spec.text, subject))
         for label, _, subject in entries:
-            subject.module.to(self.device).eval()
+            subject.module.to(self.ranks.device).eval()
             self.hashes[label] = subject.metadata.get("weights_sha256")
         return entries
 
@@ -474,7 +513,7 @@ class _Context:
 
     def batches(self, task: Task) -> list[tuple[torch.Tensor, torch.Tensor]]:
         split = getattr(task, self.setting("split", "train"))
-        return split.batches(self.setting("batch_size", 128), self.setting("batches", 1), self.device)
+        return split.batches(self.setting("batch_size", 128), self.setting("batches", 1), self.ranks.device)
 
     def write(self, rows: list[dict[str, Any]], figure, extra: dict[str, Any] | None = None, suffix: str = "") -> list[str]:
         """The table as CSV and JSON (with provenance) and the figure as PNG and PDF, staged in ``out``."""
@@ -484,7 +523,7 @@ class _Context:
         write_csv(paths[0], rows)
         write_json(paths[1], {"recipe": self.recipe.to_dict(), "rows": rows, **(extra or {}),
                               "checkpoint_sha256": dict(self.hashes),
-                              "environment": environment(self.device)})
+                              "environment": environment(self.ranks.device)})
         if figure is not None:
             plots.save_figure(figure, self.out.staging / stem)
         self.files += names
@@ -505,15 +544,15 @@ def _certificates(ctx: _Context) -> tuple[list[str], str]:
     for label, subject in models.items():
         subject.check_fits(task, label)
     accuracy = {r["model"]: r["accuracy"] for r in tidy_tables.accuracy_table(models, task.test.x, task.test.y, task.is_classification)}
-    rows = tidy_tables.certificate_table(models, ctx.setting("certificates", None), ctx.setting("time_budget", 30.0))
+    rows = stability.run(list(models.values()), task, ctx.recipe.pipeline_settings()).rows()
     for row in rows:
         row["test_accuracy"] = accuracy[row["model"]]
-        row["parameters"] = sum(p.numel() for p in models[row["model"]].module.parameters())
+        row["parameters"] = models[row["model"]].parameter_count
     eigen_rows, model_rows = tidy_tables.spectra_tables(models)
     training_data = {label: check_training_data(subject.metadata, task).to_dict() for label, subject in models.items()}
     ctx.warnings += [f"{label}: {check['warning']}" for label, check in training_data.items() if check["warning"]]
     written = ctx.write(rows, plots.plot_spectra(eigen_rows, model_rows), {"training_data": training_data})
-    summary = tidy_tables.certified_summary(rows)
+    summary = stability.certified_summary(rows)
     written += ctx.write(summary, plots.plot_certified_accuracy(summary), suffix="_accuracy")
     certified = sorted({r["model"] for r in rows if r["holds"]})
     return written, f"certified: {', '.join(certified) or 'none'}"
@@ -523,49 +562,26 @@ def _hessian(ctx: _Context) -> tuple[list[str], str]:
     with ctx.together():
         task = ctx.task()
         models = ctx.models()
-        batches = ctx.batches(task)
-    # Under torchrun the ranks share the batches when each can hold one; else rank 0 works alone.
-    shared_by = ctx.world_size if len(batches) >= ctx.world_size else 1
-    if shared_by == 1 and ctx.out is None:
-        return [], ""
-    if shared_by > 1:
-        batches = shard_batches(batches, ctx.rank, ctx.world_size)
-    summary, density = tidy_tables.hessian_tables(
-        models, batches, task.is_classification, params=ctx.setting("params", None),
-        trace_matvecs=int(ctx.setting("trace_matvecs", 100)), density=bool(ctx.setting("density", True)),
-        density_probes=int(ctx.setting("density_probes", 4)), density_steps=int(ctx.setting("density_steps", 40)),
-        seed=ctx.recipe.seed, progress=ctx.progress, wrap_operator=DistributedOperator if shared_by > 1 else None)
+    result = curvature.run(list(models.values()), task, ctx.recipe.pipeline_settings(), ranks=ctx.ranks,
+                           progress=ctx.progress)
     if ctx.out is None:
         return [], ""
-    written = ctx.write(summary, plots.plot_hessian_summary(summary), {"batches_shared_by": shared_by})
+    summary, density = result.rows(), result.density_rows()
+    written = ctx.write(summary, plots.plot_hessian_summary(summary), {"batches_shared_by": result.shared_by})
     if density:
-        written += ctx.write(density, plots.plot_density(density), {"batches_shared_by": shared_by}, suffix="_density")
+        written += ctx.write(density, plots.plot_density(density), {"batches_shared_by": result.shared_by}, suffix="_density")
     top = min(summary, key=lambda r: r["lambda_max"])
     return written, f"smallest lambda_max {top['lambda_max']:.4g} ({top['model']})"
 
 
 def _robustness(ctx: _Context) -> tuple[list[str], str]:
-    grid = ctx.setting("grid", {})
-    recurrent_only = bool(ctx.setting("recurrent_only", False))
-    recurrent = ctx.setting("recurrent", None)
-    models = []
-    # Every rank prepares the same models (and Hessian directions, from the recipe's seed):
-    # distributed_sweep checks that they agree bit for bit.
+    # The checkpoint column names each model as the recipe writes it (relative to the project root),
+    # so the committed tables do not depend on where the project was checked out.
     with ctx.together():
         task = ctx.task()
-        # The checkpoint column names each model as the recipe writes it (relative to the project root),
-        # so the committed tables do not depend on where the project was checked out.
-        for (label, path, model), written in zip(ctx.entries(), ctx.recipe.sources(), strict=True):
-            directions = None
-            if "hessian-direction" in grid:
-                model.check_fits(task, str(path))
-                names = recurrent_parameter_names(model, recurrent) if recurrent_only or recurrent else None
-                directions = hessian_directions(model, task, int(ctx.setting("hessian_k", 1)), params=names, seed=ctx.recipe.seed)
-            models.append(SweepModel(label, written, model, directions))
-    run_sweep = distributed_sweep if ctx.world_size > 1 else sweep
-    result = run_sweep(models, task, grid, int(ctx.setting("seeds", 5)), split=ctx.setting("split", "test"),
-                       device=ctx.device, max_samples=ctx.setting("max_samples", None),
-                       recurrent_only=recurrent_only, recurrent=recurrent, progress=ctx.progress)
+        models = [SweepModel(label, written, model)
+                  for (label, _, model), written in zip(ctx.entries(), ctx.recipe.sources(), strict=True)]
+    result = robustness.run(models, task, ctx.recipe.pipeline_settings(), ranks=ctx.ranks, progress=ctx.progress)
     if ctx.out is None:
         return [], ""
     ctx.warnings += list(result.warnings)
@@ -650,7 +666,7 @@ def run_recipe(recipe: Recipe, out: OutputDirectory | str | Path | None, device:
             return outcome
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    context = _Context(recipe, out, torch.device(device), progress, group.get("rank", 0), group["world_size"])
+    context = _Context(recipe, out, Ranks(torch.device(device), group.get("rank", 0), group["world_size"]), progress)
     written, summary = ANALYSES[recipe.analysis](context)
     return RecipeOutcome(recipe.name, recipe.analysis, tuple(written), summary, time.perf_counter() - started,
                          tuple(context.warnings), tuple(context.files))

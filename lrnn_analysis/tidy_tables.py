@@ -1,4 +1,4 @@
-"""Analyses as tidy tables: plain objects in (models, tasks, batches), rows out.
+"""Tidy tables of what no pipeline owns: spectra, clean accuracy, training logs, loss landscapes.
 
 Each function returns lists of dicts, one row per observation, ready for CSV and for
 the functions of :mod:`lrnn_analysis.plots`. Models are :class:`ModelUnderAnalysis` (a
@@ -6,19 +6,19 @@ toolkit model or a plain module is wrapped with what it declares), keyed by labe
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .evaluation import evaluate, loss_function
 from .stability import spectrum
-from .stability.evidence import check_stored, stored_then_searched
 from .model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
+
+__all__ = ["accuracy_table", "landscape_tables", "spectra_tables", "training_log_table"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Models = Mapping[str, "ModelUnderAnalysis | torch.nn.Module"]
-NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
 
 
 def _modules(models: Models) -> dict[str, torch.nn.Module]:
@@ -47,47 +47,6 @@ def spectra_tables(models: Models) -> tuple[list[dict[str, Any]], list[dict[str,
     return eigen_rows, model_rows
 
 
-def certificate_table(
-    models: Models,
-    names: Sequence[str] | None = None,
-    time_budget: float | None = None,
-) -> list[dict[str, Any]]:
-    """One row per (model, certificate): holds, margin, rate, tier, seconds, reason.
-
-    Certificate evidence stored in a model's metadata (as loaded from its checkpoint) is
-    verified first; a verified certificate is reported from it (tier ``stored evidence (...)``)
-    instead of searched, and a failed check is reported in the rows' ``stored_evidence``.
-    """
-    rows = []
-    for label, model in models.items():
-        subject = as_model_under_analysis(model, name=label)
-        check = check_stored(subject.module, subject.metadata)
-        system = subject.lure_system()
-        if system is None and not check.verified:
-            rows.append({"model": label, "certificate": None, "holds": False, "reason": NO_LURE_FORM,
-                         "stored_evidence": check.status})
-            continue
-        results = stored_then_searched(check, subject.module, system, names, time_budget)
-        for result in results:
-            rows.append({"model": label, "certificate": result.name, "holds": bool(result.holds), "margin": result.margin,
-                         "rate": result.rate, "tier": result.tier, "seconds": result.seconds, "reason": result.reason,
-                         "stored_evidence": check.status})
-    return rows
-
-
-def certified_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per model from :func:`certificate_table` rows (with ``test_accuracy``, ``parameters``):
-    its best (smallest) certified rate and the certificate that gives it, or certified False."""
-    summary: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        entry = summary.setdefault(row["model"], {"model": row["model"], "test_accuracy": row.get("test_accuracy"),
-                                                  "parameters": row.get("parameters"), "certified": False,
-                                                  "rate": None, "certificate": None, "tier": None})
-        if row["holds"] and row.get("rate") is not None and (entry["rate"] is None or row["rate"] < entry["rate"]):
-            entry.update(certified=True, rate=row["rate"], certificate=row["certificate"], tier=row["tier"])
-    return list(summary.values())
-
-
 def accuracy_table(models: Models, x: torch.Tensor, y: torch.Tensor, classification: bool) -> list[dict[str, Any]]:
     """Clean loss and accuracy per model on (x, y)."""
     rows = []
@@ -96,44 +55,6 @@ def accuracy_table(models: Models, x: torch.Tensor, y: torch.Tensor, classificat
         rows.append({"model": label, "accuracy": result.accuracy, "loss": result.loss, "n": result.n,
                      "parameters": sum(p.numel() for p in model.parameters())})
     return rows
-
-
-def hessian_tables(
-    models: Models,
-    batches: Sequence[Batch],
-    classification: bool,
-    *,
-    params: str | None = None,
-    trace_matvecs: int = 100,
-    density: bool = True,
-    density_probes: int = 4,
-    density_steps: int = 40,
-    max_iter: int = 150,
-    seed: int = 0,
-    progress: bool = False,
-    wrap_operator: Callable[[Any], Any] | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """λ_max, λ_min and tr(H) ± 95% CI per model (one row each) and, with ``density``, the
-    smoothed SLQ density (model, eigenvalue, density). Lanczos stops after ``max_iter`` steps;
-    ``eigen_converged`` says whether both ends met the residual tolerance by then.
-    ``wrap_operator``: as in :func:`~lrnn_analysis.hessian.analyze` (``DistributedOperator`` over
-    the ranks' shards of the batches)."""
-    from .hessian import analyze
-
-    summary, density_rows = [], []
-    for label, model in _modules(models).items():
-        report = analyze(model, loss_function(classification), list(batches), params=params, trace=True, density=density,
-                         seed=seed, progress=progress, trace_matvecs=trace_matvecs, density_probes=density_probes,
-                         density_steps=density_steps, max_iter=max_iter,
-                         wrap_operator=wrap_operator)
-        summary.append({"model": label, "lambda_max": report.lambda_max, "lambda_min": report.lambda_min,
-                        "trace": report.trace.estimate, "trace_ci95": report.trace.ci_halfwidth,
-                        "eigen_converged": report.eigen.all_converged, "matvecs": report.matvecs,
-                        "seconds": report.wall_time, "seed": seed})
-        if report.density is not None:
-            density_rows += [{"model": label, "eigenvalue": float(t), "density": float(d)}
-                             for t, d in zip(report.density.grid, report.density.density)]
-    return summary, density_rows
 
 
 def training_log_table(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:

@@ -163,3 +163,44 @@ def training_metadata(task: Task, settings: TrainSettings, result: TrainResult, 
         "log": list(result.log),
         "environment": environment(device),
     }
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedModel:
+    """A trained model, the metadata its checkpoint records, the training result, the
+    ``--constrain`` certificate's outcome (a dict, or None) and a line on its stored evidence."""
+
+    model: RecurrentModel
+    metadata: dict[str, Any]
+    result: TrainResult
+    constraint_certificate: dict[str, Any] | None
+    evidence_line: str | None
+
+
+def train_and_certify(config: Any, task: Task, settings: TrainSettings, device: torch.device, *,
+                      constraint: Any = None, progress: bool = False) -> TrainedModel:
+    """Build the model of ``config`` (seeded by ``settings.seed``), train it on ``task``, and
+    record what its checkpoint carries: training metadata; with a ``constraint``
+    (:class:`~lrnn_analysis.constraints.StabilityConstraint`) the outcome of its certificate; and,
+    for a constrained, contracting or REN model, certificate evidence verified in float64 (or the
+    reason none is stored)."""
+    from .models import build_model
+
+    model = build_model(config, seed=settings.seed)
+    result = train_model(model, task, settings, device, progress=progress, constraint=constraint)
+    metadata = training_metadata(task, settings, result, device)
+    constrained = None
+    if constraint is not None:
+        from .stability import certify
+
+        outcome = certify(model.lure_form(), [constraint.certificate])[0]
+        constrained = outcome.to_dict(include_matrices=False)
+        metadata["constraint"] = {**constraint.to_dict(), "certificate_result": constrained}
+    evidence_line = None
+    if constraint is not None or config.arch in ("contracting", "ren"):
+        from .stability.evidence import METADATA_KEY, certify_trained
+
+        evidence, evidence_line = certify_trained(model)
+        if evidence is not None:
+            metadata[METADATA_KEY] = evidence.to_dict()
+    return TrainedModel(model, metadata, result, constrained, evidence_line)

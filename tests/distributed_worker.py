@@ -14,6 +14,8 @@ import torch.distributed as dist
 from lrnn_analysis.cli import main
 from lrnn_analysis.distributed import DistributedOperator, distributed_sweep, shard_batches
 from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues
+from lrnn_analysis.robustness import ROW_FIELDS
+from lrnn_analysis.writers import write_csv
 
 from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_case, sweep_case
 
@@ -48,7 +50,7 @@ def run(out: Path, checkpoint: str, recipes: list[str]) -> None:
         np.save(out / "dense_matmat.npy", dense_matmat)
         np.save(out / "dense_matvec.npy", dense_matvec)
         np.save(out / "eigenvalues.npy", top.values)
-        result.write_csv(str(out / "sweep.csv"))
+        write_csv(out / "sweep.csv", result.rows, ROW_FIELDS)
         (out / "result.json").write_text(json.dumps({
             "describe": op.describe(), "report": report.to_dict(), "mismatch": mismatches,
             "sweep_environment": result.environment, "sweep_settings": result.settings, "summary": result.summary,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from lrnn_analysis import report as report_module
+from lrnn_analysis import audit_report as report_module
 from lrnn_analysis.checkpoints import load_checkpoint
 from lrnn_analysis.cli import main
-from lrnn_analysis.report import Gate
+from lrnn_analysis.pipelines.audit import Gate
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,10 @@ import pytest
 from lrnn_analysis.cli import main
 from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.report import AuditSettings, Gate, _evaluate_gate, _markdown, run_audit
+from lrnn_analysis.audit_report import _markdown
+from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
+from lrnn_analysis.pipelines.audit import AuditSettings, Gate, _evaluate_gate
+from lrnn_analysis.pipelines.audit import run as run_audit
 
 
 def test_presets_and_changes_between_them():
@@ -42,9 +45,10 @@ def test_the_knobs_reach_report_json_and_report_md(tmp_path):
     task = load_task("digits", seed=0)
     model = build_model(ModelConfig("lipschitz", task.input_dim, 3, task.output_dim, eps=0.1), seed=0)
     settings = AuditSettings(certificate_budget=5.0, hessian_batches=2, hessian_batch_size=16, trace_matvecs=12,
-                             grid={"input-noise": (0.1,)}, seeds=2, max_samples=32)
-    gates = [Gate.parse("min-accuracy=0"), Gate.parse("max-accuracy-drop=input-noise:0.1:1")]
-    result = run_audit(model, task, str(tmp_path / "runs" / "tiny.safetensors"), {}, settings, gates, progress=False)
+                             grid={"input-noise": (0.1,)}, seeds=2, max_samples=32,
+                             gates=(Gate.parse("min-accuracy=0"), Gate.parse("max-accuracy-drop=input-noise:0.1:1")))
+    result = run_audit(ModelUnderAnalysis.from_recurrent_model(model, {}), task, settings,
+                       label=str(tmp_path / "runs" / "tiny.safetensors"))
     report = json.loads(json.dumps(result.report, allow_nan=False))
     assert report["settings"] == {**settings.to_dict(), "grid": {"gaussian": [0.1]}, "preset": "custom"}
     assert report["hessian"]["operator"]["n_samples"] == 32 and report["hessian"]["trace"]["matvecs"] <= 12

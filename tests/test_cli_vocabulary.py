@@ -11,11 +11,18 @@ from pathlib import Path
 import pytest
 
 from lrnn_analysis import progress
-from lrnn_analysis.cli import UsageError, _audit_grid, _robustness_json_path, build_parser, main
+from lrnn_analysis.cli import UsageError, build_parser, main
+from lrnn_analysis.cli.audit import audit_grid
+from lrnn_analysis.cli.options import json_path_beside
+from lrnn_analysis.cli.robustness import BESIDE_CSV
 from lrnn_analysis.choices import CERTIFICATES, DISCRETIZATIONS, KINDS, MAX_SIZES, PARAMETERIZATION_TESTS, TASK_NAMES
 
 HEAVY = ("torch", "numpy", "scipy", "cvxpy", "matplotlib", "pandas", "seaborn", "sklearn", "tqdm")
 COMMANDS = ("train", "info", "stability", "certify", "hessian", "audit", "reproduce", "robustness")
+
+
+def _json_path(args):
+    return json_path_beside(args.out, args.json, BESIDE_CSV)
 
 
 def test_help_of_lrnn_and_every_command_imports_no_heavy_library():
@@ -91,12 +98,12 @@ def test_perturbation_options_take_both_spellings(new, old, kind):
 
 
 def test_robustness_json_alone_is_beside_the_csv_and_with_a_path_is_that_file():
-    assert _robustness_json_path(_parse("robustness", CKPT, "--input-noise", "0", "--out", "r.csv")) is None
-    assert _robustness_json_path(_parse("robustness", CKPT, "--out", "d/r.csv", "--json")) == Path("d/r.json")
-    assert _robustness_json_path(_parse("robustness", CKPT, "--out", "r.csv", "--json", "j/s.json")) == Path("j/s.json")
+    assert _json_path(_parse("robustness", CKPT, "--input-noise", "0", "--out", "r.csv")) is None
+    assert _json_path(_parse("robustness", CKPT, "--out", "d/r.csv", "--json")) == Path("d/r.json")
+    assert _json_path(_parse("robustness", CKPT, "--out", "r.csv", "--json", "j/s.json")) == Path("j/s.json")
     # A checkpoint after a bare --json would be taken as its PATH: refused, never written over.
     with pytest.raises(UsageError, match="must end in .json"):
-        _robustness_json_path(_parse("robustness", "--json", CKPT, "b.safetensors", "--out", "r.csv"))
+        _json_path(_parse("robustness", "--json", CKPT, "b.safetensors", "--out", "r.csv"))
 
 
 def test_json_spellings_of_info_stability_and_hessian_still_parse():
@@ -117,17 +124,17 @@ def test_gates_name_a_perturbation_in_either_spelling(spelling):
 def test_audit_levels_take_either_spelling_and_refuse_a_kind_twice(capsys):
     args = _parse("audit", CKPT, "--out", "a", "--levels", "input-noise:0,0.1", "--levels", "salt-pepper:0.01",
                   "--hessian-batches", "2", "--trace-matvecs", "30", "--seeds", "2")
-    assert _audit_grid(args.levels) == {"gaussian": [0.0, 0.1], "salt-pepper": [0.01]}
+    assert audit_grid(args.levels) == {"gaussian": [0.0, 0.1], "salt-pepper": [0.01]}
     assert (args.hessian_batches, args.trace_matvecs, args.seeds) == (2, 30, 2)
     with pytest.raises(UsageError, match="twice"):
-        _audit_grid(_parse("audit", CKPT, "--out", "a", "--levels", "gaussian:0.1", "--levels", "input-noise:0.2").levels)
+        audit_grid(_parse("audit", CKPT, "--out", "a", "--levels", "gaussian:0.1", "--levels", "input-noise:0.2").levels)
     for bad in ("warp:0.1", "salt-pepper:2", "hessian-direction:0.1", "gaussian"):
         assert main(["audit", CKPT, "--out", "a", "--levels", bad]) == 2
         assert "--levels" in capsys.readouterr().err
 
 
 def test_every_help_shows_the_defaults_and_the_audit_presets_it_names(capsys, monkeypatch):
-    from lrnn_analysis.report import AuditSettings
+    from lrnn_analysis.pipelines.audit import AuditSettings
 
     monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside hyphenated names
     text = {}

@@ -8,7 +8,9 @@ from torch import nn
 from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.hessian import GGNOperator
 from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.report import AuditSettings, _markdown, run_audit
+from lrnn_analysis.audit_report import _markdown
+from lrnn_analysis.pipelines.audit import AuditSettings
+from lrnn_analysis.pipelines.audit import run as run_audit
 
 
 def test_audit_reports_hessian_and_ggn_lambda_max_and_the_block_table():
@@ -16,7 +18,7 @@ def test_audit_reports_hessian_and_ggn_lambda_max_and_the_block_table():
     model = build_model(ModelConfig("lipschitz", task.input_dim, 3, task.output_dim, eps=0.1), seed=0)
     settings = AuditSettings(certificate_budget=5.0, hessian_batch_size=16, trace_matvecs=12,
                              grid={"gaussian": (0.0,)}, seeds=1, max_samples=32)
-    result = run_audit(model, task, "tiny", {}, settings, progress=False)
+    result = run_audit(model, task, settings, label="tiny")
     report = json.loads(json.dumps(result.report, allow_nan=False))
     rows = report["hessian"]["blocks"]["rows"]
     assert [row["param"] for row in rows][:2] == ["M_A", "M_W"]

@@ -18,6 +18,8 @@ from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
 from lrnn_analysis.distributed import DistributedOperator, shard_batches
 from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues
+from lrnn_analysis.robustness import ROW_FIELDS
+from lrnn_analysis.writers import write_csv
 from lrnn_analysis.robustness import sweep
 from lrnn_analysis.environment import environment
 
@@ -112,7 +114,7 @@ def test_sweep_csv_identical_to_single_process(two_ranks, tmp_path):
     out = two_ranks[0]
     models, task, options = sweep_case()
     single = sweep(models, task, SWEEP_GRID, SWEEP_SEEDS, progress=False, **options)
-    single.write_csv(str(tmp_path / "single.csv"))
+    write_csv(tmp_path / "single.csv", single.rows, ROW_FIELDS)
     assert (out / "sweep.csv").read_text() == (tmp_path / "single.csv").read_text()
     assert len(single.rows) == 2 * (2 * 3 + 3 * 3 + 2)
     result = json.loads((out / "result.json").read_text())

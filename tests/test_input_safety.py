@@ -17,12 +17,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lrnn_analysis import checkpoints, cli
+from lrnn_analysis import checkpoints
+from lrnn_analysis.cli import info as cli_info
 from lrnn_analysis.checkpoints import CheckpointError, IntegrityWarning, load_checkpoint, save_checkpoint, weights_sha256
 from lrnn_analysis.cli import main
 from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.report import Gate
+from lrnn_analysis.pipelines.audit import Gate
 
 from checkpoint_edits import rewrite_header
 
@@ -256,7 +257,7 @@ def test_os_errors_are_one_line_naming_the_file(saved, capsys, monkeypatch):
         def handler(args, error=error):
             raise error
 
-        monkeypatch.setattr(cli, "cmd_info", handler)
+        monkeypatch.setattr(cli_info, "run", handler)
         _fails(capsys, ["info", str(saved)], f"/data/x.csv: {error.strerror}")
 
 

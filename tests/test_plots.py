@@ -244,13 +244,14 @@ def test_robustness_of_a_regression_task_draws_the_loss():
 def test_the_audit_report_of_a_regression_task_draws_the_loss(checkpoints, tmp_path):
     from lrnn_analysis.builtin_tasks import load_task
     from lrnn_analysis.outputs import OutputDirectory
-    from lrnn_analysis.report import AUDIT_WRITER, AuditSettings, run_audit, write_audit_into
+    from lrnn_analysis.audit_report import AUDIT_WRITER, write_audit_into
+    from lrnn_analysis.pipelines.audit import AuditSettings
+    from lrnn_analysis.pipelines.audit import run as run_audit
     from lrnn_analysis.model_under_analysis import load_model
 
     settings = AuditSettings(certificate_budget=5.0, hessian_batch_size=16, trace_matvecs=8, seeds=2, max_samples=20,
                              grid={"gaussian-relative": (0.0, 0.1)})
-    result = run_audit(load_model(checkpoints[1]), load_task("adding", seed=0, length=5), "adding", None, settings,
-                       progress=False)
+    result = run_audit(load_model(checkpoints[1]), load_task("adding", seed=0, length=5), settings, label="adding")
     with OutputDirectory(tmp_path / "audit", AUDIT_WRITER) as directory:
         out = write_audit_into(result, directory)
     assert (out / "robustness.png").read_bytes().startswith(b"\x89PNG")

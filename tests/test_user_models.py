@@ -20,7 +20,8 @@ from lrnn_analysis.lure import LureSystem
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.training_split import LEAKAGE_WARNING, check_training_data, split_fingerprint
 from lrnn_analysis.recipes import load_recipe, run_recipe
-from lrnn_analysis.report import AuditSettings, run_audit
+from lrnn_analysis.pipelines.audit import AuditSettings
+from lrnn_analysis.pipelines.audit import run as run_audit
 from lrnn_analysis.robustness import Perturbation, SweepModel, perturb_parameters, sweep
 from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
 from lrnn_analysis.training import TrainResult, TrainSettings, train_model, training_metadata
@@ -175,7 +176,7 @@ def test_audit_of_a_user_module_with_and_without_a_lure_form(user):
     _, module, task = user
     settings = AuditSettings(trace_matvecs=20, seeds=2, certificate_budget=5.0,
                              grid={"gaussian": (0.0, 0.1), "gaussian-relative": (0.0, 0.05)})
-    result = run_audit(_subject(module), task, settings=settings, progress=False)
+    result = run_audit(_subject(module), task, settings)
     report = result.report
     assert report["clean"]["accuracy"] == pytest.approx(_accuracy_by_hand(module, task.test.x, task.test.y), abs=1e-12)
     assert report["model"]["recurrent"] == ["rec_a", "rec_w"] and report["config"] is None
@@ -185,12 +186,12 @@ def test_audit_of_a_user_module_with_and_without_a_lure_form(user):
     assert report["stability"]["spectrum"]["norm_W"] == pytest.approx(float(np.linalg.norm(system.W, 2)), rel=1e-9)
     assert report["training_data"]["warning"] is None
 
-    bare = run_audit(ModelUnderAnalysis.from_module(module, name="bare"), task, settings=settings, progress=False)
+    bare = run_audit(ModelUnderAnalysis.from_module(module, name="bare"), task, settings)
     assert bare.report["stability"] == {"lure_form": False, "reason": "no Lur'e form: no certificate available for this model",
                                         "stored_evidence": {"status": "absent", "reason": "no stored evidence", "seconds": 0.0,
                                                             "certificate": None, "rate": None, "tier": None,
                                                             "verification": None}}
-    from lrnn_analysis.report import _markdown
+    from lrnn_analysis.audit_report import _markdown
 
     assert "No Lur'e form: no certificate available for this model." in _markdown(bare, {})
 
@@ -265,9 +266,9 @@ def test_leakage_warning_for_a_model_trained_on_another_split(digits_task, tmp_p
     assert "records no training task" in plain.warnings[0]
 
     settings = AuditSettings(trace_matvecs=5, seeds=1, max_samples=50, hessian_batch_size=32, grid={"gaussian": (0.0,)})
-    audit = run_audit(model, digits_task, "m", metadata, settings, progress=False)
+    audit = run_audit(ModelUnderAnalysis.from_recurrent_model(model, metadata), digits_task, settings, label="m")
     assert audit.report["training_data"]["warning"].startswith(LEAKAGE_WARNING)
-    from lrnn_analysis.report import _markdown
+    from lrnn_analysis.audit_report import _markdown
 
     assert f"**Warning: {LEAKAGE_WARNING}" in _markdown(audit, {})
 
@@ -362,7 +363,7 @@ def test_a_module_with_a_torch_lstm_is_audited_through_its_layer(user):
         expected = torch.nn.functional.cross_entropy(functional_call(module, perturbed, (task.test.x,)), task.test.y)
     assert result.rows[1]["loss"] == pytest.approx(float(expected), rel=1e-5) and result.rows[1]["loss"] != result.rows[0]["loss"]
     settings = AuditSettings(trace_matvecs=10, seeds=1, grid={"gaussian": (0.0, 0.1)})
-    report = run_audit(subject, task, settings=settings, progress=False).report
+    report = run_audit(subject, task, settings).report
     assert report["stability"]["reason"].startswith("no Lur'e form of the whole model: its torch.nn recurrent layers")
     stacks = report["stability"]["recurrent_layers"]
     assert [(c["module"], c["kind"], c["holds"]) for c in stacks] == [("lstm", "lstm", False)]

@@ -10,6 +10,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
+from ..choices import CURVATURE_BACKENDS, CURVATURE_ESTIMATES
 from ..environment import environment
 from ._results import dataclass_dict
 from .blocks import BlockTable, block_curvature
@@ -22,8 +23,8 @@ from .operator import DEFAULT_MEMORY_BUDGET, Batch, LossFunction, ParamSpec, as_
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import TraceResult, trace as trace_estimate
 
-BACKENDS = ("native", "pyhessian")
-ESTIMATES = ("diag", "frobenius", "blocks")
+BACKENDS = CURVATURE_BACKENDS
+ESTIMATES = CURVATURE_ESTIMATES
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..choices import CURVATURE_OPERATORS
 from .operator import DEFAULT_MEMORY_BUDGET, Batch, CurvatureOperator, HessianOperator, LossFunction, ParamSpec, _SavedBytes
 
 
@@ -251,7 +252,7 @@ class FisherOperator(JacobianSandwichOperator):
         return {**super().describe(), "mc_samples": self.mc_samples, "seed": self.seed}
 
 
-OPERATOR_KINDS = ("hessian", "ggn", "fisher", "ef")
+OPERATOR_KINDS = CURVATURE_OPERATORS
 
 
 def curvature_operator(

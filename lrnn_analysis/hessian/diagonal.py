@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
+from ..choices import DIAGONAL_METHODS
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 from .trace import CONFIDENCE, exchangeable_sketch, unit_roundoff
 
-DIAGONAL_METHODS = ("hutchinson", "xdiag")
 
 
 @dataclass(frozen=True)

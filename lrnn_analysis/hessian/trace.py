@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
+from ..choices import TRACE_METHODS
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 from ..progress import progress_bar
 
-METHODS = ("hutchinson", "hutch++", "xtrace")
+METHODS = TRACE_METHODS
 CONFIDENCE = 0.95
 
 

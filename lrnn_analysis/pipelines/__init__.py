@@ -4,3 +4,6 @@ dataclass that checks its bounds once and a function ``run(subjects, data, setti
 The command line, the recipes of ``lrnn reproduce`` and ``lrnn audit`` only build settings and
 call these; nothing here parses options or prints.
 """
+from . import audit, curvature, robustness, stability
+
+__all__ = ["audit", "curvature", "robustness", "stability"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from ..choices import CERTIFICATES, CONTRACTION_CERTIFICATES
 from ..errors import InputError
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from ..stability import CascadeCertificate, CertificateResult, SpectrumReport
     from ..stability.evidence import EvidenceCheck
 
-__all__ = ["NO_LURE_FORM", "LAYERS_ONLY", "ModelCertificate", "StabilityResult", "StabilitySettings", "certify_model", "run"]
+__all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",
+           "certify_model", "run"]
 
 NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
 LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
@@ -99,7 +100,11 @@ class ModelCertificate:
         if self.source == "torch.nn layers":
             from ..stability.cascade import layer_rows
 
-            return [{"model": self.model, **row} for row in layer_rows([c.to_dict() for c in self.layers])]
+            return [{"model": self.model, "certificate": row["name"], "holds": bool(row["holds"]), "margin": None,
+                     "rate": row["rate"], "tier": None, "seconds": None,
+                     "reason": f"{row['module'] or '(root)'} {row['kind']} layer {row['layer']}: {row['reason']}",
+                     "stored_evidence": self.stored.status}
+                    for row in layer_rows([c.to_dict() for c in self.layers])]
         return [{"model": self.model, "certificate": r.name, "holds": bool(r.holds), "margin": r.margin, "rate": r.rate,
                  "tier": r.tier, "seconds": r.seconds, "reason": r.reason, "stored_evidence": self.stored.status}
                 for r in self.certificates]
@@ -160,6 +165,7 @@ class StabilityResult:
     settings: StabilitySettings
 
     def rows(self) -> list[dict[str, Any]]:
+        """One row per (model, certificate): holds, margin, rate, tier, seconds, reason, stored_evidence."""
         return [row for model in self.models for row in model.rows()]
 
     def to_dict(self, include_matrices: bool = False) -> dict[str, Any]:
@@ -178,3 +184,16 @@ def run(subjects: Sequence[ModelUnderAnalysis] | ModelUnderAnalysis, data: Any =
     found = tuple(certify_model(s, settings.certificates, time_budget=settings.time_budget,
                                 input_bound=settings.input_bound, wrap=wrap) for s in subjects)
     return StabilityResult(found, settings)
+
+
+def certified_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model from :meth:`StabilityResult.rows` (with ``test_accuracy``, ``parameters``):
+    its best (smallest) certified rate and the certificate that gives it, or certified False."""
+    summary: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = summary.setdefault(row["model"], {"model": row["model"], "test_accuracy": row.get("test_accuracy"),
+                                                  "parameters": row.get("parameters"), "certified": False,
+                                                  "rate": None, "certificate": None, "tier": None})
+        if row["holds"] and row.get("rate") is not None and (entry["rate"] is None or row["rate"] < entry["rate"]):
+            entry.update(certified=True, rate=row["rate"], certificate=row["certificate"], tier=row["tier"])
+    return list(summary.values())

@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..task import Task
-from ..evaluation import evaluate
-from ..writers import write_csv, write_json
-from ..training_split import check_training_data
+from ..choices import perturbation_grid
 from ..environment import environment
+from ..errors import InputError
+from ..evaluation import evaluate
 from ..model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
 from ..parameters import require_parameters
-from ..statistics import t_halfwidth
-from ..choices import perturbation_grid
-from .perturbations import DETERMINISTIC_KINDS, ParameterDirections, Perturbation, perturb_inputs, perturb_parameters
 from ..progress import progress_bar
+from ..statistics import t_halfwidth
+from ..task import Split, Task, task_from_arrays
+from ..training_split import check_training_data
+from .perturbations import DETERMINISTIC_KINDS, ParameterDirections, Perturbation, perturb_inputs, perturb_parameters
+
+__all__ = ["ROW_FIELDS", "SUMMARY_FIELDS", "SweepModel", "SweepResult", "evaluate_parameter_draws", "evaluation_task",
+           "prepare_models", "recurrent_parameter_names", "summarize", "sweep", "sweep_models"]
 
 ROW_FIELDS = ("model", "checkpoint", "perturbation", "target", "level", "seed", "accuracy", "loss", "n", "device")
 SUMMARY_FIELDS = ("model", "checkpoint", "perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95",
@@ -61,13 +64,6 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "summary": self.summary, "settings": self.settings, "environment": self.environment,
                 "warnings": list(self.warnings)}
-
-    def write_csv(self, path: str) -> None:
-        """The tidy rows as CSV, written atomically."""
-        write_csv(path, self.rows, ROW_FIELDS)
-
-    def write_json(self, path: str) -> None:
-        write_json(path, self.to_dict())
 
 
 def recurrent_parameter_names(model: ModelUnderAnalysis | nn.Module, patterns: str | Sequence[str] | None = None) -> list[str]:
@@ -105,9 +101,75 @@ def prepare_models(models: Sequence[SweepModel], task: Task, plan: Mapping[str, 
     return selected, training_data, warnings
 
 
+Models = SweepModel | ModelUnderAnalysis | nn.Module | Sequence[SweepModel | ModelUnderAnalysis | nn.Module] | Mapping[str, ModelUnderAnalysis | nn.Module]
+Data = Task | Split | tuple[Any, Any] | Iterable[tuple[Any, Any]]
+
+
+def sweep_models(models: Models) -> list[SweepModel]:
+    """``models`` as a list of :class:`SweepModel`: one model (a module or a model under analysis),
+    a sequence of them, or a mapping label -> model. A model given without a label is labelled by
+    its name (numbered when names repeat) and its checkpoint column reads ``in-memory``."""
+    if isinstance(models, (SweepModel, ModelUnderAnalysis, nn.Module)):
+        models = [models]
+    if isinstance(models, Mapping):
+        return [m if isinstance(m, SweepModel) else SweepModel(str(label), "in-memory", m) for label, m in models.items()]
+    entries = list(models)
+    if not entries:
+        raise InputError("no models to sweep")
+    names = [as_model_under_analysis(m).name if not isinstance(m, SweepModel) else m.label for m in entries]
+    repeated = {name for name in names if names.count(name) > 1}
+    counters: dict[str, int] = {}
+    swept = []
+    for model, name in zip(entries, names):
+        if isinstance(model, SweepModel):
+            swept.append(model)
+            continue
+        if name in repeated:
+            counters[name] = counters.get(name, 0) + 1
+            name = f"{name}-{counters[name]}"
+        swept.append(SweepModel(name, "in-memory", model))
+    return swept
+
+
+def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
+    """``data`` as a :class:`Task`: a task itself; or the evaluation samples alone — a :class:`Split`,
+    an ``(x, y)`` pair of tensors or arrays, or an iterable of ``(x, y)`` batches (a DataLoader),
+    concatenated — as a task whose every split is those samples (named ``arrays``; input noise then
+    draws its range from them). Integer labels are classes, as many as the first model has
+    outputs; floating-point targets of shape (N, k) are regression targets."""
+    if isinstance(data, Task):
+        return data
+    if isinstance(data, Split):
+        x, y = data.x, data.y
+    elif isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
+        x, y = data
+    else:
+        try:
+            batches = [tuple(batch) for batch in data]
+        except TypeError:
+            raise InputError(f"data must be a Task, a Split, an (x, y) pair or an iterable of (x, y) batches, "
+                             f"got {type(data).__name__}") from None
+        if not batches or any(len(b) != 2 for b in batches):
+            raise InputError("data: expected a non-empty iterable of (x, y) batches")
+        x, y = torch.cat([torch.as_tensor(b[0]) for b in batches]), torch.cat([torch.as_tensor(b[1]) for b in batches])
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    num_classes = None
+    if not y.is_floating_point() and models:
+        module = models[0].model.module
+        with torch.no_grad():
+            was_training = module.training
+            module.eval()
+            try:
+                num_classes = int(module(x[:1].to(next(module.parameters()).device, torch.float32)).shape[-1])
+            finally:
+                module.train(was_training)
+    return task_from_arrays(x, y, x, y, name="arrays", num_classes=num_classes,
+                            description=f"the {len(x)} samples given (every split)")
+
+
 def sweep(
-    models: Sequence[SweepModel],
-    task: Task,
+    models: Models,
+    data: Data,
     grid: Mapping[str, Sequence[float]],
     seeds: int | Sequence[int] = 5,
     *,
@@ -123,7 +185,10 @@ def sweep(
 ) -> SweepResult:
     """Evaluate every model under every (perturbation kind, level) in ``grid`` for every seed.
 
-    Inputs come from ``task``'s ``split`` (the first ``max_samples``). Parameter noise
+    ``models``: see :func:`sweep_models` (one module or model under analysis, a list, a mapping
+    label -> model, or :class:`SweepModel` entries). ``data``: see :func:`evaluation_task` (a
+    :class:`Task`, or the samples themselves). Inputs come from the task's ``split`` (the first
+    ``max_samples``). Parameter noise
     perturbs all parameters; with ``recurrent_only`` only each model's declared recurrent
     parameters, and with ``recurrent`` (glob patterns) only those it matches. A model that
     declares none, or a pattern that matches nothing, is an error (never a sweep that
@@ -136,9 +201,11 @@ def sweep(
     """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
-        raise ValueError("need at least one seed")
+        raise InputError("need at least one seed")
     if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test, got {split!r}")
+        raise InputError(f"split must be train, val or test, got {split!r}")
+    models = sweep_models(models)
+    task = evaluation_task(data, models)
     grid = perturbation_grid(grid)
     plan = {kind: [Perturbation(kind, level) for level in levels] for kind, levels in grid.items()}
     selected, training_data, warnings = prepare_models(models, task, plan, recurrent_only, recurrent)

@@ -1,0 +1,114 @@
+"""``lrnn stability``: spectra and certificates of one model (see :mod:`lrnn_analysis.pipelines.stability`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from ..outputs import check_output_file
+from . import options as o
+
+if TYPE_CHECKING:
+    from ..model_under_analysis import ModelUnderAnalysis
+    from ..pipelines.stability import ModelCertificate
+
+CERTIFICATE_COLUMNS = ["name", "holds", "margin", "rate", "tier", "seconds", "reason"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    stability = sub.add_parser("stability", help="spectra and global-stability certificates of a checkpoint")
+    stability.add_argument("checkpoint", nargs="?", default=None)
+    o.add_model_options(stability, task=True)
+    stability.add_argument("--certificates", "--tests", dest="certificates", type=o.certificate_list, default=None,
+                           help="comma-separated, e.g. euler-norm,euler-lmi (default: those of the scheme the model runs)")
+    stability.add_argument("--time-budget", type=o.positive, default=None, help="seconds for all LMI tiers together")
+    stability.add_argument("--input-bound", type=o.positive, default=None, metavar="XBAR",
+                           help="torch.nn LSTM/GRU layers: their conditions hold for inputs with ||x_t||_inf <= XBAR")
+    stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
+    stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
+    stability.add_argument("--force", action="store_true", help=o.FORCE_HELP)
+    stability.add_argument("--quiet", action="store_true", help="no progress bar")
+    stability.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipelines import stability
+    from ..progress import progress_bar
+
+    if args.json:
+        check_output_file(args.json, force=args.force, inputs=o.input_files(args))
+    subject = o.load_subject(args)
+    if args.task is not None:
+        print(f"note: --task {args.task} is not used: the certificates hold for every input sequence")
+    settings = stability.StabilitySettings(None if args.certificates is None else tuple(args.certificates),
+                                           args.time_budget, args.input_bound)
+    found = stability.run(subject, None, settings, wrap=lambda names: progress_bar(
+        names, desc="certificates", unit="cert", enabled=not args.quiet)).models[0]
+    if found.stored.status != "absent":
+        print(f"{args.checkpoint}: {found.stored.describe()}", file=sys.stdout if found.stored.verified else sys.stderr)
+    if found.source == "none":
+        raise o.UsageError(f"{args.checkpoint}: {subject.name}: no Lur'e form: no certificate available for this model")
+    if found.source == "torch.nn layers":
+        return _print_layers(args, subject, found)
+    if found.source == "stored evidence":
+        return _print_stored_only(args, subject, found)
+    _print_lure_form(args, subject, found)
+    return 0 if found.holds else 1
+
+
+def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:
+    from ..formatting import format_table
+    from ..writers import write_json
+
+    system = subject.lure_system()
+    report = found.spectrum
+    scheme = system.method if system.eps is None else f"{system.method}, eps {system.eps:g}" + (
+        f" x {system.substeps} substeps" if system.substeps > 1 else "")
+    print(f"{args.checkpoint}: {o.architecture(subject)} ({scheme}), n = {system.n}, slope L = {system.slope:g}")
+    print("spectra (diagnostics: necessary conditions only, never a certificate)")
+    box = report.bendixson_A
+    print(f"  alpha(A) = {report.abscissa_A:+.5f}   mu2(A) = {report.mu2_A:+.5f}   ||A||_2 = {report.norm_A:.5f}   ||W||_2 = {report.norm_W:.5f}")
+    print(f"  Bendixson box of A: Re in [{box.re_min:+.5f}, {box.re_max:+.5f}], |Im| <= {box.im_max:.5f}")
+    if report.discretization is not None:
+        d = report.discretization
+        print(f"  {d.method} step matrix of A: spectral radius {d.step_spectral_radius:.6f}, "
+              f"every eps*lambda(A) in the stability region: {'yes' if d.all_in_region else 'no'}")
+    print("certificates")
+    print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], CERTIFICATE_COLUMNS))
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
+                               "spectrum": report.to_dict(),
+                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates]})
+
+
+def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> int:
+    """A model without a Lur'e form of its own that contains torch.nn RNN/LSTM/GRU layers: each
+    layer and each stack of layers is certified; how the model combines their states is not."""
+    from ..formatting import format_table
+    from ..stability.cascade import layer_rows
+    from ..writers import write_json
+
+    print(f"{args.checkpoint}: {subject.name}: no Lur'e form of the whole model; certifying its torch.nn recurrent "
+          "layers (what the model does with their states is not certified)")
+    print(format_table(layer_rows([c.to_dict() for c in found.layers]), ["module", "kind", "layer", "name", "holds", "rate", "reason"]))
+    for cascade in found.layers:
+        print(f"{cascade.module or '(root)'} ({cascade.kind}): {'holds' if cascade.holds else 'fails'}: {cascade.reason}")
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "model": subject.describe(),
+                               "recurrent_layers": [c.to_dict() for c in found.layers]})
+    return 0 if found.holds else 1
+
+
+def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> int:
+    """A model without a Lur'e form whose stored certificate verified."""
+    from ..formatting import format_table
+    from ..writers import write_json
+
+    config = subject.module.config
+    print(f"{args.checkpoint}: {o.architecture(subject)} (no Lur'e form; its own contraction certificate), n = {config.hidden}")
+    print("certificates")
+    print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], CERTIFICATE_COLUMNS))
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
+                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates]})
+    return 0

@@ -1,0 +1,104 @@
+"""``lrnn train``: train a model of the zoo on a task and save a checkpoint."""
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from ..choices import ARCHITECTURES, CONSTRAINTS, MAX_BATCH_SIZE, MAX_SIZES
+from ..outputs import check_output_file
+from . import options as o
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a model on a task and save a checkpoint")
+    o.add_task_options(train, required=True)
+    train.add_argument("--arch", choices=ARCHITECTURES, default="lipschitz")
+    train.add_argument("--hidden", type=o.int_in(1, MAX_SIZES["hidden"]), default=64)
+    train.add_argument("--eps", type=o.positive, default=None, help="step per input (default: the task's)")
+    train.add_argument("--discretization", default=None, help="euler|rk2|rk38 (lipschitz; rk38 = 3/8-rule RK4), rk4|rk2|euler (node)")
+    train.add_argument("--beta", type=o.finite, default=0.75, help="beta of A and W")
+    train.add_argument("--gamma", type=o.finite, default=0.001, help="gamma of A and W")
+    train.add_argument("--beta-a", type=o.finite, default=None)
+    train.add_argument("--beta-w", type=o.finite, default=None)
+    train.add_argument("--gamma-a", type=o.finite, default=None)
+    train.add_argument("--gamma-w", type=o.finite, default=None)
+    train.add_argument("--init-std", type=o.positive, default=0.1, help="recurrent init: N(0, (init_std/hidden)^2)")
+    train.add_argument("--ode-substeps", type=o.int_in(1, MAX_SIZES["ode_substeps"]), default=1, help="node: solver steps per input step")
+    train.add_argument("--rho", type=o.float_in(0.0, 1.0, above=True), default=0.999,
+                       help="contracting/ren: contraction factor per step they are built to")
+    train.add_argument("--rank", type=o.int_in(0, 3 * MAX_SIZES["hidden"]), default=0,
+                       help="contracting/ren: rows of Z (contracting, at most 2 * hidden) or X (ren, at most 3 * hidden); 0: hidden")
+    train.add_argument("--cond-penalty", type=o.nonnegative, default=0.1,
+                       help="contracting: kappa of the loss term kappa * mean(log^2 sigma_i(T))")
+    train.add_argument("--epochs", type=o.int_in(1, 100_000), default=100)
+    train.add_argument("--batch-size", type=o.int_in(1, MAX_BATCH_SIZE), default=128)
+    train.add_argument("--lr", type=o.positive, default=0.03)
+    train.add_argument("--lr-decay", type=o.float_in(0.0, 1.0, above=True), default=0.1)
+    train.add_argument("--decay-epochs", type=o.int_list, default=None, help="comma-separated (default: 75%% of epochs)")
+    train.add_argument("--weight-decay", type=o.nonnegative, default=0.0)
+    train.add_argument("--grad-clip", type=o.positive, default=None)
+    train.add_argument("--seed", type=o.seed, default=0, help="initialisation and batch-order seed")
+    train.add_argument("--constrain", choices=CONSTRAINTS, default=None,
+                       help="project M_A, M_W after every step so this norm certificate holds (lipschitz only)")
+    train.add_argument("--margin", type=o.nonnegative, default=0.01, help="margin of the --constrain certificate")
+    train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    train.add_argument("--force", action="store_true", help=o.FORCE_HELP)
+    o.add_run_options(train)
+    train.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import save_checkpoint
+    from ..constraints import StabilityConstraint
+    from ..environment import resolve_device
+    from ..models import ModelConfig
+    from ..training import TrainSettings, spectral_summary, train_and_certify
+
+    check_output_file(args.out, force=args.force, inputs=[args.data_path])
+    o.set_threads(args.threads)
+    device = resolve_device(args.device)
+    task = o.task_source(args).load()
+    config = ModelConfig(
+        arch=args.arch,
+        input_dim=task.input_dim,
+        hidden=args.hidden,
+        output_dim=task.output_dim,
+        eps=args.eps if args.eps is not None else task.default_eps,
+        discretization=args.discretization or "",
+        beta_a=args.beta_a if args.beta_a is not None else args.beta,
+        gamma_a=args.gamma_a if args.gamma_a is not None else args.gamma,
+        beta_w=args.beta_w if args.beta_w is not None else args.beta,
+        gamma_w=args.gamma_w if args.gamma_w is not None else args.gamma,
+        init_std=args.init_std,
+        ode_substeps=args.ode_substeps,
+        rho=args.rho,
+        rank=args.rank,
+        cond_penalty=args.cond_penalty,
+    )
+    settings = TrainSettings(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
+        decay_epochs=args.decay_epochs, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+    )
+    constraint = StabilityConstraint(args.constrain, args.margin) if args.constrain else None
+    trained = train_and_certify(config, task, settings, device, constraint=constraint, progress=not args.quiet)
+    trained.metadata["command"] = "lrnn " + shlex.join(args.argv)
+    out = save_checkpoint(args.out, trained.model, trained.metadata)
+    metrics = trained.result.metrics
+    print(f"task {task.name} (split seed {task.seed}), arch {config.arch} ({config.discretization}), "
+          f"hidden {config.hidden}, eps {config.eps:g}, {sum(p.numel() for p in trained.model.parameters())} parameters")
+    accuracy = metrics["test_accuracy"]
+    score = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test MSE {metrics['test_loss']:.5f}"
+    print(f"{score}, test loss {metrics['test_loss']:.4f}, trained {settings.epochs} epochs in {metrics['train_seconds']:.1f} s on {device}")
+    print(spectral_line(spectral_summary(trained.model)))
+    if constraint is not None:
+        verdict = trained.constraint_certificate
+        print(f"constraint {constraint.certificate} (margin {constraint.margin:g}): holds {verdict['holds']}, margin {verdict['margin']:.4g}")
+    if trained.evidence_line is not None:
+        print(trained.evidence_line)
+    print(f"saved {out}")
+    return 0
+
+
+def spectral_line(summary: dict[str, float]) -> str:
+    parts = [f"{key.split('_')[0]}({key.split('_')[1]}) = {value:+.4f}" for key, value in summary.items()]
+    return "spectra: " + ", ".join(parts)
