@@ -27,7 +27,7 @@ def _figures(result: AuditResult, out: OutputDirectory) -> dict[str, str]:
     figures = {
         "spectra": lambda: plots.plot_spectra(tables["spectra"], tables["spectra_summary"]) if "spectra" in tables else None,
         "robustness": lambda: plots.plot_robustness(tables["robustness_summary"], metric),
-        "hessian_density": lambda: plots.plot_density(tables["hessian_density"]) if "hessian_density" in tables else None,
+        "hessian_density": lambda: plots.plot_density(tables["hessian_density"]).figure if "hessian_density" in tables else None,
         "training_spectra": lambda: plots.plot_training_spectra(tables["training_log"]) if "training_log" in tables else None,
     }
     for name, draw in figures.items():

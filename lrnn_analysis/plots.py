@@ -498,9 +498,10 @@ def plot_certified_accuracy(rows: Table, *, labels: Mapping[str, str] | None = N
 
 def plot_density(rows: Table, *, labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,
                  titles: Mapping[str, str] | None = None, figsize: tuple[float, float] | None = None,
-                 ax: Axes | None = None) -> Figure:
+                 ax: Axes | None = None) -> Axes:
     """Smoothed Hessian spectral densities (stochastic Lanczos quadrature) on a log scale,
-    models overlaid in one panel (panel key "density"). Rows: (model, eigenvalue, density)."""
+    models overlaid in one panel (panel key "density"). Rows: (model, eigenvalue, density).
+    Axes-level: draws into ``ax`` (else a new figure in the toolkit's style) and returns the Axes."""
     frame = _frame(rows, ["model", "eigenvalue", "density"])
     models = list(dict.fromkeys(frame["model"]))
     options = _Options(models, ("density",), labels, colors, titles)
@@ -519,7 +520,7 @@ def plot_density(rows: Table, *, labels: Mapping[str, str] | None = None, colors
         panel.set_ylabel("spectral density (log scale)")
         panel.set_title(options.title("density", "Hessian spectral density (SLQ)"))
         canvas.legend(*_legend_entries(canvas.axes), inside=True)
-    return canvas.figure
+    return canvas.axes[0]
 
 
 def _facet_lines(frame: pd.DataFrame, panel_column: str, x: str, y: str, options: _Options, canvas: _Canvas,

@@ -569,7 +569,7 @@ def _hessian(ctx: _Context) -> tuple[list[str], str]:
     summary, density = result.rows(), result.density_rows()
     written = ctx.write(summary, plots.plot_hessian_summary(summary), {"batches_shared_by": result.shared_by})
     if density:
-        written += ctx.write(density, plots.plot_density(density), {"batches_shared_by": result.shared_by}, suffix="_density")
+        written += ctx.write(density, plots.plot_density(density).figure, {"batches_shared_by": result.shared_by}, suffix="_density")
     top = min(summary, key=lambda r: r["lambda_max"])
     return written, f"smallest lambda_max {top['lambda_max']:.4g} ({top['model']})"
 

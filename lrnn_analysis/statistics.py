@@ -5,12 +5,13 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import stats
 
 
 def t_halfwidth(samples: Sequence[float] | np.ndarray, confidence: float = 0.95) -> float:
     """Half-width t_{(1+confidence)/2, m-1} * s / sqrt(m) of the t-interval for the mean of m samples
     (infinite for m < 2: one sample says nothing about the spread)."""
+    from scipy import stats  # imported here: scipy.stats takes longer to import than all the rest of the toolkit
+
     m = len(samples)
     if m < 2:
         return math.inf

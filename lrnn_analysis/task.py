@@ -59,8 +59,10 @@ class Task:
 
     @property
     def input_range(self) -> tuple[float, float]:
-        """Smallest and largest input value in the training split."""
-        return float(self.train.x.min()), float(self.train.x.max())
+        """Smallest and largest input value in the training split (in the test split of a task
+        that has no training samples)."""
+        x = self.train.x if len(self.train) else self.test.x
+        return float(x.min()), float(x.max())
 
     @classmethod
     def from_arrays(cls, x_train: Any, y_train: Any, x_test: Any, y_test: Any, x_val: Any = None, y_val: Any = None,

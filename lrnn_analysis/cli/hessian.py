@@ -12,6 +12,7 @@ from ..choices import (
     MAX_BATCH_SIZE,
     MAX_BATCHES,
     MAX_EIGENPAIRS,
+    MAX_MATVECS,
     MAX_MC_SAMPLES,
     SPLITS,
     TRACE_METHODS,
@@ -36,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="eigenvalues at each end of the spectrum")
     hess.add_argument("--trace", action="store_true", help="estimate the trace with a 95%% CI")
     hess.add_argument("--trace-method", choices=TRACE_METHODS, default="hutchinson")
+    hess.add_argument("--trace-matvecs", type=o.int_in(1, MAX_MATVECS), default=200,
+                      help="most operator products for the trace")
     hess.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
     hess.add_argument("--density-scale", choices=DENSITY_SCALES, default="linear",
                       help="symlog: density of sign(l)*log10(1+|l|/linthresh)")
@@ -60,7 +63,8 @@ def settings_from(args: argparse.Namespace):
 
     return CurvatureSettings(
         operator=args.operator, split=args.split, batch_size=args.batch_size, batches=None if args.full else args.batches,
-        params=args.params, top_k=args.top_k, trace=args.trace, trace_method=args.trace_method, density=args.density,
+        params=args.params, top_k=args.top_k, trace=args.trace, trace_method=args.trace_method, trace_matvecs=args.trace_matvecs,
+        density=args.density,
         density_scale=args.density_scale, mc_samples=args.mc_samples, estimates=tuple(args.estimate),
         diagonal_method=args.diag_method, backend=args.backend, dtype=args.dtype, seed=args.seed)
 
@@ -126,5 +130,5 @@ def run(args: argparse.Namespace) -> int:
     if args.figure is not None:
         from ..plots import plot_density
 
-        o.write_figure(plot_density(result.density_rows()), args.figure)
+        o.write_figure(plot_density(result.density_rows()).figure, args.figure)
     return 0

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 from ..task import Task
+from ..errors import InputError
 from ..evaluation import loss_function
 from ..hessian import HessianOperator, eigenvalues
 from ..model_under_analysis import ModelUnderAnalysis
@@ -24,6 +25,8 @@ def hessian_directions(
 ) -> ParameterDirections:
     """The top-``k`` eigenvectors (largest algebraic eigenvalues) of the training-loss Hessian
     on the first ``batches`` training batches, over ``params`` (default: all parameters)."""
+    if len(task.train) == 0:
+        raise InputError(f"hessian-direction: task {task.name} has no training samples for the Hessian")
     model = module_of(model)
     data = task.train.batches(batch_size, batches, next(model.parameters()).device)
     op = HessianOperator(model, loss_function(task.is_classification), data, params=None if params is None else list(params))

@@ -9,7 +9,7 @@ loop over draws, ``batched=False``, gives the same numbers to rounding).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -134,8 +134,10 @@ def sweep_models(models: Models) -> list[SweepModel]:
 def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
     """``data`` as a :class:`Task`: a task itself; or the evaluation samples alone — a :class:`Split`,
     an ``(x, y)`` pair of tensors or arrays, or an iterable of ``(x, y)`` batches (a DataLoader),
-    concatenated — as a task whose every split is those samples (named ``arrays``; input noise then
-    draws its range from them). Integer labels are classes, as many as the first model has
+    concatenated — as a task whose test split is those samples and whose training and validation
+    splits are empty (named ``arrays``: input noise draws its range from the samples; nothing is
+    claimed about the model's training data; ``hessian-direction`` needs a task with training
+    samples). Integer labels are classes, as many as the first model has
     outputs; floating-point targets of shape (N, k) are regression targets."""
     if isinstance(data, Task):
         return data
@@ -163,8 +165,10 @@ def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
                 num_classes = int(module(x[:1].to(next(module.parameters()).device, torch.float32)).shape[-1])
             finally:
                 module.train(was_training)
-    return task_from_arrays(x, y, x, y, name="arrays", num_classes=num_classes,
-                            description=f"the {len(x)} samples given (every split)")
+    checked = task_from_arrays(x, y, x, y, name="arrays", num_classes=num_classes,
+                               description=f"the {len(x)} samples given (as the test split; no training split)")
+    empty = Split(checked.test.x[:0], checked.test.y[:0])
+    return replace(checked, train=empty, val=empty)
 
 
 def sweep(

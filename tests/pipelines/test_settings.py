@@ -1,0 +1,42 @@
+"""The pipelines' settings check every bound once, with the setting's name first in the message."""
+import pytest
+
+from lrnn_analysis.choices import MAX_BATCH_SIZE, MAX_LEVELS
+from lrnn_analysis.errors import InputError
+from lrnn_analysis.pipelines.audit import AuditSettings, Gate
+from lrnn_analysis.pipelines.curvature import CurvatureSettings
+from lrnn_analysis.pipelines.robustness import RobustnessSettings
+from lrnn_analysis.pipelines.stability import StabilitySettings
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: CurvatureSettings(batch_size=MAX_BATCH_SIZE + 1), "batch_size"),
+    (lambda: CurvatureSettings(batches=0), "batches"),
+    (lambda: CurvatureSettings(top_k=True), "top_k"),
+    (lambda: CurvatureSettings(operator="kfac"), "operator"),
+    (lambda: CurvatureSettings(dtype="float16"), "dtype"),
+    (lambda: CurvatureSettings(params=[]), "params"),
+    (lambda: CurvatureSettings(backend="pyhessian", density=True), "backend"),
+    (lambda: RobustnessSettings(grid={}), "grid"),
+    (lambda: RobustnessSettings(grid={"gaussian": [0.1] * (MAX_LEVELS + 1)}), "grid.gaussian"),
+    (lambda: RobustnessSettings(grid={"gaussian": [0.1, 0.1]}), "grid.gaussian"),
+    (lambda: RobustnessSettings(grid={"gaussian": [0.1]}, seeds=0), "seeds"),
+    (lambda: RobustnessSettings(grid={"gaussian": [0.1]}, recurrent_only=True, recurrent="M_*"), "recurrent_only"),
+    (lambda: StabilitySettings(certificates=("euler-lmi", "nope")), "unknown certificates"),
+    (lambda: StabilitySettings(time_budget=0.0), "time_budget"),
+    (lambda: AuditSettings(trace_matvecs=0), "trace_matvecs"),
+    (lambda: AuditSettings(gates=("min-accuracy=2",)), "bad gate"),
+])
+def test_out_of_bounds_settings_are_input_errors_naming_the_setting(make, name):
+    with pytest.raises(InputError) as error:
+        make()
+    assert str(error.value).startswith(name) or name in str(error.value)
+
+
+def test_settings_normalise_what_they_are_given():
+    assert RobustnessSettings(grid={"input-noise": [0, 0.1]}, recurrent="M_A, M_W").grid == {"gaussian": (0.0, 0.1)}
+    assert RobustnessSettings(grid={"gaussian": [0]}, recurrent="M_A, M_W").recurrent == ("M_A", "M_W")
+    assert CurvatureSettings(params=["M_A"]).params == ("M_A",) and CurvatureSettings(estimates=["blocks"]).estimates == ("blocks",)
+    gated = AuditSettings(gates=("min-accuracy=0.5",))
+    assert gated.gates == (Gate("min-accuracy", "0.5"),) and gated.preset() == "quick"
+    assert gated.to_dict()["gates"] == ["min-accuracy=0.5"]
