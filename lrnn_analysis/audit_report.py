@@ -80,7 +80,7 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     lines += ["", "Hessian per parameter tensor (diagonal blocks; recurrent matrices first):", ""]
     lines += _markdown_table(hessian["blocks"]["rows"], ["param", "numel", "lambda_max", "trace", "trace_ci_halfwidth", "trace_method"],
                              ["parameter", "entries", "λ_max", "trace", "± (95% CI)", "trace method"])
-    lines += ["", "## Certificates", ""]
+    lines += ["", "## Certificates", "", f"**{stability['verdict'][0].upper()}{stability['verdict'][1:]}**", ""]
     stored = stability.get("stored_evidence") or {}
     if stored.get("status") == "verified":
         lines += [f"Verified from stored evidence: {stored['certificate']} at rate {stored['rate']:.6g} (tier {stored['tier']}).", ""]

@@ -190,3 +190,19 @@ def test_rk38_certificates_are_verified_at_least_as_good_as_the_norm_test_and_ne
             sim = simulate_pairs(system, pairs=6, steps=40, seed=trial, input_scale=2.0, init_scale=3.0, P=P)
             assert sim.max_step_factor <= result.rate * (1 + 1e-6)
             assert sim.max_growth <= result.gain * (1 + 1e-6)
+
+
+def test_an_infeasible_sdp_says_no_certificate_of_the_family_exists():
+    # Both vertex Jacobians of this euler system are stable, yet the full-P SDP with diagonal
+    # multipliers is infeasible even at the weakest rate: that is reported as such, not as a
+    # search that ran out of tiers or time.
+    A = [[-1.0862163123425999, 0.47232248365337604, -0.12983575415477902],
+         [-0.2206449877026825, -0.9250643885323999, 0.3094359254608417],
+         [0.0483028730146034, -0.17565864723700098, -1.4023659142230007]]
+    W = [[-2.102280322376142, 0.7540242748122985, 1.4845695499287075],
+         [-0.24644188893793606, -1.611547287342652, 1.3095632289325598],
+         [-1.9205909170718596, -1.0696021425889082, 0.9315267803101478]]
+    result = certify(LureSystem(A, W, method="euler", eps=0.3), ["euler-lmi"], time_budget=60)[0]
+    assert not result.holds and not result.budget_exhausted
+    assert result.reason.startswith("no certificate of this family (any P, diagonal multipliers) exists: "
+                                    "the full-P SDP is infeasible at the weakest rate")

@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
                            progress=not args.quiet)
         out = write_audit_into(result, directory)
     report = result.report
+    print(report["stability"]["verdict"])
     print(f"audit of {args.checkpoint} ({o.architecture(subject)}, task {task.name}) written to {out}/report.md and report.json")
     print(f"clean test accuracy {format_value(report['clean']['accuracy'])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
           f"lambda_min {report['hessian']['lambda_min']:.4g}, trace {report['hessian']['trace']['estimate']:.4g} "

@@ -44,15 +44,17 @@ def run(args: argparse.Namespace) -> int:
                                            args.time_budget, args.input_bound)
     found = stability.run(subject, None, settings, wrap=lambda names: progress_bar(
         names, desc="certificates", unit="cert", enabled=not args.quiet)).models[0]
-    if found.stored.status != "absent":
-        print(f"{args.checkpoint}: {found.stored.describe()}", file=sys.stdout if found.stored.verified else sys.stderr)
     if found.source == "none":
         raise o.UsageError(f"{args.checkpoint}: {subject.name}: no Lur'e form: no certificate available for this model")
+    print(found.verdict())
+    if found.stored.status != "absent":
+        print(f"{args.checkpoint}: {found.stored.describe()}", file=sys.stdout if found.stored.verified else sys.stderr)
     if found.source == "torch.nn layers":
-        return _print_layers(args, subject, found)
-    if found.source == "stored evidence":
-        return _print_stored_only(args, subject, found)
-    _print_lure_form(args, subject, found)
+        _print_layers(args, subject, found)
+    elif found.source == "stored evidence":
+        _print_stored_only(args, subject, found)
+    else:
+        _print_lure_form(args, subject, found)
     return 0 if found.holds else 1
 
 
@@ -76,12 +78,12 @@ def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, foun
     print("certificates")
     print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], CERTIFICATE_COLUMNS))
     if args.json:
-        write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
-                               "spectrum": report.to_dict(),
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "verdict": found.verdict(),
+                               "config": subject.metadata.get("config"), "spectrum": report.to_dict(),
                                "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates]})
 
 
-def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> int:
+def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:
     """A model without a Lur'e form of its own that contains torch.nn RNN/LSTM/GRU layers: each
     layer and each stack of layers is certified; how the model combines their states is not."""
     from ..formatting import format_table
@@ -96,10 +98,9 @@ def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: 
     if args.json:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "model": subject.describe(),
                                "recurrent_layers": [c.to_dict() for c in found.layers]})
-    return 0 if found.holds else 1
 
 
-def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> int:
+def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:
     """A model without a Lur'e form whose stored certificate verified."""
     from ..formatting import format_table
     from ..writers import write_json
@@ -111,4 +112,3 @@ def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, fo
     if args.json:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
                                "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates]})
-    return 0

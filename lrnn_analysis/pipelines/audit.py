@@ -245,7 +245,8 @@ def run(
         names = list(default_certificates(system))
         names += [g.value for g in gates if g.kind == "certified" and g.value not in names]
     found = certify_model(subject, names, time_budget=settings.certificate_budget, input_bound=settings.input_bound)
-    stability: dict[str, Any] = {"lure_form": system is not None, "stored_evidence": found.stored.to_dict()}
+    stability: dict[str, Any] = {"verdict": found.verdict(), "lure_form": system is not None,
+                                 "stored_evidence": found.stored.to_dict()}
     tables: dict[str, list[dict[str, Any]]] = {}
     if found.source in ("lure form", "stored evidence"):
         stability["certificates"] = [r.to_dict(include_matrices=False) for r in found.certificates]

@@ -87,10 +87,38 @@ class ModelCertificate:
 
     @property
     def holds(self) -> bool:
-        """Every certificate tried holds (on every layer, for ``torch.nn`` layers); False without any."""
+        """Some certificate holds (for ``torch.nn`` layers: on every stack). A weaker test failing
+        beside a stronger one that holds (the norm test beside the LMI) is no failure."""
         if self.source == "torch.nn layers":
             return bool(self.layers) and all(c.holds for c in self.layers)
-        return bool(self.certificates) and all(c.holds for c in self.certificates)
+        return any(c.holds for c in self.certificates)
+
+    @property
+    def strongest(self) -> CertificateResult | None:
+        """The certificate that says most: among those that hold, the discrete ones (a contraction
+        factor per input step of the scheme the model runs) before ``ct`` ones (a decay rate of
+        the underlying ODE), the smallest factor (the largest decay rate) first."""
+        held = [c for c in self.certificates if c.holds and c.rate is not None]
+        discrete = [c for c in held if not c.name.startswith("ct-")]
+        if discrete:
+            return min(discrete, key=lambda c: c.rate)
+        return max(held, key=lambda c: c.rate) if held else None
+
+    def verdict(self) -> str:
+        """One line: ``certified: NAME, rate R per step (tier T)`` or ``not certified: REASON``."""
+        if self.source == "torch.nn layers":
+            failing = [c for c in self.layers if not c.holds]
+            if not failing:
+                return f"certified: every torch.nn recurrent layer ({len(self.layers)} stack(s)); {self.reason}"
+            return f"not certified: {failing[0].module or '(root)'} ({failing[0].kind}): {failing[0].reason}"
+        best = self.strongest
+        if best is not None:
+            unit = "per unit time (decay rate of the ODE)" if best.name.startswith("ct-") else "per step"
+            return f"certified: {best.name}, rate {best.rate:.6g} {unit} (tier {best.tier})"
+        if not self.certificates:
+            return f"not certified: {self.reason}"
+        lmi = [c for c in self.certificates if c.name.endswith("-lmi")]
+        return f"not certified: {(lmi or list(self.certificates))[-1].reason}"
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per certificate: model, certificate, holds, margin, rate, tier, seconds, reason."""
@@ -111,7 +139,7 @@ class ModelCertificate:
 
     def to_dict(self, include_matrices: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {"model": self.model, "source": self.source, "holds": self.holds,
-                                "stored_evidence": self.stored.to_dict()}
+                                "verdict": self.verdict(), "stored_evidence": self.stored.to_dict()}
         if self.spectrum is not None:
             data["spectrum"] = self.spectrum.to_dict()
         if self.source in ("lure form", "stored evidence"):

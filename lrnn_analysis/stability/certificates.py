@@ -36,6 +36,7 @@ gives "not certified" with the reason, never an exception.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -476,7 +477,7 @@ def _lmi_certificate(
         attempts.append(_tier_result(system, family, scale, outcome))
         if outcome.candidate is not None:
             return _lmi_success(system, family, scale, outcome.candidate, tier, start, attempts, exhausted, common)
-    reason = "no tier verified a certificate"
+    reason = _infeasibility(attempts) or "no tier verified a certificate"
     if exhausted:
         reason += " (time budget exhausted)"
     return CertificateResult(
@@ -484,6 +485,22 @@ def _lmi_certificate(
         seconds=time.monotonic() - start, reason=reason, attempts=tuple(attempts),
         budget_exhausted=exhausted, **common,
     )
+
+
+def _infeasibility(attempts: Sequence[TierAttempt]) -> str | None:
+    """Why no certificate of the family exists, when an SDP tier's first solve, at the weakest
+    rate, came back infeasible (the solver's word, in its own arithmetic): with full P for the
+    whole family with diagonal multipliers, with diagonal P for that sub-family only."""
+    for tier, family in (("full-P", "this family (any P, diagonal multipliers)"), ("diag-P", "diagonal P")):
+        for attempt in attempts:
+            found = _INFEASIBLE.search(attempt.reason) if attempt.tier == tier else None
+            if found is not None:
+                return (f"no certificate of {family} exists: the {tier} SDP is infeasible at the weakest rate "
+                        f"({found.group(1)}, t = {found.group(2)})")
+    return None
+
+
+_INFEASIBLE = re.compile(r"^(\w+): infeasible at this rate \(t = ([^)]+)\)")
 
 
 def _user_rate(system: LureSystem, family: str, scale: float, r: float) -> tuple[float, float | None, float | None]:
@@ -524,7 +541,7 @@ def _lmi_success(
         holds=True,
         margin=rate if family == "ct" else 1.0 - rate,
         rate=rate,
-        gain=float(np.sqrt(verification.p_condition)),
+        gain=verification.transient_gain,
         tier=tier,
         seconds=time.monotonic() - start,
         reason=f"verified in float64 (LMI margin {verification.margin:.3e})",

@@ -32,7 +32,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from ..lure import LureSystem
-from .certificates import TIERS, CertificateResult, Evidence, _assumptions, certify, rounded_r, verify_certificate
+from .certificates import TIERS, CertificateResult, Evidence, _assumptions, _rate_meaning, certify, rounded_r, verify_certificate
 from .forms import IncrementalForm, incremental_form
 from .verification import Verification, verify
 
@@ -40,6 +40,8 @@ METADATA_KEY = "certificate_evidence"
 SCHEMA = "lrnn-analysis/evidence/1"
 REN_CERTIFICATE = "ren-contraction"
 CONSTRUCTION_TIER = "construction"
+# The tiers that can have found stored evidence: the search's own, and a model's construction.
+STORED_TIERS = (*TIERS, CONSTRUCTION_TIER)
 _RATE_BACKOFFS = (1e-9, 1e-7, 1e-5, 1e-3)
 
 
@@ -180,6 +182,9 @@ def check_stored(model: Any, metadata: Mapping[str, Any]) -> EvidenceCheck:
         evidence = StoredEvidence.from_dict(metadata[METADATA_KEY])
     except ValueError as error:
         return EvidenceCheck("failed", f"stored evidence is malformed ({error})", time.perf_counter() - start)
+    if evidence.tier not in STORED_TIERS:
+        return EvidenceCheck("failed", f"stored evidence names an unknown tier {evidence.tier[:40]!r} "
+                             f"(expected one of {', '.join(STORED_TIERS)})", time.perf_counter() - start, evidence)
     digest = weights_sha256(model)
     if digest != evidence.weights_sha256:
         return EvidenceCheck("failed", f"the weights changed since the evidence was stored (SHA-256 {digest[:12]}... "
@@ -284,18 +289,21 @@ def certificate_result(check: EvidenceCheck, model: Any) -> CertificateResult:
         raise ValueError("only verified evidence becomes a certificate result")
     e, v = check.evidence, check.verification
     system = model.lure_form()
+    family = "map" if e.certificate == REN_CERTIFICATE else e.certificate.split("-")[0]
     if e.certificate == REN_CERTIFICATE or system is None:
         assumptions = ("sigma = tanh acts elementwise with slopes in [0, 1]",
                        "holds for every input sequence (input-uniform, incremental)",
                        "the explicit REN x+ = A x + B w + B2 x_t, w = tanh(K x + D w + u)")
     else:
-        assumptions = _assumptions(system, e.certificate.split("-")[0])
+        assumptions = _assumptions(system, family)
+    # A ct certificate stored on a discretised model is a decay rate of the underlying ODE, not a
+    # factor per input step: it keeps its own meaning and margin.
     return CertificateResult(
-        name=e.certificate, holds=True, margin=1.0 - e.rate, rate=e.rate, gain=float(np.sqrt(v.p_condition)),
-        tier=f"stored evidence ({e.tier})", seconds=check.seconds,
+        name=e.certificate, holds=True, margin=e.rate if family == "ct" else 1.0 - e.rate, rate=e.rate,
+        gain=v.transient_gain, tier=f"stored evidence ({e.tier})", seconds=check.seconds,
         reason=f"verified from stored evidence in float64 (LMI margin {v.margin:.3e})",
         assumptions=assumptions,
-        rate_meaning="contraction factor per input step: ||delta_k|| <= gain * rate^k * ||delta_0||",
+        rate_meaning=_rate_meaning(family),
         evidence=Evidence(e.P, np.asarray(e.multipliers).reshape(1, -1), v.r), verification=v,
     )
 

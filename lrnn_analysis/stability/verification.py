@@ -11,7 +11,10 @@ float64 with numpy/LAPACK:
   error of assembling M and of the symmetric eigensolver (see
   :meth:`IncrementalForm.assemble`).
 
-The reported ``margin`` is -(lambda_max(M) + tol) > 0. Because M <= -margin I,
+The reported ``margin`` is -(lambda_max(M) + tol) > 0. The transient gain sqrt(cond P) that a
+certificate reports is bounded from above with the eigensolver's error on P,
+``p_tolerance`` = 8 (n + 8) u ||P||_F (u the unit round-off), taken off lambda_min(P) and
+added to lambda_max(P). Because M <= -margin I,
 the certified rate could even be improved by margin / (2 lambda_max(P)) (ct) or
 margin / lambda_max(P) in rho^2 (discrete); the reported rate is the one checked.
 """
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .forms import IncrementalForm
+from .spectra import UNIT_ROUNDOFF
 
 P_RELATIVE_EIG_FLOOR = 1e-9
 
@@ -40,10 +44,20 @@ class Verification:
     p_min_eig: float
     p_max_eig: float
     multiplier_min: float
+    p_tolerance: float = float("nan")
 
     @property
     def p_condition(self) -> float:
         return self.p_max_eig / self.p_min_eig if self.p_min_eig > 0 else float("inf")
+
+    @property
+    def transient_gain(self) -> float:
+        """An upper bound on sqrt(lambda_max(P) / lambda_min(P)) despite round-off in the
+        computed eigenvalues of P: the factor ``gain`` in ||delta_k|| <= gain * rate^k * ||delta_0||."""
+        low = self.p_min_eig - self.p_tolerance
+        if not (np.isfinite(low) and low > 0):
+            return float("inf")
+        return float(np.sqrt((self.p_max_eig + self.p_tolerance) / low))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +70,8 @@ class Verification:
             "p_min_eig": self.p_min_eig,
             "p_max_eig": self.p_max_eig,
             "p_condition": self.p_condition,
+            "p_tolerance": self.p_tolerance,
+            "transient_gain": self.transient_gain,
             "multiplier_min": self.multiplier_min,
         }
 
@@ -90,6 +106,7 @@ def verify(form: IncrementalForm, P: np.ndarray, lam: np.ndarray, r: float) -> V
     # conclusive and keeps subnormal or huge evidence from defeating the round-off bound.
     P, lam = P / p_max, lam / p_max
     p_min, p_max, lam_min = p_min / p_max, 1.0, lam_min / p_max
+    p_tolerance = 8.0 * (form.n + 8) * UNIT_ROUNDOFF * float(np.linalg.norm(P))
     if not np.array_equal(P, P.T):
         return fail("P is not symmetric after scaling", p_min, p_max, lam_min)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -100,4 +117,4 @@ def verify(form: IncrementalForm, P: np.ndarray, lam: np.ndarray, r: float) -> V
     margin = -(top + tolerance)
     passed = margin > 0
     reason = "verified" if passed else f"LMI violated: lambda_max(M) = {top:.3e} > -tol = {-tolerance:.3e}"
-    return Verification(passed, reason, float(r), top, tolerance, margin, p_min, p_max, lam_min)
+    return Verification(passed, reason, float(r), top, tolerance, margin, p_min, p_max, lam_min, p_tolerance)

@@ -72,3 +72,25 @@ def test_cli_recipe_and_audit_report_equal_numbers(checkpoint, tmp_path):
     for name, found in cli_certificates.items():
         assert found["holds"] == recipe_certificates[name]["holds"] == audit_certificates[name]["holds"]
         assert found["rate"] == recipe_certificates[name]["rate"] == audit_certificates[name]["rate"]
+
+
+def test_stability_starts_with_one_verdict_and_exits_0_when_a_stronger_certificate_holds(tmp_path, capsys):
+    from pathlib import Path
+
+    contracting = Path(__file__).resolve().parents[2] / "models" / "digits-contracting.safetensors"
+    assert main(["stability", str(contracting), "--quiet", "--json", str(tmp_path / "s.json")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("certified: euler-lmi, rate 0.998376 per step (tier stored evidence (construction))")
+    certificates = {c["name"]: c["holds"] for c in json.loads((tmp_path / "s.json").read_text())["certificates"]}
+    assert certificates == {"euler-lmi": True, "euler-norm": False}  # the weaker norm test fails beside it
+
+
+def test_stability_exits_1_with_the_strongest_reason_when_nothing_holds(checkpoint, tmp_path, capsys):
+    from lrnn_analysis.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig("lipschitz", 1, 4, 10, eps=0.5, gamma_a=-2.0, gamma_w=0.0), seed=0)
+    path = tmp_path / "unstable.safetensors"
+    save_checkpoint(path, model, {"task": {"name": "digits", "seed": 0, "options": {}}})
+    assert main(["stability", str(path), "--quiet", "--time-budget", "10"]) == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("not certified: no input-uniform certificate can exist")
