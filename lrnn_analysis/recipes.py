@@ -55,7 +55,7 @@ from .stability import CERTIFICATES, phase_diagram
 from .stability.parameterization import PARAMETERIZATION_TESTS
 from .model_under_analysis import ModelUnderAnalysis, load_model
 from .data_files import load_data
-from .usermodule import ModelSpec, import_factory, load_user_model
+from .usermodule import ModelSpec, load_user_model
 from .choices import (
     KINDS,
     MAX_BATCH_SIZE,
@@ -120,6 +120,11 @@ class Recipe:
 
     def model_spec(self) -> ModelSpec | None:
         return None if self.model is None else ModelSpec.parse(self.model, self.root)
+
+    def code_file(self) -> Path | None:
+        """The .py file this recipe imports (its ``model``), or None: it runs no code of its own."""
+        spec = self.model_spec()
+        return None if spec is None else spec.path
 
     def sources(self) -> tuple[str, ...]:
         """Each model as written in the recipe: its checkpoints, then one per weights file of
@@ -330,6 +335,8 @@ def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate one recipe file: every key, type and bound, checkpoints that exist,
     unique labels, a valid output name (errors name the file and the key)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise _fail(path, "recipe", "not a regular file (a directory, FIFO or device is never read)")
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as error:
@@ -426,10 +433,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if repeated:
             raise _fail(path, key, f"duplicate {key} {repeated}")
     if model is not None:
-        try:
-            import_factory(recipe.model_spec())
-        except ValueError as error:
-            raise _fail(path, "model", str(error)) from None
+        _check_code_file(recipe)
     if task is None and user_data is None and analysis in NEEDS_TASK:
         recipe = replace(recipe, recorded_task=_recorded_task(recipe))
     model_labels = recipe.model_labels()
@@ -438,6 +442,26 @@ def load_recipe(path: str | Path) -> Recipe:
         raise _fail(path, "labels" if labels else "checkpoints",
                     f"the model label(s) {repeated} occur more than once (give each checkpoint its own label)")
     return recipe
+
+
+def _check_code_file(recipe: Recipe) -> None:
+    """A recipe may run code only from a ``.py`` file inside its own directory tree (never an
+    importable module such as ``os:system``); the file is checked here and imported only when the
+    recipe runs, after every recipe of the run and the output location have been checked."""
+    try:
+        spec = recipe.model_spec()
+    except InputError as error:
+        raise _fail(recipe.path, "model", str(error)) from None
+    if spec.path is None or spec.path.suffix != ".py":
+        raise _fail(recipe.path, "model", f"{recipe.model!r} names an importable module; a recipe may name only a .py "
+                                          "file inside its own directory tree (FILE.py:FACTORY)")
+    home = recipe.path.resolve().parent
+    file = spec.path.resolve()
+    if not file.is_relative_to(home):
+        raise _fail(recipe.path, "model", f"{spec.path} lies outside the recipe's directory {home}: a recipe may run only "
+                                          "a .py file inside its own directory tree")
+    if not file.is_file():
+        raise _fail(recipe.path, "model", f"{spec.path} is not an existing file")
 
 
 def _recorded_task(recipe: Recipe) -> dict[str, Any]:
@@ -673,12 +697,18 @@ def run_recipe(recipe: Recipe, out: OutputDirectory | str | Path | None, device:
 
 
 def run_recipes(paths: Sequence[str | Path], out: str | Path, device: torch.device | str = "cpu", *,
-                progress: bool = True, force: bool = False,
-                announce: Callable[[Recipe], None] | None = None) -> list[RecipeOutcome]:
+                progress: bool = True, force: bool = False, allow_code: bool = True,
+                announce: Callable[[Recipe], None] | None = None,
+                announce_code: Callable[[Recipe, Path], None] | None = None) -> list[RecipeOutcome]:
     """Load and validate the recipe files (every one, and their outputs distinct) before anything
     is computed, then run them into the report directory ``out`` (one :class:`OutputDirectory`:
     locked, staged, published whole at the end; files of recipes not run are kept). ``announce``
     is called with each recipe as it starts. Returns the outcomes in the order of ``paths``.
+
+    Code: a recipe's ``model`` names a .py file inside its own directory tree, imported when that
+    recipe runs. With ``allow_code=False`` a run whose recipes name code is refused before anything
+    is imported or computed; otherwise ``announce_code`` is called with each (recipe, file) once
+    every recipe and the output location have been checked, before the first recipe runs.
 
     Under torch.distributed with N > 1 ranks (``lrnn reproduce`` under ``torchrun``) every rank
     calls it with the same arguments. Every rank validates the recipes and rank 0 opens ``out``,
@@ -699,8 +729,15 @@ def run_recipes(paths: Sequence[str | Path], out: str | Path, device: torch.devi
         with step():
             recipes = [load_recipe(path) for path in paths]
             check_recipe_set(recipes)
+            code = [(recipe, recipe.code_file()) for recipe in recipes if recipe.code_file() is not None]
+            if code and not allow_code:
+                listed = ", ".join(f"{recipe.path} ({file})" for recipe, file in code)
+                raise InputError(f"recipes that run code were refused (no code allowed): {listed}")
             directory = None if rank != 0 else stack.enter_context(OutputDirectory(
                 out, REPRODUCE_WRITER, force=force, inputs=[p for r in recipes for p in r.inputs()], keep_other_groups=True))
+        if announce_code is not None and directory is not None:
+            for recipe, file in code:
+                announce_code(recipe, file)
         collective = [r for r in recipes if world_size > 1 and r.analysis in COLLECTIVE_ANALYSES]
         outcomes: dict[int, RecipeOutcome] = {}
         for index, recipe in sorted(enumerate(recipes), key=lambda item: item[1] not in collective):

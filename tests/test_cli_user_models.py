@@ -76,6 +76,8 @@ def project(tmp_path_factory):
     """mymodels.py, data.npz, and each variant trained briefly: rnn.pt (torch.save) and lstm.safetensors."""
     root = tmp_path_factory.mktemp("project")
     (root / "mymodels.py").write_text(MODULE_SOURCE)
+    (root / "analyses").mkdir()
+    (root / "analyses" / "mymodels.py").write_text(MODULE_SOURCE)  # a recipe runs only code inside its own folder
     rng = np.random.default_rng(0)
     (x_train, y_train), (x_test, y_test) = _sequences(rng, 300), _sequences(rng, 200)
     np.savez(root / "data.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
@@ -282,7 +284,7 @@ def test_recipe_with_model_weights_and_data(project, tmp_path):
         name = "my rnn"
         analysis = "robustness"
         output = "mine"
-        model = "mymodels.py:build"
+        model = "analyses/mymodels.py:build"
         model_args = {kind = "rnn", hidden = 8}
         weights = ["rnn.pt"]
         data = "data.npz"
@@ -292,7 +294,7 @@ def test_recipe_with_model_weights_and_data(project, tmp_path):
         seeds = 2
     '''))
     recipe = load_recipe(recipe_path)
-    assert set(recipe.inputs()) == {project / "rnn.pt", project / "data.npz", project / "mymodels.py"}
+    assert set(recipe.inputs()) == {project / "rnn.pt", project / "data.npz", project / "analyses" / "mymodels.py"}
     assert recipe.model_labels() == ("rnn",)
     outcome = run_recipe(recipe, tmp_path / "figures", progress=False)
     rows = list(csv.DictReader((tmp_path / "figures" / "mine.csv").open()))
@@ -302,11 +304,14 @@ def test_recipe_with_model_weights_and_data(project, tmp_path):
 
 
 @pytest.mark.parametrize("lines,message", [
-    (['model = "mymodels.py:build"', 'weights = ["rnn.pt"]'], "model mymodels.py:build records none; give task or data"),
-    (['model = "mymodels.py:nothing"', 'data = "data.npz"'], "has no attribute 'nothing'"),
+    (['model = "analyses/mymodels.py:build"', 'weights = ["rnn.pt"]'],
+     "model analyses/mymodels.py:build records none; give task or data"),
     (['weights = ["rnn.pt"]', 'checkpoints = ["rnn.pt"]', 'task = "digits"'], "model_args and weights go with model"),
-    (['model = "mymodels.py:build"', 'weights = ["missing.pt"]', 'data = "data.npz"'], "missing.pt is not an existing file"),
-    (['model = "mymodels.py:build"', 'data = "data.npz"', 'task = "digits"'], "give either task"),
+    (['model = "analyses/mymodels.py:build"', 'weights = ["missing.pt"]', 'data = "data.npz"'], "missing.pt is not an existing file"),
+    (['model = "analyses/mymodels.py:build"', 'data = "data.npz"', 'task = "digits"'], "give either task"),
+    (['model = "mymodels.py:build"', 'data = "data.npz"'], "lies outside the recipe's directory"),
+    (['model = "os:system"', 'data = "data.npz"', 'model_args = {command = "touch pwned"}'], "names an importable module"),
+    (['model = "analyses/absent.py:build"', 'data = "data.npz"'], "is not an existing file"),
 ])
 def test_recipe_user_model_errors(project, lines, message):
     analyses = project / "analyses"
@@ -456,3 +461,34 @@ def test_a_truncated_safetensors_weights_file_is_one_line(project, tmp_path):
     with pytest.raises(UserModelError, match="not a readable safetensors file") as caught:
         load_user_model(_spec(project), cut, {"kind": "lstm"})
     assert len(str(caught.value).splitlines()) == 1
+
+
+def test_recipe_code_is_imported_only_when_it_runs_and_announced_or_refused(project, tmp_path, capsys):
+    analyses = project / "analyses"
+    marker = tmp_path / "imported"
+    (analyses / "loud.py").write_text(f"open({str(marker)!r}, 'w').close()\n" + MODULE_SOURCE)
+    recipe = analyses / "loud.toml"
+    recipe.write_text('name = "loud"\nanalysis = "robustness"\noutput = "loud"\nmodel = "analyses/loud.py:build"\n'
+                      'data = "data.npz"\n[settings]\ngrid = {gaussian = [0.0]}\nseeds = 1\n')
+    load_recipe(recipe)
+    assert not marker.exists()  # validating a recipe runs none of its code
+    assert main(["reproduce", str(recipe), "--out", str(tmp_path / "refused"), "--no-code", "--quiet"]) == 2
+    assert "no code allowed" in capsys.readouterr().err and not marker.exists()
+    existing = tmp_path / "taken"
+    existing.write_text("not a report directory")
+    assert main(["reproduce", str(recipe), "--out", str(existing), "--quiet"]) == 2
+    assert not marker.exists()  # an output location that is refused is refused before any code runs
+    assert main(["reproduce", str(recipe), "--out", str(tmp_path / "ran"), "--quiet"]) == 0
+    assert f"recipe loud runs code from {analyses / 'loud.py'}" in capsys.readouterr().err and marker.exists()
+    (analyses / "loud.toml").unlink()
+    (analyses / "loud.py").unlink()
+
+
+def test_a_recipe_path_that_is_not_a_regular_file_is_refused_without_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "analyses" / "pipe.toml"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_recipe(fifo)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import options as o
 
@@ -12,6 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--analyses-dir", default="analyses")
     reproduce.add_argument("--out", default="figures", help="output directory (replaces only the files of the recipes run)")
     reproduce.add_argument("--force", action="store_true", help="also replace a report another lrnn command wrote")
+    reproduce.add_argument("--no-code", action="store_true",
+                           help="refuse recipes that import a .py file of their own (model = \"FILE.py:FACTORY\")")
     o.add_run_options(reproduce)
     reproduce.set_defaults(handler=run)
 
@@ -30,7 +33,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"running {recipe.name} ({recipe.analysis}) ...", flush=True)
 
-    outcomes = run_recipes(paths, args.out, ranks.device, progress=not args.quiet, force=args.force, announce=announce)
+    def announce_code(recipe, file) -> None:
+        print(f"note: recipe {recipe.name} runs code from {file} (refuse such recipes with --no-code)", file=sys.stderr)
+
+    outcomes = run_recipes(paths, args.out, ranks.device, progress=not args.quiet, force=args.force,
+                           allow_code=not args.no_code, announce=announce, announce_code=announce_code)
     if not ranks.is_main:
         return 0
     rows = [{"recipe": outcome.name, "analysis": outcome.analysis, "seconds": outcome.seconds, "outputs": len(outcome.outputs), "summary": outcome.summary}
