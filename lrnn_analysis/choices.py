@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from .errors import InputError
+
 TASK_NAMES = ("digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding")
 MAX_SEED = 2**63 - 1
 MAX_ADDING_LENGTH = 100_000
@@ -63,7 +65,7 @@ def perturbation_kind(name: str) -> str:
     kind = PERTURBATION_ALIASES.get(name, name)
     if kind not in KINDS:
         aliases = ", ".join(f"{alias} = {kind}" for alias, kind in PERTURBATION_ALIASES.items())
-        raise ValueError(f"unknown perturbation {name!r}; expected one of {KINDS} (aliases: {aliases})")
+        raise InputError(f"unknown perturbation {name!r}; expected one of {KINDS} (aliases: {aliases})")
     return kind
 
 
@@ -71,9 +73,9 @@ def perturbation_level(kind: str, level: object) -> float:
     """``level`` as a float if it is a valid level of perturbation ``kind`` (canonical spelling):
     finite and >= 0, and at most 1 for the probabilities/fractions of salt-pepper and occlusion."""
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not math.isfinite(level) or level < 0:
-        raise ValueError(f"{kind} level must be a finite number >= 0, got {level!r}")
+        raise InputError(f"{kind} level must be a finite number >= 0, got {level!r}")
     if kind in ("salt-pepper", "occlusion") and level > 1:
-        raise ValueError(f"{kind} level is a probability/fraction in [0, 1], got {level}")
+        raise InputError(f"{kind} level is a probability/fraction in [0, 1], got {level}")
     return float(level)
 
 
@@ -84,6 +86,6 @@ def perturbation_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, Sequence
     for name, levels in grid.items():
         kind = perturbation_kind(name)
         if kind in canonical:
-            raise ValueError(f"perturbation {kind!r} given twice (as {name!r} and under another spelling)")
+            raise InputError(f"perturbation {kind!r} given twice (as {name!r} and under another spelling)")
         canonical[kind] = levels
     return canonical
