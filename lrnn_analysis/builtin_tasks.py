@@ -13,7 +13,6 @@ import os
 import random
 import stat
 import struct
-import zipfile
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 
 from .choices import MAX_ADDING_LENGTH, MAX_SEED
+from .data_files import read_npz
+from .errors import InputError, display_name
 from .task import Split, Task
 
 VENDORED_MNIST = Path(__file__).parent / "_data" / "mnist10k.npz"
@@ -93,7 +94,7 @@ def _check_regular_file(path: Path) -> None:
     """Refuse anything but a regular file before opening it (a FIFO or device would block or never end)."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{path}: not a regular file")
+        raise InputError(f"{path}: not a regular file")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -103,16 +104,16 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as handle:
             raw = handle.read(MAX_DATA_BYTES + 1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-        raise ValueError(f"{path}: corrupt gzip file ({error})") from None
+        raise InputError(f"{path}: corrupt gzip file ({error})") from None
     if len(raw) > MAX_DATA_BYTES:
-        raise ValueError(f"{path}: IDX data larger than {MAX_DATA_BYTES} bytes")
+        raise InputError(f"{path}: IDX data larger than {MAX_DATA_BYTES} bytes")
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+        raise InputError(f"{path}: not an unsigned-byte IDX file")
     ndim = raw[3]
     shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != math.prod(shape):
-        raise ValueError(f"{path}: truncated IDX file ({body.size} of {math.prod(shape)} values)")
+        raise InputError(f"{path}: truncated IDX file ({body.size} of {math.prod(shape)} values)")
     return body.reshape(shape)
 
 
@@ -136,45 +137,33 @@ def _load_mnist_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[np.nda
         train = (_read_idx(_find_idx(path, "train-images-idx3-ubyte")), _read_idx(_find_idx(path, "train-labels-idx1-ubyte")))
         test = (_read_idx(_find_idx(path, "t10k-images-idx3-ubyte")), _read_idx(_find_idx(path, "t10k-labels-idx1-ubyte")))
         return train[0], train[1], test
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path}: not a readable .npz archive ({error})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: expected an .npz archive with arrays images and labels")
-    with archive:
-        missing = {"images", "labels"} - set(archive.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)}")
-        for key in ("images", "labels"):
-            if archive.zip.getinfo(f"{key}.npy").file_size > MAX_DATA_BYTES:
-                raise ValueError(f"{path}: array {key} is larger than {MAX_DATA_BYTES} bytes")
-        try:
-            return archive["images"], archive["labels"], None
-        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-            raise ValueError(f"{path}: corrupt .npz archive ({error})") from None
+    arrays, _ = read_npz(path, ("images", "labels"), max_array_bytes=MAX_DATA_BYTES, max_total_bytes=2 * MAX_DATA_BYTES)
+    missing = {"images", "labels"} - set(arrays)
+    if missing:
+        raise InputError(f"{display_name(path)}: missing arrays {sorted(missing)}")
+    return arrays["images"], arrays["labels"], None
 
 
 def _check_mnist_values(source: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Pixels are numbers in [0, 255], labels the integers 0..9."""
     if images.dtype.kind not in "uif" or labels.dtype.kind not in "uif":
-        raise ValueError(f"{source}: images and labels must be numeric, got {images.dtype} and {labels.dtype}")
+        raise InputError(f"{source}: images and labels must be numeric, got {images.dtype} and {labels.dtype}")
     if images.size and not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 255):
-        raise ValueError(f"{source}: pixel values must lie in [0, 255]")
+        raise InputError(f"{source}: pixel values must lie in [0, 255]")
     if labels.size and not (np.isin(labels, np.arange(10))).all():
-        raise ValueError(f"{source}: labels must be the integers 0..9")
+        raise InputError(f"{source}: labels must be the integers 0..9")
 
 
 def _smnist(seed: int, permute: bool, path: str | Path | None = None, pixels_per_step: int = 1,
             scale: str = "unit", permutation: str = "toolkit") -> Task:
     if scale not in PIXEL_SCALES:
-        raise ValueError(f"scale must be one of {PIXEL_SCALES}, got {scale!r}")
+        raise InputError(f"scale must be one of {PIXEL_SCALES}, got {scale!r}")
     if permutation not in PERMUTATIONS or (permutation != "toolkit" and not permute):
-        raise ValueError(f"permutation must be one of {PERMUTATIONS} (psmnist only), got {permutation!r}")
+        raise InputError(f"permutation must be one of {PERMUTATIONS} (psmnist only), got {permutation!r}")
     source = Path(path) if path is not None else VENDORED_MNIST
     images, labels, idx_test = _load_mnist_arrays(source)
     if images.shape[1:] not in ((28, 28), (784,)) or labels.shape != (len(images),) or len(images) < 10:
-        raise ValueError(f"{source}: expected N >= 10 28x28 images and N labels, got {images.shape} and {labels.shape}")
+        raise InputError(f"{source}: expected N >= 10 28x28 images and N labels, got {images.shape} and {labels.shape}")
     _check_mnist_values(source, images, labels)
     if idx_test is not None:
         _check_mnist_values(source, *idx_test)
@@ -264,11 +253,11 @@ def load_task(name: str, seed: int = 0, **opts: Any) -> Task:
     ``length`` and split sizes.
     """
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+        raise InputError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
     opts = {k: v for k, v in opts.items() if v is not None}
     unknown = set(opts) - TASK_OPTIONS[name]
     if unknown:
-        raise ValueError(f"task {name!r} does not take options {sorted(unknown)}; it takes {sorted(TASK_OPTIONS[name])}")
+        raise InputError(f"task {name!r} does not take options {sorted(unknown)}; it takes {sorted(TASK_OPTIONS[name])}")
     _check_options(name, seed, opts)
     return TASKS[name](seed, **opts)
 
@@ -279,9 +268,9 @@ def _check_options(name: str, seed: Any, opts: dict[str, Any]) -> None:
     if "pixels_per_step" in opts:
         _check_int(f"task {name} pixels_per_step", opts["pixels_per_step"], 1, 784)
         if 784 % opts["pixels_per_step"]:
-            raise ValueError(f"task {name} pixels_per_step must divide 784, got {opts['pixels_per_step']}")
+            raise InputError(f"task {name} pixels_per_step must divide 784, got {opts['pixels_per_step']}")
     if "path" in opts and not isinstance(opts["path"], (str, Path)):
-        raise ValueError(f"task {name} path must be a string, got {type(opts['path']).__name__}")
+        raise InputError(f"task {name} path must be a string, got {type(opts['path']).__name__}")
     if "length" in opts:
         _check_int(f"task {name} length", opts["length"], 2, MAX_ADDING_LENGTH)
     sizes = [opts.get(key, default) for key, default in (("n_train", 5000), ("n_val", 1000), ("n_test", 1000))]
@@ -289,7 +278,7 @@ def _check_options(name: str, seed: Any, opts: dict[str, Any]) -> None:
         if key in opts:
             _check_int(f"task {name} {key}", size, 1, MAX_ADDING_SAMPLES)
     if name == "adding" and sum(sizes) * opts.get("length", 100) > MAX_ADDING_VALUES:
-        raise ValueError(f"task adding with {sum(sizes)} samples of length {opts.get('length', 100)} exceeds "
+        raise InputError(f"task adding with {sum(sizes)} samples of length {opts.get('length', 100)} exceeds "
                          f"{MAX_ADDING_VALUES} values")
 
 
@@ -297,4 +286,4 @@ def _check_int(what: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
         huge = isinstance(value, int) and abs(value) > 10**30
         shown = f"an integer of {value.bit_length()} bits" if huge else repr(value)[:40]
-        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {shown}")
+        raise InputError(f"{what} must be an integer in [{low}, {high}], got {shown}")

@@ -47,6 +47,7 @@ from .writers import dumps
 from .outputs import atomic_write
 from .models import ModelConfig, RecurrentModel, build_model, parameter_shapes
 from .reference import is_reference_content, load_reference, load_torch_file
+from .torch_files import NODES_PER_BYTE, check_declared_sizes, check_tensors
 
 FORMAT = "lrnn-analysis/1"
 METADATA_KEY = "lrnn_analysis"
@@ -59,6 +60,7 @@ DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 * 2**20
 MAX_FILE_BYTES = 2 * 2**30
+MAX_TENSOR_BYTES = 2**30  # one tensor (storage) of a PyTorch file
 MAX_JSON_DEPTH = 32
 MAX_INT_DIGITS = 20
 MAX_TENSOR_DIMS = 8
@@ -148,7 +150,7 @@ def load_checkpoint(path: str | Path, **reference_hparams: float | str | None) -
             stream.seek(0)
             looks_like_safetensors = head[8:9] == b"{"  # 8-byte header length, then the JSON header
             if not looks_like_safetensors and (head.startswith(b"PK") or head[:1] == b"\x80"):
-                loaded = _load_torch_file(path, reference_hparams, stream)
+                loaded = _load_torch_file(path, reference_hparams, stream, info.st_size)
             else:
                 loaded = _load_safetensors(path, stream, info.st_size)
         except OSError as error:
@@ -248,8 +250,9 @@ def _check_layout(name: str, entries: Mapping[str, tuple[Any, Any, int, int]], d
                               f"but the file holds {data_size} bytes of data)")
 
 
-def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream: BinaryIO) -> LoadedCheckpoint:
+def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream: BinaryIO, size: int) -> LoadedCheckpoint:
     name = display_name(path)
+    check_declared_sizes(stream, size, name, MAX_TENSOR_BYTES, MAX_FILE_BYTES, CheckpointError)
     try:
         with warnings.catch_warnings():  # torch's warnings about pickle protocols are not for our users
             warnings.simplefilter("ignore")
@@ -265,6 +268,7 @@ def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream:
                               "reference implementation's modules are read") from error
     except Exception as error:
         raise CheckpointError(f"{name}: corrupt or truncated PyTorch file ({_torch_reason(error)})") from error
+    check_tensors(content, name, size, MAX_TENSOR_BYTES, CheckpointError)
     if is_reference_content(content):
         try:
             model, metadata = load_reference(path, content, reference_hparams)
@@ -280,7 +284,7 @@ def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream:
         state = content["state_dict"]
         _check_string_keys(name, state, "state_dict")
         metadata = {k: v for k, v in content.items() if k != "state_dict"}
-        _check_json_value(name, metadata, "metadata", 0)
+        _check_json_value(name, metadata, "metadata", 0, [NODES_PER_BYTE * size])
         _check_metadata(name, metadata)
         config = _config(name, metadata["config"])
         _check_tensor_types(name, state)
@@ -368,17 +372,22 @@ def _check_metadata(name: str, metadata: Mapping[str, Any]) -> None:
         raise CheckpointError(f"{name}: metadata '{HASH_KEY}' is not a SHA-256 hex digest")
 
 
-def _check_json_value(name: str, value: Any, where: str, depth: int) -> None:
-    """Metadata of a PyTorch file: plain JSON values only (a tensor or bytes there is refused)."""
+def _check_json_value(name: str, value: Any, where: str, depth: int, budget: list[int]) -> None:
+    """Metadata of a PyTorch file: plain JSON values only (a tensor or bytes there is refused),
+    at most ``budget[0]`` values in all, counting a shared one at every place it occurs."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise CheckpointError(f"{name}: {where}: the metadata expands to more than {NODES_PER_BYTE} values "
+                              "per byte of the file (shared references)")
     if depth > MAX_JSON_DEPTH:
         raise CheckpointError(f"{name}: {where} is nested more than {MAX_JSON_DEPTH} levels deep")
     if isinstance(value, dict):
         _check_string_keys(name, value, where)
         for key, item in value.items():
-            _check_json_value(name, item, f"{where}.{key}", depth + 1)
+            _check_json_value(name, item, f"{where}.{key[:40]}", depth + 1, budget)
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check_json_value(name, item, f"{where}[{index}]", depth + 1)
+            _check_json_value(name, item, f"{where}[{index}]", depth + 1, budget)
     elif isinstance(value, float):
         if not np.isfinite(value):
             raise CheckpointError(f"{name}: {where} is {value}, not a finite number")

@@ -27,6 +27,7 @@ from .lure import LureSystem
 from .models import LipschitzRNN, RecurrentModel
 from .stability import norm_test, norm_test_threshold
 from .choices import CONSTRAINTS
+from .errors import InputError
 
 SECANT_STEPS = 30
 
@@ -38,9 +39,9 @@ class StabilityConstraint:
 
     def __post_init__(self) -> None:
         if self.certificate not in CONSTRAINTS:
-            raise ValueError(f"unknown constraint {self.certificate!r}; expected one of {CONSTRAINTS}")
+            raise InputError(f"unknown constraint {self.certificate!r}; expected one of {CONSTRAINTS}")
         if not (np.isfinite(self.margin) and 0 <= self.margin < (1.0 if self.certificate != "ct-norm" else np.inf)):
-            raise ValueError(f"margin must be >= 0 (and < 1 for a discrete test), got {self.margin}")
+            raise InputError(f"margin must be >= 0 (and < 1 for a discrete test), got {self.margin}")
 
     @property
     def bound(self) -> float:
@@ -75,17 +76,17 @@ def _test_value(constraint: StabilityConstraint, A: np.ndarray, W: np.ndarray, e
 
 
 def check_feasible(model: RecurrentModel, constraint: StabilityConstraint) -> None:
-    """Raise ValueError unless ``model`` can satisfy ``constraint`` by shrinking (s = 0)."""
+    """Raise ``InputError`` unless ``model`` can satisfy ``constraint`` by shrinking (s = 0)."""
     if not isinstance(model, LipschitzRNN):
-        raise ValueError(f"stability-constrained training supports the lipschitz architecture, not {model.config.arch}")
+        raise InputError(f"stability-constrained training supports the lipschitz architecture, not {model.config.arch}")
     c = model.config
     scheme = constraint.certificate.split("-")[0]
     if scheme != "ct" and scheme != c.discretization:
-        raise ValueError(f"{constraint.certificate} certifies the {scheme} scheme but the model runs {c.discretization}")
+        raise InputError(f"{constraint.certificate} certifies the {scheme} scheme but the model runs {c.discretization}")
     eye = np.eye(c.hidden)
     value = _test_value(constraint, -c.gamma_a * eye, -c.gamma_w * eye, c.eps)
     if value > constraint.bound:
-        raise ValueError(
+        raise InputError(
             f"{constraint.certificate} with margin {constraint.margin} cannot hold for any M_A, M_W with "
             f"gamma_a={c.gamma_a}, gamma_w={c.gamma_w}, eps={c.eps} (value {value:.4g} at M = 0 exceeds "
             f"{constraint.bound:.4g}); raise gamma_a"

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .robustness import SweepResult, summarize, sweep
 from .robustness.sweep import prepare_models
 from .environment import distributed_info, environment
+from .errors import InputError
 from .launch import launched_by_torchrun
 
 T = TypeVar("T")
@@ -73,7 +74,7 @@ def join_process_group(device: torch.device) -> Ranks:
 
 def _require_group(group: Any) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("torch.distributed is not initialised (start the processes with torchrun)")
+        raise InputError("torch.distributed is not initialised (start the processes with torchrun)")
     return dist.get_rank(group), dist.get_world_size(group)
 
 
@@ -85,9 +86,9 @@ def shard_batches(batches: Sequence[T], rank: int, world_size: int) -> list[T]:
     needs at least one batch.
     """
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        raise InputError(f"rank {rank} is not in a world of size {world_size}")
     if len(batches) < world_size:
-        raise ValueError(f"{len(batches)} batch(es) cannot be shared by {world_size} processes: "
+        raise InputError(f"{len(batches)} batch(es) cannot be shared by {world_size} processes: "
                          "use smaller batches or fewer processes")
     base, extra = divmod(len(batches), world_size)
     start = rank * base + min(rank, extra)
@@ -99,23 +100,25 @@ def all_or_none(group: Any = None) -> Iterator[None]:
     """Collective: a step every rank runs, which fails on every rank when it fails on any.
 
     On leaving the block the ranks exchange their outcomes (one ``all_gather_object``): a rank
-    whose block raised re-raises its own exception; the others raise a ``ValueError`` naming the
-    failed rank(s) and their errors, so that no rank goes on to a collective that the failed one
-    will never enter. The block must hold no collective of its own: a rank that failed before it
-    would meet the others' collective with this exchange. (Errors inside collective work, such as
+    whose block raised re-raises its own exception; the others raise an ``InputError`` (when every
+    failure was one) or a ``ValueError`` naming the failed rank(s) and their errors, so that no
+    rank goes on to a collective that the failed one will never enter. The block must hold no
+    collective of its own: a rank that failed before it would meet the others' collective with
+    this exchange. (Errors inside collective work, such as
     an operator's products, are left to end the failed process; ``torchrun`` then stops the group.)
     """
     _, world_size = _require_group(group)
-    gathered: list[str | None] = [None] * world_size
+    gathered: list[tuple[str, bool] | None] = [None] * world_size
     try:
         yield
     except Exception as error:
-        dist.all_gather_object(gathered, f"{type(error).__name__}: {error}", group=group)
+        dist.all_gather_object(gathered, (f"{type(error).__name__}: {error}", isinstance(error, InputError)), group=group)
         raise
     dist.all_gather_object(gathered, None, group=group)
-    failed = [f"rank {rank}: {error}" for rank, error in enumerate(gathered) if error is not None]
+    failed = [(f"rank {rank}: {outcome[0]}", outcome[1]) for rank, outcome in enumerate(gathered) if outcome is not None]
     if failed:
-        raise ValueError("; ".join(failed))
+        kind = InputError if all(is_input for _, is_input in failed) else ValueError
+        raise kind("; ".join(message for message, _ in failed))
 
 
 def _communication_device(group: Any) -> torch.device:
@@ -144,9 +147,9 @@ class DistributedOperator(LinearOperator):
         if n_samples is None:
             n_samples = getattr(local_op, "n_samples", None)
             if n_samples is None:
-                raise ValueError("the local operator has no n_samples: pass its sample count")
+                raise InputError("the local operator has no n_samples: pass its sample count")
         if int(n_samples) < 1:
-            raise ValueError(f"a rank needs at least one sample, got {n_samples}")
+            raise InputError(f"a rank needs at least one sample, got {n_samples}")
         self.local_op = local_op
         self.group = group
         self.backend = str(dist.get_backend(group))
@@ -158,10 +161,10 @@ class DistributedOperator(LinearOperator):
         dist.all_gather_object(gathered, local, group=group)
         for rank, other in enumerate(gathered):
             if (other["shape"], other["dtype"]) != (local["shape"], local["dtype"]):
-                raise ValueError(f"rank {rank} has a {other['dtype']} operator of shape {other['shape']}, "
+                raise InputError(f"rank {rank} has a {other['dtype']} operator of shape {other['shape']}, "
                                  f"rank {self.rank} a {local['dtype']} one of shape {local['shape']}")
         if local["shape"][0] != local["shape"][1]:
-            raise ValueError(f"expected a square operator, got shape {local['shape']}")
+            raise InputError(f"expected a square operator, got shape {local['shape']}")
         self.samples_per_rank = tuple(other["n_samples"] for other in gathered)
         self.n_samples = sum(self.samples_per_rank)
         self._weight = local["n_samples"] / self.n_samples
@@ -181,7 +184,7 @@ class DistributedOperator(LinearOperator):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         largest, negated_smallest = tensor.tolist()
         if largest != -negated_smallest:
-            raise ValueError("the processes applied the operator to different vectors: every rank must "
+            raise InputError("the processes applied the operator to different vectors: every rank must "
                              "run the same estimator with the same seed")
 
     def _product(self, block: np.ndarray, local: np.ndarray) -> np.ndarray:
@@ -271,10 +274,11 @@ def distributed_sweep(models: Sequence[Any], task: Any, grid: Mapping[str, Seque
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     for kind, levels in grid.items():
         if len(set(map(float, levels))) != len(levels):
-            raise ValueError(f"{kind}: duplicate levels {list(levels)}")
+            raise InputError(f"{kind}: duplicate levels {list(levels)}")
     cells = [(m, kind, i) for m in range(len(models)) for kind in grid for i in range(len(grid[kind]))]
     mine = cells[rank::world_size]
-    payload: dict[str, Any] = {"rows": [], "settings": None, "error": None, "models": _models_fingerprint(models)}
+    payload: dict[str, Any] = {"rows": [], "settings": None, "error": None, "input_error": False,
+                               "models": _models_fingerprint(models)}
     try:
         for m in sorted({cell[0] for cell in mine}):
             subgrid = {kind: [grid[kind][i] for mm, k, i in mine if mm == m and k == kind] for kind in grid}
@@ -284,13 +288,15 @@ def distributed_sweep(models: Sequence[Any], task: Any, grid: Mapping[str, Seque
             payload["settings"] = payload["settings"] or result.settings
     except Exception as error:  # re-raised on every rank below, so that no rank waits forever
         payload["error"] = f"{type(error).__name__}: {error}"
+        payload["input_error"] = isinstance(error, InputError)
     gathered: list[dict[str, Any]] = [{} for _ in range(world_size)]
     dist.all_gather_object(gathered, payload, group=group)
     errors = [f"rank {r}: {p['error']}" for r, p in enumerate(gathered) if p["error"]]
+    bugs = any(p["error"] and not p["input_error"] for p in gathered)
     if len({p["models"] for p in gathered}) > 1:
         errors.append("the ranks were given different models or directions (every rank must sweep the same ones)")
     if errors:
-        raise ValueError("; ".join(errors))
+        raise (ValueError if bugs else InputError)("; ".join(errors))
     kind_index = {kind: k for k, kind in enumerate(grid)}
     level_index = {(kind, float(level)): i for kind, levels in grid.items() for i, level in enumerate(levels)}
     seed_index = {seed: s for s, seed in enumerate(seed_list)}

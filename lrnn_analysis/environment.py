@@ -9,17 +9,18 @@ import torch
 
 from . import __version__
 from .choices import DEVICE_CHOICES
+from .errors import InputError
 
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
     """``auto`` is CUDA when present, else CPU; asking for CUDA without one is an error."""
     if choice not in DEVICE_CHOICES and not choice.startswith("cuda:"):
-        raise ValueError(f"unknown device {choice!r}; expected one of {DEVICE_CHOICES}")
+        raise InputError(f"unknown device {choice!r}; expected one of {DEVICE_CHOICES}")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {choice!r} requested but CUDA is not available")
+        raise InputError(f"device {choice!r} requested but CUDA is not available")
     return torch.device(choice)
 
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError
+
 METHODS = ("ode", "euler", "rk2", "rk4", "rk38", "map")
 ACTIVATIONS = {"tanh": (np.tanh, 1.0), "relu": (lambda z: np.maximum(z, 0.0), 1.0)}
 
@@ -41,11 +43,11 @@ def _as_float64_matrix(value: Any, name: str) -> np.ndarray:
         value = value.detach().cpu().double().numpy()
     array = np.array(value, dtype=np.float64, copy=True)
     if array.ndim != 2 or array.shape[0] != array.shape[1]:
-        raise ValueError(f"{name} must be a square matrix, got shape {array.shape}")
+        raise InputError(f"{name} must be a square matrix, got shape {array.shape}")
     if array.shape[0] == 0:
-        raise ValueError(f"{name} is empty: a Lur'e system needs n >= 1 states")
+        raise InputError(f"{name} is empty: a Lur'e system needs n >= 1 states")
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} has non-finite entries")
+        raise InputError(f"{name} has non-finite entries")
     array.setflags(write=False)
     return array
 
@@ -76,23 +78,23 @@ class LureSystem:
         A = _as_float64_matrix(self.A, "A")
         W = _as_float64_matrix(self.W, "W")
         if A.shape != W.shape:
-            raise ValueError(f"A {A.shape} and W {W.shape} must have the same shape")
+            raise InputError(f"A {A.shape} and W {W.shape} must have the same shape")
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+            raise InputError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; expected one of {tuple(ACTIVATIONS)}")
+            raise InputError(f"unknown activation {self.activation!r}; expected one of {tuple(ACTIVATIONS)}")
         sigma, max_slope = ACTIVATIONS[self.activation]
         if not (np.isfinite(self.slope) and self.slope >= max_slope):
-            raise ValueError(f"slope {self.slope} must be >= {max_slope}, the largest slope of {self.activation}")
+            raise InputError(f"slope {self.slope} must be >= {max_slope}, the largest slope of {self.activation}")
         if self.method in ("euler", "rk2", "rk4", "rk38"):
             if self.eps is None or not (np.isfinite(self.eps) and self.eps > 0):
-                raise ValueError(f"method {self.method!r} needs a step eps > 0, got {self.eps}")
+                raise InputError(f"method {self.method!r} needs a step eps > 0, got {self.eps}")
         elif self.eps is not None:
-            raise ValueError(f"method {self.method!r} takes no step eps")
+            raise InputError(f"method {self.method!r} takes no step eps")
         if self.method == "map" and np.any(A != 0):
-            raise ValueError("method 'map' has no linear part: A must be zero")
+            raise InputError("method 'map' has no linear part: A must be zero")
         if not _is_positive_integer(self.substeps):
-            raise ValueError(f"substeps must be a positive integer, got {self.substeps}")
+            raise InputError(f"substeps must be a positive integer, got {self.substeps}")
         object.__setattr__(self, "A", A)
         object.__setattr__(self, "W", W)
         object.__setattr__(self, "slope", float(self.slope))
@@ -115,7 +117,7 @@ class LureSystem:
     def step(self, h: np.ndarray, u: np.ndarray) -> np.ndarray:
         """One input step of the discrete system (all substeps); undefined for 'ode'."""
         if self.method == "ode":
-            raise ValueError("a continuous-time system has no step; integrate vector_field instead")
+            raise InputError("a continuous-time system has no step; integrate vector_field instead")
         if self.method == "map":
             return self._sigma(h @ self.W.T + u)
         for _ in range(self.substeps):

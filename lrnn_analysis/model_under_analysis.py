@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import InputError, UserCodeError, first_line
 from .lure import LureSystem
 from .parameters import parameter_patterns, require_parameters
 
@@ -55,12 +56,12 @@ class ModelUnderAnalysis:
 
     def __post_init__(self) -> None:
         if not isinstance(self.module, nn.Module):
-            raise TypeError(f"the model under analysis must be a torch.nn.Module, got {type(self.module).__name__}")
+            raise InputError(f"the model under analysis must be a torch.nn.Module, got {type(self.module).__name__}")
         if not any(True for _ in self.module.parameters()):
-            raise ValueError(f"{self.name}: the module has no parameters")
+            raise InputError(f"{self.name}: the module has no parameters")
         if not (self.lure_form is None or isinstance(self.lure_form, LureSystem) or callable(self.lure_form)):
-            raise TypeError(f"{self.name}: lure_form must be a LureSystem or a callable returning one, "
-                            f"got {type(self.lure_form).__name__}")
+            raise InputError(f"{self.name}: lure_form must be a LureSystem or a callable returning one, "
+                             f"got {type(self.lure_form).__name__}")
         object.__setattr__(self, "recurrent", parameter_patterns(self.recurrent))
         if self.recurrent:
             require_parameters(self.module, self.recurrent, self.name)
@@ -101,16 +102,32 @@ class ModelUnderAnalysis:
                    parameter_patterns(model.recurrent_parameters), record, config.input_dim, config.output_dim)
 
     def lure_system(self) -> LureSystem | None:
-        """The Lur'e form (calling the callable if one was given), or None when there is none."""
-        system = self.lure_form() if callable(self.lure_form) else self.lure_form
+        """The Lur'e form (calling the callable if one was given), or None when there is none.
+
+        A callable of the user's module that raises, or returns something other than a
+        ``LureSystem`` or None, is a :class:`UserCodeError` naming the model (the exception is its
+        cause); the toolkit's own architectures raising is a bug and propagates as it is."""
+        if not callable(self.lure_form):
+            return self.lure_form
+        try:
+            system = self.lure_form()
+        except Exception as error:
+            if self._is_toolkit_model():
+                raise
+            raise UserCodeError(f"{self.name}: lure_form() raised {type(error).__name__}: {first_line(error)}") from error
         if system is not None and not isinstance(system, LureSystem):
-            raise TypeError(f"{self.name}: lure_form returned a {type(system).__name__}, not a LureSystem")
+            raise UserCodeError(f"{self.name}: lure_form() returned a {type(system).__name__}, not a LureSystem or None")
         return system
+
+    def _is_toolkit_model(self) -> bool:
+        from .models import RecurrentModel
+
+        return isinstance(self.module, RecurrentModel)
 
     def recurrent_names(self) -> list[str]:
         """Names of the declared recurrent parameters; an error when none are declared."""
         if not self.recurrent:
-            raise ValueError(f"{self.name}: the model declares no recurrent parameters; "
+            raise InputError(f"{self.name}: the model declares no recurrent parameters; "
                              "name them with recurrent=[patterns] (globs over its parameter names)")
         return require_parameters(self.module, self.recurrent, self.name)
 
@@ -124,9 +141,9 @@ class ModelUnderAnalysis:
         return sum(p.numel() for p in self.module.parameters())
 
     def check_fits(self, task: "Task", where: str | None = None) -> None:
-        """Raise ValueError unless the module runs on ``task``'s inputs and returns (batch,
-        task.output_dim) outputs. Known sizes are compared; unknown ones are probed on two
-        test samples."""
+        """Raise ``InputError`` unless the module runs on ``task``'s inputs and returns (batch,
+        task.output_dim) outputs (``UserCodeError`` when its forward raises). Known sizes are
+        compared; unknown ones are probed on two test samples."""
         where = where or self.name
         if self.input_dim is not None and self.output_dim is not None:
             task.check_fits(self.input_dim, self.output_dim, where)
@@ -138,14 +155,14 @@ class ModelUnderAnalysis:
             with torch.no_grad():
                 out = self.module(x)
         except Exception as error:  # the user's module: any failure means it does not fit
-            text = str(error).strip().splitlines()
-            raise ValueError(f"{where}: the model does not run on task {task.name} inputs of shape "
-                             f"(batch, {task.seq_len}, {task.input_dim}): {text[0] if text else type(error).__name__}") from error
+            raise UserCodeError(f"{where}: the model does not run on task {task.name} inputs of shape "
+                                f"(batch, {task.seq_len}, {task.input_dim}): forward raised "
+                                f"{type(error).__name__}: {first_line(error)}") from error
         finally:
             self.module.train(was_training)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), task.output_dim):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"{where}: the model returns {shape} on a batch of {len(x)}; task {task.name} "
+            raise InputError(f"{where}: the model returns {shape} on a batch of {len(x)}; task {task.name} "
                              f"needs (batch, {task.output_dim}) outputs")
 
     def describe(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from .models.torchnn import find_recurrent_layers, rnn_lure_forms
 from .stability.certificates import certify, default_certificates
 from .stability.gated import gated_contraction
 from .stability.spectra import mu2, norm2, spectral_abscissa
+from .errors import InputError
 
 
 class StabilityMonitor:
@@ -61,7 +62,7 @@ class StabilityMonitor:
         seed: int = 0,
     ) -> None:
         if hessian_steps < 1 or time_budget <= 0:
-            raise ValueError("hessian_steps must be >= 1 and time_budget > 0")
+            raise InputError("hessian_steps must be >= 1 and time_budget > 0")
         self.label = label
         self.certificates = certificates
         self.tiers = tuple(tiers)

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from .errors import InputError
+
 __all__ = ["glob_parameters", "module_of", "parameter_patterns", "require_parameters"]
 
 
@@ -19,7 +21,7 @@ def parameter_patterns(recurrent: str | Sequence[str] | None) -> tuple[str, ...]
         return ()
     parts = recurrent.split(",") if isinstance(recurrent, str) else list(recurrent)
     if not all(isinstance(p, str) for p in parts):
-        raise ValueError(f"recurrent parameter patterns must be strings, got {recurrent!r}")
+        raise InputError(f"recurrent parameter patterns must be strings, got {recurrent!r}")
     return tuple(p.strip() for p in parts if p.strip())
 
 
@@ -43,11 +45,11 @@ def require_parameters(module: nn.Module, patterns: str | Sequence[str], what: s
     pattern at all, is an error: a selection that silently selects nothing is never returned."""
     wanted = parameter_patterns(patterns)
     if not wanted:
-        raise ValueError(f"{what}: no parameter patterns given")
+        raise InputError(f"{what}: no parameter patterns given")
     chosen, unmatched = glob_parameters(module, wanted)
     if unmatched:
         names = [name for name, _ in module.named_parameters()]
-        raise ValueError(f"{what}: parameter pattern {unmatched[0]!r} matches none of {names}")
+        raise InputError(f"{what}: parameter pattern {unmatched[0]!r} matches none of {names}")
     return chosen
 
 
@@ -58,5 +60,5 @@ def module_of(model: Any) -> nn.Module:
         return model
     module = getattr(model, "module", None)
     if not isinstance(module, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module or an object with one as .module, got {type(model).__name__}")
+        raise InputError(f"expected a torch.nn.Module or an object with one as .module, got {type(model).__name__}")
     return module

@@ -44,6 +44,7 @@ from matplotlib.ticker import Formatter
 
 from .outputs import atomic_write
 from .stability.spectra import STABILITY_POLYNOMIALS, stability_polynomial
+from .errors import InputError
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
@@ -102,10 +103,10 @@ def style() -> Iterator[None]:
 
 
 def figure_format(path: str | Path) -> str:
-    """The format ``path``'s suffix names: png, pdf or svg; anything else is a ValueError."""
+    """The format ``path``'s suffix names: png, pdf or svg; anything else is an ``InputError``."""
     suffix = Path(path).suffix.lower()
     if suffix not in FIGURE_FORMATS:
-        raise ValueError(f"{path}: a figure file ends in {', '.join(FIGURE_FORMATS)} (the suffix chooses the format), "
+        raise InputError(f"{path}: a figure file ends in {', '.join(FIGURE_FORMATS)} (the suffix chooses the format), "
                          f"not {suffix or 'no suffix'!r}")
     return suffix[1:]
 
@@ -129,7 +130,7 @@ def _frame(table: Table, required: Iterable[str]) -> pd.DataFrame:
     frame = table.copy() if isinstance(table, pd.DataFrame) else pd.DataFrame(list(table))
     missing = [c for c in required if c not in frame.columns]
     if frame.empty or missing:
-        raise ValueError(f"table needs rows with columns {list(required)}; missing {missing or 'rows'}")
+        raise InputError(f"table needs rows with columns {list(required)}; missing {missing or 'rows'}")
     return frame
 
 
@@ -138,10 +139,10 @@ def _check_keys(what: str, given: Mapping[str, Any] | None, known: Sequence[Any]
     if given is None:
         return {}
     if not isinstance(given, Mapping):
-        raise ValueError(f"{what} must be a mapping {{key: value}} with keys among {list(known)}, got {type(given).__name__}")
+        raise InputError(f"{what} must be a mapping {{key: value}} with keys among {list(known)}, got {type(given).__name__}")
     unknown = [key for key in given if key not in known]
     if unknown:
-        raise ValueError(f"{what}: unknown key(s) {unknown}; this figure's keys are {list(known)}")
+        raise InputError(f"{what}: unknown key(s) {unknown}; this figure's keys are {list(known)}")
     return dict(given)
 
 
@@ -156,7 +157,7 @@ class _Options:
         self._titles = _check_keys("titles", titles, self.panels)
         bad = [f"{key}={value!r}" for key, value in self._colors.items() if not is_color_like(value)]
         if bad:
-            raise ValueError(f"colors: not a matplotlib colour: {', '.join(bad)}")
+            raise InputError(f"colors: not a matplotlib colour: {', '.join(bad)}")
 
     def label(self, key: Any, default: str | None = None) -> str:
         return str(self._labels.get(key, default if default is not None else key))
@@ -179,19 +180,19 @@ class _Canvas:
     def __init__(self, count: int, names: Sequence[Any], ax: Axes | None, axes: Sequence[Axes] | None,
                  figsize: tuple[float, float] | None, panel_size: tuple[float, float], ncols: int | None = None):
         if ax is not None and axes is not None:
-            raise ValueError("give ax or axes, not both")
+            raise InputError("give ax or axes, not both")
         if ax is not None:
             axes = [ax]
         self.owned = axes is None
         if not self.owned:
             axes = list(axes)
             if not all(isinstance(a, Axes) for a in axes):
-                raise ValueError("ax/axes must be matplotlib Axes")
+                raise InputError("ax/axes must be matplotlib Axes")
             if len(axes) != count:
-                raise ValueError(f"this table draws {count} panel(s) ({', '.join(map(str, names))}); "
+                raise InputError(f"this table draws {count} panel(s) ({', '.join(map(str, names))}); "
                                  f"got {len(axes)} axes (pass axes=[...] with one Axes per panel, or filter the table)")
             if figsize is not None:
-                raise ValueError("figsize applies to a figure the function creates; with ax/axes, size your own figure")
+                raise InputError("figsize applies to a figure the function creates; with ax/axes, size your own figure")
             self.axes = axes
             self.figure = axes[0].get_figure(root=True)
             self.free_slot = None
@@ -382,7 +383,7 @@ def plot_training_spectra(log: Table, quantities: Sequence[str] = ("alpha_A", "m
     frame = _frame(log, ["model", "epoch"])
     quantities = [q for q in quantities if q in frame.columns and frame[q].notna().any()]
     if not quantities:
-        raise ValueError("the log has none of the requested spectral quantities")
+        raise InputError("the log has none of the requested spectral quantities")
     models = list(dict.fromkeys(frame["model"]))
     options = _Options(models, quantities, labels, colors, titles)
     styles = options.styles()
@@ -417,7 +418,7 @@ def plot_hessian_summary(rows: Table, quantities: Sequence[str] = ("lambda_max",
     Rows: (model, lambda_max, lambda_min, trace, trace_ci95)."""
     unknown = [q for q in quantities if q not in HESSIAN_PANELS]
     if unknown or not quantities:
-        raise ValueError(f"quantities: expected some of {list(HESSIAN_PANELS)}, got {list(quantities)}")
+        raise InputError(f"quantities: expected some of {list(HESSIAN_PANELS)}, got {list(quantities)}")
     frame = _frame(rows, ["model", "lambda_max", "lambda_min", "trace", "trace_ci95"])
     models = list(frame["model"])
     options = _Options(models, quantities, labels, colors, titles)
@@ -579,11 +580,11 @@ def plot_robustness(summary: Table, metric: str = "accuracy", *, labels: Mapping
     :data:`PERTURBATION_TITLES`), one line per model with its 95% CI band over seeds, clipped to
     [0, 1] (losses: to >= 0). Rows: (model, perturbation, level, <metric>_mean, <metric>_ci95)."""
     if metric not in ("accuracy", "loss"):
-        raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+        raise InputError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
     mean, half = f"{metric}_mean", f"{metric}_ci95"
     frame = _frame(summary, ["model", "perturbation", "level", mean, half])
     if pd.to_numeric(frame[mean], errors="coerce").isna().all():
-        raise ValueError(f"the table has no {mean} values (a regression task has no accuracy: use metric='loss')")
+        raise InputError(f"the table has no {mean} values (a regression task has no accuracy: use metric='loss')")
     kinds = list(dict.fromkeys(frame["perturbation"]))
     options = _Options(list(dict.fromkeys(frame["model"])), kinds, labels, colors, titles)
     canvas = _Canvas(len(kinds), kinds, ax, axes, figsize, (4.0, 3.0))

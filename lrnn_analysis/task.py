@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .choices import TASK_NAMES
+from .errors import InputError
 
 MAX_CLASS_LABEL = 2**31 - 1
 
@@ -72,9 +73,9 @@ class Task:
         return task_from_arrays(x_train, y_train, x_test, y_test, x_val, y_val, name=name, num_classes=num_classes)
 
     def check_fits(self, input_dim: int, output_dim: int, where: str) -> None:
-        """Raise ValueError unless a model with these sizes can run on this task."""
+        """Raise ``InputError`` unless a model with these sizes can run on this task."""
         if (input_dim, output_dim) != (self.input_dim, self.output_dim):
-            raise ValueError(f"{where}: model (input_dim {input_dim}, {output_dim} outputs) does not fit task {self.name} "
+            raise InputError(f"{where}: model (input_dim {input_dim}, {output_dim} outputs) does not fit task {self.name} "
                              f"(input_dim {self.input_dim}, {self.output_dim} outputs)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,49 +94,61 @@ class Task:
 
 
 
+# Tensors with a numpy counterpart that a split may hold (bfloat16, float8, ... have none).
+NUMPY_TENSOR_DTYPES = (torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
+                       torch.int64, torch.bool, torch.complex64, torch.complex128)
+
+
 def _as_array(value: Any, key: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        if value.layout != torch.strided:
+            raise InputError(f"{key}: a {str(value.layout).removeprefix('torch.')} tensor; give a dense one (.to_dense())")
+        if value.dtype not in NUMPY_TENSOR_DTYPES:
+            raise InputError(f"{key}: a {str(value.dtype).removeprefix('torch.')} tensor, which numpy cannot hold; "
+                             "convert it, e.g. with .float()")
+        value = value.detach().cpu().resolve_conj().resolve_neg().numpy()
     if not isinstance(value, np.ndarray):
-        raise ValueError(f"{key}: expected an array, got {type(value).__name__}")
+        raise InputError(f"{key}: expected an array, got {type(value).__name__}")
     return value
 
 
 def _check_x(x: np.ndarray, key: str) -> np.ndarray:
     if x.ndim != 3:
-        raise ValueError(f"{key}: expected shape (N, T, D), got {x.shape}")
+        raise InputError(f"{key}: expected shape (N, T, D), got {x.shape}")
     if x.dtype.kind != "f":
-        raise ValueError(f"{key}: expected floating-point inputs, got dtype {x.dtype}")
+        raise InputError(f"{key}: expected floating-point inputs, got dtype {x.dtype}")
     if min(x.shape) < 1:
-        raise ValueError(f"{key}: empty array of shape {x.shape}")
+        raise InputError(f"{key}: empty array of shape {x.shape}")
     with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused below
         x32 = x.astype(np.float32)
     if not np.isfinite(x32).all():
-        raise ValueError(f"{key}: has non-finite values (NaN or inf, in float32)")
+        raise InputError(f"{key}: has non-finite values (NaN or inf, in float32)")
     return x32
 
 
 def _check_y(y: np.ndarray, key: str, n: int) -> np.ndarray:
+    if y.ndim == 0:
+        raise InputError(f"{key}: a single number; expected class labels (N,) or targets (N, k)")
     if len(y) != n:
-        raise ValueError(f"{key}: {len(y)} targets for {n} inputs")
+        raise InputError(f"{key}: {len(y)} targets for {n} inputs")
     if y.dtype.kind in "iu":
         if y.ndim != 1:
-            raise ValueError(f"{key}: integer class labels must have shape (N,), got {y.shape}")
+            raise InputError(f"{key}: integer class labels must have shape (N,), got {y.shape}")
         if (y < 0).any():
-            raise ValueError(f"{key}: class labels must be >= 0, found {int(y.min())}")
+            raise InputError(f"{key}: class labels must be >= 0, found {int(y.min())}")
         if int(y.max()) > MAX_CLASS_LABEL:
-            raise ValueError(f"{key}: class label {int(y.max())} is larger than {MAX_CLASS_LABEL}")
+            raise InputError(f"{key}: class label {int(y.max())} is larger than {MAX_CLASS_LABEL}")
         return y.astype(np.int64)
     if y.dtype.kind == "f":
-        if y.ndim != 2:
-            raise ValueError(f"{key}: regression targets must have shape (N, k), got {y.shape} "
+        if y.ndim != 2 or y.shape[1] < 1:
+            raise InputError(f"{key}: regression targets must have shape (N, k) with k >= 1, got {y.shape} "
                              "(reshape (N,) targets to (N, 1); class labels must be integers)")
         with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused below
             y32 = y.astype(np.float32)
         if not np.isfinite(y32).all():
-            raise ValueError(f"{key}: has non-finite values (NaN or inf, in float32)")
+            raise InputError(f"{key}: has non-finite values (NaN or inf, in float32)")
         return y32
-    raise ValueError(f"{key}: expected integer class labels or floating-point targets, got dtype {y.dtype}")
+    raise InputError(f"{key}: expected integer class labels or floating-point targets, got dtype {y.dtype}")
 
 
 def task_from_arrays(
@@ -147,10 +160,15 @@ def task_from_arrays(
     Without ``x_val``/``y_val`` the validation split is empty. ``name`` may not be the name
     of a built-in task (the leakage guard tells the two apart by name).
     """
+    if not isinstance(name, str):
+        raise InputError(f"task name must be a string, got {type(name).__name__}")
     if name in TASK_NAMES:
-        raise ValueError(f"task name {name!r} is a built-in task; give your data another name")
+        raise InputError(f"task name {name!r} is a built-in task; give your data another name")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+                                    or not 1 <= num_classes <= MAX_CLASS_LABEL + 1):
+        raise InputError(f"num_classes must be an integer in [1, {MAX_CLASS_LABEL + 1}], got {num_classes!r:.40}")
     if (x_val is None) != (y_val is None):
-        raise ValueError("x_val and y_val must be given together")
+        raise InputError("x_val and y_val must be given together")
     given = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     if x_val is not None:
         given |= {"x_val": x_val, "y_val": y_val}
@@ -164,18 +182,18 @@ def task_from_arrays(
     classification = splits["train"][1].dtype.kind == "i"
     for part, (x, y) in splits.items():
         if x.shape[1:] != (seq_len, input_dim):
-            raise ValueError(f"x_{part}: has T, D = {x.shape[1:]}, x_train has {(seq_len, input_dim)}")
+            raise InputError(f"x_{part}: has T, D = {x.shape[1:]}, x_train has {(seq_len, input_dim)}")
         if (y.dtype.kind == "i") != classification or (not classification and y.shape[1] != splits["train"][1].shape[1]):
-            raise ValueError(f"y_{part}: {y.dtype} targets of shape {y.shape} do not match y_train's "
+            raise InputError(f"y_{part}: {y.dtype} targets of shape {y.shape} do not match y_train's "
                              f"{splits['train'][1].dtype} targets of shape {splits['train'][1].shape}")
     if classification:
         largest = max(int(y.max()) for _, y in splits.values())
         if num_classes is None:
             num_classes = largest + 1
         elif largest >= num_classes:
-            raise ValueError(f"a class label {largest} is >= num_classes = {num_classes}")
+            raise InputError(f"a class label {largest} is >= num_classes = {num_classes}")
     elif num_classes is not None:
-        raise ValueError("num_classes is for integer class labels; the targets are floating point")
+        raise InputError("num_classes is for integer class labels; the targets are floating point")
     if "val" not in splits:
         x, y = splits["train"]
         splits["val"] = (x[:0], y[:0])

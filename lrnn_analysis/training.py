@@ -14,6 +14,7 @@ from .evaluation import evaluate, loss_function
 from .models import RecurrentModel
 from .stability.spectra import mu2, norm2, spectral_abscissa
 from .progress import progress_bar
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,11 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+            raise InputError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not (self.lr > 0 and 0 < self.lr_decay <= 1 and self.weight_decay >= 0):
-            raise ValueError("need lr > 0, 0 < lr_decay <= 1 and weight_decay >= 0")
+            raise InputError("need lr > 0, 0 < lr_decay <= 1 and weight_decay >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+            raise InputError(f"grad_clip must be > 0, got {self.grad_clip}")
         decay = (max(1, round(0.75 * self.epochs)),) if self.decay_epochs is None else self.decay_epochs
         object.__setattr__(self, "decay_epochs", tuple(sorted(int(e) for e in decay)))
 
@@ -85,7 +86,7 @@ def train_model(
     minimised (``train_loss`` in the log is the data loss alone).
     """
     if len(task.val) == 0:
-        raise ValueError(f"task {task.name} has no validation split, and training validates every epoch (give x_val, y_val)")
+        raise InputError(f"task {task.name} has no validation split, and training validates every epoch (give x_val, y_val)")
     torch.manual_seed(settings.seed)
     model.to(device)
     if constraint is not None:
@@ -116,7 +117,8 @@ def train_model(
                 projection = project(model, constraint)
                 smallest_scale = min(smallest_scale, projection.scale)
             total += float(loss.detach()) * len(idx)
-        val = evaluate(model, task.val.x, task.val.y, task.is_classification)
+        val = evaluate(model, task.val.x, task.val.y, task.is_classification,
+                       name=f"the {model.config.arch} model after epoch {epoch} (validation)")
         entry = {
             "epoch": epoch,
             "train_loss": total / len(order),
@@ -135,8 +137,9 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] *= settings.lr_decay
     seconds = time.perf_counter() - started
-    test = evaluate(model, task.test.x, task.test.y, task.is_classification)
-    val = evaluate(model, task.val.x, task.val.y, task.is_classification)
+    trained = f"the trained {model.config.arch} model"
+    test = evaluate(model, task.test.x, task.test.y, task.is_classification, name=f"{trained} (test)")
+    val = evaluate(model, task.val.x, task.val.y, task.is_classification, name=f"{trained} (validation)")
     metrics = {
         "test_loss": test.loss,
         "test_accuracy": test.accuracy,

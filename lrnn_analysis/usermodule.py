@@ -13,7 +13,9 @@ Model arguments given as ``key=value`` text are parsed as JSON literals when the
 ``sizes=[8,8]`` a list, ``act="relu"`` a string) and are taken as plain strings otherwise
 (``act=relu`` is the string ``"relu"``).
 
-Every failure is a :class:`UserModelError` (a ``ValueError``) of one line naming the spec.
+Every failure is one line naming the spec: a :class:`UserCodeError` when the user's code raises
+(running the file or importing the module, the factory, including ``sys.exit``; the exception
+is its ``__cause__``), a :class:`UserModelError` otherwise (both are ``InputError``).
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from .checkpoints import MAX_FILE_BYTES
-from .errors import InputError, first_line
+from .checkpoints import MAX_FILE_BYTES, MAX_TENSOR_BYTES
+from .errors import InputError, UserCodeError, display_name, first_line
 from .model_under_analysis import ModelUnderAnalysis
+from .torch_files import check_declared_sizes, check_tensors
 
 
 class UserModelError(InputError):
@@ -111,8 +114,8 @@ def _import(spec: ModelSpec) -> Any:
                 hint = f" (for the file, write ./{spec.module}.py:{spec.factory})" if Path(f"{spec.module}.py").is_file() else ""
                 raise UserModelError(f"model {spec}: no module named {error.name!r}{hint}") from error
             raise UserModelError(f"model {spec}: importing {spec.module} failed: {_first_line(error)}") from error
-        except Exception as error:  # the user's code: any failure is reported, not raised through
-            raise UserModelError(f"model {spec}: importing {spec.module} failed: {_first_line(error)}") from error
+        except (Exception, SystemExit) as error:  # the user's code: any failure is reported, not raised through
+            raise UserCodeError(f"model {spec}: importing {spec.module} failed: {_first_line(error)}") from error
     path = spec.path
     if not path.is_file():
         raise UserModelError(f"model {spec}: {path} is not an existing file")
@@ -133,7 +136,7 @@ def _import(spec: ModelSpec) -> Any:
         loader_spec.loader.exec_module(module)
     except (Exception, SystemExit) as error:
         del sys.modules[name]
-        raise UserModelError(f"model {spec}: running {path} failed: {_first_line(error)}") from error
+        raise UserCodeError(f"model {spec}: running {path} failed: {_first_line(error)}") from error
     finally:
         sys.path.remove(str(resolved.parent))
     return module
@@ -159,8 +162,8 @@ def build_module(spec: ModelSpec | str, model_args: Mapping[str, Any] | None = N
     factory = import_factory(spec)
     try:
         module = factory(**dict(model_args or {}))
-    except Exception as error:  # the user's code
-        raise UserModelError(f"model {spec}: {spec.factory}({_arguments(model_args)}) raised {_first_line(error)}") from error
+    except (Exception, SystemExit) as error:  # the user's code (sys.exit included: it must not end the toolkit)
+        raise UserCodeError(f"model {spec}: {spec.factory}({_arguments(model_args)}) raised {_first_line(error)}") from error
     if not isinstance(module, nn.Module):
         raise UserModelError(f"model {spec}: {spec.factory} returned a {type(module).__name__}, not a torch.nn.Module")
     if not any(True for _ in module.parameters()):
@@ -175,45 +178,49 @@ def _arguments(model_args: Mapping[str, Any] | None) -> str:
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of a state-dict file (safetensors, or PyTorch read with ``weights_only=True``),
     every one a tensor with finite values where it is floating point, and the SHA-256 of the
-    bytes they were read from (the file is read once). Raises ValueError."""
+    bytes they were read from (the file is read once). A PyTorch file is checked before and after
+    loading as :mod:`lrnn_analysis.torch_files` says. Raises ``InputError``."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such weights file")
+        raise InputError(f"{path}: no such weights file")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise ValueError(f"{path}: weights file of {size} bytes is larger than the {MAX_FILE_BYTES}-byte limit")
+        raise InputError(f"{path}: weights file of {size} bytes is larger than the {MAX_FILE_BYTES}-byte limit")
     data = path.read_bytes()
     head = data[:9]
     if len(head) < 9:
-        raise ValueError(f"{path}: weights file is empty or truncated ({len(head)} bytes)")
+        raise InputError(f"{path}: weights file is empty or truncated ({len(head)} bytes)")
     if head[8:9] == b"{" and not head.startswith(b"PK"):
         try:
             content: Any = load_safetensors(data)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise ValueError(f"{path}: not a readable safetensors file ({_first_line(error)})") from error
+            raise InputError(f"{path}: not a readable safetensors file ({_first_line(error)})") from error
     elif head.startswith(b"PK") or head[:1] == b"\x80":
+        stream = io.BytesIO(data)
+        check_declared_sizes(stream, len(data), display_name(path), MAX_TENSOR_BYTES, MAX_FILE_BYTES)
         try:
-            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            content = torch.load(stream, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
             what = f"it would import {culprit.group(1)}" if culprit else "not plain tensors"
-            raise ValueError(f"{path}: refused to unpickle ({what}); only a state dict of tensors is read: "
+            raise InputError(f"{path}: refused to unpickle ({what}); only a state dict of tensors is read: "
                              "save model.state_dict()") from error
         except Exception as error:
-            raise ValueError(f"{path}: corrupt or truncated PyTorch file ({_first_line(error)})") from error
+            raise InputError(f"{path}: corrupt or truncated PyTorch file ({_first_line(error)})") from error
     else:
-        raise ValueError(f"{path}: neither a PyTorch (.pt/.pth) nor a safetensors file")
+        raise InputError(f"{path}: neither a PyTorch (.pt/.pth) nor a safetensors file")
+    check_tensors(content, display_name(path), len(data), MAX_TENSOR_BYTES)
     if not isinstance(content, Mapping):
-        raise ValueError(f"{path}: expected a state dict (save model.state_dict()), found a {type(content).__name__}")
+        raise InputError(f"{path}: expected a state dict (save model.state_dict()), found a {type(content).__name__}")
     nested = sorted(str(k) for k, v in content.items() if isinstance(v, Mapping))
     if nested:
-        raise ValueError(f"{path}: expected a flat state dict of tensors, but the entries {nested} are dicts "
+        raise InputError(f"{path}: expected a flat state dict of tensors, but the entries {nested} are dicts "
                          "(save the model's state_dict() alone)")
     for key, value in content.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a named tensor")
+            raise InputError(f"{path}: entry {key!r} is a {type(value).__name__}, not a named tensor")
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"{path}: tensor {key} has non-finite values (NaN or inf)")
+            raise InputError(f"{path}: tensor {key} has non-finite values (NaN or inf)")
     return dict(content), hashlib.sha256(data).hexdigest()
 
 

@@ -173,3 +173,72 @@ def test_header_length_that_looks_like_a_pickle_opcode(tmp_path):
             break
     assert path.read_bytes()[0] == 0x80
     assert load_checkpoint(path).model.config == CONFIG
+
+
+def _torch_checkpoint(path, state, **metadata):
+    torch.save({"config": CONFIG.to_dict(), "state_dict": state, **metadata}, path)
+    return path
+
+
+def test_views_claiming_more_than_they_store_or_sharing_storage_are_refused(saved, tmp_path):
+    state = {k: v.clone() for k, v in saved[0].state_dict().items()}
+    flat = torch.zeros(1).expand(6, 6)
+    with pytest.raises(CheckpointError, match=r"\['state_dict'\]\['M_A'\] claims 36 elements .* storage holds 4 bytes"):
+        load_checkpoint(_torch_checkpoint(tmp_path / "flat.pt", {**state, "M_A": flat}))
+    both = torch.randn(2, 6, 6)
+    with pytest.raises(CheckpointError, match="are views of one storage"):
+        load_checkpoint(_torch_checkpoint(tmp_path / "shared.pt", {**state, "M_A": both[0], "M_W": both[1]}))
+    assert load_checkpoint(_torch_checkpoint(tmp_path / "fine.pt", state)).model.config == CONFIG
+
+
+def test_declared_storage_sizes_are_bounded_before_loading(saved, tmp_path):
+    from helpers import run_limited
+
+    state = {k: v.clone() for k, v in saved[0].state_dict().items()}
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"config": CONFIG.to_dict(), "state_dict": state}, legacy, _use_new_zipfile_serialization=False)
+    data = legacy.read_bytes()
+    at = data.index(b"cpu") + data[data.index(b"cpu"):].index(b"K$")  # the first storage's 36 elements
+    legacy.write_bytes(data[:at] + b"J" + (2**28).to_bytes(4, "little") + data[at + 2:])  # 1 GiB of float32
+    zipped = _torch_checkpoint(tmp_path / "zipped.pt", state)
+    data = bytearray(zipped.read_bytes())
+    import zipfile
+
+    with zipfile.ZipFile(zipped) as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+        directory = archive.start_dir
+    data[member.header_offset + 22:member.header_offset + 26] = (2**31).to_bytes(4, "little")
+    entry = data.index(b"PK\x01\x02", directory)
+    while not bytes(data[entry + 46:entry + 46 + len(member.filename)]).decode(errors="replace") == member.filename:
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    data[entry + 24:entry + 28] = (2**31).to_bytes(4, "little")
+    zipped.write_bytes(bytes(data))
+    result = run_limited(f"""
+from lrnn_analysis.checkpoints import CheckpointError, load_checkpoint
+result = {{}}
+for path in {[str(legacy), str(zipped)]!r}:
+    try:
+        load_checkpoint(path)
+        result[path] = "loaded"
+    except CheckpointError as error:
+        result[path] = str(error)
+""")
+    assert result[str(legacy)].startswith(f"{legacy}: its storages declare 10737")  # 2^30 + the other storages
+    assert result[str(legacy)].endswith("bytes after its pickles (corrupt or truncated)")
+    assert result[str(zipped)] == (f"{zipped}: member '{member.filename}' declares 2147483648 bytes, more than the "
+                                   f"{checkpoints.MAX_TENSOR_BYTES}-byte limit")
+    assert result["peak_rss_mb"] < 1024
+
+
+def test_shared_metadata_lists_nested_deep_are_refused_within_a_budget(saved, tmp_path):
+    from helpers import time_limit
+
+    nested = [0.5]
+    for _ in range(12):
+        nested = [nested] * 30  # 30^12 places to visit, a few hundred bytes pickled
+    path = _torch_checkpoint(tmp_path / "nested.pt", dict(saved[0].state_dict()), metrics={"history": nested})
+    with time_limit(60), pytest.raises(CheckpointError, match="shared references expand to more than 16 objects per byte"):
+        load_checkpoint(path)
+    with time_limit(60), pytest.raises(CheckpointError, match=r"^f.pt: metadata.metrics.history(\[\d+\])+: the metadata "
+                                                             "expands to more than 16 values per byte"):
+        checkpoints._check_json_value("f.pt", {"metrics": {"history": nested}}, "metadata", 0, [1000])

@@ -59,6 +59,33 @@ MODULE_SOURCE = textwrap.dedent('''
 
 
     NOT_CALLABLE = 5
+
+
+    def exits():
+        raise SystemExit(3)
+
+
+    class Misbehaving(nn.Module):
+        """A linear readout of the last step whose forward or lure_form fails as asked."""
+
+        def __init__(self, failure):
+            super().__init__()
+            self.failure = failure
+            self.readout = nn.Linear(2, 3)
+
+        def forward(self, x):
+            if self.failure == "forward":
+                raise KeyError("forward failed on purpose")
+            return self.readout(x[:, -1])
+
+        def lure_form(self):
+            if self.failure == "lure_form":
+                raise ZeroDivisionError("lure_form failed on purpose")
+            return "not a LureSystem"
+
+
+    def misbehaving(failure="forward"):
+        return Misbehaving(failure)
 ''')
 
 
@@ -358,6 +385,8 @@ def _bad_weights(project, tmp_path):
     (["--model", "{dir}/mymodels.py:NOT_CALLABLE"], "NOT_CALLABLE is a int, not callable"),
     (["--model", "{dir}/mymodels.py:broken"], "raised RuntimeError: the factory failed on purpose"),
     (["--model", "{dir}/mymodels.py:not_a_module"], "returned a int, not a torch.nn.Module"),
+    (["--model", "{dir}/mymodels.py:exits"], "exits() raised SystemExit: 3"),
+    (["--model", "{dir}/mymodels.py:misbehaving"], "forward raised KeyError: 'forward failed on purpose'"),
     (["--model", "{dir}/mymodels.py:build", "--model-arg", "kind=lstm", "--weights", "{dir}/rnn.pt"],
      "do not match the module: missing keys ['lstm.weight_ih_l0'"),
     (["--model", "{dir}/mymodels.py:build", "--model-arg", "hidden=4", "--weights", "{dir}/rnn.pt"],
@@ -379,12 +408,24 @@ def test_user_model_errors_are_one_line_exit_2(project, tmp_path, capsys, argv, 
     argv = [a for a in argv if a != "--no-data"]
     out = tmp_path / "out.csv"
     code = main(["robustness", *argv, *data, "--param-noise", "0,0.1", "--seeds", "1", "--out", str(out), "--quiet"])
-    err = capsys.readouterr().err
+    err = "".join(line + "\n" for line in capsys.readouterr().err.splitlines()
+                  if not line.startswith("warning: no --weights"))  # a module run with its factory's parameters
     assert code == 2 and message in err, err
     assert err.count("\n") == 1 and err.startswith("lrnn robustness: error: ")
     if "matches none" not in message and "records no task" not in message and "--beta" not in message:
         assert argv[1] in err  # a failure to load names the spec
     assert not out.exists()
+
+
+@pytest.mark.parametrize("failure,message", [
+    ("lure_form", "Misbehaving: lure_form() raised ZeroDivisionError: lure_form failed on purpose"),
+    ("returns", "Misbehaving: lure_form() returned a str, not a LureSystem or None"),
+])
+def test_a_lure_form_that_raises_or_returns_something_else_is_one_line_exit_2(project, capsys, failure, message):
+    for command in ("stability", "info"):
+        code = main([command, "--model", f"{project / 'mymodels.py'}:misbehaving", "--model-arg", f"failure={failure}"])
+        errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: no --weights")]
+        assert code == 2 and len(errors) == 1 and errors[0].startswith(f"lrnn {command}: error: ") and message in errors[0]
 
 
 def test_single_model_commands_take_one_model(project, capsys):

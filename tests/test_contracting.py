@@ -17,6 +17,7 @@ from lrnn_analysis.stability.evidence import (
     METADATA_KEY,
     REN_CERTIFICATE,
     StoredEvidence,
+    certify_trained,
     check_stored,
     construction_evidence,
     explicit_increment_form,
@@ -333,3 +334,17 @@ def test_audit_reports_a_ren_certificate_from_stored_evidence(tmp_path, capsys):
     assert [c["name"] for c in report["stability"]["certificates"]] == [REN_CERTIFICATE]
     assert [(g["gate"], g["passed"]) for g in report["gates"]] == [(f"certified={REN_CERTIFICATE}", True)]
     assert "Verified from stored evidence" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("seed,library", [(2, "numpy"), (6, "torch")])
+def test_a_singular_rewrite_ends_as_evidence_not_stored(seed, library):
+    model = build_model(ModelConfig("contracting", 1, 4, 2), seed=seed)
+    with torch.no_grad():
+        model.B[0] = 0.0  # B singular: T = E^-1 B / eps has no inverse
+    with pytest.raises((np.linalg.LinAlgError, torch.linalg.LinAlgError)) as raised:
+        construction_evidence(model)
+    assert type(raised.value).__module__.startswith(library)
+    evidence, line = certify_trained(model)
+    assert evidence is None
+    assert line.startswith("certificate evidence NOT stored: the construction's matrices are singular in float64 (")
+    assert "\n" not in line

@@ -14,6 +14,7 @@ import torch
 
 from lrnn_analysis.tidy_tables import training_log_table
 from lrnn_analysis.checkpoints import CheckpointError, load_checkpoint
+from lrnn_analysis.errors import InputError
 from lrnn_analysis.cli import main
 from lrnn_analysis.builtin_tasks import load_task, reference_permutation
 from lrnn_analysis.reference.models import MODEL_HPARAMS
@@ -463,9 +464,34 @@ def test_history_pickles_hold_plain_data_only(tmp_path):
     assert b"numpy.core.multiarray" in numpy1 and load_plain_pickle(numpy1) == [-0.25]  # numpy 1.x, as in 2020
     path = _save_state(tmp_path, "LipschitzRNN", _name("LipschitzRNN"))
     (tmp_path / f"{_name('LipschitzRNN')}_loss.pkl").write_bytes(pickle.dumps({"eigA": [Exploit()], "eigW": [], "testacc": []}))
-    with pytest.raises(CheckpointError, match=r"not a readable reference training history \(refused: GLOBAL (posix|os)\.system"):
+    with pytest.warns(ReferenceFileWarning, match=r"not a readable reference training history \(refused: GLOBAL (posix|os)\.system"):
+        model, metadata = load_checkpoint(path)
+    assert "log" not in metadata and not canary.exists()
+
+
+@pytest.mark.parametrize("history", [
+    b"\x80\x02K\x01K\x02a.",  # APPEND to an int
+    pickle.dumps(_history(3), protocol=2)[:-9],  # truncated
+    pickle.dumps({**_history(2), "testacc": [10**400, 0.5]}),  # a number beyond float64
+], ids=["append-to-int", "truncated", "huge-int"])
+def test_a_corrupt_history_is_skipped_with_a_warning_and_the_model_loads(tmp_path, history):
+    path = _save_state(tmp_path, "LipschitzRNN", _name("LipschitzRNN"))
+    (tmp_path / f"{_name('LipschitzRNN')}_loss.pkl").write_bytes(history)
+    with pytest.warns(ReferenceFileWarning, match="training history beside it was not read") as caught:
+        model, metadata = load_checkpoint(path)
+    assert "log" not in metadata and metadata["reference"]["model"] == "LipschitzRNN"
+    assert any("not read" in note for note in metadata["reference"]["notes"])
+    assert all("\n" not in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("field,token", [("T", "T_0"), ("units", "units_0"), ("T", "T-3")])
+def test_a_count_below_one_in_a_reference_file_name_is_one_line(tmp_path, field, token):
+    name = _name("LipschitzRNN").replace("T_392", token) if field == "T" else _name("LipschitzRNN").replace(f"units_{N}", token)
+    with pytest.raises(InputError, match=f"the name gives {field} = -?[03]; it must be at least 1"):
+        parse_reference_filename(f"{name}.pkl")
+    path = _save_state(tmp_path, "LipschitzRNN", name)
+    with pytest.raises(CheckpointError, match=f"{field} = -?[03]"):
         load_checkpoint(path)
-    assert not canary.exists()
 
 
 class _OldTorchBackend:

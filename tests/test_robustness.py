@@ -234,3 +234,32 @@ def test_models_sharing_a_checkpoint_name_keep_their_own_recurrent_parameters(di
         expected = evaluate_parameter_draws(subject.module, [drawn], x, y, True, 1000, False)[0]
         row = next(r for r in result.rows if r["model"] == label and r["level"] == 0.5)
         assert (row["accuracy"], row["loss"]) == pytest.approx(expected, rel=1e-6)
+
+
+class _SquareRootGain(torch.nn.Module):
+    """sqrt(w) * the last input step: NaN everywhere once a draw makes w negative."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return torch.sqrt(self.w) * x[:, -1, :]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_sweep_never_scores_non_finite_outputs(batched):
+    from lrnn_analysis.errors import InputError
+    from lrnn_analysis.task import task_from_arrays
+
+    x = torch.randn(8, 3, 2, generator=torch.Generator().manual_seed(0))
+    task = task_from_arrays(x, torch.arange(8) % 2, x, torch.arange(8) % 2, name="pairs")
+    grid = {"gaussian-relative": [0.0, 2.0]}
+    with pytest.raises(InputError, match=r"^root under gaussian-relative at level 2 \(seed \d\): 16 NaN and 0 inf among its "
+                                         "16 outputs on 8 samples; no loss or accuracy is computed"):
+        sweep([SweepModel("root", "memory", _SquareRootGain())], task, grid, seeds=5, batched=batched, progress=False)
+    broken = _SquareRootGain()
+    with torch.no_grad():
+        broken.w.fill_(-1.0)
+    with pytest.raises(InputError, match=r"^broken: 16 NaN and 0 inf"):
+        sweep([SweepModel("broken", "memory", broken)], task, grid, seeds=5, batched=batched, progress=False)

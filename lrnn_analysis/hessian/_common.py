@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
+from ..errors import InputError
+
 
 class CountedMatvec:
     """v ↦ H v in float64 numpy, counting the products."""
 
     def __init__(self, op: LinearOperator) -> None:
         if len(op.shape) != 2 or op.shape[0] != op.shape[1]:
-            raise ValueError(f"expected a square operator, got shape {op.shape}")
+            raise InputError(f"expected a square operator, got shape {op.shape}")
         self.dim = int(op.shape[0])
         self._op = op
         self.count = 0

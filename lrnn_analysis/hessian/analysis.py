@@ -22,6 +22,7 @@ from ..parameters import module_of
 from .operator import DEFAULT_MEMORY_BUDGET, Batch, LossFunction, ParamSpec, as_batches, parameter_selection
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import TraceResult, trace as trace_estimate
+from ..errors import InputError
 
 BACKENDS = CURVATURE_BACKENDS
 ESTIMATES = CURVATURE_ESTIMATES
@@ -116,20 +117,20 @@ def analyze(
                        else tuple(getattr(model, "recurrent_parameters", ())))
     model = module_of(model)
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if operator not in OPERATOR_KINDS:
-        raise ValueError(f"operator must be one of {OPERATOR_KINDS}, got {operator!r}")
+        raise InputError(f"operator must be one of {OPERATOR_KINDS}, got {operator!r}")
     unknown = [e for e in estimates if e not in ESTIMATES]
     if unknown:
-        raise ValueError(f"estimates must be among {ESTIMATES}, got {unknown}")
+        raise InputError(f"estimates must be among {ESTIMATES}, got {unknown}")
     if backend == "pyhessian" and (operator != "hessian" or estimates):
-        raise ValueError("backend='pyhessian' gives only the Hessian's eigenvalues and trace; use backend='native'")
+        raise InputError("backend='pyhessian' gives only the Hessian's eigenvalues and trace; use backend='native'")
     if wrap_operator is not None and "blocks" in estimates:
-        raise ValueError("the per-block table needs the operator's own parameter blocks; it is not available with wrap_operator")
+        raise InputError("the per-block table needs the operator's own parameter blocks; it is not available with wrap_operator")
     if backend == "pyhessian" and wrap_operator is not None:
-        raise ValueError("the pyhessian backend builds its own products; wrap_operator needs backend='native'")
+        raise InputError("the pyhessian backend builds its own products; wrap_operator needs backend='native'")
     if backend == "pyhessian" and density:
-        raise ValueError("PyHessian's density() fails on current torch (torch.eig was removed); use backend='native'")
+        raise InputError("PyHessian's density() fails on current torch (torch.eig was removed); use backend='native'")
     start_time = time.perf_counter()
     batches = as_batches(data)
     device = next(model.parameters()).device

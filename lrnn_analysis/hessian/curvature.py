@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..choices import CURVATURE_OPERATORS
 from .operator import DEFAULT_MEMORY_BUDGET, Batch, CurvatureOperator, HessianOperator, LossFunction, ParamSpec, _SavedBytes
+from ..errors import InputError
 
 
 def loss_kind(loss_fn: LossFunction) -> str:
@@ -44,14 +45,14 @@ def loss_kind(loss_fn: LossFunction) -> str:
     """
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if loss_fn.reduction != "mean" or loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
-            raise ValueError("the GGN/Fisher operators support nn.CrossEntropyLoss only with reduction='mean', "
+            raise InputError("the GGN/Fisher operators support nn.CrossEntropyLoss only with reduction='mean', "
                              "no class weights and no label smoothing")
         return "cross_entropy"
     if isinstance(loss_fn, nn.MSELoss):
         if loss_fn.reduction != "mean":
-            raise ValueError("the GGN/Fisher operators support nn.MSELoss only with reduction='mean'")
+            raise InputError("the GGN/Fisher operators support nn.MSELoss only with reduction='mean'")
         return "mse"
-    raise ValueError(f"the GGN/Fisher operators need nn.CrossEntropyLoss or nn.MSELoss, got {type(loss_fn).__name__}")
+    raise InputError(f"the GGN/Fisher operators need nn.CrossEntropyLoss or nn.MSELoss, got {type(loss_fn).__name__}")
 
 
 def output_hessian(kind: str, f: Tensor) -> Tensor:
@@ -149,14 +150,14 @@ class JacobianSandwichOperator(CurvatureOperator):
         x, y = self._inputs(batch)
         f = self._forward(x)
         if f.ndim != 2 or len(f) != len(x):
-            raise ValueError(f"the GGN/Fisher operators need model outputs of shape (n, K), got {tuple(f.shape)}")
+            raise InputError(f"the GGN/Fisher operators need model outputs of shape (n, K), got {tuple(f.shape)}")
         if self.loss_kind == "cross_entropy":
             if y.dtype not in (torch.int64, torch.int32) or y.shape != (len(x),):
-                raise ValueError("cross-entropy GGN/Fisher needs integer class targets of shape (n,)")
+                raise InputError("cross-entropy GGN/Fisher needs integer class targets of shape (n,)")
             if bool((y == self.loss_fn.ignore_index).any()):
-                raise ValueError(f"targets equal to ignore_index {self.loss_fn.ignore_index} are not supported")
+                raise InputError(f"targets equal to ignore_index {self.loss_fn.ignore_index} are not supported")
         elif y.shape != f.shape:
-            raise ValueError(f"MSE targets of shape {tuple(y.shape)} for outputs of shape {tuple(f.shape)}")
+            raise InputError(f"MSE targets of shape {tuple(y.shape)} for outputs of shape {tuple(f.shape)}")
         if not f.requires_grad:
             return _NoLinearization(f, self._leaves)
         linearization = _Linearization(f, self._leaves)
@@ -234,7 +235,7 @@ class FisherOperator(JacobianSandwichOperator):
         progress: bool = False,
     ) -> None:
         if mc_samples < 1:
-            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+            raise InputError(f"mc_samples must be >= 1, got {mc_samples}")
         self.mc_samples = mc_samples
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
@@ -279,4 +280,4 @@ def curvature_operator(
         return FisherOperator(model, loss_fn, data, params, dtype, mc_samples=mc_samples, seed=seed, **common)
     if kind == "ef":
         return EmpiricalFisherOperator(model, loss_fn, data, params, dtype, **common)
-    raise ValueError(f"operator must be one of {OPERATOR_KINDS}, got {kind!r}")
+    raise InputError(f"operator must be one of {OPERATOR_KINDS}, got {kind!r}")

@@ -14,6 +14,7 @@ from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 from .lanczos import Lanczos
 from ..progress import progress_bar
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,9 @@ def spectral_density(
     k = 1..max_moment, with their interval over probes.
     """
     if n_probes < 1 or steps < 1:
-        raise ValueError(f"n_probes and steps must be >= 1, got {n_probes} and {steps}")
+        raise InputError(f"n_probes and steps must be >= 1, got {n_probes} and {steps}")
     if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        raise InputError(f"scale must be one of {SCALES}, got {scale!r}")
     start_time = time.perf_counter()
     matvec = CountedMatvec(op)
     rng = np.random.default_rng(seed)
@@ -113,7 +114,7 @@ def spectral_density(
         top = float(np.abs(every).max())
         linthresh = float(linthresh if linthresh is not None else (1e-4 * top if top > 0 else 1.0))
         if not linthresh > 0:
-            raise ValueError(f"linthresh must be > 0, got {linthresh}")
+            raise InputError(f"linthresh must be > 0, got {linthresh}")
         mapped = [symlog(theta, linthresh) for theta in nodes]
     else:
         linthresh, mapped = None, nodes
@@ -122,7 +123,7 @@ def spectral_density(
     if sigma is None:
         sigma = 0.01 * (hi - lo) if hi > lo else 1e-3 * max(1.0, abs(hi))
     if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+        raise InputError(f"sigma must be > 0, got {sigma}")
     grid = np.linspace(lo - 3 * sigma, hi + 3 * sigma, grid_points)
     density = np.zeros_like(grid)
     for theta, w in zip(mapped, weights):

@@ -14,6 +14,7 @@ from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 from .trace import CONFIDENCE, exchangeable_sketch, unit_roundoff
+from ..errors import InputError
 
 
 
@@ -50,13 +51,13 @@ def diagonal(op: LinearOperator, method: str = "hutchinson", max_matvecs: int = 
     Exact once H has rank < s. Needs s < P and a sketch of full column rank.
     """
     if method not in DIAGONAL_METHODS:
-        raise ValueError(f"method must be one of {DIAGONAL_METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {DIAGONAL_METHODS}, got {method!r}")
     start_time = time.perf_counter()
     matvec = CountedMatvec(op)
     rng = np.random.default_rng(seed)
     if method == "hutchinson":
         if max_matvecs < 2:
-            raise ValueError(f"hutchinson diagonal needs max_matvecs >= 2, got {max_matvecs}")
+            raise InputError(f"hutchinson diagonal needs max_matvecs >= 2, got {max_matvecs}")
         per_probe = np.stack([z * matvec(z) for z in (rademacher(rng, matvec.dim) for _ in range(max_matvecs))])
     else:
         W, Y, Q, S, Z = exchangeable_sketch(matvec, max_matvecs, rng, unit_roundoff(op), "xdiag")

@@ -12,6 +12,7 @@ from ._common import CountedMatvec
 from ._results import dataclass_dict, jsonable
 from .lanczos import Lanczos
 from ..progress import progress_bar
+from ..errors import InputError
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -96,9 +97,9 @@ def eigenvalues(
     cannot pass: give ``atol`` (in units of H) there.
     """
     if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+        raise InputError(f"which must be one of {WHICH}, got {which!r}")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise InputError(f"k must be >= 1, got {k}")
     start_time = time.perf_counter()
     matvec = CountedMatvec(op)
     max_iter = min(matvec.dim, 300 if max_iter is None else max_iter)
@@ -106,7 +107,7 @@ def eigenvalues(
     if v0 is not None:
         v0 = np.asarray(v0, dtype=np.float64).reshape(-1)
         if v0.shape != (matvec.dim,):
-            raise ValueError(f"v0 must have length {matvec.dim}, got shape {v0.shape}")
+            raise InputError(f"v0 must have length {matvec.dim}, got shape {v0.shape}")
     start = np.random.default_rng(seed).standard_normal(matvec.dim) if v0 is None else v0
     process = Lanczos(matvec, start)
     with progress_bar(total=max_iter, desc=f"lanczos {which}", enabled=progress, leave=False) as bar:
@@ -166,7 +167,7 @@ def track_lambda_max(
     rows, previous, dim = [], None, None
     for index, op in enumerate(operators):
         if dim is not None and op.shape[0] != dim:
-            raise ValueError(f"checkpoint {index} has dimension {op.shape[0]}, the previous ones {dim}")
+            raise InputError(f"checkpoint {index} has dimension {op.shape[0]}, the previous ones {dim}")
         dim = op.shape[0]
         warm = eigenvalues(op, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter, v0=previous)
         previous = warm.vectors[:, 0]

@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import InputError
+
 Matvec = Callable[[np.ndarray], np.ndarray]
 
 
@@ -24,7 +26,7 @@ class Lanczos:
         start = np.asarray(start, dtype=np.float64)
         norm = np.linalg.norm(start)
         if not np.isfinite(norm) or norm == 0:
-            raise ValueError("Lanczos start vector must be finite and non-zero")
+            raise InputError("Lanczos start vector must be finite and non-zero")
         self._matvec = matvec
         self.dim = start.size
         self._basis = [start / norm]

@@ -14,6 +14,7 @@ from ._results import dataclass_dict
 from .eigen import EigenResult
 from .operator import Batch, HessianOperator, LossFunction, ParamSpec, as_batches, eval_mode, select_parameters
 from ..progress import progress_bar
+from ..errors import InputError
 
 Direction = Mapping[str, Tensor]
 
@@ -71,7 +72,7 @@ def random_directions(model: nn.Module, n: int = 2, seed: int = 0, params: Param
 def eigenvector_directions(op: HessianOperator, result: EigenResult, indices: Sequence[int] = (0, 1)) -> list[dict[str, Tensor]]:
     """Eigenvectors of ``result`` (computed on ``op``) as ``{name: tensor}`` directions of unit norm."""
     if result.vectors is None:
-        raise ValueError(f"the {result.method} result carries no eigenvectors")
+        raise InputError(f"the {result.method} result carries no eigenvectors")
     return [op.unflatten(result.vectors[:, i]) for i in indices]
 
 
@@ -79,7 +80,7 @@ def _axes(grid: Any, n_directions: int) -> tuple[np.ndarray, np.ndarray | None]:
     two = isinstance(grid, (tuple, list)) and len(grid) == 2 and all(np.ndim(g) == 1 for g in grid)
     if n_directions == 1:
         if two:
-            raise ValueError("a 1-D landscape takes one grid of step sizes")
+            raise InputError("a 1-D landscape takes one grid of step sizes")
         return np.asarray(grid, dtype=np.float64).reshape(-1), None
     if two:
         return np.asarray(grid[0], dtype=np.float64), np.asarray(grid[1], dtype=np.float64)
@@ -109,20 +110,20 @@ def landscape(
     start_time = time.perf_counter()
     if isinstance(directions, str):
         if directions != "random":
-            raise ValueError(f"directions must be 'random' or a sequence of direction dicts, got {directions!r}")
+            raise InputError(f"directions must be 'random' or a sequence of direction dicts, got {directions!r}")
         two = isinstance(grid, (tuple, list)) and len(grid) == 2 and all(np.ndim(g) == 1 for g in grid)
         chosen = random_directions(model, 2 if two else 1, seed, params)
         kind, used_seed = "random filter-normalised", seed
     else:
         chosen, kind, used_seed = list(directions), "given", None
     if len(chosen) not in (1, 2):
-        raise ValueError(f"a landscape takes one or two directions, got {len(chosen)}")
+        raise InputError(f"a landscape takes one or two directions, got {len(chosen)}")
     alphas, betas = _axes(grid, len(chosen))
     named = dict(model.named_parameters())
     names = tuple(sorted(set().union(*chosen), key=list(named).index))
     unknown = set(names) - set(named)
     if unknown:
-        raise ValueError(f"directions name unknown parameters {sorted(unknown)}")
+        raise InputError(f"directions name unknown parameters {sorted(unknown)}")
     base = {name: named[name].detach() for name in names}
     steps = [(float(a), None) for a in alphas] if betas is None else [(float(a), float(b)) for a in alphas for b in betas]
     batches = as_batches(data)

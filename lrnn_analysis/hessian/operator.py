@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from ..parameters import glob_parameters, module_of
 from ..progress import progress_bar
+from ..errors import InputError
 
 Batch = tuple[Tensor, Tensor]
 LossFunction = Callable[[Tensor, Tensor], Tensor]
@@ -42,7 +43,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
     return dtype
 
 
@@ -72,15 +73,15 @@ def parameter_selection(model: nn.Module, params: ParamSpec = None) -> Parameter
     if params is None:
         trainable = tuple(name for name, p in model.named_parameters() if p.requires_grad)
         if not trainable:
-            raise ValueError("the model has no trainable parameters")
+            raise InputError("the model has no trainable parameters")
         return ParameterSelection(trainable, None, ())
     patterns = [part.strip() for part in params.split(",")] if isinstance(params, str) else [str(p).strip() for p in params]
     patterns = [p for p in patterns if p]
     if not patterns:
-        raise ValueError("no parameters selected: empty parameter list")
+        raise InputError("no parameters selected: empty parameter list")
     chosen, unmatched = glob_parameters(model, patterns)
     if not chosen:
-        raise ValueError(f"parameter patterns {patterns} match none of {names}")
+        raise InputError(f"parameter patterns {patterns} match none of {names}")
     return ParameterSelection(tuple(chosen), tuple(patterns), tuple(unmatched))
 
 
@@ -96,12 +97,12 @@ def as_batches(data: Batch | Iterable[Batch]) -> list[Batch]:
     else:
         batches = [tuple(batch) for batch in data]
     if not batches:
-        raise ValueError("no data: expected an (x, y) batch or a non-empty iterable of them")
+        raise InputError("no data: expected an (x, y) batch or a non-empty iterable of them")
     for batch in batches:
         if len(batch) != 2 or not all(isinstance(t, Tensor) for t in batch):
-            raise ValueError("every batch must be a pair (x, y) of tensors")
+            raise InputError("every batch must be a pair (x, y) of tensors")
         if len(batch[0]) == 0 or len(batch[0]) != len(batch[1]):
-            raise ValueError(f"batch with {len(batch[0])} inputs and {len(batch[1])} targets")
+            raise InputError(f"batch with {len(batch[0])} inputs and {len(batch[1])} targets")
     return batches
 
 
@@ -179,7 +180,7 @@ class CurvatureOperator(LinearOperator):
         self.numels = tuple(int(np.prod(shape)) for shape in self.shapes)
         dim = sum(self.numels)
         if dim == 0:
-            raise ValueError("the selected parameters have no entries")
+            raise InputError("the selected parameters have no entries")
         super().__init__(dtype=np.dtype(str(self.torch_dtype).removeprefix("torch.")), shape=(dim, dim))
         self._leaves = [named[name].detach().to(self.torch_dtype).clone().requires_grad_(True) for name in self.names]
         self._constants = {name: self._cast(tensor.detach()) for name, tensor in
@@ -236,14 +237,14 @@ class CurvatureOperator(LinearOperator):
     def to_dense(self) -> Tensor:
         """The P×P matrix, column by column (P products); for small models only."""
         if self.dim > MAX_DENSE_DIM:
-            raise ValueError(f"refusing to build a dense {self.dim}x{self.dim} matrix (limit {MAX_DENSE_DIM})")
+            raise InputError(f"refusing to build a dense {self.dim}x{self.dim} matrix (limit {MAX_DENSE_DIM})")
         eye = torch.eye(self.dim, dtype=self.torch_dtype, device=self.device)
         return torch.stack([self.apply(column) for column in eye], dim=1)
 
     def unflatten_list(self, v: Tensor) -> list[Tensor]:
         """Flat vector → one tensor per selected parameter, in parameter shapes."""
         if v.shape != (self.dim,):
-            raise ValueError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
+            raise InputError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
         return [chunk.reshape(shape) for chunk, shape in zip(torch.split(v, self.numels), self.shapes)]
 
     def unflatten(self, v: Tensor | np.ndarray) -> dict[str, Tensor]:
@@ -318,7 +319,7 @@ class HessianOperator(CurvatureOperator):
     ) -> None:
         super().__init__(model, loss_fn, data, params, dtype, progress=progress)
         if matmat not in MATMAT_MODES:
-            raise ValueError(f"matmat must be one of {MATMAT_MODES}, got {matmat!r}")
+            raise InputError(f"matmat must be one of {MATMAT_MODES}, got {matmat!r}")
         self.matmat_mode = matmat
         self.matmat_calibration: dict[str, float] | None = None
         self.graph_bytes: int | None = None

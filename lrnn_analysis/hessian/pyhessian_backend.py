@@ -27,6 +27,7 @@ from .eigen import EigenResult
 from .operator import Batch, LossFunction, ParamSpec, as_batches, resolve_dtype, select_parameters
 from ..statistics import t_halfwidth
 from .trace import CONFIDENCE, TraceResult
+from ..errors import InputError
 
 
 class _PyHessianRun:
@@ -68,7 +69,7 @@ class _PyHessianRun:
                 p.requires_grad_(False)
                 frozen.append(name)
         if len(frozen) == len(live):
-            raise ValueError("no selected parameter has a gradient: PyHessian has nothing to differentiate")
+            raise InputError("no selected parameter has a gradient: PyHessian has nothing to differentiate")
         return tuple(frozen)
 
     @contextlib.contextmanager

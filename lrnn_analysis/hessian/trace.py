@@ -14,6 +14,7 @@ from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 from ..progress import progress_bar
+from ..errors import InputError
 
 METHODS = TRACE_METHODS
 CONFIDENCE = 0.95
@@ -101,7 +102,7 @@ def trace(
     samples give a half-width ≤ tol·|estimate|, or when ``max_matvecs`` products are spent.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
     start_time = time.perf_counter()
     matvec = CountedMatvec(op)
     if method == "xtrace":
@@ -118,7 +119,7 @@ def trace(
     if method == "hutch++":
         sketch = min(matvec.dim, max(1, max_matvecs // 3) if sketch_size is None else sketch_size)
         if 2 * sketch > max_matvecs:
-            raise ValueError(f"hutch++ needs max_matvecs >= 2 * sketch_size ({2 * sketch}), got {max_matvecs}")
+            raise InputError(f"hutch++ needs max_matvecs >= 2 * sketch_size ({2 * sketch}), got {max_matvecs}")
     samples: list[float] = []
     halfwidth, stop_reason = math.inf, "budget"
     with progress_bar(total=max_matvecs, desc=f"trace ({method})", enabled=progress, leave=False) as bar:
@@ -158,7 +159,7 @@ def leave_one_out_factors(R: np.ndarray, roundoff: float) -> np.ndarray:
     R has a diagonal entry ≤ 10·s·``roundoff``·max|R| (numerically rank-deficient at the products'
     unit round-off) is an error."""
     if not np.all(np.isfinite(R)) or np.min(np.abs(np.diag(R))) <= 10 * len(R) * roundoff * np.abs(R).max():
-        raise ValueError("the sketch is rank-deficient (H has rank below the number of probes): compute it exactly")
+        raise InputError("the sketch is rank-deficient (H has rank below the number of probes): compute it exactly")
     S = np.linalg.inv(R).T
     return S / np.linalg.norm(S, axis=0)
 
@@ -170,7 +171,7 @@ def exchangeable_sketch(matvec: CountedMatvec, max_matvecs: int, rng: np.random.
     (2s products). Returns (W, Y, Q, S, Z)."""
     s = max_matvecs // 2
     if s < 2 or s >= matvec.dim:
-        raise ValueError(f"{method} needs 4 <= max_matvecs and max_matvecs // 2 < dimension {matvec.dim}, got {max_matvecs}")
+        raise InputError(f"{method} needs 4 <= max_matvecs and max_matvecs // 2 < dimension {matvec.dim}, got {max_matvecs}")
     W = np.stack([rademacher(rng, matvec.dim) for _ in range(s)], axis=1)
     Y = np.stack([matvec(w) for w in W.T], axis=1)
     Q, R = np.linalg.qr(Y)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..lure import LureSystem
 from .config import ModelConfig
+from ..errors import InputError
 
 StepFunction = Callable[[Tensor, Tensor], Tensor]
 
@@ -100,7 +101,7 @@ class RecurrentModel(nn.Module):
 
     def _run(self, x: Tensor, keep_states: bool) -> Tensor:
         if x.ndim != 3 or x.shape[-1] != self.config.input_dim:
-            raise ValueError(
+            raise InputError(
                 f"{self.config.arch} model expects input of shape (batch, time, {self.config.input_dim}), got {tuple(x.shape)}"
             )
         inputs = self._input_sequence(x)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..choices import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -46,35 +47,35 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("arch", "discretization"):
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {_short(getattr(self, name))}")
+                raise InputError(f"{name} must be a string, got {_short(getattr(self, name))}")
         if self.arch not in DISCRETIZATIONS:
-            raise ValueError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
+            raise InputError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
         allowed = DISCRETIZATIONS[self.arch]
         if not self.discretization:
             object.__setattr__(self, "discretization", allowed[0])
         elif self.discretization not in allowed:
-            raise ValueError(f"{self.arch} runs with {allowed}, not {self.discretization!r}")
+            raise InputError(f"{self.arch} runs with {allowed}, not {self.discretization!r}")
         for name, limit in MAX_SIZES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-                raise ValueError(f"{name} must be an integer in [1, {limit}], got {_short(value)}")
+                raise InputError(f"{name} must be an integer in [1, {limit}], got {_short(value)}")
         # rank 0 means "hidden"; the constructions use at most the 3 * hidden rows of X.
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank <= 3 * self.hidden:
-            raise ValueError(f"rank must be an integer in [0, 3 * hidden = {3 * self.hidden}], got {_short(self.rank)}")
+            raise InputError(f"rank must be an integer in [0, 3 * hidden = {3 * self.hidden}], got {_short(self.rank)}")
         for name in ("eps", "beta_a", "gamma_a", "beta_w", "gamma_w", "init_std", "rho", "cond_penalty"):
             value = getattr(self, name)
             finite = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
             if not finite or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+                raise InputError(f"{name} must be a finite number, got {_short(value)}")
             object.__setattr__(self, name, float(value))
         if self.eps <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+            raise InputError(f"eps must be > 0, got {self.eps}")
         if not 0 < self.rho <= 1:
-            raise ValueError(f"rho must be in (0, 1], got {self.rho}")
+            raise InputError(f"rho must be in (0, 1], got {self.rho}")
         if self.cond_penalty < 0:
-            raise ValueError(f"cond_penalty must be >= 0, got {self.cond_penalty}")
+            raise InputError(f"cond_penalty must be >= 0, got {self.cond_penalty}")
         if self.init_std <= 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+            raise InputError(f"init_std must be > 0, got {self.init_std}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,16 +83,16 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         if not isinstance(data, dict):
-            raise ValueError(f"model config must be a mapping, got {type(data).__name__}")
+            raise InputError(f"model config must be a mapping, got {type(data).__name__}")
         if not all(isinstance(key, str) for key in data):
-            raise ValueError(f"model config keys must be strings, got {[k for k in data if not isinstance(k, str)][:3]}")
+            raise InputError(f"model config keys must be strings, got {[k for k in data if not isinstance(k, str)][:3]}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+            raise InputError(f"unknown model config keys {sorted(unknown)}")
         missing = {"arch", "input_dim", "hidden", "output_dim"} - set(data)
         if missing:
-            raise ValueError(f"model config lacks {sorted(missing)}")
+            raise InputError(f"model config lacks {sorted(missing)}")
         return cls(**data)
 
 

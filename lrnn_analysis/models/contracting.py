@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from ..lure import LureSystem
 from .architectures import RecurrentModel, StepFunction
 from .config import ModelConfig
+from ..errors import InputError
 
 DELTA = 1e-3
 REN_BLOCK = 16
@@ -137,7 +138,7 @@ def _rows(config: ModelConfig, blocks: int) -> int:
     n = config.hidden
     m = config.rank or n
     if not 1 <= m <= blocks * n:
-        raise ValueError(f"{config.arch} needs 1 <= rank <= {blocks} * hidden = {blocks * n}, got rank {m}")
+        raise InputError(f"{config.arch} needs 1 <= rank <= {blocks} * hidden = {blocks * n}, got rank {m}")
     return m
 
 

@@ -8,6 +8,7 @@ import torch
 from .architectures import AntisymmetricRNN, CayleyRNN, GatedLipschitzRNN, LipschitzRNN, PlainWRNN, RecurrentModel
 from .config import ModelConfig
 from .contracting import ContractingREN, ContractingRNN
+from ..errors import InputError
 
 MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
     "lipschitz": LipschitzRNN,
@@ -28,13 +29,13 @@ MAX_PARAMETERS = 100_000_000
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name and shape of every state-dict tensor of the model ``config`` describes, computed
-    on the meta device (nothing is allocated); ValueError beyond ``MAX_PARAMETERS``."""
+    on the meta device (nothing is allocated); ``InputError`` beyond ``MAX_PARAMETERS``."""
     with torch.device("meta"):
         model = MODEL_CLASSES[config.arch](config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     count = sum(math.prod(shape) for shape in shapes.values())
     if count > MAX_PARAMETERS:
-        raise ValueError(f"a {config.arch} model with hidden {config.hidden}, input_dim {config.input_dim} and "
+        raise InputError(f"a {config.arch} model with hidden {config.hidden}, input_dim {config.input_dim} and "
                          f"output_dim {config.output_dim} has {count} parameters, more than the limit {MAX_PARAMETERS}")
     return shapes
 

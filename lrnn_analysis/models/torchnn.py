@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..lure import LureSystem
+from ..errors import InputError
 
 RECURRENT_LAYER_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
 
@@ -60,7 +61,7 @@ def layer_kind(module: nn.Module) -> str:
         return "gru"
     if isinstance(module, nn.RNN):
         return f"rnn-{module.nonlinearity}"
-    raise TypeError(f"{type(module).__name__} is not a torch.nn recurrent layer (RNN, LSTM, GRU)")
+    raise InputError(f"{type(module).__name__} is not a torch.nn recurrent layer (RNN, LSTM, GRU)")
 
 
 def find_recurrent_layers(module: nn.Module) -> list[RecurrentLayer]:
@@ -77,15 +78,15 @@ def check_supported(rnn: nn.Module) -> None:
     """Refuse what the wrapper cannot represent exactly: bidirectional layers and LSTM projections."""
     layer_kind(rnn)
     if rnn.bidirectional:
-        raise ValueError("bidirectional recurrent layers are not supported: the last state is not one causal recurrence")
+        raise InputError("bidirectional recurrent layers are not supported: the last state is not one causal recurrence")
     if getattr(rnn, "proj_size", 0):
-        raise ValueError("LSTM with proj_size > 0 is not supported")
+        raise InputError("LSTM with proj_size > 0 is not supported")
 
 
 def layer_parameters(rnn: nn.RNNBase, layer: int) -> dict[str, Tensor | None]:
     """``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` of one layer (biases None without bias)."""
     if not 0 <= layer < rnn.num_layers:
-        raise ValueError(f"layer {layer} out of range: the module has {rnn.num_layers} layer(s)")
+        raise InputError(f"layer {layer} out of range: the module has {rnn.num_layers} layer(s)")
     names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     return {name: getattr(rnn, f"{name}_l{layer}", None) for name in names}
 
@@ -105,7 +106,7 @@ def _single_layer(rnn: nn.RNNBase, layer: int, input_size: int) -> tuple[nn.RNNB
 def rnn_lure_forms(rnn: nn.RNN) -> tuple[LureSystem, ...]:
     """The Lur'e map h+ = sigma(W_hh h + u) of every layer of an ``nn.RNN`` (float64, method ``map``)."""
     if not isinstance(rnn, nn.RNN):
-        raise TypeError(f"{type(rnn).__name__} has no Lur'e form; only nn.RNN layers do")
+        raise InputError(f"{type(rnn).__name__} has no Lur'e form; only nn.RNN layers do")
     check_supported(rnn)
     with torch.no_grad():
         weights = [layer_parameters(rnn, l)["weight_hh"].double().cpu() for l in range(rnn.num_layers)]
@@ -138,7 +139,7 @@ class SequenceClassifier(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 3 or x.shape[-1] != self.rnn.input_size:
-            raise ValueError(f"expected input of shape (batch, time, {self.rnn.input_size}), got {tuple(x.shape)}")
+            raise InputError(f"expected input of shape (batch, time, {self.rnn.input_size}), got {tuple(x.shape)}")
 
     def _output(self, x: Tensor) -> Tensor:
         """The last layer's states for every step, (batch, time, hidden)."""
@@ -182,7 +183,7 @@ class SequenceClassifier(nn.Module):
 
     def _require_rnn(self) -> None:
         if not isinstance(self.rnn, nn.RNN):
-            raise ValueError(f"{self.kind} has no Lur'e form (gates multiply the state); see lrnn_analysis.stability.gated")
+            raise InputError(f"{self.kind} has no Lur'e form (gates multiply the state); see lrnn_analysis.stability.gated")
 
     def lure_forms(self) -> tuple[LureSystem, ...] | None:
         """One Lur'e map h+ = sigma(W_hh h + u) per ``nn.RNN`` layer (float64); None for LSTM/GRU."""

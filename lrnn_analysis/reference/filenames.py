@@ -12,10 +12,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 REFERENCE_MODELS = ("LipschitzRNN", "LipschitzRNN_gated", "LipschitzRNN_ODE", "asymRNN", "calRNN", "resRNN", "simpleRNN")
 NUMERIC_FIELDS = {"T": int, "units": int, "beta": float, "alpha": float, "gamma": float, "eps": float,
                   "gclip": float, "seed": int, "init": float}
 TEXT_FIELDS = {"solver", "optimizer"}
+POSITIVE_FIELDS = {"T", "units"}  # counts: steps per sequence, hidden units
 # The driver writes "gamma_A" in the name of the loss file; it is the same gamma.
 ALIASES = {"gamma_A": "gamma"}
 
@@ -23,7 +26,8 @@ ALIASES = {"gamma_A": "gamma"}
 def parse_reference_filename(path: str | Path) -> dict[str, Any]:
     """Fields found in a reference file name: ``model`` and ``task`` (when the name starts with a
     known model name), then every ``key_value`` or ``keyvalue`` token of the pattern. Tokens that
-    belong to no known field are ignored; a field given twice with different values is an error."""
+    belong to no known field are ignored; a field given twice with different values, or a count
+    (``T``, ``units``) below 1, is an ``InputError``."""
     name = Path(path).name
     for suffix in ("_loss.pkl", ".pkl", ".pth", ".pt"):
         if name.endswith(suffix):
@@ -65,9 +69,11 @@ def parse_reference_filename(path: str | Path) -> dict[str, Any]:
             value = float(raw)
         else:
             kind = "a whole number" if NUMERIC_FIELDS[field] is int else "a number"
-            raise ValueError(f"{Path(path).name}: the name gives {field} = {raw!r}, which is not {kind}")
+            raise InputError(f"{Path(path).name}: the name gives {field} = {raw!r}, which is not {kind}")
+        if field in POSITIVE_FIELDS and value < 1:
+            raise InputError(f"{Path(path).name}: the name gives {field} = {value}; it must be at least 1")
         if field in found and found[field] != value:
-            raise ValueError(f"{Path(path).name}: the name gives {field} twice ({found[field]!r} and {value!r})")
+            raise InputError(f"{Path(path).name}: the name gives {field} twice ({found[field]!r} and {value!r})")
         found[field] = value
     return found
 

@@ -13,6 +13,7 @@ from .filenames import parse_reference_filename
 from .logs import loss_file_candidates, read_reference_log
 from .models import MODEL_HPARAMS, convert_reference_model, identify_model, strip_data_parallel
 from .pickles import DATA_PARALLEL, REFERENCE_MODULE_CLASSES, PickledObject, class_name
+from ..errors import InputError, first_line
 
 HPARAMS = ("beta", "gamma", "eps", "alpha", "solver")
 OVERRIDES = (*HPARAMS, "task", "model")
@@ -41,11 +42,13 @@ def is_reference_content(content: Any) -> bool:
 def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The toolkit model and metadata of a reference file whose unpickled ``content`` is a state dict
     or an inert ``PickledObject`` tree; ``overrides`` (beta, gamma, eps, alpha, solver, task, model) win over
-    the pickled attributes, which win over the file name. Raises ValueError on anything inexact."""
+    the pickled attributes, which win over the file name. Raises ``InputError`` on anything inexact.
+    A training history beside the file (``*_loss.pkl``) that cannot be read is skipped with a
+    ``ReferenceFileWarning``: the model loads without its log."""
     path = Path(path)
     unknown = {k for k, v in overrides.items() if v is not None} - set(OVERRIDES)
     if unknown:
-        raise ValueError(f"unknown reference overrides {sorted(unknown)}; expected {list(OVERRIDES)}")
+        raise InputError(f"unknown reference overrides {sorted(unknown)}; expected {list(OVERRIDES)}")
     parsed = parse_reference_filename(path)
     notes: list[str] = []
     if isinstance(content, PickledObject):
@@ -72,7 +75,7 @@ def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any])
                 break
     missing = [k for k in MODEL_HPARAMS[model_name] if k not in values and k != "alpha"]
     if missing:
-        raise ValueError(f"reference {kind} needs {missing}; pass them or keep the reference file name")
+        raise InputError(f"reference {kind} needs {missing}; pass them or keep the reference file name")
     if "alpha" in MODEL_HPARAMS[model_name] and "alpha" not in values:
         values["alpha"] = 1.0
         if kind == "state dict":
@@ -82,7 +85,7 @@ def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any])
         else:
             sources["alpha"] = "pickle (no alpha attribute: the saving code had no alpha)"
     if "n_units" in pickled and pickled["n_units"] != state["E.weight"].shape[0]:
-        raise ValueError(f"the pickle records n_units = {pickled['n_units']} but E.weight has {state['E.weight'].shape[0]} rows")
+        raise InputError(f"the pickle records n_units = {pickled['n_units']} but E.weight has {state['E.weight'].shape[0]} rows")
     model = convert_reference_model(model_name, state, values)
     task_name = overrides.get("task") or parsed.get("task")
     task = _task(task_name, parsed.get("T"), model.config.input_dim, notes)
@@ -109,9 +112,12 @@ def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any])
         metadata["reference"]["notes"].append(TEST_SET_NOTE)
     log_path = next((p for p in loss_file_candidates(path) if p.is_file()), None)
     if log_path is not None:
-        alpha = float(values.get("alpha", 1.0))
-        metadata["log"] = read_reference_log(log_path, alpha)
-        metadata["reference"]["log_file"] = str(log_path)
+        try:
+            metadata["log"] = read_reference_log(log_path, float(values.get("alpha", 1.0)))
+            metadata["reference"]["log_file"] = str(log_path)
+        except (InputError, OSError) as error:  # the history is beside the model, not part of it
+            _warn(notes, f"{path.name}: the training history beside it was not read ({first_line(error)}); "
+                         "the model loads without its log")
     return model, metadata
 
 
@@ -119,11 +125,11 @@ def _unpack_module(root: PickledObject) -> tuple[dict[str, torch.Tensor], dict[s
     if class_name(root) == DATA_PARALLEL:
         children = root.attributes.get("_modules") or {}
         if set(children) != {"module"}:
-            raise ValueError(f"a pickled DataParallel with submodules {sorted(children)}, expected ['module']")
+            raise InputError(f"a pickled DataParallel with submodules {sorted(children)}, expected ['module']")
         root = children["module"]
     name = class_name(root)
     if name not in REFERENCE_MODULE_CLASSES:
-        raise ValueError(f"the pickled module is a {name}, not one of the reference's {list(REFERENCE_MODULE_CLASSES)}")
+        raise InputError(f"the pickled module is a {name}, not one of the reference's {list(REFERENCE_MODULE_CLASSES)}")
     state: dict[str, torch.Tensor] = {}
     _collect(root, "", state, depth=0)
     pickled: dict[str, Any] = {"class": name}
@@ -132,45 +138,45 @@ def _unpack_module(root: PickledObject) -> tuple[dict[str, torch.Tensor], dict[s
             value = root.attributes[key]
             expected = str if key in ("model", "solver") else (int if key == "n_units" else (int, float))
             if isinstance(value, bool) or not isinstance(value, expected):
-                raise ValueError(f"the pickled attribute {key} is a {type(value).__name__}, expected {expected}")
+                raise InputError(f"the pickled attribute {key} is a {type(value).__name__}, expected {expected}")
             pickled[key] = value
     func = (root.attributes.get("_modules") or {}).get("func")
     if isinstance(func, PickledObject):
         for key in ("beta", "gamma"):
             if key in func.attributes and key in pickled and not _same(func.attributes[key], pickled[key]):
-                raise ValueError(f"the pickled ODE function has {key} = {func.attributes[key]!r}, its model {pickled[key]!r}")
+                raise InputError(f"the pickled ODE function has {key} = {func.attributes[key]!r}, its model {pickled[key]!r}")
     return state, pickled, f"whole-module pickle ({name})"
 
 
 def _collect(module: PickledObject, prefix: str, state: dict[str, torch.Tensor], depth: int) -> None:
     if depth > 4:
-        raise ValueError("pickled modules nested deeper than the reference's")
+        raise InputError("pickled modules nested deeper than the reference's")
     for group in ("_parameters", "_buffers"):
         entries = module.attributes.get(group) or {}
         if not isinstance(entries, dict):
-            raise ValueError(f"{prefix or 'the model'}: {group} is a {type(entries).__name__}")
+            raise InputError(f"{prefix or 'the model'}: {group} is a {type(entries).__name__}")
         for name, tensor in entries.items():
             if tensor is not None:
                 state[prefix + name] = tensor
     children = module.attributes.get("_modules") or {}
     if not isinstance(children, dict):
-        raise ValueError(f"{prefix or 'the model'}: _modules is a {type(children).__name__}")
+        raise InputError(f"{prefix or 'the model'}: _modules is a {type(children).__name__}")
     for name, child in children.items():
         if child is None:
             continue
         if not isinstance(child, PickledObject):
-            raise ValueError(f"submodule {prefix}{name} is a {type(child).__name__}")
+            raise InputError(f"submodule {prefix}{name} is a {type(child).__name__}")
         _collect(child, f"{prefix}{name}.", state, depth + 1)
 
 
 def _check_tensors(state: Mapping[str, Any]) -> None:
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"entry {name!r} is a {type(tensor).__name__}, not a tensor")
+            raise InputError(f"entry {name!r} is a {type(tensor).__name__}, not a tensor")
         if not tensor.is_floating_point():
-            raise ValueError(f"tensor {name} has dtype {tensor.dtype}, expected floating point")
+            raise InputError(f"tensor {name} has dtype {tensor.dtype}, expected floating point")
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"tensor {name} has non-finite values (NaN or inf)")
+            raise InputError(f"tensor {name} has non-finite values (NaN or inf)")
 
 
 def _task(name: str | None, steps: int | None, input_dim: int, notes: list[str]) -> dict[str, Any] | None:
@@ -180,10 +186,10 @@ def _task(name: str | None, steps: int | None, input_dim: int, notes: list[str])
             notes.append(f"the reference task {name!r} has no toolkit counterpart (only mnist and pmnist do); pass --task")
         return None
     if steps is not None and (784 % steps or 784 // steps != input_dim):
-        raise ValueError(f"the file name says T = {steps} steps, i.e. {784 / steps:g} pixels per step, "
+        raise InputError(f"the file name says T = {steps} steps, i.e. {784 / steps:g} pixels per step, "
                          f"but E.weight takes {input_dim} inputs")
     if 784 % input_dim:
-        raise ValueError(f"E.weight takes {input_dim} inputs, which does not divide the 784 pixels of MNIST")
+        raise InputError(f"E.weight takes {input_dim} inputs, which does not divide the 784 pixels of MNIST")
     if name == "mnist":
         return {"name": "smnist", "seed": 0, "options": {"pixels_per_step": input_dim, "scale": "unit"}}
     return {"name": "psmnist", "seed": 0, "options": {"pixels_per_step": input_dim, "scale": "raw", "permutation": "reference"}}

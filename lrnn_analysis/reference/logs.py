@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .pickles import load_plain_pickle
+from ..errors import InputError, first_line
 
 MAX_LOSS_FILE_BYTES = 64 * 2**20
 
@@ -31,25 +32,25 @@ def read_reference_log(path: str | Path, alpha: float = 1.0) -> list[dict[str, A
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_LOSS_FILE_BYTES:
-        raise ValueError(f"{path}: {size} bytes is too large for a training history")
+        raise InputError(f"{path}: {size} bytes is too large for a training history")
     try:
         data = load_plain_pickle(path.read_bytes())
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError) as error:
-        raise ValueError(f"{path}: not a readable reference training history ({str(error) or type(error).__name__})") from error
+    except pickle.UnpicklingError as error:
+        raise InputError(f"{path}: not a readable reference training history ({first_line(error)})") from error
     if not isinstance(data, dict) or not {"eigA", "eigW", "testacc"} <= set(data):
         keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: a reference training history has 'loss', 'eigA', 'eigW', 'testacc'; found {keys}")
+        raise InputError(f"{path}: a reference training history has 'loss', 'eigA', 'eigW', 'testacc'; found {keys}")
     series = {key: data[key] for key in ("eigA", "eigW", "testacc")}
     loss = data.get("loss")
     if isinstance(loss, list):
         series["loss"] = loss
     for key, values in series.items():
-        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"{path}: '{key}' is not a list of numbers")
+        if not isinstance(values, list) or not all(_is_float(v) for v in values):
+            raise InputError(f"{path}: '{key}' is not a list of numbers within the float64 range")
     epochs = max(len(v) for v in series.values())
     for key, values in series.items():
         if values and len(values) != epochs:
-            raise ValueError(f"{path}: '{key}' has {len(values)} entries, other series {epochs}")
+            raise InputError(f"{path}: '{key}' has {len(values)} entries, other series {epochs}")
     log = []
     for i in range(epochs):
         entry: dict[str, Any] = {"epoch": i + 1}
@@ -65,6 +66,17 @@ def read_reference_log(path: str | Path, alpha: float = 1.0) -> list[dict[str, A
         if series["eigW"]:
             entry["alpha_W"] = float(series["eigW"][i])
         log.append(entry)
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool) and log:
+    if _is_float(loss) and log:
         log[-1]["train_loss_sum"] = float(loss)
     return log
+
+
+def _is_float(value: Any) -> bool:
+    """A number (not a boolean) that converts to a float: an integer beyond the float64 range does not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True

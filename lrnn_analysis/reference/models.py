@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from ..models import ModelConfig, RecurrentModel, build_model
+from ..errors import InputError
 
 _IO = ("E.weight", "E.bias", "D.weight", "D.bias")
 MODEL_KEYS: dict[str, frozenset[str]] = {
@@ -63,7 +64,7 @@ def strip_data_parallel(state: Mapping[str, Any]) -> dict[str, Any]:
     """Drop the ``module.`` prefix nn.DataParallel adds (all keys or none carry it)."""
     prefixed = [k.startswith("module.") for k in state]
     if any(prefixed) and not all(prefixed):
-        raise ValueError(f"some keys carry the DataParallel prefix 'module.' and some do not: {sorted(state)}")
+        raise InputError(f"some keys carry the DataParallel prefix 'module.' and some do not: {sorted(state)}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -79,18 +80,18 @@ def identify_model(keys: set[str] | frozenset[str], named: str | None) -> str:
     found = sorted(keys)
     if named is not None:
         if named not in MODEL_KEYS:
-            raise ValueError(f"unknown reference model {named!r}; expected one of {list(MODEL_KEYS)}")
+            raise InputError(f"unknown reference model {named!r}; expected one of {list(MODEL_KEYS)}")
         if named not in candidates:
             expected = sorted(MODEL_KEYS[named])
-            raise ValueError(f"the file is named/recorded as a {named} model, whose parameters are {expected}, "
+            raise InputError(f"the file is named/recorded as a {named} model, whose parameters are {expected}, "
                              f"but its keys are {found}" + (f" (those of {' or '.join(candidates)})" if candidates else ""))
         return named
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise ValueError(f"the keys {found} are those of no reference model "
+        raise InputError(f"the keys {found} are those of no reference model "
                          f"({'; '.join(f'{m}: {sorted(k)}' for m, k in MODEL_KEYS.items())})")
-    raise ValueError(f"the keys {found} fit {' and '.join(candidates)} alike; the model name is needed "
+    raise InputError(f"the keys {found} fit {' and '.join(candidates)} alike; the model name is needed "
                      "(keep the reference file name or pass model=...)")
 
 
@@ -100,10 +101,10 @@ def convert_reference_model(model: str, state: Mapping[str, torch.Tensor], hpara
     ``state`` (keys without the DataParallel prefix) and hyper-parameters ``hparams``."""
     keys = set(state)
     if keys != MODEL_KEYS[model]:
-        raise ValueError(f"a {model} model has parameters {sorted(MODEL_KEYS[model])}, got {sorted(keys)}")
+        raise InputError(f"a {model} model has parameters {sorted(MODEL_KEYS[model])}, got {sorted(keys)}")
     missing = [k for k in MODEL_HPARAMS[model] if hparams.get(k) is None]
     if missing:
-        raise ValueError(f"a {model} model needs {missing}")
+        raise InputError(f"a {model} model needs {missing}")
     n, input_dim = (int(s) for s in state["E.weight"].shape) if state["E.weight"].ndim == 2 else (0, 0)
     output_dim = int(state["D.weight"].shape[0]) if state["D.weight"].ndim == 2 else 0
     shapes = {"E.weight": (n, input_dim), "E.bias": (n,), "D.weight": (output_dim, n), "D.bias": (output_dim,),
@@ -111,7 +112,7 @@ def convert_reference_model(model: str, state: Mapping[str, torch.Tensor], hpara
               "E_gate.weight": (n, input_dim), "E_gate.bias": (n,)}
     for key in sorted(keys):
         if n == 0 or output_dim == 0 or tuple(state[key].shape) != shapes[key]:
-            raise ValueError(f"reference tensor {key} has shape {tuple(state[key].shape)}, expected {shapes[key]} "
+            raise InputError(f"reference tensor {key} has shape {tuple(state[key].shape)}, expected {shapes[key]} "
                              f"(hidden size from E.weight {tuple(state['E.weight'].shape)})")
     beta = float(hparams.get("beta", 0.0) or 0.0)
     gamma = float(hparams.get("gamma", 0.0) or 0.0)
@@ -148,5 +149,5 @@ def _ode_scheme(solver: Any) -> str:
     if solver in ODE_SOLVERS:
         return ODE_SOLVERS[solver]
     why = KNOWN_UNSUPPORTED_SOLVERS.get(solver, "not a torchdiffeq fixed-grid solver the toolkit knows")
-    raise ValueError(f"LipschitzRNN_ODE with solver {solver!r} cannot be loaded exactly: {why}; "
+    raise InputError(f"LipschitzRNN_ODE with solver {solver!r} cannot be loaded exactly: {why}; "
                      f"supported: {sorted(ODE_SOLVERS)}")

@@ -27,6 +27,8 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 import torch
 
+from ..errors import first_line
+
 REFERENCE_MODULE_CLASSES = ("models.RnnModels", "models.rnn_models", "models.relaxRNN")
 REFERENCE_SUBMODULE_CLASSES = ("models.LipschitzRNN_ODE",)
 TORCH_MODULE_CLASSES = (
@@ -275,7 +277,13 @@ def load_plain_pickle(data: bytes) -> Any:
     elements, counting shared ones at each place they occur, than 16 per byte of the pickle (a
     memo reference is one opcode but can repeat a whole container: nested, exponentially)."""
     budget = [16 * max(len(data), 2**16)]
-    return _check_plain(_PlainUnpickler(io.BytesIO(data)).load(), 0, budget)
+    try:
+        value = _PlainUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as error:  # the unpickler failing on these bytes (APPEND to an int, a truncated stream, ...)
+        raise pickle.UnpicklingError(f"{type(error).__name__}: {first_line(error)}") from error
+    return _check_plain(value, 0, budget)
 
 
 def _check_plain(value: Any, depth: int, budget: list[int]) -> Any:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..choices import INPUT_KINDS, KINDS, PARAMETER_KINDS, perturbation_kind, perturbation_level  # noqa: F401 (re-exported)
+from ..errors import InputError
 
 DETERMINISTIC_KINDS = ("fgsm",)
 
@@ -65,7 +66,7 @@ class ParameterDirections:
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.shape[0] < 1:
-            raise ValueError(f"directions must have shape (k, P) with k >= 1, got {tuple(self.vectors.shape)}")
+            raise InputError(f"directions must have shape (k, P) with k >= 1, got {tuple(self.vectors.shape)}")
 
 
 def perturb_inputs(
@@ -78,7 +79,7 @@ def perturb_inputs(
     level, kind = perturbation.level, perturbation.kind
     if kind == "fgsm":
         if gradient is None:
-            raise ValueError("fgsm needs the loss gradient with respect to the inputs")
+            raise InputError("fgsm needs the loss gradient with respect to the inputs")
         return x + level * torch.sign(gradient(x))
     gen = perturbation.generator()
     if kind == "gaussian":
@@ -93,7 +94,7 @@ def perturb_inputs(
         count = round(level * steps)
         ranks = torch.rand((n, steps), generator=gen).argsort(dim=1).argsort(dim=1).to(x.device)
         return x.masked_fill((ranks < count).unsqueeze(-1), 0.0)
-    raise ValueError(f"{kind} is not an input perturbation")
+    raise InputError(f"{kind} is not an input perturbation")
 
 
 def perturb_parameters(
@@ -112,10 +113,10 @@ def perturb_parameters(
     if perturbation.kind == "gaussian-relative":
         chosen = sorted(params) if names is None else list(names)
         if not chosen:
-            raise ValueError("no parameters to perturb: the selection is empty")
+            raise InputError("no parameters to perturb: the selection is empty")
         unknown = [n for n in chosen if n not in params]
         if unknown:
-            raise ValueError(f"no parameters named {unknown}; the model has {sorted(params)}")
+            raise InputError(f"no parameters named {unknown}; the model has {sorted(params)}")
         for name in chosen:
             theta = params[name]
             rms = theta.detach().pow(2).mean().sqrt()
@@ -124,7 +125,7 @@ def perturb_parameters(
         return out
     if perturbation.kind == "hessian-direction":
         if directions is None:
-            raise ValueError("hessian-direction needs Hessian eigenvectors (directions)")
+            raise InputError("hessian-direction needs Hessian eigenvectors (directions)")
         coefficients = torch.randn(directions.vectors.shape[0], generator=gen, dtype=torch.float64)
         coefficients /= coefficients.norm()
         v = (coefficients @ directions.vectors.detach().cpu().double())
@@ -132,12 +133,12 @@ def perturb_parameters(
         offset = 0
         for name in directions.names:
             if name not in params:
-                raise ValueError(f"direction covers unknown parameter {name!r}")
+                raise InputError(f"direction covers unknown parameter {name!r}")
             theta = params[name]
             size = theta.numel()
             out[name] = theta + perturbation.level * v[offset:offset + size].view(theta.shape).to(theta.device, theta.dtype)
             offset += size
         if offset != directions.vectors.shape[1]:
-            raise ValueError(f"directions have {directions.vectors.shape[1]} entries but the named parameters have {offset}")
+            raise InputError(f"directions have {directions.vectors.shape[1]} entries but the named parameters have {offset}")
         return out
-    raise ValueError(f"{perturbation.kind} is not a parameter perturbation")
+    raise InputError(f"{perturbation.kind} is not a parameter perturbation")

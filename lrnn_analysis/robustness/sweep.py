@@ -20,7 +20,7 @@ from torch.func import functional_call, vmap
 from ..choices import perturbation_grid
 from ..environment import environment
 from ..errors import InputError
-from ..evaluation import evaluate
+from ..evaluation import NonFiniteOutputs, evaluate
 from ..model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
 from ..parameters import require_parameters
 from ..progress import progress_bar
@@ -84,7 +84,7 @@ def prepare_models(models: Sequence[SweepModel], task: Task, plan: Mapping[str, 
     keys = [(entry.label, entry.checkpoint) for entry in models]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
     if repeated:
-        raise ValueError(f"models listed more than once (label, checkpoint): {repeated}")
+        raise InputError(f"models listed more than once (label, checkpoint): {repeated}")
     restricted = recurrent is not None or recurrent_only
     selected: list[list[str] | None] = []
     training_data: dict[str, dict[str, Any]] = {}
@@ -92,7 +92,7 @@ def prepare_models(models: Sequence[SweepModel], task: Task, plan: Mapping[str, 
     for entry in models:
         entry.model.check_fits(task, entry.checkpoint)
         if "hessian-direction" in plan and entry.directions is None:
-            raise ValueError(f"{entry.label}: hessian-direction needs its Hessian eigenvectors")
+            raise InputError(f"{entry.label}: hessian-direction needs its Hessian eigenvectors")
         selected.append(recurrent_parameter_names(entry.model, recurrent) if restricted else None)
         check = check_training_data(entry.model.metadata, task)
         training_data[entry.checkpoint] = check.to_dict()
@@ -225,7 +225,7 @@ def sweep(
     with progress_bar(total=total, desc="robustness", unit="eval", enabled=progress) as bar:
         for index, entry in enumerate(models):
             model = entry.model.module.to(device).eval()
-            clean = evaluate(model, x, y, task.is_classification, batch_size)
+            clean = evaluate(model, x, y, task.is_classification, batch_size, name=entry.label)
             params = {name: p.detach() for name, p in model.named_parameters()}
             names = selected[index]
 
@@ -245,14 +245,15 @@ def sweep(
                     elif p.target == "input":
                         gradient = (lambda inputs: _input_gradient(model, inputs, y, task.is_classification)) if kind == "fgsm" else None
                         perturbed = perturb_inputs(x, p, data_range, gradient)
-                        result = evaluate(model, perturbed, y, task.is_classification, batch_size)
+                        result = evaluate(model, perturbed, y, task.is_classification, batch_size, name=_under(entry.label, p))
                         record(p, result.accuracy, result.loss)
                     else:
                         pending.append(p)
                 for start in range(0, len(pending), draws_per_call):
                     chunk = pending[start:start + draws_per_call]
                     stacked = [perturb_parameters(params, p, names, entry.directions) for p in chunk]
-                    scores = evaluate_parameter_draws(model, stacked, x, y, task.is_classification, batch_size, batched)
+                    scores = evaluate_parameter_draws(model, stacked, x, y, task.is_classification, batch_size, batched,
+                                                      names=[_under(entry.label, p) for p in chunk])
                     for p, (accuracy, loss) in zip(chunk, scores):
                         record(p, accuracy, loss)
     settings = {"task": task.to_dict(), "split": split, "n": len(x), "grid": {k: list(map(float, v)) for k, v in grid.items()},
@@ -260,6 +261,11 @@ def sweep(
                 "perturbed_parameters": {entry.checkpoint: names for entry, names in zip(models, selected)},
                 "training_data": training_data, "batched": batched, "seconds": time.perf_counter() - started}
     return SweepResult(rows, summarize(rows), settings, environment(device), tuple(warnings))
+
+
+def _under(label: str, perturbation: Perturbation) -> str:
+    """How an error names a model under one perturbation draw."""
+    return f"{label} under {perturbation.kind} at level {perturbation.level:g} (seed {perturbation.seed})"
 
 
 def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, classification: bool, batch_size: int = 1000) -> Tensor:
@@ -287,13 +293,19 @@ def evaluate_parameter_draws(
     classification: bool,
     batch_size: int = 1000,
     batched: bool = True,
+    names: Sequence[str] | None = None,
 ) -> list[tuple[float | None, float]]:
     """(accuracy, mean loss) of the model under each parameter set in ``draws``.
 
     ``batched`` runs all draws in one vmapped functional call per data batch; otherwise
-    one functional call per draw.
+    one functional call per draw. A draw whose outputs are not all finite raises
+    ``InputError`` naming it (``names``, one per draw; default "parameter draw i").
     """
     count = len(draws)
+    names = list(names) if names is not None else [f"parameter draw {i + 1} of {count}" for i in range(count)]
+    if len(names) != count:
+        raise InputError(f"{len(names)} names for {count} parameter draws")
+    counts = [NonFiniteOutputs() for _ in range(count)]
     loss_sum = torch.zeros(count, dtype=torch.float64)
     correct = torch.zeros(count, dtype=torch.int64)
     stacked = {name: torch.stack([d[name] for d in draws]) for name in draws[0]} if batched else None
@@ -305,10 +317,13 @@ def evaluate_parameter_draws(
             else:
                 outputs = torch.stack([functional_call(model, dict(d), (xb,)) for d in draws])
             for i in range(count):
+                counts[i].add(outputs[i])
                 loss_sum[i] += float(_loss_sum(outputs[i], yb, classification))
                 if classification:
                     correct[i] += int((outputs[i].argmax(dim=-1) == yb).sum())
     n = len(x)
+    for name, count_of in zip(names, counts):
+        count_of.check(name, n)
     return [(int(correct[i]) / n if classification else None, float(loss_sum[i]) / n) for i in range(count)]
 
 

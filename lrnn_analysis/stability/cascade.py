@@ -37,6 +37,7 @@ from torch import nn
 from ..models.torchnn import find_recurrent_layers, layer_kind, layer_parameters, rnn_lure_forms
 from .certificates import CertificateResult, certify
 from .gated import GatedCertificate, gated_contraction
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def certify_recurrent(
     """
     found = find_recurrent_layers(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} contains no torch.nn recurrent layer (RNN, LSTM, GRU)")
+        raise InputError(f"{type(model).__name__} contains no torch.nn recurrent layer (RNN, LSTM, GRU)")
     budget = None if time_budget is None else time_budget / len(found)
     return [certify_layers(layer.module, names, input_bound=input_bound, time_budget=budget, tiers=tiers,
                            module_name=layer.name) for layer in found]

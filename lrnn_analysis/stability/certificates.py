@@ -62,6 +62,7 @@ from .riccati import RICCATI_TIER, riccati_tier
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF, norm2
 from .verification import Verification, verify
 from ..choices import CERTIFICATES
+from ..errors import InputError
 
 TIERS = ("norm", "P=I", RICCATI_TIER, "diag-P", "full-P")
 DEFAULT_CERTIFICATES = {
@@ -209,9 +210,9 @@ def certify(
         _family(system, name)
     unknown = [t for t in tiers if t not in TIERS]
     if unknown:
-        raise ValueError(f"unknown tiers {unknown}; expected a subset of {TIERS}")
+        raise InputError(f"unknown tiers {unknown}; expected a subset of {TIERS}")
     if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+        raise InputError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     deadline = time.monotonic() + (float("inf") if time_budget is None else float(time_budget))
     results = []
     # The work is many small dense factorizations; multithreaded BLAS on a shared
@@ -244,7 +245,7 @@ def verify_certificate(
     """
     family = _family(system, name)
     if not name.endswith("-lmi"):
-        raise ValueError(f"{name} is not an LMI certificate")
+        raise InputError(f"{name} is not an LMI certificate")
     working, scale = _working_system(system, family)
     form = incremental_form(working, family)
     multipliers = np.asarray(multipliers, dtype=np.float64)
@@ -268,14 +269,14 @@ def _working_system(system: LureSystem, family: str) -> tuple[LureSystem, float]
 
 def _family(system: LureSystem, name: str) -> str:
     if name not in CERTIFICATES:
-        raise ValueError(f"unknown certificate {name!r}; expected one of {CERTIFICATES}")
+        raise InputError(f"unknown certificate {name!r}; expected one of {CERTIFICATES}")
     family = name.split("-")[0]
     if family == "ct":
         if system.method == "map":
-            raise ValueError("ct certificates need a continuous-time model; method 'map' has none")
+            raise InputError("ct certificates need a continuous-time model; method 'map' has none")
         return family
     if family != system.method:
-        raise ValueError(f"{name} certifies method {family!r} but the system runs {system.method!r}")
+        raise InputError(f"{name} certifies method {family!r} but the system runs {system.method!r}")
     return family
 
 

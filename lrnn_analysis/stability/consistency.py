@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..lure import LureSystem
+from ..errors import InputError
 
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
@@ -55,7 +56,7 @@ class LureConsistency:
 def _states(model: nn.Module, method: str, x: Tensor, layer: int | None) -> Tensor:
     function = getattr(model, method, None)
     if function is None:
-        raise TypeError(f"{type(model).__name__} has no {method}(x): check_lure_form needs hidden_states and lure_inputs")
+        raise InputError(f"{type(model).__name__} has no {method}(x): check_lure_form needs hidden_states and lure_inputs")
     return function(x) if layer is None else function(x, layer=layer)
 
 
@@ -67,7 +68,7 @@ def check_lure_form(
     Only discrete systems can be compared step by step (a continuous-time ``ode`` system is an error).
     """
     if not system.is_discrete:
-        raise ValueError("check_lure_form needs the discrete scheme the model runs; this system is continuous-time")
+        raise InputError("check_lure_form needs the discrete scheme the model runs; this system is continuous-time")
     was_training = model.training
     model.eval()
     try:
@@ -77,9 +78,9 @@ def check_lure_form(
     finally:
         model.train(was_training)
     if actual.ndim != 3 or inputs.shape != actual.shape:
-        raise ValueError(f"hidden_states {tuple(actual.shape)} and lure_inputs {tuple(inputs.shape)} must both be (batch, T, n)")
+        raise InputError(f"hidden_states {tuple(actual.shape)} and lure_inputs {tuple(inputs.shape)} must both be (batch, T, n)")
     if actual.shape[-1] != system.n:
-        raise ValueError(f"the system has n = {system.n} but the model's hidden state has {actual.shape[-1]} units")
+        raise InputError(f"the system has n = {system.n} but the model's hidden state has {actual.shape[-1]} units")
     dtype = actual.dtype
     expected = system.simulate(np.zeros((actual.shape[0], system.n)), inputs.detach().cpu().double().numpy())
     observed = actual.detach().cpu().double().numpy()
@@ -88,7 +89,7 @@ def check_lure_form(
     max_abs = float(difference.max())
     relative = max_abs / scale
     if tolerance is None and dtype not in DEFAULT_TOLERANCE:
-        raise ValueError(f"no default tolerance for {dtype} states; pass tolerance= explicitly")
+        raise InputError(f"no default tolerance for {dtype} states; pass tolerance= explicitly")
     tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
     return LureConsistency(
         max_abs_difference=max_abs, relative_difference=relative, scale=scale,

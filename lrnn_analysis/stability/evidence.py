@@ -35,6 +35,7 @@ from ..lure import LureSystem
 from .certificates import TIERS, CertificateResult, Evidence, _assumptions, _rate_meaning, certify, rounded_r, verify_certificate
 from .forms import IncrementalForm, incremental_form
 from .verification import Verification, verify
+from ..errors import InputError, first_line
 
 METADATA_KEY = "certificate_evidence"
 SCHEMA = "lrnn-analysis/evidence/1"
@@ -72,25 +73,25 @@ class StoredEvidence:
 
     @classmethod
     def from_dict(cls, data: Any) -> "StoredEvidence":
-        """Parse stored evidence; ValueError names what is malformed."""
+        """Parse stored evidence; ``InputError`` names what is malformed."""
         if not isinstance(data, Mapping) or data.get("schema") != SCHEMA:
-            raise ValueError(f"not {SCHEMA} evidence")
+            raise InputError(f"not {SCHEMA} evidence")
         missing = {"certificate", "tier", "rate", "weights_sha256", "P", "multipliers"} - set(data)
         if missing:
-            raise ValueError(f"evidence lacks {sorted(missing)}")
+            raise InputError(f"evidence lacks {sorted(missing)}")
         rate = data["rate"]
         if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-            raise ValueError(f"rate is not a number: {rate!r}")
+            raise InputError(f"rate is not a number: {rate!r}")
         for key in ("certificate", "tier", "weights_sha256"):
             if not isinstance(data[key], str):
-                raise ValueError(f"{key} is not a string")
+                raise InputError(f"{key} is not a string")
         try:
             P = np.array(data["P"], dtype=np.float64)
             multipliers = np.array(data["multipliers"], dtype=np.float64)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"P or multipliers are not arrays of numbers ({error})") from error
+            raise InputError(f"P or multipliers are not arrays of numbers ({error})") from error
         if P.ndim != 2 or multipliers.ndim not in (1, 2):
-            raise ValueError(f"P has shape {P.shape}, multipliers {multipliers.shape}")
+            raise InputError(f"P has shape {P.shape}, multipliers {multipliers.shape}")
         return cls(data["certificate"], P, multipliers, float(rate), data["tier"], data["weights_sha256"])
 
 
@@ -145,7 +146,7 @@ def explicit_increment_form(A: np.ndarray, B: np.ndarray, K: np.ndarray, D: np.n
     mats = [np.asarray(M, dtype=np.float64) for M in (A, B, K, D)]
     n = mats[0].shape[0]
     if any(M.shape != (n, n) for M in mats):
-        raise ValueError(f"A, B, K, D must all be {n} x {n}, got {[M.shape for M in mats]}")
+        raise InputError(f"A, B, K, D must all be {n} x {n}, got {[M.shape for M in mats]}")
     return IncrementalForm("map", n, 1.0, None, np.hstack(mats[:2]), (np.hstack(mats[2:]),))
 
 
@@ -159,17 +160,17 @@ def ren_increment_form(model: Any) -> IncrementalForm:
 def verify_stored(model: Any, evidence: StoredEvidence) -> Verification:
     """The float64 verification of ``evidence`` for ``model``'s recurrence as it is now."""
     if not hasattr(model, "config"):
-        raise ValueError("stored certificate evidence applies to the toolkit's architectures only, "
+        raise InputError("stored certificate evidence applies to the toolkit's architectures only, "
                          f"not a {type(model).__name__}")
     if evidence.certificate == REN_CERTIFICATE:
         if not hasattr(model, "explicit_matrices"):
-            raise ValueError(f"{REN_CERTIFICATE} evidence applies to a ren model, not {model.config.arch}")
+            raise InputError(f"{REN_CERTIFICATE} evidence applies to a ren model, not {model.config.arch}")
         meaningful = math.isfinite(evidence.rate) and 0 <= evidence.rate < 1
         r = rounded_r(evidence.rate) if meaningful else evidence.rate
         return verify(ren_increment_form(model), evidence.P, evidence.multipliers, r)
     system = model.lure_form()
     if system is None:
-        raise ValueError(f"{evidence.certificate} evidence needs a Lur'e form; a {model.config.arch} model has none")
+        raise InputError(f"{evidence.certificate} evidence needs a Lur'e form; a {model.config.arch} model has none")
     return verify_certificate(system, evidence.certificate, evidence.P, evidence.multipliers, evidence.rate)
 
 
@@ -269,10 +270,15 @@ def certify_trained(model: Any) -> tuple[StoredEvidence | None, str]:
     """Evidence a freshly trained certified model stores, and one line saying what it is.
 
     contracting/ren: the construction's certificate; a Lur'e model (``--constrain``
-    training): the LMI tiers' certificate. Returns (None, why) when nothing verifies.
+    training): the LMI tiers' certificate. Returns (None, why) when nothing verifies, or when
+    the float64 linear algebra of the construction fails (a nearly singular T = E^-1 B / eps).
     """
     if hasattr(model, "construction"):
-        evidence, verification = construction_evidence(model)
+        try:
+            evidence, verification = construction_evidence(model)
+        except (np.linalg.LinAlgError, torch.linalg.LinAlgError) as error:  # a (nearly) singular rewrite
+            return None, (f"certificate evidence NOT stored: the construction's matrices are singular in float64 "
+                          f"({first_line(error)})")
         if not verification.passed:
             return None, f"certificate evidence NOT stored: the construction's certificate failed in float64 ({verification.reason})"
     else:

@@ -36,6 +36,7 @@ import scipy.linalg
 
 from ..lure import LureSystem
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF
+from ..errors import InputError
 
 FAMILIES = ("ct", "euler", "rk2", "rk4", "rk38", "map")
 _TABLEAUS: dict[str, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
@@ -168,7 +169,7 @@ class IncrementalForm:
 def incremental_form(system: LureSystem, family: str) -> IncrementalForm:
     """Build the lifted form of ``family`` for ``system`` (which supplies A, W, L and eps)."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise InputError(f"unknown family {family!r}; expected one of {FAMILIES}")
     A, W, n = system.A, system.W, system.n
     I = np.eye(n)
     if family in ("ct", "map"):
@@ -176,7 +177,7 @@ def incremental_form(system: LureSystem, family: str) -> IncrementalForm:
         out = np.hstack([A, I]) if family == "ct" else np.hstack([np.zeros((n, n)), I])
         return IncrementalForm(family, n, system.slope, system.eps, out, (W @ E0,))
     if system.eps is None:
-        raise ValueError(f"family {family!r} needs a system with a step eps")
+        raise InputError(f"family {family!r} needs a system with a step eps")
     eps = float(system.eps)
     # An overflowing scheme (huge eps ||A||) yields non-finite entries, which callers report.
     with np.errstate(over="ignore", invalid="ignore"):

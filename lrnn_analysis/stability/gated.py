@@ -57,6 +57,7 @@ import numpy as np
 from torch import nn
 
 from ..models.torchnn import layer_kind, layer_parameters
+from ..errors import InputError
 
 REFERENCES = {
     "lstm": "Bonassi, Terzi, Farina, Scattolini, 'LSTM neural networks: input to state stability and "
@@ -217,7 +218,7 @@ def gated_contraction(rnn: nn.RNNBase, input_bound: float | None) -> list[GatedC
     """
     kind = layer_kind(rnn)
     if kind not in ("lstm", "gru"):
-        raise ValueError(f"{kind} is not a gated layer")
+        raise InputError(f"{kind} is not a gated layer")
     name = f"{kind}-contraction"
     if getattr(rnn, "proj_size", 0) or rnn.bidirectional:
         return [GatedCertificate(name, l, False, None, 0.0, None, input_bound, "-",

@@ -35,6 +35,7 @@ from ..lure import LureSystem
 from .forms import IncrementalForm
 from .spectra import STABILITY_POLYNOMIALS, norm2, roundoff_bound, spectral_abscissa, spectral_radius, step_matrix
 from .verification import Verification, verify
+from ..errors import InputError
 
 SOLVERS = ("auto", "CLARABEL", "SCS")
 # Interior-point solvers form dense Newton systems of size ~ (N(N+1)/2)^2 for an
@@ -345,7 +346,7 @@ class _SdpProblem:
 def sdp_tier(form: IncrementalForm, tier: str, g_upper: float, deadline: float, solver: str = "auto") -> TierOutcome:
     """Tier ``diag-P`` or ``full-P``: bisection on the rate, SDP feasibility per step, verified candidates."""
     if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+        raise InputError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     start = time.monotonic()
     model = _SdpProblem(form, tier)
     order = ["CLARABEL", "SCS"] if model.cone <= _CLARABEL_MAX_CONE else ["SCS", "CLARABEL"]

@@ -41,6 +41,7 @@ import numpy as np
 
 from ..lure import LureSystem
 from .spectra import mu2, norm2, roundoff_bound
+from ..errors import InputError
 
 NORM_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "rk38-norm", "map-norm")
 
@@ -75,7 +76,7 @@ def norm_test_value(
     if name == "map-norm":
         return L * norm_W
     if eps is None:
-        raise ValueError(f"{name} needs a step eps")
+        raise InputError(f"{name} needs a step eps")
     value = norm_Ahat + eps * L * norm_W
     if name == "euler-norm":
         return value
@@ -140,7 +141,7 @@ def norm_test(system: LureSystem, name: str) -> NormTestOutcome:
     A, W, L = system.A, system.W, system.slope
     eps = system.eps if name not in ("ct-norm", "map-norm") else None
     if eps is None and name not in ("ct-norm", "map-norm"):
-        raise ValueError(f"{name} needs a system with a step eps")
+        raise InputError(f"{name} needs a system with a step eps")
     with np.errstate(over="ignore", invalid="ignore"):
         norm_A, norm_W = np.float64(norm2(A)), np.float64(norm2(W))
         norm_Ahat = np.float64(norm2(np.eye(system.n) + eps * A)) if eps is not None else np.float64(1.0)
@@ -171,4 +172,4 @@ def norm_certificate_value(system: LureSystem, name: str | None = None) -> float
 
 def _check_name(name: str) -> None:
     if name not in NORM_TESTS:
-        raise ValueError(f"unknown norm test {name!r}; expected one of {NORM_TESTS}")
+        raise InputError(f"unknown norm test {name!r}; expected one of {NORM_TESTS}")

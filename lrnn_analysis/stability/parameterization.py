@@ -48,6 +48,7 @@ import numpy as np
 from .norms import norm_test_threshold, norm_test_value
 from .spectra import UNIT_ROUNDOFF
 from ..choices import PARAMETERIZATION_TESTS
+from ..errors import InputError
 
 DEFAULT_INIT_FAILURE_PROBABILITY = 1e-6
 _u = UNIT_ROUNDOFF
@@ -71,20 +72,20 @@ def _check_finite(**values: float | None) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise InputError(f"{name} must be a number, got {value!r}")
         if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
+            raise InputError(f"{name} must be finite, got {value}")
 
 
 def _check_inputs(beta_A: float, gamma_A: float, beta_W: float, gamma_W: float, r: float,
                   eps: float | None, slope: float) -> None:
     _check_finite(beta_A=beta_A, gamma_A=gamma_A, beta_W=beta_W, gamma_W=gamma_W, r=r, eps=eps, slope=slope)
     if r < 0:
-        raise ValueError(f"radius r must be >= 0, got {r}")
+        raise InputError(f"radius r must be >= 0, got {r}")
     if eps is not None and not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+        raise InputError(f"eps must be > 0, got {eps}")
     if not slope >= 1.0:
-        raise ValueError(f"slope L must be >= 1, the largest slope of tanh, got {slope}")
+        raise InputError(f"slope L must be >= 1, the largest slope of tanh, got {slope}")
 
 
 def parameter_bounds(
@@ -371,7 +372,7 @@ def certify_parameterization(
     and ``rk2-norm``. Each result says whether the norm test holds at radius ``r``,
     gives the largest certified radius r*, and for a failure why and what to change
     (see :class:`ParameterizationResult`). Non-finite inputs, r < 0, eps <= 0 and
-    slope < 1 raise ValueError.
+    slope < 1 raise ``InputError``.
     """
     _check_inputs(beta_A, gamma_A, beta_W, gamma_W, r, eps, slope)
     if tests is None:
@@ -379,10 +380,10 @@ def certify_parameterization(
     results = []
     for test in tests:
         if test not in PARAMETERIZATION_TESTS:
-            raise ValueError(f"unknown test {test!r}; expected one of {PARAMETERIZATION_TESTS}")
+            raise InputError(f"unknown test {test!r}; expected one of {PARAMETERIZATION_TESTS}")
         test_eps = None if test in ("ct-norm", "map-norm") else eps
         if test_eps is None and test not in ("ct-norm", "map-norm"):
-            raise ValueError(f"{test} needs eps")
+            raise InputError(f"{test} needs eps")
         setting = _Setting(test, float(beta_A), float(gamma_A), float(beta_W), float(gamma_W), test_eps, float(slope))
         results.append(_result(setting, float(r)))
     return results
@@ -463,12 +464,12 @@ def gaussian_init_radius(
     least 1 - p both ||M_A||_2 <= r and ||M_W||_2 <= r (module docstring).
     """
     if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) or hidden < 1:
-        raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
+        raise InputError(f"hidden must be a positive integer, got {hidden!r}")
     _check_finite(init_std=init_std, failure_probability=failure_probability)
     if not init_std > 0:
-        raise ValueError(f"init_std must be > 0, got {init_std}")
+        raise InputError(f"init_std must be > 0, got {init_std}")
     if not 0 < failure_probability < 1:
-        raise ValueError(f"failure probability must be in (0, 1), got {failure_probability}")
+        raise InputError(f"failure probability must be in (0, 1), got {failure_probability}")
     entry_std = init_std / hidden
     t = math.sqrt(2.0 * math.log(2.0 / failure_probability))
     return InitRadius(int(hidden), float(init_std), entry_std, 2.0 * entry_std * math.sqrt(hidden),
@@ -560,15 +561,15 @@ def phase_diagram(
     _check_inputs(0.0, 0.0, 0.0, 0.0, r, eps, slope)
     _check_finite(beta_W=beta_W, gamma_W=gamma_W)
     if not (np.all(np.isfinite(beta_A)) and np.all(np.isfinite(gamma_A))):
-        raise ValueError("the phase-diagram grid must be finite")
+        raise InputError("the phase-diagram grid must be finite")
     names = tests if tests is not None else (("ct-norm",) if eps is None else ("ct-norm", "euler-norm", "rk2-norm"))
     columns = {}
     for test in names:
         if test not in PARAMETERIZATION_TESTS:
-            raise ValueError(f"unknown test {test!r}; expected one of {PARAMETERIZATION_TESTS}")
+            raise InputError(f"unknown test {test!r}; expected one of {PARAMETERIZATION_TESTS}")
         test_eps = None if test in ("ct-norm", "map-norm") else eps
         if test_eps is None and test not in ("ct-norm", "map-norm"):
-            raise ValueError(f"{test} needs eps")
+            raise InputError(f"{test} needs eps")
         args = (test, beta_A, gamma_A, beta_W_all, gamma_W_all)
         value, tolerance = _value_and_tolerance(*args, r, test_eps, slope)
         with np.errstate(over="ignore", invalid="ignore"):

@@ -1,0 +1,180 @@
+"""Data files that declare more than they hold, or hold what no task can use: each refused in one
+line naming the file (and the array) before anything large is allocated."""
+import io
+import json
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from lrnn_analysis.data_files import MAX_ARRAY_BYTES, load_data
+from lrnn_analysis.errors import InputError
+
+from helpers import run_limited
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    header = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
+
+
+def _saved(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _zip(members) -> bytes:
+    """A zip of (name, stored bytes, method, declared uncompressed size, crc) members, written by
+    hand so that a member may declare any size."""
+    out, directory = bytearray(), bytearray()
+    for name, data, method, size, crc in members:
+        encoded = name.encode()
+        fields = struct.pack("<HHHHHIII", 20, 0, method, 0, 0x21, crc, len(data), size)
+        directory += b"PK\x01\x02" + struct.pack("<H", 20) + fields + struct.pack("<HHHHHII", len(encoded), 0, 0, 0, 0, 0,
+                                                                                 len(out)) + encoded
+        out += b"PK\x03\x04" + fields + struct.pack("<HH", len(encoded), 0) + encoded + data
+    end = struct.pack("<HHHHIIH", 0, 0, len(members), len(members), len(directory), len(out), 0)
+    return bytes(out + directory + b"PK\x05\x06" + end)
+
+
+def _stored(name, data):
+    return (name, data, zipfile.ZIP_STORED, len(data), zlib.crc32(data))
+
+
+def _splits(**override):
+    x, y = np.zeros((4, 5, 2), "f4"), np.arange(4) % 2
+    members = {"x_train": _saved(x), "y_train": _saved(y), "x_test": _saved(x), "y_test": _saved(y)}
+    members.update(override)
+    return [_stored(f"{key}.npy", data) for key, data in members.items()]
+
+
+def _zeros_deflated(count: int) -> bytes:
+    """A raw deflate stream of ``count`` zero bytes (count a multiple of 1 MiB), made of one
+    fully flushed MiB repeated: a few bytes per MiB."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = compressor.compress(bytes(2**20)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return chunk * (count // 2**20) + compressor.flush(zlib.Z_FINISH)
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_inflated(tmp_path):
+    declared = 1536 * 2**20  # 1.5 GiB of float32 zeros behind a 1.5 MB member
+    header = _npy_header((declared // 40, 5, 2))
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = compressor.compress(header) + compressor.flush(zlib.Z_FULL_FLUSH) + _zeros_deflated(declared)
+    members = _splits()[1:] + [("x_train.npy", body, zipfile.ZIP_DEFLATED, len(header) + declared, 0)]
+    path = tmp_path / "bomb.npz"
+    path.write_bytes(_zip(members))
+    assert path.stat().st_size < 4 * 2**20
+    result = run_limited(f"""
+from lrnn_analysis.data_files import load_data
+from lrnn_analysis.errors import InputError
+try:
+    load_data({str(path)!r})
+    result = {{"loaded": True}}
+except InputError as error:
+    result = {{"error": str(error)}}
+""")
+    assert result["error"].startswith(f"{path}: x_train: declares {len(header) + declared} bytes uncompressed, more than "
+                                      f"the {MAX_ARRAY_BYTES}-byte limit")
+    assert result["peak_rss_mb"] < 1024
+
+
+@pytest.mark.parametrize("case,member,match", [
+    ("just-over-1-GiB", _npy_header((2**28 + 1, 1, 1)), r"x_train: shape \(268435457, 1, 1\) of float32 exceeds 1 GiB"),
+    ("too-many-elements", _npy_header((2**28 + 1, 1, 1), "|u1"), "or 268435456 elements"),
+    ("header-beyond-member", _npy_header((4, 5, 2)) + bytes(16), "its header declares 160 bytes of data, the member holds 16"),
+])
+def test_member_headers_are_bounded_before_the_data_are_read(tmp_path, case, member, match):
+    path = tmp_path / f"{case}.npz"
+    path.write_bytes(_zip(_splits(x_train=member)))
+    with pytest.raises(InputError, match=match) as caught:
+        load_data(path)
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+
+
+def test_the_arrays_of_a_file_are_bounded_in_all(tmp_path):
+    header = _npy_header((3 * 2**26, 1, 1))  # 0.75 GiB, three times: 2.25 GiB
+    members = _splits()[:2] + [(f"{key}.npy", header, zipfile.ZIP_STORED, len(header) + 3 * 2**28, 0)
+                               for key in ("x_test", "x_val", "y_test")]
+    path = tmp_path / "large.npz"
+    path.write_bytes(_zip(members + [_stored("y_val.npy", _saved(np.arange(4)))]))
+    with pytest.raises(InputError, match=f"{path}: its members declare more than 2147483648 bytes in all"):
+        load_data(path)
+
+
+@pytest.mark.parametrize("second", ["x_train.npy", "x_train"])
+def test_two_members_of_one_name_are_refused(tmp_path, second):
+    other = _saved(np.ones((4, 5, 2), "f4"))
+    path = tmp_path / "twice.npz"
+    path.write_bytes(_zip(_splits() + [_stored(second, other)]))
+    with pytest.raises(InputError, match=f"{path}: holds two members named 'x_train'; which one is meant is ambiguous"):
+        load_data(path)
+
+
+def test_a_member_compressed_otherwise_than_numpy_writes_is_refused(tmp_path):
+    path = tmp_path / "bzip.npz"
+    data = _saved(np.zeros((4, 5, 2), "f4"))
+    path.write_bytes(_zip(_splits()[1:] + [("x_train.npy", data, zipfile.ZIP_BZIP2, len(data), zlib.crc32(data))]))
+    with pytest.raises(InputError, match="x_train: compressed with zip method 12"):
+        load_data(path)
+
+
+def _torch_splits(**override):
+    x, y = torch.zeros(4, 5, 2), torch.arange(4) % 2
+    return {"x_train": x, "y_train": y, "x_test": x.clone(), "y_test": y.clone(), **override}
+
+
+def test_stride_0_and_huge_declared_pytorch_data_are_refused_under_a_memory_limit(tmp_path):
+    huge_view = tmp_path / "view.pt"  # 2^36 float32 elements (256 GiB once materialised) from 4 stored bytes
+    torch.save(_torch_splits(x_train=torch.zeros(1).expand(2**16, 2**10, 2**10)), huge_view)
+    legacy = io.BytesIO()
+    torch.save(_torch_splits(), legacy, _use_new_zipfile_serialization=False)
+    data = legacy.getvalue()
+    count = struct.pack("<B", 40)  # x_train's 40 elements, as BININT1 40 before its persistent id
+    at = data.index(b"cpu") + data[data.index(b"cpu"):].index(b"K" + count)
+    declared = tmp_path / "declared.pt"
+    declared.write_bytes(data[:at] + b"J" + struct.pack("<i", 2**29) + data[at + 2:])  # 2 GiB of float32
+    result = run_limited(f"""
+from lrnn_analysis.data_files import load_data
+from lrnn_analysis.errors import InputError
+result = {{}}
+for path in {[str(huge_view), str(declared)]!r}:
+    try:
+        load_data(path)
+        result[path] = "loaded"
+    except InputError as error:
+        result[path] = str(error)
+""")
+    assert result[str(huge_view)].startswith(f"{huge_view}: ['x_train'] claims 68719476736 elements")
+    assert "stride-0 or overlapping view" in result[str(huge_view)]
+    assert result[str(declared)].startswith(f"{declared}: a storage declares 536870912 elements (2147483648 bytes)")
+    assert result["peak_rss_mb"] < 1024
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"x_train": torch.zeros(4, 5, 2, dtype=torch.bfloat16)}, "x_train: a bfloat16 tensor; a data file holds float16/32/64"),
+    ({"y_train": (torch.arange(4) % 2).to_sparse()}, r"\['y_train'\] is a sparse_coo tensor; only dense tensors are read"),
+    ({"y_train": torch.tensor(1)}, "y_train: a single number; expected class labels"),
+    ({"x_train": (x := torch.zeros(4, 5, 2)), "x_test": x[:2]}, "are views of one storage"),
+])
+def test_pytorch_data_a_task_cannot_use_is_one_line(tmp_path, override, match):
+    path = tmp_path / "data.pt"
+    torch.save(_torch_splits(**override), path)
+    with pytest.raises(InputError, match=match) as caught:
+        load_data(path)
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+
+
+def test_a_good_npz_and_pytorch_file_still_load(tmp_path):
+    path = tmp_path / "good.npz"
+    path.write_bytes(_zip(_splits()))
+    task = load_data(path)
+    torch.save(_torch_splits(), tmp_path / "good.pt")
+    same = load_data(tmp_path / "good.pt")
+    assert torch.equal(task.train.x, same.train.x) and torch.equal(task.test.y, same.test.y)
+    assert json.loads(json.dumps(task.summary()))["sizes"] == {"train": 4, "val": 0, "test": 4}
