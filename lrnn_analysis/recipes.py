@@ -46,7 +46,7 @@ from .task import Task
 from .distributed import Ranks, all_or_none
 from .errors import InputError
 from .writers import write_csv, write_json
-from .outputs import OutputDirectory, OutputError, check_name
+from .outputs import OutputDirectory, check_name
 from .training_split import check_training_data
 from .pipelines import curvature, robustness, stability
 from .robustness import SweepModel
@@ -160,7 +160,7 @@ class Recipe:
         if self.task is not None:
             return load_task(self.task, seed=self.split_seed, **self.task_options)
         if self.recorded_task is None:
-            raise ValueError(f"{self.path}: task: no task, data or recorded task")
+            raise InputError(f"{self.path}: task: no task, data or recorded task")
         record = self.recorded_task
         return load_task(record["name"], seed=record.get("seed", 0), **record.get("options", {}))
 
@@ -342,22 +342,19 @@ def load_recipe(path: str | Path) -> Recipe:
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{path}: no such recipe") from error
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the recipe ({error})") from error
+        raise InputError(f"{path}: cannot read the recipe ({error})") from error
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: invalid TOML ({error})") from error
+        raise InputError(f"{path}: invalid TOML ({error})") from error
     unknown = set(data) - RECIPE_KEYS
     missing = {"name", "analysis", "output"} - set(data)
     if unknown or missing:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        raise InputError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     analysis = data["analysis"]
     if analysis not in ANALYSES:
         raise _fail(path, "analysis", f"unknown analysis {analysis!r}; expected one of {sorted(ANALYSES)}")
     name = _string(path, "name", data["name"])
     output = data["output"]
-    try:
-        check_name(output, f"{path}: output")
-    except OutputError as error:
-        raise ValueError(str(error)) from None
+    check_name(output, f"{path}: output")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise _fail(path, "description", "expected a string")
@@ -484,7 +481,7 @@ def check_recipe_set(recipes: Sequence[Recipe]) -> None:
     for recipe in recipes:
         for stem in recipe.stems():
             if stem in owners:
-                raise ValueError(f"{recipe.path}: output: {recipe.output!r} writes {stem}.*, which "
+                raise InputError(f"{recipe.path}: output: {recipe.output!r} writes {stem}.*, which "
                                  f"{owners[stem].path} writes too")
             owners[stem] = recipe
 
@@ -680,10 +677,10 @@ def run_recipe(recipe: Recipe, out: OutputDirectory | str | Path | None, device:
     :func:`run_recipes`."""
     group = distributed_info()
     if out is None and group["world_size"] == 1:
-        raise ValueError("out=None is for the ranks other than 0 of a distributed run")
+        raise InputError("out=None is for the ranks other than 0 of a distributed run")
     if out is not None and not isinstance(out, OutputDirectory):
         if group["world_size"] > 1:
-            raise ValueError("under torch.distributed, run recipes with run_recipes (rank 0 holds the output directory)")
+            raise InputError("under torch.distributed, run recipes with run_recipes (rank 0 holds the output directory)")
         with OutputDirectory(out, REPRODUCE_WRITER, force=force, inputs=recipe.inputs(), keep_other_groups=True) as directory:
             outcome = run_recipe(recipe, directory, device, progress)
             directory.publish({recipe.output: outcome.files})

@@ -358,7 +358,8 @@ def test_reproduce_writes_nothing_when_a_later_recipe_is_bad_or_fails(tmp_path, 
     original = recipes.ANALYSES["phase-diagram"]
     monkeypatch.setitem(recipes.ANALYSES, "phase-diagram", fail_second)
     (tmp_path / "analyses" / "a.toml").write_text(phase_recipe("a", "a", 'description = "new"\n'))
-    assert main(["reproduce", "--analyses-dir", str(tmp_path / "analyses"), "--out", str(out), "--quiet"]) == 2
+    # A recipe failing inside the computation is a bug (exit 3), not the user's input; nothing is written either way.
+    assert main(["reproduce", "--analyses-dir", str(tmp_path / "analyses"), "--out", str(out), "--quiet"]) == 3
     assert calls == ["a", "b"] and snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["analyses", "figures"]
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -30,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     subject = o.load_subject(args)
     metadata = dict(subject.metadata)
     if args.json:
-        print(json.dumps(subject.to_dict() if "user_model" in metadata else metadata, indent=2, sort_keys=True))
+        from ..writers import dumps
+
+        # Non-finite numbers (a reference log's NaN) are printed as null: the output is valid JSON.
+        print(dumps(subject.to_dict() if "user_model" in metadata else metadata, indent=2, sort_keys=True))
         return 0
     if "user_model" in metadata:
         _print_user_model(subject, args.task)
