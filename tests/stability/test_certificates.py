@@ -297,13 +297,17 @@ def test_every_certified_rate_survives_stagewise_vertex_slopes_and_simulation(fa
 
 def test_no_certificate_exceeds_the_frozen_jacobian_bound():
     rng = np.random.default_rng(20)
+    certified = 0
     for _ in range(6):
         system = _random_system(rng, "ct", 3)
         result = certify(system, ["ct-lmi"], tiers=["P=I", "full-P"])[0]
-        if result.holds:
-            for d in itertools.product([0.0, system.slope], repeat=3):
-                J = system.A + np.array(d)[:, None] * system.W
-                assert result.rate <= -np.linalg.eigvals(J).real.max() + 1e-9
+        if not result.holds:
+            continue
+        certified += 1
+        for d in itertools.product([0.0, system.slope], repeat=3):
+            J = system.A + np.array(d)[:, None] * system.W
+            assert result.rate <= -np.linalg.eigvals(J).real.max() + 1e-9
+    assert certified == 5  # all but the fourth system
 
 
 def test_early_exit_only_rejects_and_reports_the_violated_condition():
@@ -354,17 +358,18 @@ def test_certified_rates_survive_sampled_jacobians_and_simulation(method, eps):
     assert certified >= 2
 
 
-@pytest.mark.parametrize("top", [3.8e-12, -3.8e-12, 0.0, 1e-10, -1e-10])
-def test_stiff_symmetric_family_is_never_falsely_certified(top):
+# ||A|| = 2.4e5: an abscissa within ~1e-10 of 0 is below the round-off of any float64 eigenvalue, so
+# no certificate; -1e-6 is far above it, so both certify (and exact arithmetic must agree), +1e-6 neither.
+@pytest.mark.parametrize("top, certified", [(3.8e-12, False), (-3.8e-12, False), (0.0, False), (1e-10, False),
+                                            (-1e-10, False), (-1e-6, True), (1e-6, False)])
+def test_stiff_symmetric_family_is_never_falsely_certified(top, certified):
     for seed in range(12):
         A, W = stiff_symmetric(seed, top), small_w(6, seed)
         norm_result, lmi_result = certify(LureSystem(A, W), ["ct-norm", "ct-lmi"], tiers=["norm", "P=I"], time_budget=5)
-        if norm_result.holds:
-            assert exactly_negative_definite(A + W_SCALE * np.eye(6))
-        if lmi_result.holds:
+        assert norm_result.holds == lmi_result.holds == certified
+        if certified:
+            assert exactly_negative_definite(A + W_SCALE * np.eye(6))  # what ct-norm claims: mu(A) + ||W|| < 0
             assert exactly_negative_definite(A)
-        # ||A|| = 2.4e5: an abscissa within ~1e-10 of 0 is below the round-off of any float64 eigenvalue
-        assert not norm_result.holds and not lmi_result.holds
 
 
 def test_ct_norm_and_ct_lmi_never_disagree_about_a_not_hurwitz():
@@ -374,12 +379,15 @@ def test_ct_norm_and_ct_lmi_never_disagree_about_a_not_hurwitz():
         n = int(rng.integers(2, 5))
         A = rng.standard_normal((n, n)) * rng.choice([1e-3, 1.0, 1e3]) - rng.uniform(-0.5, 2.0) * np.eye(n)
         systems.append(LureSystem(A, rng.standard_normal((n, n)) * rng.uniform(0.0, 1.0)))
+    undecided = 0
     for system in systems:
         norm_result, lmi_result = certify(system, ["ct-norm", "ct-lmi"], tiers=["norm"])
         assert norm_result.holds == lmi_result.holds
         assert ("not Hurwitz" in norm_result.reason) == ("not Hurwitz" in lmi_result.reason)
         if "not Hurwitz" in lmi_result.reason or "cannot decide" in lmi_result.reason:
+            undecided += 1
             assert norm_result.reason == lmi_result.reason
+    assert undecided == 20  # of the 32 systems
 
 
 def test_discrete_necessary_check_has_a_round_off_band():
@@ -391,6 +399,7 @@ def test_discrete_necessary_check_has_a_round_off_band():
 
 
 def test_ct_verdicts_are_scale_invariant_and_rates_scale_with_c():
+    certified = verified = 0
     for system in scale_systems():
         reference = certify(system, ["ct-norm", "ct-lmi"], tiers=["norm", "P=I", "diag-P"], time_budget=10)
         for c in 10.0 ** np.arange(-6, 7):
@@ -399,9 +408,14 @@ def test_ct_verdicts_are_scale_invariant_and_rates_scale_with_c():
             for ref, res in zip(reference, results, strict=True):
                 assert res.holds == ref.holds, (c, res.reason, ref.reason)
                 if res.holds:
+                    certified += 1
                     assert res.rate / c == pytest.approx(ref.rate, rel=0.05)
                 if res.evidence is not None:
+                    verified += 1
                     assert verify_certificate(scaled, res.name, res.evidence.P, res.evidence.multipliers, res.rate).passed
+    # at each of the 13 scales: both tests certify the first system, ct-lmi alone the second (with evidence,
+    # the norm tier having failed), neither the third
+    assert (certified, verified) == (3 * 13, 13)
 
 
 @pytest.mark.parametrize("c", [1e25, 1e200, 1e-300])

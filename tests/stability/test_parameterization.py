@@ -141,6 +141,7 @@ def test_init_radius_is_the_stated_bound_and_covers_the_models_initialisation():
 def test_parameterization_bounds_cover_w_and_all_tests_for_odd_beta_gamma():
     rng = np.random.default_rng(30)
     n, eps = 4, 0.3
+    certified = 0
     for beta_A, gamma_A, beta_W, gamma_W, L in ((-0.7, 2.5, 1.6, -0.4, 1.0), (2.0, 3.0, -0.3, 0.2, 1.5),
                                                 (0.5, 1.0, 0.5, -0.1, 1.2)):
         for r in (0.05, 0.2, 0.5):
@@ -148,6 +149,7 @@ def test_parameterization_bounds_cover_w_and_all_tests_for_odd_beta_gamma():
                 beta_A, gamma_A, beta_W, gamma_W, r, eps=eps, slope=L,
                 tests=["ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "map-norm"],
             )
+            certified += sum(res.holds for res in results)
             for _ in range(15):
                 MA, MW = rng.standard_normal((2, n, n))
                 MA *= r / np.linalg.norm(MA, 2)
@@ -166,6 +168,7 @@ def test_parameterization_bounds_cover_w_and_all_tests_for_odd_beta_gamma():
                     )
                     assert norm_test(member, res.test).value <= res.value + 1e-12
                     assert r < res.r_star
+    assert certified == 17  # of the 3 settings x 3 radii x 5 tests, each checked on 15 members
 
 
 def test_parameterization_rejects_meaningless_eps_and_slope():
@@ -230,9 +233,15 @@ def test_shared_gamma_is_never_certified_and_the_remedy_certifies():
     assert not any(c.holds for c in cells)
 
 
+# Of the 20 draws: how many have a certifying interval, and how many finite ends those have. ct-norm's
+# intervals are unbounded above; gamma_A does not enter map-norm, whose intervals are the whole line.
+INTERVALS = {"ct-norm": (20, 20), "euler-norm": (20, 40), "rk2-norm": (17, 34), "rk4-norm": (16, 32), "map-norm": (20, 0)}
+
+
 @pytest.mark.parametrize("test", ["ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "map-norm"])
 def test_certifying_gamma_interval_is_exact_at_its_ends(test):
     rng = np.random.default_rng(5)
+    intervals = finite_ends = 0
     for _ in range(20):
         beta_A, beta_W, gamma_W = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(-0.1, 0.1)
         r, eps, L = rng.uniform(0, 0.3), rng.uniform(0.01, 0.3), rng.uniform(1.0, 1.5)
@@ -242,7 +251,10 @@ def test_certifying_gamma_interval_is_exact_at_its_ends(test):
         if interval is None:
             assert not any(c.holds for c in cells)
             continue
+        intervals += 1
         assert all(c.holds == (interval[0] <= c.gamma_A <= interval[1]) for c in cells)
         for gamma in interval:
             if math.isfinite(gamma):
+                finite_ends += 1
                 assert exactly_holds(test, beta_A, gamma, beta_W, gamma_W, r, eps, L)
+    assert (intervals, finite_ends) == INTERVALS[test]
