@@ -1,10 +1,12 @@
-# The README's two commands: `make run` (the main job) and `make test` (the whole suite).
+# The README's two commands: `make run` (the main job) and `make test` (the whole suite);
+# `make lint` runs ruff on everything and mypy on the public API (both configured in pyproject.toml).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: run test clean
+.PHONY: run test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +18,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e ".[test]"
 	touch $(STAMP)
 
+$(LINT_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/pip install -e ".[test,lint]"
+	touch $(LINT_STAMP)
+
 run: $(STAMP)
 	$(BIN)/lrnn reproduce
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 
 def alternating_times(contenders: Mapping[str, Callable[[], object]], repeats: int, warmup: bool = True,
@@ -46,6 +46,6 @@ def spread(values: list[float], unit: str = "s", digits: int = 3) -> str:
 
 def ratio_spread(numerator: list[float], denominator: list[float]) -> str:
     """Pairwise ratios numerator[i] / denominator[i] (same round) as ``median (min-max)``."""
-    ratios = [a / b for a, b in zip(numerator, denominator)]
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
     return f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)"
 

@@ -32,13 +32,12 @@ import io
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 import common
+import torch
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _gradients(model: torch.nn.Module, forward: Callable[[], torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _gradients(
+    model: torch.nn.Module, forward: Callable[[], torch.Tensor], y: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     out = forward()
     torch.nn.functional.cross_entropy(out, y).backward()
@@ -138,7 +139,8 @@ def recurrence(sizes: Sizes, device: torch.device, repeats: int, compile_too: bo
         graphed = torch.cuda.make_graphed_callables(copy.deepcopy(model), (x,))
         out, grads = _gradients(graphed, lambda: graphed(x), y)
         print(f"    CUDA graphs vs eager: outputs {_relative(out, eager_out):.1e}, gradients "
-              f"{max(_relative(g, e) for g, e in zip(grads, eager_grads)):.1e} (max relative difference)", flush=True)
+              f"{max(_relative(g, e) for g, e in zip(grads, eager_grads, strict=True)):.1e} (max relative difference)",
+              flush=True)
 
         def replayed() -> None:
             graphed.zero_grad(set_to_none=True)
@@ -151,11 +153,11 @@ def recurrence(sizes: Sizes, device: torch.device, repeats: int, compile_too: bo
         for mode in ("default", "reduce-overhead"):
             compiled = torch.compile(model, mode=mode)
             start = time.perf_counter()
-            out, grads = _gradients(model, lambda: compiled(x), y)
+            out, grads = _gradients(model, lambda: compiled(x), y)  # noqa: B023 - called before the next mode
             _sync(device)
             print(f"    torch.compile(mode={mode!r}): first call (compile) {time.perf_counter() - start:.1f} s; vs eager: "
                   f"outputs {_relative(out, eager_out):.1e}, gradients "
-                  f"{max(_relative(g, e) for g, e in zip(grads, eager_grads)):.1e}", flush=True)
+                  f"{max(_relative(g, e) for g, e in zip(grads, eager_grads, strict=True)):.1e}", flush=True)
 
             def run_compiled(compiled=compiled) -> None:
                 model.zero_grad(set_to_none=True)
@@ -172,7 +174,8 @@ def hessian_vector_product(sizes: Sizes, device: torch.device, repeats: int) -> 
     from lrnn_analysis.models import ModelConfig, build_model
 
     task = load_task(sizes.task, seed=0)
-    model = build_model(ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps), seed=0).to(device)
+    config = ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps)
+    model = build_model(config, seed=0).to(device)
     batch = (task.train.x[:sizes.batch, :sizes.steps].to(device), task.train.y[:sizes.batch].to(device))
     op = HessianOperator(model, loss_function(True), batch)
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0)).to(device)
@@ -187,7 +190,8 @@ def parameter_draws(sizes: Sizes, device: torch.device, repeats: int, draws: int
     from lrnn_analysis.robustness import Perturbation, evaluate_parameter_draws, perturb_parameters
 
     task = load_task(sizes.task, seed=0)
-    model = build_model(ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps), seed=0).to(device).eval()
+    config = ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps)
+    model = build_model(config, seed=0).to(device).eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
     sets = [perturb_parameters(params, Perturbation("gaussian-relative", 0.05, seed=s)) for s in range(draws)]
     x, y = task.test.x[:sizes.samples, :sizes.steps].to(device), task.test.y[:sizes.samples].to(device)
@@ -196,7 +200,7 @@ def parameter_draws(sizes: Sizes, device: torch.device, repeats: int, draws: int
         return evaluate_parameter_draws(model, sets, x, y, True, batch_size=len(x), batched=batched)
 
     batched, looped = run(True), run(False)
-    agree = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched, looped))
+    agree = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched, looped, strict=True))
     print(f"4. parameter-noise draws: {draws} draws x {len(x)} samples x {x.shape[1]} steps; batched and loop agree "
           f"(same accuracies, losses to 1e-5): {agree}; target: batched >= 3x the loop", flush=True)
     report(alternating_times({"loop over draws": lambda: run(False), "batched (vmap)": lambda: run(True)}, repeats, device),
@@ -204,15 +208,16 @@ def parameter_draws(sizes: Sizes, device: torch.device, repeats: int, draws: int
 
 
 def audit(sizes: Sizes, device: torch.device) -> None:
+    from lrnn_analysis.builtin_tasks import load_task
     from lrnn_analysis.checkpoints import save_checkpoint
     from lrnn_analysis.cli import main as lrnn
-    from lrnn_analysis.builtin_tasks import load_task
     from lrnn_analysis.models import ModelConfig, build_model
 
     task = load_task(sizes.task, seed=0)
     model = build_model(ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps), seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = save_checkpoint(Path(tmp) / "model.safetensors", model, {"task": {"name": sizes.task, "seed": 0, "options": {}}})
+        checkpoint = save_checkpoint(Path(tmp) / "model.safetensors", model,
+                                     {"task": {"name": sizes.task, "seed": 0, "options": {}}})
         _sync(device)
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):

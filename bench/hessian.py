@@ -28,22 +28,21 @@ import importlib.util
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
+import common
 import numpy as np
 import torch
+from common import summary
 from scipy.sparse.linalg import aslinearoperator
 from torch.func import functional_call, grad, jvp
 
 from lrnn_analysis.builtin_tasks import load_task
+from lrnn_analysis.environment import environment
 from lrnn_analysis.evaluation import loss_function
 from lrnn_analysis.hessian import GGNOperator, HessianOperator, eigenvalues, pyhessian_eigenvalues, trace
 from lrnn_analysis.hessian.pyhessian_backend import _PyHessianRun
 from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.environment import environment
-
-import common
-from common import summary
 
 PEER_MODULES = {"pyhessian": "pyhessian", "curvlinops": "curvlinops", "eigenthings": "hessian_eigenthings"}
 
@@ -69,11 +68,13 @@ def product_times(model, loss_fn, batch, repeats: int) -> dict:
     params = list(model.parameters())
     op = HessianOperator(model, loss_fn, batch, matmat="loop")
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
-    hvps: dict[str, Callable[[], object]] = {"native": lambda: op.hvp(v)}
+    hvps: dict[str, Callable[[], object]] = {"native": lambda: op.hvp(v)}  # noqa: F821 - runs before the del below
     cleanup = []
     if available["pyhessian"]:
         run = _PyHessianRun(model, loss_fn, batch, None, None, 0)
-        chunks = [c.reshape(p.shape) for c, p in zip(torch.split(v, [p.numel() for p in run.hessian.params]), run.hessian.params)]
+        theirs_params = run.hessian.params
+        split = torch.split(v, [p.numel() for p in theirs_params])
+        chunks = [c.reshape(p.shape) for c, p in zip(split, theirs_params, strict=True)]
         hvps["pyhessian"] = lambda: run.hvp(chunks)
         cleanup.append(run.close)
     if available["curvlinops"]:
@@ -87,7 +88,8 @@ def product_times(model, loss_fn, batch, repeats: int) -> dict:
         eig = HVPOperator(model, [batch], loss_fn, use_gpu=False, full_dataset=True)
         hvps["eigenthings"] = lambda: eig.apply(v)
     named = {k: p.detach() for k, p in model.named_parameters()}
-    tangents = dict(zip(named, (c.reshape(p.shape) for c, p in zip(torch.split(v, [p.numel() for p in named.values()]), named.values()))))
+    pieces = torch.split(v, [p.numel() for p in named.values()])
+    tangents = dict(zip(named, (c.reshape(p.shape) for c, p in zip(pieces, named.values(), strict=True)), strict=True))
     x, y = batch
 
     def loss(p):
@@ -126,7 +128,7 @@ def matmat_times(model, loss_fn, batch, columns: int, repeats: int) -> dict:
 def power_to_residual(op: HessianOperator, tol: float, seed: int, max_iter: int) -> dict:
     """Products plain power iteration needs until ‖Hv − θv‖ ≤ tol·|θ| (the criterion Lanczos stops on)."""
     v = np.random.default_rng(seed).standard_normal(op.dim)
-    for count in range(1, max_iter + 1):
+    for count in range(1, max_iter + 1):  # noqa: B007 - the count is returned
         v = v / np.linalg.norm(v)
         hv = op.matvec(v).astype(np.float64)
         theta = float(v @ hv)
@@ -168,7 +170,7 @@ def trace_error(model, loss_fn, batch, budgets: list[int], seeds: int, coverage_
             rows.append({"method": method, "matvecs": budget,
                          "rms_relative_error": float(np.sqrt(np.mean(errors**2)) / abs(exact)),
                          "mean_ci_halfwidth_relative": float(np.mean([r.ci_halfwidth for r in results]) / abs(exact)),
-                         "coverage": float(np.mean([abs(e) <= r.ci_halfwidth for e, r in zip(errors, results)]))})
+                         "coverage": float(np.mean([abs(e) <= r.ci_halfwidth for e, r in zip(errors, results, strict=True)]))})
     dense = aslinearoperator(H)
     coverage = []
     for probes in (10, 30, 100):
@@ -229,7 +231,8 @@ def main() -> None:
     report["matmat"] = matmat_times(model, loss_fn, batch, args.columns, args.repeats)
     m = report["matmat"]
     print(f"  matmat, {m['columns']} columns, seconds per column (min / median / max): loop "
-          f"{m['per_column']['loop']['min']:.3f} / {m['per_column']['loop']['median']:.3f} / {m['per_column']['loop']['max']:.3f}, "
+          f"{m['per_column']['loop']['min']:.3f} / {m['per_column']['loop']['median']:.3f} / "
+          f"{m['per_column']['loop']['max']:.3f}, "
           f"batched {m['per_column']['batched']['min']:.3f} / {m['per_column']['batched']['median']:.3f} / "
           f"{m['per_column']['batched']['max']:.3f}; batched/loop {m['ratio_batched_over_loop']:.2f}x")
     report["lambda_max"] = top_eigenvalue(model, loss_fn, batch, args.tol, 0, args.power_max_iter)

@@ -24,11 +24,10 @@ import statistics
 import time
 
 import torch
-
-from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.environment import environment
-
 from common import alternating_times, ratio_spread, spread
+
+from lrnn_analysis.environment import environment
+from lrnn_analysis.models import ModelConfig, build_model
 
 
 def reference_loop(params: dict[str, torch.Tensor], x: torch.Tensor, beta: float, gamma: float, eps: float) -> torch.Tensor:
@@ -70,7 +69,8 @@ def main() -> None:
     model = build_model(ModelConfig("lipschitz", 1, args.hidden, 10, eps=eps, beta_a=beta, gamma_a=gamma,
                                     beta_w=beta, gamma_w=gamma), seed=0)
     ref = {"B": model.M_A.detach().T.clone(), "C": model.M_W.detach().T.clone(), "E.weight": model.U.weight.detach().clone(),
-           "E.bias": model.U.bias.detach().clone(), "D.weight": model.D.weight.detach().clone(), "D.bias": model.D.bias.detach().clone()}
+           "E.bias": model.U.bias.detach().clone(), "D.weight": model.D.weight.detach().clone(),
+           "D.bias": model.D.bias.detach().clone()}
     ref = {k: v.requires_grad_() for k, v in ref.items()}
     x = torch.rand(args.batch, args.T, 1)
     y = torch.randint(0, 10, (args.batch,))
@@ -99,7 +99,8 @@ def main() -> None:
     print(f"  reference loop:  {spread(times['reference'])}")
     print(f"  time ratio (ours / reference), per round: {ratio_spread(times['ours'], times['reference'])}")
     print(f"  matmul rate at ({args.batch}x{args.hidden})@({args.hidden}x{2 * args.hidden}): {rate / 1e9:.1f} GFLOP/s")
-    print(f"  FLOP-bound time for {flops / 1e9:.1f} GFLOP: {flops / rate:.3f} s  (ours runs at {flops / rate / t_ours:.0%} of the matmul rate)")
+    print(f"  FLOP-bound time for {flops / 1e9:.1f} GFLOP: {flops / rate:.3f} s  "
+          f"(ours runs at {flops / rate / t_ours:.0%} of the matmul rate)")
     parts = gap_breakdown(model, x, y, loss, args.repeats)
     print("  where our time goes (each \"whole\" line against the matmul-only line above it):")
     for name, values in parts.items():

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import alternating_times, ratio_spread, spread
 
 from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.robustness import Perturbation, evaluate_parameter_draws, perturb_parameters
-
-from common import alternating_times, ratio_spread, spread
 
 
 def run_case(name: str, task_name: str, hidden: int, samples: int, draws: int, repeats: int) -> None:
@@ -35,7 +34,7 @@ def run_case(name: str, task_name: str, hidden: int, samples: int, draws: int, r
         return evaluate_parameter_draws(model, sets, x, y, True, batch_size=samples, batched=False)
 
     times = alternating_times({"loop": looped, "batched": batched}, repeats)
-    same = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched(), looped()))
+    same = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched(), looped(), strict=True))
     print(f"{name}: T={task.seq_len} n={hidden} samples={len(x)} draws={draws}, results agree: {same}")
     print(f"  loop     {spread(times['loop'])}")
     print(f"  batched  {spread(times['batched'])}")

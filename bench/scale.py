@@ -70,7 +70,8 @@ def _rank(rank: int, world_size: int, port: int, settings: dict, out: str) -> No
                                 timeout=timedelta(seconds=300))
     barrier = dist.barrier if distributed else (lambda: None)
     task = load_task("digits", seed=0)
-    model = build_model(ModelConfig("lipschitz", task.input_dim, settings["hidden"], task.output_dim, eps=task.default_eps), seed=0)
+    config = ModelConfig("lipschitz", task.input_dim, settings["hidden"], task.output_dim, eps=task.default_eps)
+    model = build_model(config, seed=0)
     batches = task.train.batches(128)
     timings = {}
 
@@ -181,7 +182,7 @@ def compare(procs: int, repeats: int, settings: dict) -> None:
     for workload in ("lambda_max", "sweep"):
         t1 = [max(r["timings"][workload] for r in launch_) for launch_ in single]
         tN = [max(r["timings"][workload] for r in launch_) for launch_ in multi]
-        ratios = [a / b for a, b in zip(t1, tN)]
+        ratios = [a / b for a, b in zip(t1, tN, strict=True)]
         print(f"{workload:>12} {1:>5} {_spread(t1)}")
         print(f"{workload:>12} {procs:>5} {_spread(tN)}   {min(ratios):.2f}x {statistics.median(ratios):.2f}x {max(ratios):.2f}x")
     print("peak RSS per rank (MiB, max over launches): 1 process "

@@ -161,7 +161,8 @@ def main() -> None:
             for tier in args.tiers:
                 if tier == "full-P" and n >= 128 and not args.full_p_128:
                     continue
-                print(json.dumps({"family": family, "n": n, "tier": tier, **run_tier(system, f"{family}-lmi", tier, args.budget)}), flush=True)
+                run = run_tier(system, f"{family}-lmi", tier, args.budget)
+                print(json.dumps({"family": family, "n": n, "tier": tier, **run}), flush=True)
 
 
 if __name__ == "__main__":

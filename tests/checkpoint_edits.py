@@ -2,6 +2,8 @@
 import json
 import struct
 
+from lrnn_analysis.stability.evidence import METADATA_KEY
+
 
 def rewrite_header(path, edit=None, record_edit=None):
     """Rewrite ``path``'s header: ``record_edit(record)`` changes the lrnn-analysis metadata
@@ -19,3 +21,8 @@ def rewrite_header(path, edit=None, record_edit=None):
     text += b" " * (-len(text) % 8)
     path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size:])
     return path
+
+
+def edit_evidence(path, change):
+    """``change(evidence)`` on the certificate evidence stored in ``path``'s metadata record."""
+    rewrite_header(path, record_edit=lambda record: change(record[METADATA_KEY]))

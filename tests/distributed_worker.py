@@ -11,13 +11,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_case, sweep_case
 from lrnn_analysis.cli import main
 from lrnn_analysis.distributed import DistributedOperator, distributed_sweep, shard_batches
 from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues
 from lrnn_analysis.robustness import ROW_FIELDS
 from lrnn_analysis.writers import write_csv
-
-from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_case, sweep_case
 
 
 def run(out: Path, checkpoint: str, recipes: list[str]) -> None:

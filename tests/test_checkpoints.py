@@ -1,30 +1,41 @@
-"""Round trips and every kind of bad checkpoint: each a CheckpointError naming the file."""
+"""Round trips and every kind of bad checkpoint (each a CheckpointError naming the file), the integrity
+hash, and seeded mutation fuzzing of the loader."""
+import hashlib
 import json
 import os
 import pickle
+import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+from checkpoint_edits import rewrite_header
+from helpers import REPO_ROOT, SAVED_CONFIG
 from lrnn_analysis import checkpoints
-from lrnn_analysis.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from lrnn_analysis.checkpoints import CheckpointError, IntegrityWarning, load_checkpoint, save_checkpoint, weights_sha256
 from lrnn_analysis.cli import main
 from lrnn_analysis.models import ModelConfig, build_model
-
-from checkpoint_edits import rewrite_header
 
 CONFIG = ModelConfig("lipschitz", 1, 6, 3, eps=0.2, discretization="rk2")
 
 
 @pytest.fixture
-def saved(tmp_path):
+def saved_model(tmp_path):
     model = build_model(CONFIG, seed=0)
     path = save_checkpoint(tmp_path / "m.safetensors", model, {"task": {"name": "digits", "seed": 0}})
     return model, path
 
 
-def test_round_trip(saved):
-    model, path = saved
+FUZZ_CHILD = Path(__file__).with_name("checkpoint_fuzz.py")
+PEAK_RSS_BUDGET_MB = 700
+
+
+def test_round_trip(saved_model):
+    model, path = saved_model
     loaded, metadata = load_checkpoint(path)
     assert loaded.config == CONFIG
     assert metadata["task"] == {"name": "digits", "seed": 0} and metadata["format"] == checkpoints.FORMAT
@@ -39,8 +50,8 @@ def test_missing_file_and_directory(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_truncated_and_corrupt_files(saved, tmp_path):
-    _, path = saved
+def test_truncated_and_corrupt_files(saved_model, tmp_path):
+    _, path = saved_model
     raw = path.read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(raw[: len(raw) // 2])
@@ -72,8 +83,8 @@ def test_hostile_pickle_is_refused_without_running_code(tmp_path):
         assert not canary.exists()
 
 
-def test_non_finite_weights(saved, tmp_path):
-    model, _ = saved
+def test_non_finite_weights(saved_model, tmp_path):
+    model, _ = saved_model
     state = model.state_dict()
     state["M_A"][0, 0] = float("nan")
     path = tmp_path / "nan.pt"
@@ -85,8 +96,8 @@ def test_non_finite_weights(saved, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_inconsistent_config_and_tensors(saved):
-    _, path = saved
+def test_inconsistent_config_and_tensors(saved_model):
+    _, path = saved_model
     rewrite_header(path, lambda h: h["__metadata__"].update(
         lrnn_analysis=json.dumps({**json.loads(h["__metadata__"]["lrnn_analysis"]),
                                   "config": {**CONFIG.to_dict(), "hidden": 7}})))
@@ -94,8 +105,8 @@ def test_inconsistent_config_and_tensors(saved):
         load_checkpoint(path)
 
 
-def test_unknown_architecture_and_bad_metadata(saved):
-    _, path = saved
+def test_unknown_architecture_and_bad_metadata(saved_model):
+    _, path = saved_model
     original = path.read_bytes()
     rewrite_header(path, lambda h: h["__metadata__"].update(
         lrnn_analysis=json.dumps({"format": checkpoints.FORMAT, "config": {**CONFIG.to_dict(), "arch": "lstm"}})))
@@ -111,8 +122,8 @@ def test_unknown_architecture_and_bad_metadata(saved):
         load_checkpoint(path)
 
 
-def test_missing_and_extra_tensors(saved, tmp_path):
-    model, _ = saved
+def test_missing_and_extra_tensors(saved_model, tmp_path):
+    model, _ = saved_model
     state = model.state_dict()
     del state["M_W"]
     path = tmp_path / "partial.pt"
@@ -124,27 +135,8 @@ def test_missing_and_extra_tensors(saved, tmp_path):
         load_checkpoint(tmp_path / "bare.pt")
 
 
-def _reference_state(n=4):
-    return {"B": torch.randn(n, n), "C": torch.randn(n, n), "E.weight": torch.randn(n, 1), "E.bias": torch.randn(n),
-            "D.weight": torch.randn(10, n), "D.bias": torch.randn(10)}
-
-
-def test_reference_state_dict_hparams_from_filename_or_arguments(tmp_path):
-    name = "LipschitzRNN_mnist_T_784_units_4_beta_0.75_alpha_1_gamma_0.001_eps_0.03_solver_euler_gclip_0_optimizer_Adam_seed_1.pkl"
-    torch.save(_reference_state(), tmp_path / name)
-    model, metadata = load_checkpoint(tmp_path / name)
-    assert (model.config.eps, model.config.beta_a, model.config.gamma_w) == (0.03, 0.75, 0.001)
-    assert metadata["reference_hparams"]["seed"] == 1
-    torch.save({f"module.{k}": v for k, v in _reference_state().items()}, tmp_path / "ref.pt")
-    with pytest.raises(CheckpointError, match=r"needs \['beta', 'gamma', 'eps'\]"):
-        load_checkpoint(tmp_path / "ref.pt")
-    with pytest.warns(UserWarning, match="alpha is recorded nowhere"):
-        model, _ = load_checkpoint(tmp_path / "ref.pt", beta=0.5, gamma=0.1, eps=0.2)
-    assert (model.config.beta_w, model.config.eps) == (0.5, 0.2)
-
-
-def test_interrupted_save_leaves_nothing(saved, tmp_path, monkeypatch):
-    model, _ = saved
+def test_interrupted_save_leaves_nothing(saved_model, tmp_path, monkeypatch):
+    model, _ = saved_model
 
     def explode(state, filename, metadata):
         open(filename, "wb").write(b"partial")
@@ -154,14 +146,6 @@ def test_interrupted_save_leaves_nothing(saved, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "sub" / "new.safetensors", model)
     assert list((tmp_path / "sub").iterdir()) == []
-
-
-def test_cli_reports_bad_checkpoint_in_one_line(tmp_path, capsys):
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"\x00" * 64)
-    assert main(["info", str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(bad) in err and err.startswith("lrnn info: error:")
 
 
 def test_header_length_that_looks_like_a_pickle_opcode(tmp_path):
@@ -175,13 +159,73 @@ def test_header_length_that_looks_like_a_pickle_opcode(tmp_path):
     assert load_checkpoint(path).model.config == CONFIG
 
 
+@pytest.mark.usefixtures("time_limit")
+def test_hash_is_recorded_verified_and_shown(saved, capsys):
+    loaded = load_checkpoint(saved)
+    assert loaded.sha256 == weights_sha256(SAVED_CONFIG, {k: v.float() for k, v in loaded.model.state_dict().items()})
+    assert main(["info", str(saved)]) == 0
+    assert f"weights_sha256: {loaded.sha256}" in capsys.readouterr().out
+    assert main(["info", "--json", str(saved)]) == 0
+    assert json.loads(capsys.readouterr().out)["weights_sha256"] == loaded.sha256
+
+
+@pytest.mark.usefixtures("time_limit")
+def test_config_fields_added_since_v1_enter_the_hash_only_away_from_their_default(saved):
+    tensors = {k: v.float() for k, v in load_checkpoint(saved).model.state_dict().items()}
+    v1_config = {k: v for k, v in SAVED_CONFIG.to_dict().items() if k not in checkpoints.HASH_OMITTED_AT_DEFAULT}
+    digest = hashlib.sha256()
+    for data in [checkpoints.HASH_DOMAIN, json.dumps(v1_config, sort_keys=True, separators=(",", ":")).encode()] + [
+            part for name in sorted(tensors)
+            for part in (name.encode(), b"F32", json.dumps(list(tensors[name].shape), separators=(",", ":")).encode(),
+                         tensors[name].numpy().tobytes())]:
+        digest.update(struct.pack("<Q", len(data)) + data)
+    assert weights_sha256(SAVED_CONFIG, tensors) == digest.hexdigest()
+    for field, value in (("rho", 0.5), ("rank", 4), ("cond_penalty", 0.0)):
+        assert weights_sha256(ModelConfig(**{**SAVED_CONFIG.to_dict(), field: value}), tensors) != digest.hexdigest()
+    rewrite_header(saved, record_edit=lambda r: r["config"].update(rho=0.5))
+    with pytest.raises(CheckpointError, match="integrity check failed"):
+        load_checkpoint(saved)
+
+
+@pytest.mark.usefixtures("time_limit")
+def test_a_checkpoint_without_a_hash_loads_with_a_visible_warning(saved, capsys):
+    rewrite_header(saved, record_edit=lambda r: r.pop("weights_sha256"))
+    with pytest.warns(IntegrityWarning, match="records no integrity hash"):
+        loaded = load_checkpoint(saved)
+    assert len(loaded.sha256) == 64
+    assert main(["info", str(saved)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("lrnn info: warning:") and len(err.splitlines()) == 1
+
+
+@pytest.mark.usefixtures("time_limit")
+def test_committed_reference_models_verify():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IntegrityWarning)
+        for path in sorted((REPO_ROOT / "models").glob("*.safetensors")):
+            assert "weights_sha256" in json.loads(json.loads(
+                path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])["__metadata__"]["lrnn_analysis"])
+            load_checkpoint(path)
+
+
+def test_mutated_checkpoints_load_or_fail_cleanly(tmp_path):
+    child = subprocess.run([sys.executable, str(FUZZ_CHILD), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0, child.stderr[-3000:]
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert report["cases"] >= 200
+    assert report["failures"] == []
+    assert report["loaded"] >= 1 and report["refused"] >= 100
+    assert report["peak_rss_mb"] < PEAK_RSS_BUDGET_MB
+
+
 def _torch_checkpoint(path, state, **metadata):
     torch.save({"config": CONFIG.to_dict(), "state_dict": state, **metadata}, path)
     return path
 
 
-def test_views_claiming_more_than_they_store_or_sharing_storage_are_refused(saved, tmp_path):
-    state = {k: v.clone() for k, v in saved[0].state_dict().items()}
+def test_views_claiming_more_than_they_store_or_sharing_storage_are_refused(saved_model, tmp_path):
+    state = {k: v.clone() for k, v in saved_model[0].state_dict().items()}
     flat = torch.zeros(1).expand(6, 6)
     with pytest.raises(CheckpointError, match=r"\['state_dict'\]\['M_A'\] claims 36 elements .* storage holds 4 bytes"):
         load_checkpoint(_torch_checkpoint(tmp_path / "flat.pt", {**state, "M_A": flat}))
@@ -191,10 +235,10 @@ def test_views_claiming_more_than_they_store_or_sharing_storage_are_refused(save
     assert load_checkpoint(_torch_checkpoint(tmp_path / "fine.pt", state)).model.config == CONFIG
 
 
-def test_declared_storage_sizes_are_bounded_before_loading(saved, tmp_path):
+def test_declared_storage_sizes_are_bounded_before_loading(saved_model, tmp_path):
     from helpers import run_limited
 
-    state = {k: v.clone() for k, v in saved[0].state_dict().items()}
+    state = {k: v.clone() for k, v in saved_model[0].state_dict().items()}
     legacy = tmp_path / "legacy.pt"
     torch.save({"config": CONFIG.to_dict(), "state_dict": state}, legacy, _use_new_zipfile_serialization=False)
     data = legacy.read_bytes()
@@ -230,13 +274,13 @@ for path in {[str(legacy), str(zipped)]!r}:
     assert result["peak_rss_mb"] < 1024
 
 
-def test_shared_metadata_lists_nested_deep_are_refused_within_a_budget(saved, tmp_path):
+def test_shared_metadata_lists_nested_deep_are_refused_within_a_budget(saved_model, tmp_path):
     from helpers import time_limit
 
     nested = [0.5]
     for _ in range(12):
         nested = [nested] * 30  # 30^12 places to visit, a few hundred bytes pickled
-    path = _torch_checkpoint(tmp_path / "nested.pt", dict(saved[0].state_dict()), metrics={"history": nested})
+    path = _torch_checkpoint(tmp_path / "nested.pt", dict(saved_model[0].state_dict()), metrics={"history": nested})
     with time_limit(60), pytest.raises(CheckpointError, match="shared references expand to more than 16 objects per byte"):
         load_checkpoint(path)
     with time_limit(60), pytest.raises(CheckpointError, match=r"^f.pt: metadata.metrics.history(\[\d+\])+: the metadata "

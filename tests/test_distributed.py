@@ -17,11 +17,10 @@ from distributed_cases import SWEEP_GRID, SWEEP_SEEDS, TRACE_OPTIONS, hessian_ca
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
 from lrnn_analysis.distributed import DistributedOperator, shard_batches
-from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues
-from lrnn_analysis.robustness import ROW_FIELDS
-from lrnn_analysis.writers import write_csv
-from lrnn_analysis.robustness import sweep
 from lrnn_analysis.environment import environment
+from lrnn_analysis.hessian import HessianOperator, analyze, eigenvalues
+from lrnn_analysis.robustness import ROW_FIELDS, sweep
+from lrnn_analysis.writers import write_csv
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TIMEOUT = 180

@@ -1,21 +1,21 @@
 """Every plot function renders from a small tidy table, takes the customisation arguments, leaves
-the user's rcParams alone, and the writers embed TrueType fonts; `--figure` on the command line."""
+the user's rcParams alone, and the writers embed TrueType fonts."""
 import copy
 
 import matplotlib as mpl
 import numpy as np
 import pytest
-from matplotlib.colors import to_rgba
 from matplotlib.axes import Axes
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from lrnn_analysis import plots
-from lrnn_analysis.cli import main
 from lrnn_analysis.robustness import KINDS
 
 
 def _eigenvalues():
-    eig = [{"model": m, "matrix": x, "re": r, "im": i} for m in ("a", "b") for x in ("A", "W") for r, i in ((-0.5, 1.0), (-0.2, -1.0))]
+    eig = [{"model": m, "matrix": x, "re": r, "im": i}
+           for m in ("a", "b") for x in ("A", "W") for r, i in ((-0.5, 1.0), (-0.2, -1.0))]
     regions = [{"model": "a", "method": "euler", "eps": 0.5, "re_min": -0.6, "re_max": -0.1, "im_max": 1.2},
                {"model": "b", "method": "rk2", "eps": 0.5, "re_min": -0.6, "re_max": -0.1, "im_max": 1.2}]
     return eig, regions
@@ -47,7 +47,8 @@ CASES = {
         [{"model": m, "epoch": e, "alpha_A": -0.1 * e, "mu2_A": 0.1, "norm_W": 1 + e} for m in ("a", "b") for e in range(5)],
         **o), "a", "mu2_A", 3),
     "hessian_summary": (lambda **o: plots.plot_hessian_summary(
-        [{"model": m, "lambda_max": v, "lambda_min": -v / 10, "trace": 3 * v, "trace_ci95": 0.5} for m, v in (("a", 2.0), ("b", 5.0))],
+        [{"model": m, "lambda_max": v, "lambda_min": -v / 10, "trace": 3 * v, "trace_ci95": 0.5}
+         for m, v in (("a", 2.0), ("b", 5.0))],
         **o), "a", "trace", 3),
     "certified_accuracy": (lambda **o: plots.plot_certified_accuracy(_certified(), **o), "a", "certified", 2),
     "density": (lambda **o: plots.plot_density(
@@ -180,59 +181,6 @@ def test_missing_columns_are_a_clear_error():
         plots.plot_density([])
 
 
-CERTIFY = ["certify", "--beta", "0.75", "--gamma-a", "1", "--gamma-w", "0", "--eps", "0.1", "--radius", "0.1",
-           "--phase-betas", "0:1:3", "--phase-gammas", "0.5,1"]
-
-
-def test_certify_figure_is_written_checked_up_front_and_never_replaces_a_user_file(tmp_path, capsys):
-    figure = tmp_path / "phase.pdf"
-    assert main(CERTIFY + ["--figure", str(figure)]) == 0
-    assert b"/FontFile2" in figure.read_bytes() and f"wrote the figure {figure}" in capsys.readouterr().out
-    user = tmp_path / "mine.png"
-    user.write_bytes(b"my own figure")
-    assert main(CERTIFY + ["--figure", str(user)]) == 2
-    assert "exists" in capsys.readouterr().err and user.read_bytes() == b"my own figure"
-    assert main(CERTIFY + ["--figure", str(tmp_path / "phase.jpg")]) == 2
-    err = capsys.readouterr()
-    assert len(err.err.strip().splitlines()) == 1 and ".svg" in err.err and err.out == ""
-    assert main(CERTIFY + ["--out", str(tmp_path / "p.csv"), "--figure", str(tmp_path / "p.csv")]) == 2
-    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "phase.jpg").exists()
-    assert main(CERTIFY[:11] + ["--figure", str(tmp_path / "nogrid.png")]) == 2
-
-
-@pytest.fixture
-def checkpoints(tmp_path):
-    from lrnn_analysis.checkpoints import save_checkpoint
-    from lrnn_analysis.models import ModelConfig, build_model
-
-    digits = build_model(ModelConfig("lipschitz", 1, 6, 10, eps=0.1, gamma_a=1.0, gamma_w=0.0, init_std=0.1), seed=0)
-    adding = build_model(ModelConfig("lipschitz", 2, 4, 1, eps=0.1), seed=0)
-    return (save_checkpoint(tmp_path / "digits.safetensors", digits, {"task": {"name": "digits", "seed": 0, "options": {}}}),
-            save_checkpoint(tmp_path / "adding.safetensors", adding,
-                            {"task": {"name": "adding", "seed": 0, "options": {"length": 5}}}))
-
-
-def test_robustness_and_hessian_figures(checkpoints, tmp_path, capsys):
-    digits, adding = checkpoints
-    robust = ["robustness", str(digits), "--input-noise", "0,0.1", "--seeds", "2", "--max-samples", "50",
-              "--out", str(tmp_path / "r.csv"), "--quiet"]
-    assert main(robust + ["--figure", str(tmp_path / "r.gif")]) == 2 and not (tmp_path / "r.csv").exists()
-    assert main(robust + ["--figure", str(tmp_path / "r.csv")]) == 2
-    assert main(robust + ["--figure", str(tmp_path / "r.svg")]) == 0
-    assert (tmp_path / "r.svg").read_bytes().lstrip().startswith(b"<?xml") and (tmp_path / "r.csv").exists()
-    regression = ["robustness", str(adding), "--param-noise", "0,0.1", "--seeds", "2", "--max-samples", "20",
-                  "--out", str(tmp_path / "a.csv"), "--figure", str(tmp_path / "a.png"), "--quiet"]
-    assert main(regression) == 0 and (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
-    capsys.readouterr()
-    hessian = ["hessian", str(adding), "--batch-size", "16", "--quiet"]
-    assert main(hessian + ["--figure", str(tmp_path / "d.png")]) == 2
-    assert "--density" in capsys.readouterr().err
-    assert main(hessian + ["--density", "--figure", str(tmp_path / "d.pdf")]) == 0
-    assert b"/FontFile2" in (tmp_path / "d.pdf").read_bytes()
-    assert main(hessian + ["--density", "--figure", str(tmp_path / "d.pdf")]) == 2
-    assert "exists" in capsys.readouterr().err
-
-
 def test_robustness_of_a_regression_task_draws_the_loss():
     summary = [{**row, "accuracy_mean": None, "accuracy_ci95": None, "loss_mean": 0.01 + row["level"], "loss_ci95": 0.05}
                for row in _summary()]
@@ -242,19 +190,3 @@ def test_robustness_of_a_regression_task_draws_the_loss():
     assert figure.axes[0].get_ylabel() == "test loss"
     band = next(c for c in figure.axes[0].collections if c.get_gid() == "band:a")
     assert np.concatenate([p.vertices[:, 1] for p in band.get_paths()]).min() == 0.0
-
-
-def test_the_audit_report_of_a_regression_task_draws_the_loss(checkpoints, tmp_path):
-    from lrnn_analysis.builtin_tasks import load_task
-    from lrnn_analysis.outputs import OutputDirectory
-    from lrnn_analysis.audit_report import AUDIT_WRITER, write_audit_into
-    from lrnn_analysis.pipelines.audit import AuditSettings
-    from lrnn_analysis.pipelines.audit import run as run_audit
-    from lrnn_analysis.model_under_analysis import load_model
-
-    settings = AuditSettings(certificate_budget=5.0, hessian_batch_size=16, trace_matvecs=8, seeds=2, max_samples=20,
-                             grid={"gaussian-relative": (0.0, 0.1)})
-    result = run_audit(load_model(checkpoints[1]), load_task("adding", seed=0, length=5), settings, label="adding")
-    with OutputDirectory(tmp_path / "audit", AUDIT_WRITER) as directory:
-        out = write_audit_into(result, directory)
-    assert (out / "robustness.png").read_bytes().startswith(b"\x89PNG")

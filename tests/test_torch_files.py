@@ -7,10 +7,9 @@ import zipfile
 import pytest
 import torch
 
+from helpers import time_limit
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.torch_files import _storage_ids, check_declared_sizes, check_tensors
-
-from helpers import time_limit
 
 
 def _legacy(content) -> bytes:

@@ -1,7 +1,6 @@
 """The robustness pipeline and ``sweep`` take plain modules and plain data: one module, a mapping
 of them, (x, y) tensors or a DataLoader give the numbers a Task gives."""
 import pytest
-import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrnn_analysis.builtin_tasks import load_task

@@ -1,0 +1,95 @@
+"""`lrnn train`: training, saving and reporting, constrained training and stored evidence, bad options
+and usage errors as exit 2 in one line, no progress bar in a log."""
+import json
+
+import pytest
+
+from lrnn_analysis.checkpoints import load_checkpoint
+from lrnn_analysis.cli import main
+from lrnn_analysis.stability.evidence import (
+    check_stored,
+)
+
+
+def test_a_command_run_into_a_log_writes_no_progress_bar(tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--task", "digits", "--hidden", "4", "--epochs", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "epoch" not in err, err
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"]["epochs"] == 2
+
+
+def test_cli_constrained_training_records_the_certificate(tmp_path, capsys):
+    out = tmp_path / "c.safetensors"
+    code = main(["train", "--task", "digits", "--hidden", "8", "--epochs", "1", "--constrain", "ct-norm", "--margin", "0.05",
+                 "--gamma-a", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    _, metadata = load_checkpoint(out)
+    record = metadata["constraint"]
+    assert record["certificate"] == "ct-norm" and record["margin"] == 0.05
+    assert record["certificate_result"]["holds"] is True and record["certificate_result"]["margin"] >= 0.05 - 1e-9
+    assert "constraint ct-norm" in capsys.readouterr().out
+    assert main(["train", "--task", "digits", "--hidden", "8", "--epochs", "1", "--constrain", "euler-norm",
+                 "--out", str(tmp_path / "x.safetensors"), "--quiet"]) == 2
+    assert "raise gamma_a" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_trains_ren_and_contracting_with_evidence(tmp_path, capsys):
+    for arch in ("contracting", "ren"):
+        out = tmp_path / f"{arch}.safetensors"
+        assert main(["train", "--task", "digits", "--arch", arch, "--hidden", "4", "--epochs", "1", "--out", str(out),
+                     "--quiet"]) == 0
+        assert "certificate evidence stored" in capsys.readouterr().out
+        certificates = ["--certificates", "euler-lmi"] if arch == "contracting" else []
+        assert main(["stability", str(out), "--quiet", *certificates]) == 0
+        assert "verified from stored evidence" in capsys.readouterr().out
+
+
+def test_constrained_training_stores_evidence(tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    assert main(["train", "--task", "digits", "--hidden", "4", "--epochs", "1", "--gamma-a", "1", "--gamma-w", "0",
+                 "--constrain", "euler-norm", "--margin", "0.01", "--out", str(out), "--quiet"]) == 0
+    assert "certificate evidence stored: euler-lmi" in capsys.readouterr().out
+    model, metadata = load_checkpoint(out)
+    assert check_stored(model, metadata).verified
+
+
+def test_cli_train_and_info(tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    code = main(["train", "--task", "digits", "--arch", "node", "--hidden", "8", "--epochs", "2",
+                 "--seed", "4", "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "spectra: alpha(W)" in printed and str(out) in printed
+    model, metadata = load_checkpoint(out)
+    assert model.config.arch == "node" and model.config.eps == 0.1
+    assert metadata["task"] == {"name": "digits", "seed": 0, "options": {}}
+    assert metadata["training"]["seed"] == 4 and len(metadata["log"]) == 2
+    assert metadata["environment"]["device"] == "cpu" and "torch" in metadata["environment"]
+    assert metadata["command"].startswith("lrnn train --task digits")
+    assert main(["info", str(out)]) == 0
+    assert "alpha_W" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["hidden"] == 8
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eps", "-1"], "argument --eps: must be a finite number in (0, inf]"),
+    (["--discretization", "rk4"], "runs with"),
+    (["--task", "smnist", "--data-path", "/nonexistent.npz"], "not found"),
+])
+def test_cli_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    base = ["train", "--task", "digits", "--epochs", "1", "--hidden", "4", "--out", str(tmp_path / "x.safetensors"), "--quiet"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_usage_errors_exit_2(capsys):
+    for argv in (["train", "--task", "digits", "--arch", "lstm", "--out", "x"], ["train", "--task", "digits"],
+                 ["info"], ["nonsense"]):
+        assert main(argv) == 2
+        assert len(capsys.readouterr().err.splitlines()) == 1

@@ -1,0 +1,97 @@
+"""analyze() (what `lrnn hessian` runs): both ends of the spectrum, trace and density, GGN estimates,
+the block table's order, a user module's recurrent block against the dense Hessian."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lrnn_analysis.evaluation import loss_function
+from lrnn_analysis.hessian import (
+    HessianOperator,
+    analyze,
+)
+from lrnn_analysis.models import ModelConfig, build_model
+from user_module import user_subject
+
+
+def test_hessian_of_the_recurrent_block_matches_the_dense_hessian(user):
+    _, module, task = user
+    subject = user_subject(module)
+    x, y = task.train.x[:64], task.train.y[:64]
+    report = analyze(subject, loss_function(True), (x, y), params=subject.recurrent_names(), top_k=1, progress=False)
+    assert report.operator["params"] == ["rec_a", "rec_w"]
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    n = params["rec_a"].numel()
+
+    def loss(flat):
+        state = {**params, "rec_a": flat[:n].view_as(params["rec_a"]), "rec_w": flat[n:].view_as(params["rec_w"])}
+        return torch.nn.functional.cross_entropy(functional_call(module, state, (x,)), y)
+
+    dense = torch.autograd.functional.hessian(loss, torch.cat([params["rec_a"].reshape(-1), params["rec_w"].reshape(-1)]))
+    exact = torch.linalg.eigvalsh(dense.double())
+    assert report.lambda_max == pytest.approx(float(exact[-1]), rel=2e-3)
+    assert report.lambda_min == pytest.approx(float(exact[0]), rel=2e-3, abs=1e-4)
+
+
+def test_analyze_reports_both_ends_trace_and_density(model_and_batch):
+    model, x, y = model_and_batch
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    report = analyze(model, nn.CrossEntropyLoss(), batches, top_k=2, trace=True, density=True, seed=3,
+                     dtype="float64", progress=False, trace_method="hutch++", density_steps=10)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), dtype="float64").to_dense().numpy()
+    spectrum = np.linalg.eigvalsh(H)
+    assert report.lambda_max == pytest.approx(spectrum[-1], rel=1e-5)
+    assert report.lambda_min == pytest.approx(spectrum[0], rel=1e-5)
+    assert len(report.eigen.values) == 4 and report.eigen.which == "BE"
+    assert abs(report.trace.estimate - np.trace(H)) <= 2 * report.trace.ci_halfwidth
+    assert report.density.dim == H.shape[0]
+    assert report.matvecs == report.eigen.matvecs + report.trace.matvecs + report.density.matvecs
+    assert report.seed == 3 and report.operator["n_batches"] == 2 and report.operator["n_samples"] == 9
+    assert report.environment["device"] == "cpu" and "torch" in report.environment
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["eigen"]["values"][0] == pytest.approx(report.lambda_max)
+    assert "vectors" not in data["eigen"] and data["trace"]["ci_halfwidth"] > 0
+    assert {"lambda_max", "lambda_min", "eigen", "trace", "density", "matvecs", "wall_time", "notes"} <= set(data)
+
+
+def test_analyze_rejects_unknown_backend(model_and_batch):
+    model, x, y = model_and_batch
+    with pytest.raises(ValueError, match="backend"):
+        analyze(model, nn.CrossEntropyLoss(), (x, y), backend="other", progress=False)
+
+
+def test_analyze_refuses_the_block_table_of_a_wrapped_operator(model_and_batch):
+    model, x, y = model_and_batch
+    with pytest.raises(ValueError, match="per-block table"):
+        analyze(model, nn.CrossEntropyLoss(), (x, y), estimates=("blocks",), wrap_operator=lambda op: op, progress=False)
+
+
+def test_block_table_puts_the_models_own_recurrent_parameters_first():
+    """Not hard-coded M_A/M_W: a contracting model's Z1, dZ, B, C, ell lead the table, in its declared order."""
+    model = build_model(ModelConfig("contracting", 1, 3, 2, eps=0.1), seed=0)
+    generator = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 4, 1, generator=generator), torch.randint(0, 2, (5,), generator=generator)
+    report = analyze(model, nn.CrossEntropyLoss(), (x, y), params="D.*,ell,Z1,dZ,B,C", estimates=("blocks",),
+                     dtype="float64", progress=False, trace=False)
+    assert [row["param"] for row in report.blocks.rows] == ["Z1", "dZ", "B", "C", "ell", "D.weight", "D.bias"]
+
+
+def test_analyze_ggn_with_diag_frobenius_and_blocks(model_and_batch):
+    from lrnn_analysis.hessian import GGNOperator
+
+    model, x, y = model_and_batch
+    report = analyze(model, nn.CrossEntropyLoss(), (x, y), params="M_A,M_W,D.*,nothing", operator="ggn",
+                     estimates=("diag", "frobenius", "blocks"), dtype="float64", progress=False, estimate_matvecs=40)
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (x, y), params="M_A,M_W,D.*", dtype="float64").to_dense().numpy()
+    assert report.operator["operator"] == "ggn" and report.operator["unmatched_patterns"] == ["nothing"]
+    assert any("nothing" in note for note in report.notes)
+    assert report.lambda_max == pytest.approx(np.linalg.eigvalsh(G)[-1], rel=1e-5)
+    assert report.diagonal.estimate.shape == (G.shape[0],) and report.frobenius.matvecs <= 40
+    assert [row["param"] for row in report.blocks.rows] == ["M_A", "M_W", "D.weight", "D.bias"]
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["blocks"]["rows"][0]["param"] == "M_A" and "estimate" in data["frobenius"]
+    with pytest.raises(ValueError, match="pyhessian"):
+        analyze(model, nn.CrossEntropyLoss(), (x, y), backend="pyhessian", operator="ggn", progress=False)

@@ -1,0 +1,7 @@
+import pytest
+
+
+@pytest.fixture(scope="module")
+def digits(digits_task):
+    """The digits task the sweeps run on."""
+    return digits_task
