@@ -1,10 +1,11 @@
-# The README's two commands: `make run` (the main job) and `make test` (the whole suite).
+# The README's commands: `make run` (the main job), `make test` (the whole suite) and `make docs` (the site).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: run test clean
+.PHONY: run test docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +23,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# The docs extras with the installed torch pinned, so that pip can never replace it.
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install -c $(VENV)/torch-constraint.txt -e ".[test,docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) site
