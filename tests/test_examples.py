@@ -126,5 +126,6 @@ def test_own_model_walkthrough(tmp_path):
                  rf"Hessian of the recurrent block \['rec'\]: lambda_max {FLOAT}, lambda_min {FLOAT}",
                  r"audit: clean test accuracy 0\.8800, lambda_max .*", r"my-audit/ holds report.json, report.md",
                  r"recurrent parameters: rec", r"audit of my-rnn.pt \(MyRNN, task mydata.npz\) written to .*report.md and report.json",
+                 r"MyRNN  my-rnn.pt   gaussian +0\.5 +3 +0\.8611 .*",
                  r"MyRNN  my-rnn.pt   gaussian-relative +0\.5 +3 +0\.85 .*", r"wrote sweep.csv")
     assert (folder / "cli-audit" / "report.md").is_file() and (folder / "sweep.csv").is_file()

@@ -5,4 +5,4 @@ python certify.py
 python analyse.py
 lrnn info --model mymodels.py:MyRNN --weights my-rnn.pt
 lrnn audit --model mymodels.py:MyRNN --weights my-rnn.pt --data mydata.npz --out cli-audit --quiet
-lrnn robustness --model mymodels.py:MyRNN --weights my-rnn.pt --data mydata.npz --param-noise 0,0.5 --recurrent-only --seeds 3 --out sweep.csv --quiet
+lrnn robustness --model mymodels.py:MyRNN --weights my-rnn.pt --data mydata.npz --input-noise 0,0.5 --param-noise 0,0.5 --recurrent-only --seeds 3 --out sweep.csv --quiet
