@@ -25,7 +25,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_MARKER = "<!-- lrnn-cli-reference -->"
-HELP_WIDTH = "100"  # columns of the rendered help, whatever the terminal building the site
+HELP_WIDTH = "80"  # columns of the rendered help, whatever the terminal building the site
 API_MARKER = re.compile(r"<!-- lrnn-api ([\w.]+) -->")
 
 
