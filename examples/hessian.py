@@ -21,7 +21,7 @@ print(f"trace = {tr.estimate:.4g} +- {tr.ci_halfwidth:.2g} (95% CI, {tr.method},
 density = L.spectral_density(H, n_probes=3, steps=20, seed=0)
 print(f"tr(H^2)/P = {density.moments[1]:.4g} +- {density.moment_ci_halfwidths[1]:.2g} (SLQ, {density.n_probes} probes)")
 rows = [{"model": "lipschitz", "eigenvalue": t, "density": d} for t, d in zip(density.grid, density.density)]
-L.plot_density(rows).savefig("density.png")
+L.plot_density(rows).figure.savefig("density.png")  # an axes-level plot: it returns the Axes
 print("wrote density.png")
 
 G = L.GGNOperator(subject, loss, batch, params="M_A,M_W")  # positive semi-definite: only its top end

@@ -19,7 +19,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
-SWEEP_SIGNATURE = pytest.mark.xfail(strict=False, reason="sweep signature lands with the pipeline merge")
 FLOAT = r"[-+]?[0-9.]+(?:e[-+]?[0-9]+)?"
 
 
@@ -61,7 +60,6 @@ def test_every_example_is_run_by_a_test():
     assert found == TESTED
 
 
-@SWEEP_SIGNATURE
 def test_quickstart(root):
     out = run_example("quickstart.py", root)
     assert_lines(out, r"certified: False \(lure form\)",
@@ -81,7 +79,6 @@ def test_hessian(root):
     assert (root / "density.png").stat().st_size > 0
 
 
-@SWEEP_SIGNATURE
 def test_robustness_sweep(root):
     out = run_example("robustness_sweep.py", root)
     assert_lines(out, r"lipschitz \(euler\) +gaussian +0\.0  accuracy 0\.9749 \+- 0\.0000  drop \+0\.0000",

@@ -4,7 +4,6 @@ from pathlib import Path
 import torch
 
 import lrnn_analysis as L
-from lrnn_analysis.report import write_audit
 from mymodels import MyRNN
 
 task = L.load_data("mydata.npz")
@@ -17,8 +16,8 @@ hessian = L.analyze(subject, torch.nn.CrossEntropyLoss(), task.train.batches(128
 print(f"Hessian of the recurrent block {hessian.operator['params']}: lambda_max {hessian.lambda_max:.4g}, "
       f"lambda_min {hessian.lambda_min:.4g}")
 
-audit = L.run_audit(subject, task, progress=False)
-write_audit(audit, "my-audit")
+audit = L.run_audit(subject, task)
+L.write_audit(audit, "my-audit")
 report = audit.report
 print(f"audit: clean test accuracy {report['clean']['accuracy']:.4f}, lambda_max {report['hessian']['lambda_max']:.4g}")
 for c in report["stability"]["certificates"]:
