@@ -17,8 +17,9 @@ Orientation: column vectors. W acts on the left of the state, h+ = sigma(W h + u
 entry W[i, j] is the weight from unit j to unit i, as in ``torch.nn`` (``nn.RNN`` computes
 W_hh h, its ``weight_hh_l0`` is W as stored). Code written with row vectors (``h @ M``)
 has W = M^T: passing M itself describes a different network and can flip a certificate.
-:func:`lrnn_analysis.stability.consistency.check_lure_form` catches such a mix-up by running
-the model and the system side by side.
+:func:`lrnn_analysis.stability.consistency.check_lure_form` and ``check_form`` catch such a mix-up
+by running the model and the system side by side;
+:func:`lrnn_analysis.stability.derivation.derive_lure_form` reads the form off the step itself.
 
 ``substeps`` repeats the scheme that many times per input step (a neural-ODE
 RNN integrating over [0, eps_total] with a fixed grid). Matrices are float64
