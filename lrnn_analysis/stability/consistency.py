@@ -258,8 +258,8 @@ def _check_step(subject: Any, derived: Any, system: LureSystem, hand: tuple[Any,
     except InputError as error:
         return _unchecked(f"{first_line(error)}; nor does it expose hidden_states(x) and lure_inputs(x)", **common)
     try:
-        signature = (_Signature(derived.state_shapes, derived.state_is_tuple, derived.input_shape, derived.dtype)
-                     if derived is not None else _signature(subject, module, state, x))
+        signature = (_Signature(derived.state_shapes, derived.state_is_tuple, derived.input_shape, derived.dtype,
+                                derived.device) if derived is not None else _signature(subject, module, state, x))
     except InputError as error:
         return _unchecked(f"the step's state and input are unknown ({first_line(error)}): pass state= and x=", **common)
     common = {**common, "state_size": signature.state_size, "dtype": str(signature.dtype).removeprefix("torch.")}
@@ -285,8 +285,7 @@ def _check_step(subject: Any, derived: Any, system: LureSystem, hand: tuple[Any,
                                   "nonlinearity's channels are not its state units (its derived form uses coordinates "
                                   "h = T zeta); pass inputs=", **common)
             mapping = _Mapping(mapping.to_system, mapping.from_system, own.inputs, "derived form", mapping.condition)
-    reference = next((p for p in module.parameters()), None) if module is not None else None
-    device = reference.device if reference is not None else torch.device("cpu")
+    device = signature.device
     generator = torch.Generator().manual_seed(common["seed"])
     states, _ = signature.examples(generator, common["batch"], signature.dtype)
     states = [s.to(device) for s in states]

@@ -269,6 +269,12 @@ def test_toolkit_models_are_checked_through_their_hidden_states():
         wrong = LureSystem(A, W, method="euler", eps=eps)
         assert check_form(model, wrong).status == "refused"
     assert check_form(model, LureSystem(stored.A[:5, :5], stored.W[:5, :5], method="euler", eps=0.1)).status == "refused"
+    torch.manual_seed(0)
+    stack = SequenceClassifier(nn.RNN(3, 4, num_layers=2, batch_first=True), nn.Linear(4, 2))
+    for layer, system in enumerate(stack.lure_forms()):
+        assert check_form(stack, system, layer=layer).passed
+        transposed = LureSystem(system.A, system.W.T, method="map")
+        assert check_form(stack, transposed, layer=layer).status == "refused"
 
 
 def test_float32_cell_passes_at_float32_tolerance():
@@ -345,6 +351,7 @@ def _branching(h, x):
     (lambda h, x: torch.tanh(h @ W4.T + torch.randn_like(x)), "draws random numbers"),
     (lambda h, x: torch.tanh(torch.tanh(h @ W4.T + x) @ W4.T + h), "not an explicit Runge-Kutta scheme"),
     (_branching, "branches on the values of tensors"),
+    (lambda h, x: torch.tanh(h @ W4.T / torch.zeros(4, dtype=F64) + x), "not finite"),
 ])
 def test_what_cannot_be_derived_is_an_input_error_naming_the_operation(step, match):
     with pytest.raises(InputError, match=match):
