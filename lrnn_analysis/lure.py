@@ -17,25 +17,74 @@ Orientation: column vectors. W acts on the left of the state, h+ = sigma(W h + u
 entry W[i, j] is the weight from unit j to unit i, as in ``torch.nn`` (``nn.RNN`` computes
 W_hh h, its ``weight_hh_l0`` is W as stored). Code written with row vectors (``h @ M``)
 has W = M^T: passing M itself describes a different network and can flip a certificate.
-:func:`lrnn_analysis.stability.consistency.check_lure_form` catches such a mix-up by running
-the model and the system side by side.
+:func:`lrnn_analysis.stability.consistency.check_lure_form` and ``check_form`` catch such a mix-up
+by running the model and the system side by side;
+:func:`lrnn_analysis.stability.derivation.derive_lure_form` reads the form off the step itself.
 
 ``substeps`` repeats the scheme that many times per input step (a neural-ODE
 RNN integrating over [0, eps_total] with a fixed grid). Matrices are float64
 in the column convention; vectors passed to ``step``/``simulate`` may carry
 leading batch dimensions (row convention on the last axis).
+
+``activation`` names sigma: ``tanh``, ``relu``, ``hardtanh`` (clip to [-1, 1]), ``identity`` or
+``leaky_relu(a)`` (z for z >= 0, a z below, a >= 0). Every one has slopes in [0, its largest
+slope], which is all a certificate uses; the name only decides what ``step`` and ``simulate``
+compute. :func:`activation` looks a name up.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .errors import InputError
 
+__all__ = ["ACTIVATIONS", "METHODS", "Activation", "LureSystem", "activation"]
+
 METHODS = ("ode", "euler", "rk2", "rk4", "rk38", "map")
-ACTIVATIONS = {"tanh": (np.tanh, 1.0), "relu": (lambda z: np.maximum(z, 0.0), 1.0)}
+ACTIVATIONS = ("tanh", "relu", "hardtanh", "identity", "leaky_relu(a)")
+_LEAKY_RELU = re.compile(r"leaky_relu\((.+)\)")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise sigma: its function, its derivative and its largest slope (the smallest is >= 0)."""
+
+    name: str
+    function: Callable[[np.ndarray], np.ndarray]
+    derivative: Callable[[np.ndarray], np.ndarray]
+    max_slope: float
+
+
+_FIXED = {
+    "tanh": Activation("tanh", np.tanh, lambda z: 1.0 - np.tanh(z) ** 2, 1.0),
+    "relu": Activation("relu", lambda z: np.maximum(z, 0.0), lambda z: (z > 0).astype(np.float64), 1.0),
+    "hardtanh": Activation("hardtanh", lambda z: np.clip(z, -1.0, 1.0), lambda z: (np.abs(z) < 1).astype(np.float64), 1.0),
+    "identity": Activation("identity", lambda z: np.array(z, dtype=np.float64), lambda z: np.ones_like(z, dtype=np.float64), 1.0),
+}
+
+
+def _leaky_relu(a: float) -> Activation:
+    return Activation(f"leaky_relu({a!r})", lambda z: np.where(z >= 0, z, a * z),
+                      lambda z: np.where(z >= 0, 1.0, a), max(1.0, a))
+
+
+def activation(name: str) -> Activation:
+    """The activation called ``name`` (one of :data:`ACTIVATIONS`, ``a`` a number >= 0); InputError otherwise."""
+    if name in _FIXED:
+        return _FIXED[name]
+    match = _LEAKY_RELU.fullmatch(name) if isinstance(name, str) else None
+    if match is not None:
+        try:
+            a = float(match.group(1))
+        except ValueError:
+            a = math.nan
+        if math.isfinite(a) and a >= 0:
+            return _leaky_relu(a)
+    raise InputError(f"unknown activation {name!r}; expected one of {ACTIVATIONS} with a >= 0")
 
 
 def _as_float64_matrix(value: Any, name: str) -> np.ndarray:
@@ -81,11 +130,9 @@ class LureSystem:
             raise InputError(f"A {A.shape} and W {W.shape} must have the same shape")
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.activation not in ACTIVATIONS:
-            raise InputError(f"unknown activation {self.activation!r}; expected one of {tuple(ACTIVATIONS)}")
-        sigma, max_slope = ACTIVATIONS[self.activation]
-        if not (np.isfinite(self.slope) and self.slope >= max_slope):
-            raise InputError(f"slope {self.slope} must be >= {max_slope}, the largest slope of {self.activation}")
+        sigma = activation(self.activation)
+        if not (np.isfinite(self.slope) and self.slope >= sigma.max_slope):
+            raise InputError(f"slope {self.slope} must be >= {sigma.max_slope}, the largest slope of {self.activation}")
         if self.method in ("euler", "rk2", "rk4", "rk38"):
             if self.eps is None or not (np.isfinite(self.eps) and self.eps > 0):
                 raise InputError(f"method {self.method!r} needs a step eps > 0, got {self.eps}")
@@ -100,7 +147,8 @@ class LureSystem:
         object.__setattr__(self, "slope", float(self.slope))
         object.__setattr__(self, "eps", None if self.eps is None else float(self.eps))
         object.__setattr__(self, "substeps", int(self.substeps))
-        object.__setattr__(self, "_sigma", sigma)
+        object.__setattr__(self, "activation", sigma.name)
+        object.__setattr__(self, "_sigma", sigma.function)
 
     @property
     def n(self) -> int:

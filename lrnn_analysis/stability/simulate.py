@@ -23,12 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import scipy.integrate
 
-from ..lure import LureSystem
-
-_DERIVATIVES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "tanh": lambda z: 1.0 - np.tanh(z) ** 2,
-    "relu": lambda z: (z > 0).astype(np.float64),
-}
+from ..lure import LureSystem, activation
 
 
 @dataclass(frozen=True)
@@ -89,8 +84,6 @@ def simulate_pairs(
     input_scale^2) shared within a pair. ``dt`` is the input interval for ``ode``
     (ignored otherwise).
     """
-    if system.activation not in _DERIVATIVES:
-        raise ValueError(f"no derivative known for activation {system.activation!r}")
     rng = np.random.default_rng(seed)
     n = system.n
     P = np.eye(n) if P is None else np.asarray(P, dtype=np.float64)
@@ -144,7 +137,7 @@ def _ode_advance(system: LureSystem, dt: float) -> Callable[[np.ndarray, np.ndar
 
 def _tangent_field(system: LureSystem, h: np.ndarray, V: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Directional derivatives of f(h, u) = A h + sigma(W h + u) along the columns of V."""
-    slopes = _DERIVATIVES[system.activation](system.W @ h + u)
+    slopes = activation(system.activation).derivative(system.W @ h + u)
     return system.A @ V + slopes[:, None] * (system.W @ V)
 
 
@@ -152,7 +145,7 @@ def _tangent_step(system: LureSystem, h: np.ndarray, V: np.ndarray, u: np.ndarra
     """One input step of the scheme and of its linearization along V."""
     if system.method == "map":
         z = system.W @ h + u
-        return system.step(h, u), _DERIVATIVES[system.activation](z)[:, None] * (system.W @ V)
+        return system.step(h, u), activation(system.activation).derivative(z)[:, None] * (system.W @ V)
     f = lambda x: system.vector_field(x, u)
     tf = lambda x, Y: _tangent_field(system, x, Y, u)
     e = system.eps
