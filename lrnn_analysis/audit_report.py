@@ -81,6 +81,9 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     lines += _markdown_table(hessian["blocks"]["rows"], ["param", "numel", "lambda_max", "trace", "trace_ci_halfwidth", "trace_method"],
                              ["parameter", "entries", "λ_max", "trace", "± (95% CI)", "trace method"])
     lines += ["", "## Certificates", "", f"**{stability['verdict'][0].upper()}{stability['verdict'][1:]}**", ""]
+    if stability.get("form", "none") != "none":
+        lines += [f"Lur'e form: {stability['form']}"
+                  + (" (trusted for the gates: --trust-unchecked-form)." if r["settings"].get("trust_unchecked_form") else "."), ""]
     stored = stability.get("stored_evidence") or {}
     if stored.get("status") == "verified":
         lines += [f"Verified from stored evidence: {stored['certificate']} at rate {stored['rate']:.6g} (tier {stored['tier']}).", ""]

@@ -51,6 +51,7 @@ def root(tmp_path: Path) -> Path:
 
 
 TESTED = {"quickstart.py", "hessian.py", "robustness_sweep.py", "audit.py", "train_and_certify.py", "torchnn_layers.py",
+          "derived_form.py",
           "own_model/mymodels.py", "own_model/make_data.py", "own_model/train.py", "own_model/certify.py",
           "own_model/analyse.py", "own_model/run.sh"}
 
@@ -109,6 +110,12 @@ def test_torchnn_layers(root):
                  rf"nn.RNN stack: holds True, rate {FLOAT}, coupling gains \[{FLOAT}\]",
                  r"nn.LSTM, input bound None: holds False \(.*no certificate without an input bound.*\)",
                  r"nn.LSTM, input bound 1\.0: holds True \(.*\)", r"certify_model source: torch.nn layers")
+
+
+def test_derived_form(root):
+    out = run_example("derived_form.py", root)
+    assert_lines(out, rf"certified: euler-lmi, rate {FLOAT} per step \(tier riccati\), form derived, checked \(.*\)",
+                 r"  euler-lmi: holds \(verified in float64 .*\)")
 
 
 def test_own_model_walkthrough(tmp_path):

@@ -69,6 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--input-bound", type=o.positive, default=None, metavar="XBAR",
                        help="a model without a Lur'e form made of torch.nn LSTM/GRU layers: their conditions hold for "
                             "inputs with ||x_t||_inf <= XBAR")
+    audit.add_argument("--trust-unchecked-form", action="store_true",
+                       help="let a certified= gate pass on a Lur'e form that could not be compared with the module "
+                            "(the report records it)")
     audit.add_argument("--seed", type=o.seed, default=0)
     o.add_run_options(audit)
     audit.set_defaults(handler=run)
@@ -79,7 +82,8 @@ def settings_from(args: argparse.Namespace):
 
     preset = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
     return preset.with_changes(hessian_batches=args.hessian_batches, trace_matvecs=args.trace_matvecs, seeds=args.seeds,
-                               grid=audit_grid(args.levels), input_bound=args.input_bound, gates=tuple(args.gate))
+                               grid=audit_grid(args.levels), input_bound=args.input_bound, gates=tuple(args.gate),
+                               trust_unchecked_form=args.trust_unchecked_form or None)
 
 
 def run(args: argparse.Namespace) -> int:

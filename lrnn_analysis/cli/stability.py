@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
     stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
     stability.add_argument("--force", action="store_true", help=o.FORCE_HELP)
+    stability.add_argument("--trust-unchecked-form", action="store_true",
+                           help="exit 0 on a certificate of a Lur'e form that could not be compared with the module")
     stability.add_argument("--quiet", action="store_true", help="no progress bar")
     stability.set_defaults(handler=run)
 
@@ -38,11 +40,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_output_file(args.json, force=args.force, inputs=o.input_files(args))
     subject = o.load_subject(args)
+    data = None
     if args.task is not None:
-        print(f"note: --task {args.task} is not used: the certificates hold for every input sequence")
+        data = o.task_source(args).load_for([(args.checkpoint, subject)])
+        print(f"note: --task {args.task} only sets the input size a Lur'e form is checked with: "
+              "the certificates hold for every input sequence")
     settings = stability.StabilitySettings(None if args.certificates is None else tuple(args.certificates),
                                            args.time_budget, args.input_bound)
-    found = stability.run(subject, None, settings, wrap=lambda names: progress_bar(
+    found = stability.run(subject, data, settings, wrap=lambda names: progress_bar(
         names, desc="certificates", unit="cert", enabled=not args.quiet)).models[0]
     if found.source == "none":
         raise o.UsageError(f"{args.checkpoint}: {subject.name}: no Lur'e form: no certificate available for this model")
@@ -55,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         _print_stored_only(args, subject, found)
     else:
         _print_lure_form(args, subject, found)
+    if found.holds and found.form_unchecked and not args.trust_unchecked_form:
+        print(f"the certificate is of a Lur'e form that could not be compared with the module ({found.form_check.reason}); "
+              "exit 1 (pass --trust-unchecked-form to accept it)", file=sys.stderr)
+        return 1
     return 0 if found.holds else 1
 
 

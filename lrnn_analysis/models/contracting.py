@@ -205,6 +205,10 @@ class ContractingRNN(RecurrentModel):
         """T (float64) with h = T zeta, zeta the state of :meth:`lure_form`."""
         return self.lure_rewrite()[2]
 
+    def lure_inputs(self, x: Tensor) -> Tensor:
+        """u_t = U x_t + b, the inputs of the Lur'e form (the same in h and in zeta), (batch, time, hidden)."""
+        return self._input_sequence(x).transpose(0, 1)
+
     def lure_form(self) -> LureSystem:
         """zeta+ = zeta + eps (A zeta + tanh(W zeta + u)) in zeta = T^-1 h (module docstring)."""
         return self.lure_rewrite()[1]

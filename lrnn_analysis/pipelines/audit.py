@@ -77,6 +77,7 @@ class AuditSettings:
     max_samples: int | None = 1000
     input_bound: float | None = None
     gates: tuple[Gate, ...] = ()
+    trust_unchecked_form: bool = False
 
     def __post_init__(self) -> None:
         check_int("seed", self.seed, 0, MAX_SEED)
@@ -87,6 +88,7 @@ class AuditSettings:
         check_bool("density", self.density)
         check_int("seeds", self.seeds, 1, MAX_SEEDS)
         check_optional_int("max_samples", self.max_samples, 1, MAX_SAMPLES)
+        check_bool("trust_unchecked_form", self.trust_unchecked_form)
         if self.input_bound is not None:
             check_number("input_bound", self.input_bound, 0.0, above=True)
         grid = {kind: tuple(perturbation_level(kind, level) for level in levels)
@@ -244,8 +246,10 @@ def run(
     if system is not None:
         names = list(default_certificates(system))
         names += [g.value for g in gates if g.kind == "certified" and g.value not in names]
-    found = certify_model(subject, names, time_budget=settings.certificate_budget, input_bound=settings.input_bound)
-    stability: dict[str, Any] = {"verdict": found.verdict(), "lure_form": system is not None,
+    found = certify_model(subject, names, time_budget=settings.certificate_budget, input_bound=settings.input_bound,
+                          input_shape=(task.input_dim,))
+    stability: dict[str, Any] = {"verdict": found.verdict(), "lure_form": system is not None, "form": found.form,
+                                 "form_check": None if found.form_check is None else found.form_check.to_dict(),
                                  "stored_evidence": found.stored.to_dict()}
     tables: dict[str, list[dict[str, Any]]] = {}
     if found.source in ("lure form", "stored evidence"):
@@ -344,6 +348,10 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
             return result(quantity, None, None, False, NO_LURE_FORM)
         c = found[0]
         detail = f"verified at tier {c['tier']}: {c['reason']}" if c["tier"] else f"no tier verified it: {c['reason']}"
+        check = report["stability"].get("form_check") or {}
+        if c["holds"] and check.get("status") == "unchecked" and not report["settings"]["trust_unchecked_form"]:
+            return result(quantity, None, c["margin"], False, f"{detail}; but the Lur'e form could not be compared with "
+                          f"the module ({check['reason']}): pass trust_unchecked_form (--trust-unchecked-form) to accept it")
         return result(quantity, None, c["margin"], bool(c["holds"]), detail)
     if gate.kind == "min-accuracy":
         observed, threshold = report["clean"]["accuracy"], float(gate.value)

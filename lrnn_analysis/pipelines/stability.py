@@ -23,12 +23,14 @@ from ..choices import CERTIFICATES, CONTRACTION_CERTIFICATES
 from ..errors import InputError
 
 if TYPE_CHECKING:
+    from ..lure import LureSystem
     from ..model_under_analysis import ModelUnderAnalysis
+    from ..stability.consistency import FormCheck
     from ..stability import CascadeCertificate, CertificateResult, SpectrumReport
     from ..stability.evidence import EvidenceCheck
 
 __all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",
-           "certify_model", "run"]
+           "certify_model", "checked_form", "run"]
 
 NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
 LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
@@ -75,7 +77,10 @@ class ModelCertificate:
     ``source`` says what was certified: ``"lure form"`` (``certificates`` searched on it, the
     stored one first when it verified; ``spectrum`` its diagnostics), ``"stored evidence"`` (a
     model without a Lur'e form whose stored certificate verified), ``"torch.nn layers"``
-    (``layers``: one cascade per stack of recurrent layers) or ``"none"`` (``reason`` says why)."""
+    (``layers``: one cascade per stack of recurrent layers) or ``"none"`` (``reason`` says why).
+    ``form`` says where a Lur'e form came from and whether it was compared with the module
+    (``form_check``): ``given, checked``, ``derived, checked`` or ``given, UNCHECKED`` (its
+    certificates then hold for the form, not provably for the module)."""
 
     model: str
     source: str
@@ -84,6 +89,13 @@ class ModelCertificate:
     layers: tuple[CascadeCertificate, ...] = ()
     spectrum: SpectrumReport | None = None
     reason: str = ""
+    form: str = "none"
+    form_check: FormCheck | None = None
+
+    @property
+    def form_unchecked(self) -> bool:
+        """The certificates are of a Lur'e form that could not be compared with the module."""
+        return self.form_check is not None and self.form_check.status == "unchecked"
 
     @property
     def holds(self) -> bool:
@@ -114,7 +126,8 @@ class ModelCertificate:
         best = self.strongest
         if best is not None:
             unit = "per unit time (decay rate of the ODE)" if best.name.startswith("ct-") else "per step"
-            return f"certified: {best.name}, rate {best.rate:.6g} {unit} (tier {best.tier})"
+            form = f", form {self.form}" if self.source == "lure form" else ""
+            return f"certified: {best.name}, rate {best.rate:.6g} {unit} (tier {best.tier}){form}"
         if not self.certificates:
             return f"not certified: {self.reason}"
         lmi = [c for c in self.certificates if c.name.endswith("-lmi")]
@@ -139,7 +152,9 @@ class ModelCertificate:
 
     def to_dict(self, include_matrices: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {"model": self.model, "source": self.source, "holds": self.holds,
-                                "verdict": self.verdict(), "stored_evidence": self.stored.to_dict()}
+                                "verdict": self.verdict(), "form": self.form,
+                                "form_check": None if self.form_check is None else self.form_check.to_dict(),
+                                "stored_evidence": self.stored.to_dict()}
         if self.spectrum is not None:
             data["spectrum"] = self.spectrum.to_dict()
         if self.source in ("lure form", "stored evidence"):
@@ -157,12 +172,15 @@ def certify_model(
     *,
     time_budget: float | None = None,
     input_bound: float | None = None,
+    input_shape: tuple[int, ...] | None = None,
     wrap: Callable[[list[str]], Iterable[str]] | None = None,
 ) -> ModelCertificate:
     """Certify one model: stored evidence, else its Lur'e form, else its ``torch.nn`` recurrent
     layers (see the module docstring). ``subject`` is a :class:`ModelUnderAnalysis`, a toolkit
     model or any ``nn.Module``; ``certificates`` the names to try (default: the scheme's);
-    ``wrap`` wraps the names searched (a progress bar)."""
+    ``input_shape`` the feature shape of one input step (for comparing a form with the module when
+    neither the model's sizes nor its ``input_shape`` attribute say it); ``wrap`` wraps the names
+    searched (a progress bar)."""
     from ..model_under_analysis import as_model_under_analysis
     from ..models.torchnn import find_recurrent_layers
     from ..stability import certify_recurrent, spectrum
@@ -172,10 +190,11 @@ def certify_model(
     subject = as_model_under_analysis(subject)
     module = subject.module
     stored = check_stored(module, subject.metadata)
-    system = subject.lure_system()
+    system, form, check = checked_form(subject, input_shape)
     if system is not None:
         found = stored_then_searched(stored, module, system, settings.certificates, settings.time_budget, wrap=wrap)
-        return ModelCertificate(subject.name, "lure form", stored, tuple(found), spectrum=spectrum(system))
+        return ModelCertificate(subject.name, "lure form", stored, tuple(found), spectrum=spectrum(system), form=form,
+                                form_check=check)
     if stored.verified:
         return ModelCertificate(subject.name, "stored evidence", stored, tuple(stored_then_searched(stored, module, None)))
     if find_recurrent_layers(module):
@@ -183,6 +202,42 @@ def certify_model(
                                    time_budget=settings.time_budget)
         return ModelCertificate(subject.name, "torch.nn layers", stored, layers=tuple(layers), reason=LAYERS_ONLY)
     return ModelCertificate(subject.name, "none", stored, reason=NO_LURE_FORM)
+
+
+def checked_form(subject: ModelUnderAnalysis,
+                 input_shape: tuple[int, ...] | None = None) -> tuple[LureSystem | None, str, FormCheck | None]:
+    """The Lur'e form to certify, where it came from, and its comparison with the module.
+
+    A form the model gives (its loader's, its ``lure_form()``, or the one passed to
+    :class:`ModelUnderAnalysis`) is run beside the module (:func:`~lrnn_analysis.stability.check_form`,
+    in the module's coordinates ``coordinates()`` when it declares them): a form that computes
+    something else raises :class:`InputError` naming the largest error and its step; one that
+    cannot be compared is returned marked ``UNCHECKED``. Without a form, a module with a
+    ``step(h, x)`` method (and ``state_shapes`` / ``input_shape`` attributes, the feature shapes of
+    its state and input, when they are not an RNN cell's own) gets its form derived from that step
+    (:func:`~lrnn_analysis.stability.derive_lure_form`) and checked the same way."""
+    from ..stability import check_form, derive_lure_form
+
+    module = subject.module
+    system = subject.lure_system()
+    x = (getattr(module, "input_shape", None) or input_shape
+         or ((subject.input_dim,) if subject.input_dim is not None else None))
+    if system is not None:
+        coordinates = module.coordinates() if callable(getattr(module, "coordinates", None)) else None
+        check = check_form(module, system, x=x, coordinates=coordinates)
+        if check.status == "refused":
+            raise InputError(f"{subject.name}: the Lur'e form does not describe the module: {check.reason}; "
+                             "no certificate is issued for it")
+        return system, "given, checked" if check.passed else f"given, UNCHECKED ({check.reason})", check
+    if not callable(getattr(module, "step", None)):
+        return None, "none", None
+    state = getattr(module, "state_shapes", None)
+    derived = derive_lure_form(module, state, x)
+    check = check_form(module, derived)
+    if not check.passed:
+        raise InputError(f"{subject.name}: the Lur'e form derived from its step does not reproduce it: {check.reason}")
+    notes = "; ".join(derived.notes)
+    return derived.system, "derived, checked" + (f" ({notes})" if notes else ""), check
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,13 +259,16 @@ def run(subjects: Sequence[ModelUnderAnalysis] | ModelUnderAnalysis, data: Any =
         settings: StabilitySettings = StabilitySettings(), *,
         wrap: Callable[[list[str]], Iterable[str]] | None = None) -> StabilityResult:
     """Certify every model of ``subjects`` with ``settings``. Certificates hold for every input
-    sequence: ``data`` is not used (it is accepted so that every pipeline has one signature)."""
+    sequence: ``data`` (a task, or None) only tells the input size the forms are checked with."""
     from ..model_under_analysis import ModelUnderAnalysis
 
     if isinstance(subjects, ModelUnderAnalysis):
         subjects = [subjects]
+    from ..task import Task
+
+    shape = (data.input_dim,) if isinstance(data, Task) else None
     found = tuple(certify_model(s, settings.certificates, time_budget=settings.time_budget,
-                                input_bound=settings.input_bound, wrap=wrap) for s in subjects)
+                                input_bound=settings.input_bound, input_shape=shape, wrap=wrap) for s in subjects)
     return StabilityResult(found, settings)
 
 

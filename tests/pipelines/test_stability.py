@@ -1,0 +1,133 @@
+"""certify_model certifies the module that runs: a given Lur'e form is compared with the module
+first (refused when it computes something else, marked UNCHECKED when it cannot be compared), a
+module with a step and no form gets its form derived; every front end refuses a wrong form."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lrnn_analysis.cli import main
+from lrnn_analysis.errors import InputError
+from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
+from lrnn_analysis.pipelines.audit import AuditSettings
+from lrnn_analysis.pipelines.audit import run as run_audit
+from lrnn_analysis.pipelines.stability import certify_model
+from lrnn_analysis.task import Task
+
+MODULE = '''
+import torch
+from torch import nn
+from lrnn_analysis.lure import LureSystem
+
+
+class Euler(nn.Module):
+    """h <- h + eps (-h + tanh(W h + U x_t)), read out from the last state; a step and a Lur'e form."""
+
+    def __init__(self, form="right", checkable=True, hidden=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.U = nn.Linear(2, hidden)
+        self.W = nn.Parameter(0.3 * torch.randn(hidden, hidden))
+        self.out = nn.Linear(hidden, 3)
+        self.eps, self.form, self.checkable = 0.2, form, checkable
+        self.input_shape = (2,)
+
+    def hidden_states(self, x):
+        h, states = x.new_zeros(x.shape[0], self.W.shape[0]), []
+        for t in range(x.shape[1]):
+            h = h + self.eps * (-h + torch.tanh(h @ self.W.T + self.U(x[:, t])))
+            states.append(h)
+        return torch.stack(states, 1)
+
+    def forward(self, x):
+        return self.out(self.hidden_states(x)[:, -1])
+
+    def lure_form(self):
+        W = self.W.detach().double()
+        W = {"right": W, "transposed": W.T, "sign": W}[self.form]
+        A = torch.eye(W.shape[0], dtype=W.dtype) * (1.0 if self.form == "sign" else -1.0)
+        return LureSystem(A, W, method="euler", eps=self.eps)
+
+
+def build(form="right"):
+    return Euler(form)
+'''
+
+
+_NAMESPACE: dict = {}
+exec(MODULE, _NAMESPACE)  # the module's class in this process; the command-line tests load it from a file
+Euler = _NAMESPACE["Euler"]
+
+
+def _checkable(module, yes):
+    """The module without hidden_states/lure_inputs (nothing to compare its form with) when not ``yes``."""
+    if not yes:
+        module.lure_inputs = None
+    else:
+        module.lure_inputs = lambda x: module.U(x)
+    return module
+
+
+def _task():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, 2, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    return Task.from_arrays(x, y, x, y, name="toy")
+
+
+@pytest.mark.parametrize("form", ["transposed", "sign"])
+def test_a_wrong_form_is_refused_by_the_api(form):
+    module = _checkable(Euler(form), True)
+    with pytest.raises(InputError, match="the Lur'e form does not describe the module"):
+        certify_model(ModelUnderAnalysis.from_module(module, name=form))
+
+
+def test_a_right_form_is_checked_and_an_uncomparable_one_is_marked_unchecked():
+    checked = certify_model(ModelUnderAnalysis.from_module(_checkable(Euler("right"), True), name="right"), time_budget=20)
+    assert checked.form == "given, checked" and checked.holds and "form given, checked" in checked.verdict()
+    unchecked = certify_model(ModelUnderAnalysis.from_module(_checkable(Euler("right"), False), name="bare"), time_budget=20)
+    assert unchecked.form_unchecked and unchecked.form.startswith("given, UNCHECKED") and unchecked.holds
+
+
+def test_an_unchecked_form_passes_no_certified_gate_without_the_trust_option():
+    subject = ModelUnderAnalysis.from_module(_checkable(Euler("right"), False), name="bare")
+    settings = AuditSettings(certificate_budget=10.0, hessian_batch_size=16, trace_matvecs=5, seeds=1,
+                             grid={"gaussian": (0.0,)}, max_samples=20, gates=("certified=euler-lmi",))
+    refused = run_audit(subject, _task(), settings)
+    assert not refused.passed and "could not be compared with the module" in refused.gates[0].detail
+    trusted = run_audit(subject, _task(), AuditSettings(**{**settings.__dict__, "trust_unchecked_form": True}))
+    assert trusted.passed and trusted.report["settings"]["trust_unchecked_form"] is True
+    assert trusted.report["stability"]["form_check"]["status"] == "unchecked"
+
+
+@pytest.fixture
+def wrong_form_project(tmp_path):
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "analyses" / "euler.py").write_text(MODULE + '''
+
+Euler.lure_inputs = lambda self, x: self.U(x)
+''')
+    g = np.random.default_rng(0)
+    x = g.standard_normal((40, 6, 2)).astype(np.float32)
+    y = g.integers(0, 3, 40)
+    np.savez(tmp_path / "data.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    return tmp_path
+
+
+def test_a_wrong_form_is_refused_by_every_front_end(wrong_form_project, capsys):
+    root = wrong_form_project
+    spec = ["--model", f"{root / 'analyses' / 'euler.py'}:build", "--model-arg", "form=transposed"]
+    assert main(["stability", *spec, "--quiet"]) == 2
+    assert "the Lur'e form does not describe the module" in capsys.readouterr().err
+    assert main(["audit", *spec, "--data", str(root / "data.npz"), "--out", str(root / "audit"), "--quiet",
+                 "--gate", "certified=euler-lmi"]) == 2
+    assert "the Lur'e form does not describe the module" in capsys.readouterr().err and not (root / "audit").exists()
+    recipe = root / "analyses" / "cert.toml"
+    recipe.write_text('name = "cert"\nanalysis = "certificates"\noutput = "cert"\nmodel = "analyses/euler.py:build"\n'
+                      'model_args = {form = "transposed"}\ndata = "data.npz"\n')
+    assert main(["reproduce", str(recipe), "--out", str(root / "figures"), "--quiet"]) == 2
+    assert "the Lur'e form does not describe the module" in capsys.readouterr().err
+    assert main(["stability", "--model", f"{root / 'analyses' / 'euler.py'}:build", "--quiet",
+                 "--json", str(root / "s.json")]) == 0
+    assert json.loads((root / "s.json").read_text())["verdict"].endswith("form given, checked")
