@@ -9,8 +9,9 @@ matrices returned by ``matrices``/``lure_form`` are in the column convention.
 fixed scheme) runs the whole sequence as one autograd node of :mod:`lrnn_analysis.recurrence`,
 with an exact adjoint backward and R-operator Hessian-vector products; ``"autograd"`` records
 the step op by op (the only choice for the gated RNN and the REN). Inside torch.func transforms
-(vmap, grad) the step is always recorded op by op. ``engine_memory`` ``"recompute"`` keeps only
-every ceil(sqrt(T))-th state for the backward pass (same numbers, less memory).
+(vmap, grad) and under torch.compile the step is always recorded op by op. ``engine_memory``
+``"recompute"`` keeps only every ceil(sqrt(T))-th state for the backward pass (same numbers,
+less memory).
 """
 from __future__ import annotations
 
@@ -137,6 +138,12 @@ class RecurrentModel(nn.Module):
             raise InputError(f"engine_memory must be one of {ENGINE_MEMORY}, got {value!r}")
         self._engine_memory = value
 
+    def _uses_engine(self) -> bool:
+        """Whether this call runs the engine: its autograd node has no vmap rule and torch.compile
+        traces the recorded step better than a Python loop inside one node."""
+        return (self._engine == "recurrence" and not torch._C._are_functorch_transforms_active()
+                and not torch.compiler.is_compiling())
+
     def _step_function(self) -> StepFunction:
         raise NotImplementedError
 
@@ -149,8 +156,7 @@ class RecurrentModel(nn.Module):
                 f"{self.config.arch} model expects input of shape (batch, time, {self.config.input_dim}), got {tuple(x.shape)}"
             )
         inputs = self._input_sequence(x)
-        # The engine's autograd node has no vmap rule: under torch.func transforms the step is recorded.
-        if self._engine == "recurrence" and not torch._C._are_functorch_transforms_active():
+        if self._uses_engine():
             A, W, B, scheme = self._engine_system()
             segment = sqrt_segment(len(inputs)) if self._engine_memory == "recompute" else None
             states = lure_recurrence(inputs, A, W, B, scheme=scheme, keep_states=keep_states, segment=segment)

@@ -2,7 +2,10 @@
 
 Phi is one input step of a scheme (:mod:`.schemes`) on the field f(h, u) = A h + B tanh(W h + u)
 (:mod:`.field`). :func:`lure_recurrence` takes u_1..u_T (the input projections U x_t + b of all
-steps, computed beforehand in one product) and returns h_1..h_T or h_T.
+steps, computed beforehand in one product) and returns h_1..h_T or h_T. An Euler step with a
+linear part, h + eps (A h + tanh(W h + u)), runs as the map (I + eps A) h + eps tanh(W h + u) (one
+operation less per step and per pass); I + eps A is formed outside the node, so autograd carries
+its derivative.
 
 Gradient. For the cotangents gbar_t of the returned states, the adjoint lambda_t of h_t is
 
@@ -29,10 +32,13 @@ the parameterisations of A, W, B (the Lipschitz, Cayley or contracting construct
 encoder and decoder through their own graphs. ``_Adjoint``'s backward is not itself differentiable
 (third derivatives raise).
 
-Memory: by default every stage input y and s = tanh(p) are stored (O(T * batch * n * stages)).
-``segment=K`` stores only the state at the start of every K-th input step and recomputes a
-segment's stage records in the backward passes (O((T / K + K * stages) * batch * n));
-``sqrt_segment(T)`` = ceil(sqrt(T)) balances the two. Both modes compute the same numbers.
+Memory: by default every stage input y and s = tanh(p) are stored (O(T * batch * n * stages)),
+in segments of about ``SEGMENT_BYTES``: buffers of the whole sequence (tens of MiB at sMNIST size)
+are fresh allocations on every call and measured slower on the CPU than segment-sized ones, whose
+products over all their rows still run at the matrix-multiply rate. ``segment=K`` stores only the state at the
+start of every K-th input step and recomputes a segment's stage records in the backward passes
+(O((T / K + K * stages) * batch * n)); ``sqrt_segment(T)`` = ceil(sqrt(T)) balances the two.
+Both modes compute the same numbers up to the order of floating-point sums over segments.
 """
 from __future__ import annotations
 
@@ -47,24 +53,42 @@ from .field import LureField
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
-__all__ = ["lure_recurrence", "sqrt_segment"]
+__all__ = ["SEGMENT_BYTES", "lure_recurrence", "sqrt_segment"]
+
+# Stored mode keeps the records of about this many bytes per segment (module docstring).
+SEGMENT_BYTES = 2 * 2**20
 
 
 def sqrt_segment(steps: int) -> int:
     """ceil(sqrt(steps)): the segment length that minimises stored states plus one segment's records."""
-    return max(1, math.isqrt(steps - 1) + 1) if steps > 1 else 1
+    return math.isqrt(steps - 1) + 1 if steps > 1 else 1
 
 
 @dataclass(frozen=True)
 class _Plan:
-    scheme: Scheme
-    keep_states: bool
-    segment: int | None
+    """How one call runs: the scheme, whether every state is returned, and the segments [t0, t1)
+    whose records are stored (``recompute`` False) or recomputed from their start state."""
 
-    def bounds(self, steps: int) -> list[tuple[int, int]]:
-        """[t0, t1) of every segment (one segment when every record is stored)."""
-        length = steps if self.segment is None else self.segment
-        return [(t0, min(t0 + length, steps)) for t0 in range(0, steps, length)]
+    scheme: Scheme
+    beta: float
+    keep_states: bool
+    recompute: bool
+    bounds: tuple[tuple[int, int], ...]
+
+    def field(self, A: Tensor | None, W: Tensor, B: Tensor | None) -> LureField:
+        return LureField(A, W, B, self.beta)
+
+
+def _make_plan(scheme: Scheme, beta: float, keep_states: bool, segment: int | None, u: Tensor) -> _Plan:
+    steps, batch, n = u.shape
+    if segment is None:
+        # The largest per-step buffer: one record per stage evaluation, or the padded inputs [0 | u].
+        per_step = batch * n * u.element_size() * max(2, scheme.stages * scheme.substeps)
+        length = max(1, SEGMENT_BYTES // per_step)
+    else:
+        length = segment
+    bounds = tuple((t0, min(t0 + length, steps)) for t0 in range(0, steps, length))
+    return _Plan(scheme, beta, keep_states, segment is not None, bounds)
 
 
 def _stack(records: list[Tensor], steps: int) -> Tensor:
@@ -73,34 +97,66 @@ def _stack(records: list[Tensor], steps: int) -> Tensor:
     return stacked.reshape(steps, -1, *stacked.shape[1:])
 
 
-def _run(field: LureField, scheme: Scheme, h: Tensor, u_padded: Tensor,
-         keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
-    """(last state, states, Y, S) over the input steps of ``u_padded`` from h."""
-    inputs = u_padded.unbind(0)
+def _rows(records: Tensor) -> tuple[Tensor, ...]:
+    """The (batch, width) record of every stage evaluation, in stage order."""
+    return records.reshape(-1, *records.shape[2:]).unbind(0)
+
+
+def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states: bool,
+             record: bool) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
+    """(last state, states, Y, S) over the input steps of u from h (Y, S None unless ``record``)."""
+    inputs = field.pad(u).unbind(0)
 
     def stage(t: int, l: int, y: Tensor) -> tuple[Tensor, Tensor]:
         return field.value(y, inputs[t])
 
-    h, states, ys, ss = forward_sweep(scheme, h, len(inputs), stage, keep_states)
-    return h, states, _stack(ys, len(inputs)), _stack(ss, len(inputs))
+    h, states, ys, ss = forward_sweep(scheme, h, len(inputs), stage, keep_states, record)
+    return h, states, (_stack(ys, len(inputs)) if record else None), (_stack(ss, len(inputs)) if record else None)
 
 
 def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: Tensor | None,
-             S: Tensor, keep_g: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """(cotangent of the segment's start state, D, G, Q) for one segment with records S."""
-    steps = S.shape[0]
-    D = 1.0 - S * S
-    d = D.reshape(-1, *D.shape[2:]).unbind(0)
+             S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(cotangent of the segment's start state, D, records X) for one segment with records S."""
+    D = field.derivative(S)
+    d = _rows(D)
 
     def stage(l: int, g: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
         return field.vjp(g, d[l], base)
 
-    lam, gs, qs = backward_sweep(scheme, lam, steps, cotangents, stage, keep_g)
-    return lam, D, (_stack(gs, steps) if keep_g else None), _stack(qs, steps)
+    lam, records = backward_sweep(scheme, lam, S.shape[0], cotangents, stage)
+    return lam, D, _stack(records, S.shape[0])
+
+
+def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tensor, D: Tensor,
+             direction: dict[str, Tensor], u_dot: Tensor, keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """(last tangent, tangents of the states, Y_dot, P_dot) over one segment from the tangent h_dot of its start."""
+    C, E = field.tangent_terms(Y, S, direction, u_dot[:, None])
+    c, d = _rows(C), _rows(D)
+    e = None if E is None else _rows(E)
+
+    def stage(t: int, l: int, y_dot: Tensor) -> tuple[Tensor, Tensor]:
+        return field.jvp(y_dot, d[l], c[l], None if e is None else e[l])
+
+    h_dot, states, y_dots, p_dots = forward_sweep(scheme, h_dot, Y.shape[0], stage, keep_states, True)
+    return h_dot, states, _stack(y_dots, Y.shape[0]), _stack(p_dots, Y.shape[0])
 
 
 def _add(total: dict[str, Tensor], part: dict[str, Tensor]) -> dict[str, Tensor]:
     return part if not total else {name: total[name] + part[name] for name in total}
+
+
+class _Tape:
+    """The records (Y, S) of every segment: kept by the forward pass, or recomputed from the segment's start state."""
+
+    def __init__(self, field: LureField, plan: _Plan, u: Tensor, kept: tuple[Tensor, ...]) -> None:
+        self.field, self.plan, self.u, self.kept = field, plan, u, kept
+
+    def records(self, k: int) -> tuple[Tensor, Tensor]:
+        if not self.plan.recompute:
+            return self.kept[2 * k], self.kept[2 * k + 1]
+        t0, t1 = self.plan.bounds[k]
+        _, _, Y, S = _forward(self.field, self.plan.scheme, self.kept[k], self.u[t0:t1], False, True)
+        return Y, S
 
 
 class _Recurrence(torch.autograd.Function):
@@ -108,21 +164,17 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None, plan: _Plan) -> Tensor:
-        field = LureField(A, W, B)
-        u_padded = field.pad(u)
+        field = plan.field(A, W, B)
         h = u.new_zeros(u.shape[1], W.shape[0])
         states: list[Tensor] = []
-        if plan.segment is None:
-            h, states, Y, S = _run(field, plan.scheme, h, u_padded, plan.keep_states)
-            kept = (Y, S)
-        else:
-            starts = []
-            with torch.no_grad():
-                for t0, t1 in plan.bounds(u.shape[0]):
-                    starts.append(h)
-                    h, part = _forward_only(field, plan.scheme, h, u_padded[t0:t1], plan.keep_states)
-                    states.extend(part)
-            kept = (torch.stack(starts),)
+        kept: list[Tensor] = []
+        for t0, t1 in plan.bounds:
+            if plan.recompute:
+                kept.append(h)
+            h, part, Y, S = _forward(field, plan.scheme, h, u[t0:t1], plan.keep_states, not plan.recompute)
+            if not plan.recompute:
+                kept += [Y, S]
+            states.extend(part)
         ctx.save_for_backward(u, A, W, B, *kept)
         ctx.plan = plan
         return torch.stack(states) if plan.keep_states else h
@@ -130,37 +182,13 @@ class _Recurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         u, A, W, B, *kept = ctx.saved_tensors
-        tape = tuple(t.detach() for t in kept)
-        grads = _Adjoint.apply(grad, u, A, W, B, tape, ctx.plan, torch.is_grad_enabled())
-        du, dW, rest = grads[0], grads[1], list(grads[2:])
-        dA = rest.pop(0) if A is not None else None
-        dB = rest.pop(0) if B is not None else None
+        tape = _Tape(ctx.plan.field(*(None if t is None else t.detach() for t in (A, W, B))), ctx.plan, u.detach(),
+                     tuple(t.detach() for t in kept))
+        grads = list(_Adjoint.apply(grad, u, A, W, B, tape, ctx.plan, torch.is_grad_enabled()))
+        du, dW = grads.pop(0), grads.pop(0)
+        dA = grads.pop(0) if A is not None else None
+        dB = grads.pop(0) if B is not None else None
         return du, dA, dW, dB, None
-
-
-def _forward_only(field: LureField, scheme: Scheme, h: Tensor, u_padded: Tensor,
-                  keep_states: bool) -> tuple[Tensor, list[Tensor]]:
-    """The states over one segment without stage records."""
-    inputs = u_padded.unbind(0)
-    h_end, states, _, _ = forward_sweep(scheme, h, len(inputs), lambda t, l, y: field.value(y, inputs[t]), keep_states)
-    return h_end, states
-
-
-class _Segments:
-    """The stage records of each segment: stored by the forward pass, or recomputed from its start state."""
-
-    def __init__(self, field: LureField, plan: _Plan, u_padded: Tensor, tape: tuple[Tensor, ...]) -> None:
-        self.field, self.plan, self.u_padded = field, plan, u_padded
-        self.bounds = plan.bounds(u_padded.shape[0])
-        self.tape = tape
-
-    def records(self, k: int) -> tuple[Tensor, Tensor]:
-        """(Y, S) of segment k."""
-        if self.plan.segment is None:
-            return self.tape[0], self.tape[1]
-        t0, t1 = self.bounds[k]
-        _, _, Y, S = _run(self.field, self.plan.scheme, self.tape[0][k], self.u_padded[t0:t1], keep_states=False)
-        return Y, S
 
 
 class _Adjoint(torch.autograd.Function):
@@ -168,29 +196,26 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad: Tensor, u: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None,
-                tape: tuple[Tensor, ...], plan: _Plan, differentiable: bool) -> tuple[Tensor, ...]:
-        field = LureField(A, W, B)
-        segments = _Segments(field, plan, field.pad(u), tape)
-        cotangents = grad if plan.keep_states else None
+                tape: _Tape, plan: _Plan, differentiable: bool) -> tuple[Tensor, ...]:
+        field = plan.field(A, W, B)
         lam = None if plan.keep_states else grad
-        ends: list[Tensor | None] = [None] * len(segments.bounds)
+        segments = len(plan.bounds)
+        ends: list[Tensor | None] = [None] * segments
+        adjoints: list[Tensor | None] = [None] * segments
         du_parts: list[Tensor] = []
         weights: dict[str, Tensor] = {}
-        cache = None
-        for k in reversed(range(len(segments.bounds))):
-            t0, t1 = segments.bounds[k]
-            Y, S = segments.records(k)
+        for k in reversed(range(segments)):
+            t0, t1 = plan.bounds[k]
+            Y, S = tape.records(k)
             ends[k] = lam
-            lam, _, G, Q = _adjoint(field, plan.scheme, lam, None if cotangents is None else cotangents[t0:t1], S,
-                                    field.keeps_g)
-            weights = _add(weights, field.weight_gradients(Y, S, G, Q))
-            du_parts.append(Q.sum(dim=1))
-            if differentiable and plan.segment is None:
-                cache = (G, Q)
+            lam, _, X = _adjoint(field, plan.scheme, lam, grad[t0:t1] if plan.keep_states else None, S)
+            weights = _add(weights, field.weight_gradients(Y, S, X))
+            du_parts.append(field.split_record(X)[1].sum(dim=1))
+            if differentiable and not plan.recompute:
+                adjoints[k] = X
         if differentiable:
-            # Stored mode keeps G and Q; segment mode the cotangents and lambda at every later segment's end.
-            kept = cache if plan.segment is None else (grad, *ends[:-1])
-            ctx.save_for_backward(u, A, W, B, *kept)
+            # Stored mode keeps the records; recompute mode the cotangents and lambda at every later segment's end.
+            ctx.save_for_backward(u, A, W, B, *(adjoints if not plan.recompute else (grad, *ends[:-1])))
             ctx.tape, ctx.plan = tape, plan
         du_parts.reverse()
         outputs = [torch.cat(du_parts), weights["W"]]
@@ -201,7 +226,7 @@ class _Adjoint(torch.autograd.Function):
     def backward(ctx, v_u: Tensor, v_W: Tensor, *rest: Tensor) -> tuple[Tensor | None, ...]:
         u, A, W, B, *kept = ctx.saved_tensors
         with torch.no_grad():
-            results = _r_operator(ctx, u, A, W, B, kept, v_u, v_W, rest)
+            results = _r_operator(ctx.plan, ctx.tape, ctx.plan.field(A, W, B), kept, v_u, v_W, rest)
         if not torch.is_grad_enabled():
             return results
         # create_graph=True: the results depend on (u, A, W, B) through terms this node does not
@@ -225,79 +250,58 @@ class _ThirdOrder(torch.autograd.Function):
                            "for third derivatives set the model's engine to 'autograd'")
 
 
-def _r_operator(ctx, u: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None, kept: list[Tensor],
-                v_u: Tensor, v_W: Tensor, rest: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+def _r_operator(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], v_u: Tensor, v_W: Tensor,
+                rest: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
     """The backward of :class:`_Adjoint`: cotangents of (gbar, u, A, W, B, tape, plan, differentiable)."""
-    plan: _Plan = ctx.plan
-    field = LureField(A, W, B)
     rest_list = list(rest)
     direction = {"W": v_W}
     if field.has_a:
         direction["A"] = rest_list.pop(0)
     if field.has_b:
         direction["B"] = rest_list.pop(0)
-    segments = _Segments(field, plan, field.pad(u), ctx.tape)
-    scheme, bounds = plan.scheme, segments.bounds
+    scheme, bounds = plan.scheme, plan.bounds
+    batch = v_u.shape[1]
     # Forward in time: the tangent of the states, kept at every segment start (and every state if returned).
-    h_dot = u.new_zeros(u.shape[1], W.shape[0])
+    h_dot = v_u.new_zeros(batch, field.n)
     starts: list[Tensor] = []
     state_dots: list[Tensor] = []
-    stored = None
+    tangents: list[tuple[Tensor, Tensor, Tensor]] = []
     for k, (t0, t1) in enumerate(bounds):
         starts.append(h_dot)
-        Y, S = segments.records(k)
-        D = 1.0 - S * S
+        Y, S = tape.records(k)
+        D = field.derivative(S)
         h_dot, part, Y_dot, P_dot = _tangent(field, scheme, h_dot, Y, S, D, direction, v_u[t0:t1], plan.keep_states)
         state_dots.extend(part)
-        if plan.segment is None:
-            stored = (Y, S, D, Y_dot, P_dot)
+        if not plan.recompute:
+            tangents.append((D, Y_dot, P_dot))
     # Backward in time: the second-order adjoint, segment by segment.
-    if plan.segment is None:
-        G, Q = kept
-    else:
+    if plan.recompute:
         grad, *later = kept
         ends = [*later, None if plan.keep_states else grad]
-    lam_dot = u.new_zeros(u.shape[1], W.shape[0])
+    lam_dot = v_u.new_zeros(batch, field.n)
     du_parts: list[Tensor] = []
     weights: dict[str, Tensor] = {}
     for k in reversed(range(len(bounds))):
         t0, t1 = bounds[k]
-        if plan.segment is None:
-            Y, S, D, Y_dot, P_dot = stored
-        else:
-            Y, S = segments.records(k)
-            cotangents = grad[t0:t1] if plan.keep_states else None
-            _, D, G, Q = _adjoint(field, scheme, ends[k], cotangents, S, field.keeps_g)
+        Y, S = tape.records(k)
+        if plan.recompute:
+            _, D, X = _adjoint(field, scheme, ends[k], grad[t0:t1] if plan.keep_states else None, S)
             _, _, Y_dot, P_dot = _tangent(field, scheme, starts[k], Y, S, D, direction, v_u[t0:t1], False)
-        R, P = field.second_order_terms(S, D, G, Q, P_dot, direction)
-        r, p, d = (x.reshape(-1, *x.shape[2:]).unbind(0) for x in (R, P, D))
+        else:
+            (D, Y_dot, P_dot), X = tangents[k], kept[k]
+        R, P = field.second_order_terms(S, D, X, P_dot, direction)
+        r, p, d = _rows(R), _rows(P), _rows(D)
 
         def stage(l: int, g_dot: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
             return field.vjp_dot(g_dot, d[l], r[l], p[l], base)
 
-        lam_dot, g_dots, q_dots = backward_sweep(scheme, lam_dot, t1 - t0, None, stage, field.keeps_g)
-        G_dot = _stack(g_dots, t1 - t0) if field.keeps_g else None
-        Q_dot = _stack(q_dots, t1 - t0)
-        weights = _add(weights, field.second_order_gradients(Y, Y_dot, S, D, P_dot, G, Q, G_dot, Q_dot))
-        du_parts.append(Q_dot.sum(dim=1))
+        lam_dot, records = backward_sweep(scheme, lam_dot, t1 - t0, None, stage)
+        X_dot = _stack(records, t1 - t0)
+        weights = _add(weights, field.second_order_gradients(Y, Y_dot, S, D, P_dot, X, X_dot))
+        du_parts.append(field.split_record(X_dot)[1].sum(dim=1))
     du_parts.reverse()
     grad_dot = torch.stack(state_dots) if plan.keep_states else h_dot
     return (grad_dot, torch.cat(du_parts), weights.get("A"), weights["W"], weights.get("B"), None, None, None)
-
-
-def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tensor, D: Tensor,
-             direction: dict[str, Tensor], u_dot: Tensor, keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
-    """(last tangent, tangents of the states, Y_dot, P_dot) over one segment from the tangent h_dot of its start."""
-    C, E = field.tangent_terms(Y, S, direction, u_dot[:, None])
-    c = C.reshape(-1, *C.shape[2:]).unbind(0)
-    e = None if E is None else E.reshape(-1, *E.shape[2:]).unbind(0)
-    d = D.reshape(-1, *D.shape[2:]).unbind(0)
-
-    def stage(t: int, l: int, y_dot: Tensor) -> tuple[Tensor, Tensor]:
-        return field.jvp(y_dot, d[l], c[l], None if e is None else e[l])
-
-    h_dot, states, y_dots, p_dots = forward_sweep(scheme, h_dot, Y.shape[0], stage, keep_states)
-    return h_dot, states, _stack(y_dots, Y.shape[0]), _stack(p_dots, Y.shape[0])
 
 
 def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None = None, *, scheme: Scheme,
@@ -308,11 +312,15 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
     None: identity) are n x n in the column convention, in the dtype and on the device of
     ``inputs``. Returns h_1..h_T, shape (T, batch, n), with ``keep_states``, else h_T, shape
     (batch, n). ``segment``: None stores every stage record, K recomputes them per segment of K
-    input steps in the backward passes.
+    input steps in the backward passes. Without a graph to build (no grad mode or nothing that
+    requires grad) nothing is recorded.
     """
-    if inputs.ndim != 3 or inputs.shape[0] == 0:
-        raise InputError(f"inputs must have shape (T >= 1, batch, n), got {tuple(inputs.shape)}")
+    if not isinstance(inputs, Tensor) or inputs.ndim != 3 or inputs.shape[0] == 0 or not inputs.is_floating_point():
+        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise InputError(f"inputs must be a floating-point tensor of shape (T >= 1, batch, n), got {shape}")
     n = inputs.shape[-1]
+    if not isinstance(W, Tensor):
+        raise InputError(f"W must be a tensor, got {type(W).__name__}")
     for name, matrix in (("A", A), ("W", W), ("B", B)):
         if matrix is None:
             continue
@@ -320,10 +328,20 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
             raise InputError(f"{name} must be {n} x {n} like the inputs' last axis, got shape {tuple(matrix.shape)}")
         if matrix.dtype != inputs.dtype or matrix.device != inputs.device:
             raise InputError(f"{name} is {matrix.dtype} on {matrix.device}, the inputs {inputs.dtype} on {inputs.device}")
-    if not inputs.is_floating_point():
-        raise InputError(f"inputs must be floating point, got {inputs.dtype}")
     if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
         raise InputError(f"segment must be None or a positive integer, got {segment!r}")
-    if W is None:
-        raise InputError("W is required")
-    return _Recurrence.apply(inputs, A, W, B, _Plan(scheme, bool(keep_states), segment))
+    beta = 1.0
+    if scheme.method == "euler" and A is not None and B is None:
+        # h + eps (A h + tanh(W h + u)) = (I + eps A) h + eps tanh(W h + u): one operation less per step.
+        A = torch.add(torch.eye(n, dtype=A.dtype, device=A.device), A, alpha=scheme.c[0])
+        scheme, beta = Scheme("map", None, scheme.substeps, ((),), (1.0,), residual=False), scheme.c[0]
+    plan = _make_plan(scheme, beta, bool(keep_states), segment, inputs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (inputs, A, W, B)):
+        return _Recurrence.apply(inputs, A, W, B, plan)
+    field = plan.field(A, W, B)
+    h = inputs.new_zeros(inputs.shape[1], n)
+    states: list[Tensor] = []
+    for t0, t1 in plan.bounds:
+        h, part, _, _ = _forward(field, scheme, h, inputs[t0:t1], plan.keep_states, False)
+        states.extend(part)
+    return torch.stack(states) if plan.keep_states else h

@@ -11,7 +11,7 @@ t, application j, stage i); the records of a segment stack them in that order.
       g_i = c_i lambda + sum_{j>i} a_ji y_bar_j,   y_bar_i = (stage vjp)(g_i),
       lambda <- lambda + sum_i y_bar_i   (``residual``),   or   lambda <- y_bar_1   (``map``),
 
-  recording g_l and q_l. The same loop with the derivative of the stage vjp (and lambda_dot
+  recording what the weight gradients need (g_l and q_l). The same loop with the derivative of the stage vjp (and lambda_dot
   for lambda) is the second-order adjoint; the forward loop with the field's tangent is the
   tangent pass. The tableau is linear, so only the stage functions differ between the loops.
 """
@@ -28,7 +28,7 @@ __all__ = ["backward_sweep", "combine", "forward_sweep"]
 
 # (input step t, stage evaluation l, stage input y) -> (k, recorded tensor)
 ForwardStage = Callable[[int, int, Tensor], tuple[Tensor, Tensor]]
-# (stage evaluation l, cotangent g of k, base or None) -> (base + y_bar, q)
+# (stage evaluation l, cotangent g of k, base or None) -> (base + y_bar, record)
 BackwardStage = Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]]
 
 
@@ -47,10 +47,10 @@ def combine(base: Tensor | None, coefficients: Sequence[float], tensors: Sequenc
     return total
 
 
-def forward_sweep(scheme: Scheme, h: Tensor, steps: int, stage: ForwardStage,
-                  keep_states: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+def forward_sweep(scheme: Scheme, h: Tensor, steps: int, stage: ForwardStage, keep_states: bool,
+                  record: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Run ``steps`` input steps from h: (last state, states after each step if ``keep_states``,
-    stage inputs y_l, recorded tensors), the last two in stage order."""
+    stage inputs y_l and recorded tensors in stage order if ``record``)."""
     states: list[Tensor] = []
     inputs: list[Tensor] = []
     recorded: list[Tensor] = []
@@ -62,8 +62,9 @@ def forward_sweep(scheme: Scheme, h: Tensor, steps: int, stage: ForwardStage,
                 y = combine(h, scheme.a[i], ks)
                 k, extra = stage(t, l, y)
                 ks.append(k)
-                inputs.append(y)
-                recorded.append(extra)
+                if record:
+                    inputs.append(y)
+                    recorded.append(extra)
                 l += 1
             h = combine(h if scheme.residual else None, scheme.c, ks)
         if keep_states:
@@ -72,16 +73,15 @@ def forward_sweep(scheme: Scheme, h: Tensor, steps: int, stage: ForwardStage,
 
 
 def backward_sweep(scheme: Scheme, lam: Tensor | None, steps: int, state_cotangents: Tensor | None,
-                   stage: BackwardStage, keep_g: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                   stage: BackwardStage) -> tuple[Tensor, list[Tensor]]:
     """The adjoint of :func:`forward_sweep` over ``steps`` input steps, from the cotangent ``lam`` of
     the last state (None: zero) plus ``state_cotangents[t]`` of each state t (None: none).
 
     Returns the cotangent of the state before the first step (without its own cotangent from
-    outside), and the g_l (if ``keep_g``) and q_l in stage order.
+    outside), and the stage's records in stage order.
     """
     s, m = scheme.stages, scheme.substeps
-    gs: list[Tensor] = []
-    qs: list[Tensor] = []
+    records: list[Tensor] = []
     for t in reversed(range(steps)):
         if state_cotangents is not None:
             lam = state_cotangents[t] if lam is None else lam + state_cotangents[t]
@@ -92,11 +92,8 @@ def backward_sweep(scheme: Scheme, lam: Tensor | None, steps: int, state_cotange
                 later = range(i + 1, s)
                 g = combine(None, (scheme.c[i], *(scheme.a[r][i] for r in later)), (lam, *(y_bars[r] for r in later)))
                 base = combine(lam if scheme.residual else None, (1.0,) * (s - 1), y_bars[1:]) if i == 0 else None
-                y_bars[i], q = stage(first + i, g, base)
-                if keep_g:
-                    gs.append(g)
-                qs.append(q)
+                y_bars[i], record = stage(first + i, g, base)
+                records.append(record)
             lam = y_bars[0]
-    gs.reverse()
-    qs.reverse()
-    return lam, gs, qs
+    records.reverse()
+    return lam, records

@@ -11,7 +11,7 @@ from torch import nn
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.hessian import HessianOperator
 from lrnn_analysis.models import DISCRETIZATIONS, ModelConfig, build_model, lure_step
-from lrnn_analysis.recurrence import build_scheme, lure_recurrence, sqrt_segment
+from lrnn_analysis.recurrence import build_scheme, engine as engine_module, lure_recurrence, sqrt_segment
 
 T, BATCH, N, INPUT, OUTPUT = 7, 3, 5, 2, 4
 ENGINE_VARIANTS = [(arch, disc) for arch, discs in DISCRETIZATIONS.items() for disc in discs
@@ -79,6 +79,9 @@ def test_engine_equals_autograd_through_the_loop(arch, disc):
     direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in engine.parameters()]
     assert _relative(engine.hidden_states(x), plain.hidden_states(x)) < RTOL
     assert _relative(engine(x), plain(x)) < RTOL
+    with torch.no_grad():
+        assert _relative(engine.hidden_states(x), plain.hidden_states(x)) < RTOL
+        assert _relative(engine(x), plain(x)) < RTOL
     for which, (loss_engine, loss_plain) in enumerate(zip(_losses(engine, x, y, weights), _losses(plain, x, y, weights))):
         grads_engine, hvp_engine = _gradient_and_hvp(engine, loss_engine, direction)
         grads_plain, hvp_plain = _gradient_and_hvp(plain, loss_plain, direction)
@@ -135,6 +138,26 @@ def test_every_segment_length_and_readout_match_the_loop(segment, keep_states, m
     for a, b in zip(*(_gradient_and_hvp_of(out, weights, params, direction) for out in (actual, expected))):
         for p, q in zip(a, b):
             assert _relative(p, q) < RTOL
+
+
+@pytest.mark.parametrize("keep_states", [False, True])
+def test_stored_records_split_into_many_segments_change_nothing(monkeypatch, keep_states):
+    generator = torch.Generator().manual_seed(6)
+    u, A, W = (torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+               for shape in ((T, BATCH, N), (N, N), (N, N)))
+    scheme = build_scheme("rk4", 0.2, 2)
+    weights = torch.randn(T if keep_states else 1, BATCH, N, generator=generator, dtype=torch.float64).squeeze(0)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in (u, A, W)]
+    results = []
+    for segment_bytes in (engine_module.SEGMENT_BYTES, 1):
+        monkeypatch.setattr(engine_module, "SEGMENT_BYTES", segment_bytes)
+        out = lure_recurrence(u, A, W, scheme=scheme, keep_states=keep_states)
+        results.append((out, *_gradient_and_hvp_of(out, weights, [u, A, W], direction)))
+    (one, *first), (many, *second) = results
+    assert _relative(many, one) < 1e-13
+    for a, b in zip(first, second):
+        for p, q in zip(a, b):
+            assert _relative(q, p) < 1e-12
 
 
 def _gradient_and_hvp_of(out, weights, params, direction):
@@ -201,7 +224,7 @@ def test_engine_options_are_checked():
         lure_recurrence(u[:0], None, W, scheme=scheme)
     with pytest.raises(InputError, match="A must be"):
         lure_recurrence(u, torch.zeros(N, N + 1), W, scheme=scheme)
-    with pytest.raises(InputError, match="W is"):
+    with pytest.raises(InputError, match="W is torch.float64"):
         lure_recurrence(u, None, W.double(), scheme=scheme)
     with pytest.raises(InputError, match="segment"):
         lure_recurrence(u, None, W, scheme=scheme, segment=0)
