@@ -114,10 +114,16 @@ def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states
     return h, states, (_stack(ys, len(inputs)) if record else None), (_stack(ss, len(inputs)) if record else None)
 
 
-def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: Tensor | None,
-             S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(cotangent of the segment's start state, D, records X) for one segment with records S."""
-    D = field.derivative(S)
+def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: Tensor | None, S: Tensor,
+             workspace: _Workspace | None = None, keep_records: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(cotangent of the segment's start state, D, records X) for one segment with records S.
+
+    With a ``workspace``, D (and X unless ``keep_records``) live in its buffers: valid until the
+    next segment's call."""
+    D = field.derivative(S, None if workspace is None else workspace.buffer("D", S.shape, S))
+    if scheme.stages == 1 and not scheme.residual and not _legacy_batched(cotangents if lam is None else lam):
+        lam, X = _map_adjoint(field, scheme, lam, cotangents, D, None if keep_records else workspace)
+        return lam, D, X
     d = _rows(D)
 
     def stage(l: int, g: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -125,6 +131,59 @@ def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: T
 
     lam, records = backward_sweep(scheme, lam, S.shape[0], cotangents, stage)
     return lam, D, _stack(records, S.shape[0])
+
+
+class _Workspace:
+    """Buffers reused from segment to segment of one pass: a fresh buffer costs a page fault per
+    4 KiB on first touch, a reused one nothing. ``capacity``: the longest segment's input steps."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffers: dict[str, Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised tensor of ``shape`` (first axis: input steps) in the buffer ``name``."""
+        held = self.buffers.get(name)
+        if held is None or held.shape[1:] != tuple(shape[1:]) or held.dtype != like.dtype:
+            held = self.buffers[name] = like.new_empty((self.capacity, *shape[1:]))
+        return held[:shape[0]]
+
+
+def _legacy_batched(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is batched by the vmap of ``autograd.grad(..., is_grads_batched=True)``, under
+    which nothing can be written into a buffer (``out=``); True where torch cannot tell."""
+    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return check is None or check(tensor)
+
+
+def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: Tensor | None, D: Tensor,
+                 workspace: _Workspace | None) -> tuple[Tensor, Tensor]:
+    """The first-order sweep of a one-stage map (h+ = f(h)) written straight into its records.
+
+    Row l of X is [g_l | q_l] (q_l where no gradient needs g). For a map, g_l is the cotangent of
+    the output of application l, i.e. y_bar_{l+1} (plus the state's own cotangent at the end of an
+    input step), so the fused product of row l + 1 is written into the g-slot of row l: no
+    concatenation per step and no stacking afterwards. Same numbers as :func:`backward_sweep`.
+    """
+    steps, m = D.shape[0], scheme.substeps
+    d = D.reshape(-1, *D.shape[2:])
+    shape = (steps, m, d.shape[1], 2 * field.n if field.keeps_g else field.n)
+    X = D.new_empty(shape) if workspace is None else workspace.buffer("X", shape, D)
+    rows = X.view(-1, *shape[2:])
+    G, Q = field.split_record(rows)
+    g = lam if cotangents is None else (cotangents[-1] if lam is None else lam + cotangents[-1])
+    if G is not None:
+        g = G[-1].copy_(g)
+    for l in reversed(range(len(rows))):
+        torch.mul(g @ field.B if field.has_b else g, d[l], out=Q[l])
+        product = torch.mm(rows[l] if field.has_a else Q[l], field.backward_matrix,
+                           out=None if G is None or l == 0 else G[l - 1])
+        if l == 0:
+            return product, X
+        g = product
+        if cotangents is not None and l % m == 0:
+            g.add_(cotangents[l // m - 1])
+    raise AssertionError("a segment has at least one step")
 
 
 def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tensor, D: Tensor,
@@ -139,6 +198,11 @@ def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tens
 
     h_dot, states, y_dots, p_dots = forward_sweep(scheme, h_dot, Y.shape[0], stage, keep_states, True)
     return h_dot, states, _stack(y_dots, Y.shape[0]), _stack(p_dots, Y.shape[0])
+
+
+def _per_step(Q: Tensor) -> Tensor:
+    """The gradient of each u_t: the sum of q over the stage evaluations of input step t."""
+    return Q[:, 0] if Q.shape[1] == 1 else Q.sum(dim=1)
 
 
 def _add(total: dict[str, Tensor], part: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -202,23 +266,31 @@ class _Adjoint(torch.autograd.Function):
         segments = len(plan.bounds)
         ends: list[Tensor | None] = [None] * segments
         adjoints: list[Tensor | None] = [None] * segments
-        du_parts: list[Tensor] = []
         weights: dict[str, Tensor] = {}
+        workspace = _Workspace(max(t1 - t0 for t0, t1 in plan.bounds))
+        # du is written segment by segment (the records may live in the workspace), except under
+        # the vmap of is_grads_batched, where nothing can be written into a buffer.
+        du = None if _legacy_batched(grad) else u.new_empty(u.shape)
+        du_parts: list[Tensor] = []
         for k in reversed(range(segments)):
             t0, t1 = plan.bounds[k]
             Y, S = tape.records(k)
             ends[k] = lam
-            lam, _, X = _adjoint(field, plan.scheme, lam, grad[t0:t1] if plan.keep_states else None, S)
+            lam, _, X = _adjoint(field, plan.scheme, lam, grad[t0:t1] if plan.keep_states else None, S, workspace,
+                                 keep_records=differentiable or du is None)
             weights = _add(weights, field.weight_gradients(Y, S, X))
-            du_parts.append(field.split_record(X)[1].sum(dim=1))
+            Q = field.split_record(X)[1]
+            if du is None:
+                du_parts.append(_per_step(Q))
+            else:
+                torch.sum(Q, dim=1, out=du[t0:t1])
             if differentiable and not plan.recompute:
                 adjoints[k] = X
         if differentiable:
             # Stored mode keeps the records; recompute mode the cotangents and lambda at every later segment's end.
             ctx.save_for_backward(u, A, W, B, *(adjoints if not plan.recompute else (grad, *ends[:-1])))
             ctx.tape, ctx.plan = tape, plan
-        du_parts.reverse()
-        outputs = [torch.cat(du_parts), weights["W"]]
+        outputs = [torch.cat(du_parts[::-1]) if du is None else du, weights["W"]]
         outputs += [weights[name] for name in ("A", "B") if name in weights]
         return tuple(outputs)
 
@@ -298,7 +370,7 @@ def _r_operator(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], 
         lam_dot, records = backward_sweep(scheme, lam_dot, t1 - t0, None, stage)
         X_dot = _stack(records, t1 - t0)
         weights = _add(weights, field.second_order_gradients(Y, Y_dot, S, D, P_dot, X, X_dot))
-        du_parts.append(field.split_record(X_dot)[1].sum(dim=1))
+        du_parts.append(_per_step(field.split_record(X_dot)[1]))
     du_parts.reverse()
     grad_dot = torch.stack(state_dots) if plan.keep_states else h_dot
     return (grad_dot, torch.cat(du_parts), weights.get("A"), weights["W"], weights.get("B"), None, None, None)

@@ -66,9 +66,9 @@ class LureField:
         """The additive term of z: [0 | u] when A is given, else u."""
         return torch.nn.functional.pad(u, (self.n, 0)) if self.has_a else u
 
-    def derivative(self, S: Tensor) -> Tensor:
-        """D = beta tanh'(p) = beta (1 - s^2) from s = tanh(p)."""
-        return torch.addcmul(torch.full_like(S, self.beta), S, S, value=-self.beta)
+    def derivative(self, S: Tensor, out: Tensor | None = None) -> Tensor:
+        """D = beta tanh'(p) = beta (1 - s^2) from s = tanh(p) (written into ``out`` if given)."""
+        return torch.addcmul(S.new_tensor(self.beta), S, S, value=-self.beta, out=out)
 
     def _split(self, z: Tensor) -> tuple[Tensor | None, Tensor]:
         return z.split(self.n, dim=-1) if self.has_a else (None, z)

@@ -10,12 +10,12 @@ from torch import nn
 
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.hessian import HessianOperator
-from lrnn_analysis.models import DISCRETIZATIONS, ModelConfig, build_model, lure_step
+from lrnn_analysis.models import DISCRETIZATIONS, MODEL_CLASSES, ModelConfig, build_model, lure_step
 from lrnn_analysis.recurrence import build_scheme, engine as engine_module, lure_recurrence, sqrt_segment
 
 T, BATCH, N, INPUT, OUTPUT = 7, 3, 5, 2, 4
 ENGINE_VARIANTS = [(arch, disc) for arch, discs in DISCRETIZATIONS.items() for disc in discs
-                   if arch not in ("lipschitz-gated", "ren")]
+                   if MODEL_CLASSES[arch].engine_supported]
 RTOL = 1e-10
 
 
@@ -25,12 +25,11 @@ def _relative(actual, expected):
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
 
 
-def _pair(arch, disc, memory="store"):
+def _pair(arch, disc):
     """The same float64 model run by the engine and by autograd through the plain loop."""
     config = ModelConfig(arch, INPUT, N, OUTPUT, eps=0.3, discretization=disc, beta_a=0.6, gamma_a=0.2,
                          beta_w=0.8, gamma_w=0.1, init_std=2.0, ode_substeps=2 if arch == "node" else 1)
     engine = build_model(config, seed=3).double()
-    engine.engine_memory = memory
     plain = copy.deepcopy(engine)
     plain.engine = "autograd"
     return engine, plain
@@ -131,28 +130,36 @@ def test_every_segment_length_and_readout_match_the_loop(segment, keep_states, m
     eps, substeps = (None, 1) if method == "map" else (0.3, 2)
     params = [p for p in (u, A, W, B) if p is not None]
     expected = _loop(u, A, W, B, method, eps, substeps, keep_states)
-    actual = lure_recurrence(u, A, W, B, scheme=build_scheme(method, eps, substeps), keep_states=keep_states, segment=segment)
+    scheme = build_scheme(method, eps, substeps)
+    actual = lure_recurrence(u, A, W, B, scheme=scheme, keep_states=keep_states, segment=segment)
     assert _relative(actual, expected) < RTOL
     weights = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
     direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
-    for a, b in zip(*(_gradient_and_hvp_of(out, weights, params, direction) for out in (actual, expected))):
+    gradients, hvp = _gradient_and_hvp_of(expected, weights, params, direction)
+    for a, b in zip(_gradient_and_hvp_of(actual, weights, params, direction), (gradients, hvp)):
         for p, q in zip(a, b):
             assert _relative(p, q) < RTOL
+    # Without create_graph the backward reuses its buffers from segment to segment.
+    out = lure_recurrence(u, A, W, B, scheme=scheme, keep_states=keep_states, segment=segment)
+    for p, q in zip(torch.autograd.grad((torch.sin(out) * weights).sum(), params), gradients):
+        assert _relative(p, q) < RTOL
 
 
 @pytest.mark.parametrize("keep_states", [False, True])
-def test_stored_records_split_into_many_segments_change_nothing(monkeypatch, keep_states):
+@pytest.mark.parametrize("method", ["rk4", "euler"])
+def test_stored_records_split_into_many_segments_change_nothing(monkeypatch, keep_states, method):
     generator = torch.Generator().manual_seed(6)
     u, A, W = (torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
                for shape in ((T, BATCH, N), (N, N), (N, N)))
-    scheme = build_scheme("rk4", 0.2, 2)
+    scheme = build_scheme(method, 0.2, 2)
     weights = torch.randn(T if keep_states else 1, BATCH, N, generator=generator, dtype=torch.float64).squeeze(0)
     direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in (u, A, W)]
     results = []
     for segment_bytes in (engine_module.SEGMENT_BYTES, 1):
         monkeypatch.setattr(engine_module, "SEGMENT_BYTES", segment_bytes)
         out = lure_recurrence(u, A, W, scheme=scheme, keep_states=keep_states)
-        results.append((out, *_gradient_and_hvp_of(out, weights, [u, A, W], direction)))
+        plain = torch.autograd.grad((torch.sin(out) * weights).sum(), [u, A, W], retain_graph=True)
+        results.append((out, plain, *_gradient_and_hvp_of(out, weights, [u, A, W], direction)))
     (one, *first), (many, *second) = results
     assert _relative(many, one) < 1e-13
     for a, b in zip(first, second):
@@ -208,6 +215,7 @@ def test_torch_func_vmap_runs_the_recorded_step():
 
 
 def test_engine_options_are_checked():
+    assert len(ENGINE_VARIANTS) == 11 and {arch for arch, _ in ENGINE_VARIANTS} == set(DISCRETIZATIONS) - {"lipschitz-gated", "ren"}
     gated = build_model(ModelConfig("lipschitz-gated", INPUT, N, OUTPUT))
     assert gated.engine == "autograd"
     with pytest.raises(InputError, match="engine 'autograd'"):
