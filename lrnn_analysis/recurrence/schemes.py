@@ -8,7 +8,9 @@ One application of a scheme with s stages to the field f (u held over the step) 
 with a_ij and c_i already multiplied by the step eps. The tableaus are those of
 :func:`lrnn_analysis.models.lure_step` and :class:`lrnn_analysis.lure.LureSystem`: ``rk2`` is the
 explicit midpoint rule, ``rk4`` the classical rule, ``rk38`` Kutta's 3/8 rule. ``substeps``
-applications make one input step (``map`` is one application of h+ = f(h)).
+applications make one input step (:func:`build_scheme` makes ``map`` one application of
+h+ = f(h); the engine also runs an Euler step with a linear part as a map, then with the Euler
+step's substeps).
 """
 from __future__ import annotations
 

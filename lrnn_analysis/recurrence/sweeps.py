@@ -11,9 +11,13 @@ t, application j, stage i); the records of a segment stack them in that order.
       g_i = c_i lambda + sum_{j>i} a_ji y_bar_j,   y_bar_i = (stage vjp)(g_i),
       lambda <- lambda + sum_i y_bar_i   (``residual``),   or   lambda <- y_bar_1   (``map``),
 
-  recording what the weight gradients need (g_l and q_l). The same loop with the derivative of the stage vjp (and lambda_dot
-  for lambda) is the second-order adjoint; the forward loop with the field's tangent is the
-  tangent pass. The tableau is linear, so only the stage functions differ between the loops.
+  recording what the weight gradients need (g_l and q_l). The same loop with the derivative of
+  the stage vjp (and lambda_dot for lambda) is the second-order adjoint; the forward loop with
+  the field's tangent is the tangent pass. The tableau is linear, so only the stage functions
+  differ between the loops.
+
+The engine runs the first-order backward of a one-stage map in a buffer of its own instead
+(:func:`lrnn_analysis.recurrence.engine._map_adjoint`, the same numbers).
 """
 from __future__ import annotations
 
