@@ -68,7 +68,8 @@ class LureField:
 
     def derivative(self, S: Tensor, out: Tensor | None = None) -> Tensor:
         """D = beta tanh'(p) = beta (1 - s^2) from s = tanh(p) (written into ``out`` if given)."""
-        return torch.addcmul(S.new_tensor(self.beta), S, S, value=-self.beta, out=out)
+        # beta as a CPU scalar tensor: no host-to-device copy for CUDA tensors (none allowed in a CUDA graph capture).
+        return torch.addcmul(torch.tensor(self.beta, dtype=S.dtype), S, S, value=-self.beta, out=out)
 
     def _split(self, z: Tensor) -> tuple[Tensor | None, Tensor]:
         return z.split(self.n, dim=-1) if self.has_a else (None, z)
