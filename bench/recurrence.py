@@ -1,33 +1,56 @@
-"""Forward+backward time of the Lipschitz RNN recurrence at sMNIST size, against the reference loop.
+"""Forward+backward and Hessian-vector products of the Lipschitz RNN recurrence: the recurrence engine
+against the generic autograd path and the reference loop.
 
-Measures in one run (machines here are noisy, so only the ratios are comparable):
-  * our ``lipschitz`` model (one input matmul for all steps, time-major unbind, one fused
-    matmul per step);
-  * a faithful re-implementation of the reference loop (erichson/LipschitzRNN models.py,
-    ``rnn_models.forward``: A and W built once per forward at the first step, E(x_t) applied
-    inside the loop, two separate matmuls per step);
-  * the machine's matmul rate at the step's shape, giving a FLOP-bound time.
+Three contenders, each on the same parameters, at T = 196, batch 64, n = 64 and at sMNIST size
+T = 784, batch 128, n = 128 (``--quick``: the small size with fewer rounds):
+  * engine: our ``lipschitz`` model as it runs by default (``lrnn_analysis.recurrence``: one
+    autograd node per sequence, adjoint backward, weight gradients as products over all rows,
+    R-operator Hessian-vector products);
+  * autograd: the same model with ``engine = "autograd"`` (the step recorded op by op: one input
+    matmul for all steps, one fused matmul per step);
+  * reference: a faithful re-implementation of the reference loop (erichson/LipschitzRNN
+    models.py, ``rnn_models.forward``: A and W built once per forward at the first step, E(x_t)
+    applied inside the loop, two separate matmuls per step).
 
-FLOPs counted: the recurrence does one (B x n) @ (n x 2n) product per step, 4 B n^2 FLOPs,
-and its backward twice that, so forward+backward ~ 12 T B n^2 (input projection, tanh and
-decoder are lower order and ignored).
+Measured, alternating the contenders round by round (machines here are noisy, so only the ratios
+are comparable; each is median (min, max), ratios are medians of per-round ratios):
+  * forward+backward of a cross-entropy loss on D h_T + d;
+  * one Hessian-vector product as PyHessian computes it: the gradient graph built once
+    (create_graph=True), then each product one backward through it (``autograd.grad(grads,
+    params, v)``); the graph's construction is timed separately;
+  * the fraction of the matmul floor each reaches: FLOPs / (matmul rate at the step's shape
+    (B x n) @ (n x 2n), the best window measured before and after the timings) / time. Counted FLOPs: forward+backward ~ 12 T B n^2 (one 4 B n^2 product
+    per step forward, one backward, and the weight gradient); the HVP ~ 24 T B n^2, the gradient's
+    products differentiated once (each product C = A B gives A_dot B + A B_dot). Autograd's double
+    backward does about that; the engine's R-operator does 32 T B n^2 (tangent pass and its bulk
+    terms, second-order adjoint, its bulk terms and weight gradients, and a separate first-order
+    adjoint for the Gauss-Newton part, which autograd reaches through the loss after this node);
+  * peak memory of one call (forward+backward, or graph construction plus one product): the
+    rise of the peak resident set size over the resident size before the call, after returning
+    freed heap memory to the system (Linux: /proc/self/clear_refs, malloc_trim).
 
-The two are timed alternating in one run; each is reported as median (min, max) and the
-speed-up as the median of the per-round ratios with its range.
-
-    python bench/recurrence.py [--T 784] [--batch 128] [--hidden 128] [--repeats 5] [--threads N]
+    python bench/recurrence.py [--quick] [--repeats 5] [--threads N] [--T 784 --batch 128 --hidden 128]
+                               [--breakdown]
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
+import os
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from common import alternating_times, ratio_spread, spread
 
 from lrnn_analysis.environment import environment
 from lrnn_analysis.models import ModelConfig, build_model
+
+SIZES = ((196, 64, 64), (784, 128, 128))
+BETA, GAMMA, EPS = 0.75, 0.001, 0.03
 
 
 def reference_loop(params: dict[str, torch.Tensor], x: torch.Tensor, beta: float, gamma: float, eps: float) -> torch.Tensor:
@@ -43,82 +66,169 @@ def reference_loop(params: dict[str, torch.Tensor], x: torch.Tensor, beta: float
     return torch.nn.functional.linear(h, params["D.weight"], params["D.bias"])
 
 
-def matmul_rate(batch: int, n: int, seconds: float = 1.0) -> float:
-    """FLOP/s of (batch x n) @ (n x 2n), the recurrence's shape."""
+def matmul_rate(batch: int, n: int, seconds: float = 1.0, windows: int = 4) -> float:
+    """FLOP/s of (batch x n) @ (n x 2n), the recurrence's shape: the best of ``windows`` windows of
+    ``seconds / windows`` each (on a shared machine the best window is the closest to the machine's rate)."""
     a, b = torch.randn(batch, n), torch.randn(n, 2 * n)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(100):
-            torch.mm(a, b)
-        reps += 100
-    return reps * 2 * batch * n * 2 * n / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(windows):
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / windows:
+            for _ in range(20):
+                torch.mm(a, b)
+            reps += 20
+        best = max(best, reps * 2 * batch * n * 2 * n / (time.perf_counter() - start))
+    return best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--T", type=int, default=784)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    beta, gamma, eps = 0.75, 0.001, 0.03
-    torch.manual_seed(0)
-    model = build_model(ModelConfig("lipschitz", 1, args.hidden, 10, eps=eps, beta_a=beta, gamma_a=gamma,
-                                    beta_w=beta, gamma_w=gamma), seed=0)
-    ref = {"B": model.M_A.detach().T.clone(), "C": model.M_W.detach().T.clone(), "E.weight": model.U.weight.detach().clone(),
-           "E.bias": model.U.bias.detach().clone(), "D.weight": model.D.weight.detach().clone(),
-           "D.bias": model.D.bias.detach().clone()}
-    ref = {k: v.requires_grad_() for k, v in ref.items()}
-    x = torch.rand(args.batch, args.T, 1)
-    y = torch.randint(0, 10, (args.batch,))
-    loss = torch.nn.functional.cross_entropy
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
-    def ours() -> None:
-        model.zero_grad(set_to_none=True)
-        loss(model(x), y).backward()
 
-    def theirs() -> None:
-        for p in ref.values():
-            p.grad = None
-        loss(reference_loop(ref, x, beta, gamma, eps), y).backward()
+def peak_memory(fn: Callable[[], object]) -> int | None:
+    """Bytes by which one call of ``fn`` raises the peak resident set size (None off Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - before) * 1024
+    except (OSError, KeyError):
+        return None
 
-    with torch.no_grad():
-        diff = (model(x) - reference_loop(ref, x, beta, gamma, eps)).abs().max().item()
-    times = alternating_times({"ours": ours, "reference": theirs}, args.repeats)
-    t_ours = statistics.median(times["ours"])
-    rate = matmul_rate(args.batch, args.hidden)
-    flops = 12 * args.T * args.batch * args.hidden ** 2
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f} MiB"
+
+
+class Contenders:
+    """The three implementations on the same parameters, data and loss (module docstring)."""
+
+    def __init__(self, steps: int, batch: int, hidden: int) -> None:
+        torch.manual_seed(0)
+        self.engine = build_model(ModelConfig("lipschitz", 1, hidden, 10, eps=EPS, beta_a=BETA, gamma_a=GAMMA,
+                                              beta_w=BETA, gamma_w=GAMMA), seed=0)
+        self.autograd = copy.deepcopy(self.engine)
+        self.autograd.engine = "autograd"
+        m = self.engine
+        self.reference = {"B": m.M_A.detach().T.clone(), "C": m.M_W.detach().T.clone(),
+                          "E.weight": m.U.weight.detach().clone(), "E.bias": m.U.bias.detach().clone(),
+                          "D.weight": m.D.weight.detach().clone(), "D.bias": m.D.bias.detach().clone()}
+        for p in self.reference.values():
+            p.requires_grad_()
+        self.x = torch.rand(batch, steps, 1)
+        self.y = torch.randint(0, 10, (batch,))
+
+    def losses(self) -> dict[str, Callable[[], torch.Tensor]]:
+        loss, x, y = torch.nn.functional.cross_entropy, self.x, self.y
+        return {"engine": lambda: loss(self.engine(x), y), "autograd": lambda: loss(self.autograd(x), y),
+                "reference": lambda: loss(reference_loop(self.reference, x, BETA, GAMMA, EPS), y)}
+
+    def parameters(self) -> dict[str, list[torch.Tensor]]:
+        return {"engine": list(self.engine.parameters()), "autograd": list(self.autograd.parameters()),
+                "reference": list(self.reference.values())}
+
+    def max_output_difference(self) -> float:
+        with torch.no_grad():
+            outputs = [self.engine(self.x), self.autograd(self.x), reference_loop(self.reference, self.x, BETA, GAMMA, EPS)]
+        return max(float((a - outputs[0]).abs().max()) for a in outputs[1:])
+
+
+def forward_backward(losses: dict[str, Callable[[], torch.Tensor]],
+                     params: dict[str, list[torch.Tensor]]) -> dict[str, Callable[[], None]]:
+    def run(name: str) -> Callable[[], None]:
+        def call() -> None:
+            for p in params[name]:
+                p.grad = None
+            losses[name]().backward()
+        return call
+    return {name: run(name) for name in losses}
+
+
+def gradient_graph(loss: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(loss(), params, create_graph=True)
+
+
+def reference_order(tensors: list[torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+    """Tensors given per engine parameter, in the reference's order and coordinates (B = M_A^T, C = M_W^T)."""
+    t = dict(zip(names, tensors))
+    return [t["M_A"].T, t["M_W"].T, t["U.weight"], t["U.bias"], t["D.weight"], t["D.bias"]]
+
+
+def hessian_products(losses: dict[str, Callable[[], torch.Tensor]], params: dict[str, list[torch.Tensor]],
+                     directions: dict[str, list[torch.Tensor]]) -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+    """One product per call on a gradient graph built once, PyHessian's way."""
+    graphs = {name: gradient_graph(losses[name], params[name]) for name in losses}
+
+    def run(name: str) -> Callable[[], tuple[torch.Tensor, ...]]:
+        return lambda: torch.autograd.grad(graphs[name], params[name], directions[name], retain_graph=True)
+    return {name: run(name) for name in losses}
+
+
+def measure(steps: int, batch: int, hidden: int, repeats: int) -> None:
+    c = Contenders(steps, batch, hidden)
+    losses, params = c.losses(), c.parameters()
+    order = ("engine", "autograd", "reference")
+    names = [name for name, _ in c.engine.named_parameters()]
+    generator = torch.Generator().manual_seed(1)
+    direction = [torch.randn(p.shape, generator=generator) for p in params["engine"]]
+    directions = {"engine": direction, "autograd": direction, "reference": reference_order(direction, names)}
+    rate = matmul_rate(batch, hidden)
     env = environment("cpu")
-    print(f"forward+backward, T={args.T}, batch={args.batch}, n={args.hidden}, Euler, float32, "
-          f"{torch.get_num_threads()} thread(s), torch {env['torch']}")
-    print(f"  max |ours - reference| on outputs: {diff:.2e}")
-    print(f"  ours:            {spread(times['ours'])}")
-    print(f"  reference loop:  {spread(times['reference'])}")
-    print(f"  time ratio (ours / reference), per round: {ratio_spread(times['ours'], times['reference'])}")
-    print(f"  matmul rate at ({args.batch}x{args.hidden})@({args.hidden}x{2 * args.hidden}): {rate / 1e9:.1f} GFLOP/s")
-    print(f"  FLOP-bound time for {flops / 1e9:.1f} GFLOP: {flops / rate:.3f} s  "
-          f"(ours runs at {flops / rate / t_ours:.0%} of the matmul rate)")
-    parts = gap_breakdown(model, x, y, loss, args.repeats)
-    print("  where our time goes (each \"whole\" line against the matmul-only line above it):")
-    for name, values in parts.items():
-        print(f"    {name:<44} {spread(values)}")
+    print(f"T={steps}, batch={batch}, n={hidden}, Euler, float32, {torch.get_num_threads()} thread(s), torch {env['torch']}, "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"  max |output difference| from the engine's: {c.max_output_difference():.2e}")
+
+    fb = forward_backward(losses, params)
+    memory = {name: peak_memory(fn) for name, fn in fb.items()}
+    times = alternating_times(fb, repeats)
+    rate = max(rate, matmul_rate(batch, hidden))
+    print(f"  matmul rate at ({batch}x{hidden})@({hidden}x{2 * hidden}), best window: {rate / 1e9:.1f} GFLOP/s")
+    flops = 12 * steps * batch * hidden**2
+    print(f"  forward+backward ({flops / 1e9:.2f} GFLOP, matmul floor {flops / rate:.3f} s):")
+    for name in order:
+        share = flops / rate / statistics.median(times[name])
+        print(f"    {name:<10} {spread(times[name])}  {share:4.0%} of the floor  peak {_mib(memory[name])}")
+    for name in order[1:]:
+        print(f"    speed-up of the engine over {name}: {ratio_spread(times[name], times['engine'])}")
+
+    build = {name: (lambda name=name: gradient_graph(losses[name], params[name])) for name in order}
+    hvp = hessian_products(losses, params, directions)
+    products = {name: [t.detach() for t in fn()] for name, fn in hvp.items()}
+    products["engine"] = reference_order(products["engine"], names)
+    products["autograd"] = reference_order(products["autograd"], names)
+    scale = max(float(t.abs().max()) for t in products["reference"])
+    memory = {name: peak_memory(lambda name=name: hessian_products({name: losses[name]}, {name: params[name]}, directions)[name]())
+              for name in order}
+    build_times = alternating_times(build, repeats)
+    hvp_times = alternating_times(hvp, repeats)
+    flops = 24 * steps * batch * hidden**2
+    print(f"  Hessian-vector product, PyHessian style ({flops / 1e9:.2f} GFLOP, matmul floor {flops / rate:.3f} s):")
+    for name in order[1:]:
+        difference = max(float((a - b).abs().max()) for a, b in zip(products["engine"], products[name]))
+        print(f"    max |engine - {name}| / max |reference| over the product: {difference / scale:.1e}")
+    for name in order:
+        share = flops / rate / statistics.median(hvp_times[name])
+        print(f"    {name:<10} product {spread(hvp_times[name])}  {share:4.0%} of the floor  "
+              f"graph {spread(build_times[name])}  peak (graph + product) {_mib(memory[name])}")
+    for name in order[1:]:
+        print(f"    speed-up of the engine's product over {name}: {ratio_spread(hvp_times[name], hvp_times['engine'])}")
 
 
-def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -> dict[str, list[float]]:
-    """Times that separate the recurrence's cost into its ingredients.
+def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Times that separate the model's recurrence cost into its ingredients.
 
     Forward: the step's matmul alone (T plain products at the step's shape, no autograd), then
     the forward pass without autograd (adds tanh, scaling, adds and the per-step operator
-    dispatch), then with autograd recording (adds saving states and building the graph).
-    Forward+backward: the three matmuls per step alone (the forward product and the two
-    backward products), then the whole forward+backward (adds the backward's elementwise work
-    and the graph's replay).
+    dispatch), then with autograd recording. Forward+backward: the three matmuls per step alone
+    (the forward product and the two backward products), then the whole forward+backward.
     """
     T, batch, n = x.shape[1], x.shape[0], model.config.hidden
     h, w, g = torch.randn(batch, n), torch.randn(n, 2 * n), torch.randn(batch, 2 * n)
+    loss = torch.nn.functional.cross_entropy
 
     def forward_matmuls() -> None:
         for _ in range(T):
@@ -146,6 +256,31 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -
                               "forward: whole, autograd recording": forward_recorded,
                               "forward+backward: step matmuls only": all_matmuls,
                               "forward+backward: whole": forward_backward}, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the small size only, 3 rounds")
+    parser.add_argument("--T", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--breakdown", action="store_true", help="also where the engine's forward+backward time goes")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = list(SIZES[:1] if args.quick else SIZES)
+    if args.T or args.batch or args.hidden:
+        sizes = [(args.T or SIZES[-1][0], args.batch or SIZES[-1][1], args.hidden or SIZES[-1][2])]
+    repeats = 3 if args.quick else args.repeats
+    for steps, batch, hidden in sizes:
+        measure(steps, batch, hidden, repeats)
+        if args.breakdown:
+            c = Contenders(steps, batch, hidden)
+            print("  where the engine's time goes (each \"whole\" line against the matmul-only line above it):")
+            for name, values in gap_breakdown(c.engine, c.x, c.y, repeats).items():
+                print(f"    {name:<44} {spread(values)}")
 
 
 if __name__ == "__main__":

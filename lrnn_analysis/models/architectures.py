@@ -3,6 +3,15 @@ D h_T + d from its final hidden state, with inputs entering as u_t = U x_t + b.
 
 Row vectors are used inside the recurrence (h @ X^T computes X h for each row);
 matrices returned by ``matrices``/``lure_form`` are in the column convention.
+
+``engine`` chooses how ``forward`` and ``hidden_states`` run the recurrence: ``"recurrence"``
+(the default where a model's step is a Lur'e-form step, h+ = A h + B tanh(W h + u) under a
+fixed scheme) runs the whole sequence as one autograd node of :mod:`lrnn_analysis.recurrence`,
+with an exact adjoint backward and R-operator Hessian-vector products; ``"autograd"`` records
+the step op by op (the only choice for the gated RNN and the REN). Inside torch.func transforms
+(vmap, grad) and under torch.compile the step is always recorded op by op. ``engine_memory``
+``"recompute"`` keeps only every ceil(sqrt(T))-th state for the backward pass (same numbers,
+less memory).
 """
 from __future__ import annotations
 
@@ -11,11 +20,17 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..lure import LureSystem
+from ..recurrence import Scheme, build_scheme, lure_recurrence, sqrt_segment
 from .config import ModelConfig
 from ..errors import InputError
 
 StepFunction = Callable[[Tensor, Tensor], Tensor]
+# (A or None, W, B or None, scheme): the step h+ of the engine, see lrnn_analysis.recurrence.
+EngineSystem = tuple[Tensor | None, Tensor, Tensor | None, Scheme]
+ENGINES = ("recurrence", "autograd")
+ENGINE_MEMORY = ("store", "recompute")
 
 
 def lipschitz_matrix(M: Tensor, beta: float | Tensor, gamma: float | Tensor) -> Tensor:
@@ -78,10 +93,14 @@ class RecurrentModel(nn.Module):
 
     # Glob patterns of the parameters that build the recurrent matrices (see lrnn_analysis.model_under_analysis).
     recurrent_parameters: tuple[str, ...] = ("M_*",)
+    # Whether the step is one the recurrence engine runs (``_engine_system``).
+    engine_supported = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.engine = "recurrence" if self.engine_supported else "autograd"
+        self.engine_memory = "store"
         self.U = nn.Linear(config.input_dim, config.hidden)
         self.D = nn.Linear(config.hidden, config.output_dim)
         for layer in (self.U, self.D):
@@ -96,7 +115,40 @@ class RecurrentModel(nn.Module):
         """All input projections in one matmul, time-major: (T, B, n)."""
         return self.U(x.transpose(0, 1))
 
+    @property
+    def engine(self) -> str:
+        """``"recurrence"`` or ``"autograd"`` (module docstring)."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, value: str) -> None:
+        if value not in ENGINES:
+            raise InputError(f"engine must be one of {ENGINES}, got {value!r}")
+        if value == "recurrence" and not self.engine_supported:
+            raise InputError(f"engine 'recurrence' runs Lur'e-form steps only; {self.config.arch} needs engine 'autograd'")
+        self._engine = value
+
+    @property
+    def engine_memory(self) -> str:
+        """``"store"`` or ``"recompute"`` (module docstring)."""
+        return self._engine_memory
+
+    @engine_memory.setter
+    def engine_memory(self, value: str) -> None:
+        if value not in ENGINE_MEMORY:
+            raise InputError(f"engine_memory must be one of {ENGINE_MEMORY}, got {value!r}")
+        self._engine_memory = value
+
+    def _uses_engine(self) -> bool:
+        """Whether this call runs the engine: its autograd node has no vmap rule and torch.compile
+        traces the recorded step better than a Python loop inside one node."""
+        return (self._engine == "recurrence" and not torch._C._are_functorch_transforms_active()
+                and not torch.compiler.is_compiling())
+
     def _step_function(self) -> StepFunction:
+        raise NotImplementedError
+
+    def _engine_system(self) -> EngineSystem:
         raise NotImplementedError
 
     def _run(self, x: Tensor, keep_states: bool) -> Tensor:
@@ -105,6 +157,11 @@ class RecurrentModel(nn.Module):
                 f"{self.config.arch} model expects input of shape (batch, time, {self.config.input_dim}), got {tuple(x.shape)}"
             )
         inputs = self._input_sequence(x)
+        if self._uses_engine():
+            A, W, B, scheme = self._engine_system()
+            segment = sqrt_segment(len(inputs)) if self._engine_memory == "recompute" else None
+            states = lure_recurrence(inputs, A, W, B, scheme=scheme, keep_states=keep_states, segment=segment)
+            return states.transpose(0, 1) if keep_states else states
         step = self._step_function()
         h = inputs.new_zeros(x.shape[0], self.config.hidden)
         states = []
@@ -137,6 +194,8 @@ class RecurrentModel(nn.Module):
 class LureRNN(RecurrentModel):
     """A model whose recurrence is exactly a Lur'e system run with a fixed scheme."""
 
+    engine_supported = True
+
     def matrices(self, dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor]:
         """(A, W) in the column convention; A is None where it is zero."""
         raise NotImplementedError
@@ -151,6 +210,10 @@ class LureRNN(RecurrentModel):
     def _step_function(self) -> StepFunction:
         A, W = self.matrices()
         return lure_step(A, W, *self._scheme)
+
+    def _engine_system(self) -> EngineSystem:
+        A, W = self.matrices()
+        return A, W, None, build_scheme(*self._scheme)
 
     def recurrent_matrices(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         A, W = self.matrices(dtype)

@@ -62,7 +62,8 @@ import torch
 from torch import Tensor, nn
 
 from ..lure import LureSystem
-from .architectures import RecurrentModel, StepFunction
+from ..recurrence import build_scheme
+from .architectures import EngineSystem, RecurrentModel, StepFunction
 from .config import ModelConfig
 from ..errors import InputError
 
@@ -150,6 +151,7 @@ class ContractingRNN(RecurrentModel):
     """
 
     recurrent_parameters = ("Z1", "dZ", "B", "C", "ell")
+    engine_supported = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -183,6 +185,10 @@ class ContractingRNN(RecurrentModel):
             return z[:, :n] + torch.tanh(z[:, n:] + u) @ B_T
 
         return step
+
+    def _engine_system(self) -> EngineSystem:
+        A_h, B_h, C = self._explicit()
+        return A_h, C, B_h, build_scheme("map")
 
     def recurrent_matrices(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """A = E^-1 F (the linear part of the step h+ = A h + B tanh(C h + u)), B = E^-1 B and C."""

@@ -1,0 +1,174 @@
+"""The field f(y, u) = A y + beta B tanh(W y + u) and the derivatives the engine's sweeps need.
+
+Column convention for the matrices, row convention for the batch (one row per sequence): with
+z = y [A^T | W^T] + [0 | u], a = z_:n, p = z_n: and s = tanh(p), the field is k = a + beta s B^T.
+A is None when it is zero and B None when it is the identity; neither is then multiplied. The
+constant beta is 1 unless B is None (the engine runs an Euler step h + eps f(h) as the map
+h (I + eps A)^T + eps tanh(W h + u), i.e. beta = eps).
+
+First order (cotangent g of k, D = beta tanh'(p) = beta (1 - s^2)):
+
+    q = (g B) * D,   y_bar = g A + q W = [g | q] [A; W],
+    dA += g^T y,   dW += q^T y,   dB += g^T s,   du += q.
+
+Tangent along (y_dot; A_dot, W_dot, B_dot, u_dot):
+
+    p_dot = y_dot W^T + (y W_dot^T + u_dot),   k_dot = y_dot A^T + y A_dot^T + (D * p_dot) B^T + s B_dot^T.
+
+Second order, the derivative of the first-order map along the tangent (g_dot given;
+d D / d p = -2 s D):
+
+    q_dot = (g_dot B) * D + R,   R = (g B_dot) * D - 2 s * q * p_dot,
+    y_bar_dot = [g_dot | q_dot] [A; W] + P,   P = g A_dot + q W_dot,
+    dA_dot += g_dot^T y + g^T y_dot,   dW_dot += q_dot^T y + q^T y_dot,
+    dB_dot += g_dot^T s + g^T (D * p_dot),   du_dot += q_dot.
+
+The terms in brackets, R and P involve only stored quantities and the direction, so they are
+formed for all steps at once (``tangent_terms``, ``second_order_terms``); the per-step work is
+one fused product with [A^T | W^T] or [A; W] (and one with B or B^T when B is given). The
+backward records X = [g | q] (or q where no gradient needs g), so dA and dW are one product
+X^T Y over all rows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["LureField"]
+
+
+def _rows(tensor: Tensor) -> Tensor:
+    """All leading axes as rows: (..., width) -> (rows, width)."""
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+class LureField:
+    """f(y, u) = A y + beta B tanh(W y + u) for matrices A (or None: zero), W and B (or None:
+    identity) and a constant beta (1 where B is given)."""
+
+    def __init__(self, A: Tensor | None, W: Tensor, B: Tensor | None, beta: float = 1.0) -> None:
+        if B is not None and beta != 1.0:
+            raise ValueError("beta scales tanh only where B is the identity")
+        self.n = W.shape[0]
+        self.A, self.W, self.B, self.beta = A, W, B, beta
+        self.has_a, self.has_b = A is not None, B is not None
+        # z = y @ forward_matrix gives [a | p - u]; y_bar = [g | q] @ backward_matrix.
+        self.backward_matrix = torch.cat([A, W], dim=0) if self.has_a else W
+        self.forward_matrix = self.backward_matrix.T
+        self.B_T = B.T if self.has_b else None
+
+    @property
+    def keeps_g(self) -> bool:
+        """Whether the weight gradients need the cotangents g of k (they do for A and B)."""
+        return self.has_a or self.has_b
+
+    def pad(self, u: Tensor) -> Tensor:
+        """The additive term of z: [0 | u] when A is given, else u."""
+        return torch.nn.functional.pad(u, (self.n, 0)) if self.has_a else u
+
+    def derivative(self, S: Tensor, out: Tensor | None = None) -> Tensor:
+        """D = beta tanh'(p) = beta (1 - s^2) from s = tanh(p) (written into ``out`` if given)."""
+        # beta as a CPU scalar tensor: no host-to-device copy for CUDA tensors (none allowed in a CUDA graph capture).
+        return torch.addcmul(torch.tensor(self.beta, dtype=S.dtype), S, S, value=-self.beta, out=out)
+
+    def _split(self, z: Tensor) -> tuple[Tensor | None, Tensor]:
+        return z.split(self.n, dim=-1) if self.has_a else (None, z)
+
+    def _output(self, a: Tensor | None, x: Tensor, scale: float = 1.0) -> Tensor:
+        """a + scale x B^T (a None: zero; scale is 1 where B is given)."""
+        if self.has_b:
+            return x @ self.B_T if a is None else torch.addmm(a, x, self.B_T)
+        if a is None:
+            return x if scale == 1.0 else scale * x
+        return a + x if scale == 1.0 else torch.add(a, x, alpha=scale)
+
+    # -- per step ---------------------------------------------------------------------------
+
+    def value(self, y: Tensor, u_padded: Tensor) -> tuple[Tensor, Tensor]:
+        """(k, s): the field at y and s = tanh(p)."""
+        a, p = self._split(torch.addmm(u_padded, y, self.forward_matrix))
+        s = torch.tanh(p)
+        return self._output(a, s, self.beta), s
+
+    def vjp(self, g: Tensor, d: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(base + y_bar, record) for the cotangent g of k, with d = beta tanh'(p); the record is
+        [g | q] where the weight gradients need g (``keeps_g``), else q."""
+        q = (g @ self.B if self.has_b else g) * d
+        return self._backward_product(g, q, base, None)
+
+    def jvp(self, y_dot: Tensor, d: Tensor, c: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(k_dot, p_dot) for the tangent y_dot of y; c = y [A_dot^T | W_dot^T] + [0 | u_dot], e = s B_dot^T."""
+        a_dot, p_dot = self._split(torch.addmm(c, y_dot, self.forward_matrix))
+        if e is not None:
+            a_dot = e if a_dot is None else a_dot + e
+        if self.has_b or a_dot is None:
+            return self._output(a_dot, d * p_dot), p_dot
+        return torch.addcmul(a_dot, d, p_dot), p_dot
+
+    def vjp_dot(self, g_dot: Tensor, d: Tensor, r: Tensor, p: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(base + y_bar_dot, record of g_dot and q_dot) for the derivative g_dot of g; r and p are R and P
+        of the module docstring."""
+        q_dot = torch.addcmul(r, g_dot @ self.B if self.has_b else g_dot, d)
+        return self._backward_product(g_dot, q_dot, base, p)
+
+    def _backward_product(self, g: Tensor, q: Tensor, base: Tensor | None, extra: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(base + extra + [g | q] [A; W], record), the product fused where A is given."""
+        record = torch.cat([g, q], dim=1) if self.keeps_g else q
+        gq = record if self.has_a else q
+        if extra is not None:
+            base = extra if base is None else extra + base
+        y_bar = gq @ self.backward_matrix if base is None else torch.addmm(base, gq, self.backward_matrix)
+        return y_bar, record
+
+    # -- all steps at once (rows of Y, S and the records X: one per stage evaluation and sequence) --
+
+    def split_record(self, X: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(G, Q) from the records X of ``vjp`` or ``vjp_dot`` (G None unless ``keeps_g``)."""
+        return tuple(X.split(self.n, dim=-1)) if self.keeps_g else (None, X)
+
+    def weight_gradients(self, Y: Tensor, S: Tensor, X: Tensor) -> dict[str, Tensor]:
+        """{"A": sum g^T y, "W": sum q^T y, "B": sum g^T s} (A, B only where given) from the records X."""
+        G, Q = self.split_record(X)
+        Y = _rows(Y)
+        if self.has_a:
+            grads = dict(zip(("A", "W"), (_rows(X).T @ Y).split(self.n)))
+        else:
+            grads = {"W": _rows(Q).T @ Y}
+        if self.has_b:
+            grads["B"] = _rows(G).T @ _rows(S)
+        return grads
+
+    def tangent_terms(self, Y: Tensor, S: Tensor, direction: dict[str, Tensor], u_dot: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(c, e) for every stage evaluation: c = y [A_dot^T | W_dot^T] + [0 | u_dot], e = s B_dot^T or None.
+
+        ``u_dot`` broadcasts against Y's leading axes (one row block per input step)."""
+        c = torch.add(self.pad(u_dot), Y @ self._direction_matrix(direction).T)
+        e = S @ direction["B"].T if self.has_b else None
+        return c, e
+
+    def _direction_matrix(self, direction: dict[str, Tensor]) -> Tensor:
+        """[A_dot; W_dot] where A is given, else W_dot."""
+        return torch.cat([direction["A"], direction["W"]], dim=0) if self.has_a else direction["W"]
+
+    def second_order_terms(self, S: Tensor, D: Tensor, X: Tensor, P_dot: Tensor,
+                           direction: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(R, P) of the module docstring for every stage evaluation (P_dot: the tangents of p)."""
+        G, Q = self.split_record(X)
+        R = -2.0 * S * Q * P_dot
+        if self.has_b:
+            R = torch.addcmul(R, G @ direction["B"], D)
+        P = (X if self.has_a else Q) @ self._direction_matrix(direction)
+        return R, P
+
+    def second_order_gradients(self, Y: Tensor, Y_dot: Tensor, S: Tensor, D: Tensor, P_dot: Tensor,
+                               X: Tensor, X_dot: Tensor) -> dict[str, Tensor]:
+        """The derivatives of ``weight_gradients`` along the tangent (module docstring)."""
+        (G, Q), (G_dot, Q_dot) = self.split_record(X), self.split_record(X_dot)
+        Y, Y_dot = _rows(Y), _rows(Y_dot)
+        if self.has_a:
+            grads = dict(zip(("A", "W"), torch.addmm(_rows(X_dot).T @ Y, _rows(X).T, Y_dot).split(self.n)))
+        else:
+            grads = {"W": torch.addmm(_rows(Q_dot).T @ Y, _rows(Q).T, Y_dot)}
+        if self.has_b:
+            grads["B"] = torch.addmm(_rows(G_dot).T @ _rows(S), _rows(G).T, _rows(D * P_dot))
+        return grads

@@ -1,0 +1,242 @@
+"""The recurrence engine against autograd through the plain loop, in float64: outputs, gradients and
+Hessian-vector products of every Lur'e-form architecture and scheme of the zoo, the stored and the
+segment-recompute modes, and its use by HessianOperator."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lrnn_analysis.errors import InputError
+from lrnn_analysis.hessian import HessianOperator
+from lrnn_analysis.models import DISCRETIZATIONS, MODEL_CLASSES, ModelConfig, build_model, lure_step
+from lrnn_analysis.recurrence import build_scheme, engine as engine_module, lure_recurrence, sqrt_segment
+
+T, BATCH, N, INPUT, OUTPUT = 7, 3, 5, 2, 4
+ENGINE_VARIANTS = [(arch, disc) for arch, discs in DISCRETIZATIONS.items() for disc in discs
+                   if MODEL_CLASSES[arch].engine_supported]
+RTOL = 1e-10
+
+
+def _relative(actual, expected):
+    """max |actual - expected| / max |expected| (0 where both are zero)."""
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+
+
+def _pair(arch, disc):
+    """The same float64 model run by the engine and by autograd through the plain loop."""
+    config = ModelConfig(arch, INPUT, N, OUTPUT, eps=0.3, discretization=disc, beta_a=0.6, gamma_a=0.2,
+                         beta_w=0.8, gamma_w=0.1, init_std=2.0, ode_substeps=2 if arch == "node" else 1)
+    engine = build_model(config, seed=3).double()
+    plain = copy.deepcopy(engine)
+    plain.engine = "autograd"
+    return engine, plain
+
+
+def _data(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, T, INPUT, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, OUTPUT, (BATCH,), generator=generator)
+    weights = torch.randn(BATCH, T, N, generator=generator, dtype=torch.float64)
+    return x, y, weights
+
+
+def _losses(model, x, y, weights):
+    """Cross-entropy of the last-step readout, and a loss on every hidden state."""
+    return (nn.functional.cross_entropy(model(x), y), (torch.sin(model.hidden_states(x)) * weights).sum())
+
+
+def _graph_names(tensor):
+    names, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _gradient_and_hvp(model, loss, direction):
+    """The gradient of ``loss`` and its Hessian times ``direction`` by double backward (zeros where unused)."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    live = [(g, v) for g, v in zip(grads, direction) if g.requires_grad]
+    hvp = torch.autograd.grad([g for g, _ in live], params, [v for _, v in live], allow_unused=True)
+    return grads, [torch.zeros_like(p) if h is None else h for h, p in zip(hvp, params)]
+
+
+@pytest.mark.parametrize("arch,disc", ENGINE_VARIANTS)
+def test_engine_equals_autograd_through_the_loop(arch, disc):
+    engine, plain = _pair(arch, disc)
+    x, y, weights = _data()
+    assert "_RecurrenceBackward" in _graph_names(engine(x))
+    assert "_RecurrenceBackward" not in _graph_names(plain(x))
+    generator = torch.Generator().manual_seed(1)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in engine.parameters()]
+    assert _relative(engine.hidden_states(x), plain.hidden_states(x)) < RTOL
+    assert _relative(engine(x), plain(x)) < RTOL
+    with torch.no_grad():
+        assert _relative(engine.hidden_states(x), plain.hidden_states(x)) < RTOL
+        assert _relative(engine(x), plain(x)) < RTOL
+    for which, (loss_engine, loss_plain) in enumerate(zip(_losses(engine, x, y, weights), _losses(plain, x, y, weights))):
+        grads_engine, hvp_engine = _gradient_and_hvp(engine, loss_engine, direction)
+        grads_plain, hvp_plain = _gradient_and_hvp(plain, loss_plain, direction)
+        for name, a, b in zip([n for n, _ in engine.named_parameters()], grads_engine, grads_plain):
+            assert _relative(a, b) < RTOL, (which, "gradient", name)
+        for name, a, b in zip([n for n, _ in engine.named_parameters()], hvp_engine, hvp_plain):
+            assert _relative(a, b) < RTOL, (which, "hvp", name)
+
+
+@pytest.mark.parametrize("arch,disc", [("lipschitz", "rk38"), ("node", "rk4"), ("contracting", "euler"), ("vanilla", "map")])
+def test_segment_recompute_equals_the_stored_mode(arch, disc):
+    stored, _ = _pair(arch, disc)
+    recompute = copy.deepcopy(stored)
+    recompute.engine_memory = "recompute"
+    x, y, weights = _data(seed=2)
+    generator = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in stored.parameters()]
+    for loss_stored, loss_recompute in zip(_losses(stored, x, y, weights), _losses(recompute, x, y, weights)):
+        assert _relative(loss_recompute, loss_stored) < 1e-13
+        for a, b in zip(_gradient_and_hvp(recompute, loss_recompute, direction), _gradient_and_hvp(stored, loss_stored, direction)):
+            for p, q in zip(a, b):
+                assert _relative(p, q) < 1e-12
+
+
+def _loop(u, A, W, B, method, eps, substeps, keep_states):
+    step = lure_step(A, W, method, eps, substeps)
+    h, states = u.new_zeros(u.shape[1], u.shape[2]), []
+    for u_t in u.unbind(0):
+        h = step(h, u_t) if B is None else h @ A.T + torch.tanh(h @ W.T + u_t) @ B.T
+        states.append(h)
+    return torch.stack(states) if keep_states else h
+
+
+@pytest.mark.parametrize("segment", [1, 2, 3, 7, 50])
+@pytest.mark.parametrize("keep_states", [False, True])
+@pytest.mark.parametrize("method,with_a,with_b", [("euler", True, False), ("rk2", False, False), ("rk4", True, False),
+                                                  ("map", False, False), ("map", True, True)])
+def test_every_segment_length_and_readout_match_the_loop(segment, keep_states, method, with_a, with_b):
+    generator = torch.Generator().manual_seed(4)
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).requires_grad_()
+
+    u, W = draw(T, BATCH, N), draw(N, N)
+    A = draw(N, N, scale=0.5) if with_a else None
+    B = draw(N, N, scale=0.5) if with_b else None
+    eps, substeps = (None, 1) if method == "map" else (0.3, 2)
+    params = [p for p in (u, A, W, B) if p is not None]
+    expected = _loop(u, A, W, B, method, eps, substeps, keep_states)
+    scheme = build_scheme(method, eps, substeps)
+    actual = lure_recurrence(u, A, W, B, scheme=scheme, keep_states=keep_states, segment=segment)
+    assert _relative(actual, expected) < RTOL
+    weights = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+    gradients, hvp = _gradient_and_hvp_of(expected, weights, params, direction)
+    for a, b in zip(_gradient_and_hvp_of(actual, weights, params, direction), (gradients, hvp)):
+        for p, q in zip(a, b):
+            assert _relative(p, q) < RTOL
+    # Without create_graph the backward reuses its buffers from segment to segment.
+    out = lure_recurrence(u, A, W, B, scheme=scheme, keep_states=keep_states, segment=segment)
+    for p, q in zip(torch.autograd.grad((torch.sin(out) * weights).sum(), params), gradients):
+        assert _relative(p, q) < RTOL
+
+
+@pytest.mark.parametrize("keep_states", [False, True])
+@pytest.mark.parametrize("method", ["rk4", "euler"])
+def test_stored_records_split_into_many_segments_change_nothing(monkeypatch, keep_states, method):
+    generator = torch.Generator().manual_seed(6)
+    u, A, W = (torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+               for shape in ((T, BATCH, N), (N, N), (N, N)))
+    scheme = build_scheme(method, 0.2, 2)
+    weights = torch.randn(T if keep_states else 1, BATCH, N, generator=generator, dtype=torch.float64).squeeze(0)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in (u, A, W)]
+    results = []
+    for segment_bytes in (engine_module.SEGMENT_BYTES, 1):
+        monkeypatch.setattr(engine_module, "SEGMENT_BYTES", segment_bytes)
+        out = lure_recurrence(u, A, W, scheme=scheme, keep_states=keep_states)
+        plain = torch.autograd.grad((torch.sin(out) * weights).sum(), [u, A, W], retain_graph=True)
+        results.append((out, plain, *_gradient_and_hvp_of(out, weights, [u, A, W], direction)))
+    (one, *first), (many, *second) = results
+    assert _relative(many, one) < 1e-13
+    for a, b in zip(first, second):
+        for p, q in zip(a, b):
+            assert _relative(q, p) < 1e-12
+
+
+def _gradient_and_hvp_of(out, weights, params, direction):
+    grads = torch.autograd.grad((torch.sin(out) * weights).sum(), params, create_graph=True)
+    return grads, torch.autograd.grad(grads, params, direction)
+
+
+@pytest.mark.parametrize("arch,disc", [("lipschitz", "euler"), ("contracting", "euler")])
+def test_hessian_operator_is_the_same_matrix_with_either_engine(arch, disc):
+    engine, plain = _pair(arch, disc)
+    x, y, _ = _data(seed=5)
+    dense = {}
+    for name, model in (("engine", engine), ("plain", plain)):
+        op = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), dtype="float64", matmat="batched")
+        dense[name] = op.to_dense().numpy()
+        X = np.random.default_rng(0).standard_normal((op.dim, 3))
+        np.testing.assert_allclose(op.matmat(X), dense[name] @ X, rtol=1e-10, atol=1e-12)
+    scale = np.abs(dense["plain"]).max()
+    assert np.abs(dense["engine"] - dense["plain"]).max() <= RTOL * scale
+    assert np.abs(dense["engine"] - dense["engine"].T).max() <= 1e-12 * scale
+
+
+def test_float32_engine_agrees_with_the_loop_to_float32_rounding():
+    engine, plain = _pair("lipschitz", "euler")
+    engine, plain = engine.float(), plain.float()
+    x = _data()[0].float()
+    assert _relative(engine(x), plain(x)) < 1e-5
+
+
+def test_third_derivatives_raise_instead_of_returning_wrong_numbers():
+    engine, _ = _pair("lipschitz", "euler")
+    x, y, _ = _data()
+    params = list(engine.parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(engine(x), y), params, create_graph=True)
+    hvp = torch.autograd.grad(grads, params, [torch.ones_like(p) for p in params], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once only"):
+        torch.autograd.grad(sum(h.sum() for h in hvp), params, allow_unused=True)
+
+
+def test_torch_func_vmap_runs_the_recorded_step():
+    engine, plain = _pair("lipschitz", "rk2")
+    x = _data()[0]
+    params = {name: p.detach() for name, p in engine.named_parameters()}
+    stacked = {name: torch.stack([p, 1.1 * p]) for name, p in params.items()}
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda p: torch.func.functional_call(engine, p, (x,)))(stacked)
+        assert _relative(batched[0], plain(x)) < RTOL
+
+
+def test_engine_options_are_checked():
+    assert len(ENGINE_VARIANTS) == 11 and {arch for arch, _ in ENGINE_VARIANTS} == set(DISCRETIZATIONS) - {"lipschitz-gated", "ren"}
+    gated = build_model(ModelConfig("lipschitz-gated", INPUT, N, OUTPUT))
+    assert gated.engine == "autograd"
+    with pytest.raises(InputError, match="engine 'autograd'"):
+        gated.engine = "recurrence"
+    model = build_model(ModelConfig("lipschitz", INPUT, N, OUTPUT))
+    assert (model.engine, model.engine_memory) == ("recurrence", "store")
+    with pytest.raises(InputError, match="engine must be"):
+        model.engine = "fast"
+    with pytest.raises(InputError, match="engine_memory"):
+        model.engine_memory = "sqrt"
+    u, W = torch.zeros(T, BATCH, N), torch.zeros(N, N)
+    scheme = build_scheme("euler", 0.1)
+    with pytest.raises(InputError, match="inputs"):
+        lure_recurrence(u[:0], None, W, scheme=scheme)
+    with pytest.raises(InputError, match="A must be"):
+        lure_recurrence(u, torch.zeros(N, N + 1), W, scheme=scheme)
+    with pytest.raises(InputError, match="W is torch.float64"):
+        lure_recurrence(u, None, W.double(), scheme=scheme)
+    with pytest.raises(InputError, match="segment"):
+        lure_recurrence(u, None, W, scheme=scheme, segment=0)
+    for method, eps, substeps in (("rk5", 0.1, 1), ("euler", 0.0, 1), ("euler", 0.1, 0), ("map", 0.1, 1), ("map", None, 2)):
+        with pytest.raises(InputError):
+            build_scheme(method, eps, substeps)
+    assert [sqrt_segment(t) for t in (1, 2, 4, 5, 784)] == [1, 2, 2, 3, 28]
