@@ -5,8 +5,9 @@ or not at all (:mod:`lrnn_analysis.outputs`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import plots
 from .builtin_tasks import TASKS

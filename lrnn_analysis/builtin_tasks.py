@@ -14,8 +14,9 @@ import random
 import stat
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from .choices import MAX_ADDING_LENGTH, MAX_SEED
 from .data_files import read_npz
 from .errors import InputError, display_name
 from .task import Split, Task
+
+__all__ = ["TASKS", "load_task", "reference_permutation"]
 
 VENDORED_MNIST = Path(__file__).parent / "_data" / "mnist10k.npz"
 PERMUTATION_SEED = 1234

@@ -34,20 +34,24 @@ import re
 import stat
 import struct
 import warnings
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, IntegrityWarning, display_name, first_line  # noqa: F401 (re-exported)
-from .writers import dumps
-from .outputs import atomic_write
 from .models import ModelConfig, RecurrentModel, build_model, parameter_shapes
+from .outputs import atomic_write
 from .reference import is_reference_content, load_reference, load_torch_file
 from .torch_files import NODES_PER_BYTE, check_declared_sizes, check_tensors
+from .writers import dumps
+
+__all__ = ["FORMAT", "HASH_DOMAIN", "HASH_OMITTED_AT_DEFAULT", "LoadedCheckpoint", "MAX_FILE_BYTES",
+    "MAX_TENSOR_BYTES", "METADATA_KEY", "load_checkpoint", "save_checkpoint", "weights_sha256"]
 
 FORMAT = "lrnn-analysis/1"
 METADATA_KEY = "lrnn_analysis"

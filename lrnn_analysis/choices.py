@@ -6,9 +6,17 @@ do the work import their tables from here, so each name is defined once.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from .errors import InputError
+
+__all__ = ["ARCHITECTURES", "CERTIFICATES", "CONSTRAINTS", "CONTRACTION_CERTIFICATES", "CURVATURE_BACKENDS",
+    "CURVATURE_ESTIMATES", "CURVATURE_OPERATORS", "DENSITY_SCALES", "DEVICE_CHOICES", "DIAGONAL_METHODS",
+    "DISCRETIZATIONS", "DTYPES", "GATE_CERTIFICATES", "INPUT_KINDS", "KINDS", "MAX_ADDING_LENGTH", "MAX_BATCHES",
+    "MAX_BATCH_SIZE", "MAX_DENSITY_PROBES", "MAX_DENSITY_STEPS", "MAX_EIGENPAIRS", "MAX_ITERATIONS", "MAX_LEVELS",
+    "MAX_MATVECS", "MAX_MC_SAMPLES", "MAX_SAMPLES", "MAX_SEED", "MAX_SEEDS", "MAX_SIZES", "PARAMETERIZATION_TESTS",
+    "PARAMETER_KINDS", "PERTURBATION_ALIASES", "SPLITS", "TASK_NAMES", "TRACE_METHODS", "perturbation_grid",
+    "perturbation_kind", "perturbation_level"]
 
 TASK_NAMES = ("digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding")
 MAX_SEED = 2**63 - 1

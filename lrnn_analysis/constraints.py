@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .choices import CONSTRAINTS
+from .errors import InputError
 from .lure import LureSystem
 from .models import LipschitzRNN, RecurrentModel
 from .stability import norm_test, norm_test_threshold
-from .choices import CONSTRAINTS
-from .errors import InputError
+
+__all__ = ["Projection", "StabilityConstraint", "check_feasible", "project"]
 
 SECANT_STEPS = 30
 

@@ -26,8 +26,9 @@ import pickle
 import struct
 import zipfile
 import zlib
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any
 
 import numpy as np
 import torch

@@ -25,9 +25,10 @@ import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,11 +36,11 @@ import torch.distributed as dist
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from .robustness import SweepResult, summarize, sweep
-from .robustness.sweep import prepare_models
 from .environment import distributed_info, environment
 from .errors import InputError
 from .launch import launched_by_torchrun
+from .robustness import SweepResult, summarize, sweep
+from .robustness.sweep import prepare_models
 
 T = TypeVar("T")
 
@@ -203,7 +204,7 @@ class DistributedOperator(LinearOperator):
         X = np.asarray(X)
         return self._product(X, self.local_op.matmat(X))
 
-    def _adjoint(self) -> "DistributedOperator":
+    def _adjoint(self) -> DistributedOperator:
         return self
 
     def describe(self) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from . import __version__
 from .choices import DEVICE_CHOICES
 from .errors import InputError
 
+__all__ = ["distributed_info", "environment", "resolve_device"]
+
 
 
 def resolve_device(choice: str = "auto") -> torch.device:

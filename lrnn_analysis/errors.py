@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 __all__ = ["CheckpointError", "InputError", "IntegrityWarning", "UserCodeError", "display_name", "first_line"]
 
 

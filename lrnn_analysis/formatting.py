@@ -1,9 +1,12 @@
 """Plain-text tables for the command line."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+
+__all__ = ["format_table", "format_value"]
 
 
 def format_value(value: Any, digits: int = 4) -> str:

@@ -19,10 +19,11 @@ GRU layers a module contains are recurrent by definition and are the default oth
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +34,8 @@ from .parameters import parameter_patterns, require_parameters
 
 if TYPE_CHECKING:
     from .task import Task
+
+__all__ = ["ModelUnderAnalysis", "as_model_under_analysis", "load_model"]
 
 LureSource = LureSystem | Callable[[], "LureSystem | None"] | None
 
@@ -76,7 +79,7 @@ class ModelUnderAnalysis:
         recurrent: str | Sequence[str] | None = None,
         name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
-    ) -> "ModelUnderAnalysis":
+    ) -> ModelUnderAnalysis:
         """Any module mapping (batch, time, input) to outputs. ``lure_form`` and ``recurrent``
         default to what the module declares (a ``lure_form()`` method, a ``recurrent_parameters``
         attribute), else for ``recurrent`` to the ``weight_hh_l*`` of its torch.nn RNN/LSTM/GRU
@@ -93,7 +96,7 @@ class ModelUnderAnalysis:
     @classmethod
     def from_recurrent_model(
         cls, model: nn.Module, metadata: Mapping[str, Any] | None = None, name: str | None = None
-    ) -> "ModelUnderAnalysis":
+    ) -> ModelUnderAnalysis:
         """One of the toolkit's architectures (a ``RecurrentModel``), with its checkpoint metadata;
         the name defaults to "ARCH (SCHEME)" and the sizes come from its config."""
         config = model.config
@@ -140,7 +143,7 @@ class ModelUnderAnalysis:
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
-    def check_fits(self, task: "Task", where: str | None = None) -> None:
+    def check_fits(self, task: Task, where: str | None = None) -> None:
         """Raise ``InputError`` unless the module runs on ``task``'s inputs and returns (batch,
         task.output_dim) outputs (``UserCodeError`` when its forward raises). Known sizes are
         compared; unknown ones are probed on two test samples."""
@@ -181,7 +184,7 @@ class ModelUnderAnalysis:
         return {**self.describe(), "metadata": dict(self.metadata)}
 
 
-def as_model_under_analysis(model: "ModelUnderAnalysis | nn.Module", metadata: Mapping[str, Any] | None = None,
+def as_model_under_analysis(model: ModelUnderAnalysis | nn.Module, metadata: Mapping[str, Any] | None = None,
                             name: str | None = None) -> ModelUnderAnalysis:
     """``model`` itself, or a toolkit model / plain module wrapped with its declared pieces."""
     if isinstance(model, ModelUnderAnalysis):

@@ -27,21 +27,24 @@ is needed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
 from .hessian import HessianOperator, Lanczos
-from .writers import write_csv
 from .lure import LureSystem
 from .models.torchnn import find_recurrent_layers, rnn_lure_forms
 from .stability.certificates import certify, default_certificates
 from .stability.gated import gated_contraction
 from .stability.spectra import mu2, norm2, spectral_abscissa
-from .errors import InputError
+from .writers import write_csv
+
+__all__ = ["StabilityMonitor"]
 
 
 class StabilityMonitor:

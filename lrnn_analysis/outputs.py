@@ -31,10 +31,14 @@ import shutil
 import stat
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from .errors import InputError
+
+__all__ = ["MARKER", "OutputDirectory", "OutputError", "STAGING_INFIX", "STAGING_MARKER", "TEMP_INFIX",
+    "atomic_write", "check_name", "check_output_file"]
 
 MARKER = ".lrnn-report"
 STAGING_MARKER = ".lrnn-staging"
@@ -394,7 +398,7 @@ class OutputDirectory:
                 if leftover.is_dir() and not leftover.is_symlink() and _read_marker(leftover) is not None:
                     _remove_report(leftover)
 
-    def __enter__(self) -> "OutputDirectory":
+    def __enter__(self) -> OutputDirectory:
         self._check()
         self._acquire_lock()
         try:

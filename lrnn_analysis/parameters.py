@@ -6,7 +6,8 @@ perturbation sweeps; it knows only ``torch.nn``.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 

@@ -25,9 +25,10 @@ TrueType fonts in PDF and PostScript (``pdf.fonttype = ps.fonttype = 42``).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import matplotlib as mpl
 import numpy as np
@@ -42,9 +43,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import Formatter
 
+from .errors import InputError
 from .outputs import atomic_write
 from .stability.spectra import STABILITY_POLYNOMIALS, stability_polynomial
-from .errors import InputError
+
+__all__ = ["FIGURE_SUFFIXES", "PERTURBATION_TITLES", "PERTURBATION_UNITS", "figure_format",
+    "plot_certified_accuracy", "plot_density", "plot_hessian_summary", "plot_landscape_1d", "plot_landscape_2d",
+    "plot_phase_diagram", "plot_robustness", "plot_spectra", "plot_training_spectra", "save_figure",
+    "stability_region_mask", "style", "write_figure"]
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))

@@ -6,7 +6,10 @@ A bar is drawn only when asked for and standard error is a terminal: redirected 
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["bars_shown", "progress_bar"]
 
 
 def bars_shown(enabled: bool = True) -> bool:

@@ -33,29 +33,16 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import tidy_tables, plots
+from . import plots, tidy_tables
 from .builtin_tasks import TASKS, load_task
-from .task import Task
-from .distributed import Ranks, all_or_none
-from .errors import InputError
-from .writers import write_csv, write_json
-from .outputs import OutputDirectory, check_name
-from .training_split import check_training_data
-from .pipelines import curvature, robustness, stability
-from .robustness import SweepModel
-from .environment import distributed_info, environment
-from .stability import CERTIFICATES, phase_diagram
-from .stability.parameterization import PARAMETERIZATION_TESTS
-from .model_under_analysis import ModelUnderAnalysis, load_model
-from .data_files import load_data
-from .usermodule import ModelSpec, load_user_model
 from .choices import (
     KINDS,
     MAX_BATCH_SIZE,
@@ -72,6 +59,23 @@ from .choices import (
     SPLITS,
     perturbation_grid,
 )
+from .data_files import load_data
+from .distributed import Ranks, all_or_none
+from .environment import distributed_info, environment
+from .errors import InputError
+from .model_under_analysis import ModelUnderAnalysis, load_model
+from .outputs import OutputDirectory, check_name
+from .pipelines import curvature, robustness, stability
+from .robustness import SweepModel
+from .stability import CERTIFICATES, phase_diagram
+from .stability.parameterization import PARAMETERIZATION_TESTS
+from .task import Task
+from .training_split import check_training_data
+from .usermodule import ModelSpec, load_user_model
+from .writers import write_csv, write_json
+
+__all__ = ["ANALYSES", "REPRODUCE_WRITER", "Recipe", "RecipeOutcome", "check_recipe_set", "find_recipes",
+    "load_recipe", "run_recipe", "run_recipes"]
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -502,7 +506,7 @@ class _Context:
     def setting(self, key: str, default: Any) -> Any:
         return self.recipe.settings.get(key, default)
 
-    def together(self) -> ContextManager[None]:
+    def together(self) -> contextlib.AbstractContextManager[None]:
         """A step that fails on every rank when it fails on one (nothing to share in one process)."""
         return all_or_none() if self.ranks.world_size > 1 else contextlib.nullcontext()
 

@@ -7,8 +7,9 @@ calls :meth:`ModelSources.load` and :meth:`TaskSource.load`; nothing here parses
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
+__all__ = ["t_halfwidth"]
 
 
 def t_halfwidth(samples: Sequence[float] | np.ndarray, confidence: float = 0.95) -> float:

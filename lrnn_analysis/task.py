@@ -15,6 +15,8 @@ import torch
 from .choices import TASK_NAMES
 from .errors import InputError
 
+__all__ = ["Split", "Task", "task_from_arrays"]
+
 MAX_CLASS_LABEL = 2**31 - 1
 
 
@@ -67,7 +69,7 @@ class Task:
 
     @classmethod
     def from_arrays(cls, x_train: Any, y_train: Any, x_test: Any, y_test: Any, x_val: Any = None, y_val: Any = None,
-                    *, name: str = "arrays", num_classes: int | None = None) -> "Task":
+                    *, name: str = "arrays", num_classes: int | None = None) -> Task:
         """A task on your own splits: x (N, T, D) float, y integer classes (N,) or float targets
         (N, k); validated by :func:`lrnn_analysis.data_files.task_from_arrays`."""
         return task_from_arrays(x_train, y_train, x_test, y_test, x_val, y_val, name=name, num_classes=num_classes)

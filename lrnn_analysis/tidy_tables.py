@@ -6,14 +6,15 @@ toolkit model or a plain module is wrapped with what it declares), keyed by labe
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .evaluation import evaluate, loss_function
-from .stability import spectrum
 from .model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
+from .stability import spectrum
 
 __all__ = ["accuracy_table", "landscape_tables", "spectra_tables", "training_log_table"]
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import pickletools
 import struct
 import zipfile
-from typing import Any, BinaryIO, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 

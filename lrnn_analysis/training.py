@@ -9,12 +9,15 @@ from typing import Any
 import torch
 
 from .constraints import StabilityConstraint, check_feasible, project
-from .task import Task
+from .errors import InputError
 from .evaluation import evaluate, loss_function
 from .models import RecurrentModel
-from .stability.spectra import mu2, norm2, spectral_abscissa
 from .progress import progress_bar
-from .errors import InputError
+from .stability.spectra import mu2, norm2, spectral_abscissa
+from .task import Task
+
+__all__ = ["TrainResult", "TrainSettings", "TrainedModel", "spectral_summary", "train_and_certify", "train_model",
+    "training_metadata"]
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,8 @@ def training_metadata(task: Task, settings: TrainSettings, result: TrainResult, 
     """What a trained checkpoint records besides its config: task and split seed, the
     fingerprint of the training split (the leakage guard of lrnn_analysis.training_split),
     settings, metrics, the per-epoch log, versions and device."""
-    from .training_split import split_fingerprint
     from .environment import environment
+    from .training_split import split_fingerprint
 
     return {
         "task": task.to_dict(),

@@ -9,13 +9,16 @@ the same data, or the same task under another split seed), and accuracy reads to
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from .builtin_tasks import TASKS
 from .task import Split, Task
+
+__all__ = ["LEAKAGE_WARNING", "TrainingDataCheck", "check_training_data", "split_fingerprint"]
 
 LEAKAGE_WARNING = "training data unknown: accuracy may include training samples"
 

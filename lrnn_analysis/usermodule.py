@@ -27,9 +27,10 @@ import json
 import pickle
 import re
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -40,6 +41,8 @@ from .checkpoints import MAX_FILE_BYTES, MAX_TENSOR_BYTES
 from .errors import InputError, UserCodeError, display_name, first_line
 from .model_under_analysis import ModelUnderAnalysis
 from .torch_files import check_declared_sizes, check_tensors
+
+__all__ = ["ModelSpec", "UserModelError", "load_user_model", "parse_model_args", "read_state_dict"]
 
 
 class UserModelError(InputError):
@@ -61,7 +64,7 @@ class ModelSpec:
     path: Path | None
 
     @classmethod
-    def parse(cls, text: str, root: str | Path | None = None) -> "ModelSpec":
+    def parse(cls, text: str, root: str | Path | None = None) -> ModelSpec:
         module, sep, factory = text.rpartition(":")
         if not sep or not module or not factory:
             raise UserModelError(f"model {text!r}: expected MODULE:FACTORY (a .py file or importable module, "

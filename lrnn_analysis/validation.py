@@ -8,7 +8,8 @@ Importable without torch, numpy or scipy.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import InputError
 

@@ -2,9 +2,9 @@
 from pathlib import Path
 
 import torch
+from mymodels import MyRNN
 
 import lrnn_analysis as L
-from mymodels import MyRNN
 
 task = L.load_data("mydata.npz")
 model = MyRNN()

@@ -1,8 +1,8 @@
 """Certifies MyRNN from a Lur'e form written by hand, at initialisation and after train.py."""
 import torch
+from mymodels import MyRNN
 
 import lrnn_analysis as L
-from mymodels import MyRNN
 
 torch.manual_seed(0)
 model = MyRNN()

@@ -1,8 +1,8 @@
 """Trains MyRNN on mydata.npz your own way and saves its state dict as my-rnn.pt."""
 import torch
+from mymodels import MyRNN
 
 import lrnn_analysis as L
-from mymodels import MyRNN
 
 task = L.load_data("mydata.npz")  # validated: shapes, dtypes, finite values, same T and D in every split
 print(task.name, "-", task.description)
@@ -10,7 +10,7 @@ print(task.name, "-", task.description)
 torch.manual_seed(0)
 model = MyRNN()
 optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-for epoch in range(20):
+for _ in range(20):
     for x, y in task.train.batches(100):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()

@@ -20,10 +20,10 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from ..launch import launched_by_torchrun
 from ..errors import InputError, display_name
+from ..launch import launched_by_torchrun
 from .options import UsageError
 from .parser import build_parser
 

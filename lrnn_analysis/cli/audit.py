@@ -10,6 +10,8 @@ from ..errors import InputError, display_name
 from ..outputs import OutputDirectory
 from . import options as o
 
+__all__ = ["add_parser", "audit_grid", "gate", "run"]
+
 
 def gate(text: str):
     from ..pipelines.audit import Gate

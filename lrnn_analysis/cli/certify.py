@@ -8,6 +8,8 @@ from ..choices import MAX_SIZES, PARAMETERIZATION_TESTS
 from ..outputs import check_output_file
 from . import options as o
 
+__all__ = ["add_parser", "run"]
+
 MAX_GRID_POINTS = 500
 
 
@@ -82,9 +84,9 @@ def _certify_settings(args: argparse.Namespace) -> tuple[float, float, float, st
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..writers import write_csv
-    from ..stability import certify_parameterization, phase_diagram
     from ..formatting import format_table
+    from ..stability import certify_parameterization, phase_diagram
+    from ..writers import write_csv
 
     beta_w, gamma_a, gamma_w, w_source, radius, r_source = _certify_settings(args)
     phase = args.phase_betas or args.phase_gammas

@@ -20,6 +20,8 @@ from ..choices import (
 from ..outputs import check_output_file
 from . import options as o
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     hess = sub.add_parser("hessian", help="loss Hessian: extreme eigenvalues, trace with CI, spectral density")

@@ -11,6 +11,8 @@ from . import options as o
 if TYPE_CHECKING:
     from ..model_under_analysis import ModelUnderAnalysis
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="print a checkpoint's config, metrics and training log")

@@ -10,8 +10,9 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..choices import (
     CERTIFICATES,
@@ -30,6 +31,12 @@ from ..sources import REFERENCE_OVERRIDES, ModelSources, TaskSource
 if TYPE_CHECKING:
     from ..distributed import Ranks
     from ..model_under_analysis import ModelUnderAnalysis
+
+__all__ = ["FORCE_HELP", "UsageError", "add_data_option", "add_model_options", "add_run_options", "add_task_options",
+    "architecture", "certificate_list", "check_figure", "finite", "float_in", "float_list", "input_files", "int_in",
+    "int_list", "json_path_beside", "levels", "load_models", "load_subject", "name_list", "nonnegative",
+    "parameterization_tests", "positive", "print_warnings", "ranks_for", "seed", "set_threads", "task_source",
+    "write_figure"]
 
 
 class UsageError(InputError):

@@ -7,6 +7,8 @@ from typing import Any
 
 from . import audit, certify, hessian, info, reproduce, robustness, stability, train
 
+__all__ = ["build_parser"]
+
 COMMANDS = (train, info, stability, certify, hessian, audit, reproduce, robustness)
 
 

@@ -6,6 +6,8 @@ import sys
 
 from . import options as o
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     reproduce = sub.add_parser("reproduce", help="run analysis recipes (default: all of analyses/) into figures/")

@@ -9,6 +9,8 @@ from ..errors import display_name
 from ..outputs import check_output_file
 from . import options as o
 
+__all__ = ["BESIDE_CSV", "add_parser", "run"]
+
 # The options that give levels, and the perturbation kind each names.
 LEVEL_OPTIONS = {
     "input_noise": "gaussian",

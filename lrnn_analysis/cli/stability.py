@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from ..model_under_analysis import ModelUnderAnalysis
     from ..pipelines.stability import ModelCertificate
 
+__all__ = ["add_parser", "run"]
+
 CERTIFICATE_COLUMNS = ["name", "holds", "margin", "rate", "tier", "seconds", "reason"]
 
 

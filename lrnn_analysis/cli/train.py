@@ -8,6 +8,8 @@ from ..choices import ARCHITECTURES, CONSTRAINTS, MAX_BATCH_SIZE, MAX_SIZES
 from ..outputs import check_output_file
 from . import options as o
 
+__all__ = ["add_parser", "run", "spectral_line"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a model on a task and save a checkpoint")

@@ -7,6 +7,7 @@
     G = GGNOperator(model, loss_fn, (x, y))       # also FisherOperator, EmpiricalFisherOperator
 """
 from .analysis import BACKENDS, HessianReport, analyze
+from .blocks import BLOCK_FIELDS, BlockTable, BlockView, block_curvature
 from .curvature import (
     OPERATOR_KINDS,
     EmpiricalFisherOperator,
@@ -16,11 +17,10 @@ from .curvature import (
     curvature_operator,
 )
 from .density import DensityResult, spectral_density
-from .blocks import BLOCK_FIELDS, BlockTable, BlockView, block_curvature
 from .diagonal import DIAGONAL_METHODS, DiagonalResult, FrobeniusResult, diagonal, frobenius_norm_squared
 from .eigen import WHICH, EigenResult, LambdaMaxTrack, eigenvalues, power_iteration, track_lambda_max
-from .landscape import LandscapeResult, eigenvector_directions, landscape, random_directions
 from .lanczos import Lanczos
+from .landscape import LandscapeResult, eigenvector_directions, landscape, random_directions
 from .operator import CurvatureOperator, HessianOperator, ParameterSelection, parameter_selection, select_parameters
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import METHODS, TraceResult, trace

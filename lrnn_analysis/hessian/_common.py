@@ -1,11 +1,12 @@
 """What every estimator needs: the operator's size, counted products, seeded probes."""
 from __future__ import annotations
 
-
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from ..errors import InputError
+
+__all__ = ["CountedMatvec", "rademacher"]
 
 
 class CountedMatvec:

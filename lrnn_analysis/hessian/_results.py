@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["dataclass_dict", "jsonable"]
+
 
 def jsonable(value: Any) -> Any:
     """``value`` with numpy arrays/scalars turned into lists/floats and non-finite floats into None."""

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from scipy.sparse.linalg import LinearOperator
@@ -12,17 +13,21 @@ from torch import nn
 
 from ..choices import CURVATURE_BACKENDS, CURVATURE_ESTIMATES
 from ..environment import environment
+from ..errors import InputError
+from ..parameters import module_of
 from ._results import dataclass_dict
 from .blocks import BlockTable, block_curvature
 from .curvature import OPERATOR_KINDS, curvature_operator
 from .density import DensityResult, spectral_density
-from .diagonal import DiagonalResult, FrobeniusResult, diagonal as diagonal_estimate, frobenius_norm_squared
+from .diagonal import DiagonalResult, FrobeniusResult, frobenius_norm_squared
+from .diagonal import diagonal as diagonal_estimate
 from .eigen import EigenResult, eigenvalues
-from ..parameters import module_of
 from .operator import DEFAULT_MEMORY_BUDGET, Batch, LossFunction, ParamSpec, as_batches, parameter_selection
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
-from .trace import TraceResult, trace as trace_estimate
-from ..errors import InputError
+from .trace import TraceResult
+from .trace import trace as trace_estimate
+
+__all__ = ["BACKENDS", "HessianReport", "analyze"]
 
 BACKENDS = CURVATURE_BACKENDS
 ESTIMATES = CURVATURE_ESTIMATES

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
@@ -12,6 +13,8 @@ from ._results import jsonable
 from .eigen import eigenvalues
 from .operator import CurvatureOperator
 from .trace import trace, unit_roundoff
+
+__all__ = ["BLOCK_FIELDS", "BlockTable", "BlockView", "block_curvature"]
 
 BLOCK_FIELDS = ("param", "numel", "lambda_max", "lambda_max_residual", "lambda_max_converged", "trace",
                 "trace_ci_halfwidth", "trace_method", "matvecs")

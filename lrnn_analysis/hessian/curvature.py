@@ -25,15 +25,19 @@ memory budget), so a product costs three backward passes and no forward pass.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import nullcontext
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..choices import CURVATURE_OPERATORS
-from .operator import DEFAULT_MEMORY_BUDGET, Batch, CurvatureOperator, HessianOperator, LossFunction, ParamSpec, _SavedBytes
 from ..errors import InputError
+from .operator import DEFAULT_MEMORY_BUDGET, Batch, CurvatureOperator, HessianOperator, LossFunction, ParamSpec, _SavedBytes
+
+__all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator", "JacobianSandwichOperator", "OPERATOR_KINDS",
+    "curvature_operator"]
 
 
 def loss_kind(loss_fn: LossFunction) -> str:

@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
+from ..errors import InputError
+from ..progress import progress_bar
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 from .lanczos import Lanczos
-from ..progress import progress_bar
-from ..errors import InputError
+
+__all__ = ["DensityResult", "spectral_density", "symlog"]
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,13 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from ..choices import DIAGONAL_METHODS
+from ..errors import InputError
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
 from .trace import CONFIDENCE, exchangeable_sketch, unit_roundoff
-from ..errors import InputError
+
+__all__ = ["DiagonalResult", "FrobeniusResult", "diagonal", "frobenius_norm_squared"]
 
 
 

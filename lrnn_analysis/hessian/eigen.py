@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
+from ..errors import InputError
+from ..progress import progress_bar
 from ._common import CountedMatvec
 from ._results import dataclass_dict, jsonable
 from .lanczos import Lanczos
-from ..progress import progress_bar
-from ..errors import InputError
+
+__all__ = ["EigenResult", "LambdaMaxTrack", "WHICH", "eigenvalues", "power_iteration", "track_lambda_max"]
 
 WHICH = ("LA", "SA", "LM", "BE")
 

@@ -10,11 +10,13 @@ precision even when the products H v are float32. The products H q_j are kept as
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from ..errors import InputError
+
+__all__ = ["Lanczos"]
 
 Matvec = Callable[[np.ndarray], np.ndarray]
 

@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..errors import InputError
+from ..progress import progress_bar
 from ._results import dataclass_dict
 from .eigen import EigenResult
 from .operator import Batch, HessianOperator, LossFunction, ParamSpec, as_batches, eval_mode, select_parameters
-from ..progress import progress_bar
-from ..errors import InputError
+
+__all__ = ["LandscapeResult", "eigenvector_directions", "landscape", "random_directions"]
 
 Direction = Mapping[str, Tensor]
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +25,12 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..errors import InputError
 from ..parameters import glob_parameters, module_of
 from ..progress import progress_bar
-from ..errors import InputError
+
+__all__ = ["Batch", "CurvatureOperator", "DEFAULT_MEMORY_BUDGET", "HessianOperator", "LossFunction", "ParamSpec",
+    "ParameterSelection", "as_batches", "eval_mode", "parameter_selection", "resolve_dtype", "select_parameters"]
 
 Batch = tuple[Tensor, Tensor]
 LossFunction = Callable[[Tensor, Tensor], Tensor]
@@ -231,7 +235,7 @@ class CurvatureOperator(LinearOperator):
     def _matmat(self, X: np.ndarray) -> np.ndarray:
         return np.stack([self._matvec(column) for column in np.asarray(X).T], axis=1)
 
-    def _adjoint(self) -> "CurvatureOperator":
+    def _adjoint(self) -> CurvatureOperator:
         return self
 
     def to_dense(self) -> Tensor:

@@ -15,19 +15,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import warnings
 import time
-from typing import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
+from ..statistics import t_halfwidth
 from .eigen import EigenResult
 from .operator import Batch, LossFunction, ParamSpec, as_batches, resolve_dtype, select_parameters
-from ..statistics import t_halfwidth
 from .trace import CONFIDENCE, TraceResult
-from ..errors import InputError
+
+__all__ = ["pyhessian_eigenvalues", "pyhessian_trace"]
 
 
 class _PyHessianRun:

@@ -10,11 +10,14 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from ..choices import TRACE_METHODS
+from ..errors import InputError
+from ..progress import progress_bar
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec, rademacher
 from ._results import dataclass_dict
-from ..progress import progress_bar
-from ..errors import InputError
+
+__all__ = ["CONFIDENCE", "METHODS", "TraceResult", "exchangeable_sketch", "leave_one_out_factors", "trace",
+    "unit_roundoff"]
 
 METHODS = TRACE_METHODS
 CONFIDENCE = 0.95

@@ -1,8 +1,8 @@
 """Model zoo: one registry, one interface (``build_model(config)``)."""
 from .architectures import GatedLipschitzRNN, LipschitzRNN, LureRNN, RecurrentModel, lipschitz_matrix, lure_step
+from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .contracting import ContractingREN, ContractingRNN, contracting_construction, ren_construction
 from .registry import MODEL_CLASSES, build_model, parameter_shapes
-from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
 
 __all__ = [

@@ -15,7 +15,7 @@ less memory).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,9 @@ from ..errors import InputError
 from ..lure import LureSystem
 from ..recurrence import Scheme, build_scheme, lure_recurrence, sqrt_segment
 from .config import ModelConfig
-from ..errors import InputError
+
+__all__ = ["AntisymmetricRNN", "CayleyRNN", "EngineSystem", "GatedLipschitzRNN", "LipschitzRNN", "LureRNN",
+    "PlainWRNN", "RecurrentModel", "StepFunction", "lipschitz_matrix", "lure_step"]
 
 StepFunction = Callable[[Tensor, Tensor], Tensor]
 # (A or None, W, B or None, scheme): the step h+ of the engine, see lrnn_analysis.recurrence.

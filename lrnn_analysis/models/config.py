@@ -9,6 +9,8 @@ from typing import Any
 from ..choices import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES
 from ..errors import InputError
 
+__all__ = ["ModelConfig"]
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -81,7 +83,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         if not isinstance(data, dict):
             raise InputError(f"model config must be a mapping, got {type(data).__name__}")
         if not all(isinstance(key, str) for key in data):

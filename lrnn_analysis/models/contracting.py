@@ -61,11 +61,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..lure import LureSystem
 from ..recurrence import build_scheme
 from .architectures import EngineSystem, RecurrentModel, StepFunction
 from .config import ModelConfig
-from ..errors import InputError
+
+__all__ = ["Construction", "ContractingREN", "ContractingRNN", "contracting_construction", "ren_construction"]
 
 DELTA = 1e-3
 REN_BLOCK = 16

@@ -5,10 +5,12 @@ import math
 
 import torch
 
+from ..errors import InputError
 from .architectures import AntisymmetricRNN, CayleyRNN, GatedLipschitzRNN, LipschitzRNN, PlainWRNN, RecurrentModel
 from .config import ModelConfig
 from .contracting import ContractingREN, ContractingRNN
-from ..errors import InputError
+
+__all__ = ["MODEL_CLASSES", "build_model", "parameter_shapes"]
 
 MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
     "lipschitz": LipschitzRNN,

@@ -29,8 +29,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..lure import LureSystem
 from ..errors import InputError
+from ..lure import LureSystem
+
+__all__ = ["RecurrentLayer", "SequenceClassifier", "find_recurrent_layers", "layer_kind", "layer_parameters",
+    "recurrent_parameter_patterns", "rnn_lure_forms"]
 
 RECURRENT_LAYER_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..choices import (
     GATE_CERTIFICATES,
@@ -100,7 +101,7 @@ class AuditSettings:
         object.__setattr__(self, "gates", gates)
 
     @classmethod
-    def thorough(cls, seed: int = 0) -> "AuditSettings":
+    def thorough(cls, seed: int = 0) -> AuditSettings:
         return cls(seed=seed, certificate_budget=600.0, hessian_batches=8, trace_matvecs=400, density=True,
                    grid={"gaussian": (0.0, 0.05, 0.1, 0.2, 0.3), "salt-pepper": (0.0, 0.01, 0.03, 0.05),
                          "occlusion": (0.0, 0.1, 0.2), "fgsm": (0.0, 0.01, 0.02, 0.05),
@@ -115,7 +116,7 @@ class AuditSettings:
             return "quick"
         return "thorough" if measured == AuditSettings.thorough(self.seed) else "custom"
 
-    def with_changes(self, **changes: Any) -> "AuditSettings":
+    def with_changes(self, **changes: Any) -> AuditSettings:
         """These settings with the ``changes`` that are not None."""
         return replace(self, **{name: value for name, value in changes.items() if value is not None})
 
@@ -133,7 +134,7 @@ class Gate:
     value: str
 
     @classmethod
-    def parse(cls, text: str) -> "Gate":
+    def parse(cls, text: str) -> Gate:
         """Check the gate completely: every threshold finite and in range (an accuracy in [0, 1],
         a drop in [-1, 1], a perturbation level valid for its kind)."""
         kind, sep, value = text.partition("=")

@@ -14,8 +14,9 @@ computes alone (``shared_by`` records which).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..choices import (
     CURVATURE_BACKENDS,

@@ -10,10 +10,21 @@ single-process order.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from ..choices import MAX_BATCH_SIZE, MAX_EIGENPAIRS, MAX_LEVELS, MAX_SAMPLES, MAX_SEED, MAX_SEEDS, SPLITS, perturbation_grid, perturbation_level
+from ..choices import (
+    MAX_BATCH_SIZE,
+    MAX_EIGENPAIRS,
+    MAX_LEVELS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_SEEDS,
+    SPLITS,
+    perturbation_grid,
+    perturbation_level,
+)
 from ..errors import InputError
 from ..validation import check_bool, check_choice, check_int, check_optional_int
 

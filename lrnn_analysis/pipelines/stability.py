@@ -16,8 +16,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..choices import CERTIFICATES, CONTRACTION_CERTIFICATES
 from ..errors import InputError
@@ -25,8 +26,8 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from ..lure import LureSystem
     from ..model_under_analysis import ModelUnderAnalysis
-    from ..stability.consistency import FormCheck
     from ..stability import CascadeCertificate, CertificateResult, SpectrumReport
+    from ..stability.consistency import FormCheck
     from ..stability.evidence import EvidenceCheck
 
 __all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",

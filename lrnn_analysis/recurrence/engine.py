@@ -365,7 +365,7 @@ def _r_operator(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], 
         r, p, d = _rows(R), _rows(P), _rows(D)
 
         def stage(l: int, g_dot: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
-            return field.vjp_dot(g_dot, d[l], r[l], p[l], base)
+            return field.vjp_dot(g_dot, d[l], r[l], p[l], base)  # noqa: B023 (called within this segment only)
 
         lam_dot, records = backward_sweep(scheme, lam_dot, t1 - t0, None, stage)
         X_dot = _stack(records, t1 - t0)

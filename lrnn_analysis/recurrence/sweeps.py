@@ -21,7 +21,7 @@ The engine runs the first-order backward of a one-stage map in a buffer of its o
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor

@@ -14,6 +14,8 @@ from typing import Any
 
 from ..errors import InputError
 
+__all__ = ["REFERENCE_MODELS", "parse_reference_filename"]
+
 REFERENCE_MODELS = ("LipschitzRNN", "LipschitzRNN_gated", "LipschitzRNN_ODE", "asymRNN", "calRNN", "resRNN", "simpleRNN")
 NUMERIC_FIELDS = {"T": int, "units": int, "beta": float, "alpha": float, "gamma": float, "eps": float,
                   "gclip": float, "seed": int, "init": float}

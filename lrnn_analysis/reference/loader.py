@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
+from ..errors import InputError, first_line
 from .filenames import parse_reference_filename
 from .logs import loss_file_candidates, read_reference_log
 from .models import MODEL_HPARAMS, convert_reference_model, identify_model, strip_data_parallel
 from .pickles import DATA_PARALLEL, REFERENCE_MODULE_CLASSES, PickledObject, class_name
-from ..errors import InputError, first_line
+
+__all__ = ["OVERRIDES", "ReferenceFileWarning", "is_reference_content", "load_reference"]
 
 HPARAMS = ("beta", "gamma", "eps", "alpha", "solver")
 OVERRIDES = (*HPARAMS, "task", "model")

@@ -5,8 +5,10 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from .pickles import load_plain_pickle
 from ..errors import InputError, first_line
+from .pickles import load_plain_pickle
+
+__all__ = ["loss_file_candidates", "read_reference_log"]
 
 MAX_LOSS_FILE_BYTES = 64 * 2**20
 

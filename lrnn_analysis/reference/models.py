@@ -22,12 +22,15 @@ W of resRNN/simpleRNN, ``W(h) = h W.weight^T``) are already in the column conven
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from ..models import ModelConfig, RecurrentModel, build_model
 from ..errors import InputError
+from ..models import ModelConfig, RecurrentModel, build_model
+
+__all__ = ["MODEL_HPARAMS", "MODEL_KEYS", "convert_reference_model", "identify_model", "strip_data_parallel"]
 
 _IO = ("E.weight", "E.bias", "D.weight", "D.bias")
 MODEL_KEYS: dict[str, frozenset[str]] = {

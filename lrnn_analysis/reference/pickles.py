@@ -21,13 +21,17 @@ import re
 import types
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from ..errors import first_line
+
+__all__ = ["DATA_PARALLEL", "PickledObject", "REFERENCE_MODULE_CLASSES", "class_name", "load_plain_pickle",
+    "load_torch_file", "reference_stand_ins", "weights_only_reason"]
 
 REFERENCE_MODULE_CLASSES = ("models.RnnModels", "models.rnn_models", "models.relaxRNN")
 REFERENCE_SUBMODULE_CLASSES = ("models.LipschitzRNN_ODE",)
@@ -50,7 +54,7 @@ class PickledObject:
     dump_patches = False
     attributes: dict[str, Any]
 
-    def __new__(cls, *args: Any) -> "PickledObject":
+    def __new__(cls, *args: Any) -> PickledObject:
         if args:
             raise pickle.UnpicklingError(f"refused: the stand-in for {cls.qualified_name} called or created with arguments "
                                          "(a __reduce__ payload)")

@@ -1,17 +1,19 @@
 """Hessian eigenvectors as parameter-space directions for the ``hessian-direction`` perturbation."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..task import Task
 from ..errors import InputError
 from ..evaluation import loss_function
 from ..hessian import HessianOperator, eigenvalues
 from ..model_under_analysis import ModelUnderAnalysis
 from ..parameters import module_of
+from ..task import Task
 from .perturbations import ParameterDirections
+
+__all__ = ["hessian_directions"]
 
 
 def hessian_directions(

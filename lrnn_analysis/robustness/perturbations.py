@@ -24,14 +24,16 @@ Parameter kinds (applied to a name -> tensor mapping):
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..choices import INPUT_KINDS, KINDS, PARAMETER_KINDS, perturbation_kind, perturbation_level  # noqa: F401 (re-exported)
 from ..errors import InputError
+
+__all__ = ["DETERMINISTIC_KINDS", "ParameterDirections", "Perturbation", "perturb_inputs", "perturb_parameters"]
 
 DETERMINISTIC_KINDS = ("fgsm",)
 

@@ -9,8 +9,9 @@ loop over draws, ``batched=False``, gives the same numbers to rounding).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -230,7 +231,7 @@ def sweep(
             names = selected[index]
 
             def record(p: Perturbation, accuracy: float | None, loss: float) -> None:
-                rows.append({"model": entry.label, "checkpoint": entry.checkpoint, "perturbation": p.kind,
+                rows.append({"model": entry.label, "checkpoint": entry.checkpoint, "perturbation": p.kind,  # noqa: B023 (this model's rows)
                              "target": p.target, "level": p.level, "seed": p.seed, "accuracy": accuracy,
                              "loss": loss, "n": len(x), "device": str(device)})
                 bar.update()
@@ -243,7 +244,8 @@ def sweep(
                     if p.level == 0:
                         record(p, clean.accuracy, clean.loss)
                     elif p.target == "input":
-                        gradient = (lambda inputs: _input_gradient(model, inputs, y, task.is_classification)) if kind == "fgsm" else None
+                        gradient = ((lambda inputs: _input_gradient(model, inputs, y, task.is_classification))  # noqa: B023 (used now)
+                                    if kind == "fgsm" else None)
                         perturbed = perturb_inputs(x, p, data_range, gradient)
                         result = evaluate(model, perturbed, y, task.is_classification, batch_size, name=_under(entry.label, p))
                         record(p, result.accuracy, result.loss)
@@ -313,7 +315,7 @@ def evaluate_parameter_draws(
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
             if batched:
-                outputs = vmap(lambda p: functional_call(model, p, (xb,)))(stacked)
+                outputs = vmap(lambda p: functional_call(model, p, (xb,)))(stacked)  # noqa: B023 (called at once)
             else:
                 outputs = torch.stack([functional_call(model, dict(d), (xb,)) for d in draws])
             for i in range(count):

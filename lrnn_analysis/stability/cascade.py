@@ -28,16 +28,19 @@ bounded invariant set) but not computed: their cascade reports the rate only.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from torch import nn
 
+from ..errors import InputError
 from ..models.torchnn import find_recurrent_layers, layer_kind, layer_parameters, rnn_lure_forms
 from .certificates import CertificateResult, certify
 from .gated import GatedCertificate, gated_contraction
-from ..errors import InputError
+
+__all__ = ["CascadeCertificate", "certify_layers", "certify_recurrent", "layer_rows"]
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,15 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..choices import CERTIFICATES
+from ..errors import InputError
 from ..lure import LureSystem
 from .forms import incremental_form
 from .lmi import (
@@ -51,9 +54,9 @@ from .lmi import (
     Candidate,
     TierOutcome,
     fixed_identity_tier,
+    is_numerical_failure,
     jacobian_error_bound,
     jacobian_goodness,
-    is_numerical_failure,
     sampled_slopes,
     sdp_tier,
 )
@@ -61,8 +64,9 @@ from .norms import NormTestOutcome, norm_test
 from .riccati import RICCATI_TIER, riccati_tier
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF, norm2
 from .verification import Verification, verify
-from ..choices import CERTIFICATES
-from ..errors import InputError
+
+__all__ = ["CertificateResult", "Evidence", "TIERS", "TierAttempt", "certify", "default_certificates", "rounded_r",
+    "verify_certificate"]
 
 TIERS = ("norm", "P=I", RICCATI_TIER, "diag-P", "full-P")
 DEFAULT_CERTIFICATES = {

@@ -25,8 +25,9 @@ or ``unchecked`` (the module does not expose what the check needs, and why; neve
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,6 @@ from torch import Tensor, nn
 
 from ..errors import InputError, UserCodeError, first_line
 from ..lure import LureSystem
-from ..errors import InputError
 
 __all__ = ["FORM_CHECK_STATUSES", "FormCheck", "LureConsistency", "check_form", "check_lure_form"]
 

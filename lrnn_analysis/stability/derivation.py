@@ -67,8 +67,9 @@ from __future__ import annotations
 import logging
 import math
 import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -249,8 +250,8 @@ def _signature(step: Any, module: nn.Module | None, state: Any, x: Any) -> _Sign
 
 def _trace(f: Callable[[Any, Any], Any], signature: _Signature) -> torch.fx.GraphModule:
     """The functional aten graph of one step, traced with fake tensors of batch ``TRACE_BATCH``."""
-    from torch.fx.experimental.proxy_tensor import make_fx
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
     count = len(signature.state_shapes)

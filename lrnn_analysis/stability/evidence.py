@@ -24,18 +24,23 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from ..errors import InputError, first_line
 from ..lure import LureSystem
 from .certificates import TIERS, CertificateResult, Evidence, _assumptions, _rate_meaning, certify, rounded_r, verify_certificate
 from .forms import IncrementalForm, incremental_form
 from .verification import Verification, verify
-from ..errors import InputError, first_line
+
+__all__ = ["EVIDENCE_TIERS", "EvidenceCheck", "METADATA_KEY", "REN_CERTIFICATE", "StoredEvidence",
+    "certificate_result", "certify_trained", "check_stored", "construction_evidence", "explicit_increment_form",
+    "search_evidence", "stored_then_searched", "weights_sha256"]
 
 METADATA_KEY = "certificate_evidence"
 SCHEMA = "lrnn-analysis/evidence/1"
@@ -72,7 +77,7 @@ class StoredEvidence:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "StoredEvidence":
+    def from_dict(cls, data: Any) -> StoredEvidence:
         """Parse stored evidence; ``InputError`` names what is malformed."""
         if not isinstance(data, Mapping) or data.get("schema") != SCHEMA:
             raise InputError(f"not {SCHEMA} evidence")

@@ -34,9 +34,11 @@ from functools import cached_property
 import numpy as np
 import scipy.linalg
 
+from ..errors import InputError
 from ..lure import LureSystem
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF
-from ..errors import InputError
+
+__all__ = ["IncrementalForm", "incremental_form"]
 
 FAMILIES = ("ct", "euler", "rk2", "rk4", "rk38", "map")
 _TABLEAUS: dict[str, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = {

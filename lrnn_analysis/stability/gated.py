@@ -56,8 +56,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..models.torchnn import layer_kind, layer_parameters
 from ..errors import InputError
+from ..models.torchnn import layer_kind, layer_parameters
+
+__all__ = ["GatedCertificate", "gated_contraction"]
 
 REFERENCES = {
     "lstm": "Bonassi, Terzi, Farina, Scattolini, 'LSTM neural networks: input to state stability and "

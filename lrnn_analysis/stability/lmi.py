@@ -31,11 +31,14 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
+from ..errors import InputError
 from ..lure import LureSystem
 from .forms import IncrementalForm
 from .spectra import STABILITY_POLYNOMIALS, norm2, roundoff_bound, spectral_abscissa, spectral_radius, step_matrix
 from .verification import Verification, verify
-from ..errors import InputError
+
+__all__ = ["Candidate", "KAPPA_MAX", "SOLVERS", "TierOutcome", "finalize", "fixed_identity_tier",
+    "is_numerical_failure", "jacobian_error_bound", "jacobian_goodness", "sampled_slopes", "sdp_tier"]
 
 SOLVERS = ("auto", "CLARABEL", "SCS")
 # Interior-point solvers form dense Newton systems of size ~ (N(N+1)/2)^2 for an

@@ -39,9 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from ..lure import LureSystem
 from .spectra import mu2, norm2, roundoff_bound
-from ..errors import InputError
+
+__all__ = ["NORM_TESTS", "NormTestOutcome", "norm_certificate_value", "norm_test", "norm_test_threshold",
+    "norm_test_value"]
 
 NORM_TESTS = ("ct-norm", "euler-norm", "rk2-norm", "rk4-norm", "rk38-norm", "map-norm")
 

@@ -40,15 +40,19 @@ least 1 - 2 exp(-t^2/2); :func:`gaussian_init_radius` picks t for a stated proba
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from .norms import norm_test_threshold, norm_test_value
-from .spectra import UNIT_ROUNDOFF
 from ..choices import PARAMETERIZATION_TESTS
 from ..errors import InputError
+from .norms import norm_test_threshold, norm_test_value
+from .spectra import UNIT_ROUNDOFF
+
+__all__ = ["InitRadius", "ParameterBounds", "ParameterizationResult", "PhaseCell", "certify_parameterization",
+    "certifying_gamma_A", "gaussian_init_radius", "parameter_bounds", "phase_diagram"]
 
 DEFAULT_INIT_FAILURE_PROBABILITY = 1e-6
 _u = UNIT_ROUNDOFF
@@ -457,7 +461,7 @@ def _explain(setting: _Setting, r: float, holds: bool, value: float, r_star: flo
 
 def gaussian_init_radius(
     hidden: int, init_std: float, failure_probability: float = DEFAULT_INIT_FAILURE_PROBABILITY
-) -> "InitRadius":
+) -> InitRadius:
     """Radius r that both initial M_A, M_W (entries N(0, (init_std / hidden)^2)) stay within.
 
     r = s (2 sqrt(N) + t), s = init_std / N, t = sqrt(2 ln(2 / p)): with probability at

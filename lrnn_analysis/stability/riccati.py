@@ -52,6 +52,8 @@ import scipy.linalg
 from .forms import IncrementalForm
 from .lmi import KAPPA_MAX, Candidate, TierOutcome, finalize
 
+__all__ = ["RICCATI_TIER", "RiccatiSolver", "riccati_tier"]
+
 RICCATI_TIER = "riccati"
 # Slack eta of the Riccati equation, eta = c mean(Lambda) (the LMI is homogeneous in
 # (P, Lambda, eta)). Its terms are of size mean(Lambda) scale^2 (scale = ||A|| + L ||W|| for
@@ -98,7 +100,7 @@ class _Solution(NamedTuple):
     closed: np.ndarray
     B: np.ndarray
     H: np.ndarray
-    lyapunov: "_Lyapunov"
+    lyapunov: _Lyapunov
 
 
 def _split(T: np.ndarray, k: int) -> int:

@@ -17,13 +17,16 @@ ratios from then on: there the difference is roundoff, not dynamics.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy.integrate
 
 from ..lure import LureSystem, activation
+
+__all__ = ["SimulationResult", "simulate_pairs"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,9 @@ def simulate_pairs(
 def _ode_advance(system: LureSystem, dt: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     def advance(x: np.ndarray, u: np.ndarray) -> np.ndarray:
         shape = x.shape
-        rhs = lambda _t, y: system.vector_field(y.reshape(shape), u).ravel()
+        def rhs(_t: float, y: np.ndarray) -> np.ndarray:
+            return system.vector_field(y.reshape(shape), u).ravel()
+
         sol = scipy.integrate.solve_ivp(rhs, (0.0, dt), x.ravel(), method="DOP853", rtol=1e-10, atol=1e-12)
         return sol.y[:, -1].reshape(shape)
 
@@ -146,8 +151,12 @@ def _tangent_step(system: LureSystem, h: np.ndarray, V: np.ndarray, u: np.ndarra
     if system.method == "map":
         z = system.W @ h + u
         return system.step(h, u), activation(system.activation).derivative(z)[:, None] * (system.W @ V)
-    f = lambda x: system.vector_field(x, u)
-    tf = lambda x, Y: _tangent_field(system, x, Y, u)
+    def f(x: np.ndarray) -> np.ndarray:
+        return system.vector_field(x, u)
+
+    def tf(x: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        return _tangent_field(system, x, Y, u)
+
     e = system.eps
     for _ in range(system.substeps):
         if system.method == "euler":

@@ -18,6 +18,10 @@ import numpy as np
 
 from ..lure import LureSystem
 
+__all__ = ["BendixsonBox", "DiscretizationDiagnostics", "STABILITY_POLYNOMIALS", "SpectrumReport", "UNDERFLOW_FLOOR",
+    "UNIT_ROUNDOFF", "bendixson_box", "mu2", "norm2", "roundoff_bound", "spectral_abscissa", "spectral_radius",
+    "spectrum", "stability_polynomial", "step_matrix"]
+
 UNIT_ROUNDOFF = 2.0**-53
 # Absolute floor of every round-off bound: results below the smallest normal float64 lose
 # relative accuracy (gradual underflow), so each bound also covers an absolute error of this size.

@@ -28,6 +28,8 @@ import numpy as np
 from .forms import IncrementalForm
 from .spectra import UNIT_ROUNDOFF
 
+__all__ = ["Verification", "verify"]
+
 P_RELATIVE_EIG_FLOOR = 1e-9
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.hessian import HessianOperator
 from lrnn_analysis.models import DISCRETIZATIONS, MODEL_CLASSES, ModelConfig, build_model, lure_step
-from lrnn_analysis.recurrence import build_scheme, engine as engine_module, lure_recurrence, sqrt_segment
+from lrnn_analysis.recurrence import build_scheme, lure_recurrence, sqrt_segment
+from lrnn_analysis.recurrence import engine as engine_module
 
 T, BATCH, N, INPUT, OUTPUT = 7, 3, 5, 2, 4
 ENGINE_VARIANTS = [(arch, disc) for arch, discs in DISCRETIZATIONS.items() for disc in discs
