@@ -73,7 +73,8 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
               f"(95% CI, {hessian['trace']['matvecs']} Hessian-vector products) |"]
     if "spectrum" in stability:
         s = stability["spectrum"]
-        lines += [f"| α(A), μ₂(A) | {format_value(s['abscissa_A'])}, {format_value(s['mu2_A'])} |", f"| ‖A‖₂, ‖W‖₂ | {format_value(s['norm_A'])}, {format_value(s['norm_W'])} |"]
+        lines += [f"| α(A), μ₂(A) | {format_value(s['abscissa_A'])}, {format_value(s['mu2_A'])} |",
+                  f"| ‖A‖₂, ‖W‖₂ | {format_value(s['norm_A'])}, {format_value(s['norm_W'])} |"]
     lines += ["", f"The Hessian and GGN numbers are of the training loss on a sample of {hessian['operator']['n_samples']} "
               "training samples. λ_max depends on that sample: the same model audited with other settings (quick "
               "and --thorough, or another --hessian-batches or --seed) gives another λ_max and trace, so compare a "
@@ -110,7 +111,8 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     for name, file in figures.items():
         lines += [f"![{name}]({file})", ""]
     lines += [f"Timings (s): {', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items())}. "
-              f"Seed {r['settings']['seed']}. Versions: {', '.join(f'{k} {v}' for k, v in r['environment'].items() if k not in ('platform', 'distributed'))}.", ""]
+              f"Seed {r['settings']['seed']}. Versions: "
+              f"{', '.join(f'{k} {v}' for k, v in r['environment'].items() if k not in ('platform', 'distributed'))}.", ""]
     return "\n".join(lines)
 
 
@@ -130,7 +132,8 @@ def _settings_section(settings: dict[str, Any], operator: dict[str, Any]) -> lis
         ("spectral density", "yes" if settings["density"] else "no"),
         ("robustness levels", f"{grid} (`--levels KIND:L1,L2`)"),
         ("robustness seeds", f"{settings['seeds']} (`--seeds`)"),
-        ("robustness samples", "the whole test split" if settings["max_samples"] is None else f"the first {settings['max_samples']} test samples (or all, if fewer)"),
+        ("robustness samples", "the whole test split" if settings["max_samples"] is None
+         else f"the first {settings['max_samples']} test samples (or all, if fewer)"),
         ("certificate time budget", f"{format_value(budget)} s"),
         ("seed", f"{settings['seed']} (`--seed`)"),
     ]

@@ -14,7 +14,8 @@ Its optional pieces decide what can be computed:
 A module may declare the first two itself: a ``lure_form()`` method and a
 ``recurrent_parameters`` attribute (a sequence of patterns) are used when the constructor is
 not given them. The hidden-to-hidden weights ``weight_hh_l*`` of the ``torch.nn`` RNN, LSTM and
-GRU layers a module contains are recurrent by definition and are the default otherwise. The toolkit's own architectures are one provider (:meth:`from_recurrent_model`,
+GRU layers a module contains are recurrent by definition and are the default otherwise. The toolkit's own
+architectures are one provider (:meth:`from_recurrent_model`,
 :func:`load_model`); any user module is another (:meth:`from_module`).
 """
 from __future__ import annotations

@@ -65,7 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--seeds", type=o.int_in(1, MAX_SEEDS), default=None, help="robustness seeds (default: 3, --thorough 10)")
     audit.add_argument("--levels", type=kind_levels, action="append", default=None, metavar="KIND:L1,L2",
                        help="robustness levels of one perturbation, repeatable; replaces the preset's grid; KIND as in tables "
-                            f"({', '.join(k for k in KINDS if k != 'hessian-direction')}) or as the robustness options ({', '.join(PERTURBATION_ALIASES)}); level 0 "
+                            f"({', '.join(k for k in KINDS if k != 'hessian-direction')}) "
+                            f"or as the robustness options ({', '.join(PERTURBATION_ALIASES)}); level 0 "
                             "is always run (default: gaussian:0,0.05,0.1,0.2 and gaussian-relative:0,0.02,0.05,0.1; "
                             "--thorough adds salt-pepper, occlusion and fgsm)")
     audit.add_argument("--input-bound", type=o.positive, default=None, metavar="XBAR",

@@ -143,7 +143,8 @@ def test_audit_of_a_user_module_with_and_without_a_lure_form(user):
 
     bare = run_audit(ModelUnderAnalysis.from_module(module, name="bare"), task, settings)
     assert bare.report["stability"] == {"verdict": "not certified: no Lur'e form: no certificate available for this model",
-                                        "lure_form": False, "form": "none", "form_check": None, "reason": "no Lur'e form: no certificate available for this model",
+                                        "lure_form": False, "form": "none", "form_check": None,
+                                        "reason": "no Lur'e form: no certificate available for this model",
                                         "stored_evidence": {"status": "absent", "reason": "no stored evidence", "seconds": 0.0,
                                                             "certificate": None, "rate": None, "tier": None,
                                                             "verification": None}}
