@@ -23,11 +23,13 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import hashlib
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import numpy as np
@@ -37,7 +39,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from .environment import distributed_info, environment
-from .errors import InputError
+from .errors import InputError, first_line
 from .launch import launched_by_torchrun
 from .robustness import SweepResult, summarize, sweep
 from .robustness.sweep import prepare_models
@@ -61,16 +63,35 @@ class Ranks:
 
 def join_process_group(device: torch.device) -> Ranks:
     """Under ``torchrun``: join the process group (gloo on CPU; NCCL on CUDA, one GPU per local
-    rank) and return this rank; otherwise one process on ``device``."""
+    rank) and return this rank; otherwise one process on ``device``. Joining waits at most
+    ``LRNN_RENDEZVOUS_TIMEOUT`` seconds (default 300) for the other ranks: ``RANK`` and
+    ``WORLD_SIZE`` set without peers end in an :class:`InputError`, never a wait for ever."""
     if not launched_by_torchrun():
         return Ranks(device)
+    seconds = _rendezvous_seconds()
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=seconds))
+        except (RuntimeError, ValueError) as error:
+            raise InputError(f"RANK and WORLD_SIZE are set, but this process could not join a process group of "
+                             f"{os.environ['WORLD_SIZE']} (waiting at most {seconds:g} s: {first_line(error)}); start "
+                             "every rank with torchrun, or unset RANK and WORLD_SIZE to run one process") from error
         atexit.register(dist.destroy_process_group)
     return Ranks(device, dist.get_rank(), dist.get_world_size())
+
+
+def _rendezvous_seconds() -> float:
+    text = os.environ.get("LRNN_RENDEZVOUS_TIMEOUT", "300")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InputError(f"LRNN_RENDEZVOUS_TIMEOUT must be a number of seconds > 0, got {text[:40]!r}")
+    return seconds
 
 
 def _require_group(group: Any) -> tuple[int, int]:

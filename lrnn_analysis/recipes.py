@@ -349,12 +349,14 @@ def load_recipe(path: str | Path) -> Recipe:
         raise InputError(f"{path}: cannot read the recipe ({error})") from error
     except tomllib.TOMLDecodeError as error:
         raise InputError(f"{path}: invalid TOML ({error})") from error
+    except RecursionError:
+        raise InputError(f"{path}: invalid TOML (nested too deeply to read)") from None
     unknown = set(data) - RECIPE_KEYS
     missing = {"name", "analysis", "output"} - set(data)
     if unknown or missing:
         raise InputError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     analysis = data["analysis"]
-    if analysis not in ANALYSES:
+    if not isinstance(analysis, str) or analysis not in ANALYSES:
         raise _fail(path, "analysis", f"unknown analysis {analysis!r}; expected one of {sorted(ANALYSES)}")
     name = _string(path, "name", data["name"])
     output = data["output"]

@@ -188,3 +188,17 @@ def test_single_process_provenance_and_errors(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["stability", "unused.safetensors"]) == 2
     assert "run this command without torchrun" in capsys.readouterr().err
+
+
+def test_rank_and_world_size_without_peers_end_in_one_line_not_a_wait(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    for extra in ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LRNN_RENDEZVOUS_TIMEOUT": "2"}, {}):
+        env = {k: v for k, v in {**base, **extra}.items() if extra or k not in ("MASTER_ADDR", "MASTER_PORT")}
+        done = subprocess.run([sys.executable, "-m", "lrnn_analysis.cli", "hessian", "models/digits-lipschitz-euler.safetensors",
+                               "--quiet"], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "could not join a process group of 2" in done.stderr

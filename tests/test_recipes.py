@@ -2,6 +2,7 @@
 user models, weights and data, recorded tasks, models keyed by path."""
 import csv
 import json
+import re
 import textwrap
 
 import pytest
@@ -11,6 +12,7 @@ from helpers import REPO_ROOT, phase_recipe
 from lrnn_analysis import recipes
 from lrnn_analysis.checkpoints import save_checkpoint
 from lrnn_analysis.cli import main
+from lrnn_analysis.errors import InputError
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.outputs import MARKER, OutputDirectory
 from lrnn_analysis.recipes import load_recipe, run_recipe
@@ -206,3 +208,15 @@ def test_a_recipe_path_that_is_not_a_regular_file_is_refused_without_reading(tmp
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="not a regular file"):
         load_recipe(fifo)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('name = "a"\nanalysis = ["spectra"]\noutput = "a"\n', "analysis: unknown analysis ['spectra']"),
+    ("x = " + "[" * 4000 + "]" * 4000 + "\n", "invalid TOML"),
+])
+def test_a_recipe_of_the_wrong_shape_is_one_input_error(tmp_path, text, needle):
+    path = tmp_path / "analyses" / "bad.toml"
+    path.parent.mkdir()
+    path.write_text(text)
+    with pytest.raises(InputError, match=re.escape(needle)):
+        load_recipe(path)

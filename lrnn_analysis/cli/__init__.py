@@ -39,12 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 stays printable
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, or a bad option already reported in one line
         return done.code if isinstance(done.code, int) else 2
+    except KeyboardInterrupt:
+        print("lrnn: interrupted", file=sys.stderr)
+        return 130
     args.argv = argv
     handler: Callable[[argparse.Namespace], int] = args.handler
     prefix = f"lrnn {args.command}"

@@ -253,3 +253,14 @@ def test_every_command_refuses_a_user_directory_or_file_and_its_inputs(tmp_path,
     assert {path: snapshot(path) for path in before} == before
     assert not (tmp_path / "r.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "results.csv"]
+
+
+def test_an_interrupt_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
+    import lrnn_analysis.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["info", "x"]) == 130
+    assert capsys.readouterr().err == "lrnn: interrupted\n"
