@@ -253,6 +253,10 @@ def load_weights(module: nn.Module, path: str | Path, spec: ModelSpec | str = "m
     return digest
 
 
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def load_user_model(
     spec: ModelSpec | str,
     weights: str | Path | None = None,
@@ -262,11 +266,14 @@ def load_user_model(
     """The module ``spec`` builds (with ``model_args``), with ``weights`` loaded when given, in eval
     mode, as a model under analysis: its declared ``lure_form()`` and ``recurrent_parameters`` are
     used (see :meth:`ModelUnderAnalysis.from_module`). The metadata records the spec, the
-    arguments and the weights file with its SHA-256; it records no task (the toolkit cannot know
+    arguments, the module file's SHA-256 (read before it is imported) and the weights file with its
+    SHA-256; it records no task (the toolkit cannot know
     what the module was trained on)."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
+    module_sha256 = _file_sha256(spec.path) if spec.path is not None and spec.path.is_file() else None
     module = build_module(spec, model_args)
-    source: dict[str, Any] = {"model": spec.text, "model_args": dict(model_args or {}), "weights": None}
+    source: dict[str, Any] = {"model": spec.text, "model_args": dict(model_args or {}), "weights": None,
+                              "module_sha256": module_sha256}
     if weights is not None:
         source |= {"weights": str(weights), "weights_sha256": load_weights(module, weights, spec)}
     module.eval()

@@ -7,6 +7,7 @@ helpers that need them import them when called.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -44,6 +45,17 @@ class UsageError(InputError):
 
 
 FORCE_HELP = "replace an existing output file (never an input, a link or a special file)"
+
+
+class Once(argparse.Action):
+    """An option that may be given once: a second occurrence is an error, never a silent override."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, f"_{self.dest}_given", False):
+            parser.error(f"{option_string} given twice (give it once)")
+        setattr(namespace, f"_{self.dest}_given", True)
+        setattr(namespace, self.dest, values)
 
 
 def int_in(low: int, high: int) -> Callable[[str], int]:
@@ -146,7 +158,7 @@ def add_task_options(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def add_data_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, metavar="FILE",
+    parser.add_argument("--data", action=Once, default=None, metavar="FILE",
                         help="your own data: .npz or PyTorch file with x_train, y_train, x_test, y_test (optional x_val, y_val)")
 
 
@@ -155,7 +167,7 @@ def add_model_options(parser: argparse.ArgumentParser, several: bool = False, ta
     ``several``, besides) checkpoints, and the hyper-parameter overrides of reference files.
     ``task`` adds --task for commands that take no other task options."""
     group = parser.add_argument_group("model to load")
-    group.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+    group.add_argument("--model", action=Once, default=None, metavar="MODULE:FACTORY",
                        help="your own model: a .py file or importable module, and the function returning the nn.Module "
                             "(runs that code)")
     group.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -164,6 +176,9 @@ def add_model_options(parser: argparse.ArgumentParser, several: bool = False, ta
     group.add_argument("--weights", action="append", default=[], metavar="PATH",
                        help="state dict of --model (.pt/.pth read with weights_only=True, or .safetensors)"
                             + ("; repeat for several weight files of the same module" if several else ""))
+    group.add_argument("--label", action="append", default=[], metavar="NAME",
+                       help="the name of the model in tables, figures and reports (one per model, in order; "
+                            "default: the checkpoint's architecture or the module's class)")
     group.add_argument("--beta", type=finite, default=None, help="reference files: beta (else recorded, else from the file name)")
     group.add_argument("--gamma", type=finite, default=None, help="reference files: gamma")
     group.add_argument("--eps", type=positive, default=None, help="reference files: eps")
@@ -212,6 +227,13 @@ def load_models(args: argparse.Namespace) -> list[tuple[str, ModelUnderAnalysis]
     """(label, model) for every checkpoint and every --weights file of --model, warnings printed."""
     loaded, warnings = model_sources(args).load()
     print_warnings(warnings)
+    if args.label:
+        if len(args.label) != len(loaded):
+            raise UsageError(f"{len(args.label)} --label for {len(loaded)} model(s): give one per model, in order")
+        repeated = sorted({label for label in args.label if args.label.count(label) > 1})
+        if repeated:
+            raise UsageError(f"--label {repeated[0]} given twice: give each model its own")
+        loaded = [(path, dataclasses.replace(subject, name=label)) for (path, subject), label in zip(loaded, args.label)]
     return loaded
 
 

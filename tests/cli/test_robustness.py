@@ -210,3 +210,17 @@ def test_robustness_refuses_checkpoints_of_different_tasks(tmp_path, digits_task
     assert main(argv + ["--task", "digits"]) == 0
     err = capsys.readouterr().err
     assert "smnist.safetensors" in err and LEAKAGE_WARNING in err and "digits.safetensors):" not in err
+
+
+def test_label_names_each_model_and_model_twice_is_refused(tmp_path, capsys):
+    checkpoints = [str(Path(__file__).resolve().parents[2] / "models" / name)
+                   for name in ("digits-vanilla.safetensors", "digits-cayley.safetensors")]
+    out = tmp_path / "r.csv"
+    assert main(["robustness", *checkpoints, "--label", "first", "--label", "second", "--input-noise", "0",
+                 "--seeds", "1", "--max-samples", "20", "--out", str(out), "--quiet"]) == 0
+    assert {row.split(",")[0] for row in out.read_text().splitlines()[1:]} == {"first", "second"}
+    assert main(["robustness", *checkpoints, "--label", "only-one", "--input-noise", "0", "--out", str(tmp_path / "x.csv"),
+                 "--quiet"]) == 2
+    assert "1 --label for 2 model(s)" in capsys.readouterr().err
+    assert main(["robustness", "--model", "a.py:f", "--model", "b.py:g", "--input-noise", "0", "--out", str(tmp_path / "y.csv")]) == 2
+    assert "--model given twice" in capsys.readouterr().err
