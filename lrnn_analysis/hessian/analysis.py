@@ -171,10 +171,10 @@ def analyze(
                 notes.append(f"{', '.join(described[key])}: {meaning}")
         env = environment(device)
     else:
-        common = dict(params=params, seed=seed, dtype=dtype)
         eigen = pyhessian_eigenvalues(model, loss_fn, batches, top_k=top_k, tol=tol,
-                                      max_iter=100 if max_iter is None else max_iter, **common)
-        trace_result = pyhessian_trace(model, loss_fn, batches, tol=trace_tol, max_iter=trace_matvecs, **common) if trace else None
+                                      max_iter=100 if max_iter is None else max_iter, params=params, seed=seed, dtype=dtype)
+        trace_result = pyhessian_trace(model, loss_fn, batches, tol=trace_tol, max_iter=trace_matvecs, params=params, seed=seed,
+                                       dtype=dtype) if trace else None
         density_result = None
         selection = parameter_selection(model, params)
         described = {"operator": "hessian", "params": list(selection.names),
