@@ -178,8 +178,8 @@ def track_lambda_max(
         assert warm.vectors is not None  # Lanczos always returns its Ritz vectors
         previous = warm.vectors[:, 0]
         row: dict[str, Any] = {"checkpoint": labels[index] if labels is not None else index, "lambda_max": float(warm.values[0]),
-               "relative_residual": float(warm.relative_residuals[0]), "converged": bool(warm.converged[0]),
-               "matvecs": warm.matvecs, "warm_started": index > 0}
+                               "relative_residual": float(warm.relative_residuals[0]), "converged": bool(warm.converged[0]),
+                               "matvecs": warm.matvecs, "warm_started": index > 0}
         if compare_cold:
             cold = eigenvalues(op, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter)
             row.update(cold_lambda_max=float(cold.values[0]), cold_matvecs=cold.matvecs)

@@ -311,8 +311,8 @@ def certificate_result(check: EvidenceCheck, model: Any) -> CertificateResult:
     family = "map" if e.certificate == REN_CERTIFICATE else e.certificate.split("-")[0]
     if e.certificate == REN_CERTIFICATE or system is None:
         assumptions: tuple[str, ...] = ("sigma = tanh acts elementwise with slopes in [0, 1]",
-                       "holds for every input sequence (input-uniform, incremental)",
-                       "the explicit REN x+ = A x + B w + B2 x_t, w = tanh(K x + D w + u)")
+                                        "holds for every input sequence (input-uniform, incremental)",
+                                        "the explicit REN x+ = A x + B w + B2 x_t, w = tanh(K x + D w + u)")
     else:
         assumptions = _assumptions(system, family)
     # A ct certificate stored on a discretised model is a decay rate of the underlying ODE, not a
