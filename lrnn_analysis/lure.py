@@ -175,6 +175,7 @@ class LureSystem:
 
     def _scheme_step(self, h: np.ndarray, u: np.ndarray) -> np.ndarray:
         f, e = self.vector_field, self.eps
+        assert e is not None  # __post_init__ requires a step eps > 0 for every scheme that steps
         if self.method == "euler":
             return h + e * f(h, u)
         if self.method == "rk2":

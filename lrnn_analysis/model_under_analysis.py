@@ -34,6 +34,7 @@ from .lure import LureSystem
 from .parameters import parameter_patterns, require_parameters
 
 if TYPE_CHECKING:
+    from .models import RecurrentModel
     from .task import Task
 
 __all__ = ["ModelUnderAnalysis", "as_model_under_analysis", "load_model"]
@@ -85,8 +86,9 @@ class ModelUnderAnalysis:
         default to what the module declares (a ``lure_form()`` method, a ``recurrent_parameters``
         attribute), else for ``recurrent`` to the ``weight_hh_l*`` of its torch.nn RNN/LSTM/GRU
         layers, and otherwise to none."""
-        if lure_form is None and callable(getattr(module, "lure_form", None)):
-            lure_form = module.lure_form
+        declared = getattr(module, "lure_form", None)
+        if lure_form is None and callable(declared):
+            lure_form = declared
         if recurrent is None:
             recurrent = getattr(module, "recurrent_parameters", None)
         if recurrent is None:
@@ -96,7 +98,7 @@ class ModelUnderAnalysis:
 
     @classmethod
     def from_recurrent_model(
-        cls, model: nn.Module, metadata: Mapping[str, Any] | None = None, name: str | None = None
+        cls, model: RecurrentModel, metadata: Mapping[str, Any] | None = None, name: str | None = None
     ) -> ModelUnderAnalysis:
         """One of the toolkit's architectures (a ``RecurrentModel``), with its checkpoint metadata;
         the name defaults to "ARCH (SCHEME)" and the sizes come from its config."""
@@ -197,7 +199,7 @@ def as_model_under_analysis(model: ModelUnderAnalysis | nn.Module, metadata: Map
     return ModelUnderAnalysis.from_module(model, name=name, metadata=metadata)
 
 
-def load_model(path: str | Path, name: str | None = None, **reference_hparams: float) -> ModelUnderAnalysis:
+def load_model(path: str | Path, name: str | None = None, **reference_hparams: float | str | None) -> ModelUnderAnalysis:
     """A toolkit checkpoint (native, or the reference implementation's) as a model under
     analysis, with the checkpoint's metadata (task record, training fingerprint, log)."""
     from .checkpoints import load_checkpoint

@@ -5,7 +5,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from scipy.sparse.linalg import LinearOperator
@@ -26,6 +26,9 @@ from .operator import DEFAULT_MEMORY_BUDGET, Batch, LossFunction, ParamSpec, as_
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import TraceResult
 from .trace import trace as trace_estimate
+
+if TYPE_CHECKING:
+    from ..model_under_analysis import ModelUnderAnalysis
 
 __all__ = ["BACKENDS", "HessianReport", "analyze"]
 
@@ -69,7 +72,7 @@ class HessianReport:
 
 
 def analyze(
-    model: nn.Module,
+    model: nn.Module | ModelUnderAnalysis,
     loss_fn: LossFunction,
     data: Batch | Iterable[Batch],
     *,
@@ -117,9 +120,10 @@ def analyze(
     ``"frobenius"`` (‖C‖_F², up to ``estimate_matvecs`` products) and ``"blocks"`` (per-tensor
     trace and λ_max, the model's declared recurrent parameters first). ``density_scale``: ``"linear"`` or ``"symlog"``.
     """
-    declared = getattr(model, "recurrent", None) if not isinstance(model, torch.nn.Module) else None
-    recurrent_first = (tuple(model.recurrent_names()) if declared
-                       else tuple(getattr(model, "recurrent_parameters", ())))
+    if isinstance(model, torch.nn.Module) or not getattr(model, "recurrent", None):
+        recurrent_first = tuple(getattr(model, "recurrent_parameters", ()))
+    else:
+        recurrent_first = tuple(model.recurrent_names())
     model = module_of(model)
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -171,10 +175,10 @@ def analyze(
                 notes.append(f"{', '.join(described[key])}: {meaning}")
         env = environment(device)
     else:
-        common = dict(params=params, seed=seed, dtype=dtype)
         eigen = pyhessian_eigenvalues(model, loss_fn, batches, top_k=top_k, tol=tol,
-                                      max_iter=100 if max_iter is None else max_iter, **common)
-        trace_result = pyhessian_trace(model, loss_fn, batches, tol=trace_tol, max_iter=trace_matvecs, **common) if trace else None
+                                      max_iter=100 if max_iter is None else max_iter, params=params, seed=seed, dtype=dtype)
+        trace_result = pyhessian_trace(model, loss_fn, batches, tol=trace_tol, max_iter=trace_matvecs, params=params, seed=seed,
+                                       dtype=dtype) if trace else None
         density_result = None
         selection = parameter_selection(model, params)
         described = {"operator": "hessian", "params": list(selection.names),

@@ -25,7 +25,7 @@ memory budget), so a product costs three backward passes and no forward pass.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -90,7 +90,8 @@ class _Linearization:
     def __init__(self, f: Tensor, leaves: list[Tensor]) -> None:
         self.f = f
         self.u = torch.zeros_like(f, requires_grad=True)
-        self.vjp_graph = torch.autograd.grad(f, leaves, grad_outputs=self.u, create_graph=True, allow_unused=True)
+        # allow_unused: None for a leaf f does not depend on
+        self.vjp_graph: Sequence[Tensor | None] = torch.autograd.grad(f, leaves, grad_outputs=self.u, create_graph=True, allow_unused=True)
         self.leaves = leaves
 
     def jvp(self, chunks: list[Tensor]) -> Tensor:
@@ -158,7 +159,7 @@ class JacobianSandwichOperator(CurvatureOperator):
         if self.loss_kind == "cross_entropy":
             if y.dtype not in (torch.int64, torch.int32) or y.shape != (len(x),):
                 raise InputError("cross-entropy GGN/Fisher needs integer class targets of shape (n,)")
-            if bool((y == self.loss_fn.ignore_index).any()):
+            if isinstance(self.loss_fn, nn.CrossEntropyLoss) and bool((y == self.loss_fn.ignore_index).any()):
                 raise InputError(f"targets equal to ignore_index {self.loss_fn.ignore_index} are not supported")
         elif y.shape != f.shape:
             raise InputError(f"MSE targets of shape {tuple(y.shape)} for outputs of shape {tuple(f.shape)}")
@@ -275,13 +276,16 @@ def curvature_operator(
     progress: bool = False,
 ) -> CurvatureOperator:
     """The operator of ``kind`` (one of ``OPERATOR_KINDS``); ``mc_samples`` and ``seed`` are the Fisher's."""
-    common = dict(cache_graph=cache_graph, memory_budget=memory_budget, progress=progress)
     if kind == "hessian":
-        return HessianOperator(model, loss_fn, data, params, dtype, **common)
+        return HessianOperator(model, loss_fn, data, params, dtype, cache_graph=cache_graph, memory_budget=memory_budget,
+                               progress=progress)
     if kind == "ggn":
-        return GGNOperator(model, loss_fn, data, params, dtype, **common)
+        return GGNOperator(model, loss_fn, data, params, dtype, cache_graph=cache_graph, memory_budget=memory_budget,
+                           progress=progress)
     if kind == "fisher":
-        return FisherOperator(model, loss_fn, data, params, dtype, mc_samples=mc_samples, seed=seed, **common)
+        return FisherOperator(model, loss_fn, data, params, dtype, mc_samples=mc_samples, seed=seed, cache_graph=cache_graph,
+                              memory_budget=memory_budget, progress=progress)
     if kind == "ef":
-        return EmpiricalFisherOperator(model, loss_fn, data, params, dtype, **common)
+        return EmpiricalFisherOperator(model, loss_fn, data, params, dtype, cache_graph=cache_graph, memory_budget=memory_budget,
+                                       progress=progress)
     raise InputError(f"operator must be one of {OPERATOR_KINDS}, got {kind!r}")

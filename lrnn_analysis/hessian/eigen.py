@@ -167,16 +167,19 @@ def track_lambda_max(
     must share the dimension (same parameters); they may be a generator, built one at a time.
     ``compare_cold`` also runs the cold start from ``seed`` on each, to report the products saved."""
     start_time = time.perf_counter()
-    rows, previous, dim = [], None, None
+    rows: list[dict[str, Any]] = []
+    previous: np.ndarray | None = None
+    dim: int | None = None
     for index, op in enumerate(operators):
         if dim is not None and op.shape[0] != dim:
             raise InputError(f"checkpoint {index} has dimension {op.shape[0]}, the previous ones {dim}")
         dim = op.shape[0]
         warm = eigenvalues(op, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter, v0=previous)
+        assert warm.vectors is not None  # Lanczos always returns its Ritz vectors
         previous = warm.vectors[:, 0]
-        row = {"checkpoint": labels[index] if labels is not None else index, "lambda_max": float(warm.values[0]),
-               "relative_residual": float(warm.relative_residuals[0]), "converged": bool(warm.converged[0]),
-               "matvecs": warm.matvecs, "warm_started": index > 0}
+        row: dict[str, Any] = {"checkpoint": labels[index] if labels is not None else index, "lambda_max": float(warm.values[0]),
+                               "relative_residual": float(warm.relative_residuals[0]), "converged": bool(warm.converged[0]),
+                               "matvecs": warm.matvecs, "warm_started": index > 0}
         if compare_cold:
             cold = eigenvalues(op, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter)
             row.update(cold_lambda_max=float(cold.values[0]), cold_matvecs=cold.matvecs)
@@ -209,7 +212,10 @@ def power_iteration(
     start_time = time.perf_counter()
     matvec = CountedMatvec(op)
     rng = np.random.default_rng(seed)
-    values, residuals, converged, vectors = [], [], [], []
+    values: list[float] = []
+    residuals: list[float] = []
+    converged: list[bool] = []
+    vectors: list[np.ndarray] = []
     iterations = 0
     with progress_bar(total=k * max_iter, desc="power iteration", enabled=progress, leave=False) as bar:
         for _ in range(min(k, matvec.dim)):

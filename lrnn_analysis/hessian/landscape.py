@@ -111,6 +111,7 @@ def landscape(
     never written.
     """
     start_time = time.perf_counter()
+    chosen: Sequence[Direction]
     if isinstance(directions, str):
         if directions != "random":
             raise InputError(f"directions must be 'random' or a sequence of direction dicts, got {directions!r}")

@@ -249,7 +249,7 @@ class CurvatureOperator(LinearOperator):
         """Flat vector → one tensor per selected parameter, in parameter shapes."""
         if v.shape != (self.dim,):
             raise InputError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
-        return [chunk.reshape(shape) for chunk, shape in zip(torch.split(v, self.numels), self.shapes)]
+        return [chunk.reshape(shape) for chunk, shape in zip(torch.split(v, list(self.numels)), self.shapes)]
 
     def unflatten(self, v: Tensor | np.ndarray) -> dict[str, Tensor]:
         """Flat vector → ``{name: tensor}`` in parameter shapes (e.g. an eigenvector as a direction)."""
@@ -399,8 +399,9 @@ class HessianOperator(CurvatureOperator):
 
     def _batched_products(self, X: np.ndarray) -> np.ndarray:
         """H X in one batched double backward through the cached graph (X of shape (P, k))."""
+        assert self._grads is not None  # _matmat batches only through a cached graph
         V = torch.as_tensor(np.ascontiguousarray(X.T), dtype=self.torch_dtype, device=self.device)
-        chunks = [c.reshape((len(V),) + shape) for c, shape in zip(torch.split(V, self.numels, dim=1), self.shapes)]
+        chunks = [c.reshape((len(V),) + shape) for c, shape in zip(torch.split(V, list(self.numels), dim=1), self.shapes)]
         result = self._double_backward(self._grads, chunks, retain=True, batched=True)
         self.matvecs += len(V)
         out = torch.cat([h.reshape(len(V), -1) for h in result], dim=1).detach()

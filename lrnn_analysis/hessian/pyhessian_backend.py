@@ -18,6 +18,7 @@ import importlib
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ class _PyHessianRun:
 
     def __init__(self, model: nn.Module, loss_fn: LossFunction, data: Batch | Iterable[Batch], params: ParamSpec,
                  dtype: torch.dtype | str | None, seed: int) -> None:
-        self._module = importlib.import_module("pyhessian.hessian")
+        self._module: Any = importlib.import_module("pyhessian.hessian")  # untyped; counting() patches its functions
         reference = next(model.parameters())
         self.dtype = resolve_dtype(dtype, reference.dtype)
         self.device = reference.device
@@ -140,15 +141,15 @@ def pyhessian_eigenvalues(
     try:
         with run.counting():
             values, vectors = run.hessian.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_k)
-            residuals = []
+            residual_list = []
             for value, v in zip(values, vectors):
                 norm = float(torch.sqrt(sum((vi * vi).sum() for vi in v)))
                 v = [vi / norm for vi in v]
                 hv = run.hvp(v)
-                residuals.append(float(torch.sqrt(sum(((h - value * vi) ** 2).sum() for h, vi in zip(hv, v)))))
+                residual_list.append(float(torch.sqrt(sum(((h - value * vi) ** 2).sum() for h, vi in zip(hv, v)))))
     finally:
         run.close()
-    values, residuals = np.array(values, dtype=np.float64), np.array(residuals)
+    values, residuals = np.array(values, dtype=np.float64), np.array(residual_list)
     return EigenResult(
         values=values, residuals=residuals, converged=residuals <= tol * np.abs(values), vectors=None, which="LM",
         k=top_k, tol=tol, atol=0.0, method="pyhessian-power", iterations=run.count - len(values), matvecs=run.count,

@@ -23,7 +23,7 @@ recurrence that is certified.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from torch.func import functional_call
 from ..errors import InputError
 from ..lure import LureSystem
 
-__all__ = ["RecurrentLayer", "SequenceClassifier", "find_recurrent_layers", "layer_kind", "layer_parameters",
+__all__ = ["LayerParameters", "RecurrentLayer", "SequenceClassifier", "find_recurrent_layers", "layer_kind", "layer_parameters",
     "recurrent_parameter_patterns", "rnn_lure_forms"]
 
 RECURRENT_LAYER_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
@@ -86,12 +86,24 @@ def check_supported(rnn: nn.Module) -> None:
         raise InputError("LSTM with proj_size > 0 is not supported")
 
 
-def layer_parameters(rnn: nn.RNNBase, layer: int) -> dict[str, Tensor | None]:
+class LayerParameters(TypedDict):
+    """The parameters of one layer of a ``torch.nn`` recurrent module (biases None without bias)."""
+
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias_ih: Tensor | None
+    bias_hh: Tensor | None
+
+
+def layer_parameters(rnn: nn.RNNBase, layer: int) -> LayerParameters:
     """``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` of one layer (biases None without bias)."""
     if not 0 <= layer < rnn.num_layers:
         raise InputError(f"layer {layer} out of range: the module has {rnn.num_layers} layer(s)")
-    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-    return {name: getattr(rnn, f"{name}_l{layer}", None) for name in names}
+    weight_ih, weight_hh = getattr(rnn, f"weight_ih_l{layer}", None), getattr(rnn, f"weight_hh_l{layer}", None)
+    if weight_ih is None or weight_hh is None:
+        raise InputError(f"layer {layer} of the {type(rnn).__name__} has no weight_ih_l{layer}/weight_hh_l{layer}")
+    return LayerParameters(weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=getattr(rnn, f"bias_ih_l{layer}", None),
+                           bias_hh=getattr(rnn, f"bias_hh_l{layer}", None))
 
 
 def _single_layer(rnn: nn.RNNBase, layer: int, input_size: int) -> tuple[nn.RNNBase, dict[str, Tensor]]:
@@ -102,7 +114,7 @@ def _single_layer(rnn: nn.RNNBase, layer: int, input_size: int) -> tuple[nn.RNNB
     reference = next(rnn.parameters())
     with torch.device("meta"):
         single = type(rnn)(input_size, rnn.hidden_size, 1, **options)
-    params = {f"{k}_l0": v for k, v in layer_parameters(rnn, layer).items() if v is not None}
+    params = {f"{k}_l0": v for k, v in layer_parameters(rnn, layer).items() if isinstance(v, Tensor)}  # biases None without bias
     return single.to_empty(device=reference.device).to(reference.dtype), params
 
 

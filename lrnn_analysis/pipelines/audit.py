@@ -265,12 +265,14 @@ def run(
     timings["stability"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    sample = dict(batch_size=settings.hessian_batch_size, batches=settings.hessian_batches, seed=settings.seed)
     hessian = curvature.run(subject, task, curvature.CurvatureSettings(
-        trace=True, density=settings.density, trace_matvecs=settings.trace_matvecs, estimates=("blocks",), **sample),
+        trace=True, density=settings.density, trace_matvecs=settings.trace_matvecs, estimates=("blocks",),
+        batch_size=settings.hessian_batch_size, batches=settings.hessian_batches, seed=settings.seed),
         ranks=ranks, progress=progress).models[0].report
-    ggn = curvature.run(subject, task, curvature.CurvatureSettings(operator="ggn", **sample), ranks=ranks,
-                        progress=progress).models[0].report
+    ggn = curvature.run(subject, task, curvature.CurvatureSettings(
+        operator="ggn", batch_size=settings.hessian_batch_size, batches=settings.hessian_batches, seed=settings.seed),
+        ranks=ranks, progress=progress).models[0].report
+    assert hessian.blocks is not None  # analyze computes the blocks estimate it is asked for
     tables["hessian_blocks"] = [{"model": label, **row} for row in hessian.blocks.rows]
     timings["hessian"] = time.perf_counter() - started
     if hessian.density is not None:

@@ -224,7 +224,8 @@ def checked_form(subject: ModelUnderAnalysis,
     x = (getattr(module, "input_shape", None) or input_shape
          or ((subject.input_dim,) if subject.input_dim is not None else None))
     if system is not None:
-        coordinates = module.coordinates() if callable(getattr(module, "coordinates", None)) else None
+        coordinates_of = getattr(module, "coordinates", None)
+        coordinates = coordinates_of() if callable(coordinates_of) else None
         check = check_form(module, system, x=x, coordinates=coordinates)
         if check.status == "refused":
             raise InputError(f"{subject.name}: the Lur'e form does not describe the module: {check.reason}; "

@@ -33,5 +33,6 @@ def hessian_directions(
     data = task.train.batches(batch_size, batches, next(model.parameters()).device)
     op = HessianOperator(model, loss_function(task.is_classification), data, params=None if params is None else list(params))
     result = eigenvalues(op, k=k, which="LA", seed=seed)
+    assert result.vectors is not None  # Lanczos always returns its Ritz vectors
     vectors = torch.as_tensor(result.vectors.T.copy(), dtype=torch.float64)
     return ParameterDirections(tuple(op.names), vectors)

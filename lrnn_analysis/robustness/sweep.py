@@ -38,7 +38,7 @@ SUMMARY_FIELDS = ("model", "checkpoint", "perturbation", "level", "seeds", "accu
                   "accuracy_drop", "loss_mean", "loss_ci95")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SweepModel:
     """A model to sweep, how to label it, and (for ``hessian-direction``) its eigenvectors.
 
@@ -47,11 +47,15 @@ class SweepModel:
 
     label: str
     checkpoint: str
-    model: ModelUnderAnalysis | nn.Module
+    model: ModelUnderAnalysis
     directions: ParameterDirections | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "model", as_model_under_analysis(self.model, name=self.label))
+    def __init__(self, label: str, checkpoint: str, model: ModelUnderAnalysis | nn.Module,
+                 directions: ParameterDirections | None = None) -> None:
+        object.__setattr__(self, "label", label)
+        object.__setattr__(self, "checkpoint", checkpoint)
+        object.__setattr__(self, "model", as_model_under_analysis(model, name=label))
+        object.__setattr__(self, "directions", directions)
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,7 @@ def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
     if isinstance(data, Split):
         x, y = data.x, data.y
     elif isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
-        x, y = data
+        x, y = torch.as_tensor(data[0]), torch.as_tensor(data[1])
     else:
         try:
             batches = [tuple(batch) for batch in data]
@@ -217,8 +221,8 @@ def sweep(
     device = torch.device(device)
     if batched is None:
         batched = device.type == "cuda"
-    data = getattr(task, split)
-    x, y = data.x[:max_samples].to(device), data.y[:max_samples].to(device)
+    samples: Split = getattr(task, split)
+    x, y = samples.x[:max_samples].to(device), samples.y[:max_samples].to(device)
     data_range = task.input_range
     started = time.perf_counter()
     total = len(models) * sum(len(p) * (1 if kind in DETERMINISTIC_KINDS else len(seed_list)) for kind, p in plan.items())
@@ -346,14 +350,13 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for (model, checkpoint, kind, level), group in groups.items():
         losses = np.array([r["loss"] for r in group], dtype=float)
-        has_accuracy = group[0]["accuracy"] is not None
-        accuracies = np.array([r["accuracy"] for r in group], dtype=float) if has_accuracy else None
+        accuracies = np.array([r["accuracy"] for r in group], dtype=float) if group[0]["accuracy"] is not None else None
         base = clean.get((model, checkpoint))
         summary.append({
             "model": model, "checkpoint": checkpoint, "perturbation": kind, "level": level, "seeds": len(group),
-            "accuracy_mean": float(accuracies.mean()) if has_accuracy else None,
-            "accuracy_ci95": _ci95(accuracies) if has_accuracy else None,
-            "accuracy_drop": float(base - accuracies.mean()) if has_accuracy and base is not None else None,
+            "accuracy_mean": float(accuracies.mean()) if accuracies is not None else None,
+            "accuracy_ci95": _ci95(accuracies) if accuracies is not None else None,
+            "accuracy_drop": float(base - accuracies.mean()) if accuracies is not None and base is not None else None,
             "loss_mean": float(losses.mean()), "loss_ci95": _ci95(losses),
         })
     return summary

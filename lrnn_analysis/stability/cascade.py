@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from torch import nn
@@ -75,9 +75,24 @@ class CascadeCertificate:
         }
 
 
-def _best(results: Sequence[CertificateResult | GatedCertificate]) -> CertificateResult | GatedCertificate | None:
+_Result = TypeVar("_Result", CertificateResult, GatedCertificate)
+
+
+def _rate(result: CertificateResult | GatedCertificate) -> float:
+    """The contraction factor of a result that holds (``certify`` and ``gated_contraction`` give every one a rate)."""
+    assert result.rate is not None
+    return result.rate
+
+
+def _gain(result: CertificateResult) -> float:
+    """The transient gain of an RNN layer's certificate that holds (``certify`` gives every one a gain)."""
+    assert result.gain is not None
+    return result.gain
+
+
+def _best(results: Sequence[_Result]) -> _Result | None:
     holding = [r for r in results if r.holds]
-    return min(holding, key=lambda r: r.rate) if holding else None
+    return min(holding, key=_rate) if holding else None
 
 
 def certify_layers(
@@ -97,24 +112,30 @@ def certify_layers(
     """
     kind = layer_kind(rnn)
     layers = rnn.num_layers
+    per_layer: tuple[tuple[CertificateResult | GatedCertificate, ...], ...]
+    best: Sequence[CertificateResult | GatedCertificate | None]
+    coupling: tuple[float, ...] | None
+    layer_gains: tuple[float, ...] | None
     if kind in ("lstm", "gru"):
         results = gated_contraction(rnn, input_bound)
         per_layer = tuple((r,) for r in results)
         best = [r if r.holds else None for r in results]
         coupling = layer_gains = None
     else:
+        assert isinstance(rnn, nn.RNN)  # layer_kind names every other layer it accepts rnn-*
         budget = None if time_budget is None else time_budget / layers
         names = ("map-norm", "map-lmi") if names is None else tuple(names)
         systems = rnn_lure_forms(rnn)
-        per_layer = tuple(tuple(certify(system, names, budget, tiers=tiers)) for system in systems)
-        best = [_best(results) for results in per_layer]
-        layer_gains = tuple(float("nan") if b is None else float(b.gain) for b in best)
+        rnn_results = tuple(tuple(certify(system, names, budget, tiers=tiers)) for system in systems)
+        rnn_best = [_best(results) for results in rnn_results]
+        layer_gains = tuple(float("nan") if b is None else float(_gain(b)) for b in rnn_best)
         coupling = tuple(
-            _coupling_gain(rnn, l, best[l]) for l in range(1, layers)
+            _coupling_gain(rnn, l, rnn_best[l]) for l in range(1, layers)
         )
+        per_layer, best = rnn_results, rnn_best
     failed = [l for l, b in enumerate(best) if b is None]
     holds = not failed
-    rate = max(b.rate for b in best) if holds else None
+    rate = max(_rate(b) for b in best if b is not None) if holds else None
     if holds:
         reason = f"every layer contracts; the stack contracts with factor {rate:.6g} per step"
         if layers > 1:
@@ -134,7 +155,7 @@ def _coupling_gain(rnn: nn.RNN, layer: int, best: CertificateResult | None) -> f
     if best is None:
         return float("nan")
     W_ih = layer_parameters(rnn, layer)["weight_ih"].detach().cpu().double().numpy()
-    return float(np.linalg.norm(W_ih, 2) * best.gain)  # slope L = 1 for tanh and relu
+    return float(np.linalg.norm(W_ih, 2) * _gain(best))  # slope L = 1 for tanh and relu
 
 
 def layer_rows(stacks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

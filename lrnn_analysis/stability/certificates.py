@@ -40,7 +40,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -294,7 +294,7 @@ def _assumptions(system: LureSystem, family: str) -> tuple[str, ...]:
         "holds for every input sequence u (input-uniform, incremental)",
     )
     if family == "ct":
-        extra = ("continuous-time model h' = A h + sigma(W h + u); says nothing about a discretization",)
+        extra: tuple[str, ...] = ("continuous-time model h' = A h + sigma(W h + u); says nothing about a discretization",)
         if system.method != "ode":
             extra += (f"the system runs {system.method!r}; this certifies the underlying ODE only",)
         return common + extra
@@ -425,12 +425,20 @@ def _norm_failure(numbers: _NormNumbers, scale: float) -> str:
             f"{numbers.outcome.tolerance * scale:.3g} included)")
 
 
+class _Common(TypedDict):
+    """The fields every result of one LMI certificate shares."""
+
+    name: str
+    assumptions: tuple[str, ...]
+    rate_meaning: str
+
+
 def _lmi_certificate(
     system: LureSystem, name: str, tiers: tuple[str, ...], deadline: float, solver: str
 ) -> CertificateResult:
     start = time.monotonic()
     family = _family(system, name)
-    common = {"name": name, "assumptions": _assumptions(system, family), "rate_meaning": _rate_meaning(family)}
+    common = _Common(name=name, assumptions=_assumptions(system, family), rate_meaning=_rate_meaning(family))
     working, scale = _working_system(system, family)
     substeps = _substeps(system, family)
     numbers = _from_norm(working, family, scale, substeps)
@@ -537,7 +545,7 @@ def _lmi_success(
     start: float,
     attempts: list[TierAttempt],
     exhausted: bool,
-    common: dict[str, Any],
+    common: _Common,
 ) -> CertificateResult:
     rate, substep_rate, log_rate = _user_rate(system, family, scale, candidate.r)
     verification = candidate.verification

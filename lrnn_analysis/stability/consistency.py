@@ -25,7 +25,7 @@ or ``unchecked`` (the module does not expose what the check needs, and why; neve
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,10 +264,12 @@ def _check_step(subject: Any, derived: Any, system: LureSystem, hand: tuple[Any,
     except InputError as error:
         return _unchecked(f"the step's state and input are unknown ({first_line(error)}): pass state= and x=", **common)
     common = {**common, "state_size": signature.state_size, "dtype": str(signature.dtype).removeprefix("torch.")}
+    mapping: _Mapping | str
     if derived is not None:
         mapping = _Mapping(derived.to_system, derived.from_system, derived.inputs, "derived form",
                            float(np.linalg.cond(derived.coordinates)))
     else:
+        assert hand is not None  # check_form passes the derived form or the hand-written form's (inputs, coordinates)
         inputs, coordinates = hand
         mapping = _hand_mapping(system, signature.state_size, coordinates)
         if isinstance(mapping, str):
@@ -286,6 +288,8 @@ def _check_step(subject: Any, derived: Any, system: LureSystem, hand: tuple[Any,
                                   "nonlinearity's channels are not its state units (its derived form uses coordinates "
                                   "h = T zeta); pass inputs=", **common)
             mapping = _Mapping(mapping.to_system, mapping.from_system, own.inputs, "derived form", mapping.condition)
+    form_inputs = mapping.inputs
+    assert form_inputs is not None  # every branch above gives the form's inputs u_t
     device = signature.device
     generator = torch.Generator().manual_seed(common["seed"])
     states, _ = signature.examples(generator, common["batch"], signature.dtype)
@@ -308,7 +312,7 @@ def _check_step(subject: Any, derived: Any, system: LureSystem, hand: tuple[Any,
             after = signature.stack(following)
             if not np.all(np.isfinite(after)):
                 break
-            u = mapping.inputs(x_t.cpu())
+            u = form_inputs(x_t.cpu())
             predicted = mapping.from_system(system.step(mapping.to_system(before), u))
             records.append((before, after, predicted, u))
             states = following
@@ -355,7 +359,11 @@ def _check_states(model: nn.Module, system: LureSystem, x: Any, inputs: Any, coo
         after = observed[:, t]
         if not np.all(np.isfinite(after)):
             break
-        u = given(xs[:, t].cpu()) if given is not None else lure[:, t].detach().cpu().double().numpy()
+        if given is not None:
+            u = given(xs[:, t].cpu())
+        else:
+            assert lure is not None  # read above whenever no inputs are given
+            u = lure[:, t].detach().cpu().double().numpy()
         if u.shape[-1] != system.n:
             return FormCheck("refused", f"the model's Lur'e inputs have {u.shape[-1]} units but the form has n = {system.n}",
                              **common)
@@ -370,14 +378,14 @@ def _input_features(model: nn.Module, x: Any) -> tuple[int, ...] | None:
         return tuple(x.shape[2:]) if x.dim() >= 3 else None
     if isinstance(x, (tuple, list)) and x and all(isinstance(i, int) and i >= 1 for i in x):
         return tuple(x)
-    config = getattr(model, "config", None)
-    if getattr(config, "input_dim", None):
-        return (config.input_dim,)
+    input_dim = getattr(getattr(model, "config", None), "input_dim", None)
+    if input_dim:
+        return (input_dim,)
     rnn = getattr(model, "rnn", None)
     return (rnn.input_size,) if isinstance(rnn, nn.RNNBase) else None
 
 
-def _verdict(records: list[tuple[np.ndarray, ...]], terms: int, dtype: torch.dtype, source: str | None, condition: float,
+def _verdict(records: Sequence[tuple[np.ndarray, ...]], terms: int, dtype: torch.dtype, source: str | None, condition: float,
              common: dict[str, Any], tolerance: float | None) -> FormCheck:
     if not records:
         return _unchecked("the module's state is not finite after its first step: nothing to compare", **common)

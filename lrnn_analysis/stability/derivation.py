@@ -68,6 +68,7 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,9 +140,9 @@ def resolve_step(step: Any, input_first: bool | None = None) -> tuple[Callable[[
     module = module if isinstance(module, nn.Module) else None
     if isinstance(step, nn.RNNCellBase):
         first = True if input_first is None else input_first
-        call = step
-    elif isinstance(step, nn.Module) and callable(getattr(step, "step", None)):
-        first, call = bool(input_first), step.step
+        call: Callable[..., Any] = step
+    elif isinstance(step, nn.Module) and callable(method := getattr(step, "step", None)):
+        first, call = bool(input_first), method
     elif isinstance(step, nn.Module) and input_first is not None:
         first, call = input_first, step
     elif isinstance(step, nn.Module):
@@ -399,7 +400,7 @@ class _Interpreter:
 
     # -- concrete evaluation --------------------------------------------------------------------
 
-    def evaluate(self, states: Sequence[Tensor], x: Tensor, skip: set[str] = frozenset()) -> dict[str, Any]:
+    def evaluate(self, states: Sequence[Tensor], x: Tensor, skip: AbstractSet[str] = frozenset()) -> dict[str, Any]:
         """Every node's value for a batch of ``TRACE_BATCH`` (nodes in ``skip`` are not computed)."""
         env: dict[str, Any] = {}
         for node in self.graph.graph.nodes:
@@ -468,7 +469,8 @@ class _Interpreter:
         nodes = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, torch.fx.Node)]
         name = _op(node.target)
         if name == "copy_":  # the write-back of a step that updates its state argument in place (_trace allows no other)
-            if node.args[1].name in self.symbolic:
+            source = node.args[1]
+            if isinstance(source, torch.fx.Node) and source.name in self.symbolic:
                 self.symbolic.add(node.name)
             return values[0][1]
         if name in _RANDOM:
@@ -529,6 +531,7 @@ class _Interpreter:
         if self._varies(arg):
             raise _refuse(node, "multiplies the state by an input-dependent value: an input gate is not a Lur'e form")
         constant = self._as_affine(value, None, shape, node)
+        assert constant.const is not None  # a value that is not affine (checked above) becomes a constant with const set
         return constant.const
 
     def _broadcast(self, operands: Sequence[Any], node: torch.fx.Node) -> tuple[int, ...]:
@@ -747,7 +750,9 @@ def _execute(node: torch.fx.Node, args: Any, kwargs: Any) -> Any:
         kwargs["device"] = torch.device("cpu")
     if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"].is_floating_point:
         kwargs["dtype"] = torch.float64
-    return tree_map(_float64, node.target(*args, **kwargs))
+    target = node.target
+    assert callable(target)  # only call_function nodes are executed, and their target is the function
+    return tree_map(_float64, target(*args, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------

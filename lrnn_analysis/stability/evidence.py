@@ -114,13 +114,21 @@ class EvidenceCheck:
     def verified(self) -> bool:
         return self.status == "verified"
 
+    def _verified_parts(self) -> tuple[StoredEvidence, Verification]:
+        """The evidence and its float64 verification of a verified check; ``ValueError`` otherwise."""
+        if not self.verified:
+            raise ValueError("only verified evidence becomes a certificate result")
+        if self.evidence is None or self.verification is None:
+            raise ValueError("a verified evidence check must carry its evidence and its verification")
+        return self.evidence, self.verification
+
     def describe(self) -> str:
         if self.status == "absent":
             return "no stored certificate evidence"
         if self.verified:
-            e = self.evidence
+            e, v = self._verified_parts()
             return (f"verified from stored evidence: {e.certificate} at rate {e.rate:.6g} (tier {e.tier}, "
-                    f"LMI margin {self.verification.margin:.3e}) in {self.seconds * 1e3:.1f} ms")
+                    f"LMI margin {v.margin:.3e}) in {self.seconds * 1e3:.1f} ms")
         return f"STORED EVIDENCE NOT VERIFIED: {self.reason}; searching for a certificate as usual"
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,6 +274,7 @@ def search_evidence(model: Any, time_budget: float | None = 60.0) -> tuple[Store
     result = certify(system, [f"{family}-lmi"], time_budget=time_budget, tiers=EVIDENCE_TIERS)[0]
     if not result.holds or result.evidence is None:
         return None, result
+    assert result.rate is not None and result.tier is not None  # certify sets both on every result with evidence
     stored = StoredEvidence(result.name, result.evidence.P, result.evidence.multipliers, result.rate, result.tier,
                             weights_sha256(model))
     return stored, result
@@ -278,6 +287,7 @@ def certify_trained(model: Any) -> tuple[StoredEvidence | None, str]:
     training): the LMI tiers' certificate. Returns (None, why) when nothing verifies, or when
     the float64 linear algebra of the construction fails (a nearly singular T = E^-1 B / eps).
     """
+    evidence: StoredEvidence | None
     if hasattr(model, "construction"):
         try:
             evidence, verification = construction_evidence(model)
@@ -296,15 +306,13 @@ def certify_trained(model: Any) -> tuple[StoredEvidence | None, str]:
 
 def certificate_result(check: EvidenceCheck, model: Any) -> CertificateResult:
     """A verified stored certificate in the form ``certify`` reports (tier ``stored evidence (...)``)."""
-    if not check.verified:
-        raise ValueError("only verified evidence becomes a certificate result")
-    e, v = check.evidence, check.verification
+    e, v = check._verified_parts()
     system = model.lure_form()
     family = "map" if e.certificate == REN_CERTIFICATE else e.certificate.split("-")[0]
     if e.certificate == REN_CERTIFICATE or system is None:
-        assumptions = ("sigma = tanh acts elementwise with slopes in [0, 1]",
-                       "holds for every input sequence (input-uniform, incremental)",
-                       "the explicit REN x+ = A x + B w + B2 x_t, w = tanh(K x + D w + u)")
+        assumptions: tuple[str, ...] = ("sigma = tanh acts elementwise with slopes in [0, 1]",
+                                        "holds for every input sequence (input-uniform, incremental)",
+                                        "the explicit REN x+ = A x + B w + B2 x_t, w = tanh(K x + D w + u)")
     else:
         assumptions = _assumptions(system, family)
     # A ct certificate stored on a discretised model is a decay rate of the underlying ODE, not a

@@ -231,5 +231,8 @@ def gated_contraction(rnn: nn.RNNBase, input_bound: float | None) -> list[GatedC
                                  f"no certificate without an input bound: the {kind.upper()} condition holds only for "
                                  "inputs with ||x_t||_inf <= xbar (give input_bound)", (), REFERENCES[kind])
                 for l in range(rnn.num_layers)]
-    check = lstm_contraction if kind == "lstm" else gru_contraction
-    return [check(rnn, l, input_bound if l == 0 else 1.0) for l in range(rnn.num_layers)]
+    bounds = [input_bound if l == 0 else 1.0 for l in range(rnn.num_layers)]
+    if isinstance(rnn, nn.LSTM):
+        return [lstm_contraction(rnn, l, bound) for l, bound in enumerate(bounds)]
+    assert isinstance(rnn, nn.GRU)  # layer_kind names only these two "lstm" or "gru"
+    return [gru_contraction(rnn, l, bound) for l, bound in enumerate(bounds)]

@@ -113,7 +113,9 @@ def jacobian_goodness(system: LureSystem, family: str, d: np.ndarray) -> float:
             return -spectral_abscissa(J)
         if family == "map":
             return float(-np.float64(spectral_radius(d[:, None] * system.W)) ** 2)
-        return float(-np.float64(spectral_radius(step_matrix(family, float(system.eps), J))) ** 2)
+        if system.eps is None:
+            raise InputError(f"the {family} family needs a step eps; the system runs {system.method!r} without one")
+        return float(-np.float64(spectral_radius(step_matrix(family, system.eps, J))) ** 2)
 
 
 def jacobian_error_bound(system: LureSystem, family: str) -> float:
@@ -268,6 +270,7 @@ class _SdpProblem:
         self.form = form
         self.rate = cp.Parameter()
         self.t = cp.Variable()
+        P: cp.Expression
         if structure == "full-P":
             self.P = cp.Variable((n, n), symmetric=True)
             P = self.P

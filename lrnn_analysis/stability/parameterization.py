@@ -127,9 +127,9 @@ def _value_and_tolerance(test: str, beta_A: Any, gamma_A: Any, beta_W: Any, gamm
     """Norm-test value at the bounds and its round-off bound 16 u (size of its terms), elementwise."""
     mu_A, norm_A, norm_Ahat, norm_W = _bounds(beta_A, gamma_A, beta_W, gamma_W, r, eps)
     with np.errstate(over="ignore", invalid="ignore"):
-        args = dict(norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps, slope=slope)
-        value = norm_test_value(test, mu_A=mu_A, **args)
-        size = norm_test_value(test, mu_A=np.abs(mu_A), **args) + (0.0 if test in ("ct-norm", "map-norm") else 1.0)
+        value = norm_test_value(test, mu_A=mu_A, norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps, slope=slope)
+        size = norm_test_value(test, mu_A=np.abs(mu_A), norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps,
+                               slope=slope) + (0.0 if test in ("ct-norm", "map-norm") else 1.0)
     return np.asarray(value, dtype=np.float64), 16.0 * _u * np.asarray(size, dtype=np.float64)
 
 

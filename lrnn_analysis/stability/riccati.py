@@ -173,12 +173,12 @@ class _Lyapunov:
     def __init__(self, A: np.ndarray, discrete: bool) -> None:
         identity = np.eye(A.shape[0])
         shifted = np.linalg.inv(A + identity) if discrete else None
-        self.T, self.Z = scipy.linalg.schur(identity - 2.0 * shifted if discrete else A, output="real")
+        self.T, self.Z = scipy.linalg.schur(A if shifted is None else identity - 2.0 * shifted, output="real")
         self.flipped = np.ascontiguousarray(self.T[::-1, ::-1].T)
         self.stable = bool(np.all(np.isfinite(self.T)) and np.diag(self.T).max() < 0)
         Zt = self.Z.T
         self.coefficient = 2.0 if discrete else 1.0
-        self.left = (Zt @ shifted, Zt @ shifted.T) if discrete else (Zt, Zt)
+        self.left = (Zt, Zt) if shifted is None else (Zt @ shifted, Zt @ shifted.T)
 
     def solve(self, Q: np.ndarray, transposed: bool) -> np.ndarray:
         """X with A X + X A^T + Q = 0 / A X A^T - X + Q = 0, or their transposes (A -> A^T)."""

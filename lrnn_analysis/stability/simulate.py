@@ -158,6 +158,7 @@ def _tangent_step(system: LureSystem, h: np.ndarray, V: np.ndarray, u: np.ndarra
         return _tangent_field(system, x, Y, u)
 
     e = system.eps
+    assert e is not None  # 'ode' is integrated by _ode_tangent and 'map' returned above; LureSystem requires eps for the schemes
     for _ in range(system.substeps):
         if system.method == "euler":
             h, V = h + e * f(h), V + e * tf(h, V)

@@ -217,6 +217,7 @@ def spectrum(system: LureSystem) -> SpectrumReport:
     eig_A = _sorted_eigenvalues(A)
     discretization = None
     if system.method in STABILITY_POLYNOMIALS:
+        assert system.eps is not None  # LureSystem requires eps for every scheme with a stability polynomial
         eps = float(system.eps)
         step_eigenvalues = stability_polynomial(system.method, eps * eig_A)
         discretization = DiscretizationDiagnostics(
