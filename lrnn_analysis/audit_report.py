@@ -50,7 +50,8 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     lines = [f"# Audit of `{Path(r['checkpoint']).name}`", "",
              f"{what}, task {r['task']['name']}" + (f" (split seed {r['task']['seed']})" if r["task"]["name"] in TASKS else "")
              + f", device {r['environment'].get('device')}.", "",
-             f"Checkpoint weights and config SHA-256: `{r['checkpoint_sha256'] or 'not recorded'}`.", ""]
+             f"Checkpoint weights and config SHA-256: `{r['checkpoint_sha256'] or 'not recorded'}`"
+             + (f"; module file SHA-256: `{r['module_sha256']}`" if r.get("module_sha256") else "") + ".", ""]
     if r["training_data"]["warning"]:
         lines += [f"**Warning: {r['training_data']['warning']}.**", ""]
     if "reference" in r:
@@ -66,7 +67,9 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
         lines += ["", f"**Overall: {'PASS' if result.passed else 'FAIL'}**", ""]
     lines += ["## Key numbers", "", "| quantity | value |", "|---|---|",
               f"| clean test accuracy | {format_value(r['clean']['accuracy'])} (loss {format_value(r['clean']['loss'])}, n = {r['clean']['n']}) |",
-              f"| Hessian λ_max | {format_value(hessian['lambda_max'])} |", f"| Hessian λ_min | {format_value(hessian['lambda_min'])} |",
+              f"| Hessian λ_max | {format_value(hessian['lambda_max'])} |",
+              f"| λ_max over {r['lambda_max_spread']['sets']} disjoint sample sets | {format_value(r['lambda_max_spread']['min'])} "
+              f"to {format_value(r['lambda_max_spread']['max'])} |", f"| Hessian λ_min | {format_value(hessian['lambda_min'])} |",
               f"| GGN λ_max | {format_value(r['ggn']['lambda_max'])} |",
               f"| curvature samples | {hessian['operator']['n_samples']} training samples ({hessian['operator']['n_batches']} batch(es)) |",
               f"| Hessian trace | {format_value(hessian['trace']['estimate'])} ± {format_value(hessian['trace']['ci_halfwidth'])} "

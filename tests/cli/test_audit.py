@@ -1,5 +1,6 @@
 """`lrnn audit`: gates that pass and fail, bad gates and levels refused before any work, the knobs passed on,
 an interrupted audit leaving nothing; audits of reference files, user models, LSTMs and REN evidence."""
+import hashlib
 import json
 import pickle
 
@@ -111,6 +112,8 @@ def test_audit_of_a_user_model_on_its_own_data(project, tmp_path, capsys, kind, 
     assert accuracy > 0.6  # trained: far above the 1/3 of chance
     assert report["clean"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
     assert report["checkpoint"] == str(project / weights)
+    assert report["checkpoint_sha256"] == hashlib.sha256((project / weights).read_bytes()).hexdigest()
+    assert report["module_sha256"] == hashlib.sha256((project / "mymodels.py").read_bytes()).hexdigest()
     printed = capsys.readouterr().out
     assert f"clean test accuracy {accuracy:.4f}" in printed
     if kind == "rnn":

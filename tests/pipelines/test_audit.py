@@ -173,3 +173,24 @@ def test_a_module_with_a_torch_lstm_is_audited_through_its_layer(user):
     assert [(c["module"], c["kind"], c["holds"]) for c in stacks] == [("lstm", "lstm", False)]
     assert "no certificate without an input bound" in stacks[0]["layers"][0][0]["reason"]
     assert report["clean"]["accuracy"] == pytest.approx(accuracy_by_hand(module, task.test.x, task.test.y), abs=1e-12)
+
+
+def test_lambda_max_is_reported_with_its_sampling_spread_and_gated_on_its_range():
+    from lrnn_analysis.builtin_tasks import load_task
+    from lrnn_analysis.models import ModelConfig, build_model
+    from lrnn_analysis.pipelines.audit import AuditSettings, _evaluate_gate
+    from lrnn_analysis.pipelines.audit import run as run_audit
+
+    task = load_task("digits", seed=0)
+    model = build_model(ModelConfig("lipschitz", task.input_dim, 4, task.output_dim, eps=0.1), seed=0)
+    settings = AuditSettings(certificate_budget=5.0, hessian_batch_size=32, trace_matvecs=5, seeds=1,
+                             grid={"gaussian": (0.0,)}, max_samples=20)
+    report = run_audit(model, task, settings).report
+    spread = report["lambda_max_spread"]
+    assert spread["sets"] == 3 and spread["samples_per_set"] == 32 and spread["values"][0] == report["hessian"]["lambda_max"]
+    assert spread["min"] == min(spread["values"]) < spread["max"] == max(spread["values"])
+    middle = (spread["min"] + spread["max"]) / 2
+    undecided = _evaluate_gate(Gate.parse(f"max-lambda={middle}"), report)
+    assert not undecided.passed and "undecided at this sample size" in undecided.detail
+    assert _evaluate_gate(Gate.parse(f"max-lambda={spread['max'] * 1.01}"), report).passed
+    assert not _evaluate_gate(Gate.parse(f"max-lambda={spread['min'] * 0.99}"), report).passed
