@@ -188,8 +188,11 @@ class GainForm:
 
     def input_schur(self, P: np.ndarray, lam: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray] | None:
         """(S, Z) with Z = (-M)^-1 B and S = B^T Z (d x d), M = M(P, Lambda, r); None unless M < 0."""
-        M, _ = self.form.assemble(P, lam, r)
-        B = self.coupling(lam)
+        with np.errstate(all="ignore"):
+            M, _ = self.form.assemble(P, lam, r)
+            B = self.coupling(lam)
+        if not (np.all(np.isfinite(M)) and np.all(np.isfinite(B))):
+            return None
         try:
             chol = np.linalg.cholesky(-M)
         except np.linalg.LinAlgError:
@@ -236,7 +239,8 @@ def gain_form(system: LureSystem, U: Any, D: Any) -> GainForm:
     """The form (*) of the scheme ``system`` runs, with input map U (n x d) and readout D (k x n).
 
     Raises :class:`InputError` for a continuous-time system (it has no sequence map), shapes
-    that do not fit the system, or non-finite entries.
+    that do not fit the system, or non-finite entries. (A scheme whose lifted form overflows
+    float64 is valid input: :func:`certify_gain` reports it as not certified.)
     """
     if not isinstance(system, LureSystem):
         raise InputError(f"system must be a LureSystem, got {type(system).__name__}")
@@ -251,8 +255,6 @@ def gain_form(system: LureSystem, U: Any, D: Any) -> GainForm:
     if D.shape[1] != n:
         raise InputError(f"D must have {n} columns (the state size), got shape {D.shape}")
     form = incremental_form(system, system.method)
-    if not all(np.all(np.isfinite(X)) for X in (form.out,) + form.q_maps):
-        raise InputError(f"the lifted increment form of the {system.method} scheme overflows float64")
     return GainForm(system, form, U, D, system.substeps if system.method != "map" else 1)
 
 
@@ -509,18 +511,20 @@ def _log_mu(gform: GainForm, P: np.ndarray, r: float, theta: np.ndarray, tau: fl
     (their maximum when d = 1 or tau = 0) for Lambda = exp(theta), and its gradient in theta.
 
     d mu_i / d Lambda_s,k = 2 p_s,k (L q_s,k - p_s,k) at chi_i = (Z v_i, v_i), q_s = G_s xi + U v
-    (envelope theorem; module docstring). Infeasible Lambda (M not < 0): (_BIG, 0).
+    (envelope theorem; module docstring). Infeasible Lambda (M not < 0): (_BIG, 0); mu = 0 (the input
+    does not reach the state): (log of the smallest normal float64, 0).
     """
     form, n, L = gform.form, gform.n, gform.form.slope
-    lam = np.exp(theta).reshape(form.stages, n)
-    parts = gform.input_schur(P, lam, r)
+    with np.errstate(all="ignore"):
+        lam = np.exp(theta).reshape(form.stages, n)
+    parts = gform.input_schur(P, lam, r) if np.all(np.isfinite(lam)) else None
     if parts is None:
         return _BIG, np.zeros_like(theta)
     S, Z = parts
     values, V = np.linalg.eigh(S)
     top = float(values[-1])
     if not top > 0:
-        return _BIG, np.zeros_like(theta)
+        return math.log(UNDERFLOW_FLOOR), np.zeros_like(theta)
     if tau > 0 and len(values) > 1:
         weights = np.exp((values - top) / (tau * top))
         total = float(weights.sum())
@@ -643,7 +647,10 @@ class _DualRiccati:
     def data(self, lam: np.ndarray, mu: float, r: float) -> tuple[np.ndarray, ...] | None:
         """(Fv, Pi, Q, R~^-1 S~^T, R~^-1 G^T) at (Lambda, mu, r); None unless R~ > 0."""
         gform, n, d = self.gform, self.gform.n, self.gform.d
-        Sigma, _ = gform.form.assemble(np.zeros((n, n)), lam, 0.0)
+        with np.errstate(all="ignore"):
+            Sigma, _ = gform.form.assemble(np.zeros((n, n)), lam, 0.0)
+        if not (np.all(np.isfinite(Sigma)) and np.all(np.isfinite(gform.coupling(lam))) and mu > 0):
+            return None
         if math.isinf(mu):
             Rt, St, G = -Sigma[n:, n:], Sigma[:n, n:], self.Gp
         else:
@@ -735,8 +742,11 @@ class _DualRiccati:
         """mu_R = lambda_max(B_p^T R^-1 B_p), below which R~ is not positive definite, and its gradient
         in Lambda (envelope theorem at chi = (0, R^-1 B_p v, v), v the top eigenvector); None unless R > 0."""
         gform, n, L = self.gform, self.gform.n, self.gform.form.slope
-        Sigma, _ = gform.form.assemble(np.zeros((n, n)), lam, 0.0)
-        Bp = gform.coupling(lam)[n:]
+        with np.errstate(all="ignore"):
+            Sigma, _ = gform.form.assemble(np.zeros((n, n)), lam, 0.0)
+            Bp = gform.coupling(lam)[n:]
+        if not (np.all(np.isfinite(Sigma)) and np.all(np.isfinite(Bp))):
+            return None
         try:
             chol = np.linalg.cholesky(-Sigma[n:, n:])
         except np.linalg.LinAlgError:
@@ -883,7 +893,16 @@ def _riccati_descent(gform: GainForm, start: tuple[np.ndarray, float, float], ho
     best: list[Any] = [_BIG, None]
 
     def fun(z: np.ndarray, tau: float, beta: float) -> tuple[float, np.ndarray]:
-        lam = np.exp(z[:m * n]).reshape(m, n)
+        value, gradient = evaluate(z, tau, beta)
+        if not (math.isfinite(value) and np.all(np.isfinite(gradient))):
+            return _BIG, np.zeros_like(z)
+        return value, gradient
+
+    def evaluate(z: np.ndarray, tau: float, beta: float) -> tuple[float, np.ndarray]:
+        with np.errstate(all="ignore"):
+            lam = np.exp(z[:m * n]).reshape(m, n)
+        if not (np.all(np.isfinite(z)) and np.all(np.isfinite(lam)) and np.all(lam > 0)):
+            return _BIG, np.zeros_like(z)
         floor = dual.input_floor(lam)
         if floor is None:
             return _BIG, np.zeros_like(z)
@@ -1399,6 +1418,9 @@ def certify_gain(
                      started + (math.inf if time_budget is None else float(time_budget)), starts)
     attempts: list[GainAttempt] = []
     exhausted = False
+    if not all(np.all(np.isfinite(X)) for X in (gform.form.out,) + gform.form.q_maps):
+        return _certificate(search, [], False, time.monotonic() - started,
+                            f"not certified: the lifted increment form of the {system.method} scheme overflows float64")
     with threadpool_limits(limits=1, user_api="blas"):
         for tier in tiers:
             if search.out_of_time:
@@ -1440,12 +1462,16 @@ def _evidence_start(gform: GainForm, evidence: Any) -> tuple[np.ndarray, np.ndar
     return 0.5 * (P + P.T), np.maximum(lam.reshape(shape), 0.0)
 
 
-def _certificate(search: _Search, attempts: list[GainAttempt], exhausted: bool, seconds: float) -> GainCertificate:
+def _certificate(search: _Search, attempts: list[GainAttempt], exhausted: bool, seconds: float,
+                 reason: str | None = None) -> GainCertificate:
     family, horizon, best = search.gform.system.method, search.horizon, search.best
     if best is None:
-        reasons = "; ".join(f"{a.tier}: {a.reason}" for a in attempts)
+        if reason is None:
+            reason = "no verified bound (" + "; ".join(f"{a.tier}: {a.reason}" for a in attempts) + ")"
+            if exhausted:
+                reason += " (time budget exhausted)"
         return GainCertificate(False, family, horizon, None, None, None, None, None, None, None, None, None, None,
-                               seconds, f"no verified bound ({reasons})", tuple(attempts), exhausted)
+                               seconds, reason, tuple(attempts), exhausted)
     tier = min((a for a in attempts if a.holds), key=lambda a: a.lipschitz).tier
     v = best.verification
     return GainCertificate(True, family, horizon, best.lipschitz, best.pair_bounds, best.mu, best.r,

@@ -418,6 +418,21 @@ def test_sequence_map_reproduces_the_module_and_the_bound_holds_on_it(arch):
                   <= certificate.lipschitz * np.linalg.norm((x2 - x).reshape(30, -1), axis=1))
 
 
+def test_degenerate_but_valid_systems_give_answers_not_exceptions():
+    rng = np.random.default_rng(13)
+    system = random_system(rng, 3, "rk2", spread=0.2, weight=0.3)
+    D = rng.standard_normal((2, 3))
+    silent = certify_gain(system, np.zeros((3, 1)), D, 6, tiers=["closed-form"])
+    assert silent.holds and silent.lipschitz < 1e-4  # 0 up to the round-off margins of verification
+    blind = certify_gain(system, rng.standard_normal((3, 1)), np.zeros((2, 3)), 6, tiers=["closed-form"])
+    assert blind.holds and blind.lipschitz < 1e-4
+    relu = LureSystem(system.A, system.W, method="rk2", eps=0.3, activation="relu")
+    assert certify_gain(relu, rng.standard_normal((3, 1)), D, 6).holds
+    huge = LureSystem(1e200 * np.eye(2), np.eye(2), method="rk4", eps=1e200)
+    overflow = certify_gain(huge, np.ones((2, 1)), np.ones((1, 2)), 3)
+    assert not overflow.holds and "overflows float64" in overflow.reason
+
+
 def test_bad_input_raises_input_error():
     rng = np.random.default_rng(12)
     system = random_system(rng, 3, "euler")
