@@ -40,16 +40,21 @@ coordinates of the Lur'e form: where a model's form lives in zeta = T^-1 h (the 
 model's ``lure_rewrite``) it is D T (:func:`sequence_map`).
 
 Tiers, fastest first; each one's candidates (P, Lambda, r) go through the same verification,
-the best verified bound is kept and the next tier starts from it:
+the best verified bound is kept and the next tier starts from it. Without a fixed ``rho``, r is
+searched on [1, inf): rho < 1 never helps (mu only grows as r shrinks, while the horizon factor is
+1 for every rho <= 1); rho > 1 trades a smaller mu for the factor rho^(2s(T - 1)).
 
 * ``closed-form``: for fixed (P, Lambda, r) with M = M(P, Lambda, r) < 0, the Schur complement of
   -mu I shows (*) holds iff mu >= lambda_max(B^T (-M)^-1 B), the smallest mu in closed form
   (O(N^3)). It is convex in Lambda (the set of (Lambda, mu) satisfying (*) is convex), so Lambda is
   optimized by L-BFGS in log Lambda with gradient d mu / d Lambda_s,k = 2 p_s,k (L q_s,k - p_s,k)
   at chi = ((-M)^-1 B v, v), v the top eigenvector (envelope theorem; a soft maximum of the
-  eigenvalues when d > 1). Starting points: P = I and the P of a contraction certificate if one
-  is given. Without a fixed ``rho``, r is searched on [1, ...) (rho < 1 never helps: mu only
-  grows as r shrinks, while the horizon factor is 1 for every rho <= 1).
+  eigenvalues when d > 1), at rates whose horizon factors are 1, 1.1, ..., 20 above the smallest
+  rate P admits. Starting points: P = I, the P of a contraction certificate if one is given, and,
+  when these find no bound at r = 1, the P that the contraction certificates' Riccati tier
+  (:mod:`.riccati`) finds for the form with C / sqrt(s) (whose certificates at r' < 1 are this
+  form's at s r'), s = rho^2 or, searched, max(1, r_J) times 1, 1.01, 1.1, 2 with r_J the
+  largest squared spectral radius of the frozen-Jacobian step matrices.
 * ``riccati``: for fixed (Lambda, r, mu), (*) is a bounded-real-lemma Riccati inequality in P.
   With xi = (delta, w), w = (p, dx), write delta+ = F0 delta + G w (G = [C_p, 0]), the supply
   2 delta^T S~ w - w^T R~ w (S~ = [S, 0], R~ = [[R, -B_p], [-B_p^T, mu I]], S and R the blocks of
@@ -58,19 +63,24 @@ the best verified bound is kept and the next tier starts from it:
 
       Fv Y Fv^T - Y + Fv Y Uv (I - Uv^T Y Uv)^-1 Uv^T Y Fv^T + Z_G <= 0,   I - Uv^T Y Uv > 0,
 
-  Fv = (F0 + G R~^-1 S~^T) / rho, Uv = S~ L~^-T / rho (R~ = L~ L~^T), Z_G = G R~^-1 G^T
-  (Woodbury on (r P - Z_S)^-1). Its stabilizing solution (with slack eta I added to Z_G, by
-  scipy's Schur method) is the smallest Y, i.e. the largest P, hence the smallest
-  c(P) = lambda_max(D Y D^T) for this (Lambda, r, mu): the best readout factor is exact for fixed
-  Lambda. mu is chosen by a golden-section search on log mu for the smallest mu c(P(mu)); then
-  Lambda is re-optimized for that P (closed form) and the two steps alternate.
+  Fv = (F0 + G R~^-1 S~^T) / rho, Uv Uv^T = Z_S / r, Z_G = G R~^-1 G^T (Woodbury on
+  (r P - Z_S)^-1). Its stabilizing solution (slack eta I added to Z_G) is the smallest Y, i.e.
+  the largest P, hence the smallest c(P) = lambda_max(D Y D^T) for this (Lambda, r, mu): the best
+  readout factor is exact for fixed (Lambda, mu). The logarithm of the squared bound,
+  log mu_step + log c(Y) + s (T - 1) log max(1, r), is then minimized over (Lambda, mu and, when
+  searched, r) by L-BFGS with gradients by the adjoint method (:class:`_DualRiccati`), each point
+  solved by Newton's method from the last solution (scipy's Schur method otherwise). It starts from
+  the best candidate so far, or from a phase-one point (Lambda = 1, r and then mu raised until the
+  equation is solvable), and also, when r is searched, from the best candidate at r = 1 (the bound
+  need not be unimodal in r). A local method: the SDP tier is the reference where it is affordable.
 * ``sdp``: cvxpy (Clarabel for small cones, SCS for large ones, each falling back to the other)
   minimizes mu subject to (*) with margin, P >= D^T D + delta I (the LMI is homogeneous in
   (P, Lambda, mu): this fixes the scale) at the r of the best bound so far (r = 1 if none), within
-  the time budget. Its (P, Lambda) is repaired by the closed form: mu is replaced by the smallest
-  mu for that pair, which is then verified. A solver that reports the problem infeasible at r = 1
-  is reported as "no bound of this family with rho <= 1 exists (solver, time)", distinct from a
-  budget running out.
+  the time budget. Its answer is repaired, never trusted: mu is replaced by the smallest mu for its
+  (P, Lambda), and the Riccati P at its (Lambda, mu) is tried as well; what verifies is offered. A
+  solver that reports the problem infeasible at r = 1 is reported as "no bound of this family with
+  rho <= 1 exists (solver: status, time)", distinct from a budget running out. At n = 64 it does not
+  finish in seconds (SCS: minutes).
 
 Verification (float64, as :mod:`.verification` does for contraction; ``verify_gain``). P is
 scaled by a power of two to lambda_max(P) in [1/2, 2) (exact), mu and c alike, then:
@@ -83,6 +93,7 @@ until they verify, else rejected. The bound is then rounded up.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections import Counter
@@ -119,8 +130,9 @@ __all__ = [
 GAIN_TIERS = ("closed-form", "riccati", "sdp")
 _BACKOFFS = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1)
 _BIG = 1e300
-# Relative slack eta of the dual Riccati equation (times ||Z_G||_2 + the scale of the form): it
-# makes the P found satisfy (*) strictly, which verification needs; the cost in c is of its size.
+# Slack eta of the dual Riccati equation, relative to ||Z_G||_2: it makes the P found satisfy (*)
+# strictly, which verification needs; the cost in c is of its size. Where the P found does not
+# verify, eta is raised tenfold (and mu slightly) up to _ETA_RAISES times (_riccati_candidate).
 _ETA_RELATIVE = 1e-7
 _ETA_RAISES = 4
 # The Riccati tier's L-BFGS (see _descend): steps per soft-max level, memory, backtracking.
@@ -458,8 +470,10 @@ def _backed_off(start: float, step: float, check: Any) -> float | None:
     return None
 
 
-def _finalize(gform: GainForm, P: np.ndarray, lam: np.ndarray, r: float, horizon: int) -> tuple[_Candidate | None, str]:
-    """Smallest mu and readout factors of (P, Lambda, r) in closed form, backed off until they verify."""
+def _finalize(gform: GainForm, P: np.ndarray, lam: np.ndarray, r: float, horizon: int,
+              incumbent: float = math.inf) -> tuple[_Candidate | None, str]:
+    """Smallest mu and readout factors of (P, Lambda, r) in closed form, backed off until they verify;
+    skipped (None) when even the unverified bound is no smaller than ``incumbent``."""
     form = gform.form
     P = np.asarray(P, dtype=np.float64)
     P = 0.5 * (P + P.T)
@@ -477,6 +491,8 @@ def _finalize(gform: GainForm, P: np.ndarray, lam: np.ndarray, r: float, horizon
         return None, f"M(P, Lambda, rho^2 = {r:.6g}) is not negative definite"
     S, Z = parts
     mu0 = max(float(np.linalg.eigvalsh(S)[-1]), 0.0)
+    if _bound(gform, r, mu0, float(np.linalg.eigvalsh(gram)[-1]), horizon) >= incumbent:
+        return None, "no better than the best bound so far"
     _, tolerance, _ = _lmi_margin(gform, P, lam, r, mu0)
     if not np.isfinite(tolerance):
         return None, "the dissipation LMI overflows float64"
@@ -1158,6 +1174,12 @@ class _Search:
             return True
         return False
 
+    def incumbent(self, r: float) -> float:
+        """The bound a new candidate at rate r must beat to matter: the best so far, or at r = 1 the
+        best at r = 1 (kept as a start of the Riccati tier)."""
+        best = self.best_at_one if r == 1.0 else self.best
+        return math.inf if best is None else best.lipschitz
+
     @property
     def out_of_time(self) -> bool:
         return time.monotonic() >= self.deadline
@@ -1227,7 +1249,7 @@ def _closed_form_starts(search: _Search, starts: list[tuple[np.ndarray, np.ndarr
             rates = [search.r_fixed]
         else:
             r_P = _contraction_rate(gform, P, search.deadline)
-            if r_P is None or r_P ** (gform.substeps * max(horizon - 1, 1)) > _BIG:
+            if r_P is None or gform.substeps * max(horizon - 1, 1) * math.log(max(r_P, 1.0)) > math.log(_BIG):
                 continue
             rates = _rate_grid(gform, horizon, max(1.0, r_P * (1.0 + 1e-6)))
         for r in rates:
@@ -1238,7 +1260,7 @@ def _closed_form_starts(search: _Search, starts: list[tuple[np.ndarray, np.ndarr
             if lam is None:
                 continue
             lam = _optimize_multipliers(gform, P, r, lam, search.deadline)
-            candidate, why = _finalize(gform, P, lam, r, horizon)
+            candidate, why = _finalize(gform, P, lam, r, horizon, search.incumbent(r))
             tried += 1
             reason = "verified" if candidate is not None or reason == "verified" else why
             search.offer(candidate)
@@ -1399,10 +1421,10 @@ def certify_gain(
     gform = gain_form(system, U, D)
     if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
         raise InputError(f"horizon must be a positive integer (input steps), got {horizon!r}")
-    if rho is not None and (isinstance(rho, bool) or not isinstance(rho, (int, float))
+    if rho is not None and (isinstance(rho, bool) or not isinstance(rho, numbers.Real)
                             or not math.isfinite(rho) or rho <= 0):
         raise InputError(f"rho must be a finite number > 0 or None (searched), got {rho!r}")
-    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
+    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real)
                                     or not time_budget > 0):
         raise InputError(f"time_budget must be a number of seconds > 0 or None, got {time_budget!r}")
     tiers = GAIN_TIERS if tiers is None else tuple(tiers)
