@@ -22,14 +22,13 @@ import time
 
 import numpy as np
 import torch
+from common import spread
 
 from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.model_under_analysis import load_model
 from lrnn_analysis.stability.evidence import check_stored
 from lrnn_analysis.stability.gain import certified_radii, certify_gain, sequence_map
-
-from common import spread
 
 RADII = (0.01, 0.03, 0.1)
 

@@ -19,8 +19,6 @@ _EXPORTS = {
     "CertificateResult": ".certificates",
     "DiscretizationDiagnostics": ".spectra",
     "Evidence": ".certificates",
-    "GAIN_TIERS": ".gain",
-    "GainCertificate": ".gain",
     "GatedCertificate": ".gated",
     "InitRadius": ".parameterization",
     "LureConsistency": ".consistency",
@@ -36,9 +34,7 @@ _EXPORTS = {
     "TierAttempt": ".certificates",
     "Verification": ".verification",
     "bendixson_box": ".spectra",
-    "certified_radii": ".gain",
     "certify": ".certificates",
-    "certify_gain": ".gain",
     "certify_layers": ".cascade",
     "certify_parameterization": ".parameterization",
     "certify_recurrent": ".cascade",
@@ -53,11 +49,9 @@ _EXPORTS = {
     "norm_test_value": ".norms",
     "parameter_bounds": ".parameterization",
     "phase_diagram": ".parameterization",
-    "sequence_map": ".gain",
     "simulate_pairs": ".simulate",
     "spectrum": ".spectra",
     "verify_certificate": ".certificates",
-    "verify_gain": ".gain",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -92,13 +92,15 @@ until they verify, else rejected. The bound is then rounded up.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import time
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -107,8 +109,8 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import InputError
 from ..lure import LureSystem
-from .forms import IncrementalForm, incremental_form
 from . import lmi
+from .forms import IncrementalForm, incremental_form
 from .lmi import _CLARABEL_MAX_CONE, SOLVERS, is_numerical_failure
 from .riccati import _lbfgs_direction, riccati_tier
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF
@@ -902,8 +904,11 @@ def _riccati_descent(gform: GainForm, start: tuple[np.ndarray, float, float], ho
     m, n = gform.form.stages, gform.n
     lam0, mu0, r0 = start
     lam0 = np.maximum(np.asarray(lam0, dtype=np.float64).reshape(m, n), 1e-300)
-    dual = _slack_at(gform, lam0, mu0, r0)
-    floor = None if dual is None else dual.input_floor(lam0)
+    slack = _slack_at(gform, lam0, mu0, r0)
+    if slack is None:
+        return None
+    dual = slack
+    floor = dual.input_floor(lam0)
     if floor is None or not mu0 > floor[0] or (free_rate and r0 < 1.0):
         return None
     best: list[Any] = [_BIG, None]
@@ -941,7 +946,7 @@ def _riccati_descent(gform: GainForm, start: tuple[np.ndarray, float, float], ho
     z = np.concatenate([np.log(lam0).ravel(), [math.log(mu0 - floor[0])]]
                        + ([[math.sqrt(r0 - 1.0)]] if free_rate else []))
     for tau, beta in _CONTINUATION:
-        z = _descend(lambda point: fun(point, tau, beta), z, deadline, _DESCENT_STEPS)
+        z = _descend(functools.partial(fun, tau=tau, beta=beta), z, deadline, _DESCENT_STEPS)
     if best[1] is None:
         return None
     return (dual,) + best[1]
@@ -1287,15 +1292,15 @@ def _phase_one(search: _Search) -> tuple[np.ndarray, float, float] | None:
     for r in rates:
         if search.out_of_time:
             return None
-        dual = _slack_at(gform, lam, math.inf, r)
-        if dual is None:
+        at_rate = _slack_at(gform, lam, math.inf, r)
+        if at_rate is None:
             return None
-        if dual.solve(lam, math.inf, r) is None:
+        if at_rate.solve(lam, math.inf, r) is None:
             continue
-        scale = floor_mu[0] + dual.eta / _ETA_RELATIVE
+        scale = floor_mu[0] + at_rate.eta / _ETA_RELATIVE
         for j in range(16):
             mu = floor_mu[0] + scale * 4.0**j
-            if dual.solve(lam, mu, r) is not None:
+            if at_rate.solve(lam, mu, r) is not None:
                 return lam, mu, r
         return None
     return None
@@ -1307,7 +1312,7 @@ def _riccati_tier(search: _Search) -> tuple[str, dict[str, int]]:
     rate is searched or nothing was found), and, when the rate is searched, also from the best
     candidate at r = 1 (the bound need not be unimodal in r); the P reached is finalized and verified."""
     gform = search.gform
-    starts = []
+    starts: list[tuple[np.ndarray, float, float] | None] = []
     if search.best is not None:
         starts.append(_candidate_start(gform, search.best))
     if search.best is None or (search.r_fixed is None and search.best.r > 1.0):
@@ -1316,11 +1321,13 @@ def _riccati_tier(search: _Search) -> tuple[str, dict[str, int]]:
               and (value := _start_value(gform, start, search.horizon)) < _BIG]
     runs = [min(scored, key=lambda item: item[0])[1]] if scored else []
     if search.r_fixed is None and search.best_at_one is not None and search.best_at_one is not search.best:
-        runs.append(_candidate_start(gform, search.best_at_one))
-    runs = [start for start in runs if start is not None]
+        at_one = _candidate_start(gform, search.best_at_one)
+        if at_one is not None:
+            runs.append(at_one)
     if not runs:
         return "no feasible starting point (rate, multipliers, mu) for the Riccati equation", {}
-    reason, work, verified = "the Riccati equation has no stabilizing solution at the start", Counter(), False
+    reason, verified = "the Riccati equation has no stabilizing solution at the start", False
+    work: Counter[str] = Counter()
     for start in runs:
         if search.out_of_time:
             break
@@ -1385,7 +1392,7 @@ def _sdp_tier(search: _Search, solver: str) -> tuple[str, dict[str, int]]:
     improved = search.offer(candidate)
     dual = _slack_at(gform, lam, mu, r)
     solved = None if dual is None else dual.solve(lam, mu, r)
-    if solved is not None:
+    if dual is not None and solved is not None:
         polished, why = _riccati_candidate(gform, (dual, lam, mu, r, solved[0]), search.horizon)
         improved = search.offer(polished) or improved
         reason = "verified" if polished is not None or candidate is not None else why
@@ -1462,8 +1469,9 @@ def certify_gain(
                     raise
                 reason, work = f"numerical failure: {type(error).__name__}: {error}", {}
             exhausted = exhausted or search.out_of_time
-            found = search.best is not before
-            attempts.append(GainAttempt(tier, found, search.best.lipschitz if found else None,
+            best = search.best
+            found = best is not None and best is not before
+            attempts.append(GainAttempt(tier, found, best.lipschitz if best is not None and found else None,
                                         time.monotonic() - tier_start, reason, work))
     return _certificate(search, attempts, exhausted, time.monotonic() - started)
 
@@ -1494,7 +1502,7 @@ def _certificate(search: _Search, attempts: list[GainAttempt], exhausted: bool, 
                 reason += " (time budget exhausted)"
         return GainCertificate(False, family, horizon, None, None, None, None, None, None, None, None, None, None,
                                seconds, reason, tuple(attempts), exhausted)
-    tier = min((a for a in attempts if a.holds), key=lambda a: a.lipschitz).tier
+    tier = min((a for a in attempts if a.holds), key=lambda a: math.inf if a.lipschitz is None else a.lipschitz).tier
     v = best.verification
     return GainCertificate(True, family, horizon, best.lipschitz, best.pair_bounds, best.mu, best.r,
                            best.output_factor, best.pair_factors, best.P, best.lam, tier, v, seconds,
