@@ -1,0 +1,460 @@
+"""The certified incremental l2-gain of a whole sequence map: its algebra against exact
+computations, its bound against brute force (optimized input pairs and exact Jacobian norms of
+the unrolled map, float64), soundness on random systems, tampered evidence and infeasibility."""
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.optimize
+import torch
+
+from lrnn_analysis.errors import InputError
+from lrnn_analysis.lure import LureSystem
+from lrnn_analysis.models import ModelConfig, build_model, lure_step
+from lrnn_analysis.stability import certify
+from lrnn_analysis.stability.forms import _TABLEAUS
+from lrnn_analysis.stability.gain import (
+    _DualRiccati,
+    certified_radii,
+    certify_gain,
+    gain_form,
+    sequence_map,
+    verify_gain,
+)
+
+METHODS = ("euler", "rk2", "rk4", "rk38", "map")
+
+
+def random_system(rng, n, method, eps=0.3, substeps=1, spread=0.4, weight=0.8):
+    A = np.zeros((n, n)) if method == "map" else -np.eye(n) + spread * rng.standard_normal((n, n))
+    W = weight * rng.standard_normal((n, n))
+    return LureSystem(A, W, method=method, eps=None if method == "map" else eps,
+                      substeps=1 if method == "map" else substeps)
+
+
+def readout(system, U, D, b, x):
+    """y = D h_T for inputs x (..., T, d), u_t = U x_t + b, h_0 = 0: the scheme as LureSystem runs it."""
+    h = system.simulate(np.zeros(x.shape[:-2] + (system.n,)), x @ U.T + b)
+    return h[..., -1, :] @ D.T
+
+
+def unrolled(system, U, D, b):
+    """x (T, d) -> y as a float64 torch function: the models' own step (``lure_step``)."""
+    A, W, U_t, D_t, b_t = (torch.tensor(np.array(X)) for X in (system.A, system.W, U, D, b))
+    step = lure_step(None if system.method == "map" else A, W, system.method, system.eps, system.substeps)
+
+    def run(x):
+        h = torch.zeros(1, system.n, dtype=torch.float64)
+        for x_t in x:
+            h = step(h, (U_t @ x_t + b_t)[None])
+        return D_t @ h[0]
+
+    return run
+
+
+def jacobian_norm(run, x, rows=None):
+    J = torch.autograd.functional.jacobian(run, torch.as_tensor(x)).reshape(-1, x.size)
+    J = J if rows is None else rows @ J
+    return float(torch.linalg.matrix_norm(J, 2))
+
+
+def largest_jacobian_norm(run, shape, rng, starts=6):
+    """max over x of ||d y / d x||_2 by L-BFGS from 0 and random starts: the Lipschitz constant is its sup."""
+    best = 0.0
+    for k in range(starts):
+        x0 = np.zeros(shape) if k == 0 else rng.normal(scale=1.5, size=shape)
+
+        def negative(z):
+            x = torch.tensor(z.reshape(shape), requires_grad=True)
+            J = torch.autograd.functional.jacobian(run, x, create_graph=True).reshape(-1, x.numel())
+            value = torch.linalg.matrix_norm(J, 2)
+            (grad,) = torch.autograd.grad(value, x)
+            return -float(value.detach()), -grad.numpy().ravel()
+
+        result = scipy.optimize.minimize(negative, x0.ravel(), jac=True, method="L-BFGS-B", options={"maxiter": 60})
+        best = max(best, -result.fun, -negative(x0.ravel())[0])
+    return best
+
+
+def largest_pair_ratio(system, U, D, b, shape, rng, starts=4):
+    """max over input pairs of ||y(x) - y(x~)|| / ||x - x~||, optimized from random pairs."""
+    best = 0.0
+    size = int(np.prod(shape))
+    for _ in range(starts):
+        z0 = rng.normal(scale=1.5, size=2 * size)
+
+        def negative(z):
+            x, dx = z[:size].reshape(shape), z[size:].reshape(shape)
+            norm = np.linalg.norm(dx)
+            if norm < 1e-9:
+                return 0.0
+            return -np.linalg.norm(readout(system, U, D, b, x + dx) - readout(system, U, D, b, x)) / norm
+
+        result = scipy.optimize.minimize(negative, z0, method="Powell", options={"maxfev": 3000, "xtol": 1e-6})
+        best = max(best, -result.fun)
+    return best
+
+
+def stage_states(system, h, u):
+    a, _ = _TABLEAUS[system.method]
+    states, slopes = [], []
+    for i in range(len(a)):
+        z = h + system.eps * sum(a[i][j] * slopes[j] for j in range(i))
+        states.append(z)
+        slopes.append(system.vector_field(z, u))
+    return states
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_input_blocks_reproduce_the_dissipation_identity_of_the_exact_increment(method):
+    """chi^T M_mu chi = V(delta+) - r V(delta) - mu ||dx||^2 + sum_s 2 p_s^T Lambda_s (L q_s - p_s), with
+    xi from the nonlinear stages of two trajectories driven by different inputs, and q_s = G_s xi + U dx."""
+    rng = np.random.default_rng(0)
+    n, d = 3, 2
+    system = random_system(rng, n, method, weight=2.0)
+    U, D = rng.standard_normal((n, d)), rng.standard_normal((2, n))
+    gform = gain_form(system, U, D)
+    m = gform.form.stages
+    M0 = rng.standard_normal((n, n))
+    P, lam, r, mu = M0 @ M0.T + np.eye(n), rng.uniform(0.2, 2.0, (m, n)), 0.9, 1.7
+    M, _ = gform.assemble(P, lam, r, mu)
+    for _ in range(10):
+        h, g = 2.0 * rng.standard_normal((2, n))
+        x, y = rng.standard_normal((2, d))
+        b = rng.standard_normal(n)
+        u, v = U @ x + b, U @ y + b
+        hs, gs = ([h], [g]) if method == "map" else (stage_states(system, h, u), stage_states(system, g, v))
+        p = [np.tanh(system.W @ s + u) - np.tanh(system.W @ t + v) for s, t in zip(hs, gs)]
+        xi = np.concatenate([h - g] + p)
+        q = [G @ xi + U @ (x - y) for G in gform.form.q_maps]
+        for q_s, s, t in zip(q, hs, gs):
+            np.testing.assert_allclose(q_s, system.W @ (s - t) + U @ (x - y), atol=1e-12)
+        delta_next = system.step(h, u) - system.step(g, v)
+        np.testing.assert_allclose(gform.form.out @ xi, delta_next, atol=1e-12)
+        chi = np.concatenate([xi, x - y])
+        sector = sum(2.0 * p_s @ (lam[s] * (q[s] - p_s)) for s, p_s in enumerate(p))
+        expected = delta_next @ P @ delta_next - r * (h - g) @ P @ (h - g) - mu * (x - y) @ (x - y) + sector
+        assert chi @ M @ chi == pytest.approx(expected, rel=1e-10, abs=1e-10)
+
+
+def test_euler_matrix_is_the_block_matrix_of_the_docstring():
+    rng = np.random.default_rng(1)
+    n, d, eps = 3, 2, 0.2
+    system = random_system(rng, n, "euler", eps=eps)
+    U = rng.standard_normal((n, d))
+    gform = gain_form(system, U, rng.standard_normal((2, n)))
+    M0 = rng.standard_normal((n, n))
+    P, lam, r, mu = M0 @ M0.T + np.eye(n), rng.uniform(0.5, 2.0, n), 0.95, 3.0
+    Ah, Lam = np.eye(n) + eps * system.A, np.diag(lam)
+    expected = np.block([
+        [Ah.T @ P @ Ah - r * P, eps * Ah.T @ P + system.W.T @ Lam, np.zeros((n, d))],
+        [eps * P @ Ah + Lam @ system.W, eps**2 * P - 2.0 * Lam, Lam @ U],
+        [np.zeros((d, n)), U.T @ Lam, -mu * np.eye(d)],
+    ])
+    np.testing.assert_allclose(gform.assemble(P, lam[None], r, mu)[0], expected, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_closed_form_mu_is_the_smallest_mu_satisfying_the_lmi(method):
+    rng = np.random.default_rng(2)
+    n = 3
+    system = random_system(rng, n, method, weight=0.3)
+    gform = gain_form(system, rng.standard_normal((n, 2)), rng.standard_normal((2, n)))
+    lam = np.ones((gform.form.stages, n))
+    r = 4.0
+    mu = gform.smallest_mu(np.eye(n), lam, r)
+    assert mu is not None and mu > 0
+
+    def top(value):
+        return np.linalg.eigvalsh(gform.assemble(np.eye(n), lam, r, value)[0])[-1]
+
+    assert abs(top(mu)) < 1e-9 * mu
+    assert top(mu * (1.0 - 1e-6)) > 0 > top(mu * (1.0 + 1e-6))
+
+
+def test_readout_factor_is_the_squared_norm_of_d_p_to_the_minus_half():
+    rng = np.random.default_rng(3)
+    n = 4
+    gform = gain_form(random_system(rng, n, "euler"), rng.standard_normal((n, 1)), rng.standard_normal((3, n)))
+    M0 = rng.standard_normal((n, n))
+    P = M0 @ M0.T + 0.1 * np.eye(n)
+    root = np.real(scipy.linalg.sqrtm(np.linalg.inv(P)))
+    G = gform.readout_gram(P)
+    assert np.linalg.eigvalsh(G)[-1] == pytest.approx(np.linalg.norm(gform.D @ root, 2) ** 2, rel=1e-10)
+    diff = gform.D[0] - gform.D[2]
+    assert G[0, 0] + G[2, 2] - 2 * G[0, 2] == pytest.approx(np.linalg.norm(diff @ root) ** 2, rel=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dual_riccati_gradient_matches_finite_differences(method):
+    rng = np.random.default_rng(4)
+    n = 4
+    system = random_system(rng, n, method, spread=0.2, weight=0.3)
+    gform = gain_form(system, rng.standard_normal((n, 2)), rng.standard_normal((3, n)))
+    m = gform.form.stages
+
+    def objective(lam, mu, r, tau):
+        """Solved afresh (no Newton warm start, whose stopping rule would hide changes below eta)."""
+        return _DualRiccati(gform, 1e-6).objective(lam, mu, r, tau, beta=tau)
+
+    lam, r = rng.uniform(0.5, 2.0, (m, n)), 1.1
+    mu = next(mu for mu in 10.0 ** np.arange(0, 6) if objective(lam, mu, r, 0.0) is not None)
+    for tau in (1e-2, 0.0):
+        value, _, d_lam, d_mu, d_r = objective(lam, mu, r, tau)
+        h = 1e-7
+        for i in range(m * n):
+            e = np.zeros(m * n)
+            e[i] = h
+            e = e.reshape(m, n)
+            fd = (objective(lam + e, mu, r, tau)[0] - objective(lam - e, mu, r, tau)[0]) / (2 * h)
+            assert fd == pytest.approx(d_lam.ravel()[i], abs=1e-6)
+        fd_mu = (objective(lam, mu * (1 + h), r, tau)[0] - objective(lam, mu * (1 - h), r, tau)[0]) / (2 * h * mu)
+        fd_r = (objective(lam, mu, r + h, tau)[0] - objective(lam, mu, r - h, tau)[0]) / (2 * h)
+        assert fd_mu == pytest.approx(d_mu, rel=1e-5, abs=1e-9)
+        assert fd_r == pytest.approx(d_r, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_riccati_solution_is_the_largest_p_for_fixed_multipliers(seed):
+    """At the SDP solver's (Lambda, mu), the stabilizing solution of the dual Riccati equation gives
+    a P at least as large (Loewner order) as the solver's, hence a readout factor at least as small."""
+    from lrnn_analysis.stability.gain import _SdpProblem
+
+    rng = np.random.default_rng(100 + seed)
+    n = 3
+    system = random_system(rng, n, METHODS[seed], spread=0.3, weight=0.4)
+    gform = gain_form(system, rng.standard_normal((n, 2)), rng.standard_normal((3, n)))
+    (P_sdp, lam, mu), status = _SdpProblem(gform).solve(1.0, "CLARABEL", math.inf)
+    assert status == "optimal"
+    assert np.linalg.eigvalsh(gform.assemble(P_sdp, lam, 1.0, mu)[0])[-1] < 0
+    Y, _ = _DualRiccati(gform, 1e-9).solve(lam, mu, 1.0)
+    P_riccati = np.linalg.inv(Y)
+    assert np.linalg.eigvalsh(P_riccati - P_sdp)[0] >= -1e-6 * np.linalg.norm(P_sdp, 2)
+    c_riccati = np.linalg.eigvalsh(gform.D @ Y @ gform.D.T)[-1]
+    c_sdp = np.linalg.eigvalsh(gform.readout_gram(P_sdp))[-1]
+    assert c_riccati <= c_sdp * (1 + 1e-6)
+    assert np.linalg.eigvalsh(gform.assemble(P_riccati, lam, 1.0, mu)[0])[-1] <= 1e-9 * np.linalg.norm(P_riccati)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_riccati_tier_comes_close_to_the_sdp_optimum_at_rho_one(seed):
+    """The descent over the multipliers is a local method; on these small systems it ends within 10%
+    of the optimum of the whole family that the SDP solver finds (seeds 0 and 2: to 1e-6)."""
+    rng = np.random.default_rng(100 + seed)
+    n = 3
+    system = random_system(rng, n, METHODS[seed], spread=0.3, weight=0.4)
+    U, D = rng.standard_normal((n, 2)), rng.standard_normal((3, n))
+    riccati = certify_gain(system, U, D, 5, rho=1.0, tiers=["closed-form", "riccati"])
+    sdp = certify_gain(system, U, D, 5, rho=1.0, tiers=["sdp"])
+    assert riccati.holds and sdp.holds
+    assert sdp.lipschitz * (1 - 1e-6) <= riccati.lipschitz <= sdp.lipschitz * 1.1
+
+
+BRUTE_FORCE = [("euler", 1), ("euler", 2), ("rk2", 1), ("rk2", 2), ("rk4", 1), ("rk38", 1), ("map", 1)]
+
+
+@pytest.mark.parametrize("method,substeps", BRUTE_FORCE)
+def test_bound_exceeds_brute_force_worst_case_on_tiny_systems(method, substeps):
+    rng = np.random.default_rng(5 + BRUTE_FORCE.index((method, substeps)))
+    n, d, k = int(rng.integers(2, 4)), 1, 3
+    T = int(rng.integers(3, 7))
+    system = random_system(rng, n, method, eps=0.4, substeps=substeps, weight=1.2)
+    U, D, b = rng.standard_normal((n, d)), rng.standard_normal((k, n)), 0.3 * rng.standard_normal(n)
+    certificate = certify_gain(system, U, D, T)
+    assert certificate.holds, certificate.reason
+    run = unrolled(system, U, D, b)
+    x = rng.standard_normal((T, d))
+    np.testing.assert_allclose(run(torch.as_tensor(x)).numpy(), readout(system, U, D, b, x), atol=1e-12)
+    worst_jacobian = largest_jacobian_norm(run, (T, d), rng)
+    worst_pair = largest_pair_ratio(system, U, D, b, (T, d), rng)
+    assert worst_pair <= worst_jacobian * (1 + 1e-6) + 1e-9  # the sup of ||J|| is the Lipschitz constant
+    assert worst_jacobian <= certificate.lipschitz
+    for i, j in [(0, 1), (1, 2), (0, 2)]:
+        rows = torch.zeros(1, k, dtype=torch.float64)
+        rows[0, i], rows[0, j] = 1.0, -1.0
+        margin_gradient = max(jacobian_norm(run, rng.normal(scale=1.5, size=(T, d)), rows) for _ in range(20))
+        assert margin_gradient <= certificate.pair_bounds[i, j]
+        assert certificate.pair_bounds[i, j] <= certificate.lipschitz * math.sqrt(2.0) * (1 + 1e-12)
+
+
+def test_bound_is_sound_on_hundreds_of_random_systems():
+    """No sampled pair, nearby pair or input-gradient norm exceeds the bound or a pair bound."""
+    rng = np.random.default_rng(6)
+    checked = 0
+    for trial in range(200):
+        method = METHODS[trial % len(METHODS)]
+        n, d, k = int(rng.integers(2, 4)), int(rng.integers(1, 3)), int(rng.integers(2, 4))
+        T = int(rng.integers(1, 9))
+        system = random_system(rng, n, method, eps=float(rng.uniform(0.1, 0.6)), substeps=int(rng.integers(1, 3)),
+                               spread=float(rng.uniform(0.1, 0.8)), weight=float(rng.uniform(0.2, 2.0)))
+        U, D, b = rng.standard_normal((n, d)), rng.standard_normal((k, n)), rng.standard_normal(n)
+        certificate = certify_gain(system, U, D, T, tiers=["closed-form", "riccati"], time_budget=2.0)
+        if not certificate.holds:
+            continue
+        checked += 1
+        x = rng.normal(scale=2.0, size=(40, T, d))
+        dx = rng.normal(size=(40, T, d)) * rng.choice([1e-4, 1e-1, 3.0], size=(40, 1, 1))
+        dy = readout(system, U, D, b, x + dx) - readout(system, U, D, b, x)
+        norms = np.linalg.norm(dx.reshape(40, -1), axis=1)
+        assert np.all(np.linalg.norm(dy, axis=1) <= certificate.lipschitz * norms)
+        for i in range(k):
+            for j in range(k):
+                assert np.all(np.abs(dy[:, i] - dy[:, j]) <= certificate.pair_bounds[i, j] * norms)
+        run = unrolled(system, U, D, b)
+        assert max(jacobian_norm(run, x[s]) for s in range(5)) <= certificate.lipschitz
+    assert checked >= 150
+
+
+@pytest.fixture(scope="module")
+def certified_case():
+    rng = np.random.default_rng(7)
+    n = 3
+    system = random_system(rng, n, "rk2", spread=0.2, weight=0.4)
+    U, D = rng.standard_normal((n, 2)), rng.standard_normal((3, n))
+    certificate = certify_gain(system, U, D, 6, rho=1.0, tiers=["closed-form", "riccati"])
+    assert certificate.holds
+    return gain_form(system, U, D), certificate
+
+
+def test_stored_evidence_reverifies_and_tampered_evidence_fails(certified_case):
+    gform, c = certified_case
+    evidence = dict(P=c.P, multipliers=c.multipliers, r=c.r, mu=c.mu, output_factor=c.output_factor,
+                    pair_factors=c.pair_factors)
+    assert verify_gain(gform, **evidence).passed
+    assert c.verification.margin > 0 and c.verification.output_margin > 0 and c.verification.pair_margin > 0
+    tampered = {
+        "mu": dict(mu=c.mu * 0.99),
+        "P shrunk": dict(P=c.P / 1.01),
+        "P grown": dict(P=c.P * 1.01),
+        "P entry": dict(P=c.P + 0.01 * np.outer(np.eye(3)[0], np.eye(3)[0])),
+        "multipliers": dict(multipliers=c.multipliers * 1.5),
+        "output factor": dict(output_factor=c.output_factor * 0.99),
+        "pair factor": dict(pair_factors=c.pair_factors * np.where(np.eye(3) == 1, 1.0, 0.99)),
+        "rate": dict(r=c.r * 0.99),
+        "asymmetric P": dict(P=c.P + np.triu(np.full((3, 3), 1e-3), 1)),
+        "negative multiplier": dict(multipliers=-c.multipliers),
+    }
+    for name, change in tampered.items():
+        verification = verify_gain(gform, **{**evidence, **change})
+        assert not verification.passed, name
+
+
+def test_an_expanding_system_has_no_bound_with_rho_at_most_one_and_says_so():
+    """A = I / 2 makes Euler's step expand at every slope: the SDP is infeasible at rho = 1, which is
+    reported as such; with rho searched a (large) bound with rho > 1 exists and is sound."""
+    rng = np.random.default_rng(8)
+    n = 2
+    system = LureSystem(0.5 * np.eye(n), 0.3 * rng.standard_normal((n, n)), method="euler", eps=0.2)
+    U, D = rng.standard_normal((n, 1)), rng.standard_normal((2, n))
+    fixed = certify_gain(system, U, D, 4, rho=1.0)
+    assert not fixed.holds and not fixed.budget_exhausted
+    sdp = fixed.attempts[-1]
+    assert sdp.tier == "sdp" and sdp.reason.startswith("no bound of this family with rho <= 1 exists (")
+    free = certify_gain(system, U, D, 4)
+    assert free.holds and free.rho > 1.0
+    x = rng.standard_normal((100, 4, 1))
+    dx = rng.standard_normal((100, 4, 1))
+    dy = readout(system, U, D, np.zeros(n), x + dx) - readout(system, U, D, np.zeros(n), x)
+    assert np.all(np.linalg.norm(dy, axis=1) <= free.lipschitz * np.linalg.norm(dx.reshape(100, -1), axis=1))
+
+
+def test_a_budget_running_out_is_not_reported_as_infeasibility():
+    rng = np.random.default_rng(9)
+    system = random_system(rng, 3, "euler")
+    result = certify_gain(system, rng.standard_normal((3, 1)), rng.standard_normal((2, 3)), 5, time_budget=1e-9)
+    assert not result.holds and result.budget_exhausted
+    assert all("no bound of this family" not in a.reason for a in result.attempts)
+    assert "time budget" in result.reason
+
+
+def test_contraction_evidence_is_a_starting_point_and_the_certificate_serializes():
+    rng = np.random.default_rng(10)
+    system = random_system(rng, 3, "euler", spread=0.2, weight=0.3)
+    contraction = certify(system, ["euler-lmi"])[0]
+    assert contraction.holds
+    U, D = rng.standard_normal((3, 1)), rng.standard_normal((4, 3))
+    result = certify_gain(system, U, D, 8, evidence=contraction.evidence, tiers=["closed-form"])
+    assert result.holds and result.tier == "closed-form" and result.rho == pytest.approx(1.0)
+    summary = result.to_dict()
+    json.dumps(summary)
+    assert "P" not in summary and len(summary["pair_bounds"]) == 4
+    full = result.to_dict(include_matrices=True)
+    assert np.array_equal(np.array(full["P"]), result.P)
+    assert np.array_equal(np.array(full["pair_factors"]), result.pair_factors)
+
+
+def test_certified_radii():
+    bounds = np.array([[0.0, 2.0, 1.0], [2.0, 0.0, 4.0], [1.0, 4.0, 0.0]])
+    logits = np.array([[3.0, 1.0, 2.5], [0.0, 2.0, 1.0], [1.0, 1.0, 0.0]])
+    radii = certified_radii(logits, bounds)
+    # sample 0: class 0, margins 2 (pair bound 2) and 0.5 (pair bound 1); sample 1: class 1, 2/2 and 1/4.
+    assert radii[0] == pytest.approx(0.5) and radii[0] <= 0.5
+    assert radii[1] == pytest.approx(0.25) and radii[1] <= 0.25
+    assert radii[2] == 0.0
+    with pytest.raises(InputError):
+        certified_radii(logits[:, :2], bounds)
+
+
+@pytest.mark.parametrize("arch", ["lipschitz", "contracting"])
+def test_sequence_map_reproduces_the_module_and_the_bound_holds_on_it(arch):
+    """U, D (D T for the contracting model, whose form lives in zeta = T^-1 h) describe the module's
+    own outputs; the certified bound holds for its float64 forward pass."""
+    model = build_model(ModelConfig(arch, 2, 4, 3, eps=0.2, init_std=0.5), seed=0).double().eval()
+    system, U, D = sequence_map(model)
+    assert U.shape == (4, 2) and D.shape == (3, 4)
+    bias = model.U.bias.detach().numpy()
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((30, 5, 2))
+    x2 = x + rng.standard_normal((30, 5, 2))
+    with torch.no_grad():
+        dy_module = (model(torch.as_tensor(x2)) - model(torch.as_tensor(x))).numpy()
+    np.testing.assert_allclose(readout(system, U, D, bias, x2) - readout(system, U, D, bias, x), dy_module,
+                               atol=1e-10)
+    certificate = certify_gain(system, U, D, 5, tiers=["closed-form", "riccati"])
+    assert certificate.holds
+    assert np.all(np.linalg.norm(dy_module, axis=1)
+                  <= certificate.lipschitz * np.linalg.norm((x2 - x).reshape(30, -1), axis=1))
+
+
+def test_degenerate_but_valid_systems_give_answers_not_exceptions():
+    rng = np.random.default_rng(13)
+    system = random_system(rng, 3, "rk2", spread=0.2, weight=0.3)
+    D = rng.standard_normal((2, 3))
+    silent = certify_gain(system, np.zeros((3, 1)), D, 6, tiers=["closed-form"])
+    assert silent.holds and silent.lipschitz < 1e-4  # 0 up to the round-off margins of verification
+    blind = certify_gain(system, rng.standard_normal((3, 1)), np.zeros((2, 3)), 6, tiers=["closed-form"])
+    assert blind.holds and blind.lipschitz < 1e-4
+    relu = LureSystem(system.A, system.W, method="rk2", eps=0.3, activation="relu")
+    assert certify_gain(relu, rng.standard_normal((3, 1)), D, 6).holds
+    huge = LureSystem(1e200 * np.eye(2), np.eye(2), method="rk4", eps=1e200)
+    overflow = certify_gain(huge, np.ones((2, 1)), np.ones((1, 2)), 3)
+    assert not overflow.holds and "overflows float64" in overflow.reason
+
+
+def test_bad_input_raises_input_error():
+    rng = np.random.default_rng(12)
+    system = random_system(rng, 3, "euler")
+    U, D = rng.standard_normal((3, 1)), rng.standard_normal((2, 3))
+    bad = [
+        lambda: certify_gain(LureSystem(system.A, system.W), U, D, 5),
+        lambda: certify_gain(system, U[:2], D, 5),
+        lambda: certify_gain(system, U, D[:, :2], 5),
+        lambda: certify_gain(system, U, D * np.nan, 5),
+        lambda: certify_gain(system, U, D, 0),
+        lambda: certify_gain(system, U, D, 2.5),
+        lambda: certify_gain(system, U, D, True),
+        lambda: certify_gain(system, U, D, 5, rho=-1.0),
+        lambda: certify_gain(system, U, D, 5, rho=float("inf")),
+        lambda: certify_gain(system, U, D, 5, tiers=["bogus"]),
+        lambda: certify_gain(system, U, D, 5, tiers=[]),
+        lambda: certify_gain(system, U, D, 5, solver="MOSEK"),
+        lambda: certify_gain(system, U, D, 5, time_budget=0),
+        lambda: certify_gain(system, U, D, 5, evidence=object()),
+        lambda: certify_gain(system, U, D, 5, evidence=type("E", (), {"P": np.eye(2), "multipliers": np.ones(2)})()),
+        lambda: sequence_map(torch.nn.Linear(2, 2)),
+    ]
+    for call in bad:
+        with pytest.raises(InputError):
+            call()
