@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..outputs import check_output_file
 from . import options as o
@@ -11,6 +11,7 @@ from . import options as o
 if TYPE_CHECKING:
     from ..model_under_analysis import ModelUnderAnalysis
     from ..pipelines.stability import ModelCertificate
+    from ..stability.gain import GainCertificate
 
 __all__ = ["add_parser", "run"]
 
@@ -29,6 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
     stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
     stability.add_argument("--force", action="store_true", help=o.FORCE_HELP)
+    stability.add_argument("--lipschitz", action="store_true",
+                           help="also certify a Lipschitz bound (incremental l2-gain) of the map from the whole input "
+                                "sequence to the outputs (the toolkit's models in Lur'e form)")
+    stability.add_argument("--horizon", type=o.int_in(1, 10**7), default=None,
+                           help="with --lipschitz: input steps of the sequence (default: the recorded task's length)")
     stability.add_argument("--trust-unchecked-form", action="store_true",
                            help="exit 0 on a certificate of a Lur'e form that could not be compared with the module")
     stability.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     elif found.source == "stored evidence":
         _print_stored_only(args, subject, found)
     else:
-        _print_lure_form(args, subject, found)
+        _print_lure_form(args, subject, found, _lipschitz(args, subject, data) if args.lipschitz else None)
     if found.holds and found.form_unchecked and not args.trust_unchecked_form:
         print(f"the certificate is of a Lur'e form that could not be compared with the module ({found.form_check.reason}); "
               "exit 1 (pass --trust-unchecked-form to accept it)", file=sys.stderr)
@@ -69,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     return 0 if found.holds else 1
 
 
-def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:
+def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate,
+                     gain: GainCertificate | None) -> None:
     from ..formatting import format_table
     from ..writers import write_json
 
@@ -88,10 +95,28 @@ def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, foun
               f"every eps*lambda(A) in the stability region: {'yes' if d.all_in_region else 'no'}")
     print("certificates")
     print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], CERTIFICATE_COLUMNS))
+    if gain is not None and gain.holds:
+        print(f"Lipschitz bound of the inputs (all {gain.horizon} steps) -> outputs: {gain.lipschitz:.6g} "
+              f"(l2 over time and features; tier {gain.tier}, rho {gain.rho:.6g}, {gain.seconds:.2f} s)")
+    elif gain is not None:
+        print(f"no Lipschitz bound certified over {gain.horizon} steps: {gain.reason}")
     if args.json:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "verdict": found.verdict(),
                                "config": subject.metadata.get("config"), "spectrum": report.to_dict(),
-                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates]})
+                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates],
+                               **({} if gain is None else {"lipschitz_bound": gain.to_dict(include_matrices=args.evidence)})})
+
+
+def _lipschitz(args: argparse.Namespace, subject: ModelUnderAnalysis, data: Any) -> GainCertificate:
+    """The certified Lipschitz bound of x -> outputs over the horizon (:mod:`lrnn_analysis.stability.gain`)."""
+    from ..stability import certify_gain, sequence_map
+
+    horizon = args.horizon
+    if horizon is None:
+        task = data if data is not None else o.task_source(args).load_for([(args.checkpoint, subject)])
+        horizon = task.seq_len
+    system, U, D = sequence_map(subject)
+    return certify_gain(system, U, D, horizon, time_budget=args.time_budget)
 
 
 def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:

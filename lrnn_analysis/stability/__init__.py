@@ -21,6 +21,8 @@ _EXPORTS = {
     "DiscretizationDiagnostics": ".spectra",
     "Evidence": ".certificates",
     "FormCheck": ".consistency",
+    "GAIN_TIERS": ".gain",
+    "GainCertificate": ".gain",
     "GatedCertificate": ".gated",
     "InitRadius": ".parameterization",
     "LureConsistency": ".consistency",
@@ -37,6 +39,8 @@ _EXPORTS = {
     "Verification": ".verification",
     "bendixson_box": ".spectra",
     "certify": ".certificates",
+    "certified_radii": ".gain",
+    "certify_gain": ".gain",
     "certify_layers": ".cascade",
     "certify_parameterization": ".parameterization",
     "certify_recurrent": ".cascade",
@@ -53,9 +57,11 @@ _EXPORTS = {
     "norm_test_value": ".norms",
     "parameter_bounds": ".parameterization",
     "phase_diagram": ".parameterization",
+    "sequence_map": ".gain",
     "simulate_pairs": ".simulate",
     "spectrum": ".spectra",
     "verify_certificate": ".certificates",
+    "verify_gain": ".gain",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -90,3 +90,20 @@ def test_cli_stability_uses_stored_evidence_and_falls_back_visibly(certified_che
     captured = capsys.readouterr()
     assert "STORED EVIDENCE NOT VERIFIED" in captured.err
     assert "stored evidence (construction)" not in captured.out and code in (0, 1)
+
+
+def test_lipschitz_prints_and_writes_the_certified_bound_of_the_sequence_map(tmp_path, capsys):
+    from lrnn_analysis.checkpoints import save_checkpoint
+    from lrnn_analysis.models import ModelConfig, build_model
+    from lrnn_analysis.stability import certify_gain, sequence_map
+
+    model = build_model(ModelConfig("lipschitz", 2, 4, 3, eps=0.1, gamma_a=1.0, gamma_w=0.0), seed=0)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, {})
+    out = tmp_path / "s.json"
+    assert main(["stability", str(path), "--lipschitz", "--horizon", "8", "--time-budget", "20", "--quiet",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    bound = json.loads(out.read_text())["lipschitz_bound"]
+    assert bound["holds"] and f"Lipschitz bound of the inputs (all 8 steps) -> outputs: {bound['lipschitz']:.6g}" in printed
+    direct = certify_gain(*sequence_map(model), 8, time_budget=20)
+    assert direct.lipschitz == pytest.approx(bound["lipschitz"], rel=1e-9)
