@@ -59,7 +59,8 @@ def run_limited(code: str, address_space: int = 3 * 2**30, timeout: float = 300)
     import sys
 
     script = (f"import json, resource, warnings\nwarnings.simplefilter('ignore')\n{code}\n"
-              "result['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+              # VmHWM, not ru_maxrss: the latter also counts the pages of the (large) test process forked here
+              "result['peak_rss_mb'] = next(int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
               "print(json.dumps(result))\n")
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, "OMP_NUM_THREADS": "1"},
