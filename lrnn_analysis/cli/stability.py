@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stability.add_argument("--json", default=None, metavar="PATH", help="write spectra and certificates as JSON")
     stability.add_argument("--evidence", action="store_true", help="include P and the multipliers in the JSON")
     stability.add_argument("--force", action="store_true", help=o.FORCE_HELP)
+    stability.add_argument("--cell", default=None, metavar="NAME",
+                           help="certify the recurrence of this submodule of --model (an nn.RNNCell-like cell or a module "
+                                "with step(state, x)), its Lur'e form derived and checked; the rest of the model is not")
     stability.add_argument("--lipschitz", action="store_true",
                            help="also certify a Lipschitz bound (incremental l2-gain) of the map from the whole input "
                                 "sequence to the outputs (the toolkit's models in Lur'e form)")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: --task {args.task} only sets the input size a Lur'e form is checked with: "
               "the certificates hold for every input sequence")
     settings = stability.StabilitySettings(None if args.certificates is None else tuple(args.certificates),
-                                           args.time_budget, args.input_bound)
+                                           args.time_budget, args.input_bound, args.cell)
     found = stability.run(subject, data, settings, wrap=lambda names: progress_bar(
         names, desc="certificates", unit="cert", enabled=not args.quiet)).models[0]
     if found.source == "none":
@@ -80,8 +83,9 @@ def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, foun
     from ..formatting import format_table
     from ..writers import write_json
 
-    system = subject.lure_system()
+    system = found.system
     report = found.spectrum
+    assert system is not None and report is not None  # a certificate of a Lur'e form carries it and its spectrum
     scheme = system.method if system.eps is None else f"{system.method}, eps {system.eps:g}" + (
         f" x {system.substeps} substeps" if system.substeps > 1 else "")
     print(f"{args.checkpoint}: {o.architecture(subject)} ({scheme}), n = {system.n}, slope L = {system.slope:g}")

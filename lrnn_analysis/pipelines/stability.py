@@ -47,11 +47,13 @@ class StabilitySettings:
     ``certificates``: names from :data:`~lrnn_analysis.choices.CERTIFICATES` (None: the defaults
     of the scheme each model runs); ``time_budget``: seconds for all searched certificates of one
     model (None: no limit); ``input_bound``: the bound on ``||x_t||_inf`` under which the
-    conditions of ``torch.nn`` LSTM/GRU layers are stated."""
+    conditions of ``torch.nn`` LSTM/GRU layers are stated; ``cell``: a submodule whose recurrence is
+    certified instead of the model's (see :func:`checked_form`)."""
 
     certificates: tuple[str, ...] | None = None
     time_budget: float | None = None
     input_bound: float | None = None
+    cell: str | None = None
 
     def __post_init__(self) -> None:
         if self.certificates is not None:
@@ -60,6 +62,8 @@ class StabilitySettings:
             if unknown or not names:
                 raise InputError(f"unknown certificates {unknown}; expected names from {', '.join(CERTIFICATES)}")
             object.__setattr__(self, "certificates", names)
+        if self.cell is not None and (not isinstance(self.cell, str) or not self.cell):
+            raise InputError(f"cell: expected the name of a submodule, got {self.cell!r}")
         for name in ("time_budget", "input_bound"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -68,7 +72,7 @@ class StabilitySettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {"certificates": None if self.certificates is None else list(self.certificates),
-                "time_budget": self.time_budget, "input_bound": self.input_bound}
+                "time_budget": self.time_budget, "input_bound": self.input_bound, "cell": self.cell}
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,7 +85,7 @@ class ModelCertificate:
     (``layers``: one cascade per stack of recurrent layers) or ``"none"`` (``reason`` says why).
     ``form`` says where a Lur'e form came from and whether it was compared with the module
     (``form_check``): ``given, checked``, ``derived, checked`` or ``given, UNCHECKED`` (its
-    certificates then hold for the form, not provably for the module)."""
+    certificates then hold for the form, not provably for the module); ``system`` is that form."""
 
     model: str
     source: str
@@ -92,6 +96,7 @@ class ModelCertificate:
     reason: str = ""
     form: str = "none"
     form_check: FormCheck | None = None
+    system: LureSystem | None = None
 
     @property
     def form_unchecked(self) -> bool:
@@ -174,6 +179,7 @@ def certify_model(
     time_budget: float | None = None,
     input_bound: float | None = None,
     input_shape: tuple[int, ...] | None = None,
+    cell: str | None = None,
     wrap: Callable[[list[str]], Iterable[str]] | None = None,
 ) -> ModelCertificate:
     """Certify one model: stored evidence, else its Lur'e form, else its ``torch.nn`` recurrent
@@ -181,21 +187,22 @@ def certify_model(
     model or any ``nn.Module``; ``certificates`` the names to try (default: the scheme's);
     ``input_shape`` the feature shape of one input step (for comparing a form with the module when
     neither the model's sizes nor its ``input_shape`` attribute say it); ``wrap`` wraps the names
-    searched (a progress bar)."""
+    searched (a progress bar); ``cell`` the name of a submodule whose recurrence is certified
+    instead of the model's (see :func:`checked_form`)."""
     from ..model_under_analysis import as_model_under_analysis
     from ..models.torchnn import find_recurrent_layers
     from ..stability import certify_recurrent, spectrum
     from ..stability.evidence import check_stored, stored_then_searched
 
-    settings = StabilitySettings(None if certificates is None else tuple(certificates), time_budget, input_bound)
+    settings = StabilitySettings(None if certificates is None else tuple(certificates), time_budget, input_bound, cell)
     subject = as_model_under_analysis(subject)
     module = subject.module
     stored = check_stored(module, subject.metadata)
-    system, form, check = checked_form(subject, input_shape)
+    system, form, check = checked_form(subject, input_shape, cell)
     if system is not None:
         found = stored_then_searched(stored, module, system, settings.certificates, settings.time_budget, wrap=wrap)
         return ModelCertificate(subject.name, "lure form", stored, tuple(found), spectrum=spectrum(system), form=form,
-                                form_check=check)
+                                form_check=check, system=system)
     if stored.verified:
         return ModelCertificate(subject.name, "stored evidence", stored, tuple(stored_then_searched(stored, module, None)))
     if find_recurrent_layers(module):
@@ -205,8 +212,8 @@ def certify_model(
     return ModelCertificate(subject.name, "none", stored, reason=NO_LURE_FORM)
 
 
-def checked_form(subject: ModelUnderAnalysis,
-                 input_shape: tuple[int, ...] | None = None) -> tuple[LureSystem | None, str, FormCheck | None]:
+def checked_form(subject: ModelUnderAnalysis, input_shape: tuple[int, ...] | None = None,
+                 cell: str | None = None) -> tuple[LureSystem | None, str, FormCheck | None]:
     """The Lur'e form to certify, where it came from, and its comparison with the module.
 
     A form the model gives (its loader's, its ``lure_form()``, or the one passed to
@@ -216,10 +223,24 @@ def checked_form(subject: ModelUnderAnalysis,
     cannot be compared is returned marked ``UNCHECKED``. Without a form, a module with a
     ``step(h, x)`` method (and ``state_shapes`` / ``input_shape`` attributes, the feature shapes of
     its state and input, when they are not an RNN cell's own) gets its form derived from that step
-    (:func:`~lrnn_analysis.stability.derive_lure_form`) and checked the same way."""
+    (:func:`~lrnn_analysis.stability.derive_lure_form`) and checked the same way. ``cell`` names a
+    submodule (``module.get_submodule(cell)``: an ``nn.RNNCell``-like cell or a module with a step)
+    whose form is derived and checked instead: the certificate is then of that cell's recurrence,
+    not of what the rest of the model does with its states."""
     from ..stability import check_form, derive_lure_form
 
     module = subject.module
+    if cell is not None:
+        try:
+            part = module.get_submodule(cell)
+        except AttributeError:
+            names = [name for name, _ in module.named_modules() if name]
+            raise InputError(f"{subject.name}: no submodule {cell!r}; its submodules are {names[:20]}") from None
+        derived = derive_lure_form(part, getattr(part, "state_shapes", None), getattr(part, "input_shape", None))
+        check = check_form(part, derived)
+        if not check.passed:
+            raise InputError(f"{subject.name}: the Lur'e form derived from {cell} does not reproduce it: {check.reason}")
+        return derived.system, f"derived from the cell {cell}, checked (the rest of the model is not certified)", check
     system = subject.lure_system()
     x = (getattr(module, "input_shape", None) or input_shape
          or ((subject.input_dim,) if subject.input_dim is not None else None))
@@ -270,7 +291,8 @@ def run(subjects: Sequence[ModelUnderAnalysis] | ModelUnderAnalysis, data: Any =
 
     shape = (data.input_dim,) if isinstance(data, Task) else None
     found = tuple(certify_model(s, settings.certificates, time_budget=settings.time_budget,
-                                input_bound=settings.input_bound, input_shape=shape, wrap=wrap) for s in subjects)
+                                input_bound=settings.input_bound, input_shape=shape, cell=settings.cell, wrap=wrap)
+                  for s in subjects)
     return StabilityResult(found, settings)
 
 

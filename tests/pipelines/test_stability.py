@@ -131,3 +131,50 @@ def test_a_wrong_form_is_refused_by_every_front_end(wrong_form_project, capsys):
     assert main(["stability", "--model", f"{root / 'analyses' / 'euler.py'}:build", "--quiet",
                  "--json", str(root / "s.json")]) == 0
     assert json.loads((root / "s.json").read_text())["verdict"].endswith("form given, checked")
+
+
+CELL_MODULE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A classifier looping an nn.RNNCell over time: no Lur'e form of its own, no step."""
+
+    def __init__(self, scale=0.2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.cell = nn.RNNCell(2, 5)
+        with torch.no_grad():
+            self.cell.weight_hh.mul_(scale)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 5)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.out(h)
+
+
+def build(scale=0.2):
+    return Net(scale)
+'''
+
+
+def test_a_cell_named_on_the_command_line_is_derived_checked_and_certified(tmp_path, capsys):
+    (tmp_path / "net.py").write_text(CELL_MODULE)
+    spec = ["--model", f"{tmp_path / 'net.py'}:build"]
+    assert main(["stability", *spec, "--quiet"]) == 2  # no form, no step, no torch.nn layer: nothing to certify
+    capsys.readouterr()
+    assert main(["stability", *spec, "--cell", "cell", "--quiet", "--json", str(tmp_path / "s.json")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("certified: map-") and "form derived from the cell cell, checked" in first
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert {c["name"] for c in record["certificates"] if c["holds"]} >= {"map-lmi"}
+    namespace: dict = {}
+    exec(CELL_MODULE, namespace)
+    net = namespace["build"](0.2)
+    W = net.cell.weight_hh.detach().double().numpy()
+    assert record["spectrum"]["norm_W"] == pytest.approx(float(np.linalg.norm(W, 2)), rel=1e-9)
+    assert main(["stability", *spec, "--cell", "nothing", "--quiet"]) == 2
+    assert "no submodule 'nothing'" in capsys.readouterr().err
