@@ -89,12 +89,22 @@ def _print_user_model(subject: ModelUnderAnalysis, task: str | None) -> None:
     print(f"recurrent parameters: {', '.join(described['recurrent']) or 'none declared'}")
     system = subject.lure_system()
     if system is None:
-        print("Lur'e form: none (no stability certificate for this model)")
+        from ..models.torchnn import find_recurrent_layers
+
+        if callable(getattr(subject.module, "step", None)):
+            print("Lur'e form: none given; lrnn stability derives one from its step and checks it before certifying")
+        elif find_recurrent_layers(subject.module):
+            layers = ", ".join(f"{name or '(root)'} ({type(layer).__name__})" for name, layer in find_recurrent_layers(subject.module))
+            print(f"Lur'e form: none of the whole model; lrnn stability certifies its torch.nn recurrent layers {layers} "
+                  "(LSTM/GRU conditions need a bound on the layer's input, --input-bound)")
+        else:
+            print("Lur'e form: none (no stability certificate for this model; --cell NAME certifies an RNN cell inside it)")
     else:
         from ..stability import spectrum
 
         report = spectrum(system)
         print(f"Lur'e form: {system.method}, n = {system.n}, slope L = {system.slope:g}; alpha(A) = {report.abscissa_A:+.4f}, "
-              f"||A||_2 = {report.norm_A:.4f}, ||W||_2 = {report.norm_W:.4f}")
+              f"||A||_2 = {report.norm_A:.4f}, ||W||_2 = {report.norm_W:.4f} (lrnn stability checks it against the module "
+              "before certifying)")
     print(f"task: {task} (from --task; the model records none)" if task is not None
           else "task: none recorded (give --task or --data to the commands that evaluate)")
