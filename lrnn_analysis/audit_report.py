@@ -135,8 +135,8 @@ def _settings_section(settings: dict[str, Any], operator: dict[str, Any]) -> lis
         ("spectral density", "yes" if settings["density"] else "no"),
         ("robustness levels", f"{grid} (`--levels KIND:L1,L2`)"),
         ("robustness seeds", f"{settings['seeds']} (`--seeds`)"),
-        ("robustness samples", "the whole test split" if settings["max_samples"] is None
-         else f"the first {settings['max_samples']} test samples (or all, if fewer)"),
+        ("test samples (clean accuracy and robustness alike)", "the whole test split" if settings["max_samples"] is None
+         else f"the first {settings['max_samples']} test samples (or all, if fewer; `--max-samples`)"),
         ("certificate time budget", f"{format_value(budget)} s"),
         ("seed", f"{settings['seed']} (`--seed`)"),
     ]

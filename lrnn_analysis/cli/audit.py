@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..choices import KINDS, MAX_BATCHES, MAX_MATVECS, MAX_SEEDS, PERTURBATION_ALIASES, perturbation_kind
+from ..choices import KINDS, MAX_BATCHES, MAX_MATVECS, MAX_SAMPLES, MAX_SEEDS, PERTURBATION_ALIASES, perturbation_kind
 from ..errors import InputError, display_name
 from ..outputs import OutputDirectory
 from . import options as o
@@ -63,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--trace-matvecs", type=o.int_in(1, MAX_MATVECS), default=None,
                        help="most Hessian-vector products for the trace (default: 60, --thorough 400)")
     audit.add_argument("--seeds", type=o.int_in(1, MAX_SEEDS), default=None, help="robustness seeds (default: 3, --thorough 10)")
+    audit.add_argument("--max-samples", type=o.int_in(1, MAX_SAMPLES), default=None,
+                       help="test samples for the clean accuracy and the robustness sweep, the same first N for both "
+                            "(default: 1000, --thorough all)")
     audit.add_argument("--levels", type=kind_levels, action="append", default=None, metavar="KIND:L1,L2",
                        help="robustness levels of one perturbation, repeatable; replaces the preset's grid; KIND as in tables "
                             f"({', '.join(k for k in KINDS if k != 'hessian-direction')}) "
@@ -85,6 +88,7 @@ def settings_from(args: argparse.Namespace):
 
     preset = AuditSettings.thorough(args.seed) if args.thorough else AuditSettings(seed=args.seed)
     return preset.with_changes(hessian_batches=args.hessian_batches, trace_matvecs=args.trace_matvecs, seeds=args.seeds,
+                               max_samples=args.max_samples,
                                grid=audit_grid(args.levels), input_bound=args.input_bound, gates=tuple(args.gate),
                                trust_unchecked_form=args.trust_unchecked_form or None)
 

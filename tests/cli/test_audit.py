@@ -92,9 +92,11 @@ def test_the_audit_command_passes_its_knobs_on(tmp_path, capsys):
     assert main(["train", "--task", "digits", "--hidden", "3", "--epochs", "1", "--out", str(checkpoint), "--quiet"]) == 0
     out = tmp_path / "audit"
     assert main(["audit", str(checkpoint), "--out", str(out), "--quiet", "--hessian-batches", "2", "--trace-matvecs", "10",
-                 "--seeds", "1", "--levels", "param-noise:0.05", "--gate", "max-trace=1e9"]) == 0
-    settings = json.loads((out / "report.json").read_text())["settings"]
-    assert (settings["hessian_batches"], settings["trace_matvecs"], settings["seeds"]) == (2, 10, 1)
+                 "--seeds", "1", "--levels", "param-noise:0.05", "--gate", "max-trace=1e9", "--max-samples", "50"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    settings = report["settings"]
+    assert (settings["hessian_batches"], settings["trace_matvecs"], settings["seeds"], settings["max_samples"]) == (2, 10, 1, 50)
+    assert report["clean"]["n"] == 50 and report["robustness"]["settings"]["n"] == 50  # one definition of the test sample
     assert settings["grid"] == {"gaussian-relative": [0.05]}
     assert "256 training samples" in (out / "report.md").read_text()
     assert "threshold" in capsys.readouterr().out
