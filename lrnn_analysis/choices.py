@@ -119,3 +119,6 @@ MAX_MC_SAMPLES = 1_000
 MAX_SEEDS = 1_000
 MAX_LEVELS = 100
 MAX_ITERATIONS = 100_000
+# Work a setting may ask for, in samples passed through the model (a curvature product costs about
+# three passes of its batch, a loss evaluation one): 10^8 is hours on a CPU, never days.
+MAX_SAMPLE_PASSES = 100_000_000

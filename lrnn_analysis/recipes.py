@@ -52,6 +52,7 @@ from .choices import (
     MAX_EIGENPAIRS,
     MAX_LEVELS,
     MAX_MATVECS,
+    MAX_SAMPLE_PASSES,
     MAX_SAMPLES,
     MAX_SEED,
     MAX_SEEDS,
@@ -411,6 +412,14 @@ def load_recipe(path: str | Path) -> Recipe:
         cells = _axis_points(path, "settings.betas", settings["betas"]) * _axis_points(path, "settings.gammas", settings["gammas"])
         if cells > MAX_GRID_CELLS:
             raise _fail(path, "settings", f"betas x gammas is {cells} cells; at most {MAX_GRID_CELLS}")
+    if analysis == "landscape":
+        points = 2 * _axis_points(path, "settings.steps", settings.get("steps", [0.0] * 21))
+        if "plane_steps" in settings:
+            points += _axis_points(path, "settings.plane_steps", settings["plane_steps"], 2) ** 2
+        samples = settings.get("batch_size", 128) * settings.get("batches", 1)
+        if points * samples > MAX_SAMPLE_PASSES:
+            raise _fail(path, "settings", f"{points} landscape points x {samples} samples is {points * samples:.3g} sample "
+                                          f"passes; at most {MAX_SAMPLE_PASSES:.0e} (fewer steps, a smaller plane or batch)")
     if settings.get("recurrent_only") and "recurrent" in settings:
         raise _fail(path, "settings.recurrent", "give recurrent (patterns) or recurrent_only (the declared ones), not both")
     recipe = Recipe(name=name, analysis=analysis, output=output, path=path, task=task, task_options=dict(task_options),

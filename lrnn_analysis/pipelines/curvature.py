@@ -33,6 +33,7 @@ from ..choices import (
     MAX_ITERATIONS,
     MAX_MATVECS,
     MAX_MC_SAMPLES,
+    MAX_SAMPLE_PASSES,
     MAX_SEED,
     SPLITS,
     TRACE_METHODS,
@@ -110,8 +111,20 @@ class CurvatureSettings:
             check_choice("dtype", self.dtype, DTYPES)
         check_optional_int("max_iter", self.max_iter, 1, MAX_ITERATIONS)
         check_int("seed", self.seed, 0, MAX_SEED)
+        if self.batches is not None and self.products() * 3 * self.batch_size * self.batches > MAX_SAMPLE_PASSES:
+            raise InputError(f"{self.products()} operator products on {self.batch_size * self.batches} samples is more than "
+                             f"{MAX_SAMPLE_PASSES:.0e} sample passes (a product costs about 3): fewer samples, density "
+                             "probes or steps, or a smaller trace budget")
         if self.backend == "pyhessian" and (self.operator != "hessian" or self.estimates or self.density):
             raise InputError("backend: pyhessian gives only the Hessian's eigenvalues and trace; use backend native")
+
+    def products(self) -> int:
+        """An estimate of the operator products these settings ask for, to bound their work: Lanczos at
+        both ends (``max_iter``, 150 when None), the trace budget, probes x steps of the density, and
+        100 per extra estimate."""
+        lanczos = 2 * (self.max_iter if self.max_iter is not None else 150)
+        return (lanczos + (self.trace_matvecs if self.trace else 0)
+                + (self.density_probes * self.density_steps if self.density else 0) + 100 * len(self.estimates))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -40,3 +40,18 @@ def test_settings_normalise_what_they_are_given():
     gated = AuditSettings(gates=("min-accuracy=0.5",))
     assert gated.gates == (Gate("min-accuracy", "0.5"),) and gated.preset() == "quick"
     assert gated.to_dict()["gates"] == ["min-accuracy=0.5"]
+
+
+def test_settings_whose_work_would_run_for_days_are_refused(tmp_path):
+    from lrnn_analysis.recipes import load_recipe
+
+    with pytest.raises(InputError, match="sample passes"):
+        CurvatureSettings(batch_size=100_000, batches=100, density=True, density_probes=1000, density_steps=10_000)
+    assert CurvatureSettings(batch_size=128, batches=8, density=True, density_probes=5, density_steps=80).products() > 0
+    (tmp_path / "analyses").mkdir()
+    recipe = tmp_path / "analyses" / "land.toml"
+    (tmp_path / "m.safetensors").write_bytes(b"")  # existence is all validation needs before the work check
+    recipe.write_text('name = "land"\nanalysis = "landscape"\ntask = "digits"\noutput = "land"\ncheckpoints = ["m.safetensors"]\n'
+                      "[settings]\nbatch_size = 100000\nbatches = 100\nsteps = {linspace = [-1.0, 1.0, 10001]}\n")
+    with pytest.raises(InputError, match="landscape points"):
+        load_recipe(recipe)
