@@ -381,11 +381,11 @@ def _layer_certificate(rnn: nn.RNNBase, kind: str, layer: int, bound: InputBound
     fields = dict(input_bound_source=bound.source, observed_input_max=observed, largest_input_bound=largest)
     if bound.value is None:
         if observed is not None:
-            reason = (f"no bound on the input of {where}: no input_bound given and it reads no nn.Embedding; on the "
+            reason = (f"no certificate without an input bound for {where}: no input_bound given and it reads no nn.Embedding; on the "
                       f"data it reaches {observed:.6g} and {holds_for} (give input_bound to certify: the data's "
                       "maximum bounds only the data)")
         else:
-            reason = (f"no input bound for {where}: its input range cannot be bounded from what was given (no "
+            reason = (f"no certificate without an input bound for {where}: its input range cannot be bounded from what was given (no "
                       f"input_bound, no nn.Embedding read directly, no sample inputs); {holds_for} (give input_bound, "
                       "the bound on what the module feeds this layer)")
         if bound.description:
