@@ -36,7 +36,7 @@ from ..errors import InputError, UserCodeError, first_line
 from ..lure import LureSystem
 
 __all__ = ["LayerInputs", "LayerParameters", "RecurrentLayer", "SequenceClassifier", "embedding_fed_layers",
-    "find_recurrent_layers", "layer_input_maxima", "layer_kind", "layer_parameters", "record_layer_inputs",
+    "fed_by_embedding", "find_recurrent_layers", "layer_input_maxima", "layer_kind", "layer_parameters", "record_layer_inputs",
     "recurrent_parameter_patterns", "rnn_lure_forms"]
 
 RECURRENT_LAYER_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
@@ -260,7 +260,12 @@ def embedding_fed_layers(model: nn.Module, x: Any = None) -> dict[str, str]:
     if x is None:
         tokens = min(m.num_embeddings for m in embeddings)
         x = torch.randint(0, tokens, (2, 3), generator=torch.Generator().manual_seed(0))
-    received, embedded = record_layer_inputs(model, x)
+    return fed_by_embedding(*record_layer_inputs(model, x))
+
+
+def fed_by_embedding(received: dict[str, LayerInputs], embedded: dict[str, list[Tensor]]) -> dict[str, str]:
+    """From a run recorded by :func:`record_layer_inputs`: the recurrent layers whose input equals an
+    ``nn.Embedding``'s output on every call (or its first two axes swapped), with that embedding's name."""
     found = {}
     for name, inputs in received.items():
         for embedding, outputs in embedded.items():

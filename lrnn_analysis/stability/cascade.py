@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ..errors import InputError, UserCodeError
 from ..models.torchnn import (
     embedding_fed_layers,
+    fed_by_embedding,
     find_recurrent_layers,
     layer_input_maxima,
     layer_kind,
@@ -229,7 +230,8 @@ def certify_recurrent(
     ``input_bound`` bounds ||x_t||_inf of the input of each stack's first layer, i.e. what
     ``model`` feeds it (not the network input, unless the model feeds it unchanged). A first layer
     that reads an ``nn.Embedding``'s output directly gets the embedding's largest |entry| instead
-    (exact; detected by a probe run of ``model`` on seeded tokens of shape (2, 3), or on ``inputs``).
+    (exact; detected by a probe run of ``model`` on seeded tokens of shape (2, 3), or on ``inputs``;
+    a ``forward`` with further required arguments, such as ``forward(input, hidden)``, gets None for them).
     ``inputs`` (sample network inputs, e.g. a task's training inputs) are run through ``model``
     (eval mode) to record the largest |x_t| every layer receives: a bound below it is not certified.
     """
@@ -240,18 +242,21 @@ def certify_recurrent(
         raise InputError(f"input_bound must be a finite number >= 0, got {input_bound!r}")
     observed: dict[str, tuple[float | None, ...]] = {}
     note = ""
+    fed: dict[str, str] = {}
     if inputs is not None:
-        received, _ = record_layer_inputs(model, inputs)
+        received, embedded = record_layer_inputs(model, inputs)
+        fed = fed_by_embedding(received, embedded)
         for layer in found:
             calls = [layer_input_maxima(layer.module, x, hx) for x, hx in received[layer.name].calls]
             if calls:
                 observed[layer.name] = tuple(
                     None if any(c[l] is None for c in calls) else max(float(c[l]) for c in calls)  # type: ignore[arg-type]
                     for l in range(layer.module.num_layers))
-    try:
-        fed = embedding_fed_layers(model, inputs)
-    except UserCodeError as error:
-        fed, note = {}, f"a probe run to find an nn.Embedding feeding it failed ({error})"
+    else:
+        try:
+            fed = embedding_fed_layers(model)
+        except UserCodeError as error:
+            note = f"a probe run to find an nn.Embedding feeding it failed ({error})"
     modules = dict(model.named_modules())
     budget = None if time_budget is None else time_budget / len(found)
     out = []

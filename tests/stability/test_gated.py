@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lrnn_analysis.models.torchnn import SequenceClassifier
-from lrnn_analysis.stability.cascade import certify_recurrent, layer_rows
+from lrnn_analysis.stability.cascade import certify_layers, certify_recurrent, layer_rows
 from lrnn_analysis.stability.gated import BISECTION_RTOL, gated_condition, gated_contraction, largest_input_bound
 
 
@@ -312,3 +312,22 @@ def test_new_fields_in_to_dict_and_layer_rows():
         (0, 0.5, "given"), (1, 1.0, "previous layer")]
     assert rows[0]["observed_input_max"] == 0.25 and 0 < rows[1]["observed_input_max"] < 1
     assert all(r["largest_input_bound"] is not None for r in rows)
+
+
+def test_a_failed_embedding_probe_is_reported_and_certify_layers_takes_inputs():
+    class Net(nn.Module):  # has an embedding, but its LSTM reads float features: the token probe cannot run
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Embedding(4, 3)
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    (stack,) = certify_recurrent(Net())
+    assert not stack.holds and "a probe run to find an nn.Embedding feeding it failed" in stack.reason
+    lstm = _gated("lstm", layers=2, seed=1)
+    x = torch.full((2, 5, 3), -0.7, dtype=torch.float64)
+    stack = certify_layers(lstm, input_bound=0.5, inputs=x)
+    assert stack.observed_input_max == pytest.approx(0.7) and not stack.holds
+    assert "reaches 0.7 on the data, beyond the bound 0.5" in stack.layers[0][0].reason
