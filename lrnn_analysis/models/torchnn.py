@@ -22,17 +22,21 @@ recurrence that is certified.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import InputError
+from ..errors import InputError, UserCodeError, first_line
 from ..lure import LureSystem
 
-__all__ = ["LayerParameters", "RecurrentLayer", "SequenceClassifier", "find_recurrent_layers", "layer_kind", "layer_parameters",
+__all__ = ["LayerInputs", "LayerParameters", "RecurrentLayer", "SequenceClassifier", "embedding_fed_layers",
+    "fed_by_embedding", "find_recurrent_layers", "layer_input_maxima", "layer_kind", "layer_parameters", "record_layer_inputs",
     "recurrent_parameter_patterns", "rnn_lure_forms"]
 
 RECURRENT_LAYER_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
@@ -116,6 +120,159 @@ def _single_layer(rnn: nn.RNNBase, layer: int, input_size: int) -> tuple[nn.RNNB
         single = type(rnn)(input_size, rnn.hidden_size, 1, **options)
     params = {f"{k}_l0": v for k, v in layer_parameters(rnn, layer).items() if isinstance(v, Tensor)}  # biases None without bias
     return single.to_empty(device=reference.device).to(reference.dtype), params
+
+
+def _layer_states(rnn: nn.RNNBase, x: Tensor, hx: Any, layer: int) -> Tensor:
+    """Layer ``layer``'s states (batch, time, hidden) from x (batch, time, input) and the module's initial state."""
+    single, params = _single_layer(rnn, layer, x.shape[-1])
+    if hx is None:
+        states, _ = functional_call(single, params, (x,))
+        return states
+    state = tuple(h[layer:layer + 1] for h in hx) if isinstance(hx, tuple) else hx[layer:layer + 1]
+    states, _ = functional_call(single, params, (x, state))
+    return states
+
+
+def layer_input_maxima(rnn: nn.RNNBase, x: Any, hx: Any = None) -> tuple[float | None, ...]:
+    """The largest |x_t| each layer of ``rnn`` reads when the module is called as ``rnn(x, hx)``:
+    layer 0 reads x, layer l >= 1 the states of layer l - 1 (computed layer by layer as in eval mode;
+    None for those of a bidirectional or projected module).
+
+    ``x`` is a tensor in the module's layout (or unbatched) or a ``PackedSequence`` (whose later
+    layers are computed from the zero state)."""
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        x, lengths = nn.utils.rnn.pad_packed_sequence(x, batch_first=True)
+        masks = [torch.arange(x.shape[1])[None, :] < lengths[:, None]]
+        if hx is not None and x.shape[0] > 1:  # packed hx is in the sorted order of the packed batch; keep it simple
+            hx = None
+    else:
+        if not isinstance(x, Tensor):
+            raise InputError(f"the input of a recurrent layer is a {type(x).__name__}, not a tensor")
+        masks = []
+        if x.ndim == 2:  # unbatched (time, input)
+            x = x.unsqueeze(0)
+            if hx is not None:
+                hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+        elif not rnn.batch_first:
+            x = x.transpose(0, 1)
+    def largest(values: Tensor) -> float:
+        values = values.detach()
+        if masks:
+            values = values[masks[0]]
+        return float(values.abs().max()) if values.numel() else 0.0
+    out: list[float | None] = [largest(x)]
+    if rnn.bidirectional or getattr(rnn, "proj_size", 0):
+        return tuple(out + [None] * (rnn.num_layers - 1))
+    states = x
+    with torch.no_grad():
+        for layer in range(rnn.num_layers - 1):
+            states = _layer_states(rnn, states, hx, layer)
+            out.append(largest(states))
+    return tuple(out)
+
+
+@dataclass
+class LayerInputs:
+    """What one recurrent module received during a run: every call's (input, hx)."""
+
+    calls: list[tuple[Any, Any]] = field(default_factory=list)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _call(model: nn.Module, x: Any) -> None:
+    """``model(x)``, passing None for any further required positional argument (an initial state, as in
+    PyTorch's word_language_model ``forward(input, hidden)``)."""
+    extra = 0
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+        required = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                    and p.default is p.empty]
+        extra = max(len(required) - 1, 0)
+    except (TypeError, ValueError):
+        pass
+    model(x, *([None] * extra))
+
+
+def record_layer_inputs(model: nn.Module, x: Any) -> tuple[dict[str, LayerInputs], dict[str, list[Tensor]]]:
+    """Run ``model`` on ``x`` (eval mode, no gradients) with forward hooks: what every recurrent layer
+    received (by name in ``model``) and every ``nn.Embedding``'s outputs. A failing ``forward`` raises
+    :class:`~lrnn_analysis.errors.UserCodeError`."""
+    received: dict[str, LayerInputs] = {layer.name: LayerInputs() for layer in find_recurrent_layers(model)}
+    embedded: dict[str, list[Tensor]] = {name: [] for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    handles = []
+
+    def on_layer(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hx = args[1] if len(args) > 1 else kwargs.get("hx")
+            received[name].calls.append((args[0] if args else kwargs.get("input"), hx))
+        return hook
+
+    def on_embedding(name: str) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Tensor) -> None:
+            embedded[name].append(output)
+        return hook
+
+    modules = dict(model.named_modules())
+    try:
+        for name in received:
+            handles.append(modules[name].register_forward_pre_hook(on_layer(name), with_kwargs=True))
+        for name in embedded:
+            handles.append(modules[name].register_forward_hook(on_embedding(name)))
+        with _eval_mode(model), torch.no_grad():
+            try:
+                _call(model, x)
+            except Exception as error:  # the user's forward
+                raise UserCodeError(f"{type(model).__name__}: forward raised {type(error).__name__}: "
+                                    f"{first_line(error)}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return received, embedded
+
+
+def _same_values(received: Any, output: Tensor) -> bool:
+    if not isinstance(received, Tensor):
+        return False
+    if received is output or (received.shape == output.shape and torch.equal(received, output)):
+        return True
+    swapped = output.transpose(0, 1) if output.ndim >= 2 else output
+    return received.shape == swapped.shape and torch.equal(received, swapped)
+
+
+def embedding_fed_layers(model: nn.Module, x: Any = None) -> dict[str, str]:
+    """The recurrent layers of ``model`` whose first layer reads an ``nn.Embedding``'s output directly, by
+    name, with that embedding's name: on every call during a run of ``model`` on ``x`` (default: a probe
+    of seeded tokens of shape (2, 3)), the layer's input equals the embedding's output (eval mode, so
+    dropout in between is the identity). Empty when the model has no embedding."""
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        return {}
+    if x is None:
+        tokens = min(m.num_embeddings for m in embeddings)
+        x = torch.randint(0, tokens, (2, 3), generator=torch.Generator().manual_seed(0))
+    return fed_by_embedding(*record_layer_inputs(model, x))
+
+
+def fed_by_embedding(received: dict[str, LayerInputs], embedded: dict[str, list[Tensor]]) -> dict[str, str]:
+    """From a run recorded by :func:`record_layer_inputs`: the recurrent layers whose input equals an
+    ``nn.Embedding``'s output on every call (or its first two axes swapped), with that embedding's name."""
+    found = {}
+    for name, inputs in received.items():
+        for embedding, outputs in embedded.items():
+            if inputs.calls and all(any(_same_values(inp, out) for out in outputs) for inp, _ in inputs.calls):
+                found[name] = embedding
+                break
+    return found
 
 
 def rnn_lure_forms(rnn: nn.RNN) -> tuple[LureSystem, ...]:
