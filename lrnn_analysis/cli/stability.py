@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stability = sub.add_parser("stability", help="spectra and global-stability certificates of a checkpoint")
     stability.add_argument("checkpoint", nargs="?", default=None)
     o.add_model_options(stability, task=True)
+    o.add_data_option(stability)
     stability.add_argument("--certificates", "--tests", dest="certificates", type=o.certificate_list, default=None,
                            help="comma-separated, e.g. euler-norm,euler-lmi (default: those of the scheme the model runs)")
     stability.add_argument("--time-budget", type=o.positive, default=None, help="seconds for all LMI tiers together")
@@ -52,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.json, force=args.force, inputs=o.input_files(args))
     subject = o.load_subject(args)
     data = None
-    if args.task is not None:
+    if args.task is not None or args.data is not None:
         data = o.task_source(args).load_for([(args.checkpoint, subject)])
-        print(f"note: --task {args.task} only sets the input size a Lur'e form is checked with: "
-              "the certificates hold for every input sequence")
+        print(f"note: {'--task' if args.task else '--data'} only sets the input size a Lur'e form is checked with and "
+              "shows the range of the inputs LSTM/GRU layers receive: the certificates hold for every input sequence")
     settings = stability.StabilitySettings(None if args.certificates is None else tuple(args.certificates),
                                            args.time_budget, args.input_bound, args.cell)
     found = stability.run(subject, data, settings, wrap=lambda names: progress_bar(

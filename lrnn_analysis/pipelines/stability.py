@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..stability.consistency import FormCheck
     from ..stability.evidence import EvidenceCheck
 
-__all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",
+__all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "SAMPLE_INPUTS", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",
            "certify_model", "checked_form", "run"]
 
 NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
@@ -38,6 +38,8 @@ LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers 
                "(what the model does with their states is not)")
 
 SOURCES = ("lure form", "stored evidence", "torch.nn layers", "none")
+# Training inputs on which the input range of LSTM/GRU layers is observed.
+SAMPLE_INPUTS = 1000
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ def certify_model(
     input_bound: float | None = None,
     input_shape: tuple[int, ...] | None = None,
     cell: str | None = None,
+    inputs: Any = None,
     wrap: Callable[[list[str]], Iterable[str]] | None = None,
 ) -> ModelCertificate:
     """Certify one model: stored evidence, else its Lur'e form, else its ``torch.nn`` recurrent
@@ -188,7 +191,9 @@ def certify_model(
     ``input_shape`` the feature shape of one input step (for comparing a form with the module when
     neither the model's sizes nor its ``input_shape`` attribute say it); ``wrap`` wraps the names
     searched (a progress bar); ``cell`` the name of a submodule whose recurrence is certified
-    instead of the model's (see :func:`checked_form`)."""
+    instead of the model's (see :func:`checked_form`); ``inputs`` sample network inputs (batch, time,
+    ...) on which the input each ``torch.nn`` LSTM/GRU layer receives is observed and compared with
+    the bound its condition assumes (see :func:`~lrnn_analysis.stability.certify_recurrent`)."""
     from ..model_under_analysis import as_model_under_analysis
     from ..models.torchnn import find_recurrent_layers
     from ..stability import certify_recurrent, spectrum
@@ -206,7 +211,7 @@ def certify_model(
     if stored.verified:
         return ModelCertificate(subject.name, "stored evidence", stored, tuple(stored_then_searched(stored, module, None)))
     if find_recurrent_layers(module):
-        layers = certify_recurrent(module, settings.certificates, input_bound=settings.input_bound,
+        layers = certify_recurrent(module, settings.certificates, input_bound=settings.input_bound, inputs=inputs,
                                    time_budget=settings.time_budget)
         return ModelCertificate(subject.name, "torch.nn layers", stored, layers=tuple(layers), reason=LAYERS_ONLY)
     return ModelCertificate(subject.name, "none", stored, reason=NO_LURE_FORM)
@@ -282,7 +287,8 @@ def run(subjects: Sequence[ModelUnderAnalysis] | ModelUnderAnalysis, data: Any =
         settings: StabilitySettings = StabilitySettings(), *,
         wrap: Callable[[list[str]], Iterable[str]] | None = None) -> StabilityResult:
     """Certify every model of ``subjects`` with ``settings``. Certificates hold for every input
-    sequence: ``data`` (a task, or None) only tells the input size the forms are checked with."""
+    sequence: ``data`` (a task, or None) tells the input size the forms are checked with, and its
+    first ``SAMPLE_INPUTS`` training inputs show the range each LSTM/GRU layer's input reaches."""
     from ..model_under_analysis import ModelUnderAnalysis
 
     if isinstance(subjects, ModelUnderAnalysis):
@@ -290,8 +296,10 @@ def run(subjects: Sequence[ModelUnderAnalysis] | ModelUnderAnalysis, data: Any =
     from ..task import Task
 
     shape = (data.input_dim,) if isinstance(data, Task) else None
+    inputs = data.train.x[:SAMPLE_INPUTS] if isinstance(data, Task) and len(data.train) else None
     found = tuple(certify_model(s, settings.certificates, time_budget=settings.time_budget,
-                                input_bound=settings.input_bound, input_shape=shape, cell=settings.cell, wrap=wrap)
+                                input_bound=settings.input_bound, input_shape=shape, cell=settings.cell, inputs=inputs,
+                                wrap=wrap)
                   for s in subjects)
     return StabilityResult(found, settings)
 

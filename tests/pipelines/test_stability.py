@@ -178,3 +178,48 @@ def test_a_cell_named_on_the_command_line_is_derived_checked_and_certified(tmp_p
     assert record["spectrum"]["norm_W"] == pytest.approx(float(np.linalg.norm(W, 2)), rel=1e-9)
     assert main(["stability", *spec, "--cell", "nothing", "--quiet"]) == 2
     assert "no submodule 'nothing'" in capsys.readouterr().err
+
+
+PREPROCESSED_LSTM = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """An LSTM that reads Linear(20 I)(x), not the network input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.pre.weight.copy_(20 * torch.eye(2))
+        self.lstm = nn.LSTM(2, 4, batch_first=True)
+        with torch.no_grad():
+            self.lstm.weight_hh_l0.mul_(0.05)
+            self.lstm.weight_ih_l0.mul_(0.2)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.lstm(self.pre(x))[0][:, -1])
+
+
+def build():
+    return Net()
+'''
+
+
+def test_an_lstm_bound_is_of_the_layer_input_and_data_refute_a_bound_it_exceeds(tmp_path, capsys):
+    (tmp_path / "net.py").write_text(PREPROCESSED_LSTM)
+    g = np.random.default_rng(0)
+    x = g.standard_normal((30, 5, 2)).astype(np.float32)
+    y = g.integers(0, 3, 30)
+    np.savez(tmp_path / "data.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    spec = ["--model", f"{tmp_path / 'net.py'}:build", "--input-bound", "0.1", "--quiet"]
+    assert main(["stability", *spec, "--json", str(tmp_path / "s.json")]) == 0  # certified for layer inputs <= 0.1 ...
+    stated = (tmp_path / "s.json").read_text()
+    assert "for the input of lstm layer 0 (what the module feeds it)" in stated and "network input" not in stated
+    capsys.readouterr()
+    assert main(["stability", *spec, "--data", str(tmp_path / "data.npz")]) == 1  # ... which the data exceed 20-fold
+    printed = capsys.readouterr().out
+    assert "reaches" in printed and "on the data, beyond the bound 0.1" in printed
