@@ -28,21 +28,21 @@ from .task import Split, Task
 
 __all__ = ["TASKS", "load_task", "reference_permutation"]
 
-VENDORED_MNIST = Path(__file__).parent / "_data" / "mnist10k.npz"
-PERMUTATION_SEED = 1234
+_VENDORED_MNIST = Path(__file__).parent / "_data" / "mnist10k.npz"
+_PERMUTATION_SEED = 1234
 # The reference implementation's pmnist: torch.manual_seed(12008); torch.randperm(784).
-REFERENCE_PERMUTATION_SEED = 12008
-PIXEL_SCALES = ("unit", "raw")
-PERMUTATIONS = ("toolkit", "reference")
+_REFERENCE_PERMUTATION_SEED = 12008
+_PIXEL_SCALES = ("unit", "raw")
+_PERMUTATIONS = ("toolkit", "reference")
 
 
 def reference_permutation() -> np.ndarray:
     """``torch.manual_seed(12008); torch.randperm(784)``, drawn from a private generator."""
-    return torch.randperm(784, generator=torch.Generator().manual_seed(REFERENCE_PERMUTATION_SEED)).numpy()
+    return torch.randperm(784, generator=torch.Generator().manual_seed(_REFERENCE_PERMUTATION_SEED)).numpy()
 # Task options come from command lines and from checkpoints (untrusted): bounded sizes.
-MAX_ADDING_SAMPLES = 1_000_000
-MAX_ADDING_VALUES = 50_000_000  # samples x length (x 2 channels of float32: 400 MB)
-MAX_DATA_BYTES = 2**30  # one uncompressed IDX file or .npz member
+_MAX_ADDING_SAMPLES = 1_000_000
+_MAX_ADDING_VALUES = 50_000_000  # samples x length (x 2 channels of float32: 400 MB)
+_MAX_DATA_BYTES = 2**30  # one uncompressed IDX file or .npz member
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[Split, Split, Split]:
@@ -64,7 +64,7 @@ def _digits(seed: int, permute: bool) -> Task:
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)
     if permute:
-        x = x[:, np.random.default_rng(PERMUTATION_SEED).permutation(x.shape[1])]
+        x = x[:, np.random.default_rng(_PERMUTATION_SEED).permutation(x.shape[1])]
     train, val, test = _split(x[:, :, None], bunch.target.astype(np.int64), seed, (0.1, 0.2))
     name = "pdigits" if permute else "digits"
     what = "permuted " if permute else ""
@@ -105,11 +105,11 @@ def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            raw = handle.read(MAX_DATA_BYTES + 1)
+            raw = handle.read(_MAX_DATA_BYTES + 1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise InputError(f"{path}: corrupt gzip file ({error})") from None
-    if len(raw) > MAX_DATA_BYTES:
-        raise InputError(f"{path}: IDX data larger than {MAX_DATA_BYTES} bytes")
+    if len(raw) > _MAX_DATA_BYTES:
+        raise InputError(f"{path}: IDX data larger than {_MAX_DATA_BYTES} bytes")
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
         raise InputError(f"{path}: not an unsigned-byte IDX file")
     ndim = raw[3]
@@ -140,7 +140,7 @@ def _load_mnist_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[np.nda
         train = (_read_idx(_find_idx(path, "train-images-idx3-ubyte")), _read_idx(_find_idx(path, "train-labels-idx1-ubyte")))
         test = (_read_idx(_find_idx(path, "t10k-images-idx3-ubyte")), _read_idx(_find_idx(path, "t10k-labels-idx1-ubyte")))
         return train[0], train[1], test
-    arrays, _ = read_npz(path, ("images", "labels"), max_array_bytes=MAX_DATA_BYTES, max_total_bytes=2 * MAX_DATA_BYTES)
+    arrays, _ = read_npz(path, ("images", "labels"), max_array_bytes=_MAX_DATA_BYTES, max_total_bytes=2 * _MAX_DATA_BYTES)
     missing = {"images", "labels"} - set(arrays)
     if missing:
         raise InputError(f"{display_name(path)}: missing arrays {sorted(missing)}")
@@ -159,11 +159,11 @@ def _check_mnist_values(source: Path, images: np.ndarray, labels: np.ndarray) ->
 
 def _smnist(seed: int, permute: bool, path: str | Path | None = None, pixels_per_step: int = 1,
             scale: str = "unit", permutation: str = "toolkit") -> Task:
-    if scale not in PIXEL_SCALES:
-        raise InputError(f"scale must be one of {PIXEL_SCALES}, got {scale!r}")
-    if permutation not in PERMUTATIONS or (permutation != "toolkit" and not permute):
-        raise InputError(f"permutation must be one of {PERMUTATIONS} (psmnist only), got {permutation!r}")
-    source = Path(path) if path is not None else VENDORED_MNIST
+    if scale not in _PIXEL_SCALES:
+        raise InputError(f"scale must be one of {_PIXEL_SCALES}, got {scale!r}")
+    if permutation not in _PERMUTATIONS or (permutation != "toolkit" and not permute):
+        raise InputError(f"permutation must be one of {_PERMUTATIONS} (psmnist only), got {permutation!r}")
+    source = Path(path) if path is not None else _VENDORED_MNIST
     images, labels, idx_test = _load_mnist_arrays(source)
     if images.shape[1:] not in ((28, 28), (784,)) or labels.shape != (len(images),) or len(images) < 10:
         raise InputError(f"{source}: expected N >= 10 28x28 images and N labels, got {images.shape} and {labels.shape}")
@@ -173,7 +173,7 @@ def _smnist(seed: int, permute: bool, path: str | Path | None = None, pixels_per
     steps = 784 // pixels_per_step
     pixel_order = None
     if permute:
-        pixel_order = reference_permutation() if permutation == "reference" else np.random.default_rng(PERMUTATION_SEED).permutation(784)
+        pixel_order = reference_permutation() if permutation == "reference" else np.random.default_rng(_PERMUTATION_SEED).permutation(784)
 
     def sequences(raw: np.ndarray) -> np.ndarray:
         flat = raw.reshape(len(raw), 784).astype(np.float32)
@@ -235,7 +235,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "adding": _adding,
 }
 
-TASK_OPTIONS: dict[str, set[str]] = {
+_TASK_OPTIONS: dict[str, set[str]] = {
     "digits": set(),
     "pdigits": set(),
     "mnist1d": set(),
@@ -258,9 +258,9 @@ def load_task(name: str, seed: int = 0, **opts: Any) -> Task:
     if name not in TASKS:
         raise InputError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
     opts = {k: v for k, v in opts.items() if v is not None}
-    unknown = set(opts) - TASK_OPTIONS[name]
+    unknown = set(opts) - _TASK_OPTIONS[name]
     if unknown:
-        raise InputError(f"task {name!r} does not take options {sorted(unknown)}; it takes {sorted(TASK_OPTIONS[name])}")
+        raise InputError(f"task {name!r} does not take options {sorted(unknown)}; it takes {sorted(_TASK_OPTIONS[name])}")
     _check_options(name, seed, opts)
     return TASKS[name](seed, **opts)
 
@@ -279,10 +279,10 @@ def _check_options(name: str, seed: Any, opts: dict[str, Any]) -> None:
     sizes = [opts.get(key, default) for key, default in (("n_train", 5000), ("n_val", 1000), ("n_test", 1000))]
     for key, size in zip(("n_train", "n_val", "n_test"), sizes):
         if key in opts:
-            _check_int(f"task {name} {key}", size, 1, MAX_ADDING_SAMPLES)
-    if name == "adding" and sum(sizes) * opts.get("length", 100) > MAX_ADDING_VALUES:
+            _check_int(f"task {name} {key}", size, 1, _MAX_ADDING_SAMPLES)
+    if name == "adding" and sum(sizes) * opts.get("length", 100) > _MAX_ADDING_VALUES:
         raise InputError(f"task adding with {sum(sizes)} samples of length {opts.get('length', 100)} exceeds "
-                         f"{MAX_ADDING_VALUES} values")
+                         f"{_MAX_ADDING_VALUES} values")
 
 
 def _check_int(what: str, value: Any, low: int, high: int) -> None:

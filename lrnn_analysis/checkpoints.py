@@ -5,8 +5,8 @@ the file (PyTorch files are read with ``torch.load(weights_only=True)``):
 
 * the file is a regular file (never a FIFO or device, which could block or never end);
 * the safetensors header is parsed here, not by the library: its length is at most
-  ``MAX_HEADER_BYTES`` and fits in the file, its JSON is at most ``MAX_JSON_DEPTH`` deep with
-  finite numbers and integers of at most ``MAX_INT_DIGITS`` digits and no duplicate keys,
+  ``_MAX_HEADER_BYTES`` and fits in the file, its JSON is at most ``_MAX_JSON_DEPTH`` deep with
+  finite numbers and integers of at most ``_MAX_INT_DIGITS`` digits and no duplicate keys,
   every tensor has a float16/bfloat16/float32/float64 dtype, a shape whose byte size equals its
   data range, and the ranges tile the data section exactly up to the end of the file;
 * the model config is valid and bounded (``ModelConfig``) and every tensor has the shape the
@@ -55,22 +55,22 @@ __all__ = ["FORMAT", "HASH_DOMAIN", "HASH_OMITTED_AT_DEFAULT", "LoadedCheckpoint
 
 FORMAT = "lrnn-analysis/1"
 METADATA_KEY = "lrnn_analysis"
-HASH_KEY = "weights_sha256"
+_HASH_KEY = "weights_sha256"
 HASH_DOMAIN = b"lrnn-analysis weights v1"
 # ModelConfig fields added after the v1 hash was defined (see the module docstring).
 HASH_OMITTED_AT_DEFAULT = ("rho", "rank", "cond_penalty")
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+_DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 
-MAX_HEADER_BYTES = 100 * 2**20
+_MAX_HEADER_BYTES = 100 * 2**20
 MAX_FILE_BYTES = 2 * 2**30
 MAX_TENSOR_BYTES = 2**30  # one tensor (storage) of a PyTorch file
-MAX_JSON_DEPTH = 32
-MAX_INT_DIGITS = 20
-MAX_TENSOR_DIMS = 8
-METADATA_SECTIONS = {"config": dict, "task": dict, "training": dict, "metrics": dict, "environment": dict,
+_MAX_JSON_DEPTH = 32
+_MAX_INT_DIGITS = 20
+_MAX_TENSOR_DIMS = 8
+_METADATA_SECTIONS = {"config": dict, "task": dict, "training": dict, "metrics": dict, "environment": dict,
                      "constraint": dict, "reference_hparams": dict, "log": list, "command": str, "format": str,
-                     HASH_KEY: str}
+                     _HASH_KEY: str}
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -80,7 +80,7 @@ class LoadedCheckpoint(NamedTuple):
     @property
     def sha256(self) -> str:
         """``weights_sha256`` of the loaded weights and config (verified when the file records one)."""
-        return self.metadata[HASH_KEY]
+        return self.metadata[_HASH_KEY]
 
 
 def weights_sha256(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> str:
@@ -101,7 +101,7 @@ def weights_sha256(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> 
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         field(name.encode("utf-8"))
-        field(DTYPE_CODES[tensor.dtype].encode())
+        field(_DTYPE_CODES[tensor.dtype].encode())
         field(json.dumps(list(tensor.shape), separators=(",", ":")).encode())
         field(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -116,7 +116,7 @@ def save_checkpoint(path: str | Path, model: RecurrentModel, metadata: Mapping[s
     if bad:
         raise CheckpointError(f"{display_name(path)}: refusing to save non-finite weights in {bad}")
     record = {"format": FORMAT, **dict(metadata or {}), "config": model.config.to_dict(),
-              HASH_KEY: weights_sha256(model.config, state)}
+              _HASH_KEY: weights_sha256(model.config, state)}
     try:
         header = dumps(record, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as error:
@@ -184,9 +184,9 @@ def _read_exact(name: str, stream: BinaryIO, count: int, what: str) -> bytes:
 def _load_safetensors(path: Path, stream: BinaryIO, size: int) -> LoadedCheckpoint:
     name = display_name(path)
     (length,) = struct.unpack("<Q", _read_exact(name, stream, 8, "header length"))
-    if length > MAX_HEADER_BYTES or length > size - 8:
+    if length > _MAX_HEADER_BYTES or length > size - 8:
         raise CheckpointError(f"{name}: not a readable safetensors checkpoint (header length {length} exceeds "
-                              f"{'the file' if length > size - 8 else f'the {MAX_HEADER_BYTES}-byte limit'})")
+                              f"{'the file' if length > size - 8 else f'the {_MAX_HEADER_BYTES}-byte limit'})")
     try:
         text = _read_exact(name, stream, length, "header").decode("utf-8")
     except UnicodeDecodeError as error:
@@ -216,10 +216,10 @@ def _load_safetensors(path: Path, stream: BinaryIO, size: int) -> LoadedCheckpoi
     for key, (dtype, shape, begin, end) in entries.items():
         tensor = torch.empty(0, dtype=dtype) if begin == end else torch.frombuffer(bytearray(data[begin:end]), dtype=dtype)
         tensors[key] = tensor.reshape(shape)
-    if HASH_KEY not in metadata:
+    if _HASH_KEY not in metadata:
         warnings.warn(f"{name}: records no integrity hash (written by an older lrnn-analysis); its weights are not verified",
                       IntegrityWarning, stacklevel=3)
-    return _finish(name, config, tensors, metadata, metadata.get(HASH_KEY))
+    return _finish(name, config, tensors, metadata, metadata.get(_HASH_KEY))
 
 
 def _tensor_entry(name: str, key: str, spec: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
@@ -229,9 +229,9 @@ def _tensor_entry(name: str, key: str, spec: Any) -> tuple[torch.dtype, tuple[in
     code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
     if code not in DTYPES:
         raise CheckpointError(f"{name}: tensor {key!r} has dtype {code!r}; supported: {', '.join(DTYPES)}")
-    if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+    if (not isinstance(shape, list) or len(shape) > _MAX_TENSOR_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise CheckpointError(f"{where} has shape {shape!r}: expected at most {MAX_TENSOR_DIMS} sizes >= 0)")
+        raise CheckpointError(f"{where} has shape {shape!r}: expected at most {_MAX_TENSOR_DIMS} sizes >= 0)")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
         raise CheckpointError(f"{where} has data_offsets {offsets!r}: expected [begin, end] with 0 <= begin <= end)")
@@ -280,7 +280,7 @@ def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream:
             raise CheckpointError(f"{name}: {first_line(error)}") from error
         tensors = model.state_dict()
         _check_finite(name, tensors)
-        return LoadedCheckpoint(model, {**metadata, HASH_KEY: weights_sha256(model.config, tensors)})
+        return LoadedCheckpoint(model, {**metadata, _HASH_KEY: weights_sha256(model.config, tensors)})
     if not isinstance(content, dict):
         raise CheckpointError(f"{name}: expected a state dict, found {type(content).__name__}")
     _check_string_keys(name, content, "the file")
@@ -293,7 +293,7 @@ def _load_torch_file(path: Path, reference_hparams: Mapping[str, float], stream:
         config = _config(name, metadata["config"])
         _check_tensor_types(name, state)
         _check_shapes(name, config, {key: tuple(t.shape) for key, t in state.items()})
-        return _finish(name, config, state, metadata, metadata.get(HASH_KEY))
+        return _finish(name, config, state, metadata, metadata.get(_HASH_KEY))
     raise CheckpointError(
         f"{name}: state dict without a model config (keys {sorted(content)[:6]}...); save it with lrnn-analysis "
         "or as {'config': ..., 'state_dict': ...}"
@@ -311,7 +311,7 @@ def _finish(name: str, config: ModelConfig, tensors: Mapping[str, torch.Tensor],
     _check_finite(name, converted)
     model = build_model(config)
     model.load_state_dict(converted)
-    return LoadedCheckpoint(model, {**metadata, HASH_KEY: digest})
+    return LoadedCheckpoint(model, {**metadata, _HASH_KEY: digest})
 
 
 def _check_string_keys(name: str, mapping: Mapping[Any, Any], where: str) -> None:
@@ -324,9 +324,9 @@ def _check_tensor_types(name: str, tensors: Mapping[str, Any]) -> None:
     for key, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{name}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
-        if tensor.dtype not in DTYPE_CODES:
+        if tensor.dtype not in _DTYPE_CODES:
             raise CheckpointError(f"{name}: tensor {key} has dtype {tensor.dtype}; supported: float16, bfloat16, float32, float64")
-        if tensor.ndim > MAX_TENSOR_DIMS:
+        if tensor.ndim > _MAX_TENSOR_DIMS:
             raise CheckpointError(f"{name}: tensor {key} has {tensor.ndim} dimensions")
 
 
@@ -359,7 +359,7 @@ def _config(name: str, data: Any) -> ModelConfig:
 
 def _check_metadata(name: str, metadata: Mapping[str, Any]) -> None:
     """The sections the toolkit reads have the types it reads them as."""
-    for key, kind in METADATA_SECTIONS.items():
+    for key, kind in _METADATA_SECTIONS.items():
         if key in metadata and not isinstance(metadata[key], kind):
             raise CheckpointError(f"{name}: metadata '{key}' is a {_json_type(metadata[key])}, expected a {_json_type(kind())}")
     task = metadata.get("task", {})
@@ -371,9 +371,9 @@ def _check_metadata(name: str, metadata: Mapping[str, Any]) -> None:
         if not isinstance(entry, dict) or not all(
                 v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in entry.values()):
             raise CheckpointError(f"{name}: metadata log entry {index} must map names to numbers")
-    recorded = metadata.get(HASH_KEY)
+    recorded = metadata.get(_HASH_KEY)
     if recorded is not None and not re.fullmatch(r"[0-9a-f]{64}", recorded):
-        raise CheckpointError(f"{name}: metadata '{HASH_KEY}' is not a SHA-256 hex digest")
+        raise CheckpointError(f"{name}: metadata '{_HASH_KEY}' is not a SHA-256 hex digest")
 
 
 def _check_json_value(name: str, value: Any, where: str, depth: int, budget: list[int]) -> None:
@@ -383,8 +383,8 @@ def _check_json_value(name: str, value: Any, where: str, depth: int, budget: lis
     if budget[0] < 0:
         raise CheckpointError(f"{name}: {where}: the metadata expands to more than {NODES_PER_BYTE} values "
                               "per byte of the file (shared references)")
-    if depth > MAX_JSON_DEPTH:
-        raise CheckpointError(f"{name}: {where} is nested more than {MAX_JSON_DEPTH} levels deep")
+    if depth > _MAX_JSON_DEPTH:
+        raise CheckpointError(f"{name}: {where} is nested more than {_MAX_JSON_DEPTH} levels deep")
     if isinstance(value, dict):
         _check_string_keys(name, value, where)
         for key, item in value.items():
@@ -396,8 +396,8 @@ def _check_json_value(name: str, value: Any, where: str, depth: int, budget: lis
         if not np.isfinite(value):
             raise CheckpointError(f"{name}: {where} is {value}, not a finite number")
     elif isinstance(value, int) and not isinstance(value, bool):
-        if abs(value) >= 10**MAX_INT_DIGITS:
-            raise CheckpointError(f"{name}: {where} is an integer with more than {MAX_INT_DIGITS} digits")
+        if abs(value) >= 10**_MAX_INT_DIGITS:
+            raise CheckpointError(f"{name}: {where} is an integer with more than {_MAX_INT_DIGITS} digits")
     elif not (value is None or isinstance(value, (str, bool))):
         raise CheckpointError(f"{name}: {where} holds a {type(value).__name__}, not a JSON value")
 
@@ -407,8 +407,8 @@ def _parse_json(name: str, text: Any, what: str) -> Any:
     if not isinstance(text, str):
         raise CheckpointError(f"{name}: {what} is not text")
     depth = _nesting_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise CheckpointError(f"{name}: {what} JSON is nested {depth} levels deep (at most {MAX_JSON_DEPTH})")
+    if depth > _MAX_JSON_DEPTH:
+        raise CheckpointError(f"{name}: {what} JSON is nested {depth} levels deep (at most {_MAX_JSON_DEPTH})")
     try:
         return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant,
                           object_pairs_hook=_unique_keys)
@@ -425,8 +425,8 @@ def _nesting_depth(text: str) -> int:
 
 
 def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"integer with {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"integer with {len(text.lstrip('-'))} digits (at most {_MAX_INT_DIGITS})")
     return int(text)
 
 

@@ -31,7 +31,7 @@ from .stability import norm_test, norm_test_threshold
 
 __all__ = ["Projection", "StabilityConstraint", "check_feasible", "project"]
 
-SECANT_STEPS = 30
+_SECANT_STEPS = 30
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def project(model: LipschitzRNN, constraint: StabilityConstraint) -> Projection:
         return Projection(1.0, g_high + constraint.bound)
     low, g_low, high = 0.0, excess(0.0), 1.0
     kept = None
-    for _ in range(SECANT_STEPS):
+    for _ in range(_SECANT_STEPS):
         if high - low <= 1e-3 * high:
             break
         candidate = low + (high - low) * (-g_low) / (g_high - g_low)

@@ -47,8 +47,8 @@ MAX_ARRAY_BYTES = 2**30
 MAX_ARRAY_ELEMENTS = 2**28
 MAX_TOTAL_BYTES = 2 * 2**30
 # Room for a .npy member's header beside its data (numpy reads headers of at most 10,000 bytes).
-NPY_HEADER_BYTES = 2**16
-NPZ_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what numpy.savez / savez_compressed write
+_NPY_HEADER_BYTES = 2**16
+_NPZ_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what numpy.savez / savez_compressed write
 
 
 def read_npz(path: str | Path, keys: Collection[str], max_array_bytes: int = MAX_ARRAY_BYTES,
@@ -91,14 +91,14 @@ def _npz_members(archive: zipfile.ZipFile, name: str, keys: Collection[str], max
         if key not in keys:
             others.append(key)
             continue
-        if member.compress_type not in NPZ_COMPRESSION or member.flag_bits & 0x1:
+        if member.compress_type not in _NPZ_COMPRESSION or member.flag_bits & 0x1:
             raise InputError(f"{name}: {key}: compressed with zip method {member.compress_type}"
                              f"{' and encrypted' if member.flag_bits & 0x1 else ''}; numpy writes stored or deflated members")
-        if member.file_size > max_array_bytes + NPY_HEADER_BYTES:
+        if member.file_size > max_array_bytes + _NPY_HEADER_BYTES:
             raise InputError(f"{name}: {key}: declares {member.file_size} bytes uncompressed, more than the "
                              f"{max_array_bytes}-byte limit")
         declared += member.file_size
-        if declared > max_total_bytes + (len(members) + 1) * NPY_HEADER_BYTES:
+        if declared > max_total_bytes + (len(members) + 1) * _NPY_HEADER_BYTES:
             raise InputError(f"{name}: its members declare more than {max_total_bytes} bytes in all")
         members[key] = member
     return members, others
@@ -129,7 +129,7 @@ def _npy_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo, name: str, ke
 
 
 # The torch dtypes a data file may hold: floating-point inputs and targets, integer labels.
-TORCH_DTYPES = (torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
+_TORCH_DTYPES = (torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
                 torch.int64)
 
 
@@ -139,7 +139,7 @@ def _torch_arrays(path: Path) -> dict[str, Any]:
         size = os.fstat(stream.fileno()).st_size
         if size > MAX_TOTAL_BYTES:
             raise InputError(f"{name}: a PyTorch data file of {size} bytes exceeds {MAX_TOTAL_BYTES // 1024**3} GiB")
-        check_declared_sizes(stream, size, name, MAX_ARRAY_BYTES + NPY_HEADER_BYTES, MAX_TOTAL_BYTES + NPY_HEADER_BYTES)
+        check_declared_sizes(stream, size, name, MAX_ARRAY_BYTES + _NPY_HEADER_BYTES, MAX_TOTAL_BYTES + _NPY_HEADER_BYTES)
         try:
             content = torch.load(stream, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
@@ -152,7 +152,7 @@ def _torch_arrays(path: Path) -> dict[str, Any]:
         raise InputError(f"{name}: expected a dict of named tensors, found {type(content).__name__}")
     check_tensors(content, name, size, MAX_ARRAY_BYTES)
     for key, value in content.items():
-        if isinstance(value, torch.Tensor) and value.dtype not in TORCH_DTYPES:
+        if isinstance(value, torch.Tensor) and value.dtype not in _TORCH_DTYPES:
             raise InputError(f"{name}: {key}: a {str(value.dtype).removeprefix('torch.')} tensor; a data file holds "
                              "float16/32/64 inputs and targets and integer labels (convert it, e.g. with .float())")
     return dict(content)

@@ -44,8 +44,8 @@ MARKER = ".lrnn-report"
 STAGING_MARKER = ".lrnn-staging"
 TEMP_INFIX = ".lrnn-tmp-"
 STAGING_INFIX = ".lrnn-staging-"
-RETIRED_INFIX = ".lrnn-old-"
-LOCK_SUFFIX = ".lrnn-lock"
+_RETIRED_INFIX = ".lrnn-old-"
+_LOCK_SUFFIX = ".lrnn-lock"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 
 _AT_FDCWD = -100
@@ -94,7 +94,7 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def same_file(a: str | Path, b: str | Path) -> bool:
+def _same_file(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name one existing file (same device and inode: links and symlinks count)."""
     try:
         first, second = os.stat(a), os.stat(b)
@@ -129,10 +129,10 @@ def check_output_file(path: str | Path, *, force: bool = False, inputs: Iterable
         raise OutputError(f"{path}: an output file needs a file name")
     info = _lstat(target)
     for source in filter(None, inputs):
-        if (info is not None and same_file(target, source)) or os.path.realpath(target) == os.path.realpath(source):
+        if (info is not None and _same_file(target, source)) or os.path.realpath(target) == os.path.realpath(source):
             raise OutputError(f"{path}: is an input of this command ({source}); refusing to overwrite it")
     for other in filter(None, others):
-        if os.path.realpath(target) == os.path.realpath(other) or same_file(target, other):
+        if os.path.realpath(target) == os.path.realpath(other) or _same_file(target, other):
             raise OutputError(f"{path}: two outputs of this command would be the same file ({other})")
     if info is not None:
         if not stat.S_ISREG(info.st_mode):
@@ -159,7 +159,7 @@ def _fsync_directory(directory: Path) -> None:
 
 def _remove_orphan_temporaries(target: Path) -> None:
     """Temporary files of ``atomic_write`` for ``target`` whose writer is gone (its lock is free)."""
-    for candidate in target.parent.glob(f".{glob_escape(target.name)}{TEMP_INFIX}*"):
+    for candidate in target.parent.glob(f".{_glob_escape(target.name)}{TEMP_INFIX}*"):
         try:
             descriptor = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
@@ -174,7 +174,7 @@ def _remove_orphan_temporaries(target: Path) -> None:
             os.close(descriptor)
 
 
-def glob_escape(text: str) -> str:
+def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
@@ -239,7 +239,7 @@ def _exchange(staging: Path, target: Path) -> Path:
     and a kill between them leaves the previous report at ``retired``, beside the target."""
     if _renameat2(staging, target, _RENAME_EXCHANGE):
         return staging
-    retired = target.parent / f".{target.name}{RETIRED_INFIX}{secrets.token_hex(6)}"
+    retired = target.parent / f".{target.name}{_RETIRED_INFIX}{secrets.token_hex(6)}"
     os.rename(target, retired)
     os.rename(staging, target)
     return retired
@@ -327,7 +327,7 @@ class OutputDirectory:
         self.previous: dict[str, Any] | None = None
         self._written: set[str] = set()
         self._lock: int | None = None
-        self._lock_path = self.target.parent / f".{self.target.name}{LOCK_SUFFIX}"
+        self._lock_path = self.target.parent / f".{self.target.name}{_LOCK_SUFFIX}"
 
     def _check(self) -> None:
         """Refuse a target this run may not replace (raises OutputError)."""
@@ -389,12 +389,12 @@ class OutputDirectory:
         """Staging and retired directories of killed runs into the same target (we hold the lock,
         so no live run owns them). A retired report is kept while the target is missing: it is
         the last complete report, which a kill between two non-atomic renames left there."""
-        name = glob_escape(self.target.name)
+        name = _glob_escape(self.target.name)
         for leftover in self.target.parent.glob(f".{name}{STAGING_INFIX}*"):
             if leftover.is_dir() and not leftover.is_symlink():
                 _remove_report(leftover)
         if _lstat(self.target) is not None:
-            for leftover in self.target.parent.glob(f".{name}{RETIRED_INFIX}*"):
+            for leftover in self.target.parent.glob(f".{name}{_RETIRED_INFIX}*"):
                 if leftover.is_dir() and not leftover.is_symlink() and _read_marker(leftover) is not None:
                     _remove_report(leftover)
 

@@ -52,10 +52,10 @@ __all__ = ["FIGURE_SUFFIXES", "PERTURBATION_TITLES", "PERTURBATION_UNITS", "figu
     "plot_phase_diagram", "plot_robustness", "plot_spectra", "plot_training_spectra", "save_figure",
     "stability_region_mask", "style", "write_figure"]
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
-HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
-PALETTE = tuple(sns.color_palette("colorblind"))
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+_HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
+_PALETTE = tuple(sns.color_palette("colorblind"))
 
 Table = Sequence[Mapping[str, Any]] | pd.DataFrame
 
@@ -76,7 +76,7 @@ PERTURBATION_UNITS = {
     "gaussian-relative": "noise std σ (× RMS of each tensor)",
     "hessian-direction": "step t (parameter-space ℓ₂ distance)",
 }
-TEST_TITLES = {
+_TEST_TITLES = {
     "ct-norm": "Continuous time (ct-norm)",
     "euler-norm": "Forward Euler (euler-norm)",
     "rk2-norm": "RK2 (rk2-norm)",
@@ -88,31 +88,31 @@ TEST_TITLES = {
 # seaborn's "ticks" style and "paper" context (font_scale 1.1) as plain rcParams, without its
 # font family: figures use the user's font.
 _SEABORN = {**sns.axes_style("ticks"), **sns.plotting_context("paper", font_scale=1.1)}
-STYLE: dict[str, Any] = {
+_STYLE: dict[str, Any] = {
     **{key: value for key, value in _SEABORN.items() if key not in ("font.family", "font.sans-serif", "image.cmap")},
-    "axes.prop_cycle": cycler(color=PALETTE),
+    "axes.prop_cycle": cycler(color=_PALETTE),
     "axes.titleweight": "bold",
     "figure.dpi": 100,
     "pdf.fonttype": 42,
     "ps.fonttype": 42,
 }
 FIGURE_SUFFIXES = (".png", ".pdf")
-FIGURE_FORMATS = (".png", ".pdf", ".svg")
-PNG_DPI = 150
+_FIGURE_FORMATS = (".png", ".pdf", ".svg")
+_PNG_DPI = 150
 
 
 @contextmanager
 def style() -> Iterator[None]:
     """The toolkit's look, for the duration of a ``with`` block only (``matplotlib.rc_context``)."""
-    with mpl.rc_context(STYLE):
+    with mpl.rc_context(_STYLE):
         yield
 
 
 def figure_format(path: str | Path) -> str:
     """The format ``path``'s suffix names: png, pdf or svg; anything else is an ``InputError``."""
     suffix = Path(path).suffix.lower()
-    if suffix not in FIGURE_FORMATS:
-        raise InputError(f"{path}: a figure file ends in {', '.join(FIGURE_FORMATS)} (the suffix chooses the format), "
+    if suffix not in _FIGURE_FORMATS:
+        raise InputError(f"{path}: a figure file ends in {', '.join(_FIGURE_FORMATS)} (the suffix chooses the format), "
                          f"not {suffix or 'no suffix'!r}")
     return suffix[1:]
 
@@ -123,7 +123,7 @@ def write_figure(fig: Figure, path: str | Path) -> Path:
     fmt = figure_format(path)
     metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
     with mpl.rc_context({"pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "lrnn"}):
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=PNG_DPI, metadata=metadata))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=_PNG_DPI, metadata=metadata))
 
 
 def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
@@ -176,8 +176,8 @@ class _Options:
 
     def styles(self) -> dict[Any, dict[str, Any]]:
         """Colour (resolved once), marker and line style of each series, in series order."""
-        return {name: {"color": self.color(name, PALETTE[i % len(PALETTE)]), "marker": MARKERS[i % len(MARKERS)],
-                       "linestyle": DASHES[i % len(DASHES)]} for i, name in enumerate(self.series)}
+        return {name: {"color": self.color(name, _PALETTE[i % len(_PALETTE)]), "marker": _MARKERS[i % len(_MARKERS)],
+                       "linestyle": _DASHES[i % len(_DASHES)]} for i, name in enumerate(self.series)}
 
 
 class _Canvas:
@@ -267,9 +267,9 @@ def plot_spectra(eigenvalues: Table, regions: Table, *, labels: Mapping[str, str
     models = list(dict.fromkeys(eig["model"]))
     options = _Options(("A", "W"), models, labels, colors, titles)
     canvas = _Canvas(len(models), models, ax, axes, figsize, (3.6, 3.3))
-    marker = {"A": dict(marker="o", facecolors="none", edgecolors=[options.color("A", PALETTE[0])],
+    marker = {"A": dict(marker="o", facecolors="none", edgecolors=[options.color("A", _PALETTE[0])],
                         label=options.label("A", "eig(A)")),
-              "W": dict(marker="x", color=options.color("W", PALETTE[3]), label=options.label("W", "eig(W)"))}
+              "W": dict(marker="x", color=options.color("W", _PALETTE[3]), label=options.label("W", "eig(W)"))}
     regions_drawn: dict[str, Patch] = {}
     with canvas.draw():
         for panel, model in zip(canvas.axes, models):
@@ -347,7 +347,7 @@ def plot_phase_diagram(cells: Table, *, labels: Mapping[str, str] | None = None,
             if len(mine):
                 panel.plot(mine["beta_A"], mine["gamma_A"], marker="*", markersize=13, color=user_colour,
                            markeredgecolor="k", linestyle="none", label=options.label("user", "your (β_A, γ_A)"))
-            default = TEST_TITLES.get(test, str(test))
+            default = _TEST_TITLES.get(test, str(test))
             panel.set_title(options.title(test, f"{default}\n{_w_description(rows)}"))
             panel.set_xlabel("β_A")
             panel.set_ylabel("γ_A")
@@ -374,7 +374,7 @@ def _w_description(rows: pd.DataFrame) -> str:
     return ", ".join(parts) if parts else "W's parameters not recorded"
 
 
-SPECTRAL_QUANTITIES = {"alpha_A": "spectral abscissa α(A)", "mu2_A": "log-norm μ₂(A)", "norm_A": "‖A‖₂",
+_SPECTRAL_QUANTITIES = {"alpha_A": "spectral abscissa α(A)", "mu2_A": "log-norm μ₂(A)", "norm_A": "‖A‖₂",
                        "alpha_W": "spectral abscissa α(W)", "mu2_W": "log-norm μ₂(W)", "norm_W": "‖W‖₂",
                        "lambda_max": "Hessian λ_max"}
 
@@ -404,13 +404,13 @@ def plot_training_spectra(log: Table, quantities: Sequence[str] = ("alpha_A", "m
             if quantity.startswith(("alpha", "mu2")):
                 panel.axhline(0.0, color="k", linewidth=0.7)
             panel.set_xlabel("epoch")
-            panel.set_ylabel(SPECTRAL_QUANTITIES.get(quantity, quantity))
+            panel.set_ylabel(_SPECTRAL_QUANTITIES.get(quantity, quantity))
             panel.set_title(options.title(quantity, ""))
         canvas.legend(*_legend_entries(canvas.axes))
     return canvas.figure
 
 
-HESSIAN_PANELS = {"lambda_max": ("lambda_max", None, "Top eigenvalue λ_max", "Hessian eigenvalue"),
+_HESSIAN_PANELS = {"lambda_max": ("lambda_max", None, "Top eigenvalue λ_max", "Hessian eigenvalue"),
                   "lambda_min": ("lambda_min", None, "Bottom eigenvalue λ_min", "Hessian eigenvalue"),
                   "trace": ("trace", "trace_ci95", "Trace tr(H), 95% CI", "Hessian trace")}
 
@@ -422,9 +422,9 @@ def plot_hessian_summary(rows: Table, quantities: Sequence[str] = ("lambda_max",
     """Top and bottom Hessian eigenvalues and the trace with its 95% CI, one bar per model,
     one panel per quantity (panel keys: ``quantities``, among "lambda_max", "lambda_min", "trace").
     Rows: (model, lambda_max, lambda_min, trace, trace_ci95)."""
-    unknown = [q for q in quantities if q not in HESSIAN_PANELS]
+    unknown = [q for q in quantities if q not in _HESSIAN_PANELS]
     if unknown or not quantities:
-        raise InputError(f"quantities: expected some of {list(HESSIAN_PANELS)}, got {list(quantities)}")
+        raise InputError(f"quantities: expected some of {list(_HESSIAN_PANELS)}, got {list(quantities)}")
     frame = _frame(rows, ["model", "lambda_max", "lambda_min", "trace", "trace_ci95"])
     models = list(frame["model"])
     options = _Options(models, quantities, labels, colors, titles)
@@ -433,10 +433,10 @@ def plot_hessian_summary(rows: Table, quantities: Sequence[str] = ("lambda_max",
     positions = np.arange(len(models))
     with canvas.draw():
         for panel, quantity in zip(canvas.axes, quantities):
-            column, error, title, ylabel = HESSIAN_PANELS[quantity]
+            column, error, title, ylabel = _HESSIAN_PANELS[quantity]
             bars = panel.bar(positions, frame[column], yerr=frame[error] if error else None, capsize=4,
                              color=[styles[m]["color"] for m in models], edgecolor="k", linewidth=0.6)
-            for bar, hatch in zip(bars, HATCHES * (len(models) // len(HATCHES) + 1)):
+            for bar, hatch in zip(bars, _HATCHES * (len(models) // len(_HATCHES) + 1)):
                 bar.set_hatch(hatch)
             values = frame[column].to_numpy(float)
             if np.all(values > 0) and values.max() > 50 * values.min():
@@ -450,7 +450,7 @@ def plot_hessian_summary(rows: Table, quantities: Sequence[str] = ("lambda_max",
     return canvas.figure
 
 
-CERTIFIED_PANELS = {"accuracy": "Test accuracy", "certified": "Certified contraction margin"}
+_CERTIFIED_PANELS = {"accuracy": "Test accuracy", "certified": "Certified contraction margin"}
 
 
 def plot_certified_accuracy(rows: Table, *, labels: Mapping[str, str] | None = None,
@@ -464,11 +464,11 @@ def plot_certified_accuracy(rows: Table, *, labels: Mapping[str, str] | None = N
     nothing certified gets a white hatched "not certified" bar at the axis floor."""
     frame = _frame(rows, ["model", "test_accuracy", "certified", "rate", "certificate"])
     models = list(frame["model"])
-    options = _Options(models, tuple(CERTIFIED_PANELS), labels, colors, titles)
+    options = _Options(models, tuple(_CERTIFIED_PANELS), labels, colors, titles)
     styles = options.styles()
-    canvas = _Canvas(2, tuple(CERTIFIED_PANELS), ax, axes, figsize, (4.6, 3.8))
+    canvas = _Canvas(2, tuple(_CERTIFIED_PANELS), ax, axes, figsize, (4.6, 3.8))
     positions = np.arange(len(models))
-    hatches = HATCHES * (len(models) // len(HATCHES) + 1)
+    hatches = _HATCHES * (len(models) // len(_HATCHES) + 1)
     accuracy = frame["test_accuracy"].to_numpy(float)
     certified = frame["certified"].astype(bool).to_numpy()
     margins = [1.0 - float(rate) if ok and rate is not None and np.isfinite(float(rate)) else np.nan
@@ -485,7 +485,7 @@ def plot_certified_accuracy(rows: Table, *, labels: Mapping[str, str] | None = N
             panel_accuracy.text(x, value, f"{value:.3f}", ha="center", va="bottom", fontsize="x-small")
         panel_accuracy.set_ylim(0, 1.08)
         panel_accuracy.set_ylabel("test accuracy")
-        panel_accuracy.set_title(options.title("accuracy", CERTIFIED_PANELS["accuracy"]))
+        panel_accuracy.set_title(options.title("accuracy", _CERTIFIED_PANELS["accuracy"]))
         for model, hatch, x, margin, certificate in zip(models, hatches, positions, margins, frame["certificate"]):
             if np.isfinite(margin) and margin > 0:
                 panel_certified.bar(x, margin, color=styles[model]["color"], hatch=hatch, edgecolor="k", linewidth=0.6)
@@ -497,7 +497,7 @@ def plot_certified_accuracy(rows: Table, *, labels: Mapping[str, str] | None = N
         panel_certified.set_yscale("log")
         panel_certified.set_ylim(floor / 2, 20 * max(positive + [floor]))
         panel_certified.set_ylabel("1 − certified rate per step (log scale)")
-        panel_certified.set_title(options.title("certified", CERTIFIED_PANELS["certified"]))
+        panel_certified.set_title(options.title("certified", _CERTIFIED_PANELS["certified"]))
         for panel in canvas.axes:
             panel.set_xticks(positions, ticks, rotation=35, ha="right")
     return canvas.figure

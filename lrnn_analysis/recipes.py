@@ -83,7 +83,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-RECIPE_KEYS = {"name", "analysis", "task", "task_options", "split_seed", "checkpoints", "labels", "seed", "output",
+_RECIPE_KEYS = {"name", "analysis", "task", "task_options", "split_seed", "checkpoints", "labels", "seed", "output",
                "settings", "description", "model", "model_args", "weights", "data"}
 
 
@@ -148,7 +148,7 @@ class Recipe:
 
     def stems(self) -> list[str]:
         """The file stems this recipe writes (each as .csv and .json, some also as .png and .pdf)."""
-        return [f"{self.output}{suffix}" for suffix in STEM_SUFFIXES[self.analysis]]
+        return [f"{self.output}{suffix}" for suffix in _STEM_SUFFIXES[self.analysis]]
 
     def inputs(self) -> list[Path]:
         """Files the recipe reads: its checkpoints, the model file, weights, data file and a data
@@ -214,8 +214,8 @@ class RecipeOutcome:
 
 
 REPRODUCE_WRITER = "lrnn reproduce"
-MAX_AXIS_POINTS = 10_001
-MAX_GRID_CELLS = 250_000
+_MAX_AXIS_POINTS = 10_001
+_MAX_GRID_CELLS = 250_000
 
 
 def _fail(path: Path, key: str, problem: str) -> InputError:
@@ -273,7 +273,7 @@ def _names(options: tuple[str, ...]) -> Callable[[Path, str, Any], list[str]]:
 
 
 def _axis_points(path: Path, key: str, spec: Any, least: int = 1) -> int:
-    """Check a grid axis (``least`` to MAX_AXIS_POINTS finite numbers, as a list or as
+    """Check a grid axis (``least`` to _MAX_AXIS_POINTS finite numbers, as a list or as
     ``{linspace = [start, stop, count]}``); returns its length."""
     if isinstance(spec, dict):
         bounds = spec.get("linspace")
@@ -281,9 +281,9 @@ def _axis_points(path: Path, key: str, spec: Any, least: int = 1) -> int:
             raise _fail(path, key, f"expected a list of numbers or {{linspace = [start, stop, count]}}, got {spec!r}")
         _number(-1e12, 1e12)(path, f"{key}.linspace start", bounds[0])
         _number(-1e12, 1e12)(path, f"{key}.linspace stop", bounds[1])
-        return _integer(least, MAX_AXIS_POINTS)(path, f"{key}.linspace count", bounds[2])
-    if not isinstance(spec, list) or not least <= len(spec) <= MAX_AXIS_POINTS:
-        raise _fail(path, key, f"expected a list of {least} to {MAX_AXIS_POINTS} numbers or {{linspace = [start, stop, count]}}")
+        return _integer(least, _MAX_AXIS_POINTS)(path, f"{key}.linspace count", bounds[2])
+    if not isinstance(spec, list) or not least <= len(spec) <= _MAX_AXIS_POINTS:
+        raise _fail(path, key, f"expected a list of {least} to {_MAX_AXIS_POINTS} numbers or {{linspace = [start, stop, count]}}")
     for value in spec:
         _number(-1e12, 1e12)(path, key, value)
     return len(spec)
@@ -313,7 +313,7 @@ def _grid_setting(path: Path, key: str, grid: Any) -> dict[str, list[float]]:
 
 
 _BATCHES = {"split": _choice(SPLITS), "batch_size": _integer(1, MAX_BATCH_SIZE), "batches": _integer(1, MAX_BATCHES)}
-SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
+_SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
     "spectra": {},
     "certificates": {"certificates": _names(CERTIFICATES), "time_budget": _number(1e-3, 1e6)},
     "hessian": {**_BATCHES, "params": _string, "trace_matvecs": _integer(1, MAX_MATVECS), "density": _boolean,
@@ -327,11 +327,11 @@ SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
     "training-spectra": {"quantities": _strings},
     "landscape": {**_BATCHES, "steps": _axis_setting(1), "plane_steps": _axis_setting(2)},
 }
-REQUIRED_SETTINGS = {"robustness": {"grid"}, "phase-diagram": {"betas", "gammas", "radius"}}
-NEEDS_TASK = {"certificates", "hessian", "robustness", "landscape"}
-WITHOUT_CHECKPOINTS = {"phase-diagram"}
+_REQUIRED_SETTINGS = {"robustness": {"grid"}, "phase-diagram": {"betas", "gammas", "radius"}}
+_NEEDS_TASK = {"certificates", "hessian", "robustness", "landscape"}
+_WITHOUT_CHECKPOINTS = {"phase-diagram"}
 # The file stems an analysis writes, as suffixes of the recipe's ``output``.
-STEM_SUFFIXES = {"spectra": ("", "_summary"), "certificates": ("", "_accuracy"), "hessian": ("", "_density"),
+_STEM_SUFFIXES = {"spectra": ("", "_summary"), "certificates": ("", "_accuracy"), "hessian": ("", "_density"),
                  "robustness": ("", "_summary"), "phase-diagram": ("",), "training-spectra": ("",),
                  "landscape": ("", "_plane")}
 
@@ -352,7 +352,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise InputError(f"{path}: invalid TOML ({error})") from error
     except RecursionError:
         raise InputError(f"{path}: invalid TOML (nested too deeply to read)") from None
-    unknown = set(data) - RECIPE_KEYS
+    unknown = set(data) - _RECIPE_KEYS
     missing = {"name", "analysis", "output"} - set(data)
     if unknown or missing:
         raise InputError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
@@ -390,7 +390,7 @@ def load_recipe(path: str | Path) -> Recipe:
     split_seed = _integer(0, MAX_SEED)(path, "split_seed", data.get("split_seed", 0))
     seed = _integer(0, MAX_SEED)(path, "seed", data.get("seed", 0))
     checkpoints = data.get("checkpoints", [])
-    if analysis in WITHOUT_CHECKPOINTS:
+    if analysis in _WITHOUT_CHECKPOINTS:
         if checkpoints or "labels" in data or model is not None or user_data is not None:
             raise _fail(path, "checkpoints", f"analysis {analysis} takes no checkpoints, model, labels or data")
     elif "checkpoints" in data or model is None:
@@ -401,17 +401,17 @@ def load_recipe(path: str | Path) -> Recipe:
     settings = data.get("settings", {})
     if not isinstance(settings, dict):
         raise _fail(path, "settings", "expected a table")
-    schema = SETTINGS[analysis]
+    schema = _SETTINGS[analysis]
     for key, value in settings.items():
         if key not in schema:
             raise _fail(path, f"settings.{key}", f"not a setting of analysis {analysis}; expected one of {sorted(schema)}")
         schema[key](path, f"settings.{key}", value)
-    for key in sorted(REQUIRED_SETTINGS.get(analysis, set()) - set(settings)):
+    for key in sorted(_REQUIRED_SETTINGS.get(analysis, set()) - set(settings)):
         raise _fail(path, f"settings.{key}", f"analysis {analysis} needs it")
     if analysis == "phase-diagram":
         cells = _axis_points(path, "settings.betas", settings["betas"]) * _axis_points(path, "settings.gammas", settings["gammas"])
-        if cells > MAX_GRID_CELLS:
-            raise _fail(path, "settings", f"betas x gammas is {cells} cells; at most {MAX_GRID_CELLS}")
+        if cells > _MAX_GRID_CELLS:
+            raise _fail(path, "settings", f"betas x gammas is {cells} cells; at most {_MAX_GRID_CELLS}")
     if analysis == "landscape":
         points = 2 * _axis_points(path, "settings.steps", settings.get("steps", [0.0] * 21))
         if "plane_steps" in settings:
@@ -446,7 +446,7 @@ def load_recipe(path: str | Path) -> Recipe:
             raise _fail(path, key, f"duplicate {key} {repeated}")
     if model is not None:
         _check_code_file(recipe)
-    if task is None and user_data is None and analysis in NEEDS_TASK:
+    if task is None and user_data is None and analysis in _NEEDS_TASK:
         recipe = replace(recipe, recorded_task=_recorded_task(recipe))
     model_labels = recipe.model_labels()
     repeated = sorted({label for label in model_labels if model_labels.count(label) > 1})
@@ -679,7 +679,7 @@ ANALYSES: dict[str, Callable[[_Context], tuple[list[str], str]]] = {
 
 
 # The analyses every rank of a distributed run takes part in; the others run on rank 0 alone.
-COLLECTIVE_ANALYSES = ("robustness", "hessian")
+_COLLECTIVE_ANALYSES = ("robustness", "hessian")
 
 
 def run_recipe(recipe: Recipe, out: OutputDirectory | str | Path | None, device: torch.device | str = "cpu",
@@ -750,7 +750,7 @@ def run_recipes(paths: Sequence[str | Path], out: str | Path, device: torch.devi
         if announce_code is not None and directory is not None:
             for recipe, file in code:
                 announce_code(recipe, file)
-        collective = [r for r in recipes if world_size > 1 and r.analysis in COLLECTIVE_ANALYSES]
+        collective = [r for r in recipes if world_size > 1 and r.analysis in _COLLECTIVE_ANALYSES]
         outcomes: dict[int, RecipeOutcome] = {}
         for index, recipe in sorted(enumerate(recipes), key=lambda item: item[1] not in collective):
             if directory is None and recipe not in collective:

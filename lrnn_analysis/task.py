@@ -17,7 +17,7 @@ from .errors import InputError
 
 __all__ = ["Split", "Task", "task_from_arrays"]
 
-MAX_CLASS_LABEL = 2**31 - 1
+_MAX_CLASS_LABEL = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Task:
 
 
 # Tensors with a numpy counterpart that a split may hold (bfloat16, float8, ... have none).
-NUMPY_TENSOR_DTYPES = (torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
+_NUMPY_TENSOR_DTYPES = (torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
                        torch.int64, torch.bool, torch.complex64, torch.complex128)
 
 
@@ -105,7 +105,7 @@ def _as_array(value: Any, key: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided:
             raise InputError(f"{key}: a {str(value.layout).removeprefix('torch.')} tensor; give a dense one (.to_dense())")
-        if value.dtype not in NUMPY_TENSOR_DTYPES:
+        if value.dtype not in _NUMPY_TENSOR_DTYPES:
             raise InputError(f"{key}: a {str(value.dtype).removeprefix('torch.')} tensor, which numpy cannot hold; "
                              "convert it, e.g. with .float()")
         value = value.detach().cpu().resolve_conj().resolve_neg().numpy()
@@ -138,8 +138,8 @@ def _check_y(y: np.ndarray, key: str, n: int) -> np.ndarray:
             raise InputError(f"{key}: integer class labels must have shape (N,), got {y.shape}")
         if (y < 0).any():
             raise InputError(f"{key}: class labels must be >= 0, found {int(y.min())}")
-        if int(y.max()) > MAX_CLASS_LABEL:
-            raise InputError(f"{key}: class label {int(y.max())} is larger than {MAX_CLASS_LABEL}")
+        if int(y.max()) > _MAX_CLASS_LABEL:
+            raise InputError(f"{key}: class label {int(y.max())} is larger than {_MAX_CLASS_LABEL}")
         return y.astype(np.int64)
     if y.dtype.kind == "f":
         if y.ndim != 2 or y.shape[1] < 1:
@@ -167,8 +167,8 @@ def task_from_arrays(
     if name in TASK_NAMES:
         raise InputError(f"task name {name!r} is a built-in task; give your data another name")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
-                                    or not 1 <= num_classes <= MAX_CLASS_LABEL + 1):
-        raise InputError(f"num_classes must be an integer in [1, {MAX_CLASS_LABEL + 1}], got {num_classes!r:.40}")
+                                    or not 1 <= num_classes <= _MAX_CLASS_LABEL + 1):
+        raise InputError(f"num_classes must be an integer in [1, {_MAX_CLASS_LABEL + 1}], got {num_classes!r:.40}")
     if (x_val is None) != (y_val is None):
         raise InputError("x_val and y_val must be given together")
     given = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}

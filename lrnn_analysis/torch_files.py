@@ -36,16 +36,16 @@ from .reference.pickles import PickledObject
 __all__ = ["NODES_PER_BYTE", "check_declared_sizes", "check_tensors"]
 
 NODES_PER_BYTE = 16
-MIN_NODE_BUDGET = 2**16
-LEGACY_PICKLES = 5  # magic number, protocol version, system info, the object, the storage keys
+_MIN_NODE_BUDGET = 2**16
+_LEGACY_PICKLES = 5  # magic number, protocol version, system info, the object, the storage keys
 # Bytes per element of the storage classes a legacy persistent id names (torch.FloatStorage...);
 # a class not listed is counted at the largest size.
-STORAGE_ELEMENT_BYTES = {
+_STORAGE_ELEMENT_BYTES = {
     "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
     "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
     "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
 }
-LARGEST_ELEMENT_BYTES = 16
+_LARGEST_ELEMENT_BYTES = 16
 
 
 class _StorageId(NamedTuple):
@@ -57,7 +57,7 @@ class _StorageId(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return self.numel * STORAGE_ELEMENT_BYTES.get(self.storage_class, LARGEST_ELEMENT_BYTES)
+        return self.numel * _STORAGE_ELEMENT_BYTES.get(self.storage_class, _LARGEST_ELEMENT_BYTES)
 
 
 class _Global(NamedTuple):
@@ -115,7 +115,7 @@ def _check_legacy_storages(stream: BinaryIO, size: int, name: str, max_member_by
                            error: type[InputError]) -> None:
     declared: dict[Any, int] = {}
     try:
-        storages = list(_storage_ids(stream, LEGACY_PICKLES))
+        storages = list(_storage_ids(stream, _LEGACY_PICKLES))
     except _Unbounded as reason:
         raise error(f"{name}: refused to load: {reason}") from None
     for storage in storages:
@@ -247,7 +247,7 @@ def check_tensors(content: Any, name: str, file_bytes: int, max_tensor_bytes: in
     returned from a file of ``file_bytes`` bytes) is dense, has no more elements than its
     storage holds, is at most ``max_tensor_bytes`` and alone on its storage; or when the walk
     needs more than ``NODES_PER_BYTE`` objects per byte of the file."""
-    budget = max(MIN_NODE_BUDGET, NODES_PER_BYTE * file_bytes)
+    budget = max(_MIN_NODE_BUDGET, NODES_PER_BYTE * file_bytes)
     places: list[tuple[str, int]] = [("", -1)]  # (label, index of the parent place): paths built only for messages
     owners: dict[int, int] = {}
     pending: list[tuple[Any, int]] = [(content, 0)]

@@ -33,7 +33,7 @@ def split_fingerprint(split: Split) -> str:
     return digest.hexdigest()
 
 
-def is_builtin(task: Task) -> bool:
+def _is_builtin(task: Task) -> bool:
     """Whether ``task`` is one of the toolkit's own tasks (user data never takes their names)."""
     return task.name in TASKS
 
@@ -72,6 +72,6 @@ def check_training_data(metadata: Mapping[str, Any], task: Task) -> TrainingData
                   f"options {dict(recorded_task.get('options') or {})}), not {here} with options {dict(task.options)}")
     else:
         reason = "the model records no training task or fingerprint"
-    if not is_builtin(task):
+    if not _is_builtin(task):
         return TrainingDataCheck(False, reason + "; the test split is the user's own", None)
     return TrainingDataCheck(False, reason, f"{LEAKAGE_WARNING} ({reason})")

@@ -145,7 +145,7 @@ def _import(spec: ModelSpec) -> Any:
     return module
 
 
-def import_factory(spec: ModelSpec | str) -> Callable[..., Any]:
+def _import_factory(spec: ModelSpec | str) -> Callable[..., Any]:
     """The callable ``spec`` names (importing its module or running its file once per process)."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
     target: Any = _import(spec)
@@ -159,10 +159,10 @@ def import_factory(spec: ModelSpec | str) -> Callable[..., Any]:
     return target
 
 
-def build_module(spec: ModelSpec | str, model_args: Mapping[str, Any] | None = None) -> nn.Module:
+def _build_module(spec: ModelSpec | str, model_args: Mapping[str, Any] | None = None) -> nn.Module:
     """Call the factory with ``model_args``; it must return an ``nn.Module`` with parameters."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
-    factory = import_factory(spec)
+    factory = _import_factory(spec)
     try:
         module = factory(**dict(model_args or {}))
     except (Exception, SystemExit) as error:  # the user's code (sys.exit included: it must not end the toolkit)
@@ -227,7 +227,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     return dict(content), hashlib.sha256(data).hexdigest()
 
 
-def load_weights(module: nn.Module, path: str | Path, spec: ModelSpec | str = "model") -> str:
+def _load_weights(module: nn.Module, path: str | Path, spec: ModelSpec | str = "model") -> str:
     """Load a state-dict file into ``module``: exactly the module's keys, shapes and kinds of dtype.
     Returns the SHA-256 of the file as it was read."""
     try:
@@ -271,11 +271,11 @@ def load_user_model(
     what the module was trained on)."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
     module_sha256 = _file_sha256(spec.path) if spec.path is not None and spec.path.is_file() else None
-    module = build_module(spec, model_args)
+    module = _build_module(spec, model_args)
     source: dict[str, Any] = {"model": spec.text, "model_args": dict(model_args or {}), "weights": None,
                               "module_sha256": module_sha256}
     if weights is not None:
-        source |= {"weights": str(weights), "weights_sha256": load_weights(module, weights, spec)}
+        source |= {"weights": str(weights), "weights_sha256": _load_weights(module, weights, spec)}
     module.eval()
     try:
         return ModelUnderAnalysis.from_module(module, name=name, metadata={"format": "user module", "user_model": source})

@@ -22,7 +22,7 @@ def gate(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def kind_levels(text: str) -> tuple[str, list[float]]:
+def _kind_levels(text: str) -> tuple[str, list[float]]:
     """'KIND:L1,L2,...' with KIND a perturbation in either spelling: (canonical kind, levels)."""
     name, sep, levels = text.partition(":")
     if not sep:
@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--max-samples", type=o.int_in(1, MAX_SAMPLES), default=None,
                        help="test samples for the clean accuracy and the robustness sweep, the same first N for both "
                             "(default: 1000, --thorough all)")
-    audit.add_argument("--levels", type=kind_levels, action="append", default=None, metavar="KIND:L1,L2",
+    audit.add_argument("--levels", type=_kind_levels, action="append", default=None, metavar="KIND:L1,L2",
                        help="robustness levels of one perturbation, repeatable; replaces the preset's grid; KIND as in tables "
                             f"({', '.join(k for k in KINDS if k != 'hessian-direction')}) "
                             f"or as the robustness options ({', '.join(PERTURBATION_ALIASES)}); level 0 "

@@ -10,7 +10,7 @@ from . import options as o
 
 __all__ = ["add_parser", "run"]
 
-MAX_GRID_POINTS = 500
+_MAX_GRID_POINTS = 500
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,12 +46,12 @@ _MAX_GRID = 100_000
 
 
 def _grid(text: str) -> list[float]:
-    """'a,b,c' or 'start:stop:count' (inclusive, evenly spaced, 1 <= count <= MAX_GRID_POINTS); finite values."""
+    """'a,b,c' or 'start:stop:count' (inclusive, evenly spaced, 1 <= count <= _MAX_GRID_POINTS); finite values."""
     if ":" in text:
         parts = text.split(":")
         if len(parts) != 3:
             raise argparse.ArgumentTypeError(f"expected start:stop:count, got {text[:40]!r}")
-        start, stop, count = o.finite(parts[0]), o.finite(parts[1]), o.int_in(1, MAX_GRID_POINTS)(parts[2])
+        start, stop, count = o.finite(parts[0]), o.finite(parts[1]), o.int_in(1, _MAX_GRID_POINTS)(parts[2])
         import numpy as np
 
         return [float(v) for v in np.linspace(start, stop, count)]

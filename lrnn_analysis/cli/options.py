@@ -104,7 +104,7 @@ def name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def names_from(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
+def _names_from(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
     """A parser of comma-separated names, each one of ``allowed``."""
     def parse(text: str) -> list[str]:
         names = name_list(text)
@@ -116,8 +116,8 @@ def names_from(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
     return parse
 
 
-certificate_list = names_from(CERTIFICATES, "certificates")
-parameterization_tests = names_from(PARAMETERIZATION_TESTS, "tests")
+certificate_list = _names_from(CERTIFICATES, "certificates")
+parameterization_tests = _names_from(PARAMETERIZATION_TESTS, "tests")
 
 
 def float_list(text: str, parse: Callable[[str], float] = finite) -> list[float]:
@@ -188,14 +188,14 @@ def add_model_options(parser: argparse.ArgumentParser, several: bool = False, ta
         group.add_argument("--task", choices=sorted(TASK_NAMES), default=None, help="the task to show/record instead of the recorded one")
 
 
-def checkpoint_list(args: argparse.Namespace) -> list[str]:
+def _checkpoint_list(args: argparse.Namespace) -> list[str]:
     checkpoints = getattr(args, "checkpoints", None)
     if checkpoints is None:
         checkpoints = [] if args.checkpoint is None else [args.checkpoint]
     return list(checkpoints)
 
 
-def model_sources(args: argparse.Namespace) -> ModelSources:
+def _model_sources(args: argparse.Namespace) -> ModelSources:
     model_args: dict[str, Any] = {}
     if args.model is not None:
         from ..usermodule import ModelSpec, parse_model_args
@@ -204,7 +204,7 @@ def model_sources(args: argparse.Namespace) -> ModelSources:
     elif args.model_arg:
         raise UsageError("--weights and --model-arg go with --model MODULE:FACTORY")
     reference = {name: getattr(args, name) for name in REFERENCE_OVERRIDES if getattr(args, name) is not None}
-    return ModelSources(tuple(checkpoint_list(args)), args.model, model_args, tuple(args.weights), reference)
+    return ModelSources(tuple(_checkpoint_list(args)), args.model, model_args, tuple(args.weights), reference)
 
 
 def task_source(args: argparse.Namespace) -> TaskSource:
@@ -220,12 +220,12 @@ def input_files(args: argparse.Namespace) -> list[Any]:
         from ..usermodule import ModelSpec
 
         model_file = ModelSpec.parse(args.model).path
-    return [*checkpoint_list(args), *args.weights, model_file, getattr(args, "data_path", None), getattr(args, "data", None)]
+    return [*_checkpoint_list(args), *args.weights, model_file, getattr(args, "data_path", None), getattr(args, "data", None)]
 
 
 def load_models(args: argparse.Namespace) -> list[tuple[str, ModelUnderAnalysis]]:
     """(label, model) for every checkpoint and every --weights file of --model, warnings printed."""
-    loaded, warnings = model_sources(args).load()
+    loaded, warnings = _model_sources(args).load()
     print_warnings(warnings)
     if args.label:
         if len(args.label) != len(loaded):

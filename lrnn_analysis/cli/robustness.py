@@ -12,7 +12,7 @@ from . import options as o
 __all__ = ["BESIDE_CSV", "add_parser", "run"]
 
 # The options that give levels, and the perturbation kind each names.
-LEVEL_OPTIONS = {
+_LEVEL_OPTIONS = {
     "input_noise": "gaussian",
     "salt_pepper": "salt-pepper",
     "occlusion": "occlusion",
@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def settings_from(args: argparse.Namespace):
     from ..pipelines.robustness import RobustnessSettings
 
-    grid = {kind: getattr(args, option) for option, kind in LEVEL_OPTIONS.items() if getattr(args, option)}
+    grid = {kind: getattr(args, option) for option, kind in _LEVEL_OPTIONS.items() if getattr(args, option)}
     if not grid:
         raise o.UsageError("no perturbation levels given (e.g. --input-noise 0,0.1,0.2)")
     return RobustnessSettings(grid=grid, seeds=args.seeds, split=args.split, max_samples=args.max_samples,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = ["add_parser", "run"]
 
-CERTIFICATE_COLUMNS = ["name", "holds", "margin", "rate", "tier", "seconds", "reason"]
+_CERTIFICATE_COLUMNS = ["name", "holds", "margin", "rate", "tier", "seconds", "reason"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +99,7 @@ def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, foun
         print(f"  {d.method} step matrix of A: spectral radius {d.step_spectral_radius:.6f}, "
               f"every eps*lambda(A) in the stability region: {'yes' if d.all_in_region else 'no'}")
     print("certificates")
-    print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], CERTIFICATE_COLUMNS))
+    print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], _CERTIFICATE_COLUMNS))
     if gain is not None and gain.holds:
         print(f"Lipschitz bound of the inputs (all {gain.horizon} steps) -> outputs: {gain.lipschitz:.6g} "
               f"(l2 over time and features; tier {gain.tier}, rho {gain.rho:.6g}, {gain.seconds:.2f} s)")
@@ -149,7 +149,7 @@ def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, fo
     config = subject.module.config
     print(f"{args.checkpoint}: {o.architecture(subject)} (no Lur'e form; its own contraction certificate), n = {config.hidden}")
     print("certificates")
-    print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], CERTIFICATE_COLUMNS))
+    print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], _CERTIFICATE_COLUMNS))
     if args.json:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
                                "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates]})

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["BACKENDS", "HessianReport", "analyze"]
 
 BACKENDS = CURVATURE_BACKENDS
-ESTIMATES = CURVATURE_ESTIMATES
+_ESTIMATES = CURVATURE_ESTIMATES
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,9 @@ def analyze(
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if operator not in OPERATOR_KINDS:
         raise InputError(f"operator must be one of {OPERATOR_KINDS}, got {operator!r}")
-    unknown = [e for e in estimates if e not in ESTIMATES]
+    unknown = [e for e in estimates if e not in _ESTIMATES]
     if unknown:
-        raise InputError(f"estimates must be among {ESTIMATES}, got {unknown}")
+        raise InputError(f"estimates must be among {_ESTIMATES}, got {unknown}")
     if backend == "pyhessian" and (operator != "hessian" or estimates):
         raise InputError("backend='pyhessian' gives only the Hessian's eigenvalues and trace; use backend='native'")
     if wrap_operator is not None and "blocks" in estimates:

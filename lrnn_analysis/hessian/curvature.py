@@ -40,7 +40,7 @@ __all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator", "Jacobian
     "curvature_operator"]
 
 
-def loss_kind(loss_fn: LossFunction) -> str:
+def _loss_kind(loss_fn: LossFunction) -> str:
     """``"cross_entropy"`` or ``"mse"`` for the losses whose output Hessian is known exactly.
 
     Only ``nn.CrossEntropyLoss`` (mean reduction, no class weights, no label smoothing, class
@@ -59,7 +59,7 @@ def loss_kind(loss_fn: LossFunction) -> str:
     raise InputError(f"the GGN/Fisher operators need nn.CrossEntropyLoss or nn.MSELoss, got {type(loss_fn).__name__}")
 
 
-def output_hessian(kind: str, f: Tensor) -> Tensor:
+def _output_hessian(kind: str, f: Tensor) -> Tensor:
     """∇²_f ℓ_i per sample, shape (n, K, K): diag(p) − ppᵀ (cross-entropy) or (2/K) I (MSE)."""
     n, K = f.shape
     if kind == "cross_entropy":
@@ -68,14 +68,14 @@ def output_hessian(kind: str, f: Tensor) -> Tensor:
     return (2.0 / K) * torch.eye(K, dtype=f.dtype, device=f.device).expand(n, K, K)
 
 
-def output_gradient(kind: str, f: Tensor, y: Tensor) -> Tensor:
+def _output_gradient(kind: str, f: Tensor, y: Tensor) -> Tensor:
     """∇_f ℓ_i(f_i, y_i) per sample, shape (n, K): p − e_y (cross-entropy) or (2/K)(f − y) (MSE)."""
     if kind == "cross_entropy":
         return torch.softmax(f, dim=1) - nn.functional.one_hot(y.long(), f.shape[1]).to(f.dtype)
     return (2.0 / f.shape[1]) * (f - y)
 
 
-def sample_targets(kind: str, f: Tensor, mc_samples: int, generator: torch.Generator) -> Tensor:
+def _sample_targets(kind: str, f: Tensor, mc_samples: int, generator: torch.Generator) -> Tensor:
     """``mc_samples`` labels per sample from the model's predictive distribution, shape (S, n[, K])."""
     if kind == "cross_entropy":
         p = torch.softmax(f.double(), dim=1).cpu()
@@ -111,7 +111,7 @@ class JacobianSandwichOperator(CurvatureOperator):
     """C = (1/N) Σ_i J_iᵀ M_i J_i for the per-sample K×K matrices of ``_output_matrices``
     (see the module docstring; ``CurvatureOperator`` for data, params, dtype, eval mode).
 
-    ``loss_kind`` is ``"cross_entropy"`` or ``"mse"`` (from the loss function). The model's
+    ``_loss_kind`` is ``"cross_entropy"`` or ``"mse"`` (from the loss function). The model's
     output must have shape (n, K). Selected parameters the output does not depend on have zero
     rows and columns and are named in ``no_grad_params``. ``cache_graph``/``memory_budget`` as
     for ``HessianOperator`` (the cached graphs are the forward graph and the Jᵀu graph).
@@ -129,7 +129,7 @@ class JacobianSandwichOperator(CurvatureOperator):
         memory_budget: float = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
     ) -> None:
-        self.loss_kind = loss_kind(loss_fn)
+        self.loss_kind = _loss_kind(loss_fn)
         super().__init__(model, loss_fn, data, params, dtype, progress=progress)
         self._has_grad: set[int] = set()
         self.matrices: list[Tensor] = []
@@ -183,7 +183,7 @@ class JacobianSandwichOperator(CurvatureOperator):
         return result
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "loss_kind": self.loss_kind, "graph_cached": self.graph_cached,
+        return {**super().describe(), "_loss_kind": self.loss_kind, "graph_cached": self.graph_cached,
                 "graph_bytes_estimate": self.graph_bytes, "no_grad_params": list(self.no_grad_params)}
 
 
@@ -203,7 +203,7 @@ class GGNOperator(JacobianSandwichOperator):
     kind = "ggn"
 
     def _output_matrices(self, batch_index: int, f: Tensor, y: Tensor) -> Tensor:
-        return output_hessian(self.loss_kind, f)
+        return _output_hessian(self.loss_kind, f)
 
 
 class EmpiricalFisherOperator(JacobianSandwichOperator):
@@ -212,7 +212,7 @@ class EmpiricalFisherOperator(JacobianSandwichOperator):
     kind = "ef"
 
     def _output_matrices(self, batch_index: int, f: Tensor, y: Tensor) -> Tensor:
-        r = output_gradient(self.loss_kind, f, y)
+        r = _output_gradient(self.loss_kind, f, y)
         return r[:, :, None] * r[:, None, :]
 
 
@@ -249,9 +249,9 @@ class FisherOperator(JacobianSandwichOperator):
                          progress=progress)
 
     def _output_matrices(self, batch_index: int, f: Tensor, y: Tensor) -> Tensor:
-        targets = sample_targets(self.loss_kind, f, self.mc_samples, self._generator)
+        targets = _sample_targets(self.loss_kind, f, self.mc_samples, self._generator)
         self.sampled_targets.append(targets)
-        r = torch.stack([output_gradient(self.loss_kind, f, t) for t in targets])
+        r = torch.stack([_output_gradient(self.loss_kind, f, t) for t in targets])
         return torch.einsum("sni,snj->nij", r, r) / self.mc_samples
 
     def describe(self) -> dict[str, Any]:

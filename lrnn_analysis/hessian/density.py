@@ -61,7 +61,7 @@ class DensityResult:
         return dataclass_dict(self)
 
 
-SCALES = ("linear", "symlog")
+_SCALES = ("linear", "symlog")
 
 
 def symlog(values: np.ndarray, linthresh: float) -> np.ndarray:
@@ -93,8 +93,8 @@ def spectral_density(
     """
     if n_probes < 1 or steps < 1:
         raise InputError(f"n_probes and steps must be >= 1, got {n_probes} and {steps}")
-    if scale not in SCALES:
-        raise InputError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale not in _SCALES:
+        raise InputError(f"scale must be one of {_SCALES}, got {scale!r}")
     start_time = time.perf_counter()
     matvec = CountedMatvec(op)
     rng = np.random.default_rng(seed)

@@ -37,7 +37,7 @@ LossFunction = Callable[[Tensor, Tensor], Tensor]
 ParamSpec = str | Sequence[str] | None
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
-MAX_DENSE_DIM = 20_000
+_MAX_DENSE_DIM = 20_000
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -240,8 +240,8 @@ class CurvatureOperator(LinearOperator):
 
     def to_dense(self) -> Tensor:
         """The P×P matrix, column by column (P products); for small models only."""
-        if self.dim > MAX_DENSE_DIM:
-            raise InputError(f"refusing to build a dense {self.dim}x{self.dim} matrix (limit {MAX_DENSE_DIM})")
+        if self.dim > _MAX_DENSE_DIM:
+            raise InputError(f"refusing to build a dense {self.dim}x{self.dim} matrix (limit {_MAX_DENSE_DIM})")
         eye = torch.eye(self.dim, dtype=self.torch_dtype, device=self.device)
         return torch.stack([self.apply(column) for column in eye], dim=1)
 
@@ -281,7 +281,7 @@ class CurvatureOperator(LinearOperator):
         }
 
 
-MATMAT_MODES = ("auto", "loop", "batched")
+_MATMAT_MODES = ("auto", "loop", "batched")
 
 
 class HessianOperator(CurvatureOperator):
@@ -322,8 +322,8 @@ class HessianOperator(CurvatureOperator):
         progress: bool = False,
     ) -> None:
         super().__init__(model, loss_fn, data, params, dtype, progress=progress)
-        if matmat not in MATMAT_MODES:
-            raise InputError(f"matmat must be one of {MATMAT_MODES}, got {matmat!r}")
+        if matmat not in _MATMAT_MODES:
+            raise InputError(f"matmat must be one of {_MATMAT_MODES}, got {matmat!r}")
         self.matmat_mode = matmat
         self.matmat_calibration: dict[str, float] | None = None
         self.graph_bytes: int | None = None

@@ -31,8 +31,8 @@ __all__ = ["AntisymmetricRNN", "CayleyRNN", "EngineSystem", "GatedLipschitzRNN",
 StepFunction = Callable[[Tensor, Tensor], Tensor]
 # (A or None, W, B or None, scheme): the step h+ of the engine, see lrnn_analysis.recurrence.
 EngineSystem = tuple[Tensor | None, Tensor, Tensor | None, Scheme]
-ENGINES = ("recurrence", "autograd")
-ENGINE_MEMORY = ("store", "recompute")
+_ENGINES = ("recurrence", "autograd")
+_ENGINE_MEMORY = ("store", "recompute")
 
 
 def lipschitz_matrix(M: Tensor, beta: float | Tensor, gamma: float | Tensor) -> Tensor:
@@ -124,8 +124,8 @@ class RecurrentModel(nn.Module):
 
     @engine.setter
     def engine(self, value: str) -> None:
-        if value not in ENGINES:
-            raise InputError(f"engine must be one of {ENGINES}, got {value!r}")
+        if value not in _ENGINES:
+            raise InputError(f"engine must be one of {_ENGINES}, got {value!r}")
         if value == "recurrence" and not self.engine_supported:
             raise InputError(f"engine 'recurrence' runs Lur'e-form steps only; {self.config.arch} needs engine 'autograd'")
         self._engine = value
@@ -137,8 +137,8 @@ class RecurrentModel(nn.Module):
 
     @engine_memory.setter
     def engine_memory(self, value: str) -> None:
-        if value not in ENGINE_MEMORY:
-            raise InputError(f"engine_memory must be one of {ENGINE_MEMORY}, got {value!r}")
+        if value not in _ENGINE_MEMORY:
+            raise InputError(f"engine_memory must be one of {_ENGINE_MEMORY}, got {value!r}")
         self._engine_memory = value
 
     def _uses_engine(self) -> bool:

@@ -10,7 +10,7 @@ contracting Recurrent Equilibrium Networks of Revay, Wang and Manchester (2021).
 
     E h+ = F h + B tanh(C h + u),   u = U x + b,
 
-with B, C free n x n matrices, Lambda = diag(l^2 + delta) / 2 (l free, delta = ``DELTA``) and
+with B, C free n x n matrices, Lambda = diag(l^2 + delta) / 2 (l free, delta = ``_DELTA``) and
 Z = [Z_1, Z_3] (m x 2n, m = ``config.rank`` or n) stored as Z_1 and dZ = Z_3 - Z_1:
 
     M_11 = C^T Lambda C / 2 + Z_1^T Z_1 + delta I,   M_22 = 2 Lambda,
@@ -40,7 +40,7 @@ T is invertible when B is.
 
 ``ren`` (:class:`ContractingREN`) is the explicit contracting REN with M = H = X^T X + delta I
 (X of shape m x 3n), F = H_31, B1 = H_32, C1 = -H_21,
-D11 = -(strictly block-lower-triangular part of H_22) (blocks of ``REN_BLOCK`` neurons),
+D11 = -(strictly block-lower-triangular part of H_22) (blocks of ``_REN_BLOCK`` neurons),
 Lambda = diag(H_22)/2 + (sum of |(H_22)_ij| over the other neurons of i's block)/2,
 
     E x+ = F x + B1 w + B2 x_t,   w = tanh(Lambda^-1 (C1 x + D11 w) + u),
@@ -69,11 +69,11 @@ from .config import ModelConfig
 
 __all__ = ["Construction", "ContractingREN", "ContractingRNN", "contracting_construction", "ren_construction"]
 
-DELTA = 1e-3
-REN_BLOCK = 16
+_DELTA = 1e-3
+_REN_BLOCK = 16
 # The parameters are stored divided by this: Adam's steps are absolute, and the recipe's
 # learning rate (0.03) on entries of size ~1/sqrt(m) is 10x what trains these models well.
-PARAMETER_SCALE = 0.1
+_PARAMETER_SCALE = 0.1
 
 
 class Construction(NamedTuple):
@@ -90,7 +90,7 @@ class Construction(NamedTuple):
 
 def _blocks(X: Tensor, n: int) -> list[list[Tensor]]:
     """The n x n blocks H_ij of H = X^T X + delta I."""
-    H = X.mT @ X + DELTA * torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    H = X.mT @ X + _DELTA * torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
     return [[H[i * n:(i + 1) * n, j * n:(j + 1) * n] for j in range(3)] for i in range(3)]
 
 
@@ -100,26 +100,26 @@ def contracting_construction(Z: Tensor, B: Tensor, C: Tensor, ell: Tensor, rho: 
     n = B.shape[0]
     eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
     Z1, Z3 = Z[:, :n], Z[:, n:]
-    lam = 0.5 * (ell * ell + DELTA)
-    M11 = 0.5 * C.mT @ (lam[:, None] * C) + Z1.mT @ Z1 + DELTA * eye
+    lam = 0.5 * (ell * ell + _DELTA)
+    M11 = 0.5 * C.mT @ (lam[:, None] * C) + Z1.mT @ Z1 + _DELTA * eye
     F = Z3.mT @ Z1 - 0.5 * B @ C
-    P = 0.5 * B @ (B.mT / lam[:, None]) + Z3.mT @ Z3 + DELTA * eye
+    P = 0.5 * B @ (B.mT / lam[:, None]) + Z3.mT @ Z3 + _DELTA * eye
     E = 0.5 * (M11 / rho**2 + P)
     return Construction(E, F, B, C, P, lam, None)
 
 
-def block_mask(n: int, block: int, device: torch.device | None = None) -> Tensor:
+def _block_mask(n: int, block: int, device: torch.device | None = None) -> Tensor:
     """mask[i, j] = 1 where neurons i and j lie in the same block of ``block`` consecutive neurons."""
     ids = torch.arange(n, device=device) // block
     return (ids[:, None] == ids[None, :]).to(torch.float32)
 
 
-def ren_construction(X: Tensor, Y: Tensor, rho: float, block: int = REN_BLOCK) -> Construction:
+def ren_construction(X: Tensor, Y: Tensor, rho: float, block: int = _REN_BLOCK) -> Construction:
     """E, F, B1, C1, P, Lambda, D11 of :class:`ContractingREN` (module docstring)."""
     n = Y.shape[0]
     H = _blocks(X, n)
     H22 = H[1][1]
-    same = block_mask(n, block, X.device).to(X.dtype)
+    same = _block_mask(n, block, X.device).to(X.dtype)
     eye = torch.eye(n, dtype=X.dtype, device=X.device)
     lam = 0.5 * (torch.diagonal(H22) + (H22.abs() * (same - eye)).sum(dim=1))
     D11 = -torch.tril(H22 * (1.0 - same))
@@ -128,12 +128,12 @@ def ren_construction(X: Tensor, Y: Tensor, rho: float, block: int = REN_BLOCK) -
 
 
 def _scaled(parameters: tuple[Tensor, ...], dtype: torch.dtype | None) -> tuple[Tensor, ...]:
-    """The construction's matrices from stored parameters: cast to ``dtype``, times ``PARAMETER_SCALE``."""
-    return tuple((p if dtype is None else p.to(dtype)) * PARAMETER_SCALE for p in parameters)
+    """The construction's matrices from stored parameters: cast to ``dtype``, times ``_PARAMETER_SCALE``."""
+    return tuple((p if dtype is None else p.to(dtype)) * _PARAMETER_SCALE for p in parameters)
 
 
 def _stored(value: Tensor) -> nn.Parameter:
-    return nn.Parameter(value / PARAMETER_SCALE)
+    return nn.Parameter(value / _PARAMETER_SCALE)
 
 
 def _rows(config: ModelConfig, blocks: int) -> int:
@@ -148,7 +148,7 @@ def _rows(config: ModelConfig, blocks: int) -> int:
 class ContractingRNN(RecurrentModel):
     """E h+ = F h + B tanh(C h + u): contracting at rate rho for every Z1, dZ, B, C, ell (module docstring).
 
-    Parameters (stored divided by ``PARAMETER_SCALE``): ``Z1`` and ``dZ`` (m x n; Z_3 = Z_1 + dZ),
+    Parameters (stored divided by ``_PARAMETER_SCALE``): ``Z1`` and ``dZ`` (m x n; Z_3 = Z_1 + dZ),
     ``B`` and ``C`` (n x n), ``ell`` (n).
     """
 
@@ -234,7 +234,7 @@ class ContractingRNN(RecurrentModel):
 class ContractingREN(RecurrentModel):
     """The explicit contracting REN: E x+ = F x + B1 w + B2 x_t, w = tanh(Lambda^-1 (C1 x + D11 w) + u).
 
-    Parameters X (m x 3n) and Y (n x n), stored divided by ``PARAMETER_SCALE``, and B2.
+    Parameters X (m x 3n) and Y (n x n), stored divided by ``_PARAMETER_SCALE``, and B2.
     """
 
     recurrent_parameters = ("X", "Y")
@@ -279,14 +279,14 @@ class ContractingREN(RecurrentModel):
         stacked = torch.cat([mats["A"], mats["K"]], dim=0).T
         B_T, D, E = mats["B"].T, mats["D"], mats["E"]
         B2_T = torch.linalg.solve(E, self.B2.weight).T
-        starts = list(range(0, n, REN_BLOCK))
+        starts = list(range(0, n, _REN_BLOCK))
 
         def step(h: Tensor, inputs: Tensor) -> Tensor:
             z = h @ stacked
             base = z[:, n:] + inputs[:, :n]
             blocks: list[Tensor] = []
             for start in starts:
-                stop = min(start + REN_BLOCK, n)
+                stop = min(start + _REN_BLOCK, n)
                 v = base[:, start:stop]
                 if blocks:
                     v = v + torch.cat(blocks, dim=1) @ D[start:stop, :start].T

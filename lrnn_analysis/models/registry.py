@@ -26,19 +26,19 @@ MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
 
 
 # At most this many parameters (400 MB in float32): checked before anything is allocated.
-MAX_PARAMETERS = 100_000_000
+_MAX_PARAMETERS = 100_000_000
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name and shape of every state-dict tensor of the model ``config`` describes, computed
-    on the meta device (nothing is allocated); ``InputError`` beyond ``MAX_PARAMETERS``."""
+    on the meta device (nothing is allocated); ``InputError`` beyond ``_MAX_PARAMETERS``."""
     with torch.device("meta"):
         model = MODEL_CLASSES[config.arch](config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     count = sum(math.prod(shape) for shape in shapes.values())
-    if count > MAX_PARAMETERS:
+    if count > _MAX_PARAMETERS:
         raise InputError(f"a {config.arch} model with hidden {config.hidden}, input_dim {config.input_dim} and "
-                         f"output_dim {config.output_dim} has {count} parameters, more than the limit {MAX_PARAMETERS}")
+                         f"output_dim {config.output_dim} has {count} parameters, more than the limit {_MAX_PARAMETERS}")
     return shapes
 
 

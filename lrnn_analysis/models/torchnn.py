@@ -39,7 +39,7 @@ __all__ = ["LayerInputs", "LayerParameters", "RecurrentLayer", "SequenceClassifi
     "fed_by_embedding", "find_recurrent_layers", "layer_input_maxima", "layer_kind", "layer_parameters", "record_layer_inputs",
     "recurrent_parameter_patterns", "rnn_lure_forms"]
 
-RECURRENT_LAYER_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
+_RECURRENT_LAYER_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def layer_kind(module: nn.Module) -> str:
 
 def find_recurrent_layers(module: nn.Module) -> list[RecurrentLayer]:
     """Every ``nn.RNN``/``nn.LSTM``/``nn.GRU`` inside ``module`` (itself included), in module order."""
-    return [RecurrentLayer(name, sub) for name, sub in module.named_modules() if isinstance(sub, RECURRENT_LAYER_TYPES)]
+    return [RecurrentLayer(name, sub) for name, sub in module.named_modules() if isinstance(sub, _RECURRENT_LAYER_TYPES)]
 
 
 def recurrent_parameter_patterns(module: nn.Module) -> tuple[str, ...]:
@@ -81,7 +81,7 @@ def recurrent_parameter_patterns(module: nn.Module) -> tuple[str, ...]:
     return tuple(p for layer in find_recurrent_layers(module) for p in layer.recurrent_patterns)
 
 
-def check_supported(rnn: nn.Module) -> None:
+def _check_supported(rnn: nn.Module) -> None:
     """Refuse what the wrapper cannot represent exactly: bidirectional layers and LSTM projections."""
     layer_kind(rnn)
     if rnn.bidirectional:
@@ -279,7 +279,7 @@ def rnn_lure_forms(rnn: nn.RNN) -> tuple[LureSystem, ...]:
     """The Lur'e map h+ = sigma(W_hh h + u) of every layer of an ``nn.RNN`` (float64, method ``map``)."""
     if not isinstance(rnn, nn.RNN):
         raise InputError(f"{type(rnn).__name__} has no Lur'e form; only nn.RNN layers do")
-    check_supported(rnn)
+    _check_supported(rnn)
     with torch.no_grad():
         weights = [layer_parameters(rnn, l)["weight_hh"].double().cpu() for l in range(rnn.num_layers)]
     return tuple(LureSystem(torch.zeros_like(W), W, slope=1.0, method="map", activation=rnn.nonlinearity)
@@ -295,7 +295,7 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, rnn: nn.RNNBase, head: nn.Module, name: str | None = None) -> None:
         super().__init__()
-        check_supported(rnn)
+        _check_supported(rnn)
         self.rnn = rnn
         self.head = head
         self.name = name or f"{layer_kind(rnn)} x{rnn.num_layers}, hidden {rnn.hidden_size}"

@@ -171,7 +171,7 @@ class CurvatureResult:
         return [row for m in self.models for row in m.density_rows()]
 
 
-def batches_of(data: Task | Any, settings: CurvatureSettings, device: torch.device | str = "cpu") -> list[tuple[Any, Any]]:
+def _batches_of(data: Task | Any, settings: CurvatureSettings, device: torch.device | str = "cpu") -> list[tuple[Any, Any]]:
     """The batches ``settings`` selects from a task (its split, batch size and count), in the
     settings' dtype; ``data`` that is already an (x, y) batch or a list of them is used as given."""
     import torch
@@ -217,7 +217,7 @@ def run(
     ranks = ranks or Ranks(torch.device("cpu"))
     if isinstance(subjects, ModelUnderAnalysis):
         subjects = [subjects]
-    batches = batches_of(data, settings, ranks.device)
+    batches = _batches_of(data, settings, ranks.device)
     classification = data.is_classification if isinstance(data, Task) else not batches[0][1].is_floating_point()
     shared_by = ranks.world_size if len(batches) >= ranks.world_size else 1
     if shared_by == 1 and not ranks.is_main:

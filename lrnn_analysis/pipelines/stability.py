@@ -37,7 +37,7 @@ NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
 LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
                "(what the model does with their states is not)")
 
-SOURCES = ("lure form", "stored evidence", "torch.nn layers", "none")
+_SOURCES = ("lure form", "stored evidence", "torch.nn layers", "none")
 # Training inputs on which the input range of LSTM/GRU layers is observed.
 SAMPLE_INPUTS = 1000
 

@@ -17,12 +17,12 @@ from ..errors import InputError
 __all__ = ["REFERENCE_MODELS", "parse_reference_filename"]
 
 REFERENCE_MODELS = ("LipschitzRNN", "LipschitzRNN_gated", "LipschitzRNN_ODE", "asymRNN", "calRNN", "resRNN", "simpleRNN")
-NUMERIC_FIELDS = {"T": int, "units": int, "beta": float, "alpha": float, "gamma": float, "eps": float,
+_NUMERIC_FIELDS = {"T": int, "units": int, "beta": float, "alpha": float, "gamma": float, "eps": float,
                   "gclip": float, "seed": int, "init": float}
-TEXT_FIELDS = {"solver", "optimizer"}
-POSITIVE_FIELDS = {"T", "units"}  # counts: steps per sequence, hidden units
+_TEXT_FIELDS = {"solver", "optimizer"}
+_POSITIVE_FIELDS = {"T", "units"}  # counts: steps per sequence, hidden units
 # The driver writes "gamma_A" in the name of the loss file; it is the same gamma.
-ALIASES = {"gamma_A": "gamma"}
+_ALIASES = {"gamma_A": "gamma"}
 
 
 def parse_reference_filename(path: str | Path) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def parse_reference_filename(path: str | Path) -> dict[str, Any]:
         if key is None:
             i += 1
             continue
-        if token == key and i + 1 < len(tokens) and ALIASES.get(key, key) in TEXT_FIELDS:
+        if token == key and i + 1 < len(tokens) and _ALIASES.get(key, key) in _TEXT_FIELDS:
             # a text value may hold underscores itself (solver fixed_adams): it runs to the next field
             end = next((j for j in range(i + 2, len(tokens)) if _field_of(tokens[j]) is not None), len(tokens))
             raw, i = "_".join(tokens[i + 1:end]), end
@@ -62,17 +62,17 @@ def parse_reference_filename(path: str | Path) -> dict[str, Any]:
             break
         else:
             raw, i = token[len(key):], i + 1
-        field = ALIASES.get(key, key)
-        if field in TEXT_FIELDS:
+        field = _ALIASES.get(key, key)
+        if field in _TEXT_FIELDS:
             value: Any = raw
-        elif NUMERIC_FIELDS[field] is int and re.fullmatch(r"[-+]?\d+", raw):
+        elif _NUMERIC_FIELDS[field] is int and re.fullmatch(r"[-+]?\d+", raw):
             value = int(raw)
-        elif NUMERIC_FIELDS[field] is float and _is_number(raw):
+        elif _NUMERIC_FIELDS[field] is float and _is_number(raw):
             value = float(raw)
         else:
-            kind = "a whole number" if NUMERIC_FIELDS[field] is int else "a number"
+            kind = "a whole number" if _NUMERIC_FIELDS[field] is int else "a number"
             raise InputError(f"{Path(path).name}: the name gives {field} = {raw!r}, which is not {kind}")
-        if field in POSITIVE_FIELDS and value < 1:
+        if field in _POSITIVE_FIELDS and value < 1:
             raise InputError(f"{Path(path).name}: the name gives {field} = {value}; it must be at least 1")
         if field in found and found[field] != value:
             raise InputError(f"{Path(path).name}: the name gives {field} twice ({found[field]!r} and {value!r})")
@@ -81,7 +81,7 @@ def parse_reference_filename(path: str | Path) -> dict[str, Any]:
 
 
 def _field_of(token: str) -> str | None:
-    keys = sorted(set(NUMERIC_FIELDS) | TEXT_FIELDS | set(ALIASES), key=len, reverse=True)
+    keys = sorted(set(_NUMERIC_FIELDS) | _TEXT_FIELDS | set(_ALIASES), key=len, reverse=True)
     return next((k for k in keys if token == k or (token.startswith(k) and _is_number(token[len(k):]))), None)
 
 

@@ -18,11 +18,11 @@ from .pickles import DATA_PARALLEL, REFERENCE_MODULE_CLASSES, PickledObject, cla
 
 __all__ = ["OVERRIDES", "ReferenceFileWarning", "is_reference_content", "load_reference"]
 
-HPARAMS = ("beta", "gamma", "eps", "alpha", "solver")
-OVERRIDES = (*HPARAMS, "task", "model")
-PICKLED_ATTRIBUTES = ("n_units", "eps", "beta", "gamma", "alpha", "model", "solver")
+_HPARAMS = ("beta", "gamma", "eps", "alpha", "solver")
+OVERRIDES = (*_HPARAMS, "task", "model")
+_PICKLED_ATTRIBUTES = ("n_units", "eps", "beta", "gamma", "alpha", "model", "solver")
 SOURCE_PICKLE, SOURCE_NAME, SOURCE_OVERRIDE = "pickle attribute", "file name", "override"
-TEST_SET_NOTE = ("the bundled 10k MNIST digits may overlap the standard 60k training set the reference model was "
+_TEST_SET_NOTE = ("the bundled 10k MNIST digits may overlap the standard 60k training set the reference model was "
                  "trained on, so accuracy on them can overstate the test score; --data-path to a directory with the "
                  "standard t10k IDX files gives the true test score")
 _PARAMETER_NAMES = {"B", "C", "func.B", "func.C", "W.weight", "E_gate.weight"}
@@ -66,7 +66,7 @@ def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any])
     if "n_units" in pickled and "units" in parsed and pickled["n_units"] != parsed["units"]:
         _warn(notes, f"{path.name}: the pickle records n_units = {pickled['n_units']} but the file name says {parsed['units']}")
     model_name = identify_model(set(state), overrides.get("model") or pickled.get("model", parsed.get("model")))
-    unused = [k for k in HPARAMS if overrides.get(k) is not None and k not in MODEL_HPARAMS[model_name]]
+    unused = [k for k in _HPARAMS if overrides.get(k) is not None and k not in MODEL_HPARAMS[model_name]]
     if unused:
         _warn(notes, f"{path.name}: the override(s) {', '.join(unused)} do not apply to a {model_name} model "
                      f"(its hyper-parameters: {', '.join(MODEL_HPARAMS[model_name]) or 'none'}); ignored")
@@ -112,7 +112,7 @@ def load_reference(path: str | Path, content: Any, overrides: Mapping[str, Any])
     }
     if task is not None:
         metadata["task"] = task
-        metadata["reference"]["notes"].append(TEST_SET_NOTE)
+        metadata["reference"]["notes"].append(_TEST_SET_NOTE)
     log_path = next((p for p in loss_file_candidates(path) if p.is_file()), None)
     if log_path is not None:
         try:
@@ -136,7 +136,7 @@ def _unpack_module(root: PickledObject) -> tuple[dict[str, torch.Tensor], dict[s
     state: dict[str, torch.Tensor] = {}
     _collect(root, "", state, depth=0)
     pickled: dict[str, Any] = {"class": name}
-    for key in PICKLED_ATTRIBUTES:
+    for key in _PICKLED_ATTRIBUTES:
         if key in root.attributes:
             value = root.attributes[key]
             expected = str if key in ("model", "solver") else (int if key == "n_units" else (int, float))

@@ -10,7 +10,7 @@ from .pickles import load_plain_pickle
 
 __all__ = ["loss_file_candidates", "read_reference_log"]
 
-MAX_LOSS_FILE_BYTES = 64 * 2**20
+_MAX_LOSS_FILE_BYTES = 64 * 2**20
 
 
 def loss_file_candidates(model_path: str | Path) -> list[Path]:
@@ -33,7 +33,7 @@ def read_reference_log(path: str | Path, alpha: float = 1.0) -> list[dict[str, A
     """
     path = Path(path)
     size = path.stat().st_size
-    if size > MAX_LOSS_FILE_BYTES:
+    if size > _MAX_LOSS_FILE_BYTES:
         raise InputError(f"{path}: {size} bytes is too large for a training history")
     try:
         data = load_plain_pickle(path.read_bytes())

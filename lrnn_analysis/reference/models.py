@@ -55,8 +55,8 @@ MODEL_HPARAMS: dict[str, tuple[str, ...]] = {
 # torchdiffeq's fixed-grid solvers as the toolkit discretizations that run them exactly. Its
 # "rk4" steps with rk4_alt_step_func, Kutta's 3/8 rule (the toolkit's rk38), not classical RK4;
 # f does not depend on t, so the stage times it passes do not matter.
-ODE_SOLVERS = {"euler": "euler", "midpoint": "rk2", "rk4": "rk38"}
-KNOWN_UNSUPPORTED_SOLVERS = {
+_ODE_SOLVERS = {"euler": "euler", "midpoint": "rk2", "rk4": "rk38"}
+_KNOWN_UNSUPPORTED_SOLVERS = {
     **{name: "an adaptive solver: its steps depend on its error control, which the toolkit does not reproduce"
        for name in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")},
     **{name: "a multistep solver the toolkit does not run" for name in ("explicit_adams", "implicit_adams", "fixed_adams")},
@@ -71,7 +71,7 @@ def strip_data_parallel(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def candidate_models(keys: set[str] | frozenset[str]) -> list[str]:
+def _candidate_models(keys: set[str] | frozenset[str]) -> list[str]:
     """Reference models whose parameters are exactly ``keys``."""
     return [name for name, expected in MODEL_KEYS.items() if set(keys) == expected]
 
@@ -79,7 +79,7 @@ def candidate_models(keys: set[str] | frozenset[str]) -> list[str]:
 def identify_model(keys: set[str] | frozenset[str], named: str | None) -> str:
     """The one reference model with parameter names ``keys``; ``named`` (from the pickle, the file
     name or the caller) decides between models with the same parameters and must agree with them."""
-    candidates = candidate_models(keys)
+    candidates = _candidate_models(keys)
     found = sorted(keys)
     if named is not None:
         if named not in MODEL_KEYS:
@@ -149,8 +149,8 @@ def convert_reference_model(model: str, state: Mapping[str, torch.Tensor], hpara
 
 
 def _ode_scheme(solver: Any) -> str:
-    if solver in ODE_SOLVERS:
-        return ODE_SOLVERS[solver]
-    why = KNOWN_UNSUPPORTED_SOLVERS.get(solver, "not a torchdiffeq fixed-grid solver the toolkit knows")
+    if solver in _ODE_SOLVERS:
+        return _ODE_SOLVERS[solver]
+    why = _KNOWN_UNSUPPORTED_SOLVERS.get(solver, "not a torchdiffeq fixed-grid solver the toolkit knows")
     raise InputError(f"LipschitzRNN_ODE with solver {solver!r} cannot be loaded exactly: {why}; "
-                     f"supported: {sorted(ODE_SOLVERS)}")
+                     f"supported: {sorted(_ODE_SOLVERS)}")

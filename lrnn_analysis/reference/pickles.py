@@ -34,15 +34,15 @@ __all__ = ["DATA_PARALLEL", "PickledObject", "REFERENCE_MODULE_CLASSES", "class_
     "load_torch_file", "reference_stand_ins", "weights_only_reason"]
 
 REFERENCE_MODULE_CLASSES = ("models.RnnModels", "models.rnn_models", "models.relaxRNN")
-REFERENCE_SUBMODULE_CLASSES = ("models.LipschitzRNN_ODE",)
-TORCH_MODULE_CLASSES = (
+_REFERENCE_SUBMODULE_CLASSES = ("models.LipschitzRNN_ODE",)
+_TORCH_MODULE_CLASSES = (
     "torch.nn.modules.linear.Linear",
     "torch.nn.modules.activation.Tanh",
     "torch.nn.modules.activation.Sigmoid",
     "torch.nn.parallel.data_parallel.DataParallel",
 )
 # Up to PyTorch 1.3 every nn.Module held ``_backend``, pickled as a call of this function.
-THNN_BACKEND = "torch.nn.backends.thnn._get_thnn_function_backend"
+_THNN_BACKEND = "torch.nn.backends.thnn._get_thnn_function_backend"
 DATA_PARALLEL = "torch.nn.parallel.data_parallel.DataParallel"
 
 
@@ -79,23 +79,23 @@ def _stand_in(qualified_name: str) -> type[PickledObject]:
     return type(qualified_name.rsplit(".", 1)[1], (PickledObject,), {"qualified_name": qualified_name, "__module__": __name__})
 
 
-STAND_INS: dict[str, type[PickledObject]] = {
-    name: _stand_in(name) for name in REFERENCE_MODULE_CLASSES + REFERENCE_SUBMODULE_CLASSES + TORCH_MODULE_CLASSES
+_STAND_INS: dict[str, type[PickledObject]] = {
+    name: _stand_in(name) for name in REFERENCE_MODULE_CLASSES + _REFERENCE_SUBMODULE_CLASSES + _TORCH_MODULE_CLASSES
 }
 
 
 def _thnn_backend(*args: Any) -> str:
     """What a pre-1.4 module's ``_backend`` attribute becomes: a marker string."""
     if args:
-        raise pickle.UnpicklingError(f"refused: {THNN_BACKEND} called with arguments")
-    return THNN_BACKEND
+        raise pickle.UnpicklingError(f"refused: {_THNN_BACKEND} called with arguments")
+    return _THNN_BACKEND
 
 
 @contextmanager
 def reference_stand_ins() -> Iterator[None]:
     """Within this context ``torch.load(..., weights_only=True)`` also accepts the reference's module
     classes, as inert ``PickledObject`` stand-ins."""
-    allowed = [(cls, name) for name, cls in STAND_INS.items()] + [(_thnn_backend, THNN_BACKEND)]
+    allowed = [(cls, name) for name, cls in _STAND_INS.items()] + [(_thnn_backend, _THNN_BACKEND)]
     with torch.serialization.safe_globals(allowed):
         yield
 
@@ -142,7 +142,7 @@ _TORCH_GLOBALS: dict[str, Any] = {
     "torch.Size": torch.Size,
     "builtins.set": set,
     "__builtin__.set": set,
-    THNN_BACKEND: _thnn_backend,
+    _THNN_BACKEND: _thnn_backend,
 }
 
 
@@ -188,7 +188,7 @@ class _RestrictedUnpickler(_GuardedUnpickler):
         if isinstance(kind, bytes):
             kind = kind.decode("latin1")
         if kind == "module":
-            if len(pid) != 4 or not any(pid[1] is cls for cls in STAND_INS.values()):
+            if len(pid) != 4 or not any(pid[1] is cls for cls in _STAND_INS.values()):
                 raise pickle.UnpicklingError("refused: a module persistent id that is not one of the reference's classes")
             return pid[1]
         if kind == "storage" and getattr(self, "_torch_persistent_load", None) is not None:
@@ -197,8 +197,8 @@ class _RestrictedUnpickler(_GuardedUnpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
-        if full in STAND_INS:
-            return STAND_INS[full]
+        if full in _STAND_INS:
+            return _STAND_INS[full]
         if full in _TORCH_GLOBALS:
             return _TORCH_GLOBALS[full]
         if full == "_codecs.encode":
@@ -271,13 +271,13 @@ class _PlainUnpickler(_GuardedUnpickler):
         raise pickle.UnpicklingError("refused: a persistent id (not a plain data pickle)")
 
 
-MAX_PLAIN_DEPTH = 64
+_MAX_PLAIN_DEPTH = 64
 
 
 def load_plain_pickle(data: bytes) -> Any:
     """Containers (dict, list, tuple), str, bytes, numbers and numpy numeric scalars (as Python
     numbers) from a pickle; anything else raises ``pickle.UnpicklingError``, as do containers
-    nested deeper than ``MAX_PLAIN_DEPTH`` (a container holding itself included) and more
+    nested deeper than ``_MAX_PLAIN_DEPTH`` (a container holding itself included) and more
     elements, counting shared ones at each place they occur, than 16 per byte of the pickle (a
     memo reference is one opcode but can repeat a whole container: nested, exponentially)."""
     budget = [16 * max(len(data), 2**16)]
@@ -294,8 +294,8 @@ def _check_plain(value: Any, depth: int, budget: list[int]) -> Any:
     budget[0] -= 1
     if budget[0] < 0:
         raise pickle.UnpicklingError("refused: shared references expand to more than 16 elements per byte of the pickle")
-    if isinstance(value, (dict, list, tuple)) and depth >= MAX_PLAIN_DEPTH:
-        raise pickle.UnpicklingError(f"refused: containers nested deeper than {MAX_PLAIN_DEPTH} levels")
+    if isinstance(value, (dict, list, tuple)) and depth >= _MAX_PLAIN_DEPTH:
+        raise pickle.UnpicklingError(f"refused: containers nested deeper than {_MAX_PLAIN_DEPTH} levels")
     if isinstance(value, dict):
         return {_check_plain(k, depth + 1, budget): _check_plain(v, depth + 1, budget) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -69,7 +69,7 @@ __all__ = ["CertificateResult", "Evidence", "TIERS", "TierAttempt", "certify", "
     "verify_certificate"]
 
 TIERS = ("norm", "P=I", RICCATI_TIER, "diag-P", "full-P")
-DEFAULT_CERTIFICATES = {
+_DEFAULT_CERTIFICATES = {
     "ode": ("ct-norm", "ct-lmi"),
     "euler": ("euler-norm", "euler-lmi"),
     "rk2": ("rk2-norm", "rk2-lmi"),
@@ -183,7 +183,7 @@ class CertificateResult:
 
 def default_certificates(system: LureSystem) -> tuple[str, ...]:
     """The certificates that apply to the scheme the system runs."""
-    return DEFAULT_CERTIFICATES[system.method]
+    return _DEFAULT_CERTIFICATES[system.method]
 
 
 def certify(

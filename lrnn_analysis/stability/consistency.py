@@ -41,8 +41,8 @@ __all__ = ["FORM_CHECK_STATUSES", "FormCheck", "LureConsistency", "check_form", 
 FORM_CHECK_STATUSES = ("passed", "refused", "unchecked")
 # check_form's tolerance per step, relative to the step's scale: this many units of roundoff per term
 # of the longest sum a step computes (see FormCheck).
-ROUNDOFF_FACTOR = 16.0
-DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+_ROUNDOFF_FACTOR = 16.0
+_DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,9 @@ def check_lure_form(
     scale = max(float(np.abs(observed).max()), np.finfo(np.float64).tiny)
     max_abs = float(difference.max())
     relative = max_abs / scale
-    if tolerance is None and dtype not in DEFAULT_TOLERANCE:
+    if tolerance is None and dtype not in _DEFAULT_TOLERANCE:
         raise InputError(f"no default tolerance for {dtype} states; pass tolerance= explicitly")
-    tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
+    tol = _DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
     return LureConsistency(
         max_abs_difference=max_abs, relative_difference=relative, scale=scale,
         worst_step=int(np.unravel_index(np.argmax(difference), difference.shape)[1]) + 1,
@@ -124,7 +124,7 @@ class FormCheck:
     to h~_t; ``error_t`` = max |h_t - h~_t| over batch and units, ``scale_t`` = 1 + max |h_{t-1}| +
     max |h_t| + max |u_t|. ``relative_error`` = max_t error_t / scale_t, reached at ``worst_step``
     (``max_error`` = that step's error); ``passed`` iff it is <= ``tolerance``, by default
-    ``ROUNDOFF_FACTOR`` * ((state size + input size) * unit roundoff of the module's dtype +
+    ``_ROUNDOFF_FACTOR`` * ((state size + input size) * unit roundoff of the module's dtype +
     n * cond(T) * unit roundoff of float64): the module's rounding plus the form's, which the change
     of coordinates h = T zeta amplifies by up to cond(T).
     ``inputs`` says where the form's u_t came from (``derived form``, ``lure_inputs`` or ``given``).
@@ -393,7 +393,7 @@ def _verdict(records: Sequence[tuple[np.ndarray, ...]], terms: int, dtype: torch
         if not dtype.is_floating_point:
             raise InputError(f"no default tolerance for {dtype} states; pass tolerance=")
         n = common["n"]
-        tolerance = ROUNDOFF_FACTOR * (terms * torch.finfo(dtype).eps + n * condition * np.finfo(np.float64).eps) / 2
+        tolerance = _ROUNDOFF_FACTOR * (terms * torch.finfo(dtype).eps + n * condition * np.finfo(np.float64).eps) / 2
     worst = (-1.0, 0.0, 0)
     for t, (before, after, predicted, u) in enumerate(records, start=1):
         error = float(np.max(np.abs(after - predicted)))

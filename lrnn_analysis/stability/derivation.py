@@ -83,14 +83,14 @@ from .forms import _TABLEAUS
 
 __all__ = ["DerivedForm", "derive_lure_form", "resolve_step"]
 
-TRACE_BATCH = 3
+_TRACE_BATCH = 3
 # Two float64 matrices of one derivation are "the same" when they agree to this, relative to their size
 # (a few hundred units of roundoff of the reconstructions, e.g. A from eps^2 A / 2 in rk2).
-AGREEMENT = 1e-11
+_AGREEMENT = 1e-11
 # The derived form's step and the traced step, both in float64, agree to this (times cond(T)).
-SELF_CHECK = 1e-10
+_SELF_CHECK = 1e-10
 # Columns of B whose singular values fall below this, relative to the largest, get ghost states.
-RANK_TOLERANCE = 1e-8
+_RANK_TOLERANCE = 1e-8
 _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
            "native_dropout", "uniform", "exponential", "multinomial", "randperm", "poisson", "cauchy"}
 _IDENTITY = {"clone", "alias", "detach", "lift_fresh_copy", "contiguous"}
@@ -100,7 +100,7 @@ _MOVES = {"t", "permute", "transpose", "view", "_unsafe_view", "reshape", "expan
 _SCATTERS = {"slice_scatter", "select_scatter"}
 _SHAPE_ONLY = {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full"}
 _NONLINEARITIES = {"tanh", "sigmoid", "relu", "leaky_relu", "hardtanh", "clamp", "clamp_min"}
-KNOWN_NONLINEARITIES = "tanh, sigmoid, relu, leaky_relu, hardtanh, identity"
+_KNOWN_NONLINEARITIES = "tanh, sigmoid, relu, leaky_relu, hardtanh, identity"
 
 
 def _op(target: Any) -> str:
@@ -250,7 +250,7 @@ def _signature(step: Any, module: nn.Module | None, state: Any, x: Any) -> _Sign
 
 
 def _trace(f: Callable[[Any, Any], Any], signature: _Signature) -> torch.fx.GraphModule:
-    """The functional aten graph of one step, traced with fake tensors of batch ``TRACE_BATCH``."""
+    """The functional aten graph of one step, traced with fake tensors of batch ``_TRACE_BATCH``."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
@@ -262,7 +262,7 @@ def _trace(f: Callable[[Any, Any], Any], signature: _Signature) -> torch.fx.Grap
         return tuple(signature.unpack(out, "the step"))
 
     generator = torch.Generator().manual_seed(0)
-    states, x = signature.examples(generator, TRACE_BATCH, signature.dtype)
+    states, x = signature.examples(generator, _TRACE_BATCH, signature.dtype)
     states, x = [s.to(signature.device) for s in states], x.to(signature.device)
     # The fake-tensor layer logs a traceback for every failing operation before raising; the failure is reported below.
     logger = logging.getLogger("torch._subclasses.fake_tensor")
@@ -324,7 +324,7 @@ class _Affine:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (TRACE_BATCH, *self.features)
+        return (_TRACE_BATCH, *self.features)
 
     def matrix(self, D: int) -> Tensor:
         """Coefficients as (features flattened, D)."""
@@ -401,7 +401,7 @@ class _Interpreter:
     # -- concrete evaluation --------------------------------------------------------------------
 
     def evaluate(self, states: Sequence[Tensor], x: Tensor, skip: AbstractSet[str] = frozenset()) -> dict[str, Any]:
-        """Every node's value for a batch of ``TRACE_BATCH`` (nodes in ``skip`` are not computed)."""
+        """Every node's value for a batch of ``_TRACE_BATCH`` (nodes in ``skip`` are not computed)."""
         env: dict[str, Any] = {}
         for node in self.graph.graph.nodes:
             if node.name in skip:
@@ -422,7 +422,7 @@ class _Interpreter:
     # -- affine evaluation ----------------------------------------------------------------------
 
     def structure(self, x: Tensor) -> _Structure:
-        """The structure (*) of the step, read with the input ``x`` (batch ``TRACE_BATCH``)."""
+        """The structure (*) of the step, read with the input ``x`` (batch ``_TRACE_BATCH``)."""
         self.atoms: list[_Atom] = []
         self.stages: list[_Stage] = []
         self.varies: dict[str, bool] = {}
@@ -444,7 +444,7 @@ class _Interpreter:
             elif node.op == "call_function":
                 env[node.name] = self._call(node, env)
             elif node.op == "output":
-                outputs = [self._as_affine(env[a.name], a, (TRACE_BATCH, *shape), node)
+                outputs = [self._as_affine(env[a.name], a, (_TRACE_BATCH, *shape), node)
                            for a, shape in zip(node.args[0], self.signature.state_shapes)]
         D = self.atoms[-1].start + self.atoms[-1].width
         matrix = torch.cat([o.matrix(D) for o in outputs])
@@ -492,7 +492,7 @@ class _Interpreter:
         handler = _HANDLERS.get(name)
         if handler is None:
             raise _refuse(node, "acts on the state and is neither a linear map nor an elementwise sector "
-                                f"nonlinearity the toolkit knows ({KNOWN_NONLINEARITIES})")
+                                f"nonlinearity the toolkit knows ({_KNOWN_NONLINEARITIES})")
         return handler(self, node, args, kwargs)
 
     # operands ------------------------------------------------------------------------------------
@@ -506,7 +506,7 @@ class _Interpreter:
             return value if value.shape == tuple(shape) else self._expand(value, shape, node)
         tensor = torch.as_tensor(value, dtype=torch.float64)
         if self._varies(arg):
-            if tensor.dim() == 0 or tensor.shape[0] != TRACE_BATCH:
+            if tensor.dim() == 0 or tensor.shape[0] != _TRACE_BATCH:
                 raise _refuse(node, f"meets the state with an input-dependent value of shape {tuple(tensor.shape)} "
                                     "whose first dimension is not the batch")
             atom = next((a for a in self.atoms if a.kind == "input" and a.node == arg.name), None)
@@ -537,7 +537,7 @@ class _Interpreter:
     def _broadcast(self, operands: Sequence[Any], node: torch.fx.Node) -> tuple[int, ...]:
         shapes = [_shape(v) for v in operands]
         shape = tuple(torch.broadcast_shapes(*shapes))
-        if not shape or shape[0] != TRACE_BATCH or any(isinstance(v, _Affine) and len(v.shape) != len(shape)
+        if not shape or shape[0] != _TRACE_BATCH or any(isinstance(v, _Affine) and len(v.shape) != len(shape)
                                                        for v in operands):
             raise _refuse(node, f"broadcasts the state of shape {[s for s in shapes]} across its batch dimension")
         return shape
@@ -636,7 +636,7 @@ class _Interpreter:
         starts = np.cumsum([0] + widths)
         indices = [torch.arange(int(start), int(start) + w).reshape(p.features).expand(p.shape).clone()
                    for start, w, p in zip(starts, widths, parts)]
-        markers = [torch.arange(TRACE_BATCH).reshape(TRACE_BATCH, *[1] * len(p.features)).expand(p.shape).clone()
+        markers = [torch.arange(_TRACE_BATCH).reshape(_TRACE_BATCH, *[1] * len(p.features)).expand(p.shape).clone()
                    for p in parts]
         table = torch.cat([p.matrix(D).T for p in parts], dim=1)
         consts = torch.cat([p.offset() for p in parts])
@@ -645,8 +645,8 @@ class _Interpreter:
         marks = list(marks) if isinstance(marks, (tuple, list)) else [marks]
         results = []
         for out, mark in zip(moved, marks):
-            batch = torch.arange(TRACE_BATCH).reshape(TRACE_BATCH, *[1] * (mark.dim() - 1)) if mark.dim() else None
-            if batch is None or mark.shape[0] != TRACE_BATCH or not torch.equal(mark, batch.expand_as(mark)) \
+            batch = torch.arange(_TRACE_BATCH).reshape(_TRACE_BATCH, *[1] * (mark.dim() - 1)) if mark.dim() else None
+            if batch is None or mark.shape[0] != _TRACE_BATCH or not torch.equal(mark, batch.expand_as(mark)) \
                     or not torch.equal(out, out[:1].expand_as(out)):
                 raise _refuse(node, "moves or mixes the batch dimension of a state-dependent tensor (write the step "
                                     "with the batch first, in PyTorch's row convention)")
@@ -781,7 +781,7 @@ def _agree(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> bool:
     if a.shape != b.shape:
         return False
     size = max(1.0, float(a.abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0)
-    return not a.numel() or float((a - b).abs().max()) <= AGREEMENT * size
+    return not a.numel() or float((a - b).abs().max()) <= _AGREEMENT * size
 
 
 def _live_stages(s: _Structure) -> list[int]:
@@ -864,7 +864,7 @@ def _one_stage(s: _Structure, live: list[int], eps: float | None) -> _Assembled:
         I_minus_M = np.eye(N) - M
         offset = np.linalg.lstsq(I_minus_M, d, rcond=None)[0]
         residual = np.abs(I_minus_M @ offset - d).max()
-        if not residual <= AGREEMENT * (np.abs(d).max() + np.abs(I_minus_M).max() * np.abs(offset).max()):
+        if not residual <= _AGREEMENT * (np.abs(d).max() + np.abs(I_minus_M).max() * np.abs(offset).max()):
             raise InputError("cannot derive a Lur'e form: a constant reaches the state outside every nonlinearity and no "
                              "shift of the state removes it ((I - M) c = d has no solution)")
         u = u + C @ offset
@@ -872,7 +872,7 @@ def _one_stage(s: _Structure, live: list[int], eps: float | None) -> _Assembled:
                      "(I - M) c = d")
     singular = np.linalg.svd(B, compute_uv=False)
     norm = float(singular[0])
-    rank = int(np.sum(singular > RANK_TOLERANCE * norm))
+    rank = int(np.sum(singular > _RANK_TOLERANCE * norm))
     ghosts = m - rank
     if ghosts:
         G = norm * np.linalg.svd(B)[2][rank:]
@@ -954,7 +954,7 @@ def _runge_kutta(s: _Structure, live: list[int], eps: float | None) -> _Assemble
         if not _agree(linear_part, s.outputs[:, :N]):
             continue
         candidate = _Interpreter(_trace(lure_step(A, W, name, h, substeps), signature), signature)
-        c = candidate.structure(torch.zeros(TRACE_BATCH, N, dtype=torch.float64))
+        c = candidate.structure(torch.zeros(_TRACE_BATCH, N, dtype=torch.float64))
         if len(c.stages) == K and all(
                 _agree(c.outputs[:, cs.atom.columns], s.outputs[:, ms.atom.columns])
                 and _agree(c.arguments[j][:, :N], arguments[j][:, :N])
@@ -993,13 +993,13 @@ class _InputMap:
             expected = ", ".join(map(str, signature.input_shape))
             raise InputError(f"x has shape {tuple(x.shape)}; the step takes (batch, {expected})")
         batch = x.shape[0]
-        padded = torch.cat([x, x.new_zeros((-batch) % TRACE_BATCH, *x.shape[1:])])
-        zeros = [torch.zeros(TRACE_BATCH, *shape, dtype=torch.float64) for shape in signature.state_shapes]
+        padded = torch.cat([x, x.new_zeros((-batch) % _TRACE_BATCH, *x.shape[1:])])
+        zeros = [torch.zeros(_TRACE_BATCH, *shape, dtype=torch.float64) for shape in signature.state_shapes]
         values = []
-        for chunk in padded.split(TRACE_BATCH):
+        for chunk in padded.split(_TRACE_BATCH):
             env = self.interpreter.evaluate(zeros, chunk, self.skip)
-            values.append(torch.cat([env[name].reshape(TRACE_BATCH, -1) for name in self.nodes], dim=1)
-                          if self.nodes else chunk.new_zeros(TRACE_BATCH, 0))
+            values.append(torch.cat([env[name].reshape(_TRACE_BATCH, -1) for name in self.nodes], dim=1)
+                          if self.nodes else chunk.new_zeros(_TRACE_BATCH, 0))
         return torch.cat(values)[:batch].numpy() @ self.matrix.T + self.const
 
 
@@ -1136,7 +1136,7 @@ def derive_lure_form(
                     value.copy_(saved[name])  # a step that updates its module's tensors is refused; undo its updates
     interpreter = _Interpreter(graph, signature)
     generator = torch.Generator().manual_seed(0)
-    states, example = signature.examples(generator, TRACE_BATCH, torch.float64)
+    states, example = signature.examples(generator, _TRACE_BATCH, torch.float64)
     structure = interpreter.structure(example)
     assembled = _assemble(structure, eps)
     placeholders = {n.name for n in interpreter.placeholders}
@@ -1158,6 +1158,6 @@ def _self_check(form: DerivedForm, interpreter: _Interpreter, states: list[Tenso
     expected = interpreter.signature.stack(interpreter.evaluate(states, x)["output"])
     actual = form.step(states, x)
     error = float(np.abs(actual - expected).max())
-    if not error <= SELF_CHECK * np.linalg.cond(form.coordinates) * (1.0 + float(np.abs(expected).max())):
+    if not error <= _SELF_CHECK * np.linalg.cond(form.coordinates) * (1.0 + float(np.abs(expected).max())):
         raise RuntimeError(f"derive_lure_form: the derived form differs from the traced step by {error:.3g}; "
                            "this is a bug of the derivation")

@@ -43,11 +43,11 @@ __all__ = ["EVIDENCE_TIERS", "EvidenceCheck", "METADATA_KEY", "REN_CERTIFICATE",
     "search_evidence", "stored_then_searched", "weights_sha256"]
 
 METADATA_KEY = "certificate_evidence"
-SCHEMA = "lrnn-analysis/evidence/1"
+_SCHEMA = "lrnn-analysis/evidence/1"
 REN_CERTIFICATE = "ren-contraction"
-CONSTRUCTION_TIER = "construction"
+_CONSTRUCTION_TIER = "construction"
 # The tiers that can have found stored evidence: the search's own, and a model's construction.
-STORED_TIERS = (*TIERS, CONSTRUCTION_TIER)
+_STORED_TIERS = (*TIERS, _CONSTRUCTION_TIER)
 _RATE_BACKOFFS = (1e-9, 1e-7, 1e-5, 1e-3)
 
 
@@ -67,7 +67,7 @@ class StoredEvidence:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
+            "schema": _SCHEMA,
             "certificate": self.certificate,
             "tier": self.tier,
             "rate": float(self.rate),
@@ -79,8 +79,8 @@ class StoredEvidence:
     @classmethod
     def from_dict(cls, data: Any) -> StoredEvidence:
         """Parse stored evidence; ``InputError`` names what is malformed."""
-        if not isinstance(data, Mapping) or data.get("schema") != SCHEMA:
-            raise InputError(f"not {SCHEMA} evidence")
+        if not isinstance(data, Mapping) or data.get("schema") != _SCHEMA:
+            raise InputError(f"not {_SCHEMA} evidence")
         missing = {"certificate", "tier", "rate", "weights_sha256", "P", "multipliers"} - set(data)
         if missing:
             raise InputError(f"evidence lacks {sorted(missing)}")
@@ -163,14 +163,14 @@ def explicit_increment_form(A: np.ndarray, B: np.ndarray, K: np.ndarray, D: np.n
     return IncrementalForm("map", n, 1.0, None, np.hstack(mats[:2]), (np.hstack(mats[2:]),))
 
 
-def ren_increment_form(model: Any) -> IncrementalForm:
+def _ren_increment_form(model: Any) -> IncrementalForm:
     """:func:`explicit_increment_form` of a :class:`~lrnn_analysis.models.ContractingREN`, in float64."""
     with torch.no_grad():
         mats = model.explicit_matrices(torch.float64)
     return explicit_increment_form(*(mats[k].cpu().numpy() for k in ("A", "B", "K", "D")))
 
 
-def verify_stored(model: Any, evidence: StoredEvidence) -> Verification:
+def _verify_stored(model: Any, evidence: StoredEvidence) -> Verification:
     """The float64 verification of ``evidence`` for ``model``'s recurrence as it is now."""
     if not hasattr(model, "config"):
         raise InputError("stored certificate evidence applies to the toolkit's architectures only, "
@@ -180,7 +180,7 @@ def verify_stored(model: Any, evidence: StoredEvidence) -> Verification:
             raise InputError(f"{REN_CERTIFICATE} evidence applies to a ren model, not {model.config.arch}")
         meaningful = math.isfinite(evidence.rate) and 0 <= evidence.rate < 1
         r = rounded_r(evidence.rate) if meaningful else evidence.rate
-        return verify(ren_increment_form(model), evidence.P, evidence.multipliers, r)
+        return verify(_ren_increment_form(model), evidence.P, evidence.multipliers, r)
     system = model.lure_form()
     if system is None:
         raise InputError(f"{evidence.certificate} evidence needs a Lur'e form; a {model.config.arch} model has none")
@@ -196,16 +196,16 @@ def check_stored(model: Any, metadata: Mapping[str, Any]) -> EvidenceCheck:
         evidence = StoredEvidence.from_dict(metadata[METADATA_KEY])
     except ValueError as error:
         return EvidenceCheck("failed", f"stored evidence is malformed ({error})", time.perf_counter() - start)
-    if evidence.tier not in STORED_TIERS:
+    if evidence.tier not in _STORED_TIERS:
         return EvidenceCheck("failed", f"stored evidence names an unknown tier {evidence.tier[:40]!r} "
-                             f"(expected one of {', '.join(STORED_TIERS)})", time.perf_counter() - start, evidence)
+                             f"(expected one of {', '.join(_STORED_TIERS)})", time.perf_counter() - start, evidence)
     digest = weights_sha256(model)
     if digest != evidence.weights_sha256:
         return EvidenceCheck("failed", f"the weights changed since the evidence was stored (SHA-256 {digest[:12]}... "
                              f"!= stored {evidence.weights_sha256[:12]}...)", time.perf_counter() - start, evidence)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
-            verification = verify_stored(model, evidence)
+            verification = _verify_stored(model, evidence)
     except ValueError as error:
         return EvidenceCheck("failed", str(error), time.perf_counter() - start, evidence)
     seconds = time.perf_counter() - start
@@ -244,7 +244,7 @@ def construction_evidence(model: Any) -> tuple[StoredEvidence, Verification]:
     Q = E.T @ np.linalg.solve(P, E)
     rho = float(model.config.rho)
     if ren:
-        form = ren_increment_form(model)
+        form = _ren_increment_form(model)
         lyapunov = 0.5 * (Q + Q.T)
         certificate = REN_CERTIFICATE
         rate, verification = _verified_rate(lambda rate: verify(form, lyapunov, lam, rounded_r(rate)),
@@ -257,7 +257,7 @@ def construction_evidence(model: Any) -> tuple[StoredEvidence, Verification]:
         best = form.best_rate(lyapunov / np.abs(lyapunov).max(), lam / np.abs(lyapunov).max())
         rate, verification = _verified_rate(
             lambda rate: verify_certificate(system, certificate, lyapunov, lam, rate), best, rho)
-    return StoredEvidence(certificate, lyapunov, lam, rate, CONSTRUCTION_TIER, weights_sha256(model)), verification
+    return StoredEvidence(certificate, lyapunov, lam, rate, _CONSTRUCTION_TIER, weights_sha256(model)), verification
 
 
 EVIDENCE_TIERS = tuple(tier for tier in TIERS if tier != "norm")

@@ -40,7 +40,7 @@ from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF
 
 __all__ = ["IncrementalForm", "incremental_form"]
 
-FAMILIES = ("ct", "euler", "rk2", "rk4", "rk38", "map")
+_FAMILIES = ("ct", "euler", "rk2", "rk4", "rk38", "map")
 _TABLEAUS: dict[str, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
     "euler": (((0.0,),), (1.0,)),
     "rk2": (((0.0, 0.0), (0.5, 0.0)), (0.0, 1.0)),
@@ -170,8 +170,8 @@ class IncrementalForm:
 
 def incremental_form(system: LureSystem, family: str) -> IncrementalForm:
     """Build the lifted form of ``family`` for ``system`` (which supplies A, W, L and eps)."""
-    if family not in FAMILIES:
-        raise InputError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in _FAMILIES:
+        raise InputError(f"unknown family {family!r}; expected one of {_FAMILIES}")
     A, W, n = system.A, system.W, system.n
     I = np.eye(n)
     if family in ("ct", "map"):

@@ -86,7 +86,7 @@ from ..models.torchnn import layer_kind, layer_parameters
 __all__ = ["BISECTION_RTOL", "GatedCertificate", "InputBound", "gated_condition", "gated_contraction",
            "largest_input_bound"]
 
-REFERENCES = {
+_REFERENCES = {
     "lstm": "Bonassi, Terzi, Farina, Scattolini, 'LSTM neural networks: input to state stability and "
             "probabilistic safety verification', L4DC 2020",
     "gru": "Bonassi, Farina, Scattolini, 'On the stability properties of Gated Recurrent Units neural networks', "
@@ -363,7 +363,7 @@ def gated_contraction(
     if getattr(rnn, "proj_size", 0) or rnn.bidirectional:
         return [GatedCertificate(label, l, False, None, 0.0, None, bound.value if l == 0 else 1.0, "-",
                                  "no certificate available for this architecture (bidirectional or projected LSTM)",
-                                 (), REFERENCES[kind], input_bound_source=bound.source if l == 0 else "previous layer",
+                                 (), _REFERENCES[kind], input_bound_source=bound.source if l == 0 else "previous layer",
                                  observed_input_max=observed[l]) for l in range(rnn.num_layers)]
     return [_layer_certificate(rnn, kind, l, bound if l == 0 else InputBound(1.0, "previous layer"), observed[l], name)
             for l in range(rnn.num_layers)]
@@ -391,7 +391,7 @@ def _layer_certificate(rnn: nn.RNNBase, kind: str, layer: int, bound: InputBound
         if bound.description:
             reason += f"; {bound.description}"
         return GatedCertificate(f"{kind}-contraction", layer, False, None, 0.0, None, None, norm, reason, (),
-                                REFERENCES[kind], **fields)  # type: ignore[arg-type]
+                                _REFERENCES[kind], **fields)  # type: ignore[arg-type]
     xbar = bound.value
     result = condition(xbar)
     if bound.source == "previous layer":
@@ -419,4 +419,4 @@ def _layer_certificate(rnn: nn.RNNBase, kind: str, layer: int, bound: InputBound
         reason = f"condition fails: {result.failure} ({holds_for})"
     rate = result.value + result.tolerance if holds and result.value is not None else None
     return GatedCertificate(f"{kind}-contraction", layer, holds, result.value, result.tolerance, rate, xbar, norm,
-                            reason, assumptions, REFERENCES[kind], result.weights, **fields)  # type: ignore[arg-type]
+                            reason, assumptions, _REFERENCES[kind], result.weights, **fields)  # type: ignore[arg-type]

@@ -96,7 +96,7 @@ class NormTestOutcome:
     """A norm test evaluated in float64.
 
     ``holds`` is ``value + tolerance < threshold``: the tolerance bounds the
-    floating-point error of the computed norms (:func:`norm_test_tolerance`), so a
+    floating-point error of the computed norms (:func:`_norm_test_tolerance`), so a
     borderline value is not certified. A value that overflows float64 never holds.
     """
 
@@ -116,7 +116,7 @@ class NormTestOutcome:
         }
 
 
-def norm_test_tolerance(
+def _norm_test_tolerance(
     name: str, n: int, *, norm_A: float, norm_Ahat: float, norm_W: float, eps: float | None, slope: float
 ) -> float:
     """Bound on the float64 error of :func:`norm_test_value` as computed by :func:`norm_test`.
@@ -153,7 +153,7 @@ def norm_test(system: LureSystem, name: str) -> NormTestOutcome:
             norm_test_value(name, mu_A=mu_A, norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps, slope=L)
         )
         tolerance = float(
-            norm_test_tolerance(name, system.n, norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps, slope=L)
+            _norm_test_tolerance(name, system.n, norm_A=norm_A, norm_Ahat=norm_Ahat, norm_W=norm_W, eps=eps, slope=L)
         )
     threshold = norm_test_threshold(name)
     holds = bool(np.isfinite(value) and np.isfinite(tolerance) and value + tolerance < threshold)

@@ -54,7 +54,7 @@ from .spectra import UNIT_ROUNDOFF
 __all__ = ["InitRadius", "ParameterBounds", "ParameterizationResult", "PhaseCell", "certify_parameterization",
     "certifying_gamma_A", "gaussian_init_radius", "parameter_bounds", "phase_diagram"]
 
-DEFAULT_INIT_FAILURE_PROBABILITY = 1e-6
+_DEFAULT_INIT_FAILURE_PROBABILITY = 1e-6
 _u = UNIT_ROUNDOFF
 
 
@@ -460,7 +460,7 @@ def _explain(setting: _Setting, r: float, holds: bool, value: float, r_star: flo
 
 
 def gaussian_init_radius(
-    hidden: int, init_std: float, failure_probability: float = DEFAULT_INIT_FAILURE_PROBABILITY
+    hidden: int, init_std: float, failure_probability: float = _DEFAULT_INIT_FAILURE_PROBABILITY
 ) -> InitRadius:
     """Radius r that both initial M_A, M_W (entries N(0, (init_std / hidden)^2)) stay within.
 
