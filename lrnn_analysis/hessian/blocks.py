@@ -1,4 +1,15 @@
-"""Per-block curvature: the trace and λ_max of each parameter tensor's diagonal block, as a tidy table."""
+"""Per-block curvature: the trace and λ_max of each parameter tensor's diagonal block, as a tidy table.
+
+The traces share one set of probes. With a Rademacher vector v over all parameters, split into
+blocks v_b, the entries of v are independent, so for every block b at once
+
+    E[v_bᵀ (C v)_b] = E[v_bᵀ C_bb v_b] + Σ_{c≠b} E[v_bᵀ C_bc v_c] = tr(C_bb) + 0:
+
+one product C v gives one sample of every block's trace. Its variance holds the cross terms
+(2 Σ_{c≠b} ‖C_bc‖_F² besides the block's own), and the 95% t-interval over the samples is computed
+from the samples themselves, so it stays honest. ``trace_matvecs`` products serve all blocks,
+instead of that many per block; blocks of at most ``EXACT_BLOCK`` entries are traced exactly.
+"""
 from __future__ import annotations
 
 import time
@@ -9,15 +20,20 @@ from typing import Any
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
+from ..statistics import t_halfwidth
+from ._common import rademacher
 from ._results import jsonable
 from .eigen import eigenvalues
 from .operator import CurvatureOperator
-from .trace import trace, unit_roundoff
+from .trace import unit_roundoff
 
 __all__ = ["BLOCK_FIELDS", "BlockTable", "BlockView", "block_curvature"]
 
 BLOCK_FIELDS = ("param", "numel", "lambda_max", "lambda_max_residual", "lambda_max_converged", "trace",
                 "trace_ci_halfwidth", "trace_method", "matvecs")
+# Blocks this small are traced exactly (one product per entry) rather than from the shared probes.
+EXACT_BLOCK = 16
+SHARED_PROBES = "hutchinson, shared probes"
 
 
 class BlockView(LinearOperator):
@@ -43,9 +59,11 @@ class BlockView(LinearOperator):
 class BlockTable:
     """One row per selected parameter tensor (``BLOCK_FIELDS``): λ_max of its diagonal block (Lanczos,
     residual ‖C y − θ y‖ computed) and the block's trace — exact (one product per entry,
-    ``trace_ci_halfwidth`` the round-off bound) when the block has at most ``trace_matvecs``
-    entries, else Hutch++ with ``trace_matvecs`` products and its 95% interval. The round-off
-    model is ``trace``'s: P·u·Σ_j ‖(C e_j)_b‖ with P the operator's dimension."""
+    ``trace_ci_halfwidth`` the round-off bound) when the block has at most ``EXACT_BLOCK``
+    entries, else from the ``shared_matvecs`` products with shared probes (module docstring) and its
+    95% t-interval. A row's ``matvecs`` are its own (Lanczos, exact trace); ``matvecs`` of the table
+    adds the shared ones. The round-off model is ``trace``'s: P·u·Σ_j ‖(C e_j)_b‖ with P the
+    operator's dimension."""
 
     rows: tuple[dict[str, Any], ...]
     operator: str
@@ -54,10 +72,12 @@ class BlockTable:
     matvecs: int
     seed: int
     wall_time: float
+    shared_matvecs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": [jsonable(row) for row in self.rows], "operator": self.operator, "tol": self.tol,
-                "trace_matvecs": self.trace_matvecs, "matvecs": self.matvecs, "seed": self.seed, "wall_time": self.wall_time}
+                "trace_matvecs": self.trace_matvecs, "matvecs": self.matvecs, "shared_matvecs": self.shared_matvecs,
+                "seed": self.seed, "wall_time": self.wall_time}
 
 
 def block_curvature(
@@ -70,29 +90,45 @@ def block_curvature(
     max_iter: int | None = None,
 ) -> BlockTable:
     """Trace and λ_max of every parameter block of ``op`` in one call (rows in the operator's parameter
-    order, except that the names in ``first`` come first, in that order). Every random draw comes
-    from ``seed``; the same seed is used for each block."""
+    order, except that the names in ``first`` come first, in that order): λ_max by Lanczos on each
+    block, the traces from ``trace_matvecs`` (at least 2) products with probes shared by all blocks
+    (module docstring). Every random draw comes from ``seed``."""
     start_time = time.perf_counter()
     slices = op.block_slices()
     order = [name for name in first if name in slices] + [name for name in op.names if name not in first]
-    rows, total = [], 0
+    sampled = [name for name in order if slices[name].stop - slices[name].start > EXACT_BLOCK]
+    shared = _shared_probe_samples(op, [slices[name] for name in sampled], max(2, trace_matvecs), seed) if sampled else []
+    samples = dict(zip(sampled, shared, strict=True))
+    rows, total = [], len(shared[0]) if shared else 0
     for name in order:
         view = BlockView(op, slices[name])
         numel = view.shape[0]
         top = eigenvalues(view, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter)
-        if numel <= trace_matvecs:
-            eye = np.eye(numel)
-            products = [view.matvec(e) for e in eye]
+        if name in samples:
+            estimate, halfwidth = float(np.mean(samples[name])), t_halfwidth(samples[name])
+            method, count = SHARED_PROBES, 0
+        else:
+            products = [view.matvec(e) for e in np.eye(numel)]
             estimate = float(sum(p[j] for j, p in enumerate(products)))
             halfwidth = op.shape[0] * unit_roundoff(op) * float(sum(np.linalg.norm(p) for p in products))
             method, count = "exact", numel
-        else:
-            result = trace(view, "hutch++", tol=0.0, max_matvecs=trace_matvecs, seed=seed)
-            estimate, halfwidth, method, count = result.estimate, result.ci_halfwidth, "hutch++", result.matvecs
         matvecs = top.matvecs + count
         total += matvecs
         rows.append({"param": name, "numel": numel, "lambda_max": float(top.values[0]),
                      "lambda_max_residual": float(top.residuals[0]), "lambda_max_converged": bool(top.converged[0]),
                      "trace": estimate, "trace_ci_halfwidth": halfwidth, "trace_method": method, "matvecs": matvecs})
     return BlockTable(rows=tuple(rows), operator=getattr(op, "kind", "operator"), tol=tol, trace_matvecs=trace_matvecs,
-                      matvecs=total, seed=seed, wall_time=time.perf_counter() - start_time)
+                      matvecs=total, seed=seed, wall_time=time.perf_counter() - start_time,
+                      shared_matvecs=len(shared[0]) if shared else 0)
+
+
+def _shared_probe_samples(op: LinearOperator, blocks: Sequence[slice], probes: int, seed: int) -> list[np.ndarray]:
+    """For each block b, ``probes`` samples v_bᵀ (C v)_b of its trace, one product C v per probe."""
+    rng = np.random.default_rng(seed)
+    samples = np.empty((len(blocks), probes))
+    for k in range(probes):
+        v = rademacher(rng, op.shape[0])
+        w = np.asarray(op.matvec(v), dtype=np.float64).reshape(-1)
+        for i, block in enumerate(blocks):
+            samples[i, k] = float(v[block] @ w[block])
+    return list(samples)
