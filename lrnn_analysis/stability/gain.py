@@ -96,7 +96,6 @@ import functools
 import math
 import numbers
 import time
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,7 +110,7 @@ from ..errors import InputError
 from ..lure import LureSystem
 from . import lmi
 from .forms import IncrementalForm, incremental_form
-from .lmi import _CLARABEL_MAX_CONE, SOLVERS, is_numerical_failure
+from .lmi import _CLARABEL_MAX_CONE, SOLVERS, is_numerical_failure, run_solver
 from .riccati import _lbfgs_direction, riccati_tier
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF
 from .verification import P_RELATIVE_EIG_FLOOR
@@ -1035,20 +1034,9 @@ class _SdpProblem:
         import cvxpy as cp
 
         self.rate.value = r
-        if solver == "CLARABEL":
-            options: dict[str, Any] = {} if not np.isfinite(time_limit) else {"time_limit": max(time_limit, 1.0)}
-        else:
-            options = {"eps_abs": 1e-6, "eps_rel": 1e-6, "max_iters": 20000}
-            if np.isfinite(time_limit):
-                options["time_limit_secs"] = max(time_limit, 1.0)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                self.problem.solve(solver=solver, **options)
-        except BaseException as error:
-            if not (is_numerical_failure(error) or isinstance(error, ValueError)):
-                raise
-            return None, f"error: {type(error).__name__}: {error}"
+        failure = run_solver(self.problem, solver, time_limit, scs_eps=1e-6, scs_iterations=20000)
+        if failure is not None:
+            return None, failure
         status = self.problem.status
         if status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) and self.P.value is not None and self.mu.value is not None:
             lam = np.vstack([np.asarray(l.value, dtype=np.float64) for l in self.lams])

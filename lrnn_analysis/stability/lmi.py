@@ -37,7 +37,7 @@ from .forms import IncrementalForm
 from .spectra import STABILITY_POLYNOMIALS, norm2, roundoff_bound, spectral_abscissa, spectral_radius, step_matrix
 from .verification import Verification, verify
 
-__all__ = ["Candidate", "KAPPA_MAX", "SOLVERS", "TierOutcome", "finalize", "fixed_identity_tier",
+__all__ = ["Candidate", "KAPPA_MAX", "SOLVERS", "TierOutcome", "finalize", "fixed_identity_tier", "run_solver",
     "is_numerical_failure", "jacobian_error_bound", "jacobian_goodness", "sampled_slopes", "sdp_tier"]
 
 SOLVERS = ("auto", "CLARABEL", "SCS")
@@ -323,21 +323,9 @@ class _SdpProblem:
         import cvxpy as cp
 
         self.rate.value = r
-        options: dict[str, Any]
-        if solver == "CLARABEL":
-            options = {} if not np.isfinite(time_limit) else {"time_limit": max(time_limit, 1.0)}
-        else:
-            options = {"eps_abs": 1e-5, "eps_rel": 1e-5, "max_iters": 2500}
-            if np.isfinite(time_limit):
-                options["time_limit_secs"] = max(time_limit, 1.0)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                self.problem.solve(solver=solver, **options)
-        except BaseException as error:
-            if not (is_numerical_failure(error) or isinstance(error, ValueError)):
-                raise
-            return None, f"{solver} error: {type(error).__name__}: {error}"
+        failure = run_solver(self.problem, solver, time_limit, scs_eps=1e-5, scs_iterations=2500)
+        if failure is not None:
+            return None, f"{solver} {failure}"
         status = self.problem.status
         if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or self.P.value is None:
             return None, f"{solver}: {status}"
@@ -347,6 +335,28 @@ class _SdpProblem:
         P_value = P_value if P_value.ndim == 2 else np.diag(P_value)
         lam = np.vstack([np.asarray(l.value, dtype=np.float64) for l in self.lams])
         return (P_value, lam), status
+
+
+def run_solver(problem: Any, solver: str, time_limit: float, *, scs_eps: float, scs_iterations: int) -> str | None:
+    """Solve the cvxpy ``problem`` with ``solver`` (CLARABEL or SCS) within ``time_limit`` seconds
+    (inf: none); None when the solver ran, else ``error: TYPE: message`` for a numerical failure
+    (any other exception is raised)."""
+    options: dict[str, Any]
+    if solver == "CLARABEL":
+        options = {} if not np.isfinite(time_limit) else {"time_limit": max(time_limit, 1.0)}
+    else:
+        options = {"eps_abs": scs_eps, "eps_rel": scs_eps, "max_iters": scs_iterations}
+        if np.isfinite(time_limit):
+            options["time_limit_secs"] = max(time_limit, 1.0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            problem.solve(solver=solver, **options)
+    except BaseException as error:
+        if not (is_numerical_failure(error) or isinstance(error, ValueError)):
+            raise
+        return f"error: {type(error).__name__}: {error}"
+    return None
 
 
 def sdp_tier(form: IncrementalForm, tier: str, g_upper: float, deadline: float, solver: str = "auto") -> TierOutcome:
