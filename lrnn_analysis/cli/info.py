@@ -94,7 +94,8 @@ def _print_user_model(subject: ModelUnderAnalysis, task: str | None) -> None:
         if callable(getattr(subject.module, "step", None)):
             print("Lur'e form: none given; lrnn stability derives one from its step and checks it before certifying")
         elif find_recurrent_layers(subject.module):
-            layers = ", ".join(f"{name or '(root)'} ({type(layer).__name__})" for name, layer in find_recurrent_layers(subject.module))
+            layers = ", ".join(f"{found.name or '(root)'} ({type(found.module).__name__})"
+                               for found in find_recurrent_layers(subject.module))
             print(f"Lur'e form: none of the whole model; lrnn stability certifies its torch.nn recurrent layers {layers} "
                   "(LSTM/GRU conditions need a bound on the layer's input, --input-bound)")
         else:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..stability.evidence import EvidenceCheck
 
 __all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "SAMPLE_INPUTS", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",
-           "certify_model", "checked_form", "run"]
+           "certify_model", "check_layer_forms", "checked_form", "run"]
 
 NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
 LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
@@ -211,6 +211,7 @@ def certify_model(
     if stored.verified:
         return ModelCertificate(subject.name, "stored evidence", stored, tuple(stored_then_searched(stored, module, None)))
     if find_recurrent_layers(module):
+        check_layer_forms(module)
         layers = certify_recurrent(module, settings.certificates, input_bound=settings.input_bound, inputs=inputs,
                                    time_budget=settings.time_budget)
         return ModelCertificate(subject.name, "torch.nn layers", stored, layers=tuple(layers), reason=LAYERS_ONLY)
@@ -266,6 +267,28 @@ def checked_form(subject: ModelUnderAnalysis, input_shape: tuple[int, ...] | Non
         raise InputError(f"{subject.name}: the Lur'e form derived from its step does not reproduce it: {check.reason}")
     notes = "; ".join(derived.notes)
     return derived.system, "derived, checked" + (f" ({notes})" if notes else ""), check
+
+
+def check_layer_forms(module: Any) -> None:
+    """Run the Lur'e map of every ``nn.RNN`` layer inside ``module`` (the toolkit's reading of its
+    weights, :func:`~lrnn_analysis.models.torchnn.rnn_lure_forms`) beside the layer itself: a form
+    that computes something else is an error, never certified. LSTM and GRU layers have no Lur'e
+    form: their conditions read the gates' weights directly."""
+    from torch import nn
+
+    from ..models.torchnn import SequenceClassifier, find_recurrent_layers, rnn_lure_forms
+    from ..stability import check_form
+
+    for found in find_recurrent_layers(module):
+        name, layer = found.name, found.module
+        if not isinstance(layer, nn.RNN):
+            continue
+        stack = SequenceClassifier(layer, nn.Identity())
+        for index, form in enumerate(rnn_lure_forms(layer)):
+            check = check_form(stack, form, x=(layer.input_size,), layer=index)
+            if check.status == "refused":
+                raise InputError(f"{name or '(root)'} layer {index}: its Lur'e form does not reproduce the layer: "
+                                 f"{check.reason}")
 
 
 @dataclass(frozen=True, eq=False)

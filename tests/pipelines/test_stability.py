@@ -9,6 +9,7 @@ import torch
 
 from lrnn_analysis.cli import main
 from lrnn_analysis.errors import InputError
+from lrnn_analysis.lure import LureSystem
 from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
 from lrnn_analysis.pipelines.audit import AuditSettings
 from lrnn_analysis.pipelines.audit import run as run_audit
@@ -223,3 +224,31 @@ def test_an_lstm_bound_is_of_the_layer_input_and_data_refute_a_bound_it_exceeds(
     assert main(["stability", *spec, "--data", str(tmp_path / "data.npz")]) == 1  # ... which the data exceed 20-fold
     printed = capsys.readouterr().out
     assert "reaches" in printed and "on the data, beyond the bound 0.1" in printed
+
+
+def test_the_forms_of_torch_nn_rnn_layers_are_checked_against_the_layers(monkeypatch):
+    from torch import nn
+
+    from lrnn_analysis.models import torchnn
+    from lrnn_analysis.pipelines.stability import check_layer_forms
+
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn = nn.RNN(3, 5, num_layers=2, batch_first=True)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    model = Stacked()
+    check_layer_forms(model)  # the toolkit's reading of both layers' weights reproduces them
+    right = torchnn.rnn_lure_forms
+
+    def transposed(rnn):
+        return tuple(LureSystem(f.A, f.W.T, method="map", activation=f.activation) for f in right(rnn))
+
+    monkeypatch.setattr(torchnn, "rnn_lure_forms", transposed)
+    with pytest.raises(InputError, match="rnn layer 0: its Lur'e form does not reproduce the layer"):
+        certify_model(ModelUnderAnalysis.from_module(model, name="stacked"), time_budget=5)
