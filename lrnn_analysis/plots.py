@@ -520,14 +520,23 @@ def plot_density(rows: Table, *, labels: Mapping[str, str] | None = None, colors
         for model in models:
             sub = frame[frame["model"] == model]
             style_ = {key: value for key, value in styles[model].items() if key != "marker"}
-            panel.plot(sub["eigenvalue"], np.maximum(sub["density"], floor), label=options.label(model), linewidth=1.4,
-                       **style_)
+            # Below 1e-8 of the peak the log axis stops: those points are left out, not drawn at a floor.
+            shown = sub["density"].where(sub["density"] >= floor)
+            panel.plot(sub["eigenvalue"], shown, label=options.label(model), linewidth=1.4, **style_)
         panel.set_yscale("log")
         panel.set_xlabel("Hessian eigenvalue λ")
         panel.set_ylabel("spectral density (log scale)")
         panel.set_title(options.title("density", "Hessian spectral density (SLQ)"))
         canvas.legend(*_legend_entries(canvas.axes), inside=True)
     return canvas.axes[0]
+
+
+def _share_y(axes: Sequence[Axes]) -> None:
+    """One y-range for every panel: the union of their ranges."""
+    low = min(a.get_ylim()[0] for a in axes)
+    high = max(a.get_ylim()[1] for a in axes)
+    for a in axes:
+        a.set_ylim(low, high)
 
 
 def _facet_lines(frame: pd.DataFrame, panel_column: str, x: str, y: str, options: _Options, canvas: _Canvas,
@@ -584,7 +593,8 @@ def plot_robustness(summary: Table, metric: str = "accuracy", *, labels: Mapping
     """Accuracy (or, with ``metric="loss"``, the loss: regression tasks have no accuracy) against
     perturbation level, one panel per perturbation kind (panel keys: the kinds, titled by
     :data:`PERTURBATION_TITLES`), one line per model with its 95% CI band over seeds, clipped to
-    [0, 1] (losses: to >= 0). Rows: (model, perturbation, level, <metric>_mean, <metric>_ci95)."""
+    [0, 1] (losses: to >= 0). The panels share one y-axis, so drops compare across kinds. Rows:
+    (model, perturbation, level, <metric>_mean, <metric>_ci95)."""
     if metric not in ("accuracy", "loss"):
         raise InputError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
     mean, half = f"{metric}_mean", f"{metric}_ci95"
@@ -595,10 +605,13 @@ def plot_robustness(summary: Table, metric: str = "accuracy", *, labels: Mapping
     options = _Options(list(dict.fromkeys(frame["model"])), kinds, labels, colors, titles)
     canvas = _Canvas(len(kinds), kinds, ax, axes, figsize, (4.0, 3.0))
     if metric == "accuracy":
-        return _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
-                            "test accuracy (%)", PERTURBATION_TITLES, band=half, clip=(0.0, 1.0), percent=True)
-    return _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
-                        "test loss", PERTURBATION_TITLES, band=half, clip=(0.0, np.inf))
+        figure = _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
+                              "test accuracy (%)", PERTURBATION_TITLES, band=half, clip=(0.0, 1.0), percent=True)
+    else:
+        figure = _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
+                              "test loss", PERTURBATION_TITLES, band=half, clip=(0.0, np.inf))
+    _share_y(canvas.axes)
+    return figure
 
 
 def plot_landscape_1d(rows: Table, *, labels: Mapping[str, str] | None = None, colors: Mapping[str, Any] | None = None,

@@ -190,3 +190,13 @@ def test_robustness_of_a_regression_task_draws_the_loss():
     assert figure.axes[0].get_ylabel() == "test loss"
     band = next(c for c in figure.axes[0].collections if c.get_gid() == "band:a")
     assert np.concatenate([p.vertices[:, 1] for p in band.get_paths()]).min() == 0.0
+
+
+def test_robustness_panels_share_one_y_axis_and_density_draws_no_floor():
+    figure = plots.plot_robustness(_summary())
+    limits = {tuple(round(v, 12) for v in ax.get_ylim()) for ax in figure.axes if ax.has_data()}
+    assert len(limits) == 1
+    rows = [{"model": "a", "eigenvalue": float(x), "density": float(np.exp(-x * x))} for x in np.linspace(-10, 10, 81)]
+    ax = plots.plot_density(rows)
+    drawn = ax.get_lines()[0].get_ydata()
+    assert np.isnan(drawn).sum() > 0 and np.nanmin(drawn) >= 1e-8  # the tails below 1e-8 of the peak are left out
