@@ -70,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except InputError as error:
         print(f"{prefix}: error: {_one_line(str(error))}", file=sys.stderr)
+        if args.traceback and error.__cause__ is not None:  # the exception of the user's own code, say
+            import traceback
+
+            print("".join(traceback.format_exception(error.__cause__)).rstrip(), file=sys.stderr)
         return 2
     except OSError as error:
         print(f"{prefix}: error: {_os_error_text(error)}", file=sys.stderr)

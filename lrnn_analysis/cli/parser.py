@@ -39,6 +39,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lrnn", description="Stability, curvature and robustness of continuous-time RNNs.")
+    parser.add_argument("--traceback", action="store_true",
+                        help="when your own code fails (a --model factory, its forward or lure_form), also print its traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)

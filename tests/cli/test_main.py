@@ -264,3 +264,14 @@ def test_an_interrupt_while_the_parser_is_built_is_one_line(monkeypatch, capsys)
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["info", "x"]) == 130
     assert capsys.readouterr().err == "lrnn: interrupted\n"
+
+
+def test_traceback_shows_the_users_own_exception_after_the_one_line(tmp_path, capsys):
+    (tmp_path / "broken.py").write_text("def build():\n    raise RuntimeError('my factory is broken')\n")
+    spec = f"{tmp_path / 'broken.py'}:build"
+    assert main(["stability", "--model", spec]) == 2
+    short = capsys.readouterr().err
+    assert short.count("\n") == 1 and "build() raised RuntimeError: my factory is broken" in short
+    assert main(["--traceback", "stability", "--model", spec]) == 2
+    long = capsys.readouterr().err
+    assert long.startswith(short) and "Traceback (most recent call last)" in long and "broken.py" in long
