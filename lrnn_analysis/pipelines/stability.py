@@ -202,7 +202,8 @@ def certify_model(
     settings = StabilitySettings(None if certificates is None else tuple(certificates), time_budget, input_bound, cell)
     subject = as_model_under_analysis(subject)
     module = subject.module
-    stored = check_stored(module, subject.metadata)
+    # Evidence stored with a model is of the model's own form, never of a cell inside it.
+    stored = check_stored(module, subject.metadata if cell is None else {})
     system, form, check = checked_form(subject, input_shape, cell)
     if system is not None:
         found = stored_then_searched(stored, module, system, settings.certificates, settings.time_budget, wrap=wrap)
