@@ -27,11 +27,12 @@ REFERENCE_OVERRIDES = ("beta", "gamma", "eps", "alpha", "solver")
 class ModelSources:
     """Checkpoints (native, PyTorch or reference-implementation files, with ``reference``
     hyper-parameter overrides) and/or a user module ``model`` (``MODULE:FACTORY``) built with
-    ``model_args`` and loaded with each of ``weights`` (one model per file)."""
+    ``model_args`` (``KEY=VALUE`` texts, see :func:`~lrnn_analysis.usermodule.parse_model_args`) and
+    loaded with each of ``weights`` (one model per file)."""
 
     checkpoints: tuple[str, ...] = ()
     model: str | None = None
-    model_args: Mapping[str, Any] = field(default_factory=dict)
+    model_args: tuple[str, ...] = ()
     weights: tuple[str, ...] = ()
     reference: Mapping[str, Any] = field(default_factory=dict)
 
@@ -48,32 +49,22 @@ class ModelSources:
         if repeated:
             raise InputError(f"--weights {repeated[0]} given twice")
 
-    def input_files(self) -> list[str]:
-        """Every file these sources read (which no output may replace)."""
-        files = [*self.checkpoints, *self.weights]
-        if self.model is not None:
-            from .usermodule import ModelSpec
-
-            path = ModelSpec.parse(self.model).path
-            if path is not None:
-                files.append(str(path))
-        return files
-
     def load(self) -> tuple[list[tuple[str, ModelUnderAnalysis]], list[str]]:
         """(label, model) for every checkpoint, then for the user module one per weights file,
-        labelled by it (or by the spec without weights); and the warnings to show."""
+        labelled by it (or by the spec without weights); and the warnings to show. Bad
+        ``model_args`` fail before any file is read."""
         from .model_under_analysis import load_model
+        from .usermodule import ModelSpec, load_user_model, parse_model_args
 
+        spec = None if self.model is None else ModelSpec.parse(self.model)
+        model_args = {} if spec is None else parse_model_args(self.model_args, spec.text)
         loaded = [(str(path), load_model(path, **self.reference)) for path in self.checkpoints]
-        if self.model is None:
+        if spec is None:
             return loaded, []
-        from .usermodule import ModelSpec, load_user_model
-
-        spec = ModelSpec.parse(self.model)
         if not self.weights:
             warning = f"no --weights: analysing {spec} with the parameters its factory gives the module"
-            return loaded + [(spec.text, load_user_model(spec, None, dict(self.model_args)))], [warning]
-        return loaded + [(path, load_user_model(spec, path, dict(self.model_args))) for path in self.weights], []
+            return loaded + [(spec.text, load_user_model(spec, None, model_args))], [warning]
+        return loaded + [(path, load_user_model(spec, path, model_args)) for path in self.weights], []
 
 
 @dataclass(frozen=True)

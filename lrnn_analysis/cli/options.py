@@ -196,15 +196,8 @@ def _checkpoint_list(args: argparse.Namespace) -> list[str]:
 
 
 def _model_sources(args: argparse.Namespace) -> ModelSources:
-    model_args: dict[str, Any] = {}
-    if args.model is not None:
-        from ..usermodule import ModelSpec, parse_model_args
-
-        model_args = parse_model_args(args.model_arg, ModelSpec.parse(args.model).text)
-    elif args.model_arg:
-        raise UsageError("--weights and --model-arg go with --model MODULE:FACTORY")
     reference = {name: getattr(args, name) for name in REFERENCE_OVERRIDES if getattr(args, name) is not None}
-    return ModelSources(tuple(_checkpoint_list(args)), args.model, model_args, tuple(args.weights), reference)
+    return ModelSources(tuple(_checkpoint_list(args)), args.model, tuple(args.model_arg), tuple(args.weights), reference)
 
 
 def task_source(args: argparse.Namespace) -> TaskSource:
@@ -214,7 +207,8 @@ def task_source(args: argparse.Namespace) -> TaskSource:
 
 
 def input_files(args: argparse.Namespace) -> list[Any]:
-    """Every file the command reads (which its outputs must never replace)."""
+    """Every file the command reads (which its outputs must never replace), known before the
+    options are checked against each other (that happens when the models are loaded)."""
     model_file = None
     if args.model is not None:
         from ..usermodule import ModelSpec
