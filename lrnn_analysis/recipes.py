@@ -580,11 +580,17 @@ def _certificates(ctx: _Context) -> tuple[list[str], str]:
     for label, subject in models.items():
         subject.check_fits(task, label)
     accuracy = {r["model"]: r["accuracy"] for r in tidy_tables.accuracy_table(models, task.test.x, task.test.y, task.is_classification)}
-    rows = stability.run(list(models.values()), task, ctx.recipe.pipeline_settings()).rows()
+    found = stability.run(list(models.values()), task, ctx.recipe.pipeline_settings())
+    rows = found.rows()
     for row in rows:
         row["test_accuracy"] = accuracy[row["model"]]
         row["parameters"] = models[row["model"]].parameter_count
-    eigen_rows, model_rows = tidy_tables.spectra_tables(models)
+    eigen_rows, model_rows = [], []
+    for certified in found.models:  # the spectra certify_model computed of the forms it certified
+        if certified.spectrum is not None and certified.system is not None:
+            eigen, row = tidy_tables.spectra_rows(certified.model, certified.system, certified.spectrum)
+            eigen_rows += eigen
+            model_rows.append(row)
     training_data = {label: check_training_data(subject.metadata, task).to_dict() for label, subject in models.items()}
     ctx.warnings += [f"{label}: {check['warning']}" for label, check in training_data.items() if check["warning"]]
     written = ctx.write(rows, plots.plot_spectra(eigen_rows, model_rows), {"training_data": training_data})

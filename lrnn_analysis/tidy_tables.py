@@ -7,7 +7,7 @@ toolkit model or a plain module is wrapped with what it declares), keyed by labe
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,7 +16,11 @@ from .evaluation import evaluate, loss_function
 from .model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
 from .stability import spectrum
 
-__all__ = ["accuracy_table", "landscape_tables", "spectra_tables", "training_log_table"]
+if TYPE_CHECKING:
+    from .lure import LureSystem
+    from .stability.spectra import SpectrumReport
+
+__all__ = ["accuracy_table", "landscape_tables", "spectra_rows", "spectra_tables", "training_log_table"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Models = Mapping[str, "ModelUnderAnalysis | torch.nn.Module"]
@@ -33,19 +37,24 @@ def spectra_tables(models: Models) -> tuple[list[dict[str, Any]], list[dict[str,
     eigen_rows, model_rows = [], []
     for label, model in models.items():
         system = as_model_under_analysis(model, name=label).lure_system()
-        if system is None:
-            continue
-        report = spectrum(system)
-        for matrix, values in (("A", report.eig_A), ("W", report.eig_W)):
-            eigen_rows += [{"model": label, "matrix": matrix, "re": float(v.real), "im": float(v.imag)} for v in values]
-        step = report.discretization
-        model_rows.append({
-            "model": label, "method": system.method, "eps": system.eps, **report.bendixson_A.to_dict(),
-            "alpha_A": report.abscissa_A, "mu2_A": report.mu2_A, "norm_A": report.norm_A, "norm_W": report.norm_W,
-            "step_spectral_radius": None if step is None else step.step_spectral_radius,
-            "all_in_stability_region": None if step is None else step.all_in_region,
-        })
+        if system is not None:
+            eigen, row = spectra_rows(label, system, spectrum(system))
+            eigen_rows += eigen
+            model_rows.append(row)
     return eigen_rows, model_rows
+
+
+def spectra_rows(label: str, system: LureSystem, report: SpectrumReport) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of :func:`spectra_tables` for one model's Lur'e form and its computed spectrum."""
+    eigen_rows = [{"model": label, "matrix": matrix, "re": float(v.real), "im": float(v.imag)}
+                  for matrix, values in (("A", report.eig_A), ("W", report.eig_W)) for v in values]
+    step = report.discretization
+    return eigen_rows, {
+        "model": label, "method": system.method, "eps": system.eps, **report.bendixson_A.to_dict(),
+        "alpha_A": report.abscissa_A, "mu2_A": report.mu2_A, "norm_A": report.norm_A, "norm_W": report.norm_W,
+        "step_spectral_radius": None if step is None else step.step_spectral_radius,
+        "all_in_stability_region": None if step is None else step.all_in_region,
+    }
 
 
 def accuracy_table(models: Models, x: torch.Tensor, y: torch.Tensor, classification: bool) -> list[dict[str, Any]]:

@@ -257,9 +257,10 @@ def run(
     tables: dict[str, list[dict[str, Any]]] = {}
     if found.source in ("lure form", "stored evidence"):
         stability["certificates"] = [r.to_dict(include_matrices=False) for r in found.certificates]
-    if found.spectrum is not None:
+    if found.spectrum is not None and found.system is not None:
         stability["spectrum"] = found.spectrum.to_dict()
-        tables["spectra"], tables["spectra_summary"] = tidy_tables.spectra_tables({label: subject})
+        eigen_rows, model_row = tidy_tables.spectra_rows(label, found.system, found.spectrum)
+        tables["spectra"], tables["spectra_summary"] = eigen_rows, [model_row]
     if found.source == "torch.nn layers":
         stability["recurrent_layers"] = [c.to_dict() for c in found.layers]
     if found.source in ("torch.nn layers", "none"):

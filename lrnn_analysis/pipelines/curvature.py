@@ -171,9 +171,11 @@ class CurvatureResult:
         return [row for m in self.models for row in m.density_rows()]
 
 
-def _batches_of(data: Task | Any, settings: CurvatureSettings, device: torch.device | str = "cpu") -> list[tuple[Any, Any]]:
+def _batches_of(data: Task | Any, settings: CurvatureSettings,
+                device: torch.device | str = "cpu") -> tuple[list[tuple[Any, Any]], bool]:
     """The batches ``settings`` selects from a task (its split, batch size and count), in the
-    settings' dtype; ``data`` that is already an (x, y) batch or a list of them is used as given."""
+    settings' dtype, and whether they are classification batches (integer targets); ``data`` that
+    is already an (x, y) batch or a list of them is used as given."""
     import torch
 
     from ..task import Task
@@ -190,9 +192,9 @@ def _batches_of(data: Task | Any, settings: CurvatureSettings, device: torch.dev
         batches = [(x.to(device), y.to(device)) for x, y in as_batches(data)]
         classification = not batches[0][1].is_floating_point()
     if settings.dtype is None:
-        return batches
+        return batches, classification
     dtype = getattr(torch, settings.dtype)
-    return [(x.to(dtype), y if classification else y.to(dtype)) for x, y in batches]
+    return [(x.to(dtype), y if classification else y.to(dtype)) for x, y in batches], classification
 
 
 def run(
@@ -217,8 +219,7 @@ def run(
     ranks = ranks or Ranks(torch.device("cpu"))
     if isinstance(subjects, ModelUnderAnalysis):
         subjects = [subjects]
-    batches = _batches_of(data, settings, ranks.device)
-    classification = data.is_classification if isinstance(data, Task) else not batches[0][1].is_floating_point()
+    batches, classification = _batches_of(data, settings, ranks.device)
     shared_by = ranks.world_size if len(batches) >= ranks.world_size else 1
     if shared_by == 1 and not ranks.is_main:
         return CurvatureResult((), settings, shared_by)
