@@ -111,7 +111,7 @@ from ..lure import LureSystem
 from . import lmi
 from .forms import IncrementalForm, incremental_form
 from .lmi import _CLARABEL_MAX_CONE, SOLVERS, is_numerical_failure, run_solver
-from .riccati import _lbfgs_direction, riccati_tier
+from .riccati import lbfgs_minimize, riccati_tier
 from .spectra import UNDERFLOW_FLOOR, UNIT_ROUNDOFF
 from .verification import P_RELATIVE_EIG_FLOOR
 
@@ -136,7 +136,7 @@ _BIG = 1e300
 # verify, eta is raised tenfold (and mu slightly) up to _ETA_RAISES times (_riccati_candidate).
 _ETA_RELATIVE = 1e-7
 _ETA_RAISES = 4
-# The Riccati tier's L-BFGS (see _descend): steps per soft-max level, memory, backtracking.
+# The descent (riccati.lbfgs_minimize): steps per soft-max level, memory, backtracking.
 _DESCENT_STEPS = 40
 _MEMORY = 8
 _BACKTRACKS = 16
@@ -850,42 +850,6 @@ def _log_step_factor(gform: GainForm, r: float, horizon: int) -> tuple[float, fl
             (sum(i * x for i, x in enumerate(powers)) / total + growth) / r)
 
 
-def _descend(fun: Any, z: np.ndarray, deadline: float, iterations: int) -> np.ndarray:
-    """Minimize ``fun`` (value, gradient) from z: L-BFGS directions (riccati's two-loop recursion),
-    Armijo backtracking; a trial that fails (or where ``fun`` is _BIG: infeasible) is shortened
-    4-fold, at most _BACKTRACKS times, and no step changes a coordinate by more than _MAX_STEP.
-    Returns the last accepted point."""
-    f, g = fun(z)
-    memory: list[tuple[np.ndarray, np.ndarray, float]] = []
-    for _ in range(iterations):
-        if f >= _BIG or not np.any(g) or time.monotonic() >= deadline:
-            break
-        direction = _lbfgs_direction(g, memory)
-        if float(g @ direction) >= 0:
-            memory.clear()
-            direction = _lbfgs_direction(g, memory)
-        slope = float(g @ direction)
-        t = min(1.0, _MAX_STEP / float(np.abs(direction).max()))
-        for _ in range(_BACKTRACKS):
-            trial = z + t * direction
-            f_trial, g_trial = fun(trial)
-            if f_trial <= f + 1e-4 * t * slope:
-                break
-            t *= 0.25
-        else:
-            break
-        step, change = trial - z, g_trial - g
-        curvature = float(step @ change)
-        if curvature > 0:
-            memory.append((step, change, 1.0 / curvature))
-            del memory[:-_MEMORY]
-        stalled = f - f_trial <= 1e-10 * max(1.0, abs(f))
-        z, f, g = trial, f_trial, g_trial
-        if stalled:
-            break
-    return z
-
-
 def _riccati_descent(gform: GainForm, start: tuple[np.ndarray, float, float], horizon: int, free_rate: bool,
                      deadline: float) -> tuple[_DualRiccati, np.ndarray, float, float, np.ndarray] | None:
     """Minimize the squared bound mu_step c(Y) max(1, r^(s (T - 1))) over (Lambda, mu) and, if
@@ -945,7 +909,8 @@ def _riccati_descent(gform: GainForm, start: tuple[np.ndarray, float, float], ho
     z = np.concatenate([np.log(lam0).ravel(), [math.log(mu0 - floor[0])]]
                        + ([[math.sqrt(r0 - 1.0)]] if free_rate else []))
     for tau, beta in _CONTINUATION:
-        z = _descend(functools.partial(fun, tau=tau, beta=beta), z, deadline, _DESCENT_STEPS)
+        z = lbfgs_minimize(functools.partial(fun, tau=tau, beta=beta), z, deadline, iterations=_DESCENT_STEPS,
+                           backtracks=_BACKTRACKS, max_step=_MAX_STEP, memory=_MEMORY, stall_tolerance=1e-10)
     if best[1] is None:
         return None
     return (dual,) + best[1]

@@ -44,6 +44,7 @@ common multiplier c I the scale is immaterial: the LMI is homogeneous in (P, Lam
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -52,7 +53,7 @@ import scipy.linalg
 from .forms import IncrementalForm
 from .lmi import KAPPA_MAX, Candidate, TierOutcome, finalize
 
-__all__ = ["RICCATI_TIER", "RiccatiSolver", "riccati_tier"]
+__all__ = ["RICCATI_TIER", "RiccatiSolver", "lbfgs_minimize", "riccati_tier"]
 
 RICCATI_TIER = "riccati"
 # Slack eta of the Riccati equation, eta = c mean(Lambda) (the LMI is homogeneous in
@@ -444,41 +445,57 @@ def _lbfgs_direction(g: np.ndarray, memory: list[tuple[np.ndarray, np.ndarray, f
     return direction
 
 
-def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, eta_coef: float, deadline: float) -> np.ndarray:
-    """Minimize :func:`_gramian_objective` over theta = log Lambda: L-BFGS directions, Armijo backtracking.
+def lbfgs_minimize(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], z: np.ndarray, deadline: float, *,
+                   iterations: int, backtracks: int, max_step: float, memory: int = _LBFGS_MEMORY,
+                   stall_tolerance: float | None = None) -> np.ndarray:
+    """Minimize ``fun`` (value, gradient) from ``z``: L-BFGS directions, Armijo backtracking.
 
-    The memory keeps the last _LBFGS_MEMORY steps with positive curvature (and is dropped if
-    its direction does not descend). A step into the region where the rate is infeasible
-    (value _BIG) is shortened, at most _BACKTRACKS times by 4; no step changes a multiplier by
-    more than a factor e^_MAX_LOG_STEP.
+    The memory keeps the last ``memory`` steps with positive curvature (and is dropped if its
+    direction does not descend). A trial that fails the Armijo test, or lands where the value is
+    _BIG (infeasible), is shortened 4-fold, at most ``backtracks`` times and not past the
+    deadline; no step changes a coordinate by more than ``max_step``. Stops after ``iterations``
+    steps, at the deadline, when no trial is accepted, or (with ``stall_tolerance``) when a step
+    lowers the value by at most ``stall_tolerance`` * max(1, |value|). Returns the last accepted point.
     """
-    f, g = _gramian_objective(solver, theta, r, eta_coef)
-    memory: list[tuple[np.ndarray, np.ndarray, float]] = []
-    for _ in range(_DESCENT_STEPS):
+    f, g = fun(z)
+    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
+    for _ in range(iterations):
         if f >= _BIG or not np.any(g) or time.monotonic() >= deadline:
             break
-        direction = _lbfgs_direction(g, memory)
+        direction = _lbfgs_direction(g, pairs)
         if float(g @ direction) >= 0:
-            memory.clear()
-            direction = _lbfgs_direction(g, memory)
+            pairs.clear()
+            direction = _lbfgs_direction(g, pairs)
         slope = float(g @ direction)
-        t = min(1.0, _MAX_LOG_STEP / float(np.abs(direction).max()))
+        t = min(1.0, max_step / float(np.abs(direction).max()))
         accepted = False
-        for _ in range(_BACKTRACKS):
-            trial = theta + t * direction
-            f_trial, g_trial = _gramian_objective(solver, trial, r, eta_coef)
+        for _ in range(backtracks):
+            trial = z + t * direction
+            f_trial, g_trial = fun(trial)
             accepted = f_trial <= f + 1e-4 * t * slope
             if accepted or time.monotonic() >= deadline:
                 break
             t *= 0.25
         if not accepted:
             break
-        s_k, y_k = trial - theta, g_trial - g
+        s_k, y_k = trial - z, g_trial - g
         curvature = float(s_k @ y_k)
         if curvature > 0:
-            memory.append((s_k, y_k, 1.0 / curvature))
-            del memory[:-_LBFGS_MEMORY]
-        theta, f, g = trial, f_trial, g_trial
+            pairs.append((s_k, y_k, 1.0 / curvature))
+            del pairs[:-memory]
+        stalled = stall_tolerance is not None and f - f_trial <= stall_tolerance * max(1.0, abs(f))
+        z, f, g = trial, f_trial, g_trial
+        if stalled:
+            break
+    return z
+
+
+def _descend(solver: RiccatiSolver, theta: np.ndarray, r: float, eta_coef: float, deadline: float) -> np.ndarray:
+    """Minimize :func:`_gramian_objective` over theta = log Lambda by :func:`lbfgs_minimize` (no step
+    changes a multiplier by more than a factor e^_MAX_LOG_STEP); the result centred, as Lambda's
+    scale is free."""
+    theta = lbfgs_minimize(lambda th: _gramian_objective(solver, th, r, eta_coef), theta, deadline,
+                           iterations=_DESCENT_STEPS, backtracks=_BACKTRACKS, max_step=_MAX_LOG_STEP)
     return theta - theta.mean()
 
 
