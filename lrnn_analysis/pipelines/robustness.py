@@ -73,8 +73,9 @@ class RobustnessSettings:
         check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         check_bool("recurrent_only", self.recurrent_only)
         if self.recurrent is not None:
-            patterns = (tuple(p.strip() for p in self.recurrent.split(",") if p.strip()) if isinstance(self.recurrent, str)
-                        else tuple(self.recurrent))
+            from ..parameters import parameter_patterns  # here: it imports torch, which settings need not
+
+            patterns = parameter_patterns(self.recurrent) if isinstance(self.recurrent, str) else tuple(self.recurrent)
             if not patterns or not all(isinstance(p, str) and p for p in patterns):
                 raise InputError(f"recurrent: expected glob patterns over parameter names, got {self.recurrent!r}")
             if self.recurrent_only:
