@@ -10,13 +10,13 @@ from collections.abc import Mapping, Sequence
 
 from .errors import InputError
 
-__all__ = ["ARCHITECTURES", "CERTIFICATES", "CONSTRAINTS", "CONTRACTION_CERTIFICATES", "CURVATURE_BACKENDS",
+__all__ = ["ARCHITECTURES", "ATTACKS", "CERTIFICATES", "CONSTRAINTS", "CONTRACTION_CERTIFICATES", "CURVATURE_BACKENDS",
     "CURVATURE_ESTIMATES", "CURVATURE_OPERATORS", "DENSITY_SCALES", "DEVICE_CHOICES", "DIAGONAL_METHODS",
-    "DISCRETIZATIONS", "DTYPES", "GATE_CERTIFICATES", "INPUT_KINDS", "KINDS", "MAX_ADDING_LENGTH", "MAX_BATCHES",
-    "MAX_BATCH_SIZE", "MAX_DENSITY_PROBES", "MAX_DENSITY_STEPS", "MAX_EIGENPAIRS", "MAX_ITERATIONS", "MAX_LEVELS",
-    "MAX_MATVECS", "MAX_MC_SAMPLES", "MAX_SAMPLES", "MAX_SEED", "MAX_SEEDS", "MAX_SIZES", "PARAMETERIZATION_TESTS",
+    "DISCRETIZATIONS", "DTYPES", "GATE_CERTIFICATES", "INPUT_BOXES", "INPUT_KINDS", "KINDS", "MAX_ADDING_LENGTH", "MAX_BATCHES",
+    "MAX_ATTACK_STEPS", "MAX_BATCH_SIZE", "MAX_DENSITY_PROBES", "MAX_DENSITY_STEPS", "MAX_EIGENPAIRS", "MAX_ITERATIONS", "MAX_LEVELS",
+    "MAX_MATVECS", "MAX_MC_SAMPLES", "MAX_RESTARTS", "MAX_SAMPLES", "MAX_SEED", "MAX_SEEDS", "MAX_SIZES", "PARAMETERIZATION_TESTS",
     "PARAMETER_KINDS", "PERTURBATION_ALIASES", "SPLITS", "TASK_NAMES", "TRACE_METHODS", "perturbation_grid",
-    "perturbation_kind", "perturbation_level"]
+    "perturbation_kind", "perturbation_level", "radius_list"]
 
 TASK_NAMES = ("digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding")
 MAX_SEED = 2**63 - 1
@@ -97,6 +97,28 @@ def perturbation_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, Sequence
             raise InputError(f"perturbation {kind!r} given twice (as {name!r} and under another spelling)")
         canonical[kind] = levels
     return canonical
+
+# Certified accuracy against l2 radius (lrnn_analysis.robustness.certified): the attacks beside it and
+# the input boxes they project onto ("data": [min, max] of the task's training inputs; "none": unbounded).
+ATTACKS = ("pgd",)
+INPUT_BOXES = ("data", "none")
+MAX_ATTACK_STEPS = 100_000
+MAX_RESTARTS = 1_000
+
+
+def radius_list(radii: object) -> tuple[float, ...]:
+    """``radii`` as a tuple of 1 to MAX_LEVELS distinct finite l2 radii >= 0."""
+    if isinstance(radii, (str, bytes)) or not isinstance(radii, Sequence) or not 1 <= len(radii) <= MAX_LEVELS:
+        raise InputError(f"radii: expected a list of 1 to {MAX_LEVELS} l2 radii, got {radii!r}")
+    values = []
+    for radius in radii:
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius < 0:
+            raise InputError(f"radii: a radius is a finite number >= 0, got {radius!r}")
+        values.append(float(radius))
+    if len(set(values)) != len(values):
+        raise InputError(f"radii: duplicate radii {values}")
+    return tuple(values)
+
 
 SPLITS = ("train", "val", "test")
 CURVATURE_OPERATORS = ("hessian", "ggn", "fisher", "ef")

@@ -48,7 +48,7 @@ from .outputs import atomic_write
 from .stability.spectra import STABILITY_POLYNOMIALS, stability_polynomial
 
 __all__ = ["FIGURE_SUFFIXES", "PERTURBATION_TITLES", "PERTURBATION_UNITS", "figure_format",
-    "plot_certified_accuracy", "plot_density", "plot_hessian_summary", "plot_landscape_1d", "plot_landscape_2d",
+    "plot_certified_accuracy", "plot_certified_robustness", "plot_density", "plot_hessian_summary", "plot_landscape_1d", "plot_landscape_2d",
     "plot_phase_diagram", "plot_robustness", "plot_spectra", "plot_training_spectra", "save_figure",
     "stability_region_mask", "style", "write_figure"]
 
@@ -500,6 +500,48 @@ def plot_certified_accuracy(rows: Table, *, labels: Mapping[str, str] | None = N
         panel_certified.set_title(options.title("certified", _CERTIFIED_PANELS["certified"]))
         for panel in canvas.axes:
             panel.set_xticks(positions, ticks, rotation=35, ha="right")
+    return canvas.figure
+
+
+_RADIUS_MEASURES = {"certified_accuracy": ("certified", "-", "o"), "attack_accuracy": ("l2 PGD attack", "--", "v"),
+                    "noise_accuracy": ("Gaussian noise of that l2 norm", ":", "s")}
+
+
+def plot_certified_robustness(rows: Table, *, labels: Mapping[str, str] | None = None,
+                              colors: Mapping[str, Any] | None = None, titles: Mapping[str, str] | None = None,
+                              figsize: tuple[float, float] | None = None, ax: Axes | None = None) -> Figure:
+    """Test accuracy against l2 radius, one panel (panel key "radius"): per model (its colour)
+    up to three lines, certified accuracy (solid), accuracy under the l2 PGD attack (dashed) and
+    under Gaussian noise of that l2 norm (dotted). A measure that is None for a model (no bound,
+    no attack) is not drawn, and a model without a bound is labelled "(no bound)". Rows: (model,
+    radius, certified_accuracy, attack_accuracy, noise_accuracy), as from
+    :func:`~lrnn_analysis.robustness.certified_robustness`."""
+    frame = _frame(rows, ["model", "radius", *_RADIUS_MEASURES])
+    models = list(dict.fromkeys(frame["model"]))
+    options = _Options(models, ("radius",), labels, colors, titles)
+    styles = options.styles()
+    canvas = _Canvas(1, ("radius",), ax, None, figsize, (6.4, 4.4))
+    with canvas.draw():
+        panel = canvas.axes[0]
+        model_handles, model_names = [], []
+        for model in models:
+            sub = frame[frame["model"] == model].sort_values("radius")
+            bound = pd.to_numeric(sub["certified_accuracy"], errors="coerce").notna().any()
+            for column, (_, dash, marker) in _RADIUS_MEASURES.items():
+                values = pd.to_numeric(sub[column], errors="coerce")
+                if values.notna().any():
+                    panel.plot(sub["radius"], values, color=styles[model]["color"], linestyle=dash, marker=marker,
+                               markersize=3.5, linewidth=1.3)
+            model_handles.append(Line2D([], [], color=styles[model]["color"], linewidth=3))
+            model_names.append(options.label(model) + ("" if bound else " (no bound)"))
+        measure_handles = [Line2D([], [], color="0.3", linestyle=dash, marker=marker, markersize=3.5)
+                           for _, dash, marker in _RADIUS_MEASURES.values()]
+        panel.set_xlabel("l2 radius δ of the input perturbation (whole sequence)")
+        panel.set_ylabel("test accuracy (%)")
+        panel.set_ylim(-0.02, 1.02)
+        panel.yaxis.set_major_formatter(_Percent())
+        panel.set_title(options.title("radius", "Certified, attacked and noisy accuracy against l2 radius"))
+        canvas.legend(measure_handles + model_handles, [name for name, _, _ in _RADIUS_MEASURES.values()] + model_names)
     return canvas.figure
 
 

@@ -1,10 +1,22 @@
 """``lrnn robustness``: accuracy under input and parameter perturbations of several models, as a
-tidy CSV (see :mod:`lrnn_analysis.pipelines.robustness`)."""
+tidy CSV, or (``--radii``) certified, attack and l2-noise accuracy against l2 radius (see
+:mod:`lrnn_analysis.pipelines.robustness`)."""
 from __future__ import annotations
 
 import argparse
 
-from ..choices import MAX_BATCH_SIZE, MAX_EIGENPAIRS, MAX_SAMPLES, MAX_SEEDS, SPLITS
+from ..choices import (
+    ATTACKS,
+    INPUT_BOXES,
+    MAX_ATTACK_STEPS,
+    MAX_BATCH_SIZE,
+    MAX_EIGENPAIRS,
+    MAX_RESTARTS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_SEEDS,
+    SPLITS,
+)
 from ..errors import display_name
 from ..outputs import check_output_file
 from . import options as o
@@ -47,11 +59,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     recurrent.add_argument("--recurrent", type=o.name_list, default=None, metavar="PATTERNS",
                            help="parameter perturbations only on the parameters these comma-separated globs over parameter "
                                 "names match, e.g. 'rnn.weight_hh_*' (each must match)")
+    radius = robust.add_argument_group("against l2 radius (a table of its own: give --radii without perturbation levels)")
+    radius.add_argument("--radii", type=o.float_list, default=None, metavar="R1,R2,...",
+                        help="l2 radii over the whole input sequence (time and features), e.g. 0.1,0.25,0.5,1: "
+                             "accuracy under Gaussian noise of that l2 norm (--seeds seeds), and with --certified and "
+                             "--attack the certified and attack accuracy")
+    radius.add_argument("--certified", action="store_true",
+                        help="certified accuracy: correct and every logit margin above pair_bound * radius, from each "
+                             "model's verified gain certificate ('no bound' for models without one); also prints the "
+                             "bound beside its empirical lower bounds")
+    radius.add_argument("--attack", choices=ATTACKS, default=None,
+                        help="pgd: l2 PGD attack on the margin loss max_j!=y z_j - z_y, random start in the ball")
+    radius.add_argument("--attack-steps", type=o.int_in(1, MAX_ATTACK_STEPS), default=50, help="steps per restart")
+    radius.add_argument("--attack-restarts", type=o.int_in(1, MAX_RESTARTS), default=1, help="random starts")
+    radius.add_argument("--attack-step-size", type=o.float_in(0.0, 1e6, above=True), default=None, metavar="ALPHA",
+                        help="step size as a multiple of the radius (default: 2.5 / steps)")
+    radius.add_argument("--attack-seed", type=o.int_in(0, MAX_SEED), default=0, help="seed of the random starts")
+    radius.add_argument("--input-box", choices=INPUT_BOXES, default="data",
+                        help="data: attacked and noisy inputs are clamped to [min, max] of the task's training inputs "
+                             "(the pixel range); none: unbounded")
+    radius.add_argument("--certificate-budget", type=o.positive, default=20.0, metavar="SECONDS",
+                        help="seconds for each model's gain certificate")
     robust.add_argument("--seeds", type=o.int_in(1, MAX_SEEDS), default=5, help="number of seeds (0..N-1)")
     robust.add_argument("--split", choices=SPLITS, default="test")
     robust.add_argument("--max-samples", type=o.int_in(1, MAX_SAMPLES), default=None)
     robust.add_argument("--batch-size", type=o.int_in(1, MAX_BATCH_SIZE), default=1000)
-    robust.add_argument("--out", required=True, help="tidy CSV (one row per model, perturbation, level, seed)")
+    robust.add_argument("--out", required=True, help="tidy CSV (one row per model, perturbation, level, seed; "
+                                                     "with --radii one per model and radius)")
     robust.add_argument("--json", nargs="?", const=BESIDE_CSV, default=None, metavar="PATH",
                         help="also write rows, summary and provenance as JSON to PATH (a .json file; "
                              "--json alone: beside the CSV, with the suffix .json)")
@@ -65,11 +99,20 @@ def settings_from(args: argparse.Namespace):
     from ..pipelines.robustness import RobustnessSettings
 
     grid = {kind: getattr(args, option) for option, kind in _LEVEL_OPTIONS.items() if getattr(args, option)}
-    if not grid:
-        raise o.UsageError("no perturbation levels given (e.g. --input-noise 0,0.1,0.2)")
+    if args.radii and grid:
+        raise o.UsageError("--radii writes a table of its own (accuracy against l2 radius): run the perturbation levels "
+                           f"({', '.join(grid)}) in another call")
+    if (args.certified or args.attack) and not args.radii:
+        raise o.UsageError("--certified and --attack need --radii (e.g. --radii 0.1,0.25,0.5,1)")
+    if not grid and not args.radii:
+        raise o.UsageError("no perturbation levels given (e.g. --input-noise 0,0.1,0.2, or --radii 0.1,0.25 --certified)")
     return RobustnessSettings(grid=grid, seeds=args.seeds, split=args.split, max_samples=args.max_samples,
                               batch_size=args.batch_size, recurrent_only=args.recurrent_only,
-                              recurrent=None if args.recurrent is None else tuple(args.recurrent), top_k=args.top_k)
+                              recurrent=None if args.recurrent is None else tuple(args.recurrent), top_k=args.top_k,
+                              radii=tuple(args.radii or ()), certified=args.certified, attack=args.attack,
+                              attack_steps=args.attack_steps, attack_restarts=args.attack_restarts,
+                              attack_step_size=args.attack_step_size, attack_seed=args.attack_seed,
+                              input_box=args.input_box, certificate_budget=args.certificate_budget)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     result = robustness.run(models, task, settings, ranks=ranks, progress=not args.quiet)
     if not ranks.is_main:
         return 0
+    if result.certified is not None:
+        return _write_against_radius(args, result, json_path)
     write_csv(args.out, result.rows, ROW_FIELDS)
     if json_path is not None:
         write_json(json_path, result.to_dict())
@@ -107,4 +152,34 @@ def run(args: argparse.Namespace) -> int:
 
         o.write_figure(plot_robustness(result.summary, "accuracy" if task.is_classification else "loss"), args.figure)
     o.print_warnings(result.warnings)
+    return 0
+
+
+def _write_against_radius(args: argparse.Namespace, result, json_path) -> int:
+    """The table of accuracy against l2 radius, the bounds beside their lower bounds, the figure."""
+    from ..formatting import format_table
+    from ..robustness import CERTIFIED_FIELDS
+    from ..writers import write_csv, write_json
+
+    certified = result.certified
+    write_csv(args.out, certified.rows, CERTIFIED_FIELDS)
+    if json_path is not None:
+        write_json(json_path, result.to_dict())
+    print(format_table(certified.rows, ["model", "radius", "clean_accuracy", "certified_accuracy", "attack_accuracy",
+                                        "noise_accuracy"],
+                       ["model", "radius", "clean", "certified", "attack", "l2 noise"]))
+    if certified.bounds:
+        print("Lipschitz bound of the logits (l2 over time and features) beside its empirical lower bounds "
+              "(largest input-Jacobian norm over the samples; largest ||dz|| / ||dx|| the attack reached)")
+        print(format_table(certified.bound_rows(), ["model", "lipschitz", "gradient_lower_bound", "attack_lower_bound",
+                                                    "looseness", "pair_looseness", "tier", "seconds"],
+                           ["model", "bound", "gradient", "attack", "looseness", "pairs", "tier", "seconds"]))
+        for bound in certified.bounds:
+            if not bound.holds:
+                print(f"{bound.model}: no bound: {bound.reason}")
+    print(f"wrote {args.out}" + (f" and {json_path}" if json_path is not None else ""))
+    if args.figure is not None:
+        from ..plots import plot_certified_robustness
+
+        o.write_figure(plot_certified_robustness(certified.rows), args.figure)
     return 0

@@ -1,4 +1,16 @@
-"""Perturbation-robustness sweeps: input and parameter perturbations, batched, seeded, tidy results."""
+"""Perturbation-robustness sweeps: input and parameter perturbations, batched, seeded, tidy results;
+certified accuracy against l2 radius beside an l2 PGD attack."""
+from .attack import AttackResult, PgdSettings, pgd_l2
+from .certified import (
+    CERTIFIED_FIELDS,
+    BoundTightness,
+    BoundViolation,
+    CertifiedRobustness,
+    certified_robustness,
+    input_jacobian_bounds,
+    l2_noise,
+    sequence_bound,
+)
 from .directions import hessian_directions
 from .perturbations import (
     INPUT_KINDS,
@@ -21,6 +33,8 @@ from .sweep import (
 )
 
 __all__ = [
+    "CERTIFIED_FIELDS", "AttackResult", "BoundTightness", "BoundViolation", "CertifiedRobustness", "PgdSettings",
+    "certified_robustness", "input_jacobian_bounds", "l2_noise", "pgd_l2", "sequence_bound",
     "INPUT_KINDS", "KINDS", "PARAMETER_KINDS", "ROW_FIELDS", "SUMMARY_FIELDS", "ParameterDirections", "Perturbation",
     "SweepModel", "SweepResult", "evaluate_parameter_draws", "hessian_directions", "perturb_inputs", "perturb_parameters",
     "recurrent_parameter_names", "summarize", "sweep",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from ..statistics import t_halfwidth
 from ..task import Split, Task, task_from_arrays
 from ..training_split import check_training_data
 from .perturbations import DETERMINISTIC_KINDS, ParameterDirections, Perturbation, perturb_inputs, perturb_parameters
+
+if TYPE_CHECKING:
+    from .certified import CertifiedRobustness
 
 __all__ = ["ROW_FIELDS", "SUMMARY_FIELDS", "SweepModel", "SweepResult", "evaluate_parameter_draws", "evaluation_task",
            "prepare_models", "recurrent_parameter_names", "summarize", "sweep", "sweep_models"]
@@ -65,10 +68,12 @@ class SweepResult:
     settings: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    certified: CertifiedRobustness | None = None  # accuracy against l2 radius (:mod:`.certified`), when asked for
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "summary": self.summary, "settings": self.settings, "environment": self.environment,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings),
+                **({} if self.certified is None else {"certified": self.certified.to_dict()})}
 
 
 def recurrent_parameter_names(model: ModelUnderAnalysis | nn.Module, patterns: str | Sequence[str] | None = None) -> list[str]:
