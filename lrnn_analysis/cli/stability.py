@@ -10,8 +10,7 @@ from . import options as o
 
 if TYPE_CHECKING:
     from ..model_under_analysis import ModelUnderAnalysis
-    from ..pipelines.stability import ModelCertificate
-    from ..stability.gain import GainCertificate
+    from ..pipelines.stability import LipschitzBound, ModelCertificate
 
 __all__ = ["add_parser", "run"]
 
@@ -80,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate,
-                     gain: GainCertificate | None) -> None:
+                     bound: LipschitzBound | None) -> None:
     from ..formatting import format_table
+    from ..pipelines import stability
     from ..writers import write_json
 
     system = found.system
@@ -100,28 +100,35 @@ def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, foun
               f"every eps*lambda(A) in the stability region: {'yes' if d.all_in_region else 'no'}")
     print("certificates")
     print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], _CERTIFICATE_COLUMNS))
+    gain = None if bound is None else bound.certificate
     if gain is not None and gain.holds:
         print(f"Lipschitz bound of the inputs (all {gain.horizon} steps) -> outputs: {gain.lipschitz:.6g} "
               f"(l2 over time and features; tier {gain.tier}, rho {gain.rho:.6g}, {gain.seconds:.2f} s)")
     elif gain is not None:
         print(f"no Lipschitz bound certified over {gain.horizon} steps: {gain.reason}")
+    tight = None if bound is None else bound.tightness
+    if tight is not None and tight.holds:
+        print(f"empirical lower bounds on {tight.samples} test inputs: largest input-Jacobian norm of the logits "
+              f"{tight.gradient_lower_bound:.6g}, largest ||dz||/||dx|| of the l2 PGD attack at radius "
+              f"{stability.TIGHTNESS_RADIUS:g} {tight.attack_lower_bound:.6g}; looseness (bound / largest) "
+              f"{tight.looseness:.4g}, of the closest pair bound {tight.pair_looseness:.4g}")
     if args.json:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "verdict": found.verdict(),
                                "config": subject.metadata.get("config"), "spectrum": report.to_dict(),
                                "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates],
-                               **({} if gain is None else {"lipschitz_bound": gain.to_dict(include_matrices=args.evidence)})})
+                               **({} if bound is None else {"lipschitz_bound": bound.to_dict(include_matrices=args.evidence)})})
 
 
-def _lipschitz(args: argparse.Namespace, subject: ModelUnderAnalysis, data: Any) -> GainCertificate:
-    """The certified Lipschitz bound of x -> outputs over the horizon (:mod:`lrnn_analysis.stability.gain`)."""
-    from ..stability import certify_gain, sequence_map
+def _lipschitz(args: argparse.Namespace, subject: ModelUnderAnalysis, data: Any) -> LipschitzBound:
+    """The certified Lipschitz bound of x -> outputs over the horizon, beside its empirical lower
+    bounds on the task's test inputs when a task is known (--task, --data or the recorded one)."""
+    from ..pipelines import stability
 
-    horizon = args.horizon
-    if horizon is None:
-        task = data if data is not None else o.task_source(args).load_for([(args.checkpoint, subject)])
-        horizon = task.seq_len
-    system, U, D = sequence_map(subject)
-    return certify_gain(system, U, D, horizon, time_budget=args.time_budget)
+    task = data
+    if task is None and (args.horizon is None or subject.metadata.get("task")):
+        task = o.task_source(args).load_for([(args.checkpoint, subject)])
+    horizon = args.horizon if args.horizon is not None else task.seq_len
+    return stability.lipschitz_bound(subject, horizon, time_budget=args.time_budget, data=task)
 
 
 def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:

@@ -12,6 +12,10 @@
 
 :func:`run` certifies several models with one :class:`StabilitySettings` and returns a
 :class:`StabilityResult` whose :meth:`~StabilityResult.rows` is a tidy table.
+
+:func:`lipschitz_bound` certifies a Lipschitz bound of a model's whole sequence map (its
+incremental l2-gain, :func:`~lrnn_analysis.stability.certify_gain`) and, given a task, sets it
+beside empirical lower bounds measured on test inputs (:mod:`lrnn_analysis.robustness.certified`).
 """
 from __future__ import annotations
 
@@ -26,12 +30,16 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from ..lure import LureSystem
     from ..model_under_analysis import ModelUnderAnalysis
+    from ..robustness.certified import BoundTightness
+    from ..stability.gain import GainCertificate
+    from ..task import Task
     from ..stability import CascadeCertificate, CertificateResult, SpectrumReport
     from ..stability.consistency import FormCheck
     from ..stability.evidence import EvidenceCheck
 
-__all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "SAMPLE_INPUTS", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",
-           "certify_model", "check_layer_forms", "checked_form", "run"]
+__all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "SAMPLE_INPUTS", "TIGHTNESS_RADIUS", "TIGHTNESS_SAMPLES", "TIGHTNESS_STEPS",
+           "LipschitzBound", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",
+           "certify_model", "check_layer_forms", "checked_form", "lipschitz_bound", "run"]
 
 NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
 LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
@@ -40,6 +48,11 @@ LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers 
 _SOURCES = ("lure form", "stored evidence", "torch.nn layers", "none")
 # Training inputs on which the input range of LSTM/GRU layers is observed.
 SAMPLE_INPUTS = 1000
+# The empirical lower bounds beside a Lipschitz bound: input-Jacobian norms on this many test inputs,
+# and the l2 PGD attack (margin loss, inputs clamped to the training range) at this radius and steps.
+TIGHTNESS_SAMPLES = 500
+TIGHTNESS_RADIUS = 0.25
+TIGHTNESS_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -339,3 +352,41 @@ def certified_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
         if row["holds"] and row.get("rate") is not None and (entry["rate"] is None or row["rate"] < entry["rate"]):
             entry.update(certified=True, rate=row["rate"], certificate=row["certificate"], tier=row["tier"])
     return list(summary.values())
+
+
+@dataclass(frozen=True, eq=False)
+class LipschitzBound:
+    """A model's certified Lipschitz bound (``certificate``) and, when measured, the bound beside
+    its empirical lower bounds (``tightness``)."""
+
+    certificate: GainCertificate
+    tightness: BoundTightness | None = None
+
+    def to_dict(self, include_matrices: bool = False) -> dict[str, Any]:
+        return {**self.certificate.to_dict(include_matrices),
+                "tightness": None if self.tightness is None else self.tightness.to_dict()}
+
+
+def lipschitz_bound(subject: ModelUnderAnalysis | Any, horizon: int, *, time_budget: float | None = None,
+                    data: Task | None = None, label: str | None = None) -> LipschitzBound:
+    """The certified incremental l2-gain of ``subject``'s sequence map over ``horizon`` input steps
+    (its stored contraction evidence, when it verifies, as a starting point); with a classification
+    task ``data`` of that length, the bound beside its empirical lower bounds on the first
+    :data:`TIGHTNESS_SAMPLES` test inputs: the largest input-Jacobian norm of the logit map and the
+    largest ||dz|| / ||dx|| the l2 PGD attack reaches at radius :data:`TIGHTNESS_RADIUS`
+    (:data:`TIGHTNESS_STEPS` steps). Raises :class:`InputError` for a model without a Lur'e form
+    read out as D h_T."""
+    from ..model_under_analysis import as_model_under_analysis
+    from ..robustness.attack import PgdSettings, pgd_l2
+    from ..robustness.certified import bound_tightness, sequence_bound
+
+    subject = as_model_under_analysis(subject)
+    certificate = sequence_bound(subject, horizon, time_budget)
+    if isinstance(certificate, str):
+        raise InputError(certificate)
+    if data is None or not data.is_classification or data.seq_len != horizon or not len(data.test):
+        return LipschitzBound(certificate)
+    x, y = data.test.x[:TIGHTNESS_SAMPLES], data.test.y[:TIGHTNESS_SAMPLES]
+    attack = pgd_l2(subject.module, x, y, TIGHTNESS_RADIUS, PgdSettings(steps=TIGHTNESS_STEPS, box=data.input_range))
+    tightness = bound_tightness(label or subject.name, "", subject.module, x, certificate, float(attack.ratio.max()))
+    return LipschitzBound(certificate, tightness)

@@ -6,6 +6,7 @@ from .certified import (
     BoundTightness,
     BoundViolation,
     CertifiedRobustness,
+    bound_tightness,
     certified_robustness,
     input_jacobian_bounds,
     l2_noise,
@@ -34,7 +35,7 @@ from .sweep import (
 
 __all__ = [
     "CERTIFIED_FIELDS", "AttackResult", "BoundTightness", "BoundViolation", "CertifiedRobustness", "PgdSettings",
-    "certified_robustness", "input_jacobian_bounds", "l2_noise", "pgd_l2", "sequence_bound",
+    "bound_tightness", "certified_robustness", "input_jacobian_bounds", "l2_noise", "pgd_l2", "sequence_bound",
     "INPUT_KINDS", "KINDS", "PARAMETER_KINDS", "ROW_FIELDS", "SUMMARY_FIELDS", "ParameterDirections", "Perturbation",
     "SweepModel", "SweepResult", "evaluate_parameter_draws", "hessian_directions", "perturb_inputs", "perturb_parameters",
     "recurrent_parameter_names", "summarize", "sweep",

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from ..model_under_analysis import ModelUnderAnalysis
     from ..stability.gain import GainCertificate
 
-__all__ = ["CERTIFIED_FIELDS", "BoundTightness", "BoundViolation", "CertifiedRobustness", "certified_robustness",
+__all__ = ["CERTIFIED_FIELDS", "BoundTightness", "BoundViolation", "CertifiedRobustness", "bound_tightness", "certified_robustness",
            "input_jacobian_bounds", "l2_noise", "sequence_bound"]
 
 CERTIFIED_FIELDS = ("model", "checkpoint", "radius", "n", "clean_accuracy", "certified_accuracy", "attack_accuracy",
@@ -225,7 +225,8 @@ def certified_robustness(
                                                  else 0.0) if noise else None,
                          "lipschitz": certificate.lipschitz if held else None})
         if certify:
-            bounds.append(_tightness(entry, x, certificate, max(ratios) if ratios else None))
+            bounds.append(bound_tightness(label, entry.checkpoint, subject.module, x, certificate,
+                                          max(ratios) if ratios else None))
     settings = {"radii": radii, "certified": certify, "samples": len(x), "horizon": int(x.shape[1]), "noise_seeds": noise_seeds,
                 "noise": "Gaussian, rescaled to l2 norm = radius per sequence" + (", clamped to the box" if box else ""),
                 "attack": None if attack is None else attack.to_dict(), "certificate_time_budget": time_budget}
@@ -242,27 +243,30 @@ def _check_certified(label: str, radius: float, certified: np.ndarray | None, ro
                              f"{by} (first: sample {broken[0]}): the gain certificate or the attack is wrong")
 
 
-def _tightness(entry: Any, x: Tensor, certificate: GainCertificate | str, attack_ratio: float | None) -> BoundTightness:
-    subject = entry.model
-    gradient, pairs = input_jacobian_bounds(subject.module, x)
+def bound_tightness(label: str, checkpoint: str, module: nn.Module, x: Tensor, certificate: GainCertificate | str,
+                    attack_ratio: float | None = None) -> BoundTightness:
+    """``certificate`` (or why there is none) beside the empirical lower bounds of ``module`` on
+    the inputs ``x`` (its input-Jacobian norms, and ``attack_ratio``, the largest ||dz|| / ||dx|| an
+    attack reached); raises :class:`BoundViolation` when one exceeds the bound."""
+    gradient, pairs = input_jacobian_bounds(module, x)
     horizon = int(x.shape[1])
     if isinstance(certificate, str) or not certificate.holds:
         reason = certificate if isinstance(certificate, str) else certificate.reason
-        return BoundTightness(entry.label, entry.checkpoint, False, None, gradient, attack_ratio, None, None, horizon,
+        return BoundTightness(label, checkpoint, False, None, gradient, attack_ratio, None, None, horizon,
                               len(x), reason, None if isinstance(certificate, str) else certificate)
     bound = float(certificate.lipschitz)
     lower = max(gradient, attack_ratio or 0.0)
     if lower > bound * (1 + _RELATIVE_SLACK):
-        raise BoundViolation(f"{entry.label}: an empirical lower bound {lower:.6g} exceeds the certified Lipschitz bound "
+        raise BoundViolation(f"{label}: an empirical lower bound {lower:.6g} exceeds the certified Lipschitz bound "
                              f"{bound:.6g}: the gain certificate is wrong")
     pair_bounds = np.asarray(certificate.pair_bounds, dtype=np.float64)
     off = ~np.eye(len(pair_bounds), dtype=bool)
     if np.any(pairs[off] > pair_bounds[off] * (1 + _RELATIVE_SLACK)):
         i, j = np.argwhere(off & (pairs > pair_bounds * (1 + _RELATIVE_SLACK)))[0]
-        raise BoundViolation(f"{entry.label}: the margin z_{i} - z_{j} has input gradient norm {pairs[i, j]:.6g} above its "
+        raise BoundViolation(f"{label}: the margin z_{i} - z_{j} has input gradient norm {pairs[i, j]:.6g} above its "
                              f"certified bound {pair_bounds[i, j]:.6g}: the gain certificate is wrong")
     positive = off & (pairs > 0)
     pair_looseness = float(np.min(pair_bounds[positive] / pairs[positive])) if positive.any() else None
-    return BoundTightness(entry.label, entry.checkpoint, True, bound, gradient, attack_ratio,
+    return BoundTightness(label, checkpoint, True, bound, gradient, attack_ratio,
                           bound / lower if lower > 0 else None, pair_looseness, horizon, len(x), certificate.reason,
                           certificate)
