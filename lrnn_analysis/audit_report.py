@@ -29,6 +29,8 @@ def _figures(result: AuditResult, out: OutputDirectory) -> dict[str, str]:
         "spectra": lambda: plots.plot_spectra(tables["spectra"], tables["spectra_summary"]) if "spectra" in tables else None,
         "robustness": lambda: plots.plot_robustness(tables["robustness_summary"], metric),
         "hessian_density": lambda: plots.plot_density(tables["hessian_density"]).figure if "hessian_density" in tables else None,
+        "certified_robustness": lambda: (plots.plot_certified_robustness(tables["certified_robustness"])
+                                         if "certified_robustness" in tables else None),
         "training_spectra": lambda: plots.plot_training_spectra(tables["training_log"]) if "training_log" in tables else None,
     }
     for name, draw in figures.items():
@@ -110,6 +112,8 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     lines += ["", "Spectra are diagnostics (necessary conditions), not certificates.", "", "## Robustness", ""]
     lines += _markdown_table(r["robustness"]["summary"], ["perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95", "accuracy_drop"],
                              ["perturbation", "level", "seeds", "accuracy", "± (95% CI)", "drop"]) + [""]
+    if r.get("lipschitz") is not None:
+        lines += _lipschitz_section(r["lipschitz"])
     lines += _settings_section(r["settings"], hessian["operator"])
     for name, file in figures.items():
         lines += [f"![{name}]({file})", ""]
@@ -117,6 +121,26 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
               f"Seed {r['settings']['seed']}. Versions: "
               f"{', '.join(f'{k} {v}' for k, v in r['environment'].items() if k not in ('platform', 'distributed'))}.", ""]
     return "\n".join(lines)
+
+
+def _lipschitz_section(lipschitz: dict[str, Any]) -> list[str]:
+    """The certified Lipschitz bound, its empirical lower bounds, and accuracy against l2 radius."""
+    bound, attack = lipschitz["bound"], lipschitz["settings"]["attack"]
+    lines = ["## Certified robustness", ""]
+    if bound["holds"]:
+        lines += [f"Certified Lipschitz bound of the logits over the whole input sequence (l2 over {bound['horizon']} "
+                  f"steps and features): **{format_value(bound['lipschitz'])}** (tier {bound['tier']}, rho "
+                  f"{format_value(bound['rho'])}, {format_value(bound['seconds'])} s, verified in float64). Empirical "
+                  f"lower bounds on {bound['samples']} test inputs: largest input-Jacobian norm "
+                  f"{format_value(bound['gradient_lower_bound'])}, largest ||dz||/||dx|| of the attack "
+                  f"{format_value(bound['attack_lower_bound'])}; looseness {format_value(bound['looseness'])}.", ""]
+    else:
+        lines += [f"No bound: {bound['reason']}. Certified accuracy is not available (\"no bound\", not 0).", ""]
+    lines += [f"Accuracy against l2 radius: certified, under the l2 PGD attack ({attack['steps']} steps, margin loss, "
+              f"inputs clamped to {attack['box']}) and under Gaussian noise of that l2 norm.", ""]
+    lines += _markdown_table(lipschitz["rows"], ["radius", "certified_accuracy", "attack_accuracy", "noise_accuracy"],
+                             ["l2 radius", "certified", "attack", "l2 noise"]) + [""]
+    return lines
 
 
 def _markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str]) -> list[str]:

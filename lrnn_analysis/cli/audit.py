@@ -54,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_task_options(audit, required=False)
     o.add_data_option(audit)
     audit.add_argument("--gate", type=gate, action="append", default=[], metavar="KIND=VALUE",
-                       help="certified=NAME, min-accuracy=A, max-lambda=X, max-trace=X, max-accuracy-drop=KIND:LEVEL:DROP")
+                       help="certified=NAME, min-accuracy=A, max-lambda=X, max-trace=X, max-accuracy-drop=KIND:LEVEL:DROP, "
+                            "certified-accuracy@RADIUS=MIN (certified accuracy at that l2 radius; implies --lipschitz)")
     audit.add_argument("--out", required=True, help="report directory (written atomically; replaces only a previous audit report)")
     audit.add_argument("--force", action="store_true", help="also replace a report another lrnn command wrote")
     audit.add_argument("--thorough", action="store_true", help="paper-grade settings (slow); the options below override either preset")
@@ -78,6 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--trust-unchecked-form", action="store_true",
                        help="let a certified= gate pass on a Lur'e form that could not be compared with the module "
                             "(the report records it)")
+    audit.add_argument("--lipschitz", action="store_true",
+                       help="also certify a Lipschitz bound of the whole sequence map: certified accuracy beside the l2 PGD "
+                            "attack's at l2 radii 0.1, 0.25, 0.5, 1 and the bound beside its empirical lower bounds "
+                            "(--thorough does this; the certificate gets the certificate time budget)")
     audit.add_argument("--seed", type=o.seed, default=0)
     o.add_run_options(audit)
     audit.set_defaults(handler=run)
@@ -90,7 +95,7 @@ def settings_from(args: argparse.Namespace):
     return preset.with_changes(hessian_batches=args.hessian_batches, trace_matvecs=args.trace_matvecs, seeds=args.seeds,
                                max_samples=args.max_samples,
                                grid=audit_grid(args.levels), input_bound=args.input_bound, gates=tuple(args.gate),
-                               trust_unchecked_form=args.trust_unchecked_form or None)
+                               trust_unchecked_form=args.trust_unchecked_form or None, lipschitz=args.lipschitz or None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +127,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"STORED EVIDENCE NOT VERIFIED: {stored['reason']}; certificates searched as usual", file=sys.stderr)
     for certificate in report["stability"].get("certificates", []):
         print(f"certificate {certificate['name']}: {'holds' if certificate['holds'] else 'fails'} ({certificate['reason']})")
+    lipschitz = report["lipschitz"]
+    if lipschitz is not None:
+        bound = lipschitz["bound"]
+        if bound["holds"]:
+            print(f"Lipschitz bound of the sequence map {bound['lipschitz']:.6g} (tier {bound['tier']}), looseness "
+                  f"{format_value(bound['looseness'])} against its empirical lower bounds; certified / attack accuracy: "
+                  + ", ".join(f"{r['certified_accuracy']:.3f} / {r['attack_accuracy']:.3f} at {r['radius']:g}"
+                              for r in lipschitz["rows"]))
+        else:
+            print(f"no Lipschitz bound: {bound['reason']}")
     for stack in report["stability"].get("recurrent_layers", []):
         print(f"torch.nn {stack['kind']} {stack['module'] or '(root)'}: {'holds' if stack['holds'] else 'fails'} ({stack['reason']})")
     if result.gates:

@@ -16,6 +16,15 @@ The gates, part of the settings, decide whether the audit passes:
   max-trace=X                    upper end of the 95% CI of tr(H) <= X
   max-accuracy-drop=KIND:LEVEL:D mean accuracy drop under perturbation KIND at LEVEL <= D
                                  (KIND as in tables, e.g. gaussian, or as the option, e.g. input-noise)
+  certified-accuracy@R=A         certified accuracy at l2 radius R >= A: the fraction of the test
+                                 samples classified correctly with every logit margin above
+                                 pair_bound * R, from the model's verified gain certificate (fails,
+                                 never passes, for a model without one)
+
+With ``lipschitz`` (the thorough preset, or any certified-accuracy gate) the audit also certifies
+a Lipschitz bound of the whole sequence map and reports, at ``radii`` (and every gate's radius),
+certified accuracy beside the l2 PGD attack's and l2 noise's, and the bound beside its empirical
+lower bounds (:func:`lrnn_analysis.pipelines.robustness.against_radius`).
 
 λ_max, λ_min and tr(H) are of the loss on a sample of training batches: other settings (a
 quick audit and a thorough one of the same model) give other values, so a ``max-lambda`` or
@@ -41,6 +50,7 @@ from ..choices import (
     perturbation_grid,
     perturbation_kind,
     perturbation_level,
+    radius_list,
 )
 from ..errors import InputError
 from ..validation import check_bool, check_int, check_number, check_optional_int
@@ -54,7 +64,9 @@ if TYPE_CHECKING:
 
 __all__ = ["GATE_KINDS", "AuditResult", "AuditSettings", "Gate", "GateResult", "run"]
 
-GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop")
+GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop", "certified-accuracy")
+# The attack beside certified accuracy in the audit: steps of the l2 PGD attack (one random start).
+AUDIT_ATTACK_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -80,8 +92,12 @@ class AuditSettings:
     gates: tuple[Gate, ...] = ()
     trust_unchecked_form: bool = False
     lambda_sample_sets: int = 3
+    lipschitz: bool = False
+    radii: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
 
     def __post_init__(self) -> None:
+        check_bool("lipschitz", self.lipschitz)
+        object.__setattr__(self, "radii", radius_list(self.radii))
         check_int("seed", self.seed, 0, MAX_SEED)
         check_int("lambda_sample_sets", self.lambda_sample_sets, 1, 100)
         check_number("certificate_budget", self.certificate_budget, 0.0, 1e6, above=True)
@@ -108,7 +124,7 @@ class AuditSettings:
                    grid={"gaussian": (0.0, 0.05, 0.1, 0.2, 0.3), "salt-pepper": (0.0, 0.01, 0.03, 0.05),
                          "occlusion": (0.0, 0.1, 0.2), "fgsm": (0.0, 0.01, 0.02, 0.05),
                          "gaussian-relative": (0.0, 0.01, 0.02, 0.05, 0.1)},
-                   seeds=10, max_samples=None)
+                   seeds=10, max_samples=None, lipschitz=True)
 
     def preset(self) -> str:
         """``quick`` or ``thorough`` when these are exactly that preset (at this seed, whatever the
@@ -138,8 +154,17 @@ class Gate:
     @classmethod
     def parse(cls, text: str) -> Gate:
         """Check the gate completely: every threshold finite and in range (an accuracy in [0, 1],
-        a drop in [-1, 1], a perturbation level valid for its kind)."""
+        a drop in [-1, 1], a perturbation level valid for its kind, a radius >= 0)."""
         kind, sep, value = text.partition("=")
+        if kind.startswith("certified-accuracy@"):
+            radius, minimum = kind.partition("@")[2], value
+            if not sep or not _is_finite(radius) or float(radius) < 0 or not _is_finite(minimum) \
+                    or not 0.0 <= float(minimum) <= 1.0:
+                raise InputError(f"bad gate {text!r}: expected certified-accuracy@RADIUS=MIN with a finite l2 radius >= 0 "
+                                 "and an accuracy MIN in [0, 1]")
+            return cls("certified-accuracy", f"{float(radius)!r}:{float(minimum)!r}")
+        if kind == "certified-accuracy":
+            raise InputError(f"bad gate {text!r}: expected certified-accuracy@RADIUS=MIN (an l2 radius and an accuracy)")
         if not sep or kind not in GATE_KINDS or not value:
             raise InputError(f"bad gate {text!r}: expected KIND=VALUE with KIND one of {GATE_KINDS}")
         if kind == "certified" and value not in GATE_CERTIFICATES:
@@ -165,7 +190,15 @@ class Gate:
             raise InputError(f"bad gate {text!r}: an accuracy lies in [0, 1]")
         return cls(kind, value)
 
+    @property
+    def radius(self) -> float | None:
+        """The l2 radius of a certified-accuracy gate (None for the other kinds)."""
+        return float(self.value.split(":")[0]) if self.kind == "certified-accuracy" else None
+
     def __str__(self) -> str:
+        if self.kind == "certified-accuracy":
+            radius, minimum = self.value.split(":")
+            return f"{self.kind}@{radius}={minimum}"
         return f"{self.kind}={self.value}"
 
 
@@ -295,6 +328,21 @@ def run(
                            ranks=ranks, progress=progress)
     tables["robustness"], tables["robustness_summary"] = swept.rows, swept.summary
     timings["robustness"] = time.perf_counter() - started
+    lipschitz = None
+    gate_radii = [g.radius for g in gates if g.radius is not None]
+    if settings.lipschitz or gate_radii:
+        started = time.perf_counter()
+        against = robustness.against_radius(
+            [SweepModel(Path(label).stem, label, subject)], task,
+            robustness.RobustnessSettings(radii=tuple(sorted(set(settings.radii) | set(gate_radii))), certified=True,
+                                          attack="pgd", attack_steps=AUDIT_ATTACK_STEPS, seeds=settings.seeds,
+                                          max_samples=settings.max_samples, certificate_budget=settings.certificate_budget),
+            ranks.device)
+        bound = against.bounds[0]
+        lipschitz = {"bound": bound.to_dict(), "certificate": None if bound.certificate is None else bound.certificate.to_dict(),
+                     "rows": against.rows, "settings": against.settings}
+        tables["certified_robustness"] = against.rows
+        timings["lipschitz"] = time.perf_counter() - started
     log = subject.metadata.get("log")
     if log and {"norm_W", "alpha_A"} & set(log[0]):
         tables["training_log"] = tidy_tables.training_log_table({Path(label).stem: log})
@@ -316,6 +364,7 @@ def run(
         "ggn": ggn.to_dict(),
         "lambda_max_spread": spread,
         "robustness": {"summary": swept.summary, "settings": swept.settings},
+        "lipschitz": lipschitz,
         "settings": settings.to_dict(),
         "timings": timings,
         "environment": environment(ranks.device),
@@ -385,6 +434,8 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
         upper = trace["estimate"] + trace["ci_halfwidth"]
         return result("upper end of the 95% CI of the Hessian trace", threshold, upper, upper <= threshold,
                       f"trace {trace['estimate']:.4g} +- {trace['ci_halfwidth']:.3g} (95% CI upper end {upper:.4g})")
+    if gate.kind == "certified-accuracy":
+        return _certified_accuracy_gate(gate, report, result)
     kind, level, allowed = gate.value.split(":")
     quantity = f"mean accuracy drop under {kind} at level {level}"
     rows = [r for r in report["robustness"]["summary"] if r["perturbation"] == kind and r["level"] == float(level)]
@@ -393,6 +444,23 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
         return result(quantity, float(allowed), None, False, f"no accuracy drop measured for {kind} at {level}")
     return result(quantity, float(allowed), observed, observed <= float(allowed),
                   f"mean drop {observed:.4f} under {kind} at level {level} over {rows[0]['seeds']} seeds")
+
+
+def _certified_accuracy_gate(gate: Gate, report: dict[str, Any], result: Callable[..., GateResult]) -> GateResult:
+    """``certified-accuracy@R=A``: certified accuracy at radius R >= A; a model without a verified
+    bound fails it ("no bound"), never passes with 0 or anything else."""
+    radius, minimum = (float(v) for v in gate.value.split(":"))
+    quantity = f"certified accuracy at l2 radius {radius:g}"
+    lipschitz = report["lipschitz"]
+    rows = [r for r in lipschitz["rows"] if r["radius"] == radius]
+    bound = lipschitz["bound"]
+    if not bound["holds"] or rows[0]["certified_accuracy"] is None:
+        return result(quantity, minimum, None, False, f"no bound: {bound['reason']}")
+    observed = rows[0]["certified_accuracy"]
+    return result(quantity, minimum, observed, observed >= minimum,
+                  f"certified accuracy {observed:.4f} on {rows[0]['n']} test samples (attack accuracy "
+                  f"{rows[0]['attack_accuracy']:.4f}) from the Lipschitz bound {bound['lipschitz']:.6g} "
+                  f"(tier {bound['tier']}, rho {bound['rho']:.6g})")
 
 
 def _lambda_max_spread(subject: ModelUnderAnalysis, task: Task, settings: AuditSettings, ranks: Any,
