@@ -512,7 +512,8 @@ def plot_certified_robustness(rows: Table, *, labels: Mapping[str, str] | None =
                               figsize: tuple[float, float] | None = None, ax: Axes | None = None) -> Figure:
     """Test accuracy against l2 radius, one panel (panel key "radius"): per model (its colour)
     up to three lines, certified accuracy (solid), accuracy under the l2 PGD attack (dashed) and
-    under Gaussian noise of that l2 norm (dotted). A measure that is None for a model (no bound,
+    under Gaussian noise of that l2 norm (dotted); a log radius axis when every radius is > 0
+    and they span more than a decade. A measure that is None for a model (no bound,
     no attack) is not drawn, and a model without a bound is labelled "(no bound)". Rows: (model,
     radius, certified_accuracy, attack_accuracy, noise_accuracy), as from
     :func:`~lrnn_analysis.robustness.certified_robustness`."""
@@ -520,7 +521,7 @@ def plot_certified_robustness(rows: Table, *, labels: Mapping[str, str] | None =
     models = list(dict.fromkeys(frame["model"]))
     options = _Options(models, ("radius",), labels, colors, titles)
     styles = options.styles()
-    canvas = _Canvas(1, ("radius",), ax, None, figsize, (6.4, 4.4))
+    canvas = _Canvas(1, ("radius",), ax, None, figsize, (8.8, 4.6))
     with canvas.draw():
         panel = canvas.axes[0]
         model_handles, model_names = [], []
@@ -536,12 +537,20 @@ def plot_certified_robustness(rows: Table, *, labels: Mapping[str, str] | None =
             model_names.append(options.label(model) + ("" if bound else " (no bound)"))
         measure_handles = [Line2D([], [], color="0.3", linestyle=dash, marker=marker, markersize=3.5)
                            for _, dash, marker in _RADIUS_MEASURES.values()]
+        radii = pd.to_numeric(frame["radius"], errors="coerce")
+        if (radii > 0).all() and radii.max() > 10 * radii.min():
+            panel.set_xscale("log")
         panel.set_xlabel("l2 radius δ of the input perturbation (whole sequence)")
         panel.set_ylabel("test accuracy (%)")
         panel.set_ylim(-0.02, 1.02)
         panel.yaxis.set_major_formatter(_Percent())
         panel.set_title(options.title("radius", "Certified, attacked and noisy accuracy against l2 radius"))
-        canvas.legend(measure_handles + model_handles, [name for name, _, _ in _RADIUS_MEASURES.values()] + model_names)
+        handles = measure_handles + model_handles
+        names = [name for name, _, _ in _RADIUS_MEASURES.values()] + model_names
+        if canvas.owned:
+            canvas.figure.legend(handles, names, loc="outside right center", frameon=False, fontsize="small")
+        else:
+            canvas.legend(handles, names)
     return canvas.figure
 
 

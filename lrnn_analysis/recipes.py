@@ -44,7 +44,10 @@ import torch
 from . import plots, tidy_tables
 from .builtin_tasks import TASKS, load_task
 from .choices import (
+    ATTACKS,
+    INPUT_BOXES,
     KINDS,
+    MAX_ATTACK_STEPS,
     MAX_BATCH_SIZE,
     MAX_BATCHES,
     MAX_DENSITY_PROBES,
@@ -52,6 +55,7 @@ from .choices import (
     MAX_EIGENPAIRS,
     MAX_LEVELS,
     MAX_MATVECS,
+    MAX_RESTARTS,
     MAX_SAMPLE_PASSES,
     MAX_SAMPLES,
     MAX_SEED,
@@ -59,6 +63,7 @@ from .choices import (
     PERTURBATION_ALIASES,
     SPLITS,
     perturbation_grid,
+    radius_list,
 )
 from .data_files import load_data
 from .distributed import Ranks, all_or_none
@@ -187,6 +192,13 @@ class Recipe:
                 grid=s["grid"], seeds=s.get("seeds", 5), split=s.get("split", "test"), max_samples=s.get("max_samples"),
                 recurrent_only=s.get("recurrent_only", False), recurrent=s.get("recurrent"), top_k=s.get("hessian_k", 1),
                 direction_seed=self.seed)
+        if self.analysis == "certified-robustness":
+            return robustness.RobustnessSettings(
+                radii=tuple(s["radii"]), certified=True, attack=s.get("attack", "pgd"), seeds=s.get("seeds", 5),
+                split=s.get("split", "test"), max_samples=s.get("max_samples"), attack_steps=s.get("attack_steps", 50),
+                attack_restarts=s.get("attack_restarts", 1), attack_step_size=s.get("attack_step_size"),
+                attack_seed=self.seed, input_box=s.get("input_box", "data"),
+                certificate_budget=s.get("certificate_budget", 20.0))
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,6 +324,13 @@ def _grid_setting(path: Path, key: str, grid: Any) -> dict[str, list[float]]:
         raise _fail(path, key, str(error)) from None
 
 
+def _radii_setting(path: Path, key: str, radii: Any) -> tuple[float, ...]:
+    try:
+        return radius_list(radii)
+    except InputError as error:
+        raise _fail(path, key, str(error)) from None
+
+
 _BATCHES = {"split": _choice(SPLITS), "batch_size": _integer(1, MAX_BATCH_SIZE), "batches": _integer(1, MAX_BATCHES)}
 _SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
     "spectra": {},
@@ -326,14 +345,20 @@ _SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
                       "beta_w": _number(-1e12, 1e12), "gamma_w": _number(-1e12, 1e12)},
     "training-spectra": {"quantities": _strings},
     "landscape": {**_BATCHES, "steps": _axis_setting(1), "plane_steps": _axis_setting(2)},
+    "certified-robustness": {"radii": _radii_setting, "attack": _choice(ATTACKS), "seeds": _integer(1, MAX_SEEDS),
+                             "split": _choice(SPLITS), "max_samples": _integer(1, MAX_SAMPLES),
+                             "attack_steps": _integer(1, MAX_ATTACK_STEPS), "attack_restarts": _integer(1, MAX_RESTARTS),
+                             "attack_step_size": _number(1e-12, 1e6), "input_box": _choice(INPUT_BOXES),
+                             "certificate_budget": _number(1e-3, 1e6)},
 }
-_REQUIRED_SETTINGS = {"robustness": {"grid"}, "phase-diagram": {"betas", "gammas", "radius"}}
-_NEEDS_TASK = {"certificates", "hessian", "robustness", "landscape"}
+_REQUIRED_SETTINGS = {"robustness": {"grid"}, "phase-diagram": {"betas", "gammas", "radius"},
+                      "certified-robustness": {"radii"}}
+_NEEDS_TASK = {"certificates", "hessian", "robustness", "landscape", "certified-robustness"}
 _WITHOUT_CHECKPOINTS = {"phase-diagram"}
 # The file stems an analysis writes, as suffixes of the recipe's ``output``.
 _STEM_SUFFIXES = {"spectra": ("", "_summary"), "certificates": ("", "_accuracy"), "hessian": ("", "_density"),
                  "robustness": ("", "_summary"), "phase-diagram": ("",), "training-spectra": ("",),
-                 "landscape": ("", "_plane")}
+                 "landscape": ("", "_plane"), "certified-robustness": ("", "_bounds")}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -636,6 +661,21 @@ def _robustness(ctx: _Context) -> tuple[list[str], str]:
     return written, f"{len(result.rows)} rows" + (f"; smallest drop at level {top_level:g}: {best['model']} ({best['accuracy_drop']:.3f})" if best else "")
 
 
+def _certified_robustness(ctx: _Context) -> tuple[list[str], str]:
+    task = ctx.task()
+    models = [SweepModel(label, written, model)
+              for (label, _, model), written in zip(ctx.entries(), ctx.recipe.sources(), strict=True)]
+    result = robustness.against_radius(models, task, ctx.recipe.pipeline_settings(), ctx.ranks.device)
+    bounds = result.bound_rows()
+    written = ctx.write(result.rows, plots.plot_certified_robustness(result.rows), {"bounds": bounds, "settings": result.settings})
+    written += ctx.write(bounds, None, suffix="_bounds")
+    certified = [r for r in result.rows if r["certified_accuracy"]]
+    best = max(certified, key=lambda r: (r["radius"], r["certified_accuracy"])) if certified else None
+    return written, (f"{len(bounds)} models; " + (f"largest radius with certified accuracy > 0: {best['radius']:g} "
+                                                  f"({best['model']}, {best['certified_accuracy']:.3f})" if best
+                                                  else "no certified accuracy above 0"))
+
+
 def _axis(spec: Any) -> list[float]:
     """A grid given as [start, stop, count] (a table key ``linspace``) or as the values themselves."""
     if isinstance(spec, dict):
@@ -681,6 +721,7 @@ ANALYSES: dict[str, Callable[[_Context], tuple[list[str], str]]] = {
     "phase-diagram": _phase_diagram,
     "training-spectra": _training_spectra,
     "landscape": _landscape,
+    "certified-robustness": _certified_robustness,
 }
 
 
