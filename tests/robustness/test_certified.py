@@ -1,0 +1,102 @@
+"""Certified accuracy: never above the attack's or the noise's on every reference digits model, the
+bound never below its sampled lower bounds, a doctored bound detected, "no bound" never 0, the
+Jacobian lower bounds exact on a linear map."""
+import dataclasses
+import glob
+
+import numpy as np
+import pytest
+import torch
+
+from lrnn_analysis.errors import InputError
+from lrnn_analysis.model_under_analysis import load_model
+from lrnn_analysis.robustness import (
+    BoundViolation,
+    PgdSettings,
+    SweepModel,
+    certified_robustness,
+    input_jacobian_bounds,
+    l2_noise,
+)
+from lrnn_analysis.robustness import certified as certified_module
+from robustness.test_attack import LinearSequenceClassifier
+
+RADII = (0.01, 0.03, 0.1)
+
+
+@pytest.fixture(scope="module")
+def reference_models():
+    return [SweepModel(path, path, load_model(path)) for path in sorted(glob.glob("models/digits-*.safetensors"))]
+
+
+def test_certified_accuracy_never_exceeds_attack_or_noise_accuracy_on_every_reference_model(digits, reference_models):
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    found = certified_robustness(reference_models, x, y, RADII, PgdSettings(steps=10, box=(0.0, 1.0)), noise_seeds=1,
+                                 time_budget=2.0)
+    assert len(found.rows) == len(reference_models) * len(RADII)
+    with_bound = 0
+    for row in found.rows:
+        assert row["attack_accuracy"] <= row["clean_accuracy"] + 1e-12
+        if row["certified_accuracy"] is not None:
+            with_bound += 1
+            assert row["certified_accuracy"] <= min(row["attack_accuracy"], row["noise_accuracy"])
+    assert with_bound >= 3 * len(RADII)  # the norm-projected, cayley and contracting models have useful bounds
+    for bound in found.bounds:
+        if bound.holds:  # checked in the code too: a lower bound above the bound raises
+            assert bound.looseness >= 1.0 and max(bound.gradient_lower_bound, bound.attack_lower_bound) <= bound.lipschitz
+
+
+def test_a_model_without_a_bound_reads_no_bound_not_zero(digits):
+    ren = SweepModel("ren", "models/digits-ren.safetensors", load_model("models/digits-ren.safetensors"))
+    found = certified_robustness([ren], digits.test.x[:10], digits.test.y[:10], [0.1], PgdSettings(steps=2), noise_seeds=1)
+    assert found.rows[0]["certified_accuracy"] is None and found.rows[0]["lipschitz"] is None
+    assert not found.bounds[0].holds and "Lur'e form" in found.bounds[0].reason
+
+
+def test_a_doctored_bound_is_detected(digits, monkeypatch):
+    """A bound 100 times too small certifies samples the attack breaks: raised, never reported."""
+    honest = certified_module.sequence_bound
+
+    def doctored(subject, horizon, time_budget=None):
+        real = honest(subject, horizon, time_budget)
+        return dataclasses.replace(real, lipschitz=real.lipschitz / 100, pair_bounds=real.pair_bounds / 100)
+
+    monkeypatch.setattr(certified_module, "sequence_bound", doctored)
+    model = SweepModel("norm-projected", "-", load_model("models/digits-lipschitz-certified.safetensors"))
+    with pytest.raises(BoundViolation, match="wrong"):
+        certified_robustness([model], digits.test.x[:60], digits.test.y[:60], [0.25], PgdSettings(steps=10), noise_seeds=0,
+                             time_budget=2.0)
+
+
+def test_the_jacobian_lower_bounds_are_exact_on_a_linear_map():
+    model = LinearSequenceClassifier(4, 3, 3, seed=5)
+    x = torch.randn(7, 4, 3, generator=torch.Generator().manual_seed(0))
+    largest, pairs = input_jacobian_bounds(model, x)
+    W = model.readout.weight.detach().double()
+    assert largest == pytest.approx(float(torch.linalg.matrix_norm(W, 2)), rel=1e-12)
+    expected = np.array([[float((W[i] - W[j]).norm()) for j in range(3)] for i in range(3)])
+    np.testing.assert_allclose(pairs, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_l2_noise_has_the_radius_as_norm_is_seeded_and_stays_in_the_box():
+    x = torch.rand(20, 6, 2, generator=torch.Generator().manual_seed(0))
+    noisy = l2_noise(x, 0.3, seed=1, box=None)
+    np.testing.assert_allclose((noisy - x.double()).flatten(1).norm(dim=1).numpy(), 0.3, rtol=1e-12)
+    assert torch.equal(noisy, l2_noise(x, 0.3, seed=1, box=None))
+    assert not torch.equal(noisy, l2_noise(x, 0.3, seed=2, box=None))
+    boxed = l2_noise(x, 5.0, seed=1, box=(0.0, 1.0))
+    assert float(boxed.min()) >= 0 and float(boxed.max()) <= 1
+    assert float((boxed - x.double()).flatten(1).norm(dim=1).max()) <= 5.0
+
+
+@pytest.mark.parametrize("radii", [[], [-0.1], [float("nan")], [0.1, 0.1]])
+def test_bad_radii_are_input_errors(radii):
+    model = LinearSequenceClassifier(2, 1, 2, seed=0)
+    with pytest.raises(InputError):
+        certified_robustness([model], torch.zeros(2, 2, 1), torch.zeros(2, dtype=torch.int64), radii, None, noise_seeds=0)
+
+
+def test_regression_targets_are_an_input_error():
+    model = LinearSequenceClassifier(2, 1, 2, seed=0)
+    with pytest.raises(InputError, match="classification"):
+        certified_robustness([model], torch.zeros(2, 2, 1), torch.zeros(2, 2), [0.1], None, noise_seeds=0)
