@@ -38,6 +38,11 @@ def _certified():
             {"model": "b", "test_accuracy": 0.97, "certified": False, "rate": None, "certificate": None}]
 
 
+def _against_radius():
+    return [{"model": m, "radius": r, "certified_accuracy": None if m == "b" else 0.9 - r, "attack_accuracy": 0.95 - r / 2,
+             "noise_accuracy": 0.96} for m in ("a", "b") for r in (0.01, 0.1, 0.5)]
+
+
 AXES_LEVEL = ("density",)  # these return the Axes they drew into; the others (facets) return the Figure
 # name -> (draw(**options), a series key, a panel key, number of panels)
 CASES = {
@@ -55,6 +60,7 @@ CASES = {
         [{"model": m, "eigenvalue": x, "density": np.exp(-(x - s) ** 2)} for m, s in (("a", 0), ("b", 2))
          for x in np.linspace(-1, 5, 50)], **o), "a", "density", 1),
     "robustness": (lambda **o: plots.plot_robustness(_summary(), **o), "a", "gaussian", 2),
+    "certified_robustness": (lambda **o: plots.plot_certified_robustness(_against_radius(), **o), "a", "radius", 1),
     "landscape_1d": (lambda **o: plots.plot_landscape_1d(
         [{"model": m, "direction": d, "t": t, "loss": t ** 2 + 0.1} for m in ("a", "b") for d in ("top", "random")
          for t in np.linspace(-1, 1, 9)], **o), "a", "top", 2),
@@ -200,3 +206,10 @@ def test_robustness_panels_share_one_y_axis_and_density_draws_no_floor():
     ax = plots.plot_density(rows)
     drawn = ax.get_lines()[0].get_ydata()
     assert np.isnan(drawn).sum() > 0 and np.nanmin(drawn) >= 1e-8  # the tails below 1e-8 of the peak are left out
+
+
+def test_certified_robustness_draws_three_styles_per_model_and_no_certified_line_without_a_bound():
+    figure = plots.plot_certified_robustness(_against_radius())
+    lines = figure.axes[0].get_lines()
+    assert sorted(line.get_linestyle() for line in lines) == ["-", "--", "--", ":", ":"]  # model b: no bound, no solid line
+    assert "b (no bound)" in _texts(figure) and figure.axes[0].get_xscale() == "log"

@@ -124,6 +124,12 @@ def test_recipe_scores_checkpoints_on_their_recorded_task_and_refuses_mixed_ones
     (phase_recipe("p", "p").replace("gammas = [0.5, 1.0]", "gammas = [0.5]"), "settings.gammas"),
     ('name = "r"\nanalysis = "robustness"\noutput = "r"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
      '[settings.grid]\nwarp = [0.1]\n', "settings.grid.warp"),
+    ('name = "c"\nanalysis = "certified-robustness"\noutput = "c"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n',
+     "settings.radii"),
+    ('name = "c"\nanalysis = "certified-robustness"\noutput = "c"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
+     '[settings]\nradii = [0.1, -0.1]\n', "settings.radii"),
+    ('name = "c"\nanalysis = "certified-robustness"\noutput = "c"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
+     '[settings]\nradii = [0.1]\nattack = "fgsm"\n', "settings.attack"),
 ])
 def test_bad_recipes_are_named_with_file_and_key(tmp_path, checkpoint, text, key):
     (tmp_path / "analyses").mkdir()
@@ -220,3 +226,20 @@ def test_a_recipe_of_the_wrong_shape_is_one_input_error(tmp_path, text, needle):
     path.write_text(text)
     with pytest.raises(InputError, match=re.escape(needle)):
         load_recipe(path)
+
+
+def test_a_certified_robustness_recipe_writes_accuracy_against_radius_and_the_bounds(tmp_path, checkpoint):
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.safetensors").write_bytes(checkpoint.read_bytes())
+    path = tmp_path / "analyses" / "c.toml"
+    path.write_text('name = "c"\nanalysis = "certified-robustness"\noutput = "c"\ntask = "digits"\n'
+                    'checkpoints = ["models/tiny.safetensors"]\n[settings]\nradii = [0.001, 0.1]\nattack_steps = 3\n'
+                    'seeds = 1\nmax_samples = 30\ncertificate_budget = 5.0\n')
+    outcome = recipes.run_recipe(recipes.load_recipe(path), tmp_path / "out", progress=False)
+    assert sorted(outcome.files) == ["c.csv", "c.json", "c.pdf", "c.png", "c_bounds.csv", "c_bounds.json"]
+    rows = json.loads((tmp_path / "out" / "c.json").read_text())["rows"]
+    assert [r["radius"] for r in rows] == [0.001, 0.1]
+    assert all(r["certified_accuracy"] <= r["attack_accuracy"] for r in rows)
+    bounds = json.loads((tmp_path / "out" / "c_bounds.json").read_text())["rows"]
+    assert bounds[0]["holds"] and bounds[0]["looseness"] >= 1

@@ -31,11 +31,11 @@ if TYPE_CHECKING:
     from ..lure import LureSystem
     from ..model_under_analysis import ModelUnderAnalysis
     from ..robustness.certified import BoundTightness
-    from ..stability.gain import GainCertificate
-    from ..task import Task
     from ..stability import CascadeCertificate, CertificateResult, SpectrumReport
     from ..stability.consistency import FormCheck
     from ..stability.evidence import EvidenceCheck
+    from ..stability.gain import GainCertificate
+    from ..task import Task
 
 __all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "SAMPLE_INPUTS", "TIGHTNESS_RADIUS", "TIGHTNESS_SAMPLES", "TIGHTNESS_STEPS",
            "LipschitzBound", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",

@@ -54,9 +54,9 @@ class PgdSettings:
     box: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        for name, value, low in (("steps", self.steps, 1), ("restarts", self.restarts, 1), ("seed", self.seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"attack {name} must be an integer >= {low}, got {value!r}")
+        for name, value, least in (("steps", self.steps, 1), ("restarts", self.restarts, 1), ("seed", self.seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"attack {name} must be an integer >= {least}, got {value!r}")
         if self.step_size is not None and (isinstance(self.step_size, bool) or not isinstance(self.step_size, (int, float))
                                            or not math.isfinite(self.step_size) or self.step_size <= 0):
             raise InputError(f"attack step_size must be a finite number > 0 (a multiple of the radius), got {self.step_size!r}")

@@ -49,11 +49,12 @@ if TYPE_CHECKING:
     from ..model_under_analysis import ModelUnderAnalysis
     from ..stability.gain import GainCertificate
 
-__all__ = ["CERTIFIED_FIELDS", "BoundTightness", "BoundViolation", "CertifiedRobustness", "bound_tightness", "certified_robustness",
+__all__ = ["CERTIFIED_FIELDS", "DEFAULT_ATTACK", "BoundTightness", "BoundViolation", "CertifiedRobustness", "bound_tightness", "certified_robustness",
            "input_jacobian_bounds", "l2_noise", "sequence_bound"]
 
 CERTIFIED_FIELDS = ("model", "checkpoint", "radius", "n", "clean_accuracy", "certified_accuracy", "attack_accuracy",
                     "noise_accuracy", "noise_accuracy_ci95", "lipschitz")
+DEFAULT_ATTACK = PgdSettings()
 # Relative slack of the comparisons of a float64 lower bound with a bound (rounding of the forward pass).
 _RELATIVE_SLACK = 1e-6
 
@@ -167,7 +168,7 @@ def certified_robustness(
     x: Tensor,
     y: Tensor,
     radii: Sequence[float],
-    attack: PgdSettings | None = PgdSettings(),
+    attack: PgdSettings | None = DEFAULT_ATTACK,
     *,
     certify: bool = True,
     noise_seeds: int = 5,
@@ -199,8 +200,8 @@ def certified_robustness(
         logits = _predict64(twin, x)
         correct = (logits.argmax(dim=1) == y.cpu()).numpy()
         certificate = sequence_bound(subject, int(x.shape[1]), time_budget) if certify else "not asked for"
-        held = not isinstance(certificate, str) and certificate.holds
-        cert_radii = certified_radii(logits, certificate.pair_bounds) if held else None
+        gain = certificate if not isinstance(certificate, str) and certificate.pair_bounds is not None else None
+        cert_radii = None if gain is None or gain.pair_bounds is None else certified_radii(logits, gain.pair_bounds)
         ratios: list[float] = []
         for radius in radii:
             certified = None if cert_radii is None else correct & (cert_radii > radius)
@@ -223,7 +224,7 @@ def certified_robustness(
                          "noise_accuracy": float(np.mean(noise)) if noise else None,
                          "noise_accuracy_ci95": (t_halfwidth(np.array(noise)) if len(noise) > 1 and len(set(noise)) > 1
                                                  else 0.0) if noise else None,
-                         "lipschitz": certificate.lipschitz if held else None})
+                         "lipschitz": None if gain is None else gain.lipschitz})
         if certify:
             bounds.append(bound_tightness(label, entry.checkpoint, subject.module, x, certificate,
                                           max(ratios) if ratios else None))
@@ -250,7 +251,8 @@ def bound_tightness(label: str, checkpoint: str, module: nn.Module, x: Tensor, c
     attack reached); raises :class:`BoundViolation` when one exceeds the bound."""
     gradient, pairs = input_jacobian_bounds(module, x)
     horizon = int(x.shape[1])
-    if isinstance(certificate, str) or not certificate.holds:
+    if isinstance(certificate, str) or not certificate.holds or certificate.lipschitz is None \
+            or certificate.pair_bounds is None:
         reason = certificate if isinstance(certificate, str) else certificate.reason
         return BoundTightness(label, checkpoint, False, None, gradient, attack_ratio, None, None, horizon,
                               len(x), reason, None if isinstance(certificate, str) else certificate)

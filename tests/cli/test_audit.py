@@ -48,7 +48,26 @@ def test_audit_passing_and_failing_gates(trained, tmp_path, capsys):
     assert "a gate failed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("gate", ["speed=3", "min-accuracy=high", "certified=warp-lmi", "max-accuracy-drop=gaussian:0.1"])
+def test_a_certified_accuracy_gate_reports_the_bound_and_accuracy_against_radius(trained, tmp_path, capsys):
+    out = tmp_path / "audit"
+    code = main(["audit", str(trained), "--out", str(out), "--quiet", "--max-samples", "60", "--seeds", "1",
+                 "--gate", "certified-accuracy@0.001=0", "--gate", "certified-accuracy@0.01=1"])
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    lipschitz = report["lipschitz"]
+    assert lipschitz["bound"]["holds"] and lipschitz["bound"]["looseness"] >= 1
+    radii = [row["radius"] for row in lipschitz["rows"]]
+    assert {0.001, 0.01, 0.1, 0.25, 0.5, 1.0} == set(radii)
+    for row in lipschitz["rows"]:
+        assert row["certified_accuracy"] <= row["attack_accuracy"]
+    passed = {g["gate"]: g["passed"] for g in report["gates"]}
+    assert passed == {"certified-accuracy@0.001=0.0": True, "certified-accuracy@0.01=1.0": False}
+    assert "## Certified robustness" in (out / "report.md").read_text() and (out / "certified_robustness.png").exists()
+    assert "Lipschitz bound of the sequence map" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gate", ["speed=3", "min-accuracy=high", "certified=warp-lmi", "max-accuracy-drop=gaussian:0.1",
+                                  "certified-accuracy@-1=0.5"])
 def test_bad_gates_exit_2_before_any_work(trained, tmp_path, capsys, gate):
     assert main(["audit", str(trained), "--out", str(tmp_path / "a"), "--gate", gate, "--quiet"]) == 2
     assert "bad gate" in capsys.readouterr().err

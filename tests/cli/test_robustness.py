@@ -224,3 +224,37 @@ def test_label_names_each_model_and_model_twice_is_refused(tmp_path, capsys):
     assert "1 --label for 2 model(s)" in capsys.readouterr().err
     assert main(["robustness", "--model", "a.py:f", "--model", "b.py:g", "--input-noise", "0", "--out", str(tmp_path / "y.csv")]) == 2
     assert "--model given twice" in capsys.readouterr().err
+
+
+def test_certified_accuracy_beside_the_attack_against_radius(tmp_path, capsys):
+    out = tmp_path / "radius.csv"
+    code = main(["robustness", "models/digits-lipschitz-certified.safetensors", "models/digits-ren.safetensors",
+                 "--certified", "--radii", "0.01,0.25", "--attack", "pgd", "--attack-steps", "5", "--seeds", "1",
+                 "--max-samples", "40", "--certificate-budget", "5", "--out", str(out), "--json", "--quiet",
+                 "--figure", str(tmp_path / "radius.png")])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["radius"] for r in rows] == ["0.01", "0.25"] * 2
+    certified = {(r["model"], r["radius"]): r["certified_accuracy"] for r in rows}
+    assert certified[("ren (map)", "0.01")] == ""  # no bound: empty, never 0
+    for row in rows:
+        if row["certified_accuracy"]:
+            assert float(row["certified_accuracy"]) <= float(row["attack_accuracy"])
+    result = json.loads((tmp_path / "radius.json").read_text())["certified"]
+    assert result["settings"]["attack"]["box"] == [0.0, 1.0] and result["settings"]["attack"]["steps"] == 5
+    printed = capsys.readouterr().out
+    assert "looseness" in printed and "ren (map): no bound" in printed
+    assert (tmp_path / "radius.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--certified"], "need --radii"),
+    (["--attack", "pgd"], "need --radii"),
+    (["--radii", "0.1", "--input-noise", "0,0.1"], "table of its own"),
+    (["--radii", "0.1,-1", "--certified"], "radius is a finite number >= 0"),
+    (["--radii", "0.1", "--attack", "pgd", "--attack-steps", "0"], "--attack-steps"),
+])
+def test_against_radius_bad_options_exit_2(tmp_path, capsys, argv, message):
+    out = tmp_path / "r.csv"
+    assert main(["robustness", "models/digits-lipschitz-certified.safetensors", "--out", str(out), "--quiet"] + argv) == 2
+    assert message in capsys.readouterr().err and not out.exists()

@@ -107,3 +107,16 @@ def test_lipschitz_prints_and_writes_the_certified_bound_of_the_sequence_map(tmp
     assert bound["holds"] and f"Lipschitz bound of the inputs (all 8 steps) -> outputs: {bound['lipschitz']:.6g}" in printed
     direct = certify_gain(*sequence_map(model), 8, time_budget=20)
     assert direct.lipschitz == pytest.approx(bound["lipschitz"], rel=1e-9)
+    assert bound["tightness"] is None  # no task recorded: nothing to measure the lower bounds on
+
+
+def test_lipschitz_sets_the_bound_beside_its_empirical_lower_bounds_on_the_task(checkpoint, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    main(["stability", str(checkpoint), "--lipschitz", "--time-budget", "5", "--quiet", "--json", str(out), "--evidence"])
+    bound = json.loads(out.read_text())["lipschitz_bound"]
+    tight = bound["tightness"]
+    assert bound["holds"] and tight["holds"] and tight["lipschitz"] == bound["lipschitz"]
+    assert max(tight["gradient_lower_bound"], tight["attack_lower_bound"]) * tight["looseness"] == pytest.approx(bound["lipschitz"])
+    assert tight["looseness"] >= 1 and tight["samples"] == 359 and tight["horizon"] == 64
+    assert {"P", "multipliers", "mu", "tier"} <= set(bound)
+    assert f"looseness (bound / largest) {tight['looseness']:.4g}" in capsys.readouterr().out

@@ -194,3 +194,44 @@ def test_lambda_max_is_reported_with_its_sampling_spread_and_gated_on_its_range(
     assert not undecided.passed and "undecided at this sample size" in undecided.detail
     assert _evaluate_gate(Gate.parse(f"max-lambda={spread['max'] * 1.01}"), report).passed
     assert not _evaluate_gate(Gate.parse(f"max-lambda={spread['min'] * 0.99}"), report).passed
+
+
+@pytest.mark.parametrize("text, radius, minimum", [("certified-accuracy@0.25=0.7", 0.25, 0.7),
+                                                   ("certified-accuracy@1=0", 1.0, 0.0)])
+def test_a_certified_accuracy_gate_parses_and_prints_as_given(text, radius, minimum):
+    gate = Gate.parse(text)
+    assert (gate.kind, gate.radius) == ("certified-accuracy", radius)
+    assert Gate.parse(str(gate)) == gate and str(gate) == f"certified-accuracy@{radius!r}={minimum!r}"
+
+
+@pytest.mark.parametrize("text", ["certified-accuracy=0.5", "certified-accuracy@0.1", "certified-accuracy@-0.1=0.5",
+                                  "certified-accuracy@nan=0.5", "certified-accuracy@0.1=1.5", "certified-accuracy@0.1=x",
+                                  "certified-accuracy@=0.5"])
+def test_a_malformed_certified_accuracy_gate_is_refused(text):
+    with pytest.raises(ValueError, match="certified-accuracy@RADIUS=MIN"):
+        Gate.parse(text)
+
+
+def _lipschitz_report(holds, certified):
+    bound = {"holds": holds, "lipschitz": 72.8 if holds else None, "tier": "riccati" if holds else None,
+             "rho": 1.0 if holds else None, "reason": "verified" if holds else "no Lur'e form"}
+    rows = [{"radius": 0.1, "n": 100, "certified_accuracy": certified, "attack_accuracy": 0.6}]
+    return {"lipschitz": {"bound": bound, "rows": rows}}
+
+
+@pytest.mark.parametrize("minimum, passed", [(0.3, True), (0.4, True), (0.41, False)])
+def test_the_certified_accuracy_gate_compares_certified_accuracy_at_its_radius(minimum, passed):
+    result = _evaluate_gate(Gate.parse(f"certified-accuracy@0.1={minimum}"), _lipschitz_report(True, 0.4))
+    assert (result.passed, result.observed, result.threshold) == (passed, 0.4, minimum)
+    assert "attack accuracy 0.6000" in result.detail
+
+
+def test_the_certified_accuracy_gate_fails_without_a_bound_even_at_zero():
+    result = _evaluate_gate(Gate.parse("certified-accuracy@0.1=0"), _lipschitz_report(False, None))
+    assert not result.passed and result.observed is None and result.detail == "no bound: no Lur'e form"
+
+
+def test_the_thorough_preset_certifies_the_lipschitz_bound():
+    assert AuditSettings.thorough().lipschitz and not AuditSettings().lipschitz
+    with pytest.raises(ValueError):
+        AuditSettings(radii=(0.1, -1.0))

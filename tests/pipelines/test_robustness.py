@@ -44,3 +44,22 @@ def test_models_with_one_name_are_numbered_and_tensors_have_no_training_split(ca
         run(model, (task.test.x[:20], task.test.y[:20]), RobustnessSettings(grid={"hessian-direction": [0.1]}, seeds=1))
     with pytest.raises(InputError, match="data must be"):
         sweep(model, 3.0, {"gaussian": [0.0]}, seeds=1, progress=False)
+
+
+def test_radii_settings_stand_alone_and_are_checked():
+    settings = RobustnessSettings(radii=[0.5, 0.1], certified=True, attack="pgd")
+    assert settings.radii == (0.5, 0.1) and settings.grid == {}
+    assert settings.to_dict()["attack_steps"] == 50 and settings.to_dict()["input_box"] == "data"
+    for bad in ({"certified": True}, {"attack": "pgd"}, {"radii": [0.1], "attack": "fgsm"}, {"radii": [0.1, 0.1]},
+                {"radii": [float("inf")]}, {"radii": [0.1], "input_box": "pixels"}, {"radii": [0.1], "attack_steps": 0},
+                {"radii": [0.1], "attack_step_size": 0.0}, {"radii": [0.1], "certificate_budget": -1.0}, {}):
+        with pytest.raises(InputError):
+            RobustnessSettings(**bad)
+
+
+def test_against_radius_needs_a_classification_task():
+    from lrnn_analysis.pipelines.robustness import against_radius
+
+    adding = build_model(ModelConfig("lipschitz", 2, 4, 1, eps=0.1), seed=0)
+    with pytest.raises(InputError, match="classification"):
+        against_radius([adding], load_task("adding", length=5), RobustnessSettings(radii=[0.1]))
