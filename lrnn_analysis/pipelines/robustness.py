@@ -198,7 +198,7 @@ def against_radius(models: Models, task: Task, settings: RobustnessSettings, dev
     samples of the task's split (:func:`~lrnn_analysis.robustness.certified_robustness`)."""
     import torch
 
-    from ..robustness.certified import certified_robustness
+    from ..robustness.certified import certified_robustness, sequence_bound
     from ..robustness.sweep import sweep_models
 
     if not task.is_classification:
@@ -209,6 +209,7 @@ def against_radius(models: Models, task: Task, settings: RobustnessSettings, dev
         entry.model.module.to(torch.device(device)).eval()
     split = getattr(task, settings.split)
     x, y = split.x[:settings.max_samples], split.y[:settings.max_samples]
-    return certified_robustness(entries, x, y, settings.radii, settings.attack_settings(task), certify=settings.certified,
+    return certified_robustness(entries, x, y, settings.radii, settings.attack_settings(task),
+                                bound=sequence_bound if settings.certified else None,
                                 noise_seeds=settings.seeds, time_budget=settings.certificate_budget,
                                 batch_size=settings.batch_size)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +170,7 @@ def certified_robustness(
     radii: Sequence[float],
     attack: PgdSettings | None = DEFAULT_ATTACK,
     *,
-    certify: bool = True,
+    bound: Callable[[ModelUnderAnalysis, int, float | None], GainCertificate | str] | None = sequence_bound,
     noise_seeds: int = 5,
     time_budget: float | None = None,
     batch_size: int = 1000,
@@ -178,7 +178,9 @@ def certified_robustness(
     """Certified, attack and noise accuracy at every radius of ``radii`` for every model (a
     :class:`~lrnn_analysis.robustness.SweepModel`, or anything :func:`~lrnn_analysis.robustness.sweep_models`
     takes) on the classification samples (x, y), and each model's bound beside its empirical lower
-    bounds. ``certify`` False skips the certificates (``certified_accuracy`` None, no bounds);
+    bounds. ``bound(model, horizon, time_budget)`` gives each model's gain certificate, or why it has
+    none (default :func:`sequence_bound`); None skips the certificates (``certified_accuracy`` None,
+    no bounds);
     ``attack`` None skips the attack (``attack_accuracy`` None); ``noise_seeds`` 0 skips the noise.
     ``time_budget``: seconds for each model's gain certificate (None: no limit)."""
     from ..stability.gain import certified_radii
@@ -199,7 +201,7 @@ def certified_robustness(
         twin = _float64(subject.module)
         logits = _predict64(twin, x)
         correct = (logits.argmax(dim=1) == y.cpu()).numpy()
-        certificate = sequence_bound(subject, int(x.shape[1]), time_budget) if certify else "not asked for"
+        certificate = bound(subject, int(x.shape[1]), time_budget) if bound is not None else "not asked for"
         gain = certificate if not isinstance(certificate, str) and certificate.pair_bounds is not None else None
         cert_radii = None if gain is None or gain.pair_bounds is None else certified_radii(logits, gain.pair_bounds)
         ratios: list[float] = []
@@ -225,10 +227,10 @@ def certified_robustness(
                          "noise_accuracy_ci95": (t_halfwidth(np.array(noise)) if len(noise) > 1 and len(set(noise)) > 1
                                                  else 0.0) if noise else None,
                          "lipschitz": None if gain is None else gain.lipschitz})
-        if certify:
+        if bound is not None:
             bounds.append(bound_tightness(label, entry.checkpoint, subject.module, x, certificate,
                                           max(ratios) if ratios else None))
-    settings = {"radii": radii, "certified": certify, "samples": len(x), "horizon": int(x.shape[1]), "noise_seeds": noise_seeds,
+    settings = {"radii": radii, "certified": bound is not None, "samples": len(x), "horizon": int(x.shape[1]), "noise_seeds": noise_seeds,
                 "noise": "Gaussian, rescaled to l2 norm = radius per sequence" + (", clamped to the box" if box else ""),
                 "attack": None if attack is None else attack.to_dict(), "certificate_time_budget": time_budget}
     return CertifiedRobustness(rows, tuple(bounds), settings)
