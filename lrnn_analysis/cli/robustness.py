@@ -175,8 +175,8 @@ def _write_against_radius(args: argparse.Namespace, result, json_path) -> int:
                                                     "looseness", "pair_looseness", "tier", "seconds"],
                            ["model", "bound", "gradient", "attack", "looseness", "pairs", "tier", "seconds"]))
         for bound in certified.bounds:
-            if not bound.holds:
-                print(f"{bound.model}: no bound: {bound.reason}")
+            if not bound.holds:  # a reason from the model's form names the model already
+                print(bound.reason if bound.reason.startswith(f"{bound.model}:") else f"{bound.model}: no bound: {bound.reason}")
     print(f"wrote {args.out}" + (f" and {json_path}" if json_path is not None else ""))
     if args.figure is not None:
         from ..plots import plot_certified_robustness
