@@ -19,6 +19,7 @@ from .perturbations import (
     PARAMETER_KINDS,
     ParameterDirections,
     Perturbation,
+    is_deterministic,
     perturb_inputs,
     perturb_parameters,
 )
@@ -37,6 +38,6 @@ __all__ = [
     "CERTIFIED_FIELDS", "AttackResult", "BoundTightness", "BoundViolation", "CertifiedRobustness", "PgdSettings",
     "bound_tightness", "certified_robustness", "input_jacobian_bounds", "l2_noise", "pgd_l2", "sequence_bound",
     "INPUT_KINDS", "KINDS", "PARAMETER_KINDS", "ROW_FIELDS", "SUMMARY_FIELDS", "ParameterDirections", "Perturbation",
-    "SweepModel", "SweepResult", "evaluate_parameter_draws", "hessian_directions", "perturb_inputs", "perturb_parameters",
+    "SweepModel", "SweepResult", "evaluate_parameter_draws", "hessian_directions", "is_deterministic", "perturb_inputs", "perturb_parameters",
     "recurrent_parameter_names", "summarize", "sweep",
 ]
