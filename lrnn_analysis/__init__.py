@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str | tuple[str, str | None]] = {
     "RobustnessSettings": ".pipelines.robustness",
     "Perturbation": ".robustness",
     "sweep": ".robustness",
+    "PgdSettings": ".robustness",
+    "certified_robustness": ".robustness",
     # audit
     "AuditSettings": ".pipelines.audit",
     "Gate": ".pipelines.audit",
@@ -57,6 +59,7 @@ _EXPORTS: dict[str, str | tuple[str, str | None]] = {
     "write_audit": ".audit_report",
     # figures (axes-level functions take ax= and return the Axes; multi-panel ones return the Figure)
     "plot_certified_accuracy": ".plots",
+    "plot_certified_robustness": ".plots",
     "plot_density": ".plots",
     "plot_hessian_summary": ".plots",
     "plot_landscape_1d": ".plots",
