@@ -50,7 +50,7 @@ _SOURCES = ("lure form", "stored evidence", "torch.nn layers", "none")
 SAMPLE_INPUTS = 1000
 # The empirical lower bounds beside a Lipschitz bound: input-Jacobian norms on this many test inputs,
 # and the l2 PGD attack (margin loss, inputs clamped to the training range) at this radius and steps.
-TIGHTNESS_SAMPLES = 500
+TIGHTNESS_SAMPLES = 200
 TIGHTNESS_RADIUS = 0.25
 TIGHTNESS_STEPS = 20
 
