@@ -141,6 +141,7 @@ class AuditSettings:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(replace(self, gates=()))
         data["grid"] = {k: list(v) for k, v in self.grid.items()}
+        data["radii"] = list(self.radii)
         data["gates"] = [str(g) for g in self.gates]
         data["preset"] = self.preset()
         return data
