@@ -105,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
     if args.figure is not None:
         from ..plots import plot_robustness
 
-        o.write_figure(plot_robustness(result.summary, "accuracy" if task.is_classification else "loss"), args.figure)
+        o.write_figure(plot_robustness(result.summary, "accuracy" if task.objective.headline == "accuracy" else "value"), args.figure)
     o.print_warnings(result.warnings)
     return 0
