@@ -56,7 +56,8 @@ class Evaluation:
                    totals.count, metrics, objective)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"objective": self.objective.name, "metric": self.metric, "n": self.n, "count": self.count, **self.metrics}
+        return {"objective": self.objective.name, "metric": self.metric, "loss": self.loss, "accuracy": self.accuracy,
+                "n": self.n, "count": self.count, **self.metrics}
 
 
 class NonFiniteOutputs:

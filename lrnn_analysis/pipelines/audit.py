@@ -417,7 +417,7 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
     observed = (rows[0]["accuracy_drop"] if gate.kind == "max-accuracy-drop" else rows[0]["metric_drop"]) if rows else None
     if observed is None:
         why = " (on token inputs only gaussian input noise is defined)" if kind in _TOKEN_REFUSED and not rows else ""
-        return result(quantity, float(allowed), None, False, f"no {metric} drop measured for {kind} at {level}{why}")
+        return result(quantity, float(allowed), None, False, f"no {metric} change measured for {kind} at {level}{why}")
     change = f"drop {observed:.4f}" if gate.kind == "max-accuracy-drop" else \
         f"{metric} {'drop' if metric == 'accuracy' else 'rise'} {observed:.4g}"
     return result(quantity, float(allowed), observed, observed <= float(allowed),
