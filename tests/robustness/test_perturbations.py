@@ -78,3 +78,24 @@ def test_hessian_direction_moves_exactly_level_along_the_span():
 def test_bad_perturbations(kind, level):
     with pytest.raises(ValueError):
         Perturbation(kind, level)
+
+
+def test_embedding_noise_is_added_to_the_one_embeddings_output_and_refused_without_one():
+    from torch import nn
+
+    from lrnn_analysis.errors import InputError
+    from lrnn_analysis.robustness.perturbations import embedding_noise, token_input_embedding
+
+    embedding = nn.Embedding(5, 3)
+    model = nn.Sequential(embedding, nn.Linear(3, 2))
+    assert token_input_embedding(model, "m") is embedding
+    tokens = torch.tensor([[0, 1, 4], [2, 2, 3]])
+    with embedding_noise(embedding, Perturbation("gaussian", 0.5, seed=7)), torch.no_grad():
+        noisy = embedding(tokens)
+    expected = embedding.weight[tokens] + 0.5 * torch.randn((2, 3, 3), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(noisy, expected.detach())
+    torch.testing.assert_close(embedding(tokens), embedding.weight[tokens])  # the hook is gone afterwards
+    with pytest.raises(InputError, match="the model has none"):
+        token_input_embedding(nn.Linear(3, 2), "m")
+    with pytest.raises(InputError, match=r"the model has 2 \(0, 1\), and which one embeds the inputs is not known"):
+        token_input_embedding(nn.Sequential(nn.Embedding(5, 3), nn.Embedding(5, 3)), "m")
