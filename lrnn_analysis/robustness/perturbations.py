@@ -111,7 +111,9 @@ def token_input_embedding(model: nn.Module, name: str) -> nn.Embedding:
         raise InputError(f"{name}: gaussian input noise on token ids is added to the output of the model's nn.Embedding; "
                          + ("the model has none" if not found else f"the model has {len(found)} ({', '.join(found)}), "
                             "and which one embeds the inputs is not known"))
-    return model.get_submodule(found[0])
+    embedding = model.get_submodule(found[0])
+    assert isinstance(embedding, nn.Embedding)  # found above as one
+    return embedding
 
 
 @contextlib.contextmanager
