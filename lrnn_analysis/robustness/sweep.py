@@ -26,7 +26,7 @@ from ..environment import environment
 from ..errors import InputError
 from ..evaluation import Evaluation, NonFiniteOutputs, evaluate
 from ..model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
-from ..objective import Objective, Totals
+from ..objective import Objective, Totals, scored_steps
 from ..parameters import require_parameters
 from ..progress import progress_bar
 from ..statistics import t_halfwidth
@@ -157,7 +157,8 @@ def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
     claimed about the model's training data; ``hessian-direction`` needs a task with training
     samples). Integer labels are classes, as many as the first model has
     outputs; floating-point targets of shape (N, k) or (N, T, k) are regression targets; integer
-    inputs (N, T) are token ids."""
+    inputs (N, T) are token ids; per-step targets' steps marked unscored (``IGNORE_INDEX`` labels,
+    NaN rows) stay unscored."""
     if isinstance(data, Task):
         return data
     if isinstance(data, Split):
@@ -185,7 +186,12 @@ def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
                 num_classes = int(module(sample if not sample.is_floating_point() else sample.float()).shape[-1])
             finally:
                 module.train(was_training)
-    checked = task_from_arrays(x, y, x, y, name="arrays", num_classes=num_classes,
+    mask = None
+    if (y.dtype == torch.int64 and y.ndim == 2) or (y.is_floating_point() and y.ndim == 3):
+        # Per-step targets whose unscored steps are already marked (IGNORE_INDEX, NaN rows), e.g. a Task's split.
+        mask = scored_steps(y)
+        y = y.masked_fill(~mask if y.ndim == 2 else ~mask[..., None], 0)
+    checked = task_from_arrays(x, y, x, y, name="arrays", num_classes=num_classes, mask_train=mask, mask_test=mask,
                                description=f"the {len(x)} samples given (as the test split; no training split)")
     empty = Split(checked.test.x[:0], checked.test.y[:0])
     return replace(checked, train=empty, val=empty)
