@@ -201,8 +201,9 @@ def against_radius(models: Models, task: Task, settings: RobustnessSettings, dev
     from ..robustness.certified import certified_robustness, sequence_bound
     from ..robustness.sweep import sweep_models
 
-    if not task.is_classification:
-        raise InputError(f"task {task.name}: certified accuracy and the attack need a classification task")
+    if not task.is_classification or task.test.y.ndim != 1:
+        raise InputError(f"task {task.name}: certified accuracy and the attack need a classification task with one "
+                         "class label per sequence")
     entries = sweep_models(models)
     for entry in entries:
         entry.model.check_fits(task, entry.checkpoint)

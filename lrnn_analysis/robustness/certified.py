@@ -189,8 +189,9 @@ def certified_robustness(
     radii = [float(r) for r in radii]
     if not radii or any(not math.isfinite(r) or r < 0 for r in radii) or len(set(radii)) != len(radii):
         raise InputError(f"radii must be distinct finite numbers >= 0, got {radii}")
-    if x.ndim < 2 or len(x) == 0 or len(x) != len(y) or y.is_floating_point():
-        raise InputError("certified accuracy needs classification samples: x (N, T, ...) and integer labels y (N,)")
+    if x.ndim < 2 or len(x) == 0 or len(x) != len(y) or y.is_floating_point() or y.ndim != 1:
+        raise InputError("certified accuracy needs classification samples with one label per sequence: x (N, T, ...) "
+                         "and integer labels y (N,)")
     if isinstance(noise_seeds, bool) or not isinstance(noise_seeds, int) or noise_seeds < 0:
         raise InputError(f"noise_seeds must be an integer >= 0, got {noise_seeds!r}")
     box = attack.box if attack is not None else None

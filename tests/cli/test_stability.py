@@ -120,3 +120,22 @@ def test_lipschitz_sets_the_bound_beside_its_empirical_lower_bounds_on_the_task(
     assert tight["looseness"] >= 1 and tight["samples"] == 200 and tight["horizon"] == 64
     assert {"P", "multipliers", "mu", "tier"} <= set(bound)
     assert f"looseness (bound / largest) {tight['looseness']:.4g}" in capsys.readouterr().out
+
+
+def test_stability_of_a_language_model_certifies_its_lstm_on_the_embedded_tokens(language_project, tmp_path, capsys):
+    """The certificates concern the recurrence: the LSTM layers of an RNNModel are certified as
+    any others; the input range shown for the first layer is that of the embedded tokens."""
+    from language_model import load_language_model
+    from lrnn_analysis.pipelines.stability import SAMPLE_INPUTS
+
+    json_path = tmp_path / "lm.json"
+    code = main(["stability", "--model", f"{language_project / 'lm.py'}:build", "--weights", str(language_project / "lm.pt"),
+                 "--data", str(language_project / "data.npz"), "--json", str(json_path)])
+    layers = json.loads(json_path.read_text())["recurrent_layers"]
+    assert code == (0 if all(c["holds"] for c in layers) else 1)
+    assert [(c["module"], c["kind"]) for c in layers] == [("rnn", "lstm")]
+    module = load_language_model(language_project)
+    tokens = torch.from_numpy(np.load(language_project / "data.npz")["x_train"][:SAMPLE_INPUTS])
+    with torch.no_grad():
+        embedded = float(module.encoder(tokens).abs().max())
+    assert f"||x_t||_inf <= {embedded:.6g}" in capsys.readouterr().out
