@@ -113,15 +113,17 @@ def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, foun
 
 
 def _lipschitz(args: argparse.Namespace, subject: ModelUnderAnalysis, data: Any) -> GainCertificate:
-    """The certified Lipschitz bound of x -> outputs over the horizon (:mod:`lrnn_analysis.stability.gain`)."""
-    from ..stability import certify_gain, sequence_map
+    """The certified Lipschitz bound of x -> outputs over the horizon (:func:`~lrnn_analysis.pipelines.stability.certify_lipschitz`)."""
+    from ..pipelines.stability import certify_lipschitz
 
     horizon = args.horizon
     if horizon is None:
         task = data if data is not None else o.task_source(args).load_for([(args.checkpoint, subject)])
         horizon = task.seq_len
-    system, U, D = sequence_map(subject)
-    return certify_gain(system, U, D, horizon, time_budget=args.time_budget)
+    found = certify_lipschitz(subject, horizon, time_budget=args.time_budget)
+    if found.stored is not None and found.stored.status != "absent":
+        print(f"{args.checkpoint}: {found.stored.describe()}", file=sys.stdout if found.stored.verified else sys.stderr)
+    return found.certificate
 
 
 def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:

@@ -28,10 +28,12 @@ if TYPE_CHECKING:
     from ..model_under_analysis import ModelUnderAnalysis
     from ..stability import CascadeCertificate, CertificateResult, SpectrumReport
     from ..stability.consistency import FormCheck
+    from ..stability.construction_gain import GainEvidenceCheck
     from ..stability.evidence import EvidenceCheck
+    from ..stability.gain import GainCertificate
 
-__all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "SAMPLE_INPUTS", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",
-           "certify_model", "check_layer_forms", "checked_form", "run"]
+__all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "SAMPLE_INPUTS", "ModelCertificate", "ModelGain", "StabilityResult", "StabilitySettings",
+           "certified_summary", "certify_lipschitz", "certify_model", "check_layer_forms", "checked_form", "run"]
 
 NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
 LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
@@ -217,6 +219,36 @@ def certify_model(
                                    time_budget=settings.time_budget)
         return ModelCertificate(subject.name, "torch.nn layers", stored, layers=tuple(layers), reason=LAYERS_ONLY)
     return ModelCertificate(subject.name, "none", stored, reason=NO_LURE_FORM)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelGain:
+    """What :func:`certify_lipschitz` found: the gain certificate and, for a model built to a bound,
+    the check of the gain evidence its checkpoint stores (None for other models)."""
+
+    certificate: GainCertificate
+    stored: GainEvidenceCheck | None
+
+
+def certify_lipschitz(subject: ModelUnderAnalysis | Any, horizon: int, *, time_budget: float | None = None) -> ModelGain:
+    """A certified Lipschitz bound of the map from the whole input sequence (``horizon`` steps) to
+    the outputs (:mod:`lrnn_analysis.stability.gain`). A model built to a bound (``lipschitz-ren``)
+    reports its stored gain evidence when it verifies in float64 against the weights, else its
+    construction's bound verified from the weights (tier ``construction``); any other toolkit model in
+    Lur'e form is searched by :func:`~lrnn_analysis.stability.certify_gain` within ``time_budget``."""
+    from ..model_under_analysis import as_model_under_analysis
+    from ..stability import certify_gain, sequence_map
+    from ..stability.construction_gain import check_stored_gain, construction_gain, has_gain_construction
+
+    subject = as_model_under_analysis(subject)
+    module = subject.module
+    if has_gain_construction(module):
+        stored = check_stored_gain(module, subject.metadata, horizon)
+        if stored.verified and stored.certificate is not None:
+            return ModelGain(stored.certificate, stored)
+        return ModelGain(construction_gain(module, horizon), stored)
+    system, U, D = sequence_map(subject)
+    return ModelGain(certify_gain(system, U, D, horizon, time_budget=time_budget), None)
 
 
 def checked_form(subject: ModelUnderAnalysis, input_shape: tuple[int, ...] | None = None,

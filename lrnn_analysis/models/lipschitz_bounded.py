@@ -1,0 +1,130 @@
+"""A recurrent network whose sequence map x -> y has incremental l2-gain at most G for every
+value of its parameters (``lipschitz-ren``).
+
+It is the contracting model of :mod:`.contracting` with its input and readout made part of the
+construction, in the spirit of the Lipschitz-bounded ((Q, S, R) = (-I/G, 0, G I)) recurrent
+equilibrium networks of Revay, Wang and Manchester (IEEE TAC 2023); the readout acts on the
+final state only, so the supply needs no output term. The model runs
+
+    E h+ = F h + B tanh(C h + U x_t + b),   h_0 = 0,   y = D h_T + d.
+
+Free parameters: Z = [Z_1, Z_3] (m x 2n, stored as Z_1 and dZ = Z_3 - Z_1), B, C (n x n),
+ell (n), V (n x d), R (k x n), the biases b and d. With delta = ``_DELTA``,
+Lambda = diag(ell^2 + delta) / 2, Vb = V / max(1, ||V||_2) and
+
+    N = Lambda^(1/2) (2 I - Vb Vb^T) Lambda^(1/2)   (>= Lambda > 0),
+    M = K^T N^-1 K + [Z_1, 0, Z_3]^T [Z_1, 0, Z_3] + delta diag(I, 0, I),   K = [-Lambda C, N, B^T],
+
+the blocks M_11 = C^T Lambda N^-1 Lambda C + Z_1^T Z_1 + delta I, M_21 = -Lambda C, M_22 = N,
+F = M_31 = -B N^-1 Lambda C + Z_3^T Z_1, M_32 = B, P = M_33 = B N^-1 B^T + Z_3^T Z_3 + delta I give
+the model's E = (M_11 / rho^2 + P) / 2 and U = Lambda^(-1/2) Vb, so that N = 2 Lambda - Lambda U U^T Lambda.
+M > 0 (a vector in its kernel has zero first and last blocks by the delta terms, then a zero middle
+block as N > 0).
+
+Gain. Increments (Delta, p, Delta x) of two runs, p = tanh(C h + U x + b) - tanh(C h~ + U x~ + b),
+obey 2 p^T Lambda (C Delta + U Delta x - p) >= 0 (tanh has slopes in [0, 1]). With Q = E^T P^-1 E
+>= E + E^T - P = M_11 / rho^2 and the Schur complement of P in M > 0,
+
+    [F B]^T P^-1 [F B] < [[rho^2 Q, -C^T Lambda], [-Lambda C, N]],
+
+and max over Delta x of 2 p^T Lambda U Delta x - ||Delta x||^2 = p^T Lambda U U^T Lambda p = p^T (2 Lambda - N) p,
+so V(Delta) = Delta^T Q Delta obeys
+
+    V(Delta+) - rho^2 V(Delta) <= ||Delta x_t||^2,   hence   V(Delta_T) <= sum_t ||Delta x_t||^2 = ||Delta x||^2
+
+from Delta_0 = 0, for every horizon T: this is the gain LMI (*) of :mod:`lrnn_analysis.stability.gain`
+with P = Q, multipliers Lambda, r = 1 and mu = 1, holding for every parameter value. The readout is
+D = G Rb L with Rb = R / max(1, ||R||_2) and L = chol(P)^-1 E (L^T L = Q), so
+||D Delta||^2 <= G^2 ||L Delta||^2 = G^2 V(Delta) and
+
+    ||y(x) - y(x~)|| <= G ||x - x~||,   |Delta (y_i - y_j)| <= G ||Rb_i - Rb_j|| ||x - x~||
+
+(:meth:`LipschitzREN.pair_lipschitz`). At Delta x = 0 the same inequality makes the model
+contract at rate rho, like :class:`~.contracting.ContractingRNN`, whose euler Lur'e rewrite
+(zeta = T^-1 h, T = E^-1 B / eps) it inherits. The float64 certificate of the stored weights is
+:func:`lrnn_analysis.stability.construction_gain.construction_gain`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .contracting import _DELTA, _PARAMETER_SCALE, Construction, ContractingRNN, _scaled, _stored
+
+__all__ = ["LipschitzREN", "lipschitz_construction"]
+
+
+def _unit_bounded(X: Tensor) -> Tensor:
+    """X / max(1, ||X||_2): spectral norm at most 1."""
+    return X / torch.clamp(torch.linalg.matrix_norm(X, ord=2), min=1.0)
+
+
+def lipschitz_construction(Z: Tensor, B: Tensor, C: Tensor, ell: Tensor, V: Tensor, rho: float) -> tuple[Construction, Tensor]:
+    """E, F, B, C, P, Lambda of :class:`LipschitzREN` and its input matrix U (module docstring)."""
+    n = B.shape[0]
+    eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
+    Z1, Z3 = Z[:, :n], Z[:, n:]
+    lam = 0.5 * (ell * ell + _DELTA)
+    root = torch.sqrt(lam)
+    Vb = _unit_bounded(V)
+    N = root[:, None] * (2.0 * eye - Vb @ Vb.mT) * root[None, :]
+    LC = lam[:, None] * C
+    solved = torch.linalg.solve(N, torch.cat([LC, B.mT], dim=1))
+    N_LC, N_Bt = solved[:, :n], solved[:, n:]
+    M11 = LC.mT @ N_LC + Z1.mT @ Z1 + _DELTA * eye
+    F = Z3.mT @ Z1 - B @ N_LC
+    P = B @ N_Bt + Z3.mT @ Z3 + _DELTA * eye
+    E = 0.5 * (M11 / rho**2 + P)
+    return Construction(E, F, B, C, P, lam, None), Vb / root[:, None]
+
+
+class LipschitzREN(ContractingRNN):
+    """E h+ = F h + B tanh(C h + U x_t + b), y = D h_T + d with ||y(x) - y(x~)|| <= G ||x - x~|| for
+    every parameter value, G = ``config.lipschitz`` (module docstring).
+
+    Parameters (the matrices stored divided by ``_PARAMETER_SCALE``): those of
+    :class:`~.contracting.ContractingRNN` (``Z1``, ``dZ``, ``B``, ``C``, ``ell``), ``V`` (n x d, the
+    input), ``R`` (k x n, the readout), ``input_bias`` (b) and ``output_bias`` (d).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        del self.U, self.D
+        n, d, k = config.hidden, config.input_dim, config.output_dim
+        self.V = _stored(torch.randn(n, d) / n**0.5)
+        self.R = _stored(torch.randn(k, n) / n**0.5)
+        self.input_bias = nn.Parameter(torch.zeros(n))
+        self.output_bias = nn.Parameter(torch.zeros(k))
+
+    def lipschitz_construction(self, dtype: torch.dtype | None = None) -> tuple[Construction, Tensor]:
+        """The construction's matrices and U (module docstring), in ``dtype`` (default: the parameters')."""
+        Z1, dZ, B, C, ell, V = _scaled((self.Z1, self.dZ, self.B, self.C, self.ell, self.V), dtype)
+        return lipschitz_construction(torch.cat([Z1, Z1 + dZ], dim=-1), B, C, ell, V, self.config.rho)
+
+    def construction(self, dtype: torch.dtype | None = None) -> Construction:
+        return self.lipschitz_construction(dtype)[0]
+
+    def input_matrix(self, dtype: torch.dtype | None = None) -> Tensor:
+        """U = Lambda^(-1/2) Vb (n x d): u_t = U x_t + b."""
+        return self.lipschitz_construction(dtype)[1]
+
+    def readout_matrix(self, dtype: torch.dtype | None = None) -> Tensor:
+        """D = G Rb chol(P)^-1 E (k x n): y = D h_T + d."""
+        c = self.construction(dtype)
+        L = torch.linalg.solve_triangular(torch.linalg.cholesky(c.P), c.E, upper=False)
+        R = self.R if dtype is None else self.R.to(dtype)
+        return self.config.lipschitz * _unit_bounded(R * _PARAMETER_SCALE) @ L
+
+    def pair_lipschitz(self) -> Tensor:
+        """G ||Rb_i - Rb_j|| (k x k): the construction's bound on the Lipschitz constant of y_i - y_j
+        (differentiable; the certified pair bounds are computed in float64 from the weights)."""
+        Rb = _unit_bounded(self.R * _PARAMETER_SCALE)
+        diff = Rb[:, None, :] - Rb[None, :, :]
+        return self.config.lipschitz * torch.sqrt((diff * diff).sum(-1) + 1e-12)
+
+    def _input_sequence(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x.transpose(0, 1), self.input_matrix(), self.input_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(self._run(x, keep_states=False), self.readout_matrix(), self.output_bias)
