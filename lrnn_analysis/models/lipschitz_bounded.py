@@ -84,14 +84,17 @@ class LipschitzREN(ContractingRNN):
     every parameter value, G = ``config.lipschitz`` (module docstring).
 
     Parameters (the matrices stored divided by ``_PARAMETER_SCALE``): those of
-    :class:`~.contracting.ContractingRNN` (``Z1``, ``dZ``, ``B``, ``C``, ``ell``), ``V`` (n x d, the
-    input), ``R`` (k x n, the readout), ``input_bias`` (b) and ``output_bias`` (d).
+    :class:`~.contracting.ContractingRNN` (``Z1``, ``dZ``, ``B``, ``C``, and ``ell`` stored as is),
+    ``V`` (n x d, the input), ``R`` (k x n, the readout), ``input_bias`` (b) and ``output_bias`` (d).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         del self.U, self.D
         n, d, k = config.hidden, config.input_dim, config.output_dim
+        # ell as is, not divided by _PARAMETER_SCALE: Lambda sets the input gain (||Lambda^(1/2) U||_2 <= 1)
+        # and must move as fast as the input weights of an unconstrained model do.
+        self.ell = nn.Parameter(torch.ones(n))
         self.V = _stored(torch.randn(n, d) / n**0.5)
         self.R = _stored(torch.randn(k, n) / n**0.5)
         self.input_bias = nn.Parameter(torch.zeros(n))
@@ -99,7 +102,8 @@ class LipschitzREN(ContractingRNN):
 
     def lipschitz_construction(self, dtype: torch.dtype | None = None) -> tuple[Construction, Tensor]:
         """The construction's matrices and U (module docstring), in ``dtype`` (default: the parameters')."""
-        Z1, dZ, B, C, ell, V = _scaled((self.Z1, self.dZ, self.B, self.C, self.ell, self.V), dtype)
+        Z1, dZ, B, C, V = _scaled((self.Z1, self.dZ, self.B, self.C, self.V), dtype)
+        ell = self.ell if dtype is None else self.ell.to(dtype)
         return lipschitz_construction(torch.cat([Z1, Z1 + dZ], dim=-1), B, C, ell, V, self.config.rho)
 
     def construction(self, dtype: torch.dtype | None = None) -> Construction:

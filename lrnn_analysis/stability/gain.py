@@ -173,6 +173,18 @@ class GainForm:
         return self.form.n
 
     @property
+    def family(self) -> str:
+        """The scheme: the system's method, or the explicit form's family."""
+        return self.form.family if self.system is None else self.system.method
+
+    @property
+    def lure_system(self) -> LureSystem:
+        """The system the search tiers work on; ``ValueError`` for an explicit form, which has none."""
+        if self.system is None:
+            raise ValueError("an explicit gain form has no Lur'e system to search on")
+        return self.system
+
+    @property
     def d(self) -> int:
         return self.U.shape[1]
 
@@ -1182,7 +1194,7 @@ def _contraction_start(search: _Search) -> tuple[np.ndarray, np.ndarray] | None:
     tier (:mod:`.riccati`) run on the form scaled by r_fixed, or (rate searched) by max(1, r_J) times
     1, 1.01, 1.1, 2, r_J the largest squared spectral radius of the frozen-Jacobian step matrices."""
     gform = search.gform
-    goodness = [lmi.jacobian_goodness(gform.system, gform.system.method, d)
+    goodness = [lmi.jacobian_goodness(gform.lure_system, gform.family, d)
                 for d in lmi.sampled_slopes(gform.n, gform.form.slope)]
     if not all(np.isfinite(goodness)):
         return None
@@ -1255,8 +1267,8 @@ def _phase_one(search: _Search) -> tuple[np.ndarray, float, float] | None:
     if search.r_fixed is not None:
         rates = [search.r_fixed]
     else:
-        family = gform.system.method
-        floor = max(-lmi.jacobian_goodness(gform.system, family, d)
+        family = gform.family
+        floor = max(-lmi.jacobian_goodness(gform.lure_system, family, d)
                     for d in lmi.sampled_slopes(gform.n, gform.form.slope))
         rates = [max(1.0, floor) * (1.0 + 1e-3 * 2.0**j) for j in range(20)]
     floor_mu = dual.input_floor(lam)
@@ -1466,14 +1478,13 @@ def _evidence_start(gform: GainForm, evidence: Any) -> tuple[np.ndarray, np.ndar
 
 
 def _held(gform: GainForm, horizon: int, candidate: _Candidate, tier: str, seconds: float, reason: str) -> GainCertificate:
-    return GainCertificate(True, gform.form.family if gform.system is None else gform.system.method, horizon,
+    return GainCertificate(True, gform.family, horizon,
                            candidate.lipschitz, candidate.pair_bounds, candidate.mu, candidate.r, candidate.output_factor,
                            candidate.pair_factors, candidate.P, candidate.lam, tier, candidate.verification, seconds, reason)
 
 
 def _failed(gform: GainForm, horizon: int, seconds: float, reason: str) -> GainCertificate:
-    family = gform.form.family if gform.system is None else gform.system.method
-    return GainCertificate(False, family, horizon, None, None, None, None, None, None, None, None, None, None, seconds, reason)
+    return GainCertificate(False, gform.family, horizon, None, None, None, None, None, None, None, None, None, None, seconds, reason)
 
 
 def certificate_at(gform: GainForm, P: Any, multipliers: Any, r: float, horizon: int, tier: str) -> GainCertificate:
@@ -1513,7 +1524,7 @@ def certificate_from_evidence(gform: GainForm, P: Any, multipliers: Any, r: floa
 
 def _certificate(search: _Search, attempts: list[GainAttempt], exhausted: bool, seconds: float,
                  reason: str | None = None) -> GainCertificate:
-    family, horizon, best = search.gform.system.method, search.horizon, search.best
+    family, horizon, best = search.gform.family, search.horizon, search.best
     if best is None:
         if reason is None:
             reason = "no verified bound (" + "; ".join(f"{a.tier}: {a.reason}" for a in attempts) + ")"
