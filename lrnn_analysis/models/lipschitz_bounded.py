@@ -9,16 +9,16 @@ final state only, so the supply needs no output term. The model runs
     E h+ = F h + B tanh(C h + U x_t + b),   h_0 = 0,   y = D h_T + d.
 
 Free parameters: Z = [Z_1, Z_3] (m x 2n, stored as Z_1 and dZ = Z_3 - Z_1), B, C (n x n),
-ell (n), V (n x d), R (k x n), the biases b and d. With delta = ``_DELTA``,
-Lambda = diag(ell^2 + delta) / 2, Vb = V / max(1, ||V||_2) and
+ell (n), U (n x d), R (k x n), the biases b and d. With delta = ``_DELTA``,
+Lambda = diag(ell^2 + delta) / 2, mu = max(||Lambda^(1/2) U||_2^2, delta) and
 
-    N = Lambda^(1/2) (2 I - Vb Vb^T) Lambda^(1/2)   (>= Lambda > 0),
+    N = 2 Lambda - Lambda U U^T Lambda / mu = Lambda^(1/2) (2 I - Ut Ut^T) Lambda^(1/2)   (>= Lambda > 0,
+        Ut = Lambda^(1/2) U / sqrt(mu), ||Ut||_2 <= 1),
     M = K^T N^-1 K + [Z_1, 0, Z_3]^T [Z_1, 0, Z_3] + delta diag(I, 0, I),   K = [-Lambda C, N, B^T],
 
 the blocks M_11 = C^T Lambda N^-1 Lambda C + Z_1^T Z_1 + delta I, M_21 = -Lambda C, M_22 = N,
 F = M_31 = -B N^-1 Lambda C + Z_3^T Z_1, M_32 = B, P = M_33 = B N^-1 B^T + Z_3^T Z_3 + delta I give
-the model's E = (M_11 / rho^2 + P) / 2 and U = Lambda^(-1/2) Vb, so that N = 2 Lambda - Lambda U U^T Lambda.
-M > 0 (a vector in its kernel has zero first and last blocks by the delta terms, then a zero middle
+the model's E = (M_11 / rho^2 + P) / 2. M > 0 (a vector in its kernel has zero first and last blocks by the delta terms, then a zero middle
 block as N > 0).
 
 Gain. Increments (Delta, p, Delta x) of two runs, p = tanh(C h + U x + b) - tanh(C h~ + U x~ + b),
@@ -27,19 +27,21 @@ obey 2 p^T Lambda (C Delta + U Delta x - p) >= 0 (tanh has slopes in [0, 1]). Wi
 
     [F B]^T P^-1 [F B] < [[rho^2 Q, -C^T Lambda], [-Lambda C, N]],
 
-and max over Delta x of 2 p^T Lambda U Delta x - ||Delta x||^2 = p^T Lambda U U^T Lambda p = p^T (2 Lambda - N) p,
+and max over Delta x of 2 p^T Lambda U Delta x - mu ||Delta x||^2 = p^T Lambda U U^T Lambda p / mu = p^T (2 Lambda - N) p,
 so V(Delta) = Delta^T Q Delta obeys
 
-    V(Delta+) - rho^2 V(Delta) <= ||Delta x_t||^2,   hence   V(Delta_T) <= sum_t ||Delta x_t||^2 = ||Delta x||^2
+    V(Delta+) - rho^2 V(Delta) <= mu ||Delta x_t||^2,   hence   V(Delta_T) <= mu sum_t ||Delta x_t||^2 = mu ||Delta x||^2
 
 from Delta_0 = 0, for every horizon T: this is the gain LMI (*) of :mod:`lrnn_analysis.stability.gain`
-with P = Q, multipliers Lambda, r = 1 and mu = 1, holding for every parameter value. The readout is
-D = G Rb L with Rb = R / max(1, ||R||_2) and L = chol(P)^-1 E (L^T L = Q), so
-||D Delta||^2 <= G^2 ||L Delta||^2 = G^2 V(Delta) and
+with P = Q, multipliers Lambda, r = 1 and this mu, holding for every parameter value. The readout is
+D = (G / sqrt(mu)) Rb L with Rb = R / max(1, ||R||_2) and L = chol(P)^-1 E (L^T L = Q), so
+||D Delta||^2 <= (G^2 / mu) ||L Delta||^2 = (G^2 / mu) V(Delta) and
 
     ||y(x) - y(x~)|| <= G ||x - x~||,   |Delta (y_i - y_j)| <= G ||Rb_i - Rb_j|| ||x - x~||
 
-(:meth:`LipschitzREN.pair_lipschitz`). At Delta x = 0 the same inequality makes the model
+(:meth:`LipschitzREN.pair_lipschitz`). U is free (the LMI is homogeneous in (Q, Lambda, mu), so
+fixing mu = 1 instead would tie the input's scale to Lambda and every block of M, a move the
+optimiser makes badly); a larger U raises mu and lowers the readout's scale by the same factor. At Delta x = 0 the same inequality makes the model
 contract at rate rho, like :class:`~.contracting.ContractingRNN`, whose euler Lur'e rewrite
 (zeta = T^-1 h, T = E^-1 B / eps) it inherits. The float64 certificate of the stored weights is
 :func:`lrnn_analysis.stability.construction_gain.construction_gain`.
@@ -60,15 +62,16 @@ def _unit_bounded(X: Tensor) -> Tensor:
     return X / torch.clamp(torch.linalg.matrix_norm(X, ord=2), min=1.0)
 
 
-def lipschitz_construction(Z: Tensor, B: Tensor, C: Tensor, ell: Tensor, V: Tensor, rho: float) -> tuple[Construction, Tensor]:
-    """E, F, B, C, P, Lambda of :class:`LipschitzREN` and its input matrix U (module docstring)."""
+def lipschitz_construction(Z: Tensor, B: Tensor, C: Tensor, ell: Tensor, U: Tensor, rho: float) -> tuple[Construction, Tensor]:
+    """E, F, B, C, P, Lambda of :class:`LipschitzREN` and mu (module docstring)."""
     n = B.shape[0]
     eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
     Z1, Z3 = Z[:, :n], Z[:, n:]
     lam = 0.5 * (ell * ell + _DELTA)
     root = torch.sqrt(lam)
-    Vb = _unit_bounded(V)
-    N = root[:, None] * (2.0 * eye - Vb @ Vb.mT) * root[None, :]
+    mu = torch.clamp(torch.linalg.matrix_norm(root[:, None] * U, ord=2) ** 2, min=_DELTA)
+    Ut = root[:, None] * U / torch.sqrt(mu)
+    N = root[:, None] * (2.0 * eye - Ut @ Ut.mT) * root[None, :]
     LC = lam[:, None] * C
     solved = torch.linalg.solve(N, torch.cat([LC, B.mT], dim=1))
     N_LC, N_Bt = solved[:, :n], solved[:, n:]
@@ -76,49 +79,48 @@ def lipschitz_construction(Z: Tensor, B: Tensor, C: Tensor, ell: Tensor, V: Tens
     F = Z3.mT @ Z1 - B @ N_LC
     P = B @ N_Bt + Z3.mT @ Z3 + _DELTA * eye
     E = 0.5 * (M11 / rho**2 + P)
-    return Construction(E, F, B, C, P, lam, None), Vb / root[:, None]
+    return Construction(E, F, B, C, P, lam, None), mu
 
 
 class LipschitzREN(ContractingRNN):
     """E h+ = F h + B tanh(C h + U x_t + b), y = D h_T + d with ||y(x) - y(x~)|| <= G ||x - x~|| for
     every parameter value, G = ``config.lipschitz`` (module docstring).
 
-    Parameters (the matrices stored divided by ``_PARAMETER_SCALE``): those of
-    :class:`~.contracting.ContractingRNN` (``Z1``, ``dZ``, ``B``, ``C``, and ``ell`` stored as is),
-    ``V`` (n x d, the input), ``R`` (k x n, the readout), ``input_bias`` (b) and ``output_bias`` (d).
+    Parameters (``Z1``, ``dZ``, ``B``, ``C`` and ``R`` stored divided by ``_PARAMETER_SCALE``): those of
+    :class:`~.contracting.ContractingRNN`, ``ell`` (stored as is: it scales the multipliers
+    Lambda, which must move freely), ``input_weight`` (U, n x d, initialised as the other models' U),
+    ``R`` (k x n, the readout), ``input_bias`` (b) and ``output_bias`` (d).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         del self.U, self.D
         n, d, k = config.hidden, config.input_dim, config.output_dim
-        # ell as is, not divided by _PARAMETER_SCALE: Lambda sets the input gain (||Lambda^(1/2) U||_2 <= 1)
-        # and must move as fast as the input weights of an unconstrained model do.
         self.ell = nn.Parameter(torch.ones(n))
-        self.V = _stored(torch.randn(n, d) / n**0.5)
+        self.input_weight = nn.Parameter(nn.init.xavier_normal_(torch.empty(n, d)))
         self.R = _stored(torch.randn(k, n) / n**0.5)
         self.input_bias = nn.Parameter(torch.zeros(n))
         self.output_bias = nn.Parameter(torch.zeros(k))
 
     def lipschitz_construction(self, dtype: torch.dtype | None = None) -> tuple[Construction, Tensor]:
-        """The construction's matrices and U (module docstring), in ``dtype`` (default: the parameters')."""
-        Z1, dZ, B, C, V = _scaled((self.Z1, self.dZ, self.B, self.C, self.V), dtype)
-        ell = self.ell if dtype is None else self.ell.to(dtype)
-        return lipschitz_construction(torch.cat([Z1, Z1 + dZ], dim=-1), B, C, ell, V, self.config.rho)
+        """The construction's matrices and mu (module docstring), in ``dtype`` (default: the parameters')."""
+        Z1, dZ, B, C = _scaled((self.Z1, self.dZ, self.B, self.C), dtype)
+        ell, U = (p if dtype is None else p.to(dtype) for p in (self.ell, self.input_weight))
+        return lipschitz_construction(torch.cat([Z1, Z1 + dZ], dim=-1), B, C, ell, U, self.config.rho)
 
     def construction(self, dtype: torch.dtype | None = None) -> Construction:
         return self.lipschitz_construction(dtype)[0]
 
     def input_matrix(self, dtype: torch.dtype | None = None) -> Tensor:
-        """U = Lambda^(-1/2) Vb (n x d): u_t = U x_t + b."""
-        return self.lipschitz_construction(dtype)[1]
+        """U (n x d): u_t = U x_t + b."""
+        return self.input_weight if dtype is None else self.input_weight.to(dtype)
 
     def readout_matrix(self, dtype: torch.dtype | None = None) -> Tensor:
-        """D = G Rb chol(P)^-1 E (k x n): y = D h_T + d."""
-        c = self.construction(dtype)
+        """D = (G / sqrt(mu)) Rb chol(P)^-1 E (k x n): y = D h_T + d."""
+        c, mu = self.lipschitz_construction(dtype)
         L = torch.linalg.solve_triangular(torch.linalg.cholesky(c.P), c.E, upper=False)
         R = self.R if dtype is None else self.R.to(dtype)
-        return self.config.lipschitz * _unit_bounded(R * _PARAMETER_SCALE) @ L
+        return (self.config.lipschitz / torch.sqrt(mu)) * _unit_bounded(R * _PARAMETER_SCALE) @ L
 
     def pair_lipschitz(self) -> Tensor:
         """G ||Rb_i - Rb_j|| (k x k): the construction's bound on the Lipschitz constant of y_i - y_j

@@ -1,8 +1,8 @@
 """The gain certificate a ``lipschitz-ren`` model carries by construction, and its stored evidence.
 
 :class:`~lrnn_analysis.models.LipschitzREN` satisfies the gain LMI (*) of :mod:`.gain` with
-P = Q = E^T P_c^-1 E (P_c its construction's P), multipliers Lambda, r = 1 and mu = 1 for every
-parameter value (:mod:`lrnn_analysis.models.lipschitz_bounded`). :func:`construction_gain`
+P = Q = E^T P_c^-1 E (P_c its construction's P), multipliers Lambda, r = 1 and the construction's mu for every
+parameter value, with mu = max(||Lambda^(1/2) U||_2^2, delta) (:mod:`lrnn_analysis.models.lipschitz_bounded`). :func:`construction_gain`
 checks this in float64 from the weights: the explicit form h+ = A h + B w, w = tanh(C h + U x + b),
 A = E^-1 F, B = E^-1 B (:func:`~.gain.explicit_gain_form`) with y = D h_T, and (Q, Lambda, r = 1)
 go through the same closed-form mu, readout factors and float64 verification as every tier's
@@ -45,7 +45,8 @@ def has_gain_construction(model: Any) -> bool:
 def construction_gain_form(model: Any) -> tuple[GainForm, np.ndarray, np.ndarray]:
     """(explicit gain form, Q = E^T P^-1 E, Lambda) of a ``lipschitz-ren`` model, in float64 from its weights."""
     with torch.no_grad():
-        c, U = model.lipschitz_construction(torch.float64)
+        c = model.construction(torch.float64)
+        U = model.input_matrix(torch.float64)
         D = model.readout_matrix(torch.float64)
         solved = torch.linalg.solve(c.E, torch.cat([c.F, c.B], dim=1))
         Q = c.E.mT @ torch.linalg.solve(c.P, c.E)

@@ -73,7 +73,8 @@ def test_the_model_runs_the_stated_recurrence():
     with torch.no_grad():
         model.input_bias.normal_()
         model.output_bias.normal_()
-        c, U = model.lipschitz_construction()
+        c = model.construction()
+        U = model.input_matrix()
         D = model.readout_matrix()
         x = torch.randn(3, 7, 3, dtype=torch.float64)
         h = torch.zeros(3, 5, dtype=torch.float64)
@@ -87,15 +88,17 @@ def test_the_model_runs_the_stated_recurrence():
 
 
 def test_the_construction_satisfies_its_inequalities_in_float64():
-    """N = 2 Lambda - Lambda U U^T Lambda, M > 0 and D^T D <= G^2 Q, with Q = E^T P^-1 E."""
+    """The dissipation inequality V(h+) - rho^2 V(h) <= mu ||dx||^2 (with the sector terms) as one
+    matrix, and D^T D <= (G^2 / mu) Q, with Q = E^T P^-1 E."""
     for seed in range(5):
         model = _random_model(seed, 4.0)
         with torch.no_grad():
-            c, U = model.lipschitz_construction()
+            c, mu = model.lipschitz_construction()
+            U = model.input_matrix().numpy()
             D = model.readout_matrix().numpy()
-        E, F, B, C, P, lam, U = (t.numpy() for t in (c.E, c.F, c.B, c.C, c.P, c.lam, U))
+        E, F, B, C, P, lam, mu = (t.numpy() for t in (c.E, c.F, c.B, c.C, c.P, c.lam, mu))
         Q = E.T @ np.linalg.solve(P, E)
-        assert np.linalg.eigvalsh(16.0 * Q - D.T @ D)[0] > -1e-9 * np.abs(Q).max() * 16
+        assert np.linalg.eigvalsh(16.0 / mu * Q - D.T @ D)[0] > -1e-9 * np.abs(Q).max() * 16 / mu
         L = np.diag(lam)
         # The dissipation inequality at r = rho^2, mu = 1 (module docstring), as one matrix.
         rho2 = model.config.rho ** 2
@@ -103,7 +106,7 @@ def test_the_construction_satisfies_its_inequalities_in_float64():
         n, d = 5, 3
         Z = np.zeros
         big = np.block([[AB.T @ Q @ AB - np.block([[rho2 * Q, Z((n, n))], [Z((n, n)), Z((n, n))]]), Z((2 * n, d))],
-                        [Z((d, 2 * n)), -np.eye(d)]])
+                        [Z((d, 2 * n)), -mu * np.eye(d)]])
         sector = np.block([[Z((n, n)), C.T @ L, Z((n, d))], [L @ C, -2 * L, L @ U], [Z((d, n)), U.T @ L, Z((d, d))]])
         M = big + sector
         assert np.linalg.eigvalsh(0.5 * (M + M.T))[-1] < 1e-9 * np.abs(M).max()
