@@ -36,6 +36,8 @@ MODELS = {
     "digits-cayley": f"{DIGITS} --arch cayley --lr 0.01",
     "digits-contracting": f"{DIGITS} --arch contracting --cond-penalty 0.03",
     "digits-ren": f"{DIGITS} --arch ren",
+    "rowmnist-lipschitz-ren": "--task smnist --pixels-per-step 28 --hidden 64 --seed 0 --arch lipschitz-ren --lipschitz 8 "
+                              "--margin-radius 0.3 --epochs 60 --decay-epochs 48",
     "smnist-lipschitz": f"{SMNIST} --arch lipschitz",
     "smnist-antisymmetric": f"{SMNIST} --arch antisymmetric",
     "smnist-contracting": f"{SMNIST} --arch contracting",
