@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                 "with step(state, x)), its Lur'e form derived and checked; the rest of the model is not")
     stability.add_argument("--lipschitz", action="store_true",
                            help="also certify a Lipschitz bound (incremental l2-gain) of the map from the whole input "
-                                "sequence to the outputs (the toolkit's models in Lur'e form)")
+                                "sequence to the outputs (the toolkit's models in Lur'e form, and lipschitz-ren by construction)")
     stability.add_argument("--horizon", type=o.int_in(1, 10**7), default=None,
                            help="with --lipschitz: input steps of the sequence (default: the recorded task's length)")
     stability.add_argument("--trust-unchecked-form", action="store_true",
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if found.source == "torch.nn layers":
         _print_layers(args, subject, found)
     elif found.source == "stored evidence":
-        _print_stored_only(args, subject, found)
+        _print_stored_only(args, subject, found, _lipschitz(args, subject, data) if args.lipschitz else None)
     else:
         _print_lure_form(args, subject, found, _lipschitz(args, subject, data) if args.lipschitz else None)
     if found.holds and found.form_unchecked and not args.trust_unchecked_form:
@@ -100,16 +100,20 @@ def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, foun
               f"every eps*lambda(A) in the stability region: {'yes' if d.all_in_region else 'no'}")
     print("certificates")
     print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], _CERTIFICATE_COLUMNS))
-    if gain is not None and gain.holds:
-        print(f"Lipschitz bound of the inputs (all {gain.horizon} steps) -> outputs: {gain.lipschitz:.6g} "
-              f"(l2 over time and features; tier {gain.tier}, rho {gain.rho:.6g}, {gain.seconds:.2f} s)")
-    elif gain is not None:
-        print(f"no Lipschitz bound certified over {gain.horizon} steps: {gain.reason}")
+    _print_gain(gain)
     if args.json:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "verdict": found.verdict(),
                                "config": subject.metadata.get("config"), "spectrum": report.to_dict(),
                                "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates],
                                **({} if gain is None else {"lipschitz_bound": gain.to_dict(include_matrices=args.evidence)})})
+
+
+def _print_gain(gain: GainCertificate | None) -> None:
+    if gain is not None and gain.holds:
+        print(f"Lipschitz bound of the inputs (all {gain.horizon} steps) -> outputs: {gain.lipschitz:.6g} "
+              f"(l2 over time and features; tier {gain.tier}, rho {gain.rho:.6g}, {gain.seconds:.2f} s)")
+    elif gain is not None:
+        print(f"no Lipschitz bound certified over {gain.horizon} steps: {gain.reason}")
 
 
 def _lipschitz(args: argparse.Namespace, subject: ModelUnderAnalysis, data: Any) -> GainCertificate:
@@ -143,8 +147,9 @@ def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: 
                                "recurrent_layers": [c.to_dict() for c in found.layers]})
 
 
-def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:
-    """A model without a Lur'e form whose stored certificate verified."""
+def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate,
+                       gain: GainCertificate | None) -> None:
+    """A model without a Lur'e form whose stored certificate verified (and, with ``--lipschitz``, its gain bound)."""
     from ..formatting import format_table
     from ..writers import write_json
 
@@ -152,6 +157,8 @@ def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, fo
     print(f"{args.checkpoint}: {o.architecture(subject)} (no Lur'e form; its own contraction certificate), n = {config.hidden}")
     print("certificates")
     print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], _CERTIFICATE_COLUMNS))
+    _print_gain(gain)
     if args.json:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
-                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates]})
+                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates],
+                               **({} if gain is None else {"lipschitz_bound": gain.to_dict(include_matrices=args.evidence)})})

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--rank", type=o.int_in(0, 3 * MAX_SIZES["hidden"]), default=0,
                        help="contracting/ren/lipschitz-ren: rows of Z (contracting, at most 2 * hidden) or X (ren, at most 3 * hidden); 0: hidden")
     train.add_argument("--cond-penalty", type=o.nonnegative, default=0.1,
-                       help="contracting/lipschitz-ren: kappa of the loss term kappa * mean(log^2 sigma_i(T))")
+                       help="contracting: kappa of the loss term kappa * mean(log^2 sigma_i(T))")
     train.add_argument("--lipschitz", type=o.positive, default=1.0, metavar="G",
                        help="lipschitz-ren: the bound G on the Lipschitz constant (incremental l2-gain) of the map from the "
                             "whole input sequence to the outputs that the model is built to")

@@ -28,8 +28,8 @@ class ModelConfig:
     at most 2 * hidden) or X (ren, at most 3 * hidden), 0 meaning hidden;
     ``cond_penalty`` the weight kappa of kappa * mean(log^2 sigma_i(T)) added to the
     training loss of ``contracting`` (``eps`` is the step of its euler Lur'e form).
-    ``lipschitz-ren`` (:mod:`.lipschitz_bounded`) is built on ``contracting`` with the same
-    settings, its sequence map x -> y having incremental l2-gain at most ``lipschitz`` (G > 0).
+    ``lipschitz-ren`` (:mod:`.lipschitz_bounded`) is built on ``contracting`` (``rho``, ``rank``;
+    no ``cond_penalty``), its sequence map x -> y having incremental l2-gain at most ``lipschitz`` (G > 0).
     """
 
     arch: str
