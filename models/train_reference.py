@@ -53,7 +53,7 @@ def card(name: str, command: str) -> str:
     params = sum(p.numel() for p in model.parameters())
     if config.arch in ("contracting", "ren", "lipschitz-ren"):
         hyper = f"rho {config.rho:g}, rank {config.rank or config.hidden}, init_std {config.init_std:g}" + (
-            f", cond_penalty {config.cond_penalty:g}" if config.arch != "ren" else "") + (
+            f", cond_penalty {config.cond_penalty:g}" if config.arch == "contracting" else "") + (
             f", built to Lipschitz bound G = {config.lipschitz:g}, margin radius {meta['training']['margin_radius']:g}"
             if config.arch == "lipschitz-ren" else "")
     else:
