@@ -7,6 +7,7 @@ import torch
 
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.stability.evidence import METADATA_KEY, certify_trained, check_stored
 from lrnn_analysis.task import Split, Task
 from lrnn_analysis.training import TrainSettings, lipschitz_margin_logits, train_model
 
@@ -133,3 +134,14 @@ def test_margin_training_needs_pair_bounds():
         TrainSettings(margin_radius=-1.0)
     with pytest.raises(InputError, match="lipschitz must be > 0"):
         ModelConfig("lipschitz-ren", 1, 3, 2, lipschitz=0.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_draw_is_certified_contracting_by_its_explicit_form(seed):
+    """ren-contraction with P = Q and the multipliers Lambda verifies in float64, at a rate <= rho."""
+    model = _random_model(seed, 2.0, scale=1.0).float()
+    evidence, line = certify_trained(model)
+    assert evidence is not None, line
+    assert evidence.certificate == "ren-contraction" and evidence.rate <= model.config.rho
+    assert check_stored(model, {METADATA_KEY: evidence.to_dict()}).verified
+    assert model.lure_form() is None and model.regularization() is None
