@@ -36,6 +36,7 @@ MODELS = {
     "digits-cayley": f"{DIGITS} --arch cayley --lr 0.01",
     "digits-contracting": f"{DIGITS} --arch contracting --cond-penalty 0.03",
     "digits-ren": f"{DIGITS} --arch ren",
+    "digits-lipschitz-ren": f"{DIGITS} --arch lipschitz-ren --lipschitz 8 --margin-radius 0.35 --epochs 200",
     "rowmnist-lipschitz-ren": "--task smnist --pixels-per-step 28 --hidden 64 --seed 0 --arch lipschitz-ren --lipschitz 8 "
                               "--margin-radius 0.3 --epochs 60 --decay-epochs 48",
     "smnist-lipschitz": f"{SMNIST} --arch lipschitz",
