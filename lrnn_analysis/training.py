@@ -257,7 +257,7 @@ def _store_gain_evidence(model: RecurrentModel, task: Task, metadata: dict[str, 
     """Store the float64-verified gain evidence of a model built to a bound; one line saying what was stored."""
     from .stability.construction_gain import GAIN_EVIDENCE_KEY, StoredGain, construction_gain
 
-    certificate = construction_gain(model.cpu(), task.seq_len)
+    certificate = construction_gain(model, task.seq_len)
     if not certificate.holds:
         return f"gain evidence NOT stored: {certificate.reason}"
     metadata[GAIN_EVIDENCE_KEY] = StoredGain.of(certificate, model).to_dict()
