@@ -33,6 +33,7 @@ DISCRETIZATIONS: dict[str, tuple[str, ...]] = {
     "node": ("rk4", "rk2", "euler"),
     "contracting": ("euler",),
     "ren": ("map",),
+    "lipschitz-ren": ("euler",),
 }
 ARCHITECTURES = tuple(DISCRETIZATIONS)
 # Generous but finite: a config from an untrusted file must not ask for unbounded memory or time.

@@ -2,6 +2,7 @@
 per-epoch validation and the spectral abscissa of the recurrent matrices."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,14 +17,29 @@ from .progress import progress_bar
 from .stability.spectra import mu2, norm2, spectral_abscissa
 from .task import Task
 
-__all__ = ["TrainResult", "TrainSettings", "TrainedModel", "spectral_summary", "train_and_certify", "train_model",
-    "training_metadata"]
+__all__ = ["TrainResult", "TrainSettings", "TrainedModel", "lipschitz_margin_logits", "spectral_summary", "train_and_certify",
+    "train_model", "training_metadata"]
+
+
+def lipschitz_margin_logits(logits: torch.Tensor, targets: torch.Tensor, pair_lipschitz: torch.Tensor,
+                            radius: float) -> torch.Tensor:
+    """logits with radius * K[y, j] added to every non-target logit j (K: bounds on the Lipschitz
+    constants of y_i - y_j, e.g. :meth:`~lrnn_analysis.models.LipschitzREN.pair_lipschitz`).
+
+    Cross-entropy on these is the Lipschitz-margin loss: its minimiser pushes the margin
+    y_t - y_j above K[t, j] * radius, the margin at which the prediction is certified at ``radius``
+    (a perturbation of l2 norm radius moves y_t - y_j by at most K[t, j] * radius)."""
+    shift = radius * pair_lipschitz[targets]
+    shift = shift.scatter(1, targets[:, None], 0.0)
+    return logits + shift
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """Optimiser settings. The learning rate is multiplied by ``lr_decay`` after each epoch in
-    ``decay_epochs`` (default: once, after 75% of the epochs)."""
+    ``decay_epochs`` (default: once, after 75% of the epochs). ``margin_radius`` > 0 (delta_0)
+    trains a model with per-pair Lipschitz bounds (``pair_lipschitz()``, ``lipschitz-ren``) on the
+    Lipschitz-margin loss (:func:`lipschitz_margin_logits`) for certified robustness at that radius."""
 
     epochs: int = 100
     batch_size: int = 128
@@ -33,12 +49,15 @@ class TrainSettings:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     seed: int = 0
+    margin_radius: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not (self.lr > 0 and 0 < self.lr_decay <= 1 and self.weight_decay >= 0):
             raise InputError("need lr > 0, 0 < lr_decay <= 1 and weight_decay >= 0")
+        if not (math.isfinite(self.margin_radius) and self.margin_radius >= 0):
+            raise InputError(f"margin_radius must be a finite number >= 0, got {self.margin_radius}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise InputError(f"grad_clip must be > 0, got {self.grad_clip}")
         decay = (max(1, round(0.75 * self.epochs)),) if self.decay_epochs is None else self.decay_epochs
@@ -101,6 +120,10 @@ def train_model(
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     objective = task.objective
     criterion = objective.loss_fn()
+    margin = settings.margin_radius > 0
+    if margin and not (task.is_classification and not task.per_step and callable(getattr(model, "pair_lipschitz", None))):
+        raise InputError(f"margin_radius needs a classification task with one label per sequence and a model with per-pair Lipschitz bounds "
+                         f"(lipschitz-ren), got task {task.name} and a {model.config.arch} model")
     x_train, y_train = task.train.x.to(device), task.train.y.to(device)
     order_rng = torch.Generator().manual_seed(settings.seed)
     log: list[dict[str, Any]] = []
@@ -113,7 +136,10 @@ def train_model(
         smallest_scale = 1.0
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
-            loss = criterion(model(x_train[idx]), y_train[idx])
+            outputs = model(x_train[idx])
+            if margin:
+                outputs = lipschitz_margin_logits(outputs, y_train[idx], model.pair_lipschitz(), settings.margin_radius)
+            loss = criterion(outputs, y_train[idx])
             penalty = model.regularization()
             optimizer.zero_grad(set_to_none=True)
             (loss if penalty is None else loss + penalty).backward()
@@ -216,10 +242,24 @@ def train_and_certify(config: Any, task: Task, settings: TrainSettings, device: 
         constrained = outcome.to_dict(include_matrices=False)
         metadata["constraint"] = {**constraint.to_dict(), "certificate_result": constrained}
     evidence_line = None
-    if constraint is not None or config.arch in ("contracting", "ren"):
+    if constraint is not None or config.arch in ("contracting", "ren", "lipschitz-ren"):
         from .stability.evidence import METADATA_KEY, certify_trained
 
         evidence, evidence_line = certify_trained(model)
         if evidence is not None:
             metadata[METADATA_KEY] = evidence.to_dict()
+    if config.arch == "lipschitz-ren":
+        evidence_line = "\n".join(line for line in (evidence_line, _store_gain_evidence(model, task, metadata)) if line)
     return TrainedModel(model, metadata, result, constrained, evidence_line)
+
+
+def _store_gain_evidence(model: RecurrentModel, task: Task, metadata: dict[str, Any]) -> str:
+    """Store the float64-verified gain evidence of a model built to a bound; one line saying what was stored."""
+    from .stability.construction_gain import GAIN_EVIDENCE_KEY, StoredGain, construction_gain
+
+    certificate = construction_gain(model, task.seq_len)
+    if not certificate.holds:
+        return f"gain evidence NOT stored: {certificate.reason}"
+    metadata[GAIN_EVIDENCE_KEY] = StoredGain.of(certificate, model).to_dict()
+    return (f"gain evidence stored: Lipschitz bound {certificate.lipschitz:.6g} of the whole input sequence -> outputs "
+            f"(built to {model.config.lipschitz:g}; tier {certificate.tier}, every horizon)")

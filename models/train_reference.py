@@ -22,6 +22,8 @@ HERE = Path(__file__).parent
 DIGITS = "--task digits --hidden 64 --seed 0"
 # sMNIST: the paper's schedule shape (Adam, decay x0.1 late), 100 epochs, one recipe for all three.
 SMNIST = "--task smnist --hidden 64 --seed 0 --epochs 100 --lr 0.003 --grad-clip 1 --decay-epochs 80"
+# Radii at which the cards of models built to a Lipschitz bound state certified accuracy.
+RADII = (0.1, 0.25, 0.5, 1.0)
 MODELS = {
     "digits-lipschitz-euler": f"{DIGITS} --arch lipschitz --discretization euler",
     "digits-lipschitz-rk2": f"{DIGITS} --arch lipschitz --discretization rk2",
@@ -34,6 +36,9 @@ MODELS = {
     "digits-cayley": f"{DIGITS} --arch cayley --lr 0.01",
     "digits-contracting": f"{DIGITS} --arch contracting --cond-penalty 0.03",
     "digits-ren": f"{DIGITS} --arch ren",
+    "digits-lipschitz-ren": f"{DIGITS} --arch lipschitz-ren --lipschitz 8 --margin-radius 0.35 --epochs 200",
+    "rowmnist-lipschitz-ren": "--task smnist --pixels-per-step 28 --hidden 64 --seed 0 --arch lipschitz-ren --lipschitz 8 "
+                              "--margin-radius 0.3 --epochs 60 --decay-epochs 48",
     "smnist-lipschitz": f"{SMNIST} --arch lipschitz",
     "smnist-antisymmetric": f"{SMNIST} --arch antisymmetric",
     "smnist-contracting": f"{SMNIST} --arch contracting",
@@ -47,9 +52,11 @@ def card(name: str, command: str) -> str:
     stored = check_stored(model, meta)
     results = stored_then_searched(stored, model, system, time_budget=60.0)
     params = sum(p.numel() for p in model.parameters())
-    if config.arch in ("contracting", "ren"):
+    if config.arch in ("contracting", "ren", "lipschitz-ren"):
         hyper = f"rho {config.rho:g}, rank {config.rank or config.hidden}, init_std {config.init_std:g}" + (
-            f", cond_penalty {config.cond_penalty:g}" if config.arch == "contracting" else "")
+            f", cond_penalty {config.cond_penalty:g}" if config.arch == "contracting" else "") + (
+            f", built to Lipschitz bound G = {config.lipschitz:g}, margin radius {meta['training']['margin_radius']:g}"
+            if config.arch == "lipschitz-ren" else "")
     else:
         hyper = (f"beta_A {config.beta_a:g}, gamma_A {config.gamma_a:g}, beta_W {config.beta_w:g}, "
                  f"gamma_W {config.gamma_w:g}, init_std {config.init_std:g}")
@@ -80,8 +87,38 @@ def card(name: str, command: str) -> str:
             lines += ["", f"Why not: {failing[0]}"]
     else:
         lines.append("None apply: the recurrence has no Lur'e form.")
+    if config.arch == "lipschitz-ren":
+        lines += ["", *certified_accuracy_lines(name, task)]
     lines += ["", "Reproduce:", "", "```bash", command, "```", ""]
     return "\n".join(lines)
+
+
+def certified_accuracy_lines(name: str, task_record: dict) -> list[str]:
+    """The certified bound and the certified accuracy on the test split at RADII: a test prediction
+    counts when it is correct and its margin over every other class j exceeds pair_bound[i, j] * radius."""
+    import torch
+
+    from lrnn_analysis import load_model, load_task
+    from lrnn_analysis.pipelines.stability import certify_lipschitz
+    from lrnn_analysis.stability import certified_radii
+
+    subject = load_model(HERE / f"{name}.safetensors")
+    task = load_task(task_record["name"], seed=task_record["seed"], **(task_record.get("options") or {}))
+    found = certify_lipschitz(subject, task.seq_len)
+    gain = found.certificate
+    with torch.no_grad():
+        logits = subject.module(task.test.x)
+    correct = (logits.argmax(dim=1) == task.test.y).numpy()
+    radii = certified_radii(logits, gain.pair_bounds)
+    stored = "" if found.stored is None else f"; {found.stored.describe()}"
+    lines = [f"Certified Lipschitz bound of the whole input sequence ({task.seq_len} steps, l2 over time and features) "
+             f"-> logits: **{gain.lipschitz:.6g}** (tier {gain.tier}, verified in float64{stored}); largest pair bound "
+             f"{gain.pair_bounds.max():.6g}.", "",
+             f"Certified accuracy on the {len(correct)} test sequences (correct and margin over every class j > "
+             "pair_bound[i, j] * radius; `lrnn_analysis.stability.certified_radii`):", "",
+             "| radius (l2) | " + " | ".join(f"{r:g}" for r in RADII) + " |", "|---" * (len(RADII) + 1) + "|",
+             "| certified accuracy | " + " | ".join(f"{(correct & (radii > r)).mean():.4f}" for r in RADII) + " |"]
+    return lines
 
 
 def main(arguments: list[str]) -> None:

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                 "with step(state, x)), its Lur'e form derived and checked; the rest of the model is not")
     stability.add_argument("--lipschitz", action="store_true",
                            help="also certify a Lipschitz bound (incremental l2-gain) of the map from the whole input "
-                                "sequence to the outputs (the toolkit's models in Lur'e form)")
+                                "sequence to the outputs (the toolkit's models in Lur'e form, and lipschitz-ren by construction)")
     stability.add_argument("--horizon", type=o.int_in(1, 10**7), default=None,
                            help="with --lipschitz: input steps of the sequence (default: the recorded task's length)")
     stability.add_argument("--trust-unchecked-form", action="store_true",
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if found.source == "torch.nn layers":
         _print_layers(args, subject, found)
     elif found.source == "stored evidence":
-        _print_stored_only(args, subject, found)
+        _print_stored_only(args, subject, found, _lipschitz(args, subject, data) if args.lipschitz else None)
     else:
         _print_lure_form(args, subject, found, _lipschitz(args, subject, data) if args.lipschitz else None)
     if found.holds and found.form_unchecked and not args.trust_unchecked_form:
@@ -81,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
 def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate,
                      bound: LipschitzBound | None) -> None:
     from ..formatting import format_table
-    from ..pipelines import stability
     from ..writers import write_json
 
     system = found.system
@@ -100,6 +99,18 @@ def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, foun
               f"every eps*lambda(A) in the stability region: {'yes' if d.all_in_region else 'no'}")
     print("certificates")
     print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], _CERTIFICATE_COLUMNS))
+    _print_gain(bound)
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "verdict": found.verdict(),
+                               "config": subject.metadata.get("config"), "spectrum": report.to_dict(),
+                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates],
+                               **({} if bound is None else {"lipschitz_bound": bound.to_dict(include_matrices=args.evidence)})})
+
+
+def _print_gain(bound: LipschitzBound | None) -> None:
+    """The certified bound and, when measured, its empirical lower bounds and looseness."""
+    from ..pipelines import stability
+
     gain = None if bound is None else bound.certificate
     if gain is not None and gain.holds:
         print(f"Lipschitz bound of the inputs (all {gain.horizon} steps) -> outputs: {gain.lipschitz:.6g} "
@@ -112,23 +123,22 @@ def _print_lure_form(args: argparse.Namespace, subject: ModelUnderAnalysis, foun
               f"{tight.gradient_lower_bound:.6g}, largest ||dz||/||dx|| of the l2 PGD attack at radius "
               f"{stability.TIGHTNESS_RADIUS:g} {tight.attack_lower_bound:.6g}; looseness (bound / largest) "
               f"{tight.looseness:.4g}, of the closest pair bound {tight.pair_looseness:.4g}")
-    if args.json:
-        write_json(args.json, {"checkpoint": str(args.checkpoint), "verdict": found.verdict(),
-                               "config": subject.metadata.get("config"), "spectrum": report.to_dict(),
-                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates],
-                               **({} if bound is None else {"lipschitz_bound": bound.to_dict(include_matrices=args.evidence)})})
 
 
 def _lipschitz(args: argparse.Namespace, subject: ModelUnderAnalysis, data: Any) -> LipschitzBound:
-    """The certified Lipschitz bound of x -> outputs over the horizon, beside its empirical lower
-    bounds on the task's test inputs when a task is known (--task, --data or the recorded one)."""
+    """The certified Lipschitz bound of x -> outputs over the horizon
+    (:func:`~lrnn_analysis.pipelines.stability.lipschitz_bound`), beside its empirical lower bounds
+    on the task's test inputs when a task is known (--task, --data or the recorded one)."""
     from ..pipelines import stability
 
     task = data
     if task is None and (args.horizon is None or subject.metadata.get("task")):
         task = o.task_source(args).load_for([(args.checkpoint, subject)])
     horizon = args.horizon if args.horizon is not None else task.seq_len
-    return stability.lipschitz_bound(subject, horizon, time_budget=args.time_budget, data=task)
+    found = stability.lipschitz_bound(subject, horizon, time_budget=args.time_budget, data=task)
+    if found.stored is not None and found.stored.status != "absent":
+        print(f"{args.checkpoint}: {found.stored.describe()}", file=sys.stdout if found.stored.verified else sys.stderr)
+    return found
 
 
 def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:
@@ -148,8 +158,9 @@ def _print_layers(args: argparse.Namespace, subject: ModelUnderAnalysis, found: 
                                "recurrent_layers": [c.to_dict() for c in found.layers]})
 
 
-def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate) -> None:
-    """A model without a Lur'e form whose stored certificate verified."""
+def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, found: ModelCertificate,
+                       bound: LipschitzBound | None) -> None:
+    """A model without a Lur'e form whose stored certificate verified (and, with ``--lipschitz``, its gain bound)."""
     from ..formatting import format_table
     from ..writers import write_json
 
@@ -157,6 +168,8 @@ def _print_stored_only(args: argparse.Namespace, subject: ModelUnderAnalysis, fo
     print(f"{args.checkpoint}: {o.architecture(subject)} (no Lur'e form; its own contraction certificate), n = {config.hidden}")
     print("certificates")
     print(format_table([r.to_dict(include_matrices=False) for r in found.certificates], _CERTIFICATE_COLUMNS))
+    _print_gain(bound)
     if args.json:
         write_json(args.json, {"checkpoint": str(args.checkpoint), "config": subject.metadata.get("config"),
-                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates]})
+                               "certificates": [r.to_dict(include_matrices=args.evidence) for r in found.certificates],
+                               **({} if bound is None else {"lipschitz_bound": bound.to_dict(include_matrices=args.evidence)})})

@@ -27,11 +27,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--init-std", type=o.positive, default=0.1, help="recurrent init: N(0, (init_std/hidden)^2)")
     train.add_argument("--ode-substeps", type=o.int_in(1, MAX_SIZES["ode_substeps"]), default=1, help="node: solver steps per input step")
     train.add_argument("--rho", type=o.float_in(0.0, 1.0, above=True), default=0.999,
-                       help="contracting/ren: contraction factor per step they are built to")
+                       help="contracting/ren/lipschitz-ren: contraction factor per step they are built to")
     train.add_argument("--rank", type=o.int_in(0, 3 * MAX_SIZES["hidden"]), default=0,
-                       help="contracting/ren: rows of Z (contracting, at most 2 * hidden) or X (ren, at most 3 * hidden); 0: hidden")
+                       help="contracting/ren/lipschitz-ren: rows of Z (contracting, at most 2 * hidden) or X (ren, at most 3 * hidden); 0: hidden")
     train.add_argument("--cond-penalty", type=o.nonnegative, default=0.1,
                        help="contracting: kappa of the loss term kappa * mean(log^2 sigma_i(T))")
+    train.add_argument("--lipschitz", type=o.positive, default=1.0, metavar="G",
+                       help="lipschitz-ren: the bound G on the Lipschitz constant (incremental l2-gain) of the map from the "
+                            "whole input sequence to the outputs that the model is built to")
+    train.add_argument("--margin-radius", type=o.nonnegative, default=0.0, metavar="DELTA0",
+                       help="lipschitz-ren: train on the Lipschitz-margin loss for certified robustness at this l2 radius "
+                            "(cross-entropy with DELTA0 times the pair bound added to every non-target logit); 0: plain cross-entropy")
     train.add_argument("--epochs", type=o.int_in(1, 100_000), default=100)
     train.add_argument("--batch-size", type=o.int_in(1, MAX_BATCH_SIZE), default=128)
     train.add_argument("--lr", type=o.positive, default=0.03)
@@ -76,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
         rho=args.rho,
         rank=args.rank,
         cond_penalty=args.cond_penalty,
+        lipschitz=args.lipschitz,
     )
     settings = TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
         decay_epochs=args.decay_epochs, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+        margin_radius=args.margin_radius,
     )
     constraint = StabilityConstraint(args.constrain, args.margin) if args.constrain else None
     trained = train_and_certify(config, task, settings, device, constraint=constraint, progress=not args.quiet)

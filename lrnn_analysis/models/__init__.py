@@ -2,6 +2,7 @@
 from .architectures import GatedLipschitzRNN, LipschitzRNN, LureRNN, RecurrentModel, lipschitz_matrix, lure_step
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .contracting import ContractingREN, ContractingRNN, contracting_construction, ren_construction
+from .lipschitz_bounded import LipschitzREN, lipschitz_construction
 from .registry import MODEL_CLASSES, build_model, parameter_shapes
 from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
 
@@ -12,6 +13,7 @@ __all__ = [
     "DISCRETIZATIONS",
     "MODEL_CLASSES",
     "GatedLipschitzRNN",
+    "LipschitzREN",
     "LipschitzRNN",
     "LureRNN",
     "ModelConfig",
@@ -21,6 +23,7 @@ __all__ = [
     "build_model",
     "contracting_construction",
     "find_recurrent_layers",
+    "lipschitz_construction",
     "lipschitz_matrix",
     "lure_step",
     "parameter_shapes",

@@ -184,6 +184,14 @@ class RecurrentModel(nn.Module):
         """The matrices of the recurrence (column convention), e.g. {"A": ..., "W": ...}."""
         raise NotImplementedError
 
+    def input_matrix(self, dtype: torch.dtype | None = None) -> Tensor:
+        """U (hidden x input_dim) of u_t = U x_t + b."""
+        return _cast(self.U.weight, dtype)
+
+    def readout_matrix(self, dtype: torch.dtype | None = None) -> Tensor:
+        """D (output_dim x hidden) of the output D h_T + d."""
+        return _cast(self.D.weight, dtype)
+
     def lure_form(self) -> LureSystem | None:
         """h' = A h + tanh(W h + u) with the scheme that is run, or None if there is none."""
         return None

@@ -28,6 +28,8 @@ class ModelConfig:
     at most 2 * hidden) or X (ren, at most 3 * hidden), 0 meaning hidden;
     ``cond_penalty`` the weight kappa of kappa * mean(log^2 sigma_i(T)) added to the
     training loss of ``contracting`` (``eps`` is the step of its euler Lur'e form).
+    ``lipschitz-ren`` (:mod:`.lipschitz_bounded`) is built on ``contracting`` (``rho``, ``rank``;
+    no ``cond_penalty``), its sequence map x -> y having incremental l2-gain at most ``lipschitz`` (G > 0).
     """
 
     arch: str
@@ -45,6 +47,7 @@ class ModelConfig:
     rho: float = 0.999
     rank: int = 0
     cond_penalty: float = 0.1
+    lipschitz: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("arch", "discretization"):
@@ -64,7 +67,7 @@ class ModelConfig:
         # rank 0 means "hidden"; the constructions use at most the 3 * hidden rows of X.
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank <= 3 * self.hidden:
             raise InputError(f"rank must be an integer in [0, 3 * hidden = {3 * self.hidden}], got {_short(self.rank)}")
-        for name in ("eps", "beta_a", "gamma_a", "beta_w", "gamma_w", "init_std", "rho", "cond_penalty"):
+        for name in ("eps", "beta_a", "gamma_a", "beta_w", "gamma_w", "init_std", "rho", "cond_penalty", "lipschitz"):
             value = getattr(self, name)
             finite = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
             if not finite or not math.isfinite(value):
@@ -76,6 +79,8 @@ class ModelConfig:
             raise InputError(f"rho must be in (0, 1], got {self.rho}")
         if self.cond_penalty < 0:
             raise InputError(f"cond_penalty must be >= 0, got {self.cond_penalty}")
+        if self.lipschitz <= 0:
+            raise InputError(f"lipschitz must be > 0, got {self.lipschitz}")
         if self.init_std <= 0:
             raise InputError(f"init_std must be > 0, got {self.init_std}")
 

@@ -198,8 +198,9 @@ def against_radius(models: Models, task: Task, settings: RobustnessSettings, dev
     samples of the task's split (:func:`~lrnn_analysis.robustness.certified_robustness`)."""
     import torch
 
-    from ..robustness.certified import certified_robustness, sequence_bound
+    from ..robustness.certified import certified_robustness
     from ..robustness.sweep import sweep_models
+    from .stability import gain_certificate
 
     if not task.is_classification or task.test.y.ndim != 1:
         raise InputError(f"task {task.name}: certified accuracy and the attack need a classification task with one "
@@ -211,6 +212,6 @@ def against_radius(models: Models, task: Task, settings: RobustnessSettings, dev
     split = getattr(task, settings.split)
     x, y = split.x[:settings.max_samples], split.y[:settings.max_samples]
     return certified_robustness(entries, x, y, settings.radii, settings.attack_settings(task),
-                                bound=sequence_bound if settings.certified else None,
+                                bound=gain_certificate if settings.certified else None,
                                 noise_seeds=settings.seeds, time_budget=settings.certificate_budget,
                                 batch_size=settings.batch_size)

@@ -33,13 +33,15 @@ if TYPE_CHECKING:
     from ..robustness.certified import BoundTightness
     from ..stability import CascadeCertificate, CertificateResult, SpectrumReport
     from ..stability.consistency import FormCheck
+    from ..stability.construction_gain import GainEvidenceCheck
     from ..stability.evidence import EvidenceCheck
     from ..stability.gain import GainCertificate
     from ..task import Task
 
 __all__ = ["LAYERS_ONLY", "NO_LURE_FORM", "SAMPLE_INPUTS", "TIGHTNESS_RADIUS", "TIGHTNESS_SAMPLES", "TIGHTNESS_STEPS",
-           "LipschitzBound", "ModelCertificate", "StabilityResult", "StabilitySettings", "certified_summary",
-           "certify_model", "check_layer_forms", "checked_form", "lipschitz_bound", "run"]
+           "LipschitzBound", "ModelCertificate", "ModelGain", "StabilityResult", "StabilitySettings", "certified_summary",
+           "certify_lipschitz", "certify_model", "check_layer_forms", "checked_form", "gain_certificate", "lipschitz_bound",
+           "run"]
 
 NO_LURE_FORM = "no Lur'e form: no certificate available for this model"
 LAYERS_ONLY = ("no Lur'e form of the whole model: its torch.nn recurrent layers are certified "
@@ -232,6 +234,49 @@ def certify_model(
     return ModelCertificate(subject.name, "none", stored, reason=NO_LURE_FORM)
 
 
+@dataclass(frozen=True, eq=False)
+class ModelGain:
+    """What :func:`certify_lipschitz` found: the gain certificate and, for a model built to a bound,
+    the check of the gain evidence its checkpoint stores (None for other models)."""
+
+    certificate: GainCertificate
+    stored: GainEvidenceCheck | None
+
+
+def certify_lipschitz(subject: ModelUnderAnalysis | Any, horizon: int, *, time_budget: float | None = None) -> ModelGain:
+    """A certified Lipschitz bound of the map from the whole input sequence (``horizon`` steps) to
+    the outputs (:mod:`lrnn_analysis.stability.gain`). A model built to a bound (``lipschitz-ren``)
+    reports its stored gain evidence when it verifies in float64 against the weights, else its
+    construction's bound verified from the weights (tier ``construction``); any other toolkit model in
+    Lur'e form is searched by :func:`~lrnn_analysis.stability.certify_gain` within ``time_budget``,
+    starting also from its stored contraction evidence when that verifies."""
+    from ..model_under_analysis import as_model_under_analysis
+    from ..stability import certify_gain, sequence_map
+    from ..stability.construction_gain import check_stored_gain, construction_gain, has_gain_construction
+    from ..stability.evidence import check_stored
+
+    subject = as_model_under_analysis(subject)
+    module = subject.module
+    if has_gain_construction(module):
+        stored = check_stored_gain(module, subject.metadata, horizon)
+        if stored.verified and stored.certificate is not None:
+            return ModelGain(stored.certificate, stored)
+        return ModelGain(construction_gain(module, horizon), stored)
+    system, U, D = sequence_map(subject)
+    stored_contraction = check_stored(module, subject.metadata)
+    return ModelGain(certify_gain(system, U, D, horizon, time_budget=time_budget,
+                                  evidence=stored_contraction.evidence if stored_contraction.verified else None), None)
+
+
+def gain_certificate(subject: ModelUnderAnalysis | Any, horizon: int, time_budget: float | None = None) -> GainCertificate | str:
+    """:func:`certify_lipschitz`'s certificate, or why the model has none (no Lur'e form read out
+    as D h_T and not built to a bound): what certified accuracy is computed from."""
+    try:
+        return certify_lipschitz(subject, horizon, time_budget=time_budget).certificate
+    except InputError as error:
+        return str(error)
+
+
 def checked_form(subject: ModelUnderAnalysis, input_shape: tuple[int, ...] | None = None,
                  cell: str | None = None) -> tuple[LureSystem | None, str, FormCheck | None]:
     """The Lur'e form to certify, where it came from, and its comparison with the module.
@@ -358,10 +403,12 @@ def certified_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
 
 @dataclass(frozen=True, eq=False)
 class LipschitzBound:
-    """A model's certified Lipschitz bound (``certificate``) and, when measured, the bound beside
+    """A model's certified Lipschitz bound (``certificate``), the check of the gain evidence its
+    checkpoint stores (``stored``, for a model built to a bound) and, when measured, the bound beside
     its empirical lower bounds (``tightness``)."""
 
     certificate: GainCertificate
+    stored: GainEvidenceCheck | None = None
     tightness: BoundTightness | None = None
 
     def to_dict(self, include_matrices: bool = False) -> dict[str, Any]:
@@ -372,23 +419,22 @@ class LipschitzBound:
 def lipschitz_bound(subject: ModelUnderAnalysis | Any, horizon: int, *, time_budget: float | None = None,
                     data: Task | None = None, label: str | None = None) -> LipschitzBound:
     """The certified incremental l2-gain of ``subject``'s sequence map over ``horizon`` input steps
-    (its stored contraction evidence, when it verifies, as a starting point); with a classification
+    (:func:`certify_lipschitz`); with a classification
     task ``data`` of that length, the bound beside its empirical lower bounds on the first
     :data:`TIGHTNESS_SAMPLES` test inputs: the largest input-Jacobian norm of the logit map and the
     largest ||dz|| / ||dx|| the l2 PGD attack reaches at radius :data:`TIGHTNESS_RADIUS`
     (:data:`TIGHTNESS_STEPS` steps). Raises :class:`InputError` for a model without a Lur'e form
-    read out as D h_T."""
+    read out as D h_T that is not built to a bound."""
     from ..model_under_analysis import as_model_under_analysis
     from ..robustness.attack import PgdSettings, pgd_l2
-    from ..robustness.certified import bound_tightness, sequence_bound
+    from ..robustness.certified import bound_tightness
 
     subject = as_model_under_analysis(subject)
-    certificate = sequence_bound(subject, horizon, time_budget)
-    if isinstance(certificate, str):
-        raise InputError(certificate)
-    if data is None or not data.is_classification or data.seq_len != horizon or not len(data.test):
-        return LipschitzBound(certificate)
+    found = certify_lipschitz(subject, horizon, time_budget=time_budget)
+    one_label = data is not None and data.is_classification and data.test.y.ndim == 1
+    if data is None or not one_label or data.seq_len != horizon or not len(data.test) or not found.certificate.holds:
+        return LipschitzBound(found.certificate, found.stored)
     x, y = data.test.x[:TIGHTNESS_SAMPLES], data.test.y[:TIGHTNESS_SAMPLES]
     attack = pgd_l2(subject.module, x, y, TIGHTNESS_RADIUS, PgdSettings(steps=TIGHTNESS_STEPS, box=data.input_range))
-    tightness = bound_tightness(label or subject.name, "", subject.module, x, certificate, float(attack.ratio.max()))
-    return LipschitzBound(certificate, tightness)
+    tightness = bound_tightness(label or subject.name, "", subject.module, x, found.certificate, float(attack.ratio.max()))
+    return LipschitzBound(found.certificate, found.stored, tightness)

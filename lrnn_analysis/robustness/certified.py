@@ -111,7 +111,10 @@ class CertifiedRobustness:
 
 def sequence_bound(subject: ModelUnderAnalysis, horizon: int, time_budget: float | None = None) -> GainCertificate | str:
     """The gain certificate of ``subject``'s sequence map over ``horizon`` steps (its stored
-    contraction evidence, when it verifies, as a starting point), or why there is none."""
+    contraction evidence, when it verifies, as a starting point), or why there is none: toolkit
+    models in Lur'e form. The pipelines pass
+    :func:`~lrnn_analysis.pipelines.stability.gain_certificate` instead, which also certifies
+    models built to a bound (``lipschitz-ren``) from their construction."""
     from ..stability.evidence import check_stored
     from ..stability.gain import certify_gain, sequence_map
 

@@ -41,6 +41,8 @@ _EXPORTS = {
     "certify": ".certificates",
     "certified_radii": ".gain",
     "certify_gain": ".gain",
+    "construction_gain": ".construction_gain",
+    "check_stored_gain": ".construction_gain",
     "certify_layers": ".cascade",
     "certify_parameterization": ".parameterization",
     "certify_recurrent": ".cascade",

@@ -230,11 +230,11 @@ def _verified_rate(verify_at: Any, best_r: float | None, rho: float) -> tuple[fl
 def construction_evidence(model: Any) -> tuple[StoredEvidence, Verification]:
     """The certificate a contracting or REN model carries by construction (module docstrings).
 
-    contracting: P_zeta = T^T Q T on its euler Lur'e form; ren: P = Q on its lifted form;
+    contracting: P_zeta = T^T Q T on its euler Lur'e form; ren and lipschitz-ren: P = Q on the lifted form;
     Q = E^T P^-1 E and Lambda from the construction, in float64 from the weights. The rate is
     the best one these (P, Lambda) verify (closed form, backed off), at most rho.
     """
-    ren = model.config.arch == "ren"
+    ren = model.config.arch in ("ren", "lipschitz-ren")
     if ren:
         with torch.no_grad():
             c = model.construction(torch.float64)

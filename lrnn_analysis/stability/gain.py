@@ -121,8 +121,11 @@ __all__ = [
     "GainCertificate",
     "GainForm",
     "GainVerification",
+    "certificate_at",
+    "certificate_from_evidence",
     "certified_radii",
     "certify_gain",
+    "explicit_gain_form",
     "gain_form",
     "sequence_map",
     "verify_gain",
@@ -155,9 +158,11 @@ _SDP_FLOOR = 1e-6
 @dataclass(frozen=True, eq=False)
 class GainForm:
     """The data of (*): the system, the lifted form of its scheme, the input map U (n x d), the
-    readout D (k x n, in the coordinates of the form) and the substeps per input step."""
+    readout D (k x n, in the coordinates of the form) and the substeps per input step. ``system``
+    is None for a form built from explicit matrices (:func:`explicit_gain_form`), which only
+    :func:`certificate_at` and :func:`certificate_from_evidence` take (the search tiers need a system)."""
 
-    system: LureSystem
+    system: LureSystem | None
     form: IncrementalForm
     U: np.ndarray
     D: np.ndarray
@@ -166,6 +171,18 @@ class GainForm:
     @property
     def n(self) -> int:
         return self.form.n
+
+    @property
+    def family(self) -> str:
+        """The scheme: the system's method, or the explicit form's family."""
+        return self.form.family if self.system is None else self.system.method
+
+    @property
+    def lure_system(self) -> LureSystem:
+        """The system the search tiers work on; ``ValueError`` for an explicit form, which has none."""
+        if self.system is None:
+            raise ValueError("an explicit gain form has no Lur'e system to search on")
+        return self.system
 
     @property
     def d(self) -> int:
@@ -269,6 +286,21 @@ def gain_form(system: LureSystem, U: Any, D: Any) -> GainForm:
         raise InputError(f"D must have {n} columns (the state size), got shape {D.shape}")
     form = incremental_form(system, system.method)
     return GainForm(system, form, U, D, system.substeps if system.method != "map" else 1)
+
+
+def explicit_gain_form(A: Any, B: Any, K: Any, U: Any, D: Any) -> GainForm:
+    """The form (*) of h+ = A h + B w, w = sigma(K h + U x_t + b) (sigma in the sector [0, 1]), y = D h_T:
+    one ``map`` stage with delta+ = [A, B] xi and q = [K, 0] xi + U dx. All matrices in float64."""
+    mats = [_as_matrix(M, name) for M, name in ((A, "A"), (B, "B"), (K, "K"))]
+    n = mats[0].shape[0]
+    if any(M.shape != (n, n) for M in mats):
+        raise InputError(f"A, B, K must all be {n} x {n}, got {[M.shape for M in mats]}")
+    U = _as_matrix(U, "U")
+    D = _as_matrix(D, "D")
+    if U.shape[0] != n or D.shape[1] != n:
+        raise InputError(f"U must have {n} rows and D {n} columns, got shapes {U.shape} and {D.shape}")
+    form = IncrementalForm("map", n, 1.0, None, np.hstack(mats[:2]), (np.hstack([mats[2], np.zeros((n, n))]),))
+    return GainForm(None, form, U, D, 1)
 
 
 def _as_matrix(value: Any, name: str) -> np.ndarray:
@@ -611,7 +643,7 @@ def sequence_map(model: Any) -> tuple[LureSystem, np.ndarray, np.ndarray]:
     """(Lur'e form, U, D) of a toolkit model whose output is D h_T + d, inputs u_t = U x_t + b.
 
     ``model`` is a :class:`~lrnn_analysis.model_under_analysis.ModelUnderAnalysis` or the module.
-    U and D are its ``U`` and ``D`` layers' weights in float64 (column convention); for the
+    U and D are its input and readout matrices in float64 (``input_matrix``, ``readout_matrix``); for the
     contracting model, whose form lives in zeta = T^-1 h (``lure_rewrite``), D is returned as D T,
     the readout in the form's coordinates (u enters both coordinates alike: tanh(C h + u) =
     tanh(W zeta + u)). Raises :class:`InputError` for a model without such a form.
@@ -625,15 +657,15 @@ def sequence_map(model: Any) -> tuple[LureSystem, np.ndarray, np.ndarray]:
     with torch.no_grad():
         if isinstance(module, ContractingRNN):
             _, system, T = module.lure_rewrite()
-            D = module.D.weight.detach().cpu().double().numpy() @ T
+            D = module.readout_matrix(torch.float64).cpu().numpy() @ T
         elif isinstance(module, LureRNN):
             system = module.lure_form()
-            D = module.D.weight.detach().cpu().double().numpy()
+            D = module.readout_matrix(torch.float64).cpu().numpy()
         else:
             raise InputError(f"{name}: a gain certificate needs a toolkit model whose whole recurrence is a "
                              f"Lur'e form read out as D h_T (lipschitz, antisymmetric, cayley, residual, vanilla, "
-                             f"node, contracting); got {type(module).__name__}")
-        U = module.U.weight.detach().cpu().double().numpy()
+                             f"node, contracting, lipschitz-ren); got {type(module).__name__}")
+        U = module.input_matrix(torch.float64).cpu().numpy()
     return system, U, D
 
 
@@ -1162,7 +1194,7 @@ def _contraction_start(search: _Search) -> tuple[np.ndarray, np.ndarray] | None:
     tier (:mod:`.riccati`) run on the form scaled by r_fixed, or (rate searched) by max(1, r_J) times
     1, 1.01, 1.1, 2, r_J the largest squared spectral radius of the frozen-Jacobian step matrices."""
     gform = search.gform
-    goodness = [lmi.jacobian_goodness(gform.system, gform.system.method, d)
+    goodness = [lmi.jacobian_goodness(gform.lure_system, gform.family, d)
                 for d in lmi.sampled_slopes(gform.n, gform.form.slope)]
     if not all(np.isfinite(goodness)):
         return None
@@ -1235,8 +1267,8 @@ def _phase_one(search: _Search) -> tuple[np.ndarray, float, float] | None:
     if search.r_fixed is not None:
         rates = [search.r_fixed]
     else:
-        family = gform.system.method
-        floor = max(-lmi.jacobian_goodness(gform.system, family, d)
+        family = gform.family
+        floor = max(-lmi.jacobian_goodness(gform.lure_system, family, d)
                     for d in lmi.sampled_slopes(gform.n, gform.form.slope))
         rates = [max(1.0, floor) * (1.0 + 1e-3 * 2.0**j) for j in range(20)]
     floor_mu = dual.input_floor(lam)
@@ -1445,9 +1477,54 @@ def _evidence_start(gform: GainForm, evidence: Any) -> tuple[np.ndarray, np.ndar
     return 0.5 * (P + P.T), np.maximum(lam.reshape(shape), 0.0)
 
 
+def _held(gform: GainForm, horizon: int, candidate: _Candidate, tier: str, seconds: float, reason: str) -> GainCertificate:
+    return GainCertificate(True, gform.family, horizon,
+                           candidate.lipschitz, candidate.pair_bounds, candidate.mu, candidate.r, candidate.output_factor,
+                           candidate.pair_factors, candidate.P, candidate.lam, tier, candidate.verification, seconds, reason)
+
+
+def _failed(gform: GainForm, horizon: int, seconds: float, reason: str) -> GainCertificate:
+    return GainCertificate(False, gform.family, horizon, None, None, None, None, None, None, None, None, None, None, seconds, reason)
+
+
+def certificate_at(gform: GainForm, P: Any, multipliers: Any, r: float, horizon: int, tier: str) -> GainCertificate:
+    """The bound that a given (P, multipliers, r) proves (e.g. a construction's), labelled ``tier``:
+    the smallest mu and the readout factors in closed form, backed off until they verify in float64
+    (as every tier's candidates are); not ``holds`` with the reason when (P, Lambda, r) admit none."""
+    started = time.monotonic()
+    with threadpool_limits(limits=1, user_api="blas"):
+        candidate, reason = _finalize(gform, P, multipliers, r, horizon)
+    seconds = time.monotonic() - started
+    if candidate is None:
+        return _failed(gform, horizon, seconds, f"not certified: {reason}")
+    v = candidate.verification
+    return _held(gform, horizon, candidate, tier, seconds,
+                 f"verified in float64 (LMI margin {v.margin:.3e}, readout margin {v.output_margin:.3e})")
+
+
+def certificate_from_evidence(gform: GainForm, P: Any, multipliers: Any, r: float, mu: float, output_factor: float,
+                              pair_factors: Any, horizon: int, tier: str) -> GainCertificate:
+    """The bound that stored evidence proves over ``horizon`` steps, after :func:`verify_gain`
+    checks it in float64 exactly as given (nothing is repaired); not ``holds`` with the reason otherwise."""
+    started = time.monotonic()
+    P = np.asarray(P, dtype=np.float64)
+    lam = np.asarray(multipliers, dtype=np.float64)
+    pairs = np.asarray(pair_factors, dtype=np.float64)
+    with threadpool_limits(limits=1, user_api="blas"):
+        v = verify_gain(gform, P, lam, r, mu, output_factor, pairs)
+    seconds = time.monotonic() - started
+    if not v.passed:
+        return _failed(gform, horizon, seconds, f"not certified: float64 verification failed: {v.reason}")
+    pair_bounds = np.array([[_bound(gform, r, mu, x, horizon) if x > 0 else 0.0 for x in row] for row in pairs])
+    candidate = _Candidate(P, lam.reshape(gform.form.stages, gform.n), float(r), float(mu), float(output_factor), pairs,
+                           v, _bound(gform, r, mu, output_factor, horizon), pair_bounds)
+    return _held(gform, horizon, candidate, tier, seconds,
+                 f"verified from stored evidence in float64 (LMI margin {v.margin:.3e}, readout margin {v.output_margin:.3e})")
+
+
 def _certificate(search: _Search, attempts: list[GainAttempt], exhausted: bool, seconds: float,
                  reason: str | None = None) -> GainCertificate:
-    family, horizon, best = search.gform.system.method, search.horizon, search.best
+    family, horizon, best = search.gform.family, search.horizon, search.best
     if best is None:
         if reason is None:
             reason = "no verified bound (" + "; ".join(f"{a.tier}: {a.reason}" for a in attempts) + ")"

@@ -93,3 +93,25 @@ def test_cli_usage_errors_exit_2(capsys):
                  ["info"], ["nonsense"]):
         assert main(argv) == 2
         assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_cli_trains_a_lipschitz_ren_whose_stability_command_prints_the_construction_bound(tmp_path, capsys):
+    out = tmp_path / "lren.safetensors"
+    assert main(["train", "--task", "digits", "--arch", "lipschitz-ren", "--lipschitz", "3", "--margin-radius", "0.2",
+                 "--hidden", "4", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "gain evidence stored: Lipschitz bound" in printed and "built to 3" in printed
+    model, metadata = load_checkpoint(out)
+    assert model.config.lipschitz == 3.0 and metadata["training"]["margin_radius"] == 0.2
+    json_path = tmp_path / "s.json"
+    assert main(["stability", str(out), "--lipschitz", "--quiet", "--json", str(json_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "certified: ren-contraction" in printed and "verified from stored evidence" in printed
+    bound = json.loads(json_path.read_text())["lipschitz_bound"]
+    assert bound["holds"] and bound["tier"] == "construction" and bound["lipschitz"] <= 3.0 * (1 + 1e-6)
+    assert "gain bound verified from stored evidence" in printed
+    assert f"Lipschitz bound of the inputs (all 64 steps) -> outputs: {bound['lipschitz']:.6g}" in printed
+    assert "tier construction" in printed
+    assert main(["train", "--task", "digits", "--arch", "lipschitz", "--margin-radius", "0.2", "--hidden", "4", "--epochs", "1",
+                 "--out", str(tmp_path / "x.safetensors"), "--quiet"]) == 2
+    assert "per-pair Lipschitz" in capsys.readouterr().err

@@ -39,6 +39,21 @@ def _hand_written(config, p, x):
         F = Z3.T @ Z1 - 0.5 * B @ C
         P = 0.5 * B @ np.diag(1 / lam) @ B.T + Z3.T @ Z3 + 1e-3 * eye
         E = 0.5 * (M11 / config.rho**2 + P)
+    if config.arch == "lipschitz-ren":
+        Z1, dZ, B, C, R = (0.1 * p[k] for k in ("Z1", "dZ", "B", "C", "R"))
+        Z3, ell, U = Z1 + dZ, p["ell"], p["input_weight"]
+        lam = 0.5 * (ell**2 + 1e-3)
+        mu = max(np.linalg.norm(np.sqrt(lam)[:, None] * U, 2) ** 2, 1e-3)
+        Ut = np.sqrt(lam)[:, None] * U / np.sqrt(mu)
+        N = np.diag(np.sqrt(lam)) @ (2 * eye - Ut @ Ut.T) @ np.diag(np.sqrt(lam))
+        LC = np.diag(lam) @ C
+        M11 = LC.T @ np.linalg.solve(N, LC) + Z1.T @ Z1 + 1e-3 * eye
+        F = Z3.T @ Z1 - B @ np.linalg.solve(N, LC)
+        P = B @ np.linalg.solve(N, B.T) + Z3.T @ Z3 + 1e-3 * eye
+        E = 0.5 * (M11 / config.rho**2 + P)
+        Rb = R / max(1.0, np.linalg.norm(R, 2))
+        D = config.lipschitz / np.sqrt(mu) * Rb @ np.linalg.solve(np.linalg.cholesky(P), E)
+        p = {**p, "U.weight": U, "U.bias": p["input_bias"], "D.weight": D, "D.bias": p["output_bias"]}
     if config.arch == "ren":
         H = (0.1 * p["X"]).T @ (0.1 * p["X"]) + 1e-3 * np.eye(3 * n)
         Hb = [[H[i * n:(i + 1) * n, j * n:(j + 1) * n] for j in range(3)] for i in range(3)]
@@ -52,7 +67,7 @@ def _hand_written(config, p, x):
         h = np.zeros(n)
         for x_t in sample:
             u = p["U.weight"] @ x_t + p["U.bias"]
-            if config.arch == "contracting":
+            if config.arch in ("contracting", "lipschitz-ren"):
                 h = np.linalg.solve(E, F @ h + B @ np.tanh(C @ h + u))
             elif config.arch == "ren":
                 h = np.linalg.solve(E, F @ h + B @ np.tanh(K @ h + u) + p["B2.weight"] @ x_t)
@@ -111,7 +126,7 @@ def test_model_matches_hand_written_equations(arch, disc):
     np.testing.assert_allclose(model(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] not in ("lipschitz-gated", "contracting", "ren")])
+@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] not in ("lipschitz-gated", "contracting", "ren", "lipschitz-ren")])
 def test_lure_form_reproduces_hidden_states(arch, disc):
     config = model_config(arch, disc, ode_substeps=3 if arch == "node" else 1)
     model = build_model(config, seed=2).double()
