@@ -10,6 +10,7 @@ import torch
 
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.model_under_analysis import load_model
+from lrnn_analysis.pipelines.stability import gain_certificate
 from lrnn_analysis.robustness import (
     BoundViolation,
     PgdSettings,
@@ -32,7 +33,7 @@ def reference_models():
 def test_certified_accuracy_never_exceeds_attack_or_noise_accuracy_on_every_reference_model(digits, reference_models):
     x, y = digits.test.x[:40], digits.test.y[:40]
     found = certified_robustness(reference_models, x, y, RADII, PgdSettings(steps=10, box=(0.0, 1.0)), noise_seeds=1,
-                                 time_budget=2.0)
+                                 time_budget=2.0, bound=gain_certificate)
     assert len(found.rows) == len(reference_models) * len(RADII)
     with_bound = 0
     for row in found.rows:
@@ -40,7 +41,10 @@ def test_certified_accuracy_never_exceeds_attack_or_noise_accuracy_on_every_refe
         if row["certified_accuracy"] is not None:
             with_bound += 1
             assert row["certified_accuracy"] <= min(row["attack_accuracy"], row["noise_accuracy"])
-    assert with_bound >= 3 * len(RADII)  # the norm-projected, cayley and contracting models have useful bounds
+    # the norm-projected, cayley, contracting and lipschitz-ren models have bounds with rho <= 1 (or about)
+    assert with_bound >= 4 * len(RADII)
+    built = [row for row in found.rows if row["model"] == "models/digits-lipschitz-ren.safetensors"]
+    assert built and all(row["certified_accuracy"] > 0.5 for row in built)
     for bound in found.bounds:
         if bound.holds:  # checked in the code too: a lower bound above the bound raises
             assert bound.looseness >= 1.0 and max(bound.gradient_lower_bound, bound.attack_lower_bound) <= bound.lipschitz
