@@ -2,6 +2,7 @@
 from .architectures import GatedLipschitzRNN, LipschitzRNN, LureRNN, RecurrentModel, lipschitz_matrix, lure_step
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .contracting import ContractingREN, ContractingRNN, contracting_construction, ren_construction
+from .lstm import LSTMModel
 from .registry import MODEL_CLASSES, build_model, parameter_shapes
 from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
 
@@ -13,6 +14,7 @@ __all__ = [
     "MODEL_CLASSES",
     "GatedLipschitzRNN",
     "LipschitzRNN",
+    "LSTMModel",
     "LureRNN",
     "ModelConfig",
     "RecurrentLayer",

@@ -6,7 +6,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..choices import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES
+from ..choices import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES, READOUTS
 from ..errors import InputError
 
 __all__ = ["ModelConfig"]
@@ -28,6 +28,10 @@ class ModelConfig:
     at most 2 * hidden) or X (ren, at most 3 * hidden), 0 meaning hidden;
     ``cond_penalty`` the weight kappa of kappa * mean(log^2 sigma_i(T)) added to the
     training loss of ``contracting`` (``eps`` is the step of its euler Lur'e form).
+
+    ``readout`` is what the model outputs: ``"last"`` D h_T + d, shape (batch, output_dim), or
+    ``"all"`` D h_t + d for every step t, shape (batch, time, output_dim). It concerns the decoder
+    only; the recurrence, and so every certificate, is the same.
     """
 
     arch: str
@@ -45,9 +49,10 @@ class ModelConfig:
     rho: float = 0.999
     rank: int = 0
     cond_penalty: float = 0.1
+    readout: str = "last"
 
     def __post_init__(self) -> None:
-        for name in ("arch", "discretization"):
+        for name in ("arch", "discretization", "readout"):
             if not isinstance(getattr(self, name), str):
                 raise InputError(f"{name} must be a string, got {_short(getattr(self, name))}")
         if self.arch not in DISCRETIZATIONS:
@@ -57,6 +62,8 @@ class ModelConfig:
             object.__setattr__(self, "discretization", allowed[0])
         elif self.discretization not in allowed:
             raise InputError(f"{self.arch} runs with {allowed}, not {self.discretization!r}")
+        if self.readout not in READOUTS:
+            raise InputError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         for name, limit in MAX_SIZES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:

@@ -9,6 +9,7 @@ from ..errors import InputError
 from .architectures import AntisymmetricRNN, CayleyRNN, GatedLipschitzRNN, LipschitzRNN, PlainWRNN, RecurrentModel
 from .config import ModelConfig
 from .contracting import ContractingREN, ContractingRNN
+from .lstm import LSTMModel
 
 __all__ = ["MODEL_CLASSES", "build_model", "parameter_shapes"]
 
@@ -22,6 +23,7 @@ MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
     "node": PlainWRNN,
     "contracting": ContractingRNN,
     "ren": ContractingREN,
+    "lstm": LSTMModel,
 }
 
 
