@@ -18,7 +18,7 @@ __all__ = ["ARCHITECTURES", "CERTIFICATES", "CONSTRAINTS", "CONTRACTION_CERTIFIC
     "PARAMETER_KINDS", "PERTURBATION_ALIASES", "READOUTS", "SPLITS", "TASK_NAMES", "TRACE_METHODS", "perturbation_grid",
     "perturbation_kind", "perturbation_level"]
 
-TASK_NAMES = ("digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding")
+TASK_NAMES = ("digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding", "chars", "lorenz")
 MAX_SEED = 2**63 - 1
 MAX_ADDING_LENGTH = 100_000
 
