@@ -35,7 +35,7 @@ from .errors import InputError
 from .task import Split, Task
 
 __all__ = ["CHARS_VOCABULARY", "UNKNOWN_CHARACTER", "chars_task", "chars_text", "encode_characters", "lorenz_task",
-    "lorenz_trajectories"]
+    "lorenz_trajectories", "unigram_cross_entropy"]
 
 UNKNOWN_CHARACTER = "<unk>"
 # id -> character; id 0 stands for every character not listed.
@@ -104,6 +104,15 @@ def chars_task(seed: int, length: int = CHARS_DEFAULTS["length"], chars: int = C
     options = {"length": length, "chars": chars, "text_sha256": digest}
     return Task("chars", description, train, val, test, len(CHARS_VOCABULARY), length, len(CHARS_VOCABULARY), seed,
                 round(5.0 / length, 6), options)
+
+
+def unigram_cross_entropy(train_targets: torch.Tensor, test_targets: torch.Tensor, classes: int) -> float:
+    """The baseline a language model must beat: the cross-entropy (nats per token) on ``test_targets``
+    of the unigram model p(c) = n_c / n, the relative frequency of each class among ``train_targets``,
+    ignoring context: -(1/M) sum_t log p(y_t). Infinite when a test class never occurs in training."""
+    counts = torch.bincount(train_targets.reshape(-1), minlength=classes).double()
+    probabilities = counts / counts.sum()
+    return float(-torch.log(probabilities[test_targets.reshape(-1)]).mean())
 
 
 def _lorenz_field(state: np.ndarray) -> np.ndarray:

@@ -5,23 +5,33 @@
 
 ``--cards-only`` rewrites the cards of checkpoints already trained by their command (the
 long sMNIST runs, started by hand in the background). Each card records the exact command,
-task, hyper-parameters, seed, test accuracy, training time and which certificates hold for
-the scheme the model runs.
+task, hyper-parameters, seed, test accuracy (for the per-step language models: test perplexity,
+bits per character and the unigram baseline), training time and which certificates hold for the
+scheme the model runs.
 """
 from __future__ import annotations
 
+import math
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.checkpoints import load_checkpoint
+from lrnn_analysis.next_step_tasks import unigram_cross_entropy
+from lrnn_analysis.objective import Objective, Totals
+from lrnn_analysis.pipelines.stability import certify_model
 from lrnn_analysis.stability.evidence import check_stored, stored_then_searched
 
 HERE = Path(__file__).parent
 DIGITS = "--task digits --hidden 64 --seed 0"
 # sMNIST: the paper's schedule shape (Adam, decay x0.1 late), 100 epochs, one recipe for all three.
 SMNIST = "--task smnist --hidden 64 --seed 0 --epochs 100 --lr 0.003 --grad-clip 1 --decay-epochs 80"
+# Character-level language models: a prediction at every step, CHARS_EPOCHS epochs each.
+CHARS = "--task chars --readout all --hidden 128 --seed 0 --grad-clip 1"
 MODELS = {
     "digits-lipschitz-euler": f"{DIGITS} --arch lipschitz --discretization euler",
     "digits-lipschitz-rk2": f"{DIGITS} --arch lipschitz --discretization rk2",
@@ -37,7 +47,34 @@ MODELS = {
     "smnist-lipschitz": f"{SMNIST} --arch lipschitz",
     "smnist-antisymmetric": f"{SMNIST} --arch antisymmetric",
     "smnist-contracting": f"{SMNIST} --arch contracting",
+    "chars-lipschitz": f"{CHARS} --arch lipschitz CHARS_LIPSCHITZ",
+    "chars-lstm": f"{CHARS} --arch lstm CHARS_LSTM",
+    "chars-antisymmetric": f"{CHARS} --arch antisymmetric CHARS_ANTISYMMETRIC",
 }
+# chars inputs are one-hot: what the LSTM layer reads is bounded by 1.
+CHARS_INPUT_BOUND = 1.0
+
+
+def per_step_scores(model: torch.nn.Module, record: dict) -> list[str]:
+    """Card lines of a per-step language model: its test perplexity, bits per character and token
+    accuracy (computed here from the test split with ``Objective``), and the unigram baseline."""
+    task = load_task(record["name"], seed=record["seed"], **record.get("options", {}))
+    objective = Objective.of_targets(task.test.y)
+    totals = Totals(0.0, 0, 0)
+    model.eval()
+    with torch.no_grad():
+        for x, y in task.test.batches(256):
+            totals = totals + objective.totals(model(x), y)
+    scores = objective.metrics(totals)
+    baseline = unigram_cross_entropy(task.train.y, task.test.y, task.output_dim)
+    return [
+        f"- test perplexity: **{scores['perplexity']:.3f}**, **{scores['bits_per_token']:.4f} bits per character**, "
+        f"next-character accuracy {scores['token_accuracy']:.4f} (per-token cross-entropy {scores['loss']:.4f} nats, "
+        f"{totals.count} test characters)",
+        f"- unigram baseline (training-split character frequencies, no context): test perplexity {math.exp(baseline):.3f}, "
+        f"{baseline / math.log(2):.4f} bits per character",
+        f"- data: {task.description}",
+    ]
 
 
 def card(name: str, command: str) -> str:
@@ -46,6 +83,7 @@ def card(name: str, command: str) -> str:
     system = model.lure_form()
     stored = check_stored(model, meta)
     results = stored_then_searched(stored, model, system, time_budget=60.0)
+    per_step = config.readout == "all"
     params = sum(p.numel() for p in model.parameters())
     if config.arch in ("contracting", "ren"):
         hyper = f"rho {config.rho:g}, rank {config.rank or config.hidden}, init_std {config.init_std:g}" + (
@@ -57,12 +95,15 @@ def card(name: str, command: str) -> str:
         f"# {name}", "",
         f"- task: `{task['name']}` (split seed {task['seed']}, options {task.get('options') or {}})",
         f"- architecture: `{config.arch}` run with `{config.discretization}`, hidden {config.hidden}, eps {config.eps:g}, "
-        f"{params} parameters",
+        f"readout `{config.readout}`, {params} parameters",
         f"- hyper-parameters: {hyper}; training {meta['training']}",
-        f"- test accuracy: **{metrics['test_accuracy']:.4f}** (test loss {metrics['test_loss']:.4f}); "
-        f"training time {metrics['train_seconds']:.0f} s on {meta['environment']['device']} "
-        f"(torch {meta['environment']['torch']})",
     ]
+    trained = (f"training time {metrics['train_seconds']:.0f} s on {meta['environment']['device']} "
+               f"(torch {meta['environment']['torch']}, Python {meta['environment'].get('python', '?')})")
+    if per_step:
+        lines += per_step_scores(model, task) + [f"- {trained}"]
+    else:
+        lines.append(f"- test accuracy: **{metrics['test_accuracy']:.4f}** (test loss {metrics['test_loss']:.4f}); {trained}")
     if "constraint" in meta:
         c = meta["constraint"]
         lines.append(f"- trained with `--constrain {c['certificate']} --margin {c['margin']}`: certified by construction")
@@ -71,7 +112,11 @@ def card(name: str, command: str) -> str:
         lines.append(f"- carries certificate evidence: {e.certificate} at rate {e.rate:.6g} per step (tier {e.tier}), "
                      f"verified from the stored evidence in float64 in {stored.seconds * 1e3:.0f} ms")
     lines += ["", "Certificates for the scheme it runs (`lrnn stability`, 60 s budget):", ""]
-    if results:
+    if system is None and config.arch == "lstm":
+        certified = certify_model(model, time_budget=60.0, input_bound=CHARS_INPUT_BOUND)
+        lines += [f"`lrnn stability models/{name}.safetensors --input-bound {CHARS_INPUT_BOUND:g}` (one-hot inputs): "
+                  f"{certified.verdict()}"]
+    elif results:
         lines += ["| certificate | holds | margin | rate | tier |", "|---|---|---|---|---|"]
         lines += [f"| {r.name} | {'yes' if r.holds else 'no'} | {r.margin:.4g} | {'-' if r.rate is None else f'{r.rate:.6g}'} | "
                   f"{r.tier or '-'} |" for r in results]

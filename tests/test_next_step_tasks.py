@@ -9,7 +9,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from lrnn_analysis.builtin_tasks import load_task
-from lrnn_analysis.next_step_tasks import CHARS_VOCABULARY, chars_text, encode_characters, lorenz_trajectories
+from lrnn_analysis.next_step_tasks import CHARS_VOCABULARY, chars_text, encode_characters, lorenz_trajectories, unigram_cross_entropy
 
 SMALL = {"chars": 6000, "length": 16}
 
@@ -98,3 +98,13 @@ def test_lorenz_targets_are_the_next_observation_and_seeds_matter():
         load_task("lorenz", noise=-1.0)
     with pytest.raises(ValueError, match="stride must be"):
         load_task("lorenz", stride=0)
+
+
+def test_unigram_baseline_is_the_cross_entropy_of_training_frequencies():
+    train = torch.tensor([[0, 1, 1], [2, 1, 1]])  # p = (1/6, 4/6, 1/6, 0)
+    test = torch.tensor([[1, 2], [1, 1]])
+    expected = -(3 * np.log(4 / 6) + np.log(1 / 6)) / 4
+    assert unigram_cross_entropy(train, test, 4) == pytest.approx(expected, rel=1e-12)
+    assert unigram_cross_entropy(train, torch.tensor([[3]]), 4) == float("inf")
+    uniform = torch.arange(5).repeat(3)
+    assert np.exp(unigram_cross_entropy(uniform, uniform, 5)) == pytest.approx(5.0)
