@@ -169,7 +169,7 @@ def recurrence(sizes: Sizes, device: torch.device, repeats: int, compile_too: bo
 
 def hessian_vector_product(sizes: Sizes, device: torch.device, repeats: int) -> None:
     from lrnn_analysis.builtin_tasks import load_task
-    from lrnn_analysis.evaluation import loss_function
+    from lrnn_analysis.objective import Objective
     from lrnn_analysis.hessian import HessianOperator
     from lrnn_analysis.models import ModelConfig, build_model
 
@@ -177,7 +177,7 @@ def hessian_vector_product(sizes: Sizes, device: torch.device, repeats: int) -> 
     config = ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps)
     model = build_model(config, seed=0).to(device)
     batch = (task.train.x[:sizes.batch, :sizes.steps].to(device), task.train.y[:sizes.batch].to(device))
-    op = HessianOperator(model, loss_function(True), batch)
+    op = HessianOperator(model, Objective(True, False).loss_fn(), batch)
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0)).to(device)
     print(f"3. Hessian-vector product: P = {op.dim}, {len(batch[0])} samples x {batch[0].shape[1]} steps, "
           f"graph cached: {op.graph_cached} ({(op.graph_bytes or 0) / 2**20:.0f} MiB estimated)", flush=True)
@@ -197,10 +197,10 @@ def parameter_draws(sizes: Sizes, device: torch.device, repeats: int, draws: int
     x, y = task.test.x[:sizes.samples, :sizes.steps].to(device), task.test.y[:sizes.samples].to(device)
 
     def run(batched: bool) -> list[tuple[float | None, float]]:
-        return evaluate_parameter_draws(model, sets, x, y, True, batch_size=len(x), batched=batched)
+        return evaluate_parameter_draws(model, sets, x, y, batch_size=len(x), batched=batched)
 
     batched, looped = run(True), run(False)
-    agree = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched, looped, strict=True))
+    agree = all(a.accuracy == b.accuracy and abs(a.loss - b.loss) <= 1e-5 * abs(b.loss) for a, b in zip(batched, looped, strict=True))
     print(f"4. parameter-noise draws: {draws} draws x {len(x)} samples x {x.shape[1]} steps; batched and loop agree "
           f"(same accuracies, losses to 1e-5): {agree}; target: batched >= 3x the loop", flush=True)
     report(alternating_times({"loop over draws": lambda: run(False), "batched (vmap)": lambda: run(True)}, repeats, device),

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 
-__all__ = ["IGNORE_INDEX", "Objective", "Totals", "apply_mask"]
+__all__ = ["IGNORE_INDEX", "Objective", "StepMSELoss", "TokenCrossEntropyLoss", "Totals", "apply_mask", "scored_count"]
 
 IGNORE_INDEX = -100
 
@@ -86,10 +86,34 @@ class Objective:
             return "token_accuracy" if self.per_step else "accuracy"
         return "mse"
 
+    @property
+    def headline(self) -> str:
+        """The metric tables, figures and gates name: accuracy, perplexity (per-step
+        classification) or mse."""
+        if self.classification:
+            return "perplexity" if self.per_step else "accuracy"
+        return "mse"
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger ``headline`` value is a better model (accuracy) or a worse one."""
+        return self.headline == "accuracy"
+
+    def worsening(self, clean: float, value: float) -> float:
+        """How much worse ``value`` of the headline metric is than ``clean``, in its units
+        (a fall of accuracy, a rise of perplexity or mse; negative when it improved)."""
+        return self.worsening_of(self.headline, clean, value)
+
+    @staticmethod
+    def worsening_of(metric: str, clean: float, value: float) -> float:
+        """:meth:`worsening` for a metric named ``metric`` (accuracy: higher is better; any
+        other — perplexity, mse, loss — lower is better)."""
+        return clean - value if metric == "accuracy" else value - clean
+
     def loss_fn(self) -> nn.Module:
         """The loss as a module, mean over scored targets (module docstring)."""
         if self.classification:
-            return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX) if self.per_step else nn.CrossEntropyLoss()
+            return TokenCrossEntropyLoss() if self.per_step else nn.CrossEntropyLoss()
         return StepMSELoss() if self.per_step else nn.MSELoss()
 
     def check_outputs(self, outputs: Tensor, y: Tensor, where: str) -> None:
@@ -153,6 +177,20 @@ class Objective:
         return {"objective": self.name, "loss": self.loss_name, "metric": self.metric}
 
 
+class TokenCrossEntropyLoss(nn.CrossEntropyLoss):
+    """Per-token cross-entropy of (B, T, C) logits against (B, T) targets: the mean over the
+    tokens that are not ``IGNORE_INDEX`` (module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(ignore_index=IGNORE_INDEX)
+
+    def forward(self, outputs: Tensor, y: Tensor) -> Tensor:
+        y = y.reshape(-1)
+        if not bool((y != IGNORE_INDEX).any()):
+            raise InputError("no scored targets: every step is masked")
+        return super().forward(outputs.reshape(-1, outputs.shape[-1]), y)
+
+
 class StepMSELoss(nn.Module):
     """Mean squared error over the (B, T, k) targets whose row is not NaN (module docstring)."""
 
@@ -180,3 +218,12 @@ def apply_mask(y: Tensor, mask: Tensor | None) -> Tensor:
     else:
         y[~mask] = float("nan")
     return y
+
+
+def scored_count(y: Tensor) -> int:
+    """The number of scored targets in a batch's targets ``y``: its unmasked steps for per-step
+    targets (int64 (B, T), float (B, T, k)), its samples otherwise (any other shape, e.g. of a
+    loss function of the user's own)."""
+    if (y.dtype == torch.int64 and y.ndim == 2) or (y.is_floating_point() and y.ndim == 3):
+        return Objective(not y.is_floating_point(), True).count(y)
+    return int(y.shape[0])

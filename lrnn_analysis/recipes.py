@@ -579,7 +579,7 @@ def _certificates(ctx: _Context) -> tuple[list[str], str]:
     task = ctx.task()
     for label, subject in models.items():
         subject.check_fits(task, label)
-    accuracy = {r["model"]: r["accuracy"] for r in tidy_tables.accuracy_table(models, task.test.x, task.test.y, task.is_classification)}
+    accuracy = {r["model"]: r["accuracy"] for r in tidy_tables.accuracy_table(models, task.test.x, task.test.y, task.objective)}
     found = stability.run(list(models.values()), task, ctx.recipe.pipeline_settings())
     rows = found.rows()
     for row in rows:
@@ -664,7 +664,7 @@ def _training_spectra(ctx: _Context) -> tuple[list[str], str]:
 def _landscape(ctx: _Context) -> tuple[list[str], str]:
     task = ctx.task()
     plane_spec = ctx.setting("plane_steps", None)
-    lines, plane = tidy_tables.landscape_tables(ctx.models(), ctx.batches(task), task.is_classification,
+    lines, plane = tidy_tables.landscape_tables(ctx.models(), ctx.batches(task), task.objective,
                                              _axis(ctx.setting("steps", {"linspace": [-1.0, 1.0, 21]})),
                                              None if plane_spec is None else _axis(plane_spec), seed=ctx.recipe.seed)
     written = ctx.write(lines, plots.plot_landscape_1d(lines))

@@ -97,7 +97,7 @@ def test_user_data_validation_errors_name_the_file_and_the_array(tmp_path):
         "extra": (dict(x_train=x, y_train=y, x_test=x, y_test=y, notes=y), "unknown keys ['notes']"),
         "missing": (dict(x_train=x, y_train=y, x_test=x), "missing keys ['y_test']"),
         "flat": (dict(x_train=x[:, :, 0], y_train=y, x_test=x, y_test=y), "x_train: expected shape (N, T, D)"),
-        "intx": (dict(x_train=x.astype(np.int32), y_train=y, x_test=x, y_test=y), "x_train: expected floating-point"),
+        "intx": (dict(x_train=x.astype(np.int32), y_train=y, x_test=x, y_test=y), "x_train: integer inputs are token ids of shape (N, T)"),
         "nan": (dict(x_train=x, y_train=y, x_test=np.full_like(x, np.nan), y_test=y), "x_test: has non-finite"),
         "floaty": (dict(x_train=x, y_train=y.astype(np.float32), x_test=x, y_test=y),
                    "y_train: regression targets must have shape (N, k)"),

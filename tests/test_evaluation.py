@@ -26,14 +26,14 @@ def test_non_finite_outputs_are_an_error_counting_them_across_batches():
     for batch_size in (1, 4, 1000):
         with pytest.raises(InputError, match=r"^planted: 3 NaN and 2 inf among its 30 outputs on 10 samples; "
                                              "no loss or accuracy is computed from non-finite outputs$"):
-            evaluate(Planted(), x, y, True, batch_size, name="planted")
+            evaluate(Planted(), x, y, batch_size=batch_size, name="planted")
     with pytest.raises(InputError, match="^Planted: 3 NaN and 2 inf"):
-        evaluate(Planted(), x, torch.zeros(10, 3), False)
+        evaluate(Planted(), x, torch.zeros(10, 3))
 
 
 def test_finite_outputs_give_the_loss_and_accuracy_computed_directly():
     x = torch.randn(10, 4, 3, generator=torch.Generator().manual_seed(0))
     y = torch.arange(10) % 3
-    result = evaluate(Planted(), x, y, True, batch_size=4)
+    result = evaluate(Planted(), x, y, batch_size=4)
     assert result.loss == pytest.approx(float(nn.functional.cross_entropy(x[:, 0], y)), rel=1e-6)
     assert result.accuracy == int((x[:, 0].argmax(1) == y).sum()) / 10 and result.n == 10

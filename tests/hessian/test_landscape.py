@@ -24,7 +24,7 @@ def test_landscape_at_zero_is_the_evaluated_loss_and_model_is_unchanged(model_an
     result = landscape(model, nn.CrossEntropyLoss(), [(x[:5], y[:5]), (x[5:], y[5:])], "random",
                        (np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 5)), seed=4)
     assert result.loss.shape == (3, 5) and result.accuracy.shape == (3, 5) and result.seed == 4
-    reference = evaluate(model, x, y, is_classification=True)
+    reference = evaluate(model, x, y)
     assert result.loss[1, 2] == pytest.approx(reference.loss, rel=1e-6)
     assert result.accuracy[1, 2] == pytest.approx(reference.accuracy)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -46,8 +46,8 @@ def test_fgsm_moves_each_input_by_the_budget_in_the_loss_increasing_direction(sm
 
     attacked = perturb_inputs(x, Perturbation("fgsm", 0.05), (0.0, 1.0), gradient)
     assert torch.allclose((attacked - x).abs().max(), torch.tensor(0.05))
-    clean = evaluate(small_model, x, y, True).loss
-    assert evaluate(small_model, attacked, y, True).loss > clean
+    clean = evaluate(small_model, x, y).loss
+    assert evaluate(small_model, attacked, y).loss > clean
 
 
 def test_relative_parameter_noise_statistics():
