@@ -92,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"task {task.name} (split seed {task.seed}), arch {config.arch} ({config.discretization}), "
           f"readout {config.readout}, hidden {config.hidden}, eps {config.eps:g}, {sum(p.numel() for p in trained.model.parameters())} parameters")
     accuracy = metrics["test_accuracy"]
-    score = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test MSE {metrics['test_loss']:.5f}"
+    if metrics.get("test_perplexity") is not None:
+        score = (f"test perplexity {metrics['test_perplexity']:.3f}, {metrics['test_bits_per_token']:.4f} bits per token, "
+                 f"token accuracy {accuracy:.4f}")
+    else:
+        score = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test MSE {metrics['test_loss']:.5f}"
     print(f"{score}, test loss {metrics['test_loss']:.4f}, trained {settings.epochs} epochs in {metrics['train_seconds']:.1f} s on {device}")
     print(spectral_line(spectral_summary(trained.model)))
     if constraint is not None:
