@@ -109,8 +109,8 @@ def test_unknown_architecture_and_bad_metadata(saved_model):
     _, path = saved_model
     original = path.read_bytes()
     rewrite_header(path, lambda h: h["__metadata__"].update(
-        lrnn_analysis=json.dumps({"format": checkpoints.FORMAT, "config": {**CONFIG.to_dict(), "arch": "lstm"}})))
-    with pytest.raises(CheckpointError, match="invalid model config .*unknown architecture 'lstm'"):
+        lrnn_analysis=json.dumps({"format": checkpoints.FORMAT, "config": {**CONFIG.to_dict(), "arch": "gru"}})))
+    with pytest.raises(CheckpointError, match="invalid model config .*unknown architecture 'gru'"):
         load_checkpoint(path)
     path.write_bytes(original)
     rewrite_header(path, lambda h: h["__metadata__"].update(lrnn_analysis="{not json"))
