@@ -169,9 +169,9 @@ def recurrence(sizes: Sizes, device: torch.device, repeats: int, compile_too: bo
 
 def hessian_vector_product(sizes: Sizes, device: torch.device, repeats: int) -> None:
     from lrnn_analysis.builtin_tasks import load_task
-    from lrnn_analysis.objective import Objective
     from lrnn_analysis.hessian import HessianOperator
     from lrnn_analysis.models import ModelConfig, build_model
+    from lrnn_analysis.objective import Objective
 
     task = load_task(sizes.task, seed=0)
     config = ModelConfig("lipschitz", task.input_dim, sizes.hidden, task.output_dim, eps=task.default_eps)

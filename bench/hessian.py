@@ -39,10 +39,10 @@ from torch.func import functional_call, grad, jvp
 
 from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.environment import environment
-from lrnn_analysis.objective import Objective
 from lrnn_analysis.hessian import GGNOperator, HessianOperator, eigenvalues, pyhessian_eigenvalues, trace
 from lrnn_analysis.hessian.pyhessian_backend import _PyHessianRun
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.objective import Objective
 
 PEER_MODULES = {"pyhessian": "pyhessian", "curvlinops": "curvlinops", "eigenthings": "hessian_eigenthings"}
 

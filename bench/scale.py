@@ -40,9 +40,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.distributed import DistributedOperator, distributed_sweep, shard_batches
-from lrnn_analysis.objective import Objective
 from lrnn_analysis.hessian import HessianOperator, Lanczos
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.objective import Objective
 from lrnn_analysis.robustness import SweepModel, sweep
 
 GRID = {"gaussian": [0.0, 0.1, 0.2, 0.3], "gaussian-relative": [0.0, 0.05, 0.1, 0.2]}

@@ -163,9 +163,9 @@ class ModelUnderAnalysis:
             with torch.no_grad():
                 out = self.module(x)
         except Exception as error:  # the user's module: any failure means it does not fit
-            shape = f"(batch, {task.seq_len}) token ids" if task.input_kind == "tokens" else f"(batch, {task.seq_len}, {task.input_dim})"
+            inputs = f"(batch, {task.seq_len}) token ids" if task.input_kind == "tokens" else f"(batch, {task.seq_len}, {task.input_dim})"
             raise UserCodeError(f"{where}: the model does not run on task {task.name} inputs of shape "
-                                f"{shape}: forward raised {type(error).__name__}: {first_line(error)}") from error
+                                f"{inputs}: forward raised {type(error).__name__}: {first_line(error)}") from error
         finally:
             self.module.train(was_training)
         expected = (len(x), task.seq_len, task.output_dim) if task.per_step else (len(x), task.output_dim)

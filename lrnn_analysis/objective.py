@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from .errors import InputError
 
-__all__ = ["IGNORE_INDEX", "Objective", "StepMSELoss", "TokenCrossEntropyLoss", "Totals", "apply_mask", "scored_count"]
+__all__ = ["IGNORE_INDEX", "Objective", "StepMSELoss", "TokenCrossEntropyLoss", "Totals", "apply_mask", "scored_count",
+           "scored_steps"]
 
 IGNORE_INDEX = -100
 
@@ -94,20 +95,10 @@ class Objective:
             return "perplexity" if self.per_step else "accuracy"
         return "mse"
 
-    @property
-    def higher_is_better(self) -> bool:
-        """Whether a larger ``headline`` value is a better model (accuracy) or a worse one."""
-        return self.headline == "accuracy"
-
-    def worsening(self, clean: float, value: float) -> float:
-        """How much worse ``value`` of the headline metric is than ``clean``, in its units
-        (a fall of accuracy, a rise of perplexity or mse; negative when it improved)."""
-        return self.worsening_of(self.headline, clean, value)
-
     @staticmethod
     def worsening_of(metric: str, clean: float, value: float) -> float:
-        """:meth:`worsening` for a metric named ``metric`` (accuracy: higher is better; any
-        other — perplexity, mse, loss — lower is better)."""
+        """How much worse ``value`` of the metric named ``metric`` is than ``clean``, in its units:
+        a fall of accuracy, a rise of any other (perplexity, mse, loss); negative when it improved."""
         return clean - value if metric == "accuracy" else value - clean
 
     def loss_fn(self) -> nn.Module:
@@ -147,8 +138,7 @@ class Objective:
         """Number of scored targets in ``y`` (samples, or unmasked steps)."""
         if not self.per_step:
             return int(y.shape[0])
-        scored = (y != IGNORE_INDEX) if self.classification else ~torch.isnan(y).any(dim=-1)
-        return int(scored.sum())
+        return int(scored_steps(y).sum())
 
     def totals(self, outputs: Tensor, y: Tensor) -> Totals:
         """Loss sum, correct predictions (classification) and count over the scored targets."""
@@ -218,6 +208,12 @@ def apply_mask(y: Tensor, mask: Tensor | None) -> Tensor:
     else:
         y[~mask] = float("nan")
     return y
+
+
+def scored_steps(y: Tensor) -> Tensor:
+    """The (N, T) boolean mask of the scored steps of per-step targets: labels that are not
+    ``IGNORE_INDEX`` (int64 (N, T)), rows without NaN (float (N, T, k))."""
+    return ~torch.isnan(y).any(dim=-1) if y.is_floating_point() else y != IGNORE_INDEX
 
 
 def scored_count(y: Tensor) -> int:

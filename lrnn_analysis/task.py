@@ -264,6 +264,8 @@ def task_from_arrays(
             y = arrays[f"y_{part}"]
             per_step = (y.dtype.kind in "iu" and y.ndim == 2) or (y.dtype.kind == "f" and y.ndim == 3)
             mask = arrays.get(f"mask_{part}")
+            if mask is not None and not per_step:
+                _check_y(y, f"y_{part}", len(x), x.shape[1], None)  # what is wrong with the targets comes first
             mask = None if mask is None else _check_mask(mask, f"mask_{part}", y, per_step)
             splits[part] = (x, _check_y(y, f"y_{part}", len(x), x.shape[1], mask), mask)
     x0, y0, _ = splits["train"]
@@ -296,18 +298,23 @@ def task_from_arrays(
     if "val" not in splits:
         x, y, _ = splits["train"]
         splits["val"] = (x[:0], y[:0], None)
-    train, val, test = (Split(torch.from_numpy(np.ascontiguousarray(x)), _masked(y, m))
-                        for x, y, m in (splits["train"], splits["val"], splits["test"]))
+    train, val, test = (Split(torch.from_numpy(np.ascontiguousarray(splits[part][0])), _masked(*splits[part][1:], f"mask_{part}"))
+                        for part in ("train", "val", "test"))
     sizes = f"{len(train)} train, {len(val)} val, {len(test)} test"
     steps = f"{seq_len} token ids < {vocab_size}" if tokens else f"{seq_len} steps of {input_dim}"
-    per = "per step" if y0.ndim == (2 if classification else 3) else "per sequence"
-    kind = f"{num_classes} classes {per}" if classification else f"regression of {train.y.shape[-1]} targets {per}"
+    per = " per step" if y0.ndim == (2 if classification else 3) else ""
+    kind = f"{num_classes} classes{per}" if classification else f"regression of {train.y.shape[-1]} targets{per}"
     masked = "; masked" if any(m is not None for _, _, m in splits.values()) else ""
     return Task(name, description or f"user data ({sizes}; {steps}; {kind}{masked})",
                 train, val, test, int(input_dim), int(seq_len), num_classes, 0, 0.1,
                 vocab_size=int(vocab_size) if tokens and vocab_size is not None else None)
 
 
-def _masked(y: np.ndarray, mask: np.ndarray | None) -> torch.Tensor:
+def _masked(y: np.ndarray, mask: np.ndarray | None, key: str) -> torch.Tensor:
     target = torch.from_numpy(np.ascontiguousarray(y))
-    return target if mask is None else apply_mask(target, torch.from_numpy(np.ascontiguousarray(mask)))
+    if mask is None:
+        return target
+    try:
+        return apply_mask(target, torch.from_numpy(np.ascontiguousarray(mask)))
+    except InputError as error:
+        raise InputError(f"{key}: {error}") from None

@@ -81,7 +81,9 @@ def train_model(
     progress: bool = True,
     constraint: StabilityConstraint | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``task.train``; validate each epoch; test at the end.
+    """Train ``model`` in place on ``task.train`` with the task's loss (per token, over the unmasked
+    steps, for per-step targets); validate each epoch; test at the end (the metrics of
+    :func:`_split_metrics`).
 
     With a ``constraint`` the recurrent parameters are projected after every optimizer
     step (and once before training) so that its norm certificate holds with its margin.
@@ -90,6 +92,7 @@ def train_model(
     """
     if len(task.val) == 0:
         raise InputError(f"task {task.name} has no validation split, and training validates every epoch (give x_val, y_val)")
+    task.check_fits(model.config.input_dim, model.config.output_dim, f"the {model.config.arch} model")
     readout = "all" if task.objective.per_step else "last"
     if model.config.readout != readout:
         targets = "a target at every step" if readout == "all" else "one target per sequence"

@@ -1,8 +1,8 @@
 """The tiny cases that test_distributed.py runs in one process and distributed_worker.py in two."""
 
 from lrnn_analysis.builtin_tasks import load_task
-from lrnn_analysis.objective import Objective
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.objective import Objective
 from lrnn_analysis.robustness import SweepModel
 
 SWEEP_GRID = {"gaussian": [0.0, 0.2], "gaussian-relative": [0.1, 0.0, 0.05], "fgsm": [0.0, 0.1]}

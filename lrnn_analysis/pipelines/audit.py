@@ -266,7 +266,8 @@ def run(
         names = list(default_certificates(system))
         names += [g.value for g in gates if g.kind == "certified" and g.value not in names]
     found = certify_model(subject, names, time_budget=settings.certificate_budget, input_bound=settings.input_bound,
-                          input_shape=(task.input_dim,) if task.input_kind == "float" else None, inputs=task.train.x[:SAMPLE_INPUTS] if len(task.train) else None)
+                          input_shape=(task.input_dim,) if task.input_kind == "float" else None,
+                          inputs=task.train.x[:SAMPLE_INPUTS] if len(task.train) else None)
     stability: dict[str, Any] = {"verdict": found.verdict(), "lure_form": system is not None, "form": found.form,
                                  "form_check": None if found.form_check is None else found.form_check.to_dict(),
                                  "stored_evidence": found.stored.to_dict()}

@@ -26,17 +26,17 @@ from ..environment import environment
 from ..errors import InputError
 from ..evaluation import Evaluation, NonFiniteOutputs, evaluate
 from ..model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
-from ..objective import Objective, Totals
+from ..objective import Objective, Totals, scored_steps
 from ..parameters import require_parameters
 from ..progress import progress_bar
 from ..statistics import t_halfwidth
 from ..task import Split, Task, task_from_arrays
 from ..training_split import check_training_data
 from .perturbations import (
-    DETERMINISTIC_KINDS,
     ParameterDirections,
     Perturbation,
     embedding_noise,
+    is_deterministic,
     perturb_inputs,
     perturb_parameters,
     token_input_embedding,
@@ -157,7 +157,8 @@ def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
     claimed about the model's training data; ``hessian-direction`` needs a task with training
     samples). Integer labels are classes, as many as the first model has
     outputs; floating-point targets of shape (N, k) or (N, T, k) are regression targets; integer
-    inputs (N, T) are token ids."""
+    inputs (N, T) are token ids; per-step targets' steps marked unscored (``IGNORE_INDEX`` labels,
+    NaN rows) stay unscored."""
     if isinstance(data, Task):
         return data
     if isinstance(data, Split):
@@ -185,7 +186,12 @@ def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
                 num_classes = int(module(sample if not sample.is_floating_point() else sample.float()).shape[-1])
             finally:
                 module.train(was_training)
-    checked = task_from_arrays(x, y, x, y, name="arrays", num_classes=num_classes,
+    mask = None
+    if (y.dtype == torch.int64 and y.ndim == 2) or (y.is_floating_point() and y.ndim == 3):
+        # Per-step targets whose unscored steps are already marked (IGNORE_INDEX, NaN rows), e.g. a Task's split.
+        mask = scored_steps(y)
+        y = y.masked_fill(~mask if y.ndim == 2 else ~mask[..., None], 0)
+    checked = task_from_arrays(x, y, x, y, name="arrays", num_classes=num_classes, mask_train=mask, mask_test=mask,
                                description=f"the {len(x)} samples given (as the test split; no training split)")
     empty = Split(checked.test.x[:0], checked.test.y[:0])
     return replace(checked, train=empty, val=empty)
@@ -247,7 +253,7 @@ def sweep(
                              "gaussian input noise is defined (added to the embedding's output)")
     data_range = task.input_range
     started = time.perf_counter()
-    total = len(models) * sum(len(p) * (1 if kind in DETERMINISTIC_KINDS else len(seed_list)) for kind, p in plan.items())
+    total = sum(len(p) * (1 if is_deterministic(kind, entry.directions) else len(seed_list)) for entry in models for kind, p in plan.items())
     rows: list[dict[str, Any]] = []
     with progress_bar(total=total, desc="robustness", unit="eval", enabled=progress) as bar:
         for index, entry in enumerate(models):
@@ -265,7 +271,7 @@ def sweep(
                 bar.update()
 
             for kind, base in plan.items():
-                kind_seeds = [0] if kind in DETERMINISTIC_KINDS else seed_list
+                kind_seeds = [0] if is_deterministic(kind, entry.directions) else seed_list
                 draws = [Perturbation(kind, b.level, s) for b in base for s in kind_seeds]
                 pending = []
                 for p in draws:
@@ -353,8 +359,11 @@ def evaluate_parameter_draws(
     return [Evaluation.of_totals(total, len(x), objective) for total in totals]
 
 
-def _ci95(values: np.ndarray) -> float:
-    if len(values) < 2 or np.all(values == values[0]):
+def _ci95(values: np.ndarray) -> float | None:
+    """The 95% t-interval's half-width over seeds; None for a single draw (no spread to report)."""
+    if len(values) < 2:
+        return None
+    if np.all(values == values[0]):
         return 0.0
     return t_halfwidth(values)
 

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lrnn_analysis.objective import Objective
 from lrnn_analysis.hessian import (
     HessianOperator,
     analyze,
 )
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.objective import Objective
 from user_module import user_subject
 
 

@@ -6,6 +6,7 @@ from lrnn_analysis.evaluation import evaluate
 from lrnn_analysis.robustness import (
     ParameterDirections,
     Perturbation,
+    is_deterministic,
     perturb_inputs,
     perturb_parameters,
 )
@@ -74,7 +75,43 @@ def test_hessian_direction_moves_exactly_level_along_the_span():
         perturb_parameters(params, Perturbation("hessian-direction", 0.5), directions=ParameterDirections(("M_A",), vectors))
 
 
+def test_one_hessian_direction_is_deterministic_with_a_fixed_sign():
+    params = {"w": torch.zeros(3)}
+    vector = torch.tensor([[0.6, -0.8, 0.0]])
+    directions = ParameterDirections(("w",), vector)
+    moved = {seed: perturb_parameters(params, Perturbation("hessian-direction", 0.5, seed=seed), directions=directions)["w"]
+             for seed in range(4)}
+    assert all(torch.equal(moved[0], m) for m in moved.values())
+    assert torch.allclose(moved[0], torch.tensor([-0.3, 0.4, 0.0]))  # largest entry made positive
+    flipped = perturb_parameters(params, Perturbation("hessian-direction", 0.5), directions=ParameterDirections(("w",), -vector))
+    assert torch.equal(flipped["w"], moved[0])
+    assert is_deterministic("hessian-direction", directions) and is_deterministic("fgsm")
+    assert not is_deterministic("hessian-direction", ParameterDirections(("w",), torch.eye(3)[:2]))
+    assert not is_deterministic("gaussian")
+
+
 @pytest.mark.parametrize("kind,level", [("gaussian", -0.1), ("warp", 0.1), ("salt-pepper", 1.5), ("gaussian", float("nan"))])
 def test_bad_perturbations(kind, level):
     with pytest.raises(ValueError):
         Perturbation(kind, level)
+
+
+def test_embedding_noise_is_added_to_the_one_embeddings_output_and_refused_without_one():
+    from torch import nn
+
+    from lrnn_analysis.errors import InputError
+    from lrnn_analysis.robustness.perturbations import embedding_noise, token_input_embedding
+
+    embedding = nn.Embedding(5, 3)
+    model = nn.Sequential(embedding, nn.Linear(3, 2))
+    assert token_input_embedding(model, "m") is embedding
+    tokens = torch.tensor([[0, 1, 4], [2, 2, 3]])
+    with embedding_noise(embedding, Perturbation("gaussian", 0.5, seed=7)), torch.no_grad():
+        noisy = embedding(tokens)
+    expected = embedding.weight[tokens] + 0.5 * torch.randn((2, 3, 3), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(noisy, expected.detach())
+    torch.testing.assert_close(embedding(tokens), embedding.weight[tokens])  # the hook is gone afterwards
+    with pytest.raises(InputError, match="the model has none"):
+        token_input_embedding(nn.Linear(3, 2), "m")
+    with pytest.raises(InputError, match=r"the model has 2 \(0, 1\), and which one embeds the inputs is not known"):
+        token_input_embedding(nn.Sequential(nn.Embedding(5, 3), nn.Embedding(5, 3)), "m")

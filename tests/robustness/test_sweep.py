@@ -152,3 +152,23 @@ def test_a_sweep_never_scores_non_finite_outputs(batched):
         broken.w.fill_(-1.0)
     with pytest.raises(InputError, match=r"^broken: 16 NaN and 0 inf"):
         sweep([SweepModel("broken", "memory", broken)], task, grid, seeds=5, batched=batched, progress=False)
+
+
+def test_samples_given_with_marked_unscored_steps_sweep_as_their_task():
+    """An (x, y) pair of a per-step task's split, its padding marked IGNORE_INDEX, gives the rows
+    the task itself gives (the markers stay unscored, never read as labels)."""
+    import numpy as np
+
+    from language_model import StepModel
+    from lrnn_analysis.task import task_from_arrays
+
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((9, 6, 2)), rng.integers(0, 3, (9, 6))
+    mask = np.arange(6)[None] < rng.integers(1, 7, (9, 1))
+    task = task_from_arrays(x, y, x, y, name="padded", mask_train=mask, mask_test=mask, num_classes=3)
+    model = StepModel(outputs=3)
+    grid = {"gaussian": [0.0, 0.2], "gaussian-relative": [0.1]}
+    from_task = sweep(model, task, grid, seeds=2, progress=False).rows
+    from_pair = sweep(model, (task.test.x, task.test.y), grid, seeds=2, progress=False).rows
+    assert [(r["value"], r["count"]) for r in from_pair] == [(r["value"], r["count"]) for r in from_task]
+    assert from_task[0]["count"] == int(mask.sum())
