@@ -91,6 +91,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, objective: Objective | None
     name = name or type(model).__name__
     if len(x) == 0:
         raise InputError(f"{name}: no samples to evaluate (empty split)")
+    if objective is not None and not isinstance(objective, Objective):  # the is_classification flag it took before
+        raise TypeError(f"objective must be an Objective or None (from the targets), got {type(objective).__name__}")
     objective = objective or Objective.of_targets(y)
     device = next(model.parameters()).device
     was_training = model.training
