@@ -47,6 +47,9 @@ _MAX_ADDING_VALUES = 50_000_000  # samples x length (x 2 channels of float32: 40
 _MAX_DATA_BYTES = 2**30  # one uncompressed IDX file or .npz member
 # chars: its one-hot inputs take 388 bytes a character (97 float32).
 _MAX_TEXT_CHARACTERS = 2_000_000
+# lorenz: the integration is a loop over steps (vectorised over trajectories); states are float64.
+_MAX_LORENZ_STEPS = 1_000_000
+_MAX_LORENZ_OBSERVATIONS = 10_000_000
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[Split, Split, Split]:
@@ -305,10 +308,11 @@ def _check_options(name: str, seed: Any, opts: dict[str, Any]) -> None:
         noise = opts.get("noise", LORENZ_DEFAULTS["noise"])
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
             raise InputError(f"task lorenz noise must be a finite number >= 0, got {noise!r:.40}")
-        steps = sum(sizes) * opts.get("length", LORENZ_DEFAULTS["length"]) * opts.get("stride", LORENZ_DEFAULTS["stride"])
-        if steps > _MAX_ADDING_VALUES:
-            raise InputError(f"task lorenz with {sum(sizes)} trajectories of {steps // sum(sizes)} integration steps "
-                             f"exceeds {_MAX_ADDING_VALUES} steps")
+        length = opts.get("length", LORENZ_DEFAULTS["length"])
+        steps = length * opts.get("stride", LORENZ_DEFAULTS["stride"])
+        if steps > _MAX_LORENZ_STEPS or sum(sizes) * length > _MAX_LORENZ_OBSERVATIONS:
+            raise InputError(f"task lorenz: {sum(sizes)} trajectories of {length} observations, {steps} integration steps each, "
+                             f"exceed {_MAX_LORENZ_OBSERVATIONS} observations or {_MAX_LORENZ_STEPS} steps a trajectory")
 
 
 def _check_int(what: str, value: Any, low: int, high: int) -> None:

@@ -34,7 +34,7 @@ import torch
 from .errors import InputError
 from .task import Split, Task
 
-__all__ = ["CHARS_VOCABULARY", "UNKNOWN_CHARACTER", "chars_task", "chars_text", "encode_characters", "lorenz_task",
+__all__ = ["CHARS_DEFAULTS", "CHARS_VOCABULARY", "LORENZ_DEFAULTS", "UNKNOWN_CHARACTER", "chars_task", "chars_text", "encode_characters", "lorenz_task",
     "lorenz_trajectories", "unigram_cross_entropy"]
 
 UNKNOWN_CHARACTER = "<unk>"

@@ -98,6 +98,10 @@ def test_lorenz_targets_are_the_next_observation_and_seeds_matter():
         load_task("lorenz", noise=-1.0)
     with pytest.raises(ValueError, match="stride must be"):
         load_task("lorenz", stride=0)
+    with pytest.raises(ValueError, match="1000000 steps a trajectory"):
+        load_task("lorenz", length=100_000, stride=20, n_train=1, n_val=1, n_test=1)
+    with pytest.raises(ValueError, match="10000000 observations"):
+        load_task("lorenz", length=10_000, n_train=1000, n_val=1, n_test=1)
 
 
 def test_unigram_baseline_is_the_cross_entropy_of_training_frequencies():
