@@ -166,13 +166,6 @@ def test_readout_is_checked():
     assert ModelConfig.from_dict({"arch": "lstm", "input_dim": 2, "hidden": 4, "output_dim": 3}).readout == "last"
 
 
-def test_lstm_recurrent_matrices_are_the_gates_hidden_weights():
-    model = build_model(model_config("lstm", "map"), seed=0)
-    blocks = model.recurrent_matrices(torch.float64)
-    assert list(blocks) == ["Wi", "Wf", "Wg", "Wo"] and all(b.dtype == torch.float64 and b.shape == (5, 5) for b in blocks.values())
-    torch.testing.assert_close(torch.cat(list(blocks.values())), model.rnn.weight_hh_l0.double())
-    assert model.engine == "autograd" and not hasattr(model, "U")
-
 
 def test_symmetric_part_eigenvalues_and_beta_one_normality():
     rng = np.random.default_rng(0)
