@@ -101,6 +101,7 @@ def analyze(
     estimate_matvecs: int = 100,
     density_scale: str = "linear",
     wrap_operator: Callable[[LinearOperator], LinearOperator] | None = None,
+    rnn_twin: str = "auto",
 ) -> HessianReport:
     """λ_max and λ_min (and the top_k at each end), optionally tr(H) with a CI and the SLQ density.
 
@@ -119,6 +120,8 @@ def analyze(
     ``estimates``: any of ``"diag"`` (``diagonal_method``, ``estimate_matvecs`` products),
     ``"frobenius"`` (‖C‖_F², up to ``estimate_matvecs`` products) and ``"blocks"`` (per-tensor
     trace and λ_max, the model's declared recurrent parameters first). ``density_scale``: ``"linear"`` or ``"symlog"``.
+    ``rnn_twin`` (native only): when the model's torch.nn RNN/LSTM/GRU layers run as their unrolled twins
+    (``"auto"``: on CUDA; ``"on"``, ``"off"``; see ``CurvatureOperator``); the layers that did are noted.
     """
     if isinstance(model, torch.nn.Module) or not getattr(model, "recurrent", None):
         recurrent_first = tuple(getattr(model, "recurrent_parameters", ()))
@@ -146,7 +149,7 @@ def analyze(
     diagonal_result = frobenius_result = blocks_result = None
     if backend == "native":
         op = curvature_operator(operator, model, loss_fn, batches, params, dtype, mc_samples=mc_samples, seed=seed,
-                                cache_graph=cache_graph, memory_budget=memory_budget, progress=progress)
+                                cache_graph=cache_graph, memory_budget=memory_budget, rnn_twin=rnn_twin, progress=progress)
         if wrap_operator is not None:
             op = wrap_operator(op)
         positive_semidefinite = operator != "hessian"
@@ -169,6 +172,9 @@ def analyze(
         notes += [] if eigen.all_converged else [
             f"not every Ritz pair met ‖Cv − θv‖ ≤ {tol}·|θ| + {atol} within {eigen.iterations} Lanczos steps: "
             "see eigen.converged"]
+        if described.get("rnn_twin_layers"):
+            notes.append(f"torch.nn recurrent layer(s) {', '.join(n or '(the model)' for n in described['rnn_twin_layers'])} "
+                         f"ran as their unrolled twins (rnn_twin={rnn_twin}): same outputs, differentiable twice")
         for key, meaning in (("no_grad_params", "the loss does not use them: zero rows and columns"),
                              ("zero_curvature_params", "the loss is affine in them: zero rows and columns")):
             if described.get(key):

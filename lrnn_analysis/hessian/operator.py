@@ -28,6 +28,7 @@ from torch.func import functional_call
 from ..errors import InputError
 from ..parameters import glob_parameters, module_of
 from ..progress import progress_bar
+from ..unrolled_rnn import twin_layer_names, unrolled_layers
 
 __all__ = ["Batch", "CurvatureOperator", "DEFAULT_MEMORY_BUDGET", "HessianOperator", "LossFunction", "ParamSpec",
     "ParameterSelection", "as_batches", "eval_mode", "parameter_selection", "resolve_dtype", "select_parameters"]
@@ -157,6 +158,12 @@ class CurvatureOperator(LinearOperator):
     Subclasses implement ``_apply(chunks)`` (one tensor per selected parameter).
     ``model`` may be a :class:`~lrnn_analysis.model_under_analysis.ModelUnderAnalysis` (its module is used;
     ``params=model.recurrent_names()`` selects its recurrent block).
+
+    ``rnn_twin``: the model's ``nn.RNN``/``nn.LSTM``/``nn.GRU`` layers run as their unrolled twins
+    (:mod:`lrnn_analysis.unrolled_rnn`: same outputs from the same parameters, differentiable twice
+    on every device) under ``"auto"`` on CUDA, where the layers' own kernels have no double
+    backward, under ``"on"`` everywhere, under ``"off"`` nowhere. ``rnn_twin_layers`` names the
+    layers that do (also in ``describe()``, and logged); the model itself is unchanged afterwards.
     """
 
     kind = "curvature"
@@ -169,6 +176,7 @@ class CurvatureOperator(LinearOperator):
         params: ParamSpec = None,
         dtype: torch.dtype | str | None = None,
         *,
+        rnn_twin: str = "auto",
         progress: bool = False,
     ) -> None:
         model = module_of(model)
@@ -180,6 +188,8 @@ class CurvatureOperator(LinearOperator):
         reference = named[self.names[0]]
         self.torch_dtype = resolve_dtype(dtype, reference.dtype if reference.is_floating_point() else torch.float32)
         self.device = reference.device
+        self.rnn_twin = rnn_twin
+        self.rnn_twin_layers = twin_layer_names(model, rnn_twin, self.device)
         self.shapes = tuple(named[name].shape for name in self.names)
         self.numels = tuple(int(np.prod(shape)) for shape in self.shapes)
         dim = sum(self.numels)
@@ -213,7 +223,7 @@ class CurvatureOperator(LinearOperator):
     def _forward(self, x: Tensor) -> Tensor:
         """The model's output at the frozen parameters (graph to the leaves), in eval mode."""
         state = {**self._constants, **dict(zip(self.names, self._leaves))}
-        with eval_mode(self.model):
+        with eval_mode(self.model), unrolled_layers(self.model, self.rnn_twin_layers):
             return functional_call(self.model, state, (x,))
 
     def _apply(self, chunks: list[Tensor]) -> list[Tensor]:
@@ -275,6 +285,8 @@ class CurvatureOperator(LinearOperator):
             "dim": self.dim,
             "dtype": str(self.torch_dtype).removeprefix("torch."),
             "device": str(self.device),
+            "rnn_twin": self.rnn_twin,
+            "rnn_twin_layers": list(self.rnn_twin_layers),
             "n_samples": self.n_samples,
             "n_batches": self.n_batches,
             "batch_sizes": [len(x) for x, _ in self.batches],
@@ -319,9 +331,10 @@ class HessianOperator(CurvatureOperator):
         cache_graph: bool | None = None,
         memory_budget: float = DEFAULT_MEMORY_BUDGET,
         matmat: str = "auto",
+        rnn_twin: str = "auto",
         progress: bool = False,
     ) -> None:
-        super().__init__(model, loss_fn, data, params, dtype, progress=progress)
+        super().__init__(model, loss_fn, data, params, dtype, rnn_twin=rnn_twin, progress=progress)
         if matmat not in _MATMAT_MODES:
             raise InputError(f"matmat must be one of {_MATMAT_MODES}, got {matmat!r}")
         self.matmat_mode = matmat
