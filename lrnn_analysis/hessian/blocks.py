@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.sparse.linalg import LinearOperator
 
 from ..statistics import t_halfwidth
-from ._common import rademacher
+from ._common import CountedMatvec
 from ._results import jsonable
 from .eigen import eigenvalues
 from .operator import CurvatureOperator
@@ -38,13 +39,22 @@ SHARED_PROBES = "hutchinson, shared probes"
 
 class BlockView(LinearOperator):
     """The diagonal block C_bb of an operator C for the entries in ``block``: v_b ↦ (C [0; v_b; 0])_b.
-    Each product is one product with the whole operator."""
+    Each product is one product with the whole operator. ``apply`` multiplies torch vectors on the
+    device of ``op`` (``op.device``; the CPU for an operator of numpy products)."""
 
     def __init__(self, op: LinearOperator, block: slice) -> None:
         self._op, self._block = op, block
         self._full = op.shape[0]
+        self._products = CountedMatvec(op)
+        self.device = self._products.device
         size = block.stop - block.start
         super().__init__(dtype=op.dtype, shape=(size, size))
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """(C [0; v; 0])_b for a flat torch vector ``v`` (float64, on ``device``)."""
+        padded = torch.zeros(self._full, dtype=torch.float64, device=self.device)
+        padded[self._block] = v.reshape(-1).to(device=self.device, dtype=torch.float64)
+        return self._products(padded)[self._block]
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         v = np.zeros(self._full, dtype=self.dtype)
@@ -108,9 +118,9 @@ def block_curvature(
             estimate, halfwidth = float(np.mean(samples[name])), t_halfwidth(samples[name])
             method, count = SHARED_PROBES, 0
         else:
-            products = [view.matvec(e) for e in np.eye(numel)]
-            estimate = float(sum(p[j] for j, p in enumerate(products)))
-            halfwidth = op.shape[0] * unit_roundoff(op) * float(sum(np.linalg.norm(p) for p in products))
+            products = [view.apply(e) for e in torch.eye(numel, dtype=torch.float64, device=view.device)]
+            estimate = float(sum(float(p[j]) for j, p in enumerate(products)))
+            halfwidth = op.shape[0] * unit_roundoff(op) * float(sum(float(torch.linalg.vector_norm(p)) for p in products))
             method, count = "exact", numel
         matvecs = top.matvecs + count
         total += matvecs
@@ -125,10 +135,11 @@ def block_curvature(
 def _shared_probe_samples(op: LinearOperator, blocks: Sequence[slice], probes: int, seed: int) -> list[np.ndarray]:
     """For each block b, ``probes`` samples v_bᵀ (C v)_b of its trace, one product C v per probe."""
     rng = np.random.default_rng(seed)
-    samples = np.empty((len(blocks), probes))
+    matvec = CountedMatvec(op)
+    samples = torch.empty((len(blocks), probes), dtype=torch.float64, device=matvec.device)
     for k in range(probes):
-        v = rademacher(rng, op.shape[0])
-        w = np.asarray(op.matvec(v), dtype=np.float64).reshape(-1)
+        v = matvec.rademacher(rng)
+        w = matvec(v)
         for i, block in enumerate(blocks):
-            samples[i, k] = float(v[block] @ w[block])
-    return list(samples)
+            samples[i, k] = v[block] @ w[block]
+    return list(samples.cpu().numpy())
