@@ -30,7 +30,7 @@ from ..parameters import glob_parameters, module_of
 from ..progress import progress_bar
 from ..unrolled_rnn import twin_layer_names, unrolled_layers
 
-__all__ = ["Batch", "CurvatureOperator", "DEFAULT_MEMORY_BUDGET", "HessianOperator", "LossFunction", "ParamSpec",
+__all__ = ["Batch", "CurvatureOperator", "DEFAULT_MEMORY_BUDGET", "DEFAULT_MEMO_BUDGET", "HessianOperator", "LossFunction", "ParamSpec",
     "ParameterSelection", "as_batches", "eval_mode", "parameter_selection", "resolve_dtype", "select_parameters"]
 
 Batch = tuple[Tensor, Tensor]
@@ -38,6 +38,7 @@ LossFunction = Callable[[Tensor, Tensor], Tensor]
 ParamSpec = str | Sequence[str] | None
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+DEFAULT_MEMO_BUDGET = 256 * 1024**2
 _MAX_DENSE_DIM = 20_000
 
 
@@ -142,6 +143,40 @@ class _SavedBytes:
         return tensor
 
 
+class _ProductMemo:
+    """The products of the vectors an operator was asked about, on its device, so that a vector asked
+    again (the same seeded probe drawn by two estimators) is answered without a product. A vector is
+    looked up by a fingerprint (its inner product with fixed Gaussian weights) and then compared
+    entry by entry, so only an identical vector is ever answered from memory. Stores up to
+    ``budget`` bytes of (vector, product) pairs; later vectors are multiplied and not stored."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.stored_bytes = 0
+        self.reused = 0
+        self._weights: Tensor | None = None
+        self._entries: dict[float, list[tuple[Tensor, Tensor]]] = {}
+
+    def _fingerprint(self, v: Tensor) -> float:
+        if self._weights is None or self._weights.shape != v.shape or self._weights.device != v.device:
+            generator = torch.Generator().manual_seed(0)
+            self._weights = torch.randn(v.shape, generator=generator, dtype=torch.float64).to(device=v.device, dtype=v.dtype)
+        return float(v @ self._weights)
+
+    def product(self, v: Tensor, multiply: Callable[[Tensor], Tensor]) -> Tensor:
+        key = self._fingerprint(v)
+        for vector, product in self._entries.get(key, []):
+            if torch.equal(vector, v):
+                self.reused += 1
+                return product.clone()
+        result = multiply(v)
+        size = (v.numel() * v.element_size()) + (result.numel() * result.element_size())
+        if self.stored_bytes + size <= self.budget:
+            self._entries.setdefault(key, []).append((v.clone(), result.clone()))
+            self.stored_bytes += size
+        return result
+
+
 class CurvatureOperator(LinearOperator):
     """A symmetric P×P curvature matrix of the loss as a scipy ``LinearOperator`` (the shared part).
 
@@ -203,6 +238,7 @@ class CurvatureOperator(LinearOperator):
         self.n_samples = sum(len(x) for x, _ in self.batches)
         self.weights = tuple(len(x) / self.n_samples for x, _ in self.batches)
         self.matvecs = 0
+        self._memo: _ProductMemo | None = None
         self._progress = progress
 
     @property
@@ -231,9 +267,28 @@ class CurvatureOperator(LinearOperator):
 
     def apply(self, v: Tensor) -> Tensor:
         """The product with a flat vector ``v`` of length P (returned flat, on the model's device, in the operator's dtype)."""
-        result = self._apply(self.unflatten_list(v.to(device=self.device, dtype=self.torch_dtype)))
+        v = v.to(device=self.device, dtype=self.torch_dtype)
+        if self._memo is not None:
+            return self._memo.product(v, self._product)
+        return self._product(v)
+
+    def _product(self, v: Tensor) -> Tensor:
+        result = self._apply(self.unflatten_list(v))
         self.matvecs += 1
         return torch.cat([h.reshape(-1) for h in result]).detach()
+
+    @contextlib.contextmanager
+    def remembering_products(self, budget: float = DEFAULT_MEMO_BUDGET) -> Iterator[_ProductMemo]:
+        """Within the block, a vector asked about again is answered from memory instead of a new
+        product (see ``_ProductMemo``; ``memo.reused`` counts those answers, ``matvecs`` only the
+        products computed). For estimators that draw the same seeded probes, e.g. ``trace`` and the
+        shared-probe traces of ``block_curvature`` with one seed."""
+        memo = _ProductMemo(budget)
+        self._memo = memo
+        try:
+            yield memo
+        finally:
+            self._memo = None
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.torch_dtype)
