@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from ._common import CountedMatvec
 from ._results import dataclass_dict
 from .lanczos import Lanczos
 
-__all__ = ["DensityResult", "spectral_density", "symlog"]
+__all__ = ["DensityResult", "smooth_together", "spectral_density", "symlog"]
 
 
 @dataclass(frozen=True)
@@ -111,30 +112,59 @@ def spectral_density(
     per_probe = np.array([[np.sum(w * theta**k) for k in range(1, max_moment + 1)] for theta, w in zip(nodes, weights)])
     moments = per_probe.mean(axis=0)
     halfwidths = np.array([t_halfwidth(per_probe[:, k], 0.95) for k in range(max_moment)])
-    every = np.concatenate(nodes)
-    if scale == "symlog":
-        top = float(np.abs(every).max())
-        linthresh = float(linthresh if linthresh is not None else (1e-4 * top if top > 0 else 1.0))
-        if not linthresh > 0:
-            raise InputError(f"linthresh must be > 0, got {linthresh}")
-        mapped = [symlog(theta, linthresh) for theta in nodes]
-    else:
-        linthresh, mapped = None, nodes
-    every = np.concatenate(mapped)
-    lo, hi = float(every.min()), float(every.max())
-    if sigma is None:
-        sigma = 0.01 * (hi - lo) if hi > lo else 1e-3 * max(1.0, abs(hi))
-    if not sigma > 0:
-        raise InputError(f"sigma must be > 0, got {sigma}")
-    grid = np.linspace(lo - 3 * sigma, hi + 3 * sigma, grid_points)
-    density = np.zeros_like(grid)
-    for theta, w in zip(mapped, weights):
-        kernel = np.exp(-0.5 * ((grid[:, None] - theta[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-        density += kernel @ w
-    density /= np.trapezoid(density, grid)
+    mapped, linthresh = _mapped(nodes, scale, linthresh)
+    sigma, grid = _width_and_grid(mapped, sigma, grid_points)
+    density = _kernel_density(mapped, weights, grid, sigma)
     return DensityResult(
         nodes=tuple(nodes), weights=tuple(weights), grid=grid, density=density, sigma=float(sigma), scale=scale,
         linthresh=linthresh, moments=moments, moment_ci_halfwidths=halfwidths,
         n_probes=n_probes, steps=steps, dim=matvec.dim, matvecs=matvec.count, seed=seed,
         wall_time=time.perf_counter() - start_time,
     )
+
+
+def _mapped(nodes: Sequence[np.ndarray], scale: str, linthresh: float | None) -> tuple[list[np.ndarray], float | None]:
+    """The nodes in the smoothing coordinate t, and the linthresh used (``symlog`` only)."""
+    if scale != "symlog":
+        return list(nodes), None
+    top = float(max(np.abs(theta).max() for theta in nodes))
+    linthresh = float(linthresh if linthresh is not None else (1e-4 * top if top > 0 else 1.0))
+    if not linthresh > 0:
+        raise InputError(f"linthresh must be > 0, got {linthresh}")
+    return [symlog(theta, linthresh) for theta in nodes], linthresh
+
+
+def _width_and_grid(mapped: Sequence[np.ndarray], sigma: float | None, grid_points: int) -> tuple[float, np.ndarray]:
+    every = np.concatenate(mapped)
+    lo, hi = float(every.min()), float(every.max())
+    if sigma is None:
+        sigma = 0.01 * (hi - lo) if hi > lo else 1e-3 * max(1.0, abs(hi))
+    if not sigma > 0:
+        raise InputError(f"sigma must be > 0, got {sigma}")
+    return float(sigma), np.linspace(lo - 3 * sigma, hi + 3 * sigma, grid_points)
+
+
+def _kernel_density(mapped: Sequence[np.ndarray], weights: Sequence[np.ndarray], grid: np.ndarray, sigma: float) -> np.ndarray:
+    """Σ over probes of Σ_j w_j N(t; θ_j, σ²) on ``grid``, rescaled to trapezoid integral 1."""
+    density = np.zeros_like(grid)
+    for theta, w in zip(mapped, weights):
+        kernel = np.exp(-0.5 * ((grid[:, None] - theta[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        density += kernel @ w
+    return density / np.trapezoid(density, grid)
+
+
+def smooth_together(results: Sequence[DensityResult], grid_points: int = 1000) -> list[DensityResult]:
+    """The densities re-smoothed with one kernel width and one grid (and, for ``symlog``, one
+    linthresh) for all of them, so that overlaid curves compare spectra rather than bandwidths:
+    σ is 1% of the range of all the models' nodes together (the rule of :func:`spectral_density`).
+    Nodes, weights and moments are unchanged; the results must share one scale."""
+    if not results:
+        return []
+    scales = {r.scale for r in results}
+    if len(scales) > 1:
+        raise InputError(f"densities on different scales {sorted(scales)} cannot share one smoothing")
+    scale = results[0].scale
+    every, linthresh = _mapped([theta for r in results for theta in r.nodes], scale, None)
+    sigma, grid = _width_and_grid(every, None, grid_points)
+    return [replace(r, grid=grid, density=_kernel_density(_mapped(r.nodes, scale, linthresh)[0], r.weights, grid, sigma),
+                    sigma=sigma, linthresh=linthresh) for r in results]

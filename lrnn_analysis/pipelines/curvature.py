@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from ..distributed import Ranks
     from ..hessian import HessianReport
+    from ..hessian.density import DensityResult
     from ..model_under_analysis import ModelUnderAnalysis
     from ..task import Task
 
@@ -151,8 +152,7 @@ class ModelCurvature:
 
     def density_rows(self) -> list[dict[str, Any]]:
         d = self.report.density
-        return [] if d is None else [{"model": self.model, "eigenvalue": float(t), "density": float(v)}
-                                     for t, v in zip(d.grid, d.density)]
+        return [] if d is None else _density_rows(self.model, d)
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +168,18 @@ class CurvatureResult:
         return [m.summary() for m in self.models]
 
     def density_rows(self) -> list[dict[str, Any]]:
-        return [row for m in self.models for row in m.density_rows()]
+        """Every model's density, re-smoothed with one kernel width on one grid (``smooth_together``)
+        so that the overlaid curves are comparable; the width is the rows' ``kernel_width``."""
+        from ..hessian.density import smooth_together
+
+        estimated = [m for m in self.models if m.report.density is not None]
+        together = smooth_together([m.report.density for m in estimated])  # type: ignore[misc]
+        return [row for m, d in zip(estimated, together) for row in _density_rows(m.model, d)]
+
+
+def _density_rows(model: str, d: DensityResult) -> list[dict[str, Any]]:
+    return [{"model": model, "eigenvalue": float(t), "density": float(v), "kernel_width": d.sigma}
+            for t, v in zip(d.grid, d.density)]
 
 
 def _batches_of(data: Task | Any, settings: CurvatureSettings,

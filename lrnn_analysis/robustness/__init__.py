@@ -6,6 +6,7 @@ from .perturbations import (
     PARAMETER_KINDS,
     ParameterDirections,
     Perturbation,
+    is_deterministic,
     perturb_inputs,
     perturb_parameters,
 )
@@ -22,6 +23,6 @@ from .sweep import (
 
 __all__ = [
     "INPUT_KINDS", "KINDS", "PARAMETER_KINDS", "ROW_FIELDS", "SUMMARY_FIELDS", "ParameterDirections", "Perturbation",
-    "SweepModel", "SweepResult", "evaluate_parameter_draws", "hessian_directions", "perturb_inputs", "perturb_parameters",
+    "SweepModel", "SweepResult", "evaluate_parameter_draws", "hessian_directions", "is_deterministic", "perturb_inputs", "perturb_parameters",
     "recurrent_parameter_names", "summarize", "sweep",
 ]

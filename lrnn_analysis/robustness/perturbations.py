@@ -20,7 +20,10 @@ Parameter kinds (applied to a name -> tensor mapping):
                          rms(theta) = sqrt(mean(theta^2)), xi ~ N(0, 1) i.i.d.;
 * ``hessian-direction``  theta <- theta + level * v, v a unit vector in the span of the given
                          Hessian eigenvectors: v = sum_i c_i v_i with c uniform on the unit
-                         sphere of R^k drawn from the seed (k = 1 gives +v_1 or -v_1).
+                         sphere of R^k drawn from the seed. With k = 1 nothing is random:
+                         v = v_1 with the sign that makes its largest-magnitude entry positive
+                         (an eigenvector's sign is arbitrary), the seed is ignored and the
+                         sweep evaluates it once (:func:`is_deterministic`).
 """
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ from torch import Tensor
 from ..choices import INPUT_KINDS, KINDS, PARAMETER_KINDS, perturbation_kind, perturbation_level  # noqa: F401 (re-exported)
 from ..errors import InputError
 
-__all__ = ["DETERMINISTIC_KINDS", "ParameterDirections", "Perturbation", "perturb_inputs", "perturb_parameters"]
+__all__ = ["DETERMINISTIC_KINDS", "ParameterDirections", "Perturbation", "is_deterministic", "perturb_inputs", "perturb_parameters"]
 
 DETERMINISTIC_KINDS = ("fgsm",)
+
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,13 @@ class ParameterDirections:
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.shape[0] < 1:
             raise InputError(f"directions must have shape (k, P) with k >= 1, got {tuple(self.vectors.shape)}")
+
+
+def is_deterministic(kind: str, directions: ParameterDirections | None = None) -> bool:
+    """Whether every seed gives the same perturbation of this kind (fgsm; a Hessian direction
+    along one eigenvector): such a perturbation is evaluated once, not once per seed."""
+    return kind in DETERMINISTIC_KINDS or (kind == "hessian-direction" and directions is not None
+                                           and directions.vectors.shape[0] == 1)
 
 
 def perturb_inputs(
@@ -128,9 +139,12 @@ def perturb_parameters(
     if perturbation.kind == "hessian-direction":
         if directions is None:
             raise InputError("hessian-direction needs Hessian eigenvectors (directions)")
-        coefficients = torch.randn(directions.vectors.shape[0], generator=gen, dtype=torch.float64)
-        coefficients /= coefficients.norm()
-        v = (coefficients @ directions.vectors.detach().cpu().double())
+        vectors = directions.vectors.detach().cpu().double()
+        if len(vectors) == 1:
+            v = vectors[0] * torch.sign(vectors[0][vectors[0].abs().argmax()])
+        else:
+            coefficients = torch.randn(len(vectors), generator=gen, dtype=torch.float64)
+            v = coefficients @ vectors
         v /= v.norm()
         offset = 0
         for name in directions.names:

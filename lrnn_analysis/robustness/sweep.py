@@ -28,7 +28,7 @@ from ..progress import progress_bar
 from ..statistics import t_halfwidth
 from ..task import Split, Task, task_from_arrays
 from ..training_split import check_training_data
-from .perturbations import DETERMINISTIC_KINDS, ParameterDirections, Perturbation, perturb_inputs, perturb_parameters
+from .perturbations import ParameterDirections, Perturbation, is_deterministic, perturb_inputs, perturb_parameters
 
 __all__ = ["ROW_FIELDS", "SUMMARY_FIELDS", "SweepModel", "SweepResult", "evaluate_parameter_draws", "evaluation_task",
            "prepare_models", "recurrent_parameter_names", "summarize", "sweep", "sweep_models"]
@@ -225,7 +225,7 @@ def sweep(
     x, y = samples.x[:max_samples].to(device), samples.y[:max_samples].to(device)
     data_range = task.input_range
     started = time.perf_counter()
-    total = len(models) * sum(len(p) * (1 if kind in DETERMINISTIC_KINDS else len(seed_list)) for kind, p in plan.items())
+    total = sum(len(p) * (1 if is_deterministic(kind, entry.directions) else len(seed_list)) for entry in models for kind, p in plan.items())
     rows: list[dict[str, Any]] = []
     with progress_bar(total=total, desc="robustness", unit="eval", enabled=progress) as bar:
         for index, entry in enumerate(models):
@@ -241,7 +241,7 @@ def sweep(
                 bar.update()
 
             for kind, base in plan.items():
-                kind_seeds = [0] if kind in DETERMINISTIC_KINDS else seed_list
+                kind_seeds = [0] if is_deterministic(kind, entry.directions) else seed_list
                 draws = [Perturbation(kind, b.level, s) for b in base for s in kind_seeds]
                 pending = []
                 for p in draws:
@@ -333,8 +333,11 @@ def evaluate_parameter_draws(
     return [(int(correct[i]) / n if classification else None, float(loss_sum[i]) / n) for i in range(count)]
 
 
-def _ci95(values: np.ndarray) -> float:
-    if len(values) < 2 or np.all(values == values[0]):
+def _ci95(values: np.ndarray) -> float | None:
+    """The 95% t-interval's half-width over seeds; None for a single draw (no spread to report)."""
+    if len(values) < 2:
+        return None
+    if np.all(values == values[0]):
         return 0.0
     return t_halfwidth(values)
 

@@ -8,6 +8,7 @@ import pytest
 from lrnn_analysis.hessian import (
     spectral_density,
 )
+from lrnn_analysis.hessian.density import smooth_together
 
 
 def test_density_moments_with_intervals_match_dense_moments(case):
@@ -68,3 +69,27 @@ def test_slq_density_is_normalised_on_the_documented_grid(ce):
     fixed = spectral_density(op, n_probes=1, steps=5, sigma=0.5)
     assert fixed.sigma == 0.5
     json.dumps(fixed.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("scale", ["linear", "symlog"])
+def test_overlaid_densities_share_one_kernel_width_and_grid(case, scale):
+    op, _ = case
+    small = spectral_density(op / 10.0, n_probes=2, steps=4, seed=0, scale=scale)
+    large = spectral_density(op, n_probes=3, steps=5, seed=1, scale=scale)
+    assert small.sigma != large.sigma
+    together = smooth_together([small, large], grid_points=400)
+    assert together[0].sigma == together[1].sigma
+    assert np.array_equal(together[0].grid, together[1].grid)
+    assert together[0].linthresh == together[1].linthresh
+    for before, after in zip([small, large], together, strict=True):
+        assert after.nodes is before.nodes and np.array_equal(after.moments, before.moments)
+        assert np.trapezoid(after.density, after.grid) == pytest.approx(1.0)
+        mapped = [np.sign(t) * np.log10(1 + np.abs(t) / after.linthresh) if scale == "symlog" else t for t in after.nodes]
+        exact_mean = np.mean([np.sum(w * t) for t, w in zip(mapped, after.weights, strict=True)])
+        assert np.trapezoid(after.grid * after.density, after.grid) == pytest.approx(exact_mean, abs=0.02 * np.ptp(after.grid))
+    # one width: the rule of spectral_density applied to every model's nodes together
+    every = np.concatenate([np.sign(t) * np.log10(1 + np.abs(t) / together[0].linthresh) if scale == "symlog" else t
+                            for r in (small, large) for t in r.nodes])
+    assert together[0].sigma == pytest.approx(0.01 * np.ptp(every))
+    with pytest.raises(ValueError, match="different scales"):
+        smooth_together([small, spectral_density(op, n_probes=1, steps=3, scale="symlog" if scale == "linear" else "linear")])

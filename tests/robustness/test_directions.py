@@ -28,3 +28,8 @@ def test_hessian_directions_are_unit_top_eigenvectors_and_drive_a_sweep(digits):
     result = sweep([SweepModel("m", "c", model, directions)], task, {"hessian-direction": [0, 0.5]}, seeds=2, progress=False)
     assert [r["level"] for r in result.rows] == [0.0, 0.0, 0.5, 0.5]
     assert result.rows[2]["loss"] != result.rows[0]["loss"]
+    assert {row["seeds"] for row in result.summary} == {2}
+    one = hessian_directions(model, task, k=1, batch_size=64, params=["M_A", "M_W"])
+    single = sweep([SweepModel("m", "c", model, one)], task, {"hessian-direction": [0, 0.5]}, seeds=3, progress=False)
+    assert [r["level"] for r in single.rows] == [0.0, 0.5]  # one eigenvector: nothing random, evaluated once
+    assert [(row["seeds"], row["accuracy_ci95"], row["loss_ci95"]) for row in single.summary] == [(1, None, None)] * 2

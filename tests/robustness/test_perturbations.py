@@ -6,6 +6,7 @@ from lrnn_analysis.evaluation import evaluate
 from lrnn_analysis.robustness import (
     ParameterDirections,
     Perturbation,
+    is_deterministic,
     perturb_inputs,
     perturb_parameters,
 )
@@ -72,6 +73,21 @@ def test_hessian_direction_moves_exactly_level_along_the_span():
     assert torch.all(step[2:] == 0)
     with pytest.raises(ValueError, match="entries"):
         perturb_parameters(params, Perturbation("hessian-direction", 0.5), directions=ParameterDirections(("M_A",), vectors))
+
+
+def test_one_hessian_direction_is_deterministic_with_a_fixed_sign():
+    params = {"w": torch.zeros(3)}
+    vector = torch.tensor([[0.6, -0.8, 0.0]])
+    directions = ParameterDirections(("w",), vector)
+    moved = {seed: perturb_parameters(params, Perturbation("hessian-direction", 0.5, seed=seed), directions=directions)["w"]
+             for seed in range(4)}
+    assert all(torch.equal(moved[0], m) for m in moved.values())
+    assert torch.allclose(moved[0], torch.tensor([-0.3, 0.4, 0.0]))  # largest entry made positive
+    flipped = perturb_parameters(params, Perturbation("hessian-direction", 0.5), directions=ParameterDirections(("w",), -vector))
+    assert torch.equal(flipped["w"], moved[0])
+    assert is_deterministic("hessian-direction", directions) and is_deterministic("fgsm")
+    assert not is_deterministic("hessian-direction", ParameterDirections(("w",), torch.eye(3)[:2]))
+    assert not is_deterministic("gaussian")
 
 
 @pytest.mark.parametrize("kind,level", [("gaussian", -0.1), ("warp", 0.1), ("salt-pepper", 1.5), ("gaussian", float("nan"))])
