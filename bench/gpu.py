@@ -207,14 +207,14 @@ def recurrence(sizes: Sizes, device: torch.device, repeats: int, compile_too: bo
 
 def hessian_vector_product(sizes: Sizes, device: torch.device, repeats: int) -> None:
     from lrnn_analysis.builtin_tasks import load_task
-    from lrnn_analysis.evaluation import loss_function
     from lrnn_analysis.hessian import HessianOperator
+    from lrnn_analysis.objective import Objective
 
     task = load_task(sizes.task, seed=0)
     engine, autograd = _lipschitz_models(sizes, device, task.input_dim, task.output_dim, task.default_eps)
     batch = (task.train.x[:sizes.batch, :sizes.steps].to(device), task.train.y[:sizes.batch].to(device))
-    ops = {"autograd double backward": HessianOperator(autograd, loss_function(True), batch),
-           "engine R-operator": HessianOperator(engine, loss_function(True), batch)}
+    ops = {"autograd double backward": HessianOperator(autograd, Objective(True, False).loss_fn(), batch),
+           "engine R-operator": HessianOperator(engine, Objective(True, False).loss_fn(), batch)}
     op = ops["engine R-operator"]
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0)).to(device)
     products = {name: o.hvp(v) for name, o in ops.items()}
@@ -286,10 +286,10 @@ def parameter_draws(sizes: Sizes, device: torch.device, repeats: int, draws: int
     x, y = task.test.x[:sizes.samples, :sizes.steps].to(device), task.test.y[:sizes.samples].to(device)
 
     def run(batched: bool) -> list[tuple[float | None, float]]:
-        return evaluate_parameter_draws(model, sets, x, y, True, batch_size=len(x), batched=batched)
+        return evaluate_parameter_draws(model, sets, x, y, batch_size=len(x), batched=batched)
 
     batched, looped = run(True), run(False)
-    agree = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched, looped, strict=True))
+    agree = all(a.accuracy == b.accuracy and abs(a.loss - b.loss) <= 1e-5 * abs(b.loss) for a, b in zip(batched, looped, strict=True))
     print(f"5. parameter-noise draws: {draws} draws x {len(x)} samples x {x.shape[1]} steps; batched and loop agree "
           f"(same accuracies, losses to 1e-5): {agree}; target: batched >= 3x the loop", flush=True)
     report(alternating_times({"loop over draws": lambda: run(False), "batched (vmap)": lambda: run(True)}, repeats, device),

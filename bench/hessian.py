@@ -39,10 +39,10 @@ from torch.func import functional_call, grad, jvp
 
 from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.environment import environment
-from lrnn_analysis.evaluation import loss_function
 from lrnn_analysis.hessian import GGNOperator, HessianOperator, eigenvalues, pyhessian_eigenvalues, trace
 from lrnn_analysis.hessian.pyhessian_backend import _PyHessianRun
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.objective import Objective
 
 PEER_MODULES = {"pyhessian": "pyhessian", "curvlinops": "curvlinops", "eigenthings": "hessian_eigenthings"}
 
@@ -210,7 +210,7 @@ def main() -> None:
     batch_size = args.batch or (32 if args.quick else 128)
     small_hidden = args.small_hidden or (8 if args.quick else 16)
     torch.set_num_threads(args.threads)
-    loss_fn = loss_function(True)
+    loss_fn = Objective(True, False).loss_fn()
 
     task = load_task("smnist", seed=0)
     batch = (task.train.x[:batch_size, :T], task.train.y[:batch_size])

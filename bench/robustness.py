@@ -28,13 +28,13 @@ def run_case(name: str, task_name: str, hidden: int, samples: int, draws: int, r
     x, y = task.test.x[:samples], task.test.y[:samples]
 
     def batched():
-        return evaluate_parameter_draws(model, sets, x, y, True, batch_size=samples, batched=True)
+        return evaluate_parameter_draws(model, sets, x, y, batch_size=samples, batched=True)
 
     def looped():
-        return evaluate_parameter_draws(model, sets, x, y, True, batch_size=samples, batched=False)
+        return evaluate_parameter_draws(model, sets, x, y, batch_size=samples, batched=False)
 
     times = alternating_times({"loop": looped, "batched": batched}, repeats)
-    same = all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(batched(), looped(), strict=True))
+    same = all(a.accuracy == b.accuracy and abs(a.loss - b.loss) <= 1e-5 * abs(b.loss) for a, b in zip(batched(), looped(), strict=True))
     print(f"{name}: T={task.seq_len} n={hidden} samples={len(x)} draws={draws}, results agree: {same}")
     print(f"  loop     {spread(times['loop'])}")
     print(f"  batched  {spread(times['batched'])}")

@@ -40,9 +40,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.distributed import DistributedOperator, distributed_sweep, shard_batches
-from lrnn_analysis.evaluation import loss_function
 from lrnn_analysis.hessian import HessianOperator, Lanczos
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.objective import Objective
 from lrnn_analysis.robustness import SweepModel, sweep
 
 GRID = {"gaussian": [0.0, 0.1, 0.2, 0.3], "gaussian-relative": [0.0, 0.05, 0.1, 0.2]}
@@ -78,9 +78,9 @@ def _rank(rank: int, world_size: int, port: int, settings: dict, out: str) -> No
     barrier()
     start = time.perf_counter()
     if distributed:
-        op = DistributedOperator(HessianOperator(model, loss_function(True), shard_batches(batches, rank, world_size)))
+        op = DistributedOperator(HessianOperator(model, Objective(True, False).loss_fn(), shard_batches(batches, rank, world_size)))
     else:
-        op = HessianOperator(model, loss_function(True), batches)
+        op = HessianOperator(model, Objective(True, False).loss_fn(), batches)
     lam = _lanczos_lambda_max(op, settings["steps"])
     barrier()
     timings["lambda_max"] = time.perf_counter() - start
@@ -128,7 +128,7 @@ def _hvp_ops_per_step(cache_graph: bool) -> float:
     for steps in (16, 32):
         generator = torch.Generator().manual_seed(0)
         batch = (torch.rand(8, steps, 1, generator=generator), torch.randint(0, 10, (8,), generator=generator))
-        op = HessianOperator(model, loss_function(True), batch, cache_graph=cache_graph)
+        op = HessianOperator(model, Objective(True, False).loss_fn(), batch, cache_graph=cache_graph)
         v = torch.randn(op.dim, generator=generator)
         with _CountOps() as counter:
             op.hvp(v)
@@ -145,7 +145,7 @@ def smnist_hvp_rates(samples: int) -> dict[str, float]:
     batch = (task.train.x[:samples], task.train.y[:samples])
     out: dict[str, float] = {}
     for cache_graph, label in ((True, "cached"), (False, "recomputed")):
-        op = HessianOperator(model, loss_function(True), batch, cache_graph=None if cache_graph else False)
+        op = HessianOperator(model, Objective(True, False).loss_fn(), batch, cache_graph=None if cache_graph else False)
         if cache_graph:
             out["graph_bytes_per_sample"] = op.graph_bytes / samples
             out["dim"] = op.dim

@@ -27,6 +27,9 @@ _EXPORTS: dict[str, str | tuple[str, str | None]] = {
     "Task": ".task",
     "load_task": ".builtin_tasks",
     "load_data": ".data_files",
+    # what a model is scored on: loss and metrics, one output per sequence or per step
+    "Objective": ".objective",
+    "evaluate": ".evaluation",
     # the pipelines every front end runs: settings in, result out
     "pipelines": (".pipelines", None),
     # stability

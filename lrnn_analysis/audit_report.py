@@ -23,8 +23,8 @@ __all__ = ["AUDIT_WRITER", "write_audit", "write_audit_into"]
 def _figures(result: AuditResult, out: OutputDirectory) -> dict[str, str]:
     drawn = {}
     tables = result.tables
-    # A regression task has no accuracies: its robustness figure shows the loss.
-    metric = "accuracy" if any(r["accuracy_mean"] is not None for r in tables["robustness_summary"]) else "loss"
+    # The task's metric: accuracy, or perplexity (language models) or mse (regression), which have no accuracy drop to plot.
+    metric = "accuracy" if result.report["clean"]["metric"] == "accuracy" else "value"
     figures = {
         "spectra": lambda: plots.plot_spectra(tables["spectra"], tables["spectra_summary"]) if "spectra" in tables else None,
         "robustness": lambda: plots.plot_robustness(tables["robustness_summary"], metric),
@@ -65,21 +65,22 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
         lines += [f"| `{g.gate}` | {'PASS' if g.passed else 'FAIL'} | {format_value(g.threshold)} | {format_value(g.observed)} | "
                   f"{g.detail} |" for g in result.gates]
         lines += ["", f"**Overall: {'PASS' if result.passed else 'FAIL'}**", ""]
-    lines += ["## Key numbers", "", "| quantity | value |", "|---|---|",
-              f"| clean test accuracy | {format_value(r['clean']['accuracy'])} (loss {format_value(r['clean']['loss'])}, n = {r['clean']['n']}) |",
+    clean = r["clean"]
+    lines += ["## Key numbers", "", "| quantity | value |", "|---|---|", _clean_line(clean),
               f"| Hessian λ_max | {format_value(hessian['lambda_max'])} |",
               f"| λ_max over {r['lambda_max_spread']['sets']} disjoint sample sets | {format_value(r['lambda_max_spread']['min'])} "
               f"to {format_value(r['lambda_max_spread']['max'])} |", f"| Hessian λ_min | {format_value(hessian['lambda_min'])} |",
               f"| GGN λ_max | {format_value(r['ggn']['lambda_max'])} |",
-              f"| curvature samples | {hessian['operator']['n_samples']} training samples ({hessian['operator']['n_batches']} batch(es)) |",
+              f"| curvature samples | {_curvature_sample(hessian['operator'])} ({hessian['operator']['n_batches']} batch(es)) |",
               f"| Hessian trace | {format_value(hessian['trace']['estimate'])} ± {format_value(hessian['trace']['ci_halfwidth'])} "
               f"(95% CI, {hessian['trace']['matvecs']} Hessian-vector products) |"]
     if "spectrum" in stability:
         s = stability["spectrum"]
         lines += [f"| α(A), μ₂(A) | {format_value(s['abscissa_A'])}, {format_value(s['mu2_A'])} |",
                   f"| ‖A‖₂, ‖W‖₂ | {format_value(s['norm_A'])}, {format_value(s['norm_W'])} |"]
-    lines += ["", f"The Hessian and GGN numbers are of the training loss on a sample of {hessian['operator']['n_samples']} "
-              "training samples. λ_max depends on that sample: the same model audited with other settings (quick "
+    lines += ["", f"The Hessian and GGN numbers are of the training loss ({clean['objective']}: "
+              f"{'mean over the unmasked tokens' if clean['objective'].startswith('per-step') else 'mean over the samples'}) "
+              f"on a sample of {_curvature_sample(hessian['operator'])}. λ_max depends on that sample: the same model audited with other settings (quick "
               "and --thorough, or another --hessian-batches or --seed) gives another λ_max and trace, so compare a "
               "max-lambda or max-trace gate only between audits with equal settings (see Settings below)."]
     lines += ["", "Hessian per parameter tensor (diagonal blocks; recurrent matrices first):", ""]
@@ -108,8 +109,13 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
     else:
         lines.append(f"{stability['reason'][0].upper()}{stability['reason'][1:]}.")
     lines += ["", "Spectra are diagnostics (necessary conditions), not certificates.", "", "## Robustness", ""]
-    lines += _markdown_table(r["robustness"]["summary"], ["perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95", "accuracy_drop"],
-                             ["perturbation", "level", "seeds", "accuracy", "± (95% CI)", "drop"]) + [""]
+    if clean["metric"] == "accuracy":
+        lines += _markdown_table(r["robustness"]["summary"], ["perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95", "accuracy_drop"],
+                                 ["perturbation", "level", "seeds", "accuracy", "± (95% CI)", "drop"]) + [""]
+    else:
+        metric = clean["metric"]
+        lines += _markdown_table(r["robustness"]["summary"], ["perturbation", "level", "seeds", "value_mean", "value_ci95", "metric_drop"],
+                                 ["perturbation", "level", "seeds", metric, "± (95% CI)", f"{metric} rise"]) + [""]
     lines += _settings_section(r["settings"], hessian["operator"])
     for name, file in figures.items():
         lines += [f"![{name}]({file})", ""]
@@ -117,6 +123,25 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
               f"Seed {r['settings']['seed']}. Versions: "
               f"{', '.join(f'{k} {v}' for k, v in r['environment'].items() if k not in ('platform', 'distributed'))}.", ""]
     return "\n".join(lines)
+
+
+def _clean_line(clean: dict[str, Any]) -> str:
+    """The key-numbers row of the clean test metrics: accuracy, or perplexity and bits per token
+    (per-step classification), or mse."""
+    n = f"n = {clean['n']}" + (f", {clean['count']} scored steps" if clean["objective"].startswith("per-step") else "")
+    if clean["metric"] == "perplexity":
+        return (f"| clean test perplexity | {format_value(clean['perplexity'])} (bits per token "
+                f"{format_value(clean['bits_per_token'])}, token accuracy {format_value(clean['token_accuracy'])}, "
+                f"loss {format_value(clean['loss'])}, {n}) |")
+    if clean["metric"] == "mse":
+        return f"| clean test mse | {format_value(clean['mse'])} ({n}) |"
+    return f"| clean test accuracy | {format_value(clean['accuracy'])} (loss {format_value(clean['loss'])}, {n}) |"
+
+
+def _curvature_sample(operator: dict[str, Any]) -> str:
+    scored = operator.get("n_scored", operator["n_samples"])
+    tokens = f", {scored} scored steps" if scored != operator["n_samples"] else ""
+    return f"{operator['n_samples']} training samples{tokens}"
 
 
 def _markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str]) -> list[str]:

@@ -1,10 +1,15 @@
 """Your data: a task from arrays, or from an ``.npz`` / PyTorch file holding them.
 
-The arrays are ``x_train, y_train, x_test, y_test`` and optionally ``x_val, y_val``:
-x of shape (N, T, D), floating point and finite, with the same T and D in every split; y either
-integer class labels of shape (N,) (classification, ``num_classes`` = largest label + 1 unless
-given) or floating-point targets of shape (N, k) (regression, mean squared error), the same
-kind in every split. Anything else is an error naming the array (and the file).
+The arrays are ``x_train, y_train, x_test, y_test`` and optionally ``x_val, y_val`` and
+``mask_train, mask_val, mask_test``: x floating point and finite of shape (N, T, D), or integer
+token ids of shape (N, T) for a model that embeds them (``vocab_size`` = largest id + 1 unless
+given), with the same T (and D) in every split; y one target per sequence — integer class labels
+(N,) (``num_classes`` = largest label + 1 unless given) or floating-point targets (N, k) — or one
+per step — integer labels (N, T) or floating-point targets (N, T, k) — the same kind in every
+split; a mask, boolean (N, T), marks the steps of per-step targets that are scored (padding of
+variable-length sequences is left out). Shapes that could mean two things (float (N, T) targets)
+are refused. Anything else is an error naming the array (and the file); see
+:func:`lrnn_analysis.task.task_from_arrays`.
 
 A file is read without executing code from it and without trusting the sizes it declares:
 
@@ -42,7 +47,7 @@ __all__ = ["MAX_ARRAY_BYTES", "MAX_ARRAY_ELEMENTS", "MAX_TOTAL_BYTES", "OPTIONAL
            "load_data", "read_npz"]
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
-OPTIONAL_KEYS = ("x_val", "y_val")
+OPTIONAL_KEYS = ("x_val", "y_val", "mask_train", "mask_val", "mask_test")
 MAX_ARRAY_BYTES = 2**30
 MAX_ARRAY_ELEMENTS = 2**28
 MAX_TOTAL_BYTES = 2 * 2**30
@@ -128,9 +133,9 @@ def _npy_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo, name: str, ke
     return shape, dtype, nbytes
 
 
-# The torch dtypes a data file may hold: floating-point inputs and targets, integer labels.
+# The torch dtypes a data file may hold: floating-point inputs and targets, integer labels and token ids, masks.
 _TORCH_DTYPES = (torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
-                torch.int64)
+                torch.int64, torch.bool)
 
 
 def _torch_arrays(path: Path) -> dict[str, Any]:
@@ -154,13 +159,16 @@ def _torch_arrays(path: Path) -> dict[str, Any]:
     for key, value in content.items():
         if isinstance(value, torch.Tensor) and value.dtype not in _TORCH_DTYPES:
             raise InputError(f"{name}: {key}: a {str(value.dtype).removeprefix('torch.')} tensor; a data file holds "
-                             "float16/32/64 inputs and targets and integer labels (convert it, e.g. with .float())")
+                             "float16/32/64 inputs and targets, integer labels and token ids and boolean masks "
+                             "(convert it, e.g. with .float())")
     return dict(content)
 
 
-def load_data(path: str | Path, name: str | None = None, num_classes: int | None = None) -> Task:
+def load_data(path: str | Path, name: str | None = None, num_classes: int | None = None,
+              vocab_size: int | None = None) -> Task:
     """A task from an ``.npz`` (zip) or PyTorch file holding ``x_train, y_train, x_test, y_test``
-    (optional ``x_val, y_val``), named after the file (e.g. ``mydata.npz``) unless ``name``."""
+    (optional ``x_val, y_val``, ``mask_train, mask_val, mask_test``), named after the file (e.g.
+    ``mydata.npz``) unless ``name``."""
     path = Path(path)
     shown = display_name(path)
     if not path.is_file():
@@ -182,6 +190,6 @@ def load_data(path: str | Path, name: str | None = None, num_classes: int | None
     if missing:
         raise InputError(f"{shown}: missing keys {missing}; {expected}")
     try:
-        return task_from_arrays(**arrays, name=name or path.name, num_classes=num_classes)
+        return task_from_arrays(**arrays, name=name or path.name, num_classes=num_classes, vocab_size=vocab_size)
     except InputError as error:
         raise InputError(f"{shown}: {error}") from error

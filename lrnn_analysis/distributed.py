@@ -152,8 +152,9 @@ def _communication_device(group: Any) -> torch.device:
 class DistributedOperator(LinearOperator):
     """The curvature operator of the data of all ranks, from each rank's operator on its shard.
 
-    ``local_op`` is this rank's symmetric operator (scipy ``LinearOperator``), the sample-weighted
-    mean over its n_r samples; n_r is ``n_samples`` (default: ``local_op.n_samples``). Products
+    ``local_op`` is this rank's symmetric operator (scipy ``LinearOperator``), the mean over its
+    n_r scored targets (samples, or unmasked tokens); n_r is ``n_samples`` (default:
+    ``local_op.n_scored``, else ``local_op.n_samples``). Products
     are H v = Σ_r n_r (H_r v) / Σ_r n_r, reduced in the operator's dtype: equal to the
     single-process operator on the concatenated batches up to the round-off of the regrouped sum
     (tested: 1e-12 relative in float64). Construction is collective (every rank of ``group``
@@ -167,7 +168,7 @@ class DistributedOperator(LinearOperator):
                  *, check_vectors: bool = True) -> None:
         self.rank, self.world_size = _require_group(group)
         if n_samples is None:
-            n_samples = getattr(local_op, "n_samples", None)
+            n_samples = getattr(local_op, "n_scored", getattr(local_op, "n_samples", None))
             if n_samples is None:
                 raise InputError("the local operator has no n_samples: pass its sample count")
         if int(n_samples) < 1:

@@ -147,13 +147,15 @@ class ModelUnderAnalysis:
         return sum(p.numel() for p in self.module.parameters())
 
     def check_fits(self, task: Task, where: str | None = None) -> None:
-        """Raise ``InputError`` unless the module runs on ``task``'s inputs and returns (batch,
-        task.output_dim) outputs (``UserCodeError`` when its forward raises). Known sizes are
-        compared; unknown ones are probed on two test samples."""
+        """Raise ``InputError`` unless the module runs on ``task``'s inputs and returns outputs
+        its targets can score: (batch, task.output_dim), or (batch, T, task.output_dim) for a
+        per-step task (``UserCodeError`` when its forward raises). Known sizes are compared; unknown
+        ones, and the outputs on a per-step task, are probed on two test samples."""
         where = where or self.name
         if self.input_dim is not None and self.output_dim is not None:
             task.check_fits(self.input_dim, self.output_dim, where)
-            return
+            if not task.per_step:
+                return
         x = task.test.x[:2].to(self.device)
         was_training = self.module.training
         self.module.eval()
@@ -161,15 +163,18 @@ class ModelUnderAnalysis:
             with torch.no_grad():
                 out = self.module(x)
         except Exception as error:  # the user's module: any failure means it does not fit
+            inputs = f"(batch, {task.seq_len}) token ids" if task.input_kind == "tokens" else f"(batch, {task.seq_len}, {task.input_dim})"
             raise UserCodeError(f"{where}: the model does not run on task {task.name} inputs of shape "
-                                f"(batch, {task.seq_len}, {task.input_dim}): forward raised "
-                                f"{type(error).__name__}: {first_line(error)}") from error
+                                f"{inputs}: forward raised {type(error).__name__}: {first_line(error)}") from error
         finally:
             self.module.train(was_training)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), task.output_dim):
+        expected = (len(x), task.seq_len, task.output_dim) if task.per_step else (len(x), task.output_dim)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            per_step = f" (one output per step: task {task.name} is scored per step)" if task.per_step else ""
             raise InputError(f"{where}: the model returns {shape} on a batch of {len(x)}; task {task.name} "
-                             f"needs (batch, {task.output_dim}) outputs")
+                             f"needs {('(batch, ' + str(task.seq_len) + ', ') if task.per_step else '(batch, '}"
+                             f"{task.output_dim}) outputs{per_step}")
 
     def describe(self) -> dict[str, Any]:
         """What the model is, for reports: name, module class, parameter count, recurrent

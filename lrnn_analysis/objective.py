@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from .errors import InputError
 
-__all__ = ["IGNORE_INDEX", "Objective", "Totals", "apply_mask"]
+__all__ = ["IGNORE_INDEX", "Objective", "StepMSELoss", "TokenCrossEntropyLoss", "Totals", "apply_mask", "scored_count",
+           "scored_steps"]
 
 IGNORE_INDEX = -100
 
@@ -86,10 +87,24 @@ class Objective:
             return "token_accuracy" if self.per_step else "accuracy"
         return "mse"
 
+    @property
+    def headline(self) -> str:
+        """The metric tables, figures and gates name: accuracy, perplexity (per-step
+        classification) or mse."""
+        if self.classification:
+            return "perplexity" if self.per_step else "accuracy"
+        return "mse"
+
+    @staticmethod
+    def worsening_of(metric: str, clean: float, value: float) -> float:
+        """How much worse ``value`` of the metric named ``metric`` is than ``clean``, in its units:
+        a fall of accuracy, a rise of any other (perplexity, mse, loss); negative when it improved."""
+        return clean - value if metric == "accuracy" else value - clean
+
     def loss_fn(self) -> nn.Module:
         """The loss as a module, mean over scored targets (module docstring)."""
         if self.classification:
-            return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX) if self.per_step else nn.CrossEntropyLoss()
+            return TokenCrossEntropyLoss() if self.per_step else nn.CrossEntropyLoss()
         return StepMSELoss() if self.per_step else nn.MSELoss()
 
     def check_outputs(self, outputs: Tensor, y: Tensor, where: str) -> None:
@@ -123,8 +138,7 @@ class Objective:
         """Number of scored targets in ``y`` (samples, or unmasked steps)."""
         if not self.per_step:
             return int(y.shape[0])
-        scored = (y != IGNORE_INDEX) if self.classification else ~torch.isnan(y).any(dim=-1)
-        return int(scored.sum())
+        return int(scored_steps(y).sum())
 
     def totals(self, outputs: Tensor, y: Tensor) -> Totals:
         """Loss sum, correct predictions (classification) and count over the scored targets."""
@@ -151,6 +165,20 @@ class Objective:
 
     def to_dict(self) -> dict[str, Any]:
         return {"objective": self.name, "loss": self.loss_name, "metric": self.metric}
+
+
+class TokenCrossEntropyLoss(nn.CrossEntropyLoss):
+    """Per-token cross-entropy of (B, T, C) logits against (B, T) targets: the mean over the
+    tokens that are not ``IGNORE_INDEX`` (module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(ignore_index=IGNORE_INDEX)
+
+    def forward(self, outputs: Tensor, y: Tensor) -> Tensor:
+        y = y.reshape(-1)
+        if not bool((y != IGNORE_INDEX).any()):
+            raise InputError("no scored targets: every step is masked")
+        return super().forward(outputs.reshape(-1, outputs.shape[-1]), y)
 
 
 class StepMSELoss(nn.Module):
@@ -180,3 +208,18 @@ def apply_mask(y: Tensor, mask: Tensor | None) -> Tensor:
     else:
         y[~mask] = float("nan")
     return y
+
+
+def scored_steps(y: Tensor) -> Tensor:
+    """The (N, T) boolean mask of the scored steps of per-step targets: labels that are not
+    ``IGNORE_INDEX`` (int64 (N, T)), rows without NaN (float (N, T, k))."""
+    return ~torch.isnan(y).any(dim=-1) if y.is_floating_point() else y != IGNORE_INDEX
+
+
+def scored_count(y: Tensor) -> int:
+    """The number of scored targets in a batch's targets ``y``: its unmasked steps for per-step
+    targets (int64 (B, T), float (B, T, k)), its samples otherwise (any other shape, e.g. of a
+    loss function of the user's own)."""
+    if (y.dtype == torch.int64 and y.ndim == 2) or (y.is_floating_point() and y.ndim == 3):
+        return Objective(not y.is_floating_point(), True).count(y)
+    return int(y.shape[0])

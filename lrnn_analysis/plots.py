@@ -590,15 +590,16 @@ def plot_robustness(summary: Table, metric: str = "accuracy", *, labels: Mapping
                     colors: Mapping[str, Any] | None = None, titles: Mapping[str, str] | None = None,
                     figsize: tuple[float, float] | None = None, ax: Axes | None = None,
                     axes: Sequence[Axes] | None = None) -> Figure:
-    """Accuracy (or, with ``metric="loss"``, the loss: regression tasks have no accuracy) against
-    perturbation level, one panel per perturbation kind (panel keys: the kinds, titled by
-    :data:`PERTURBATION_TITLES`), one line per model with its 95% CI band over seeds, clipped to
-    [0, 1] (losses: to >= 0). The panels share one y-axis, so drops compare across kinds. Rows:
-    (model, perturbation, level, <metric>_mean, <metric>_ci95)."""
-    if metric not in ("accuracy", "loss"):
-        raise InputError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+    """Accuracy (or, with ``metric="loss"``, the loss; with ``metric="value"`` the task's headline
+    metric named in the rows' ``metric`` column — perplexity of a language model, mse of a
+    regression) against perturbation level, one panel per perturbation kind (panel keys: the kinds,
+    titled by :data:`PERTURBATION_TITLES`), one line per model with its 95% CI band over seeds,
+    clipped to [0, 1] (others: to >= 0). The panels share one y-axis, so drops compare across
+    kinds. Rows: (model, perturbation, level, <metric>_mean, <metric>_ci95[, metric])."""
+    if metric not in ("accuracy", "loss", "value"):
+        raise InputError(f"metric must be 'accuracy', 'loss' or 'value', got {metric!r}")
     mean, half = f"{metric}_mean", f"{metric}_ci95"
-    frame = _frame(summary, ["model", "perturbation", "level", mean, half])
+    frame = _frame(summary, ["model", "perturbation", "level", mean, half] + (["metric"] if metric == "value" else []))
     if pd.to_numeric(frame[mean], errors="coerce").isna().all():
         raise InputError(f"the table has no {mean} values (a regression task has no accuracy: use metric='loss')")
     kinds = list(dict.fromkeys(frame["perturbation"]))
@@ -608,8 +609,11 @@ def plot_robustness(summary: Table, metric: str = "accuracy", *, labels: Mapping
         figure = _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
                               "test accuracy (%)", PERTURBATION_TITLES, band=half, clip=(0.0, 1.0), percent=True)
     else:
+        names = sorted(set(frame["metric"])) if metric == "value" else ["loss"]
+        if len(names) != 1:
+            raise InputError(f"the rows mix metrics {names}: plot one task's sweep at a time")
         figure = _facet_lines(frame, "perturbation", "level", mean, options, canvas, PERTURBATION_UNITS,
-                              "test loss", PERTURBATION_TITLES, band=half, clip=(0.0, np.inf))
+                              f"test {names[0]}", PERTURBATION_TITLES, band=half, clip=(0.0, np.inf))
     _share_y(canvas.axes)
     return figure
 

@@ -579,7 +579,7 @@ def _certificates(ctx: _Context) -> tuple[list[str], str]:
     task = ctx.task()
     for label, subject in models.items():
         subject.check_fits(task, label)
-    accuracy = {r["model"]: r["accuracy"] for r in tidy_tables.accuracy_table(models, task.test.x, task.test.y, task.is_classification)}
+    accuracy = {r["model"]: r["accuracy"] for r in tidy_tables.accuracy_table(models, task.test.x, task.test.y, task.objective)}
     found = stability.run(list(models.values()), task, ctx.recipe.pipeline_settings())
     rows = found.rows()
     for row in rows:
@@ -627,13 +627,17 @@ def _robustness(ctx: _Context) -> tuple[list[str], str]:
     if ctx.out is None:
         return [], ""
     ctx.warnings += list(result.warnings)
-    written = ctx.write(result.rows, plots.plot_robustness(result.summary), {"summary": result.summary, "settings": result.settings,
-                                                                           "warnings": list(result.warnings)})
+    metric = result.summary[0]["metric"]  # the task's: accuracy, or perplexity (language models) or mse
+    figure = plots.plot_robustness(result.summary, "accuracy" if metric == "accuracy" else "value")
+    written = ctx.write(result.rows, figure, {"summary": result.summary, "settings": result.settings,
+                                              "warnings": list(result.warnings)})
     written += ctx.write(result.summary, None, suffix="_summary")
     top_level = max(r["level"] for r in result.summary)
-    at_top = [r for r in result.summary if r["level"] == top_level and r["accuracy_drop"] is not None]
-    best = min(at_top, key=lambda r: r["accuracy_drop"]) if at_top else None
-    return written, f"{len(result.rows)} rows" + (f"; smallest drop at level {top_level:g}: {best['model']} ({best['accuracy_drop']:.3f})" if best else "")
+    at_top = [r for r in result.summary if r["level"] == top_level and r["metric_drop"] is not None]
+    best = min(at_top, key=lambda r: r["metric_drop"]) if at_top else None
+    change = "drop" if metric == "accuracy" else f"{metric} rise"
+    return written, f"{len(result.rows)} rows" + (f"; smallest {change} at level {top_level:g}: {best['model']} ({best['metric_drop']:.3f})"
+                                                  if best else "")
 
 
 def _axis(spec: Any) -> list[float]:
@@ -664,7 +668,7 @@ def _training_spectra(ctx: _Context) -> tuple[list[str], str]:
 def _landscape(ctx: _Context) -> tuple[list[str], str]:
     task = ctx.task()
     plane_spec = ctx.setting("plane_steps", None)
-    lines, plane = tidy_tables.landscape_tables(ctx.models(), ctx.batches(task), task.is_classification,
+    lines, plane = tidy_tables.landscape_tables(ctx.models(), ctx.batches(task), task.objective,
                                              _axis(ctx.setting("steps", {"linspace": [-1.0, 1.0, 21]})),
                                              None if plane_spec is None else _axis(plane_spec), seed=ctx.recipe.seed)
     written = ctx.write(lines, plots.plot_landscape_1d(lines))

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .evaluation import evaluate, loss_function
+from .evaluation import evaluate
 from .model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
+from .objective import Objective
 from .stability import spectrum
 
 if TYPE_CHECKING:
@@ -57,12 +58,14 @@ def spectra_rows(label: str, system: LureSystem, report: SpectrumReport) -> tupl
     }
 
 
-def accuracy_table(models: Models, x: torch.Tensor, y: torch.Tensor, classification: bool) -> list[dict[str, Any]]:
-    """Clean loss and accuracy per model on (x, y)."""
+def accuracy_table(models: Models, x: torch.Tensor, y: torch.Tensor, objective: Objective | None = None) -> list[dict[str, Any]]:
+    """Clean loss, accuracy (per token where per step) and the objective's headline metric per
+    model on (x, y): rows (model, accuracy, loss, metric, value, n, count, parameters)."""
     rows = []
     for label, model in _modules(models).items():
-        result = evaluate(model, x, y, classification)
-        rows.append({"model": label, "accuracy": result.accuracy, "loss": result.loss, "n": result.n,
+        result = evaluate(model, x, y, objective)
+        rows.append({"model": label, "accuracy": result.accuracy, "loss": result.loss, "metric": result.metric,
+                     "value": result.value, "n": result.n, "count": result.count,
                      "parameters": sum(p.numel() for p in model.parameters())})
     return rows
 
@@ -76,18 +79,19 @@ def training_log_table(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
 def landscape_tables(
     models: Models,
     batches: Sequence[Batch],
-    classification: bool,
+    objective: Objective,
     steps: Sequence[float],
     plane_steps: Sequence[float] | None = None,
     *,
     seed: int = 0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Loss along the top Hessian eigenvector and along a filter-normalised random direction,
-    rows (model, direction, t, loss, accuracy); with ``plane_steps``, also the loss on the plane
+    rows (model, direction, t, loss, accuracy, metric, value: the objective's headline metric per
+    scored target); with ``plane_steps``, also the loss on the plane
     of two filter-normalised random directions, rows (model, a, b, loss)."""
     from .hessian import HessianOperator, eigenvalues, eigenvector_directions, landscape
 
-    loss_fn = loss_function(classification)
+    loss_fn = objective.loss_fn()
     lines, plane = [], []
     for label, model in _modules(models).items():
         op = HessianOperator(model, loss_fn, list(batches))
@@ -96,7 +100,8 @@ def landscape_tables(
             result = landscape(model, loss_fn, list(batches), directions, np.asarray(steps, dtype=float), seed=seed)
             for i, t in enumerate(result.alphas):
                 lines.append({"model": label, "direction": name, "t": float(t), "loss": float(result.loss[i]),
-                              "accuracy": None if result.accuracy is None else float(result.accuracy[i])})
+                              "accuracy": None if result.accuracy is None else float(result.accuracy[i]),
+                              "metric": result.metric, "value": float(result.value[i])})
         if plane_steps is not None:
             axis = np.asarray(plane_steps, dtype=float)
             result = landscape(model, loss_fn, list(batches), "random", (axis, axis), seed=seed)

@@ -10,7 +10,7 @@ import torch
 
 from .constraints import StabilityConstraint, check_feasible, project
 from .errors import InputError
-from .evaluation import evaluate, loss_function
+from .evaluation import Evaluation, evaluate
 from .models import RecurrentModel
 from .progress import progress_bar
 from .stability.spectra import mu2, norm2, spectral_abscissa
@@ -81,7 +81,9 @@ def train_model(
     progress: bool = True,
     constraint: StabilityConstraint | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``task.train``; validate each epoch; test at the end.
+    """Train ``model`` in place on ``task.train`` with the task's loss (per token, over the unmasked
+    steps, for per-step targets); validate each epoch; test at the end (the metrics of
+    :func:`_split_metrics`).
 
     With a ``constraint`` the recurrent parameters are projected after every optimizer
     step (and once before training) so that its norm certificate holds with its margin.
@@ -90,13 +92,15 @@ def train_model(
     """
     if len(task.val) == 0:
         raise InputError(f"task {task.name} has no validation split, and training validates every epoch (give x_val, y_val)")
+    task.check_fits(model.config.input_dim, model.config.output_dim, f"the {model.config.arch} model")
     torch.manual_seed(settings.seed)
     model.to(device)
     if constraint is not None:
         check_feasible(model, constraint)
         projection = project(model, constraint)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    criterion = loss_function(task.is_classification)
+    objective = task.objective
+    criterion = objective.loss_fn()
     x_train, y_train = task.train.x.to(device), task.train.y.to(device)
     order_rng = torch.Generator().manual_seed(settings.seed)
     log: list[dict[str, Any]] = []
@@ -105,7 +109,7 @@ def train_model(
     for epoch in bar:
         model.train()
         order = torch.randperm(len(x_train), generator=order_rng).to(device)
-        total = 0.0
+        total, scored = 0.0, 0
         smallest_scale = 1.0
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
@@ -119,14 +123,15 @@ def train_model(
             if constraint is not None:
                 projection = project(model, constraint)
                 smallest_scale = min(smallest_scale, projection.scale)
-            total += float(loss.detach()) * len(idx)
-        val = evaluate(model, task.val.x, task.val.y, task.is_classification,
+            count = objective.count(y_train[idx])
+            total += float(loss.detach()) * count
+            scored += count
+        val = evaluate(model, task.val.x, task.val.y, objective,
                        name=f"the {model.config.arch} model after epoch {epoch} (validation)")
         entry = {
             "epoch": epoch,
-            "train_loss": total / len(order),
-            "val_loss": val.loss,
-            "val_accuracy": val.accuracy,
+            "train_loss": total / scored,
+            **_split_metrics("val", val),
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
             **spectral_summary(model),
@@ -141,17 +146,25 @@ def train_model(
                 group["lr"] *= settings.lr_decay
     seconds = time.perf_counter() - started
     trained = f"the trained {model.config.arch} model"
-    test = evaluate(model, task.test.x, task.test.y, task.is_classification, name=f"{trained} (test)")
-    val = evaluate(model, task.val.x, task.val.y, task.is_classification, name=f"{trained} (validation)")
+    test = evaluate(model, task.test.x, task.test.y, objective, name=f"{trained} (test)")
+    val = evaluate(model, task.val.x, task.val.y, objective, name=f"{trained} (validation)")
     metrics = {
-        "test_loss": test.loss,
-        "test_accuracy": test.accuracy,
-        "val_loss": val.loss,
-        "val_accuracy": val.accuracy,
+        **_split_metrics("test", test),
+        **_split_metrics("val", val),
         "train_seconds": seconds,
         "epochs": settings.epochs,
     }
     return TrainResult(metrics, log)
+
+
+def _split_metrics(split: str, evaluation: Evaluation) -> dict[str, float | None]:
+    """``{split}_loss``, ``{split}_accuracy`` (per token where per step; None for regression) and,
+    per step, ``{split}_perplexity`` and ``{split}_bits_per_token`` (or ``{split}_mse``)."""
+    extra = {key: value for key, value in evaluation.metrics.items() if key not in ("loss", "accuracy", "token_accuracy")}
+    if not evaluation.objective.per_step:
+        extra = {}
+    return {f"{split}_loss": evaluation.loss, f"{split}_accuracy": evaluation.accuracy,
+            **{f"{split}_{key}": value for key, value in extra.items()}}
 
 
 def training_metadata(task: Task, settings: TrainSettings, result: TrainResult, device: torch.device) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import language_model
 import user_module
 import user_project
 from helpers import SAVED_CONFIG, SAVED_TASK
@@ -142,6 +143,29 @@ def project(tmp_path_factory):
             torch.save(state, root / file)
         else:
             save_file(state, str(root / file))
+    return root
+
+
+@pytest.fixture(scope="session")
+def language_project(tmp_path_factory):
+    """lm.py (an RNNModel with tied weights), data.npz (token ids, next-token targets, masks of
+    trailing padding) and lm.pt, its weights after a short training (each tensor saved on its own:
+    the loader refuses tensors sharing a storage, and loading re-ties them)."""
+    root = tmp_path_factory.mktemp("language")
+    (root / "lm.py").write_text(language_model.MODULE_SOURCE)
+    rng = np.random.default_rng(0)
+    (x_train, y_train, m_train), (x_test, y_test, m_test) = (language_model.token_sequences(rng, n) for n in (48, 24))
+    np.savez(root / "data.npz", x_train=x_train, y_train=y_train, mask_train=m_train, x_test=x_test, y_test=y_test,
+             mask_test=m_test)
+    module = load_user_model(f"{root / 'lm.py'}:build").module.train()
+    task = load_data(root / "data.npz")
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.05)
+    for _ in range(40):
+        loss = task.objective.loss_fn()(module(task.train.x), task.train.y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, root / "lm.pt")
     return root
 
 

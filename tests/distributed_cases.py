@@ -1,8 +1,8 @@
 """The tiny cases that test_distributed.py runs in one process and distributed_worker.py in two."""
 
 from lrnn_analysis.builtin_tasks import load_task
-from lrnn_analysis.evaluation import loss_function
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.objective import Objective
 from lrnn_analysis.robustness import SweepModel
 
 SWEEP_GRID = {"gaussian": [0.0, 0.2], "gaussian-relative": [0.1, 0.0, 0.05], "fgsm": [0.0, 0.1]}
@@ -22,7 +22,7 @@ def hessian_case():
     task = load_task("digits", seed=0)
     x, y = task.train.x[:70, :10].double(), task.train.y[:70]
     batches = [(x[s:s + 16], y[s:s + 16]) for s in range(0, 70, 16)]
-    return tiny_model(0).double(), loss_function(True), batches
+    return tiny_model(0).double(), Objective(True, False).loss_fn(), batches
 
 
 def sweep_case():

@@ -97,7 +97,7 @@ def test_user_data_validation_errors_name_the_file_and_the_array(tmp_path):
         "extra": (dict(x_train=x, y_train=y, x_test=x, y_test=y, notes=y), "unknown keys ['notes']"),
         "missing": (dict(x_train=x, y_train=y, x_test=x), "missing keys ['y_test']"),
         "flat": (dict(x_train=x[:, :, 0], y_train=y, x_test=x, y_test=y), "x_train: expected shape (N, T, D)"),
-        "intx": (dict(x_train=x.astype(np.int32), y_train=y, x_test=x, y_test=y), "x_train: expected floating-point"),
+        "intx": (dict(x_train=x.astype(np.int32), y_train=y, x_test=x, y_test=y), "x_train: integer inputs are token ids of shape (N, T)"),
         "nan": (dict(x_train=x, y_train=y, x_test=np.full_like(x, np.nan), y_test=y), "x_test: has non-finite"),
         "floaty": (dict(x_train=x, y_train=y.astype(np.float32), x_test=x, y_test=y),
                    "y_train: regression targets must have shape (N, k)"),
@@ -280,3 +280,25 @@ def test_a_good_npz_and_pytorch_file_still_load(tmp_path):
     same = load_data(tmp_path / "good.pt")
     assert torch.equal(task.train.x, same.train.x) and torch.equal(task.test.y, same.test.y)
     assert json.loads(json.dumps(task.summary()))["sizes"] == {"train": 4, "val": 0, "test": 4}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_token_ids_per_step_targets_and_masks_load_from_npz_and_torch_files(tmp_path, suffix):
+    from language_model import token_sequences
+    from lrnn_analysis.objective import IGNORE_INDEX
+
+    x, y, mask = token_sequences(np.random.default_rng(0), 6)
+    arrays = dict(x_train=x, y_train=y, mask_train=mask, x_test=x[:3], y_test=y[:3], mask_test=mask[:3])
+    path = tmp_path / f"lm{suffix}"
+    if suffix == ".npz":
+        np.savez(path, **arrays)
+    else:
+        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+    task = load_data(path)
+    assert (task.input_kind, task.per_step, task.objective.headline) == ("tokens", True, "perplexity")
+    assert torch.equal(task.train.y == IGNORE_INDEX, torch.from_numpy(~mask))
+    assert torch.equal(task.test.x, torch.from_numpy(x[:3]))
+    np.savez(tmp_path / "floaty.npz", **{**arrays, "y_train": y.astype(np.float32)})
+    with pytest.raises(InputError, match="floaty.npz: y_train: floating-point targets of shape .* per-step regression targets "
+                                         r"need shape \(N, T, k\)"):
+        load_data(tmp_path / "floaty.npz")

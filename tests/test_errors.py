@@ -138,7 +138,7 @@ def test_user_module_code_failing_is_a_user_code_error_naming_the_module():
         subject.check_fits(task)
     assert isinstance(forward.value.__cause__, IndexError)
     with pytest.raises(UserCodeError, match="^failing: forward raised IndexError: forward failed$"):
-        evaluate(subject.module, task.test.x, task.test.y, True, name="failing")
+        evaluate(subject.module, task.test.x, task.test.y, name="failing")
 
 
 @pytest.mark.parametrize("call,match", [
@@ -157,7 +157,7 @@ def test_user_module_code_failing_is_a_user_code_error_naming_the_module():
     (lambda m: trace(HessianOperator(m, nn.CrossEntropyLoss(), (torch.zeros(2, 5, 2), torch.zeros(2, dtype=torch.long))),
                      method="guess"), "method must be one of"),
     (lambda m: m(torch.zeros(2, 5, 7)), r"expects input of shape \(batch, time, 2\)"),
-    (lambda m: evaluate(m, torch.zeros(0, 5, 2), torch.zeros(0, dtype=torch.long), True), "no samples to evaluate"),
+    (lambda m: evaluate(m, torch.zeros(0, 5, 2), torch.zeros(0, dtype=torch.long)), "no samples to evaluate"),
     (lambda m: task_from_arrays(*_arrays(), *_arrays(), num_classes="3"), "num_classes must be an integer"),
     (lambda m: task_from_arrays(torch.zeros(4, 5, 2, dtype=torch.bfloat16), np.arange(4), *_arrays()),
      "x_train: a bfloat16 tensor, which numpy cannot hold"),
@@ -177,7 +177,7 @@ def test_what_is_not_the_callers_input_is_not_an_input_error(model):
     assert not isinstance(internal.value, InputError)
     model.forward = lambda x: torch.empty(0).view(3, 7)  # the toolkit's own forward failing: a bug, as it is
     with pytest.raises(RuntimeError) as bug:
-        evaluate(model, torch.zeros(2, 5, 2), torch.zeros(2, dtype=torch.long), True)
+        evaluate(model, torch.zeros(2, 5, 2), torch.zeros(2, dtype=torch.long))
     assert not isinstance(bug.value, InputError)
     broken = build_model(CONFIG, seed=0)
     broken.lure_form = lambda: 1 / 0

@@ -3,8 +3,10 @@ user models, weights and data, recorded tasks, models keyed by path."""
 import csv
 import json
 import re
+import shutil
 import textwrap
 
+import numpy as np
 import pytest
 
 import user_project
@@ -59,6 +61,33 @@ def test_recipe_with_model_weights_and_data(project, tmp_path):
     clean = [r for r in rows if float(r["level"]) == 0.0]
     assert clean and float(clean[0]["accuracy"]) == pytest.approx(hand_accuracy(project, "rnn.pt", "rnn"), abs=1e-12)
     assert "mine.csv" in {p.split("/")[-1] for p in outcome.outputs}
+
+
+def test_recipe_on_per_step_data_names_its_metric(language_project, tmp_path):
+    from language_model import direct_perplexity, load_language_model
+
+    (tmp_path / "analyses").mkdir()
+    shutil.copy(language_project / "lm.py", tmp_path / "analyses" / "lm.py")
+    for name in ("lm.pt", "data.npz"):
+        shutil.copy(language_project / name, tmp_path / name)
+    (tmp_path / "analyses" / "lm.toml").write_text(textwrap.dedent('''
+        name = "language model"
+        analysis = "robustness"
+        output = "lm"
+        model = "analyses/lm.py:build"
+        weights = ["lm.pt"]
+        data = "data.npz"
+        [settings]
+        grid = {gaussian = [0.0, 0.3], gaussian-relative = [0.0, 0.1]}
+        seeds = 1
+    '''))
+    outcome = run_recipe(load_recipe(tmp_path / "analyses" / "lm.toml"), tmp_path / "figures", progress=False)
+    rows = list(csv.DictReader((tmp_path / "figures" / "lm.csv").open()))
+    data = np.load(language_project / "data.npz")
+    clean = direct_perplexity(load_language_model(language_project), data["x_test"], data["y_test"], data["mask_test"])
+    assert {r["metric"] for r in rows} == {"perplexity"}
+    assert float(next(r for r in rows if float(r["level"]) == 0.0)["value"]) == pytest.approx(clean, rel=1e-5)
+    assert "smallest perplexity rise at level 0.3" in outcome.summary and (tmp_path / "figures" / "lm.png").is_file()
 
 
 @pytest.mark.parametrize("lines,message", [

@@ -33,3 +33,41 @@ def test_regression_task_trains():
     result = train_model(model, task, TrainSettings(epochs=15, lr=0.01), torch.device("cpu"), progress=False)
     assert result.metrics["test_accuracy"] is None
     assert result.metrics["test_loss"] < 0.167  # predicting the mean gives Var(a + b) = 1/6
+
+
+def test_per_step_training_minimises_the_per_token_loss_and_reports_perplexity():
+    """A zoo model read out at every step (D applied to every hidden state, as --readout all does)
+    trained on masked next-value classes: the per-token loss falls below the uniform predictor's,
+    and the metrics name perplexity and bits per token."""
+    import math
+
+    import numpy as np
+
+    from lrnn_analysis.task import task_from_arrays
+
+    rng = np.random.default_rng(0)
+    series = (rng.integers(0, 4, (200, 1)) + np.arange(9)) % 4
+    x = np.eye(4, dtype=np.float32)[series[:, :-1]]
+    mask = np.arange(8) < rng.integers(3, 9, (200, 1))
+    task = task_from_arrays(x[:120], series[:120, 1:], x[160:], series[160:, 1:], x[120:160], series[120:160, 1:], name="count",
+                            mask_train=mask[:120], mask_val=mask[120:160], mask_test=mask[160:])
+    model = build_model(ModelConfig("lipschitz", 4, 16, 4, eps=0.5), seed=0)
+    model.forward = lambda inputs: model.D(model.hidden_states(inputs))
+    result = train_model(model, task, TrainSettings(epochs=10, lr=0.02, batch_size=32), torch.device("cpu"), progress=False)
+    metrics = result.metrics
+    assert metrics["test_perplexity"] == pytest.approx(math.exp(metrics["test_loss"]))
+    assert metrics["test_bits_per_token"] == pytest.approx(metrics["test_loss"] / math.log(2))
+    assert metrics["test_perplexity"] < 4 * 0.75 and result.log[-1]["train_loss"] < result.log[0]["train_loss"]
+
+
+def test_zoo_models_refuse_token_inputs():
+    import numpy as np
+
+    from lrnn_analysis.errors import InputError
+    from lrnn_analysis.task import task_from_arrays
+
+    tokens = np.arange(40).reshape(8, 5) % 3
+    task = task_from_arrays(tokens, tokens, tokens, tokens, tokens, tokens, name="tokens")
+    with pytest.raises(InputError, match="takes float inputs"):
+        train_model(build_model(ModelConfig("lipschitz", 1, 4, 3), seed=0), task, TrainSettings(epochs=1), torch.device("cpu"),
+                    progress=False)

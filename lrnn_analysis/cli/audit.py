@@ -54,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_task_options(audit, required=False)
     o.add_data_option(audit)
     audit.add_argument("--gate", type=gate, action="append", default=[], metavar="KIND=VALUE",
-                       help="certified=NAME, min-accuracy=A, max-lambda=X, max-trace=X, max-accuracy-drop=KIND:LEVEL:DROP")
+                       help="certified=NAME, min-accuracy=A, max-perplexity=P, max-mse=E, max-lambda=X, max-trace=X, "
+                            "max-accuracy-drop=KIND:LEVEL:DROP, max-metric-drop=KIND:LEVEL:DROP")
     audit.add_argument("--out", required=True, help="report directory (written atomically; replaces only a previous audit report)")
     audit.add_argument("--force", action="store_true", help="also replace a report another lrnn command wrote")
     audit.add_argument("--thorough", action="store_true", help="paper-grade settings (slow); the options below override either preset")
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     report = result.report
     print(report["stability"]["verdict"])
     print(f"audit of {args.checkpoint} ({o.architecture(subject)}, task {task.name}) written to {out}/report.md and report.json")
-    print(f"clean test accuracy {format_value(report['clean']['accuracy'])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
+    clean = report["clean"]
+    print(f"clean test {clean['metric']} {format_value(clean[clean['metric']])}, lambda_max {report['hessian']['lambda_max']:.4g}, "
           f"lambda_min {report['hessian']['lambda_min']:.4g}, trace {report['hessian']['trace']['estimate']:.4g} "
           f"+- {report['hessian']['trace']['ci_halfwidth']:.3g}")
     stored = report["stability"]["stored_evidence"]

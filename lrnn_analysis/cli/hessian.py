@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
     info = report.operator
     fisher = f" ({args.mc_samples} label sample(s) per input)" if args.operator == "fisher" else ""
     print(f"{args.checkpoint}: {o.architecture(subject)}, {args.operator}{fisher}, {len(info.get('params', []))} parameter tensors "
-          f"({', '.join(info.get('params', []))}), {info.get('n_samples')} samples of {task.name}/{args.split} "
+          f"({', '.join(info.get('params', []))}), {info.get('n_samples')} samples"
+          + (f" ({info.get('n_scored')} scored steps, {task.objective.loss_name})" if task.per_step else "")
+          + f" of {task.name}/{args.split} "
           f"in {info.get('n_batches')} batch(es), {args.backend} backend, {info.get('dtype')}, seed {args.seed}")
     eigen = report.eigen
     rows = [{"eigenvalue": float(v), "residual": float(r), "relative residual": float(r / abs(v)) if v else None,

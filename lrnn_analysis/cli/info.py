@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     info.add_argument("checkpoint", nargs="?", default=None)
     info.add_argument("--json", action="store_true", help="print the metadata as JSON")
     o.add_model_options(info, task=True)
+    o.add_data_option(info)
     info.set_defaults(handler=run)
 
 
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if "user_model" in metadata:
         _print_user_model(subject, args.task)
+        if args.data is not None:
+            _print_data(subject, args.data)
         return 0
     model = subject.module
     config = model.config.to_dict()
@@ -73,7 +76,26 @@ def run(args: argparse.Namespace) -> int:
         columns = [key for key in log[0] if key not in ("seconds",)]
         print(format_table(log, columns))
     print(spectral_line(spectral_summary(model)))
+    if args.data is not None:
+        _print_data(subject, args.data)
     return 0
+
+
+def _print_data(subject: ModelUnderAnalysis, path: str) -> None:
+    """What the data file holds, how a model is scored on it, and that the model fits it."""
+    from ..data_files import load_data
+
+    task = load_data(path)
+    summary = task.summary()
+    inputs = (f"token ids (N, {task.seq_len}) < {task.vocab_size}" if task.input_kind == "tokens"
+              else f"floats (N, {task.seq_len}, {task.input_dim})")
+    scored = task.objective
+    print(f"data: {display_name(path)}: {summary['sizes']['train']} train, {summary['sizes']['val']} val, "
+          f"{summary['sizes']['test']} test sequences; inputs {inputs}; {scored.name} ({scored.loss_name}, "
+          f"metric {scored.headline})" + (f", {scored.count(task.train.y)} scored steps in train" if task.per_step else ""))
+    subject.check_fits(task, subject.name)
+    print(f"the model fits the data: {'one output per step' if task.per_step else 'one output per sequence'}, "
+          f"{task.output_dim} {'classes' if task.is_classification else 'targets'}")
 
 
 def _print_user_model(subject: ModelUnderAnalysis, task: str | None) -> None:

@@ -159,7 +159,8 @@ def add_task_options(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def add_data_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action=Once, default=None, metavar="FILE",
-                        help="your own data: .npz or PyTorch file with x_train, y_train, x_test, y_test (optional x_val, y_val)")
+                        help="your own data: .npz or PyTorch file with x_train, y_train, x_test, y_test (optional x_val, y_val; "
+                             "per-step targets may come with masks mask_train, mask_val, mask_test)")
 
 
 def add_model_options(parser: argparse.ArgumentParser, several: bool = False, task: bool = False) -> None:

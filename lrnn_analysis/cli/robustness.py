@@ -1,5 +1,5 @@
-"""``lrnn robustness``: accuracy under input and parameter perturbations of several models, as a
-tidy CSV (see :mod:`lrnn_analysis.pipelines.robustness`)."""
+"""``lrnn robustness``: accuracy — or the task's metric, perplexity or mse — under input and parameter
+perturbations of several models, as a tidy CSV (see :mod:`lrnn_analysis.pipelines.robustness`)."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,7 @@ BESIDE_CSV = ""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    robust = sub.add_parser("robustness", help="accuracy under input and parameter perturbations (tidy CSV)")
+    robust = sub.add_parser("robustness", help="accuracy (perplexity, mse) under input and parameter perturbations (tidy CSV)")
     robust.add_argument("checkpoints", nargs="*", metavar="CKPT")
     o.add_model_options(robust, several=True)
     o.add_task_options(robust, required=False)
@@ -98,13 +98,21 @@ def run(args: argparse.Namespace) -> int:
     write_csv(args.out, result.rows, ROW_FIELDS)
     if json_path is not None:
         write_json(json_path, result.to_dict())
-    print(format_table(result.summary, ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy_mean",
-                                        "accuracy_ci95", "accuracy_drop", "loss_mean"],
-                       ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy", "+-95%", "drop", "loss"]))
+    metric = task.objective.headline
+    if metric == "accuracy":
+        print(format_table(result.summary, ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy_mean",
+                                            "accuracy_ci95", "accuracy_drop", "loss_mean"],
+                           ["model", "checkpoint", "perturbation", "level", "seeds", "accuracy", "+-95%", "drop", "loss"]))
+    else:
+        accuracy = ["accuracy_mean"] if task.is_classification else []
+        print(format_table(result.summary, ["model", "checkpoint", "perturbation", "level", "seeds", "value_mean",
+                                            "value_ci95", "metric_drop", *accuracy, "loss_mean"],
+                           ["model", "checkpoint", "perturbation", "level", "seeds", metric, "+-95%", "rise",
+                            *(["token accuracy"] if accuracy else []), "loss"]))
     print(f"wrote {args.out}" + (f" and {json_path}" if json_path is not None else ""))
     if args.figure is not None:
         from ..plots import plot_robustness
 
-        o.write_figure(plot_robustness(result.summary, "accuracy" if task.is_classification else "loss"), args.figure)
+        o.write_figure(plot_robustness(result.summary, "accuracy" if task.objective.headline == "accuracy" else "value"), args.figure)
     o.print_warnings(result.warnings)
     return 0

@@ -18,6 +18,12 @@ the same sample weighting as ``HessianOperator``, with a symmetric positive semi
 - Empirical Fisher: M_i = r_i r_iᵀ with r_i = ∇_f ℓ(f_i, y_i) at the true labels, so that
   C = (1/N) Σ_i g_i g_iᵀ with g_i = J_iᵀ r_i = ∇_θ ℓ_i, the per-sample gradients.
 
+Per-step outputs (B, T, K) against per-step targets (int64 (B, T), float (B, T, k)) — the
+per-token cross-entropy and per-step MSE of :class:`~lrnn_analysis.objective.Objective` — are
+flattened to the (M, K) outputs of their M scored (unmasked) steps: every sum above then runs
+over scored tokens i = (sequence, step), N is the number of scored tokens of all batches, and
+the GGN's M_i = diag(p_i) − p_i p_iᵀ is the output Hessian of one token's loss.
+
 Products C v = (1/N) Σ_i J_iᵀ M_i (J_i v). J v comes from the double-backward trick: for a
 cotangent u, Jᵀu = ∂⟨f, u⟩/∂θ is linear in u, and J v = ∂⟨Jᵀu, v⟩/∂u; Jᵀ w is one backward pass.
 The forward graph and the Jᵀu graph of each batch are built once and reused (while they fit the
@@ -34,6 +40,7 @@ from torch import Tensor, nn
 
 from ..choices import CURVATURE_OPERATORS
 from ..errors import InputError
+from ..objective import Objective, StepMSELoss
 from .operator import DEFAULT_MEMORY_BUDGET, Batch, CurvatureOperator, HessianOperator, LossFunction, ParamSpec, _SavedBytes
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator", "JacobianSandwichOperator", "OPERATOR_KINDS",
@@ -44,8 +51,9 @@ def _loss_kind(loss_fn: LossFunction) -> str:
     """``"cross_entropy"`` or ``"mse"`` for the losses whose output Hessian is known exactly.
 
     Only ``nn.CrossEntropyLoss`` (mean reduction, no class weights, no label smoothing, class
-    index targets) and ``nn.MSELoss`` (mean reduction) qualify; anything else is an error
-    rather than a guess.
+    index targets; per-token with :class:`~lrnn_analysis.objective.TokenCrossEntropyLoss`),
+    ``nn.MSELoss`` (mean reduction) and :class:`~lrnn_analysis.objective.StepMSELoss` qualify;
+    anything else is an error rather than a guess.
     """
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if loss_fn.reduction != "mean" or loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
@@ -55,6 +63,8 @@ def _loss_kind(loss_fn: LossFunction) -> str:
     if isinstance(loss_fn, nn.MSELoss):
         if loss_fn.reduction != "mean":
             raise InputError("the GGN/Fisher operators support nn.MSELoss only with reduction='mean'")
+        return "mse"
+    if isinstance(loss_fn, StepMSELoss):
         return "mse"
     raise InputError(f"the GGN/Fisher operators need nn.CrossEntropyLoss or nn.MSELoss, got {type(loss_fn).__name__}")
 
@@ -85,10 +95,11 @@ def _sample_targets(kind: str, f: Tensor, mc_samples: int, generator: torch.Gene
 
 
 class _Linearization:
-    """One batch's forward graph f(θ) and the graph of Jᵀu, for J v and Jᵀ w products."""
+    """One batch's forward graph f(θ) of its scored outputs (M, K), their targets ``y``, and the
+    graph of Jᵀu, for J v and Jᵀ w products."""
 
-    def __init__(self, f: Tensor, leaves: list[Tensor]) -> None:
-        self.f = f
+    def __init__(self, f: Tensor, y: Tensor, leaves: list[Tensor]) -> None:
+        self.f, self.y = f, y
         self.u = torch.zeros_like(f, requires_grad=True)
         # allow_unused: None for a leaf f does not depend on
         self.vjp_graph: Sequence[Tensor | None] = torch.autograd.grad(f, leaves, grad_outputs=self.u, create_graph=True, allow_unused=True)
@@ -108,11 +119,11 @@ class _Linearization:
 
 
 class JacobianSandwichOperator(CurvatureOperator):
-    """C = (1/N) Σ_i J_iᵀ M_i J_i for the per-sample K×K matrices of ``_output_matrices``
+    """C = (1/N) Σ_i J_iᵀ M_i J_i for the per-sample (per-token) K×K matrices of ``_output_matrices``
     (see the module docstring; ``CurvatureOperator`` for data, params, dtype, eval mode).
 
     ``_loss_kind`` is ``"cross_entropy"`` or ``"mse"`` (from the loss function). The model's
-    output must have shape (n, K). Selected parameters the output does not depend on have zero
+    output must have shape (n, K), or (n, T, K) with per-step targets. Selected parameters the output does not depend on have zero
     rows and columns and are named in ``no_grad_params``. ``cache_graph``/``memory_budget`` as
     for ``HessianOperator`` (the cached graphs are the forward graph and the Jᵀu graph).
     """
@@ -142,7 +153,7 @@ class JacobianSandwichOperator(CurvatureOperator):
             hooks = torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack) if index == 0 else nullcontext()
             with hooks:
                 linearization = self._linearize(batch)
-            self.matrices.append(self._output_matrices(index, linearization.f.detach(), self._inputs(batch)[1]) / self.n_samples)
+            self.matrices.append(self._output_matrices(index, linearization.f.detach(), linearization.y) / self.n_scored)
             if index == 0:
                 self.graph_bytes = int(counter.bytes * self.n_samples / len(batch[0]))
                 if cache_graph is False or (cache_graph is None and self.graph_bytes > memory_budget):
@@ -155,18 +166,25 @@ class JacobianSandwichOperator(CurvatureOperator):
     def _linearize(self, batch: Batch) -> _Linearization:
         x, y = self._inputs(batch)
         f = self._forward(x)
-        if f.ndim != 2 or len(f) != len(x):
-            raise InputError(f"the GGN/Fisher operators need model outputs of shape (n, K), got {tuple(f.shape)}")
+        if (y.dtype == torch.int64 and y.ndim == 2) or (y.is_floating_point() and y.ndim == 3):
+            objective = Objective.of_targets(y)
+            if objective.classification != (self.loss_kind == "cross_entropy"):
+                raise InputError(f"{objective.name} targets for a {self.loss_kind} loss")
+            objective.check_outputs(f, y, "the GGN/Fisher operators")
+            f, y = objective.flatten(f, y)
+        elif f.ndim != 2 or len(f) != len(x):
+            raise InputError(f"the GGN/Fisher operators need model outputs of shape (n, K) or (n, T, K) with per-step "
+                             f"targets, got {tuple(f.shape)}")
         if self.loss_kind == "cross_entropy":
-            if y.dtype not in (torch.int64, torch.int32) or y.shape != (len(x),):
-                raise InputError("cross-entropy GGN/Fisher needs integer class targets of shape (n,)")
+            if y.dtype not in (torch.int64, torch.int32) or y.shape != (len(f),):
+                raise InputError("cross-entropy GGN/Fisher needs integer class targets of shape (n,) or (n, T)")
             if isinstance(self.loss_fn, nn.CrossEntropyLoss) and bool((y == self.loss_fn.ignore_index).any()):
                 raise InputError(f"targets equal to ignore_index {self.loss_fn.ignore_index} are not supported")
         elif y.shape != f.shape:
             raise InputError(f"MSE targets of shape {tuple(y.shape)} for outputs of shape {tuple(f.shape)}")
         if not f.requires_grad:
-            return _NoLinearization(f, self._leaves)
-        linearization = _Linearization(f, self._leaves)
+            return _NoLinearization(f, y, self._leaves)
+        linearization = _Linearization(f, y, self._leaves)
         self._has_grad.update(i for i, g in enumerate(linearization.vjp_graph) if g is not None)
         return linearization
 
@@ -191,8 +209,8 @@ class JacobianSandwichOperator(CurvatureOperator):
 class _NoLinearization(_Linearization):
     """An output that depends on none of the selected parameters: J = 0."""
 
-    def __init__(self, f: Tensor, leaves: list[Tensor]) -> None:
-        self.f, self.leaves, self.vjp_graph = f, leaves, [None] * len(leaves)
+    def __init__(self, f: Tensor, y: Tensor, leaves: list[Tensor]) -> None:
+        self.f, self.y, self.leaves, self.vjp_graph = f, y, leaves, [None] * len(leaves)
 
     def vjp(self, w: Tensor) -> list[Tensor]:
         return [torch.zeros_like(leaf) for leaf in self.leaves]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import InputError
+from ..objective import Objective, Totals, scored_count
 from ..progress import progress_bar
 from ._results import dataclass_dict
 from .eigen import EigenResult
@@ -26,8 +27,11 @@ Direction = Mapping[str, Tensor]
 class LandscapeResult:
     """L(θ + α d_1) on ``alphas`` (1-D) or L(θ + α d_1 + β d_2) on ``alphas`` × ``betas`` (2-D).
 
-    ``loss`` (and ``accuracy``, None for non-integer targets) has shape (len(alphas),) or
-    (len(alphas), len(betas)); the loss is the sample-weighted mean over all batches.
+    ``loss`` (and ``accuracy``, per token for per-step targets, None for non-integer targets)
+    has shape (len(alphas),) or (len(alphas), len(betas)); the loss is the mean over the scored
+    targets of all batches (samples, or unmasked tokens). ``value`` holds the headline ``metric``
+    of the targets' objective (accuracy, perplexity or mse; the loss itself for targets of a
+    loss of the user's own) on the same grid.
     """
 
     alphas: np.ndarray
@@ -39,6 +43,8 @@ class LandscapeResult:
     seed: int | None
     evaluations: int
     wall_time: float
+    metric: str = "loss"
+    value: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)
@@ -131,10 +137,16 @@ def landscape(
     base = {name: named[name].detach() for name in names}
     steps = [(float(a), None) for a in alphas] if betas is None else [(float(a), float(b)) for a in alphas for b in betas]
     batches = as_batches(data)
-    n_total = sum(len(x) for x, _ in batches)
-    classification = all(not y.is_floating_point() for _, y in batches)
+    n_total = sum(scored_count(y) for _, y in batches)
+    if n_total == 0:
+        raise InputError("no scored targets: every step is masked")
+    try:
+        objective: Objective | None = Objective.of_targets(batches[0][1])
+    except InputError:  # targets of a loss of the user's own: its loss is the only metric
+        objective = None
+    classification = objective is not None and objective.classification
     device = next(iter(base.values())).device
-    losses, accuracies = [], []
+    losses, accuracies, values = [], [], []
     with torch.no_grad(), eval_mode(model):
         for a, b in progress_bar(steps, desc="landscape", enabled=progress, leave=False):
             point = {}
@@ -143,18 +155,21 @@ def landscape(
                 if b is not None and name in chosen[1]:
                     shift = shift + b * chosen[1][name].to(theta)
                 point[name] = theta + shift
-            total, correct = 0.0, 0
+            total, totals = 0.0, Totals(0.0, 0 if classification else None, 0)
             for x, y in batches:
                 x, y = x.to(device), y.to(device)
                 out = functional_call(model, point, (x,))
-                total += float(loss_fn(out, y)) * len(x)
-                if classification:
-                    correct += int((out.argmax(dim=1) == y).sum())
+                total += float(loss_fn(out, y)) * scored_count(y)
+                if objective is not None:
+                    totals = totals + objective.totals(out, y)
             losses.append(total / n_total)
-            accuracies.append(correct / n_total)
+            metrics = objective.metrics(totals) if objective is not None else {}
+            accuracies.append(metrics.get("token_accuracy", metrics.get("accuracy")))
+            values.append(metrics[objective.headline] if objective is not None else total / n_total)
     shape = (len(alphas),) if betas is None else (len(alphas), len(betas))
     return LandscapeResult(
         alphas=alphas, betas=betas, loss=np.array(losses).reshape(shape),
         accuracy=np.array(accuracies).reshape(shape) if classification else None, directions=kind,
         params=names, seed=used_seed, evaluations=len(steps), wall_time=time.perf_counter() - start_time,
+        metric=objective.headline if objective is not None else "loss", value=np.array(values, dtype=float).reshape(shape),
     )

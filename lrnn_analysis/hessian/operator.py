@@ -1,13 +1,15 @@
 """The loss Hessian with respect to (a subset of) a model's parameters as a linear operator, and the
 ``CurvatureOperator`` base it shares with the GGN and Fisher operators (``curvature.py``).
 
-For parameters θ ∈ R^P, batches (x_b, y_b) of n_b samples (N = Σ n_b) and a mean-reduced loss
-ℓ_b(θ) = loss_fn(model_θ(x_b), y_b), the operator is
+For parameters θ ∈ R^P, batches (x_b, y_b) with n_b scored targets (N = Σ n_b) and a
+mean-reduced loss ℓ_b(θ) = loss_fn(model_θ(x_b), y_b), the operator is
 
     H = Σ_b (n_b / N) ∇²ℓ_b(θ),
 
-the Hessian of the sample-weighted mean loss over all batches (a mean over batches would
-over-weight a short last batch). Products H v are double-backward Hessian-vector products,
+the Hessian of the mean loss over all scored targets of all batches (a mean over batches would
+over-weight a short last batch). A scored target is a sample for one target per sequence, and an
+unmasked step for per-step targets (:func:`~lrnn_analysis.objective.scored_count`): the Hessian
+of a language model is that of its mean per-token loss. Products H v are double-backward Hessian-vector products,
 Hv = ∂/∂θ ⟨∇ℓ(θ), v⟩, evaluated at a frozen copy of θ.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import InputError
+from ..objective import scored_count
 from ..parameters import glob_parameters, module_of
 from ..progress import progress_bar
 from ..unrolled_rnn import twin_layer_names, unrolled_layers
@@ -182,7 +185,7 @@ class CurvatureOperator(LinearOperator):
 
     ``data`` is one ``(x, y)`` batch or an iterable of batches (materialised once, so the
     operator is the same matrix for every product); the matrix of several batches is their
-    sample-weighted mean, weights n_b / N. ``params`` selects a block (names or globs, see
+    mean weighted by scored targets (samples, or unmasked steps of per-step targets), weights n_b / N. ``params`` selects a block (names or globs, see
     ``parameter_selection``; ``selection`` records what matched); parameters outside it are held
     fixed. The operator works on its own detached copy of the parameters in ``dtype``
     (default: the model's), runs the model in eval mode and restores its mode, and never
@@ -236,7 +239,11 @@ class CurvatureOperator(LinearOperator):
                            [*model.named_parameters(), *model.named_buffers()] if name not in self.names}
         self.batches = as_batches(data)
         self.n_samples = sum(len(x) for x, _ in self.batches)
-        self.weights = tuple(len(x) / self.n_samples for x, _ in self.batches)
+        counts = [scored_count(y) for _, y in self.batches]
+        self.n_scored = sum(counts)
+        if self.n_scored == 0:
+            raise InputError("no scored targets: every step is masked")
+        self.weights = tuple(count / self.n_scored for count in counts)
         self.matvecs = 0
         self._memo: _ProductMemo | None = None
         self._progress = progress
@@ -343,6 +350,7 @@ class CurvatureOperator(LinearOperator):
             "rnn_twin": self.rnn_twin,
             "rnn_twin_layers": list(self.rnn_twin_layers),
             "n_samples": self.n_samples,
+            "n_scored": self.n_scored,
             "n_batches": self.n_batches,
             "batch_sizes": [len(x) for x, _ in self.batches],
         }

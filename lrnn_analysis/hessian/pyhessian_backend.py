@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..objective import scored_count
 from ..statistics import t_halfwidth
 from .eigen import EigenResult
 from .operator import Batch, LossFunction, ParamSpec, as_batches, resolve_dtype, select_parameters
@@ -46,6 +47,9 @@ class _PyHessianRun:
         batches = [(x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device),
                     y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device))
                    for x, y in as_batches(data)]
+        if len(batches) > 1 and any(scored_count(y) != len(y) for _, y in batches):
+            raise InputError("the pyhessian backend weights batches by their samples; per-step targets are weighted by "
+                             "their scored steps: use the native backend, or one batch")
         self.frozen = self._freeze(loss_fn, batches[0], set(select_parameters(model, params)))
         self.seed = seed
         self.count = 0

@@ -4,18 +4,26 @@ The audit runs, on one model and task:
   * stability: spectra (diagnostics) and the certificates of the scheme the model runs;
   * Hessian: λ_max, λ_min and tr(H) with a 95% CI, the GGN's λ_max and the per-tensor Hessian
     blocks (trace, λ_max; recurrent matrices first) on a fixed number of training batches;
-  * robustness: clean test accuracy and a short perturbation grid over seeds;
+  * robustness: the clean test metrics and a short perturbation grid over seeds;
 (:mod:`lrnn_analysis.audit_report` writes ``report.md``, ``report.json``, tables and figures).
 The gates, part of the settings, decide whether the audit passes:
 
   certified=NAME                 certificate NAME holds (e.g. euler-lmi; for a model without a
                                  Lur'e form made of torch.nn RNN/LSTM/GRU layers: NAME holds on
                                  every layer, e.g. map-lmi or lstm-contraction)
-  min-accuracy=A                 clean test accuracy >= A
+  min-accuracy=A                 clean test accuracy >= A (per token for per-step targets)
+  max-perplexity=P               clean test perplexity <= P (per-step classification: language models)
+  max-mse=E                      clean test mse <= E (regression, per step or per sequence)
   max-lambda=X                   λ_max <= X
   max-trace=X                    upper end of the 95% CI of tr(H) <= X
   max-accuracy-drop=KIND:LEVEL:D mean accuracy drop under perturbation KIND at LEVEL <= D
                                  (KIND as in tables, e.g. gaussian, or as the option, e.g. input-noise)
+  max-metric-drop=KIND:LEVEL:D   mean worsening of the task's metric (accuracy, perplexity or mse)
+                                 under perturbation KIND at LEVEL <= D, in the metric's units
+
+Every number is of the task's loss (per token for per-step targets, over the unmasked steps). On
+token-id inputs only gaussian input noise is defined (on the embedding's output): the grid's other
+input perturbations are left out.
 
 λ_max, λ_min and tr(H) are of the loss on a sample of training batches: other settings (a
 quick audit and a thorough one of the same model) give other values, so a ``max-lambda`` or
@@ -54,7 +62,10 @@ if TYPE_CHECKING:
 
 __all__ = ["GATE_KINDS", "AuditResult", "AuditSettings", "Gate", "GateResult", "run"]
 
-GATE_KINDS = ("certified", "min-accuracy", "max-lambda", "max-trace", "max-accuracy-drop")
+GATE_KINDS = ("certified", "min-accuracy", "max-perplexity", "max-mse", "max-lambda", "max-trace", "max-accuracy-drop",
+              "max-metric-drop")
+_DROP_GATES = ("max-accuracy-drop", "max-metric-drop")
+_TOKEN_REFUSED = ("salt-pepper", "occlusion", "fgsm")
 
 
 @dataclass(frozen=True)
@@ -138,16 +149,17 @@ class Gate:
     @classmethod
     def parse(cls, text: str) -> Gate:
         """Check the gate completely: every threshold finite and in range (an accuracy in [0, 1],
-        a drop in [-1, 1], a perturbation level valid for its kind)."""
+        an accuracy drop in [-1, 1], a perplexity >= 1, an mse >= 0, a perturbation level valid for
+        its kind)."""
         kind, sep, value = text.partition("=")
         if not sep or kind not in GATE_KINDS or not value:
             raise InputError(f"bad gate {text!r}: expected KIND=VALUE with KIND one of {GATE_KINDS}")
         if kind == "certified" and value not in GATE_CERTIFICATES:
             raise InputError(f"bad gate {text!r}: unknown certificate {value!r}; expected one of {GATE_CERTIFICATES}")
-        if kind == "max-accuracy-drop":
+        if kind in _DROP_GATES:
             parts = value.split(":")
             if len(parts) != 3 or not all(_is_finite(p) for p in parts[1:]):
-                raise InputError(f"bad gate {text!r}: expected max-accuracy-drop=KIND:LEVEL:DROP with KIND a perturbation "
+                raise InputError(f"bad gate {text!r}: expected {kind}=KIND:LEVEL:DROP with KIND a perturbation "
                                  "and finite LEVEL and DROP")
             try:
                 parts[0] = perturbation_kind(parts[0])
@@ -156,13 +168,17 @@ class Gate:
                 raise InputError(f"bad gate {text!r}: {error}") from None
             if parts[0] == "hessian-direction":
                 raise InputError(f"bad gate {text!r}: the audit sweeps no hessian-direction")
-            if not -1.0 <= float(parts[2]) <= 1.0:
+            if kind == "max-accuracy-drop" and not -1.0 <= float(parts[2]) <= 1.0:
                 raise InputError(f"bad gate {text!r}: an accuracy drop lies in [-1, 1]")
             value = ":".join(parts)
         elif kind != "certified" and not _is_finite(value):
             raise InputError(f"bad gate {text!r}: {kind} takes a finite number")
         elif kind == "min-accuracy" and not 0.0 <= float(value) <= 1.0:
             raise InputError(f"bad gate {text!r}: an accuracy lies in [0, 1]")
+        elif kind == "max-perplexity" and not float(value) >= 1.0:
+            raise InputError(f"bad gate {text!r}: a perplexity is >= 1")
+        elif kind == "max-mse" and not float(value) >= 0.0:
+            raise InputError(f"bad gate {text!r}: an mse is >= 0")
         return cls(kind, value)
 
     def __str__(self) -> str:
@@ -250,7 +266,8 @@ def run(
         names = list(default_certificates(system))
         names += [g.value for g in gates if g.kind == "certified" and g.value not in names]
     found = certify_model(subject, names, time_budget=settings.certificate_budget, input_bound=settings.input_bound,
-                          input_shape=(task.input_dim,), inputs=task.train.x[:SAMPLE_INPUTS] if len(task.train) else None)
+                          input_shape=(task.input_dim,) if task.input_kind == "float" else None,
+                          inputs=task.train.x[:SAMPLE_INPUTS] if len(task.train) else None)
     stability: dict[str, Any] = {"verdict": found.verdict(), "lure_form": system is not None, "form": found.form,
                                  "form_check": None if found.form_check is None else found.form_check.to_dict(),
                                  "stored_evidence": found.stored.to_dict()}
@@ -286,10 +303,12 @@ def run(
     started = time.perf_counter()
     grid = {kind: sorted(set(levels) | {0.0}) for kind, levels in settings.grid.items()}
     for gate in gates:
-        if gate.kind == "max-accuracy-drop":
+        if gate.kind in _DROP_GATES:
             kind, level, _ = gate.value.split(":")
             grid[kind] = sorted(set(grid.get(kind, [0.0])) | {0.0, float(level)})
-    clean = evaluate(model, task.test.x[:settings.max_samples], task.test.y[:settings.max_samples], task.is_classification)
+    if task.input_kind == "tokens":
+        grid = {kind: levels for kind, levels in grid.items() if kind not in _TOKEN_REFUSED}
+    clean = evaluate(model, task.test.x[:settings.max_samples], task.test.y[:settings.max_samples], task.objective)
     swept = robustness.run([SweepModel(Path(label).stem, label, subject)], task,
                            robustness.RobustnessSettings(grid=grid, seeds=settings.seeds, max_samples=settings.max_samples),
                            ranks=ranks, progress=progress)
@@ -369,6 +388,13 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
         if observed is None:
             return result("clean test accuracy", threshold, None, False, "a regression task has no accuracy")
         return result("clean test accuracy", threshold, observed, observed >= threshold, f"clean test accuracy {observed:.4f}")
+    if gate.kind in ("max-perplexity", "max-mse"):
+        metric = gate.kind.removeprefix("max-")
+        observed, threshold = report["clean"].get(metric), float(gate.value)
+        if observed is None:
+            return result(f"clean test {metric}", threshold, None, False,
+                          f"a task scored by {report['clean']['metric']} ({report['clean']['objective']}) has no {metric}")
+        return result(f"clean test {metric}", threshold, observed, observed <= threshold, f"clean test {metric} {observed:.4g}")
     if gate.kind == "max-lambda":
         threshold = float(gate.value)
         spread = report["lambda_max_spread"]
@@ -386,13 +412,17 @@ def _evaluate_gate(gate: Gate, report: dict[str, Any]) -> GateResult:
         return result("upper end of the 95% CI of the Hessian trace", threshold, upper, upper <= threshold,
                       f"trace {trace['estimate']:.4g} +- {trace['ci_halfwidth']:.3g} (95% CI upper end {upper:.4g})")
     kind, level, allowed = gate.value.split(":")
-    quantity = f"mean accuracy drop under {kind} at level {level}"
     rows = [r for r in report["robustness"]["summary"] if r["perturbation"] == kind and r["level"] == float(level)]
-    observed = rows[0]["accuracy_drop"] if rows else None
+    metric = "accuracy" if gate.kind == "max-accuracy-drop" else report["clean"]["metric"]
+    quantity = f"mean {metric} drop under {kind} at level {level}"
+    observed = (rows[0]["accuracy_drop"] if gate.kind == "max-accuracy-drop" else rows[0]["metric_drop"]) if rows else None
     if observed is None:
-        return result(quantity, float(allowed), None, False, f"no accuracy drop measured for {kind} at {level}")
+        why = " (on token inputs only gaussian input noise is defined)" if kind in _TOKEN_REFUSED and not rows else ""
+        return result(quantity, float(allowed), None, False, f"no {metric} change measured for {kind} at {level}{why}")
+    change = f"drop {observed:.4f}" if gate.kind == "max-accuracy-drop" else \
+        f"{metric} {'drop' if metric == 'accuracy' else 'rise'} {observed:.4g}"
     return result(quantity, float(allowed), observed, observed <= float(allowed),
-                  f"mean drop {observed:.4f} under {kind} at level {level} over {rows[0]['seeds']} seeds")
+                  f"mean {change} under {kind} at level {level} over {rows[0]['seeds']} seeds")
 
 
 def _lambda_max_spread(subject: ModelUnderAnalysis, task: Task, settings: AuditSettings, ranks: Any,
@@ -400,7 +430,6 @@ def _lambda_max_spread(subject: ModelUnderAnalysis, task: Task, settings: AuditS
     """λ_max of the training loss on up to ``settings.lambda_sample_sets`` disjoint sets of
     training samples, each as large as the audit's Hessian sample (the first set is that sample,
     whose λ_max is ``first``): how much λ_max depends on which samples are used."""
-    from ..evaluation import loss_function
     from ..hessian import HessianOperator, eigenvalues
     from ..task import Split
 
@@ -410,7 +439,7 @@ def _lambda_max_spread(subject: ModelUnderAnalysis, task: Task, settings: AuditS
     for k in range(1, min(settings.lambda_sample_sets, available)):
         part = Split(task.train.x[k * size:(k + 1) * size], task.train.y[k * size:(k + 1) * size])
         batches = part.batches(settings.hessian_batch_size, settings.hessian_batches, ranks.device)
-        operator = HessianOperator(subject.module, loss_function(task.is_classification), batches)
+        operator = HessianOperator(subject.module, task.objective.loss_fn(), batches)
         values.append(float(eigenvalues(operator, k=1, which="LA", seed=settings.seed).values.max()))
     return {"sets": len(values), "samples_per_set": min(size, len(task.train)), "values": values,
             "min": min(values), "max": max(values)}

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ..hessian import HessianReport
     from ..hessian.density import DensityResult
     from ..model_under_analysis import ModelUnderAnalysis
+    from ..objective import Objective
     from ..task import Task
 
 __all__ = ["CurvatureResult", "CurvatureSettings", "ModelCurvature", "run"]
@@ -188,12 +189,13 @@ def _density_rows(model: str, d: DensityResult) -> list[dict[str, Any]]:
 
 
 def _batches_of(data: Task | Any, settings: CurvatureSettings,
-                device: torch.device | str = "cpu") -> tuple[list[tuple[Any, Any]], bool]:
+                device: torch.device | str = "cpu") -> tuple[list[tuple[Any, Any]], Objective]:
     """The batches ``settings`` selects from a task (its split, batch size and count), in the
-    settings' dtype, and whether they are classification batches (integer targets); ``data`` that
-    is already an (x, y) batch or a list of them is used as given."""
+    settings' dtype (token ids and class labels stay integers), and the objective they are scored
+    by; ``data`` that is already an (x, y) batch or a list of them is used as given."""
     import torch
 
+    from ..objective import Objective
     from ..task import Task
 
     if isinstance(data, Task):
@@ -201,16 +203,17 @@ def _batches_of(data: Task | Any, settings: CurvatureSettings,
         if len(split) == 0:
             raise InputError(f"split: the {settings.split} split of task {data.name} is empty")
         batches = split.batches(settings.batch_size, settings.batches, device)
-        classification = data.is_classification
+        objective = data.objective
     else:
         from ..hessian.operator import as_batches
 
         batches = [(x.to(device), y.to(device)) for x, y in as_batches(data)]
-        classification = not batches[0][1].is_floating_point()
+        objective = Objective.of_targets(batches[0][1])
     if settings.dtype is None:
-        return batches, classification
+        return batches, objective
     dtype = getattr(torch, settings.dtype)
-    return [(x.to(dtype), y if classification else y.to(dtype)) for x, y in batches], classification
+    return [(x.to(dtype) if x.is_floating_point() else x, y.to(dtype) if y.is_floating_point() else y)
+            for x, y in batches], objective
 
 
 def run(
@@ -222,12 +225,12 @@ def run(
     progress: bool = False,
 ) -> CurvatureResult:
     """The curvature of every model of ``subjects`` on the same batches of ``data`` (a task,
-    or (x, y) batches). Classification tasks use the cross-entropy, regression the MSE. The
-    models are moved to the ranks' device and the settings' dtype."""
+    or (x, y) batches). The loss is the targets' objective's (cross-entropy or MSE, per token
+    for per-step targets over the unmasked steps). The models are moved to the ranks' device and
+    the settings' dtype."""
     import torch
 
     from ..distributed import DistributedOperator, Ranks, shard_batches
-    from ..evaluation import loss_function
     from ..hessian import analyze
     from ..model_under_analysis import ModelUnderAnalysis
     from ..task import Task
@@ -235,7 +238,7 @@ def run(
     ranks = ranks or Ranks(torch.device("cpu"))
     if isinstance(subjects, ModelUnderAnalysis):
         subjects = [subjects]
-    batches, classification = _batches_of(data, settings, ranks.device)
+    batches, objective = _batches_of(data, settings, ranks.device)
     shared_by = ranks.world_size if len(batches) >= ranks.world_size else 1
     if shared_by == 1 and not ranks.is_main:
         return CurvatureResult((), settings, shared_by)
@@ -248,7 +251,7 @@ def run(
         dtype = None if settings.dtype is None else getattr(torch, settings.dtype)
         subject.module.to(device=ranks.device, dtype=dtype)
         params = settings.params if isinstance(settings.params, (str, type(None))) else list(settings.params)
-        report = analyze(subject, loss_function(classification), batches, params=params, top_k=settings.top_k,
+        report = analyze(subject, objective.loss_fn(), batches, params=params, top_k=settings.top_k,
                          trace=settings.trace, density=settings.density, backend=settings.backend, seed=settings.seed,
                          dtype=dtype, progress=progress, max_iter=settings.max_iter,
                          trace_method=settings.trace_method, trace_matvecs=settings.trace_matvecs,

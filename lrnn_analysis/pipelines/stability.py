@@ -311,15 +311,17 @@ def run(subjects: Sequence[ModelUnderAnalysis] | ModelUnderAnalysis, data: Any =
         settings: StabilitySettings = StabilitySettings(), *,
         wrap: Callable[[list[str]], Iterable[str]] | None = None) -> StabilityResult:
     """Certify every model of ``subjects`` with ``settings``. Certificates hold for every input
-    sequence: ``data`` (a task, or None) tells the input size the forms are checked with, and its
-    first ``SAMPLE_INPUTS`` training inputs show the range each LSTM/GRU layer's input reaches."""
+    sequence: ``data`` (a task, or None) tells the input size the forms are checked with (none
+    for token ids), and its first ``SAMPLE_INPUTS`` training inputs show the range each LSTM/GRU
+    layer's input reaches (the embedded tokens, for a model that embeds them). The readout — one
+    output per sequence or per step — plays no part: certificates concern the recurrence."""
     from ..model_under_analysis import ModelUnderAnalysis
 
     if isinstance(subjects, ModelUnderAnalysis):
         subjects = [subjects]
     from ..task import Task
 
-    shape = (data.input_dim,) if isinstance(data, Task) else None
+    shape = (data.input_dim,) if isinstance(data, Task) and data.input_kind == "float" else None
     inputs = data.train.x[:SAMPLE_INPUTS] if isinstance(data, Task) and len(data.train) else None
     found = tuple(certify_model(s, settings.certificates, time_budget=settings.time_budget,
                                 input_bound=settings.input_bound, input_shape=shape, cell=settings.cell, inputs=inputs,

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InputError
-from ..evaluation import loss_function
 from ..hessian import HessianOperator, eigenvalues
 from ..model_under_analysis import ModelUnderAnalysis
 from ..parameters import module_of
@@ -26,12 +25,13 @@ def hessian_directions(
     seed: int = 0,
 ) -> ParameterDirections:
     """The top-``k`` eigenvectors (largest algebraic eigenvalues) of the training-loss Hessian
-    on the first ``batches`` training batches, over ``params`` (default: all parameters)."""
+    (the task's loss: per token for per-step targets, over the unmasked tokens) on the first
+    ``batches`` training batches, over ``params`` (default: all parameters)."""
     if len(task.train) == 0:
         raise InputError(f"hessian-direction: task {task.name} has no training samples for the Hessian")
     model = module_of(model)
     data = task.train.batches(batch_size, batches, next(model.parameters()).device)
-    op = HessianOperator(model, loss_function(task.is_classification), data, params=None if params is None else list(params))
+    op = HessianOperator(model, task.objective.loss_fn(), data, params=None if params is None else list(params))
     result = eigenvalues(op, k=k, which="LA", seed=seed)
     assert result.vectors is not None  # Lanczos always returns its Ritz vectors
     vectors = torch.as_tensor(result.vectors.T.copy(), dtype=torch.float64)

@@ -5,7 +5,8 @@ over the level are smooth and level 0 is the unperturbed input or parameters exa
 All draws come from a CPU ``torch.Generator`` seeded with ``seed``, then move to the
 data's device, so results do not depend on the device.
 
-Input kinds (x has shape (N, T, d)):
+Input kinds (x has shape (N, T, d); for token ids (N, T) only ``gaussian``, added to the output
+of the model's one ``nn.Embedding``, :func:`embedding_noise`):
 
 * ``gaussian``      x + level * xi,  xi ~ N(0, 1) i.i.d. over sample, time and channel;
 * ``salt-pepper``   each value independently replaced with probability ``level`` by the
@@ -27,16 +28,18 @@ Parameter kinds (applied to a name -> tensor mapping):
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..choices import INPUT_KINDS, KINDS, PARAMETER_KINDS, perturbation_kind, perturbation_level  # noqa: F401 (re-exported)
 from ..errors import InputError
 
-__all__ = ["DETERMINISTIC_KINDS", "ParameterDirections", "Perturbation", "is_deterministic", "perturb_inputs", "perturb_parameters"]
+__all__ = ["DETERMINISTIC_KINDS", "ParameterDirections", "Perturbation", "embedding_noise", "is_deterministic", "perturb_inputs",
+           "perturb_parameters", "token_input_embedding"]
 
 DETERMINISTIC_KINDS = ("fgsm",)
 
@@ -108,6 +111,38 @@ def perturb_inputs(
         ranks = torch.rand((n, steps), generator=gen).argsort(dim=1).argsort(dim=1).to(x.device)
         return x.masked_fill((ranks < count).unsqueeze(-1), 0.0)
     raise InputError(f"{kind} is not an input perturbation")
+
+
+def token_input_embedding(model: nn.Module, name: str) -> nn.Embedding:
+    """The one ``nn.Embedding`` of ``model``, whose output is the network's input when it is fed
+    token ids; an ``InputError`` naming ``name`` when it has none or several (which of them embeds
+    the inputs is then not known, and input noise is not defined)."""
+    found = [module_name for module_name, module in model.named_modules() if isinstance(module, nn.Embedding)]
+    if len(found) != 1:
+        raise InputError(f"{name}: gaussian input noise on token ids is added to the output of the model's nn.Embedding; "
+                         + ("the model has none" if not found else f"the model has {len(found)} ({', '.join(found)}), "
+                            "and which one embeds the inputs is not known"))
+    embedding = model.get_submodule(found[0])
+    assert isinstance(embedding, nn.Embedding)  # found above as one
+    return embedding
+
+
+@contextlib.contextmanager
+def embedding_noise(embedding: nn.Embedding, perturbation: Perturbation) -> Iterator[None]:
+    """While inside, the output e (B, T, E) of ``embedding`` is e + level * xi, xi ~ N(0, 1) i.i.d.
+    over sample, step and channel, drawn from the seed batch after batch in the order the
+    batches are embedded (the same samples in the same batches get the same noise)."""
+    generator = perturbation.generator()
+
+    def add_noise(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        xi = torch.randn(output.shape, generator=generator, dtype=torch.float32).to(output.device, output.dtype)
+        return output + perturbation.level * xi
+
+    handle = embedding.register_forward_hook(add_noise)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def perturb_parameters(

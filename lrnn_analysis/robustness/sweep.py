@@ -1,7 +1,10 @@
 """Sweeps of perturbation x level x seed over several models, as a tidy table.
 
-One row per (model, checkpoint, perturbation, level, seed) with accuracy, loss, n and
-device; the summary has the mean and 95% confidence interval over seeds. Parameter
+One row per (model, checkpoint, perturbation, level, seed) with accuracy (per token for per-step
+targets), loss, the task's headline ``metric`` (accuracy, perplexity or mse) and its ``value``, n
+(samples), count (scored targets) and device; the summary has the mean and 95% confidence
+interval over seeds, and the metric's drop from the clean model (how much worse it got, in the
+metric's units). Parameter
 draws are evaluated together: the perturbed parameter sets are stacked and the model
 is run once over the stack with ``torch.func.vmap`` of ``functional_call`` (the plain
 loop over draws, ``batched=False``, gives the same numbers to rounding).
@@ -21,21 +24,31 @@ from torch.func import functional_call, vmap
 from ..choices import perturbation_grid
 from ..environment import environment
 from ..errors import InputError
-from ..evaluation import NonFiniteOutputs, evaluate
+from ..evaluation import Evaluation, NonFiniteOutputs, evaluate
 from ..model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
+from ..objective import Objective, Totals, scored_steps
 from ..parameters import require_parameters
 from ..progress import progress_bar
 from ..statistics import t_halfwidth
 from ..task import Split, Task, task_from_arrays
 from ..training_split import check_training_data
-from .perturbations import ParameterDirections, Perturbation, is_deterministic, perturb_inputs, perturb_parameters
+from .perturbations import (
+    ParameterDirections,
+    Perturbation,
+    embedding_noise,
+    is_deterministic,
+    perturb_inputs,
+    perturb_parameters,
+    token_input_embedding,
+)
 
 __all__ = ["ROW_FIELDS", "SUMMARY_FIELDS", "SweepModel", "SweepResult", "evaluate_parameter_draws", "evaluation_task",
            "prepare_models", "recurrent_parameter_names", "summarize", "sweep", "sweep_models"]
 
-ROW_FIELDS = ("model", "checkpoint", "perturbation", "target", "level", "seed", "accuracy", "loss", "n", "device")
+ROW_FIELDS = ("model", "checkpoint", "perturbation", "target", "level", "seed", "accuracy", "loss", "metric", "value", "n",
+              "count", "device")
 SUMMARY_FIELDS = ("model", "checkpoint", "perturbation", "level", "seeds", "accuracy_mean", "accuracy_ci95",
-                  "accuracy_drop", "loss_mean", "loss_ci95")
+                  "accuracy_drop", "loss_mean", "loss_ci95", "metric", "value_mean", "value_ci95", "metric_drop")
 
 
 @dataclass(frozen=True, init=False)
@@ -143,7 +156,9 @@ def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
     splits are empty (named ``arrays``: input noise draws its range from the samples; nothing is
     claimed about the model's training data; ``hessian-direction`` needs a task with training
     samples). Integer labels are classes, as many as the first model has
-    outputs; floating-point targets of shape (N, k) are regression targets."""
+    outputs; floating-point targets of shape (N, k) or (N, T, k) are regression targets; integer
+    inputs (N, T) are token ids; per-step targets' steps marked unscored (``IGNORE_INDEX`` labels,
+    NaN rows) stay unscored."""
     if isinstance(data, Task):
         return data
     if isinstance(data, Split):
@@ -167,10 +182,16 @@ def evaluation_task(data: Data, models: Sequence[SweepModel] = ()) -> Task:
             was_training = module.training
             module.eval()
             try:
-                num_classes = int(module(x[:1].to(next(module.parameters()).device, torch.float32)).shape[-1])
+                sample = x[:1].to(next(module.parameters()).device)
+                num_classes = int(module(sample if not sample.is_floating_point() else sample.float()).shape[-1])
             finally:
                 module.train(was_training)
-    checked = task_from_arrays(x, y, x, y, name="arrays", num_classes=num_classes,
+    mask = None
+    if (y.dtype == torch.int64 and y.ndim == 2) or (y.is_floating_point() and y.ndim == 3):
+        # Per-step targets whose unscored steps are already marked (IGNORE_INDEX, NaN rows), e.g. a Task's split.
+        mask = scored_steps(y)
+        y = y.masked_fill(~mask if y.ndim == 2 else ~mask[..., None], 0)
+    checked = task_from_arrays(x, y, x, y, name="arrays", num_classes=num_classes, mask_train=mask, mask_test=mask,
                                description=f"the {len(x)} samples given (as the test split; no training split)")
     empty = Split(checked.test.x[:0], checked.test.y[:0])
     return replace(checked, train=empty, val=empty)
@@ -223,6 +244,13 @@ def sweep(
         batched = device.type == "cuda"
     samples: Split = getattr(task, split)
     x, y = samples.x[:max_samples].to(device), samples.y[:max_samples].to(device)
+    objective = task.objective
+    tokens = task.input_kind == "tokens"
+    if tokens:
+        refused = [kind for kind in plan if kind in ("salt-pepper", "occlusion", "fgsm")]
+        if refused:
+            raise InputError(f"{', '.join(refused)}: the inputs of task {task.name} are token ids; on token inputs only "
+                             "gaussian input noise is defined (added to the embedding's output)")
     data_range = task.input_range
     started = time.perf_counter()
     total = sum(len(p) * (1 if is_deterministic(kind, entry.directions) else len(seed_list)) for entry in models for kind, p in plan.items())
@@ -230,14 +258,16 @@ def sweep(
     with progress_bar(total=total, desc="robustness", unit="eval", enabled=progress) as bar:
         for index, entry in enumerate(models):
             model = entry.model.module.to(device).eval()
-            clean = evaluate(model, x, y, task.is_classification, batch_size, name=entry.label)
+            embedding = token_input_embedding(model, entry.label) if tokens and "gaussian" in plan else None
+            clean = evaluate(model, x, y, objective, batch_size, name=entry.label)
             params = {name: p.detach() for name, p in model.named_parameters()}
             names = selected[index]
 
-            def record(p: Perturbation, accuracy: float | None, loss: float) -> None:
+            def record(p: Perturbation, result: Evaluation) -> None:
                 rows.append({"model": entry.label, "checkpoint": entry.checkpoint, "perturbation": p.kind,  # noqa: B023 (this model's rows)
-                             "target": p.target, "level": p.level, "seed": p.seed, "accuracy": accuracy,
-                             "loss": loss, "n": len(x), "device": str(device)})
+                             "target": p.target, "level": p.level, "seed": p.seed, "accuracy": result.accuracy,
+                             "loss": result.loss, "metric": result.metric, "value": result.value, "n": len(x),
+                             "count": result.count, "device": str(device)})
                 bar.update()
 
             for kind, base in plan.items():
@@ -246,22 +276,24 @@ def sweep(
                 pending = []
                 for p in draws:
                     if p.level == 0:
-                        record(p, clean.accuracy, clean.loss)
+                        record(p, clean)
+                    elif p.target == "input" and embedding is not None:
+                        with embedding_noise(embedding, p):
+                            record(p, evaluate(model, x, y, objective, batch_size, name=_under(entry.label, p)))
                     elif p.target == "input":
-                        gradient = ((lambda inputs: _input_gradient(model, inputs, y, task.is_classification))  # noqa: B023 (used now)
+                        gradient = ((lambda inputs: _input_gradient(model, inputs, y, objective))  # noqa: B023 (used now)
                                     if kind == "fgsm" else None)
                         perturbed = perturb_inputs(x, p, data_range, gradient)
-                        result = evaluate(model, perturbed, y, task.is_classification, batch_size, name=_under(entry.label, p))
-                        record(p, result.accuracy, result.loss)
+                        record(p, evaluate(model, perturbed, y, objective, batch_size, name=_under(entry.label, p)))
                     else:
                         pending.append(p)
                 for start in range(0, len(pending), draws_per_call):
                     chunk = pending[start:start + draws_per_call]
                     stacked = [perturb_parameters(params, p, names, entry.directions) for p in chunk]
-                    scores = evaluate_parameter_draws(model, stacked, x, y, task.is_classification, batch_size, batched,
+                    scores = evaluate_parameter_draws(model, stacked, x, y, objective, batch_size, batched,
                                                       names=[_under(entry.label, p) for p in chunk])
-                    for p, (accuracy, loss) in zip(chunk, scores):
-                        record(p, accuracy, loss)
+                    for p, result in zip(chunk, scores):
+                        record(p, result)
     settings = {"task": task.to_dict(), "split": split, "n": len(x), "grid": {k: list(map(float, v)) for k, v in grid.items()},
                 "seeds": seed_list, "recurrent_only": recurrent_only, "recurrent": recurrent,
                 "perturbed_parameters": {entry.checkpoint: names for entry, names in zip(models, selected)},
@@ -274,21 +306,16 @@ def _under(label: str, perturbation: Perturbation) -> str:
     return f"{label} under {perturbation.kind} at level {perturbation.level:g} (seed {perturbation.seed})"
 
 
-def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, classification: bool, batch_size: int = 1000) -> Tensor:
-    """d loss / d x for each sample (the model's parameters get no gradient)."""
+def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, objective: Objective, batch_size: int = 1000) -> Tensor:
+    """d loss / d x for each sample, the loss summed over the scored targets (the model's
+    parameters get no gradient)."""
     grads = []
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].detach().requires_grad_(True)
-        loss = _loss_sum(model(xb), y[start:start + batch_size], classification)
+        yb = y[start:start + batch_size]
+        loss = objective.loss_fn()(model(xb), yb) * objective.count(yb)
         grads.append(torch.autograd.grad(loss, xb)[0])
     return torch.cat(grads)
-
-
-def _loss_sum(outputs: Tensor, y: Tensor, classification: bool) -> Tensor:
-    """Sum over samples of the per-sample loss (CE, or MSE averaged over output dims)."""
-    if classification:
-        return torch.nn.functional.cross_entropy(outputs, y, reduction="sum")
-    return torch.nn.functional.mse_loss(outputs, y, reduction="sum") / outputs.shape[-1]
 
 
 def evaluate_parameter_draws(
@@ -296,12 +323,13 @@ def evaluate_parameter_draws(
     draws: Sequence[Mapping[str, Tensor]],
     x: Tensor,
     y: Tensor,
-    classification: bool,
+    objective: Objective | None = None,
     batch_size: int = 1000,
     batched: bool = True,
     names: Sequence[str] | None = None,
-) -> list[tuple[float | None, float]]:
-    """(accuracy, mean loss) of the model under each parameter set in ``draws``.
+) -> list[Evaluation]:
+    """The evaluation (loss and metrics, scored by ``objective``, default the one ``y`` means)
+    of the model under each parameter set in ``draws``.
 
     ``batched`` runs all draws in one vmapped functional call per data batch; otherwise
     one functional call per draw. A draw whose outputs are not all finite raises
@@ -311,9 +339,9 @@ def evaluate_parameter_draws(
     names = list(names) if names is not None else [f"parameter draw {i + 1} of {count}" for i in range(count)]
     if len(names) != count:
         raise InputError(f"{len(names)} names for {count} parameter draws")
+    objective = objective or Objective.of_targets(y)
     counts = [NonFiniteOutputs() for _ in range(count)]
-    loss_sum = torch.zeros(count, dtype=torch.float64)
-    correct = torch.zeros(count, dtype=torch.int64)
+    totals = [Totals(0.0, 0 if objective.classification else None, 0) for _ in range(count)]
     stacked = {name: torch.stack([d[name] for d in draws]) for name in draws[0]} if batched else None
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
@@ -323,14 +351,12 @@ def evaluate_parameter_draws(
             else:
                 outputs = torch.stack([functional_call(model, dict(d), (xb,)) for d in draws])
             for i in range(count):
+                objective.check_outputs(outputs[i], yb, names[i])
                 counts[i].add(outputs[i])
-                loss_sum[i] += float(_loss_sum(outputs[i], yb, classification))
-                if classification:
-                    correct[i] += int((outputs[i].argmax(dim=-1) == yb).sum())
-    n = len(x)
+                totals[i] = totals[i] + objective.totals(outputs[i], yb)
     for name, count_of in zip(names, counts):
-        count_of.check(name, n)
-    return [(int(correct[i]) / n if classification else None, float(loss_sum[i]) / n) for i in range(count)]
+        count_of.check(name, len(x))
+    return [Evaluation.of_totals(total, len(x), objective) for total in totals]
 
 
 def _ci95(values: np.ndarray) -> float | None:
@@ -343,23 +369,31 @@ def _ci95(values: np.ndarray) -> float | None:
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and 95% t-interval over seeds per (model, checkpoint, perturbation, level); the drop
-    is measured from the clean accuracy (the level-0 rows, else none)."""
+    """Mean and 95% t-interval over seeds per (model, checkpoint, perturbation, level); the drops
+    are measured from the clean model (the level-0 rows, else none): ``accuracy_drop`` the fall of
+    accuracy, ``metric_drop`` how much worse the headline metric got (a fall of accuracy, a rise of
+    perplexity or mse)."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["checkpoint"], row["perturbation"], row["level"]), []).append(row)
     clean = {(k[0], k[1]): np.mean([r["accuracy"] for r in g]) for k, g in groups.items()
              if k[3] == 0 and g[0]["accuracy"] is not None}
+    clean_value = {(k[0], k[1]): np.mean([r["value"] for r in g]) for k, g in groups.items() if k[3] == 0}
     summary = []
     for (model, checkpoint, kind, level), group in groups.items():
         losses = np.array([r["loss"] for r in group], dtype=float)
         accuracies = np.array([r["accuracy"] for r in group], dtype=float) if group[0]["accuracy"] is not None else None
         base = clean.get((model, checkpoint))
+        values = np.array([r["value"] for r in group], dtype=float)
+        metric = group[0]["metric"]
+        base_value = clean_value.get((model, checkpoint))
+        drop = None if base_value is None else Objective.worsening_of(metric, float(base_value), float(values.mean()))
         summary.append({
             "model": model, "checkpoint": checkpoint, "perturbation": kind, "level": level, "seeds": len(group),
             "accuracy_mean": float(accuracies.mean()) if accuracies is not None else None,
             "accuracy_ci95": _ci95(accuracies) if accuracies is not None else None,
             "accuracy_drop": float(base - accuracies.mean()) if accuracies is not None and base is not None else None,
             "loss_mean": float(losses.mean()), "loss_ci95": _ci95(losses),
+            "metric": metric, "value_mean": float(values.mean()), "value_ci95": _ci95(values), "metric_drop": drop,
         })
     return summary

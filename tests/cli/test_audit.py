@@ -212,3 +212,26 @@ def test_an_audit_into_a_report_of_another_command_needs_force(tmp_path, checkpo
     before = snapshot(target)
     assert main(["audit", str(checkpoint), "--out", str(target), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err and snapshot(target) == before
+
+
+def test_audit_of_a_language_model_gates_on_perplexity(language_project, tmp_path, capsys):
+    from language_model import direct_perplexity, load_language_model
+
+    data = np.load(language_project / "data.npz")
+    clean = direct_perplexity(load_language_model(language_project), data["x_test"], data["y_test"], data["mask_test"])
+    out = tmp_path / "audit"
+    spec = ["--model", f"{language_project / 'lm.py'}:build", "--weights", str(language_project / "lm.pt"),
+            "--data", str(language_project / "data.npz")]
+    code = main(["audit", *spec, "--out", str(out), "--quiet", "--trace-matvecs", "10",
+                 "--seeds", "1", "--gate", f"max-perplexity={clean * 1.01}", "--gate", "max-metric-drop=gaussian:0.1:100",
+                 "--gate", "max-mse=1"])
+    assert code == 1  # max-mse fails: a language model has no mse
+    report = json.loads((out / "report.json").read_text())
+    assert report["clean"]["perplexity"] == pytest.approx(clean, rel=1e-5)
+    assert report["clean"]["count"] == int(data["mask_test"].sum())
+    assert [g["passed"] for g in report["gates"]] == [True, True, False]
+    assert "has no mse" in report["gates"][2]["detail"]
+    assert {r["metric"] for r in report["robustness"]["summary"]} == {"perplexity"}
+    markdown = (out / "report.md").read_text()
+    assert "| clean test perplexity |" in markdown and "perplexity rise" in markdown
+    assert f"clean test perplexity {clean:.4g}" in capsys.readouterr().out

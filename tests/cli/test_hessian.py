@@ -126,3 +126,25 @@ def test_recorded_task_options_are_bounded_and_typed(tmp_path, capsys, options, 
 def test_task_option_types(tmp_path, capsys, task, needle):
     path = save_checkpoint(tmp_path / "t.safetensors", build_model(ModelConfig("lipschitz", 1, 4, 10), seed=0), {"task": task})
     fails(capsys, ["hessian", str(path), "--quiet"], needle)
+
+
+def test_hessian_of_a_language_model_is_that_of_its_mean_per_token_loss(language_project, tmp_path):
+    from language_model import load_language_model
+
+    json_path = tmp_path / "lm.json"
+    assert main(["hessian", "--model", f"{language_project / 'lm.py'}:build", "--weights", str(language_project / "lm.pt"),
+                 "--data", str(language_project / "data.npz"), "--params", "rnn.weight_hh_l1", "--dtype", "float64",
+                 "--json", str(json_path), "--quiet"]) == 0
+    report = json.loads(json_path.read_text())
+    data = np.load(language_project / "data.npz")
+    assert report["operator"]["n_scored"] == int(data["mask_train"].sum()) < data["mask_train"].size
+    module = load_language_model(language_project).double()
+    x, y, mask = (torch.from_numpy(data[key]) for key in ("x_train", "y_train", "mask_train"))
+    params = dict(module.named_parameters())
+
+    def loss(w):
+        out = torch.func.functional_call(module, {**params, "rnn.weight_hh_l1": w.reshape(32, 8)}, (x,))
+        return torch.nn.functional.cross_entropy(out[mask], y[mask])
+
+    exact = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, params["rnn.weight_hh_l1"].detach().reshape(-1)))
+    assert report["lambda_max"] == pytest.approx(float(exact[-1]), rel=1e-6)

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -243,3 +244,14 @@ def test_a_reference_file_warning_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lrnn info: warning:") and "alpha is recorded nowhere" in err
     assert len(err.splitlines()) == 1 and ".py:" not in err
+
+
+def test_info_with_per_step_data_names_its_objective_and_checks_the_model(language_project, capsys):
+    spec = ["--model", f"{language_project / 'lm.py'}:build", "--weights", str(language_project / "lm.pt")]
+    assert main(["info", *spec, "--data", str(language_project / "data.npz")]) == 0
+    out = capsys.readouterr().out
+    scored = int(np.load(language_project / "data.npz")["mask_train"].sum())
+    assert (f"inputs token ids (N, 10) < 12; per-step classification (per-token cross-entropy, metric perplexity), "
+            f"{scored} scored steps in train") in out
+    assert "the model fits the data: one output per step, 12 classes" in out
+    assert "lrnn stability certifies its torch.nn recurrent layers rnn (LSTM)" in out

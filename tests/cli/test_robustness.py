@@ -224,3 +224,28 @@ def test_label_names_each_model_and_model_twice_is_refused(tmp_path, capsys):
     assert "1 --label for 2 model(s)" in capsys.readouterr().err
     assert main(["robustness", "--model", "a.py:f", "--model", "b.py:g", "--input-noise", "0", "--out", str(tmp_path / "y.csv")]) == 2
     assert "--model given twice" in capsys.readouterr().err
+
+
+def test_robustness_of_a_language_model_reports_perplexity(language_project, tmp_path, capsys):
+    """Rows name the metric; the clean row and the embedding-noise row equal the perplexity
+    computed here with the same seeded noise added to the embedding's output."""
+    from language_model import direct_perplexity, load_language_model
+
+    out = tmp_path / "lm.csv"
+    assert main(["robustness", "--model", f"{language_project / 'lm.py'}:build", "--weights", str(language_project / "lm.pt"),
+                 "--data", str(language_project / "data.npz"), "--input-noise", "0,0.3", "--param-noise", "0,0.1",
+                 "--hessian-direction", "0,0.2", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert {row["metric"] for row in rows} == {"perplexity"} and len(rows) == 2 * 2 + 2 * 2 + 2  # one eigenvector: one deterministic direction
+    module = load_language_model(language_project)
+    data = np.load(language_project / "data.npz")
+    x, y, mask = data["x_test"], data["y_test"], data["mask_test"]
+    clean = direct_perplexity(module, x, y, mask)
+    noise = 0.3 * torch.randn((len(x), x.shape[1], 8), generator=torch.Generator().manual_seed(1))
+    expected = {("gaussian", 0.0, 0): clean, ("gaussian", 0.3, 1): direct_perplexity(module, x, y, mask, noise)}
+    for row in rows:
+        key = (row["perturbation"], float(row["level"]), int(row["seed"]))
+        if key in expected:
+            assert float(row["value"]) == pytest.approx(expected[key], rel=1e-5)
+        assert int(row["count"]) == int(mask.sum())

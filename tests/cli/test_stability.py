@@ -107,3 +107,22 @@ def test_lipschitz_prints_and_writes_the_certified_bound_of_the_sequence_map(tmp
     assert bound["holds"] and f"Lipschitz bound of the inputs (all 8 steps) -> outputs: {bound['lipschitz']:.6g}" in printed
     direct = certify_gain(*sequence_map(model), 8, time_budget=20)
     assert direct.lipschitz == pytest.approx(bound["lipschitz"], rel=1e-9)
+
+
+def test_stability_of_a_language_model_certifies_its_lstm_on_the_embedded_tokens(language_project, tmp_path, capsys):
+    """The certificates concern the recurrence: the LSTM layers of an RNNModel are certified as
+    any others; the input range shown for the first layer is that of the embedded tokens."""
+    from language_model import load_language_model
+    from lrnn_analysis.pipelines.stability import SAMPLE_INPUTS
+
+    json_path = tmp_path / "lm.json"
+    code = main(["stability", "--model", f"{language_project / 'lm.py'}:build", "--weights", str(language_project / "lm.pt"),
+                 "--data", str(language_project / "data.npz"), "--json", str(json_path)])
+    layers = json.loads(json_path.read_text())["recurrent_layers"]
+    assert code == (0 if all(c["holds"] for c in layers) else 1)
+    assert [(c["module"], c["kind"]) for c in layers] == [("rnn", "lstm")]
+    module = load_language_model(language_project)
+    tokens = torch.from_numpy(np.load(language_project / "data.npz")["x_train"][:SAMPLE_INPUTS])
+    with torch.no_grad():
+        embedded = float(module.encoder(tokens).abs().max())
+    assert f"||x_t||_inf <= {embedded:.6g}" in capsys.readouterr().out

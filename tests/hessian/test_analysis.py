@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lrnn_analysis.evaluation import loss_function
 from lrnn_analysis.hessian import (
     HessianOperator,
     analyze,
 )
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.objective import Objective
 from user_module import user_subject
 
 
@@ -21,7 +21,7 @@ def test_hessian_of_the_recurrent_block_matches_the_dense_hessian(user):
     _, module, task = user
     subject = user_subject(module)
     x, y = task.train.x[:64], task.train.y[:64]
-    report = analyze(subject, loss_function(True), (x, y), params=subject.recurrent_names(), top_k=1, progress=False)
+    report = analyze(subject, Objective(True, False).loss_fn(), (x, y), params=subject.recurrent_names(), top_k=1, progress=False)
     assert report.operator["params"] == ["rec_a", "rec_w"]
     params = {name: p.detach() for name, p in module.named_parameters()}
     n = params["rec_a"].numel()

@@ -177,3 +177,34 @@ def test_unused_parameters_have_zero_blocks_and_the_model_is_untouched():
     only = EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), (x, y), params="unused", dtype="float64")
     assert torch.equal(only.to_dense(), torch.zeros(2, 2, dtype=torch.float64))
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("classification", [True, False])
+@pytest.mark.parametrize("cache_graph", [True, False])
+def test_per_token_ggn_is_the_explicit_sandwich_over_unmasked_outputs(classification, cache_graph):
+    """Per-step outputs (B, T, K) are flattened to their M unmasked (sequence, step) rows: the GGN is
+    (1/M) Σ_tokens J_iᵀ M_i J_i, M_i = diag(p_i) − p_i p_iᵀ per token (or (2/k) I), built here from
+    the dense Jacobian of every output."""
+    from language_model import StepModel
+    from lrnn_analysis.objective import Objective
+
+    from .test_operator import _per_step_batches
+
+    model = StepModel(outputs=3 if classification else 2).double()
+    batches, mask = _per_step_batches(classification)
+    op = GGNOperator(model, Objective(classification, True).loss_fn(), batches, dtype="float64", cache_graph=cache_graph)
+    names = [k for k, _ in model.named_parameters()]
+    x = torch.cat([b[0] for b in batches])
+    J, f = dense_jacobian(model, x, names)  # rows: every (sequence, step, output)
+    K = f.shape[-1]
+    J = J.reshape(*f.shape, -1)[mask]  # (M, K, P): the scored tokens only
+    M = (ce_hessian if classification else mse_hessian)(f[mask], None)
+    exact = torch.einsum("mkp,mkl,mlq->pq", J, M, J) / int(mask.sum())
+    assert J.shape[1] == K and op.n_scored == int(mask.sum())
+    torch.testing.assert_close(op.to_dense(), exact, rtol=1e-10, atol=1e-12)
+    if classification:
+        ef = EmpiricalFisherOperator(model, Objective(True, True).loss_fn(), batches, dtype="float64")
+        y = torch.cat([b[1] for b in batches])[mask]
+        r = torch.softmax(f[mask], dim=1) - nn.functional.one_hot(y, K).double()
+        g = torch.einsum("mkp,mk->mp", J, r)
+        torch.testing.assert_close(ef.to_dense(), g.T @ g / int(mask.sum()), rtol=1e-10, atol=1e-12)

@@ -24,11 +24,26 @@ def test_landscape_at_zero_is_the_evaluated_loss_and_model_is_unchanged(model_an
     result = landscape(model, nn.CrossEntropyLoss(), [(x[:5], y[:5]), (x[5:], y[5:])], "random",
                        (np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 5)), seed=4)
     assert result.loss.shape == (3, 5) and result.accuracy.shape == (3, 5) and result.seed == 4
-    reference = evaluate(model, x, y, is_classification=True)
+    reference = evaluate(model, x, y)
     assert result.loss[1, 2] == pytest.approx(reference.loss, rel=1e-6)
     assert result.accuracy[1, 2] == pytest.approx(reference.accuracy)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_landscape_of_per_step_targets_is_the_per_token_loss_and_perplexity():
+    from language_model import StepModel
+    from lrnn_analysis.objective import Objective, apply_mask
+
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 5, 2, generator=g), torch.randint(0, 3, (6, 5), generator=g)
+    y = apply_mask(y, torch.arange(5)[None] < torch.tensor([5, 1, 2, 5, 3, 4])[:, None])
+    model = StepModel(outputs=3)
+    result = landscape(model, Objective(True, True).loss_fn(), [(x[:2], y[:2]), (x[2:], y[2:])], "random", np.linspace(-1, 1, 3),
+                       seed=0)
+    reference = evaluate(model, x, y)
+    assert result.metric == "perplexity" and result.value[1] == pytest.approx(reference.value, rel=1e-6)
+    assert result.loss[1] == pytest.approx(reference.loss, rel=1e-6) and result.accuracy[1] == pytest.approx(reference.accuracy)
 
 
 def test_filter_normalised_directions_match_row_norms(model_and_batch):

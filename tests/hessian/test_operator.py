@@ -275,3 +275,54 @@ def test_remembered_products_answer_only_identical_vectors(case):
         op.apply(v)
         op.apply(v)
     assert memo.reused == 0 and op.matvecs - before == 6
+
+
+def _per_step_batches(classification, seed=3):
+    """Two batches (5 and 3 sequences of 6 steps) of per-step targets with trailing padding:
+    int64 labels (IGNORE_INDEX unscored) or float (B, T, 2) targets (NaN rows unscored)."""
+    from lrnn_analysis.objective import apply_mask
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 6, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8, 6), generator=g) if classification else torch.randn(8, 6, 2, generator=g, dtype=torch.float64)
+    mask = torch.arange(6)[None] < torch.tensor([6, 2, 5, 1, 3, 6, 4, 2])[:, None]
+    y = apply_mask(y, mask)
+    return [(x[:5], y[:5]), (x[5:], y[5:])], mask
+
+
+@pytest.mark.parametrize("classification", [True, False])
+def test_per_token_hessian_is_the_dense_hessian_of_the_mean_loss_over_unmasked_steps(classification):
+    """H of per-step targets weights batches by their unmasked steps (not samples): it equals the
+    dense Hessian of (1/M) Σ over the M scored (sequence, step) pairs of the per-token loss."""
+    from language_model import StepModel
+    from lrnn_analysis.objective import Objective
+
+    model = StepModel(outputs=3 if classification else 2).double()
+    batches, mask = _per_step_batches(classification)
+    objective = Objective(classification, True)
+    op = HessianOperator(model, objective.loss_fn(), batches, dtype=torch.float64)
+    assert op.n_scored == int(mask.sum()) and op.weights == (int(mask[:5].sum()) / op.n_scored, int(mask[5:].sum()) / op.n_scored)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    sizes = [p.numel() for p in params.values()]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+
+    def mean_token_loss(vector):
+        state = {k: c.reshape(params[k].shape) for k, c in zip(params, torch.split(vector, sizes), strict=True)}
+        out = functional_call(model, state, (x,))[mask]
+        if classification:
+            return nn.functional.cross_entropy(out, y[mask], reduction="sum") / mask.sum()
+        return ((out - y[mask]) ** 2).mean(dim=1).sum() / mask.sum()
+
+    exact = hessian(mean_token_loss)(torch.cat([p.reshape(-1) for p in params.values()]))
+    torch.testing.assert_close(op.to_dense(), exact, rtol=1e-10, atol=1e-12)
+
+
+def test_a_batch_of_per_step_targets_with_nothing_scored_is_an_error():
+    from language_model import StepModel
+    from lrnn_analysis.errors import InputError
+    from lrnn_analysis.objective import IGNORE_INDEX, TokenCrossEntropyLoss
+
+    x, y = torch.randn(2, 4, 2), torch.full((2, 4), IGNORE_INDEX)
+    with pytest.raises(InputError, match="no scored targets: every step is masked"):
+        HessianOperator(StepModel(), TokenCrossEntropyLoss(), (x, y))

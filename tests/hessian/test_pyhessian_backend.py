@@ -85,3 +85,14 @@ def test_analyze_with_pyhessian_backend_notes_its_semantics():
     json.dumps(report.to_dict(), allow_nan=False)
     with pytest.raises(ValueError, match="density"):
         analyze(model, negated_mse, batch, backend="pyhessian", density=True, progress=False)
+
+
+def test_pyhessian_refuses_several_batches_of_per_step_targets():
+    """PyHessian weights batches by samples; per-step targets are weighted by scored steps."""
+    from language_model import StepModel
+    from lrnn_analysis.errors import InputError
+    from lrnn_analysis.objective import Objective
+
+    x, y = torch.randn(4, 5, 2), torch.randint(0, 3, (4, 5))
+    with pytest.raises(InputError, match="weights batches by their samples"):
+        pyhessian_eigenvalues(StepModel(), Objective(True, True).loss_fn(), [(x[:1], y[:1]), (x[1:], y[1:])])

@@ -105,10 +105,17 @@ def test_audit_reports_hessian_and_ggn_lambda_max_and_the_block_table():
 
 @pytest.mark.usefixtures("time_limit")
 @pytest.mark.parametrize("text", ["min-accuracy=nan", "max-trace=-inf", "max-lambda=1e999", "min-accuracy=-0.1",
-                                  "max-accuracy-drop=gaussian:0.1:2"])
+                                  "max-accuracy-drop=gaussian:0.1:2", "max-perplexity=0.5", "max-perplexity=inf",
+                                  "max-mse=-1", "max-metric-drop=gaussian:0.1", "max-metric-drop=occlusion:2:1",
+                                  "max-metric-drop=hessian-direction:0.1:1"])
 def test_gate_thresholds_are_finite_and_in_range(text):
     with pytest.raises(ValueError, match="bad gate"):
         Gate.parse(text)
+
+
+def test_metric_gates_parse_with_their_ranges():
+    assert str(Gate.parse("max-metric-drop=input-noise:0.1:5")) == "max-metric-drop=gaussian:0.1:5"  # drops in the metric's units
+    assert Gate.parse("max-perplexity=1") == Gate("max-perplexity", "1") and Gate.parse("max-mse=0") == Gate("max-mse", "0")
 
 
 def test_the_audit_report_of_a_regression_task_draws_the_loss(task_checkpoints, tmp_path):

@@ -47,8 +47,8 @@ def test_fgsm_moves_each_input_by_the_budget_in_the_loss_increasing_direction(sm
 
     attacked = perturb_inputs(x, Perturbation("fgsm", 0.05), (0.0, 1.0), gradient)
     assert torch.allclose((attacked - x).abs().max(), torch.tensor(0.05))
-    clean = evaluate(small_model, x, y, True).loss
-    assert evaluate(small_model, attacked, y, True).loss > clean
+    clean = evaluate(small_model, x, y).loss
+    assert evaluate(small_model, attacked, y).loss > clean
 
 
 def test_relative_parameter_noise_statistics():
@@ -94,3 +94,24 @@ def test_one_hessian_direction_is_deterministic_with_a_fixed_sign():
 def test_bad_perturbations(kind, level):
     with pytest.raises(ValueError):
         Perturbation(kind, level)
+
+
+def test_embedding_noise_is_added_to_the_one_embeddings_output_and_refused_without_one():
+    from torch import nn
+
+    from lrnn_analysis.errors import InputError
+    from lrnn_analysis.robustness.perturbations import embedding_noise, token_input_embedding
+
+    embedding = nn.Embedding(5, 3)
+    model = nn.Sequential(embedding, nn.Linear(3, 2))
+    assert token_input_embedding(model, "m") is embedding
+    tokens = torch.tensor([[0, 1, 4], [2, 2, 3]])
+    with embedding_noise(embedding, Perturbation("gaussian", 0.5, seed=7)), torch.no_grad():
+        noisy = embedding(tokens)
+    expected = embedding.weight[tokens] + 0.5 * torch.randn((2, 3, 3), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(noisy, expected.detach())
+    torch.testing.assert_close(embedding(tokens), embedding.weight[tokens])  # the hook is gone afterwards
+    with pytest.raises(InputError, match="the model has none"):
+        token_input_embedding(nn.Linear(3, 2), "m")
+    with pytest.raises(InputError, match=r"the model has 2 \(0, 1\), and which one embeds the inputs is not known"):
+        token_input_embedding(nn.Sequential(nn.Embedding(5, 3), nn.Embedding(5, 3)), "m")

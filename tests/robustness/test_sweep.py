@@ -44,7 +44,7 @@ def test_sweep_level_zero_is_clean_and_nothing_is_mutated(small_model, digits):
     before = {k: v.clone() for k, v in small_model.state_dict().items()}
     x_before = digits.test.x.clone()
     result = sweep([SweepModel("m", "m.safetensors", small_model)], digits, GRID, seeds=2, progress=False)
-    clean = evaluate(small_model, digits.test.x, digits.test.y, True)
+    clean = evaluate(small_model, digits.test.x, digits.test.y)
     zero_rows = [r for r in result.rows if r["level"] == 0]
     assert len(zero_rows) == 9 and all(r["accuracy"] == clean.accuracy and r["loss"] == clean.loss for r in zero_rows)
     assert all(torch.equal(before[k], v) for k, v in small_model.state_dict().items())
@@ -67,10 +67,10 @@ def test_batched_parameter_draws_equal_the_plain_loop(digits):
         params = {k: v.detach() for k, v in model.named_parameters()}
         draws = [perturb_parameters(params, Perturbation("gaussian-relative", 0.2, seed=s)) for s in range(5)]
         x, y = digits.test.x[:150], digits.test.y[:150]
-        batched = evaluate_parameter_draws(model, draws, x, y, True, batch_size=64, batched=True)
-        looped = evaluate_parameter_draws(model, draws, x, y, True, batch_size=64, batched=False)
-        for (acc_b, loss_b), (acc_l, loss_l) in zip(batched, looped, strict=True):
-            assert acc_b == acc_l and loss_b == pytest.approx(loss_l, rel=1e-5)
+        batched = evaluate_parameter_draws(model, draws, x, y, batch_size=64, batched=True)
+        looped = evaluate_parameter_draws(model, draws, x, y, batch_size=64, batched=False)
+        for b, lo in zip(batched, looped, strict=True):
+            assert b.accuracy == lo.accuracy and b.loss == pytest.approx(lo.loss, rel=1e-5)
 
 
 def test_fragile_model_degrades_more_than_robust_one():
@@ -99,9 +99,9 @@ def test_models_sharing_a_checkpoint_name_keep_their_own_recurrent_parameters(di
     for label, subject in (("a", lipschitz), ("b", antisymmetric)):
         params = {name: p.detach() for name, p in subject.module.named_parameters()}
         drawn = perturb_parameters(params, Perturbation("gaussian-relative", 0.5, seed=0), subject.recurrent_names())
-        expected = evaluate_parameter_draws(subject.module, [drawn], x, y, True, 1000, False)[0]
+        expected = evaluate_parameter_draws(subject.module, [drawn], x, y, batch_size=1000, batched=False)[0]
         row = next(r for r in result.rows if r["model"] == label and r["level"] == 0.5)
-        assert (row["accuracy"], row["loss"]) == pytest.approx(expected, rel=1e-6)
+        assert (row["accuracy"], row["loss"]) == pytest.approx((expected.accuracy, expected.loss), rel=1e-6)
 
 
 def test_sweep_of_a_user_module_matches_direct_computation(user):
@@ -152,3 +152,23 @@ def test_a_sweep_never_scores_non_finite_outputs(batched):
         broken.w.fill_(-1.0)
     with pytest.raises(InputError, match=r"^broken: 16 NaN and 0 inf"):
         sweep([SweepModel("broken", "memory", broken)], task, grid, seeds=5, batched=batched, progress=False)
+
+
+def test_samples_given_with_marked_unscored_steps_sweep_as_their_task():
+    """An (x, y) pair of a per-step task's split, its padding marked IGNORE_INDEX, gives the rows
+    the task itself gives (the markers stay unscored, never read as labels)."""
+    import numpy as np
+
+    from language_model import StepModel
+    from lrnn_analysis.task import task_from_arrays
+
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((9, 6, 2)), rng.integers(0, 3, (9, 6))
+    mask = np.arange(6)[None] < rng.integers(1, 7, (9, 1))
+    task = task_from_arrays(x, y, x, y, name="padded", mask_train=mask, mask_test=mask, num_classes=3)
+    model = StepModel(outputs=3)
+    grid = {"gaussian": [0.0, 0.2], "gaussian-relative": [0.1]}
+    from_task = sweep(model, task, grid, seeds=2, progress=False).rows
+    from_pair = sweep(model, (task.test.x, task.test.y), grid, seeds=2, progress=False).rows
+    assert [(r["value"], r["count"]) for r in from_pair] == [(r["value"], r["count"]) for r in from_task]
+    assert from_task[0]["count"] == int(mask.sum())
