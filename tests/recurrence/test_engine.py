@@ -216,7 +216,7 @@ def test_torch_func_vmap_runs_the_recorded_step():
 
 
 def test_engine_options_are_checked():
-    assert len(ENGINE_VARIANTS) == 11 and {arch for arch, _ in ENGINE_VARIANTS} == set(DISCRETIZATIONS) - {"lipschitz-gated", "ren"}
+    assert len(ENGINE_VARIANTS) == 12 and {arch for arch, _ in ENGINE_VARIANTS} == set(DISCRETIZATIONS) - {"lipschitz-gated", "ren"}
     gated = build_model(ModelConfig("lipschitz-gated", INPUT, N, OUTPUT))
     assert gated.engine == "autograd"
     with pytest.raises(InputError, match="engine 'autograd'"):
