@@ -1,9 +1,10 @@
 """Offline, seeded sequence tasks.
 
 Every task yields train/val/test splits as float32 tensors ``x`` of shape
-(N, T, input_dim) and targets ``y`` (int64 class labels, or float32 (N, 1) for
-regression). Splits depend only on ``seed``; the data themselves never come
-from the network.
+(N, T, input_dim) and targets ``y``: int64 class labels (N,), or float32 (N, 1) for
+regression; the tasks of :mod:`lrnn_analysis.next_step_tasks` have a target at every step,
+int64 (N, T) next characters (``chars``) or float32 (N, T, 3) next observations (``lorenz``).
+Splits depend only on ``seed``; the data themselves never come from the network.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 from .choices import MAX_ADDING_LENGTH, MAX_SEED
 from .data_files import read_npz
 from .errors import InputError, display_name
+from .next_step_tasks import CHARS_DEFAULTS, LORENZ_DEFAULTS, chars_task, lorenz_task
 from .task import Split, Task
 
 __all__ = ["TASKS", "load_task", "reference_permutation"]
@@ -43,6 +45,11 @@ def reference_permutation() -> np.ndarray:
 _MAX_ADDING_SAMPLES = 1_000_000
 _MAX_ADDING_VALUES = 50_000_000  # samples x length (x 2 channels of float32: 400 MB)
 _MAX_DATA_BYTES = 2**30  # one uncompressed IDX file or .npz member
+# chars: its one-hot inputs take 388 bytes a character (97 float32).
+_MAX_TEXT_CHARACTERS = 2_000_000
+# lorenz: the integration is a loop over steps (vectorised over trajectories); states are float64.
+_MAX_LORENZ_STEPS = 1_000_000
+_MAX_LORENZ_OBSERVATIONS = 10_000_000
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[Split, Split, Split]:
@@ -233,6 +240,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     "smnist": lambda seed, **opts: _smnist(seed, permute=False, **opts),
     "psmnist": lambda seed, **opts: _smnist(seed, permute=True, **opts),
     "adding": _adding,
+    "chars": chars_task,
+    "lorenz": lorenz_task,
 }
 
 _TASK_OPTIONS: dict[str, set[str]] = {
@@ -242,6 +251,8 @@ _TASK_OPTIONS: dict[str, set[str]] = {
     "smnist": {"path", "pixels_per_step", "scale"},
     "psmnist": {"path", "pixels_per_step", "scale", "permutation"},
     "adding": {"length", "n_train", "n_val", "n_test"},
+    "chars": {"length", "chars", "text_sha256"},
+    "lorenz": {"length", "n_train", "n_val", "n_test", "stride", "noise"},
 }
 
 
@@ -253,7 +264,10 @@ def load_task(name: str, seed: int = 0, **opts: Any) -> Task:
     ``scale`` ("unit": pixels / 255 in [0, 1], the default; "raw": 0..255 as the reference's pmnist
     feeds them) and, for psmnist, ``permutation`` ("toolkit", the default, or "reference":
     ``torch.manual_seed(12008); torch.randperm(784)`` on the flattened image); ``adding`` takes
-    ``length`` and split sizes.
+    ``length`` and split sizes; ``chars`` takes ``length`` (steps per sequence), ``chars`` (characters
+    of the text used) and ``text_sha256`` (the text a record was made with; a different text is an
+    error); ``lorenz`` takes ``length``, split sizes (trajectories), ``stride`` and ``noise``
+    (:mod:`lrnn_analysis.next_step_tasks`).
     """
     if name not in TASKS:
         raise InputError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
@@ -276,13 +290,29 @@ def _check_options(name: str, seed: Any, opts: dict[str, Any]) -> None:
         raise InputError(f"task {name} path must be a string, got {type(opts['path']).__name__}")
     if "length" in opts:
         _check_int(f"task {name} length", opts["length"], 2, MAX_ADDING_LENGTH)
-    sizes = [opts.get(key, default) for key, default in (("n_train", 5000), ("n_val", 1000), ("n_test", 1000))]
+    split_defaults = LORENZ_DEFAULTS if name == "lorenz" else {"n_train": 5000, "n_val": 1000, "n_test": 1000}
+    sizes = [opts.get(key, split_defaults[key]) for key in ("n_train", "n_val", "n_test")]
     for key, size in zip(("n_train", "n_val", "n_test"), sizes):
         if key in opts:
             _check_int(f"task {name} {key}", size, 1, _MAX_ADDING_SAMPLES)
     if name == "adding" and sum(sizes) * opts.get("length", 100) > _MAX_ADDING_VALUES:
         raise InputError(f"task adding with {sum(sizes)} samples of length {opts.get('length', 100)} exceeds "
                          f"{_MAX_ADDING_VALUES} values")
+    if name == "chars":
+        _check_int("task chars chars", opts.get("chars", CHARS_DEFAULTS["chars"]), 1, _MAX_TEXT_CHARACTERS)
+        digest = opts.get("text_sha256")
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")):
+            raise InputError(f"task chars text_sha256 must be 64 lowercase hex digits, got {str(digest)[:70]!r}")
+    if name == "lorenz":
+        _check_int("task lorenz stride", opts.get("stride", LORENZ_DEFAULTS["stride"]), 1, 1000)
+        noise = opts.get("noise", LORENZ_DEFAULTS["noise"])
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
+            raise InputError(f"task lorenz noise must be a finite number >= 0, got {noise!r:.40}")
+        length = opts.get("length", LORENZ_DEFAULTS["length"])
+        steps = length * opts.get("stride", LORENZ_DEFAULTS["stride"])
+        if steps > _MAX_LORENZ_STEPS or sum(sizes) * length > _MAX_LORENZ_OBSERVATIONS:
+            raise InputError(f"task lorenz: {sum(sizes)} trajectories of {length} observations, {steps} integration steps each, "
+                             f"exceed {_MAX_LORENZ_OBSERVATIONS} observations or {_MAX_LORENZ_STEPS} steps a trajectory")
 
 
 def _check_int(what: str, value: Any, low: int, high: int) -> None:

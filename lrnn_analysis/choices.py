@@ -15,10 +15,11 @@ __all__ = ["ARCHITECTURES", "CERTIFICATES", "CONSTRAINTS", "CONTRACTION_CERTIFIC
     "DISCRETIZATIONS", "DTYPES", "GATE_CERTIFICATES", "INPUT_KINDS", "KINDS", "MAX_ADDING_LENGTH", "MAX_BATCHES",
     "MAX_BATCH_SIZE", "MAX_DENSITY_PROBES", "MAX_DENSITY_STEPS", "MAX_EIGENPAIRS", "MAX_ITERATIONS", "MAX_LEVELS",
     "MAX_MATVECS", "MAX_MC_SAMPLES", "MAX_SAMPLES", "MAX_SEED", "MAX_SEEDS", "MAX_SIZES", "PARAMETERIZATION_TESTS",
-    "PARAMETER_KINDS", "PERTURBATION_ALIASES", "SPLITS", "TASK_NAMES", "TRACE_METHODS", "perturbation_grid",
+    "PARAMETER_KINDS", "PERTURBATION_ALIASES", "READOUTS", "RNN_TWIN_MODES", "SPLITS", "TASK_NAMES", "TRACE_METHODS",
+    "perturbation_grid",
     "perturbation_kind", "perturbation_level"]
 
-TASK_NAMES = ("digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding")
+TASK_NAMES = ("digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding", "chars", "lorenz")
 MAX_SEED = 2**63 - 1
 MAX_ADDING_LENGTH = 100_000
 
@@ -34,8 +35,11 @@ DISCRETIZATIONS: dict[str, tuple[str, ...]] = {
     "contracting": ("euler",),
     "ren": ("map",),
     "lipschitz-ren": ("euler",),
+    "lstm": ("map",),
 }
 ARCHITECTURES = tuple(DISCRETIZATIONS)
+# What a zoo model outputs: D h_T for the sequence ("last") or D h_t at every step ("all").
+READOUTS = ("last", "all")
 # Generous but finite: a config from an untrusted file must not ask for unbounded memory or time.
 MAX_SIZES = {"input_dim": 65536, "hidden": 65536, "output_dim": 65536, "ode_substeps": 10000}
 
@@ -102,6 +106,8 @@ def perturbation_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, Sequence
 SPLITS = ("train", "val", "test")
 CURVATURE_OPERATORS = ("hessian", "ggn", "fisher", "ef")
 CURVATURE_BACKENDS = ("native", "pyhessian")
+# When curvature runs torch.nn RNN/LSTM/GRU layers as their unrolled twins (lrnn_analysis.unrolled_rnn).
+RNN_TWIN_MODES = ("auto", "on", "off")
 CURVATURE_ESTIMATES = ("diag", "frobenius", "blocks")
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
 DIAGONAL_METHODS = ("hutchinson", "xdiag")

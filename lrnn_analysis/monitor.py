@@ -77,7 +77,7 @@ class StabilityMonitor:
         self.hessian_tol = float(hessian_tol)
         self.seed = seed
         self.rows: list[dict[str, Any]] = []
-        self._vector: np.ndarray | None = None
+        self._vector: Tensor | None = None
 
     def update(self, model: nn.Module, epoch: int, **metrics: Any) -> list[dict[str, Any]]:
         """Measure ``model`` now; returns (and keeps) this epoch's rows. ``metrics`` are copied into every row."""
@@ -144,18 +144,19 @@ class StabilityMonitor:
         loss_fn, data = self.hessian
         op = HessianOperator(model, loss_fn, data, params=self.hessian_params)
         dim = op.shape[0]
-        if self._vector is None or self._vector.size != dim:
-            start = np.random.default_rng(self.seed).standard_normal(dim)
+        if self._vector is None or self._vector.numel() != dim:
+            start = torch.as_tensor(np.random.default_rng(self.seed).standard_normal(dim), device=op.device)
         else:
             start = self._vector
-        process = Lanczos(lambda v: np.asarray(op.matvec(v), dtype=np.float64).reshape(-1), start)
+        process = Lanczos(op.apply, start)  # on the operator's device, in float64
         while True:
             process.step()
             theta, S, estimates = process.ritz()
             if estimates[-1] <= self.hessian_tol * abs(theta[-1]) or process.exhausted or process.steps >= self.hessian_steps:
                 break
-        vector = process.basis @ S[:, -1]
-        residual = float(np.linalg.norm(process.products @ S[:, -1] - theta[-1] * vector))
+        s = torch.as_tensor(S[:, -1], device=op.device)
+        vector = process.basis_tensor @ s
+        residual = float(torch.linalg.vector_norm(process.products_tensor @ s - theta[-1] * vector))
         self._vector = vector
         return {"lambda_max": float(theta[-1]), "lambda_max_residual": residual, "hessian_matvecs": process.steps}
 

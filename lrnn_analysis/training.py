@@ -112,6 +112,11 @@ def train_model(
     if len(task.val) == 0:
         raise InputError(f"task {task.name} has no validation split, and training validates every epoch (give x_val, y_val)")
     task.check_fits(model.config.input_dim, model.config.output_dim, f"the {model.config.arch} model")
+    readout = "all" if task.objective.per_step else "last"
+    if model.config.readout != readout:
+        targets = "a target at every step" if readout == "all" else "one target per sequence"
+        raise InputError(f"task {task.name} has {targets}: train a model with readout {readout!r} (lrnn train --readout {readout}), "
+                         f"not {model.config.readout!r}")
     torch.manual_seed(settings.seed)
     model.to(device)
     if constraint is not None:

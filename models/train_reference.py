@@ -5,23 +5,34 @@
 
 ``--cards-only`` rewrites the cards of checkpoints already trained by their command (the
 long sMNIST runs, started by hand in the background). Each card records the exact command,
-task, hyper-parameters, seed, test accuracy, training time and which certificates hold for
-the scheme the model runs.
+task, hyper-parameters, seed, test accuracy (for the per-step language models: test perplexity,
+bits per character and the unigram baseline), training time and which certificates hold for the
+scheme the model runs.
 """
 from __future__ import annotations
 
+import math
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from lrnn_analysis.builtin_tasks import load_task
 from lrnn_analysis.checkpoints import load_checkpoint
+from lrnn_analysis.next_step_tasks import unigram_cross_entropy
+from lrnn_analysis.objective import Objective, Totals
+from lrnn_analysis.pipelines.stability import certify_model
 from lrnn_analysis.stability.evidence import check_stored, stored_then_searched
 
 HERE = Path(__file__).parent
 DIGITS = "--task digits --hidden 64 --seed 0"
 # sMNIST: the paper's schedule shape (Adam, decay x0.1 late), 100 epochs, one recipe for all three.
 SMNIST = "--task smnist --hidden 64 --seed 0 --epochs 100 --lr 0.003 --grad-clip 1 --decay-epochs 80"
+# Character-level language models: a prediction at every step, one schedule for all three; the
+# antisymmetric RNN needs the damping gamma_W (it has no A to forget with).
+CHARS = "--task chars --readout all --hidden 128 --seed 0 --epochs 60 --lr 0.01 --grad-clip 1"
 # Radii at which the cards of models built to a Lipschitz bound state certified accuracy.
 RADII = (0.1, 0.25, 0.5, 1.0)
 MODELS = {
@@ -42,7 +53,34 @@ MODELS = {
     "smnist-lipschitz": f"{SMNIST} --arch lipschitz",
     "smnist-antisymmetric": f"{SMNIST} --arch antisymmetric",
     "smnist-contracting": f"{SMNIST} --arch contracting",
+    "chars-lipschitz": f"{CHARS} --arch lipschitz --eps 0.25",
+    "chars-lstm": f"{CHARS} --arch lstm",
+    "chars-antisymmetric": f"{CHARS} --arch antisymmetric --eps 0.5 --gamma-w 2",
 }
+# chars inputs are one-hot: what the LSTM layer reads is bounded by 1.
+CHARS_INPUT_BOUND = 1.0
+
+
+def per_step_scores(model: torch.nn.Module, record: dict) -> list[str]:
+    """Card lines of a per-step language model: its test perplexity, bits per character and token
+    accuracy (computed here from the test split with ``Objective``), and the unigram baseline."""
+    task = load_task(record["name"], seed=record["seed"], **record.get("options", {}))
+    objective = Objective.of_targets(task.test.y)
+    totals = Totals(0.0, 0, 0)
+    model.eval()
+    with torch.no_grad():
+        for x, y in task.test.batches(256):
+            totals = totals + objective.totals(model(x), y)
+    scores = objective.metrics(totals)
+    baseline = unigram_cross_entropy(task.train.y, task.test.y, task.output_dim)
+    return [
+        f"- test perplexity: **{scores['perplexity']:.3f}**, **{scores['bits_per_token']:.4f} bits per character**, "
+        f"next-character accuracy {scores['token_accuracy']:.4f} (per-token cross-entropy {scores['loss']:.4f} nats, "
+        f"{totals.count} test characters)",
+        f"- unigram baseline (training-split character frequencies, no context): test perplexity {math.exp(baseline):.3f}, "
+        f"{baseline / math.log(2):.4f} bits per character",
+        f"- data: {task.description}",
+    ]
 
 
 def card(name: str, command: str) -> str:
@@ -51,8 +89,13 @@ def card(name: str, command: str) -> str:
     system = model.lure_form()
     stored = check_stored(model, meta)
     results = stored_then_searched(stored, model, system, time_budget=60.0)
+    per_step = config.readout == "all"
     params = sum(p.numel() for p in model.parameters())
-    if config.arch in ("contracting", "ren", "lipschitz-ren"):
+    scheme = f"run with `{config.discretization}`, hidden {config.hidden}, eps {config.eps:g}"
+    if config.arch == "lstm":
+        scheme = f"one nn.LSTM layer, hidden {config.hidden}"
+        hyper = "PyTorch's nn.LSTM initialisation (uniform in ±1/sqrt(hidden)), decoder Xavier-normal"
+    elif config.arch in ("contracting", "ren", "lipschitz-ren"):
         hyper = f"rho {config.rho:g}, rank {config.rank or config.hidden}, init_std {config.init_std:g}" + (
             f", cond_penalty {config.cond_penalty:g}" if config.arch == "contracting" else "") + (
             f", built to Lipschitz bound G = {config.lipschitz:g}, margin radius {meta['training']['margin_radius']:g}"
@@ -63,13 +106,19 @@ def card(name: str, command: str) -> str:
     lines = [
         f"# {name}", "",
         f"- task: `{task['name']}` (split seed {task['seed']}, options {task.get('options') or {}})",
-        f"- architecture: `{config.arch}` run with `{config.discretization}`, hidden {config.hidden}, eps {config.eps:g}, "
-        f"{params} parameters",
+        f"- architecture: `{config.arch}` {scheme}, readout `{config.readout}`, {params} parameters",
         f"- hyper-parameters: {hyper}; training {meta['training']}",
-        f"- test accuracy: **{metrics['test_accuracy']:.4f}** (test loss {metrics['test_loss']:.4f}); "
-        f"training time {metrics['train_seconds']:.0f} s on {meta['environment']['device']} "
-        f"(torch {meta['environment']['torch']})",
     ]
+    trained = (f"training time {metrics['train_seconds']:.0f} s on {meta['environment']['device']} "
+               f"(torch {meta['environment']['torch']}, Python {meta['environment'].get('python', '?')})")
+    if per_step:
+        best = min(meta["log"], key=lambda entry: entry["val_perplexity"])
+        lines += per_step_scores(model, task) + [
+            f"- validation perplexity: {meta['log'][-1]['val_perplexity']:.3f} after the last epoch, lowest "
+            f"{best['val_perplexity']:.3f} after epoch {best['epoch']}",
+            f"- {trained}"]
+    else:
+        lines.append(f"- test accuracy: **{metrics['test_accuracy']:.4f}** (test loss {metrics['test_loss']:.4f}); {trained}")
     if "constraint" in meta:
         c = meta["constraint"]
         lines.append(f"- trained with `--constrain {c['certificate']} --margin {c['margin']}`: certified by construction")
@@ -78,7 +127,11 @@ def card(name: str, command: str) -> str:
         lines.append(f"- carries certificate evidence: {e.certificate} at rate {e.rate:.6g} per step (tier {e.tier}), "
                      f"verified from the stored evidence in float64 in {stored.seconds * 1e3:.0f} ms")
     lines += ["", "Certificates for the scheme it runs (`lrnn stability`, 60 s budget):", ""]
-    if results:
+    if system is None and config.arch == "lstm":
+        certified = certify_model(model, time_budget=60.0, input_bound=CHARS_INPUT_BOUND)
+        lines += [f"`lrnn stability models/{name}.safetensors --input-bound {CHARS_INPUT_BOUND:g}` (one-hot inputs): "
+                  f"{certified.verdict()}"]
+    elif results:
         lines += ["| certificate | holds | margin | rate | tier |", "|---|---|---|---|---|"]
         lines += [f"| {r.name} | {'yes' if r.holds else 'no'} | {r.margin:.4g} | {'-' if r.rate is None else f'{r.rate:.6g}'} | "
                   f"{r.tier or '-'} |" for r in results]

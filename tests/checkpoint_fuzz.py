@@ -93,7 +93,7 @@ def _header_edits(raw: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
     add("extra tensor key", lambda h, r: h[names[0]].update(note="x"))
     for key, value in (("hidden", 20000), ("hidden", 10**9), ("hidden", True), ("hidden", "3"), ("hidden", -1),
                        ("hidden", None), ("hidden", []), ("hidden", 4), ("input_dim", 0), ("output_dim", 70000),
-                       ("eps", 0), ("eps", -1.0), ("eps", "0.1"), ("eps", 0.3), ("eps", [0.1]), ("arch", "lstm"),
+                       ("eps", 0), ("eps", -1.0), ("eps", "0.1"), ("eps", 0.3), ("eps", [0.1]), ("arch", "gru"), ("readout", "every"), ("readout", 1),
                        ("arch", 3), ("arch", ["lipschitz"]), ("discretization", "rk4"), ("discretization", []),
                        ("ode_substeps", 10**6), ("beta_a", 1e308), ("gamma_w", -0.001), ("init_std", 0.0),
                        ("unknown_key", 1)):

@@ -111,7 +111,7 @@ def test_bad_task_requests():
         load_task("cifar")
     with pytest.raises(ValueError, match="does not take options"):
         load_task("digits", length=3)
-    assert set(TASKS) == {"digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding"}
+    assert set(TASKS) == {"digits", "pdigits", "mnist1d", "smnist", "psmnist", "adding", "chars", "lorenz"}
 
 
 @pytest.mark.usefixtures("time_limit")

@@ -109,8 +109,8 @@ def test_unknown_architecture_and_bad_metadata(saved_model):
     _, path = saved_model
     original = path.read_bytes()
     rewrite_header(path, lambda h: h["__metadata__"].update(
-        lrnn_analysis=json.dumps({"format": checkpoints.FORMAT, "config": {**CONFIG.to_dict(), "arch": "lstm"}})))
-    with pytest.raises(CheckpointError, match="invalid model config .*unknown architecture 'lstm'"):
+        lrnn_analysis=json.dumps({"format": checkpoints.FORMAT, "config": {**CONFIG.to_dict(), "arch": "gru"}})))
+    with pytest.raises(CheckpointError, match="invalid model config .*unknown architecture 'gru'"):
         load_checkpoint(path)
     path.write_bytes(original)
     rewrite_header(path, lambda h: h["__metadata__"].update(lrnn_analysis="{not json"))
@@ -180,11 +180,20 @@ def test_config_fields_added_since_v1_enter_the_hash_only_away_from_their_defaul
                          tensors[name].numpy().tobytes())]:
         digest.update(struct.pack("<Q", len(data)) + data)
     assert weights_sha256(SAVED_CONFIG, tensors) == digest.hexdigest()
-    for field, value in (("rho", 0.5), ("rank", 4), ("cond_penalty", 0.0)):
+    for field, value in (("rho", 0.5), ("rank", 4), ("cond_penalty", 0.0), ("readout", "all")):
         assert weights_sha256(ModelConfig(**{**SAVED_CONFIG.to_dict(), field: value}), tensors) != digest.hexdigest()
     rewrite_header(saved, record_edit=lambda r: r["config"].update(rho=0.5))
     with pytest.raises(CheckpointError, match="integrity check failed"):
         load_checkpoint(saved)
+
+
+@pytest.mark.usefixtures("time_limit")
+def test_a_checkpoint_from_before_readout_loads_as_last_step(saved):
+    rewrite_header(saved, record_edit=lambda r: r["config"].pop("readout"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IntegrityWarning)
+        model = load_checkpoint(saved).model
+    assert model.config.readout == "last" and model(torch.zeros(2, 5, SAVED_CONFIG.input_dim)).shape == (2, SAVED_CONFIG.output_dim)
 
 
 @pytest.mark.usefixtures("time_limit")

@@ -142,7 +142,7 @@ def test_user_module_code_failing_is_a_user_code_error_naming_the_module():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda m: ModelConfig("lstm", 2, 4, 3), "unknown architecture 'lstm'"),
+    (lambda m: ModelConfig("gru", 2, 4, 3), "unknown architecture 'gru'"),
     (lambda m: build_model(ModelConfig("lipschitz", 2, 65536, 3)), "parameters"),
     (lambda m: LureSystem(np.ones((2, 3)), np.ones((2, 3))), "must be a square matrix"),
     (lambda m: LureSystem(np.eye(2), np.full((2, 2), np.nan)), "non-finite"),

@@ -36,7 +36,7 @@ def test_regression_task_trains():
 
 
 def test_per_step_training_minimises_the_per_token_loss_and_reports_perplexity():
-    """A zoo model read out at every step (D applied to every hidden state, as --readout all does)
+    """A zoo model read out at every step (readout "all": D applied to every hidden state)
     trained on masked next-value classes: the per-token loss falls below the uniform predictor's,
     and the metrics name perplexity and bits per token."""
     import math
@@ -51,8 +51,7 @@ def test_per_step_training_minimises_the_per_token_loss_and_reports_perplexity()
     mask = np.arange(8) < rng.integers(3, 9, (200, 1))
     task = task_from_arrays(x[:120], series[:120, 1:], x[160:], series[160:, 1:], x[120:160], series[120:160, 1:], name="count",
                             mask_train=mask[:120], mask_val=mask[120:160], mask_test=mask[160:])
-    model = build_model(ModelConfig("lipschitz", 4, 16, 4, eps=0.5), seed=0)
-    model.forward = lambda inputs: model.D(model.hidden_states(inputs))
+    model = build_model(ModelConfig("lipschitz", 4, 16, 4, eps=0.5, readout="all"), seed=0)
     result = train_model(model, task, TrainSettings(epochs=10, lr=0.02, batch_size=32), torch.device("cpu"), progress=False)
     metrics = result.metrics
     assert metrics["test_perplexity"] == pytest.approx(math.exp(metrics["test_loss"]))

@@ -14,6 +14,7 @@ from ..choices import (
     MAX_EIGENPAIRS,
     MAX_MATVECS,
     MAX_MC_SAMPLES,
+    RNN_TWIN_MODES,
     SPLITS,
     TRACE_METHODS,
 )
@@ -51,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="also estimate the diagonal, the squared Frobenius norm and/or per-tensor trace and lambda_max")
     hess.add_argument("--diag-method", choices=DIAGONAL_METHODS, default="hutchinson")
     hess.add_argument("--backend", choices=CURVATURE_BACKENDS, default="native")
+    hess.add_argument("--rnn-twin", choices=RNN_TWIN_MODES, default="auto",
+                      help="run torch.nn RNN/LSTM/GRU layers as unrolled twins (auto: on CUDA, where they cannot be "
+                      "differentiated twice)")
     hess.add_argument("--dtype", choices=DTYPES, default="float32")
     hess.add_argument("--seed", type=o.seed, default=0)
     hess.add_argument("--json", default=None, metavar="PATH", help="write every number and its uncertainty as JSON")
@@ -68,7 +72,7 @@ def settings_from(args: argparse.Namespace):
         params=args.params, top_k=args.top_k, trace=args.trace, trace_method=args.trace_method, trace_matvecs=args.trace_matvecs,
         density=args.density,
         density_scale=args.density_scale, mc_samples=args.mc_samples, estimates=tuple(args.estimate),
-        diagonal_method=args.diag_method, backend=args.backend, dtype=args.dtype, seed=args.seed)
+        diagonal_method=args.diag_method, backend=args.backend, dtype=args.dtype, seed=args.seed, rnn_twin=args.rnn_twin)
 
 
 def run(args: argparse.Namespace) -> int:

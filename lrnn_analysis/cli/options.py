@@ -154,7 +154,7 @@ def add_task_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--split-seed", type=seed, default=None, help="seed of the train/val/test split (default 0, or the checkpoint's)")
     parser.add_argument("--data-path", default=None, help="smnist/psmnist: .npz or MNIST IDX directory (default: vendored 10k digits)")
     parser.add_argument("--pixels-per-step", type=int_in(1, 784), default=None, help="smnist/psmnist: pixels per time step (divides 784)")
-    parser.add_argument("--length", type=int_in(2, MAX_ADDING_LENGTH), default=None, help="adding: sequence length")
+    parser.add_argument("--length", type=int_in(2, MAX_ADDING_LENGTH), default=None, help="adding, chars, lorenz: sequence length (steps)")
 
 
 def add_data_option(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..choices import ARCHITECTURES, CONSTRAINTS, MAX_BATCH_SIZE, MAX_SIZES
+from ..choices import ARCHITECTURES, CONSTRAINTS, MAX_BATCH_SIZE, MAX_SIZES, READOUTS
 from ..outputs import check_output_file
 from . import options as o
 
@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a model on a task and save a checkpoint")
     o.add_task_options(train, required=True)
     train.add_argument("--arch", choices=ARCHITECTURES, default="lipschitz")
+    train.add_argument("--readout", choices=READOUTS, default="last",
+                       help="last: one output D h_T per sequence; all: an output D h_t at every step (per-step targets)")
     train.add_argument("--hidden", type=o.int_in(1, MAX_SIZES["hidden"]), default=64)
     train.add_argument("--eps", type=o.positive, default=None, help="step per input (default: the task's)")
     train.add_argument("--discretization", default=None, help="euler|rk2|rk38 (lipschitz; rk38 = 3/8-rule RK4), rk4|rk2|euler (node)")
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         rank=args.rank,
         cond_penalty=args.cond_penalty,
         lipschitz=args.lipschitz,
+        readout=args.readout,
     )
     settings = TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
@@ -95,9 +98,13 @@ def run(args: argparse.Namespace) -> int:
     out = save_checkpoint(args.out, trained.model, trained.metadata)
     metrics = trained.result.metrics
     print(f"task {task.name} (split seed {task.seed}), arch {config.arch} ({config.discretization}), "
-          f"hidden {config.hidden}, eps {config.eps:g}, {sum(p.numel() for p in trained.model.parameters())} parameters")
+          f"readout {config.readout}, hidden {config.hidden}, eps {config.eps:g}, {sum(p.numel() for p in trained.model.parameters())} parameters")
     accuracy = metrics["test_accuracy"]
-    score = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test MSE {metrics['test_loss']:.5f}"
+    if metrics.get("test_perplexity") is not None:
+        score = (f"test perplexity {metrics['test_perplexity']:.3f}, {metrics['test_bits_per_token']:.4f} bits per token, "
+                 f"token accuracy {accuracy:.4f}")
+    else:
+        score = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test MSE {metrics['test_loss']:.5f}"
     print(f"{score}, test loss {metrics['test_loss']:.4f}, trained {settings.epochs} epochs in {metrics['train_seconds']:.1f} s on {device}")
     print(spectral_line(spectral_summary(trained.model)))
     if constraint is not None:

@@ -45,7 +45,8 @@ class HessianReport:
     pyhessian: its power iteration, largest |λ| first). ``lambda_max`` is the largest eigenvalue
     found (for pyhessian: its "top eigenvalue", the largest |λ|, as the paper reports it) and
     ``lambda_min`` the smallest (None for pyhessian, which cannot give it, and for the PSD operators).
-    ``matvecs`` totals the operator products of all estimators. ``operator`` describes the
+    ``matvecs`` totals the operator products of all estimators (a product that several estimators
+    asked for with the same seeded probe counted once). ``operator`` describes the
     matrix (``operator["operator"]``: hessian, ggn, fisher or ef), the parameters and data;
     ``diagonal``, ``frobenius`` and ``blocks`` are the optional estimates (``estimates``);
     ``notes`` says what a reader must know to interpret the numbers.
@@ -101,6 +102,7 @@ def analyze(
     estimate_matvecs: int = 100,
     density_scale: str = "linear",
     wrap_operator: Callable[[LinearOperator], LinearOperator] | None = None,
+    rnn_twin: str = "auto",
 ) -> HessianReport:
     """λ_max and λ_min (and the top_k at each end), optionally tr(H) with a CI and the SLQ density.
 
@@ -119,6 +121,8 @@ def analyze(
     ``estimates``: any of ``"diag"`` (``diagonal_method``, ``estimate_matvecs`` products),
     ``"frobenius"`` (‖C‖_F², up to ``estimate_matvecs`` products) and ``"blocks"`` (per-tensor
     trace and λ_max, the model's declared recurrent parameters first). ``density_scale``: ``"linear"`` or ``"symlog"``.
+    ``rnn_twin`` (native only): when the model's torch.nn RNN/LSTM/GRU layers run as their unrolled twins
+    (``"auto"``: on CUDA; ``"on"``, ``"off"``; see ``CurvatureOperator``); the layers that did are noted.
     """
     if isinstance(model, torch.nn.Module) or not getattr(model, "recurrent", None):
         recurrent_first = tuple(getattr(model, "recurrent_parameters", ()))
@@ -144,23 +148,26 @@ def analyze(
     batches = as_batches(data)
     device = next(model.parameters()).device
     diagonal_result = frobenius_result = blocks_result = None
+    reused = 0
     if backend == "native":
-        op = curvature_operator(operator, model, loss_fn, batches, params, dtype, mc_samples=mc_samples, seed=seed,
-                                cache_graph=cache_graph, memory_budget=memory_budget, progress=progress)
-        if wrap_operator is not None:
-            op = wrap_operator(op)
+        base = curvature_operator(operator, model, loss_fn, batches, params, dtype, mc_samples=mc_samples, seed=seed,
+                                  cache_graph=cache_graph, memory_budget=memory_budget, rnn_twin=rnn_twin, progress=progress)
+        op = base if wrap_operator is None else wrap_operator(base)
         positive_semidefinite = operator != "hessian"
         eigen = eigenvalues(op, k=top_k, which="LA" if positive_semidefinite else "BE", tol=tol, seed=seed, atol=atol,
                             max_iter=max_iter, progress=progress)
-        trace_result = trace_estimate(op, trace_method, trace_tol, trace_matvecs, seed, progress=progress) if trace else None
         density_result = (spectral_density(op, density_probes, density_steps, seed, scale=density_scale, progress=progress)
                           if density else None)
-        if "diag" in estimates:
-            diagonal_result = diagonal_estimate(op, diagonal_method, estimate_matvecs, seed)
-        if "frobenius" in estimates:
-            frobenius_result = frobenius_norm_squared(op, trace_tol, estimate_matvecs, seed)
-        if "blocks" in estimates:
-            blocks_result = block_curvature(op, tol, seed=seed, first=recurrent_first, max_iter=max_iter)
+        # The probe-based estimators draw the same Rademacher probes from the same seed: each probe's product is computed once.
+        with base.remembering_products() as memo:
+            trace_result = trace_estimate(op, trace_method, trace_tol, trace_matvecs, seed, progress=progress) if trace else None
+            if "diag" in estimates:
+                diagonal_result = diagonal_estimate(op, diagonal_method, estimate_matvecs, seed)
+            if "frobenius" in estimates:
+                frobenius_result = frobenius_norm_squared(op, trace_tol, estimate_matvecs, seed)
+            if "blocks" in estimates:
+                blocks_result = block_curvature(op, tol, seed=seed, first=recurrent_first, max_iter=max_iter)
+        reused = memo.reused
         described = op.describe()
         lambda_max = float(eigen.values.max())
         lambda_min = None if positive_semidefinite else float(eigen.values.min())
@@ -169,6 +176,12 @@ def analyze(
         notes += [] if eigen.all_converged else [
             f"not every Ritz pair met ‖Cv − θv‖ ≤ {tol}·|θ| + {atol} within {eigen.iterations} Lanczos steps: "
             "see eigen.converged"]
+        if described.get("rnn_twin_layers"):
+            notes.append(f"torch.nn recurrent layer(s) {', '.join(n or '(the model)' for n in described['rnn_twin_layers'])} "
+                         f"ran as their unrolled twins (rnn_twin={rnn_twin}): same outputs, differentiable twice")
+        if reused:
+            notes.append(f"{reused} products were asked for again with the same seeded probe (the trace, diagonal, Frobenius "
+                         "and block estimates draw the same probes) and computed once; matvecs counts each product once")
         for key, meaning in (("no_grad_params", "the loss does not use them: zero rows and columns"),
                              ("zero_curvature_params", "the loss is affine in them: zero rows and columns")):
             if described.get(key):
@@ -196,8 +209,8 @@ def analyze(
         env = {**environment(device), "pyhessian": metadata.version("pyhessian")}
     if described.get("unmatched_patterns"):
         notes.append(f"parameter pattern(s) matching nothing in this model: {', '.join(described['unmatched_patterns'])}")
-    matvecs = eigen.matvecs + sum(r.matvecs for r in (trace_result, density_result, diagonal_result, frobenius_result,
-                                                      blocks_result) if r is not None)
+    matvecs = eigen.matvecs - reused + sum(r.matvecs for r in (trace_result, density_result, diagonal_result, frobenius_result,
+                                                               blocks_result) if r is not None)
     if device.type == "cpu":
         notes.append("computed on the CPU")
     return HessianReport(

@@ -138,10 +138,11 @@ class JacobianSandwichOperator(CurvatureOperator):
         *,
         cache_graph: bool | None = None,
         memory_budget: float = DEFAULT_MEMORY_BUDGET,
+        rnn_twin: str = "auto",
         progress: bool = False,
     ) -> None:
         self.loss_kind = _loss_kind(loss_fn)
-        super().__init__(model, loss_fn, data, params, dtype, progress=progress)
+        super().__init__(model, loss_fn, data, params, dtype, rnn_twin=rnn_twin, progress=progress)
         self._has_grad: set[int] = set()
         self.matrices: list[Tensor] = []
         self.graph_bytes: int | None = None
@@ -255,6 +256,7 @@ class FisherOperator(JacobianSandwichOperator):
         seed: int = 0,
         cache_graph: bool | None = None,
         memory_budget: float = DEFAULT_MEMORY_BUDGET,
+        rnn_twin: str = "auto",
         progress: bool = False,
     ) -> None:
         if mc_samples < 1:
@@ -264,7 +266,7 @@ class FisherOperator(JacobianSandwichOperator):
         self._generator = torch.Generator().manual_seed(seed)
         self.sampled_targets: list[Tensor] = []
         super().__init__(model, loss_fn, data, params, dtype, cache_graph=cache_graph, memory_budget=memory_budget,
-                         progress=progress)
+                         rnn_twin=rnn_twin, progress=progress)
 
     def _output_matrices(self, batch_index: int, f: Tensor, y: Tensor) -> Tensor:
         targets = _sample_targets(self.loss_kind, f, self.mc_samples, self._generator)
@@ -291,19 +293,18 @@ def curvature_operator(
     seed: int = 0,
     cache_graph: bool | None = None,
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    rnn_twin: str = "auto",
     progress: bool = False,
 ) -> CurvatureOperator:
-    """The operator of ``kind`` (one of ``OPERATOR_KINDS``); ``mc_samples`` and ``seed`` are the Fisher's."""
+    """The operator of ``kind`` (one of ``OPERATOR_KINDS``); ``mc_samples`` and ``seed`` are the Fisher's,
+    ``rnn_twin`` as for ``CurvatureOperator``."""
+    shared: dict[str, Any] = {"cache_graph": cache_graph, "memory_budget": memory_budget, "rnn_twin": rnn_twin, "progress": progress}
     if kind == "hessian":
-        return HessianOperator(model, loss_fn, data, params, dtype, cache_graph=cache_graph, memory_budget=memory_budget,
-                               progress=progress)
+        return HessianOperator(model, loss_fn, data, params, dtype, **shared)
     if kind == "ggn":
-        return GGNOperator(model, loss_fn, data, params, dtype, cache_graph=cache_graph, memory_budget=memory_budget,
-                           progress=progress)
+        return GGNOperator(model, loss_fn, data, params, dtype, **shared)
     if kind == "fisher":
-        return FisherOperator(model, loss_fn, data, params, dtype, mc_samples=mc_samples, seed=seed, cache_graph=cache_graph,
-                              memory_budget=memory_budget, progress=progress)
+        return FisherOperator(model, loss_fn, data, params, dtype, mc_samples=mc_samples, seed=seed, **shared)
     if kind == "ef":
-        return EmpiricalFisherOperator(model, loss_fn, data, params, dtype, cache_graph=cache_graph, memory_budget=memory_budget,
-                                       progress=progress)
+        return EmpiricalFisherOperator(model, loss_fn, data, params, dtype, **shared)
     raise InputError(f"operator must be one of {OPERATOR_KINDS}, got {kind!r}")

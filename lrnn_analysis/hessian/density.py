@@ -13,7 +13,7 @@ from scipy.sparse.linalg import LinearOperator
 from ..errors import InputError
 from ..progress import progress_bar
 from ..statistics import t_halfwidth
-from ._common import CountedMatvec, rademacher
+from ._common import CountedMatvec
 from ._results import dataclass_dict
 from .lanczos import Lanczos
 
@@ -102,7 +102,7 @@ def spectral_density(
     nodes, weights = [], []
     with progress_bar(total=n_probes * steps, desc="SLQ density", enabled=progress, leave=False) as bar:
         for _ in range(n_probes):
-            process = Lanczos(matvec, rademacher(rng, matvec.dim))
+            process = Lanczos(matvec, matvec.rademacher(rng))
             while process.steps < steps and not process.exhausted:
                 process.step()
                 bar.update()

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.sparse.linalg import LinearOperator
 
 from ..choices import DIAGONAL_METHODS
 from ..errors import InputError
 from ..statistics import t_halfwidth
-from ._common import CountedMatvec, rademacher
+from ._common import CountedMatvec
 from ._results import dataclass_dict
 from .trace import CONFIDENCE, exchangeable_sketch, unit_roundoff
 
@@ -60,21 +61,22 @@ def diagonal(op: LinearOperator, method: str = "hutchinson", max_matvecs: int = 
     if method == "hutchinson":
         if max_matvecs < 2:
             raise InputError(f"hutchinson diagonal needs max_matvecs >= 2, got {max_matvecs}")
-        per_probe = np.stack([z * matvec(z) for z in (rademacher(rng, matvec.dim) for _ in range(max_matvecs))])
+        per_probe = torch.stack([z * matvec(z) for z in (matvec.rademacher(rng) for _ in range(max_matvecs))])
     else:
         W, Y, Q, S, Z = exchangeable_sketch(matvec, max_matvecs, rng, unit_roundoff(op), "xdiag")
         s = W.shape[1]
-        full = np.sum(Q * Z, axis=1)
-        per_probe = np.empty((s, matvec.dim))
+        full = torch.sum(Q * Z, dim=1)
+        rows = []
         for i in range(s):
             w, si = W[:, i], S[:, i]
             projected = full - (Q @ si) * (Z @ si)
             c = Z.T @ w
             complement = Y[:, i] - Q @ (c - (si @ c) * si)
-            per_probe[i] = projected + w * complement
+            rows.append(projected + w * complement)
+        per_probe = torch.stack(rows)
     m = len(per_probe)
     return DiagonalResult(
-        estimate=per_probe.mean(axis=0), standard_error=per_probe.std(axis=0, ddof=1) / math.sqrt(m), method=method,
+        estimate=per_probe.mean(dim=0).cpu().numpy(), standard_error=per_probe.std(dim=0).cpu().numpy() / math.sqrt(m), method=method,
         probes=m, matvecs=matvec.count, seed=seed, wall_time=time.perf_counter() - start_time,
     )
 
@@ -115,7 +117,7 @@ def frobenius_norm_squared(
     samples: list[float] = []
     halfwidth, stop_reason = math.inf, "budget"
     while matvec.count < max_matvecs:
-        samples.append(float(np.sum(matvec(rademacher(rng, matvec.dim)) ** 2)))
+        samples.append(float(torch.sum(matvec(matvec.rademacher(rng)) ** 2)))
         halfwidth = t_halfwidth(samples, CONFIDENCE)
         if len(samples) >= min_probes and halfwidth <= tol * abs(np.mean(samples)):
             stop_reason = "tolerance"

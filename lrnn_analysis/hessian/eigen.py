@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.sparse.linalg import LinearOperator
 
 from ..errors import InputError
@@ -97,7 +98,8 @@ def eigenvalues(
     ``max_iter`` steps (default min(P, 300)). The residuals are then computed explicitly,
     ‖(H Q) s − θ Q s‖ from the stored products (H y = (H Q) s by linearity, so no extra
     products); ``converged`` is judged on those. For eigenvalues near 0 a purely relative test
-    cannot pass: give ``atol`` (in units of H) there.
+    cannot pass: give ``atol`` (in units of H) there. The Krylov vectors stay on the operator's
+    device in float64 (``_common``); ``vectors`` come back as numpy.
     """
     if which not in WHICH:
         raise InputError(f"which must be one of {WHICH}, got {which!r}")
@@ -112,7 +114,7 @@ def eigenvalues(
         if v0.shape != (matvec.dim,):
             raise InputError(f"v0 must have length {matvec.dim}, got shape {v0.shape}")
     start = np.random.default_rng(seed).standard_normal(matvec.dim) if v0 is None else v0
-    process = Lanczos(matvec, start)
+    process = Lanczos(matvec, matvec.vector(start))
     with progress_bar(total=max_iter, desc=f"lanczos {which}", enabled=progress, leave=False) as bar:
         while True:
             process.step()
@@ -126,8 +128,10 @@ def eigenvalues(
                 break
     iterations = process.steps
     values = theta[idx]
-    vectors = process.basis @ S[:, idx]
-    residuals = np.linalg.norm(process.products @ S[:, idx] - vectors * values, axis=0)
+    coefficients = matvec.vector(S[:, idx]).reshape(S.shape[0], len(idx))
+    on_device = process.basis_tensor @ coefficients
+    residuals = torch.linalg.vector_norm(process.products_tensor @ coefficients - on_device * matvec.vector(values), dim=0).cpu().numpy()
+    vectors = on_device.cpu().numpy()
     return EigenResult(
         values=values, residuals=residuals, converged=residuals <= tol * np.abs(values) + atol,
         vectors=vectors, which=which, k=k, tol=tol, atol=atol, method="lanczos", iterations=iterations,
@@ -215,26 +219,26 @@ def power_iteration(
     values: list[float] = []
     residuals: list[float] = []
     converged: list[bool] = []
-    vectors: list[np.ndarray] = []
+    vectors: list[torch.Tensor] = []
     iterations = 0
     with progress_bar(total=k * max_iter, desc="power iteration", enabled=progress, leave=False) as bar:
         for _ in range(min(k, matvec.dim)):
-            v = rng.standard_normal(matvec.dim)
+            v = matvec.vector(rng.standard_normal(matvec.dim))
             previous, stopped = None, False
             for _ in range(max_iter):
                 for u in vectors:
                     v = v - (u @ v) * u
-                v = v / np.linalg.norm(v)
+                v = v / torch.linalg.vector_norm(v)
                 hv = matvec(v)
                 iterations += 1
                 bar.update()
                 theta = float(v @ hv)
-                residual = float(np.linalg.norm(hv - theta * v))
+                residual = float(torch.linalg.vector_norm(hv - theta * v))
                 if previous is not None and abs(theta - previous) <= tol * abs(previous):
                     stopped = True
                     break
                 previous = theta
-                if not np.any(hv):
+                if not bool(hv.any()):
                     break
                 v = hv
             values.append(theta)
@@ -243,6 +247,6 @@ def power_iteration(
             vectors.append(v)
     return EigenResult(
         values=np.array(values), residuals=np.array(residuals), converged=np.array(converged),
-        vectors=np.stack(vectors, axis=1), which="LM", k=k, tol=tol, atol=0.0, method="power",
+        vectors=torch.stack(vectors, dim=1).cpu().numpy(), which="LM", k=k, tol=tol, atol=0.0, method="power",
         iterations=iterations, matvecs=matvec.count, seed=seed, wall_time=time.perf_counter() - start_time,
     )

@@ -31,8 +31,9 @@ from ..errors import InputError
 from ..objective import scored_count
 from ..parameters import glob_parameters, module_of
 from ..progress import progress_bar
+from ..unrolled_rnn import twin_layer_names, unrolled_layers
 
-__all__ = ["Batch", "CurvatureOperator", "DEFAULT_MEMORY_BUDGET", "HessianOperator", "LossFunction", "ParamSpec",
+__all__ = ["Batch", "CurvatureOperator", "DEFAULT_MEMORY_BUDGET", "DEFAULT_MEMO_BUDGET", "HessianOperator", "LossFunction", "ParamSpec",
     "ParameterSelection", "as_batches", "eval_mode", "parameter_selection", "resolve_dtype", "select_parameters"]
 
 Batch = tuple[Tensor, Tensor]
@@ -40,6 +41,7 @@ LossFunction = Callable[[Tensor, Tensor], Tensor]
 ParamSpec = str | Sequence[str] | None
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+DEFAULT_MEMO_BUDGET = 256 * 1024**2
 _MAX_DENSE_DIM = 20_000
 
 
@@ -144,6 +146,40 @@ class _SavedBytes:
         return tensor
 
 
+class _ProductMemo:
+    """The products of the vectors an operator was asked about, on its device, so that a vector asked
+    again (the same seeded probe drawn by two estimators) is answered without a product. A vector is
+    looked up by a fingerprint (its inner product with fixed Gaussian weights) and then compared
+    entry by entry, so only an identical vector is ever answered from memory. Stores up to
+    ``budget`` bytes of (vector, product) pairs; later vectors are multiplied and not stored."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.stored_bytes = 0
+        self.reused = 0
+        self._weights: Tensor | None = None
+        self._entries: dict[float, list[tuple[Tensor, Tensor]]] = {}
+
+    def _fingerprint(self, v: Tensor) -> float:
+        if self._weights is None or self._weights.shape != v.shape or self._weights.device != v.device:
+            generator = torch.Generator().manual_seed(0)
+            self._weights = torch.randn(v.shape, generator=generator, dtype=torch.float64).to(device=v.device, dtype=v.dtype)
+        return float(v @ self._weights)
+
+    def product(self, v: Tensor, multiply: Callable[[Tensor], Tensor]) -> Tensor:
+        key = self._fingerprint(v)
+        for vector, product in self._entries.get(key, []):
+            if torch.equal(vector, v):
+                self.reused += 1
+                return product.clone()
+        result = multiply(v)
+        size = (v.numel() * v.element_size()) + (result.numel() * result.element_size())
+        if self.stored_bytes + size <= self.budget:
+            self._entries.setdefault(key, []).append((v.clone(), result.clone()))
+            self.stored_bytes += size
+        return result
+
+
 class CurvatureOperator(LinearOperator):
     """A symmetric P×P curvature matrix of the loss as a scipy ``LinearOperator`` (the shared part).
 
@@ -160,6 +196,12 @@ class CurvatureOperator(LinearOperator):
     Subclasses implement ``_apply(chunks)`` (one tensor per selected parameter).
     ``model`` may be a :class:`~lrnn_analysis.model_under_analysis.ModelUnderAnalysis` (its module is used;
     ``params=model.recurrent_names()`` selects its recurrent block).
+
+    ``rnn_twin``: the model's ``nn.RNN``/``nn.LSTM``/``nn.GRU`` layers run as their unrolled twins
+    (:mod:`lrnn_analysis.unrolled_rnn`: same outputs from the same parameters, differentiable twice
+    on every device) under ``"auto"`` on CUDA, where the layers' own kernels have no double
+    backward, under ``"on"`` everywhere, under ``"off"`` nowhere. ``rnn_twin_layers`` names the
+    layers that do (also in ``describe()``, and logged); the model itself is unchanged afterwards.
     """
 
     kind = "curvature"
@@ -172,6 +214,7 @@ class CurvatureOperator(LinearOperator):
         params: ParamSpec = None,
         dtype: torch.dtype | str | None = None,
         *,
+        rnn_twin: str = "auto",
         progress: bool = False,
     ) -> None:
         model = module_of(model)
@@ -183,6 +226,8 @@ class CurvatureOperator(LinearOperator):
         reference = named[self.names[0]]
         self.torch_dtype = resolve_dtype(dtype, reference.dtype if reference.is_floating_point() else torch.float32)
         self.device = reference.device
+        self.rnn_twin = rnn_twin
+        self.rnn_twin_layers = twin_layer_names(model, rnn_twin, self.device)
         self.shapes = tuple(named[name].shape for name in self.names)
         self.numels = tuple(int(np.prod(shape)) for shape in self.shapes)
         dim = sum(self.numels)
@@ -200,6 +245,7 @@ class CurvatureOperator(LinearOperator):
             raise InputError("no scored targets: every step is masked")
         self.weights = tuple(count / self.n_scored for count in counts)
         self.matvecs = 0
+        self._memo: _ProductMemo | None = None
         self._progress = progress
 
     @property
@@ -220,7 +266,7 @@ class CurvatureOperator(LinearOperator):
     def _forward(self, x: Tensor) -> Tensor:
         """The model's output at the frozen parameters (graph to the leaves), in eval mode."""
         state = {**self._constants, **dict(zip(self.names, self._leaves))}
-        with eval_mode(self.model):
+        with eval_mode(self.model), unrolled_layers(self.model, self.rnn_twin_layers):
             return functional_call(self.model, state, (x,))
 
     def _apply(self, chunks: list[Tensor]) -> list[Tensor]:
@@ -228,9 +274,28 @@ class CurvatureOperator(LinearOperator):
 
     def apply(self, v: Tensor) -> Tensor:
         """The product with a flat vector ``v`` of length P (returned flat, on the model's device, in the operator's dtype)."""
-        result = self._apply(self.unflatten_list(v.to(device=self.device, dtype=self.torch_dtype)))
+        v = v.to(device=self.device, dtype=self.torch_dtype)
+        if self._memo is not None:
+            return self._memo.product(v, self._product)
+        return self._product(v)
+
+    def _product(self, v: Tensor) -> Tensor:
+        result = self._apply(self.unflatten_list(v))
         self.matvecs += 1
         return torch.cat([h.reshape(-1) for h in result]).detach()
+
+    @contextlib.contextmanager
+    def remembering_products(self, budget: float = DEFAULT_MEMO_BUDGET) -> Iterator[_ProductMemo]:
+        """Within the block, a vector asked about again is answered from memory instead of a new
+        product (see ``_ProductMemo``; ``memo.reused`` counts those answers, ``matvecs`` only the
+        products computed). For estimators that draw the same seeded probes, e.g. ``trace`` and the
+        shared-probe traces of ``block_curvature`` with one seed."""
+        memo = _ProductMemo(budget)
+        self._memo = memo
+        try:
+            yield memo
+        finally:
+            self._memo = None
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.torch_dtype)
@@ -282,6 +347,8 @@ class CurvatureOperator(LinearOperator):
             "dim": self.dim,
             "dtype": str(self.torch_dtype).removeprefix("torch."),
             "device": str(self.device),
+            "rnn_twin": self.rnn_twin,
+            "rnn_twin_layers": list(self.rnn_twin_layers),
             "n_samples": self.n_samples,
             "n_scored": self.n_scored,
             "n_batches": self.n_batches,
@@ -327,9 +394,10 @@ class HessianOperator(CurvatureOperator):
         cache_graph: bool | None = None,
         memory_budget: float = DEFAULT_MEMORY_BUDGET,
         matmat: str = "auto",
+        rnn_twin: str = "auto",
         progress: bool = False,
     ) -> None:
-        super().__init__(model, loss_fn, data, params, dtype, progress=progress)
+        super().__init__(model, loss_fn, data, params, dtype, rnn_twin=rnn_twin, progress=progress)
         if matmat not in _MATMAT_MODES:
             raise InputError(f"matmat must be one of {_MATMAT_MODES}, got {matmat!r}")
         self.matmat_mode = matmat

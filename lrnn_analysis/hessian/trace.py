@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.sparse.linalg import LinearOperator
 
 from ..choices import TRACE_METHODS
 from ..errors import InputError
 from ..progress import progress_bar
 from ..statistics import t_halfwidth
-from ._common import CountedMatvec, rademacher
+from ._common import CountedMatvec
 from ._results import dataclass_dict
 
 __all__ = ["CONFIDENCE", "METHODS", "TraceResult", "exchangeable_sketch", "leave_one_out_factors", "trace",
@@ -127,16 +128,16 @@ def trace(
     halfwidth, stop_reason = math.inf, "budget"
     with progress_bar(total=max_matvecs, desc=f"trace ({method})", enabled=progress, leave=False) as bar:
         if sketch:
-            Y = np.stack([matvec(rademacher(rng, matvec.dim)) for _ in range(sketch)], axis=1)
-            basis, _ = np.linalg.qr(Y)
+            Y = torch.stack([matvec(matvec.rademacher(rng)) for _ in range(sketch)], dim=1)
+            basis, _ = torch.linalg.qr(Y)
             products = [matvec(q) for q in basis.T]
-            exact = float(sum(q @ hq for q, hq in zip(basis.T, products)))
+            exact = float(sum(float(q @ hq) for q, hq in zip(basis.T, products)))
             dim = matvec.dim
             roundoff = (dim * unit_roundoff(op) + 2 * dim * np.finfo(np.float64).eps / 2) * float(
-                sum(np.linalg.norm(hq) for hq in products))
+                sum(float(torch.linalg.vector_norm(hq)) for hq in products))
             bar.update(2 * sketch)
         while matvec.count < max_matvecs and sketch < matvec.dim:
-            z = rademacher(rng, matvec.dim)
+            z = matvec.rademacher(rng)
             if basis is not None:
                 z = z - basis @ (basis.T @ z)
             samples.append(float(z @ matvec(z)))
@@ -168,18 +169,19 @@ def leave_one_out_factors(R: np.ndarray, roundoff: float) -> np.ndarray:
 
 
 def exchangeable_sketch(matvec: CountedMatvec, max_matvecs: int, rng: np.random.Generator, roundoff: float,
-                        method: str) -> tuple[np.ndarray, ...]:
+                        method: str) -> tuple[torch.Tensor, ...]:
     """The sketch XTrace and XDiag share (Epperly, Tropp, Webber): s = max_matvecs // 2
     Rademacher probes W, Y = H W, Y = Q R, the leave-one-out factors S of R, and Z = H Q
-    (2s products). Returns (W, Y, Q, S, Z)."""
+    (2s products). Returns (W, Y, Q, S, Z), float64 on the operator's device (R, s×s, is
+    inverted on the host)."""
     s = max_matvecs // 2
     if s < 2 or s >= matvec.dim:
         raise InputError(f"{method} needs 4 <= max_matvecs and max_matvecs // 2 < dimension {matvec.dim}, got {max_matvecs}")
-    W = np.stack([rademacher(rng, matvec.dim) for _ in range(s)], axis=1)
-    Y = np.stack([matvec(w) for w in W.T], axis=1)
-    Q, R = np.linalg.qr(Y)
-    S = leave_one_out_factors(R, roundoff)
-    Z = np.stack([matvec(q) for q in Q.T], axis=1)
+    W = torch.stack([matvec.rademacher(rng) for _ in range(s)], dim=1)
+    Y = torch.stack([matvec(w) for w in W.T], dim=1)
+    Q, R = torch.linalg.qr(Y)
+    S = matvec.vector(leave_one_out_factors(R.cpu().numpy(), roundoff)).reshape(s, s)
+    Z = torch.stack([matvec(q) for q in Q.T], dim=1)
     return W, Y, Q, S, Z
 
 
@@ -188,7 +190,7 @@ def _xtrace_estimates(matvec: CountedMatvec, max_matvecs: int, rng: np.random.Ge
     W, Y, Q, S, Z = exchangeable_sketch(matvec, max_matvecs, rng, roundoff, "xtrace")
     s = W.shape[1]
     QtZ = Q.T @ Z
-    full = float(np.trace(QtZ))
+    full = float(torch.trace(QtZ))
     estimates = np.empty(s)
     for i in range(s):
         w, si = W[:, i], S[:, i]
@@ -196,5 +198,5 @@ def _xtrace_estimates(matvec: CountedMatvec, max_matvecs: int, rng: np.random.Ge
         hp = Y[:, i] - Z @ (c - (si @ c) * si)
         d = Q.T @ hp
         deflated = hp - Q @ (d - (si @ d) * si)
-        estimates[i] = full - si @ QtZ @ si + w @ deflated
+        estimates[i] = full - float(si @ QtZ @ si) + float(w @ deflated)
     return estimates

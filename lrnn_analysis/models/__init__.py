@@ -3,6 +3,7 @@ from .architectures import GatedLipschitzRNN, LipschitzRNN, LureRNN, RecurrentMo
 from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .contracting import ContractingREN, ContractingRNN, contracting_construction, ren_construction
 from .lipschitz_bounded import LipschitzREN, lipschitz_construction
+from .lstm import LSTMModel
 from .registry import MODEL_CLASSES, build_model, parameter_shapes
 from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
 
@@ -15,6 +16,7 @@ __all__ = [
     "GatedLipschitzRNN",
     "LipschitzREN",
     "LipschitzRNN",
+    "LSTMModel",
     "LureRNN",
     "ModelConfig",
     "RecurrentLayer",

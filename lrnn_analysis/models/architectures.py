@@ -1,5 +1,6 @@
 """The model zoo: every architecture maps x (batch, time, input_dim) to outputs
-D h_T + d from its final hidden state, with inputs entering as u_t = U x_t + b.
+D h_T + d from its final hidden state (``readout="last"``), or to D h_t + d at every step t,
+shape (batch, time, output_dim) (``readout="all"``), with inputs entering as u_t = U x_t + b.
 
 Row vectors are used inside the recurrence (h @ X^T computes X h for each row);
 matrices returned by ``matrices``/``lure_form`` are in the column convention.
@@ -97,15 +98,18 @@ class RecurrentModel(nn.Module):
     recurrent_parameters: tuple[str, ...] = ("M_*",)
     # Whether the step is one the recurrence engine runs (``_engine_system``).
     engine_supported = False
+    # Whether inputs enter through the zoo's U (the LSTM reads x_t with its own input weights).
+    has_input_map = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.engine = "recurrence" if self.engine_supported else "autograd"
         self.engine_memory = "store"
-        self.U = nn.Linear(config.input_dim, config.hidden)
+        if self.has_input_map:
+            self.U = nn.Linear(config.input_dim, config.hidden)
         self.D = nn.Linear(config.hidden, config.output_dim)
-        for layer in (self.U, self.D):
+        for layer in (self.U, self.D) if self.has_input_map else (self.D,):
             nn.init.xavier_normal_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -174,6 +178,9 @@ class RecurrentModel(nn.Module):
         return torch.stack(states, dim=1) if keep_states else h
 
     def forward(self, x: Tensor) -> Tensor:
+        """D h_T + d, or D h_t + d for every step under ``readout="all"`` (from :meth:`hidden_states`)."""
+        if self.config.readout == "all":
+            return self.D(self._run(x, keep_states=True))
         return self.D(self._run(x, keep_states=False))
 
     def hidden_states(self, x: Tensor) -> Tensor:

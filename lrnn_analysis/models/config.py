@@ -6,7 +6,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..choices import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES
+from ..choices import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES, READOUTS
 from ..errors import InputError
 
 __all__ = ["ModelConfig"]
@@ -30,6 +30,10 @@ class ModelConfig:
     training loss of ``contracting`` (``eps`` is the step of its euler Lur'e form).
     ``lipschitz-ren`` (:mod:`.lipschitz_bounded`) is built on ``contracting`` (``rho``, ``rank``;
     no ``cond_penalty``), its sequence map x -> y having incremental l2-gain at most ``lipschitz`` (G > 0).
+
+    ``readout`` is what the model outputs: ``"last"`` D h_T + d, shape (batch, output_dim), or
+    ``"all"`` D h_t + d for every step t, shape (batch, time, output_dim). It concerns the decoder
+    only; the recurrence, and so every certificate, is the same.
     """
 
     arch: str
@@ -48,9 +52,10 @@ class ModelConfig:
     rank: int = 0
     cond_penalty: float = 0.1
     lipschitz: float = 1.0
+    readout: str = "last"
 
     def __post_init__(self) -> None:
-        for name in ("arch", "discretization"):
+        for name in ("arch", "discretization", "readout"):
             if not isinstance(getattr(self, name), str):
                 raise InputError(f"{name} must be a string, got {_short(getattr(self, name))}")
         if self.arch not in DISCRETIZATIONS:
@@ -60,6 +65,8 @@ class ModelConfig:
             object.__setattr__(self, "discretization", allowed[0])
         elif self.discretization not in allowed:
             raise InputError(f"{self.arch} runs with {allowed}, not {self.discretization!r}")
+        if self.readout not in READOUTS:
+            raise InputError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         for name, limit in MAX_SIZES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:

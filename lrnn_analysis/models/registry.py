@@ -10,6 +10,7 @@ from .architectures import AntisymmetricRNN, CayleyRNN, GatedLipschitzRNN, Lipsc
 from .config import ModelConfig
 from .contracting import ContractingREN, ContractingRNN
 from .lipschitz_bounded import LipschitzREN
+from .lstm import LSTMModel
 
 __all__ = ["MODEL_CLASSES", "build_model", "parameter_shapes"]
 
@@ -24,6 +25,7 @@ MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
     "contracting": ContractingRNN,
     "ren": ContractingREN,
     "lipschitz-ren": LipschitzREN,
+    "lstm": LSTMModel,
 }
 
 

@@ -35,6 +35,7 @@ from ..choices import (
     MAX_MC_SAMPLES,
     MAX_SAMPLE_PASSES,
     MAX_SEED,
+    RNN_TWIN_MODES,
     SPLITS,
     TRACE_METHODS,
 )
@@ -61,7 +62,9 @@ class CurvatureSettings:
     ``params``: parameter names or globs (comma-separated or a list; None: all). ``trace``,
     ``density``: whether to estimate them; ``estimates``: any of ``diag``, ``frobenius``,
     ``blocks``. ``max_iter`` caps the Lanczos steps (None: the estimator's default). ``dtype``:
-    ``float32`` or ``float64`` for the model and the batches (None: the model's own and the data's)."""
+    ``float32`` or ``float64`` for the model and the batches (None: the model's own and the data's).
+    ``rnn_twin``: when torch.nn RNN/LSTM/GRU layers run as their unrolled twins (``auto``: on CUDA;
+    ``on``, ``off``; see :class:`~lrnn_analysis.hessian.CurvatureOperator`)."""
 
     operator: str = "hessian"
     split: str = "train"
@@ -83,6 +86,7 @@ class CurvatureSettings:
     dtype: str | None = None
     max_iter: int | None = None
     seed: int = 0
+    rnn_twin: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("operator", self.operator, CURVATURE_OPERATORS)
@@ -113,6 +117,7 @@ class CurvatureSettings:
             check_choice("dtype", self.dtype, DTYPES)
         check_optional_int("max_iter", self.max_iter, 1, MAX_ITERATIONS)
         check_int("seed", self.seed, 0, MAX_SEED)
+        check_choice("rnn_twin", self.rnn_twin, RNN_TWIN_MODES)
         if self.batches is not None and self.products() * 3 * self.batch_size * self.batches > MAX_SAMPLE_PASSES:
             raise InputError(f"{self.products()} operator products on {self.batch_size * self.batches} samples is more than "
                              f"{MAX_SAMPLE_PASSES:.0e} sample passes (a product costs about 3): fewer samples, density "
@@ -253,6 +258,6 @@ def run(
                          density_probes=settings.density_probes, density_steps=settings.density_steps,
                          operator=settings.operator, mc_samples=settings.mc_samples, estimates=settings.estimates,
                          diagonal_method=settings.diagonal_method, density_scale=settings.density_scale,
-                         wrap_operator=DistributedOperator if shared_by > 1 else None)
+                         rnn_twin=settings.rnn_twin, wrap_operator=DistributedOperator if shared_by > 1 else None)
         found.append(ModelCurvature(subject.name, report))
     return CurvatureResult(tuple(found) if ranks.is_main else (), settings, shared_by)

@@ -62,11 +62,13 @@ def test_hessian_cli_ggn_with_estimates_and_lenient_params(tmp_path, capsys):
 
 def test_hessian_of_a_user_model_matches_the_exact_hessian(project, tmp_path):
     json_path = tmp_path / "hessian.json"
+    # --rnn-twin on: the products run through the unrolled twin of the module's nn.RNN, exact all the same
     assert main(["hessian", "--model", model_spec(project), "--weights", str(project / "rnn.pt"), "--data",
                  str(project / "data.npz"), "--params", "rnn.weight_hh_*", "--top-k", "1", "--batch-size", "64",
-                 "--dtype", "float64", "--json", str(json_path), "--quiet"]) == 0
+                 "--dtype", "float64", "--rnn-twin", "on", "--json", str(json_path), "--quiet"]) == 0
     report = json.loads(json_path.read_text())
     assert report["operator"]["params"] == ["rnn.weight_hh_l0"]
+    assert report["operator"]["rnn_twin_layers"] == ["rnn"]
     module = load_user_model(model_spec(project), project / "rnn.pt").module.double()
     data = np.load(project / "data.npz")
     x, y = torch.from_numpy(data["x_train"][:64]).double(), torch.from_numpy(data["y_train"][:64])

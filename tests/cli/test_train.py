@@ -75,6 +75,29 @@ def test_cli_train_and_info(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["config"]["hidden"] == 8
 
 
+def test_cli_trains_per_step_models_on_chars_and_lorenz(tmp_path, capsys):
+    out = tmp_path / "lm.safetensors"
+    assert main(["train", "--task", "chars", "--length", "32", "--arch", "lstm", "--readout", "all", "--hidden", "4",
+                 "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "readout all" in printed and "test perplexity" in printed and "bits per token" in printed
+    model, metadata = load_checkpoint(out)
+    assert (model.config.arch, model.config.readout, model.config.input_dim, model.config.output_dim) == ("lstm", "all", 97, 97)
+    assert metadata["task"]["options"]["length"] == 32 and len(metadata["task"]["options"]["text_sha256"]) == 64
+    assert metadata["metrics"]["test_perplexity"] > 1 and "alpha_Wf" in metadata["log"][0]
+    assert main(["stability", str(out), "--input-bound", "1", "--quiet"]) in (0, 1)
+    assert "lstm-contraction" in capsys.readouterr().out
+    assert main(["train", "--task", "lorenz", "--length", "10", "--arch", "lipschitz", "--readout", "all", "--hidden", "4",
+                 "--epochs", "1", "--out", str(tmp_path / "lorenz.safetensors"), "--quiet"]) == 0
+    assert "test MSE" in capsys.readouterr().out
+    assert main(["train", "--task", "chars", "--arch", "lstm", "--hidden", "4", "--epochs", "1",
+                 "--out", str(tmp_path / "last.safetensors"), "--quiet"]) == 2
+    assert "has a target at every step: train a model with readout 'all'" in capsys.readouterr().err
+    assert main(["train", "--task", "digits", "--readout", "all", "--hidden", "4", "--epochs", "1",
+                 "--out", str(tmp_path / "all.safetensors"), "--quiet"]) == 2
+    assert "one target per sequence" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--eps", "-1"], "argument --eps: must be a finite number in (0, inf]"),
     (["--discretization", "rk4"], "runs with"),
@@ -89,7 +112,7 @@ def test_cli_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
 
 
 def test_cli_usage_errors_exit_2(capsys):
-    for argv in (["train", "--task", "digits", "--arch", "lstm", "--out", "x"], ["train", "--task", "digits"],
+    for argv in (["train", "--task", "digits", "--arch", "gru", "--out", "x"], ["train", "--task", "digits"],
                  ["info"], ["nonsense"]):
         assert main(argv) == 2
         assert len(capsys.readouterr().err.splitlines()) == 1

@@ -95,3 +95,26 @@ def test_analyze_ggn_with_diag_frobenius_and_blocks(model_and_batch):
     assert data["blocks"]["rows"][0]["param"] == "M_A" and "estimate" in data["frobenius"]
     with pytest.raises(ValueError, match="pyhessian"):
         analyze(model, nn.CrossEntropyLoss(), (x, y), backend="pyhessian", operator="ggn", progress=False)
+
+
+def test_probe_estimators_share_their_products_and_numbers(model_and_batch):
+    from lrnn_analysis.hessian import block_curvature, diagonal, frobenius_norm_squared, trace
+
+    model, x, y = model_and_batch
+    report = analyze(model, nn.CrossEntropyLoss(), (x, y), trace=True, trace_matvecs=20, estimates=("blocks", "diag", "frobenius"),
+                     estimate_matvecs=20, dtype="float64", progress=False)
+    alone = {"trace": trace(HessianOperator(model, nn.CrossEntropyLoss(), (x, y), dtype="float64"), "hutchinson", 1e-2, 20),
+             "blocks": block_curvature(HessianOperator(model, nn.CrossEntropyLoss(), (x, y), dtype="float64")),
+             "diag": diagonal(HessianOperator(model, nn.CrossEntropyLoss(), (x, y), dtype="float64"), "hutchinson", 20),
+             "frobenius": frobenius_norm_squared(HessianOperator(model, nn.CrossEntropyLoss(), (x, y), dtype="float64"), 1e-2, 20)}
+    assert report.trace.estimate == pytest.approx(alone["trace"].estimate, rel=1e-12)
+    assert report.frobenius.estimate == pytest.approx(alone["frobenius"].estimate, rel=1e-12)
+    np.testing.assert_allclose(report.diagonal.estimate, alone["diag"].estimate, rtol=1e-12, atol=1e-14)
+    for shared, own in zip(report.blocks.rows, alone["blocks"].rows, strict=True):
+        assert shared["trace"] == pytest.approx(own["trace"], rel=1e-12, abs=1e-14)
+    estimator_products = (report.eigen.matvecs + report.trace.matvecs + report.blocks.matvecs + report.diagonal.matvecs
+                          + report.frobenius.matvecs)
+    reused = estimator_products - report.matvecs
+    # the trace's >= 10 probes begin the diagonal's 20, which are the Frobenius norm's 20 and the first 20 of the blocks' 60
+    assert reused >= 10 + 20 + 20
+    assert any(f"{reused} products were asked for again" in note for note in report.notes)

@@ -24,6 +24,9 @@ def test_block_table_matches_the_dense_diagonal_blocks(case):
         if row["trace_method"] == "exact":
             assert row["trace"] == pytest.approx(np.trace(block), rel=1e-10, abs=1e-14)
             assert 0 <= row["trace_ci_halfwidth"] < 1e-9
+            # the block's own products give its eigenpair too: no Lanczos products on top
+            assert row["matvecs"] == row["numel"] and row["lambda_max_residual"] < 1e-10 and row["lambda_max_converged"]
+            assert row["lambda_max"] == pytest.approx(np.linalg.eigvalsh(block)[-1], rel=1e-10, abs=1e-14)
         else:
             assert abs(row["trace"] - np.trace(block)) <= 3 * row["trace_ci_halfwidth"]
     assert {row["trace_method"] for row in table.rows} == {"exact", "hutchinson, shared probes"}

@@ -255,6 +255,28 @@ def test_hessian_of_wrapped_layers_matches_autograd(layer):
     np.testing.assert_allclose(dense, exact, rtol=1e-8, atol=1e-10)
 
 
+def test_remembered_products_answer_only_identical_vectors(case):
+    op, H = case
+    generator = torch.Generator().manual_seed(7)
+    v, w = torch.randn(op.dim, dtype=torch.float64, generator=generator), torch.randn(op.dim, dtype=torch.float64, generator=generator)
+    before = op.matvecs
+    with op.remembering_products() as memo:
+        first = op.apply(v)
+        again = op.apply(v.clone())
+        other = op.apply(w)
+        nearby = op.apply(v + 1e-12 * w)  # not identical: multiplied, never answered from memory
+    assert memo.reused == 1 and op.matvecs - before == 3
+    assert torch.equal(first, again)
+    np.testing.assert_allclose(other.numpy(), H @ w.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(nearby.numpy(), H @ (v + 1e-12 * w).numpy(), rtol=1e-10, atol=1e-12)
+    op.apply(v)  # outside the block nothing is remembered
+    assert op.matvecs - before == 4
+    with op.remembering_products(budget=0) as memo:
+        op.apply(v)
+        op.apply(v)
+    assert memo.reused == 0 and op.matvecs - before == 6
+
+
 def _per_step_batches(classification, seed=3):
     """Two batches (5 and 3 sequences of 6 steps) of per-step targets with trailing padding:
     int64 labels (IGNORE_INDEX unscored) or float (B, T, 2) targets (NaN rows unscored)."""

@@ -62,12 +62,20 @@ def _hand_written(config, p, x):
         # n <= 16: one block, D11 = 0 and Lambda from the off-diagonal row sums
         lam = 0.5 * np.abs(Hb[1][1]).sum(axis=1)
         K = -Hb[1][0] / lam[:, None]
+    def sigmoid(z):
+        return 1 / (1 + np.exp(-z))
+
     outputs = []
     for sample in x:
-        h = np.zeros(n)
+        h, c = np.zeros(n), np.zeros(n)
         for x_t in sample:
-            u = p["U.weight"] @ x_t + p["U.bias"]
-            if config.arch in ("contracting", "lipschitz-ren"):
+            u = p["U.weight"] @ x_t + p["U.bias"] if "U.weight" in p else None
+            if config.arch == "lstm":  # PyTorch's nn.LSTM equations, gates in the order i, f, g, o
+                z = p["rnn.weight_ih_l0"] @ x_t + p["rnn.bias_ih_l0"] + p["rnn.weight_hh_l0"] @ h + p["rnn.bias_hh_l0"]
+                i, f, g, o = sigmoid(z[:n]), sigmoid(z[n:2 * n]), np.tanh(z[2 * n:3 * n]), sigmoid(z[3 * n:])
+                c = f * c + i * g
+                h = o * np.tanh(c)
+            elif config.arch in ("contracting", "lipschitz-ren"):
                 h = np.linalg.solve(E, F @ h + B @ np.tanh(C @ h + u))
             elif config.arch == "ren":
                 h = np.linalg.solve(E, F @ h + B @ np.tanh(K @ h + u) + p["B2.weight"] @ x_t)
@@ -126,7 +134,7 @@ def test_model_matches_hand_written_equations(arch, disc):
     np.testing.assert_allclose(model(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] not in ("lipschitz-gated", "contracting", "ren", "lipschitz-ren")])
+@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] not in ("lipschitz-gated", "contracting", "ren", "lstm", "lipschitz-ren")])
 def test_lure_form_reproduces_hidden_states(arch, disc):
     config = model_config(arch, disc, ode_substeps=3 if arch == "node" else 1)
     model = build_model(config, seed=2).double()
@@ -149,6 +157,29 @@ def test_lure_form_method_and_matrices():
     node = build_model(model_config("node", "rk4", ode_substeps=4)).lure_form()
     assert (node.method, node.substeps, node.eps) == ("rk4", 4, pytest.approx(0.075))
     assert build_model(model_config("lipschitz-gated", "euler")).lure_form() is None
+    assert build_model(model_config("lstm", "map")).lure_form() is None
+
+
+@pytest.mark.parametrize("arch,disc", ALL_VARIANTS)
+def test_readout_all_is_the_decoder_at_every_step(arch, disc):
+    last = build_model(model_config(arch, disc), seed=4).double()
+    every = build_model(model_config(arch, disc, readout="all"), seed=4).double()
+    every.load_state_dict(last.state_dict())
+    x = torch.randn(3, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        outputs, states = every(x), every.hidden_states(x)
+        assert outputs.shape == (3, 6, 4) and states.shape == (3, 6, 5)
+        np.testing.assert_allclose(outputs.numpy(), (states @ every.D.weight.T + every.D.bias).numpy(), rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(outputs[:, -1].numpy(), last(x).numpy(), rtol=1e-12, atol=1e-13)
+        for t in (1, 4):  # a prefix's last-step readout is step t of the whole sequence's
+            np.testing.assert_allclose(outputs[:, t - 1].numpy(), last(x[:, :t]).numpy(), rtol=1e-12, atol=1e-13)
+
+
+def test_readout_is_checked():
+    with pytest.raises(ValueError, match=r"readout must be one of \('last', 'all'\), got 'every'"):
+        ModelConfig("lipschitz", 2, 4, 3, readout="every")
+    assert ModelConfig.from_dict({"arch": "lstm", "input_dim": 2, "hidden": 4, "output_dim": 3}).readout == "last"
+
 
 
 def test_symmetric_part_eigenvalues_and_beta_one_normality():

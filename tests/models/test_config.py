@@ -19,7 +19,7 @@ def test_config_round_trip_rebuilds_same_model():
 
 
 @pytest.mark.parametrize("bad", [
-    {"arch": "lstm"}, {"hidden": 0}, {"eps": -0.1}, {"eps": float("nan")},
+    {"arch": "gru"}, {"readout": "every"}, {"hidden": 0}, {"eps": -0.1}, {"eps": float("nan")},
     {"discretization": "rk2", "arch": "vanilla"}, {"input_dim": 1.5},
 ])
 def test_invalid_config_is_rejected(bad):

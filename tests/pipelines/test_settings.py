@@ -15,6 +15,7 @@ from lrnn_analysis.pipelines.stability import StabilitySettings
     (lambda: CurvatureSettings(top_k=True), "top_k"),
     (lambda: CurvatureSettings(operator="kfac"), "operator"),
     (lambda: CurvatureSettings(dtype="float16"), "dtype"),
+    (lambda: CurvatureSettings(rnn_twin="always"), "rnn_twin"),
     (lambda: CurvatureSettings(params=[]), "params"),
     (lambda: CurvatureSettings(backend="pyhessian", density=True), "backend"),
     (lambda: RobustnessSettings(grid={}), "grid"),

@@ -11,6 +11,7 @@ from lrnn_analysis.cli import main
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.lure import LureSystem
 from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
+from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.pipelines.audit import AuditSettings
 from lrnn_analysis.pipelines.audit import run as run_audit
 from lrnn_analysis.pipelines.stability import certify_model
@@ -252,3 +253,15 @@ def test_the_forms_of_torch_nn_rnn_layers_are_checked_against_the_layers(monkeyp
     monkeypatch.setattr(torchnn, "rnn_lure_forms", transposed)
     with pytest.raises(InputError, match="rnn layer 0: its Lur'e form does not reproduce the layer"):
         certify_model(ModelUnderAnalysis.from_module(model, name="stacked"), time_budget=5)
+
+
+@pytest.mark.parametrize("arch", ["lipschitz", "contracting"])
+def test_certificates_do_not_depend_on_the_readout(arch):
+    """The readout is the decoder only: a per-step model's form is checked and certified as the last-step model's."""
+    found = []
+    for readout in ("last", "all"):
+        model = build_model(ModelConfig(arch, 3, 5, 4, beta_a=1.0, gamma_a=0.5, readout=readout), seed=0)
+        result = certify_model(model, time_budget=30)
+        assert result.form == "given, checked" and result.holds
+        found.append([{k: v for k, v in row.items() if k != "seconds"} for row in result.rows()])
+    assert found[0] == found[1]

@@ -26,10 +26,10 @@ def _relative(actual, expected):
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
 
 
-def _pair(arch, disc):
+def _pair(arch, disc, readout="last"):
     """The same float64 model run by the engine and by autograd through the plain loop."""
     config = ModelConfig(arch, INPUT, N, OUTPUT, eps=0.3, discretization=disc, beta_a=0.6, gamma_a=0.2,
-                         beta_w=0.8, gamma_w=0.1, init_std=2.0, ode_substeps=2 if arch == "node" else 1)
+                         beta_w=0.8, gamma_w=0.1, init_std=2.0, ode_substeps=2 if arch == "node" else 1, readout=readout)
     engine = build_model(config, seed=3).double()
     plain = copy.deepcopy(engine)
     plain.engine = "autograd"
@@ -50,13 +50,14 @@ def _losses(model, x, y, weights):
 
 
 def _graph_names(tensor):
-    names, stack = set(), [tensor.grad_fn]
+    """The type names of every node of ``tensor``'s autograd graph."""
+    seen, stack = set(), [tensor.grad_fn]
     while stack:
         node = stack.pop()
-        if node is not None and type(node).__name__ not in names:
-            names.add(type(node).__name__)
+        if node is not None and node not in seen:
+            seen.add(node)
             stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
+    return {type(node).__name__ for node in seen}
 
 
 def _gradient_and_hvp(model, loss, direction):
@@ -89,6 +90,26 @@ def test_engine_equals_autograd_through_the_loop(arch, disc):
             assert _relative(a, b) < RTOL, (which, "gradient", name)
         for name, a, b in zip([n for n, _ in engine.named_parameters()], hvp_engine, hvp_plain):
             assert _relative(a, b) < RTOL, (which, "hvp", name)
+
+
+@pytest.mark.parametrize("arch,disc", [("lipschitz", "euler"), ("antisymmetric", "euler"), ("node", "rk4"), ("contracting", "euler")])
+def test_per_step_readout_through_the_engine_equals_autograd(arch, disc):
+    """readout="all" runs the engine with keep_states: a per-token cross-entropy's gradient and
+    Hessian-vector product equal autograd's through the plain loop."""
+    engine, plain = _pair(arch, disc, readout="all")
+    x, _, _ = _data()
+    tokens = torch.randint(0, OUTPUT, (BATCH, T), generator=torch.Generator().manual_seed(4))
+    assert "_RecurrenceBackward" in _graph_names(engine(x)) and "_RecurrenceBackward" not in _graph_names(plain(x))
+    assert engine(x).shape == (BATCH, T, OUTPUT) and _relative(engine(x), plain(x)) < RTOL
+    generator = torch.Generator().manual_seed(5)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in engine.parameters()]
+
+    def per_token(model):
+        return nn.functional.cross_entropy(model(x).reshape(-1, OUTPUT), tokens.reshape(-1))
+
+    for a, b in zip(_gradient_and_hvp(engine, per_token(engine), direction), _gradient_and_hvp(plain, per_token(plain), direction)):
+        for name, p, q in zip([n for n, _ in engine.named_parameters()], a, b):
+            assert _relative(p, q) < RTOL, name
 
 
 @pytest.mark.parametrize("arch,disc", [("lipschitz", "rk38"), ("node", "rk4"), ("contracting", "euler"), ("vanilla", "map")])
@@ -216,7 +237,7 @@ def test_torch_func_vmap_runs_the_recorded_step():
 
 
 def test_engine_options_are_checked():
-    assert len(ENGINE_VARIANTS) == 12 and {arch for arch, _ in ENGINE_VARIANTS} == set(DISCRETIZATIONS) - {"lipschitz-gated", "ren"}
+    assert len(ENGINE_VARIANTS) == 12 and {arch for arch, _ in ENGINE_VARIANTS} == set(DISCRETIZATIONS) - {"lipschitz-gated", "ren", "lstm"}
     gated = build_model(ModelConfig("lipschitz-gated", INPUT, N, OUTPUT))
     assert gated.engine == "autograd"
     with pytest.raises(InputError, match="engine 'autograd'"):

@@ -35,6 +35,7 @@ def test_certificates_see_the_real_A_with_alpha_folded_in():
     np.testing.assert_allclose(model.lure_form().W, W_ref.T.numpy(), atol=1e-14)
     ode = convert_reference_model("LipschitzRNN_ODE", random_state("LipschitzRNN_ODE"), {**HP, "solver": "midpoint"})
     assert (ode.config.arch, ode.config.discretization, ode.config.gamma_a) == ("lipschitz", "rk2", HP["gamma"])
+    assert model.config.readout == ode.config.readout == "last"  # the reference classifiers read the last state only
     rk4 = convert_reference_model("LipschitzRNN_ODE", random_state("LipschitzRNN_ODE"), {**HP, "solver": "rk4"})
     assert (rk4.config.discretization, rk4.lure_form().method) == ("rk38", "rk38")
 
