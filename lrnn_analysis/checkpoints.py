@@ -58,7 +58,7 @@ METADATA_KEY = "lrnn_analysis"
 _HASH_KEY = "weights_sha256"
 HASH_DOMAIN = b"lrnn-analysis weights v1"
 # ModelConfig fields added after the v1 hash was defined (see the module docstring).
-HASH_OMITTED_AT_DEFAULT = ("rho", "rank", "cond_penalty", "lipschitz", "readout")
+HASH_OMITTED_AT_DEFAULT = ("rho", "rank", "cond_penalty", "readout", "lipschitz")
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 

@@ -30,12 +30,11 @@ HERE = Path(__file__).parent
 DIGITS = "--task digits --hidden 64 --seed 0"
 # sMNIST: the paper's schedule shape (Adam, decay x0.1 late), 100 epochs, one recipe for all three.
 SMNIST = "--task smnist --hidden 64 --seed 0 --epochs 100 --lr 0.003 --grad-clip 1 --decay-epochs 80"
-# Radii at which the cards of models built to a Lipschitz bound state certified accuracy.
-RADII = (0.1, 0.25, 0.5, 1.0)
-
 # Character-level language models: a prediction at every step, one schedule for all three; the
 # antisymmetric RNN needs the damping gamma_W (it has no A to forget with).
 CHARS = "--task chars --readout all --hidden 128 --seed 0 --epochs 60 --lr 0.01 --grad-clip 1"
+# Radii at which the cards of models built to a Lipschitz bound state certified accuracy.
+RADII = (0.1, 0.25, 0.5, 1.0)
 MODELS = {
     "digits-lipschitz-euler": f"{DIGITS} --arch lipschitz --discretization euler",
     "digits-lipschitz-rk2": f"{DIGITS} --arch lipschitz --discretization rk2",

@@ -67,9 +67,6 @@ class ModelConfig:
             raise InputError(f"{self.arch} runs with {allowed}, not {self.discretization!r}")
         if self.readout not in READOUTS:
             raise InputError(f"readout must be one of {READOUTS}, got {self.readout!r}")
-        if self.arch == "lipschitz-ren" and self.readout != "last":
-            raise InputError("lipschitz-ren reads its output from the last state only (its gain bound is of D h_T): "
-                             "readout must be 'last'")
         for name, limit in MAX_SIZES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:

@@ -154,4 +154,7 @@ class LipschitzREN(ContractingRNN):
         return nn.functional.linear(x.transpose(0, 1), self.input_matrix(), self.input_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(self._run(x, keep_states=False), self.readout_matrix(), self.output_bias)
+        """D h_T + d, or D h_t + d for every step under ``readout="all"`` (each step's output then has
+        the same bound G over the inputs up to that step: the argument stops at t)."""
+        states = self._run(x, keep_states=self.config.readout == "all")
+        return nn.functional.linear(states, self.readout_matrix(), self.output_bias)

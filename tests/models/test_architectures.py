@@ -134,7 +134,7 @@ def test_model_matches_hand_written_equations(arch, disc):
     np.testing.assert_allclose(model(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] not in ("lipschitz-gated", "contracting", "ren", "lipschitz-ren", "lstm")])
+@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] not in ("lipschitz-gated", "contracting", "ren", "lstm", "lipschitz-ren")])
 def test_lure_form_reproduces_hidden_states(arch, disc):
     config = model_config(arch, disc, ode_substeps=3 if arch == "node" else 1)
     model = build_model(config, seed=2).double()
@@ -160,7 +160,7 @@ def test_lure_form_method_and_matrices():
     assert build_model(model_config("lstm", "map")).lure_form() is None
 
 
-@pytest.mark.parametrize("arch,disc", [v for v in ALL_VARIANTS if v[0] != "lipschitz-ren"])
+@pytest.mark.parametrize("arch,disc", ALL_VARIANTS)
 def test_readout_all_is_the_decoder_at_every_step(arch, disc):
     last = build_model(model_config(arch, disc), seed=4).double()
     every = build_model(model_config(arch, disc, readout="all"), seed=4).double()
@@ -169,7 +169,8 @@ def test_readout_all_is_the_decoder_at_every_step(arch, disc):
     with torch.no_grad():
         outputs, states = every(x), every.hidden_states(x)
         assert outputs.shape == (3, 6, 4) and states.shape == (3, 6, 5)
-        np.testing.assert_allclose(outputs.numpy(), (states @ every.D.weight.T + every.D.bias).numpy(), rtol=1e-12, atol=1e-13)
+        bias = every.output_bias if arch == "lipschitz-ren" else every.D.bias
+        np.testing.assert_allclose(outputs.numpy(), (states @ every.readout_matrix().T + bias).numpy(), rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(outputs[:, -1].numpy(), last(x).numpy(), rtol=1e-12, atol=1e-13)
         for t in (1, 4):  # a prefix's last-step readout is step t of the whole sequence's
             np.testing.assert_allclose(outputs[:, t - 1].numpy(), last(x[:, :t]).numpy(), rtol=1e-12, atol=1e-13)
@@ -179,8 +180,6 @@ def test_readout_is_checked():
     with pytest.raises(ValueError, match=r"readout must be one of \('last', 'all'\), got 'every'"):
         ModelConfig("lipschitz", 2, 4, 3, readout="every")
     assert ModelConfig.from_dict({"arch": "lstm", "input_dim": 2, "hidden": 4, "output_dim": 3}).readout == "last"
-    with pytest.raises(ValueError, match="lipschitz-ren reads its output from the last state only"):
-        ModelConfig("lipschitz-ren", 2, 4, 3, readout="all")
 
 
 

@@ -145,3 +145,19 @@ def test_every_draw_is_certified_contracting_by_its_explicit_form(seed):
     assert evidence.certificate == "ren-contraction" and evidence.rate <= model.config.rho
     assert check_stored(model, {METADATA_KEY: evidence.to_dict()}).verified
     assert model.lure_form() is None and model.regularization() is None
+
+
+def test_every_step_of_a_per_step_readout_obeys_the_bound():
+    model = build_model(ModelConfig("lipschitz-ren", 3, 5, 4, lipschitz=1.5, readout="all"), seed=3).double()
+    rng = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 9, 3, generator=rng, dtype=torch.float64)
+    x2 = x + torch.randn(x.shape, generator=rng, dtype=torch.float64)
+    with torch.no_grad():
+        y, y2 = model(x), model(x2)
+    assert y.shape == (64, 9, 4)
+    for t in range(9):
+        ratio = (y[:, t] - y2[:, t]).norm(dim=1) / (x[:, :t + 1] - x2[:, :t + 1]).flatten(1).norm(dim=1)
+        assert float(ratio.max()) <= 1.5
+    model.config = ModelConfig("lipschitz-ren", 3, 5, 4, lipschitz=1.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y[:, -1])
