@@ -418,6 +418,29 @@ def test_sequence_map_reproduces_the_module_and_the_bound_holds_on_it(arch):
                   <= certificate.lipschitz * np.linalg.norm((x2 - x).reshape(30, -1), axis=1))
 
 
+@pytest.mark.parametrize("arch", ["lipschitz", "contracting"])
+def test_one_bound_per_step_for_a_per_step_readout(arch):
+    """With readout 'all' the output at step t is D h_t, a function of x_1..x_t: the bound over
+    horizon t holds for it, and it is at most the bound over the whole horizon (the horizon factor
+    max(1, rho^(2s(t - 1))) grows with t)."""
+    model = build_model(ModelConfig(arch, 2, 4, 3, eps=0.2, init_std=0.5, readout="all"), seed=0).double().eval()
+    system, U, D = sequence_map(model)
+    horizon = 6
+    bounds = [certify_gain(system, U, D, t, tiers=["closed-form", "riccati"]) for t in (1, 3, horizon)]
+    assert all(b.holds for b in bounds)
+    whole = bounds[-1].lipschitz
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((40, horizon, 2))
+    x2 = x + rng.standard_normal((40, horizon, 2))
+    with torch.no_grad():
+        dy = (model(torch.as_tensor(x2)) - model(torch.as_tensor(x))).numpy()
+    assert dy.shape == (40, horizon, 3)
+    for t, bound in zip((1, 3, horizon), bounds, strict=True):
+        moved = np.linalg.norm(dy[:, t - 1], axis=1)
+        assert np.all(moved <= bound.lipschitz * np.linalg.norm((x2 - x)[:, :t].reshape(40, -1), axis=1))
+        assert np.all(moved <= whole * np.linalg.norm((x2 - x).reshape(40, -1), axis=1))
+
+
 def test_degenerate_but_valid_systems_give_answers_not_exceptions():
     rng = np.random.default_rng(13)
     system = random_system(rng, 3, "rk2", spread=0.2, weight=0.3)
