@@ -12,7 +12,7 @@ from .errors import InputError
 
 __all__ = ["ARCHITECTURES", "ATTACKS", "CERTIFICATES", "CONSTRAINTS", "CONTRACTION_CERTIFICATES", "CURVATURE_BACKENDS",
     "CURVATURE_ESTIMATES", "CURVATURE_OPERATORS", "DENSITY_SCALES", "DEVICE_CHOICES", "DIAGONAL_METHODS",
-    "DISCRETIZATIONS", "DTYPES", "GATE_CERTIFICATES", "INPUT_BOXES", "INPUT_KINDS", "KINDS", "MAX_ADDING_LENGTH", "MAX_BATCHES",
+    "DISCRETIZATIONS", "DTYPES", "GATE_CERTIFICATES", "INPUT_BOXES", "INPUT_KINDS", "KINDS", "LIPSCHITZ_RANGE", "MAX_ADDING_LENGTH", "MAX_BATCHES",
     "MAX_ATTACK_STEPS", "MAX_BATCH_SIZE", "MAX_DENSITY_PROBES", "MAX_DENSITY_STEPS", "MAX_EIGENPAIRS", "MAX_ITERATIONS", "MAX_LEVELS",
     "MAX_MATVECS", "MAX_MC_SAMPLES", "MAX_RESTARTS", "MAX_SAMPLES", "MAX_SEED", "MAX_SEEDS", "MAX_SIZES", "PARAMETERIZATION_TESTS",
     "PARAMETER_KINDS", "PERTURBATION_ALIASES", "READOUTS", "RNN_TWIN_MODES", "SPLITS", "TASK_NAMES", "TRACE_METHODS",
@@ -41,6 +41,9 @@ ARCHITECTURES = tuple(DISCRETIZATIONS)
 READOUTS = ("last", "all")
 # Generous but finite: a config from an untrusted file must not ask for unbounded memory or time.
 MAX_SIZES = {"input_dim": 65536, "hidden": 65536, "output_dim": 65536, "ode_substeps": 10000}
+# The bound G a lipschitz-ren model is built to: its float32 weights scale with G (and 1 / G), so a
+# G far outside this range overflows to inf or underflows to a model that outputs a constant.
+LIPSCHITZ_RANGE = (1e-6, 1e6)
 
 CERTIFICATES = (
     "ct-norm",

@@ -177,6 +177,9 @@ def _check_mask(mask: np.ndarray, key: str, y: np.ndarray, per_step: bool) -> np
                          f"(shape {y.shape})")
     if mask.dtype != np.bool_ or mask.shape != y.shape[:2]:
         raise InputError(f"{key}: expected a boolean mask of shape {y.shape[:2]} (N, T), got {mask.dtype} {mask.shape}")
+    unscored = np.flatnonzero(~mask.any(axis=1))
+    if len(unscored):
+        raise InputError(f"{key}: sequence {int(unscored[0])} has every step masked (nothing to score)")
     return mask
 
 

@@ -145,6 +145,10 @@ def train_model(
             if margin:
                 outputs = lipschitz_margin_logits(outputs, y_train[idx], model.pair_lipschitz(), settings.margin_radius)
             loss = criterion(outputs, y_train[idx])
+            if not torch.isfinite(loss):
+                # Adam would carry the NaN into every weight, and the model saved would be garbage.
+                raise InputError(f"training diverged: the loss is {float(loss.detach())} in epoch {epoch} "
+                                 "(a smaller lr or margin_radius, or grad_clip, may help)")
             penalty = model.regularization()
             optimizer.zero_grad(set_to_none=True)
             (loss if penalty is None else loss + penalty).backward()

@@ -43,3 +43,19 @@ def test_recurrent_selections_that_match_nothing_are_errors(user, digits_task):
         perturb_parameters(dict(module.named_parameters()), Perturbation("gaussian-relative", 0.5), names=[])
     toolkit = ModelUnderAnalysis.from_recurrent_model(build_model(ModelConfig("antisymmetric", 1, 8, 10), seed=0))
     assert toolkit.recurrent_names() == ["M_W"]
+
+
+@pytest.mark.parametrize("readout", ["all", "last"])
+def test_a_readout_that_does_not_match_the_targets_is_refused(readout, digits_task):
+    """Sizes that fit are not enough: a per-step readout on one target per sequence (and the
+    converse) is refused by check_fits, before any pipeline reads its outputs."""
+    from lrnn_analysis.errors import InputError
+    from lrnn_analysis.task import task_from_arrays
+
+    x = digits_task.test.x[:6].numpy()
+    y = digits_task.test.y[:6].numpy()
+    task = digits_task if readout == "all" else task_from_arrays(x, np.tile(y[:, None], (1, 64)), x, np.tile(y[:, None], (1, 64)),
+                                                                  name="steps", num_classes=10)
+    subject = ModelUnderAnalysis.from_recurrent_model(build_model(ModelConfig("lipschitz", 1, 4, 10, readout=readout), seed=0))
+    with pytest.raises(InputError, match="the model returns"):
+        subject.check_fits(task)

@@ -54,6 +54,9 @@ def test_token_inputs_and_masked_per_step_labels_make_a_per_step_classification_
     (dict(mask_train=np.arange(30).reshape(6, 5) >= 5), "mask_train: sequence 0 has every step masked"),
     (dict(y_train=np.full((6, 5), -1, np.int64), mask_train=np.ones((6, 5), bool)), "y_train: class labels must be >= 0, found -1"),
     (dict(x_train=np.full((6, 5), 3, np.int64), vocab_size=3), "x_train: token id 3 is >= vocab_size = 3"),
+    (dict(mask_train=np.zeros((6, 5), bool)), "mask_train: sequence 0 has every step masked"),
+    (dict(x_train=np.zeros((6, 5, 2), np.float32), y_train=np.zeros((6, 5, 1), np.float32), mask_train=np.zeros((6, 5), bool)),
+     "mask_train: sequence 0 has every step masked"),
 ])
 def test_shapes_that_could_mean_two_things_are_refused_naming_what_is_expected(change, message):
     arrays = dict(x_train=np.zeros((6, 5), np.int64), y_train=np.zeros((6, 5), np.int64),

@@ -70,3 +70,13 @@ def test_zoo_models_refuse_token_inputs():
     with pytest.raises(InputError, match="takes float inputs"):
         train_model(build_model(ModelConfig("lipschitz", 1, 4, 3), seed=0), task, TrainSettings(epochs=1), torch.device("cpu"),
                     progress=False)
+
+
+def test_a_loss_that_is_not_finite_stops_training_with_an_input_error(digits_task):
+    """A margin radius so large that the margin logits overflow: refused at the first batch, not a
+    model of NaN weights saved (or a traceback from certifying it)."""
+    from lrnn_analysis.errors import InputError
+
+    model = build_model(ModelConfig("lipschitz-ren", 1, 4, 10, lipschitz=2.0), seed=0)
+    with pytest.raises(InputError, match="^training diverged: the loss is nan in epoch 1"):
+        train_model(model, digits_task, TrainSettings(epochs=1, margin_radius=1e308), torch.device("cpu"), progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..choices import ARCHITECTURES, CONSTRAINTS, MAX_BATCH_SIZE, MAX_SIZES, READOUTS
+from ..choices import ARCHITECTURES, CONSTRAINTS, LIPSCHITZ_RANGE, MAX_BATCH_SIZE, MAX_SIZES, READOUTS
 from ..outputs import check_output_file
 from . import options as o
 
@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="contracting/ren/lipschitz-ren: rows of Z (contracting, at most 2 * hidden) or X (ren, at most 3 * hidden); 0: hidden")
     train.add_argument("--cond-penalty", type=o.nonnegative, default=0.1,
                        help="contracting: kappa of the loss term kappa * mean(log^2 sigma_i(T))")
-    train.add_argument("--lipschitz", type=o.positive, default=1.0, metavar="G",
+    train.add_argument("--lipschitz", type=o.float_in(*LIPSCHITZ_RANGE), default=1.0, metavar="G",
                        help="lipschitz-ren: the bound G on the Lipschitz constant (incremental l2-gain) of the map from the "
                             "whole input sequence to the outputs that the model is built to")
     train.add_argument("--margin-radius", type=o.nonnegative, default=0.0, metavar="DELTA0",

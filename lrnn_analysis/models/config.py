@@ -6,7 +6,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..choices import ARCHITECTURES, DISCRETIZATIONS, MAX_SIZES, READOUTS
+from ..choices import ARCHITECTURES, DISCRETIZATIONS, LIPSCHITZ_RANGE, MAX_SIZES, READOUTS
 from ..errors import InputError
 
 __all__ = ["ModelConfig"]
@@ -86,8 +86,8 @@ class ModelConfig:
             raise InputError(f"rho must be in (0, 1], got {self.rho}")
         if self.cond_penalty < 0:
             raise InputError(f"cond_penalty must be >= 0, got {self.cond_penalty}")
-        if self.lipschitz <= 0:
-            raise InputError(f"lipschitz must be > 0, got {self.lipschitz}")
+        if not LIPSCHITZ_RANGE[0] <= self.lipschitz <= LIPSCHITZ_RANGE[1]:
+            raise InputError(f"lipschitz must be in [{LIPSCHITZ_RANGE[0]:g}, {LIPSCHITZ_RANGE[1]:g}], got {self.lipschitz}")
         if self.init_std <= 0:
             raise InputError(f"init_std must be > 0, got {self.init_std}")
 
