@@ -14,7 +14,7 @@ __all__ = ["ARCHITECTURES", "ATTACKS", "CERTIFICATES", "CONSTRAINTS", "CONTRACTI
     "CURVATURE_ESTIMATES", "CURVATURE_OPERATORS", "DENSITY_SCALES", "DEVICE_CHOICES", "DIAGONAL_METHODS",
     "DISCRETIZATIONS", "DTYPES", "GATE_CERTIFICATES", "INPUT_BOXES", "INPUT_KINDS", "KINDS", "LIPSCHITZ_RANGE", "MAX_ADDING_LENGTH", "MAX_BATCHES",
     "MAX_ATTACK_STEPS", "MAX_BATCH_SIZE", "MAX_DENSITY_PROBES", "MAX_DENSITY_STEPS", "MAX_EIGENPAIRS", "MAX_ITERATIONS", "MAX_LEVELS",
-    "MAX_MATVECS", "MAX_MC_SAMPLES", "MAX_RESTARTS", "MAX_SAMPLES", "MAX_SEED", "MAX_SEEDS", "MAX_SIZES", "PARAMETERIZATION_TESTS",
+    "MAX_MATVECS", "MAX_MC_SAMPLES", "MAX_RADIUS", "MAX_RESTARTS", "MAX_SAMPLES", "MAX_SEED", "MAX_SEEDS", "MAX_SIZES", "PARAMETERIZATION_TESTS",
     "PARAMETER_KINDS", "PERTURBATION_ALIASES", "READOUTS", "RNN_TWIN_MODES", "SPLITS", "TASK_NAMES", "TRACE_METHODS",
     "perturbation_grid", "perturbation_kind", "perturbation_level", "radius_list"]
 
@@ -111,16 +111,19 @@ ATTACKS = ("pgd",)
 INPUT_BOXES = ("data", "none")
 MAX_ATTACK_STEPS = 100_000
 MAX_RESTARTS = 1_000
+# Beyond any input sequence's l2 norm (784 raw pixels of 255 have 7140); the attack's steps and the
+# figures' log axes overflow near float's limit.
+MAX_RADIUS = 1e6
 
 
 def radius_list(radii: object) -> tuple[float, ...]:
-    """``radii`` as a tuple of 1 to MAX_LEVELS distinct finite l2 radii >= 0."""
+    """``radii`` as a tuple of 1 to MAX_LEVELS distinct l2 radii in [0, MAX_RADIUS]."""
     if isinstance(radii, (str, bytes)) or not isinstance(radii, Sequence) or not 1 <= len(radii) <= MAX_LEVELS:
         raise InputError(f"radii: expected a list of 1 to {MAX_LEVELS} l2 radii, got {radii!r}")
     values = []
     for radius in radii:
-        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius < 0:
-            raise InputError(f"radii: a radius is a finite number >= 0, got {radius!r}")
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or not 0 <= radius <= MAX_RADIUS:
+            raise InputError(f"radii: a radius is a finite number in [0, {MAX_RADIUS:g}], got {radius!r}")
         values.append(float(radius))
     if len(set(values)) != len(values):
         raise InputError(f"radii: duplicate radii {values}")

@@ -53,6 +53,7 @@ from ..choices import (
     MAX_BATCH_SIZE,
     MAX_BATCHES,
     MAX_MATVECS,
+    MAX_RADIUS,
     MAX_SAMPLES,
     MAX_SEED,
     MAX_SEEDS,
@@ -172,9 +173,9 @@ class Gate:
         kind, sep, value = text.partition("=")
         if kind.startswith("certified-accuracy@"):
             radius, minimum = kind.partition("@")[2], value
-            if not sep or not _is_finite(radius) or float(radius) < 0 or not _is_finite(minimum) \
+            if not sep or not _is_finite(radius) or not 0 <= float(radius) <= MAX_RADIUS or not _is_finite(minimum) \
                     or not 0.0 <= float(minimum) <= 1.0:
-                raise InputError(f"bad gate {text!r}: expected certified-accuracy@RADIUS=MIN with a finite l2 radius >= 0 "
+                raise InputError(f"bad gate {text!r}: expected certified-accuracy@RADIUS=MIN with an l2 radius in [0, {MAX_RADIUS:g}] "
                                  "and an accuracy MIN in [0, 1]")
             return cls("certified-accuracy", f"{float(radius)!r}:{float(minimum)!r}")
         if kind == "certified-accuracy":

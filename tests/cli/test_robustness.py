@@ -251,7 +251,8 @@ def test_certified_accuracy_beside_the_attack_against_radius(tmp_path, capsys):
     (["--certified"], "need --radii"),
     (["--attack", "pgd"], "need --radii"),
     (["--radii", "0.1", "--input-noise", "0,0.1"], "table of its own"),
-    (["--radii", "0.1,-1", "--certified"], "radius is a finite number >= 0"),
+    (["--radii", "0.1,-1", "--certified"], "radius is a finite number in [0, 1e+06]"),
+    (["--radii", "0.1,1e308", "--certified"], "radius is a finite number in [0, 1e+06]"),
     (["--radii", "0.1", "--attack", "pgd", "--attack-steps", "0"], "--attack-steps"),
 ])
 def test_against_radius_bad_options_exit_2(tmp_path, capsys, argv, message):

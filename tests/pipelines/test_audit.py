@@ -213,7 +213,7 @@ def test_a_certified_accuracy_gate_parses_and_prints_as_given(text, radius, mini
 
 @pytest.mark.parametrize("text", ["certified-accuracy=0.5", "certified-accuracy@0.1", "certified-accuracy@-0.1=0.5",
                                   "certified-accuracy@nan=0.5", "certified-accuracy@0.1=1.5", "certified-accuracy@0.1=x",
-                                  "certified-accuracy@=0.5"])
+                                  "certified-accuracy@=0.5", "certified-accuracy@1e308=0.1"])
 def test_a_malformed_certified_accuracy_gate_is_refused(text):
     with pytest.raises(ValueError, match="certified-accuracy@RADIUS=MIN"):
         Gate.parse(text)
