@@ -50,6 +50,8 @@ _MAX_TEXT_CHARACTERS = 2_000_000
 # lorenz: the integration is a loop over steps (vectorised over trajectories); states are float64.
 _MAX_LORENZ_STEPS = 1_000_000
 _MAX_LORENZ_OBSERVATIONS = 10_000_000
+# Observations are of order 1; float32 noise of 1e308 is inf (a task of non-finite data).
+_MAX_LORENZ_NOISE = 1e6
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[Split, Split, Split]:
@@ -306,8 +308,8 @@ def _check_options(name: str, seed: Any, opts: dict[str, Any]) -> None:
     if name == "lorenz":
         _check_int("task lorenz stride", opts.get("stride", LORENZ_DEFAULTS["stride"]), 1, 1000)
         noise = opts.get("noise", LORENZ_DEFAULTS["noise"])
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
-            raise InputError(f"task lorenz noise must be a finite number >= 0, got {noise!r:.40}")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= _MAX_LORENZ_NOISE:
+            raise InputError(f"task lorenz noise must be a number in [0, {_MAX_LORENZ_NOISE:g}], got {noise!r:.40}")
         length = opts.get("length", LORENZ_DEFAULTS["length"])
         steps = length * opts.get("stride", LORENZ_DEFAULTS["stride"])
         if steps > _MAX_LORENZ_STEPS or sum(sizes) * length > _MAX_LORENZ_OBSERVATIONS:

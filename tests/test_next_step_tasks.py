@@ -94,8 +94,9 @@ def test_lorenz_targets_are_the_next_observation_and_seeds_matter():
     assert not torch.equal(load_task("lorenz", seed=1, length=20, n_train=8, n_val=3, n_test=4, noise=0.0).test.y, task.test.y)
     noisy = load_task("lorenz", length=20, n_train=8, n_val=3, n_test=4, noise=0.05)
     assert float((noisy.train.x - task.train.x).std()) == pytest.approx(0.05, rel=0.1)
-    with pytest.raises(ValueError, match="noise must be"):
-        load_task("lorenz", noise=-1.0)
+    for noise in (-1.0, float("nan"), 1e308):  # 1e308 became inf in float32: a task of non-finite data
+        with pytest.raises(ValueError, match="noise must be"):
+            load_task("lorenz", noise=noise)
     with pytest.raises(ValueError, match="stride must be"):
         load_task("lorenz", stride=0)
     with pytest.raises(ValueError, match="1000000 steps a trajectory"):
