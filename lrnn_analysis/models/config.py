@@ -88,6 +88,9 @@ class ModelConfig:
             raise InputError(f"cond_penalty must be >= 0, got {self.cond_penalty}")
         if not LIPSCHITZ_RANGE[0] <= self.lipschitz <= LIPSCHITZ_RANGE[1]:
             raise InputError(f"lipschitz must be in [{LIPSCHITZ_RANGE[0]:g}, {LIPSCHITZ_RANGE[1]:g}], got {self.lipschitz}")
+        if self.lipschitz != 1.0 and self.arch != "lipschitz-ren":
+            raise InputError(f"lipschitz is the bound G a lipschitz-ren model is built to; a {self.arch} model is built to none "
+                             f"(got {self.lipschitz})")
         if self.init_std <= 0:
             raise InputError(f"init_std must be > 0, got {self.init_std}")
 

@@ -22,7 +22,7 @@ def test_config_round_trip_rebuilds_same_model():
     {"arch": "gru"}, {"readout": "every"}, {"hidden": 0}, {"eps": -0.1}, {"eps": float("nan")},
     {"discretization": "rk2", "arch": "vanilla"}, {"input_dim": 1.5},
     {"arch": "lipschitz-ren", "lipschitz": 1e308}, {"arch": "lipschitz-ren", "lipschitz": 1e-300},
-    {"arch": "lipschitz-ren", "lipschitz": 0.0},
+    {"arch": "lipschitz-ren", "lipschitz": 0.0}, {"arch": "lstm", "lipschitz": 2.0},
 ])
 def test_invalid_config_is_rejected(bad):
     fields = {"arch": "lipschitz", "input_dim": 1, "hidden": 4, "output_dim": 2, **bad}

@@ -132,7 +132,7 @@ def test_margin_training_needs_pair_bounds():
     assert np.isfinite(result.log[0]["train_loss"])
     with pytest.raises(InputError, match="margin_radius"):
         TrainSettings(margin_radius=-1.0)
-    with pytest.raises(InputError, match="lipschitz must be > 0"):
+    with pytest.raises(InputError, match=r"lipschitz must be in \[1e-06, 1e\+06\]"):
         ModelConfig("lipschitz-ren", 1, 3, 2, lipschitz=0.0)
 
 
