@@ -371,7 +371,8 @@ def run(subjects: Sequence[ModelUnderAnalysis] | ModelUnderAnalysis, data: Any =
     """Certify every model of ``subjects`` with ``settings``. Certificates hold for every input
     sequence: ``data`` (a task, or None) tells the input size the forms are checked with (none
     for token ids), and its first ``SAMPLE_INPUTS`` training inputs show the range each LSTM/GRU
-    layer's input reaches (the embedded tokens, for a model that embeds them). The readout — one
+    layer's input reaches (the embedded tokens, for a model that embeds them); data that do not fit a
+    model's known sizes are an ``InputError``. The readout — one
     output per sequence or per step — plays no part: certificates concern the recurrence."""
     from ..model_under_analysis import ModelUnderAnalysis
 
@@ -379,6 +380,10 @@ def run(subjects: Sequence[ModelUnderAnalysis] | ModelUnderAnalysis, data: Any =
         subjects = [subjects]
     from ..task import Task
 
+    if isinstance(data, Task):
+        for subject in subjects:  # data of another model's sizes would check its form at the wrong input size
+            if subject.input_dim is not None and subject.output_dim is not None:
+                data.check_fits(subject.input_dim, subject.output_dim, subject.name)
     shape = (data.input_dim,) if isinstance(data, Task) and data.input_kind == "float" else None
     inputs = data.train.x[:SAMPLE_INPUTS] if isinstance(data, Task) and len(data.train) else None
     found = tuple(certify_model(s, settings.certificates, time_budget=settings.time_budget,

@@ -265,3 +265,16 @@ def test_certificates_do_not_depend_on_the_readout(arch):
         assert result.form == "given, checked" and result.holds
         found.append([{k: v for k, v in row.items() if k != "seconds"} for row in result.rows()])
     assert found[0] == found[1]
+
+
+@pytest.mark.parametrize("x", [np.zeros((4, 6, 2), np.float32), np.zeros((4, 6), np.int64)])
+def test_data_that_do_not_fit_the_model_are_refused(x):
+    """The data set the input size a form is checked with: data of 2 features, or token ids, for a
+    model of 3 float features were taken as they came."""
+    from lrnn_analysis.pipelines.stability import run
+    from lrnn_analysis.task import task_from_arrays
+
+    y = np.arange(4) % 4
+    subject = ModelUnderAnalysis.from_recurrent_model(build_model(ModelConfig("lipschitz", 3, 5, 4), seed=0))
+    with pytest.raises(InputError, match="^lipschitz \\(euler\\): (model \\(input_dim 3|the model takes float inputs)"):
+        run(subject, task_from_arrays(x, y, x, y, name="mine", num_classes=4))
