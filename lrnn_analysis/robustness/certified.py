@@ -15,7 +15,7 @@ Per radius, :func:`certified_robustness` reports three accuracies on the same sa
 * ``attack_accuracy``: the fraction the l2 PGD attack (:mod:`.attack`) does not break;
 * ``noise_accuracy``: the mean over seeds of the accuracy under Gaussian noise rescaled to l2
   norm exactly delta per sequence (x + delta xi / ||xi||, xi ~ N(0, I) over time and features),
-  clamped to the input box when there is one (which only shortens it).
+  clamped to the input box when there is one (toward x, which only shortens it).
 
 A certified sample can be broken by neither, so certified <= attack and certified <= noise hold
 sample by sample; a violation is a bug of the bound or of the attack and raises
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..statistics import t_halfwidth
-from .attack import PgdSettings, pgd_l2
+from .attack import PgdSettings, into_box, pgd_l2
 
 if TYPE_CHECKING:
     from ..model_under_analysis import ModelUnderAnalysis
@@ -153,11 +153,11 @@ def input_jacobian_bounds(module: nn.Module, x: Tensor, batch_size: int = 500) -
 
 def l2_noise(x: Tensor, radius: float, seed: int, box: tuple[float, float] | None) -> Tensor:
     """x + radius * xi / ||xi||_2 per sequence, xi ~ N(0, I) from a CPU generator seeded ``seed``,
-    clamped to ``box`` when given."""
+    clamped to ``box`` when given (widened to contain x: the noise never exceeds the radius)."""
     xi = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     xi = xi / xi.flatten(1).norm(dim=1).clamp_min(1e-300).view(-1, *([1] * (x.ndim - 1)))
     noisy = x.double() + radius * xi.to(x.device)
-    return noisy.clamp(*box) if box is not None else noisy
+    return into_box(x.double(), noisy, box) if box is not None else noisy
 
 
 def _predict64(twin: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:

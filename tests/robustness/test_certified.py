@@ -90,6 +90,11 @@ def test_l2_noise_has_the_radius_as_norm_is_seeded_and_stays_in_the_box():
     boxed = l2_noise(x, 5.0, seed=1, box=(0.0, 1.0))
     assert float(boxed.min()) >= 0 and float(boxed.max()) <= 1
     assert float((boxed - x.double()).flatten(1).norm(dim=1).max()) <= 5.0
+    # An input beyond the box keeps its own coordinates: the noise never exceeds the radius.
+    outside = x.clone()
+    outside[:, 0, 0] = 3.0
+    noisy = l2_noise(outside, 0.3, seed=1, box=(0.0, 1.0))
+    assert float((noisy - outside.double()).flatten(1).norm(dim=1).max()) <= 0.3 * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("radii", [[], [-0.1], [float("nan")], [0.1, 0.1]])
