@@ -112,12 +112,17 @@ class CertifiedRobustness:
 def sequence_bound(subject: ModelUnderAnalysis, horizon: int, time_budget: float | None = None) -> GainCertificate | str:
     """The gain certificate of ``subject``'s sequence map over ``horizon`` steps (its stored
     contraction evidence, when it verifies, as a starting point), or why there is none: toolkit
-    models in Lur'e form. The pipelines pass
-    :func:`~lrnn_analysis.pipelines.stability.gain_certificate` instead, which also certifies
-    models built to a bound (``lipschitz-ren``) from their construction."""
+    models in Lur'e form, and models built to a bound (``lipschitz-ren``) from their stored gain
+    evidence when it verifies, else from their construction (as
+    :func:`~lrnn_analysis.pipelines.stability.gain_certificate`, which the pipelines pass); never
+    from the Lur'e form of such a model, whose T need not be well conditioned."""
+    from ..stability.construction_gain import check_stored_gain, construction_gain, has_gain_construction
     from ..stability.evidence import check_stored
     from ..stability.gain import certify_gain, sequence_map
 
+    if has_gain_construction(subject.module):
+        stored = check_stored_gain(subject.module, subject.metadata, horizon)
+        return stored.certificate if stored.verified and stored.certificate is not None else construction_gain(subject.module, horizon)
     try:
         system, U, D = sequence_map(subject)
     except InputError as error:
