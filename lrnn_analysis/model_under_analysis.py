@@ -154,7 +154,8 @@ class ModelUnderAnalysis:
         where = where or self.name
         if self.input_dim is not None and self.output_dim is not None:
             task.check_fits(self.input_dim, self.output_dim, where)
-            if not task.per_step:
+            # A toolkit model reading out every step (readout "all") is probed on a task with one target per sequence.
+            if not task.per_step and getattr(getattr(self.module, "config", None), "readout", "last") != "all":
                 return
         x = task.test.x[:2].to(self.device)
         was_training = self.module.training

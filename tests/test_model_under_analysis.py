@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
+from lrnn_analysis.model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.robustness import Perturbation, SweepModel, perturb_parameters, sweep
 from lrnn_analysis.task import Task
@@ -26,6 +26,14 @@ def test_data_file_becomes_a_task(user, digits_task):
     assert (regression.output_dim, regression.is_classification) == (2, False)
     with pytest.raises(ValueError, match="returns \\(2, 3\\) on a batch of 2; task mine needs \\(batch, 2\\) outputs"):
         user_subject(module).check_fits(regression)
+
+
+def test_a_model_reading_out_every_step_does_not_fit_a_task_with_one_target_per_sequence(digits_task):
+    # Its sizes match (input 1, 10 classes): only its (batch, T, 10) outputs tell.
+    subject = as_model_under_analysis(build_model(ModelConfig("vanilla", 1, 4, 10, readout="all"), seed=0))
+    with pytest.raises(ValueError, match="returns \\(2, 64, 10\\) on a batch of 2; task digits needs \\(batch, 10\\) outputs"):
+        subject.check_fits(digits_task)
+    as_model_under_analysis(build_model(ModelConfig("vanilla", 1, 4, 10), seed=0)).check_fits(digits_task)
 
 
 # Regression 2: recurrent-only perturbations that perturb nothing.

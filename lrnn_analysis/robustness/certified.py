@@ -209,6 +209,9 @@ def certified_robustness(
         subject, label = entry.model, entry.label
         twin = _float64(subject.module)
         logits = _predict64(twin, x)
+        if logits.shape != (len(x), logits.shape[-1]):
+            raise InputError(f"{label}: certified accuracy needs one row of logits per sequence, (N, classes); the model "
+                             f"returns {tuple(logits.shape)} (a model reading out every step?)")
         correct = (logits.argmax(dim=1) == y.cpu()).numpy()
         certificate = bound(subject, int(x.shape[1]), time_budget) if bound is not None else "not asked for"
         gain = certificate if not isinstance(certificate, str) and certificate.pair_bounds is not None else None

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lrnn_analysis.errors import InputError
-from lrnn_analysis.model_under_analysis import load_model
+from lrnn_analysis.model_under_analysis import as_model_under_analysis, load_model
+from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.pipelines.stability import gain_certificate
 from lrnn_analysis.robustness import (
     BoundViolation,
@@ -63,6 +64,13 @@ def test_the_default_bound_of_a_model_built_to_a_bound_is_its_construction_not_i
     found = sequence_bound(subject, 64, 2.0)
     assert found.holds and found.lipschitz <= subject.module.config.lipschitz * (1 + 1e-6)
     assert found.lipschitz == gain_certificate(subject, 64).lipschitz
+
+
+def test_a_model_reading_out_every_step_is_an_input_error_not_broadcast_garbage(digits):
+    # 10 samples and 10 classes: (N, T, k) logits compared with (N,) labels broadcast instead of failing.
+    model = SweepModel("per-step", "-", as_model_under_analysis(build_model(ModelConfig("vanilla", 1, 4, 10, readout="all"), seed=0)))
+    with pytest.raises(InputError, match="one row of logits per sequence"):
+        certified_robustness([model], digits.test.x[:10], digits.test.y[:10], [0.1], None, noise_seeds=1)
 
 
 @pytest.mark.parametrize("attack", [PgdSettings(steps=10), None])
