@@ -169,6 +169,9 @@ def _attack_batch(model: nn.Module, x: Tensor, y: Tensor, radius: float, setting
     largest ||dz|| / ||dx||) for one batch, in the model's dtype."""
     with torch.no_grad():
         clean = model(x)
+    if clean.ndim != 2:
+        raise InputError(f"the attack needs one row of logits per sequence, (N, classes); the model returns "
+                         f"{tuple(clean.shape)} (a model reading out every step?)")
     unbroken = torch.ones(len(x), dtype=torch.bool, device=x.device)
     best_ratio = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     breaker, best = torch.zeros_like(x), torch.zeros_like(x)

@@ -146,6 +146,9 @@ def input_jacobian_bounds(module: nn.Module, x: Tensor, batch_size: int = 500) -
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].to(device, torch.float64).requires_grad_(True)
         z = twin(xb)
+        if z.ndim != 2:
+            raise InputError(f"the input Jacobian of the logit map needs one row of logits per sequence, (N, classes); "
+                             f"the model returns {tuple(z.shape)} (a model reading out every step?)")
         k = z.shape[1]
         J = torch.stack([torch.autograd.grad(z[:, i].sum(), xb, retain_graph=i < k - 1)[0].flatten(1)
                          for i in range(k)], dim=1)  # (N, k, T d)

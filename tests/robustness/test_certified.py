@@ -19,6 +19,7 @@ from lrnn_analysis.robustness import (
     certified_robustness,
     input_jacobian_bounds,
     l2_noise,
+    pgd_l2,
     sequence_bound,
 )
 from robustness.test_attack import LinearSequenceClassifier
@@ -71,6 +72,10 @@ def test_a_model_reading_out_every_step_is_an_input_error_not_broadcast_garbage(
     model = SweepModel("per-step", "-", as_model_under_analysis(build_model(ModelConfig("vanilla", 1, 4, 10, readout="all"), seed=0)))
     with pytest.raises(InputError, match="one row of logits per sequence"):
         certified_robustness([model], digits.test.x[:10], digits.test.y[:10], [0.1], None, noise_seeds=1)
+    with pytest.raises(InputError, match="one row of logits per sequence"):
+        input_jacobian_bounds(model.model.module, digits.test.x[:3])
+    with pytest.raises(InputError, match="one row of logits per sequence"):
+        pgd_l2(model.model.module, digits.test.x[:3], digits.test.y[:3], 0.1)
 
 
 @pytest.mark.parametrize("attack", [PgdSettings(steps=10), None])
