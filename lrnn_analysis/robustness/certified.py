@@ -121,8 +121,10 @@ def sequence_bound(subject: ModelUnderAnalysis, horizon: int, time_budget: float
     from ..stability.gain import certify_gain, sequence_map
 
     if has_gain_construction(subject.module):
-        stored = check_stored_gain(subject.module, subject.metadata, horizon)
-        return stored.certificate if stored.verified and stored.certificate is not None else construction_gain(subject.module, horizon)
+        stored_gain = check_stored_gain(subject.module, subject.metadata, horizon)
+        if stored_gain.verified and stored_gain.certificate is not None:
+            return stored_gain.certificate
+        return construction_gain(subject.module, horizon)
     try:
         system, U, D = sequence_map(subject)
     except InputError as error:
