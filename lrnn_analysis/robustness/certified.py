@@ -170,10 +170,18 @@ def l2_noise(x: Tensor, radius: float, seed: int, box: tuple[float, float] | Non
     return into_box(x.double(), noisy, box) if box is not None else noisy
 
 
-def _predict64(twin: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+def _predict64(twin: nn.Module, x: Tensor, label: str, batch_size: int = 1000) -> Tensor:
+    """The float64 logits of ``x``; ``InputError`` naming the model ``label`` if any is not finite
+    (no accuracy is taken from the argmax of NaN)."""
+    from ..evaluation import NonFiniteOutputs
+
     device = next(twin.parameters()).device
     with torch.no_grad():
-        return torch.cat([twin(x[s:s + batch_size].to(device, torch.float64)).cpu() for s in range(0, len(x), batch_size)])
+        logits = torch.cat([twin(x[s:s + batch_size].to(device, torch.float64)).cpu() for s in range(0, len(x), batch_size)])
+    counts = NonFiniteOutputs()
+    counts.add(logits)
+    counts.check(label, len(x))
+    return logits
 
 
 def certified_robustness(
@@ -213,7 +221,7 @@ def certified_robustness(
     for entry in sweep_models(models):
         subject, label = entry.model, entry.label
         twin = _float64(subject.module)
-        logits = _predict64(twin, x)
+        logits = _predict64(twin, x, label)
         if logits.shape != (len(x), logits.shape[-1]):
             raise InputError(f"{label}: certified accuracy needs one row of logits per sequence, (N, classes); the model "
                              f"returns {tuple(logits.shape)} (a model reading out every step?)")
@@ -231,7 +239,7 @@ def certified_robustness(
                 ratios.append(float(found.ratio.max()))
             noise = []
             for seed in range(noise_seeds):
-                noisy = _predict64(twin, l2_noise(x, radius, seed, box))
+                noisy = _predict64(twin, l2_noise(x, radius, seed, box), label)
                 robust = (noisy.argmax(dim=1) == y.cpu()).numpy()
                 noise.append(float(robust.mean()))
                 _check_certified(label, radius, certified, robust, f"Gaussian noise of l2 norm {radius:g} (seed {seed})")

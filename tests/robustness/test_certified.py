@@ -7,6 +7,7 @@ import glob
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.model_under_analysis import as_model_under_analysis, load_model
@@ -76,6 +77,29 @@ def test_a_model_reading_out_every_step_is_an_input_error_not_broadcast_garbage(
         input_jacobian_bounds(model.model.module, digits.test.x[:3])
     with pytest.raises(InputError, match="one row of logits per sequence"):
         pgd_l2(model.model.module, digits.test.x[:3], digits.test.y[:3], 0.1)
+
+
+class _NaNOnSequencesStartingAboveOne(nn.Module):
+    """Logits x[:, 0, :2] (two classes), NaN where x[:, 0, 0] > 1: argmax would read class 0 there."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        z = self.scale * x[:, 0, :2]
+        return torch.where(x[:, :1, 0] > 1, torch.full_like(z, float("nan")), z)
+
+
+@pytest.mark.parametrize("start", [0.5, 2.0])
+def test_non_finite_logits_are_an_input_error_not_an_accuracy(start):
+    x = torch.zeros(4, 3, 2)
+    x[:, 0, 0] = torch.tensor([start, 0.0, 0.0, 0.0])
+    x[:, 0, 1] = -1.0
+    model = SweepModel("nan", "-", as_model_under_analysis(_NaNOnSequencesStartingAboveOne()))
+    # start 2.0: NaN on the clean input; start 0.5: NaN once a seeded noise of norm 0.9 lifts x[0, 0, 0] above 1.
+    with pytest.raises(InputError, match="NaN"):
+        certified_robustness([model], x, torch.zeros(4, dtype=torch.int64), [0.9], None, bound=None, noise_seeds=20)
 
 
 @pytest.mark.parametrize("attack", [PgdSettings(steps=10), None])
