@@ -192,7 +192,7 @@ def _attack_batch(model: nn.Module, x: Tensor, y: Tensor, radius: float, setting
                 margin = _margin(logits, y)
             with torch.no_grad():
                 current = delta.detach()
-                broken = unbroken & (margin > 0)
+                broken = unbroken & ((margin > 0) | ~torch.isfinite(margin))  # a non-finite output is kept for the float64 check
                 breaker[broken | unbroken] = current[broken | unbroken]
                 unbroken &= ~broken
                 moved = (logits - clean).flatten(1).norm(dim=1).double()
