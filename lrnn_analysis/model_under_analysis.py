@@ -149,12 +149,14 @@ class ModelUnderAnalysis:
     def check_fits(self, task: Task, where: str | None = None) -> None:
         """Raise ``InputError`` unless the module runs on ``task``'s inputs and returns outputs
         its targets can score: (batch, task.output_dim), or (batch, T, task.output_dim) for a
-        per-step task (``UserCodeError`` when its forward raises). Known sizes are compared first; the
-        outputs' shape is probed on two test samples (a per-step readout on a task with one target
-        per sequence, or the converse, is refused here)."""
+        per-step task (``UserCodeError`` when its forward raises). Known sizes are compared; unknown
+        ones, and the outputs on a per-step task, are probed on two test samples."""
         where = where or self.name
         if self.input_dim is not None and self.output_dim is not None:
             task.check_fits(self.input_dim, self.output_dim, where)
+            # A toolkit model reading out every step (readout "all") is probed on a task with one target per sequence.
+            if not task.per_step and getattr(getattr(self.module, "config", None), "readout", "last") != "all":
+                return
         x = task.test.x[:2].to(self.device)
         was_training = self.module.training
         self.module.eval()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
+from lrnn_analysis.model_under_analysis import ModelUnderAnalysis, as_model_under_analysis
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.robustness import Perturbation, SweepModel, perturb_parameters, sweep
 from lrnn_analysis.task import Task
@@ -28,6 +28,14 @@ def test_data_file_becomes_a_task(user, digits_task):
         user_subject(module).check_fits(regression)
 
 
+def test_a_model_reading_out_every_step_does_not_fit_a_task_with_one_target_per_sequence(digits_task):
+    # Its sizes match (input 1, 10 classes): only its (batch, T, 10) outputs tell.
+    subject = as_model_under_analysis(build_model(ModelConfig("vanilla", 1, 4, 10, readout="all"), seed=0))
+    with pytest.raises(ValueError, match="returns \\(2, 64, 10\\) on a batch of 2; task digits needs \\(batch, 10\\) outputs"):
+        subject.check_fits(digits_task)
+    as_model_under_analysis(build_model(ModelConfig("vanilla", 1, 4, 10), seed=0)).check_fits(digits_task)
+
+
 # Regression 2: recurrent-only perturbations that perturb nothing.
 def test_recurrent_selections_that_match_nothing_are_errors(user, digits_task):
     _, module, task = user
@@ -45,17 +53,14 @@ def test_recurrent_selections_that_match_nothing_are_errors(user, digits_task):
     assert toolkit.recurrent_names() == ["M_W"]
 
 
-@pytest.mark.parametrize("readout", ["all", "last"])
-def test_a_readout_that_does_not_match_the_targets_is_refused(readout, digits_task):
-    """Sizes that fit are not enough: a per-step readout on one target per sequence (and the
-    converse) is refused by check_fits, before any pipeline reads its outputs."""
-    from lrnn_analysis.errors import InputError
+
+def test_a_model_reading_out_the_last_step_does_not_fit_a_task_with_a_target_at_every_step(digits_task):
+    """The converse of a per-step readout on one target per sequence: sizes that fit, (batch, 10) outputs for (N, 64) labels."""
     from lrnn_analysis.task import task_from_arrays
 
-    x = digits_task.test.x[:6].numpy()
-    y = digits_task.test.y[:6].numpy()
-    task = digits_task if readout == "all" else task_from_arrays(x, np.tile(y[:, None], (1, 64)), x, np.tile(y[:, None], (1, 64)),
-                                                                  name="steps", num_classes=10)
-    subject = ModelUnderAnalysis.from_recurrent_model(build_model(ModelConfig("lipschitz", 1, 4, 10, readout=readout), seed=0))
-    with pytest.raises(InputError, match="the model returns"):
+    x, y = digits_task.test.x[:6].numpy(), digits_task.test.y[:6].numpy()
+    labels = np.tile(y[:, None], (1, 64))
+    task = task_from_arrays(x, labels, x, labels, name="steps", num_classes=10)
+    subject = as_model_under_analysis(build_model(ModelConfig("lipschitz", 1, 4, 10), seed=0))
+    with pytest.raises(ValueError, match="returns \\(2, 10\\) on a batch of 2; task steps needs \\(batch, 64, 10\\) outputs"):
         subject.check_fits(task)

@@ -62,7 +62,8 @@ class RobustnessSettings:
     ``attack_step_size`` times the radius, default 2.5 / steps, seeded with ``attack_seed``);
     every radius also gets the accuracy under Gaussian noise of that l2 norm over ``seeds`` seeds.
     ``input_box``: "data" projects attacked and noisy inputs onto [min, max] of the task's training
-    inputs (the pixel range of the image tasks), "none" leaves them unbounded. With ``radii`` the
+    inputs (the pixel range of the image tasks; a test input outside it keeps its own values, so
+    no perturbation exceeds the radius), "none" leaves them unbounded. With ``radii`` the
     perturbation ``grid`` may be empty."""
 
     grid: Mapping[str, Sequence[float]] = field(default_factory=dict)

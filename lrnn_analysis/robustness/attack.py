@@ -14,13 +14,14 @@ confidently classified samples. Each restart starts from a point drawn uniformly
     x' <- x + Pi(x' - x + alpha * g / ||g||_2),   g = grad l(x'),
 
 with Pi the projection onto the ball (rescaling to norm delta) followed, when the inputs are
-bounded, by the projection of x + (x' - x) onto the input box [low, high] (clamping). Clamping
-toward a point inside the box shrinks every coordinate of the perturbation, so the result stays
-in the ball: every candidate is a valid perturbation of norm <= delta (the composition is not
-the exact projection onto the intersection of ball and box, only a feasible point of it). The
-default step size is alpha = 2.5 delta / steps. A sample counts as broken when any iterate of any
-restart misclassifies it, confirmed on a float64 copy of the model (the precision certified
-accuracy is computed in); the attack accuracy at delta is the fraction never broken (clean
+bounded, by the projection of x + (x' - x) onto the input box [low, high] (clamping; for an x
+outside the box, onto the box widened to contain x, so x itself is never moved). Clamping
+toward x shrinks every coordinate of the perturbation, so the result stays in the ball: every
+candidate is a valid perturbation of norm <= delta (the composition is not the exact projection
+onto the intersection of ball and box, only a feasible point of it). The default step size
+is alpha = 2.5 delta / steps. A sample counts as broken when any iterate of any restart
+misclassifies it, confirmed on a float64 copy of the model (the precision certified accuracy is
+computed in); the attack accuracy at delta is the fraction never broken (clean
 misclassifications count as broken). All randomness comes from a CPU generator seeded with ``seed``.
 
 The attack also records, per sample, the largest ratio ||z(x') - z(x)||_2 / ||x' - x||_2 over
@@ -106,11 +107,19 @@ def _norms(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (v.ndim - 1)))
 
 
+def into_box(x: Tensor, moved: Tensor, box: tuple[float, float]) -> Tensor:
+    """``moved`` clamped, coordinate by coordinate, to the box [low, high] widened to contain ``x``:
+    toward x, so |moved - x| only shrinks, even for an x outside the box (a test input beyond the
+    training range) whose own coordinates the box would otherwise move by more than the radius."""
+    low, high = box
+    return torch.maximum(torch.minimum(moved, torch.clamp(x, min=high)), torch.clamp(x, max=low))
+
+
 def _project(x: Tensor, delta: Tensor, radius: float, box: tuple[float, float] | None) -> Tensor:
-    """Onto the l2 ball of ``radius`` (rescaling), then x + delta onto the box (clamping)."""
+    """Onto the l2 ball of ``radius`` (rescaling), then x + delta onto the box (clamping, see :func:`into_box`)."""
     delta = delta * torch.clamp(radius / _norms(delta), max=1.0)
     if box is not None:
-        delta = (x + delta).clamp(*box) - x
+        delta = into_box(x, x + delta, box) - x
     return delta
 
 
@@ -160,6 +169,9 @@ def _attack_batch(model: nn.Module, x: Tensor, y: Tensor, radius: float, setting
     largest ||dz|| / ||dx||) for one batch, in the model's dtype."""
     with torch.no_grad():
         clean = model(x)
+    if clean.ndim != 2:
+        raise InputError(f"the attack needs one row of logits per sequence, (N, classes); the model returns "
+                         f"{tuple(clean.shape)} (a model reading out every step?)")
     unbroken = torch.ones(len(x), dtype=torch.bool, device=x.device)
     best_ratio = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     breaker, best = torch.zeros_like(x), torch.zeros_like(x)
@@ -180,7 +192,7 @@ def _attack_batch(model: nn.Module, x: Tensor, y: Tensor, radius: float, setting
                 margin = _margin(logits, y)
             with torch.no_grad():
                 current = delta.detach()
-                broken = unbroken & (margin > 0)
+                broken = unbroken & ((margin > 0) | ~torch.isfinite(margin))  # a non-finite output is kept for the float64 check
                 breaker[broken | unbroken] = current[broken | unbroken]
                 unbroken &= ~broken
                 moved = (logits - clean).flatten(1).norm(dim=1).double()

@@ -15,7 +15,7 @@ Per radius, :func:`certified_robustness` reports three accuracies on the same sa
 * ``attack_accuracy``: the fraction the l2 PGD attack (:mod:`.attack`) does not break;
 * ``noise_accuracy``: the mean over seeds of the accuracy under Gaussian noise rescaled to l2
   norm exactly delta per sequence (x + delta xi / ||xi||, xi ~ N(0, I) over time and features),
-  clamped to the input box when there is one (which only shortens it).
+  clamped to the input box when there is one (toward x, which only shortens it).
 
 A certified sample can be broken by neither, so certified <= attack and certified <= noise hold
 sample by sample; a violation is a bug of the bound or of the attack and raises
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..statistics import t_halfwidth
-from .attack import PgdSettings, pgd_l2
+from .attack import PgdSettings, into_box, pgd_l2
 
 if TYPE_CHECKING:
     from ..model_under_analysis import ModelUnderAnalysis
@@ -112,12 +112,19 @@ class CertifiedRobustness:
 def sequence_bound(subject: ModelUnderAnalysis, horizon: int, time_budget: float | None = None) -> GainCertificate | str:
     """The gain certificate of ``subject``'s sequence map over ``horizon`` steps (its stored
     contraction evidence, when it verifies, as a starting point), or why there is none: toolkit
-    models in Lur'e form. The pipelines pass
-    :func:`~lrnn_analysis.pipelines.stability.gain_certificate` instead, which also certifies
-    models built to a bound (``lipschitz-ren``) from their construction."""
+    models in Lur'e form, and models built to a bound (``lipschitz-ren``) from their stored gain
+    evidence when it verifies, else from their construction (as
+    :func:`~lrnn_analysis.pipelines.stability.gain_certificate`, which the pipelines pass); never
+    from the Lur'e form of such a model, whose T need not be well conditioned."""
+    from ..stability.construction_gain import check_stored_gain, construction_gain, has_gain_construction
     from ..stability.evidence import check_stored
     from ..stability.gain import certify_gain, sequence_map
 
+    if has_gain_construction(subject.module):
+        stored_gain = check_stored_gain(subject.module, subject.metadata, horizon)
+        if stored_gain.verified and stored_gain.certificate is not None:
+            return stored_gain.certificate
+        return construction_gain(subject.module, horizon)
     try:
         system, U, D = sequence_map(subject)
     except InputError as error:
@@ -141,6 +148,9 @@ def input_jacobian_bounds(module: nn.Module, x: Tensor, batch_size: int = 500) -
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].to(device, torch.float64).requires_grad_(True)
         z = twin(xb)
+        if z.ndim != 2:
+            raise InputError(f"the input Jacobian of the logit map needs one row of logits per sequence, (N, classes); "
+                             f"the model returns {tuple(z.shape)} (a model reading out every step?)")
         k = z.shape[1]
         J = torch.stack([torch.autograd.grad(z[:, i].sum(), xb, retain_graph=i < k - 1)[0].flatten(1)
                          for i in range(k)], dim=1)  # (N, k, T d)
@@ -153,17 +163,25 @@ def input_jacobian_bounds(module: nn.Module, x: Tensor, batch_size: int = 500) -
 
 def l2_noise(x: Tensor, radius: float, seed: int, box: tuple[float, float] | None) -> Tensor:
     """x + radius * xi / ||xi||_2 per sequence, xi ~ N(0, I) from a CPU generator seeded ``seed``,
-    clamped to ``box`` when given."""
+    clamped to ``box`` when given (widened to contain x: the noise never exceeds the radius)."""
     xi = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     xi = xi / xi.flatten(1).norm(dim=1).clamp_min(1e-300).view(-1, *([1] * (x.ndim - 1)))
     noisy = x.double() + radius * xi.to(x.device)
-    return noisy.clamp(*box) if box is not None else noisy
+    return into_box(x.double(), noisy, box) if box is not None else noisy
 
 
-def _predict64(twin: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+def _predict64(twin: nn.Module, x: Tensor, label: str, batch_size: int = 1000) -> Tensor:
+    """The float64 logits of ``x``; ``InputError`` naming the model ``label`` if any is not finite
+    (no accuracy is taken from the argmax of NaN)."""
+    from ..evaluation import NonFiniteOutputs
+
     device = next(twin.parameters()).device
     with torch.no_grad():
-        return torch.cat([twin(x[s:s + batch_size].to(device, torch.float64)).cpu() for s in range(0, len(x), batch_size)])
+        logits = torch.cat([twin(x[s:s + batch_size].to(device, torch.float64)).cpu() for s in range(0, len(x), batch_size)])
+    counts = NonFiniteOutputs()
+    counts.add(logits)
+    counts.check(label, len(x))
+    return logits
 
 
 def certified_robustness(
@@ -203,7 +221,10 @@ def certified_robustness(
     for entry in sweep_models(models):
         subject, label = entry.model, entry.label
         twin = _float64(subject.module)
-        logits = _predict64(twin, x)
+        logits = _predict64(twin, x, label)
+        if logits.shape != (len(x), logits.shape[-1]):
+            raise InputError(f"{label}: certified accuracy needs one row of logits per sequence, (N, classes); the model "
+                             f"returns {tuple(logits.shape)} (a model reading out every step?)")
         correct = (logits.argmax(dim=1) == y.cpu()).numpy()
         certificate = bound(subject, int(x.shape[1]), time_budget) if bound is not None else "not asked for"
         gain = certificate if not isinstance(certificate, str) and certificate.pair_bounds is not None else None
@@ -218,7 +239,7 @@ def certified_robustness(
                 ratios.append(float(found.ratio.max()))
             noise = []
             for seed in range(noise_seeds):
-                noisy = _predict64(twin, l2_noise(x, radius, seed, box))
+                noisy = _predict64(twin, l2_noise(x, radius, seed, box), label)
                 robust = (noisy.argmax(dim=1) == y.cpu()).numpy()
                 noise.append(float(robust.mean()))
                 _check_certified(label, radius, certified, robust, f"Gaussian noise of l2 norm {radius:g} (seed {seed})")

@@ -51,10 +51,10 @@ def construction_gain_form(model: Any) -> tuple[GainForm, np.ndarray, np.ndarray
         solved = torch.linalg.solve(c.E, torch.cat([c.F, c.B], dim=1))
         Q = c.E.mT @ torch.linalg.solve(c.P, c.E)
     n = c.E.shape[0]
-    A, B = (t.cpu().numpy() for t in (solved[:, :n], solved[:, n:]))
-    gform = explicit_gain_form(A, B, c.C.cpu().numpy(), U.cpu().numpy(), D.cpu().numpy())
-    Q = Q.cpu().numpy()
-    return gform, 0.5 * (Q + Q.T), c.lam.cpu().numpy()
+    # detach: in a float64 model, .to(torch.float64) returns the parameters themselves.
+    A, B, C, U, D, Q = (t.detach().cpu().numpy() for t in (solved[:, :n], solved[:, n:], c.C, U, D, Q))
+    gform = explicit_gain_form(A, B, C, U, D)
+    return gform, 0.5 * (Q + Q.T), c.lam.detach().cpu().numpy()
 
 
 def construction_gain(model: Any, horizon: int) -> GainCertificate:

@@ -75,6 +75,19 @@ def test_every_perturbation_stays_in_the_ball_and_the_box(digits_task):
         assert float(moved.min()) >= 0.0 and float(moved.max()) <= 1.0
 
 
+def test_an_input_outside_the_box_is_never_moved_beyond_the_radius():
+    # A test input beyond the training range: clamping it into the box would move it by 2, not by at most 0.1.
+    model = LinearSequenceClassifier(5, 2, 3, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(20, 5, 2, generator=generator, dtype=torch.float64)
+    x[:, 0, 0] = 3.0
+    y = torch.randint(0, 3, (20,), generator=generator)
+    found = pgd_l2(model, x, y, 0.1, PgdSettings(steps=5, box=(0.0, 1.0)))
+    assert float(found.perturbation.flatten(1).norm(dim=1).max()) <= 0.1 * (1 + 1e-9)
+    moved = x + found.perturbation
+    assert float(moved[:, 0, 0].min()) >= 2.9 and float(moved[:, 1:].min()) >= 0.0 and float(moved[:, 1:].max()) <= 1.0
+
+
 def test_the_attack_is_seeded():
     model = LinearSequenceClassifier(5, 2, 3, seed=4)
     x = torch.randn(30, 5, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

@@ -7,9 +7,11 @@ import glob
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from lrnn_analysis.errors import InputError
-from lrnn_analysis.model_under_analysis import load_model
+from lrnn_analysis.model_under_analysis import as_model_under_analysis, load_model
+from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.pipelines.stability import gain_certificate
 from lrnn_analysis.robustness import (
     BoundViolation,
@@ -18,6 +20,7 @@ from lrnn_analysis.robustness import (
     certified_robustness,
     input_jacobian_bounds,
     l2_noise,
+    pgd_l2,
     sequence_bound,
 )
 from robustness.test_attack import LinearSequenceClassifier
@@ -57,6 +60,48 @@ def test_a_model_without_a_bound_reads_no_bound_not_zero(digits):
     assert not found.bounds[0].holds and "Lur'e form" in found.bounds[0].reason
 
 
+def test_the_default_bound_of_a_model_built_to_a_bound_is_its_construction_not_its_lure_form():
+    # Its Lur'e form in zeta = T^-1 h (T cond ~ 6e3) certified only 4.6e147 where the construction gives 8.
+    subject = load_model("models/digits-lipschitz-ren.safetensors")
+    found = sequence_bound(subject, 64, 2.0)
+    assert found.holds and found.lipschitz <= subject.module.config.lipschitz * (1 + 1e-6)
+    assert found.lipschitz == gain_certificate(subject, 64).lipschitz
+
+
+def test_a_model_reading_out_every_step_is_an_input_error_not_broadcast_garbage(digits):
+    # 10 samples and 10 classes: (N, T, k) logits compared with (N,) labels broadcast instead of failing.
+    model = SweepModel("per-step", "-", as_model_under_analysis(build_model(ModelConfig("vanilla", 1, 4, 10, readout="all"), seed=0)))
+    with pytest.raises(InputError, match="one row of logits per sequence"):
+        certified_robustness([model], digits.test.x[:10], digits.test.y[:10], [0.1], None, noise_seeds=1)
+    with pytest.raises(InputError, match="one row of logits per sequence"):
+        input_jacobian_bounds(model.model.module, digits.test.x[:3])
+    with pytest.raises(InputError, match="one row of logits per sequence"):
+        pgd_l2(model.model.module, digits.test.x[:3], digits.test.y[:3], 0.1)
+
+
+class _NaNOnSequencesStartingAboveOne(nn.Module):
+    """Logits x[:, 0, :2] (two classes), NaN where x[:, 0, 0] > 1: argmax would read class 0 there."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        z = self.scale * x[:, 0, :2]
+        return torch.where(x[:, :1, 0] > 1, torch.full_like(z, float("nan")), z)
+
+
+@pytest.mark.parametrize("start", [0.5, 2.0])
+def test_non_finite_logits_are_an_input_error_not_an_accuracy(start):
+    x = torch.zeros(4, 3, 2)
+    x[:, 0, 0] = torch.tensor([start, 0.0, 0.0, 0.0])
+    x[:, 0, 1] = -1.0
+    model = SweepModel("nan", "-", as_model_under_analysis(_NaNOnSequencesStartingAboveOne()))
+    # start 2.0: NaN on the clean input; start 0.5: NaN once a seeded noise of norm 0.9 lifts x[0, 0, 0] above 1.
+    with pytest.raises(InputError, match="NaN"):
+        certified_robustness([model], x, torch.zeros(4, dtype=torch.int64), [0.9], None, bound=None, noise_seeds=20)
+
+
 @pytest.mark.parametrize("attack", [PgdSettings(steps=10), None])
 def test_a_doctored_bound_is_detected(digits, attack):
     """A bound 100 times too small certifies samples the attack breaks, and lies below the input
@@ -90,6 +135,11 @@ def test_l2_noise_has_the_radius_as_norm_is_seeded_and_stays_in_the_box():
     boxed = l2_noise(x, 5.0, seed=1, box=(0.0, 1.0))
     assert float(boxed.min()) >= 0 and float(boxed.max()) <= 1
     assert float((boxed - x.double()).flatten(1).norm(dim=1).max()) <= 5.0
+    # An input beyond the box keeps its own coordinates: the noise never exceeds the radius.
+    outside = x.clone()
+    outside[:, 0, 0] = 3.0
+    noisy = l2_noise(outside, 0.3, seed=1, box=(0.0, 1.0))
+    assert float((noisy - outside.double()).flatten(1).norm(dim=1).max()) <= 0.3 * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("radii", [[], [-0.1], [float("nan")], [0.1, 0.1]])

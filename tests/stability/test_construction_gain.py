@@ -62,6 +62,15 @@ def test_the_construction_bound_verifies_and_is_never_beaten_by_sampled_pairs(se
     assert construction_gain(model, 784).lipschitz == certificate.lipschitz
 
 
+def test_a_float64_model_is_certified_like_its_float32_copy():
+    # In a float64 model .to(torch.float64) returns the parameters themselves, which require grad.
+    model = _model(0)
+    in32 = construction_gain(model, 12)
+    in64 = construction_gain(model.double(), 12)
+    assert in64.holds and in64.lipschitz == pytest.approx(in32.lipschitz, rel=1e-12)
+    np.testing.assert_allclose(in64.pair_bounds, in32.pair_bounds, rtol=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_the_lure_form_search_never_reports_less_than_sampled_pairs_reach(seed):
     """The model also has an euler Lur'e form (zeta = T^-1 h): certify_gain applies to it."""
