@@ -81,13 +81,6 @@ class Objective:
         return "per-step mse" if self.per_step else "mse"
 
     @property
-    def metric(self) -> str:
-        """The headline metric: accuracy (per token where per step), or mse for regression."""
-        if self.classification:
-            return "token_accuracy" if self.per_step else "accuracy"
-        return "mse"
-
-    @property
     def headline(self) -> str:
         """The metric tables, figures and gates name: accuracy, perplexity (per-step
         classification) or mse."""
@@ -164,7 +157,7 @@ class Objective:
                 "bits_per_token": loss / math.log(2)}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"objective": self.name, "loss": self.loss_name, "metric": self.metric}
+        return {"objective": self.name, "loss": self.loss_name, "metric": self.headline}
 
 
 class TokenCrossEntropyLoss(nn.CrossEntropyLoss):
