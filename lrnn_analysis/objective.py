@@ -118,14 +118,8 @@ class Objective:
         """Outputs (M, C or k) and targets (M,) or (M, k) of the M scored targets."""
         if not self.per_step:
             return outputs, y
-        f = outputs.reshape(-1, outputs.shape[-1])
-        if self.classification:
-            t = y.reshape(-1)
-            keep = t != IGNORE_INDEX
-        else:
-            t = y.reshape(-1, y.shape[-1])
-            keep = ~torch.isnan(t).any(dim=1)
-        return f[keep], t[keep]
+        keep = scored_steps(y)
+        return outputs[keep], y[keep]
 
     def count(self, y: Tensor) -> int:
         """Number of scored targets in ``y`` (samples, or unmasked steps)."""
@@ -178,7 +172,7 @@ class StepMSELoss(nn.Module):
     """Mean squared error over the (B, T, k) targets whose row is not NaN (module docstring)."""
 
     def forward(self, outputs: Tensor, y: Tensor) -> Tensor:
-        keep = ~torch.isnan(y).any(dim=-1)
+        keep = scored_steps(y)
         if not bool(keep.any()):
             raise InputError("no scored targets: every step is masked")
         return nn.functional.mse_loss(outputs[keep], y[keep])
