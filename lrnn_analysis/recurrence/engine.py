@@ -3,9 +3,9 @@
 Phi is one input step of a scheme (:mod:`.schemes`) on the field f(h, u) = A h + B tanh(W h + u)
 (:mod:`.field`). :func:`lure_recurrence` takes u_1..u_T (the input projections U x_t + b of all
 steps, computed beforehand in one product) and returns h_1..h_T or h_T. An Euler step with a
-linear part, h + eps (A h + tanh(W h + u)), runs as the map (I + eps A) h + eps tanh(W h + u) (one
-operation less per step and per pass); I + eps A is formed outside the node, so autograd carries
-its derivative.
+linear part, h + eps (A h + tanh(W h + u)), runs as the map h + (eps A) h + eps tanh(W h + u),
+whose sweeps are written into buffers row by row (fewer operations per step than a general
+scheme); eps A is formed outside the node, so autograd carries its derivative.
 
 Gradient. For the cotangents gbar_t of the returned states, the adjoint lambda_t of h_t is
 
@@ -43,6 +43,7 @@ Both modes compute the same numbers up to the order of floating-point sums over 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,15 +72,16 @@ class _Plan:
 
     scheme: Scheme
     beta: float
+    identity: bool
     keep_states: bool
     recompute: bool
     bounds: tuple[tuple[int, int], ...]
 
     def field(self, A: Tensor | None, W: Tensor, B: Tensor | None) -> LureField:
-        return LureField(A, W, B, self.beta)
+        return LureField(A, W, B, self.beta, self.identity)
 
 
-def _make_plan(scheme: Scheme, beta: float, keep_states: bool, segment: int | None, u: Tensor) -> _Plan:
+def _make_plan(scheme: Scheme, beta: float, identity: bool, keep_states: bool, segment: int | None, u: Tensor) -> _Plan:
     steps, batch, n = u.shape
     if segment is None:
         # The largest per-step buffer: one record per stage evaluation, or the padded inputs [0 | u].
@@ -88,7 +90,7 @@ def _make_plan(scheme: Scheme, beta: float, keep_states: bool, segment: int | No
     else:
         length = segment
     bounds = tuple((t0, min(t0 + length, steps)) for t0 in range(0, steps, length))
-    return _Plan(scheme, beta, keep_states, segment is not None, bounds)
+    return _Plan(scheme, beta, identity, keep_states, segment is not None, bounds)
 
 
 def _stack(records: list[Tensor], steps: int) -> Tensor:
@@ -105,13 +107,53 @@ def _rows(records: Tensor) -> tuple[Tensor, ...]:
 def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states: bool,
              record: bool) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
     """(last state, states, Y, S) over the input steps of u from h (Y, S None unless ``record``)."""
-    inputs = field.pad(u).unbind(0)
+    if scheme.method == "map" and not field.has_b and not _legacy_batched(u):
+        return _map_forward(field, scheme.substeps, h, u, keep_states, record)
+    inputs = field.value_inputs(u).unbind(0)
 
     def stage(t: int, l: int, y: Tensor) -> tuple[Tensor, Tensor]:
         return field.value(y, inputs[t])
 
     h, states, ys, ss = forward_sweep(scheme, h, len(inputs), stage, keep_states, record)
     return h, states, (_stack(ys, len(inputs)) if record else None), (_stack(ss, len(inputs)) if record else None)
+
+
+def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_states: bool,
+                 record: bool) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
+    """:func:`_forward` for a map h+ = [h +] a + beta tanh(p) (B the identity), written into buffers.
+
+    With tanh(p) = 2 sigmoid(2 p) - 1 (:meth:`LureField.value`), h+ = [h +] (a - beta) + 2 beta
+    sigmoid(2 p): one product (``value_inputs`` with the shift -beta), one sigmoid and one add per
+    application (two with the identity), each writing into its row of a buffer, so the stage inputs
+    Y are the rows of one buffer of states and nothing is stacked afterwards. Without A, a = 0 and
+    the shift is an added constant.
+    """
+    steps, batch, n = u.shape
+    rows = steps * substeps
+    states_buffer = u.new_empty(rows + 1, batch, n)
+    states_buffer[0] = h
+    sigmoids = u.new_empty(rows, batch, n)
+    # z holds the inputs of every application before its product is added in place (addmm with an
+    # input copies it into the result first).
+    z = field.value_inputs(u, shift=-field.beta)
+    if substeps > 1:
+        z = z.repeat_interleave(substeps, dim=0)
+    a, p2 = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
+    a_rows = None if a is None else a.unbind(0)
+    p_rows, s_rows, h_rows, z_rows = p2.unbind(0), sigmoids.unbind(0), states_buffer.unbind(0), z.unbind(0)
+    shift = torch.tensor(-field.beta, dtype=u.dtype)
+    matrix, scale = field.value_matrix, 2 * field.beta
+    for l in range(rows):
+        z_rows[l].addmm_(h_rows[l], matrix)
+        torch.sigmoid(p_rows[l], out=s_rows[l])
+        if field.identity:
+            a_rows[l].add_(h_rows[l])
+        torch.add(shift if a_rows is None else a_rows[l], s_rows[l], alpha=scale, out=h_rows[l + 1])
+    states = list(h_rows[substeps::substeps]) if keep_states else []
+    if not record:
+        return h_rows[-1].clone(), states, None, None
+    S = sigmoids.mul_(2).sub_(1).view(steps, substeps, batch, n)
+    return h_rows[-1].clone(), states, states_buffer[:-1].view(steps, substeps, batch, n), S
 
 
 def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: Tensor | None, S: Tensor,
@@ -176,8 +218,11 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
         g = G[-1].copy_(g)
     for l in reversed(range(len(rows))):
         torch.mul(g @ field.B if field.has_b else g, d[l], out=Q[l])
-        product = torch.mm(rows[l] if field.has_a else Q[l], field.backward_matrix,
-                           out=None if G is None or l == 0 else G[l - 1])
+        operand, out = rows[l] if field.has_a else Q[l], None if G is None or l == 0 else G[l - 1]
+        if field.identity:
+            product = torch.addmm(g, operand, field.backward_matrix, out=out)
+        else:
+            product = torch.mm(operand, field.backward_matrix, out=out)
         if l == 0:
             return product, X
         g = product
@@ -186,10 +231,74 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     raise AssertionError("a segment has at least one step")
 
 
+def _fused_map(field: LureField, scheme: Scheme, tensor: Tensor) -> bool:
+    """Whether the sweeps of the R-operator run written into buffers (:func:`_map_tangent`,
+    :func:`_map_second_order`): a map with A given and B the identity, outside vmap."""
+    return scheme.method == "map" and field.has_a and not field.has_b and not _legacy_batched(tensor)
+
+
+def _map_tangent(field: LureField, substeps: int, h_dot: Tensor, Y: Tensor, D: Tensor, C: Tensor,
+                 keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """:func:`_tangent` for a map with A given and B the identity: y_dot_{l+1} = [y_dot_l +] a_dot + D * p_dot
+    with [a_dot | p_dot] = c_l + y_dot_l [A^T | W^T], the product added in place to the rows of C."""
+    steps, _, batch, n = Y.shape
+    rows = steps * substeps
+    tangents = Y.new_empty(rows + 1, batch, n)
+    tangents[0] = h_dot
+    z = C.reshape(rows, batch, 2 * n)
+    a_rows, p_rows, z_rows = z[..., :n].unbind(0), z[..., n:].unbind(0), z.unbind(0)
+    t_rows, d_rows, matrix = tangents.unbind(0), D.reshape(rows, batch, n).unbind(0), field.forward_matrix
+    for l in range(rows):
+        z_rows[l].addmm_(t_rows[l], matrix)
+        if field.identity:
+            a_rows[l].add_(t_rows[l])
+        torch.addcmul(a_rows[l], d_rows[l], p_rows[l], out=t_rows[l + 1])
+    states = list(t_rows[substeps::substeps]) if keep_states else []
+    return (t_rows[-1].clone(), states, tangents[:-1].view(steps, substeps, batch, n),
+            z[..., n:].view(steps, substeps, batch, n))
+
+
+def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangents: Tensor | None, D: Tensor,
+                      R: Tensor, X: Tensor, direction: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The second-order adjoint of a map with A given and B the identity, written into its records
+    like :func:`_map_adjoint`: (cotangent of the segment's start, X_dot).
+
+    Row l of X_dot is [g_dot_l | q_dot_l], q_dot_l = R_l + g_dot_l * D_l, and g_dot_l, the cotangent of
+    application l's output, is P_{l+1} + [g_dot | q_dot]_{l+1} [A; W] [+ g_dot_{l+1}] (plus the state's
+    own cotangent at the end of an input step), with P = X [A_dot; W_dot] written into the g-slots
+    beforehand.
+    """
+    steps, _, batch, n = D.shape
+    rows = steps * substeps
+    X_dot = X.new_empty(rows, batch, 2 * n)
+    G, Q = X_dot[..., :n], X_dot[..., n:]
+    direction_matrix = torch.cat([direction["A"], direction["W"]], dim=0)
+    X_rows = X.reshape(rows, batch, 2 * n)
+    if rows > 1:
+        torch.mm(X_rows[1:].reshape(-1, 2 * n), direction_matrix, out=G[:-1].view(-1, n))
+    g = lam_dot if cotangents is None else lam_dot + cotangents[-1]
+    G[-1].copy_(g)
+    g_rows, q_rows, x_rows = G.unbind(0), Q.unbind(0), X_dot.unbind(0)
+    d_rows, r_rows, matrix = D.reshape(rows, batch, n).unbind(0), R.reshape(rows, batch, n).unbind(0), field.backward_matrix
+    for l in reversed(range(rows)):
+        torch.addcmul(r_rows[l], g_rows[l], d_rows[l], out=q_rows[l])
+        if l == 0:
+            start = torch.addmm(X_rows[0] @ direction_matrix, x_rows[0], matrix)
+            return (start.add_(g_rows[0]) if field.identity else start), X_dot.view(steps, substeps, batch, 2 * n)
+        g_rows[l - 1].addmm_(x_rows[l], matrix)
+        if field.identity:
+            g_rows[l - 1].add_(g_rows[l])
+        if cotangents is not None and l % substeps == 0:
+            g_rows[l - 1].add_(cotangents[l // substeps - 1])
+    raise AssertionError("a segment has at least one step")
+
+
 def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tensor, D: Tensor,
              direction: dict[str, Tensor], u_dot: Tensor, keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     """(last tangent, tangents of the states, Y_dot, P_dot) over one segment from the tangent h_dot of its start."""
     C, E = field.tangent_terms(Y, S, direction, u_dot[:, None])
+    if _fused_map(field, scheme, h_dot):
+        return _map_tangent(field, scheme.substeps, h_dot, Y, D, C, keep_states)
     c, d = _rows(C), _rows(D)
     e = None if E is None else _rows(E)
 
@@ -223,6 +332,46 @@ class _Tape:
         return Y, S
 
 
+class _Mailbox:
+    """Shared by a recurrence node and the adjoint nodes built from it (module docstring, "Fused
+    Gauss-Newton part"): whether the loss's derivative reaches the recurrence node, and the
+    second-order sweeps an adjoint node left to it in the current autograd graph task."""
+
+    def __init__(self) -> None:
+        self.reaches = False
+        self.pending: list[tuple[int, Callable[[Tensor | None], tuple[Tensor | None, ...]]]] = []
+
+    def post(self, finish: Callable[[Tensor | None], tuple[Tensor | None, ...]]) -> None:
+        task = torch._C._current_graph_task_id()
+        # Work left by an earlier graph task that never reached the recurrence node is dropped.
+        self.pending = [(t, f) for t, f in self.pending if t == task] + [(task, finish)]
+
+    def collect(self) -> list[Callable[[Tensor | None], tuple[Tensor | None, ...]]]:
+        task = torch._C._current_graph_task_id()
+        mine = [f for t, f in self.pending if t == task]
+        self.pending = []
+        return mine
+
+
+def _reaches(tensor: Tensor, node: object) -> bool:
+    """Whether ``node`` is in the autograd graph of ``tensor``."""
+    seen: set[int] = set()
+    stack = [tensor.grad_fn]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        if current is node:
+            return True
+        seen.add(id(current))
+        stack.extend(next_node for next_node, _ in current.next_functions)
+    return False
+
+
+def _sum_results(results: list[tuple[Tensor | None, ...]]) -> tuple[Tensor | None, ...]:
+    return tuple(None if parts[0] is None else sum(parts[1:], parts[0]) for parts in zip(*results))
+
+
 class _Recurrence(torch.autograd.Function):
     """(u, A, W, B) -> states; backward through :class:`_Adjoint`."""
 
@@ -240,15 +389,23 @@ class _Recurrence(torch.autograd.Function):
                 kept += [Y, S]
             states.extend(part)
         ctx.save_for_backward(u, A, W, B, *kept)
-        ctx.plan = plan
+        ctx.plan, ctx.mailbox = plan, _Mailbox()
         return torch.stack(states) if plan.keep_states else h
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        finishes = ctx.mailbox.collect()
+        if finishes:
+            # A Hessian-vector product: the cotangent of the states is the Gauss-Newton part, swept
+            # together with the second-order adjoint of the first adjoint node.
+            du, dA, dW, dB = _sum_results([finish(grad if i == 0 else None) for i, finish in enumerate(finishes)])
+            return du, dA, dW, dB, None
+        if torch.is_grad_enabled() and grad.requires_grad:
+            ctx.mailbox.reaches = ctx.mailbox.reaches or _reaches(grad, ctx)
         u, A, W, B, *kept = ctx.saved_tensors
         tape = _Tape(ctx.plan.field(*(None if t is None else t.detach() for t in (A, W, B))), ctx.plan, u.detach(),
                      tuple(t.detach() for t in kept))
-        grads = list(_Adjoint.apply(grad, u, A, W, B, tape, ctx.plan, torch.is_grad_enabled()))
+        grads = list(_Adjoint.apply(grad, u, A, W, B, tape, ctx.plan, ctx.mailbox, torch.is_grad_enabled()))
         du, dW = grads.pop(0), grads.pop(0)
         dA = grads.pop(0) if A is not None else None
         dB = grads.pop(0) if B is not None else None
@@ -260,7 +417,7 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad: Tensor, u: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None,
-                tape: _Tape, plan: _Plan, differentiable: bool) -> tuple[Tensor, ...]:
+                tape: _Tape, plan: _Plan, mailbox: _Mailbox, differentiable: bool) -> tuple[Tensor, ...]:
         field = plan.field(A, W, B)
         lam = None if plan.keep_states else grad
         segments = len(plan.bounds)
@@ -283,13 +440,14 @@ class _Adjoint(torch.autograd.Function):
             if du is None:
                 du_parts.append(_per_step(Q))
             else:
-                torch.sum(Q, dim=1, out=du[t0:t1])
+                # For one stage evaluation per step a copy: sum with out= fills and copies first.
+                du[t0:t1].copy_(Q[:, 0]) if Q.shape[1] == 1 else torch.sum(Q, dim=1, out=du[t0:t1])
             if differentiable and not plan.recompute:
                 adjoints[k] = X
         if differentiable:
             # Stored mode keeps the records; recompute mode the cotangents and lambda at every later segment's end.
             ctx.save_for_backward(u, A, W, B, *(adjoints if not plan.recompute else (grad, *ends[:-1])))
-            ctx.tape, ctx.plan = tape, plan
+            ctx.tape, ctx.plan, ctx.mailbox = tape, plan, mailbox
         outputs = [torch.cat(du_parts[::-1]) if du is None else du, weights["W"]]
         outputs += [weights[name] for name in ("A", "B") if name in weights]
         return tuple(outputs)
@@ -297,8 +455,16 @@ class _Adjoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v_u: Tensor, v_W: Tensor, *rest: Tensor) -> tuple[Tensor | None, ...]:
         u, A, W, B, *kept = ctx.saved_tensors
+        plan, tape = ctx.plan, ctx.tape
+        fuse = ctx.mailbox.reaches and not torch.is_grad_enabled() and not _legacy_batched(v_u)
         with torch.no_grad():
-            results = _r_operator(ctx.plan, ctx.tape, ctx.plan.field(A, W, B), kept, v_u, v_W, rest)
+            field = plan.field(A, W, B)
+            tangent = _tangent_pass(plan, tape, field, v_u, v_W, rest)
+            if fuse:
+                ctx.mailbox.post(lambda cotangent: _second_order_pass(plan, tape, field, kept, tangent, cotangent))
+                return (tangent.grad_dot, None, None, None, None, None, None, None, None)
+            du, dA, dW, dB = _second_order_pass(plan, tape, field, kept, tangent, None)
+        results = (tangent.grad_dot, du, dA, dW, dB, None, None, None, None)
         if not torch.is_grad_enabled():
             return results
         # create_graph=True: the results depend on (u, A, W, B) through terms this node does not
@@ -322,35 +488,55 @@ class _ThirdOrder(torch.autograd.Function):
                            "for third derivatives set the model's engine to 'autograd'")
 
 
-def _r_operator(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], v_u: Tensor, v_W: Tensor,
-                rest: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
-    """The backward of :class:`_Adjoint`: cotangents of (gbar, u, A, W, B, tape, plan, differentiable)."""
+@dataclass
+class _TangentPass:
+    """The tangent pass of the R-operator: the direction, the states' tangent (``grad_dot``), the
+    tangent at every segment's start and, in stored mode, every segment's (D, Y_dot, P_dot)."""
+
+    direction: dict[str, Tensor]
+    v_u: Tensor
+    grad_dot: Tensor
+    starts: list[Tensor]
+    records: list[tuple[Tensor, Tensor, Tensor]]
+
+
+def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField, v_u: Tensor, v_W: Tensor,
+                  rest: tuple[Tensor, ...]) -> _TangentPass:
+    """Forward in time: the tangent of the states along the direction (v_u, v_A, v_W, v_B)."""
     rest_list = list(rest)
     direction = {"W": v_W}
     if field.has_a:
         direction["A"] = rest_list.pop(0)
     if field.has_b:
         direction["B"] = rest_list.pop(0)
-    scheme, bounds = plan.scheme, plan.bounds
-    batch = v_u.shape[1]
-    # Forward in time: the tangent of the states, kept at every segment start (and every state if returned).
-    h_dot = v_u.new_zeros(batch, field.n)
+    h_dot = v_u.new_zeros(v_u.shape[1], field.n)
     starts: list[Tensor] = []
     state_dots: list[Tensor] = []
-    tangents: list[tuple[Tensor, Tensor, Tensor]] = []
-    for k, (t0, t1) in enumerate(bounds):
+    records: list[tuple[Tensor, Tensor, Tensor]] = []
+    for k, (t0, t1) in enumerate(plan.bounds):
         starts.append(h_dot)
         Y, S = tape.records(k)
         D = field.derivative(S)
-        h_dot, part, Y_dot, P_dot = _tangent(field, scheme, h_dot, Y, S, D, direction, v_u[t0:t1], plan.keep_states)
+        h_dot, part, Y_dot, P_dot = _tangent(field, plan.scheme, h_dot, Y, S, D, direction, v_u[t0:t1],
+                                             plan.keep_states)
         state_dots.extend(part)
         if not plan.recompute:
-            tangents.append((D, Y_dot, P_dot))
-    # Backward in time: the second-order adjoint, segment by segment.
+            records.append((D, Y_dot, P_dot))
+    grad_dot = torch.stack(state_dots) if plan.keep_states else h_dot
+    return _TangentPass(direction, v_u, grad_dot, starts, records)
+
+
+def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], tangent: _TangentPass,
+                       cotangent: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Backward in time: (du, dA, dW, dB), the second-order adjoint of the first adjoint's cotangents,
+    plus J^T ``cotangent`` for a cotangent of the states (the same linear sweep: module docstring)."""
+    scheme, bounds, direction = plan.scheme, plan.bounds, tangent.direction
     if plan.recompute:
         grad, *later = kept
         ends = [*later, None if plan.keep_states else grad]
-    lam_dot = v_u.new_zeros(batch, field.n)
+    lam_dot = tangent.v_u.new_zeros(tangent.v_u.shape[1], field.n)
+    if cotangent is not None and not plan.keep_states:
+        lam_dot = cotangent
     du_parts: list[Tensor] = []
     weights: dict[str, Tensor] = {}
     for k in reversed(range(len(bounds))):
@@ -358,22 +544,29 @@ def _r_operator(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], 
         Y, S = tape.records(k)
         if plan.recompute:
             _, D, X = _adjoint(field, scheme, ends[k], grad[t0:t1] if plan.keep_states else None, S)
-            _, _, Y_dot, P_dot = _tangent(field, scheme, starts[k], Y, S, D, direction, v_u[t0:t1], False)
+            _, _, Y_dot, P_dot = _tangent(field, scheme, tangent.starts[k], Y, S, D, direction,
+                                          tangent.v_u[t0:t1], False)
         else:
-            (D, Y_dot, P_dot), X = tangents[k], kept[k]
+            (D, Y_dot, P_dot), X = tangent.records[k], kept[k]
+        state_cotangents = cotangent[t0:t1] if cotangent is not None and plan.keep_states else None
+        if _fused_map(field, scheme, lam_dot):
+            R = field.second_order_terms(S, D, X, P_dot, direction, with_p=False)[0]
+            lam_dot, X_dot = _map_second_order(field, scheme.substeps, lam_dot, state_cotangents, D, R, X, direction)
+            weights = _add(weights, field.second_order_gradients(Y, Y_dot, S, D, P_dot, X, X_dot))
+            du_parts.append(_per_step(field.split_record(X_dot)[1]))
+            continue
         R, P = field.second_order_terms(S, D, X, P_dot, direction)
         r, p, d = _rows(R), _rows(P), _rows(D)
 
         def stage(l: int, g_dot: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
             return field.vjp_dot(g_dot, d[l], r[l], p[l], base)  # noqa: B023 (called within this segment only)
 
-        lam_dot, records = backward_sweep(scheme, lam_dot, t1 - t0, None, stage)
+        lam_dot, records = backward_sweep(scheme, lam_dot, t1 - t0, state_cotangents, stage)
         X_dot = _stack(records, t1 - t0)
         weights = _add(weights, field.second_order_gradients(Y, Y_dot, S, D, P_dot, X, X_dot))
         du_parts.append(_per_step(field.split_record(X_dot)[1]))
     du_parts.reverse()
-    grad_dot = torch.stack(state_dots) if plan.keep_states else h_dot
-    return (grad_dot, torch.cat(du_parts), weights.get("A"), weights["W"], weights.get("B"), None, None, None)
+    return torch.cat(du_parts), weights.get("A"), weights["W"], weights.get("B")
 
 
 def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None = None, *, scheme: Scheme,
@@ -402,12 +595,12 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
             raise InputError(f"{name} is {matrix.dtype} on {matrix.device}, the inputs {inputs.dtype} on {inputs.device}")
     if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
         raise InputError(f"segment must be None or a positive integer, got {segment!r}")
-    beta = 1.0
+    beta, identity = 1.0, False
     if scheme.method == "euler" and A is not None and B is None:
-        # h + eps (A h + tanh(W h + u)) = (I + eps A) h + eps tanh(W h + u): one operation less per step.
-        A = torch.add(torch.eye(n, dtype=A.dtype, device=A.device), A, alpha=scheme.c[0])
-        scheme, beta = Scheme("map", None, scheme.substeps, ((),), (1.0,), residual=False), scheme.c[0]
-    plan = _make_plan(scheme, beta, bool(keep_states), segment, inputs)
+        # h + eps (A h + tanh(W h + u)) as the map h + h (eps A)^T + eps tanh(W h + u) (field.py's docstring).
+        A = A * scheme.c[0]
+        scheme, beta, identity = Scheme("map", None, scheme.substeps, ((),), (1.0,), residual=False), scheme.c[0], True
+    plan = _make_plan(scheme, beta, identity, bool(keep_states), segment, inputs)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (inputs, A, W, B)):
         return _Recurrence.apply(inputs, A, W, B, plan)
     field = plan.field(A, W, B)
