@@ -22,9 +22,9 @@ are comparable; each is median (min, max), ratios are medians of per-round ratio
     (B x n) @ (n x 2n), the best window measured before and after the timings) / time. Counted FLOPs: forward+backward ~ 12 T B n^2 (one 4 B n^2 product
     per step forward, one backward, and the weight gradient); the HVP ~ 24 T B n^2, the gradient's
     products differentiated once (each product C = A B gives A_dot B + A B_dot). Autograd's double
-    backward does about that; the engine's R-operator does 32 T B n^2 (tangent pass and its bulk
-    terms, second-order adjoint, its bulk terms and weight gradients, and a separate first-order
-    adjoint for the Gauss-Newton part, which autograd reaches through the loss after this node);
+    backward does about that, and so does the engine's R-operator (tangent pass and its bulk
+    terms, then one backward sweep for the second-order adjoint and the Gauss-Newton part
+    together, its bulk terms and weight gradients);
   * peak memory of one call (forward+backward, or graph construction plus one product): the
     rise of the peak resident set size over the resident size before the call, after returning
     freed heap memory to the system (Linux: /proc/self/clear_refs, malloc_trim).

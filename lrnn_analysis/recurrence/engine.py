@@ -32,6 +32,17 @@ the parameterisations of A, W, B (the Lipschitz, Cayley or contracting construct
 encoder and decoder through their own graphs. ``_Adjoint``'s backward is not itself differentiable
 (third derivatives raise).
 
+Fused Gauss-Newton part. In that double backward the states' cotangent c (J v sent through the
+loss's second derivative) reaches the recurrence node after ``_Adjoint``'s backward, and J^T c is
+a first-order adjoint sweep with the same transition as the second-order one, linear in its
+sources. So where the loss's derivative reaches the recurrence node (checked on the graph when
+the gradient is built with create_graph) and no graph is built again, ``_Adjoint``'s backward
+runs only the tangent pass and leaves the second-order sweep to the recurrence node's backward
+in the same autograd graph task, which starts it from c: one backward sweep and one set of
+weight-gradient products instead of two (24 T B n^2 FLOPs per product for the Euler map instead
+of 32). Elsewhere (a loss linear in the states, is_grads_batched, create_graph) the two sweeps
+run apart; both ways give the same numbers up to round-off.
+
 Memory: by default every stage input y and s = tanh(p) are stored (O(T * batch * n * stages)),
 in segments of about ``SEGMENT_BYTES``: buffers of the whole sequence (tens of MiB at sMNIST size)
 are fresh allocations on every call and measured slower on the CPU than segment-sized ones, whose
@@ -104,11 +115,11 @@ def _rows(records: Tensor) -> tuple[Tensor, ...]:
     return records.reshape(-1, *records.shape[2:]).unbind(0)
 
 
-def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states: bool,
-             record: bool) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
+def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states: bool, record: bool,
+             workspace: _Workspace | None = None) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
     """(last state, states, Y, S) over the input steps of u from h (Y, S None unless ``record``)."""
     if scheme.method == "map" and not field.has_b and not _legacy_batched(u):
-        return _map_forward(field, scheme.substeps, h, u, keep_states, record)
+        return _map_forward(field, scheme.substeps, h, u, keep_states, record, workspace)
     inputs = field.value_inputs(u).unbind(0)
 
     def stage(t: int, l: int, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,26 +129,28 @@ def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states
     return h, states, (_stack(ys, len(inputs)) if record else None), (_stack(ss, len(inputs)) if record else None)
 
 
-def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_states: bool,
-                 record: bool) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
+def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_states: bool, record: bool,
+                 workspace: _Workspace | None) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
     """:func:`_forward` for a map h+ = [h +] a + beta tanh(p) (B the identity), written into buffers.
 
     With tanh(p) = 2 sigmoid(2 p) - 1 (:meth:`LureField.value`), h+ = [h +] (a - beta) + 2 beta
     sigmoid(2 p): one product (``value_inputs`` with the shift -beta), one sigmoid and one add per
     application (two with the identity), each writing into its row of a buffer, so the stage inputs
     Y are the rows of one buffer of states and nothing is stacked afterwards. Without A, a = 0 and
-    the shift is an added constant.
+    the shift is an added constant. Buffers that outlive the call (records, returned states) are
+    fresh; the others come from ``workspace`` where one is given.
     """
     steps, batch, n = u.shape
     rows = steps * substeps
-    states_buffer = u.new_empty(rows + 1, batch, n)
+    scratch = workspace if not (record or keep_states) else None
+    states_buffer = _Workspace.take(scratch, "states", (rows + 1, batch, n), u)
     states_buffer[0] = h
-    sigmoids = u.new_empty(rows, batch, n)
+    sigmoids = _Workspace.take(scratch, "sigmoids", (rows, batch, n), u)
     # z holds the inputs of every application before its product is added in place (addmm with an
     # input copies it into the result first).
-    z = field.value_inputs(u, shift=-field.beta)
-    if substeps > 1:
-        z = z.repeat_interleave(substeps, dim=0)
+    z = _Workspace.take(workspace, "z", (steps, substeps, batch, field.value_matrix.shape[1]), u)
+    field.value_inputs(u[:, None], shift=-field.beta, out=z)
+    z = z.view(rows, batch, -1)
     a, p2 = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
     a_rows = None if a is None else a.unbind(0)
     p_rows, s_rows, h_rows, z_rows = p2.unbind(0), sigmoids.unbind(0), states_buffer.unbind(0), z.unbind(0)
@@ -177,18 +190,23 @@ def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: T
 
 class _Workspace:
     """Buffers reused from segment to segment of one pass: a fresh buffer costs a page fault per
-    4 KiB on first touch, a reused one nothing. ``capacity``: the longest segment's input steps."""
+    4 KiB on first touch, a reused one nothing."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
 
     def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """An uninitialised tensor of ``shape`` (first axis: input steps) in the buffer ``name``."""
+        """An uninitialised tensor of ``shape`` in the buffer ``name`` (grown along the first axis as needed)."""
         held = self.buffers.get(name)
-        if held is None or held.shape[1:] != tuple(shape[1:]) or held.dtype != like.dtype:
-            held = self.buffers[name] = like.new_empty((self.capacity, *shape[1:]))
+        if (held is None or held.shape[0] < shape[0] or held.shape[1:] != tuple(shape[1:]) or held.dtype != like.dtype
+                or held.device != like.device):
+            held = self.buffers[name] = like.new_empty(shape)
         return held[:shape[0]]
+
+    @staticmethod
+    def take(workspace: _Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """``workspace.buffer(...)``, or a fresh tensor without a workspace."""
+        return like.new_empty(shape) if workspace is None else workspace.buffer(name, shape, like)
 
 
 def _legacy_batched(tensor: Tensor) -> bool:
@@ -381,10 +399,11 @@ class _Recurrence(torch.autograd.Function):
         h = u.new_zeros(u.shape[1], W.shape[0])
         states: list[Tensor] = []
         kept: list[Tensor] = []
+        workspace = _Workspace()
         for t0, t1 in plan.bounds:
             if plan.recompute:
                 kept.append(h)
-            h, part, Y, S = _forward(field, plan.scheme, h, u[t0:t1], plan.keep_states, not plan.recompute)
+            h, part, Y, S = _forward(field, plan.scheme, h, u[t0:t1], plan.keep_states, not plan.recompute, workspace)
             if not plan.recompute:
                 kept += [Y, S]
             states.extend(part)
@@ -424,7 +443,7 @@ class _Adjoint(torch.autograd.Function):
         ends: list[Tensor | None] = [None] * segments
         adjoints: list[Tensor | None] = [None] * segments
         weights: dict[str, Tensor] = {}
-        workspace = _Workspace(max(t1 - t0 for t0, t1 in plan.bounds))
+        workspace = _Workspace()
         # du is written segment by segment (the records may live in the workspace), except under
         # the vmap of is_grads_batched, where nothing can be written into a buffer.
         du = None if _legacy_batched(grad) else u.new_empty(u.shape)
@@ -606,7 +625,8 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
     field = plan.field(A, W, B)
     h = inputs.new_zeros(inputs.shape[1], n)
     states: list[Tensor] = []
+    workspace = _Workspace()
     for t0, t1 in plan.bounds:
-        h, part, _, _ = _forward(field, scheme, h, inputs[t0:t1], plan.keep_states, False)
+        h, part, _, _ = _forward(field, scheme, h, inputs[t0:t1], plan.keep_states, False, workspace)
         states.extend(part)
     return torch.stack(states) if plan.keep_states else h

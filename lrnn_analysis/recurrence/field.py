@@ -72,14 +72,19 @@ class LureField:
         """The additive term of z: [0 | u] when A is given, else u."""
         return torch.nn.functional.pad(u, (self.n, 0)) if self.has_a else u
 
-    def value_inputs(self, u: Tensor, shift: float = 0.0) -> Tensor:
-        """The additive term of z' = y @ value_matrix + [shift | 2 u] (A given), else 2 u."""
-        if not self.has_a:
-            return 2 * u
-        padded = u.new_empty(*u.shape[:-1], 2 * self.n)
-        padded[..., :self.n] = shift
-        torch.mul(u, 2, out=padded[..., self.n:])
-        return padded
+    def value_inputs(self, u: Tensor, shift: float = 0.0, out: Tensor | None = None) -> Tensor:
+        """The additive term of z' = y @ value_matrix: [shift | 2 u] where A is given, else 2 u;
+        written into ``out`` (u broadcast to it) if given."""
+        if out is None:
+            out = u.new_empty(*u.shape[:-1], self.value_matrix.shape[1])
+        if self.has_a:
+            out[..., :self.n] = shift
+        target = out[..., self.n:] if self.has_a else out
+        if target.shape == u.shape:
+            torch.mul(u, 2, out=target)
+        else:
+            target.copy_(u).mul_(2)
+        return out
 
     def derivative(self, S: Tensor, out: Tensor | None = None) -> Tensor:
         """D = beta tanh'(p) = beta (1 - s^2) from s = tanh(p) (written into ``out`` if given)."""
