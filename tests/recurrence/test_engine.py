@@ -369,3 +369,23 @@ def test_float32_states_are_as_accurate_as_the_recorded_loop():
         error_engine = (engine.hidden_states(x.float()).double() - exact).abs().max()
         error_plain = (plain.hidden_states(x.float()).double() - exact).abs().max()
     assert error_engine <= 2 * error_plain + 1e-7 * exact.abs().max()
+
+
+def test_a_linear_loss_differentiated_after_a_nonlinear_one_of_the_same_forward_keeps_its_second_order_part():
+    """Two gradient graphs of one forward: the first from a loss nonlinear in the states (its
+    derivative reaches the recurrence), the second from a loss linear in them. The second's
+    Hessian-vector product never reaches the recurrence node, so its second-order sweep must run
+    in the adjoint node rather than be left to the recurrence node (where it would be dropped)."""
+    generator = torch.Generator().manual_seed(21)
+    u, A, W = (torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+               for shape in ((T, BATCH, N), (N, N), (N, N)))
+    weights = torch.randn(T, BATCH, N, generator=generator, dtype=torch.float64)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in (u, A, W)]
+    products = []
+    for out in (lure_recurrence(u, A, W, scheme=build_scheme("euler", 0.3), keep_states=True),
+                _loop(u, A, W, None, "euler", 0.3, 1, keep_states=True)):
+        torch.autograd.grad((torch.sin(out) * weights).sum(), [u, A, W], create_graph=True, retain_graph=True)
+        linear = torch.autograd.grad((out * weights).sum(), [u, A, W], create_graph=True)
+        products.append(torch.autograd.grad(linear, [u, A, W], direction, allow_unused=True))
+    for actual, expected in zip(*products):
+        assert actual is not None and _relative(actual, expected) < RTOL
