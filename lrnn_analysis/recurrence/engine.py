@@ -249,10 +249,11 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     raise AssertionError("a segment has at least one step")
 
 
-def _fused_map(field: LureField, scheme: Scheme, tensor: Tensor) -> bool:
+def _fused_map(field: LureField, scheme: Scheme, *tensors: Tensor | None) -> bool:
     """Whether the sweeps of the R-operator run written into buffers (:func:`_map_tangent`,
-    :func:`_map_second_order`): a map with A given and B the identity, outside vmap."""
-    return scheme.method == "map" and field.has_a and not field.has_b and not _legacy_batched(tensor)
+    :func:`_map_second_order`): a map with A given and B the identity, none of ``tensors`` under vmap."""
+    return (scheme.method == "map" and field.has_a and not field.has_b
+            and not any(t is not None and _legacy_batched(t) for t in tensors))
 
 
 def _map_tangent(field: LureField, substeps: int, h_dot: Tensor, Y: Tensor, D: Tensor, C: Tensor,
@@ -315,7 +316,8 @@ def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tens
              direction: dict[str, Tensor], u_dot: Tensor, keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     """(last tangent, tangents of the states, Y_dot, P_dot) over one segment from the tangent h_dot of its start."""
     C, E = field.tangent_terms(Y, S, direction, u_dot[:, None])
-    if _fused_map(field, scheme, h_dot):
+    # C is batched where any part of the direction is (h_dot may be an unbatched zero start).
+    if _fused_map(field, scheme, h_dot, C):
         return _map_tangent(field, scheme.substeps, h_dot, Y, D, C, keep_states)
     c, d = _rows(C), _rows(D)
     e = None if E is None else _rows(E)
@@ -475,7 +477,9 @@ class _Adjoint(torch.autograd.Function):
     def backward(ctx, v_u: Tensor, v_W: Tensor, *rest: Tensor) -> tuple[Tensor | None, ...]:
         u, A, W, B, *kept = ctx.saved_tensors
         plan, tape = ctx.plan, ctx.tape
-        fuse = ctx.reaches and not torch.is_grad_enabled() and not _legacy_batched(v_u)
+        # Under the vmap of is_grads_batched any of the directions may be batched; an unused one is
+        # an unbatched zero tensor.
+        fuse = ctx.reaches and not torch.is_grad_enabled() and not any(_legacy_batched(t) for t in (v_u, v_W, *rest))
         with torch.no_grad():
             field = plan.field(A, W, B)
             tangent = _tangent_pass(plan, tape, field, v_u, v_W, rest)
@@ -568,7 +572,7 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
         else:
             (D, Y_dot, P_dot), X = tangent.records[k], kept[k]
         state_cotangents = cotangent[t0:t1] if cotangent is not None and plan.keep_states else None
-        if _fused_map(field, scheme, lam_dot):
+        if _fused_map(field, scheme, lam_dot, P_dot, state_cotangents):
             R = field.second_order_terms(S, D, X, P_dot, direction, with_p=False)[0]
             lam_dot, X_dot = _map_second_order(field, scheme.substeps, lam_dot, state_cotangents, D, R, X, direction)
             weights = _add(weights, field.second_order_gradients(Y, Y_dot, S, D, P_dot, X, X_dot))

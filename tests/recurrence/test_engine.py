@@ -389,3 +389,30 @@ def test_a_linear_loss_differentiated_after_a_nonlinear_one_of_the_same_forward_
         products.append(torch.autograd.grad(linear, [u, A, W], direction, allow_unused=True))
     for actual, expected in zip(*products):
         assert actual is not None and _relative(actual, expected) < RTOL
+
+
+@pytest.mark.parametrize("substeps", [1, 2])
+def test_batched_hessian_vector_products_with_inputs_that_need_no_gradient(substeps):
+    """is_grads_batched where u needs no gradient: the direction of u is then an unbatched zero
+    tensor while those of A and W are batched, and the buffer-writing sweeps must not run under vmap."""
+    generator = torch.Generator().manual_seed(22)
+    u = torch.randn(T, BATCH, N, generator=generator, dtype=torch.float64)
+    A, W = (torch.randn(N, N, generator=generator, dtype=torch.float64).requires_grad_() for _ in range(2))
+    weights = torch.randn(BATCH, N, generator=generator, dtype=torch.float64)
+    directions = [torch.randn(2, N, N, generator=generator, dtype=torch.float64) for _ in range(2)]
+    results = []
+    for out in (lure_recurrence(u, A, W, scheme=build_scheme("euler", 0.3, substeps)), _loop(u, A, W, None, "euler", 0.3, substeps, False)):
+        grads = torch.autograd.grad((torch.sin(out) * weights).sum(), [A, W], create_graph=True)
+        results.append(torch.autograd.grad(grads, [A, W], directions, is_grads_batched=True))
+    for actual, expected in zip(*results):
+        assert _relative(actual, expected) < RTOL
+
+
+def test_hessian_operator_on_the_recurrent_parameters_only_batches_its_products():
+    engine, plain = _pair("lipschitz", "euler")
+    x, y, _ = _data(seed=23)
+    products = []
+    for model in (engine, plain):
+        op = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), params="M_*", dtype="float64", matmat="batched")
+        products.append(op.matmat(np.random.default_rng(1).standard_normal((op.dim, 2))))
+    np.testing.assert_allclose(products[0], products[1], rtol=1e-10, atol=1e-12 * np.abs(products[1]).max())
