@@ -133,39 +133,39 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_sta
                  workspace: _Workspace | None) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
     """:func:`_forward` for a map h+ = [h +] a + beta tanh(p) (B the identity), written into buffers.
 
-    With tanh(p) = 2 sigmoid(2 p) - 1 (:meth:`LureField.value`), h+ = [h +] (a - beta) + 2 beta
-    sigmoid(2 p): one product (``value_inputs`` with the shift -beta), one sigmoid and one add per
-    application (two with the identity), each writing into its row of a buffer, so the stage inputs
-    Y are the rows of one buffer of states and nothing is stacked afterwards. Without A, a = 0 and
-    the shift is an added constant. Buffers that outlive the call (records, returned states) are
-    fresh; the others come from ``workspace`` where one is given.
+    One product, one tanh and one add per application (two with the identity), each writing into
+    its row of a buffer, so the stage inputs Y are the rows of one buffer of states and nothing is
+    stacked afterwards. Without A, a = 0. Buffers that outlive the call (records, returned states)
+    are fresh; the others come from ``workspace`` where one is given.
     """
     steps, batch, n = u.shape
     rows = steps * substeps
     scratch = workspace if not (record or keep_states) else None
     states_buffer = _Workspace.take(scratch, "states", (rows + 1, batch, n), u)
     states_buffer[0] = h
-    sigmoids = _Workspace.take(scratch, "sigmoids", (rows, batch, n), u)
+    tanhs = _Workspace.take(scratch, "tanhs", (rows, batch, n), u)
     # z holds the inputs of every application before its product is added in place (addmm with an
     # input copies it into the result first).
-    z = _Workspace.take(workspace, "z", (steps, substeps, batch, field.value_matrix.shape[1]), u)
-    field.value_inputs(u[:, None], shift=-field.beta, out=z)
+    z = _Workspace.take(workspace, "z", (steps, substeps, batch, field.forward_matrix.shape[1]), u)
+    field.value_inputs(u[:, None], out=z)
     z = z.view(rows, batch, -1)
-    a, p2 = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
+    a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
     a_rows = None if a is None else a.unbind(0)
-    p_rows, s_rows, h_rows, z_rows = p2.unbind(0), sigmoids.unbind(0), states_buffer.unbind(0), z.unbind(0)
-    shift = torch.tensor(-field.beta, dtype=u.dtype)
-    matrix, scale = field.value_matrix, 2 * field.beta
+    p_rows, s_rows, h_rows, z_rows = p.unbind(0), tanhs.unbind(0), states_buffer.unbind(0), z.unbind(0)
+    matrix, beta = field.forward_matrix, field.beta
     for l in range(rows):
         z_rows[l].addmm_(h_rows[l], matrix)
-        torch.sigmoid(p_rows[l], out=s_rows[l])
+        torch.tanh(p_rows[l], out=s_rows[l])
         if field.identity:
             a_rows[l].add_(h_rows[l])
-        torch.add(shift if a_rows is None else a_rows[l], s_rows[l], alpha=scale, out=h_rows[l + 1])
+        if a_rows is not None:
+            torch.add(a_rows[l], s_rows[l], alpha=beta, out=h_rows[l + 1])
+        else:
+            torch.mul(s_rows[l], beta, out=h_rows[l + 1])
     states = list(h_rows[substeps::substeps]) if keep_states else []
     if not record:
         return h_rows[-1].clone(), states, None, None
-    S = sigmoids.mul_(2).sub_(1).view(steps, substeps, batch, n)
+    S = tanhs.view(steps, substeps, batch, n)
     return h_rows[-1].clone(), states, states_buffer[:-1].view(steps, substeps, batch, n), S
 
 
