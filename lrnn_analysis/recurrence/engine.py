@@ -157,8 +157,9 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_sta
         z_rows[l].addmm_(h_rows[l], matrix)
         torch.tanh(p_rows[l], out=s_rows[l])
         if field.identity:
-            a_rows[l].add_(h_rows[l])
-        if a_rows is not None:
+            # h + (a + beta s): the two small terms first, one rounding at the size of h.
+            torch.add(h_rows[l], a_rows[l].add_(s_rows[l], alpha=beta), out=h_rows[l + 1])
+        elif a_rows is not None:
             torch.add(a_rows[l], s_rows[l], alpha=beta, out=h_rows[l + 1])
         else:
             torch.mul(s_rows[l], beta, out=h_rows[l + 1])

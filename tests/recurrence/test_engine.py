@@ -435,3 +435,17 @@ def test_small_preactivations_keep_tanh_relative_accuracy(method, with_a):
     error_engine = _relative(lure_recurrence(*single, scheme=scheme, keep_states=True).double(), exact)
     error_loop = _relative(_loop(*single, None, method, eps, 1, keep_states=True).double(), exact)
     assert error_engine <= 2 * error_loop + 1e-7
+
+
+def test_float32_euler_with_a_tiny_step_rounds_once_at_the_size_of_h():
+    """Euler with eps = 1e-6 over 300 steps in float32: h + (eps A h + eps tanh(p)) adds the two
+    small terms before h, like the loop, instead of rounding twice at the size of h."""
+    generator = torch.Generator().manual_seed(25)
+    u = torch.randn(300, 4, 8, generator=generator, dtype=torch.float64)
+    A, W = (torch.randn(8, 8, generator=generator, dtype=torch.float64) / 8 ** 0.5 for _ in range(2))
+    scheme = build_scheme("euler", 1e-6)
+    exact = _loop(u, A, W, None, "euler", 1e-6, 1, keep_states=True)
+    single = [t.float() for t in (u, A, W)]
+    error_engine = _relative(lure_recurrence(*single, scheme=scheme, keep_states=True).double(), exact)
+    error_loop = _relative(_loop(*single, None, "euler", 1e-6, 1, keep_states=True).double(), exact)
+    assert error_engine <= 2 * error_loop
