@@ -352,11 +352,10 @@ class _Tape:
 
 class _Mailbox:
     """Shared by a recurrence node and the adjoint nodes built from it (module docstring, "Fused
-    Gauss-Newton part"): whether the loss's derivative reaches the recurrence node, and the
-    second-order sweeps an adjoint node left to it in the current autograd graph task."""
+    Gauss-Newton part"): the second-order sweeps an adjoint node left to the recurrence node in the
+    current autograd graph task."""
 
     def __init__(self) -> None:
-        self.reaches = False
         self.pending: list[tuple[int, Callable[[Tensor | None], tuple[Tensor | None, ...]]]] = []
 
     def post(self, finish: Callable[[Tensor | None], tuple[Tensor | None, ...]]) -> None:
@@ -419,12 +418,13 @@ class _Recurrence(torch.autograd.Function):
             # together with the second-order adjoint of the first adjoint node.
             du, dA, dW, dB = _sum_results([finish(grad if i == 0 else None) for i, finish in enumerate(finishes)])
             return du, dA, dW, dB, None
-        if torch.is_grad_enabled() and grad.requires_grad:
-            ctx.mailbox.reaches = ctx.mailbox.reaches or _reaches(grad, ctx)
+        # Whether this gradient's graph leads back to this node, which its products' Gauss-Newton part then reaches.
+        fusable = torch.is_grad_enabled() and grad.requires_grad and _reaches(grad, ctx)
         u, A, W, B, *kept = ctx.saved_tensors
         tape = _Tape(ctx.plan.field(*(None if t is None else t.detach() for t in (A, W, B))), ctx.plan, u.detach(),
                      tuple(t.detach() for t in kept))
-        grads = list(_Adjoint.apply(grad, u, A, W, B, tape, ctx.plan, ctx.mailbox, torch.is_grad_enabled()))
+        grads = list(_Adjoint.apply(grad, u, A, W, B, tape, ctx.plan, (ctx, ctx.mailbox) if fusable else None,
+                                    torch.is_grad_enabled()))
         du, dW = grads.pop(0), grads.pop(0)
         dA = grads.pop(0) if A is not None else None
         dB = grads.pop(0) if B is not None else None
@@ -436,7 +436,7 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad: Tensor, u: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None,
-                tape: _Tape, plan: _Plan, mailbox: _Mailbox, differentiable: bool) -> tuple[Tensor, ...]:
+                tape: _Tape, plan: _Plan, recurrence: tuple[object, _Mailbox] | None, differentiable: bool) -> tuple[Tensor, ...]:
         field = plan.field(A, W, B)
         lam = None if plan.keep_states else grad
         segments = len(plan.bounds)
@@ -466,7 +466,7 @@ class _Adjoint(torch.autograd.Function):
         if differentiable:
             # Stored mode keeps the records; recompute mode the cotangents and lambda at every later segment's end.
             ctx.save_for_backward(u, A, W, B, *(adjoints if not plan.recompute else (grad, *ends[:-1])))
-            ctx.tape, ctx.plan, ctx.mailbox = tape, plan, mailbox
+            ctx.tape, ctx.plan, ctx.recurrence = tape, plan, recurrence
         outputs = [torch.cat(du_parts[::-1]) if du is None else du, weights["W"]]
         outputs += [weights[name] for name in ("A", "B") if name in weights]
         return tuple(outputs)
@@ -475,12 +475,15 @@ class _Adjoint(torch.autograd.Function):
     def backward(ctx, v_u: Tensor, v_W: Tensor, *rest: Tensor) -> tuple[Tensor | None, ...]:
         u, A, W, B, *kept = ctx.saved_tensors
         plan, tape = ctx.plan, ctx.tape
-        fuse = ctx.mailbox.reaches and not torch.is_grad_enabled() and not _legacy_batched(v_u)
+        # Fused only where the recurrence node runs later in this graph task: it is executed
+        # (it leads to an input asked for), after this node (the gradient's graph leads to it).
+        fuse = (ctx.recurrence is not None and not torch.is_grad_enabled() and not _legacy_batched(v_u)
+                and torch._C._will_engine_execute_node(ctx.recurrence[0]))
         with torch.no_grad():
             field = plan.field(A, W, B)
             tangent = _tangent_pass(plan, tape, field, v_u, v_W, rest)
             if fuse:
-                ctx.mailbox.post(lambda cotangent: _second_order_pass(plan, tape, field, kept, tangent, cotangent))
+                ctx.recurrence[1].post(lambda cotangent: _second_order_pass(plan, tape, field, kept, tangent, cotangent))
                 return (tangent.grad_dot, None, None, None, None, None, None, None, None)
             du, dA, dW, dB = _second_order_pass(plan, tape, field, kept, tangent, None)
         results = (tangent.grad_dot, du, dA, dW, dB, None, None, None, None)
