@@ -108,8 +108,8 @@ class LureField:
         """(k, s): the field at y and s = tanh(p), for u_value = ``value_inputs(u)``.
 
         s is computed as 2 sigmoid(2 p) - 1: torch.tanh took 8x the time of torch.sigmoid at 128 x
-        128 on the CPUs measured (``bench/recurrence.py``). Its error is a few units in the last
-        place of 1 (absolute, not relative to s): no larger than the rounding of h + eps s itself.
+        128 on the CPU measured (``bench/recurrence.py --breakdown``). Its error is a few units in the
+        last place of 1 (absolute, not relative to s): no larger than the rounding of h + eps s itself.
         """
         a, p2 = self._split(torch.addmm(u_value, y, self.value_matrix))
         s = torch.add(self._minus_one, torch.sigmoid(p2), alpha=2)
