@@ -223,7 +223,9 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
 
     Forward: the step's matmul alone (T plain products at the step's shape, no autograd), then
     the forward pass without autograd (adds tanh, scaling, adds and the per-step operator
-    dispatch), then with autograd recording. Forward+backward: the three matmuls per step alone
+    dispatch), then with autograd recording; first, T calls of torch.tanh and of torch.sigmoid at
+    the step's shape (the engine calls torch.tanh: 2 sigmoid(2 p) - 1 is cheaper but loses tanh's
+    relative accuracy near p = 0). Forward+backward: the three matmuls per step alone
     (the forward product and the two backward products), then the whole forward+backward.
     """
     T, batch, n = x.shape[1], x.shape[0], model.config.hidden
@@ -251,7 +253,17 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
         model.zero_grad(set_to_none=True)
         loss(model(x), y).backward()
 
-    return alternating_times({"forward: step matmul only": forward_matmuls,
+    def tanh_steps() -> None:
+        for _ in range(T):
+            torch.tanh(h)
+
+    def sigmoid_steps() -> None:
+        for _ in range(T):
+            torch.sigmoid(h)
+
+    return alternating_times({"T tanh of (batch x n) (torch.tanh)": tanh_steps,
+                              "T sigmoid of (batch x n) (2 sigmoid(2 p) - 1, not used)": sigmoid_steps,
+                              "forward: step matmul only": forward_matmuls,
                               "forward: whole, no autograd": forward_no_grad,
                               "forward: whole, autograd recording": forward_recorded,
                               "forward+backward: step matmuls only": all_matmuls,

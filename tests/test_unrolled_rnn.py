@@ -3,10 +3,12 @@ with respect to the layer's own tensors, and curvature products (the twin forced
 the layer's own double backward in float64; the choice of layers and the refusals."""
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import lrnn_analysis.unrolled_rnn as unrolled_module
 from lrnn_analysis.errors import InputError
 from lrnn_analysis.hessian import GGNOperator, HessianOperator, analyze
 from lrnn_analysis.unrolled_rnn import twin_layer_names, unrolled_forward, unrolled_layers
@@ -162,3 +164,27 @@ def test_refusals_and_restoration():
     assert "forward" not in vars(model.layer)
     with pytest.raises(InputError, match="no unrolled twin"), unrolled_layers(model, ["head"]):
         pass
+
+
+def test_the_pyhessian_backend_runs_the_twin_too(monkeypatch):
+    """rnn_twin reaches the PyHessian backend: with the twin forced on the CPU its products run through
+    the twin, and its eigenvalue and trace samples equal those through the layer's own double backward."""
+    pytest.importorskip("pyhessian")
+    model = Classifier(make_layer("lstm", {"num_layers": 2}))
+    x = torch.randn(4, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (4,), generator=torch.Generator().manual_seed(3))
+    calls = []
+    original = unrolled_module.unrolled_forward
+
+    def counted(layer, *args, **kwargs):
+        calls.append(layer)
+        return original(layer, *args, **kwargs)
+
+    monkeypatch.setattr(unrolled_module, "unrolled_forward", counted)
+    reports = {mode: analyze(model, nn.CrossEntropyLoss(), (x, y), backend="pyhessian", rnn_twin=mode, trace=True,
+                             trace_matvecs=4, max_iter=20, progress=False, dtype="float64") for mode in ("off", "on")}
+    assert calls and "forward" not in vars(model.layer)
+    assert reports["on"].operator["rnn_twin_layers"] == ["layer"] and reports["off"].operator["rnn_twin_layers"] == []
+    assert any("unrolled twins" in note for note in reports["on"].notes)
+    assert abs(reports["on"].lambda_max - reports["off"].lambda_max) <= 1e-10 * abs(reports["off"].lambda_max)
+    np.testing.assert_allclose(reports["on"].trace.samples, reports["off"].trace.samples, rtol=1e-10)

@@ -15,6 +15,7 @@ from ..choices import CURVATURE_BACKENDS, CURVATURE_ESTIMATES
 from ..environment import environment
 from ..errors import InputError
 from ..parameters import module_of
+from ..unrolled_rnn import twin_layer_names
 from ._results import dataclass_dict
 from .blocks import BlockTable, block_curvature
 from .curvature import OPERATOR_KINDS, curvature_operator
@@ -121,8 +122,8 @@ def analyze(
     ``estimates``: any of ``"diag"`` (``diagonal_method``, ``estimate_matvecs`` products),
     ``"frobenius"`` (‖C‖_F², up to ``estimate_matvecs`` products) and ``"blocks"`` (per-tensor
     trace and λ_max, the model's declared recurrent parameters first). ``density_scale``: ``"linear"`` or ``"symlog"``.
-    ``rnn_twin`` (native only): when the model's torch.nn RNN/LSTM/GRU layers run as their unrolled twins
-    (``"auto"``: on CUDA; ``"on"``, ``"off"``; see ``CurvatureOperator``); the layers that did are noted.
+    ``rnn_twin``: when the model's torch.nn RNN/LSTM/GRU layers run as their unrolled twins (``"auto"``:
+    on CUDA; ``"on"``, ``"off"``; see ``CurvatureOperator``), for either backend; the layers that did are noted.
     """
     if isinstance(model, torch.nn.Module) or not getattr(model, "recurrent", None):
         recurrent_first = tuple(getattr(model, "recurrent_parameters", ()))
@@ -176,9 +177,6 @@ def analyze(
         notes += [] if eigen.all_converged else [
             f"not every Ritz pair met ‖Cv − θv‖ ≤ {tol}·|θ| + {atol} within {eigen.iterations} Lanczos steps: "
             "see eigen.converged"]
-        if described.get("rnn_twin_layers"):
-            notes.append(f"torch.nn recurrent layer(s) {', '.join(n or '(the model)' for n in described['rnn_twin_layers'])} "
-                         f"ran as their unrolled twins (rnn_twin={rnn_twin}): same outputs, differentiable twice")
         if reused:
             notes.append(f"{reused} products were asked for again with the same seeded probe (the trace, diagonal, Frobenius "
                          "and block estimates draw the same probes) and computed once; matvecs counts each product once")
@@ -188,16 +186,17 @@ def analyze(
                 notes.append(f"{', '.join(described[key])}: {meaning}")
         env = environment(device)
     else:
-        eigen = pyhessian_eigenvalues(model, loss_fn, batches, top_k=top_k, tol=tol,
-                                      max_iter=100 if max_iter is None else max_iter, params=params, seed=seed, dtype=dtype)
+        eigen = pyhessian_eigenvalues(model, loss_fn, batches, top_k=top_k, tol=tol, max_iter=100 if max_iter is None else max_iter,
+                                      params=params, seed=seed, dtype=dtype, rnn_twin=rnn_twin)
         trace_result = pyhessian_trace(model, loss_fn, batches, tol=trace_tol, max_iter=trace_matvecs, params=params, seed=seed,
-                                       dtype=dtype) if trace else None
+                                       dtype=dtype, rnn_twin=rnn_twin) if trace else None
         density_result = None
         selection = parameter_selection(model, params)
         described = {"operator": "hessian", "params": list(selection.names),
                      "unmatched_patterns": list(selection.unmatched_patterns), "dtype": str(torch.float32 if dtype is None else dtype).removeprefix("torch."),
                      "device": str(device), "n_samples": sum(len(x) for x, _ in batches), "n_batches": len(batches),
-                     "batch_sizes": [len(x) for x, _ in batches]}
+                     "batch_sizes": [len(x) for x, _ in batches], "rnn_twin": rnn_twin,
+                     "rnn_twin_layers": list(twin_layer_names(model, rnn_twin, device))}
         lambda_max, lambda_min = float(eigen.values[0]), None
         notes = ["PyHessian's top eigenvalue is the eigenvalue of largest |λ| (negative on an indefinite Hessian "
                  "dominated by negative curvature); its power iteration stops on the change of the estimate: "
@@ -207,6 +206,9 @@ def analyze(
             notes.append("PyHessian's trace loop stops on its own rule (early when the running mean is negative); "
                          "the confidence interval is computed here from its samples")
         env = {**environment(device), "pyhessian": metadata.version("pyhessian")}
+    if described.get("rnn_twin_layers"):
+        notes.append(f"torch.nn recurrent layer(s) {', '.join(n or '(the model)' for n in described['rnn_twin_layers'])} "
+                     f"ran as their unrolled twins (rnn_twin={rnn_twin}): same outputs, differentiable twice")
     if described.get("unmatched_patterns"):
         notes.append(f"parameter pattern(s) matching nothing in this model: {', '.join(described['unmatched_patterns'])}")
     matvecs = eigen.matvecs - reused + sum(r.matvecs for r in (trace_result, density_result, diagonal_result, frobenius_result,

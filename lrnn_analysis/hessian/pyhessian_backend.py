@@ -9,6 +9,8 @@ loop stops early when the running mean is negative. Two things are worked around
 crash it: selected parameters without a gradient (unused in the forward pass) are frozen in the
 copy (their Hessian rows are zero), and ``density()`` is not offered (it calls the removed
 ``torch.eig``). Products are counted by wrapping its HVP functions for the duration of a call.
+The copy's ``nn.RNN``/``nn.LSTM``/``nn.GRU`` layers run as their unrolled twins under ``rnn_twin``
+as for the native operators (``"auto"``: on CUDA, where the layers cannot be differentiated twice).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from torch import nn
 from ..errors import InputError
 from ..objective import scored_count
 from ..statistics import t_halfwidth
+from ..unrolled_rnn import twin_layer_names, unrolled_layers
 from .eigen import EigenResult
 from .operator import Batch, LossFunction, ParamSpec, as_batches, resolve_dtype, select_parameters
 from .trace import CONFIDENCE, TraceResult
@@ -38,12 +41,16 @@ class _PyHessianRun:
     """A PyHessian ``hessian`` object on a prepared copy of the model, counting its products."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFunction, data: Batch | Iterable[Batch], params: ParamSpec,
-                 dtype: torch.dtype | str | None, seed: int) -> None:
+                 dtype: torch.dtype | str | None, seed: int, rnn_twin: str) -> None:
         self._module: Any = importlib.import_module("pyhessian.hessian")  # untyped; counting() patches its functions
         reference = next(model.parameters())
         self.dtype = resolve_dtype(dtype, reference.dtype)
         self.device = reference.device
         self.model = copy.deepcopy(model).to(self.dtype)
+        self.rnn_twin_layers = twin_layer_names(self.model, rnn_twin, self.device)
+        # The copy is this run's own: its layers stay twinned until close().
+        self._twins = contextlib.ExitStack()
+        self._twins.enter_context(unrolled_layers(self.model, self.rnn_twin_layers))
         batches = [(x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device),
                     y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device))
                    for x, y in as_batches(data)]
@@ -114,6 +121,7 @@ class _PyHessianRun:
         for p in self.model.parameters():
             p.grad = None
         self.hessian = None
+        self._twins.close()
 
     def hvp(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         """H v with PyHessian's own product (for residuals of its answers)."""
@@ -133,6 +141,7 @@ def pyhessian_eigenvalues(
     max_iter: int = 100,
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
+    rnn_twin: str = "auto",
 ) -> EigenResult:
     """PyHessian's ``hessian(...).eigenvalues(maxIter, tol, top_n)``: power iteration, largest |λ| first.
 
@@ -141,7 +150,7 @@ def pyhessian_eigenvalues(
     native criterion applied to PyHessian's answer). ``vectors`` is None.
     """
     start_time = time.perf_counter()
-    run = _PyHessianRun(model, loss_fn, data, params, dtype, seed)
+    run = _PyHessianRun(model, loss_fn, data, params, dtype, seed, rnn_twin)
     try:
         with run.counting():
             values, vectors = run.hessian.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_k)
@@ -171,6 +180,7 @@ def pyhessian_trace(
     max_iter: int = 100,
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
+    rnn_twin: str = "auto",
 ) -> TraceResult:
     """PyHessian's ``hessian(...).trace(maxIter, tol)``: Hutchinson with its own stopping rule.
 
@@ -179,7 +189,7 @@ def pyhessian_trace(
     before ``max_iter`` (which may be after 2–4 samples on a negative running mean).
     """
     start_time = time.perf_counter()
-    run = _PyHessianRun(model, loss_fn, data, params, dtype, seed)
+    run = _PyHessianRun(model, loss_fn, data, params, dtype, seed, rnn_twin)
     try:
         with run.counting():
             samples = [float(s) for s in run.hessian.trace(maxIter=max_iter, tol=tol)]

@@ -36,9 +36,9 @@ Fused Gauss-Newton part. In that double backward the states' cotangent c (J v se
 loss's second derivative) reaches the recurrence node after ``_Adjoint``'s backward, and J^T c is
 a first-order adjoint sweep with the same transition as the second-order one, linear in its
 sources. So where the loss's derivative reaches the recurrence node (checked on the graph of each
-gradient built with create_graph, for its own adjoint node) and no graph is built again, ``_Adjoint``'s backward
-runs only the tangent pass and leaves the second-order sweep to the recurrence node's backward
-in the same autograd graph task, which starts it from c: one backward sweep and one set of
+gradient built with create_graph, for its own adjoint node), the recurrence node runs later in the
+same graph task and no graph is built again, ``_Adjoint``'s backward runs only the tangent pass
+and leaves the second-order sweep to the recurrence node's backward, which starts it from c: one backward sweep and one set of
 weight-gradient products instead of two (24 T B n^2 FLOPs per product for the Euler map instead
 of 32). Elsewhere (a loss linear in the states, is_grads_batched, create_graph) the two sweeps
 run apart; both ways give the same numbers up to round-off.
@@ -421,13 +421,13 @@ class _Recurrence(torch.autograd.Function):
             # together with the second-order adjoint of the first adjoint node.
             du, dA, dW, dB = _sum_results([finish(grad if i == 0 else None) for i, finish in enumerate(finishes)])
             return du, dA, dW, dB, None
-        # Decided for each adjoint node: another gradient graph of the same forward may come from a
-        # loss whose derivative does not reach this node, and a sweep left to it would be dropped.
-        reaches = torch.is_grad_enabled() and grad.requires_grad and _reaches(grad, ctx)
+        # Whether this gradient's graph leads back to this node, which its products' Gauss-Newton part then reaches.
+        fusable = torch.is_grad_enabled() and grad.requires_grad and _reaches(grad, ctx)
         u, A, W, B, *kept = ctx.saved_tensors
         tape = _Tape(ctx.plan.field(*(None if t is None else t.detach() for t in (A, W, B))), ctx.plan, u.detach(),
                      tuple(t.detach() for t in kept))
-        grads = list(_Adjoint.apply(grad, u, A, W, B, tape, ctx.plan, ctx.mailbox, reaches, torch.is_grad_enabled()))
+        grads = list(_Adjoint.apply(grad, u, A, W, B, tape, ctx.plan, (ctx, ctx.mailbox) if fusable else None,
+                                    torch.is_grad_enabled()))
         du, dW = grads.pop(0), grads.pop(0)
         dA = grads.pop(0) if A is not None else None
         dB = grads.pop(0) if B is not None else None
@@ -439,7 +439,7 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad: Tensor, u: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None,
-                tape: _Tape, plan: _Plan, mailbox: _Mailbox, reaches: bool, differentiable: bool) -> tuple[Tensor, ...]:
+                tape: _Tape, plan: _Plan, recurrence: tuple[object, _Mailbox] | None, differentiable: bool) -> tuple[Tensor, ...]:
         field = plan.field(A, W, B)
         lam = None if plan.keep_states else grad
         segments = len(plan.bounds)
@@ -469,7 +469,7 @@ class _Adjoint(torch.autograd.Function):
         if differentiable:
             # Stored mode keeps the records; recompute mode the cotangents and lambda at every later segment's end.
             ctx.save_for_backward(u, A, W, B, *(adjoints if not plan.recompute else (grad, *ends[:-1])))
-            ctx.tape, ctx.plan, ctx.mailbox, ctx.reaches = tape, plan, mailbox, reaches
+            ctx.tape, ctx.plan, ctx.recurrence = tape, plan, recurrence
         outputs = [torch.cat(du_parts[::-1]) if du is None else du, weights["W"]]
         outputs += [weights[name] for name in ("A", "B") if name in weights]
         return tuple(outputs)
@@ -478,17 +478,21 @@ class _Adjoint(torch.autograd.Function):
     def backward(ctx, v_u: Tensor, v_W: Tensor, *rest: Tensor) -> tuple[Tensor | None, ...]:
         u, A, W, B, *kept = ctx.saved_tensors
         plan, tape = ctx.plan, ctx.tape
-        # Under the vmap of is_grads_batched any of the directions may be batched; an unused one is
-        # an unbatched zero tensor.
-        fuse = ctx.reaches and not torch.is_grad_enabled() and not any(_legacy_batched(t) for t in (v_u, v_W, *rest))
+        # Fused only where the recurrence node runs later in this graph task: it is executed
+        # (it leads to an input asked for), after this node (the gradient's graph leads to it). Not
+        # under the vmap of is_grads_batched, where any direction may be batched (an unused one is an
+        # unbatched zero tensor).
+        fuse = (ctx.recurrence is not None and not torch.is_grad_enabled()
+                and not any(_legacy_batched(t) for t in (v_u, v_W, *rest))
+                and torch._C._will_engine_execute_node(ctx.recurrence[0]))
         with torch.no_grad():
             field = plan.field(A, W, B)
             tangent = _tangent_pass(plan, tape, field, v_u, v_W, rest)
             if fuse:
-                ctx.mailbox.post(lambda cotangent: _second_order_pass(plan, tape, field, kept, tangent, cotangent))
-                return (tangent.grad_dot, None, None, None, None, None, None, None, None, None)
+                ctx.recurrence[1].post(lambda cotangent: _second_order_pass(plan, tape, field, kept, tangent, cotangent))
+                return (tangent.grad_dot, None, None, None, None, None, None, None, None)
             du, dA, dW, dB = _second_order_pass(plan, tape, field, kept, tangent, None)
-        results = (tangent.grad_dot, du, dA, dW, dB, None, None, None, None, None)
+        results = (tangent.grad_dot, du, dA, dW, dB, None, None, None, None)
         if not torch.is_grad_enabled():
             return results
         # create_graph=True: the results depend on (u, A, W, B) through terms this node does not
