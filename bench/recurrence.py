@@ -48,7 +48,6 @@ from common import alternating_times, ratio_spread, spread
 
 from lrnn_analysis.environment import environment
 from lrnn_analysis.models import ModelConfig, build_model
-from lrnn_analysis.recurrence.field import tanh_from_double
 
 SIZES = ((196, 64, 64), (784, 128, 128))
 BETA, GAMMA, EPS = 0.75, 0.001, 0.03
@@ -224,9 +223,9 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
 
     Forward: the step's matmul alone (T plain products at the step's shape, no autograd), then
     the forward pass without autograd (adds tanh, scaling, adds and the per-step operator
-    dispatch), then with autograd recording; first, T calls of torch.tanh and of the engine's tanh
-    (``tanh_from_double``: expm1(2 p) / (expm1(2 p) + 2)) at the step's shape. Forward+backward:
-    the three matmuls per step alone
+    dispatch), then with autograd recording; first, T calls of torch.tanh and of torch.sigmoid at
+    the step's shape (the engine calls torch.tanh: 2 sigmoid(2 p) - 1 is cheaper but loses tanh's
+    relative accuracy near p = 0). Forward+backward: the three matmuls per step alone
     (the forward product and the two backward products), then the whole forward+backward.
     """
     T, batch, n = x.shape[1], x.shape[0], model.config.hidden
@@ -258,14 +257,12 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
         for _ in range(T):
             torch.tanh(h)
 
-    out, scratch = torch.empty_like(h), torch.empty_like(h)
-
-    def expm1_steps() -> None:
+    def sigmoid_steps() -> None:
         for _ in range(T):
-            tanh_from_double(h, out, scratch)
+            torch.sigmoid(h)
 
     return alternating_times({"T tanh of (batch x n) (torch.tanh)": tanh_steps,
-                              "T tanh of (batch x n) (the engine's, expm1)": expm1_steps,
+                              "T sigmoid of (batch x n) (2 sigmoid(2 p) - 1, not used)": sigmoid_steps,
                               "forward: step matmul only": forward_matmuls,
                               "forward: whole, no autograd": forward_no_grad,
                               "forward: whole, autograd recording": forward_recorded,

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .field import LureField, tanh_from_double
+from .field import LureField
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
@@ -133,8 +133,7 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_sta
                  workspace: _Workspace | None) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
     """:func:`_forward` for a map h+ = [h +] a + beta tanh(p) (B the identity), written into buffers.
 
-    One product, one tanh and one add per application (two with the identity; tanh by
-    :func:`tanh_from_double` there, on z' = [a | 2 p]), each writing into
+    One product, one tanh and one add per application (two with the identity), each writing into
     its row of a buffer, so the stage inputs Y are the rows of one buffer of states and nothing is
     stacked afterwards. Without A, a = 0. Buffers that outlive the call (records, returned states)
     are fresh; the others come from ``workspace`` where one is given.
@@ -147,21 +146,16 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_sta
     tanhs = _Workspace.take(scratch, "tanhs", (rows, batch, n), u)
     # z holds the inputs of every application before its product is added in place (addmm with an
     # input copies it into the result first).
-    # The Euler map's p-part carries 2 p for tanh_from_double (its docstring says where it is used).
-    doubled = field.identity
     z = _Workspace.take(workspace, "z", (steps, substeps, batch, field.forward_matrix.shape[1]), u)
-    field.value_inputs(u[:, None], out=z, scale=2.0 if doubled else 1.0)
+    field.value_inputs(u[:, None], out=z)
     z = z.view(rows, batch, -1)
     a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
     a_rows = None if a is None else a.unbind(0)
     p_rows, s_rows, h_rows, z_rows = p.unbind(0), tanhs.unbind(0), states_buffer.unbind(0), z.unbind(0)
-    matrix, beta = field.value_matrix if doubled else field.forward_matrix, field.beta
+    matrix, beta = field.forward_matrix, field.beta
     for l in range(rows):
         z_rows[l].addmm_(h_rows[l], matrix)
-        if doubled:
-            tanh_from_double(p_rows[l], s_rows[l], p_rows[l])
-        else:
-            torch.tanh(p_rows[l], out=s_rows[l])
+        torch.tanh(p_rows[l], out=s_rows[l])
         if field.identity:
             # h + (a + beta s): the two small terms first, one rounding at the size of h.
             torch.add(h_rows[l], a_rows[l].add_(s_rows[l], alpha=beta), out=h_rows[l + 1])

@@ -37,25 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["LureField", "tanh_from_double"]
-
-
-def tanh_from_double(p2: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
-    """tanh(p) from p2 = 2 p, written into ``out`` (``scratch``: a buffer of the same shape, overwritten).
-
-    tanh(p) = t / (t + 2) with t = expm1(2 p), 2 p clamped at 40 (where tanh is 1 to double precision)
-    so that t cannot overflow. expm1 keeps the relative accuracy of tanh at every p, small |p|
-    included (t ~ 2 p; the identity 2 sigmoid(2 p) - 1 loses it there: its error is a unit in the
-    last place of 1), within about 3 units in the last place where torch.tanh is within 1, and
-    torch.tanh took twice the time at 128 x 128 on the CPU measured (``bench/recurrence.py
-    --breakdown``). The engine uses it only where tanh's value is scaled by a step eps before it is
-    added to the state (the Euler map), so that its extra rounding stays below the state's own; a
-    plain map h+ = tanh(W h + u) uses torch.tanh.
-    """
-    torch.clamp_max(p2, 40.0, out=out)
-    torch.expm1(out, out=out)
-    torch.add(out, 2, out=scratch)
-    return out.div_(scratch)
+__all__ = ["LureField"]
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -76,8 +58,6 @@ class LureField:
         # z = y @ forward_matrix gives [a | p - u]; y_bar = [g | q] @ backward_matrix.
         self.backward_matrix = torch.cat([A, W], dim=0) if self.has_a else W
         self.forward_matrix = self.backward_matrix.T
-        # z' = y @ value_matrix gives [a | 2 (p - u)], for tanh_from_double.
-        self.value_matrix = (torch.cat([A, 2 * W], dim=0) if self.has_a else 2 * W).T
         self.B_T = B.T if self.has_b else None
 
     @property
@@ -89,19 +69,14 @@ class LureField:
         """The additive term of z: [0 | u] when A is given, else u."""
         return torch.nn.functional.pad(u, (self.n, 0)) if self.has_a else u
 
-    def value_inputs(self, u: Tensor, out: Tensor | None = None, scale: float = 1.0) -> Tensor:
-        """The additive term of z = y @ forward_matrix + [0 | u] (A given), else u, or with
-        ``scale`` 2 that of z' = y @ value_matrix + [0 | 2 u]; written into ``out`` (u broadcast to
-        it) if given."""
+    def value_inputs(self, u: Tensor, out: Tensor | None = None) -> Tensor:
+        """The additive term of z = y @ forward_matrix + [0 | u] (A given), else u; written into
+        ``out`` (u broadcast to it) if given."""
         if out is None:
-            out = u.new_empty(*u.shape[:-1], self.forward_matrix.shape[1])
+            return self.pad(u)
         if self.has_a:
             out[..., :self.n] = 0
-        target = out[..., self.n:] if self.has_a else out
-        if target.shape == u.shape:
-            torch.mul(u, scale, out=target)
-        else:
-            target.copy_(u).mul_(scale)
+        (out[..., self.n:] if self.has_a else out).copy_(u)
         return out
 
     def derivative(self, S: Tensor, out: Tensor | None = None) -> Tensor:
@@ -123,7 +98,12 @@ class LureField:
     # -- per step ---------------------------------------------------------------------------
 
     def value(self, y: Tensor, u_value: Tensor) -> tuple[Tensor, Tensor]:
-        """(k, s): the field at y and s = tanh(p), for u_value = ``value_inputs(u)``."""
+        """(k, s): the field at y and s = tanh(p), for u_value = ``value_inputs(u)``.
+
+        s is torch.tanh(p), not the cheaper 2 sigmoid(2 p) - 1: that identity's error is a unit in
+        the last place of 1, not of s, i.e. relative error ~ulp / |p| where |p| is small (1e-8 inputs
+        gave 1e-8 relative in float64, 4e-2 in float32).
+        """
         a, p = self._split(torch.addmm(u_value, y, self.forward_matrix))
         s = torch.tanh(p)
         k = self._output(a, s, self.beta)
