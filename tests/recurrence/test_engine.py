@@ -488,4 +488,4 @@ def test_float32_euler_gradients_near_saturation_are_as_accurate_as_the_recorded
     engine = results(lambda *p: lure_recurrence(*p, scheme=scheme), torch.float32)
     loop = results(lambda u_, A_, W_: _loop(u_, A_, W_, None, "euler", 1e-6, 3, False), torch.float32)
     for actual, recorded, truth in zip(engine, loop, exact):
-        assert _relative(actual.double(), truth) <= 2 * _relative(recorded.double(), truth)
+        assert _relative(actual.double(), truth) <= 2 * _relative(recorded.double(), truth) + 1e-7
