@@ -96,3 +96,43 @@ def test_pyhessian_refuses_several_batches_of_per_step_targets():
     x, y = torch.randn(4, 5, 2), torch.randint(0, 3, (4, 5))
     with pytest.raises(InputError, match="weights batches by their samples"):
         pyhessian_eigenvalues(StepModel(), Objective(True, True).loss_fn(), [(x[:1], y[:1]), (x[1:], y[1:])])
+
+
+def _lstm_classifier():
+    """A two-layer LSTM with dropout (in training mode, as a model mid-training is) and a linear head."""
+    torch.manual_seed(0)
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.LSTM(2, 3, num_layers=2, dropout=0.3, batch_first=True).double()
+            self.head = nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            return self.head(self.layer(x)[0][:, -1])
+
+    x = torch.randn(4, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return Classifier().train(), (x, torch.tensor([0, 1, 1, 0]))
+
+
+def test_the_twin_runs_for_a_model_in_training_mode_as_the_native_backend_does():
+    """PyHessian evaluates the model in eval mode; the twin of a dropout LSTM is refused only in
+    training mode, so a model handed over in training mode must still run (the native backend does)."""
+    model, batch = _lstm_classifier()
+    reports = {backend: analyze(model, nn.CrossEntropyLoss(), batch, backend=backend, rnn_twin="on", max_iter=30, progress=False,
+                                dtype="float64") for backend in ("native", "pyhessian")}
+    assert reports["pyhessian"].operator["rnn_twin_layers"] == ["layer"]
+    assert reports["pyhessian"].lambda_max == pytest.approx(reports["native"].lambda_max, rel=1e-2)
+    assert model.training and "forward" not in vars(model.layer)
+
+
+def test_selected_parameters_without_a_gradient_are_refused_as_bad_input():
+    """params selecting only a parameter the loss does not use: an InputError, not autograd's RuntimeError,
+    and the model's layers are left as they were (the twin was entered on PyHessian's copy)."""
+    from lrnn_analysis.errors import InputError
+
+    model, batch = _lstm_classifier()
+    model.eval().register_parameter("unused", nn.Parameter(torch.zeros(2, dtype=torch.float64)))
+    with pytest.raises(InputError, match="no selected parameter has a gradient"):
+        pyhessian_eigenvalues(model, nn.CrossEntropyLoss(), batch, params="unused", rnn_twin="on")
+    assert "forward" not in vars(model.layer)
