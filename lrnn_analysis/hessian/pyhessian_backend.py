@@ -46,7 +46,9 @@ class _PyHessianRun:
         reference = next(model.parameters())
         self.dtype = resolve_dtype(dtype, reference.dtype)
         self.device = reference.device
-        self.model = copy.deepcopy(model).to(self.dtype)
+        # PyHessian evaluates in eval mode; the copy is put there before its layers are twinned (a
+        # twin refuses a dropout layer in training mode).
+        self.model = copy.deepcopy(model).to(self.dtype).eval()
         self.rnn_twin_layers = twin_layer_names(self.model, rnn_twin, self.device)
         # The copy is this run's own: its layers stay twinned until close().
         self._twins = contextlib.ExitStack()
@@ -74,9 +76,9 @@ class _PyHessianRun:
         for name, p in named:
             p.requires_grad_(name in selected)
         live = [(name, p) for name, p in named if p.requires_grad]
-        self.model.eval()
         loss = loss_fn(self.model(batch[0]), batch[1])
-        grads = torch.autograd.grad(loss, [p for _, p in live], create_graph=True, allow_unused=True)
+        # A loss that reaches no selected parameter has no graph to differentiate.
+        grads = torch.autograd.grad(loss, [p for _, p in live], create_graph=True, allow_unused=True) if loss.requires_grad else [None] * len(live)
         frozen = []
         for (name, p), g in zip(live, grads):
             if g is None or not g.requires_grad:
