@@ -489,3 +489,33 @@ def test_float32_euler_gradients_near_saturation_are_as_accurate_as_the_recorded
     loop = results(lambda u_, A_, W_: _loop(u_, A_, W_, None, "euler", 1e-6, 3, False), torch.float32)
     for actual, recorded, truth in zip(engine, loop, exact):
         assert _relative(actual.double(), truth) <= 2 * _relative(recorded.double(), truth) + 1e-7
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_float32_euler_adjoint_adds_its_product_to_the_cotangent_once(batched):
+    """Euler with eps = 1e-3 and 3 substeps in float32: lambda + [g | q] [eps A; W] with the product
+    formed first and added once; addmm accumulating the product's terms into lambda rounds at the size
+    of lambda for every term (the gradient of u was 10 times as far from the float64 truth as the
+    loop's). ``batched``: is_grads_batched products, whose vmap runs the generic sweeps."""
+    generator = torch.Generator().manual_seed(10)
+    n = 8
+    u = 1e-8 * torch.randn(T, BATCH, n, generator=generator, dtype=torch.float64)
+    A = torch.randn(n, n, generator=generator, dtype=torch.float64) / n ** 0.5 - 0.5 * torch.eye(n, dtype=torch.float64)
+    W = torch.randn(n, n, generator=generator, dtype=torch.float64) / n ** 0.5
+    weights = torch.randn(BATCH, n, generator=generator, dtype=torch.float64)
+    scheme = build_scheme("euler", 1e-3, 3)
+
+    def gradient(run, dtype):
+        u_ = u.to(dtype).requires_grad_()
+        out = run(u_, A.to(dtype), W.to(dtype))
+        if not batched:
+            return torch.autograd.grad((torch.sin(out) * weights.to(dtype)).sum(), u_)[0].double()
+        cotangents = torch.stack([weights, -weights]).to(dtype)
+        return torch.autograd.grad(torch.sin(out), u_, cotangents, is_grads_batched=True)[0].double()
+
+    def loop(u_, A_, W_):
+        return _loop(u_, A_, W_, None, "euler", 1e-3, 3, False)
+
+    exact = gradient(loop, torch.float64)
+    error_engine = _relative(gradient(lambda *p: lure_recurrence(*p, scheme=scheme), torch.float32), exact)
+    assert error_engine <= 2 * _relative(gradient(loop, torch.float32), exact) + 1e-7
