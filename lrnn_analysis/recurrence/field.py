@@ -140,8 +140,9 @@ class LureField:
             extra = g if extra is None else extra + g
         if extra is not None:
             base = extra if base is None else extra + base
-        y_bar = gq @ self.backward_matrix if base is None else torch.addmm(base, gq, self.backward_matrix)
-        return y_bar, record
+        # The product formed before base is added (as in the map's adjoint sweep, engine.py).
+        y_bar = gq @ self.backward_matrix
+        return (y_bar if base is None else y_bar.add_(base)), record
 
     # -- all steps at once (rows of Y, S and the records X: one per stage evaluation and sequence) --
 
