@@ -92,16 +92,27 @@ positive = float_in(0.0, above=True)
 nonnegative = float_in(0.0)
 
 
+def _entries(text: str) -> list[str]:
+    """The comma-separated entries of ``text``, stripped; an empty entry (``0.1,,0.2``, a trailing
+    comma) is refused rather than dropped."""
+    entries = [part.strip() for part in text.split(",")]
+    if not any(entries):
+        return []
+    if not all(entries):
+        raise argparse.ArgumentTypeError(f"an empty entry in the comma-separated list {text[:60]!r}")
+    return entries
+
+
 def int_list(text: str) -> tuple[int, ...]:
     parse = int_in(1, 10**6)
-    values = tuple(parse(part) for part in text.split(",") if part.strip())
+    values = tuple(parse(part) for part in _entries(text))
     if len(values) > MAX_LEVELS:
         raise argparse.ArgumentTypeError(f"at most {MAX_LEVELS} values, got {len(values)}")
     return values
 
 
 def name_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    return _entries(text)
 
 
 def _names_from(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
@@ -121,7 +132,7 @@ parameterization_tests = _names_from(PARAMETERIZATION_TESTS, "tests")
 
 
 def float_list(text: str, parse: Callable[[str], float] = finite) -> list[float]:
-    values = [parse(part) for part in text.split(",") if part.strip()]
+    values = [parse(part) for part in _entries(text)]
     if not values or len(values) > MAX_LEVELS:
         raise argparse.ArgumentTypeError(f"expected 1 to {MAX_LEVELS} comma-separated numbers, got {len(values)}")
     return values

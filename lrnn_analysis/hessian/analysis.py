@@ -209,6 +209,8 @@ def analyze(
     if described.get("rnn_twin_layers"):
         notes.append(f"torch.nn recurrent layer(s) {', '.join(n or '(the model)' for n in described['rnn_twin_layers'])} "
                      f"ran as their unrolled twins (rnn_twin={rnn_twin}): same outputs, differentiable twice")
+    elif rnn_twin == "on":
+        notes.append("rnn_twin=on, but the model has no torch.nn RNN, LSTM or GRU layer: nothing ran as a twin")
     if described.get("unmatched_patterns"):
         notes.append(f"parameter pattern(s) matching nothing in this model: {', '.join(described['unmatched_patterns'])}")
     matvecs = eigen.matvecs - reused + sum(r.matvecs for r in (trace_result, density_result, diagonal_result, frobenius_result,

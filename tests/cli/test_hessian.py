@@ -58,6 +58,10 @@ def test_hessian_cli_ggn_with_estimates_and_lenient_params(tmp_path, capsys):
     assert main(["hessian", str(path), "--estimate", "kfac", "--quiet"]) == 2
     assert "estimates must be among" in capsys.readouterr().err
     assert main(["hessian", str(path), "--params", "nope", "--quiet"]) == 2
+    # --rnn-twin on for a model without torch.nn recurrent layers says that nothing ran as a twin
+    capsys.readouterr()
+    assert main(["hessian", str(path), "--params", "D.bias", "--rnn-twin", "on", "--quiet"]) == 0
+    assert "note: rnn_twin=on, but the model has no torch.nn RNN, LSTM or GRU layer" in capsys.readouterr().out
 
 
 def test_hessian_of_a_user_model_matches_the_exact_hessian(project, tmp_path):

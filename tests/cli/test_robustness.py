@@ -254,6 +254,9 @@ def test_certified_accuracy_beside_the_attack_against_radius(tmp_path, capsys):
     (["--radii", "0.1,-1", "--certified"], "radius is a finite number in [0, 1e+06]"),
     (["--radii", "0.1,1e308", "--certified"], "radius is a finite number in [0, 1e+06]"),
     (["--radii", "0.1", "--attack", "pgd", "--attack-steps", "0"], "--attack-steps"),
+    (["--radii", "0.1,,0.2", "--certified"], "an empty entry"),
+    (["--radii", "0.1,0.2,", "--certified"], "an empty entry"),
+    (["--input-noise", "0,,0.1"], "an empty entry"),
 ])
 def test_against_radius_bad_options_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "r.csv"
