@@ -1,0 +1,92 @@
+"""float32 accuracy of the recurrence engine's Euler map against the recorded loop, both measured from the float64 truth.
+
+For every input scale, step eps, substep count, readout (last state or every state) and memory
+mode (records stored, recomputed from sqrt(T) segments, or stored in one-step segments), the
+states h, the gradient of sum(sin(h) * weights) in (u, A, W) and its Hessian times a random
+direction are computed in float64 through the loop (the truth), and in float32 by the engine and by
+the loop; each line printed is a quantity whose engine error exceeds twice the loop's and 1e-6
+(errors: max |x - truth| / max |truth|). n = 8, batch 3, A = M / sqrt(n) - I / 2, W = M' / sqrt(n),
+u = scale * randn, all seeded. Long sequences skip 3 substeps and one-step segments.
+
+    python bench/engine_float32.py [--steps 7,784]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+
+import torch
+
+from lrnn_analysis.models import lure_step
+from lrnn_analysis.recurrence import build_scheme, lure_recurrence, sqrt_segment
+from lrnn_analysis.recurrence import engine as engine_module
+
+NAMES = ("h", "grad u", "grad A", "grad W", "hvp u", "hvp A", "hvp W")
+SCALES, STEPS_EPS = (1e-8, 1e-3, 1.0, 1e2, 1e4), (1e-6, 1e-3, 0.03, 1.0)
+N, BATCH = 8, 3
+
+
+def loop(u: torch.Tensor, A: torch.Tensor, W: torch.Tensor, eps: float, substeps: int, keep: bool) -> torch.Tensor:
+    """The recorded loop: one lure_step per input step."""
+    step = lure_step(A, W, "euler", eps, substeps)
+    h, states = u.new_zeros(u.shape[1], u.shape[2]), []
+    for u_t in u.unbind(0):
+        h = step(h, u_t)
+        states.append(h)
+    return torch.stack(states) if keep else h
+
+
+def run_engine(u: torch.Tensor, A: torch.Tensor, W: torch.Tensor, **options) -> torch.Tensor:
+    return lure_recurrence(u, A, W, **options)
+
+
+def quantities(run, tensors, weights, direction) -> list[torch.Tensor]:
+    """States, gradient and Hessian-vector product of sum(sin(states) * weights) in (u, A, W)."""
+    params = [t.clone().requires_grad_() for t in tensors]
+    out = run(*params)
+    grads = torch.autograd.grad((torch.sin(out) * weights).sum(), params, create_graph=True)
+    hvp = torch.autograd.grad(grads, params, direction)
+    return [t.detach().double() for t in (out, *grads, *hvp)]
+
+
+def relative(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((actual - truth).abs().max() / truth.abs().max().clamp_min(1e-300))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default="7,784", help="sequence lengths T, comma-separated")
+    args = parser.parse_args()
+    default_bytes, flagged, worst = engine_module.SEGMENT_BYTES, 0, 0.0
+    for T, scale, eps, substeps, keep, mode in itertools.product(
+            [int(t) for t in args.steps.split(",")], SCALES, STEPS_EPS, (1, 3), (False, True), ("stored", "recompute", "one-step")):
+        if T > 100 and (substeps == 3 or mode == "one-step"):
+            continue
+        generator = torch.Generator().manual_seed(T + substeps)
+        u = scale * torch.randn(T, BATCH, N, generator=generator, dtype=torch.float64)
+        A = torch.randn(N, N, generator=generator, dtype=torch.float64) / N ** 0.5 - 0.5 * torch.eye(N, dtype=torch.float64)
+        W = torch.randn(N, N, generator=generator, dtype=torch.float64) / N ** 0.5
+        weights = torch.randn((T, BATCH, N) if keep else (BATCH, N), generator=generator, dtype=torch.float64)
+        direction = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in (u, A, W)]
+        scheme = build_scheme("euler", eps, substeps)
+        segment = sqrt_segment(T) if mode == "recompute" else None
+        engine_module.SEGMENT_BYTES = 1 if mode == "one-step" else default_bytes
+
+        engine = functools.partial(run_engine, scheme=scheme, keep_states=keep, segment=segment)
+        recorded = functools.partial(loop, eps=eps, substeps=substeps, keep=keep)
+        truth = quantities(recorded, (u, A, W), weights, direction)
+        single = [t.float() for t in (u, A, W)], weights.float(), [d.float() for d in direction]
+        for name, exact, ours, theirs in zip(NAMES, truth, quantities(engine, *single), quantities(recorded, *single)):
+            error_engine, error_loop = relative(ours, exact), relative(theirs, exact)
+            if error_engine > 2 * error_loop and error_engine > 1e-6:
+                flagged += 1
+                worst = max(worst, error_engine / error_loop)
+                print(f"T={T} scale={scale:g} eps={eps:g} substeps={substeps} keep_states={keep} {mode} {name}: "
+                      f"engine {error_engine:.2e}, loop {error_loop:.2e} ({error_engine / error_loop:.1f}x)", flush=True)
+    engine_module.SEGMENT_BYTES = default_bytes
+    print(f"{flagged} quantities beyond twice the loop's error; worst {worst:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
