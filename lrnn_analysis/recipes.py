@@ -168,7 +168,10 @@ class Recipe:
         if self.data is not None:
             return load_data(self.data_path())
         if self.task is not None:
-            return load_task(self.task, seed=self.split_seed, **self.task_options)
+            try:
+                return load_task(self.task, seed=self.split_seed, **self.task_options)
+            except InputError as error:
+                raise _fail(self.path, "task_options", str(error)) from None
         if self.recorded_task is None:
             raise InputError(f"{self.path}: task: no task, data or recorded task")
         record = self.recorded_task

@@ -272,3 +272,15 @@ def test_a_certified_robustness_recipe_writes_accuracy_against_radius_and_the_bo
     assert all(r["certified_accuracy"] <= r["attack_accuracy"] for r in rows)
     bounds = json.loads((tmp_path / "out" / "c_bounds.json").read_text())["rows"]
     assert bounds[0]["holds"] and bounds[0]["looseness"] >= 1
+
+
+def test_bad_task_options_are_named_with_the_recipe_file(tmp_path, checkpoint):
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.safetensors").write_bytes(checkpoint.read_bytes())
+    path = tmp_path / "analyses" / "bad.toml"
+    path.write_text('name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "adding"\ncheckpoints = ["models/tiny.safetensors"]\n'
+                    '[task_options]\nlength = -3\n')
+    with pytest.raises(ValueError) as error:
+        recipes.load_recipe(path).load_task()
+    assert str(error.value).startswith(f"{path}: task_options: ") and "length" in str(error.value)
