@@ -20,20 +20,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--hidden", type=o.int_in(1, MAX_SIZES["hidden"]), default=64)
     train.add_argument("--eps", type=o.positive, default=None, help="step per input (default: the task's)")
     train.add_argument("--discretization", default=None, help="euler|rk2|rk38 (lipschitz; rk38 = 3/8-rule RK4), rk4|rk2|euler (node)")
-    train.add_argument("--beta", type=o.finite, default=0.75, help="beta of A and W")
-    train.add_argument("--gamma", type=o.finite, default=0.001, help="gamma of A and W")
+    # Options an architecture does not read are refused (models.HYPERPARAMETERS); defaults: ModelConfig's.
+    train.add_argument("--beta", type=o.finite, default=None, help="beta of A and W (lipschitz, lipschitz-gated; default 0.75)")
+    train.add_argument("--gamma", type=o.finite, default=None,
+                       help="gamma of A and W (lipschitz, lipschitz-gated; of W: antisymmetric; default 0.001)")
     train.add_argument("--beta-a", type=o.finite, default=None)
     train.add_argument("--beta-w", type=o.finite, default=None)
     train.add_argument("--gamma-a", type=o.finite, default=None)
     train.add_argument("--gamma-w", type=o.finite, default=None)
-    train.add_argument("--init-std", type=o.positive, default=0.1, help="recurrent init: N(0, (init_std/hidden)^2)")
-    train.add_argument("--ode-substeps", type=o.int_in(1, MAX_SIZES["ode_substeps"]), default=1, help="node: solver steps per input step")
-    train.add_argument("--rho", type=o.float_in(0.0, 1.0, above=True), default=0.999,
-                       help="contracting/ren/lipschitz-ren: contraction factor per step they are built to")
-    train.add_argument("--rank", type=o.int_in(0, 3 * MAX_SIZES["hidden"]), default=0,
-                       help="contracting/ren/lipschitz-ren: rows of Z (contracting, at most 2 * hidden) or X (ren, at most 3 * hidden); 0: hidden")
-    train.add_argument("--cond-penalty", type=o.nonnegative, default=0.1,
-                       help="contracting: kappa of the loss term kappa * mean(log^2 sigma_i(T))")
+    train.add_argument("--init-std", type=o.positive, default=None,
+                       help="recurrent init: N(0, (init_std/hidden)^2) (every architecture but lstm; default 0.1)")
+    train.add_argument("--ode-substeps", type=o.int_in(1, MAX_SIZES["ode_substeps"]), default=None,
+                       help="steps of the scheme per input step (lipschitz, antisymmetric, residual, node: solver steps; default 1)")
+    train.add_argument("--rho", type=o.float_in(0.0, 1.0, above=True), default=None,
+                       help="contracting/ren/lipschitz-ren: contraction factor per step they are built to (default 0.999)")
+    train.add_argument("--rank", type=o.int_in(0, 3 * MAX_SIZES["hidden"]), default=None,
+                       help="contracting/ren/lipschitz-ren: rows of Z (contracting, at most 2 * hidden) or X (ren, at most 3 * hidden); "
+                            "0 (the default): hidden")
+    train.add_argument("--cond-penalty", type=o.nonnegative, default=None,
+                       help="contracting: kappa of the loss term kappa * mean(log^2 sigma_i(T)) (default 0.1)")
     train.add_argument("--lipschitz", type=o.float_in(*LIPSCHITZ_RANGE), default=1.0, metavar="G",
                        help="lipschitz-ren: the bound G on the Lipschitz constant (incremental l2-gain) of the map from the "
                             "whole input sequence to the outputs that the model is built to")
@@ -61,13 +66,28 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import save_checkpoint
     from ..constraints import StabilityConstraint
     from ..environment import resolve_device
-    from ..models import ModelConfig
+    from ..models import HYPERPARAMETERS, ModelConfig
     from ..training import TrainSettings, spectral_summary, train_and_certify
 
     check_output_file(args.out, force=args.force, inputs=[args.data_path])
     o.set_threads(args.threads)
     device = resolve_device(args.device)
+    read = HYPERPARAMETERS[args.arch]
+    given = {"beta": ("beta_a", "beta_w"), "gamma": ("gamma_a", "gamma_w"), **{name: (name,) for name in (
+        "beta_a", "beta_w", "gamma_a", "gamma_w", "init_std", "ode_substeps", "rho", "rank", "cond_penalty")}}
+    ignored = [option for option, fields in given.items() if getattr(args, option) is not None and not read & set(fields)]
+    if ignored:
+        names = ", ".join("--" + option.replace("_", "-") for option in ignored)
+        raise o.UsageError(f"{names}: not read by a {args.arch} model (it reads "
+                           f"{', '.join(sorted('--' + f.replace('_', '-') for f in read)) or 'none of these options'})")
     task = o.task_source(args).load()
+
+    def pick(*values):
+        return next((v for v in values if v is not None), None)
+
+    fields = {"beta_a": pick(args.beta_a, args.beta), "gamma_a": pick(args.gamma_a, args.gamma), "beta_w": pick(args.beta_w, args.beta),
+              "gamma_w": pick(args.gamma_w, args.gamma), "init_std": args.init_std, "ode_substeps": args.ode_substeps,
+              "rho": args.rho, "rank": args.rank, "cond_penalty": args.cond_penalty}
     config = ModelConfig(
         arch=args.arch,
         input_dim=task.input_dim,
@@ -75,17 +95,9 @@ def run(args: argparse.Namespace) -> int:
         output_dim=task.output_dim,
         eps=args.eps if args.eps is not None else task.default_eps,
         discretization=args.discretization or "",
-        beta_a=args.beta_a if args.beta_a is not None else args.beta,
-        gamma_a=args.gamma_a if args.gamma_a is not None else args.gamma,
-        beta_w=args.beta_w if args.beta_w is not None else args.beta,
-        gamma_w=args.gamma_w if args.gamma_w is not None else args.gamma,
-        init_std=args.init_std,
-        ode_substeps=args.ode_substeps,
-        rho=args.rho,
-        rank=args.rank,
-        cond_penalty=args.cond_penalty,
         lipschitz=args.lipschitz,
         readout=args.readout,
+        **{name: value for name, value in fields.items() if value is not None},
     )
     settings = TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,

@@ -4,16 +4,18 @@ from .config import ARCHITECTURES, DISCRETIZATIONS, ModelConfig
 from .contracting import ContractingREN, ContractingRNN, contracting_construction, ren_construction
 from .lipschitz_bounded import LipschitzREN, lipschitz_construction
 from .lstm import LSTMModel
-from .registry import MODEL_CLASSES, build_model, parameter_shapes
+from .registry import CHECKED_HYPERPARAMETERS, HYPERPARAMETERS, MODEL_CLASSES, build_model, parameter_shapes
 from .torchnn import RecurrentLayer, SequenceClassifier, find_recurrent_layers, recurrent_parameter_patterns
 
 __all__ = [
     "ARCHITECTURES",
+    "CHECKED_HYPERPARAMETERS",
     "ContractingREN",
     "ContractingRNN",
     "DISCRETIZATIONS",
     "MODEL_CLASSES",
     "GatedLipschitzRNN",
+    "HYPERPARAMETERS",
     "LipschitzREN",
     "LipschitzRNN",
     "LSTMModel",

@@ -12,7 +12,7 @@ from .contracting import ContractingREN, ContractingRNN
 from .lipschitz_bounded import LipschitzREN
 from .lstm import LSTMModel
 
-__all__ = ["MODEL_CLASSES", "build_model", "parameter_shapes"]
+__all__ = ["CHECKED_HYPERPARAMETERS", "HYPERPARAMETERS", "MODEL_CLASSES", "build_model", "parameter_shapes"]
 
 MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
     "lipschitz": LipschitzRNN,
@@ -28,6 +28,25 @@ MODEL_CLASSES: dict[str, type[RecurrentModel]] = {
     "lstm": LSTMModel,
 }
 
+_LIPSCHITZ = frozenset({"beta_a", "gamma_a", "beta_w", "gamma_w", "init_std"})
+_CONSTRUCTED = frozenset({"rho", "rank", "init_std"})
+# Of the hyper-parameters below, the ones each architecture reads (tested: changing any other one
+# changes neither its parameters, outputs, Lur'e form nor loss term): ``lrnn train`` refuses an
+# option that would be ignored. ``ode_substeps`` splits the step of every Lur'e-form scheme but a map.
+CHECKED_HYPERPARAMETERS = ("beta_a", "gamma_a", "beta_w", "gamma_w", "init_std", "ode_substeps", "rho", "rank", "cond_penalty")
+HYPERPARAMETERS: dict[str, frozenset[str]] = {
+    "lipschitz": _LIPSCHITZ | {"ode_substeps"},
+    "lipschitz-gated": _LIPSCHITZ,
+    "antisymmetric": frozenset({"gamma_w", "init_std", "ode_substeps"}),
+    "cayley": frozenset({"init_std"}),
+    "residual": frozenset({"init_std", "ode_substeps"}),
+    "vanilla": frozenset({"init_std"}),
+    "node": frozenset({"init_std", "ode_substeps"}),
+    "contracting": _CONSTRUCTED | {"cond_penalty"},
+    "ren": _CONSTRUCTED,
+    "lipschitz-ren": _CONSTRUCTED,
+    "lstm": frozenset(),
+}
 
 # At most this many parameters (400 MB in float32): checked before anything is allocated.
 _MAX_PARAMETERS = 100_000_000
