@@ -2,6 +2,7 @@
 hyper-parameters each architecture reads."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ def _observables(config):
         seen = [p.detach().clone() for p in model.state_dict().values()] + [model(x)]
         form = model.lure_form()
         if form is not None:
-            seen += [torch.as_tensor(form.A), torch.as_tensor(form.W), torch.tensor(float(form.eps or 0))]
+            seen += [torch.tensor(np.array(form.A)), torch.tensor(np.array(form.W)), torch.tensor(float(form.eps or 0))]
         term = model.regularization()
         seen += [] if term is None else [term.reshape(1)]
     return seen
