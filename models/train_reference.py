@@ -33,6 +33,8 @@ SMNIST = "--task smnist --hidden 64 --seed 0 --epochs 100 --lr 0.003 --grad-clip
 # Character-level language models: a prediction at every step, one schedule for all three; the
 # antisymmetric RNN needs the damping gamma_W (it has no A to forget with).
 CHARS = "--task chars --readout all --hidden 128 --seed 0 --epochs 60 --lr 0.01 --grad-clip 1"
+# Next-step regression on Lorenz-63 (a target at every step, MSE), one schedule for both.
+LORENZ = "--task lorenz --readout all --hidden 64 --seed 0 --epochs 200 --lr 0.01 --grad-clip 1 --eps 0.5"
 # Radii at which the cards of models built to a Lipschitz bound state certified accuracy.
 RADII = (0.1, 0.25, 0.5, 1.0)
 MODELS = {
@@ -56,14 +58,17 @@ MODELS = {
     "chars-lipschitz": f"{CHARS} --arch lipschitz --eps 0.25",
     "chars-lstm": f"{CHARS} --arch lstm",
     "chars-antisymmetric": f"{CHARS} --arch antisymmetric --eps 0.5 --gamma-w 2",
+    "lorenz-lipschitz": f"{LORENZ} --arch lipschitz",
+    "lorenz-antisymmetric": f"{LORENZ} --arch antisymmetric --gamma-w 2",
 }
 # chars inputs are one-hot: what the LSTM layer reads is bounded by 1.
 CHARS_INPUT_BOUND = 1.0
 
 
 def per_step_scores(model: torch.nn.Module, record: dict) -> list[str]:
-    """Card lines of a per-step language model: its test perplexity, bits per character and token
-    accuracy (computed here from the test split with ``Objective``), and the unigram baseline."""
+    """Card lines of a per-step model: for a language model its test perplexity, bits per character
+    and token accuracy (computed here from the test split with ``Objective``) and the unigram
+    baseline; for next-step regression its test MSE and the persistence baseline."""
     task = load_task(record["name"], seed=record["seed"], **record.get("options", {}))
     objective = Objective.of_targets(task.test.y)
     totals = Totals(0.0, 0, 0)
@@ -72,6 +77,13 @@ def per_step_scores(model: torch.nn.Module, record: dict) -> list[str]:
         for x, y in task.test.batches(256):
             totals = totals + objective.totals(model(x), y)
     scores = objective.metrics(totals)
+    if not objective.classification:
+        persistence = float(((task.test.x - task.test.y) ** 2).mean())
+        return [
+            f"- test MSE: **{scores['mse']:.5f}** per coordinate ({totals.count} test steps)",
+            f"- persistence baseline (the next observation predicted to equal the current one): test MSE {persistence:.5f}",
+            f"- data: {task.description}",
+        ]
     baseline = unigram_cross_entropy(task.train.y, task.test.y, task.output_dim)
     return [
         f"- test perplexity: **{scores['perplexity']:.3f}**, **{scores['bits_per_token']:.4f} bits per character**, "
@@ -112,10 +124,11 @@ def card(name: str, command: str) -> str:
     trained = (f"training time {metrics['train_seconds']:.0f} s on {meta['environment']['device']} "
                f"(torch {meta['environment']['torch']}, Python {meta['environment'].get('python', '?')})")
     if per_step:
-        best = min(meta["log"], key=lambda entry: entry["val_perplexity"])
+        score = "val_perplexity" if meta["log"][-1].get("val_perplexity") is not None else "val_mse"
+        best = min(meta["log"], key=lambda entry: entry[score])
         lines += per_step_scores(model, task) + [
-            f"- validation perplexity: {meta['log'][-1]['val_perplexity']:.3f} after the last epoch, lowest "
-            f"{best['val_perplexity']:.3f} after epoch {best['epoch']}",
+            f"- validation {'perplexity' if score == 'val_perplexity' else 'MSE'}: {meta['log'][-1][score]:.5g} after the last epoch, lowest "
+            f"{best[score]:.5g} after epoch {best['epoch']}",
             f"- {trained}"]
     else:
         lines.append(f"- test accuracy: **{metrics['test_accuracy']:.4f}** (test loss {metrics['test_loss']:.4f}); {trained}")
