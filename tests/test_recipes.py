@@ -128,6 +128,16 @@ def test_recipe_scores_checkpoints_on_their_recorded_task_and_refuses_mixed_ones
         load_recipe(mixed)
 
 
+def _recipe_beside_a_checkpoint(tmp_path, checkpoint, name, text):
+    """analyses/NAME holding ``text`` in a project whose models/tiny.safetensors is ``checkpoint``."""
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.safetensors").write_bytes(checkpoint.read_bytes())
+    path = tmp_path / "analyses" / name
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize("text,key", [
     ('name = "s"\nanalysis = "spectra"\noutput = "s"\ncheckpoints = [', "invalid TOML"),
     (SPECTRA.replace("spectra\"\nout", "nonsense\"\nout"), "analysis"),
@@ -161,11 +171,7 @@ def test_recipe_scores_checkpoints_on_their_recorded_task_and_refuses_mixed_ones
      '[settings]\nradii = [0.1]\nattack = "fgsm"\n', "settings.attack"),
 ])
 def test_bad_recipes_are_named_with_file_and_key(tmp_path, checkpoint, text, key):
-    (tmp_path / "analyses").mkdir()
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "tiny.safetensors").write_bytes(checkpoint.read_bytes())
-    path = tmp_path / "analyses" / "bad.toml"
-    path.write_text(text)
+    path = _recipe_beside_a_checkpoint(tmp_path, checkpoint, "bad.toml", text)
     with pytest.raises(ValueError) as error:
         recipes.load_recipe(path)
     assert str(error.value).startswith(f"{path}: ") and key in str(error.value)
@@ -258,13 +264,10 @@ def test_a_recipe_of_the_wrong_shape_is_one_input_error(tmp_path, text, needle):
 
 
 def test_a_certified_robustness_recipe_writes_accuracy_against_radius_and_the_bounds(tmp_path, checkpoint):
-    (tmp_path / "analyses").mkdir()
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "tiny.safetensors").write_bytes(checkpoint.read_bytes())
-    path = tmp_path / "analyses" / "c.toml"
-    path.write_text('name = "c"\nanalysis = "certified-robustness"\noutput = "c"\ntask = "digits"\n'
-                    'checkpoints = ["models/tiny.safetensors"]\n[settings]\nradii = [0.001, 0.1]\nattack_steps = 3\n'
-                    'seeds = 1\nmax_samples = 30\ncertificate_budget = 5.0\n')
+    path = _recipe_beside_a_checkpoint(
+        tmp_path, checkpoint, "c.toml", 'name = "c"\nanalysis = "certified-robustness"\noutput = "c"\ntask = "digits"\n'
+        'checkpoints = ["models/tiny.safetensors"]\n[settings]\nradii = [0.001, 0.1]\nattack_steps = 3\n'
+        'seeds = 1\nmax_samples = 30\ncertificate_budget = 5.0\n')
     outcome = recipes.run_recipe(recipes.load_recipe(path), tmp_path / "out", progress=False)
     assert sorted(outcome.files) == ["c.csv", "c.json", "c.pdf", "c.png", "c_bounds.csv", "c_bounds.json"]
     rows = json.loads((tmp_path / "out" / "c.json").read_text())["rows"]
@@ -275,12 +278,9 @@ def test_a_certified_robustness_recipe_writes_accuracy_against_radius_and_the_bo
 
 
 def test_bad_task_options_are_named_with_the_recipe_file(tmp_path, checkpoint):
-    (tmp_path / "analyses").mkdir()
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "tiny.safetensors").write_bytes(checkpoint.read_bytes())
-    path = tmp_path / "analyses" / "bad.toml"
-    path.write_text('name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "adding"\ncheckpoints = ["models/tiny.safetensors"]\n'
-                    '[task_options]\nlength = -3\n')
+    path = _recipe_beside_a_checkpoint(
+        tmp_path, checkpoint, "bad.toml", 'name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "adding"\n'
+        'checkpoints = ["models/tiny.safetensors"]\n[task_options]\nlength = -3\n')
     with pytest.raises(ValueError) as error:
         recipes.load_recipe(path).load_task()
     assert str(error.value).startswith(f"{path}: task_options: ") and "length" in str(error.value)
