@@ -63,6 +63,10 @@ def run(out: Path, checkpoint: str, recipes: list[str]) -> None:
              main(["reproduce", *recipes, "--out", str(out / "foreign"), *common])]
     if rank == 0:
         (out / "cli_codes.json").write_text(json.dumps(codes))
+    # Both ranks tear the group down together: a rank that destroyed its gloo group while the other
+    # was still finishing its last collective sometimes died of SIGABRT ("terminate called without
+    # an active exception") at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 
