@@ -66,15 +66,14 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import save_checkpoint
     from ..constraints import StabilityConstraint
     from ..environment import resolve_device
-    from ..models import HYPERPARAMETERS, ModelConfig
+    from ..models import CHECKED_HYPERPARAMETERS, HYPERPARAMETERS, ModelConfig
     from ..training import TrainSettings, spectral_summary, train_and_certify
 
     check_output_file(args.out, force=args.force, inputs=[args.data_path])
     o.set_threads(args.threads)
     device = resolve_device(args.device)
     read = HYPERPARAMETERS[args.arch]
-    given = {"beta": ("beta_a", "beta_w"), "gamma": ("gamma_a", "gamma_w"), **{name: (name,) for name in (
-        "beta_a", "beta_w", "gamma_a", "gamma_w", "init_std", "ode_substeps", "rho", "rank", "cond_penalty")}}
+    given = {"beta": ("beta_a", "beta_w"), "gamma": ("gamma_a", "gamma_w"), **{name: (name,) for name in CHECKED_HYPERPARAMETERS}}
     ignored = [option for option, fields in given.items() if getattr(args, option) is not None and not read & set(fields)]
     if ignored:
         names = ", ".join("--" + option.replace("_", "-") for option in ignored)
