@@ -293,7 +293,7 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
     rows = steps * substeps
     X_dot = X.new_empty(rows, batch, 2 * n)
     G, Q = X_dot[..., :n], X_dot[..., n:]
-    direction_matrix = torch.cat([direction["A"], direction["W"]], dim=0)
+    direction_matrix = field.direction_matrix(direction)
     X_rows = X.reshape(rows, batch, 2 * n)
     if rows > 1:
         torch.mm(X_rows[1:].reshape(-1, 2 * n), direction_matrix, out=G[:-1].view(-1, n))
@@ -331,9 +331,13 @@ def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tens
     return h_dot, states, _stack(y_dots, Y.shape[0]), _stack(p_dots, Y.shape[0])
 
 
-def _per_step(Q: Tensor) -> Tensor:
-    """The gradient of each u_t: the sum of q over the stage evaluations of input step t."""
-    return Q[:, 0] if Q.shape[1] == 1 else Q.sum(dim=1)
+def _per_step(Q: Tensor, out: Tensor | None = None) -> Tensor:
+    """The gradient of each u_t: the sum of q over the stage evaluations of input step t (written
+    into ``out`` if given)."""
+    if Q.shape[1] == 1:
+        # One stage evaluation per step: the records themselves (sum with out= fills and copies first).
+        return Q[:, 0] if out is None else out.copy_(Q[:, 0])
+    return torch.sum(Q, dim=1, out=out)
 
 
 def _add(total: dict[str, Tensor], part: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -463,8 +467,7 @@ class _Adjoint(torch.autograd.Function):
             if du is None:
                 du_parts.append(_per_step(Q))
             else:
-                # For one stage evaluation per step a copy: sum with out= fills and copies first.
-                du[t0:t1].copy_(Q[:, 0]) if Q.shape[1] == 1 else torch.sum(Q, dim=1, out=du[t0:t1])
+                _per_step(Q, out=du[t0:t1])
             if differentiable and not plan.recompute:
                 adjoints[k] = X
         if differentiable:
@@ -581,17 +584,15 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
         if _fused_map(field, scheme, lam_dot, P_dot, state_cotangents):
             R = field.second_order_terms(S, D, X, P_dot, direction, with_p=False)[0]
             lam_dot, X_dot = _map_second_order(field, scheme.substeps, lam_dot, state_cotangents, D, R, X, direction)
-            weights = _add(weights, field.second_order_gradients(Y, Y_dot, S, D, P_dot, X, X_dot))
-            du_parts.append(_per_step(field.split_record(X_dot)[1]))
-            continue
-        R, P = field.second_order_terms(S, D, X, P_dot, direction)
-        r, p, d = _rows(R), _rows(P), _rows(D)
+        else:
+            R, P = field.second_order_terms(S, D, X, P_dot, direction)
+            r, p, d = _rows(R), _rows(P), _rows(D)
 
-        def stage(l: int, g_dot: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
-            return field.vjp_dot(g_dot, d[l], r[l], p[l], base)  # noqa: B023 (called within this segment only)
+            def stage(l: int, g_dot: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
+                return field.vjp_dot(g_dot, d[l], r[l], p[l], base)  # noqa: B023 (called within this segment only)
 
-        lam_dot, records = backward_sweep(scheme, lam_dot, t1 - t0, state_cotangents, stage)
-        X_dot = _stack(records, t1 - t0)
+            lam_dot, records = backward_sweep(scheme, lam_dot, t1 - t0, state_cotangents, stage)
+            X_dot = _stack(records, t1 - t0)
         weights = _add(weights, field.second_order_gradients(Y, Y_dot, S, D, P_dot, X, X_dot))
         du_parts.append(_per_step(field.split_record(X_dot)[1]))
     du_parts.reverse()

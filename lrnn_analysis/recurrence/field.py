@@ -166,11 +166,11 @@ class LureField:
         """(c, e) for every stage evaluation: c = y [A_dot^T | W_dot^T] + [0 | u_dot], e = s B_dot^T or None.
 
         ``u_dot`` broadcasts against Y's leading axes (one row block per input step)."""
-        c = torch.add(self.pad(u_dot), Y @ self._direction_matrix(direction).T)
+        c = torch.add(self.pad(u_dot), Y @ self.direction_matrix(direction).T)
         e = S @ direction["B"].T if self.has_b else None
         return c, e
 
-    def _direction_matrix(self, direction: dict[str, Tensor]) -> Tensor:
+    def direction_matrix(self, direction: dict[str, Tensor]) -> Tensor:
         """[A_dot; W_dot] where A is given, else W_dot."""
         return torch.cat([direction["A"], direction["W"]], dim=0) if self.has_a else direction["W"]
 
@@ -182,7 +182,7 @@ class LureField:
         R = -2.0 * S * Q * P_dot
         if self.has_b:
             R = torch.addcmul(R, G @ direction["B"], D)
-        P = (X if self.has_a else Q) @ self._direction_matrix(direction) if with_p else None
+        P = (X if self.has_a else Q) @ self.direction_matrix(direction) if with_p else None
         return R, P
 
     def second_order_gradients(self, Y: Tensor, Y_dot: Tensor, S: Tensor, D: Tensor, P_dot: Tensor,
