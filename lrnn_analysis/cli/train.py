@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     out = save_checkpoint(args.out, trained.model, trained.metadata)
     metrics = trained.result.metrics
     print(f"task {task.name} (split seed {task.seed}), arch {config.arch} ({config.discretization}), "
-          f"readout {config.readout}, hidden {config.hidden}, eps {config.eps:g}, {sum(p.numel() for p in trained.model.parameters())} parameters")
+          f"readout {config.readout}, hidden {config.hidden}, "
+          f"{f'eps {config.eps:g}, ' if 'eps' in read else ''}{sum(p.numel() for p in trained.model.parameters())} parameters")
     accuracy = metrics["test_accuracy"]
     if metrics.get("test_perplexity") is not None:
         score = (f"test perplexity {metrics['test_perplexity']:.3f}, {metrics['test_bits_per_token']:.4f} bits per token, "

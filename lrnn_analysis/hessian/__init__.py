@@ -18,7 +18,7 @@ from .curvature import (
 )
 from .density import DensityResult, spectral_density
 from .diagonal import DIAGONAL_METHODS, DiagonalResult, FrobeniusResult, diagonal, frobenius_norm_squared
-from .eigen import WHICH, EigenResult, LambdaMaxTrack, eigenvalues, power_iteration, track_lambda_max
+from .eigen import WHICH, EigenResult, LambdaMaxTrack, eigenvalues, power_iteration, track_lambda_max, warm_start
 from .lanczos import Lanczos
 from .landscape import LandscapeResult, eigenvector_directions, landscape, random_directions
 from .operator import CurvatureOperator, HessianOperator, ParameterSelection, parameter_selection, select_parameters
@@ -67,4 +67,5 @@ __all__ = [
     "select_parameters",
     "spectral_density",
     "trace",
+    "warm_start",
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
@@ -22,7 +23,7 @@ from .curvature import OPERATOR_KINDS, curvature_operator
 from .density import DensityResult, spectral_density
 from .diagonal import DiagonalResult, FrobeniusResult, frobenius_norm_squared
 from .diagonal import diagonal as diagonal_estimate
-from .eigen import EigenResult, eigenvalues
+from .eigen import EigenResult, eigenvalues, warm_start
 from .operator import DEFAULT_MEMORY_BUDGET, Batch, LossFunction, ParamSpec, as_batches, parameter_selection
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
 from .trace import TraceResult
@@ -104,6 +105,7 @@ def analyze(
     density_scale: str = "linear",
     wrap_operator: Callable[[LinearOperator], LinearOperator] | None = None,
     rnn_twin: str = "auto",
+    start: np.ndarray | None = None,
 ) -> HessianReport:
     """λ_max and λ_min (and the top_k at each end), optionally tr(H) with a CI and the SLQ density.
 
@@ -124,6 +126,9 @@ def analyze(
     trace and λ_max, the model's declared recurrent parameters first). ``density_scale``: ``"linear"`` or ``"symlog"``.
     ``rnn_twin``: when the model's torch.nn RNN/LSTM/GRU layers run as their unrolled twins (``"auto"``:
     on CUDA; ``"on"``, ``"off"``; see ``CurvatureOperator``), for either backend; the layers that did are noted.
+    ``start``: a warm start for Lanczos (native only), a vector over the selected parameters such as the top
+    eigenvector of a nearby operator (the Hessian's, for its GGN; another sample's): Lanczos starts from
+    ``warm_start(start, seed)``, half ``start`` and half the cold start's Gaussian vector, and a note says so.
     """
     if isinstance(model, torch.nn.Module) or not getattr(model, "recurrent", None):
         recurrent_first = tuple(getattr(model, "recurrent_parameters", ()))
@@ -143,6 +148,8 @@ def analyze(
         raise InputError("the per-block table needs the operator's own parameter blocks; it is not available with wrap_operator")
     if backend == "pyhessian" and wrap_operator is not None:
         raise InputError("the pyhessian backend builds its own products; wrap_operator needs backend='native'")
+    if backend == "pyhessian" and start is not None:
+        raise InputError("PyHessian's power iteration takes no start vector; use backend='native'")
     if backend == "pyhessian" and density:
         raise InputError("PyHessian's density() fails on current torch (torch.eig was removed); use backend='native'")
     start_time = time.perf_counter()
@@ -156,7 +163,7 @@ def analyze(
         op = base if wrap_operator is None else wrap_operator(base)
         positive_semidefinite = operator != "hessian"
         eigen = eigenvalues(op, k=top_k, which="LA" if positive_semidefinite else "BE", tol=tol, seed=seed, atol=atol,
-                            max_iter=max_iter, progress=progress)
+                            max_iter=max_iter, v0=None if start is None else warm_start(start, seed), progress=progress)
         density_result = (spectral_density(op, density_probes, density_steps, seed, scale=density_scale, progress=progress)
                           if density else None)
         # The probe-based estimators draw the same Rademacher probes from the same seed: each probe's product is computed once.
@@ -174,6 +181,8 @@ def analyze(
         lambda_min = None if positive_semidefinite else float(eigen.values.min())
         notes = [f"the {operator} is positive semi-definite by construction: only its largest eigenvalues are computed "
                  "(its smallest is 0 whenever P exceeds the number of samples times outputs)"] if positive_semidefinite else []
+        if start is not None:
+            notes.append(f"Lanczos started warm: from the given start vector plus a Gaussian vector from seed {seed}")
         notes += [] if eigen.all_converged else [
             f"not every Ritz pair met ‖Cv − θv‖ ≤ {tol}·|θ| + {atol} within {eigen.iterations} Lanczos steps: "
             "see eigen.converged"]

@@ -16,7 +16,7 @@ from ._common import CountedMatvec
 from ._results import dataclass_dict, jsonable
 from .lanczos import Lanczos
 
-__all__ = ["EigenResult", "LambdaMaxTrack", "WHICH", "eigenvalues", "power_iteration", "track_lambda_max"]
+__all__ = ["EigenResult", "LambdaMaxTrack", "WHICH", "eigenvalues", "power_iteration", "track_lambda_max", "warm_start"]
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -91,8 +91,9 @@ def eigenvalues(
     ``which``: ``"LA"`` the k largest (descending), ``"SA"`` the k smallest (ascending),
     ``"LM"`` the k of largest |λ| (by |λ| descending), ``"BE"`` both ends: the k largest
     (descending) then the k smallest (ascending), so ``values[0]`` is λ_max and ``values[k]``
-    is λ_min. The Krylov space grows from ``v0`` (a warm start, e.g. the eigenvector of a nearby
-    operator; length P, finite, non-zero) or else a Gaussian start vector drawn from ``seed``, until
+    is λ_min. The Krylov space grows from ``v0`` (length P, finite, non-zero; for a warm start from
+    the eigenvector of a nearby operator pass :func:`warm_start` of it, not the bare vector) or else
+    a Gaussian start vector drawn from ``seed``, until
     every wanted Ritz pair has ‖H y − θ y‖ ≤ tol·|θ| + atol (the residual β_m|s_m| of the
     Lanczos relation; never the change between iterates), the space is exhausted, or
     ``max_iter`` steps (default min(P, 300)). The residuals are then computed explicitly,
@@ -139,6 +140,25 @@ def eigenvalues(
     )
 
 
+def warm_start(previous: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A Lanczos start vector near ``previous`` (an eigenvector of a nearby operator): the sum of two unit
+    vectors, ``previous`` and a Gaussian vector drawn from ``seed``.
+
+    Lanczos finds only eigenvalues whose eigenvectors the start vector has a component along; an
+    eigenvector of a nearby operator can lack the new operator's top eigenvector altogether (when
+    the two top eigenvalues cross, or exactly, when the operators share an eigenvector), and the
+    residual test would then pass on the wrong eigenvalue. The Gaussian half gives every direction
+    1/√2 of the weight a cold start gives it, so no eigenvalue is missed more often than from a
+    cold start, while the ``previous`` half still starts the process close to it.
+    """
+    vector = np.asarray(previous, dtype=np.float64).reshape(-1)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0:
+        raise InputError("a warm start needs a finite, non-zero vector")
+    gaussian = np.random.default_rng(seed).standard_normal(vector.size)
+    return vector / norm + gaussian / np.linalg.norm(gaussian)
+
+
 @dataclass(frozen=True)
 class LambdaMaxTrack:
     """λ_max along a sequence of operators (checkpoints): one row per checkpoint with the warm-started
@@ -167,7 +187,7 @@ def track_lambda_max(
     max_iter: int | None = None,
 ) -> LambdaMaxTrack:
     """Follow λ_max across checkpoints: Lanczos (``which="LA"``, residual test ``tol``) on each operator,
-    started from the previous checkpoint's top eigenvector (the first from ``seed``). The operators
+    started from :func:`warm_start` of the previous checkpoint's top eigenvector (the first from ``seed``). The operators
     must share the dimension (same parameters); they may be a generator, built one at a time.
     ``compare_cold`` also runs the cold start from ``seed`` on each, to report the products saved."""
     start_time = time.perf_counter()
@@ -178,7 +198,7 @@ def track_lambda_max(
         if dim is not None and op.shape[0] != dim:
             raise InputError(f"checkpoint {index} has dimension {op.shape[0]}, the previous ones {dim}")
         dim = op.shape[0]
-        warm = eigenvalues(op, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter, v0=previous)
+        warm = eigenvalues(op, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter, v0=None if previous is None else warm_start(previous, seed))
         assert warm.vectors is not None  # Lanczos always returns its Ritz vectors
         previous = warm.vectors[:, 0]
         row: dict[str, Any] = {"checkpoint": labels[index] if labels is not None else index, "lambda_max": float(warm.values[0]),

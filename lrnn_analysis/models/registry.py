@@ -32,17 +32,19 @@ _LIPSCHITZ = frozenset({"beta_a", "gamma_a", "beta_w", "gamma_w", "init_std"})
 _CONSTRUCTED = frozenset({"rho", "rank", "init_std"})
 # Of the hyper-parameters below, the ones each architecture reads (tested: changing any other one
 # changes neither its parameters, outputs, Lur'e form nor loss term): ``lrnn train`` refuses an
-# option that would be ignored. ``ode_substeps`` splits the step of every Lur'e-form scheme but a map.
-CHECKED_HYPERPARAMETERS = ("beta_a", "gamma_a", "beta_w", "gamma_w", "init_std", "ode_substeps", "rho", "rank", "cond_penalty")
+# option that would be ignored. ``ode_substeps`` splits the step of every Lur'e-form scheme but a map;
+# ``eps`` is read by the architectures that discretise a continuous-time field.
+CHECKED_HYPERPARAMETERS = ("eps", "beta_a", "gamma_a", "beta_w", "gamma_w", "init_std", "ode_substeps", "rho", "rank",
+                           "cond_penalty")
 HYPERPARAMETERS: dict[str, frozenset[str]] = {
-    "lipschitz": _LIPSCHITZ | {"ode_substeps"},
-    "lipschitz-gated": _LIPSCHITZ,
-    "antisymmetric": frozenset({"gamma_w", "init_std", "ode_substeps"}),
+    "lipschitz": _LIPSCHITZ | {"eps", "ode_substeps"},
+    "lipschitz-gated": _LIPSCHITZ | {"eps"},
+    "antisymmetric": frozenset({"eps", "gamma_w", "init_std", "ode_substeps"}),
     "cayley": frozenset({"init_std"}),
-    "residual": frozenset({"init_std", "ode_substeps"}),
+    "residual": frozenset({"eps", "init_std", "ode_substeps"}),
     "vanilla": frozenset({"init_std"}),
-    "node": frozenset({"init_std", "ode_substeps"}),
-    "contracting": _CONSTRUCTED | {"cond_penalty"},
+    "node": frozenset({"eps", "init_std", "ode_substeps"}),
+    "contracting": _CONSTRUCTED | {"eps", "cond_penalty"},
     "ren": _CONSTRUCTED,
     "lipschitz-ren": _CONSTRUCTED,
     "lstm": frozenset(),

@@ -67,6 +67,7 @@ from ..validation import check_bool, check_int, check_number, check_optional_int
 from .stability import LAYERS_ONLY, NO_LURE_FORM, SAMPLE_INPUTS
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from ..model_under_analysis import ModelUnderAnalysis
@@ -325,10 +326,13 @@ def run(
         trace=True, density=settings.density, trace_matvecs=settings.trace_matvecs, estimates=("blocks",),
         batch_size=settings.hessian_batch_size, batches=settings.hessian_batches, seed=settings.seed),
         ranks=ranks, progress=progress).models[0].report
+    # The GGN and the other samples' Hessians are near this Hessian: their Lanczos starts warm from its top eigenvector.
+    assert hessian.eigen.vectors is not None  # the native Lanczos returns its Ritz vectors
+    top = hessian.eigen.vectors[:, 0]
     ggn = curvature.run(subject, task, curvature.CurvatureSettings(
         operator="ggn", batch_size=settings.hessian_batch_size, batches=settings.hessian_batches, seed=settings.seed),
-        ranks=ranks, progress=progress).models[0].report
-    spread = _lambda_max_spread(subject, task, settings, ranks, hessian.lambda_max)
+        ranks=ranks, progress=progress, starts=[top]).models[0].report
+    spread = _lambda_max_spread(subject, task, settings, ranks, hessian.lambda_max, top)
     assert hessian.blocks is not None  # analyze computes the blocks estimate it is asked for
     tables["hessian_blocks"] = [{"model": label, **row} for row in hessian.blocks.rows]
     timings["hessian"] = time.perf_counter() - started
@@ -500,11 +504,12 @@ def _certified_accuracy_gate(gate: Gate, report: dict[str, Any], result: Callabl
 
 
 def _lambda_max_spread(subject: ModelUnderAnalysis, task: Task, settings: AuditSettings, ranks: Any,
-                       first: float) -> dict[str, Any]:
+                       first: float, start: np.ndarray) -> dict[str, Any]:
     """λ_max of the training loss on up to ``settings.lambda_sample_sets`` disjoint sets of
     training samples, each as large as the audit's Hessian sample (the first set is that sample,
-    whose λ_max is ``first``): how much λ_max depends on which samples are used."""
-    from ..hessian import HessianOperator, eigenvalues
+    whose λ_max is ``first`` and top eigenvector ``start``, from which the others' Lanczos starts warm):
+    how much λ_max depends on which samples are used."""
+    from ..hessian import HessianOperator, eigenvalues, warm_start
     from ..task import Split
 
     size = settings.hessian_batch_size * settings.hessian_batches
@@ -514,6 +519,7 @@ def _lambda_max_spread(subject: ModelUnderAnalysis, task: Task, settings: AuditS
         part = Split(task.train.x[k * size:(k + 1) * size], task.train.y[k * size:(k + 1) * size])
         batches = part.batches(settings.hessian_batch_size, settings.hessian_batches, ranks.device)
         operator = HessianOperator(subject.module, task.objective.loss_fn(), batches)
-        values.append(float(eigenvalues(operator, k=1, which="LA", seed=settings.seed).values.max()))
+        values.append(float(eigenvalues(operator, k=1, which="LA", seed=settings.seed,
+                                        v0=warm_start(start, settings.seed)).values.max()))
     return {"sets": len(values), "samples_per_set": min(size, len(task.train)), "values": values,
             "min": min(values), "max": max(values)}

@@ -43,6 +43,7 @@ from ..errors import InputError
 from ..validation import check_bool, check_choice, check_int, check_optional_int
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from ..distributed import Ranks
@@ -223,11 +224,14 @@ def run(
     *,
     ranks: Ranks | None = None,
     progress: bool = False,
+    starts: Sequence[np.ndarray | None] | None = None,
 ) -> CurvatureResult:
     """The curvature of every model of ``subjects`` on the same batches of ``data`` (a task,
     or (x, y) batches). The loss is the targets' objective's (cross-entropy or MSE, per token
     for per-step targets over the unmasked steps). The models are moved to the ranks' device and
-    the settings' dtype."""
+    the settings' dtype. ``starts``: one Lanczos warm start (or None) per model, over its selected
+    parameters (``analyze``'s ``start``; the same on every rank), e.g. the top eigenvectors of an earlier run of the
+    same models."""
     import torch
 
     from ..distributed import DistributedOperator, Ranks, shard_batches
@@ -244,8 +248,11 @@ def run(
         return CurvatureResult((), settings, shared_by)
     if shared_by > 1:
         batches = shard_batches(batches, ranks.rank, ranks.world_size)
+    starts = [None] * len(subjects) if starts is None else list(starts)
+    if len(starts) != len(subjects):
+        raise InputError(f"starts: one start vector (or None) per model, got {len(starts)} for {len(subjects)} models")
     found = []
-    for subject in subjects:
+    for subject, start in zip(subjects, starts):
         if isinstance(data, Task):
             subject.check_fits(data)
         dtype = None if settings.dtype is None else getattr(torch, settings.dtype)
@@ -258,6 +265,7 @@ def run(
                          density_probes=settings.density_probes, density_steps=settings.density_steps,
                          operator=settings.operator, mc_samples=settings.mc_samples, estimates=settings.estimates,
                          diagonal_method=settings.diagonal_method, density_scale=settings.density_scale,
-                         rnn_twin=settings.rnn_twin, wrap_operator=DistributedOperator if shared_by > 1 else None)
+                         rnn_twin=settings.rnn_twin, wrap_operator=DistributedOperator if shared_by > 1 else None,
+                         start=start)
         found.append(ModelCurvature(subject.name, report))
     return CurvatureResult(tuple(found) if ranks.is_main else (), settings, shared_by)

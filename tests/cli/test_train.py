@@ -106,6 +106,7 @@ def test_cli_trains_per_step_models_on_chars_and_lorenz(tmp_path, capsys):
     (["--arch", "vanilla", "--gamma-a", "0.5", "--ode-substeps", "2"], "--gamma-a, --ode-substeps: not read by a vanilla model (it reads --init-std)"),
     (["--arch", "lipschitz", "--rho", "0.9"], "--rho: not read by a lipschitz model"),
     (["--arch", "ren", "--cond-penalty", "0.2"], "--cond-penalty: not read by a ren model (it reads --init-std, --rank, --rho)"),
+    (["--arch", "cayley", "--eps", "0.5"], "--eps: not read by a cayley model (it reads --init-std)"),
 ])
 def test_cli_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
     base = ["train", "--task", "digits", "--epochs", "1", "--hidden", "4", "--out", str(tmp_path / "x.safetensors"), "--quiet"]

@@ -97,6 +97,25 @@ def test_analyze_ggn_with_diag_frobenius_and_blocks(model_and_batch):
         analyze(model, nn.CrossEntropyLoss(), (x, y), backend="pyhessian", operator="ggn", progress=False)
 
 
+def test_the_ggn_warm_started_from_the_hessians_top_eigenvector(model_and_batch):
+    from lrnn_analysis.hessian import GGNOperator
+
+    model, x, y = model_and_batch
+    loss = nn.CrossEntropyLoss()
+    hessian = analyze(model, loss, (x, y), dtype="float64", tol=1e-8, progress=False)
+    cold = analyze(model, loss, (x, y), operator="ggn", dtype="float64", tol=1e-8, progress=False)
+    warm = analyze(model, loss, (x, y), operator="ggn", dtype="float64", tol=1e-8, progress=False,
+                   start=hessian.eigen.vectors[:, 0])
+    exact = np.linalg.eigvalsh(GGNOperator(model, loss, (x, y), dtype="float64").to_dense().numpy())[-1]
+    assert warm.lambda_max == pytest.approx(exact, rel=1e-8) and cold.lambda_max == pytest.approx(exact, rel=1e-8)
+    assert warm.eigen.all_converged and any("started warm" in note for note in warm.notes)
+    assert not any("started warm" in note for note in cold.notes)
+    with pytest.raises(ValueError, match="v0 must have length"):
+        analyze(model, loss, (x, y), operator="ggn", progress=False, start=np.ones(3))
+    with pytest.raises(ValueError, match="start vector"):
+        analyze(model, loss, (x, y), backend="pyhessian", progress=False, start=hessian.eigen.vectors[:, 0])
+
+
 def test_probe_estimators_share_their_products_and_numbers(model_and_batch):
     from lrnn_analysis.hessian import block_curvature, diagonal, frobenius_norm_squared, trace
 

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from lrnn_analysis.hessian import (
@@ -11,6 +12,7 @@ from lrnn_analysis.hessian import (
     power_iteration,
     trace,
     track_lambda_max,
+    warm_start,
 )
 
 from .cases import lipschitz_case, make_op
@@ -36,6 +38,26 @@ def test_warm_start_reuses_the_eigenvector_and_the_tracker_counts_saved_products
     assert track.rows[1]["matvecs"] < track.rows[1]["cold_matvecs"]
     assert track.hvps_saved == track.hvps_cold - track.hvps_warm > 0
     json.dumps(track.to_dict(), allow_nan=False)
+
+
+def test_a_warm_start_finds_a_top_eigenvector_the_previous_vector_lacks():
+    # The previous operator's top eigenvector is an eigenvector of this one, but not its top one: from the
+    # bare vector Lanczos stops at once on the wrong eigenvalue; warm_start keeps every direction.
+    spectrum = np.linspace(1.0, 0.01, 40)
+    spectrum[:2] = [3.0, 2.0]
+    op = LinearOperator((40, 40), matvec=lambda v: spectrum * v.reshape(-1), dtype=np.float64)
+    previous = np.zeros(40)
+    previous[1] = -2.5
+    bare = eigenvalues(op, which="LA", tol=1e-8, v0=previous)
+    assert bare.values[0] == pytest.approx(2.0) and bare.all_converged  # a converged, wrong answer
+    warm = eigenvalues(op, which="LA", tol=1e-8, v0=warm_start(previous, seed=3))
+    assert warm.values[0] == pytest.approx(3.0, rel=1e-10) and warm.all_converged
+    start = warm_start(previous, seed=3)
+    gaussian = np.random.default_rng(3).standard_normal(40)
+    np.testing.assert_allclose(start, previous / 2.5 + gaussian / np.linalg.norm(gaussian), rtol=1e-15)
+    for bad in (np.zeros(40), np.full(40, np.nan)):
+        with pytest.raises(ValueError, match="warm start"):
+            warm_start(bad)
 
 
 @pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])

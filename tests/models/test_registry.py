@@ -15,7 +15,7 @@ def test_a_model_beyond_the_parameter_budget_is_refused_before_allocation():
         build_model(ModelConfig("lipschitz", 1, 60000, 10))
 
 
-CHANGED = {"beta_a": 0.5, "gamma_a": 0.2, "beta_w": 0.3, "gamma_w": 0.2, "init_std": 0.5, "ode_substeps": 2, "rho": 0.9,
+CHANGED = {"eps": 0.5, "beta_a": 0.5, "gamma_a": 0.2, "beta_w": 0.3, "gamma_w": 0.2, "init_std": 0.5, "ode_substeps": 2, "rho": 0.9,
            "rank": 3, "cond_penalty": 0.5}
 
 

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from lrnn_analysis.audit_report import _markdown
 from lrnn_analysis.builtin_tasks import load_task
-from lrnn_analysis.hessian import GGNOperator
+from lrnn_analysis.hessian import GGNOperator, HessianOperator
 from lrnn_analysis.model_under_analysis import ModelUnderAnalysis
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.pipelines.audit import AuditSettings, Gate, _evaluate_gate
@@ -98,6 +98,7 @@ def test_audit_reports_hessian_and_ggn_lambda_max_and_the_block_table():
     x, y = task.train.batches(16, 1)[0]
     G = GGNOperator(model, nn.CrossEntropyLoss(), (x, y), dtype="float64").to_dense().numpy()
     assert report["ggn"]["lambda_max"] == pytest.approx(np.linalg.eigvalsh(G)[-1], rel=1e-3)
+    assert any("started warm" in note for note in report["ggn"]["notes"])
     assert result.tables["hessian_blocks"][0]["param"] == "M_A"
     markdown = _markdown(result, {})
     assert "GGN λ_max" in markdown and "16 training samples" in markdown and "recurrent matrices first" in markdown
@@ -196,6 +197,10 @@ def test_lambda_max_is_reported_with_its_sampling_spread_and_gated_on_its_range(
     spread = report["lambda_max_spread"]
     assert spread["sets"] == 3 and spread["samples_per_set"] == 32 and spread["values"][0] == report["hessian"]["lambda_max"]
     assert spread["min"] == min(spread["values"]) < spread["max"] == max(spread["values"])
+    for k, value in enumerate(spread["values"][1:], start=1):  # warm-started from the first set's eigenvector
+        x, y = task.train.x[32 * k:32 * (k + 1)], task.train.y[32 * k:32 * (k + 1)]
+        H = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), dtype="float64").to_dense().numpy()
+        assert value == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-2)
     middle = (spread["min"] + spread["max"]) / 2
     undecided = _evaluate_gate(Gate.parse(f"max-lambda={middle}"), report)
     assert not undecided.passed and "undecided at this sample size" in undecided.detail
