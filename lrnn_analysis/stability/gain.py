@@ -89,9 +89,15 @@ lambda_max(M_mu) + tol < 0 with tol bounding the error of forming M_mu and of th
 (:meth:`IncrementalForm.assemble` and the input blocks); lambda_min(c P - D^T D) - tol_c > 0 and
 likewise for every pair factor. Candidates are backed off (mu, c, c_ij times 1 + 1e-9, 1e-7, ...)
 until they verify, else rejected. The bound is then rounded up.
+
+The pair factors (k (k - 1) / 2 eigenvalue problems of size n, seconds for a vocabulary of ~100
+at n = 128) are formed once, for the best candidate the tiers verified (the next best where
+they do not verify): all at their first back-off and verified together, and one by one only
+where that fails. Their estimated time is kept out of the tiers' share of ``time_budget``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -370,17 +376,25 @@ def _lmi_margin(gform: GainForm, P: np.ndarray, lam: np.ndarray, r: float, mu: f
     return top, tolerance, -(top + tolerance)
 
 
-def _readout_check(P: np.ndarray, c: float, V: np.ndarray) -> tuple[float, float]:
-    """(lambda_min(c P - V V^T), a bound on the error of forming it and of the eigensolver):
-    V V^T has k products per entry (gamma_k ||V||_F^2), c P one rounding (u c ||P||_F)."""
+def _readout_matrix(P: np.ndarray, c: float, V: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """(c P - V V^T as computed, a bound on the error of forming it and of the eigensolver; None and
+    nan where it overflows): V V^T has k products per entry (gamma_k ||V||_F^2), c P one rounding
+    (u c ||P||_F)."""
     with np.errstate(over="ignore", invalid="ignore"):
         K = c * P - V @ V.T
     if not np.all(np.isfinite(K)):
-        return float("nan"), float("nan")
+        return None, float("nan")
     n, k = V.shape
     magnitude = c * np.linalg.norm(P) + np.linalg.norm(V) ** 2 + np.linalg.norm(K)
-    tolerance = 8.0 * (n + k + 8) * (UNIT_ROUNDOFF * magnitude + n * UNDERFLOW_FLOOR)
-    return float(np.linalg.eigvalsh(0.5 * (K + K.T))[0]), float(tolerance)
+    return K, float(8.0 * (n + k + 8) * (UNIT_ROUNDOFF * magnitude + n * UNDERFLOW_FLOOR))
+
+
+def _readout_check(P: np.ndarray, c: float, V: np.ndarray) -> tuple[float, float]:
+    """(lambda_min(c P - V V^T), the tolerance of :func:`_readout_matrix`)."""
+    K, tolerance = _readout_matrix(P, c, V)
+    if K is None:
+        return float("nan"), tolerance
+    return float(np.linalg.eigvalsh(0.5 * (K + K.T))[0]), tolerance
 
 
 def _readout_margin(P: np.ndarray, c: float, V: np.ndarray) -> float:
@@ -468,17 +482,18 @@ def verify_gain(
 
 @dataclass(frozen=True)
 class _Candidate:
-    """Verified evidence, P scaled to lambda_max(P) in [1/2, 1), with the bound it proves."""
+    """Verified evidence, P scaled to lambda_max(P) in [1/2, 1), with the bound it proves (the pair
+    factors and bounds None until :func:`_with_pairs` adds them)."""
 
     P: np.ndarray
     lam: np.ndarray
     r: float
     mu: float
     output_factor: float
-    pair_factors: np.ndarray
+    pair_factors: np.ndarray | None
     verification: GainVerification
     lipschitz: float
-    pair_bounds: np.ndarray
+    pair_bounds: np.ndarray | None
 
 
 def _round_up(value: float, operations: int) -> float:
@@ -504,9 +519,12 @@ def _backed_off(start: float, step: float, check: Any) -> float | None:
 
 
 def _finalize(gform: GainForm, P: np.ndarray, lam: np.ndarray, r: float, horizon: int,
-              incumbent: float = math.inf) -> tuple[_Candidate | None, str]:
+              incumbent: float = math.inf, with_pairs: bool = True) -> tuple[_Candidate | None, str]:
     """Smallest mu and readout factors of (P, Lambda, r) in closed form, backed off until they verify;
-    skipped (None) when even the unverified bound is no smaller than ``incumbent``."""
+    skipped (None) when even the unverified bound is no smaller than ``incumbent``. Without
+    ``with_pairs`` the candidate has no pair factors yet (:func:`_with_pairs` adds them): a search
+    finalizes many candidates and reports one, and the k (k - 1) / 2 pair checks cost most of a
+    finalization when the readout has many outputs."""
     form = gform.form
     P = np.asarray(P, dtype=np.float64)
     P = 0.5 * (P + P.T)
@@ -534,25 +552,68 @@ def _finalize(gform: GainForm, P: np.ndarray, lam: np.ndarray, r: float, horizon
     if mu is None:
         return None, "the dissipation LMI does not verify in float64 at any backed-off mu"
 
-    def factor(c0: float, V: np.ndarray) -> float | None:
-        tolerance = _readout_check(P, max(c0, UNDERFLOW_FLOOR), V)[1]
-        return _backed_off(c0, 2.0 * tolerance / p_min, lambda value: _readout_margin(P, value, V))
-
-    c = factor(float(np.linalg.eigvalsh(gram)[-1]), gform.D.T)
-    pairs0 = _pair_gram(gram)
-    pairs = np.zeros_like(pairs0)
-    for (i, j), d in _pair_vectors(gform.D).items():
-        value = factor(float(pairs0[i, j]), d)
-        if value is None:
-            return None, f"the readout factor of the pair ({i}, {j}) does not verify in float64"
-        pairs[i, j] = pairs[j, i] = value
+    c = _readout_factor(P, p_min, float(np.linalg.eigvalsh(gram)[-1]), gform.D.T)
     if c is None:
         return None, "the readout factor does not verify in float64"
-    verification = verify_gain(gform, P, lam, r, mu, c, pairs)
+    verification = verify_gain(gform, P, lam, r, mu, c)
+    if not verification.passed:
+        return None, verification.reason
+    candidate = _Candidate(P, lam, float(r), mu, c, None, verification, _bound(gform, r, mu, c, horizon), None)
+    return _with_pairs(gform, candidate, horizon, gram) if with_pairs else (candidate, "verified")
+
+
+def _readout_factor(P: np.ndarray, p_min: float, c0: float, V: np.ndarray) -> float | None:
+    """The readout factor c >= c0 (c0 its exact value) backed off until c P - V V^T >= 0 verifies
+    (the first back-off c0 (1 + 1e-9) + 2 tol / lambda_min(P), as :func:`_with_pairs` tries first)."""
+    tolerance = _readout_matrix(P, max(c0, UNDERFLOW_FLOOR), V)[1]
+    return _backed_off(c0, 2.0 * tolerance / p_min, lambda value: _readout_margin(P, value, V))
+
+
+def _pair_seconds(gform: GainForm) -> float:
+    """An estimate of the time :func:`_with_pairs` takes: one eigenvalue problem of size n per pair of
+    outputs (the best of three timed), twice over for safety."""
+    k, n = gform.D.shape
+    count = k * (k - 1) // 2
+    if count == 0:
+        return 0.0
+    sample = np.eye(n) + np.full((n, n), 1.0 / n)
+    times = []
+    for _ in range(3):
+        start = time.monotonic()
+        np.linalg.eigvalsh(sample)
+        times.append(time.monotonic() - start)
+    return 2.0 * count * min(times)
+
+
+def _with_pairs(gform: GainForm, candidate: _Candidate, horizon: int,
+                gram: np.ndarray | None = None) -> tuple[_Candidate | None, str]:
+    """``candidate`` with the readout factors of every pair of outputs, backed off until they verify,
+    and verified again with them (None and the reason where a pair factor does not verify)."""
+    P, r, mu = candidate.P, candidate.r, candidate.mu
+    gram = gform.readout_gram(P) if gram is None else gram
+    if gram is None:
+        return None, "the readout Gram matrix D P^-1 D^T cannot be formed"
+    p_min = float(np.linalg.eigvalsh(P)[0])
+    pairs0 = _pair_gram(gram)
+    vectors = _pair_vectors(gform.D)
+    # First every pair at its first back-off, checked once by verify_gain; one by one only if that fails.
+    pairs = np.zeros_like(pairs0)
+    for (i, j), d in vectors.items():
+        c0 = float(pairs0[i, j])
+        step = 2.0 * _readout_matrix(P, max(c0, UNDERFLOW_FLOOR), d)[1] / p_min
+        pairs[i, j] = pairs[j, i] = c0 * (1.0 + _BACKOFFS[0]) + step
+    verification = verify_gain(gform, P, candidate.lam, r, mu, candidate.output_factor, pairs)
+    if not verification.passed:
+        for (i, j), d in vectors.items():
+            value = _readout_factor(P, p_min, float(pairs0[i, j]), d)
+            if value is None:
+                return None, f"the readout factor of the pair ({i}, {j}) does not verify in float64"
+            pairs[i, j] = pairs[j, i] = value
+        verification = verify_gain(gform, P, candidate.lam, r, mu, candidate.output_factor, pairs)
     if not verification.passed:
         return None, verification.reason
     pair_bounds = np.array([[_bound(gform, r, mu, x, horizon) if x > 0 else 0.0 for x in row] for row in pairs])
-    return _Candidate(P, lam, float(r), mu, c, pairs, verification, _bound(gform, r, mu, c, horizon), pair_bounds), "verified"
+    return dataclasses.replace(candidate, pair_factors=pairs, verification=verification, pair_bounds=pair_bounds), "verified"
 
 
 def _log_mu(gform: GainForm, P: np.ndarray, r: float, theta: np.ndarray, tau: float) -> tuple[float, np.ndarray]:
@@ -966,7 +1027,7 @@ def _riccati_candidate(gform: GainForm, found: tuple[_DualRiccati, np.ndarray, f
             P = np.linalg.inv(solved[0])
         else:
             P = np.linalg.inv(Y)
-        candidate, why = _finalize(gform, P, lam, r, horizon)
+        candidate, why = _finalize(gform, P, lam, r, horizon, with_pairs=False)
         if candidate is not None:
             return candidate, why
         reason = why
@@ -1142,7 +1203,9 @@ def certified_radii(logits: Any, pair_bounds: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Search:
-    """What the tiers share: the problem, the best verified candidate so far and the deadline."""
+    """What the tiers share: the problem, the best verified candidate so far and the deadline; every
+    verified candidate with the tier that found it (the candidates have no pair factors yet:
+    :func:`_reported` adds them to the best one that takes them)."""
 
     gform: GainForm
     horizon: int
@@ -1151,12 +1214,15 @@ class _Search:
     starts: list[tuple[np.ndarray, np.ndarray | None]]
     best: _Candidate | None = None
     best_at_one: _Candidate | None = None
+    tier: str = ""
+    verified: list[tuple[_Candidate, str]] = field(default_factory=list)
 
     def offer(self, candidate: _Candidate | None) -> bool:
         """Keep ``candidate`` if it proves a smaller bound (overall, and among those at r = 1); whether
         it proved the smallest so far."""
         if candidate is None:
             return False
+        self.verified.append((candidate, self.tier))
         if candidate.r == 1.0 and (self.best_at_one is None or candidate.lipschitz < self.best_at_one.lipschitz):
             self.best_at_one = candidate
         if self.best is None or candidate.lipschitz < self.best.lipschitz:
@@ -1250,7 +1316,7 @@ def _closed_form_starts(search: _Search, starts: list[tuple[np.ndarray, np.ndarr
             if lam is None:
                 continue
             lam = _optimize_multipliers(gform, P, r, lam, search.deadline)
-            candidate, why = _finalize(gform, P, lam, r, horizon, search.incumbent(r))
+            candidate, why = _finalize(gform, P, lam, r, horizon, search.incumbent(r), with_pairs=False)
             tried += 1
             reason = "verified" if candidate is not None or reason == "verified" else why
             search.offer(candidate)
@@ -1373,7 +1439,7 @@ def _sdp_tier(search: _Search, solver: str) -> tuple[str, dict[str, int]]:
     if found is None:
         return f"no solution{out_of_time} ({'; '.join(statuses) or 'time budget exhausted'})", work
     P, lam, mu = found
-    candidate, reason = _finalize(gform, 0.5 * (P + P.T), lam, r, search.horizon)
+    candidate, reason = _finalize(gform, 0.5 * (P + P.T), lam, r, search.horizon, with_pairs=False)
     improved = search.offer(candidate)
     dual = _slack_at(gform, lam, mu, r)
     solved = None if dual is None else dual.solve(lam, mu, r)
@@ -1405,7 +1471,7 @@ def certify_gain(
     every rho <= 1). ``evidence``: a contraction certificate of ``system`` (anything with ``P`` and
     ``multipliers``, e.g. :class:`~.certificates.Evidence`) whose P the closed-form tier also starts
     from. ``time_budget`` (seconds, None: no limit) is checked between and inside tiers and passed
-    to the SDP solvers; ``tiers`` a subset of :data:`GAIN_TIERS` in the order to run them (default
+    to the SDP solvers, less the estimated time of the pair factors (module docstring); ``tiers`` a subset of :data:`GAIN_TIERS` in the order to run them (default
     all); ``solver`` as in :func:`~.certificates.certify`. The best verified bound of all tiers is
     reported; bad arguments raise :class:`InputError`.
     """
@@ -1428,12 +1494,15 @@ def certify_gain(
     starts: list[tuple[np.ndarray, np.ndarray | None]] = [(np.eye(gform.n), None)]
     if evidence is not None:
         starts.append(_evidence_start(gform, evidence))
+    with threadpool_limits(limits=1, user_api="blas"):
+        # The tiers' deadline leaves time for the pair factors of the bound they find (at most half the budget).
+        reserve = 0.0 if time_budget is None else min(_pair_seconds(gform), 0.5 * float(time_budget))
     search = _Search(gform, int(horizon), None if rho is None else float(rho) ** 2,
-                     started + (math.inf if time_budget is None else float(time_budget)), starts)
+                     started + (math.inf if time_budget is None else float(time_budget) - reserve), starts)
     attempts: list[GainAttempt] = []
     exhausted = False
     if not all(np.all(np.isfinite(X)) for X in (gform.form.out,) + gform.form.q_maps):
-        return _certificate(search, [], False, time.monotonic() - started,
+        return _certificate(search, None, None, [], False, time.monotonic() - started,
                             f"not certified: the lifted increment form of the {system.method} scheme overflows float64")
     with threadpool_limits(limits=1, user_api="blas"):
         for tier in tiers:
@@ -1441,7 +1510,7 @@ def certify_gain(
                 exhausted = True
                 attempts.append(GainAttempt(tier, False, None, 0.0, "skipped: time budget exhausted"))
                 continue
-            tier_start, before = time.monotonic(), search.best
+            tier_start, before, search.tier = time.monotonic(), search.best, tier
             try:
                 if tier == "closed-form":
                     reason, work = _closed_form_tier(search)
@@ -1458,7 +1527,19 @@ def certify_gain(
             found = best is not None and best is not before
             attempts.append(GainAttempt(tier, found, best.lipschitz if best is not None and found else None,
                                         time.monotonic() - tier_start, reason, work))
-    return _certificate(search, attempts, exhausted, time.monotonic() - started)
+        reported, found_by, why = _reported(search)
+    return _certificate(search, reported, found_by, attempts, exhausted, time.monotonic() - started, why)
+
+
+def _reported(search: _Search) -> tuple[_Candidate | None, str | None, str | None]:
+    """The candidate reported: the verified one with the smallest bound whose pair factors verify too
+    (:func:`_with_pairs`, on the best first), with its tier; else None and why."""
+    why = None
+    for candidate, tier in sorted(search.verified, key=lambda found: found[0].lipschitz):
+        full, why = _with_pairs(search.gform, candidate, search.horizon)
+        if full is not None:
+            return full, tier, None
+    return None, None, None if why is None else f"not certified: {why}"
 
 
 def _evidence_start(gform: GainForm, evidence: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -1522,9 +1603,9 @@ def certificate_from_evidence(gform: GainForm, P: Any, multipliers: Any, r: floa
                  f"verified from stored evidence in float64 (LMI margin {v.margin:.3e}, readout margin {v.output_margin:.3e})")
 
 
-def _certificate(search: _Search, attempts: list[GainAttempt], exhausted: bool, seconds: float,
-                 reason: str | None = None) -> GainCertificate:
-    family, horizon, best = search.gform.family, search.horizon, search.best
+def _certificate(search: _Search, best: _Candidate | None, tier: str | None, attempts: list[GainAttempt], exhausted: bool,
+                 seconds: float, reason: str | None = None) -> GainCertificate:
+    family, horizon = search.gform.family, search.horizon
     if best is None:
         if reason is None:
             reason = "no verified bound (" + "; ".join(f"{a.tier}: {a.reason}" for a in attempts) + ")"
@@ -1532,7 +1613,6 @@ def _certificate(search: _Search, attempts: list[GainAttempt], exhausted: bool, 
                 reason += " (time budget exhausted)"
         return GainCertificate(False, family, horizon, None, None, None, None, None, None, None, None, None, None,
                                seconds, reason, tuple(attempts), exhausted)
-    tier = min((a for a in attempts if a.holds), key=lambda a: math.inf if a.lipschitz is None else a.lipschitz).tier
     v = best.verification
     return GainCertificate(True, family, horizon, best.lipschitz, best.pair_bounds, best.mu, best.r,
                            best.output_factor, best.pair_factors, best.P, best.lam, tier, v, seconds,

@@ -1,6 +1,7 @@
 """The certified incremental l2-gain of a whole sequence map: its algebra against exact
 computations, its bound against brute force (optimized input pairs and exact Jacobian norms of
 the unrolled map, float64), soundness on random systems, tampered evidence and infeasibility."""
+import dataclasses
 import json
 import math
 
@@ -339,6 +340,61 @@ def test_stored_evidence_reverifies_and_tampered_evidence_fails(certified_case):
     for name, change in tampered.items():
         verification = verify_gain(gform, **{**evidence, **change})
         assert not verification.passed, name
+
+
+def test_pair_factors_are_formed_once_for_the_best_candidate_and_the_next_best_stands_in(monkeypatch):
+    from lrnn_analysis.stability import gain
+
+    rng = np.random.default_rng(7)
+    system = random_system(rng, 3, "rk2", spread=0.2, weight=0.4)
+    U, D = rng.standard_normal((3, 2)), rng.standard_normal((3, 3))
+    calls, real = [], gain._with_pairs
+
+    def counted(gform, candidate, horizon, gram=None):
+        calls.append(candidate.lipschitz)
+        return real(gform, candidate, horizon, gram)
+
+    monkeypatch.setattr(gain, "_with_pairs", counted)
+    best = certify_gain(system, U, D, 6, tiers=["closed-form", "riccati"])
+    assert best.holds and calls == [best.lipschitz]
+    gform = gain_form(system, U, D)
+    assert verify_gain(gform, best.P, best.multipliers, best.r, best.mu, best.output_factor, best.pair_factors).passed
+
+    def failing_on_the_best(gform, candidate, horizon, gram=None):
+        calls.append(candidate.lipschitz)
+        return (None, "refused here") if candidate.lipschitz <= best.lipschitz else real(gform, candidate, horizon, gram)
+
+    calls.clear()
+    monkeypatch.setattr(gain, "_with_pairs", failing_on_the_best)
+    second = certify_gain(system, U, D, 6, tiers=["closed-form", "riccati"])
+    assert second.holds and second.lipschitz > best.lipschitz and calls[0] == best.lipschitz and len(calls) >= 2
+    assert second.tier == next(a.tier for a in second.attempts if a.holds)  # closed-form verified the runner-up
+    assert verify_gain(gform, second.P, second.multipliers, second.r, second.mu, second.output_factor,
+                       second.pair_factors).passed
+    monkeypatch.setattr(gain, "_with_pairs", lambda *args: (None, "refused here"))
+    none = certify_gain(system, U, D, 6, tiers=["closed-form"])
+    assert not none.holds and none.reason == "not certified: refused here"
+
+
+def test_pair_factors_fall_back_to_one_by_one_back_offs_when_the_first_try_fails(certified_case, monkeypatch):
+    from lrnn_analysis.stability import gain
+
+    gform, c = certified_case
+    candidate = gain._Candidate(c.P, c.multipliers, c.r, c.mu, c.output_factor, None, c.verification, c.lipschitz, None)
+    first, _ = gain._with_pairs(gform, candidate, 6)
+    verified = []
+
+    def failing_once(*args):
+        result = verify_gain(*args)
+        verified.append(result.passed)
+        return dataclasses.replace(result, passed=False) if len(verified) == 1 else result
+
+    monkeypatch.setattr(gain, "verify_gain", failing_once)
+    again, reason = gain._with_pairs(gform, candidate, 6)
+    assert reason == "verified" and verified == [True, True]
+    assert np.all(again.pair_factors >= first.pair_factors) and np.array_equal(first.pair_bounds > 0, again.pair_bounds > 0)
+    assert verify_gain(gform, again.P, again.lam, again.r, again.mu, again.output_factor, again.pair_factors).passed
+    assert gain._pair_seconds(dataclasses.replace(gform, D=gform.D[:1])) == 0.0 and gain._pair_seconds(gform) > 0
 
 
 def test_an_expanding_system_has_no_bound_with_rho_at_most_one_and_says_so():
