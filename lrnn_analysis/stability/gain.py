@@ -1471,9 +1471,10 @@ def certify_gain(
     every rho <= 1). ``evidence``: a contraction certificate of ``system`` (anything with ``P`` and
     ``multipliers``, e.g. :class:`~.certificates.Evidence`) whose P the closed-form tier also starts
     from. ``time_budget`` (seconds, None: no limit) is checked between and inside tiers and passed
-    to the SDP solvers, less the estimated time of the pair factors (module docstring); ``tiers`` a subset of :data:`GAIN_TIERS` in the order to run them (default
-    all); ``solver`` as in :func:`~.certificates.certify`. The best verified bound of all tiers is
-    reported; bad arguments raise :class:`InputError`.
+    to the SDP solvers, less the estimated time of the pair factors (module docstring); ``tiers`` a
+    subset of :data:`GAIN_TIERS` in the order to run them (default all); ``solver`` as in
+    :func:`~.certificates.certify`. The best verified bound of all tiers is reported; bad arguments
+    raise :class:`InputError`.
     """
     started = time.monotonic()
     gform = gain_form(system, U, D)
