@@ -263,12 +263,18 @@ class GainForm:
         return per_step, growth
 
 
-def _pair_gram(G: np.ndarray) -> np.ndarray:
-    """c_ij = G_ii + G_jj - 2 G_ij, the factors of the pairs (e_i - e_j), from G = D P^-1 D^T."""
-    g = np.diag(G)
-    pairs = g[:, None] + g[None, :] - 2.0 * G
-    np.fill_diagonal(pairs, 0.0)
-    return np.maximum(0.5 * (pairs + pairs.T), 0.0)
+def _pair_exact(P: np.ndarray, vectors: dict[tuple[int, int], np.ndarray]) -> dict[tuple[int, int], float] | None:
+    """c_ij = d_ij^T P^-1 d_ij = ||L^-1 d_ij||^2 (P = L L^T) for each pair vector d_ij, or None unless P > 0.
+    Formed from d_ij itself, not as G_ii + G_jj - 2 G_ij of G = D P^-1 D^T: that difference cancels
+    catastrophically for nearly equal rows of D, leaving c_ij with an error far above its back-offs."""
+    try:
+        chol = np.linalg.cholesky(P)
+    except np.linalg.LinAlgError:
+        return None
+    if not vectors:
+        return {}
+    X = scipy.linalg.solve_triangular(chol, np.hstack(list(vectors.values())), lower=True)
+    return dict(zip(vectors, (float(x) for x in np.einsum("ij,ij->j", X, X))))
 
 
 def gain_form(system: LureSystem, U: Any, D: Any) -> GainForm:
@@ -559,7 +565,7 @@ def _finalize(gform: GainForm, P: np.ndarray, lam: np.ndarray, r: float, horizon
     if not verification.passed:
         return None, verification.reason
     candidate = _Candidate(P, lam, float(r), mu, c, None, verification, _bound(gform, r, mu, c, horizon), None)
-    return _with_pairs(gform, candidate, horizon, gram) if with_pairs else (candidate, "verified")
+    return _with_pairs(gform, candidate, horizon) if with_pairs else (candidate, "verified")
 
 
 def _readout_factor(P: np.ndarray, p_min: float, c0: float, V: np.ndarray) -> float | None:
@@ -585,27 +591,26 @@ def _pair_seconds(gform: GainForm) -> float:
     return 2.0 * count * min(times)
 
 
-def _with_pairs(gform: GainForm, candidate: _Candidate, horizon: int,
-                gram: np.ndarray | None = None) -> tuple[_Candidate | None, str]:
+def _with_pairs(gform: GainForm, candidate: _Candidate, horizon: int) -> tuple[_Candidate | None, str]:
     """``candidate`` with the readout factors of every pair of outputs, backed off until they verify,
     and verified again with them (None and the reason where a pair factor does not verify)."""
     P, r, mu = candidate.P, candidate.r, candidate.mu
-    gram = gform.readout_gram(P) if gram is None else gram
-    if gram is None:
-        return None, "the readout Gram matrix D P^-1 D^T cannot be formed"
-    p_min = float(np.linalg.eigvalsh(P)[0])
-    pairs0 = _pair_gram(gram)
     vectors = _pair_vectors(gform.D)
+    exact = _pair_exact(P, vectors)
+    if exact is None:
+        return None, "P is not positive definite (Cholesky)"
+    p_min = float(np.linalg.eigvalsh(P)[0])
     # First every pair at its first back-off, checked once by verify_gain; one by one only if that fails.
-    pairs = np.zeros_like(pairs0)
+    k = gform.D.shape[0]
+    pairs = np.zeros((k, k))
     for (i, j), d in vectors.items():
-        c0 = float(pairs0[i, j])
+        c0 = exact[i, j]
         step = 2.0 * _readout_matrix(P, max(c0, UNDERFLOW_FLOOR), d)[1] / p_min
         pairs[i, j] = pairs[j, i] = c0 * (1.0 + _BACKOFFS[0]) + step
     verification = verify_gain(gform, P, candidate.lam, r, mu, candidate.output_factor, pairs)
     if not verification.passed:
         for (i, j), d in vectors.items():
-            value = _readout_factor(P, p_min, float(pairs0[i, j]), d)
+            value = _readout_factor(P, p_min, exact[i, j], d)
             if value is None:
                 return None, f"the readout factor of the pair ({i}, {j}) does not verify in float64"
             pairs[i, j] = pairs[j, i] = value

@@ -350,9 +350,9 @@ def test_pair_factors_are_formed_once_for_the_best_candidate_and_the_next_best_s
     U, D = rng.standard_normal((3, 2)), rng.standard_normal((3, 3))
     calls, real = [], gain._with_pairs
 
-    def counted(gform, candidate, horizon, gram=None):
+    def counted(gform, candidate, horizon):
         calls.append(candidate.lipschitz)
-        return real(gform, candidate, horizon, gram)
+        return real(gform, candidate, horizon)
 
     monkeypatch.setattr(gain, "_with_pairs", counted)
     best = certify_gain(system, U, D, 6, tiers=["closed-form", "riccati"])
@@ -360,9 +360,9 @@ def test_pair_factors_are_formed_once_for_the_best_candidate_and_the_next_best_s
     gform = gain_form(system, U, D)
     assert verify_gain(gform, best.P, best.multipliers, best.r, best.mu, best.output_factor, best.pair_factors).passed
 
-    def failing_on_the_best(gform, candidate, horizon, gram=None):
+    def failing_on_the_best(gform, candidate, horizon):
         calls.append(candidate.lipschitz)
-        return (None, "refused here") if candidate.lipschitz <= best.lipschitz else real(gform, candidate, horizon, gram)
+        return (None, "refused here") if candidate.lipschitz <= best.lipschitz else real(gform, candidate, horizon)
 
     calls.clear()
     monkeypatch.setattr(gain, "_with_pairs", failing_on_the_best)
@@ -395,6 +395,32 @@ def test_pair_factors_fall_back_to_one_by_one_back_offs_when_the_first_try_fails
     assert np.all(again.pair_factors >= first.pair_factors) and np.array_equal(first.pair_bounds > 0, again.pair_bounds > 0)
     assert verify_gain(gform, again.P, again.lam, again.r, again.mu, again.output_factor, again.pair_factors).passed
     assert gain._pair_seconds(dataclasses.replace(gform, D=gform.D[:1])) == 0.0 and gain._pair_seconds(gform) > 0
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "map"])
+def test_nearly_equal_readout_rows_get_pair_factors_that_verify_and_hold(method):
+    """Rows of D 1e-9 apart: c_ij = d_ij^T P^-1 d_ij ~ 1e-18, far below the rounding of G_ii + G_jj - 2 G_ij
+    (G = D P^-1 D^T, entries ~ 1): formed from d_ij itself it verifies, and the tiny pair bound holds."""
+    rng = np.random.default_rng(11)
+    n, k, T = 3, 3, 4
+    system = random_system(rng, n, method, spread=0.2, weight=0.4)
+    U, D, b = rng.standard_normal((n, 1)), rng.standard_normal((k, n)), rng.standard_normal(n)
+    D[1] = D[0] + 1e-9 * rng.standard_normal(n)
+    certificate = certify_gain(system, U, D, T, tiers=["closed-form", "riccati"])
+    assert certificate.holds, certificate.reason
+    gform = gain_form(system, U, D)
+    assert verify_gain(gform, certificate.P, certificate.multipliers, certificate.r, certificate.mu,
+                       certificate.output_factor, certificate.pair_factors).passed
+    d = D[0] - D[1]
+    assert certificate.pair_factors[0, 1] >= d @ np.linalg.solve(certificate.P, d)
+    assert certificate.pair_bounds[0, 1] < 1e-6 * certificate.lipschitz
+    x = rng.normal(scale=2.0, size=(200, T, 1))
+    dx = rng.normal(size=(200, T, 1)) * rng.choice([1e-3, 1.0], size=(200, 1, 1))
+    dy = readout(system, U, D, b, x + dx) - readout(system, U, D, b, x)
+    norms = np.linalg.norm(dx.reshape(200, -1), axis=1)
+    for i in range(k):
+        for j in range(k):
+            assert np.all(np.abs(dy[:, i] - dy[:, j]) <= certificate.pair_bounds[i, j] * norms)
 
 
 def test_an_expanding_system_has_no_bound_with_rho_at_most_one_and_says_so():
