@@ -1539,13 +1539,21 @@ def certify_gain(
 
 def _reported(search: _Search) -> tuple[_Candidate | None, str | None, str | None]:
     """The candidate reported: the verified one with the smallest bound whose pair factors verify too
-    (:func:`_with_pairs`, on the best first), with its tier; else None and why."""
-    why = None
+    (:func:`_with_pairs`, on the best first), with its tier and, where a smaller verified bound had to
+    be passed over, a note saying so (the tiers' attempts list that bound); else None and why."""
+    passed_over = None
     for candidate, tier in sorted(search.verified, key=lambda found: found[0].lipschitz):
-        full, why = _with_pairs(search.gform, candidate, search.horizon)
+        try:
+            full, why = _with_pairs(search.gform, candidate, search.horizon)
+        except BaseException as error:
+            if not is_numerical_failure(error):
+                raise
+            full, why = None, f"numerical failure: {type(error).__name__}: {error}"
         if full is not None:
-            return full, tier, None
-    return None, None, None if why is None else f"not certified: {why}"
+            return full, tier, None if passed_over is None else (
+                f"; the smaller bound {passed_over[0]:.6g} that {passed_over[1]} verified is not reported: {passed_over[2]}")
+        passed_over = passed_over or (candidate.lipschitz, tier, why)
+    return None, None, None if passed_over is None else f"not certified: {passed_over[2]}"
 
 
 def _evidence_start(gform: GainForm, evidence: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -1611,6 +1619,8 @@ def certificate_from_evidence(gform: GainForm, P: Any, multipliers: Any, r: floa
 
 def _certificate(search: _Search, best: _Candidate | None, tier: str | None, attempts: list[GainAttempt], exhausted: bool,
                  seconds: float, reason: str | None = None) -> GainCertificate:
+    """The search's certificate for ``best`` found by ``tier``; ``reason``: why none holds, or a note
+    appended to the verified one's."""
     family, horizon = search.gform.family, search.horizon
     if best is None:
         if reason is None:
@@ -1622,5 +1632,5 @@ def _certificate(search: _Search, best: _Candidate | None, tier: str | None, att
     v = best.verification
     return GainCertificate(True, family, horizon, best.lipschitz, best.pair_bounds, best.mu, best.r,
                            best.output_factor, best.pair_factors, best.P, best.lam, tier, v, seconds,
-                           f"verified in float64 (LMI margin {v.margin:.3e}, readout margin {v.output_margin:.3e})",
-                           tuple(attempts), exhausted)
+                           f"verified in float64 (LMI margin {v.margin:.3e}, readout margin {v.output_margin:.3e})"
+                           + (reason or ""), tuple(attempts), exhausted)

@@ -369,11 +369,28 @@ def test_pair_factors_are_formed_once_for_the_best_candidate_and_the_next_best_s
     second = certify_gain(system, U, D, 6, tiers=["closed-form", "riccati"])
     assert second.holds and second.lipschitz > best.lipschitz and calls[0] == best.lipschitz and len(calls) >= 2
     assert second.tier == next(a.tier for a in second.attempts if a.holds)  # closed-form verified the runner-up
+    # the attempts list the smaller bound without pair factors: the certificate says why it reports a larger one
+    assert f"the smaller bound {best.lipschitz:.6g} that {best.tier} verified is not reported: refused here" in second.reason
     assert verify_gain(gform, second.P, second.multipliers, second.r, second.mu, second.output_factor,
                        second.pair_factors).passed
     monkeypatch.setattr(gain, "_with_pairs", lambda *args: (None, "refused here"))
     none = certify_gain(system, U, D, 6, tiers=["closed-form"])
     assert not none.holds and none.reason == "not certified: refused here"
+
+
+def test_a_numerical_failure_while_forming_pair_factors_is_reported_not_raised(monkeypatch):
+    """Pair factors are formed after the tiers (outside their handling of numerical failures): an
+    eigensolver failure there is a reason, as it is inside a tier."""
+    from lrnn_analysis.stability import gain
+
+    def failing(*args):
+        raise np.linalg.LinAlgError("Eigenvalues did not converge")
+
+    rng = np.random.default_rng(7)
+    system = random_system(rng, 3, "rk2", spread=0.2, weight=0.4)
+    monkeypatch.setattr(gain, "_with_pairs", failing)
+    result = certify_gain(system, rng.standard_normal((3, 2)), rng.standard_normal((3, 3)), 6, tiers=["closed-form"])
+    assert not result.holds and result.reason == "not certified: numerical failure: LinAlgError: Eigenvalues did not converge"
 
 
 def test_pair_factors_fall_back_to_one_by_one_back_offs_when_the_first_try_fails(certified_case, monkeypatch):
