@@ -576,17 +576,22 @@ def _readout_factor(P: np.ndarray, p_min: float, c0: float, V: np.ndarray) -> fl
 
 
 def _pair_seconds(gform: GainForm) -> float:
-    """An estimate of the time :func:`_with_pairs` takes: one eigenvalue problem of size n per pair of
-    outputs (the best of three timed), twice over for safety."""
+    """An estimate of the time :func:`_with_pairs` takes: per pair of outputs, what its first try does
+    (c P - d d^T formed twice, one eigenvalue problem of size n, the pair's two bounds), the best of
+    three timed, twice over for safety. Timing the whole of a pair's work, not just its eigensolve,
+    matters for small n, where the per-pair overhead costs several times the eigensolve."""
     k, n = gform.D.shape
     count = k * (k - 1) // 2
     if count == 0:
         return 0.0
-    sample = np.eye(n) + np.full((n, n), 1.0 / n)
+    sample, d = np.eye(n) + np.full((n, n), 1.0 / n), np.ones((n, 1))
     times = []
     for _ in range(3):
         start = time.monotonic()
-        np.linalg.eigvalsh(sample)
+        _readout_matrix(sample, 1.0, d)
+        _readout_margin(sample, 1.0, d)
+        _bound(gform, 1.0, 1.0, 1.0, 2)
+        _bound(gform, 1.0, 1.0, 1.0, 2)
         times.append(time.monotonic() - start)
     return 2.0 * count * min(times)
 
