@@ -174,7 +174,9 @@ def analyze(
             if "frobenius" in estimates:
                 frobenius_result = frobenius_norm_squared(op, trace_tol, estimate_matvecs, seed)
             if "blocks" in estimates:
-                blocks_result = block_curvature(op, tol, seed=seed, first=recurrent_first, max_iter=max_iter)
+                # Each block's λ_max starts warm from its part of the operator's top eigenvector.
+                blocks_result = block_curvature(op, tol, seed=seed, first=recurrent_first, max_iter=max_iter,
+                                                start=eigen.vectors[:, 0])
         reused = memo.reused
         described = op.describe()
         lambda_max = float(eigen.values.max())

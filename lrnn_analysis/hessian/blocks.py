@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 
+from ..errors import InputError
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec
 from ._results import jsonable
-from .eigen import eigenvalues
+from .eigen import eigenvalues, warm_start
 from .operator import CurvatureOperator
 from .trace import unit_roundoff
 
@@ -99,6 +100,7 @@ def block_curvature(
     *,
     first: Sequence[str] = (),
     max_iter: int | None = None,
+    start: np.ndarray | None = None,
 ) -> BlockTable:
     """Trace and λ_max of every parameter block of ``op`` in one call (rows in the operator's parameter
     order, except that the names in ``first`` come first, in that order): λ_max by Lanczos on each
@@ -106,8 +108,12 @@ def block_curvature(
     (module docstring). A block of at most ``EXACT_BLOCK`` entries is formed column by column
     instead (one product per entry): its exact trace and, from the same products, its largest
     eigenpair (of the symmetrised block; the residual is of the block as computed), without Lanczos.
-    Every random draw comes from ``seed``."""
+    ``start``: a vector over all of ``op``'s parameters, e.g. its top eigenvector; each block's Lanczos
+    then starts from ``warm_start`` of its part (cold where that part is zero). Every random draw
+    comes from ``seed``."""
     start_time = time.perf_counter()
+    if start is not None and np.size(start) != op.shape[0]:
+        raise InputError(f"start must have one entry per parameter ({op.shape[0]}), got {np.size(start)}")
     slices = op.block_slices()
     order = [name for name in first if name in slices] + [name for name in op.names if name not in first]
     sampled = [name for name in order if slices[name].stop - slices[name].start > EXACT_BLOCK]
@@ -118,7 +124,9 @@ def block_curvature(
         view = BlockView(op, slices[name])
         numel = view.shape[0]
         if name in samples:
-            top = eigenvalues(view, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter)
+            part = None if start is None else np.asarray(start, dtype=np.float64).reshape(-1)[slices[name]]
+            v0 = warm_start(part, seed) if part is not None and np.any(part != 0) else None
+            top = eigenvalues(view, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter, v0=v0)
             lambda_max, residual, matvecs = float(top.values[0]), float(top.residuals[0]), top.matvecs
             estimate, halfwidth, method = float(np.mean(samples[name])), t_halfwidth(samples[name]), SHARED_PROBES
         else:

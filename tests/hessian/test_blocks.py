@@ -34,6 +34,24 @@ def test_block_table_matches_the_dense_diagonal_blocks(case):
     json.dumps(table.to_dict(), allow_nan=False)
 
 
+def test_block_lambda_max_starts_warm_from_the_top_eigenvector(case):
+    op, H = case
+    top = np.linalg.eigh(H)[1][:, -1]
+    cold = block_curvature(op, tol=1e-8, trace_matvecs=4, seed=0)
+    warm = block_curvature(op, tol=1e-8, trace_matvecs=4, seed=0, start=top)
+    slices = op.block_slices()
+    for c, w in zip(cold.rows, warm.rows, strict=True):
+        block = H[slices[w["param"]], slices[w["param"]]]
+        assert w["lambda_max"] == pytest.approx(np.linalg.eigvalsh(block)[-1], rel=1e-6, abs=1e-12) and w["lambda_max_converged"]
+        assert (c["param"], c["trace"]) == (w["param"], w["trace"])
+    assert cold.rows[0]["trace_method"] != "exact"  # a block with a Lanczos run
+    zero_in_a_block = top.copy()
+    zero_in_a_block[slices[warm.rows[0]["param"]]] = 0.0  # that block starts cold
+    assert block_curvature(op, tol=1e-8, trace_matvecs=4, seed=0, start=zero_in_a_block).rows[0] == cold.rows[0]
+    with pytest.raises(ValueError, match="one entry per parameter"):
+        block_curvature(op, start=np.ones(3))
+
+
 def test_shared_probe_block_traces_cover_the_exact_block_traces(case):
     """One set of probes serves every block: its products do not grow with the number of blocks, and
     the 95% intervals cover the exact block traces about 95% of the time (checked over 40 seeds)."""
