@@ -175,6 +175,7 @@ def analyze(
                 frobenius_result = frobenius_norm_squared(op, trace_tol, estimate_matvecs, seed)
             if "blocks" in estimates:
                 # Each block's λ_max starts warm from its part of the operator's top eigenvector.
+                assert eigen.vectors is not None  # Lanczos always returns its Ritz vectors
                 blocks_result = block_curvature(op, tol, seed=seed, first=recurrent_first, max_iter=max_iter,
                                                 start=eigen.vectors[:, 0])
         reused = memo.reused
