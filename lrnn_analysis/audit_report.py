@@ -75,7 +75,9 @@ def _markdown(result: AuditResult, figures: dict[str, str]) -> str:
               f"| GGN λ_max | {format_value(r['ggn']['lambda_max'])} |",
               f"| curvature samples | {_curvature_sample(hessian['operator'])} ({hessian['operator']['n_batches']} batch(es)) |",
               f"| Hessian trace | {format_value(hessian['trace']['estimate'])} ± {format_value(hessian['trace']['ci_halfwidth'])} "
-              f"(95% CI, {hessian['trace']['matvecs']} Hessian-vector products) |"]
+              f"(95% CI, {hessian['trace']['matvecs']} Hessian-vector products"
+              + (f", deflated by the {hessian['trace']['sketch_size']}-vector Krylov basis of the λ_max/λ_min Lanczos run"
+                 if hessian['trace']['method'] == "deflated" else "") + ") |"]
     if "spectrum" in stability:
         s = stability["spectrum"]
         lines += [f"| α(A), μ₂(A) | {format_value(s['abscissa_A'])}, {format_value(s['mu2_A'])} |",

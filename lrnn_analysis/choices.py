@@ -136,7 +136,7 @@ CURVATURE_BACKENDS = ("native", "pyhessian")
 # When curvature runs torch.nn RNN/LSTM/GRU layers as their unrolled twins (lrnn_analysis.unrolled_rnn).
 RNN_TWIN_MODES = ("auto", "on", "off")
 CURVATURE_ESTIMATES = ("diag", "frobenius", "blocks")
-TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
+TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "deflated")
 DIAGONAL_METHODS = ("hutchinson", "xdiag")
 DENSITY_SCALES = ("linear", "symlog")
 DTYPES = ("float32", "float64")

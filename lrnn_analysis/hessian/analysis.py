@@ -1,6 +1,7 @@
 """The default Hessian analysis behind ``lrnn hessian``: extreme eigenvalues, optional trace and density."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from .diagonal import diagonal as diagonal_estimate
 from .eigen import EigenResult, eigenvalues, warm_start
 from .operator import DEFAULT_MEMORY_BUDGET, Batch, LossFunction, ParamSpec, as_batches, parameter_selection
 from .pyhessian_backend import pyhessian_eigenvalues, pyhessian_trace
-from .trace import TraceResult
+from .trace import TraceResult, krylov_start
 from .trace import trace as trace_estimate
 
 if TYPE_CHECKING:
@@ -110,7 +111,8 @@ def analyze(
     """λ_max and λ_min (and the top_k at each end), optionally tr(H) with a CI and the SLQ density.
 
     ``backend="native"``: one operator (``operator``) shared by ``eigenvalues(which="BE", tol, atol)``,
-    ``trace(trace_method, trace_tol, trace_matvecs)`` and ``spectral_density(density_probes,
+    ``trace(trace_method, trace_tol, trace_matvecs)`` (``"deflated"``: by the Krylov basis of the
+    eigenvalue run, which then starts from the seed stream [seed, 1]) and ``spectral_density(density_probes,
     density_steps)``; ``wrap_operator`` (e.g. ``DistributedOperator`` over the ranks' shards of
     the data) replaces it by an operator built from it, with the same ``describe()``.
     ``backend="pyhessian"``: PyHessian's power iteration (``tol``, ``max_iter`` default 100) and
@@ -148,6 +150,8 @@ def analyze(
         raise InputError("the per-block table needs the operator's own parameter blocks; it is not available with wrap_operator")
     if backend == "pyhessian" and wrap_operator is not None:
         raise InputError("the pyhessian backend builds its own products; wrap_operator needs backend='native'")
+    if backend == "pyhessian" and trace and trace_method != "hutchinson":
+        raise InputError(f"PyHessian's trace is Hutchinson's; trace_method {trace_method!r} needs backend='native'")
     if backend == "pyhessian" and start is not None:
         raise InputError("PyHessian's power iteration takes no start vector; use backend='native'")
     if backend == "pyhessian" and density:
@@ -162,13 +166,22 @@ def analyze(
                                   cache_graph=cache_graph, memory_budget=memory_budget, rnn_twin=rnn_twin, progress=progress)
         op = base if wrap_operator is None else wrap_operator(base)
         positive_semidefinite = operator != "hessian"
+        # A trace deflated by this Lanczos run's Krylov basis needs the basis independent of its probes
+        # (drawn from seed): the run then starts from the stream [seed, 1].
+        deflate = trace and trace_method == "deflated"
+        v0: np.ndarray | None
+        if deflate:
+            v0 = krylov_start(seed, op.shape[0]) if start is None else warm_start(start, [seed, 1])
+        else:
+            v0 = None if start is None else warm_start(start, seed)
         eigen = eigenvalues(op, k=top_k, which="LA" if positive_semidefinite else "BE", tol=tol, seed=seed, atol=atol,
-                            max_iter=max_iter, v0=None if start is None else warm_start(start, seed), progress=progress)
+                            max_iter=max_iter, v0=v0, keep_krylov=deflate, progress=progress)
         density_result = (spectral_density(op, density_probes, density_steps, seed, scale=density_scale, progress=progress)
                           if density else None)
         # The probe-based estimators draw the same Rademacher probes from the same seed: each probe's product is computed once.
         with base.remembering_products() as memo:
-            trace_result = trace_estimate(op, trace_method, trace_tol, trace_matvecs, seed, progress=progress) if trace else None
+            trace_result = trace_estimate(op, trace_method, trace_tol, trace_matvecs, seed, krylov=eigen.krylov,
+                                          progress=progress) if trace else None
             if "diag" in estimates:
                 diagonal_result = diagonal_estimate(op, diagonal_method, estimate_matvecs, seed)
             if "frobenius" in estimates:
@@ -179,13 +192,19 @@ def analyze(
                 blocks_result = block_curvature(op, tol, seed=seed, first=recurrent_first, max_iter=max_iter,
                                                 start=eigen.vectors[:, 0])
         reused = memo.reused
+        eigen = dataclasses.replace(eigen, krylov=None)
         described = op.describe()
         lambda_max = float(eigen.values.max())
         lambda_min = None if positive_semidefinite else float(eigen.values.min())
         notes = [f"the {operator} is positive semi-definite by construction: only its largest eigenvalues are computed "
                  "(its smallest is 0 whenever P exceeds the number of samples times outputs)"] if positive_semidefinite else []
+        stream = f"[{seed}, 1]" if deflate else str(seed)
         if start is not None:
-            notes.append(f"Lanczos started warm: from the given start vector plus a Gaussian vector from seed {seed}")
+            notes.append(f"Lanczos started warm: from the given start vector plus a Gaussian vector from seed {stream}")
+        if deflate:
+            notes.append(f"the trace is Hutchinson's deflated by the {eigen.iterations}-vector Krylov basis of the eigenvalue "
+                         f"run (tr(QᵀHQ) exactly, the rest sampled), which started from seed stream [{seed}, 1], "
+                         f"independent of the probes (seed {seed})")
         notes += [] if eigen.all_converged else [
             f"not every Ritz pair met ‖Cv − θv‖ ≤ {tol}·|θ| + {atol} within {eigen.iterations} Lanczos steps: "
             "see eigen.converged"]

@@ -27,7 +27,9 @@ class EigenResult:
 
     ``vectors`` has shape (P, len(values)) (float64, unit columns; None when the backend does
     not give them) and is left out of ``to_dict``. ``converged[i]`` is r_i ≤ tol·|θ_i| + atol.
-    ``matvecs`` counts every product with H, the residual checks included.
+    ``matvecs`` counts every product with H, the residual checks included. ``krylov``: the Lanczos
+    basis Q and its products HQ (float64 tensors, P × iterations) when asked for (``keep_krylov``),
+    else None; left out of ``to_dict``.
     """
 
     values: np.ndarray
@@ -43,6 +45,7 @@ class EigenResult:
     matvecs: int
     seed: int | None
     wall_time: float
+    krylov: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def relative_residuals(self) -> np.ndarray:
@@ -55,7 +58,7 @@ class EigenResult:
         return bool(np.all(self.converged))
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclass_dict(self, exclude=("vectors",))
+        out = dataclass_dict(self, exclude=("vectors", "krylov"))
         out["relative_residuals"] = jsonable(self.relative_residuals)
         return out
 
@@ -84,6 +87,7 @@ def eigenvalues(
     atol: float = 0.0,
     max_iter: int | None = None,
     v0: np.ndarray | None = None,
+    keep_krylov: bool = False,
     progress: bool = False,
 ) -> EigenResult:
     """k extreme eigenpairs of the symmetric operator ``op`` by Lanczos with full reorthogonalisation.
@@ -100,7 +104,8 @@ def eigenvalues(
     ‖(H Q) s − θ Q s‖ from the stored products (H y = (H Q) s by linearity, so no extra
     products); ``converged`` is judged on those. For eigenvalues near 0 a purely relative test
     cannot pass: give ``atol`` (in units of H) there. The Krylov vectors stay on the operator's
-    device in float64 (``_common``); ``vectors`` come back as numpy.
+    device in float64 (``_common``); ``vectors`` come back as numpy, and with ``keep_krylov`` the
+    basis and its products as ``krylov`` (e.g. for :func:`~.trace.trace`'s ``"deflated"`` method).
     """
     if which not in WHICH:
         raise InputError(f"which must be one of {WHICH}, got {which!r}")
@@ -137,10 +142,11 @@ def eigenvalues(
         values=values, residuals=residuals, converged=residuals <= tol * np.abs(values) + atol,
         vectors=vectors, which=which, k=k, tol=tol, atol=atol, method="lanczos", iterations=iterations,
         matvecs=matvec.count, seed=None if v0 is not None else seed, wall_time=time.perf_counter() - start_time,
+        krylov=(process.basis_tensor.clone(), process.products_tensor.clone()) if keep_krylov else None,
     )
 
 
-def warm_start(previous: np.ndarray, seed: int = 0) -> np.ndarray:
+def warm_start(previous: np.ndarray, seed: int | Sequence[int] = 0) -> np.ndarray:
     """A Lanczos start vector near ``previous`` (an eigenvector of a nearby operator): the sum of two unit
     vectors, ``previous`` and a Gaussian vector drawn from ``seed``.
 

@@ -16,8 +16,9 @@ from ..progress import progress_bar
 from ..statistics import t_halfwidth
 from ._common import CountedMatvec
 from ._results import dataclass_dict
+from .lanczos import Lanczos
 
-__all__ = ["CONFIDENCE", "METHODS", "TraceResult", "exchangeable_sketch", "leave_one_out_factors", "trace",
+__all__ = ["CONFIDENCE", "METHODS", "TraceResult", "exchangeable_sketch", "krylov_start", "leave_one_out_factors", "trace",
     "unit_roundoff"]
 
 METHODS = TRACE_METHODS
@@ -74,6 +75,7 @@ def trace(
     *,
     min_probes: int = 10,
     sketch_size: int | None = None,
+    krylov: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> TraceResult:
     """Stochastic estimate of tr(H) with a confidence interval.
@@ -102,6 +104,22 @@ def trace(
     not independent, so it is a heuristic (coverage measured in the tests). Needs s < P and a
     sketch of full column rank.
 
+    ``"deflated"``: Hutchinson deflated by a Krylov basis Q (m orthonormal columns) and its
+    products M = HQ, with the products of the raw probes z (the same probes, and products, as
+    ``"hutchinson"``'s and the block table's): tr(H) ≈ e + mean over z of
+
+        zᵀHz − 2 (Qᵀz)ᵀ(Mᵀz) + (Qᵀz)ᵀ (QᵀM) (Qᵀz),    e = tr(QᵀM),
+
+    the Hutchinson sample of (I − QQᵀ)H(I − QQᵀ) for symmetric H. Each term's expectation is
+    exact for M as computed (E[zᵀQMᵀz] = tr(QMᵀ) = e, E[zᵀQ(QᵀM)Qᵀz] = e when QᵀQ = I), so the
+    estimate is unbiased given Q and the t-interval covers the sampled part, which is all the
+    randomness given Q: Q must not depend on the probes. Where the top of the spectrum dominates
+    tr(H), the deflated samples vary far less. The basis: ``krylov`` = (Q, M) from a Lanczos run on
+    the same operator (``eigenvalues(..., keep_krylov=True)``: no products here), else
+    ``sketch_size`` (default max_matvecs // 3) Lanczos steps here. Its start must be independent
+    of the probes: here it is a Gaussian vector from the stream ``[seed, 1]`` (``analyze`` starts
+    its eigenvalue run the same way when it deflates the trace by it).
+
     Probes are drawn from ``seed``. Hutchinson and Hutch++ stop once at least ``min_probes``
     samples give a half-width ≤ tol·|estimate|, or when ``max_matvecs`` products are spent.
     """
@@ -118,6 +136,10 @@ def trace(
             max_matvecs=max_matvecs, converged=False, stop_reason="budget", matvecs=matvec.count, seed=seed,
             wall_time=time.perf_counter() - start_time,
         )
+    if method == "deflated":
+        return _deflated(matvec, tol, max_matvecs, seed, min_probes, sketch_size, krylov, progress, start_time)
+    if krylov is not None:
+        raise InputError(f"krylov is a basis for the 'deflated' method, not {method!r}")
     rng = np.random.default_rng(seed)
     exact, roundoff, basis, sketch = 0.0, 0.0, None, 0
     if method == "hutch++":
@@ -154,6 +176,52 @@ def trace(
         exact_part=exact, roundoff_bound=roundoff, sketch_size=sketch, tol=tol, max_matvecs=max_matvecs,
         converged=stop_reason in ("tolerance", "exact"), stop_reason=stop_reason, matvecs=matvec.count, seed=seed,
         wall_time=time.perf_counter() - start_time,
+    )
+
+
+def krylov_start(seed: int, dim: int) -> np.ndarray:
+    """The Lanczos start of the ``"deflated"`` trace's basis: a Gaussian vector from the stream
+    [seed, 1], independent of the probes drawn from ``seed``."""
+    return np.random.default_rng([seed, 1]).standard_normal(dim)
+
+
+def _deflated(matvec: CountedMatvec, tol: float, max_matvecs: int, seed: int, min_probes: int, sketch_size: int | None,
+              krylov: tuple[torch.Tensor, torch.Tensor] | None, progress: bool, start_time: float) -> TraceResult:
+    """:func:`trace`'s ``"deflated"`` method (its docstring)."""
+    if krylov is None:
+        steps = min(matvec.dim, max(1, max_matvecs // 3) if sketch_size is None else sketch_size)
+        if steps >= max_matvecs:
+            raise InputError(f"deflated needs max_matvecs > sketch_size ({steps}) to leave products for probes, got {max_matvecs}")
+        process = Lanczos(matvec, matvec.vector(krylov_start(seed, matvec.dim)))
+        while process.steps < steps and not process.exhausted:
+            process.step()
+        Q, M = process.basis_tensor, process.products_tensor
+    else:
+        Q, M = (torch.as_tensor(t, dtype=torch.float64, device=matvec.device) for t in krylov)
+        if Q.ndim != 2 or Q.shape != M.shape or Q.shape[0] != matvec.dim:
+            raise InputError(f"krylov must be a basis and its products, both of shape ({matvec.dim}, m), "
+                             f"got {tuple(Q.shape)} and {tuple(M.shape)}")
+    C = Q.T @ M
+    exact = float(torch.trace(C))
+    rng = np.random.default_rng(seed)
+    samples: list[float] = []
+    halfwidth, stop_reason, used = math.inf, "budget", matvec.count
+    with progress_bar(total=max_matvecs, desc="trace (deflated)", enabled=progress, leave=False) as bar:
+        bar.update(used)
+        while matvec.count < max_matvecs:
+            z = matvec.rademacher(rng)
+            a, b = Q.T @ z, M.T @ z
+            samples.append(float(z @ matvec(z) - 2.0 * (a @ b) + a @ (C @ a)))
+            bar.update()
+            halfwidth = t_halfwidth(samples, CONFIDENCE)
+            if len(samples) >= min_probes and halfwidth <= tol * abs(exact + np.mean(samples)):
+                stop_reason = "tolerance"
+                break
+    return TraceResult(
+        estimate=exact + (float(np.mean(samples)) if samples else 0.0), ci_halfwidth=halfwidth, confidence=CONFIDENCE,
+        method="deflated", samples=np.array(samples), exact_part=exact, roundoff_bound=0.0, sketch_size=Q.shape[1],
+        tol=tol, max_matvecs=max_matvecs, converged=stop_reason == "tolerance", stop_reason=stop_reason,
+        matvecs=matvec.count, seed=seed, wall_time=time.perf_counter() - start_time,
     )
 
 

@@ -322,8 +322,9 @@ def run(
     timings["stability"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    # The trace deflated by the eigenvalue run's Krylov basis: no products more, a narrower interval.
     hessian = curvature.run(subject, task, curvature.CurvatureSettings(
-        trace=True, density=settings.density, trace_matvecs=settings.trace_matvecs, estimates=("blocks",),
+        trace=True, trace_method="deflated", density=settings.density, trace_matvecs=settings.trace_matvecs, estimates=("blocks",),
         batch_size=settings.hessian_batch_size, batches=settings.hessian_batches, seed=settings.seed),
         ranks=ranks, progress=progress).models[0].report
     # The GGN and the other samples' Hessians are near this Hessian: their Lanczos starts warm from its top eigenvector.

@@ -37,6 +37,14 @@ def test_hessian_cli_native_and_pyhessian(checkpoints, tmp_path, capsys):
     assert "PyHessian" in capsys.readouterr().out
     assert main(["hessian", str(checkpoints["stable"]), "--task", "adding", "--quiet"]) == 2
     assert "does not fit task adding" in capsys.readouterr().err
+    assert main(["hessian", str(checkpoints["stable"]), "--batch-size", "32", "--trace", "--trace-method", "deflated",
+                 "--trace-matvecs", "20", "--json", str(out), "--force", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "deflated, 20 HVPs" in printed and "seed stream [0, 1]" in printed
+    assert json.loads(out.read_text())["trace"]["method"] == "deflated"
+    assert main(["hessian", str(checkpoints["stable"]), "--trace", "--trace-method", "deflated", "--backend", "pyhessian",
+                 "--quiet"]) == 2
+    assert "needs backend='native'" in capsys.readouterr().err
 
 
 def test_hessian_cli_ggn_with_estimates_and_lenient_params(tmp_path, capsys):

@@ -137,3 +137,24 @@ def test_probe_estimators_share_their_products_and_numbers(model_and_batch):
     # the trace's >= 10 probes begin the diagonal's 20, which are the Frobenius norm's 20 and the first 20 of the blocks' 60
     assert reused >= 10 + 20 + 20
     assert any(f"{reused} products were asked for again" in note for note in report.notes)
+
+
+def test_analyze_deflates_the_trace_by_its_eigenvalue_run_and_shares_the_probes_with_the_blocks(model_and_batch):
+    from lrnn_analysis.hessian import HessianOperator
+
+    model, x, y = model_and_batch
+    loss = nn.CrossEntropyLoss()
+    H = HessianOperator(model, loss, (x, y), dtype="float64").to_dense().numpy()
+    common = dict(trace=True, trace_tol=0.0, trace_matvecs=20, estimates=("blocks",), dtype="float64", tol=1e-8, progress=False)
+    plain = analyze(model, loss, (x, y), **common)
+    deflated = analyze(model, loss, (x, y), trace_method="deflated", **common)
+    assert deflated.trace.method == "deflated" and deflated.trace.sketch_size == deflated.eigen.iterations
+    assert abs(deflated.trace.estimate - np.trace(H)) <= deflated.trace.ci_halfwidth < plain.trace.ci_halfwidth
+    assert deflated.lambda_max == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-8)
+    assert deflated.lambda_min == pytest.approx(np.linalg.eigvalsh(H)[0], rel=1e-6)
+    # the block table's traces come from the same probes and products as before
+    assert [row["trace"] for row in deflated.blocks.rows] == [row["trace"] for row in plain.blocks.rows]
+    assert any("[0, 1]" in note and "deflated" in note for note in deflated.notes) and deflated.eigen.krylov is None
+    json.dumps(deflated.to_dict(), allow_nan=False)
+    with pytest.raises(ValueError, match="needs backend='native'"):
+        analyze(model, loss, (x, y), backend="pyhessian", trace=True, trace_method="deflated", progress=False)

@@ -7,8 +7,10 @@ from scipy.sparse.linalg import aslinearoperator
 
 from lrnn_analysis.hessian import (
     HessianOperator,
+    eigenvalues,
     trace,
 )
+from lrnn_analysis.hessian.trace import krylov_start
 
 
 def test_xtrace_is_accurate_and_beats_hutchplusplus_at_equal_budget(case):
@@ -69,3 +71,37 @@ def test_trace_on_a_full_rank_sketch_is_exact_up_to_its_roundoff_bound(ce):
     assert full.ci_halfwidth == full.roundoff_bound > 0
     assert abs(full.estimate - np.trace(H)) <= full.ci_halfwidth
     assert full.roundoff_bound < 1e-2 * abs(np.trace(H))
+
+
+def test_the_trace_deflated_by_an_eigenvalue_runs_krylov_basis_covers_and_is_narrower(ce):
+    """The basis of a Lanczos run from the stream [seed, 1] costs no products here; the probes (from seed)
+    are hutchinson's: the intervals still cover the exact trace, and are several times narrower."""
+    _, H = ce
+    op, exact = aslinearoperator(H), np.trace(H)
+    deflated, plain = [], []
+    for seed in range(100):
+        run = eigenvalues(op, which="BE", v0=krylov_start(seed, op.shape[0]), keep_krylov=True)
+        deflated.append(trace(op, "deflated", tol=0.0, max_matvecs=24, seed=seed, krylov=run.krylov))
+        plain.append(trace(op, "hutchinson", tol=0.0, max_matvecs=24, seed=seed))
+    assert np.mean([abs(r.estimate - exact) <= r.ci_halfwidth for r in deflated]) >= 0.9
+    assert np.mean([r.ci_halfwidth for r in deflated]) < 0.5 * np.mean([r.ci_halfwidth for r in plain])
+    assert deflated[-1].matvecs == 24 and deflated[-1].sketch_size == run.krylov[0].shape[1] > 0
+    json.dumps(deflated[0].to_dict(), allow_nan=False)
+
+
+def test_the_deflated_trace_builds_its_own_basis_and_is_exact_on_a_spanned_space(ce):
+    _, H = ce
+    op, exact = aslinearoperator(H), np.trace(H)
+    own = [trace(op, "deflated", tol=0.0, max_matvecs=24, seed=seed) for seed in range(100)]
+    assert np.mean([abs(r.estimate - exact) <= r.ci_halfwidth for r in own]) >= 0.9
+    assert all(r.sketch_size == 8 and r.matvecs == 24 and len(r.samples) == 16 for r in own)
+    A = np.diag(np.arange(1.0, 7.0))
+    whole = trace(aslinearoperator(A), "deflated", tol=0.0, max_matvecs=12, sketch_size=6)
+    assert whole.exact_part == pytest.approx(21.0, rel=1e-14) and np.all(np.abs(whole.samples) < 1e-12)
+    assert whole.estimate == pytest.approx(21.0, rel=1e-12)
+    with pytest.raises(ValueError, match="krylov must be"):
+        trace(op, "deflated", krylov=(np.eye(3), np.eye(3)))
+    with pytest.raises(ValueError, match="not 'hutchinson'"):
+        trace(op, "hutchinson", krylov=(np.eye(3), np.eye(3)))
+    with pytest.raises(ValueError, match="leave products"):
+        trace(op, "deflated", max_matvecs=6, sketch_size=6)
