@@ -30,9 +30,10 @@ class TraceResult:
     """tr(H) ≈ ``estimate`` ± ``ci_halfwidth`` (95% t-interval over the probe samples).
 
     ``samples`` are the quadratic forms zᵀ H z of the stochastic part (for XTrace: its m/2
-    exchangeable leave-one-out estimates); ``exact_part`` is the deterministic low-rank part of
-    Hutch++ (0 for Hutchinson and XTrace). ``roundoff_bound`` bounds the round-off of
-    ``exact_part`` and is included in ``ci_halfwidth`` (see ``trace``). ``stop_reason`` is
+    exchangeable leave-one-out estimates; for ``"deflated"`` the deflated samples); ``exact_part`` is
+    the deterministic low-rank part of Hutch++ and of ``"deflated"`` (0 for Hutchinson and XTrace).
+    ``roundoff_bound`` bounds the round-off of ``exact_part`` (for ``"deflated"``, of the samples
+    too) and is included in ``ci_halfwidth`` (see ``trace``). ``stop_reason`` is
     ``"tolerance"`` (half-width ≤ tol·|estimate|, then ``converged``) or ``"budget"``.
 
     Coverage: the t-interval assumes the mean of the samples is normal; the quadratic forms
@@ -113,7 +114,10 @@ def trace(
     the Hutchinson sample of (I − QQᵀ)H(I − QQᵀ) for symmetric H. Each term's expectation is
     exact for M as computed (E[zᵀQMᵀz] = tr(QMᵀ) = e, E[zᵀQ(QᵀM)Qᵀz] = e when QᵀQ = I), so the
     estimate is unbiased given Q and the t-interval covers the sampled part, which is all the
-    randomness given Q: Q must not depend on the probes. Where the top of the spectrum dominates
+    randomness given Q: Q must not depend on the probes. The half-width adds a first-order bound on
+    the float64 round-off of e and of the samples (``roundoff_bound``, γ = (P + m)·u per inner
+    product), which is what remains where Q spans all of H's range and the samples vanish: without
+    it a t-interval of round-off-sized samples misses the trace by a few ulps. Where the top of the spectrum dominates
     tr(H), the deflated samples vary far less. The basis: ``krylov`` = (Q, M) from a Lanczos run on
     the same operator (``eigenvalues(..., keep_krylov=True)``: no products here), else
     ``sketch_size`` (default max_matvecs // 3) Lanczos steps here. Its start must be independent
@@ -203,23 +207,33 @@ def _deflated(matvec: CountedMatvec, tol: float, max_matvecs: int, seed: int, mi
                              f"got {tuple(Q.shape)} and {tuple(M.shape)}")
     C = Q.T @ M
     exact = float(torch.trace(C))
+    # float64 round-off (first order, gamma = (P + m) u per inner product): of tr(QᵀM), and of each sample's three terms.
+    gamma = (matvec.dim + Q.shape[1]) * float(np.finfo(np.float64).eps) / 2
+    exact_error = gamma * float(torch.linalg.vector_norm(M, dim=0).sum())
+    norm_C = float(torch.linalg.matrix_norm(C))
     rng = np.random.default_rng(seed)
     samples: list[float] = []
-    halfwidth, stop_reason, used = math.inf, "budget", matvec.count
+    sample_errors: list[float] = []
+    halfwidth, stop_reason, used, roundoff = math.inf, "budget", matvec.count, exact_error
     with progress_bar(total=max_matvecs, desc="trace (deflated)", enabled=progress, leave=False) as bar:
         bar.update(used)
         while matvec.count < max_matvecs:
             z = matvec.rademacher(rng)
+            w = matvec(z)
             a, b = Q.T @ z, M.T @ z
-            samples.append(float(z @ matvec(z) - 2.0 * (a @ b) + a @ (C @ a)))
+            samples.append(float(z @ w - 2.0 * (a @ b) + a @ (C @ a)))
+            norm_a = float(torch.linalg.vector_norm(a))
+            sample_errors.append(2 * gamma * (math.sqrt(matvec.dim) * float(torch.linalg.vector_norm(w))
+                                              + 2 * norm_a * float(torch.linalg.vector_norm(b)) + norm_a ** 2 * norm_C))
             bar.update()
-            halfwidth = t_halfwidth(samples, CONFIDENCE)
+            roundoff = exact_error + float(np.mean(sample_errors))
+            halfwidth = t_halfwidth(samples, CONFIDENCE) + roundoff
             if len(samples) >= min_probes and halfwidth <= tol * abs(exact + np.mean(samples)):
                 stop_reason = "tolerance"
                 break
     return TraceResult(
         estimate=exact + (float(np.mean(samples)) if samples else 0.0), ci_halfwidth=halfwidth, confidence=CONFIDENCE,
-        method="deflated", samples=np.array(samples), exact_part=exact, roundoff_bound=0.0, sketch_size=Q.shape[1],
+        method="deflated", samples=np.array(samples), exact_part=exact, roundoff_bound=roundoff, sketch_size=Q.shape[1],
         tol=tol, max_matvecs=max_matvecs, converged=stop_reason == "tolerance", stop_reason=stop_reason,
         matvecs=matvec.count, seed=seed, wall_time=time.perf_counter() - start_time,
     )

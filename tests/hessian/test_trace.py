@@ -89,6 +89,20 @@ def test_the_trace_deflated_by_an_eigenvalue_runs_krylov_basis_covers_and_is_nar
     json.dumps(deflated[0].to_dict(), allow_nan=False)
 
 
+def test_the_deflated_interval_covers_where_the_basis_spans_the_range_and_only_round_off_is_left():
+    """Rank 3 (indefinite) and a rank-6 GGN: the eigenvalue run's basis spans the range, every sample is
+    round-off; the half-width's round-off bound keeps the interval covering, still ~1e-13 of the trace."""
+    rng = np.random.default_rng(123)
+    U = np.linalg.qr(rng.standard_normal((40, 3)))[0]
+    J = rng.standard_normal((6, 40))
+    for H in (U @ np.diag([10.0, 5.0, -3.0]) @ U.T, J.T @ J):
+        op, exact = aslinearoperator(H), np.trace(H)
+        results = [trace(op, "deflated", tol=0.0, max_matvecs=12, seed=seed,
+                         krylov=eigenvalues(op, which="BE", v0=krylov_start(seed, 40), keep_krylov=True).krylov) for seed in range(40)]
+        assert np.mean([abs(r.estimate - exact) <= r.ci_halfwidth for r in results]) >= 0.9
+        assert all(0 < r.roundoff_bound <= r.ci_halfwidth <= 1e-11 * abs(exact) for r in results)
+
+
 def test_the_deflated_trace_builds_its_own_basis_and_is_exact_on_a_spanned_space(ce):
     _, H = ce
     op, exact = aslinearoperator(H), np.trace(H)
