@@ -18,7 +18,7 @@ from ._common import CountedMatvec
 from ._results import dataclass_dict
 from .lanczos import Lanczos
 
-__all__ = ["CONFIDENCE", "METHODS", "TraceResult", "exchangeable_sketch", "krylov_start", "leave_one_out_factors", "trace",
+__all__ = ["CONFIDENCE", "METHODS", "ORTHONORMAL_TOLERANCE", "TraceResult", "exchangeable_sketch", "krylov_start", "leave_one_out_factors", "trace",
     "unit_roundoff"]
 
 METHODS = TRACE_METHODS
@@ -119,7 +119,8 @@ def trace(
     product), which is what remains where Q spans all of H's range and the samples vanish: without
     it a t-interval of round-off-sized samples misses the trace by a few ulps. Where the top of the spectrum dominates
     tr(H), the deflated samples vary far less. The basis: ``krylov`` = (Q, M) from a Lanczos run on
-    the same operator (``eigenvalues(..., keep_krylov=True)``: no products here), else
+    the same operator (``eigenvalues(..., keep_krylov=True)``: no products here; orthonormal columns
+    to ``ORTHONORMAL_TOLERANCE``, else ``InputError``, and no ``sketch_size``), else
     ``sketch_size`` (default max_matvecs // 3) Lanczos steps here. Its start must be independent
     of the probes: here it is a Gaussian vector from the stream ``[seed, 1]`` (``analyze`` starts
     its eigenvalue run the same way when it deflates the trace by it).
@@ -183,6 +184,10 @@ def trace(
     )
 
 
+# How far from orthonormal a given deflation basis may be: the bias tr(QᵀM (QᵀQ − I)) stays below 1e-8 of Σ‖M_j‖.
+ORTHONORMAL_TOLERANCE = 1e-8
+
+
 def krylov_start(seed: int, dim: int) -> np.ndarray:
     """The Lanczos start of the ``"deflated"`` trace's basis: a Gaussian vector from the stream
     [seed, 1], independent of the probes drawn from ``seed``."""
@@ -201,10 +206,16 @@ def _deflated(matvec: CountedMatvec, tol: float, max_matvecs: int, seed: int, mi
             process.step()
         Q, M = process.basis_tensor, process.products_tensor
     else:
+        if sketch_size is not None:
+            raise InputError("sketch_size sets the size of a basis built here; a given krylov basis has its own")
         Q, M = (torch.as_tensor(t, dtype=torch.float64, device=matvec.device) for t in krylov)
         if Q.ndim != 2 or Q.shape != M.shape or Q.shape[0] != matvec.dim:
             raise InputError(f"krylov must be a basis and its products, both of shape ({matvec.dim}, m), "
                              f"got {tuple(Q.shape)} and {tuple(M.shape)}")
+        # The exact part is unbiased only for QᵀQ = I; a Lanczos basis is orthonormal to ~1e-15.
+        departure = float(torch.linalg.matrix_norm(Q.T @ Q - torch.eye(Q.shape[1], dtype=torch.float64, device=Q.device), ord=2))
+        if not departure <= ORTHONORMAL_TOLERANCE:
+            raise InputError(f"krylov's basis must have orthonormal columns: ‖QᵀQ − I‖₂ = {departure:.1e} > {ORTHONORMAL_TOLERANCE:g}")
     C = Q.T @ M
     exact = float(torch.trace(C))
     # float64 round-off (first order, gamma = (P + m) u per inner product): of tr(QᵀM), and of each sample's three terms.

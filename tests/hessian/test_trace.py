@@ -115,6 +115,11 @@ def test_the_deflated_trace_builds_its_own_basis_and_is_exact_on_a_spanned_space
     assert whole.estimate == pytest.approx(21.0, rel=1e-12)
     with pytest.raises(ValueError, match="krylov must be"):
         trace(op, "deflated", krylov=(np.eye(3), np.eye(3)))
+    basis = eigenvalues(op, which="BE", v0=krylov_start(0, op.shape[0]), keep_krylov=True).krylov
+    with pytest.raises(ValueError, match="orthonormal columns"):  # 2Q: the estimate would be biased by 12 tr(QᵀHQ)
+        trace(op, "deflated", krylov=(2 * basis[0], 2 * basis[1]))
+    with pytest.raises(ValueError, match="its own"):
+        trace(op, "deflated", krylov=basis, sketch_size=2)
     with pytest.raises(ValueError, match="not 'hutchinson'"):
         trace(op, "hutchinson", krylov=(np.eye(3), np.eye(3)))
     with pytest.raises(ValueError, match="leave products"):
