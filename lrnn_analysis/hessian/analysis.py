@@ -176,12 +176,12 @@ def analyze(
             v0 = None if start is None else warm_start(start, seed)
         eigen = eigenvalues(op, k=top_k, which="LA" if positive_semidefinite else "BE", tol=tol, seed=seed, atol=atol,
                             max_iter=max_iter, v0=v0, keep_krylov=deflate, progress=progress)
-        density_result = (spectral_density(op, density_probes, density_steps, seed, scale=density_scale, progress=progress)
-                          if density else None)
         # The probe-based estimators draw the same Rademacher probes from the same seed: each probe's product is computed once.
         with base.remembering_products() as memo:
             trace_result = trace_estimate(op, trace_method, trace_tol, trace_matvecs, seed, krylov=eigen.krylov,
                                           progress=progress) if trace else None
+            # The Krylov basis and its products (2·P·m float64) are released before the other estimators run.
+            eigen = dataclasses.replace(eigen, krylov=None)
             if "diag" in estimates:
                 diagonal_result = diagonal_estimate(op, diagonal_method, estimate_matvecs, seed)
             if "frobenius" in estimates:
@@ -192,7 +192,8 @@ def analyze(
                 blocks_result = block_curvature(op, tol, seed=seed, first=recurrent_first, max_iter=max_iter,
                                                 start=eigen.vectors[:, 0])
         reused = memo.reused
-        eigen = dataclasses.replace(eigen, krylov=None)
+        density_result = (spectral_density(op, density_probes, density_steps, seed, scale=density_scale, progress=progress)
+                          if density else None)
         described = op.describe()
         lambda_max = float(eigen.values.max())
         lambda_min = None if positive_semidefinite else float(eigen.values.min())

@@ -158,3 +158,35 @@ def test_analyze_deflates_the_trace_by_its_eigenvalue_run_and_shares_the_probes_
     json.dumps(deflated.to_dict(), allow_nan=False)
     with pytest.raises(ValueError, match="needs backend='native'"):
         analyze(model, loss, (x, y), backend="pyhessian", trace=True, trace_method="deflated", progress=False)
+
+
+def test_the_krylov_basis_is_released_before_the_other_estimators_run(model_and_batch, monkeypatch):
+    """The deflated trace's basis and products (2·P·m float64) are gone once the trace is done: the
+    block table and the density do not run beside them."""
+    import gc
+    import weakref
+
+    from lrnn_analysis.hessian import analysis
+
+    model, x, y = model_and_batch
+    alive: list[bool] = []
+    bases: list[weakref.ref] = []
+    real_trace, real_blocks, real_density = analysis.trace_estimate, analysis.block_curvature, analysis.spectral_density
+
+    def trace_keeping_refs(*args, krylov=None, **kwargs):
+        bases.extend(weakref.ref(t) for t in krylov)
+        return real_trace(*args, krylov=krylov, **kwargs)
+
+    def checking(real):
+        def run(*args, **kwargs):
+            gc.collect()
+            alive.append(any(ref() is not None for ref in bases))
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(analysis, "trace_estimate", trace_keeping_refs)
+    monkeypatch.setattr(analysis, "block_curvature", checking(real_blocks))
+    monkeypatch.setattr(analysis, "spectral_density", checking(real_density))
+    analyze(model, nn.CrossEntropyLoss(), (x, y), trace=True, trace_method="deflated", trace_matvecs=12, estimates=("blocks",),
+            density=True, density_probes=1, density_steps=4, progress=False)
+    assert len(bases) == 2 and alive == [False, False]
