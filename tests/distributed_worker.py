@@ -30,6 +30,8 @@ def run(out: Path, checkpoint: str, recipes: list[str]) -> None:
     top = eigenvalues(op, k=2, which="BE", seed=3)
     report = analyze(model, loss_fn, shard_batches(batches, rank, world), dtype=torch.float64,
                      wrap_operator=DistributedOperator, **TRACE_OPTIONS)
+    deflated = analyze(model, loss_fn, shard_batches(batches, rank, world), dtype=torch.float64,
+                       wrap_operator=DistributedOperator, trace_method="deflated", **TRACE_OPTIONS)
     try:
         op.matvec(np.full(op.shape[0], float(rank)))
         mismatch = "no error"
@@ -51,7 +53,7 @@ def run(out: Path, checkpoint: str, recipes: list[str]) -> None:
         np.save(out / "eigenvalues.npy", top.values)
         write_csv(out / "sweep.csv", result.rows, ROW_FIELDS)
         (out / "result.json").write_text(json.dumps({
-            "describe": op.describe(), "report": report.to_dict(), "mismatch": mismatches,
+            "describe": op.describe(), "report": report.to_dict(), "deflated": deflated.to_dict(), "mismatch": mismatches,
             "sweep_environment": result.environment, "sweep_settings": result.settings, "summary": result.summary,
             "sweep_warnings": list(result.warnings)}))
     common = ["--quiet", "--device", "cpu"]

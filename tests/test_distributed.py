@@ -101,6 +101,12 @@ def test_estimators_run_unchanged(two_ranks):
     assert distributed["operator"]["batch_sizes"] == [16, 16, 16, 16, 6]
     assert distributed["operator"]["samples_per_rank"] == [48, 22]
     assert distributed["environment"]["distributed"] == {"world_size": 2, "backend": "gloo", "rank": 0}
+    # the trace deflated by the eigenvalue run's basis: the same basis, probes and estimate on the ranks' operator
+    deflated = analyze(model, loss_fn, batches, dtype=torch.float64, trace_method="deflated", **TRACE_OPTIONS)
+    shared = result["deflated"]["trace"]
+    assert shared["method"] == "deflated" and shared["sketch_size"] == deflated.trace.sketch_size == deflated.eigen.iterations
+    assert shared["estimate"] == pytest.approx(deflated.trace.estimate, rel=1e-10)
+    assert shared["ci_halfwidth"] == pytest.approx(deflated.trace.ci_halfwidth, rel=1e-6)
 
 
 def test_ranks_that_disagree_raise_on_every_rank(two_ranks):
