@@ -158,9 +158,12 @@ def warm_start(previous: np.ndarray, seed: int | Sequence[int] = 0) -> np.ndarra
     cold start, while the ``previous`` half still starts the process close to it.
     """
     vector = np.asarray(previous, dtype=np.float64).reshape(-1)
-    norm = float(np.linalg.norm(vector))
-    if not np.isfinite(norm) or norm == 0:
+    largest = float(np.max(np.abs(vector), initial=0.0))
+    if not np.isfinite(largest) or largest == 0:
         raise InputError("a warm start needs a finite, non-zero vector")
+    # Scaled first: the squares of entries below ~1e-154 (or above ~1e154) under- (over-)flow.
+    vector = vector / largest
+    norm = float(np.linalg.norm(vector))
     gaussian = np.random.default_rng(seed).standard_normal(vector.size)
     return vector / norm + gaussian / np.linalg.norm(gaussian)
 

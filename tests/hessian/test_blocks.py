@@ -48,6 +48,10 @@ def test_block_lambda_max_starts_warm_from_the_top_eigenvector(case):
     zero_in_a_block = top.copy()
     zero_in_a_block[slices[warm.rows[0]["param"]]] = 0.0  # that block starts cold
     assert block_curvature(op, tol=1e-8, trace_matvecs=4, seed=0, start=zero_in_a_block).rows[0] == cold.rows[0]
+    tiny_in_a_block = top.copy()
+    tiny_in_a_block[slices[warm.rows[0]["param"]]] *= 1e-170  # not zero: that block still starts warm, from the same direction
+    tiny = block_curvature(op, tol=1e-8, trace_matvecs=4, seed=0, start=tiny_in_a_block).rows[0]
+    assert tiny["lambda_max"] == pytest.approx(warm.rows[0]["lambda_max"], rel=1e-10) and tiny["matvecs"] == warm.rows[0]["matvecs"]
     with pytest.raises(ValueError, match="one entry per parameter"):
         block_curvature(op, start=np.ones(3))
 

@@ -55,9 +55,11 @@ def test_a_warm_start_finds_a_top_eigenvector_the_previous_vector_lacks():
     start = warm_start(previous, seed=3)
     gaussian = np.random.default_rng(3).standard_normal(40)
     np.testing.assert_allclose(start, previous / 2.5 + gaussian / np.linalg.norm(gaussian), rtol=1e-15)
-    for bad in (np.zeros(40), np.full(40, np.nan)):
+    for bad in (np.zeros(40), np.full(40, np.nan), np.full(40, np.inf)):
         with pytest.raises(ValueError, match="warm start"):
             warm_start(bad)
+    for scale in (1e-170, 1e-310, 1e200):  # finite and non-zero, though their squares under- or overflow
+        np.testing.assert_allclose(warm_start(scale * previous, seed=3), start, rtol=1e-14)
 
 
 @pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
