@@ -188,7 +188,8 @@ class Recipe:
         if self.analysis == "hessian":
             return curvature.CurvatureSettings(
                 split=s.get("split", "train"), batch_size=s.get("batch_size", 128), batches=s.get("batches", 1),
-                params=s.get("params"), trace=True, trace_method=s.get("trace_method", "hutchinson"), trace_matvecs=s.get("trace_matvecs", 100),
+                params=s.get("params"), trace=True, trace_matvecs=s.get("trace_matvecs", 100),
+                trace_method=s.get("trace_method", "hutchinson"),
                 density=s.get("density", True), density_probes=s.get("density_probes", 4),
                 density_steps=s.get("density_steps", 40), max_iter=150, seed=self.seed)
         if self.analysis == "robustness":
@@ -339,7 +340,8 @@ _BATCHES = {"split": _choice(SPLITS), "batch_size": _integer(1, MAX_BATCH_SIZE),
 _SETTINGS: dict[str, dict[str, Callable[[Path, str, Any], Any]]] = {
     "spectra": {},
     "certificates": {"certificates": _names(CERTIFICATES), "time_budget": _number(1e-3, 1e6)},
-    "hessian": {**_BATCHES, "params": _string, "trace_method": _choice(TRACE_METHODS), "trace_matvecs": _integer(1, MAX_MATVECS), "density": _boolean,
+    "hessian": {**_BATCHES, "params": _string, "trace_matvecs": _integer(1, MAX_MATVECS), "trace_method": _choice(TRACE_METHODS),
+                "density": _boolean,
                 "density_probes": _integer(1, MAX_DENSITY_PROBES), "density_steps": _integer(1, MAX_DENSITY_STEPS)},
     "robustness": {"grid": _grid_setting, "recurrent_only": _boolean, "recurrent": _string,
                    "hessian_k": _integer(1, MAX_EIGENPAIRS), "seeds": _integer(1, MAX_SEEDS), "split": _choice(SPLITS),

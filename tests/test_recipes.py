@@ -152,8 +152,6 @@ def _recipe_beside_a_checkpoint(tmp_path, checkpoint, name, text):
     ('name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
      '[settings]\nbatches = -1\n', "settings.batches"),
     ('name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "nonsense"\ncheckpoints = ["models/tiny.safetensors"]\n', "task"),
-    ('name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
-     '[settings]\ntrace_method = "lanczos"\n', "settings.trace_method"),
     ('name = "l"\nanalysis = "landscape"\noutput = "l"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
      '[settings]\nsteps = {linspace = [-1.0, 1.0, 100000000]}\n', "settings.steps.linspace count"),
     (phase_recipe("p", "p").replace("gammas = [0.5, 1.0]", "gammas = {linspace = [0.0, 1.0, 10001]}")
@@ -286,13 +284,3 @@ def test_bad_task_options_are_named_with_the_recipe_file(tmp_path, checkpoint):
     with pytest.raises(ValueError) as error:
         recipes.load_recipe(path).load_task()
     assert str(error.value).startswith(f"{path}: task_options: ") and "length" in str(error.value)
-
-
-def test_a_hessian_recipe_chooses_its_trace_method(tmp_path, checkpoint):
-    text = ('name = "h"\nanalysis = "hessian"\noutput = "h"\ntask = "digits"\ncheckpoints = ["models/tiny.safetensors"]\n'
-            '[settings]\ntrace_method = "deflated"\n')
-    path = _recipe_beside_a_checkpoint(tmp_path, checkpoint, "h.toml", text)
-    assert recipes.load_recipe(path).pipeline_settings().trace_method == "deflated"
-    (tmp_path / "plain").mkdir()
-    plain = _recipe_beside_a_checkpoint(tmp_path / "plain", checkpoint, "p.toml", text.replace('trace_method = "deflated"\n', ""))
-    assert recipes.load_recipe(plain).pipeline_settings().trace_method == "hutchinson"

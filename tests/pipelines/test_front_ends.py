@@ -32,12 +32,14 @@ def _recipe(root, name, analysis, settings):
 def test_cli_recipe_and_audit_report_equal_numbers(checkpoint, tmp_path):
     root = checkpoint.parent.parent
     assert main(["stability", str(checkpoint), "--json", str(tmp_path / "s.json"), "--quiet"]) in (0, 1)
+    # The audit deflates its trace by the λ run's Krylov basis: the same settings here.
     assert main(["hessian", str(checkpoint), "--batch-size", "128", "--batches", "1", "--trace", "--trace-matvecs", "60",
-                 "--json", str(tmp_path / "h.json"), "--quiet"]) == 0
+                 "--trace-method", "deflated", "--json", str(tmp_path / "h.json"), "--quiet"]) == 0
     assert main(["robustness", str(checkpoint), "--input-noise", "0,0.1", "--param-noise", "0,0.05", "--seeds", "3",
                  "--max-samples", "1000", "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
     recipes = [_recipe(root, "cert", "certificates", {"time_budget": 20.0}),
-               _recipe(root, "hess", "hessian", {"batch_size": 128, "batches": 1, "trace_matvecs": 60, "density": "false"}),
+               _recipe(root, "hess", "hessian", {"batch_size": 128, "batches": 1, "trace_matvecs": 60, "density": "false",
+                                                 "trace_method": '"deflated"'}),
                _recipe(root, "rob", "robustness", {"seeds": 3, "max_samples": 1000,
                                                    "grid": "{ gaussian = [0.0, 0.1], gaussian-relative = [0.0, 0.05] }"})]
     assert main(["reproduce", *map(str, recipes), "--out", str(tmp_path / "figures"), "--quiet"]) == 0

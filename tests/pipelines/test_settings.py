@@ -56,3 +56,17 @@ def test_settings_whose_work_would_run_for_days_are_refused(tmp_path):
                       "[settings]\nbatch_size = 100000\nbatches = 100\nsteps = {linspace = [-1.0, 1.0, 10001]}\n")
     with pytest.raises(InputError, match="landscape points"):
         load_recipe(recipe)
+
+
+def test_a_hessian_recipe_takes_a_trace_method_among_the_choices(tmp_path):
+    from lrnn_analysis.recipes import load_recipe
+
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    recipe = tmp_path / "analyses" / "hess.toml"
+    head = 'name = "hess"\nanalysis = "hessian"\ntask = "digits"\noutput = "hess"\ncheckpoints = ["m.safetensors"]\n[settings]\n'
+    recipe.write_text(head + 'trace_method = "deflated"\n')
+    assert load_recipe(recipe).pipeline_settings().trace_method == "deflated"
+    recipe.write_text(head + 'trace_method = "simpson"\n')
+    with pytest.raises(InputError, match="trace_method"):
+        load_recipe(recipe)
