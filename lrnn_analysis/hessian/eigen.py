@@ -142,7 +142,8 @@ def eigenvalues(
         values=values, residuals=residuals, converged=residuals <= tol * np.abs(values) + atol,
         vectors=vectors, which=which, k=k, tol=tol, atol=atol, method="lanczos", iterations=iterations,
         matvecs=matvec.count, seed=None if v0 is not None else seed, wall_time=time.perf_counter() - start_time,
-        krylov=(process.basis_tensor.clone(), process.products_tensor.clone()) if keep_krylov else None,
+        # Views of the process's own buffers: no second copy of 2 P m numbers.
+        krylov=(process.basis_tensor, process.products_tensor) if keep_krylov else None,
     )
 
 
