@@ -1538,16 +1538,19 @@ def certify_gain(
             found = best is not None and best is not before
             attempts.append(GainAttempt(tier, found, best.lipschitz if best is not None and found else None,
                                         time.monotonic() - tier_start, reason, work))
-        reported, found_by, why = _reported(search)
+        reported, found_by, why = _reported(search, started + (math.inf if time_budget is None else float(time_budget)))
     return _certificate(search, reported, found_by, attempts, exhausted, time.monotonic() - started, why)
 
 
-def _reported(search: _Search) -> tuple[_Candidate | None, str | None, str | None]:
+def _reported(search: _Search, deadline: float) -> tuple[_Candidate | None, str | None, str | None]:
     """The candidate reported: the verified one with the smallest bound whose pair factors verify too
-    (:func:`_with_pairs`, on the best first), with its tier and, where a smaller verified bound had to
-    be passed over, a note saying so (the tiers' attempts list that bound); else None and why."""
+    (:func:`_with_pairs`, on the best first; the next ones only before ``deadline``, the end of the
+    whole budget), with its tier and, where a smaller verified bound had to be passed over, a note
+    saying so (the tiers' attempts list that bound); else None and why."""
     passed_over = None
     for candidate, tier in sorted(search.verified, key=lambda found: found[0].lipschitz):
+        if passed_over is not None and time.monotonic() >= deadline:
+            return None, None, f"not certified: {passed_over[2]} (the next candidates not tried: time budget exhausted)"
         try:
             full, why = _with_pairs(search.gform, candidate, search.horizon)
         except BaseException as error:

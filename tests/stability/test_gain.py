@@ -393,6 +393,20 @@ def test_a_numerical_failure_while_forming_pair_factors_is_reported_not_raised(m
     assert not result.holds and result.reason == "not certified: numerical failure: LinAlgError: Eigenvalues did not converge"
 
 
+def test_runners_up_get_pair_factors_only_within_the_budget(certified_case, monkeypatch):
+    from lrnn_analysis.stability import gain
+
+    gform, c = certified_case
+    best = gain._Candidate(c.P, c.multipliers, c.r, c.mu, c.output_factor, None, c.verification, c.lipschitz, None)
+    search = gain._Search(gform, 6, None, math.inf, [], verified=[(best, "riccati"), (dataclasses.replace(best, lipschitz=2 * c.lipschitz), "sdp")])
+    tried = []
+    monkeypatch.setattr(gain, "_with_pairs", lambda gform, candidate, horizon: (tried.append(candidate.lipschitz), (None, "refused here"))[1])
+    reported, tier, why = gain._reported(search, -math.inf)
+    assert reported is None and tried == [c.lipschitz] and why == "not certified: refused here (the next candidates not tried: time budget exhausted)"
+    tried.clear()
+    assert gain._reported(search, math.inf) == (None, None, "not certified: refused here") and tried == [c.lipschitz, 2 * c.lipschitz]
+
+
 def test_pair_factors_fall_back_to_one_by_one_back_offs_when_the_first_try_fails(certified_case, monkeypatch):
     from lrnn_analysis.stability import gain
 
