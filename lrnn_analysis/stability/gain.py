@@ -395,18 +395,13 @@ def _readout_matrix(P: np.ndarray, c: float, V: np.ndarray) -> tuple[np.ndarray 
     return K, float(8.0 * (n + k + 8) * (UNIT_ROUNDOFF * magnitude + n * UNDERFLOW_FLOOR))
 
 
-def _readout_check(P: np.ndarray, c: float, V: np.ndarray) -> tuple[float, float]:
-    """(lambda_min(c P - V V^T), the tolerance of :func:`_readout_matrix`)."""
+def _readout_margin(P: np.ndarray, c: float, V: np.ndarray) -> float:
+    """lambda_min(c P - V V^T) - tolerance of :func:`_readout_matrix` (> 0: c P >= V V^T holds in
+    exact arithmetic; nan where c P - V V^T overflows)."""
     K, tolerance = _readout_matrix(P, c, V)
     if K is None:
-        return float("nan"), tolerance
-    return float(np.linalg.eigvalsh(0.5 * (K + K.T))[0]), tolerance
-
-
-def _readout_margin(P: np.ndarray, c: float, V: np.ndarray) -> float:
-    """lambda_min(c P - V V^T) - tolerance (> 0: c P >= V V^T holds in exact arithmetic)."""
-    bottom, tolerance = _readout_check(P, c, V)
-    return bottom - tolerance
+        return float("nan")
+    return float(np.linalg.eigvalsh(0.5 * (K + K.T))[0]) - tolerance
 
 
 def _pair_vectors(D: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
@@ -515,10 +510,15 @@ def _bound(gform: GainForm, r: float, mu: float, factor: float, horizon: int) ->
     return _round_up(value, gform.substeps + 8) if np.isfinite(value) else math.inf
 
 
+def _backoff(start: float, step: float, k: int) -> float:
+    """The k-th back-off of ``start``: start (1 + _BACKOFFS[k]) + step 10^k."""
+    return start * (1.0 + _BACKOFFS[k]) + step * 10.0**k
+
+
 def _backed_off(start: float, step: float, check: Any) -> float | None:
-    """The first of start (1 + b) + step 10^k (b in _BACKOFFS, k = 0, 1, ...) with check(value) > 0."""
-    for k, b in enumerate(_BACKOFFS):
-        value = start * (1.0 + b) + step * 10.0**k
+    """The first back-off of ``start`` (k = 0, 1, ...) with check(value) > 0."""
+    for k in range(len(_BACKOFFS)):
+        value = _backoff(start, step, k)
         if check(value) > 0:
             return value
     return None
@@ -568,11 +568,14 @@ def _finalize(gform: GainForm, P: np.ndarray, lam: np.ndarray, r: float, horizon
     return _with_pairs(gform, candidate, horizon) if with_pairs else (candidate, "verified")
 
 
+def _readout_step(P: np.ndarray, p_min: float, c0: float, V: np.ndarray) -> float:
+    """The back-off step of a readout factor c0: 2 tol / lambda_min(P), tol that of c0 P - V V^T."""
+    return 2.0 * _readout_matrix(P, max(c0, UNDERFLOW_FLOOR), V)[1] / p_min
+
+
 def _readout_factor(P: np.ndarray, p_min: float, c0: float, V: np.ndarray) -> float | None:
-    """The readout factor c >= c0 (c0 its exact value) backed off until c P - V V^T >= 0 verifies
-    (the first back-off c0 (1 + 1e-9) + 2 tol / lambda_min(P), as :func:`_with_pairs` tries first)."""
-    tolerance = _readout_matrix(P, max(c0, UNDERFLOW_FLOOR), V)[1]
-    return _backed_off(c0, 2.0 * tolerance / p_min, lambda value: _readout_margin(P, value, V))
+    """The readout factor c >= c0 (c0 its exact value) backed off until c P - V V^T >= 0 verifies."""
+    return _backed_off(c0, _readout_step(P, p_min, c0, V), lambda value: _readout_margin(P, value, V))
 
 
 def _pair_seconds(gform: GainForm) -> float:
@@ -609,9 +612,7 @@ def _with_pairs(gform: GainForm, candidate: _Candidate, horizon: int) -> tuple[_
     k = gform.D.shape[0]
     pairs = np.zeros((k, k))
     for (i, j), d in vectors.items():
-        c0 = exact[i, j]
-        step = 2.0 * _readout_matrix(P, max(c0, UNDERFLOW_FLOOR), d)[1] / p_min
-        pairs[i, j] = pairs[j, i] = c0 * (1.0 + _BACKOFFS[0]) + step
+        pairs[i, j] = pairs[j, i] = _backoff(exact[i, j], _readout_step(P, p_min, exact[i, j], d), 0)
     verification = verify_gain(gform, P, candidate.lam, r, mu, candidate.output_factor, pairs)
     if not verification.passed:
         for (i, j), d in vectors.items():
@@ -1508,8 +1509,8 @@ def certify_gain(
     with threadpool_limits(limits=1, user_api="blas"):
         # The tiers' deadline leaves time for the pair factors of the bound they find (at most half the budget).
         reserve = 0.0 if time_budget is None else min(_pair_seconds(gform), 0.5 * float(time_budget))
-    search = _Search(gform, int(horizon), None if rho is None else float(rho) ** 2,
-                     started + (math.inf if time_budget is None else float(time_budget) - reserve), starts)
+    budget_end = started + (math.inf if time_budget is None else float(time_budget))
+    search = _Search(gform, int(horizon), None if rho is None else float(rho) ** 2, budget_end - reserve, starts)
     attempts: list[GainAttempt] = []
     exhausted = False
     if not all(np.all(np.isfinite(X)) for X in (gform.form.out,) + gform.form.q_maps):
@@ -1538,7 +1539,7 @@ def certify_gain(
             found = best is not None and best is not before
             attempts.append(GainAttempt(tier, found, best.lipschitz if best is not None and found else None,
                                         time.monotonic() - tier_start, reason, work))
-        reported, found_by, why = _reported(search, started + (math.inf if time_budget is None else float(time_budget)))
+        reported, found_by, why = _reported(search, budget_end)
     return _certificate(search, reported, found_by, attempts, exhausted, time.monotonic() - started, why)
 
 
