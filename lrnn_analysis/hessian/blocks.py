@@ -112,8 +112,10 @@ def block_curvature(
     then starts from ``warm_start`` of its part (cold where that part is zero). Every random draw
     comes from ``seed``."""
     start_time = time.perf_counter()
-    if start is not None and np.size(start) != op.shape[0]:
-        raise InputError(f"start must have one entry per parameter ({op.shape[0]}), got {np.size(start)}")
+    if start is not None:
+        start = np.asarray(start, dtype=np.float64).reshape(-1)
+        if start.size != op.shape[0]:
+            raise InputError(f"start must have one entry per parameter ({op.shape[0]}), got {start.size}")
     slices = op.block_slices()
     order = [name for name in first if name in slices] + [name for name in op.names if name not in first]
     sampled = [name for name in order if slices[name].stop - slices[name].start > EXACT_BLOCK]
@@ -124,7 +126,7 @@ def block_curvature(
         view = BlockView(op, slices[name])
         numel = view.shape[0]
         if name in samples:
-            part = None if start is None else np.asarray(start, dtype=np.float64).reshape(-1)[slices[name]]
+            part = None if start is None else start[slices[name]]
             v0 = warm_start(part, seed) if part is not None and np.any(part != 0) else None
             top = eigenvalues(view, k=1, which="LA", tol=tol, seed=seed, max_iter=max_iter, v0=v0)
             lambda_max, residual, matvecs = float(top.values[0]), float(top.residuals[0]), top.matvecs
