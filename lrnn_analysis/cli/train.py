@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     o.set_threads(args.threads)
     device = resolve_device(args.device)
     read = HYPERPARAMETERS[args.arch]
-    given = {"beta": ("beta_a", "beta_w"), "gamma": ("gamma_a", "gamma_w"), **{name: (name,) for name in CHECKED_HYPERPARAMETERS}}
+    shared = {"beta": ("beta_a", "beta_w"), "gamma": ("gamma_a", "gamma_w")}  # options that set two fields
+    given = {**shared, **{name: (name,) for name in CHECKED_HYPERPARAMETERS}}
     ignored = [option for option, fields in given.items() if getattr(args, option) is not None and not read & set(fields)]
     if ignored:
         names = ", ".join("--" + option.replace("_", "-") for option in ignored)
@@ -81,12 +82,11 @@ def run(args: argparse.Namespace) -> int:
                            f"{', '.join(sorted('--' + f.replace('_', '-') for f in read)) or 'none of these options'})")
     task = o.task_source(args).load()
 
-    def pick(*values):
-        return next((v for v in values if v is not None), None)
-
-    fields = {"beta_a": pick(args.beta_a, args.beta), "gamma_a": pick(args.gamma_a, args.gamma), "beta_w": pick(args.beta_w, args.beta),
-              "gamma_w": pick(args.gamma_w, args.gamma), "init_std": args.init_std, "ode_substeps": args.ode_substeps,
-              "rho": args.rho, "rank": args.rank, "cond_penalty": args.cond_penalty}
+    # eps defaults to the task's; a field's own option (--beta-a) wins over the shared one (--beta).
+    fields = {name: getattr(args, name) for name in CHECKED_HYPERPARAMETERS if name != "eps"}
+    for option, names in shared.items():
+        for name in names:
+            fields[name] = getattr(args, option) if fields[name] is None else fields[name]
     config = ModelConfig(
         arch=args.arch,
         input_dim=task.input_dim,
