@@ -48,6 +48,7 @@ from common import alternating_times, ratio_spread, spread
 
 from lrnn_analysis.environment import environment
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.recurrence.field import tanh as engine_tanh
 
 SIZES = ((196, 64, 64), (784, 128, 128))
 BETA, GAMMA, EPS = 0.75, 0.001, 0.03
@@ -223,9 +224,11 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
 
     Forward: the step's matmul alone (T plain products at the step's shape, no autograd), then
     the forward pass without autograd (adds tanh, scaling, adds and the per-step operator
-    dispatch), then with autograd recording; first, T calls of torch.tanh and of torch.sigmoid at
-    the step's shape (the engine calls torch.tanh: 2 sigmoid(2 p) - 1 is cheaper but loses tanh's
-    relative accuracy near p = 0). Forward+backward: the three matmuls per step alone
+    dispatch), then with autograd recording; first, T calls at the step's shape of torch.tanh (the
+    reference's and the recorded loop's), of the engine's tanh (``lrnn_analysis.recurrence.field.
+    tanh``: NumPy's float64 tanh with one thread, torch.tanh with several) and of torch.sigmoid
+    (2 sigmoid(2 p) - 1 is cheaper still but loses tanh's relative accuracy near p = 0), each on
+    the p columns of a (batch x 2n) product as the engine reads them. Forward+backward: the three matmuls per step alone
     (the forward product and the two backward products), then the whole forward+backward.
     """
     T, batch, n = x.shape[1], x.shape[0], model.config.hidden
@@ -253,15 +256,22 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
         model.zero_grad(set_to_none=True)
         loss(model(x), y).backward()
 
+    p, s = g[:, n:], torch.empty(batch, n)
+
     def tanh_steps() -> None:
         for _ in range(T):
-            torch.tanh(h)
+            torch.tanh(p, out=s)
+
+    def engine_tanh_steps() -> None:
+        for _ in range(T):
+            engine_tanh(p, out=s)
 
     def sigmoid_steps() -> None:
         for _ in range(T):
-            torch.sigmoid(h)
+            torch.sigmoid(p, out=s)
 
     return alternating_times({"T tanh of (batch x n) (torch.tanh)": tanh_steps,
+                              "T tanh of (batch x n) (the engine's)": engine_tanh_steps,
                               "T sigmoid of (batch x n) (2 sigmoid(2 p) - 1, not used)": sigmoid_steps,
                               "forward: step matmul only": forward_matmuls,
                               "forward: whole, no autograd": forward_no_grad,

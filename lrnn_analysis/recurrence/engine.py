@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .field import LureField
+from .field import LureField, tanh
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
@@ -155,7 +155,7 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_sta
     matrix, beta = field.forward_matrix, field.beta
     for l in range(rows):
         z_rows[l].addmm_(h_rows[l], matrix)
-        torch.tanh(p_rows[l], out=s_rows[l])
+        tanh(p_rows[l], out=s_rows[l])
         if field.identity:
             # h + (a + beta s): the two small terms first, one rounding at the size of h.
             torch.add(h_rows[l], a_rows[l].add_(s_rows[l], alpha=beta), out=h_rows[l + 1])

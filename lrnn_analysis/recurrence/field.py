@@ -34,10 +34,48 @@ X^T Y over all rows.
 """
 from __future__ import annotations
 
+import numpy
 import torch
 from torch import Tensor
 
-__all__ = ["LureField"]
+__all__ = ["LureField", "tanh"]
+
+_NUMPY_TANH_DTYPES = (torch.float32, torch.float64)
+# Below about this size NumPy's fixed cost per call outweighs what it saves (32 x 32: 5.4 us against torch.tanh's 3.5).
+_NUMPY_TANH_MIN_ELEMENTS = 4096
+
+
+def _numpy_view(tensor: Tensor) -> bool:
+    """Whether ``tensor`` can be handed to NumPy as a view of its own memory."""
+    return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype in _NUMPY_TANH_DTYPES
+            and not tensor.is_neg() and not tensor.is_conj())
+
+
+def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
+    """tanh(p), written into ``out`` if given.
+
+    With one intra-op thread (``torch.get_num_threads() == 1``), CPU float32 and float64 tensors
+    outside autograd go through NumPy's vectorised float64 tanh on views of the same memory,
+    float32 rounded once from float64: on this project's CPU torch.tanh takes 1.8 times as long
+    for a 128 x 128 float32 step there (38 us against 20 us; 64 x 64: 10 against 8), 5 times in
+    float64. With two threads torch.tanh splits the work and takes 21 us at 128 x 128, so NumPy's
+    single-threaded call gains nothing and is not used; nor below 4,096 elements, where NumPy's
+    fixed cost per call is more than it saves (``python bench/recurrence.py --breakdown``). Accuracy is torch.tanh's or better:
+    float32 within 0.5 units in the last place of tanh (torch.tanh: 0.51), float64 within 1 (as
+    torch.tanh), relative to tanh itself, so near p = 0 too; ``tests/recurrence/test_field.py``
+    measures it on the machine that runs the tests. NumPy's float32 tanh would be 6 times faster
+    still but is within 1.4 units only, which the backward's 1 - s^2 magnifies near saturation
+    (``test_engine.py -k saturation``). Everything else (CUDA, other dtypes, a graph to record,
+    functorch transforms, several threads, small tensors) calls torch.tanh.
+    """
+    target = torch.empty_like(p) if out is None else out
+    if (p.numel() >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
+            and _numpy_view(p) and _numpy_view(target) and target.dtype == p.dtype
+            and not torch._C._are_functorch_transforms_active()
+            and not (torch.is_grad_enabled() and (p.requires_grad or target.requires_grad))):
+        numpy.tanh(p.detach().numpy(), out=target.detach().numpy(), dtype=numpy.float64, casting="same_kind")
+        return target
+    return torch.tanh(p) if out is None else torch.tanh(p, out=out)
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -100,12 +138,12 @@ class LureField:
     def value(self, y: Tensor, u_value: Tensor) -> tuple[Tensor, Tensor]:
         """(k, s): the field at y and s = tanh(p), for u_value = ``value_inputs(u)``.
 
-        s is torch.tanh(p), not the cheaper 2 sigmoid(2 p) - 1: that identity's error is a unit in
-        the last place of 1, not of s, i.e. relative error ~ulp / |p| where |p| is small (1e-8 inputs
-        gave 1e-8 relative in float64, 4e-2 in float32).
+        s is :func:`tanh` (p), not the cheaper 2 sigmoid(2 p) - 1: that identity's error is a unit
+        in the last place of 1, not of s, i.e. relative error ~ulp / |p| where |p| is small (1e-8
+        inputs gave 1e-8 relative in float64, 4e-2 in float32).
         """
         a, p = self._split(torch.addmm(u_value, y, self.forward_matrix))
-        s = torch.tanh(p)
+        s = tanh(p)
         k = self._output(a, s, self.beta)
         return (y + k if self.identity else k), s
 

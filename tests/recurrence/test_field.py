@@ -1,0 +1,114 @@
+"""The engine's tanh: as accurate as torch.tanh on the machine that runs the tests, in every case.
+
+NumPy computes it only with one intra-op thread; the tests that measure that path set one."""
+from __future__ import annotations
+
+import math
+from decimal import Decimal, localcontext
+
+import numpy
+import pytest
+import torch
+
+from lrnn_analysis.recurrence import field
+from lrnn_analysis.recurrence.field import tanh
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def numpy_calls(monkeypatch):
+    """The calls of NumPy's tanh made through the engine's module, counted."""
+    calls: list[int] = []
+    numpy_tanh = numpy.tanh
+    monkeypatch.setattr(field.numpy, "tanh", lambda *a, **k: calls.append(1) or numpy_tanh(*a, **k))
+    return calls
+
+
+def _exact_tanh(x: float) -> float:
+    """tanh(x) to 50 digits (Decimal), rounded to float64."""
+    with localcontext() as context:
+        context.prec = 60
+        d = Decimal(x)
+        if abs(d) < Decimal("1e-6"):
+            return float(d - d ** 3 / 3 + 2 * d ** 5 / 15)
+        e = (2 * d).exp()
+        return float((e - 1) / (e + 1))
+
+
+def _sample(count: int, seed: int) -> numpy.ndarray:
+    """Magnitudes log-uniform from 1e-40 to 20 (subnormal float32 to saturation), both signs."""
+    rng = numpy.random.default_rng(seed)
+    return rng.choice([-1.0, 1.0], count) * 10.0 ** rng.uniform(-40, math.log10(20), count)
+
+
+def _ulps(actual: numpy.ndarray, exact: numpy.ndarray, dtype: type) -> float:
+    """Largest |actual - exact| in units in the last place of exact rounded to ``dtype``."""
+    unit = numpy.spacing(numpy.abs(exact.astype(dtype))).astype(numpy.float64)
+    return float(numpy.max(numpy.abs(actual.astype(numpy.float64) - exact) / unit))
+
+
+def test_float32_tanh_is_rounded_from_float64_within_half_a_unit_in_the_last_place(one_thread, numpy_calls):
+    x = numpy.concatenate([_sample(200_000, 1), numpy.linspace(-12, 12, 100_001)]).astype(numpy.float32)
+    # float64 tanh (within 1 unit of float64's last place) as the truth at float32's precision.
+    exact = torch.tanh(torch.from_numpy(x).double()).numpy()
+    ours = tanh(torch.from_numpy(x)).numpy()
+    reference = torch.tanh(torch.from_numpy(x)).numpy()
+    assert numpy_calls == [1]
+    assert _ulps(ours, exact, numpy.float32) <= 0.5 + 1e-6
+    assert _ulps(ours, exact, numpy.float32) <= _ulps(reference, exact, numpy.float32) + 1e-6
+
+
+def test_float64_tanh_is_within_one_unit_in_the_last_place_of_the_exact_value(one_thread, numpy_calls):
+    x = _sample(5000, 2)
+    exact = numpy.array([_exact_tanh(v) for v in x])
+    ours = tanh(torch.from_numpy(x)).numpy()
+    assert numpy_calls == [1]
+    assert _ulps(ours, exact, numpy.float64) <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_special_values_and_signed_zero_match_torch(dtype, one_thread, numpy_calls):
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 20.0, -20.0, 400.0], dtype=dtype)
+    x = specials.repeat(500)
+    ours, reference = tanh(x), torch.tanh(x)
+    assert numpy_calls == [1]
+    assert torch.equal(ours.isnan(), reference.isnan())
+    finite = ~reference.isnan()
+    assert torch.equal(ours[finite], reference[finite])
+    assert torch.equal(ours.signbit(), reference.signbit())
+
+
+def test_strided_input_into_a_row_of_a_buffer_uses_numpy_and_leaves_the_rest_alone(one_thread, numpy_calls):
+    z = torch.randn(64, 100, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    p = z[:, 36:]
+    buffer = torch.full((3, 64, 64), 7.0)
+    tanh(p, out=buffer[1])
+    assert numpy_calls == [1]
+    assert torch.allclose(buffer[1], torch.tanh(p), rtol=0, atol=1e-7)
+    assert (buffer[0] == 7).all() and (buffer[2] == 7).all()
+
+
+def test_a_recorded_graph_or_another_dtype_goes_through_torch(monkeypatch, one_thread):
+    monkeypatch.setattr(field.numpy, "tanh", lambda *a, **k: pytest.fail("NumPy used"))
+    p = torch.randn(64, 64, dtype=torch.float64, requires_grad=True)
+    s = tanh(p)
+    (gradient,) = torch.autograd.grad(s.sum(), p)
+    assert torch.allclose(gradient, 1 - torch.tanh(p.detach()) ** 2)
+    half = torch.randn(64, 64).to(torch.bfloat16)
+    assert torch.equal(tanh(half), torch.tanh(half))
+
+
+def test_several_threads_or_a_small_tensor_go_through_torch(monkeypatch, one_thread):
+    monkeypatch.setattr(field.numpy, "tanh", lambda *a, **k: pytest.fail("NumPy used"))
+    small = torch.randn(32, 32)
+    assert torch.equal(tanh(small), torch.tanh(small))
+    torch.set_num_threads(2)
+    p = torch.randn(64, 64)
+    assert torch.equal(tanh(p), torch.tanh(p))
