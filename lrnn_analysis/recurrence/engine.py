@@ -70,6 +70,11 @@ __all__ = ["SEGMENT_BYTES", "lure_recurrence", "sqrt_segment"]
 # Stored mode keeps the records of about this many bytes per segment (module docstring).
 SEGMENT_BYTES = 2 * 2**20
 
+# The fused Gauss-Newton sweep (module docstring) asks torch's autograd engine, through two private
+# functions, which graph task runs and whether a node will run in it; a torch without them runs the
+# two sweeps apart, with the same numbers.
+_GRAPH_TASK_QUERIES = all(hasattr(torch._C, name) for name in ("_current_graph_task_id", "_will_engine_execute_node"))
+
 
 def sqrt_segment(steps: int) -> int:
     """ceil(sqrt(steps)): the segment length that minimises stored states plus one segment's records."""
@@ -420,14 +425,14 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        finishes = ctx.mailbox.collect()
+        finishes = ctx.mailbox.collect() if _GRAPH_TASK_QUERIES else []
         if finishes:
             # A Hessian-vector product: the cotangent of the states is the Gauss-Newton part, swept
             # together with the second-order adjoint of the first adjoint node.
             du, dA, dW, dB = _sum_results([finish(grad if i == 0 else None) for i, finish in enumerate(finishes)])
             return du, dA, dW, dB, None
         # Whether this gradient's graph leads back to this node, which its products' Gauss-Newton part then reaches.
-        fusable = torch.is_grad_enabled() and grad.requires_grad and _reaches(grad, ctx)
+        fusable = _GRAPH_TASK_QUERIES and torch.is_grad_enabled() and grad.requires_grad and _reaches(grad, ctx)
         u, A, W, B, *kept = ctx.saved_tensors
         tape = _Tape(ctx.plan.field(*(None if t is None else t.detach() for t in (A, W, B))), ctx.plan, u.detach(),
                      tuple(t.detach() for t in kept))

@@ -323,6 +323,28 @@ def test_hessian_vector_products_fuse_the_gauss_newton_sweep_and_stay_exact(monk
             assert _relative(a[k], b) < RTOL
 
 
+def test_without_torchs_graph_task_queries_the_sweeps_run_apart_and_stay_exact(monkeypatch):
+    """A torch without the private autograd-engine functions the fused sweep asks: the products run
+    the two sweeps apart, equal to autograd's through the loop."""
+    calls = _spy_on_second_order(monkeypatch)
+    monkeypatch.setattr(engine_module, "_GRAPH_TASK_QUERIES", False)
+    for name in ("_current_graph_task_id", "_will_engine_execute_node"):
+        monkeypatch.delattr(torch._C, name)
+    engine, plain = _pair("lipschitz", "euler")
+    x, _, _ = _data(seed=7)
+    targets = torch.randint(0, OUTPUT, (BATCH,), generator=torch.Generator().manual_seed(8))
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+                 for p in engine.parameters()]
+    products = []
+    for model in (engine, plain):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), targets), params, create_graph=True)
+        products.append(torch.autograd.grad(grads, params, direction))
+    assert calls == [False]
+    for a, b in zip(*products):
+        assert _relative(a, b) < RTOL
+
+
 def test_a_loss_linear_in_the_states_and_two_gradient_graphs_of_one_forward_stay_exact(monkeypatch):
     """Where the loss's derivative does not reach the states the second-order sweep runs alone; two
     gradient graphs of one forward differentiated together count the Gauss-Newton part once."""
