@@ -202,11 +202,20 @@ class LureField:
             grads["B"] = _rows(G).T @ _rows(S)
         return grads
 
-    def tangent_terms(self, Y: Tensor, S: Tensor, direction: dict[str, Tensor], u_dot: Tensor) -> tuple[Tensor, Tensor | None]:
+    def tangent_terms(self, Y: Tensor, S: Tensor, direction: dict[str, Tensor], u_dot: Tensor,
+                      in_place: bool = True) -> tuple[Tensor, Tensor | None]:
         """(c, e) for every stage evaluation: c = y [A_dot^T | W_dot^T] + [0 | u_dot], e = s B_dot^T or None.
 
-        ``u_dot`` broadcasts against Y's leading axes (one row block per input step)."""
-        c = torch.add(self.pad(u_dot), Y @ self.direction_matrix(direction).T)
+        ``u_dot`` broadcasts against Y's leading axes (one row block per input step). With
+        ``in_place`` u_dot is added into the product's p columns (the same sums, without padding u_dot
+        with zeros and adding the padded copy: two passes over every row fewer); not where a tensor
+        is batched by the vmap of is_grads_batched, which cannot write into another's memory."""
+        product = Y @ self.direction_matrix(direction).T
+        if in_place:
+            (product[..., self.n:] if self.has_a else product).add_(u_dot)
+            c = product
+        else:
+            c = torch.add(self.pad(u_dot), product)
         e = S @ direction["B"].T if self.has_b else None
         return c, e
 
