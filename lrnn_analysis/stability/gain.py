@@ -405,11 +405,15 @@ def _readout_matrix(P: np.ndarray, c: float, V: np.ndarray) -> tuple[np.ndarray 
 
 def _readout_margin(P: np.ndarray, c: float, V: np.ndarray) -> float:
     """lambda_min(c P - V V^T) - tolerance of :func:`_readout_matrix` (> 0: c P >= V V^T holds in
-    exact arithmetic; nan where c P - V V^T overflows)."""
+    exact arithmetic; nan where c P - V V^T overflows).
+
+    eigvalsh reads the lower triangle of K only: each entry there is within the tolerance's bound of
+    the exact (symmetric) matrix's, so the symmetric matrix it stands for is too. Not 0.5 (K + K^T):
+    K + K^T overflows where K's entries exceed half of float64's range, and LAPACK then raised."""
     K, tolerance = _readout_matrix(P, c, V)
     if K is None:
         return float("nan")
-    return float(np.linalg.eigvalsh(0.5 * (K + K.T))[0]) - tolerance
+    return float(np.linalg.eigvalsh(K)[0]) - tolerance
 
 
 def _pair_chunks(count: int, n: int) -> Iterator[slice]:
@@ -442,8 +446,7 @@ def _rank_one_margins(P: np.ndarray, c: np.ndarray, V: np.ndarray) -> np.ndarray
     lowest = np.full(len(c), np.nan)
     finite = ~np.isnan(tolerance)
     if finite.any():
-        stack = K[finite]
-        lowest[finite] = np.linalg.eigvalsh(0.5 * (stack + stack.transpose(0, 2, 1)))[:, 0]
+        lowest[finite] = np.linalg.eigvalsh(K[finite])[:, 0]
     return lowest - tolerance
 
 

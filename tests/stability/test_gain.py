@@ -656,3 +656,18 @@ def test_a_pair_whose_check_is_nan_fails_wherever_it_comes(certified_case, monke
     monkeypatch.setattr(gain_module, "_rank_one_margins", last_is_nan)
     verification = verify_gain(gform, **evidence)
     assert not verification.passed and math.isnan(verification.pair_margin)
+
+
+@pytest.mark.parametrize("factors", ["output", "pair"])
+def test_factors_near_the_top_of_float64_fail_instead_of_raising(certified_case, factors):
+    """c P - d d^T with entries above half of float64's largest number is finite, but 0.5 (K + K^T)
+    overflowed on its diagonal and LAPACK raised LinAlgError (stored evidence is any JSON's numbers)."""
+    gform, c = certified_case
+    huge = 1.5e308
+    change = dict(output_factor=huge) if factors == "output" else dict(pair_factors=np.where(np.eye(3) == 1, 0.0, huge))
+    evidence = dict(P=np.eye(3) * 0.75, multipliers=c.multipliers, r=c.r, mu=c.mu, output_factor=c.output_factor,
+                    pair_factors=c.pair_factors)
+    with np.errstate(over="ignore"):
+        verification = verify_gain(gform, **{**evidence, **change})
+    margin = verification.output_margin if factors == "output" else verification.pair_margin
+    assert not verification.passed and not margin > 0
