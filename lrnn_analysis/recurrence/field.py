@@ -40,35 +40,34 @@ from torch import Tensor
 
 __all__ = ["LureField", "tanh"]
 
-_NUMPY_TANH_DTYPES = (torch.float32, torch.float64)
 # Below about this size NumPy's fixed cost per call outweighs what it saves (32 x 32: 5.4 us against torch.tanh's 3.5).
 _NUMPY_TANH_MIN_ELEMENTS = 4096
 
 
 def _numpy_view(tensor: Tensor) -> bool:
     """Whether ``tensor`` can be handed to NumPy as a view of its own memory."""
-    return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype in _NUMPY_TANH_DTYPES
+    return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype == torch.float32
             and not tensor.is_neg() and not tensor.is_conj())
 
 
 def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     """tanh(p), written into ``out`` if given.
 
-    With one intra-op thread (``torch.get_num_threads() == 1``), CPU float32 and float64 tensors
-    outside autograd go through NumPy's vectorised float64 tanh on views of the same memory,
-    float32 rounded once from float64: on this project's CPU torch.tanh takes 1.8 times as long
-    for a 128 x 128 float32 step there (38 us against 20 us; 64 x 64: 10 against 8), 5 times in
-    float64. With two threads torch.tanh splits the work and takes 21 us at 128 x 128, so NumPy's
+    With one intra-op thread (``torch.get_num_threads() == 1``), CPU float32 tensors outside
+    autograd go through NumPy's vectorised float64 tanh on views of the same memory, rounded once
+    to float32: on this project's CPU torch.tanh takes 1.8 times as long for a 128 x 128 step there
+    (38 us against 20 us; 64 x 64: 10 against 8). With two threads torch.tanh splits the work and takes 21 us at 128 x 128, so NumPy's
     single-threaded call gains nothing and is not used; nor below 4,096 elements, where NumPy's
     fixed cost per call is more than it saves (``python bench/recurrence.py --breakdown``).
 
     Accuracy is torch.tanh's or better: float32 within 0.5 units in the last place of tanh
-    (torch.tanh: 0.51), float64 within 1 (as torch.tanh), relative to tanh itself, so near p = 0
-    too; ``tests/recurrence/test_field.py`` measures it on the machine that runs the tests.
+    (torch.tanh: 0.51), relative to tanh itself, so near p = 0 too; ``tests/recurrence/test_field.py``
+    measures it on the machine that runs the tests. float64 stays with torch.tanh (within 0.76
+    units; NumPy's float64 tanh, 5 times faster, was 1.17 units from tanh where |p| is about 1/2).
     NumPy's float32 tanh would be 6 times faster still but is within 1.4 units only, which the
     backward's 1 - s^2 magnifies near saturation (``test_engine.py -k saturation``). Everything
-    else (CUDA, other dtypes, a graph to record, functorch transforms, several threads, small
-    tensors) calls torch.tanh.
+    else (CUDA, float64 and other dtypes, a graph to record, functorch transforms, several threads,
+    small tensors) calls torch.tanh.
     """
     target = torch.empty_like(p) if out is None else out
     if (p.numel() >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1

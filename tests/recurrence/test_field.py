@@ -65,17 +65,31 @@ def test_float32_tanh_is_rounded_from_float64_within_half_a_unit_in_the_last_pla
     assert _ulps(ours, exact, numpy.float32) <= _ulps(reference, exact, numpy.float32) + 1e-6
 
 
-def test_float64_tanh_is_within_one_unit_in_the_last_place_of_the_exact_value(one_thread, numpy_calls):
-    x = _sample(5000, 2)
-    exact = numpy.array([_exact_tanh(v) for v in x])
-    ours = tanh(torch.from_numpy(x)).numpy()
-    assert numpy_calls == [1]
-    assert _ulps(ours, exact, numpy.float64) <= 1.0 + 1e-9
+def _error_in_ulps(actual: numpy.ndarray, x: numpy.ndarray) -> float:
+    """Largest |actual - tanh(x)| in units in the last place of float64, tanh(x) to 60 digits (not
+    rounded to float64 first: that would hide errors between 1 and 1.5 units)."""
+    worst = Decimal(0)
+    with localcontext() as context:
+        context.prec = 60
+        for value, v in zip(actual, x):
+            d = Decimal(float(v))
+            e = (2 * d).exp()
+            exact = (e - 1) / (e + 1)
+            worst = max(worst, abs(Decimal(float(value)) - exact) / Decimal(float(numpy.spacing(abs(float(exact))))))
+    return float(worst)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_special_values_and_signed_zero_match_torch(dtype, one_thread, numpy_calls):
-    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 20.0, -20.0, 400.0], dtype=dtype)
+def test_float64_tanh_is_within_one_unit_in_the_last_place_of_the_exact_value(one_thread):
+    """Densely where |p| is about 1/2 too: NumPy's float64 tanh was 1.17 units from tanh there (in 1
+    of 330 samples on this project's AVX-512 CPU), torch.tanh 0.76; the engine's float64 is torch's."""
+    rng = numpy.random.default_rng(2)
+    x = numpy.concatenate([_sample(2000, 2), rng.choice([-1.0, 1.0], 20_000) * rng.uniform(0.3, 0.7, 20_000)])
+    x = x[numpy.abs(x) > 1e-6]
+    assert _error_in_ulps(tanh(torch.from_numpy(x)).numpy(), x) <= 1.0
+
+
+def test_special_values_and_signed_zero_match_torch(one_thread, numpy_calls):
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 20.0, -20.0, 400.0])
     x = specials.repeat(500)
     ours, reference = tanh(x), torch.tanh(x)
     assert numpy_calls == [1]
@@ -101,8 +115,9 @@ def test_a_recorded_graph_or_another_dtype_goes_through_torch(monkeypatch, one_t
     s = tanh(p)
     (gradient,) = torch.autograd.grad(s.sum(), p)
     assert torch.allclose(gradient, 1 - torch.tanh(p.detach()) ** 2)
-    half = torch.randn(64, 64).to(torch.bfloat16)
-    assert torch.equal(tanh(half), torch.tanh(half))
+    for other in (torch.bfloat16, torch.float64):
+        q = torch.randn(64, 64).to(other)
+        assert torch.equal(tanh(q), torch.tanh(q))
 
 
 def test_several_threads_or_a_small_tensor_go_through_torch(monkeypatch, one_thread):
