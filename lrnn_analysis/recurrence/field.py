@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import numpy
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 __all__ = ["LureField", "tanh"]
@@ -66,14 +67,15 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     units; NumPy's float64 tanh, 5 times faster, was 1.17 units from tanh where |p| is about 1/2).
     NumPy's float32 tanh would be 6 times faster still but is within 1.4 units only, which the
     backward's 1 - s^2 magnifies near saturation (``test_engine.py -k saturation``). Everything
-    else (CUDA, float64 and other dtypes, a graph to record, functorch transforms, several threads,
-    small tensors) calls torch.tanh.
+    else (CUDA, float64 and other dtypes, a graph to record, forward-mode duals, functorch
+    transforms, several threads, small tensors) calls torch.tanh: NumPy writes the primal only.
     """
     target = torch.empty_like(p) if out is None else out
     if (p.numel() >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
             and _numpy_view(p) and _numpy_view(target) and target.dtype == p.dtype
             and not torch._C._are_functorch_transforms_active()
-            and not (torch.is_grad_enabled() and (p.requires_grad or target.requires_grad))):
+            and not (torch.is_grad_enabled() and (p.requires_grad or target.requires_grad))
+            and forward_ad.unpack_dual(p).tangent is None and forward_ad.unpack_dual(target).tangent is None):
         numpy.tanh(p.detach().numpy(), out=target.detach().numpy(), dtype=numpy.float64, casting="same_kind")
         return target
     return torch.tanh(p) if out is None else torch.tanh(p, out=out)

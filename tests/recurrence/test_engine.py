@@ -552,3 +552,28 @@ def test_float32_euler_adjoint_adds_its_product_to_the_cotangent_once(batched):
     exact = gradient(loop, torch.float64)
     error_engine = _relative(gradient(lambda *p: lure_recurrence(*p, scheme=scheme), torch.float32), exact)
     assert error_engine <= 2 * _relative(gradient(loop, torch.float32), exact) + 1e-7
+
+
+def test_forward_mode_tangents_of_a_recurrence_without_a_graph_are_the_jvp():
+    """Dual inputs (torch.autograd.forward_ad) need no graph, so the engine runs its plain forward:
+    with one thread its tanh went through NumPy, which wrote the primal only, and the tangent came
+    back as if tanh(W h + u) did not depend on h and u (a wrong JVP, not an error)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    generator = torch.Generator().manual_seed(12)
+    n, batch = 64, 64
+    u, v = (torch.randn(3, batch, n, generator=generator) for _ in range(2))
+    A, W = (0.1 * torch.randn(n, n, generator=generator) for _ in range(2))
+
+    def run(x):
+        return lure_recurrence(x, A, W, scheme=build_scheme("rk2", 0.1))
+
+    _, expected = torch.func.jvp(run, (u,), (v,))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with forward_ad.dual_level():
+            tangent = forward_ad.unpack_dual(run(forward_ad.make_dual(u, v))).tangent
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.allclose(tangent, expected, rtol=1e-5, atol=1e-6)

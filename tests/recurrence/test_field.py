@@ -127,3 +127,13 @@ def test_several_threads_or_a_small_tensor_go_through_torch(monkeypatch, one_thr
     torch.set_num_threads(2)
     p = torch.randn(64, 64)
     assert torch.equal(tanh(p), torch.tanh(p))
+
+
+def test_a_forward_mode_dual_goes_through_torch_and_keeps_its_tangent(one_thread, numpy_calls):
+    import torch.autograd.forward_ad as forward_ad
+
+    p, direction = torch.randn(64, 64), torch.randn(64, 64)
+    with forward_ad.dual_level():
+        s, tangent = forward_ad.unpack_dual(tanh(forward_ad.make_dual(p, direction)))
+    assert numpy_calls == []
+    assert torch.equal(s, torch.tanh(p)) and torch.allclose(tangent, (1 - torch.tanh(p) ** 2) * direction)
