@@ -68,11 +68,13 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     NumPy's float32 tanh would be 6 times faster still but is within 1.4 units only, which the
     backward's 1 - s^2 magnifies near saturation (``test_engine.py -k saturation``). Everything
     else (CUDA, float64 and other dtypes, a graph to record, forward-mode duals, functorch
-    transforms, several threads, small tensors) calls torch.tanh: NumPy writes the primal only.
+    transforms, several threads, small tensors, an ``out`` that is not contiguous) calls
+    torch.tanh: NumPy writes the primal only, and into an ``out`` whose elements share memory
+    without complaint (torch.tanh refuses it).
     """
     target = torch.empty_like(p) if out is None else out
     if (p.numel() >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
-            and _numpy_view(p) and _numpy_view(target) and target.dtype == p.dtype
+            and _numpy_view(p) and _numpy_view(target) and target.dtype == p.dtype and target.is_contiguous()
             and not torch._C._are_functorch_transforms_active()
             and not (torch.is_grad_enabled() and (p.requires_grad or target.requires_grad))
             and forward_ad.unpack_dual(p).tangent is None and forward_ad.unpack_dual(target).tangent is None):

@@ -155,3 +155,12 @@ def test_tangent_terms_in_place_are_the_padded_sum(with_a):
     padded, _ = lure.tangent_terms(Y, None, direction, u_dot, in_place=False)
     assert torch.equal(in_place, padded)
     assert all(torch.equal(a, b) for a, b in zip(kept, (Y, u_dot, *direction.values())))
+
+
+def test_an_out_whose_elements_share_memory_is_refused_as_torch_refuses_it(one_thread, numpy_calls):
+    """NumPy wrote every column of p into the one column behind an expanded ``out`` (the last one
+    stayed, silently); torch.tanh refuses such an out."""
+    p = torch.randn(64, 64)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        tanh(p, out=torch.zeros(64, 1).expand(64, 64))
+    assert numpy_calls == []
