@@ -322,7 +322,8 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
 def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tensor, D: Tensor,
              direction: dict[str, Tensor], u_dot: Tensor, keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     """(last tangent, tangents of the states, Y_dot, P_dot) over one segment from the tangent h_dot of its start."""
-    C, E = field.tangent_terms(Y, S, direction, u_dot[:, None])
+    batched = any(_legacy_batched(t) for t in (u_dot, *direction.values()))
+    C, E = field.tangent_terms(Y, S, direction, u_dot[:, None], in_place=not batched)
     # C is batched where any part of the direction is (h_dot may be an unbatched zero start).
     if _fused_map(field, scheme, h_dot, C):
         return _map_tangent(field, scheme.substeps, h_dot, Y, D, C, keep_states)

@@ -60,13 +60,15 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     for a 128 x 128 float32 step there (38 us against 20 us; 64 x 64: 10 against 8), 5 times in
     float64. With two threads torch.tanh splits the work and takes 21 us at 128 x 128, so NumPy's
     single-threaded call gains nothing and is not used; nor below 4,096 elements, where NumPy's
-    fixed cost per call is more than it saves (``python bench/recurrence.py --breakdown``). Accuracy is torch.tanh's or better:
-    float32 within 0.5 units in the last place of tanh (torch.tanh: 0.51), float64 within 1 (as
-    torch.tanh), relative to tanh itself, so near p = 0 too; ``tests/recurrence/test_field.py``
-    measures it on the machine that runs the tests. NumPy's float32 tanh would be 6 times faster
-    still but is within 1.4 units only, which the backward's 1 - s^2 magnifies near saturation
-    (``test_engine.py -k saturation``). Everything else (CUDA, other dtypes, a graph to record,
-    functorch transforms, several threads, small tensors) calls torch.tanh.
+    fixed cost per call is more than it saves (``python bench/recurrence.py --breakdown``).
+
+    Accuracy is torch.tanh's or better: float32 within 0.5 units in the last place of tanh
+    (torch.tanh: 0.51), float64 within 1 (as torch.tanh), relative to tanh itself, so near p = 0
+    too; ``tests/recurrence/test_field.py`` measures it on the machine that runs the tests.
+    NumPy's float32 tanh would be 6 times faster still but is within 1.4 units only, which the
+    backward's 1 - s^2 magnifies near saturation (``test_engine.py -k saturation``). Everything
+    else (CUDA, other dtypes, a graph to record, functorch transforms, several threads, small
+    tensors) calls torch.tanh.
     """
     target = torch.empty_like(p) if out is None else out
     if (p.numel() >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
@@ -200,11 +202,20 @@ class LureField:
             grads["B"] = _rows(G).T @ _rows(S)
         return grads
 
-    def tangent_terms(self, Y: Tensor, S: Tensor, direction: dict[str, Tensor], u_dot: Tensor) -> tuple[Tensor, Tensor | None]:
+    def tangent_terms(self, Y: Tensor, S: Tensor, direction: dict[str, Tensor], u_dot: Tensor,
+                      in_place: bool = True) -> tuple[Tensor, Tensor | None]:
         """(c, e) for every stage evaluation: c = y [A_dot^T | W_dot^T] + [0 | u_dot], e = s B_dot^T or None.
 
-        ``u_dot`` broadcasts against Y's leading axes (one row block per input step)."""
-        c = torch.add(self.pad(u_dot), Y @ self.direction_matrix(direction).T)
+        ``u_dot`` broadcasts against Y's leading axes (one row block per input step). With
+        ``in_place`` u_dot is added into the product's p columns (the same sums, without padding u_dot
+        with zeros and adding the padded copy: two passes over every row fewer); not where a tensor
+        is batched by the vmap of is_grads_batched, which cannot write into another's memory."""
+        product = Y @ self.direction_matrix(direction).T
+        if in_place:
+            (product[..., self.n:] if self.has_a else product).add_(u_dot)
+            c = product
+        else:
+            c = torch.add(self.pad(u_dot), product)
         e = S @ direction["B"].T if self.has_b else None
         return c, e
 
