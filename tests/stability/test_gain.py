@@ -15,6 +15,7 @@ from lrnn_analysis.errors import InputError
 from lrnn_analysis.lure import LureSystem
 from lrnn_analysis.models import ModelConfig, build_model, lure_step
 from lrnn_analysis.stability import certify
+from lrnn_analysis.stability import gain as gain_module
 from lrnn_analysis.stability.forms import _TABLEAUS
 from lrnn_analysis.stability.gain import (
     _DualRiccati,
@@ -594,3 +595,64 @@ def test_bad_input_raises_input_error():
     for call in bad:
         with pytest.raises(InputError):
             call()
+
+
+def test_batched_pair_margins_equal_the_margin_of_each_pair_alone():
+    """The stacked eigenvalue problems of the pair checks give each pair's margin as
+    _readout_margin gives it for that pair (the tolerance's norms summed in another order: 1e-12)."""
+    rng = np.random.default_rng(11)
+    n, m = 5, 40
+    A = rng.standard_normal((n, n))
+    P = A @ A.T + np.eye(n)
+    P /= np.linalg.eigvalsh(P)[-1]
+    V = rng.standard_normal((m, n)) * 10.0 ** rng.uniform(-3, 3, (m, 1))
+    exact = np.einsum("ij,ij->j", V.T, np.linalg.solve(P, V.T))
+    factors = exact * rng.choice([0.999, 1.0 + 1e-6, 2.0], m)
+    batched = gain_module._rank_one_margins(P, factors, V)
+    one_by_one = np.array([gain_module._readout_margin(P, c, v[:, None]) for c, v in zip(factors, V)])
+    assert np.allclose(batched, one_by_one, rtol=1e-12, atol=0)
+    assert np.array_equal(batched > 0, factors > exact)
+
+
+def test_pair_factors_and_bounds_do_not_depend_on_the_chunk_size(monkeypatch):
+    rng = np.random.default_rng(12)
+    n, k = 3, 9
+    system = random_system(rng, n, "euler", spread=0.2, weight=0.4)
+    U, D = rng.standard_normal((n, 2)), rng.standard_normal((k, n))
+    whole = certify_gain(system, U, D, 6, rho=1.0, tiers=["closed-form", "riccati"])
+    monkeypatch.setattr(gain_module, "_PAIR_CHUNK_ENTRIES", 2 * n * n)
+    chunked = certify_gain(system, U, D, 6, rho=1.0, tiers=["closed-form", "riccati"])
+    assert whole.holds and chunked.holds
+    assert np.array_equal(whole.pair_factors, chunked.pair_factors)
+    assert np.array_equal(whole.pair_bounds, chunked.pair_bounds)
+
+
+def test_evidence_whose_scaled_factors_overflow_fails_instead_of_raising(certified_case):
+    """P scaled by 2^1000 (the multipliers and mu with it): factors that the verifier's scaling
+    takes past float64's range are refused as evidence, not an OverflowError."""
+    gform, c = certified_case
+    big = 2.0 ** 1000
+    evidence = dict(P=c.P * big, multipliers=c.multipliers * big, r=c.r, mu=c.mu * big,
+                    output_factor=c.output_factor / big, pair_factors=c.pair_factors / big)
+    assert verify_gain(gform, **evidence).passed
+    for change in (dict(output_factor=c.output_factor * 2.0 ** 30), dict(pair_factors=c.pair_factors * 2.0 ** 30)):
+        verification = verify_gain(gform, **{**evidence, **change})
+        assert not verification.passed and "overflows" in verification.reason
+
+
+def test_a_pair_whose_check_is_nan_fails_wherever_it_comes(certified_case, monkeypatch):
+    """A pair margin that is nan (c P - d d^T overflowed) fails the evidence also when it is not the
+    first pair checked: min() over Python floats would pass it over."""
+    gform, c = certified_case
+    evidence = dict(P=c.P, multipliers=c.multipliers, r=c.r, mu=c.mu, output_factor=c.output_factor,
+                    pair_factors=c.pair_factors)
+    original = gain_module._rank_one_margins
+
+    def last_is_nan(P, factors, V):
+        margins = original(P, factors, V)
+        margins[-1] = np.nan
+        return margins
+
+    monkeypatch.setattr(gain_module, "_rank_one_margins", last_is_nan)
+    verification = verify_gain(gform, **evidence)
+    assert not verification.passed and math.isnan(verification.pair_margin)
