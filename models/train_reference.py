@@ -148,7 +148,8 @@ def card(name: str, command: str) -> str:
         lines += ["| certificate | holds | margin | rate | tier |", "|---|---|---|---|---|"]
         lines += [f"| {r.name} | {'yes' if r.holds else 'no'} | {r.margin:.4g} | {'-' if r.rate is None else f'{r.rate:.6g}'} | "
                   f"{r.tier or '-'} |" for r in results]
-        failing = [r.reason for r in results if not r.holds]
+        # The strongest reason first, as lrnn stability's verdict gives it: an LMI's before a norm test's.
+        failing = [r.reason for r in sorted(results, key=lambda r: not r.name.endswith("-lmi")) if not r.holds]
         if failing:
             lines += ["", f"Why not: {failing[0]}"]
     else:

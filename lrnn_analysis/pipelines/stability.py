@@ -151,10 +151,10 @@ class ModelCertificate:
             unit = "per unit time (decay rate of the ODE)" if best.name.startswith("ct-") else "per step"
             form = f", form {self.form}" if self.source == "lure form" else ""
             return f"certified: {best.name}, rate {best.rate:.6g} {unit} (tier {best.tier}){form}"
-        if not self.certificates:
-            return f"not certified: {self.reason}"
         lmi = [c for c in self.certificates if c.name.endswith("-lmi")]
-        return f"not certified: {(lmi or list(self.certificates))[-1].reason}"
+        reason = (lmi or list(self.certificates))[-1].reason if self.certificates else self.reason
+        # Some reasons (float64 cannot decide, an overflow) already begin with the verdict's words.
+        return reason if reason.startswith("not certified: ") else f"not certified: {reason}"
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per certificate: model, certificate, holds, margin, rate, tier, seconds, reason."""

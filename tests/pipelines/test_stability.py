@@ -278,3 +278,14 @@ def test_data_that_do_not_fit_the_model_are_refused(x):
     subject = ModelUnderAnalysis.from_recurrent_model(build_model(ModelConfig("lipschitz", 3, 5, 4), seed=0))
     with pytest.raises(InputError, match="^lipschitz \\(euler\\): (model \\(input_dim 3|the model takes float inputs)"):
         run(subject, task_from_arrays(x, y, x, y, name="mine", num_classes=4))
+
+
+def test_the_verdict_says_not_certified_once_when_the_reason_says_it_too():
+    """A spectral radius within round-off of 1 (the antisymmetric Euler step at J = A is I) gives a
+    reason that starts with "not certified:"; the verdict line does not repeat it."""
+    model = build_model(ModelConfig(arch="antisymmetric", input_dim=1, hidden=4, output_dim=2))
+    result = certify_model(ModelUnderAnalysis.from_module(model, name="antisymmetric"), time_budget=5)
+    reasons = [c.reason for c in result.certificates]
+    assert reasons and all(r.startswith("not certified: ") and "float64 cannot decide" in r for r in reasons)
+    verdict = result.verdict()
+    assert verdict.startswith("not certified: the step matrix at J = A has spectral radius 1") and verdict.count("not certified") == 1
