@@ -57,9 +57,10 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     With one intra-op thread (``torch.get_num_threads() == 1``), CPU float32 tensors outside
     autograd go through NumPy's vectorised float64 tanh on views of the same memory, rounded once
     to float32: on this project's CPU torch.tanh takes 1.8 times as long for a 128 x 128 step there
-    (38 us against 20 us; 64 x 64: 10 against 8). With two threads torch.tanh splits the work and takes 21 us at 128 x 128, so NumPy's
-    single-threaded call gains nothing and is not used; nor below 4,096 elements, where NumPy's
-    fixed cost per call is more than it saves (``python bench/recurrence.py --breakdown``).
+    (38 us against 20 us; 64 x 64: 10 against 8). With two threads torch.tanh splits the work and
+    takes 21 us at 128 x 128, so NumPy's single-threaded call gains nothing and is not used; nor
+    below 4,096 elements, where NumPy's fixed cost per call is more than it saves
+    (``python bench/recurrence.py --breakdown``).
 
     Accuracy is torch.tanh's or better: float32 within 0.5 units in the last place of tanh
     (torch.tanh: 0.51), relative to tanh itself, so near p = 0 too; ``tests/recurrence/test_field.py``
