@@ -8,7 +8,10 @@ the loop; each line printed is a quantity whose engine error exceeds twice the l
 (errors: max |x - truth| / max |truth|). n = 8, batch 3, A = M / sqrt(n) - I / 2, W = M' / sqrt(n),
 u = scale * randn, all seeded. Long sequences skip 3 substeps and one-step segments.
 
-    python bench/engine_float32.py [--steps 7,784]
+    python bench/engine_float32.py [--steps 7,784] [--numpy-tanh]
+
+The steps here (3 x 8) are below the size from which the engine computes float32 tanh with NumPy
+(one thread, 4,096 elements); ``--numpy-tanh`` runs one thread with that path forced on.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from lrnn_analysis.models import lure_step
 from lrnn_analysis.recurrence import build_scheme, lure_recurrence, sqrt_segment
 from lrnn_analysis.recurrence import engine as engine_module
+from lrnn_analysis.recurrence import field as field_module
 
 NAMES = ("h", "grad u", "grad A", "grad W", "hvp u", "hvp A", "hvp W")
 SCALES, STEPS_EPS = (1e-8, 1e-3, 1.0, 1e2, 1e4), (1e-6, 1e-3, 0.03, 1.0)
@@ -57,7 +61,12 @@ def relative(actual: torch.Tensor, truth: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="7,784", help="sequence lengths T, comma-separated")
+    parser.add_argument("--numpy-tanh", action="store_true",
+                        help="one thread, and the engine's NumPy tanh also at these small steps (below its size threshold)")
     args = parser.parse_args()
+    if args.numpy_tanh:
+        torch.set_num_threads(1)
+        field_module._NUMPY_TANH_MIN_ELEMENTS = 1
     default_bytes, flagged, worst = engine_module.SEGMENT_BYTES, 0, 0.0
     for T, scale, eps, substeps, keep, mode in itertools.product(
             [int(t) for t in args.steps.split(",")], SCALES, STEPS_EPS, (1, 3), (False, True), ("stored", "recompute", "one-step")):
