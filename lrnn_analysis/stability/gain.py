@@ -532,11 +532,13 @@ def verify_gain(
         rows, cols = np.triu_indices(k, 1)
         # np.min, not min(): a nan margin (an overflowing pair) must fail, never be passed over.
         pair_margin = float(np.min(_pair_margins(P, gform.D, rows, cols, pairs_s[rows, cols]), initial=math.inf))
-    checks = [(margin, f"dissipation LMI violated: lambda_max = {top:.3e} > -tol = {-tolerance:.3e}"),
-              (output_margin, "output factor too small: c P - D^T D is not positive semidefinite"),
-              (math.inf if pair_margin is None else pair_margin,
+    checks = [(margin, "M_mu", f"dissipation LMI violated: lambda_max = {top:.3e} > -tol = {-tolerance:.3e}"),
+              (output_margin, "c P - D^T D", "output factor too small: c P - D^T D is not positive semidefinite"),
+              (math.inf if pair_margin is None else pair_margin, "c_ij P - d_ij d_ij^T",
                "a pair factor is too small: c_ij P - d_ij d_ij^T is not positive semidefinite")]
-    reason = next((why for value, why in checks if not value > 0), "verified")
+    # A margin that is not finite: the matrix or its round-off bound overflowed, which says nothing of its sign.
+    reason = next((why if math.isfinite(value) else f"{matrix} or its round-off bound overflows float64: not verified"
+                   for value, matrix, why in checks if not value > 0), "verified")
     with np.errstate(over="ignore"):
         scale = float(np.ldexp(1.0, exponent))
     return GainVerification(reason == "verified", reason, float(r), float(mu), top * scale, tolerance * scale,

@@ -672,3 +672,19 @@ def test_factors_near_the_top_of_float64_fail_instead_of_raising(certified_case,
         verification = verify_gain(gform, **{**evidence, **change})
     margin = verification.output_margin if factors == "output" else verification.pair_margin
     assert not verification.passed and not margin > 0
+
+
+@pytest.mark.parametrize("factors", ["output", "pair"])
+def test_a_check_whose_round_off_bound_overflows_says_so(certified_case, factors):
+    """Valid evidence but for a factor at the top of float64's range once scaled: c P - d d^T is
+    positive definite, but its round-off bound overflows, so it is not verified, and the reason
+    says the matrix overflowed, not that the factor is too small."""
+    gform, c = certified_case
+    exponent = math.frexp(float(np.linalg.eigvalsh(c.P)[-1]))[1]
+    huge = math.ldexp(1.5e308, -exponent)
+    change = dict(output_factor=huge) if factors == "output" else dict(pair_factors=np.where(np.eye(3) == 1, 0.0, huge))
+    evidence = dict(P=c.P, multipliers=c.multipliers, r=c.r, mu=c.mu, output_factor=c.output_factor,
+                    pair_factors=c.pair_factors)
+    verification = verify_gain(gform, **{**evidence, **change})
+    assert not verification.passed
+    assert "overflows float64" in verification.reason and "too small" not in verification.reason
