@@ -46,7 +46,7 @@ _NUMPY_TANH_MIN_ELEMENTS = 4096
 
 
 def _numpy_view(tensor: Tensor) -> bool:
-    """Whether ``tensor`` can be handed to NumPy as a view of its own memory."""
+    """Whether ``tensor`` is a CPU float32 tensor NumPy can view in its own memory."""
     return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype == torch.float32
             and not tensor.is_neg() and not tensor.is_conj())
 
@@ -75,7 +75,7 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     """
     target = torch.empty_like(p) if out is None else out
     if (p.numel() >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
-            and _numpy_view(p) and _numpy_view(target) and target.dtype == p.dtype and target.is_contiguous()
+            and _numpy_view(p) and _numpy_view(target) and target.is_contiguous()
             and not torch._C._are_functorch_transforms_active()
             and not (torch.is_grad_enabled() and (p.requires_grad or target.requires_grad))
             and forward_ad.unpack_dual(p).tangent is None and forward_ad.unpack_dual(target).tangent is None):
