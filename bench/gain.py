@@ -112,9 +112,11 @@ def pair_checks(n: int, k: int, budget: float, repeats: int) -> None:
     if not certificate.holds:
         return
     gform = gain_form(system, U, D)
-    P = certificate.P / np.linalg.eigvalsh(certificate.P)[-1]
+    # The evidence as verify_gain checks it, scaled to lambda_max(P) = 1 (the factors inversely).
+    scale = np.linalg.eigvalsh(certificate.P)[-1]
+    P = certificate.P / scale
     rows, cols = np.triu_indices(k, 1)
-    factors = certificate.pair_factors[rows, cols] * np.linalg.eigvalsh(certificate.P)[-1]
+    factors = certificate.pair_factors[rows, cols] * scale
     margins = {}
 
     def stacked() -> None:

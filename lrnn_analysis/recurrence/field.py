@@ -46,9 +46,11 @@ _NUMPY_TANH_MIN_ELEMENTS = 4096
 
 
 def _numpy_view(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a CPU float32 tensor NumPy can view in its own memory."""
+    """Whether ``tensor`` is a CPU float32 tensor NumPy can view in its own memory and autograd has no
+    stake in: no graph to record through it, no forward-mode tangent on it."""
     return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype == torch.float32
-            and not tensor.is_neg() and not tensor.is_conj())
+            and not tensor.is_neg() and not tensor.is_conj()
+            and not (torch.is_grad_enabled() and tensor.requires_grad) and forward_ad.unpack_dual(tensor).tangent is None)
 
 
 def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
@@ -73,12 +75,10 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     torch.tanh: NumPy writes the primal only, and into an ``out`` whose elements share memory
     without complaint (torch.tanh refuses it).
     """
-    target = torch.empty_like(p) if out is None else out
     if (p.numel() >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
-            and _numpy_view(p) and _numpy_view(target) and target.is_contiguous()
             and not torch._C._are_functorch_transforms_active()
-            and not (torch.is_grad_enabled() and (p.requires_grad or target.requires_grad))
-            and forward_ad.unpack_dual(p).tangent is None and forward_ad.unpack_dual(target).tangent is None):
+            and _numpy_view(p) and (out is None or (_numpy_view(out) and out.is_contiguous()))):
+        target = torch.empty(p.shape, dtype=p.dtype) if out is None else out
         numpy.tanh(p.detach().numpy(), out=target.detach().numpy(), dtype=numpy.float64, casting="same_kind")
         return target
     return torch.tanh(p) if out is None else torch.tanh(p, out=out)

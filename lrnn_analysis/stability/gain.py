@@ -399,8 +399,13 @@ def _readout_matrix(P: np.ndarray, c: float, V: np.ndarray) -> tuple[np.ndarray 
     if not np.all(np.isfinite(K)):
         return None, float("nan")
     n, k = V.shape
-    magnitude = c * np.linalg.norm(P) + np.linalg.norm(V) ** 2 + np.linalg.norm(K)
-    return K, float(8.0 * (n + k + 8) * (UNIT_ROUNDOFF * magnitude + n * UNDERFLOW_FLOOR))
+    return K, float(_readout_tolerance(n, k, c * np.linalg.norm(P) + np.linalg.norm(V) ** 2 + np.linalg.norm(K)))
+
+
+def _readout_tolerance(n: int, k: int, magnitude: Any) -> Any:
+    """The bound of :func:`_readout_matrix` for c P - V V^T (V with k columns) whose magnitude
+    c ||P||_F + ||V||_F^2 + ||K||_F is ``magnitude`` (elementwise for an array of them)."""
+    return 8.0 * (n + k + 8) * (UNIT_ROUNDOFF * magnitude + n * UNDERFLOW_FLOOR)
 
 
 def _readout_margin(P: np.ndarray, c: float, V: np.ndarray) -> float:
@@ -434,7 +439,7 @@ def _rank_one_tolerances(P: np.ndarray, c: np.ndarray, V: np.ndarray) -> tuple[n
     with np.errstate(over="ignore", invalid="ignore"):
         K = c[:, None, None] * P - V[:, :, None] * V[:, None, :]
         magnitude = c * np.linalg.norm(P) + np.einsum("mi,mi->m", V, V) + np.sqrt(np.einsum("mij,mij->m", K, K))
-        tolerance = 8.0 * (n + 1 + 8) * (UNIT_ROUNDOFF * magnitude + n * UNDERFLOW_FLOOR)
+        tolerance = _readout_tolerance(n, 1, magnitude)
     return K, np.where(np.isfinite(K).all(axis=(1, 2)), tolerance, np.nan)
 
 
