@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .field import LureField, tanh
+from .field import LureField, tanh_rows
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
@@ -156,11 +156,12 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_sta
     z = z.view(rows, batch, -1)
     a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
     a_rows = None if a is None else a.unbind(0)
-    p_rows, s_rows, h_rows, z_rows = p.unbind(0), tanhs.unbind(0), states_buffer.unbind(0), z.unbind(0)
+    s_rows, h_rows, z_rows = tanhs.unbind(0), states_buffer.unbind(0), z.unbind(0)
     matrix, beta = field.forward_matrix, field.beta
+    tanh_row = tanh_rows(p, tanhs, states_buffer, matrix)
     for l in range(rows):
         z_rows[l].addmm_(h_rows[l], matrix)
-        tanh(p_rows[l], out=s_rows[l])
+        tanh_row(l)
         if field.identity:
             # h + (a + beta s): the two small terms first, one rounding at the size of h.
             torch.add(h_rows[l], a_rows[l].add_(s_rows[l], alpha=beta), out=h_rows[l + 1])
@@ -240,11 +241,14 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     g = lam if cotangents is None else (cotangents[-1] if lam is None else lam + cotangents[-1])
     if G is not None:
         g = G[-1].copy_(g)
-    for l in reversed(range(len(rows))):
-        torch.mul(g @ field.B if field.has_b else g, d[l], out=Q[l])
-        operand, out = rows[l] if field.has_a else Q[l], None if G is None or l == 0 else G[l - 1]
-        product = torch.mm(operand, field.backward_matrix, out=out)
-        if field.identity:
+    # Rows as lists: indexing a tensor costs about a microsecond per call, a list next to nothing.
+    d_rows, q_rows, g_rows = d.unbind(0), Q.unbind(0), None if G is None else G.unbind(0)
+    operands = rows.unbind(0) if field.has_a else q_rows
+    B, matrix, identity = field.B, field.backward_matrix, field.identity
+    for l in reversed(range(len(operands))):
+        torch.mul(g @ B if B is not None else g, d_rows[l], out=q_rows[l])
+        product = torch.mm(operands[l], matrix, out=None if g_rows is None or l == 0 else g_rows[l - 1])
+        if identity:
             # g + the product formed first: addmm accumulates the product's terms into g, rounding
             # at the size of g for each (measured 10 times the loop's error in float32).
             product.add_(g)

@@ -164,3 +164,31 @@ def test_an_out_whose_elements_share_memory_is_refused_as_torch_refuses_it(one_t
     with pytest.raises(RuntimeError, match="single memory location"):
         tanh(p, out=torch.zeros(64, 1).expand(64, 64))
     assert numpy_calls == []
+
+
+def test_tanh_rows_decides_once_and_writes_each_row_as_tanh_does(one_thread, numpy_calls):
+    generator = torch.Generator().manual_seed(6)
+    z = torch.randn(5, 64, 128, generator=generator)
+    p, out = z[..., 64:], torch.full((5, 64, 64), 7.0)
+    row = field.tanh_rows(p, out, torch.randn(3, 3))
+    for l in (0, 3):
+        row(l)
+    assert len(numpy_calls) == 2
+    for l in (0, 3):
+        assert torch.equal(out[l], tanh(p[l]))
+    assert (out[1] == 7).all() and (out[2] == 7).all() and (out[4] == 7).all()
+
+
+def test_tanh_rows_of_a_loop_over_a_dual_or_with_several_threads_use_torch(monkeypatch, one_thread):
+    """A source with a forward-mode tangent would make the rows duals once the loop writes them
+    (the rows themselves are plain when the choice is made)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    monkeypatch.setattr(field.numpy, "tanh", lambda *a, **k: pytest.fail("NumPy used"))
+    p, out = torch.randn(2, 64, 64), torch.empty(2, 64, 64)
+    with forward_ad.dual_level():
+        field.tanh_rows(p, out, forward_ad.make_dual(torch.randn(4), torch.randn(4)))(1)
+    assert torch.equal(out[1], torch.tanh(p[1]))
+    torch.set_num_threads(2)
+    field.tanh_rows(p, out)(0)
+    assert torch.equal(out[0], torch.tanh(p[0]))
