@@ -121,6 +121,14 @@ class RecurrentModel(nn.Module):
         """All input projections in one matmul, time-major: (T, B, n)."""
         return self.U(x.transpose(0, 1))
 
+    def _engine_projection(self) -> tuple[Tensor, Tensor] | None:
+        """(U, b) for the engine to form u_t = U x_t + b itself, segment by segment
+        (:mod:`lrnn_analysis.recurrence.inputs`), where the inputs are this class's own projection;
+        None where a subclass forms them otherwise."""
+        if type(self)._input_sequence is not RecurrentModel._input_sequence:
+            return None
+        return self.U.weight, self.U.bias
+
     @property
     def engine(self) -> str:
         """``"recurrence"`` or ``"autograd"`` (module docstring)."""
@@ -162,12 +170,18 @@ class RecurrentModel(nn.Module):
             raise InputError(
                 f"{self.config.arch} model expects input of shape (batch, time, {self.config.input_dim}), got {tuple(x.shape)}"
             )
-        inputs = self._input_sequence(x)
         if self._uses_engine():
             A, W, B, scheme = self._engine_system()
-            segment = sqrt_segment(len(inputs)) if self._engine_memory == "recompute" else None
-            states = lure_recurrence(inputs, A, W, B, scheme=scheme, keep_states=keep_states, segment=segment)
+            segment = sqrt_segment(x.shape[1]) if self._engine_memory == "recompute" else None
+            projection = self._engine_projection()
+            if projection is None:
+                states = lure_recurrence(self._input_sequence(x), A, W, B, scheme=scheme, keep_states=keep_states,
+                                         segment=segment)
+            else:
+                states = lure_recurrence(x.transpose(0, 1), A, W, B, scheme=scheme, keep_states=keep_states,
+                                         segment=segment, input_weight=projection[0], input_bias=projection[1])
             return states.transpose(0, 1) if keep_states else states
+        inputs = self._input_sequence(x)
         step = self._step_function()
         h = inputs.new_zeros(x.shape[0], self.config.hidden)
         states = []

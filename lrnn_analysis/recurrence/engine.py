@@ -1,8 +1,9 @@
 """The recurrence h_t = Phi(h_{t-1}, u_t), h_0 = 0, as one autograd node per sequence.
 
 Phi is one input step of a scheme (:mod:`.schemes`) on the field f(h, u) = A h + B tanh(W h + u)
-(:mod:`.field`). :func:`lure_recurrence` takes u_1..u_T (the input projections U x_t + b of all
-steps, computed beforehand in one product) and returns h_1..h_T or h_T. An Euler step with a
+(:mod:`.field`). :func:`lure_recurrence` takes u_1..u_T, or x_1..x_T with U and b and then forms
+u_t = U x_t + b itself segment by segment (:mod:`.inputs`: neither u nor its cotangent exists for the
+whole sequence; the zoo's models pass their U and b), and returns h_1..h_T or h_T. An Euler step with a
 linear part, h + eps (A h + tanh(W h + u)), runs as the map h + (eps A) h + eps tanh(W h + u),
 whose sweeps are written into buffers row by row (fewer operations per step than a general
 scheme); eps A is formed outside the node, so autograd carries its derivative.
@@ -17,8 +18,8 @@ products over all T * batch * stages rows.
 
 Hessian-vector products. The backward pass is itself an autograd node (``_Adjoint``) mapping
 (gbar, u, A, W, B) to (du, dA, dW, dB) = J^T gbar, J the Jacobian of the states in
-theta = (u, A, W, B). Its backward, for a direction v = (v_u, v_A, v_W, v_B) on its outputs, is
-the R-operator:
+theta = (u, A, W, B) (with U and b given, u's part is (x, U, b)'s, by :mod:`.inputs`). Its
+backward, for a direction v = (v_u, v_A, v_W, v_B) on its outputs, is the R-operator:
 
     d/d gbar:   J v = (h_dot_t), the forward tangent of the states along theta_dot = v;
     d/d theta:  sum_t <gbar_t, d^2 h_t[v, .]>, the derivative of J^T gbar along v with gbar fixed,
@@ -62,6 +63,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from .field import LureField, tanh_rows
+from .inputs import InputGradients, Inputs
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
@@ -97,11 +99,12 @@ class _Plan:
         return LureField(A, W, B, self.beta, self.identity)
 
 
-def _make_plan(scheme: Scheme, beta: float, identity: bool, keep_states: bool, segment: int | None, u: Tensor) -> _Plan:
-    steps, batch, n = u.shape
+def _make_plan(scheme: Scheme, beta: float, identity: bool, keep_states: bool, segment: int | None,
+               inputs: Inputs) -> _Plan:
+    steps, batch, n = inputs.shape
     if segment is None:
         # The largest per-step buffer: one record per stage evaluation, or the padded inputs [0 | u].
-        per_step = batch * n * u.element_size() * max(2, scheme.stages * scheme.substeps)
+        per_step = batch * n * inputs.x.element_size() * max(2, scheme.stages * scheme.substeps)
         length = max(1, SEGMENT_BYTES // per_step)
     else:
         length = segment
@@ -357,14 +360,15 @@ def _add(total: dict[str, Tensor], part: dict[str, Tensor]) -> dict[str, Tensor]
 class _Tape:
     """The records (Y, S) of every segment: kept by the forward pass, or recomputed from the segment's start state."""
 
-    def __init__(self, field: LureField, plan: _Plan, u: Tensor, kept: tuple[Tensor, ...]) -> None:
-        self.field, self.plan, self.u, self.kept = field, plan, u, kept
+    def __init__(self, field: LureField, plan: _Plan, inputs: Inputs, kept: tuple[Tensor, ...]) -> None:
+        self.field, self.plan, self.inputs, self.kept = field, plan, inputs, kept
 
     def records(self, k: int) -> tuple[Tensor, Tensor]:
         if not self.plan.recompute:
             return self.kept[2 * k], self.kept[2 * k + 1]
         t0, t1 = self.plan.bounds[k]
-        _, _, Y, S = _forward(self.field, self.plan.scheme, self.kept[k], self.u[t0:t1], False, True)
+        _, _, Y, S = _forward(self.field, self.plan.scheme, self.kept[k], self.inputs.segment(t0, t1), False,
+                               True)
         return Y, S
 
 
@@ -408,23 +412,25 @@ def _sum_results(results: list[tuple[Tensor | None, ...]]) -> tuple[Tensor | Non
 
 
 class _Recurrence(torch.autograd.Function):
-    """(u, A, W, B) -> states; backward through :class:`_Adjoint`."""
+    """(x, U, b, A, W, B) -> states (U None: x is u); backward through :class:`_Adjoint`."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None, plan: _Plan) -> Tensor:
-        field = plan.field(A, W, B)
-        h = u.new_zeros(u.shape[1], W.shape[0])
+    def forward(ctx, x: Tensor, U: Tensor | None, b: Tensor | None, A: Tensor | None, W: Tensor, B: Tensor | None,
+                plan: _Plan) -> Tensor:
+        field, inputs = plan.field(A, W, B), Inputs(x, U, b)
+        h = x.new_zeros(x.shape[1], W.shape[0])
         states: list[Tensor] = []
         kept: list[Tensor] = []
         workspace = _Workspace()
         for t0, t1 in plan.bounds:
             if plan.recompute:
                 kept.append(h)
-            h, part, Y, S = _forward(field, plan.scheme, h, u[t0:t1], plan.keep_states, not plan.recompute, workspace)
+            h, part, Y, S = _forward(field, plan.scheme, h, inputs.segment(t0, t1), plan.keep_states,
+                                     not plan.recompute, workspace)
             if not plan.recompute:
                 kept += [Y, S]
             states.extend(part)
-        ctx.save_for_backward(u, A, W, B, *kept)
+        ctx.save_for_backward(x, U, b, A, W, B, *kept)
         ctx.plan, ctx.mailbox = plan, _Mailbox()
         return torch.stack(states) if plan.keep_states else h
 
@@ -434,27 +440,51 @@ class _Recurrence(torch.autograd.Function):
         if finishes:
             # A Hessian-vector product: the cotangent of the states is the Gauss-Newton part, swept
             # together with the second-order adjoint of the first adjoint node.
-            du, dA, dW, dB = _sum_results([finish(grad if i == 0 else None) for i, finish in enumerate(finishes)])
-            return du, dA, dW, dB, None
+            return *_sum_results([finish(grad if i == 0 else None) for i, finish in enumerate(finishes)]), None
         # Whether this gradient's graph leads back to this node, which its products' Gauss-Newton part then reaches.
         fusable = _GRAPH_TASK_QUERIES and torch.is_grad_enabled() and grad.requires_grad and _reaches(grad, ctx)
-        u, A, W, B, *kept = ctx.saved_tensors
-        tape = _Tape(ctx.plan.field(*(None if t is None else t.detach() for t in (A, W, B))), ctx.plan, u.detach(),
-                     tuple(t.detach() for t in kept))
-        grads = list(_Adjoint.apply(grad, u, A, W, B, tape, ctx.plan, (ctx, ctx.mailbox) if fusable else None,
-                                    torch.is_grad_enabled()))
-        du, dW = grads.pop(0), grads.pop(0)
-        dA = grads.pop(0) if A is not None else None
-        dB = grads.pop(0) if B is not None else None
-        return du, dA, dW, dB, None
+        x, U, b, A, W, B, *kept = ctx.saved_tensors
+        detached = [None if t is None else t.detach() for t in (x, U, b, A, W, B)]
+        tape = _Tape(ctx.plan.field(*detached[3:]), ctx.plan, Inputs(*detached[:3]), tuple(t.detach() for t in kept))
+        layout = _Layout(U is None or ctx.needs_input_grad[0], U is not None, b is not None, A is not None, B is not None)
+        grads = _Adjoint.apply(grad, x, U, b, A, W, B, tape, ctx.plan, (ctx, ctx.mailbox) if fusable else None,
+                               torch.is_grad_enabled(), layout)
+        return *layout.unpack(grads), None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Which cotangents the adjoint node returns, in the order x, U, b, W, A, B: x's where u is given
+    (x is u) or x needs one, U's and b's where given, W's, then A's and B's where given."""
+
+    x: bool
+    U: bool
+    b: bool
+    A: bool
+    B: bool
+
+    def pack(self, inputs: tuple[Tensor | None, ...], weights: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """The node's outputs from the input cotangents (x, U, b) and the weights' {"W", "A", "B"}."""
+        present = [tensor for tensor, given in zip(inputs, (self.x, self.U, self.b)) if given]
+        return (*present, weights["W"], *(weights[name] for name, given in (("A", self.A), ("B", self.B)) if given))
+
+    def unpack(self, outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        """(x, U, b, A, W, B) from outputs in the order of :meth:`pack` (None where absent)."""
+        rest = list(outputs)
+        x, U, b = (rest.pop(0) if given else None for given in (self.x, self.U, self.b))
+        W = rest.pop(0)
+        A, B = (rest.pop(0) if given else None for given in (self.A, self.B))
+        return x, U, b, A, W, B
 
 
 class _Adjoint(torch.autograd.Function):
-    """(gbar, u, A, W, B) -> (du, dW[, dA][, dB]) = J^T gbar; its backward is the R-operator (module docstring)."""
+    """(gbar, x, U, b, A, W, B) -> J^T gbar, the cotangents of :class:`_Layout`; its backward is the
+    R-operator (module docstring)."""
 
     @staticmethod
-    def forward(ctx, grad: Tensor, u: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None,
-                tape: _Tape, plan: _Plan, recurrence: tuple[object, _Mailbox] | None, differentiable: bool) -> tuple[Tensor, ...]:
+    def forward(ctx, grad: Tensor, x: Tensor, U: Tensor | None, b: Tensor | None, A: Tensor | None, W: Tensor,
+                B: Tensor | None, tape: _Tape, plan: _Plan, recurrence: tuple[object, _Mailbox] | None,
+                differentiable: bool, layout: _Layout) -> tuple[Tensor, ...]:
         field = plan.field(A, W, B)
         lam = None if plan.keep_states else grad
         segments = len(plan.bounds)
@@ -462,56 +492,54 @@ class _Adjoint(torch.autograd.Function):
         adjoints: list[Tensor | None] = [None] * segments
         weights: dict[str, Tensor] = {}
         workspace = _Workspace()
-        # du is written segment by segment (the records may live in the workspace), except under
-        # the vmap of is_grads_batched, where nothing can be written into a buffer.
-        du = None if _legacy_batched(grad) else u.new_empty(u.shape)
-        du_parts: list[Tensor] = []
+        # The input cotangents are summed and written segment by segment (the records may live in the
+        # workspace), except under the vmap of is_grads_batched, where nothing can be written into a buffer.
+        in_place = not _legacy_batched(grad)
+        input_grads = InputGradients(Inputs(x, U, b), layout.x, in_place)
         for k in reversed(range(segments)):
             t0, t1 = plan.bounds[k]
             Y, S = tape.records(k)
             ends[k] = lam
             lam, _, X = _adjoint(field, plan.scheme, lam, grad[t0:t1] if plan.keep_states else None, S, workspace,
-                                 keep_records=differentiable or du is None)
+                                 keep_records=differentiable or not in_place)
             weights = _add(weights, field.weight_gradients(Y, S, X))
-            Q = field.split_record(X)[1]
-            if du is None:
-                du_parts.append(_per_step(Q))
-            else:
-                _per_step(Q, out=du[t0:t1])
+            input_grads.add(t0, t1, _per_step(field.split_record(X)[1]))
             if differentiable and not plan.recompute:
                 adjoints[k] = X
         if differentiable:
             # Stored mode keeps the records; recompute mode the cotangents and lambda at every later segment's end.
-            ctx.save_for_backward(u, A, W, B, *(adjoints if not plan.recompute else (grad, *ends[:-1])))
-            ctx.tape, ctx.plan, ctx.recurrence = tape, plan, recurrence
-        outputs = [torch.cat(du_parts[::-1]) if du is None else du, weights["W"]]
-        outputs += [weights[name] for name in ("A", "B") if name in weights]
-        return tuple(outputs)
+            ctx.save_for_backward(x, U, b, A, W, B, *(adjoints if not plan.recompute else (grad, *ends[:-1])))
+            ctx.tape, ctx.plan, ctx.recurrence, ctx.layout = tape, plan, recurrence, layout
+        return layout.pack(input_grads.result(), weights)
 
     @staticmethod
-    def backward(ctx, v_u: Tensor, v_W: Tensor, *rest: Tensor) -> tuple[Tensor | None, ...]:
-        u, A, W, B, *kept = ctx.saved_tensors
-        plan, tape = ctx.plan, ctx.tape
+    def backward(ctx, *directions: Tensor) -> tuple[Tensor | None, ...]:
+        x, U, b, A, W, B, *kept = ctx.saved_tensors
+        plan, tape, layout = ctx.plan, ctx.tape, ctx.layout
+        v_x, v_U, v_b, v_A, v_W, v_B = layout.unpack(directions)
         # Fused only where the recurrence node runs later in this graph task: it is executed
         # (it leads to an input asked for), after this node (the gradient's graph leads to it). Not
         # under the vmap of is_grads_batched, where any direction may be batched (an unused one is an
         # unbatched zero tensor).
         fuse = (ctx.recurrence is not None and not torch.is_grad_enabled()
-                and not any(_legacy_batched(t) for t in (v_u, v_W, *rest))
+                and not any(_legacy_batched(t) for t in directions)
                 and torch._C._will_engine_execute_node(ctx.recurrence[0]))
+        unused = (None,) * 5
         with torch.no_grad():
             field = plan.field(A, W, B)
-            tangent = _tangent_pass(plan, tape, field, v_u, v_W, rest)
+            weight_direction = {"W": v_W, **({"A": v_A} if A is not None else {}), **({"B": v_B} if B is not None else {})}
+            tangent = _tangent_pass(plan, tape, field, (v_x, v_U, v_b), weight_direction)
             if fuse:
-                ctx.recurrence[1].post(lambda cotangent: _second_order_pass(plan, tape, field, kept, tangent, cotangent))
-                return (tangent.grad_dot, None, None, None, None, None, None, None, None)
-            du, dA, dW, dB = _second_order_pass(plan, tape, field, kept, tangent, None)
-        results = (tangent.grad_dot, du, dA, dW, dB, None, None, None, None)
+                ctx.recurrence[1].post(lambda cotangent: _second_order_pass(plan, tape, field, kept, tangent, cotangent,
+                                                                            layout.x))
+                return (tangent.grad_dot, *(None,) * 6, *unused)
+            second = _second_order_pass(plan, tape, field, kept, tangent, None, layout.x)
+        results = (tangent.grad_dot, *second, *unused)
         if not torch.is_grad_enabled():
             return results
-        # create_graph=True: the results depend on (u, A, W, B) through terms this node does not
+        # create_graph=True: the results depend on (x, U, b, A, W, B) through terms this node does not
         # differentiate, so a further derivative must fail rather than miss them.
-        sources = [t for t in (u, A, W, B, v_u, v_W, *rest) if t is not None and t.requires_grad]
+        sources = [t for t in (x, U, b, A, W, B, *directions) if t is not None and t.requires_grad]
         present = [i for i, r in enumerate(results) if r is not None]
         marked = list(_ThirdOrder.apply(len(present), *[results[i] for i in present], *sources))
         return tuple(marked.pop(0) if r is not None else None for r in results)
@@ -532,26 +560,24 @@ class _ThirdOrder(torch.autograd.Function):
 
 @dataclass
 class _TangentPass:
-    """The tangent pass of the R-operator: the direction, the states' tangent (``grad_dot``), the
-    tangent at every segment's start and, in stored mode, every segment's (D, Y_dot, P_dot)."""
+    """The tangent pass of the R-operator: the direction of the weights and of the input tensors (x, U, b),
+    the states' tangent (``grad_dot``), the tangent at every segment's start and, in stored mode, every
+    segment's (D, Y_dot, P_dot)."""
 
     direction: dict[str, Tensor]
-    v_u: Tensor
+    input_direction: tuple[Tensor | None, Tensor | None, Tensor | None]
     grad_dot: Tensor
     starts: list[Tensor]
     records: list[tuple[Tensor, Tensor, Tensor]]
 
 
-def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField, v_u: Tensor, v_W: Tensor,
-                  rest: tuple[Tensor, ...]) -> _TangentPass:
-    """Forward in time: the tangent of the states along the direction (v_u, v_A, v_W, v_B)."""
-    rest_list = list(rest)
-    direction = {"W": v_W}
-    if field.has_a:
-        direction["A"] = rest_list.pop(0)
-    if field.has_b:
-        direction["B"] = rest_list.pop(0)
-    h_dot = v_u.new_zeros(v_u.shape[1], field.n)
+def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField,
+                  input_direction: tuple[Tensor | None, Tensor | None, Tensor | None],
+                  direction: dict[str, Tensor]) -> _TangentPass:
+    """Forward in time: the tangent of the states along the direction of (x, U, b) and of the weights
+    {"W", "A", "B"}."""
+    _, batch, _ = tape.inputs.shape
+    h_dot = direction["W"].new_zeros(batch, field.n)
     starts: list[Tensor] = []
     state_dots: list[Tensor] = []
     records: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -559,27 +585,29 @@ def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField, v_u: Tensor, v_W: 
         starts.append(h_dot)
         Y, S = tape.records(k)
         D = field.derivative(S)
-        h_dot, part, Y_dot, P_dot = _tangent(field, plan.scheme, h_dot, Y, S, D, direction, v_u[t0:t1],
-                                             plan.keep_states)
+        h_dot, part, Y_dot, P_dot = _tangent(field, plan.scheme, h_dot, Y, S, D, direction,
+                                             tape.inputs.tangent(input_direction, t0, t1), plan.keep_states)
         state_dots.extend(part)
         if not plan.recompute:
             records.append((D, Y_dot, P_dot))
     grad_dot = torch.stack(state_dots) if plan.keep_states else h_dot
-    return _TangentPass(direction, v_u, grad_dot, starts, records)
+    return _TangentPass(direction, input_direction, grad_dot, starts, records)
 
 
 def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], tangent: _TangentPass,
-                       cotangent: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Backward in time: (du, dA, dW, dB), the second-order adjoint of the first adjoint's cotangents,
-    plus J^T ``cotangent`` for a cotangent of the states (the same linear sweep: module docstring)."""
+                       cotangent: Tensor | None, need_x: bool) -> tuple[Tensor | None, ...]:
+    """Backward in time: the cotangents of (x, U, b, A, W, B) from the second-order adjoint of the first
+    adjoint's cotangents, plus J^T ``cotangent`` for a cotangent of the states (the same linear sweep:
+    module docstring); x's only with ``need_x`` or where u is given, None where a tensor is absent."""
     scheme, bounds, direction = plan.scheme, plan.bounds, tangent.direction
     if plan.recompute:
         grad, *later = kept
         ends = [*later, None if plan.keep_states else grad]
-    lam_dot = tangent.v_u.new_zeros(tangent.v_u.shape[1], field.n)
+    _, batch, _ = tape.inputs.shape
+    lam_dot = direction["W"].new_zeros(batch, field.n)
     if cotangent is not None and not plan.keep_states:
         lam_dot = cotangent
-    du_parts: list[Tensor] = []
+    input_grads = InputGradients(tape.inputs, need_x, in_place=False)
     weights: dict[str, Tensor] = {}
     for k in reversed(range(len(bounds))):
         t0, t1 = bounds[k]
@@ -587,7 +615,7 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
         if plan.recompute:
             _, D, X = _adjoint(field, scheme, ends[k], grad[t0:t1] if plan.keep_states else None, S)
             _, _, Y_dot, P_dot = _tangent(field, scheme, tangent.starts[k], Y, S, D, direction,
-                                          tangent.v_u[t0:t1], False)
+                                          tape.inputs.tangent(tangent.input_direction, t0, t1), False)
         else:
             (D, Y_dot, P_dot), X = tangent.records[k], kept[k]
         state_cotangents = cotangent[t0:t1] if cotangent is not None and plan.keep_states else None
@@ -604,35 +632,43 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
             lam_dot, records = backward_sweep(scheme, lam_dot, t1 - t0, state_cotangents, stage)
             X_dot = _stack(records, t1 - t0)
         weights = _add(weights, field.second_order_gradients(Y, Y_dot, S, D, P_dot, X, X_dot))
-        du_parts.append(_per_step(field.split_record(X_dot)[1]))
-    du_parts.reverse()
-    return torch.cat(du_parts), weights.get("A"), weights["W"], weights.get("B")
+        input_grads.add(t0, t1, _per_step(field.split_record(X_dot)[1]), first=_per_step(field.split_record(X)[1]),
+                        direction=tangent.input_direction)
+    return (*input_grads.result(), weights.get("A"), weights["W"], weights.get("B"))
 
 
 def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | None = None, *, scheme: Scheme,
-                    keep_states: bool = False, segment: int | None = None) -> Tensor:
+                    keep_states: bool = False, segment: int | None = None, input_weight: Tensor | None = None,
+                    input_bias: Tensor | None = None) -> Tensor:
     """The states of h_t = Phi(h_{t-1}, u_t), h_0 = 0 (module docstring), as one autograd node.
 
-    ``inputs`` holds u_1..u_T time-major, shape (T, batch, n); A (or None: zero), W and B (or
-    None: identity) are n x n in the column convention, in the dtype and on the device of
-    ``inputs``. Returns h_1..h_T, shape (T, batch, n), with ``keep_states``, else h_T, shape
-    (batch, n). ``segment``: None stores every stage record, K recomputes them per segment of K
-    input steps in the backward passes. Without a graph to build (no grad mode or nothing that
-    requires grad) nothing is recorded.
+    ``inputs`` holds u_1..u_T time-major, shape (T, batch, n); with ``input_weight`` U (n x d) it
+    holds x_1..x_T, shape (T, batch, d), and u_t = x_t U^T + b (``input_bias`` b of shape (n,), or
+    None: none) is formed segment by segment (:mod:`.inputs`). A (or None: zero), W and B (or
+    None: identity) are n x n in the column convention; every tensor in the dtype and on the
+    device of ``inputs``. Returns h_1..h_T, shape (T, batch, n), with ``keep_states``, else h_T,
+    shape (batch, n). ``segment``: None stores every stage record, K recomputes them per segment
+    of K input steps in the backward passes. Without a graph to build (no grad mode or nothing
+    that requires grad) nothing is recorded.
     """
     if not isinstance(inputs, Tensor) or inputs.ndim != 3 or inputs.shape[0] == 0 or not inputs.is_floating_point():
         shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
         raise InputError(f"inputs must be a floating-point tensor of shape (T >= 1, batch, n), got {shape}")
-    n = inputs.shape[-1]
     if not isinstance(W, Tensor):
         raise InputError(f"W must be a tensor, got {type(W).__name__}")
-    for name, matrix in (("A", A), ("W", W), ("B", B)):
-        if matrix is None:
+    n = W.shape[0] if input_weight is not None else inputs.shape[-1]
+    if input_weight is None and input_bias is not None:
+        raise InputError("input_bias is given without input_weight")
+    shapes = {"A": (n, n), "W": (n, n), "B": (n, n), "input_weight": (n, inputs.shape[-1]), "input_bias": (n,)}
+    tensors = {"A": A, "W": W, "B": B, "input_weight": input_weight, "input_bias": input_bias}
+    for name, tensor in tensors.items():
+        if tensor is None:
             continue
-        if matrix.shape != (n, n):
-            raise InputError(f"{name} must be {n} x {n} like the inputs' last axis, got shape {tuple(matrix.shape)}")
-        if matrix.dtype != inputs.dtype or matrix.device != inputs.device:
-            raise InputError(f"{name} is {matrix.dtype} on {matrix.device}, the inputs {inputs.dtype} on {inputs.device}")
+        if not isinstance(tensor, Tensor) or tensor.shape != shapes[name]:
+            got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise InputError(f"{name} must have shape {shapes[name]} for inputs of shape {tuple(inputs.shape)}, got {got}")
+        if tensor.dtype != inputs.dtype or tensor.device != inputs.device:
+            raise InputError(f"{name} is {tensor.dtype} on {tensor.device}, the inputs {inputs.dtype} on {inputs.device}")
     if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
         raise InputError(f"segment must be None or a positive integer, got {segment!r}")
     beta, identity = 1.0, False
@@ -640,14 +676,15 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
         # h + eps (A h + tanh(W h + u)) as the map h + h (eps A)^T + eps tanh(W h + u) (field.py's docstring).
         A = A * scheme.c[0]
         scheme, beta, identity = Scheme("map", None, scheme.substeps, ((),), (1.0,), residual=False), scheme.c[0], True
-    plan = _make_plan(scheme, beta, identity, bool(keep_states), segment, inputs)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (inputs, A, W, B)):
-        return _Recurrence.apply(inputs, A, W, B, plan)
+    sequence = Inputs(inputs, input_weight, input_bias)
+    plan = _make_plan(scheme, beta, identity, bool(keep_states), segment, sequence)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*sequence.tensors(), A, W, B)):
+        return _Recurrence.apply(inputs, input_weight, input_bias, A, W, B, plan)
     field = plan.field(A, W, B)
     h = inputs.new_zeros(inputs.shape[1], n)
     states: list[Tensor] = []
     workspace = _Workspace()
     for t0, t1 in plan.bounds:
-        h, part, _, _ = _forward(field, scheme, h, inputs[t0:t1], plan.keep_states, False, workspace)
+        h, part, _, _ = _forward(field, scheme, h, sequence.segment(t0, t1), plan.keep_states, False, workspace)
         states.extend(part)
     return torch.stack(states) if plan.keep_states else h

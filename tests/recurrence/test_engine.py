@@ -253,8 +253,17 @@ def test_engine_options_are_checked():
     scheme = build_scheme("euler", 0.1)
     with pytest.raises(InputError, match="inputs"):
         lure_recurrence(u[:0], None, W, scheme=scheme)
-    with pytest.raises(InputError, match="A must be"):
+    with pytest.raises(InputError, match="A must have shape"):
         lure_recurrence(u, torch.zeros(N, N + 1), W, scheme=scheme)
+    x = torch.zeros(T, BATCH, INPUT)
+    with pytest.raises(InputError, match="input_weight must have shape"):
+        lure_recurrence(x, None, W, scheme=scheme, input_weight=torch.zeros(N, INPUT + 1))
+    with pytest.raises(InputError, match="input_bias must have shape"):
+        lure_recurrence(x, None, W, scheme=scheme, input_weight=torch.zeros(N, INPUT), input_bias=torch.zeros(N + 1))
+    with pytest.raises(InputError, match="input_weight is torch.float64"):
+        lure_recurrence(x, None, W, scheme=scheme, input_weight=torch.zeros(N, INPUT, dtype=torch.float64))
+    with pytest.raises(InputError, match="without input_weight"):
+        lure_recurrence(u, None, W, scheme=scheme, input_bias=torch.zeros(N))
     with pytest.raises(InputError, match="W is torch.float64"):
         lure_recurrence(u, None, W.double(), scheme=scheme)
     with pytest.raises(InputError, match="segment"):
@@ -271,9 +280,9 @@ def _spy_on_second_order(monkeypatch):
     calls = []
     original = engine_module._second_order_pass
 
-    def spy(plan, tape, field, kept, tangent, cotangent):
+    def spy(plan, tape, field, kept, tangent, cotangent, need_x):
         calls.append(cotangent is not None)
-        return original(plan, tape, field, kept, tangent, cotangent)
+        return original(plan, tape, field, kept, tangent, cotangent, need_x)
 
     monkeypatch.setattr(engine_module, "_second_order_pass", spy)
     return calls

@@ -1,0 +1,130 @@
+"""The engine forming u_t = x_t U^T + b itself (``input_weight``, ``input_bias``) against the engine on u
+formed beforehand by autograd's linear, in float64: states, gradients of x, U, b, A, W (and B) and
+Hessian-vector products, whose cross terms between x and U the projection's own second derivative
+supplies (:mod:`lrnn_analysis.recurrence.inputs`)."""
+import pytest
+import torch
+
+from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.recurrence import build_scheme, lure_recurrence
+
+T, BATCH, N, INPUT = 7, 3, 5, 2
+RTOL = 1e-11
+
+
+def _relative(actual, expected):
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+
+
+def _tensors(with_bias, with_b, x_grad, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).requires_grad_()
+
+    tensors = {"x": draw(T, BATCH, INPUT).requires_grad_(x_grad), "U": draw(N, INPUT), "A": draw(N, N, scale=0.4),
+               "W": draw(N, N, scale=0.6)}
+    if with_bias:
+        tensors["b"] = draw(N)
+    if with_b:
+        tensors["B"] = draw(N, N, scale=0.5)
+    return tensors
+
+
+def _states(tensors, fused, scheme, keep_states, segment):
+    x, U, b = tensors["x"], tensors["U"], tensors.get("b")
+    A, W, B = tensors["A"], tensors["W"], tensors.get("B")
+    if fused:
+        return lure_recurrence(x, A, W, B, scheme=scheme, keep_states=keep_states, segment=segment,
+                               input_weight=U, input_bias=b)
+    return lure_recurrence(torch.nn.functional.linear(x, U, b), A, W, B, scheme=scheme, keep_states=keep_states,
+                           segment=segment)
+
+
+def _loss(states, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(states.shape, generator=generator, dtype=torch.float64)
+    return (torch.sin(states) * weights).sum()
+
+
+CASES = [
+    # (scheme, with B, with bias, x needs a gradient)
+    (("euler", 0.3), False, True, True),
+    (("euler", 0.3), False, False, True),
+    (("euler", 0.3), False, True, False),
+    (("rk2", 0.3), False, True, True),
+    (("map", None), True, True, True),
+    (("rk4", 0.2), True, False, False),
+]
+
+
+@pytest.mark.parametrize("segment", [None, 3])
+@pytest.mark.parametrize("keep_states", [False, True])
+@pytest.mark.parametrize(("method", "with_b", "with_bias", "x_grad"), CASES)
+def test_affine_inputs_give_the_states_gradients_and_hessian_products_of_the_formed_inputs(
+        method, with_b, with_bias, x_grad, keep_states, segment):
+    scheme = build_scheme(*method)
+    tensors = _tensors(with_bias, with_b, x_grad)
+    params = [t for t in tensors.values() if t.requires_grad]
+    generator = torch.Generator().manual_seed(2)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+    results = {}
+    for fused in (True, False):
+        states = _states(tensors, fused, scheme, keep_states, segment)
+        grads = torch.autograd.grad(_loss(states), params, create_graph=True)
+        products = torch.autograd.grad(grads, params, direction)
+        results[fused] = (states, grads, products)
+    (states, grads, products), (states_ref, grads_ref, products_ref) = results[True], results[False]
+    assert _relative(states, states_ref) < RTOL
+    for name, ours, reference in zip([k for k, t in tensors.items() if t.requires_grad], grads, grads_ref):
+        assert _relative(ours, reference) < RTOL, name
+    for name, ours, reference in zip([k for k, t in tensors.items() if t.requires_grad], products, products_ref):
+        assert _relative(ours, reference) < RTOL, name
+
+
+def test_batched_hessian_products_and_a_loss_linear_in_the_states():
+    """is_grads_batched (the vmap runs the unfused sweeps, nothing written in place) and a loss linear in
+    the states (no Gauss-Newton part) with x needing a gradient."""
+    scheme = build_scheme("euler", 0.3)
+    tensors = _tensors(True, False, True, seed=4)
+    params = list(tensors.values())
+    generator = torch.Generator().manual_seed(5)
+    directions = [torch.randn(3, *p.shape, generator=generator, dtype=torch.float64) for p in params]
+    results = {}
+    for fused in (True, False):
+        states = _states(tensors, fused, scheme, True, None)
+        grads = torch.autograd.grad(_loss(states), params, create_graph=True)
+        batched = torch.autograd.grad(grads, params, directions, retain_graph=True, is_grads_batched=True)
+        weights = torch.randn(states.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        linear = torch.autograd.grad((states * weights).sum(), params, create_graph=True)
+        results[fused] = (batched, torch.autograd.grad(linear, params, [d[0] for d in directions]))
+    for ours, reference in zip(results[True][0] + results[True][1], results[False][0] + results[False][1]):
+        assert _relative(ours, reference) < RTOL
+
+
+def test_zoo_model_runs_its_own_projection_through_the_engine(monkeypatch):
+    """A Lipschitz RNN passes U and b to the engine, which then never forms u for the whole sequence;
+    the outputs and gradients equal those of the engine on u formed by the model."""
+    from lrnn_analysis.recurrence import engine as engine_module
+
+    model = build_model(ModelConfig("lipschitz", INPUT, N, 3, eps=0.3), seed=1).double()
+    x = torch.randn(BATCH, T, INPUT, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    seen = []
+    original = engine_module.lure_recurrence
+
+    def spy(inputs, *args, **kwargs):
+        seen.append(kwargs.get("input_weight") is not None)
+        return original(inputs, *args, **kwargs)
+
+    monkeypatch.setattr("lrnn_analysis.models.architectures.lure_recurrence", spy)
+    out = model(x)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    assert seen == [True]
+    monkeypatch.setattr(type(model), "_engine_projection", lambda self: None)
+    reference = model(x)
+    reference_grads = torch.autograd.grad(reference.square().sum(), list(model.parameters()))
+    assert seen == [True, False]
+    assert _relative(out, reference) < RTOL
+    for ours, theirs in zip(grads, reference_grads):
+        assert _relative(ours, theirs) < RTOL
