@@ -104,7 +104,8 @@ def _make_plan(scheme: Scheme, beta: float, identity: bool, keep_states: bool, s
     steps, batch, n = inputs.shape
     if segment is None:
         # The largest per-step buffer: one record per stage evaluation, or the padded inputs [0 | u].
-        per_step = batch * n * inputs.x.element_size() * max(2, scheme.stages * scheme.substeps)
+        # max(1, .): a zero-size batch or state stores nothing per step.
+        per_step = max(1, batch * n * inputs.x.element_size() * max(2, scheme.stages * scheme.substeps))
         length = max(1, SEGMENT_BYTES // per_step)
     else:
         length = segment
@@ -115,12 +116,12 @@ def _make_plan(scheme: Scheme, beta: float, identity: bool, keep_states: bool, s
 def _stack(records: list[Tensor], steps: int) -> Tensor:
     """Stage records in stage order as (steps, substeps * stages, batch, width)."""
     stacked = torch.stack(records)
-    return stacked.reshape(steps, -1, *stacked.shape[1:])
+    return stacked.reshape(steps, len(records) // steps, *stacked.shape[1:])
 
 
 def _rows(records: Tensor) -> tuple[Tensor, ...]:
     """The (batch, width) record of every stage evaluation, in stage order."""
-    return records.reshape(-1, *records.shape[2:]).unbind(0)
+    return records.flatten(0, 1).unbind(0)
 
 
 def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states: bool, record: bool,
@@ -156,7 +157,7 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_sta
     # input copies it into the result first).
     z = _Workspace.take(workspace, "z", (steps, substeps, batch, field.forward_matrix.shape[1]), u)
     field.value_inputs(u[:, None], out=z)
-    z = z.view(rows, batch, -1)
+    z = z.view(rows, batch, z.shape[-1])
     a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
     a_rows = None if a is None else a.unbind(0)
     s_rows, h_rows, z_rows = tanhs.unbind(0), states_buffer.unbind(0), z.unbind(0)
@@ -236,10 +237,10 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     concatenation per step and no stacking afterwards. Same numbers as :func:`backward_sweep`.
     """
     steps, m = D.shape[0], scheme.substeps
-    d = D.reshape(-1, *D.shape[2:])
+    d = D.flatten(0, 1)
     shape = (steps, m, d.shape[1], 2 * field.n if field.keeps_g else field.n)
     X = D.new_empty(shape) if workspace is None else workspace.buffer("X", shape, D)
-    rows = X.view(-1, *shape[2:])
+    rows = X.flatten(0, 1)
     G, Q = field.split_record(rows)
     g = lam if cotangents is None else (cotangents[-1] if lam is None else lam + cotangents[-1])
     if G is not None:

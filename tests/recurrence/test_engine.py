@@ -593,3 +593,19 @@ def test_forward_mode_tangents_of_a_recurrence_without_a_graph_are_the_jvp():
     finally:
         torch.set_num_threads(previous)
     assert torch.allclose(tangent, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,disc", [("lipschitz", "euler"), ("node", "rk4"), ("vanilla", "map")])
+@pytest.mark.parametrize("memory", ["store", "recompute"])
+def test_an_empty_batch_runs_like_the_recorded_loop(arch, disc, memory):
+    """A batch of no sequences: empty outputs and hidden states, and zero gradients and Hessian-vector
+    products, as through the plain loop (the segment length divided by a per-step size of zero)."""
+    engine, plain = _pair(arch, disc)
+    engine.engine_memory = memory
+    x = torch.zeros(0, T, INPUT, dtype=torch.float64)
+    assert engine(x).shape == plain(x).shape == (0, OUTPUT)
+    assert engine.hidden_states(x).shape == plain.hidden_states(x).shape == (0, T, N)
+    direction = [torch.ones_like(p) for p in engine.parameters()]
+    for model in (engine, plain):
+        for result in _gradient_and_hvp(model, model.hidden_states(x).sum() + model(x).square().sum(), direction):
+            assert all(float(r.detach().abs().max()) == 0.0 for r in result)
