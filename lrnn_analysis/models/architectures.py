@@ -123,9 +123,14 @@ class RecurrentModel(nn.Module):
 
     def _engine_projection(self) -> tuple[Tensor, Tensor] | None:
         """(U, b) for the engine to form u_t = U x_t + b itself, segment by segment
-        (:mod:`lrnn_analysis.recurrence.inputs`), where the inputs are this class's own projection;
-        None where a subclass forms them otherwise."""
-        if type(self)._input_sequence is not RecurrentModel._input_sequence:
+        (:mod:`lrnn_analysis.recurrence.inputs`), where the inputs are this class's own projection
+        and calling ``self.U`` would compute exactly ``linear(x, U.weight, U.bias)``; None where a
+        subclass or this instance forms them otherwise, or where ``self.U`` is not a plain
+        ``nn.Linear`` call (its own ``forward``, or hooks: pruning and the hook-based weight and
+        spectral norms recompute ``U.weight`` in a pre-hook, which reading it directly would skip)."""
+        if getattr(self._input_sequence, "__func__", None) is not RecurrentModel._input_sequence:
+            return None
+        if not _plain_linear_call(self.U):
             return None
         return self.U.weight, self.U.bias
 
@@ -260,6 +265,17 @@ class LureRNN(RecurrentModel):
         method, eps, substeps = self._scheme
         A = torch.zeros_like(W) if A is None else A
         return LureSystem(A, W, slope=1.0, method=method, eps=eps, substeps=substeps)
+
+
+def _plain_linear_call(module: nn.Module) -> bool:
+    """Whether ``module(x)`` is ``linear(x, module.weight, module.bias)``: nn.Linear's forward, and no
+    module or global hooks (the conditions of nn.Module's call without hooks)."""
+    hooks = nn.modules.module
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and "forward" not in vars(module)
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                     or hooks._global_backward_hooks or hooks._global_backward_pre_hooks))
 
 
 def _cast(parameter: Tensor, dtype: torch.dtype | None) -> Tensor:

@@ -237,3 +237,52 @@ def test_lipschitz_identity_on_thousands_of_random_cases():
     model = lipschitz_matrix_np(M, beta, gamma)
     np.testing.assert_allclose(model, direct, atol=1e-12)
     np.testing.assert_allclose(lipschitz_matrix_np(M[0], 0.3, 0.7), M[0] + 0.4 * M[0].T - 0.7 * np.eye(6), atol=1e-14)
+
+
+def _projection_cases():
+    """(name, change to a model's input projection) whose effect the engine must see: pruning (its
+    pre-hook recomputes U.weight from weight_orig on every call), a forward hook, nn.Linear's forward
+    overridden by a subclass or on the instance, and the model's own _input_sequence replaced."""
+    from torch.nn.utils import prune
+
+    class Shifted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + x.sum(-1, keepdim=True)
+
+    def pruned(model):
+        prune.l1_unstructured(model.U, "weight", amount=0.5)
+        with torch.no_grad():
+            model.U.weight_orig.mul_(3.0)  # an optimizer step: U.weight is stale until U is called
+
+    def shifted(model):
+        model.U = Shifted(model.U.in_features, model.U.out_features).to(torch.float64)
+
+    def instance_forward(model):
+        linear = model.U.forward
+        model.U.forward = lambda x: 2.0 * linear(x)
+
+    def instance_inputs(model):
+        model._input_sequence = lambda x: 0.5 * model.U(x.transpose(0, 1))
+
+    return [("pruned", pruned), ("forward hook", lambda m: m.U.register_forward_hook(lambda _m, _i, out: 2.0 * out)),
+            ("subclass", shifted), ("instance forward", instance_forward), ("instance inputs", instance_inputs)]
+
+
+@pytest.mark.parametrize("name,change", _projection_cases(), ids=[name for name, _ in _projection_cases()])
+def test_engine_uses_the_input_projection_the_model_calls(name, change):
+    """The engine forms u_t = U x_t + b itself only where calling U would compute exactly that; otherwise the
+    model's own inputs go in: outputs and gradients equal the recorded loop's."""
+    config = ModelConfig("lipschitz", 2, 5, 3, eps=0.3)
+    x = torch.randn(3, 7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for engine in ("recurrence", "autograd"):
+        model = build_model(config, seed=1).double()
+        torch.manual_seed(2)  # the subclass's fresh layer
+        change(model)
+        model.engine = engine
+        out = model(x)
+        results.append((out, torch.autograd.grad(out.square().sum(), [p for p in model.parameters()])))
+    (out, grads), (expected, expected_grads) = results
+    assert torch.allclose(out, expected, rtol=1e-12, atol=0.0), name
+    for ours, theirs in zip(grads, expected_grads):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14), name
