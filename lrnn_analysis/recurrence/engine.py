@@ -119,9 +119,15 @@ def _stack(records: list[Tensor], steps: int) -> Tensor:
     return stacked.reshape(steps, len(records) // steps, *stacked.shape[1:])
 
 
+def _merge_leading(tensor: Tensor) -> Tensor:
+    """The first two axes as one, sizes explicit (with -1 a zero-size tensor's shape is ambiguous; flatten has
+    no rule under the vmap of is_grads_batched)."""
+    return tensor.reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:])
+
+
 def _rows(records: Tensor) -> tuple[Tensor, ...]:
     """The (batch, width) record of every stage evaluation, in stage order."""
-    return records.flatten(0, 1).unbind(0)
+    return _merge_leading(records).unbind(0)
 
 
 def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states: bool, record: bool,
@@ -237,10 +243,10 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     concatenation per step and no stacking afterwards. Same numbers as :func:`backward_sweep`.
     """
     steps, m = D.shape[0], scheme.substeps
-    d = D.flatten(0, 1)
+    d = _merge_leading(D)
     shape = (steps, m, d.shape[1], 2 * field.n if field.keeps_g else field.n)
     X = D.new_empty(shape) if workspace is None else workspace.buffer("X", shape, D)
-    rows = X.flatten(0, 1)
+    rows = _merge_leading(X)
     G, Q = field.split_record(rows)
     g = lam if cotangents is None else (cotangents[-1] if lam is None else lam + cotangents[-1])
     if G is not None:
@@ -442,6 +448,7 @@ class _Recurrence(torch.autograd.Function):
             # A Hessian-vector product: the cotangent of the states is the Gauss-Newton part, swept
             # together with the second-order adjoint of the first adjoint node.
             return *_sum_results([finish(grad if i == 0 else None) for i, finish in enumerate(finishes)]), None
+        _refuse_batched_graph(grad)
         # Whether this gradient's graph leads back to this node, which its products' Gauss-Newton part then reaches.
         fusable = _GRAPH_TASK_QUERIES and torch.is_grad_enabled() and grad.requires_grad and _reaches(grad, ctx)
         x, U, b, A, W, B, *kept = ctx.saved_tensors
@@ -538,12 +545,23 @@ class _Adjoint(torch.autograd.Function):
         results = (tangent.grad_dot, *second, *unused)
         if not torch.is_grad_enabled():
             return results
+        _refuse_batched_graph(*directions)
         # create_graph=True: the results depend on (x, U, b, A, W, B) through terms this node does not
         # differentiate, so a further derivative must fail rather than miss them.
         sources = [t for t in (x, U, b, A, W, B, *directions) if t is not None and t.requires_grad]
         present = [i for i, r in enumerate(results) if r is not None]
         marked = list(_ThirdOrder.apply(len(present), *[results[i] for i in present], *sources))
         return tuple(marked.pop(0) if r is not None else None for r in results)
+
+
+def _refuse_batched_graph(*cotangents: Tensor) -> None:
+    """Raise where a backward of this engine runs with create_graph under the vmap of is_grads_batched:
+    torch drops the graph of a custom node's results built inside another's backward there (a further
+    derivative would miss them: zero, where the loop's graph gives its value)."""
+    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    if torch.is_grad_enabled() and check is not None and any(check(t) for t in cotangents):
+        raise RuntimeError("the recurrence engine cannot build the graph of a gradient under is_grads_batched=True "
+                           "(torch drops it); use create_graph=False, one call per cotangent, or the model's engine 'autograd'")
 
 
 class _ThirdOrder(torch.autograd.Function):

@@ -609,3 +609,29 @@ def test_an_empty_batch_runs_like_the_recorded_loop(arch, disc, memory):
     for model in (engine, plain):
         for result in _gradient_and_hvp(model, model.hidden_states(x).sum() + model(x).square().sum(), direction):
             assert all(float(r.detach().abs().max()) == 0.0 for r in result)
+
+
+def test_a_gradient_graph_under_is_grads_batched_raises_instead_of_being_dropped():
+    """Under the vmap of is_grads_batched torch drops the graph of a custom node's results built in another's
+    backward: the engine's gradient (or Hessian-vector product) with create_graph would come back without
+    one, and a further derivative through it would be zero where the loop's is not. It raises instead."""
+    generator = torch.Generator().manual_seed(9)
+    u, A, W = (torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+               for shape in ((T, BATCH, N), (N, N), (N, N)))
+    scheme = build_scheme("euler", 0.3)
+    cotangents = torch.randn(2, BATCH, N, generator=generator, dtype=torch.float64)
+    loop = _loop(u, A, W, None, "euler", 0.3, 1, False)
+    assert all(g.requires_grad for g in torch.autograd.grad(loop, [u, A, W], cotangents, is_grads_batched=True,
+                                                           create_graph=True))
+    states = lure_recurrence(u, A, W, scheme=scheme)
+    with pytest.raises(RuntimeError, match="is_grads_batched"):
+        torch.autograd.grad(states, [u, A, W], cotangents, is_grads_batched=True, create_graph=True)
+    grads = torch.autograd.grad(torch.sin(lure_recurrence(u, A, W, scheme=scheme)).sum(), [u, A, W], create_graph=True)
+    directions = [torch.randn(2, *p.shape, generator=generator, dtype=torch.float64) for p in (u, A, W)]
+    with pytest.raises(RuntimeError, match="is_grads_batched"):
+        torch.autograd.grad(grads, [u, A, W], directions, is_grads_batched=True, create_graph=True)
+    # Without create_graph the batched products are the loop's.
+    products = torch.autograd.grad(grads, [u, A, W], directions, is_grads_batched=True)
+    loop_grads = torch.autograd.grad(torch.sin(_loop(u, A, W, None, "euler", 0.3, 1, False)).sum(), [u, A, W], create_graph=True)
+    for ours, theirs in zip(products, torch.autograd.grad(loop_grads, [u, A, W], directions, is_grads_batched=True)):
+        assert _relative(ours, theirs) < RTOL
