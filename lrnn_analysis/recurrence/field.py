@@ -148,8 +148,9 @@ class LureField:
 
     def derivative(self, S: Tensor, out: Tensor | None = None) -> Tensor:
         """D = beta tanh'(p) = beta (1 - s^2) from s = tanh(p) (written into ``out`` if given)."""
-        # beta as a CPU scalar tensor: no host-to-device copy for CUDA tensors (none allowed in a CUDA graph capture).
-        return torch.addcmul(torch.tensor(self.beta, dtype=S.dtype), S, S, value=-self.beta, out=out)
+        # beta as a 0-dim tensor filled on S's device: no host-to-device copy (none allowed in a CUDA graph
+        # capture), and CUDA's addcmul refuses a CPU scalar as its first argument.
+        return torch.addcmul(S.new_full((), self.beta), S, S, value=-self.beta, out=out)
 
     def _split(self, z: Tensor) -> tuple[Tensor | None, Tensor]:
         return z.split(self.n, dim=-1) if self.has_a else (None, z)
@@ -258,7 +259,7 @@ class LureField:
         unless ``with_p``)."""
         G, Q = self.split_record(X)
         # -2 s q p_dot in two passes: the scaling by -2 is exact, so these are the sums of (-2 s) q p_dot.
-        R = torch.addcmul(torch.tensor(0.0, dtype=S.dtype), S, Q, value=-2.0) * P_dot
+        R = torch.addcmul(S.new_zeros(()), S, Q, value=-2.0) * P_dot
         if self.has_b:
             R = torch.addcmul(R, G @ direction["B"], D)
         P = (X if self.has_a else Q) @ self.direction_matrix(direction) if with_p else None

@@ -9,6 +9,7 @@ from decimal import Decimal, localcontext
 import numpy
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lrnn_analysis.recurrence import field
 from lrnn_analysis.recurrence.field import tanh
@@ -195,3 +196,45 @@ def test_tanh_rows_of_a_loop_over_a_dual_or_with_several_threads_use_torch(monke
     torch.set_num_threads(2)
     field.tanh_rows(p, out)(0)
     assert torch.equal(out[0], torch.tanh(p[0]))
+
+
+class _CudaScalarRule(TorchDispatchMode):
+    """CUDA's rule for CPU scalars in addcmul, checked on the CPU: a 0-dim tensor made from Python data
+    (torch.tensor, torch.scalar_tensor: on the CPU whatever the operands' device) may be its ``tensor2``
+    only; as ``self`` or ``tensor1`` CUDA raises. Records the offending calls (forward and backward: a
+    dispatch mode reaches the autograd engine's calls too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu_scalars, self.refused = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("lift_fresh", "lift_fresh_copy", "scalar_tensor") and result.ndim == 0:
+            self.cpu_scalars.append(result)
+        if name in ("addcmul", "addcmul_", "addcdiv", "addcdiv_"):
+            if any(any(t is s for s in self.cpu_scalars) for t in args[:2]):
+                self.refused.append(name)
+        return result
+
+
+@pytest.mark.parametrize("method,with_a,with_b", [("euler", True, False), ("rk4", True, False), ("map", False, True)])
+def test_the_engine_passes_no_cpu_scalar_where_cuda_refuses_one(method, with_a, with_b):
+    """Every backward and Hessian-vector product of the engine forms D = beta (1 - s^2) and R = -2 s q p_dot
+    with addcmul; a CPU 0-dim tensor as its first argument is refused on CUDA ("CPU Scalar support for self
+    argument is not supported when calling addcmul on CUDA tensors"), so the engine could not differentiate there."""
+    from lrnn_analysis.recurrence import build_scheme, lure_recurrence
+
+    generator = torch.Generator().manual_seed(3)
+    x, U, b = (torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_() for shape in ((4, 2, 3), (5, 3), (5,)))
+    A, W, B = ((0.3 * torch.randn(5, 5, generator=generator, dtype=torch.float64)).requires_grad_() if given else None
+               for given in (with_a, True, with_b))
+    params = [t for t in (x, U, b, A, W, B) if t is not None]
+    rule = _CudaScalarRule()
+    with rule:
+        states = lure_recurrence(x, A, W, B, scheme=build_scheme(method, None if method == "map" else 0.2),
+                                 input_weight=U, input_bias=b)
+        grads = torch.autograd.grad(torch.sin(states).sum(), params, create_graph=True)
+        torch.autograd.grad(grads, params, [torch.ones_like(p) for p in params])
+    assert rule.refused == []
