@@ -198,6 +198,29 @@ def test_tanh_rows_of_a_loop_over_a_dual_or_with_several_threads_use_torch(monke
     assert torch.equal(out[0], torch.tanh(p[0]))
 
 
+@pytest.mark.parametrize("method", ["euler", "rk2"])
+def test_under_torch_compile_the_engine_uses_torch_tanh(one_thread, numpy_calls, method):
+    """A traced graph never sees NumPy's writes into a tensor's memory: under torch.compile (aot_eager, the
+    tracing of every backend) the Euler map's states came back as uninitialised memory (nan, 1e32) with
+    one thread in float32. The trace takes torch.tanh; the states equal the engine's with torch.tanh."""
+    from lrnn_analysis.recurrence import build_scheme, lure_recurrence
+
+    generator = torch.Generator().manual_seed(4)
+    u = torch.randn(3, 64, 64, generator=generator)
+    A, W = (0.1 * torch.randn(64, 64, generator=generator) for _ in range(2))
+
+    def run(u, A, W):
+        return lure_recurrence(u, A, W, scheme=build_scheme(method, 0.3), keep_states=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, backend="aot_eager")(u, A, W)
+    torch._dynamo.reset()
+    calls = len(numpy_calls)
+    torch.set_num_threads(2)  # torch.tanh
+    assert torch.equal(compiled, run(u, A, W))
+    assert calls == 0
+
+
 class _CudaScalarRule(TorchDispatchMode):
     """CUDA's rule for CPU scalars in addcmul, checked on the CPU: a 0-dim tensor made from Python data
     (torch.tensor, torch.scalar_tensor: on the CPU whatever the operands' device) may be its ``tensor2``
