@@ -246,7 +246,7 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     d = _merge_leading(D)
     shape = (steps, m, d.shape[1], 2 * field.n if field.keeps_g else field.n)
     X = D.new_empty(shape) if workspace is None else workspace.buffer("X", shape, D)
-    rows = _merge_leading(X)
+    rows = X.view(shape[0] * shape[1], *shape[2:])  # a view: the sweep writes X through it
     G, Q = field.split_record(rows)
     g = lam if cotangents is None else (cotangents[-1] if lam is None else lam + cotangents[-1])
     if G is not None:
