@@ -8,7 +8,8 @@ matrices returned by ``matrices``/``lure_form`` are in the column convention.
 ``engine`` chooses how ``forward`` and ``hidden_states`` run the recurrence: ``"recurrence"``
 (the default where a model's step is a Lur'e-form step, h+ = A h + B tanh(W h + u) under a
 fixed scheme) runs the whole sequence as one autograd node of :mod:`lrnn_analysis.recurrence`,
-with an exact adjoint backward and R-operator Hessian-vector products; ``"autograd"`` records
+with an exact adjoint backward and R-operator Hessian-vector products, and forms u_t = U x_t + b
+itself segment by segment where the model's inputs are its own U's (``_engine_projection``); ``"autograd"`` records
 the step op by op (the only choice for the gated RNN and the REN). Inside torch.func transforms
 (vmap, grad) and under torch.compile the step is always recorded op by op. ``engine_memory``
 ``"recompute"`` keeps only every ceil(sqrt(T))-th state for the backward pass (same numbers,
@@ -91,6 +92,13 @@ def lure_step(A: Tensor | None, W: Tensor, method: str, eps: float | None, subst
     return repeated
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs any forward hook or pre-hook, its own or a global one."""
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(hooks, "_global_forward_hooks", None)
+                or getattr(hooks, "_global_forward_pre_hooks", None))
+
+
 class RecurrentModel(nn.Module):
     """Shared input map, decoder and time loop; subclasses define one step."""
 
@@ -121,13 +129,16 @@ class RecurrentModel(nn.Module):
         """All input projections in one matmul, time-major: (T, B, n)."""
         return self.U(x.transpose(0, 1))
 
-    def _engine_projection(self) -> tuple[Tensor, Tensor] | None:
+    def _engine_projection(self) -> tuple[Tensor, Tensor | None] | None:
         """(U, b) for the engine to form u_t = U x_t + b itself, segment by segment
-        (:mod:`lrnn_analysis.recurrence.inputs`), where the inputs are this class's own projection;
-        None where a subclass forms them otherwise."""
-        if type(self)._input_sequence is not RecurrentModel._input_sequence:
+        (:mod:`lrnn_analysis.recurrence.inputs`), where ``_input_sequence`` is this class's and
+        ``self.U`` a plain ``nn.Linear`` without hooks (a hook such as spectral_norm's recomputes
+        the weight when the layer is called); None otherwise: the engine then takes U(x)."""
+        layer = getattr(self, "U", None)
+        if (type(self)._input_sequence is not RecurrentModel._input_sequence or type(layer) is not nn.Linear
+                or _has_forward_hooks(layer)):
             return None
-        return self.U.weight, self.U.bias
+        return layer.weight, layer.bias
 
     @property
     def engine(self) -> str:
