@@ -8,7 +8,8 @@ matrices returned by ``matrices``/``lure_form`` are in the column convention.
 ``engine`` chooses how ``forward`` and ``hidden_states`` run the recurrence: ``"recurrence"``
 (the default where a model's step is a Lur'e-form step, h+ = A h + B tanh(W h + u) under a
 fixed scheme) runs the whole sequence as one autograd node of :mod:`lrnn_analysis.recurrence`,
-with an exact adjoint backward and R-operator Hessian-vector products; ``"autograd"`` records
+with an exact adjoint backward and R-operator Hessian-vector products, and forms u_t = U x_t + b
+itself segment by segment where the model's inputs are its own U's (``_engine_projection``); ``"autograd"`` records
 the step op by op (the only choice for the gated RNN and the REN). Inside torch.func transforms
 (vmap, grad) and under torch.compile the step is always recorded op by op. ``engine_memory``
 ``"recompute"`` keeps only every ceil(sqrt(T))-th state for the backward pass (same numbers,
@@ -121,18 +122,18 @@ class RecurrentModel(nn.Module):
         """All input projections in one matmul, time-major: (T, B, n)."""
         return self.U(x.transpose(0, 1))
 
-    def _engine_projection(self) -> tuple[Tensor, Tensor] | None:
+    def _engine_projection(self) -> tuple[Tensor, Tensor | None] | None:
         """(U, b) for the engine to form u_t = U x_t + b itself, segment by segment
-        (:mod:`lrnn_analysis.recurrence.inputs`), where the inputs are this class's own projection
-        and calling ``self.U`` would compute exactly ``linear(x, U.weight, U.bias)``; None where a
-        subclass or this instance forms them otherwise, or where ``self.U`` is not a plain
-        ``nn.Linear`` call (its own ``forward``, or hooks: pruning and the hook-based weight and
-        spectral norms recompute ``U.weight`` in a pre-hook, which reading it directly would skip)."""
-        if getattr(self._input_sequence, "__func__", None) is not RecurrentModel._input_sequence:
+        (:mod:`lrnn_analysis.recurrence.inputs`), where ``_input_sequence`` is this class's (not
+        replaced on the instance either) and calling ``self.U`` computes exactly
+        ``linear(x, U.weight, U.bias)``: nn.Linear's ``forward`` and no hooks (pruning and the hook-based
+        weight and spectral norms recompute ``U.weight`` in a pre-hook, which reading it directly would
+        skip; a backward hook may change the gradients); None otherwise: the engine then takes U(x)."""
+        layer = getattr(self, "U", None)
+        if (getattr(self._input_sequence, "__func__", None) is not RecurrentModel._input_sequence
+                or not _plain_linear_call(layer)):
             return None
-        if not _plain_linear_call(self.U):
-            return None
-        return self.U.weight, self.U.bias
+        return layer.weight, layer.bias
 
     @property
     def engine(self) -> str:
@@ -267,7 +268,7 @@ class LureRNN(RecurrentModel):
         return LureSystem(A, W, slope=1.0, method=method, eps=eps, substeps=substeps)
 
 
-def _plain_linear_call(module: nn.Module) -> bool:
+def _plain_linear_call(module: nn.Module | None) -> bool:
     """Whether ``module(x)`` is ``linear(x, module.weight, module.bias)``: nn.Linear's forward, and no
     module or global hooks (the conditions of nn.Module's call without hooks)."""
     hooks = nn.modules.module

@@ -241,8 +241,9 @@ def test_lipschitz_identity_on_thousands_of_random_cases():
 
 def _projection_cases():
     """(name, change to a model's input projection) whose effect the engine must see: pruning (its
-    pre-hook recomputes U.weight from weight_orig on every call), a forward hook, nn.Linear's forward
-    overridden by a subclass or on the instance, and the model's own _input_sequence replaced."""
+    pre-hook recomputes U.weight from weight_orig on every call), a forward or backward hook, nn.Linear's
+    forward overridden by a subclass or on the instance, the model's own _input_sequence replaced; and a
+    parametrized U.weight, which the engine may read directly."""
     from torch.nn.utils import prune
 
     class Shifted(torch.nn.Linear):
@@ -264,8 +265,20 @@ def _projection_cases():
     def instance_inputs(model):
         model._input_sequence = lambda x: 0.5 * model.U(x.transpose(0, 1))
 
+    def backward_hook(model):
+        model.U.register_full_backward_pre_hook(lambda _m, grad_output: tuple(3.0 * g for g in grad_output))
+
+    def parametrized(model):  # U.weight is the parametrization's value on every read: the engine may take it
+        torch.nn.utils.parametrize.register_parametrization(model.U, "weight", _Doubled())
+
     return [("pruned", pruned), ("forward hook", lambda m: m.U.register_forward_hook(lambda _m, _i, out: 2.0 * out)),
-            ("subclass", shifted), ("instance forward", instance_forward), ("instance inputs", instance_inputs)]
+            ("backward hook", backward_hook), ("subclass", shifted), ("instance forward", instance_forward),
+            ("instance inputs", instance_inputs), ("parametrized", parametrized)]
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2.0 * weight
 
 
 @pytest.mark.parametrize("name,change", _projection_cases(), ids=[name for name, _ in _projection_cases()])

@@ -128,3 +128,27 @@ def test_zoo_model_runs_its_own_projection_through_the_engine(monkeypatch):
     assert _relative(out, reference) < RTOL
     for ours, theirs in zip(grads, reference_grads):
         assert _relative(ours, theirs) < RTOL
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("change", ["hooked", "subclass"])
+def test_an_input_layer_the_weights_do_not_describe_is_called_instead(change):
+    """A hook on U (the old spectral_norm recomputes the weight in a forward pre-hook) or a layer that
+    is not a plain nn.Linear: the engine takes U(x), so the model computes what its loop computes."""
+    model = build_model(ModelConfig("lipschitz", INPUT, N, 3, eps=0.3), seed=2).double()
+    if change == "hooked":
+        torch.nn.utils.spectral_norm(model.U)
+    else:
+        layer = _ScaledLinear(INPUT, N).double()
+        layer.load_state_dict(model.U.state_dict())
+        model.U = layer
+    assert model._engine_projection() is None
+    model.eval()  # spectral_norm's power iteration moves the weight on every call in training mode
+    x = torch.randn(BATCH, T, INPUT, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    engine = model(x)
+    model.engine = "autograd"
+    assert _relative(engine, model(x)) < RTOL
