@@ -73,7 +73,7 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     NumPy's float32 tanh would be 6 times faster still but is within 1.4 units only, which the
     backward's 1 - s^2 magnifies near saturation (``test_engine.py -k saturation``). Everything
     else (CUDA, float64 and other dtypes, a graph to record, forward-mode duals, functorch
-    transforms, torch.compile's tracing, several threads, small tensors, an ``out`` that is not
+    transforms, torch.compile's or torch.jit.trace's tracing, several threads, small tensors, an ``out`` that is not
     contiguous) calls torch.tanh: NumPy writes the primal only, into an ``out`` whose elements share
     memory without complaint (torch.tanh refuses it), and past a traced graph, which never sees the
     write (``out`` then holds whatever its memory held).
@@ -104,6 +104,7 @@ def _numpy_tanh(elements: int, p: Tensor, out: Tensor | None, *sources: Tensor) 
     """Whether :func:`tanh` of ``elements`` elements of p goes through NumPy (its docstring)."""
     return (elements >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
             and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and _numpy_view(p) and (out is None or (_numpy_view(out) and out.is_contiguous()))
             and all(_numpy_view(source) for source in sources))
 

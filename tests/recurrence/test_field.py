@@ -4,6 +4,7 @@ NumPy computes it only with one intra-op thread; the tests that measure that pat
 from __future__ import annotations
 
 import math
+import warnings
 from decimal import Decimal, localcontext
 
 import numpy
@@ -198,11 +199,13 @@ def test_tanh_rows_of_a_loop_over_a_dual_or_with_several_threads_use_torch(monke
     assert torch.equal(out[0], torch.tanh(p[0]))
 
 
+@pytest.mark.parametrize("tracer", ["compile", "jit.trace"])
 @pytest.mark.parametrize("method", ["euler", "rk2"])
-def test_under_torch_compile_the_engine_uses_torch_tanh(one_thread, numpy_calls, method):
+def test_a_traced_engine_uses_torch_tanh(one_thread, numpy_calls, method, tracer):
     """A traced graph never sees NumPy's writes into a tensor's memory: under torch.compile (aot_eager, the
-    tracing of every backend) the Euler map's states came back as uninitialised memory (nan, 1e32) with
-    one thread in float32. The trace takes torch.tanh; the states equal the engine's with torch.tanh."""
+    tracing of every backend) and replayed from torch.jit.trace, the Euler map's states came back as
+    uninitialised memory (nan, 1e32) with one thread in float32. The trace takes torch.tanh; the states
+    equal the engine's with torch.tanh."""
     from lrnn_analysis.recurrence import build_scheme, lure_recurrence
 
     generator = torch.Generator().manual_seed(4)
@@ -212,9 +215,15 @@ def test_under_torch_compile_the_engine_uses_torch_tanh(one_thread, numpy_calls,
     def run(u, A, W):
         return lure_recurrence(u, A, W, scheme=build_scheme(method, 0.3), keep_states=True)
 
-    torch._dynamo.reset()
-    compiled = torch.compile(run, backend="aot_eager")(u, A, W)
-    torch._dynamo.reset()
+    if tracer == "compile":
+        torch._dynamo.reset()
+        compiled = torch.compile(run, backend="aot_eager")(u, A, W)
+        torch._dynamo.reset()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.trace is deprecated, and still there
+            traced = torch.jit.trace(run, (torch.zeros_like(u), A, W), check_trace=False)
+        compiled = traced(u, A, W)
     calls = len(numpy_calls)
     torch.set_num_threads(2)  # torch.tanh
     assert torch.equal(compiled, run(u, A, W))
