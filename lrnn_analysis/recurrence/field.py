@@ -38,21 +38,14 @@ from collections.abc import Callable
 
 import numpy
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+
+from .products import mm, numpy_view
 
 __all__ = ["LureField", "tanh", "tanh_rows"]
 
 # Below about this size NumPy's fixed cost per call outweighs what it saves (32 x 32: 5.4 us against torch.tanh's 3.5).
 _NUMPY_TANH_MIN_ELEMENTS = 4096
-
-
-def _numpy_view(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a CPU float32 tensor NumPy can view in its own memory and autograd has no
-    stake in: no graph to record through it, no forward-mode tangent on it."""
-    return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype == torch.float32
-            and not tensor.is_neg() and not tensor.is_conj()
-            and not (torch.is_grad_enabled() and tensor.requires_grad) and forward_ad.unpack_dual(tensor).tangent is None)
 
 
 def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
@@ -103,8 +96,12 @@ def _numpy_tanh(elements: int, p: Tensor, out: Tensor | None, *sources: Tensor) 
     """Whether :func:`tanh` of ``elements`` elements of p goes through NumPy (its docstring)."""
     return (elements >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
             and not torch._C._are_functorch_transforms_active()
-            and _numpy_view(p) and (out is None or (_numpy_view(out) and out.is_contiguous()))
-            and all(_numpy_view(source) for source in sources))
+            and _float32_view(p) and (out is None or (_float32_view(out) and out.is_contiguous()))
+            and all(_float32_view(source) for source in sources))
+
+
+def _float32_view(tensor: Tensor) -> bool:
+    return numpy_view(tensor, (torch.float32,))
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -224,11 +221,11 @@ class LureField:
         # (Y^T X)^T rather than X^T Y (here and in ``second_order_gradients``): the same sums, and MKL's
         # product runs at 104 GFLOP/s in that layout against 100 (``bench/recurrence.py``'s CPU, n = 128).
         if self.has_a:
-            grads = dict(zip(("A", "W"), (Y.T @ _rows(X)).T.split(self.n)))
+            grads = dict(zip(("A", "W"), mm(Y.T, _rows(X)).T.split(self.n)))
         else:
-            grads = {"W": (Y.T @ _rows(Q)).T}
+            grads = {"W": mm(Y.T, _rows(Q)).T}
         if self.has_b:
-            grads["B"] = _rows(G).T @ _rows(S)
+            grads["B"] = mm(_rows(G).T, _rows(S))
         return grads
 
     def tangent_terms(self, Y: Tensor, S: Tensor, direction: dict[str, Tensor], u_dot: Tensor,
@@ -239,7 +236,7 @@ class LureField:
         ``in_place`` u_dot is added into the product's p columns (the same sums, without padding u_dot
         with zeros and adding the padded copy: two passes over every row fewer); not where a tensor
         is batched by the vmap of is_grads_batched, which cannot write into another's memory."""
-        product = Y @ self.direction_matrix(direction).T
+        product = mm(_rows(Y), self.direction_matrix(direction).T).view(*Y.shape[:-1], -1)
         if in_place:
             (product[..., self.n:] if self.has_a else product).add_(u_dot)
             c = product
@@ -261,7 +258,7 @@ class LureField:
         R = torch.addcmul(torch.tensor(0.0, dtype=S.dtype), S, Q, value=-2.0) * P_dot
         if self.has_b:
             R = torch.addcmul(R, G @ direction["B"], D)
-        P = (X if self.has_a else Q) @ self.direction_matrix(direction) if with_p else None
+        P = mm(_rows(X if self.has_a else Q), self.direction_matrix(direction)).view(*X.shape[:-1], -1) if with_p else None
         return R, P
 
     def second_order_gradients(self, Y: Tensor, Y_dot: Tensor, S: Tensor, D: Tensor, P_dot: Tensor,
@@ -270,9 +267,9 @@ class LureField:
         (G, Q), (G_dot, Q_dot) = self.split_record(X), self.split_record(X_dot)
         Y, Y_dot = _rows(Y), _rows(Y_dot)
         if self.has_a:
-            grads = dict(zip(("A", "W"), torch.addmm(Y.T @ _rows(X_dot), Y_dot.T, _rows(X)).T.split(self.n)))
+            grads = dict(zip(("A", "W"), (mm(Y.T, _rows(X_dot)) + mm(Y_dot.T, _rows(X))).T.split(self.n)))
         else:
-            grads = {"W": torch.addmm(Y.T @ _rows(Q_dot), Y_dot.T, _rows(Q)).T}
+            grads = {"W": (mm(Y.T, _rows(Q_dot)) + mm(Y_dot.T, _rows(Q))).T}
         if self.has_b:
             grads["B"] = torch.addmm(_rows(G_dot).T @ _rows(S), _rows(G).T, _rows(D * P_dot))
         return grads
