@@ -84,7 +84,7 @@ def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     if (uses_numpy(*tensors) and _blas_matrix(a) and _blas_matrix(b)
             and (out is None or (out.stride(1) == 1 and out.stride(0) >= out.shape[1]))):
         target = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype) if out is None else out
-        numpy.matmul(a.numpy(), b.numpy(), out=target.numpy())
+        numpy.matmul(a.detach().numpy(), b.detach().numpy(), out=target.detach().numpy())
         return target
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
@@ -98,14 +98,14 @@ def row_products(rows: Tensor, matrix: Tensor, outs: Tensor | None) -> Callable[
     tensors = (rows, matrix) if outs is None else (rows, matrix, outs)
     if (uses_numpy(*tensors) and _blas_matrix(matrix)
             and all(t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] for t in tensors if t is not matrix)):
-        row_arrays, matrix_array = list(rows.numpy()), matrix.numpy()
-        out_arrays, out_rows = ([], ()) if outs is None else (list(outs.numpy()), outs.unbind(0))
+        row_arrays, matrix_array = list(rows.detach().numpy()), matrix.detach().numpy()
+        out_arrays, out_rows = ([], ()) if outs is None else (list(outs.detach().numpy()), outs.unbind(0))
         shape, dtype = (rows.shape[1], matrix.shape[1]), rows.dtype
 
         def numpy_product(l: int, k: int | None) -> Tensor:
             if k is None:
                 target = torch.empty(shape, dtype=dtype)
-                numpy.matmul(row_arrays[l], matrix_array, out=target.numpy())
+                numpy.matmul(row_arrays[l], matrix_array, out=target.detach().numpy())
                 return target
             numpy.matmul(row_arrays[l], matrix_array, out=out_arrays[k])
             return out_rows[k]
