@@ -5,7 +5,8 @@ Three contenders, each on the same parameters, at T = 196, batch 64, n = 64 and 
 T = 784, batch 128, n = 128 (``--quick``: the small size with fewer rounds):
   * engine: our ``lipschitz`` model as it runs by default (``lrnn_analysis.recurrence``: one
     autograd node per sequence, adjoint backward, weight gradients as products over all rows,
-    R-operator Hessian-vector products);
+    R-operator Hessian-vector products; with one thread its plain products through NumPy's
+    OpenBLAS, ``lrnn_analysis/recurrence/products.py``);
   * autograd: the same model with ``engine = "autograd"`` (the step recorded op by op: one input
     matmul for all steps, one fused matmul per step);
   * reference: a faithful re-implementation of the reference loop (erichson/LipschitzRNN
@@ -18,7 +19,7 @@ are comparable; each is median (min, max), ratios are medians of per-round ratio
   * one Hessian-vector product as PyHessian computes it: the gradient graph built once
     (create_graph=True), then each product one backward through it (``autograd.grad(grads,
     params, v)``); the graph's construction is timed separately;
-  * the fraction of the matmul floor each reaches: FLOPs / (matmul rate at the step's shape
+  * the fraction of the matmul floor each reaches: FLOPs / (torch's matmul rate at the step's shape
     (B x n) @ (n x 2n), the best window measured before and after the timings) / time. Counted FLOPs: forward+backward ~ 12 T B n^2 (one 4 B n^2 product
     per step forward, one backward, and the weight gradient); the HVP ~ 24 T B n^2, the gradient's
     products differentiated once (each product C = A B gives A_dot B + A B_dot). Autograd's double
@@ -43,8 +44,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy
 import torch
 from common import alternating_times, ratio_spread, spread
+from threadpoolctl import threadpool_limits
 
 from lrnn_analysis.environment import environment
 from lrnn_analysis.models import ModelConfig, build_model
@@ -67,18 +70,25 @@ def reference_loop(params: dict[str, torch.Tensor], x: torch.Tensor, beta: float
     return torch.nn.functional.linear(h, params["D.weight"], params["D.bias"])
 
 
-def matmul_rate(batch: int, n: int, seconds: float = 1.0, windows: int = 4) -> float:
-    """FLOP/s of (batch x n) @ (n x 2n), the recurrence's shape: the best of ``windows`` windows of
-    ``seconds / windows`` each (on a shared machine the best window is the closest to the machine's rate)."""
-    a, b = torch.randn(batch, n), torch.randn(n, 2 * n)
+def matmul_rate(batch: int, n: int, seconds: float = 1.0, windows: int = 4, rows: int | None = None,
+                library: str = "torch") -> float:
+    """FLOP/s of (batch x n) @ (n x 2n), the recurrence's shape (with ``rows``: of the weight gradients'
+    Y^T X, (n x rows) @ (rows x 2n)), by torch (MKL) or NumPy (its BLAS, held to one thread): the
+    best of ``windows`` windows of ``seconds / windows`` each (on a shared machine the best window
+    is the closest to the machine's rate)."""
+    a, b = (torch.randn(batch, n), torch.randn(n, 2 * n)) if rows is None else (torch.randn(rows, n).T, torch.randn(rows, 2 * n))
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    x, y = a.numpy(), b.numpy()
+    product = (lambda: torch.mm(a, b)) if library == "torch" else (lambda: numpy.matmul(x, y))
     best = 0.0
-    for _ in range(windows):
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / windows:
-            for _ in range(20):
-                torch.mm(a, b)
-            reps += 20
-        best = max(best, reps * 2 * batch * n * 2 * n / (time.perf_counter() - start))
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(windows):
+            reps, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / windows:
+                for _ in range(20):
+                    product()
+                reps += 20
+            best = max(best, reps * flops / (time.perf_counter() - start))
     return best
 
 
@@ -187,7 +197,11 @@ def measure(steps: int, batch: int, hidden: int, repeats: int) -> None:
     memory = {name: peak_memory(fn) for name, fn in fb.items()}
     times = alternating_times(fb, repeats)
     rate = max(rate, matmul_rate(batch, hidden))
-    print(f"  matmul rate at ({batch}x{hidden})@({hidden}x{2 * hidden}), best window: {rate / 1e9:.1f} GFLOP/s")
+    print(f"  matmul rate at ({batch}x{hidden})@({hidden}x{2 * hidden}), best window: {rate / 1e9:.1f} GFLOP/s (torch, the floor's); "
+          f"NumPy's BLAS {matmul_rate(batch, hidden, library='numpy') / 1e9:.1f} (the engine's plain products with one thread)")
+    rows = 16 * batch
+    print(f"  weight gradients' Y^T X, ({hidden}x{rows})@({rows}x{2 * hidden}): torch {matmul_rate(batch, hidden, rows=rows) / 1e9:.1f}, "
+          f"NumPy's BLAS {matmul_rate(batch, hidden, rows=rows, library='numpy') / 1e9:.1f} GFLOP/s")
     flops = 12 * steps * batch * hidden**2
     print(f"  forward+backward ({flops / 1e9:.2f} GFLOP, matmul floor {flops / rate:.3f} s):")
     for name in order:

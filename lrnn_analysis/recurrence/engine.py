@@ -51,6 +51,11 @@ products over all their rows still run at the matrix-multiply rate. ``segment=K`
 start of every K-th input step and recomputes a segment's stage records in the backward passes
 (O((T / K + K * stages) * batch * n)); ``sqrt_segment(T)`` = ceil(sqrt(T)) balances the two.
 Both modes compute the same numbers up to the order of floating-point sums over segments.
+
+Products: the plain ones (the first-order sweep's per-step product, the weight gradients, the
+R-operator's products over all rows) go through :mod:`.products`, which takes NumPy's OpenBLAS
+with one intra-op thread (faster than torch's MKL on this project's CPU) and torch otherwise; the
+products added into a buffer (addmm) stay with torch.
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ from torch import Tensor
 from ..errors import InputError
 from .field import LureField, tanh_rows
 from .inputs import InputGradients, Inputs
+from .products import mm, one_blas_thread, row_products
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
@@ -252,12 +258,12 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     if G is not None:
         g = G[-1].copy_(g)
     # Rows as lists: indexing a tensor costs about a microsecond per call, a list next to nothing.
-    d_rows, q_rows, g_rows = d.unbind(0), Q.unbind(0), None if G is None else G.unbind(0)
-    operands = rows.unbind(0) if field.has_a else q_rows
-    B, matrix, identity = field.B, field.backward_matrix, field.identity
-    for l in reversed(range(len(operands))):
+    d_rows, q_rows = d.unbind(0), Q.unbind(0)
+    product_row = row_products(rows if field.has_a else Q, field.backward_matrix, G)
+    B, identity = field.B, field.identity
+    for l in reversed(range(len(q_rows))):
         torch.mul(g @ B if B is not None else g, d_rows[l], out=q_rows[l])
-        product = torch.mm(operands[l], matrix, out=None if g_rows is None or l == 0 else g_rows[l - 1])
+        product = product_row(l, None if G is None or l == 0 else l - 1)
         if identity:
             # g + the product formed first: addmm accumulates the product's terms into g, rounding
             # at the size of g for each (measured 10 times the loop's error in float32).
@@ -315,7 +321,7 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
     direction_matrix = field.direction_matrix(direction)
     X_rows = X.reshape(rows, batch, 2 * n)
     if rows > 1:
-        torch.mm(X_rows[1:].reshape(-1, 2 * n), direction_matrix, out=G[:-1].view(-1, n))
+        mm(X_rows[1:].reshape(-1, 2 * n), direction_matrix, out=G[:-1].view(-1, n))
     g = lam_dot if cotangents is None else lam_dot + cotangents[-1]
     G[-1].copy_(g)
     g_rows, q_rows, x_rows = G.unbind(0), Q.unbind(0), X_dot.unbind(0)
@@ -504,16 +510,17 @@ class _Adjoint(torch.autograd.Function):
         # workspace), except under the vmap of is_grads_batched, where nothing can be written into a buffer.
         in_place = not _legacy_batched(grad)
         input_grads = InputGradients(Inputs(x, U, b), layout.x, in_place)
-        for k in reversed(range(segments)):
-            t0, t1 = plan.bounds[k]
-            Y, S = tape.records(k)
-            ends[k] = lam
-            lam, _, X = _adjoint(field, plan.scheme, lam, grad[t0:t1] if plan.keep_states else None, S, workspace,
-                                 keep_records=differentiable or not in_place)
-            weights = _add(weights, field.weight_gradients(Y, S, X))
-            input_grads.add(t0, t1, _per_step(field.split_record(X)[1]))
-            if differentiable and not plan.recompute:
-                adjoints[k] = X
+        with one_blas_thread():
+            for k in reversed(range(segments)):
+                t0, t1 = plan.bounds[k]
+                Y, S = tape.records(k)
+                ends[k] = lam
+                lam, _, X = _adjoint(field, plan.scheme, lam, grad[t0:t1] if plan.keep_states else None, S, workspace,
+                                     keep_records=differentiable or not in_place)
+                weights = _add(weights, field.weight_gradients(Y, S, X))
+                input_grads.add(t0, t1, _per_step(field.split_record(X)[1]))
+                if differentiable and not plan.recompute:
+                    adjoints[k] = X
         if differentiable:
             # Stored mode keeps the records; recompute mode the cotangents and lambda at every later segment's end.
             ctx.save_for_backward(x, U, b, A, W, B, *(adjoints if not plan.recompute else (grad, *ends[:-1])))
@@ -590,6 +597,7 @@ class _TangentPass:
     records: list[tuple[Tensor, Tensor, Tensor]]
 
 
+@one_blas_thread()
 def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField,
                   input_direction: tuple[Tensor | None, Tensor | None, Tensor | None],
                   direction: dict[str, Tensor]) -> _TangentPass:
@@ -613,6 +621,7 @@ def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField,
     return _TangentPass(direction, input_direction, grad_dot, starts, records)
 
 
+@one_blas_thread()
 def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], tangent: _TangentPass,
                        cotangent: Tensor | None, need_x: bool) -> tuple[Tensor | None, ...]:
     """Backward in time: the cotangents of (x, U, b, A, W, B) from the second-order adjoint of the first

@@ -38,21 +38,14 @@ from collections.abc import Callable
 
 import numpy
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+
+from .products import mm, numpy_view
 
 __all__ = ["LureField", "tanh", "tanh_rows"]
 
 # Below about this size NumPy's fixed cost per call outweighs what it saves (32 x 32: 5.4 us against torch.tanh's 3.5).
 _NUMPY_TANH_MIN_ELEMENTS = 4096
-
-
-def _numpy_view(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a CPU float32 tensor NumPy can view in its own memory and autograd has no
-    stake in: no graph to record through it, no forward-mode tangent on it."""
-    return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype == torch.float32
-            and not tensor.is_neg() and not tensor.is_conj()
-            and not (torch.is_grad_enabled() and tensor.requires_grad) and forward_ad.unpack_dual(tensor).tangent is None)
 
 
 def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
@@ -73,10 +66,10 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     NumPy's float32 tanh would be 6 times faster still but is within 1.4 units only, which the
     backward's 1 - s^2 magnifies near saturation (``test_engine.py -k saturation``). Everything
     else (CUDA, float64 and other dtypes, a graph to record, forward-mode duals, functorch
-    transforms, torch.compile's or torch.jit.trace's tracing, several threads, small tensors, an ``out`` that is not
-    contiguous) calls torch.tanh: NumPy writes the primal only, into an ``out`` whose elements share
-    memory without complaint (torch.tanh refuses it), and past a traced graph, which never sees the
-    write (``out`` then holds whatever its memory held).
+    transforms, torch.compile's or torch.jit.trace's tracing, several threads, small tensors, an
+    ``out`` that is not contiguous) calls torch.tanh: NumPy writes the primal only, into an ``out``
+    whose elements share memory without complaint (torch.tanh refuses it), and past a traced graph,
+    which never sees the write (``out`` then holds whatever its memory held).
     """
     if _numpy_tanh(p.numel(), p, out):
         target = torch.empty(p.shape, dtype=p.dtype) if out is None else out
@@ -103,10 +96,19 @@ def tanh_rows(p: Tensor, out: Tensor, *sources: Tensor) -> Callable[[int], objec
 def _numpy_tanh(elements: int, p: Tensor, out: Tensor | None, *sources: Tensor) -> bool:
     """Whether :func:`tanh` of ``elements`` elements of p goes through NumPy (its docstring)."""
     return (elements >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
-            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-            and _numpy_view(p) and (out is None or (_numpy_view(out) and out.is_contiguous()))
-            and all(_numpy_view(source) for source in sources))
+            and not torch._C._are_functorch_transforms_active() and _untraced()
+            and _float32_view(p) and (out is None or (_float32_view(out) and out.is_contiguous()))
+            and all(_float32_view(source) for source in sources))
+
+
+def _untraced() -> bool:
+    """Whether no tracer records the operations (torch.compile, torch.jit.trace): a traced graph never sees
+    NumPy's writes into a tensor's memory, and its replay would return whatever that memory held."""
+    return not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+
+def _float32_view(tensor: Tensor) -> bool:
+    return numpy_view(tensor, (torch.float32,))
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -227,11 +229,11 @@ class LureField:
         # (Y^T X)^T rather than X^T Y (here and in ``second_order_gradients``): the same sums, and MKL's
         # product runs at 104 GFLOP/s in that layout against 100 (``bench/recurrence.py``'s CPU, n = 128).
         if self.has_a:
-            grads = dict(zip(("A", "W"), (Y.T @ _rows(X)).T.split(self.n)))
+            grads = dict(zip(("A", "W"), mm(Y.T, _rows(X)).T.split(self.n)))
         else:
-            grads = {"W": (Y.T @ _rows(Q)).T}
+            grads = {"W": mm(Y.T, _rows(Q)).T}
         if self.has_b:
-            grads["B"] = _rows(G).T @ _rows(S)
+            grads["B"] = mm(_rows(G).T, _rows(S))
         return grads
 
     def tangent_terms(self, Y: Tensor, S: Tensor, direction: dict[str, Tensor], u_dot: Tensor,
@@ -242,7 +244,8 @@ class LureField:
         ``in_place`` u_dot is added into the product's p columns (the same sums, without padding u_dot
         with zeros and adding the padded copy: two passes over every row fewer); not where a tensor
         is batched by the vmap of is_grads_batched, which cannot write into another's memory."""
-        product = Y @ self.direction_matrix(direction).T
+        matrix = self.direction_matrix(direction).T
+        product = mm(_rows(Y), matrix).view(*Y.shape[:-1], matrix.shape[1])
         if in_place:
             (product[..., self.n:] if self.has_a else product).add_(u_dot)
             c = product
@@ -264,7 +267,11 @@ class LureField:
         R = torch.addcmul(S.new_zeros(()), S, Q, value=-2.0) * P_dot
         if self.has_b:
             R = torch.addcmul(R, G @ direction["B"], D)
-        P = (X if self.has_a else Q) @ self.direction_matrix(direction) if with_p else None
+        if with_p:
+            matrix = self.direction_matrix(direction)
+            P = mm(_rows(X if self.has_a else Q), matrix).view(*X.shape[:-1], matrix.shape[1])
+        else:
+            P = None
         return R, P
 
     def second_order_gradients(self, Y: Tensor, Y_dot: Tensor, S: Tensor, D: Tensor, P_dot: Tensor,
@@ -273,9 +280,9 @@ class LureField:
         (G, Q), (G_dot, Q_dot) = self.split_record(X), self.split_record(X_dot)
         Y, Y_dot = _rows(Y), _rows(Y_dot)
         if self.has_a:
-            grads = dict(zip(("A", "W"), torch.addmm(Y.T @ _rows(X_dot), Y_dot.T, _rows(X)).T.split(self.n)))
+            grads = dict(zip(("A", "W"), (mm(Y.T, _rows(X_dot)) + mm(Y_dot.T, _rows(X))).T.split(self.n)))
         else:
-            grads = {"W": torch.addmm(Y.T @ _rows(Q_dot), Y_dot.T, _rows(Q)).T}
+            grads = {"W": (mm(Y.T, _rows(Q_dot)) + mm(Y_dot.T, _rows(Q))).T}
         if self.has_b:
             grads["B"] = torch.addmm(_rows(G_dot).T @ _rows(S), _rows(G).T, _rows(D * P_dot))
         return grads

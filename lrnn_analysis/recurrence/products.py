@@ -1,0 +1,117 @@
+"""The engine's plain matrix products C = A B on the CPU, through NumPy's BLAS where that is OpenBLAS.
+
+On this project's CPU (AMD EPYC, one thread) the OpenBLAS that NumPy's wheels ship multiplies
+float32 matrices of the engine's shapes 11-16% faster than torch's MKL: 116 against 104 GFLOP/s at
+the step's (128 x 128) @ (128 x 256), 121 against 104 for the weight gradients' (256 x 2048) @
+(2048 x 128) (``python bench/recurrence.py --breakdown`` prints both rates). So with one intra-op
+thread (``torch.get_num_threads() == 1``, the CLI's default) and NumPy's BLAS OpenBLAS, a product of
+CPU float32 or float64 tensors that autograd has no stake in (no graph to record, no forward-mode
+tangent, no functorch transform or vmap batching) and whose operands and output BLAS can read in
+place (a unit stride along one axis) goes through ``numpy.matmul`` on views of the same memory;
+everything else through torch. Both compute the same sums, in their own order of floating-point
+additions. The passes that use it hold OpenBLAS to one thread (``one_blas_thread``), so that one
+thread means one thread.
+
+Only plain products: a product added into an existing matrix (addmm) stays with torch, where
+NumPy would need a second pass over the result.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+
+import numpy
+import torch
+import torch.autograd.forward_ad as forward_ad
+from torch import Tensor
+
+__all__ = ["mm", "numpy_view", "one_blas_thread", "row_products", "uses_numpy"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.cache
+def _openblas() -> object | None:
+    """threadpoolctl's controller of NumPy's BLAS where it is OpenBLAS, else None."""
+    from threadpoolctl import ThreadpoolController
+
+    controller = ThreadpoolController().select(internal_api="openblas")
+    return controller if controller.lib_controllers else None
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """OpenBLAS held to one thread within the block where the engine may use it (one intra-op thread)."""
+    controller = _openblas() if torch.get_num_threads() == 1 else None
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=1):
+        yield
+
+
+def _legacy_batched(tensor: Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return check is None or check(tensor)
+
+
+def numpy_view(tensor: Tensor, dtypes: tuple[torch.dtype, ...] = _DTYPES) -> bool:
+    """Whether ``tensor`` is a CPU tensor of one of ``dtypes`` that NumPy can view in its own memory
+    and autograd has no stake in: no graph to record through it, no forward-mode tangent, no vmap batching."""
+    return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype in dtypes
+            and not tensor.is_neg() and not tensor.is_conj()
+            and not (torch.is_grad_enabled() and tensor.requires_grad)
+            and forward_ad.unpack_dual(tensor).tangent is None and not _legacy_batched(tensor))
+
+
+def uses_numpy(*tensors: Tensor) -> bool:
+    """Whether products of ``tensors`` go through NumPy (module docstring), strides aside."""
+    return (torch.get_num_threads() == 1 and not torch._C._are_functorch_transforms_active() and _openblas() is not None
+            and len({t.dtype for t in tensors}) == 1 and all(numpy_view(t) for t in tensors))
+
+
+def _blas_matrix(tensor: Tensor) -> bool:
+    """Whether BLAS reads the 2-D ``tensor`` in place: a unit stride along one axis, the other at least its extent."""
+    rows, cols = tensor.shape
+    row_stride, col_stride = tensor.stride()
+    return (col_stride == 1 and row_stride >= max(cols, 1)) or (row_stride == 1 and col_stride >= max(rows, 1))
+
+
+def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b for 2-D a and b, written into ``out`` if given (module docstring for which library)."""
+    tensors = (a, b) if out is None else (a, b, out)
+    if (uses_numpy(*tensors) and _blas_matrix(a) and _blas_matrix(b)
+            and (out is None or (out.stride(1) == 1 and out.stride(0) >= out.shape[1]))):
+        target = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype) if out is None else out
+        numpy.matmul(a.detach().numpy(), b.detach().numpy(), out=target.detach().numpy())
+        return target
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
+def row_products(rows: Tensor, matrix: Tensor, outs: Tensor | None) -> Callable[[int, int | None], Tensor]:
+    """The function (l, k) -> rows[l] @ matrix, written into ``outs[k]`` (k None: a fresh tensor), with
+    the choice of library made once for all rows (per product it would cost about a microsecond).
+
+    ``rows`` (L, batch, width) and ``outs`` (L', batch, matrix columns) may be strided views whose rows
+    BLAS reads in place (a unit last stride), as the engine's records are."""
+    tensors = (rows, matrix) if outs is None else (rows, matrix, outs)
+    if (uses_numpy(*tensors) and _blas_matrix(matrix)
+            and all(t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] for t in tensors if t is not matrix)):
+        row_arrays, matrix_array = list(rows.detach().numpy()), matrix.detach().numpy()
+        out_arrays, out_rows = ([], ()) if outs is None else (list(outs.detach().numpy()), outs.unbind(0))
+        shape, dtype = (rows.shape[1], matrix.shape[1]), rows.dtype
+
+        def numpy_product(l: int, k: int | None) -> Tensor:
+            if k is None:
+                target = torch.empty(shape, dtype=dtype)
+                numpy.matmul(row_arrays[l], matrix_array, out=target.detach().numpy())
+                return target
+            numpy.matmul(row_arrays[l], matrix_array, out=out_arrays[k])
+            return out_rows[k]
+        return numpy_product
+    row_tensors, out_tensors = rows.unbind(0), (None if outs is None else outs.unbind(0))
+
+    def torch_product(l: int, k: int | None) -> Tensor:
+        return torch.mm(row_tensors[l], matrix, out=None if k is None else out_tensors[k])
+    return torch_product

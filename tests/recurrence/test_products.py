@@ -1,0 +1,126 @@
+"""The engine's plain products through NumPy's OpenBLAS: the same products as torch's, taken only where
+nothing but the numbers is at stake, with OpenBLAS held to one thread while the engine uses it."""
+from __future__ import annotations
+
+import numpy
+import pytest
+import torch
+from threadpoolctl import threadpool_info
+
+from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.recurrence import products
+from lrnn_analysis.recurrence.products import mm, one_blas_thread, row_products
+
+pytestmark = pytest.mark.skipif(products._openblas() is None, reason="NumPy's BLAS is not OpenBLAS here")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def numpy_calls(monkeypatch):
+    calls: list[int] = []
+    matmul = numpy.matmul
+    monkeypatch.setattr(products.numpy, "matmul", lambda *a, **k: calls.append(1) or matmul(*a, **k))
+    return calls
+
+
+def _draw(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_in_every_layout_the_engine_uses_go_through_numpy_and_equal_torchs(one_thread, numpy_calls, dtype):
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-13
+    a, b = _draw(40, 24, dtype=dtype), _draw(24, 16, dtype=dtype, seed=1)
+    records = _draw(40, 32, dtype=dtype, seed=2)
+    strided = torch.zeros(24, 32, dtype=dtype)
+    cases = [
+        (a, b, None),                             # plain
+        (a.T.contiguous().T, b, None),            # a column-major operand
+        (records[:, 16:].T, records[:, :16], None),  # the weight gradients' Y^T X on record columns
+    ]
+    for x, y, out in cases:
+        expected = torch.mm(x, y)
+        assert torch.allclose(mm(x, y, out=out), expected, rtol=tolerance, atol=tolerance)
+    out = strided[:, 8:24]                        # an output whose rows are strided (the engine's G columns)
+    mm(records[:24, :24], b, out=out)
+    assert torch.allclose(out, torch.mm(records[:24, :24], b), rtol=tolerance, atol=tolerance)
+    assert (strided[:, :8] == 0).all() and (strided[:, 24:] == 0).all()
+    assert len(numpy_calls) == len(cases) + 1
+
+
+def test_anything_autograd_or_the_thread_count_has_a_stake_in_goes_through_torch(monkeypatch, one_thread):
+    import torch.autograd.forward_ad as forward_ad
+
+    monkeypatch.setattr(products.numpy, "matmul", lambda *a, **k: pytest.fail("NumPy used"))
+    a, b = _draw(8, 6), _draw(6, 5, seed=1)
+    leaf = a.clone().requires_grad_()
+    assert mm(leaf, b).grad_fn is not None                                  # a graph to record
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(mm(forward_ad.make_dual(a, torch.ones_like(a)), b)).tangent
+    assert torch.allclose(tangent, torch.ones_like(a) @ b)                 # a forward-mode tangent
+    for x, y in ((a.to(torch.bfloat16), b.to(torch.bfloat16)), (a, b.double()), (a[:, ::2], b[::2])):
+        if x.dtype == y.dtype:
+            assert torch.equal(mm(x, y), torch.mm(x, y))                   # another dtype; strides BLAS cannot read
+    assert torch.equal(torch.func.vmap(lambda v: mm(v[None], b))(a), torch.func.vmap(lambda v: v[None] @ b)(a))
+    torch.set_num_threads(2)
+    assert torch.equal(mm(a, b), torch.mm(a, b))                           # several threads
+
+
+@pytest.mark.parametrize("numpy_path", [True, False])
+def test_row_products_write_each_row_or_a_fresh_tensor(monkeypatch, one_thread, numpy_calls, numpy_path):
+    if not numpy_path:
+        monkeypatch.setattr(products, "_openblas", lambda: None)
+    X = _draw(5, 4, 12)                                    # records [g | q] of 5 steps, batch 4
+    matrix = _draw(12, 6, seed=1)
+    # As the engine's adjoint sweep: row l's product goes into the g-slot of row l - 1, the operand of
+    # the next product, and row 0's into a fresh tensor.
+    expected = X.clone()
+    for l in (4, 3, 2, 1):
+        expected[l - 1, :, :6] = expected[l] @ matrix
+    product = row_products(X, matrix, X[..., :6])
+    for l in (4, 3, 2, 1):
+        assert product(l, l - 1).data_ptr() == X[l - 1].data_ptr()
+    fresh = product(0, None)
+    assert len(numpy_calls) == (5 if numpy_path else 0)
+    assert torch.allclose(X, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fresh, expected[0] @ matrix, rtol=1e-5, atol=1e-5)
+
+
+def _openblas_threads() -> list[int]:
+    return [info["num_threads"] for info in threadpool_info() if info["internal_api"] == "openblas"]
+
+
+def test_openblas_runs_one_thread_within_the_engine_passes_and_is_restored(one_thread):
+    before = _openblas_threads()
+    with one_blas_thread():
+        assert set(_openblas_threads()) == {1}
+    assert _openblas_threads() == before
+
+
+@pytest.mark.parametrize("memory", ["store", "recompute"])
+def test_engine_gradients_and_hessian_products_agree_with_one_thread_and_two(memory):
+    """One thread runs the plain products through NumPy, two through torch: the same numbers in float64."""
+    model = build_model(ModelConfig("lipschitz", 2, 6, 3, eps=0.3, init_std=2.0), seed=4).double()
+    model.engine_memory = memory
+    x = _draw(3, 9, 2, dtype=torch.float64, seed=5)
+    params = list(model.parameters())
+    direction = [_draw(*p.shape, dtype=torch.float64, seed=6 + i) for i, p in enumerate(params)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            grads = torch.autograd.grad(torch.sin(model(x)).sum(), params, create_graph=True)
+            products_ = torch.autograd.grad(grads, params, direction)
+            results.append([t.detach() for t in (*grads, *products_)])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.allclose(one, two, rtol=1e-12, atol=1e-13)
