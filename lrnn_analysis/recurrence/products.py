@@ -42,12 +42,14 @@ def _openblas() -> object | None:
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """OpenBLAS held to one thread within the block where the engine may use it (one intra-op thread)."""
+    """The block in which the engine calls :func:`mm` and :func:`row_products`: OpenBLAS held to one
+    thread where the engine may use it (one intra-op thread), and NumPy's floating-point warnings
+    off, as torch's products give inf and nan without one."""
     controller = _openblas() if torch.get_num_threads() == 1 else None
     if controller is None:
         yield
         return
-    with controller.limit(limits=1):
+    with controller.limit(limits=1), numpy.errstate(all="ignore"):
         yield
 
 

@@ -124,3 +124,14 @@ def test_engine_gradients_and_hessian_products_agree_with_one_thread_and_two(mem
         torch.set_num_threads(threads)
     for one, two in zip(*results):
         assert torch.allclose(one, two, rtol=1e-12, atol=1e-13)
+
+
+def test_overflow_gives_inf_as_torch_does_without_a_warning(one_thread, numpy_calls):
+    import warnings
+
+    a, b = torch.full((4, 4), 3e38), torch.full((4, 4), 3e38)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with one_blas_thread():
+            out = mm(a, b)
+    assert numpy_calls == [1] and torch.equal(out, torch.mm(a, b)) and torch.isinf(out).all()
