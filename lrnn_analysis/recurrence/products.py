@@ -42,12 +42,14 @@ def _openblas() -> object | None:
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """OpenBLAS held to one thread within the block where the engine may use it (one intra-op thread)."""
+    """The block in which the engine calls :func:`mm` and :func:`row_products`: OpenBLAS held to one
+    thread where the engine may use it (one intra-op thread), and NumPy's floating-point warnings
+    off, as torch's products give inf and nan without one."""
     controller = _openblas() if torch.get_num_threads() == 1 else None
     if controller is None:
         yield
         return
-    with controller.limit(limits=1):
+    with controller.limit(limits=1), numpy.errstate(all="ignore"):
         yield
 
 
@@ -67,7 +69,9 @@ def numpy_view(tensor: Tensor, dtypes: tuple[torch.dtype, ...] = _DTYPES) -> boo
 
 def uses_numpy(*tensors: Tensor) -> bool:
     """Whether products of ``tensors`` go through NumPy (module docstring), strides aside."""
-    return (torch.get_num_threads() == 1 and not torch._C._are_functorch_transforms_active() and _openblas() is not None
+    # A trace (torch.compile, torch.jit.trace) records the tensor NumPy writes into but not the write.
+    return (torch.get_num_threads() == 1 and not torch._C._are_functorch_transforms_active()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _openblas() is not None
             and len({t.dtype for t in tensors}) == 1 and all(numpy_view(t) for t in tensors))
 
 

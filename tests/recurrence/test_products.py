@@ -124,3 +124,26 @@ def test_engine_gradients_and_hessian_products_agree_with_one_thread_and_two(mem
         torch.set_num_threads(threads)
     for one, two in zip(*results):
         assert torch.allclose(one, two, rtol=1e-12, atol=1e-13)
+
+
+def test_overflow_gives_inf_as_torch_does_without_a_warning(one_thread, numpy_calls):
+    import warnings
+
+    a, b = torch.full((4, 4), 3e38), torch.full((4, 4), 3e38)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with one_blas_thread():
+            out = mm(a, b)
+    assert numpy_calls == [1] and torch.equal(out, torch.mm(a, b)) and torch.isinf(out).all()
+
+
+def test_a_traced_product_is_torchs_so_the_trace_replays_it(one_thread):
+    a, b = _draw(6, 5), _draw(5, 4, seed=1)
+
+    def product(x, y):
+        with one_blas_thread():
+            return mm(x, y) + 0
+
+    traced = torch.jit.trace(product, (a, b))
+    c, d = _draw(6, 5, seed=2), _draw(5, 4, seed=3)
+    assert torch.allclose(traced(c, d), c @ d, rtol=1e-6, atol=1e-6)
