@@ -40,7 +40,7 @@ import numpy
 import torch
 from torch import Tensor
 
-from .products import mm, numpy_view
+from .products import mm, numpy_allowed, numpy_view
 
 __all__ = ["LureField", "tanh", "tanh_rows"]
 
@@ -95,16 +95,9 @@ def tanh_rows(p: Tensor, out: Tensor, *sources: Tensor) -> Callable[[int], objec
 
 def _numpy_tanh(elements: int, p: Tensor, out: Tensor | None, *sources: Tensor) -> bool:
     """Whether :func:`tanh` of ``elements`` elements of p goes through NumPy (its docstring)."""
-    return (elements >= _NUMPY_TANH_MIN_ELEMENTS and torch.get_num_threads() == 1
-            and not torch._C._are_functorch_transforms_active() and _untraced()
+    return (elements >= _NUMPY_TANH_MIN_ELEMENTS and numpy_allowed()
             and _float32_view(p) and (out is None or (_float32_view(out) and out.is_contiguous()))
             and all(_float32_view(source) for source in sources))
-
-
-def _untraced() -> bool:
-    """Whether no tracer records the operations (torch.compile, torch.jit.trace): a traced graph never sees
-    NumPy's writes into a tensor's memory, and its replay would return whatever that memory held."""
-    return not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 def _float32_view(tensor: Tensor) -> bool:

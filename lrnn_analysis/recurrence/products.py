@@ -26,7 +26,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-__all__ = ["mm", "numpy_view", "one_blas_thread", "row_products", "uses_numpy"]
+__all__ = ["mm", "numpy_allowed", "numpy_view", "one_blas_thread", "row_products", "uses_numpy"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -67,12 +67,18 @@ def numpy_view(tensor: Tensor, dtypes: tuple[torch.dtype, ...] = _DTYPES) -> boo
             and forward_ad.unpack_dual(tensor).tangent is None and not _legacy_batched(tensor))
 
 
+def numpy_allowed() -> bool:
+    """Whether the engine may compute with NumPy now: one intra-op thread, no functorch transform, and
+    no tracer recording (torch.compile, torch.jit.trace: a traced graph never sees NumPy's writes into
+    a tensor's memory, and its replay would return whatever that memory held)."""
+    return (torch.get_num_threads() == 1 and not torch._C._are_functorch_transforms_active()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
 def uses_numpy(*tensors: Tensor) -> bool:
     """Whether products of ``tensors`` go through NumPy (module docstring), strides aside."""
-    # A trace (torch.compile, torch.jit.trace) records the tensor NumPy writes into but not the write.
-    return (torch.get_num_threads() == 1 and not torch._C._are_functorch_transforms_active()
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _openblas() is not None
-            and len({t.dtype for t in tensors}) == 1 and all(numpy_view(t) for t in tensors))
+    return (numpy_allowed() and _openblas() is not None and len({t.dtype for t in tensors}) == 1
+            and all(numpy_view(t) for t in tensors))
 
 
 def _blas_matrix(tensor: Tensor) -> bool:
