@@ -17,20 +17,9 @@ from lrnn_analysis.recurrence.field import tanh
 
 
 @pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def numpy_calls(monkeypatch):
-    """The calls of NumPy's tanh made through the engine's module, counted."""
-    calls: list[int] = []
-    numpy_tanh = numpy.tanh
-    monkeypatch.setattr(field.numpy, "tanh", lambda *a, **k: calls.append(1) or numpy_tanh(*a, **k))
-    return calls
+def numpy_calls(counted):
+    """The calls of NumPy's tanh, counted."""
+    return counted(field.numpy, "tanh")
 
 
 def _exact_tanh(x: float) -> float:

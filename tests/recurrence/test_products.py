@@ -2,7 +2,6 @@
 nothing but the numbers is at stake, with OpenBLAS held to one thread while the engine uses it."""
 from __future__ import annotations
 
-import numpy
 import pytest
 import torch
 from threadpoolctl import threadpool_info
@@ -15,19 +14,9 @@ pytestmark = pytest.mark.skipif(products._openblas() is None, reason="NumPy's BL
 
 
 @pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def numpy_calls(monkeypatch):
-    calls: list[int] = []
-    matmul = numpy.matmul
-    monkeypatch.setattr(products.numpy, "matmul", lambda *a, **k: calls.append(1) or matmul(*a, **k))
-    return calls
+def numpy_calls(counted):
+    """The calls of NumPy's matmul, counted."""
+    return counted(products.numpy, "matmul")
 
 
 def _draw(*shape, dtype=torch.float32, seed=0):
