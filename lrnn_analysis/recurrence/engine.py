@@ -69,7 +69,7 @@ from torch import Tensor
 from ..errors import InputError
 from .field import LureField, tanh_rows
 from .inputs import InputGradients, Inputs
-from .products import mm, one_blas_thread, row_products
+from .products import legacy_batched, mm, one_blas_thread, row_products
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
@@ -139,7 +139,7 @@ def _rows(records: Tensor) -> tuple[Tensor, ...]:
 def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states: bool, record: bool,
              workspace: _Workspace | None = None) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
     """(last state, states, Y, S) over the input steps of u from h (Y, S None unless ``record``)."""
-    if scheme.method == "map" and not field.has_b and not _legacy_batched(u):
+    if scheme.method == "map" and not field.has_b and not legacy_batched(u):
         return _map_forward(field, scheme.substeps, h, u, keep_states, record, workspace)
     inputs = field.value_inputs(u).unbind(0)
 
@@ -199,7 +199,7 @@ def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: T
     With a ``workspace``, D (and X unless ``keep_records``) live in its buffers: valid until the
     next segment's call."""
     D = field.derivative(S, None if workspace is None else workspace.buffer("D", S.shape, S))
-    if scheme.stages == 1 and not scheme.residual and not _legacy_batched(cotangents if lam is None else lam):
+    if scheme.stages == 1 and not scheme.residual and not legacy_batched(cotangents if lam is None else lam):
         lam, X = _map_adjoint(field, scheme, lam, cotangents, D, None if keep_records else workspace)
         return lam, D, X
     d = _rows(D)
@@ -230,13 +230,6 @@ class _Workspace:
     def take(workspace: _Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """``workspace.buffer(...)``, or a fresh tensor without a workspace."""
         return like.new_empty(shape) if workspace is None else workspace.buffer(name, shape, like)
-
-
-def _legacy_batched(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is batched by the vmap of ``autograd.grad(..., is_grads_batched=True)``, under
-    which nothing can be written into a buffer (``out=``); True where torch cannot tell."""
-    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    return check is None or check(tensor)
 
 
 def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: Tensor | None, D: Tensor,
@@ -280,7 +273,7 @@ def _fused_map(field: LureField, scheme: Scheme, *tensors: Tensor | None) -> boo
     """Whether the sweeps of the R-operator run written into buffers (:func:`_map_tangent`,
     :func:`_map_second_order`): a map with A given and B the identity, none of ``tensors`` under vmap."""
     return (scheme.method == "map" and field.has_a and not field.has_b
-            and not any(t is not None and _legacy_batched(t) for t in tensors))
+            and not any(t is not None and legacy_batched(t) for t in tensors))
 
 
 def _map_tangent(field: LureField, substeps: int, h_dot: Tensor, Y: Tensor, D: Tensor, C: Tensor,
@@ -342,7 +335,7 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
 def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tensor, D: Tensor,
              direction: dict[str, Tensor], u_dot: Tensor, keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     """(last tangent, tangents of the states, Y_dot, P_dot) over one segment from the tangent h_dot of its start."""
-    batched = any(_legacy_batched(t) for t in (u_dot, *direction.values()))
+    batched = any(legacy_batched(t) for t in (u_dot, *direction.values()))
     C, E = field.tangent_terms(Y, S, direction, u_dot[:, None], in_place=not batched)
     # C is batched where any part of the direction is (h_dot may be an unbatched zero start).
     if _fused_map(field, scheme, h_dot, C):
@@ -508,7 +501,7 @@ class _Adjoint(torch.autograd.Function):
         workspace = _Workspace()
         # The input cotangents are summed and written segment by segment (the records may live in the
         # workspace), except under the vmap of is_grads_batched, where nothing can be written into a buffer.
-        in_place = not _legacy_batched(grad)
+        in_place = not legacy_batched(grad)
         input_grads = InputGradients(Inputs(x, U, b), layout.x, in_place)
         with one_blas_thread():
             for k in reversed(range(segments)):
@@ -537,7 +530,7 @@ class _Adjoint(torch.autograd.Function):
         # under the vmap of is_grads_batched, where any direction may be batched (an unused one is an
         # unbatched zero tensor).
         fuse = (ctx.recurrence is not None and not torch.is_grad_enabled()
-                and not any(_legacy_batched(t) for t in directions)
+                and not any(legacy_batched(t) for t in directions)
                 and torch._C._will_engine_execute_node(ctx.recurrence[0]))
         unused = (None,) * 5
         with torch.no_grad():

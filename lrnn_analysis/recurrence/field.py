@@ -256,7 +256,7 @@ class LureField:
         """(R, P) of the module docstring for every stage evaluation (P_dot: the tangents of p; P None
         unless ``with_p``)."""
         G, Q = self.split_record(X)
-        # -2 s q p_dot in two passes: the scaling by -2 is exact, so these are the sums of (-2 s) q p_dot.
+        # -2 s q p_dot in two passes, the same numbers as ((-2 s) q) p_dot: scaling by -2 is exact.
         R = torch.addcmul(S.new_zeros(()), S, Q, value=-2.0) * P_dot
         if self.has_b:
             R = torch.addcmul(R, G @ direction["B"], D)

@@ -69,8 +69,7 @@ class InputGradients:
     def __init__(self, inputs: Inputs, need_x: bool, in_place: bool) -> None:
         self.inputs, self.need_x, self.in_place = inputs, need_x or not inputs.affine, in_place
         self.x_parts: list[tuple[int, Tensor]] = []
-        self.x_buffer = inputs.x.new_empty(inputs.shape if not inputs.affine else inputs.x.shape) \
-            if self.need_x and in_place else None
+        self.x_buffer = inputs.x.new_empty(inputs.x.shape) if self.need_x and in_place else None
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 

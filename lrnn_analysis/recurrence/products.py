@@ -26,7 +26,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-__all__ = ["mm", "numpy_allowed", "numpy_view", "one_blas_thread", "row_products", "uses_numpy"]
+__all__ = ["legacy_batched", "mm", "numpy_allowed", "numpy_view", "one_blas_thread", "row_products", "uses_numpy"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -53,7 +53,9 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
-def _legacy_batched(tensor: Tensor) -> bool:
+def legacy_batched(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is batched by the vmap of ``autograd.grad(..., is_grads_batched=True)``, under
+    which nothing can be written into a buffer (``out=``) or viewed by NumPy; True where torch cannot tell."""
     check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
     return check is None or check(tensor)
 
@@ -64,7 +66,7 @@ def numpy_view(tensor: Tensor, dtypes: tuple[torch.dtype, ...] = _DTYPES) -> boo
     return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype in dtypes
             and not tensor.is_neg() and not tensor.is_conj()
             and not (torch.is_grad_enabled() and tensor.requires_grad)
-            and forward_ad.unpack_dual(tensor).tangent is None and not _legacy_batched(tensor))
+            and forward_ad.unpack_dual(tensor).tangent is None and not legacy_batched(tensor))
 
 
 def numpy_allowed() -> bool:
