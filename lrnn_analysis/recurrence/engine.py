@@ -441,6 +441,8 @@ class _Recurrence(torch.autograd.Function):
         return torch.stack(states) if plan.keep_states else h
 
     @staticmethod
+    # Under compiled autograd this runs eagerly: dynamo, tracing the sweeps' Python loops, ended them early.
+    @torch.compiler.disable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         finishes = ctx.mailbox.collect() if _GRAPH_TASK_QUERIES else []
         if finishes:
@@ -521,6 +523,7 @@ class _Adjoint(torch.autograd.Function):
         return layout.pack(input_grads.result(), weights)
 
     @staticmethod
+    @torch.compiler.disable  # as _Recurrence.backward
     def backward(ctx, *directions: Tensor) -> tuple[Tensor | None, ...]:
         x, U, b, A, W, B, *kept = ctx.saved_tensors
         plan, tape, layout = ctx.plan, ctx.tape, ctx.layout

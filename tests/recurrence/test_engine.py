@@ -635,3 +635,29 @@ def test_a_gradient_graph_under_is_grads_batched_raises_instead_of_being_dropped
     loop_grads = torch.autograd.grad(torch.sin(_loop(u, A, W, None, "euler", 0.3, 1, False)).sum(), [u, A, W], create_graph=True)
     for ours, theirs in zip(products, torch.autograd.grad(loop_grads, [u, A, W], directions, is_grads_batched=True)):
         assert _relative(ours, theirs) < RTOL
+
+
+def test_compiled_autograd_runs_the_engines_backward_eagerly_with_the_same_numbers():
+    """Compiled autograd traces the nodes of a backward; the engine's backward and R-operator run
+    eagerly inside it (torch.compiler.disable). Traced, dynamo's resumed frames had ended the adjoint
+    sweep early ("a segment has at least one step")."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    engine, _ = _pair("lipschitz", "euler")
+    x, y, _ = _data(seed=13)
+    params = list(engine.parameters())
+    direction = [torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(14)) for p in params]
+
+    def gradients_and_product():
+        loss = nn.functional.cross_entropy(engine(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        return [g.detach() for g in grads], list(torch.autograd.grad(grads, params, direction))
+
+    expected = gradients_and_product()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        engine.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(engine(x), y).backward()
+        compiled = gradients_and_product()
+    for ours, theirs in zip(expected[0], [p.grad for p in params]):
+        assert _relative(theirs, ours) < RTOL
+    for ours, theirs in zip(expected[0] + expected[1], compiled[0] + compiled[1]):
+        assert _relative(theirs, ours) < RTOL
