@@ -33,9 +33,14 @@ _DTYPES = (torch.float32, torch.float64)
 
 @functools.cache
 def _openblas() -> object | None:
-    """threadpoolctl's controller of NumPy's BLAS where it is OpenBLAS, else None."""
+    """threadpoolctl's controller of the OpenBLAS libraries loaded, where NumPy's own BLAS is OpenBLAS
+    (by its build configuration: another library, SciPy's, may have loaded one beside an MKL NumPy),
+    else None."""
     from threadpoolctl import ThreadpoolController
 
+    blas = getattr(numpy.__config__, "CONFIG", {}).get("Build Dependencies", {}).get("blas", {})
+    if "openblas" not in str(blas.get("name", "")).lower():
+        return None
     controller = ThreadpoolController().select(internal_api="openblas")
     return controller if controller.lib_controllers else None
 

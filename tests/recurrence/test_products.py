@@ -136,3 +136,13 @@ def test_a_traced_product_is_torchs_so_the_trace_replays_it(one_thread):
     traced = torch.jit.trace(product, (a, b))
     c, d = _draw(6, 5, seed=2), _draw(5, 4, seed=3)
     assert torch.allclose(traced(c, d), c @ d, rtol=1e-6, atol=1e-6)
+
+
+def test_a_numpy_built_on_another_blas_keeps_torchs_products(monkeypatch):
+    """An OpenBLAS that SciPy loaded beside an MKL NumPy is not NumPy's: its thread limit would not hold."""
+    monkeypatch.setattr(products.numpy.__config__, "CONFIG", {"Build Dependencies": {"blas": {"name": "mkl-sdl"}}})
+    products._openblas.cache_clear()
+    try:
+        assert products._openblas() is None and not products.uses_numpy(torch.ones(2, 2))
+    finally:
+        products._openblas.cache_clear()
