@@ -59,6 +59,8 @@ products added into a buffer (addmm) stay with torch.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -417,6 +419,23 @@ def _sum_results(results: list[tuple[Tensor | None, ...]]) -> tuple[Tensor | Non
     return tuple(None if parts[0] is None else sum(parts[1:], parts[0]) for parts in zip(*results))
 
 
+def _no_autocast(tensor: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast off on ``tensor``'s device: the engine computes in its inputs' dtype, as autocast keeps
+    some ops in float32 (a product autocast ran in bfloat16 would not match the float32 records)."""
+    if tensor.device.type in ("cpu", "cuda"):
+        return torch.autocast(tensor.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autocast_off(backward: Callable[..., tuple[Tensor | None, ...]]) -> Callable[..., tuple[Tensor | None, ...]]:
+    """A node's backward run with autocast off on its cotangents' device (:func:`_no_autocast`)."""
+    @functools.wraps(backward)
+    def run(ctx: object, *cotangents: Tensor) -> tuple[Tensor | None, ...]:
+        with _no_autocast(next(t for t in cotangents if t is not None)):
+            return backward(ctx, *cotangents)
+    return run
+
+
 class _Recurrence(torch.autograd.Function):
     """(x, U, b, A, W, B) -> states (U None: x is u); backward through :class:`_Adjoint`."""
 
@@ -443,6 +462,7 @@ class _Recurrence(torch.autograd.Function):
     @staticmethod
     # Under compiled autograd this runs eagerly: dynamo, tracing the sweeps' Python loops, ended them early.
     @torch.compiler.disable
+    @_autocast_off
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         finishes = ctx.mailbox.collect() if _GRAPH_TASK_QUERIES else []
         if finishes:
@@ -524,6 +544,7 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     @torch.compiler.disable  # as _Recurrence.backward
+    @_autocast_off
     def backward(ctx, *directions: Tensor) -> tuple[Tensor | None, ...]:
         x, U, b, A, W, B, *kept = ctx.saved_tensors
         plan, tape, layout = ctx.plan, ctx.tape, ctx.layout
@@ -702,13 +723,14 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
         scheme, beta, identity = Scheme("map", None, scheme.substeps, ((),), (1.0,), residual=False), scheme.c[0], True
     sequence = Inputs(inputs, input_weight, input_bias)
     plan = _make_plan(scheme, beta, identity, bool(keep_states), segment, sequence)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*sequence.tensors(), A, W, B)):
-        return _Recurrence.apply(inputs, input_weight, input_bias, A, W, B, plan)
-    field = plan.field(A, W, B)
-    h = inputs.new_zeros(inputs.shape[1], n)
-    states: list[Tensor] = []
-    workspace = _Workspace()
-    for t0, t1 in plan.bounds:
-        h, part, _, _ = _forward(field, scheme, h, sequence.segment(t0, t1), plan.keep_states, False, workspace)
-        states.extend(part)
-    return torch.stack(states) if plan.keep_states else h
+    with _no_autocast(inputs):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*sequence.tensors(), A, W, B)):
+            return _Recurrence.apply(inputs, input_weight, input_bias, A, W, B, plan)
+        field = plan.field(A, W, B)
+        h = inputs.new_zeros(inputs.shape[1], n)
+        states: list[Tensor] = []
+        workspace = _Workspace()
+        for t0, t1 in plan.bounds:
+            h, part, _, _ = _forward(field, scheme, h, sequence.segment(t0, t1), plan.keep_states, False, workspace)
+            states.extend(part)
+        return torch.stack(states) if plan.keep_states else h

@@ -661,3 +661,19 @@ def test_compiled_autograd_runs_the_engines_backward_eagerly_with_the_same_numbe
         assert _relative(theirs, ours) < RTOL
     for ours, theirs in zip(expected[0] + expected[1], compiled[0] + compiled[1]):
         assert _relative(theirs, ours) < RTOL
+
+
+def test_under_autocast_the_engine_computes_in_its_inputs_dtype():
+    """Autocast would run the engine's products in bfloat16 against its float32 records (a dtype error
+    in the forward, and in a backward run under autocast); the engine keeps its inputs' dtype, as
+    autocast keeps some ops in float32, and gives the numbers it gives without autocast."""
+    model = build_model(ModelConfig("lipschitz", INPUT, N, OUTPUT, eps=0.3), seed=5)
+    x = torch.randn(BATCH, T, INPUT, generator=torch.Generator().manual_seed(15))
+    params = [model.M_A, model.M_W, model.U.weight, model.U.bias]
+    expected = model.hidden_states(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        states = model.hidden_states(x)
+        grads = torch.autograd.grad(states.square().sum(), params)
+    assert states.dtype == torch.float32 and torch.equal(states, expected)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(grads, expected_grads))
