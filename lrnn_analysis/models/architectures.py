@@ -11,7 +11,8 @@ fixed scheme) runs the whole sequence as one autograd node of :mod:`lrnn_analysi
 with an exact adjoint backward and R-operator Hessian-vector products, and forms u_t = U x_t + b
 itself segment by segment where the model's inputs are its own U's (``_engine_projection``); ``"autograd"`` records
 the step op by op (the only choice for the gated RNN and the REN). Inside torch.func transforms
-(vmap, grad) and under torch.compile the step is always recorded op by op. ``engine_memory``
+(vmap, grad) and under torch.compile the step is always recorded op by op; with forward-mode
+tangents (``torch.autograd.forward_ad``) the engine runs its general sweep, recorded. ``engine_memory``
 ``"recompute"`` keeps only every ceil(sqrt(T))-th state for the backward pass (same numbers,
 less memory).
 """

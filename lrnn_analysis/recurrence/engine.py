@@ -66,6 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from ..errors import InputError
@@ -139,9 +140,11 @@ def _rows(records: Tensor) -> tuple[Tensor, ...]:
 
 
 def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states: bool, record: bool,
-             workspace: _Workspace | None = None) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
-    """(last state, states, Y, S) over the input steps of u from h (Y, S None unless ``record``)."""
-    if scheme.method == "map" and not field.has_b and not legacy_batched(u):
+             workspace: _Workspace | None = None,
+             general: bool = False) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:
+    """(last state, states, Y, S) over the input steps of u from h (Y, S None unless ``record``); with
+    ``general`` by the general sweep of out-of-place operations, never the map's buffers."""
+    if not general and scheme.method == "map" and not field.has_b and not legacy_batched(u):
         return _map_forward(field, scheme.substeps, h, u, keep_states, record, workspace)
     inputs = field.value_inputs(u).unbind(0)
 
@@ -694,7 +697,9 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
     device of ``inputs``. Returns h_1..h_T, shape (T, batch, n), with ``keep_states``, else h_T,
     shape (batch, n). ``segment``: None stores every stage record, K recomputes them per segment
     of K input steps in the backward passes. Without a graph to build (no grad mode or nothing
-    that requires grad) nothing is recorded.
+    that requires grad) nothing is recorded. With a forward-mode tangent on any tensor, or under a
+    functorch transform (vmap, grad, jvp), which the node has no rule for, the general sweep runs
+    instead, its operations recorded by the active mode.
     """
     if not isinstance(inputs, Tensor) or inputs.ndim != 3 or inputs.shape[0] == 0 or not inputs.is_floating_point():
         shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
@@ -723,14 +728,20 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
         scheme, beta, identity = Scheme("map", None, scheme.substeps, ((),), (1.0,), residual=False), scheme.c[0], True
     sequence = Inputs(inputs, input_weight, input_bias)
     plan = _make_plan(scheme, beta, identity, bool(keep_states), segment, sequence)
+    tensors = [t for t in (*sequence.tensors(), A, W, B) if t is not None]
+    # The node has no forward-mode (jvp) or functorch rule: with a tangent or under a transform the
+    # general sweep runs instead, every operation recorded by whatever mode is active.
+    general = (torch._C._are_functorch_transforms_active()
+               or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
     with _no_autocast(inputs):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*sequence.tensors(), A, W, B)):
+        if not general and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _Recurrence.apply(inputs, input_weight, input_bias, A, W, B, plan)
         field = plan.field(A, W, B)
         h = inputs.new_zeros(inputs.shape[1], n)
         states: list[Tensor] = []
         workspace = _Workspace()
         for t0, t1 in plan.bounds:
-            h, part, _, _ = _forward(field, scheme, h, sequence.segment(t0, t1), plan.keep_states, False, workspace)
+            h, part, _, _ = _forward(field, scheme, h, sequence.segment(t0, t1), plan.keep_states, False, workspace,
+                                     general)
             states.extend(part)
         return torch.stack(states) if plan.keep_states else h

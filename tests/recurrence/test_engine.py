@@ -677,3 +677,25 @@ def test_under_autocast_the_engine_computes_in_its_inputs_dtype():
         grads = torch.autograd.grad(states.square().sum(), params)
     assert states.dtype == torch.float32 and torch.equal(states, expected)
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(grads, expected_grads))
+
+
+@pytest.mark.parametrize("arch, disc", [("lipschitz", "euler"), ("lipschitz", "rk2")])
+def test_forward_mode_and_vmap_run_the_general_sweep_recorded(arch, disc):
+    """The engine's node has no jvp or vmap rule: with a forward-mode tangent or under torch.func.vmap
+    lure_recurrence runs its general sweep, recorded by the mode that is active (it raised
+    NotImplementedError for a model with parameters that need a gradient)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    engine, plain = _pair(arch, disc)
+    x, _, _ = _data(seed=16)
+    direction = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    with forward_ad.dual_level():
+        out, tangent = forward_ad.unpack_dual(engine(forward_ad.make_dual(x, direction)))
+    expected, expected_tangent = torch.func.jvp(plain, (x,), (direction,))
+    assert _relative(out, expected) < RTOL and _relative(tangent, expected_tangent) < RTOL
+    A, W = (torch.randn(N, N, dtype=torch.float64, generator=torch.Generator().manual_seed(s), requires_grad=True)
+            for s in (18, 19))
+    u = torch.randn(T, BATCH, N, dtype=torch.float64, generator=torch.Generator().manual_seed(20))
+    scheme = build_scheme("euler", 0.3)
+    per_sequence = torch.func.vmap(lambda v: lure_recurrence(v[:, None], A, W, scheme=scheme)[0], in_dims=1)(u)
+    assert _relative(per_sequence, lure_recurrence(u, A, W, scheme=scheme)) < RTOL
