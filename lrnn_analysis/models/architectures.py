@@ -181,12 +181,10 @@ class RecurrentModel(nn.Module):
             A, W, B, scheme = self._engine_system()
             segment = sqrt_segment(x.shape[1]) if self._engine_memory == "recompute" else None
             projection = self._engine_projection()
-            if projection is None:
-                states = lure_recurrence(self._input_sequence(x), A, W, B, scheme=scheme, keep_states=keep_states,
-                                         segment=segment)
-            else:
-                states = lure_recurrence(x.transpose(0, 1), A, W, B, scheme=scheme, keep_states=keep_states,
-                                         segment=segment, input_weight=projection[0], input_bias=projection[1])
+            weight, bias = (None, None) if projection is None else projection
+            inputs = self._input_sequence(x) if projection is None else x.transpose(0, 1)
+            states = lure_recurrence(inputs, A, W, B, scheme=scheme, keep_states=keep_states, segment=segment,
+                                     input_weight=weight, input_bias=bias)
             return states.transpose(0, 1) if keep_states else states
         inputs = self._input_sequence(x)
         step = self._step_function()

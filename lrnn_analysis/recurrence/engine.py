@@ -355,13 +355,10 @@ def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tens
     return h_dot, states, _stack(y_dots, Y.shape[0]), _stack(p_dots, Y.shape[0])
 
 
-def _per_step(Q: Tensor, out: Tensor | None = None) -> Tensor:
-    """The gradient of each u_t: the sum of q over the stage evaluations of input step t (written
-    into ``out`` if given)."""
-    if Q.shape[1] == 1:
-        # One stage evaluation per step: the records themselves (sum with out= fills and copies first).
-        return Q[:, 0] if out is None else out.copy_(Q[:, 0])
-    return torch.sum(Q, dim=1, out=out)
+def _per_step(Q: Tensor) -> Tensor:
+    """The gradient of each u_t: the sum of q over the stage evaluations of input step t."""
+    # One stage evaluation per step: the records themselves, a view.
+    return Q[:, 0] if Q.shape[1] == 1 else Q.sum(dim=1)
 
 
 def _add(total: dict[str, Tensor], part: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -18,11 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .field import _rows
+
 __all__ = ["InputGradients", "Inputs"]
-
-
-def _rows(tensor: Tensor) -> Tensor:
-    return tensor.reshape(-1, tensor.shape[-1])
 
 
 class Inputs:
