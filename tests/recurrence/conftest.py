@@ -5,7 +5,8 @@ import torch
 
 @pytest.fixture
 def one_thread():
-    """torch with one intra-op thread (the condition of the engine's NumPy paths), restored after."""
+    """torch with one intra-op thread (the condition of the engine's NumPy paths); the count the test
+    started with, whatever it set meanwhile, is restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -499,22 +499,17 @@ def test_float32_euler_with_a_tiny_step_rounds_once_at_the_size_of_h():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_float32_euler_gradients_near_saturation_are_as_accurate_as_the_recorded_loop(threads, monkeypatch):
+def test_float32_euler_gradients_near_saturation_are_as_accurate_as_the_recorded_loop(threads, monkeypatch, one_thread,
+                                                                                      counted):
     """Inputs of scale 100 put many |p| where 1 - tanh(p)^2 is small: the backward's derivative
     1 - s^2 magnifies s's rounding there, so s must be as accurate as torch.tanh's (a tanh within
     3 units in the last place gave gradients 7 times as far from the float64 truth as the loop's;
     NumPy's float32 tanh, within 1.4, 2.6 times). With one thread the engine's tanh is NumPy's,
     here also for this test's small steps (below its size threshold)."""
-    calls = []
-    numpy_tanh = np.tanh
-    monkeypatch.setattr(field_module.numpy, "tanh", lambda *a, **k: calls.append(1) or numpy_tanh(*a, **k))
+    calls = counted(field_module.numpy, "tanh")
     monkeypatch.setattr(field_module, "_NUMPY_TANH_MIN_ELEMENTS", 1)
-    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        _check_gradients_near_saturation()
-    finally:
-        torch.set_num_threads(previous)
+    _check_gradients_near_saturation()
     assert bool(calls) == (threads == 1)
 
 
@@ -570,7 +565,7 @@ def test_float32_euler_adjoint_adds_its_product_to_the_cotangent_once(batched):
     assert error_engine <= 2 * _relative(gradient(loop, torch.float32), exact) + 1e-7
 
 
-def test_forward_mode_tangents_of_a_recurrence_without_a_graph_are_the_jvp():
+def test_forward_mode_tangents_of_a_recurrence_without_a_graph_are_the_jvp(one_thread):
     """Dual inputs (torch.autograd.forward_ad) need no graph, so the engine runs its plain forward:
     with one thread its tanh went through NumPy, which wrote the primal only, and the tangent came
     back as if tanh(W h + u) did not depend on h and u (a wrong JVP, not an error)."""
@@ -585,13 +580,8 @@ def test_forward_mode_tangents_of_a_recurrence_without_a_graph_are_the_jvp():
         return lure_recurrence(x, A, W, scheme=build_scheme("rk2", 0.1))
 
     _, expected = torch.func.jvp(run, (u,), (v,))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with forward_ad.dual_level():
-            tangent = forward_ad.unpack_dual(run(forward_ad.make_dual(u, v))).tangent
-    finally:
-        torch.set_num_threads(previous)
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(run(forward_ad.make_dual(u, v))).tangent
     assert torch.allclose(tangent, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -94,7 +94,7 @@ def test_openblas_runs_one_thread_within_the_engine_passes_and_is_restored(one_t
 
 
 @pytest.mark.parametrize("memory", ["store", "recompute"])
-def test_engine_gradients_and_hessian_products_agree_with_one_thread_and_two(memory):
+def test_engine_gradients_and_hessian_products_agree_with_one_thread_and_two(memory, one_thread):
     """One thread runs the plain products through NumPy, two through torch: the same numbers in float64."""
     model = build_model(ModelConfig("lipschitz", 2, 6, 3, eps=0.3, init_std=2.0), seed=4).double()
     model.engine_memory = memory
@@ -102,15 +102,11 @@ def test_engine_gradients_and_hessian_products_agree_with_one_thread_and_two(mem
     params = list(model.parameters())
     direction = [_draw(*p.shape, dtype=torch.float64, seed=6 + i) for i, p in enumerate(params)]
     results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            grads = torch.autograd.grad(torch.sin(model(x)).sum(), params, create_graph=True)
-            products_ = torch.autograd.grad(grads, params, direction)
-            results.append([t.detach() for t in (*grads, *products_)])
-    finally:
-        torch.set_num_threads(threads)
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        grads = torch.autograd.grad(torch.sin(model(x)).sum(), params, create_graph=True)
+        products_ = torch.autograd.grad(grads, params, direction)
+        results.append([t.detach() for t in (*grads, *products_)])
     for one, two in zip(*results):
         assert torch.allclose(one, two, rtol=1e-12, atol=1e-13)
 
