@@ -53,9 +53,10 @@ start of every K-th input step and recomputes a segment's stage records in the b
 Both modes compute the same numbers up to the order of floating-point sums over segments.
 
 Products: the plain ones (the first-order sweep's per-step product, the weight gradients, the
-R-operator's products over all rows) go through :mod:`.products`, which takes NumPy's OpenBLAS
-with one intra-op thread (faster than torch's MKL on this project's CPU) and torch otherwise; the
-products added into a buffer (addmm) stay with torch.
+R-operator's products over all rows) and those added into a buffer row by row (the forward's, the
+tangent's and the second-order adjoint's step products) go through :mod:`.products`, which takes
+NumPy's OpenBLAS with one intra-op thread (faster than torch's MKL on this project's CPU) and
+torch otherwise.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ from torch import Tensor
 from ..errors import InputError
 from .field import LureField, tanh_rows
 from .inputs import InputGradients, Inputs
-from .products import legacy_batched, mm, one_blas_thread, row_products
+from .products import legacy_batched, mm, one_blas_thread, row_products, row_products_added
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
@@ -177,11 +178,12 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_sta
     z = z.view(rows, batch, z.shape[-1])
     a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
     a_rows = None if a is None else a.unbind(0)
-    s_rows, h_rows, z_rows = tanhs.unbind(0), states_buffer.unbind(0), z.unbind(0)
+    s_rows, h_rows = tanhs.unbind(0), states_buffer.unbind(0)
     matrix, beta = field.forward_matrix, field.beta
     tanh_row = tanh_rows(p, tanhs, states_buffer, matrix)
+    add_product = row_products_added(states_buffer, matrix, z)
     for l in range(rows):
-        z_rows[l].addmm_(h_rows[l], matrix)
+        add_product(l, l)
         tanh_row(l)
         if field.identity:
             # h + (a + beta s): the two small terms first, one rounding at the size of h.
@@ -290,10 +292,11 @@ def _map_tangent(field: LureField, substeps: int, h_dot: Tensor, Y: Tensor, D: T
     tangents = Y.new_empty(rows + 1, batch, n)
     tangents[0] = h_dot
     z = C.reshape(rows, batch, 2 * n)
-    a_rows, p_rows, z_rows = z[..., :n].unbind(0), z[..., n:].unbind(0), z.unbind(0)
-    t_rows, d_rows, matrix = tangents.unbind(0), D.reshape(rows, batch, n).unbind(0), field.forward_matrix
+    a_rows, p_rows = z[..., :n].unbind(0), z[..., n:].unbind(0)
+    t_rows, d_rows = tangents.unbind(0), D.reshape(rows, batch, n).unbind(0)
+    add_product = row_products_added(tangents, field.forward_matrix, z)
     for l in range(rows):
-        z_rows[l].addmm_(t_rows[l], matrix)
+        add_product(l, l)
         if field.identity:
             a_rows[l].add_(t_rows[l])
         torch.addcmul(a_rows[l], d_rows[l], p_rows[l], out=t_rows[l + 1])
@@ -324,12 +327,13 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
     G[-1].copy_(g)
     g_rows, q_rows, x_rows = G.unbind(0), Q.unbind(0), X_dot.unbind(0)
     d_rows, r_rows, matrix = D.reshape(rows, batch, n).unbind(0), R.reshape(rows, batch, n).unbind(0), field.backward_matrix
+    add_product = row_products_added(X_dot, matrix, G)
     for l in reversed(range(rows)):
         torch.addcmul(r_rows[l], g_rows[l], d_rows[l], out=q_rows[l])
         if l == 0:
             start = torch.addmm(X_rows[0] @ direction_matrix, x_rows[0], matrix)
             return (start.add_(g_rows[0]) if field.identity else start), X_dot.view(steps, substeps, batch, 2 * n)
-        g_rows[l - 1].addmm_(x_rows[l], matrix)
+        add_product(l, l - 1)
         if field.identity:
             g_rows[l - 1].add_(g_rows[l])
         if cotangents is not None and l % substeps == 0:
@@ -447,14 +451,15 @@ class _Recurrence(torch.autograd.Function):
         states: list[Tensor] = []
         kept: list[Tensor] = []
         workspace = _Workspace()
-        for t0, t1 in plan.bounds:
-            if plan.recompute:
-                kept.append(h)
-            h, part, Y, S = _forward(field, plan.scheme, h, inputs.segment(t0, t1), plan.keep_states,
-                                     not plan.recompute, workspace)
-            if not plan.recompute:
-                kept += [Y, S]
-            states.extend(part)
+        with one_blas_thread():
+            for t0, t1 in plan.bounds:
+                if plan.recompute:
+                    kept.append(h)
+                h, part, Y, S = _forward(field, plan.scheme, h, inputs.segment(t0, t1), plan.keep_states,
+                                         not plan.recompute, workspace)
+                if not plan.recompute:
+                    kept += [Y, S]
+                states.extend(part)
         ctx.save_for_backward(x, U, b, A, W, B, *kept)
         ctx.plan, ctx.mailbox = plan, _Mailbox()
         return torch.stack(states) if plan.keep_states else h
@@ -737,8 +742,9 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
         h = inputs.new_zeros(inputs.shape[1], n)
         states: list[Tensor] = []
         workspace = _Workspace()
-        for t0, t1 in plan.bounds:
-            h, part, _, _ = _forward(field, scheme, h, sequence.segment(t0, t1), plan.keep_states, False, workspace,
-                                     general)
-            states.extend(part)
+        with one_blas_thread():
+            for t0, t1 in plan.bounds:
+                h, part, _, _ = _forward(field, scheme, h, sequence.segment(t0, t1), plan.keep_states, False, workspace,
+                                         general)
+                states.extend(part)
         return torch.stack(states) if plan.keep_states else h

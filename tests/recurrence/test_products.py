@@ -8,7 +8,7 @@ from threadpoolctl import threadpool_info
 
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.recurrence import products
-from lrnn_analysis.recurrence.products import mm, one_blas_thread, row_products
+from lrnn_analysis.recurrence.products import mm, one_blas_thread, row_products, row_products_added
 
 pytestmark = pytest.mark.skipif(products._openblas() is None, reason="NumPy's BLAS is not OpenBLAS here")
 
@@ -142,3 +142,124 @@ def test_a_numpy_built_on_another_blas_keeps_torchs_products(monkeypatch):
         assert products._openblas() is None and not products.uses_numpy(torch.ones(2, 2))
     finally:
         products._openblas.cache_clear()
+
+
+@pytest.fixture
+def gemm_calls(monkeypatch):
+    """The calls of NumPy's OpenBLAS gemm made by row_products_added, counted; skips where that gemm is not found."""
+    functions = products._gemm()
+    if functions is None:
+        pytest.skip("NumPy's OpenBLAS gemm is not found here")
+    calls: list[int] = []
+
+    def counting(function):
+        return lambda *args: calls.append(1) or function(*args)
+    monkeypatch.setattr(products, "_gemm", lambda: {dtype: counting(f) for dtype, f in functions.items()})
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_products_added_row_by_row_equal_torchs_addmm(one_thread, gemm_calls, dtype, transposed):
+    """As the sweeps call it: the forward's and the tangent's products into their own row of a buffer
+    (the matrix a transposed view), the second-order adjoint's into the strided g-slot of the row before."""
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-13
+    rows = _draw(5, 4, 12, dtype=dtype)
+    matrix = _draw(6, 12, dtype=dtype, seed=1).T if transposed else _draw(12, 6, dtype=dtype, seed=1)
+    buffer = _draw(5, 4, 10, dtype=dtype, seed=2)
+    outs = buffer[..., 2:8]
+    expected = buffer.clone()
+    add_product = row_products_added(rows, matrix, outs)
+    for l, k in ((0, 0), (4, 3), (2, 2)):
+        expected[k, :, 2:8] += rows[l] @ matrix
+        add_product(l, k)
+    assert len(gemm_calls) == 3
+    assert torch.allclose(buffer, expected, rtol=tolerance, atol=tolerance)
+    assert torch.equal(buffer[..., :2], expected[..., :2]) and torch.equal(buffer[..., 8:], expected[..., 8:])
+
+
+def test_products_added_go_through_torch_where_numpy_is_not_taken(monkeypatch, one_thread, gemm_calls):
+    rows, matrix = _draw(3, 4, 5), _draw(5, 6, seed=1)
+
+    def check(rows, matrix):
+        outs, expected = _draw(3, 4, 6, dtype=rows.dtype, seed=2), _draw(3, 4, 6, dtype=rows.dtype, seed=2)
+        row_products_added(rows, matrix, outs)(2, 1)
+        expected[1].addmm_(rows[2], matrix)
+        assert torch.equal(outs, expected)
+
+    check(rows.to(torch.bfloat16), matrix.to(torch.bfloat16))  # another dtype
+    check(rows.transpose(1, 2).contiguous().transpose(1, 2), matrix)  # rows stored column-major
+    torch.set_num_threads(2)
+    check(rows, matrix)                             # several threads
+    torch.set_num_threads(1)
+    monkeypatch.setattr(products, "_gemm", lambda: None)
+    check(rows, matrix)                             # no gemm found
+    assert gemm_calls == []
+
+
+def test_a_row_out_of_range_raises_and_writes_nothing(one_thread, gemm_calls):
+    rows, matrix, outs = _draw(3, 4, 5), _draw(5, 6, seed=1), torch.zeros(2, 4, 6)
+    add_product = row_products_added(rows, matrix, outs)
+    for l, k in ((3, 0), (0, 2), (-1, 0)):
+        with pytest.raises(IndexError):
+            add_product(l, k)
+    assert gemm_calls == [] and (outs == 0).all()
+
+
+def test_a_gemm_is_taken_only_if_it_gives_exact_products(monkeypatch):
+    """The check on integer-valued products rejects a function that computes anything else, and no
+    gemm is taken where NumPy's configuration names no loaded library."""
+    functions = products._gemm()
+    if functions is None:
+        pytest.skip("NumPy's OpenBLAS gemm is not found here")
+    for dtype, function in functions.items():
+        assert products._gemm_exact(function, dtype)
+        assert not products._gemm_exact(lambda *args: None, dtype)
+    config = products.numpy.__config__.CONFIG
+    blas = dict(config["Build Dependencies"]["blas"], version="0.0.0")
+    monkeypatch.setattr(products.numpy.__config__, "CONFIG", {**config, "Build Dependencies": {"blas": blas}})
+    products._gemm.cache_clear()
+    try:
+        assert products._gemm() is None
+    finally:
+        products._gemm.cache_clear()
+
+
+@pytest.mark.parametrize("memory", ["store", "recompute"])
+def test_engine_through_the_gemm_equals_it_through_addmm_and_holds_openblas_to_one_thread(monkeypatch, one_thread,
+                                                                                           gemm_calls, memory):
+    """The forward's, tangent's and second-order adjoint's step products, in float64; each gemm call made
+    with OpenBLAS at one thread."""
+    model = build_model(ModelConfig("lipschitz", 2, 6, 3, eps=0.3, init_std=2.0), seed=4).double()
+    model.engine_memory = memory
+    x = _draw(3, 9, 2, dtype=torch.float64, seed=5)
+    params = list(model.parameters())
+    direction = [_draw(*p.shape, dtype=torch.float64, seed=6 + i) for i, p in enumerate(params)]
+    threads: list[list[int]] = []
+    counting = products._gemm()
+
+    def watched(function):
+        return lambda *args: threads.append(_openblas_threads()) or function(*args)
+    monkeypatch.setattr(products, "_gemm", lambda: {dtype: watched(f) for dtype, f in counting.items()})
+
+    def run():
+        with torch.no_grad():
+            states = model(x)
+        grads = torch.autograd.grad(torch.sin(model(x)).sum(), params, create_graph=True)
+        return [t.detach() for t in (states, *grads, *torch.autograd.grad(grads, params, direction))]
+    through_gemm = run()
+    calls = len(gemm_calls)
+    monkeypatch.setattr(products, "_gemm", lambda: None)
+    through_addmm = run()
+    assert calls >= 3 * 9 + 8 and len(gemm_calls) == calls    # forward twice, tangent, second order (its last row by addmm)
+    assert threads and all(set(t) == {1} for t in threads)
+    for a, b in zip(through_gemm, through_addmm, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_the_gemm_of_numpys_wheels_is_found():
+    """NumPy's wheels ship scipy-openblas: there the gemm must be found and pass its check, or the step
+    products would fall back to torch without a word."""
+    if products._numpy_blas().get("name") != "scipy-openblas":
+        pytest.skip("NumPy here is not built on the wheels' scipy-openblas")
+    assert products._gemm() is not None
