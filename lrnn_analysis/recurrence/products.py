@@ -209,7 +209,11 @@ class _GemmRows:
         self.function, self.tensors = function, (rows, matrix, outs)
         self.count, self.out_count = rows.shape[0], outs.shape[0]
         self.shape = (rows.shape[1], matrix.shape[1], rows.shape[2])
-        self.layout, self.leading = (_NO_TRANS, matrix.stride(0)) if matrix.stride(1) == 1 else (_TRANS, matrix.stride(1))
+        # Row-major as stored where its rows are (unit column stride, row stride >= N), else the transpose
+        # of its column-major storage (unit row stride, column stride >= K: _blas_matrix holds one of
+        # the two). Strides (1, 1) of a (1, N) matrix are only the second: read as rows, ldb = 1 < N.
+        row_major = matrix.stride(1) == 1 and matrix.stride(0) >= matrix.shape[1]
+        self.layout, self.leading = (_NO_TRANS, matrix.stride(0)) if row_major else (_TRANS, matrix.stride(1))
         size = rows.element_size()
         self.rows = (rows.data_ptr(), rows.stride(0) * size, rows.stride(1))
         self.outs = (outs.data_ptr(), outs.stride(0) * size, outs.stride(1))

@@ -263,3 +263,35 @@ def test_the_gemm_of_numpys_wheels_is_found():
     if products._numpy_blas().get("name") != "scipy-openblas":
         pytest.skip("NumPy here is not built on the wheels' scipy-openblas")
     assert products._gemm() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_matrix_of_one_row_with_both_strides_one_is_multiplied_not_refused(one_thread, gemm_calls, dtype):
+    """A (1, N) matrix transposed from an (N, 1) column has strides (1, 1): BLAS reads it in place only
+    as the transpose of an N x 1 matrix (leading dimension 1 < N refused by gemm, which then writes nothing)."""
+    rows, matrix = _draw(3, 4, 1, dtype=dtype), _draw(5, 1, dtype=dtype, seed=1).T
+    outs = _draw(3, 4, 5, dtype=dtype, seed=2)
+    expected = outs.clone()
+    expected[1].addmm_(rows[2], matrix)
+    row_products_added(rows, matrix, outs)(2, 1)
+    assert gemm_calls == [1] and torch.allclose(outs, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_engine_at_hidden_size_one_through_the_gemm_equals_it_through_addmm(monkeypatch, one_thread, gemm_calls):
+    """The field's forward matrix [A; W]^T of a one-unit state is such a matrix: forward, gradients and
+    Hessian-vector products in float64."""
+    model = build_model(ModelConfig("lipschitz", 2, 1, 3, eps=0.3, init_std=2.0), seed=4).double()
+    x = _draw(3, 9, 2, dtype=torch.float64, seed=5)
+    params = list(model.parameters())
+    direction = [_draw(*p.shape, dtype=torch.float64, seed=6 + i) for i, p in enumerate(params)]
+
+    def run():
+        with torch.no_grad():
+            states = model(x)
+        grads = torch.autograd.grad(torch.sin(model(x)).sum(), params, create_graph=True)
+        return [t.detach() for t in (states, *grads, *torch.autograd.grad(grads, params, direction))]
+    through_gemm = run()
+    assert gemm_calls
+    monkeypatch.setattr(products, "_gemm", lambda: None)
+    for a, b in zip(through_gemm, run(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
