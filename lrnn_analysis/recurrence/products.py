@@ -153,30 +153,36 @@ def _gemm() -> dict[torch.dtype, Callable[..., None]] | None:
     """{float32: cblas_sgemm, float64: cblas_dgemm} of NumPy's OpenBLAS through ctypes, or None.
 
     NumPy's OpenBLAS is the loaded OpenBLAS (threadpoolctl's list) whose version is the one NumPy's
-    build configuration names, None unless exactly one is; its integers are 64-bit where that
-    configuration says USE64BITINT. The symbols carry the prefix and suffix of the wheels'
-    scipy-openblas builds or none. Each function must then give small products of integer-valued
-    matrices exactly (:func:`_gemm_exact`), in the two layouts of the matrix the engine uses."""
+    build configuration names, None unless exactly one is. The symbols carry the prefix and suffix of
+    the wheels' scipy-openblas builds or none, the same on the two gemms and on openblas_get_config,
+    whose answer (the library's own build options) gives the integer width: 64-bit where it says
+    USE64BITINT. Not NumPy's configuration, which may not know it: 32-bit integers passed to a 64-bit
+    gemm leave the upper halves of lda, ldb and ldc undefined (x86-64: stack slots of 8 bytes), a
+    read far out of bounds before any check could see a wrong product. Each function must then give
+    small products of integer-valued matrices exactly (:func:`_gemm_exact`), in the two layouts of
+    the matrix the engine uses."""
     controller = _openblas()
     if controller is None:
         return None
-    blas = _numpy_blas()
-    paths = {lib.filepath for lib in controller.lib_controllers if lib.version == blas.get("version")}
+    version = _numpy_blas().get("version")
+    paths = {lib.filepath for lib in controller.lib_controllers if version is not None and lib.version == version}
     if len(paths) != 1:
         return None
     try:
         library = ctypes.CDLL(paths.pop())
     except OSError:
         return None
-    ilp64 = "USE64BITINT" in str(blas.get("openblas configuration", ""))
-    integer = ctypes.c_int64 if ilp64 else ctypes.c_int
-    suffixes = ("64_", "_64", "") if ilp64 else ("",)
+    bases = ("openblas_get_config", "cblas_sgemm", "cblas_dgemm")
+    named = next(([getattr(library, f"{prefix}{base}{suffix}") for base in bases]
+                  for prefix in ("scipy_", "") for suffix in ("64_", "_64", "")
+                  if all(hasattr(library, f"{prefix}{base}{suffix}") for base in bases)), None)
+    if named is None:
+        return None
+    get_config, *gemms = named
+    get_config.argtypes, get_config.restype = [], ctypes.c_char_p
+    integer = ctypes.c_int64 if b"USE64BITINT" in (get_config() or b"").split() else ctypes.c_int
     functions = {}
-    for dtype, letter, scalar in ((torch.float32, "s", ctypes.c_float), (torch.float64, "d", ctypes.c_double)):
-        names = [f"{prefix}cblas_{letter}gemm{suffix}" for prefix in ("scipy_", "") for suffix in suffixes]
-        function = next((getattr(library, name) for name in names if hasattr(library, name)), None)
-        if function is None:
-            return None
+    for dtype, scalar, function in zip(_DTYPES, (ctypes.c_float, ctypes.c_double), gemms, strict=True):
         function.argtypes = ([ctypes.c_int] * 3 + [integer] * 3
                              + [scalar, ctypes.c_void_p, integer, ctypes.c_void_p, integer, scalar, ctypes.c_void_p, integer])
         function.restype = None

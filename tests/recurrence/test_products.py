@@ -295,3 +295,38 @@ def test_the_engine_at_hidden_size_one_through_the_gemm_equals_it_through_addmm(
     monkeypatch.setattr(products, "_gemm", lambda: None)
     for a, b in zip(through_gemm, run(), strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_the_gemms_integer_width_is_the_one_its_library_reports(monkeypatch):
+    """An ILP64 OpenBLAS with plain symbol names (as some Linux distributions build it) under a NumPy whose
+    configuration does not say USE64BITINT: 32-bit integers would leave the upper halves of the 64-bit
+    stack slots of lda, ldb and ldc undefined (x86-64 System V), reads far out of bounds before any check
+    could see a wrong product. The width must be the library's own (its openblas_get_config)."""
+    if products._gemm() is None:
+        pytest.skip("NumPy's OpenBLAS gemm is not found here")
+    real = products.ctypes.CDLL
+    checked: list[list[type]] = []
+
+    def plain_names(path, **options):
+        library = real(path, **options)
+        found = {}
+        for name in ("openblas_get_config", "cblas_sgemm", "cblas_dgemm"):
+            symbol = next(getattr(library, f"{p}{name}{s}") for p in ("scipy_", "") for s in ("64_", "_64", "")
+                          if hasattr(library, f"{p}{name}{s}"))
+            found[name] = products.ctypes.CFUNCTYPE(None)(products.ctypes.cast(symbol, products.ctypes.c_void_p).value)
+        return type("PlainNames", (), found)()
+
+    config = products.numpy.__config__.CONFIG
+    blas = dict(config["Build Dependencies"]["blas"])
+    if "USE64BITINT" not in str(blas.get("openblas configuration", "")):
+        pytest.skip("NumPy's OpenBLAS here is not ILP64")
+    blas["openblas configuration"] = "unknown"
+    monkeypatch.setattr(products.numpy.__config__, "CONFIG", {**config, "Build Dependencies": {"blas": blas}})
+    monkeypatch.setattr(products.ctypes, "CDLL", plain_names)
+    monkeypatch.setattr(products, "_gemm_exact", lambda function, dtype: checked.append(function.argtypes) or True)
+    products._gemm.cache_clear()
+    try:
+        assert products._gemm() is not None
+    finally:
+        products._gemm.cache_clear()
+    assert len(checked) == 2 and all(argtypes[3:6] == [products.ctypes.c_int64] * 3 for argtypes in checked)
