@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy
 import torch
@@ -55,17 +57,81 @@ def _openblas() -> object | None:
     return controller if controller.lib_controllers else None
 
 
+def _set_threads(library: Any, count: int) -> None:
+    """Set the thread count of one of threadpoolctl's OpenBLAS controllers. Since 3.8 its public setter
+    changes a process-wide pool only from its "controlling" Python thread, the first to set one, and
+    silently does nothing in the others; :class:`_OneThreadHold` keeps its own account across
+    threads, so it sets the count itself where threadpoolctl has the setter without that rule."""
+    getattr(library, "_real_set_num_threads", library.set_num_threads)(count)
+
+
+class _OneThreadHold:
+    """OpenBLAS held to one thread while any engine pass runs, the count from before restored when the
+    last ends. A pthreads OpenBLAS has one pool for the whole process: the first pass to enter sets
+    it, the last to leave restores it (a limit per pass, overlapping in two Python threads, would
+    restore the count at the first one's end while the other computes, and at the other's end the
+    one thread the first had set, for good). An OpenMP OpenBLAS's count is per thread: held per
+    Python thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.shared = _Held()
+        self.local = threading.local()
+
+    def enter(self, libraries: list[Any]) -> None:
+        with self.lock:
+            self.shared.enter([lib for lib in libraries if lib.threading_layer != "openmp"])
+        if not hasattr(self.local, "held"):
+            self.local.held = _Held()
+        self.local.held.enter([lib for lib in libraries if lib.threading_layer == "openmp"])
+
+    def leave(self) -> None:
+        self.local.held.leave()
+        with self.lock:
+            self.shared.leave()
+
+
+class _Held:
+    """Nested holds of some OpenBLAS libraries at one thread: the first sets it, the last restores."""
+
+    def __init__(self) -> None:
+        self.holders = 0
+        self.saved: list[tuple[Any, int]] = []
+
+    def enter(self, libraries: list[Any]) -> None:
+        if self.holders == 0:
+            self.saved = [(lib, count) for lib in libraries if (count := lib.get_num_threads()) is not None]
+            for lib, _ in self.saved:
+                _set_threads(lib, 1)
+        self.holders += 1
+
+    def leave(self) -> None:
+        self.holders -= 1
+        if self.holders == 0:
+            for lib, count in self.saved:
+                _set_threads(lib, count)
+            self.saved = []
+
+
+_HOLD = _OneThreadHold()
+
+
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """The block in which the engine calls :func:`mm` and :func:`row_products`: OpenBLAS held to one
-    thread where the engine may use it (one intra-op thread), and NumPy's floating-point warnings
-    off, as torch's products give inf and nan without one."""
+    """The block in which the engine calls :func:`mm`, :func:`row_products` and :func:`row_products_added`:
+    OpenBLAS held to one thread where the engine may use it (one intra-op thread), in every Python
+    thread until the last such block ends (:class:`_OneThreadHold`), and NumPy's floating-point
+    warnings off, as torch's products give inf and nan without one."""
     controller = _openblas() if torch.get_num_threads() == 1 else None
     if controller is None:
         yield
         return
-    with controller.limit(limits=1), numpy.errstate(all="ignore"):
-        yield
+    _HOLD.enter(controller.lib_controllers)  # type: ignore[attr-defined]
+    try:
+        with numpy.errstate(all="ignore"):
+            yield
+    finally:
+        _HOLD.leave()
 
 
 def legacy_batched(tensor: Tensor) -> bool:

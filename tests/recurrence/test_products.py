@@ -330,3 +330,39 @@ def test_the_gemms_integer_width_is_the_one_its_library_reports(monkeypatch):
     finally:
         products._gemm.cache_clear()
     assert len(checked) == 2 and all(argtypes[3:6] == [products.ctypes.c_int64] * 3 for argtypes in checked)
+
+
+def test_engine_passes_overlapping_in_two_threads_hold_openblas_to_one_thread_and_restore_it(one_thread):
+    """Thread a enters, thread b enters, a leaves while b still computes, then b leaves: OpenBLAS must stay
+    at one thread until b leaves and come back to the count before a entered (a limit per block restores,
+    at a's exit, the count while b computes, and at b's exit the one thread a had set)."""
+    import threading
+
+    with products._openblas().limit(limits=2):
+        before = _openblas_threads()
+        if set(before) != {2}:
+            pytest.skip("OpenBLAS cannot run two threads here")
+        a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+        seen: list[list[int]] = []
+
+        def a():
+            with one_blas_thread():
+                a_inside.set()
+                b_inside.wait(10)
+            a_left.set()
+
+        def b():
+            a_inside.wait(10)
+            with one_blas_thread():
+                b_inside.set()
+                a_left.wait(10)
+                seen.append(_openblas_threads())
+
+        workers = [threading.Thread(target=a), threading.Thread(target=b)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(20)
+        after = _openblas_threads()
+    assert a_left.is_set() and seen and set(seen[0]) == {1}
+    assert after == before
