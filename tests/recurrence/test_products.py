@@ -366,3 +366,30 @@ def test_engine_passes_overlapping_in_two_threads_hold_openblas_to_one_thread_an
         after = _openblas_threads()
     assert a_left.is_set() and seen and set(seen[0]) == {1}
     assert after == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_added_equal_addmm_for_every_layout_and_size_one_dimensions(one_thread, gemm_calls, dtype):
+    """Rows every other one and offset into padded storage, with the leading axis permuted or expanded;
+    the matrix stored either way, padded or not; outputs strided on both axes; M, K and N of 1 included."""
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+    cases = 0
+    for M, K, N in ((1, 1, 1), (1, 3, 1), (3, 1, 4), (1, 1, 5), (4, 5, 1), (5, 7, 3)):
+        rows_layouts = (draw(6, M, K), draw(13, M, K + 2)[1::2, :, 1:K + 1], draw(M, 6, K).transpose(0, 1),
+                        draw(1, M, K).expand(6, M, K))
+        matrices = (draw(K, N), draw(N, K).T, draw(K, N + 3)[:, 1:N + 1], draw(N, K + 2)[:, :K].T)
+        for rows in rows_layouts:
+            for matrix in matrices:
+                buffer = draw(7, M, N + 4)
+                expected = buffer.clone()
+                add_product = row_products_added(rows, matrix, buffer[::2, :, 2:N + 2])
+                for l, k in ((0, 0), (5, 3), (2, 1)):
+                    add_product(l, k)
+                    expected[2 * k, :, 2:N + 2] += rows[l] @ matrix
+                assert torch.allclose(buffer, expected, rtol=tolerance, atol=tolerance), (M, K, N, rows.stride(), matrix.stride())
+                cases += 1
+    assert len(gemm_calls) == 3 * cases
