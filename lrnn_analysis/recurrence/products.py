@@ -287,16 +287,22 @@ class _GemmRows:
         row_major = matrix.stride(1) == 1 and matrix.stride(0) >= matrix.shape[1]
         self.layout, self.leading = (_NO_TRANS, matrix.stride(0)) if row_major else (_TRANS, matrix.stride(1))
         size = rows.element_size()
-        self.rows = (rows.data_ptr(), rows.stride(0) * size, rows.stride(1))
-        self.outs = (outs.data_ptr(), outs.stride(0) * size, outs.stride(1))
+        self.addresses = tuple(t.data_ptr() for t in self.tensors)
+        self.rows = (rows.stride(0) * size, rows.stride(1))
+        self.outs = (outs.stride(0) * size, outs.stride(1))
 
     def __call__(self, l: int, k: int) -> None:
         # Addresses are computed from the indices: out of range they would be another tensor's memory.
         if not (0 <= l < self.count and 0 <= k < self.out_count):
             raise IndexError(f"row {l} of {self.count} into row {k} of {self.out_count}")
-        (row_pointer, row_step, row_leading), (out_pointer, out_step, out_leading) = self.rows, self.outs
+        # Holding the tensors keeps their memory, but a storage resized since (freed, or grown and so
+        # moved) would leave the addresses pointing at memory no longer theirs.
+        if tuple(t.data_ptr() for t in self.tensors) != self.addresses:
+            raise RuntimeError("the memory of the rows, matrix or outputs moved since row_products_added was called")
+        (row_pointer, matrix_pointer, out_pointer), (row_step, row_leading), (out_step, out_leading) = (
+            self.addresses, self.rows, self.outs)
         self.function(_ROW_MAJOR, _NO_TRANS, self.layout, *self.shape, 1.0, row_pointer + l * row_step, row_leading,
-                      self.tensors[1].data_ptr(), self.leading, 1.0, out_pointer + k * out_step, out_leading)
+                      matrix_pointer, self.leading, 1.0, out_pointer + k * out_step, out_leading)
 
 
 def row_products_added(rows: Tensor, matrix: Tensor, outs: Tensor) -> Callable[[int, int], None]:

@@ -393,3 +393,16 @@ def test_products_added_equal_addmm_for_every_layout_and_size_one_dimensions(one
                 assert torch.allclose(buffer, expected, rtol=tolerance, atol=tolerance), (M, K, N, rows.stride(), matrix.stride())
                 cases += 1
     assert len(gemm_calls) == 3 * cases
+
+
+@pytest.mark.parametrize("moved", ["rows", "matrix", "outs"])
+def test_memory_freed_or_moved_after_the_function_was_made_raises_before_the_gemm(one_thread, gemm_calls, moved):
+    """The gemm reads and writes raw addresses taken when the function was made: a storage freed (resized to
+    nothing, as FSDP frees its parameters) or grown (moved) since must be refused, not read or written."""
+    for resize in (0, 4096):
+        rows, matrix, outs = _draw(3, 4, 5), _draw(5, 6, seed=1), torch.zeros(2, 4, 6)
+        add_product = row_products_added(rows, matrix, outs)
+        {"rows": rows, "matrix": matrix, "outs": outs}[moved].untyped_storage().resize_(resize)
+        with pytest.raises(RuntimeError, match="moved"):
+            add_product(1, 0)
+    assert gemm_calls == []
