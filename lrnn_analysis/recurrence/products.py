@@ -58,9 +58,9 @@ def _openblas() -> object | None:
 
 
 def _set_threads(library: Any, count: int) -> None:
-    """Set the thread count of one of threadpoolctl's OpenBLAS controllers. Since 3.8 its public setter
-    changes a process-wide pool only from its "controlling" Python thread, the first to set one, and
-    silently does nothing in the others; :class:`_OneThreadHold` keeps its own account across
+    """Set the thread count of one of threadpoolctl's OpenBLAS controllers. In recent threadpoolctl (3.8
+    here) its public setter changes a process-wide pool only from its "controlling" Python thread, the
+    first to set one, and silently does nothing in the others; :class:`_OneThreadHold` keeps its own account across
     threads, so it sets the count itself where threadpoolctl has the setter without that rule."""
     getattr(library, "_real_set_num_threads", library.set_num_threads)(count)
 
