@@ -5,8 +5,8 @@ Three contenders, each on the same parameters, at T = 196, batch 64, n = 64 and 
 T = 784, batch 128, n = 128 (``--quick``: the small size with fewer rounds):
   * engine: our ``lipschitz`` model as it runs by default (``lrnn_analysis.recurrence``: one
     autograd node per sequence, adjoint backward, weight gradients as products over all rows,
-    R-operator Hessian-vector products; with one thread its plain products through NumPy's
-    OpenBLAS, ``lrnn_analysis/recurrence/products.py``);
+    R-operator Hessian-vector products; with one thread its products, plain or added into a
+    buffer, through NumPy's OpenBLAS, ``lrnn_analysis/recurrence/products.py``);
   * autograd: the same model with ``engine = "autograd"`` (the step recorded op by op: one input
     matmul for all steps, one fused matmul per step);
   * reference: a faithful re-implementation of the reference loop (erichson/LipschitzRNN
@@ -52,6 +52,7 @@ from threadpoolctl import threadpool_limits
 from lrnn_analysis.environment import environment
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.recurrence.field import tanh as engine_tanh
+from lrnn_analysis.recurrence.products import one_blas_thread, row_products_added
 
 SIZES = ((196, 64, 64), (784, 128, 128))
 BETA, GAMMA, EPS = 0.75, 0.001, 0.03
@@ -236,7 +237,10 @@ def measure(steps: int, batch: int, hidden: int, repeats: int) -> None:
 def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, list[float]]:
     """Times that separate the model's recurrence cost into its ingredients.
 
-    Forward: the step's matmul alone (T plain products at the step's shape, no autograd), then
+    Forward: the step's matmul alone (T plain products at the step's shape, no autograd), the
+    same products added into the rows of a (T x batch x 2n) buffer as the engine's forward adds
+    them, by torch's addmm and by the engine's ``row_products_added`` (NumPy's OpenBLAS gemm with
+    one thread, torch's addmm otherwise), then
     the forward pass without autograd (adds tanh, scaling, adds and the per-step operator
     dispatch), then with autograd recording; first, T calls at the step's shape of torch.tanh (the
     reference's and the recorded loop's), of the engine's tanh (``lrnn_analysis.recurrence.field.
@@ -252,6 +256,18 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
     def forward_matmuls() -> None:
         for _ in range(T):
             torch.mm(h, w)
+
+    z, states, forward_matrix = torch.randn(T, batch, 2 * n), torch.randn(T, batch, n), torch.randn(2 * n, n).T
+
+    def forward_addmm() -> None:
+        for l in range(T):
+            z[l].addmm_(states[l], forward_matrix)
+
+    def forward_engine_products() -> None:
+        with one_blas_thread():
+            add_product = row_products_added(states, forward_matrix, z)
+            for l in range(T):
+                add_product(l, l)
 
     def all_matmuls() -> None:
         for _ in range(T):
@@ -288,6 +304,8 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
                               "T tanh of (batch x n) (the engine's)": engine_tanh_steps,
                               "T sigmoid of (batch x n) (2 sigmoid(2 p) - 1, not used)": sigmoid_steps,
                               "forward: step matmul only": forward_matmuls,
+                              "forward: step products added into rows (addmm)": forward_addmm,
+                              "forward: the same (the engine's)": forward_engine_products,
                               "forward: whole, no autograd": forward_no_grad,
                               "forward: whole, autograd recording": forward_recorded,
                               "forward+backward: step matmuls only": all_matmuls,
@@ -316,7 +334,7 @@ def main() -> None:
             c = Contenders(steps, batch, hidden)
             print("  where the engine's time goes (each \"whole\" line against the matmul-only line above it):")
             for name, values in gap_breakdown(c.engine, c.x, c.y, repeats).items():
-                print(f"    {name:<44} {spread(values)}")
+                print(f"    {name:<48} {spread(values)}")
 
 
 if __name__ == "__main__":
