@@ -182,7 +182,7 @@ def train_model(
     seconds = time.perf_counter() - started
     trained = f"the trained {model.config.arch} model"
     test = evaluate(model, task.test.x, task.test.y, objective, name=f"{trained} (test)")
-    val = evaluate(model, task.val.x, task.val.y, objective, name=f"{trained} (validation)")
+    # The last epoch's validation is of the model returned (nothing changes it after): not run again.
     metrics = {
         **_split_metrics("test", test),
         **_split_metrics("val", val),

@@ -80,3 +80,20 @@ def test_a_loss_that_is_not_finite_stops_training_with_an_input_error(digits_tas
     model = build_model(ModelConfig("lipschitz-ren", 1, 4, 10, lipschitz=2.0), seed=0)
     with pytest.raises(InputError, match="^training diverged: the loss is nan in epoch 1"):
         train_model(model, digits_task, TrainSettings(epochs=1, margin_radius=1e308), torch.device("cpu"), progress=False)
+
+
+def test_the_validation_split_is_run_once_per_epoch_and_its_last_result_is_the_metrics(digits_task, monkeypatch):
+    """The last epoch's validation is of the model returned: the final metrics reuse it rather than
+    running the split again."""
+    from lrnn_analysis import training
+
+    evaluated = []
+    original = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda model, x, *a, **k: evaluated.append(x) or original(model, x, *a, **k))
+    model = build_model(ModelConfig("lipschitz", 1, 8, 10, eps=0.1), seed=0)
+    result = train_model(model, digits_task, TrainSettings(epochs=2, seed=0), torch.device("cpu"), progress=False)
+    assert sum(x is digits_task.val.x for x in evaluated) == 2 and sum(x is digits_task.test.x for x in evaluated) == 1
+    for key in ("loss", "accuracy"):
+        assert result.metrics[f"val_{key}"] == result.log[-1][f"val_{key}"]
+    again = training.evaluate(model, digits_task.val.x, digits_task.val.y)
+    assert result.metrics["val_loss"] == pytest.approx(again.loss, rel=1e-12)
