@@ -225,6 +225,17 @@ def test_a_gemm_is_taken_only_if_it_gives_exact_products(monkeypatch):
         products._gemm.cache_clear()
 
 
+def _states_gradients_and_products(model, x):
+    """The model's states without a graph, the gradients of sum(sin(states)) and one Hessian-vector
+    product in a seeded direction, detached."""
+    params = list(model.parameters())
+    direction = [_draw(*p.shape, dtype=x.dtype, seed=6 + i) for i, p in enumerate(params)]
+    with torch.no_grad():
+        states = model(x)
+    grads = torch.autograd.grad(torch.sin(model(x)).sum(), params, create_graph=True)
+    return [t.detach() for t in (states, *grads, *torch.autograd.grad(grads, params, direction))]
+
+
 @pytest.mark.parametrize("memory", ["store", "recompute"])
 def test_engine_through_the_gemm_equals_it_through_addmm_and_holds_openblas_to_one_thread(monkeypatch, one_thread,
                                                                                            gemm_calls, memory):
@@ -233,24 +244,16 @@ def test_engine_through_the_gemm_equals_it_through_addmm_and_holds_openblas_to_o
     model = build_model(ModelConfig("lipschitz", 2, 6, 3, eps=0.3, init_std=2.0), seed=4).double()
     model.engine_memory = memory
     x = _draw(3, 9, 2, dtype=torch.float64, seed=5)
-    params = list(model.parameters())
-    direction = [_draw(*p.shape, dtype=torch.float64, seed=6 + i) for i, p in enumerate(params)]
     threads: list[list[int]] = []
     counting = products._gemm()
 
     def watched(function):
         return lambda *args: threads.append(_openblas_threads()) or function(*args)
     monkeypatch.setattr(products, "_gemm", lambda: {dtype: watched(f) for dtype, f in counting.items()})
-
-    def run():
-        with torch.no_grad():
-            states = model(x)
-        grads = torch.autograd.grad(torch.sin(model(x)).sum(), params, create_graph=True)
-        return [t.detach() for t in (states, *grads, *torch.autograd.grad(grads, params, direction))]
-    through_gemm = run()
+    through_gemm = _states_gradients_and_products(model, x)
     calls = len(gemm_calls)
     monkeypatch.setattr(products, "_gemm", lambda: None)
-    through_addmm = run()
+    through_addmm = _states_gradients_and_products(model, x)
     assert calls >= 3 * 9 + 8 and len(gemm_calls) == calls    # forward twice, tangent, second order (its last row by addmm)
     assert threads and all(set(t) == {1} for t in threads)
     for a, b in zip(through_gemm, through_addmm, strict=True):
@@ -282,18 +285,10 @@ def test_the_engine_at_hidden_size_one_through_the_gemm_equals_it_through_addmm(
     Hessian-vector products in float64."""
     model = build_model(ModelConfig("lipschitz", 2, 1, 3, eps=0.3, init_std=2.0), seed=4).double()
     x = _draw(3, 9, 2, dtype=torch.float64, seed=5)
-    params = list(model.parameters())
-    direction = [_draw(*p.shape, dtype=torch.float64, seed=6 + i) for i, p in enumerate(params)]
-
-    def run():
-        with torch.no_grad():
-            states = model(x)
-        grads = torch.autograd.grad(torch.sin(model(x)).sum(), params, create_graph=True)
-        return [t.detach() for t in (states, *grads, *torch.autograd.grad(grads, params, direction))]
-    through_gemm = run()
+    through_gemm = _states_gradients_and_products(model, x)
     assert gemm_calls
     monkeypatch.setattr(products, "_gemm", lambda: None)
-    for a, b in zip(through_gemm, run(), strict=True):
+    for a, b in zip(through_gemm, _states_gradients_and_products(model, x), strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
