@@ -17,8 +17,8 @@ row by row (:func:`row_products_added`: the forward's, the tangent's and the sec
 adjoint's step products) the engine calls the gemm of NumPy's OpenBLAS itself, through ctypes, with
 beta = 1 (:func:`_gemm`), under the same conditions: at sMNIST size the forward's 784 step products
 added into their rows take 0.064 s against addmm's 0.066 s (``python bench/recurrence.py
---breakdown``). Where that gemm is not
-found, or fails its check on exact products, torch's addmm does those products.
+--breakdown``). Where that gemm is not found, or fails its check on exact products, torch's addmm
+does those products.
 """
 from __future__ import annotations
 
