@@ -66,8 +66,9 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     NumPy's float32 tanh would be 6 times faster still but is within 1.4 units only, which the
     backward's 1 - s^2 magnifies near saturation (``test_engine.py -k saturation``). Everything
     else (CUDA, float64 and other dtypes, a graph to record, forward-mode duals, functorch
-    transforms, torch.compile's or torch.jit.trace's tracing, several threads, small tensors, an
-    ``out`` that is not contiguous) calls torch.tanh: NumPy writes the primal only, into an ``out``
+    transforms, torch.compile's or torch.jit.trace's tracing, a mode watching torch's operations
+    (``products.numpy_allowed``), several threads, small tensors, an ``out`` that is not
+    contiguous) calls torch.tanh: NumPy writes the primal only, into an ``out``
     whose elements share memory without complaint (torch.tanh refuses it), and past a traced graph,
     which never sees the write (``out`` then holds whatever its memory held).
     """

@@ -152,11 +152,23 @@ def numpy_view(tensor: Tensor, dtypes: tuple[torch.dtype, ...] = _DTYPES) -> boo
 
 
 def numpy_allowed() -> bool:
-    """Whether the engine may compute with NumPy now: one intra-op thread, no functorch transform, and
-    no tracer recording (torch.compile, torch.jit.trace: a traced graph never sees NumPy's writes into
-    a tensor's memory, and its replay would return whatever that memory held)."""
+    """Whether the engine may compute with NumPy now: one intra-op thread, no functorch transform, no
+    tracer recording (torch.compile, torch.jit.trace: a traced graph never sees NumPy's writes into a
+    tensor's memory, and its replay would return whatever that memory held), and no mode observing
+    torch's operations (:func:`_observed`)."""
     return (torch.get_num_threads() == 1 and not torch._C._are_functorch_transforms_active()
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not _observed())
+
+
+def _observed() -> bool:
+    """Whether a mode sees torch's operations, which would not see NumPy's: any TorchDispatchMode
+    (FlopCounterMode would count none of NumPy's FLOPs; make_fx's tracing, fake tensors), or a
+    TorchFunctionMode other than the default device's (``torch.set_default_device``, ``with
+    torch.device(...)``), which only places new tensors."""
+    if torch._C._len_torch_dispatch_stack():
+        return True
+    modes = [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+    return any(type(mode).__name__ != "DeviceContext" for mode in modes)
 
 
 def uses_numpy(*tensors: Tensor) -> bool:

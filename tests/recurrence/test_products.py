@@ -401,3 +401,35 @@ def test_memory_freed_or_moved_after_the_function_was_made_raises_before_the_gem
         with pytest.raises(RuntimeError, match="moved"):
             add_product(1, 0)
     assert gemm_calls == []
+
+
+def test_a_mode_observing_torchs_operations_sees_all_of_the_engines(one_thread):
+    """FlopCounterMode counts the same FLOPs of a forward+backward and a Hessian-vector product with one
+    thread (where NumPy would compute unseen) as with two."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(ModelConfig("lipschitz", 2, 16, 3, eps=0.3), seed=4)
+    x = _draw(8, 40, 2, seed=5)
+    params = list(model.parameters())
+    counts = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with FlopCounterMode(display=False) as counter:
+            grads = torch.autograd.grad(torch.sin(model(x)).sum(), params, create_graph=True)
+            torch.autograd.grad(grads, params, [torch.ones_like(p) for p in params])
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
+def test_the_default_device_leaves_numpy_to_the_engine_and_another_function_mode_does_not(one_thread, numpy_calls):
+    class Watching(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    a, b = _draw(8, 6), _draw(6, 5, seed=1)
+    with torch.device("cpu"):
+        mm(a, b)
+    assert numpy_calls == [1]
+    with Watching():
+        assert torch.equal(mm(a, b), torch.mm(a, b))
+    assert numpy_calls == [1]
