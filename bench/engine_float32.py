@@ -7,8 +7,9 @@ direction are computed in float64 through the loop (the truth), and in float32 b
 the loop; each line printed is a quantity whose engine error exceeds twice the loop's and 1e-6
 (errors: max |x - truth| / max |truth|), and the last line counts the quantities where it is the
 other way round: where float32 round-off is amplified (saturated tanh, long sequences) the two
-errors differ by chance as much as by method, in either direction. n = 8, batch 3, A = M / sqrt(n) - I / 2,
-W = M' / sqrt(n), u = scale * randn, all seeded. Long sequences skip 3 substeps and one-step segments.
+errors differ by chance as much as by method, in either direction. n = 8, batch 3,
+A = M / sqrt(n) - I / 2, W = M' / sqrt(n), u = scale * randn, all seeded. Long sequences skip 3
+substeps and one-step segments.
 
     python bench/engine_float32.py [--steps 7,784] [--numpy-tanh [--addmm]] [--paper-size]
 
@@ -17,10 +18,10 @@ The steps here (3 x 8) are below the size from which the engine computes float32
 that path forced on (and with one thread the engine's products go through NumPy's OpenBLAS,
 ``lrnn_analysis/recurrence/products.py``; with several, through torch's); ``--addmm`` keeps the
 step products that the sweeps add into buffers with torch's addmm there, as the engine did before
-it called OpenBLAS's gemm for them. ``--paper-size`` measures
-instead the zoo's Lipschitz RNN at sMNIST size (T = 784, n = 128, batch 32, one thread): the errors of
-the cross-entropy's gradient and of one Hessian-vector product in all parameters, from the float64
-recorded model, for the engine and for the recorded loop in float32.
+it called OpenBLAS's gemm for them. ``--paper-size`` measures instead the zoo's Lipschitz RNN at
+sMNIST size (T = 784, n = 128, batch 32, one thread): the errors of the cross-entropy's gradient
+and of one Hessian-vector product in all parameters, from the float64 recorded model, for the
+engine and for the recorded loop in float32.
 """
 from __future__ import annotations
 
