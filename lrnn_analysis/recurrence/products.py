@@ -167,14 +167,20 @@ def _observed() -> bool:
     torch.device(...)``), which only places new tensors."""
     if torch._C._len_torch_dispatch_stack():
         return True
-    modes = [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
-    return any(type(mode).__name__ != "DeviceContext" for mode in modes)
+    return any(type(torch._C._get_function_stack_at(i)).__name__ != "DeviceContext"
+               for i in range(torch._C._len_torch_function_stack()))
 
 
 def uses_numpy(*tensors: Tensor) -> bool:
     """Whether products of ``tensors`` go through NumPy (module docstring), strides aside."""
     return (numpy_allowed() and _openblas() is not None and len({t.dtype for t in tensors}) == 1
             and all(numpy_view(t) for t in tensors))
+
+
+def _rows_in_place(tensor: Tensor) -> bool:
+    """Whether BLAS reads the rows of ``tensor`` (its last two axes, row-major) in place: a unit last
+    stride, rows at least a row apart."""
+    return tensor.stride(-1) == 1 and tensor.stride(-2) >= tensor.shape[-1]
 
 
 def _blas_matrix(tensor: Tensor) -> bool:
@@ -188,7 +194,7 @@ def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a @ b for 2-D a and b, written into ``out`` if given (module docstring for which library)."""
     tensors = (a, b) if out is None else (a, b, out)
     if (uses_numpy(*tensors) and _blas_matrix(a) and _blas_matrix(b)
-            and (out is None or (out.stride(1) == 1 and out.stride(0) >= out.shape[1]))):
+            and (out is None or _rows_in_place(out))):
         target = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype) if out is None else out
         numpy.matmul(a.detach().numpy(), b.detach().numpy(), out=target.detach().numpy())
         return target
@@ -203,7 +209,7 @@ def row_products(rows: Tensor, matrix: Tensor, outs: Tensor | None) -> Callable[
     BLAS reads in place (a unit last stride), as the engine's records are."""
     tensors = (rows, matrix) if outs is None else (rows, matrix, outs)
     if (uses_numpy(*tensors) and _blas_matrix(matrix)
-            and all(t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] for t in tensors if t is not matrix)):
+            and all(_rows_in_place(t) for t in tensors if t is not matrix)):
         row_arrays, matrix_array = list(rows.detach().numpy()), matrix.detach().numpy()
         out_arrays, out_rows = ([], ()) if outs is None else (list(outs.detach().numpy()), outs.unbind(0))
         shape, dtype = (rows.shape[1], matrix.shape[1]), rows.dtype
@@ -297,8 +303,7 @@ class _GemmRows:
         # Row-major as stored where its rows are (unit column stride, row stride >= N), else the transpose
         # of its column-major storage (unit row stride, column stride >= K: _blas_matrix holds one of
         # the two). Strides (1, 1) of a (1, N) matrix are only the second: read as rows, ldb = 1 < N.
-        row_major = matrix.stride(1) == 1 and matrix.stride(0) >= matrix.shape[1]
-        self.layout, self.leading = (_NO_TRANS, matrix.stride(0)) if row_major else (_TRANS, matrix.stride(1))
+        self.layout, self.leading = (_NO_TRANS, matrix.stride(0)) if _rows_in_place(matrix) else (_TRANS, matrix.stride(1))
         size = rows.element_size()
         self.addresses = tuple(t.data_ptr() for t in self.tensors)
         self.rows = (rows.stride(0) * size, rows.stride(1))
@@ -329,7 +334,7 @@ def row_products_added(rows: Tensor, matrix: Tensor, outs: Tensor) -> Callable[[
     if (gemm is not None and rows.dtype in gemm and rows.ndim == 3 and outs.ndim == 3 and matrix.ndim == 2
             and rows.shape[1] == outs.shape[1] and rows.shape[2] == matrix.shape[0] and matrix.shape[1] == outs.shape[2]
             and min(*rows.shape[1:], matrix.shape[1]) > 0 and _blas_matrix(matrix)
-            and all(t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] for t in (rows, outs))):
+            and _rows_in_place(rows) and _rows_in_place(outs)):
         return _GemmRows(gemm[rows.dtype], rows, matrix, outs)
     row_tensors, out_tensors = rows.unbind(0), outs.unbind(0)
 
