@@ -3,25 +3,27 @@
 For every input scale, step eps, substep count, readout (last state or every state) and memory
 mode (records stored, recomputed from sqrt(T) segments, or stored in one-step segments), the
 states h, the gradient of sum(sin(h) * weights) in (u, A, W) and its Hessian times a random
-direction are computed in float64 through the loop (the truth), and in float32 by the engine and by
-the loop; each line printed is a quantity whose engine error exceeds twice the loop's and 1e-6
-(errors: max |x - truth| / max |truth|), and the last line counts the quantities where it is the
-other way round: where float32 round-off is amplified (saturated tanh, long sequences) the two
+direction are computed in float64 through the loop with tanh'(p) formed from p (the truth: formed
+from 1 - tanh(p)^2, float64's tanh'(p) is 0 once |p| > 19), and in float32 by the engine and by the
+loop. Each line printed is a quantity whose engine error exceeds twice the loop's and 1e-6
+(errors: max |x - truth| / max |truth|); the last line counts the quantities where it is the
+other way round. Where float32 round-off is amplified (saturated tanh, long sequences) the two
 errors differ by chance as much as by method, in either direction. n = 8, batch 3,
 A = M / sqrt(n) - I / 2, W = M' / sqrt(n), u = scale * randn, all seeded. Long sequences skip 3
 substeps and one-step segments.
 
     python bench/engine_float32.py [--steps 7,784] [--numpy-tanh [--addmm]] [--paper-size]
 
-The steps here (3 x 8) are below the size from which the engine computes float32 tanh with NumPy
-(one thread, 4,096 elements); ``--numpy-tanh`` runs one thread, as ``lrnn`` does by default, with
-that path forced on (and with one thread the engine's products go through NumPy's OpenBLAS,
-``lrnn_analysis/recurrence/products.py``; with several, through torch's); ``--addmm`` keeps the
-step products that the sweeps add into buffers with torch's addmm there, as the engine did before
-it called OpenBLAS's gemm for them. ``--paper-size`` measures instead the zoo's Lipschitz RNN at
-sMNIST size (T = 784, n = 128, batch 32, one thread): the errors of the cross-entropy's gradient
-and of one Hessian-vector product in all parameters, from the float64 recorded model, for the
-engine and for the recorded loop in float32.
+By default torch runs its default thread count, and the engine's tanh and products are torch's.
+``--numpy-tanh`` runs one thread, as ``lrnn`` does by default: the engine's Euler steps then take
+NumPy's float32 tanh and keep p for the backward passes, which form tanh'(p) from it; its other
+tanh goes through NumPy's float64 one, here also below its size threshold (4,096 elements); and
+its products go through NumPy's OpenBLAS (``lrnn_analysis/recurrence/products.py``).
+``--addmm`` keeps the step products that the sweeps add into buffers with torch's addmm there, as
+the engine did before it called OpenBLAS's gemm for them. ``--paper-size`` measures instead the
+zoo's Lipschitz RNN at sMNIST size (T = 784, n = 128, batch 32, one thread): the errors of the
+cross-entropy's gradient and of one Hessian-vector product in all parameters, from the float64
+recorded model, for the engine and for the recorded loop in float32.
 """
 from __future__ import annotations
 
@@ -40,6 +42,32 @@ from lrnn_analysis.recurrence import products as products_module
 NAMES = ("h", "grad u", "grad A", "grad W", "hvp u", "hvp A", "hvp W")
 SCALES, STEPS_EPS = (1e-8, 1e-3, 1.0, 1e2, 1e4), (1e-6, 1e-3, 0.03, 1.0)
 N, BATCH = 8, 3
+
+
+class TanhFromInputs(torch.autograd.Function):
+    """tanh with tanh'(p) = 4 e / (1 + e)^2, e = exp(-2 |p|), formed from p by differentiable operations
+    (so its second derivative too): accurate in float64 for every p."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(p)
+        return torch.tanh(p)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (p,) = ctx.saved_tensors
+        e = torch.exp(-2 * p.abs())
+        return grad * (4 * e / (1 + e) ** 2)
+
+
+def truth(u: torch.Tensor, A: torch.Tensor, W: torch.Tensor, eps: float, substeps: int, keep: bool) -> torch.Tensor:
+    """The Euler loop of :func:`loop` with :class:`TanhFromInputs`."""
+    h, states = u.new_zeros(u.shape[1], u.shape[2]), []
+    for u_t in u.unbind(0):
+        for _ in range(substeps):
+            h = h + eps * (h @ A.T + TanhFromInputs.apply(h @ W.T + u_t))
+        states.append(h)
+    return torch.stack(states) if keep else h
 
 
 def loop(u: torch.Tensor, A: torch.Tensor, W: torch.Tensor, eps: float, substeps: int, keep: bool) -> torch.Tensor:
@@ -127,9 +155,10 @@ def main() -> None:
 
         engine = functools.partial(run_engine, scheme=scheme, keep_states=keep, segment=segment)
         recorded = functools.partial(loop, eps=eps, substeps=substeps, keep=keep)
-        truth = quantities(recorded, (u, A, W), weights, direction)
+        exact_values = quantities(functools.partial(truth, eps=eps, substeps=substeps, keep=keep), (u, A, W), weights,
+                                  direction)
         single = [t.float() for t in (u, A, W)], weights.float(), [d.float() for d in direction]
-        for name, exact, ours, theirs in zip(NAMES, truth, quantities(engine, *single), quantities(recorded, *single)):
+        for name, exact, ours, theirs in zip(NAMES, exact_values, quantities(engine, *single), quantities(recorded, *single)):
             error_engine, error_loop = relative(ours, exact), relative(theirs, exact)
             better += error_loop > 2 * error_engine and error_loop > 1e-6
             if error_engine > 2 * error_loop and error_engine > 1e-6:

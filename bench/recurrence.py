@@ -52,6 +52,7 @@ from threadpoolctl import threadpool_limits
 from lrnn_analysis.environment import environment
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.recurrence.field import tanh as engine_tanh
+from lrnn_analysis.recurrence.field import tanh_rows
 from lrnn_analysis.recurrence.products import one_blas_thread, row_products_added
 
 SIZES = ((196, 64, 64), (784, 128, 128))
@@ -243,10 +244,12 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
     one thread, torch's addmm otherwise), then
     the forward pass without autograd (adds tanh, scaling, adds and the per-step operator
     dispatch), then with autograd recording; first, T calls at the step's shape of torch.tanh (the
-    reference's and the recorded loop's), of the engine's tanh (``lrnn_analysis.recurrence.field.
-    tanh``: NumPy's float64 tanh with one thread, torch.tanh with several) and of torch.sigmoid
-    (2 sigmoid(2 p) - 1 is cheaper still but loses tanh's relative accuracy near p = 0), each on
-    the p columns of a (batch x 2n) product as the engine reads them. Forward+backward: the three matmuls per step alone
+    reference's and the recorded loop's), of the engine's tanh in an Euler step (``lrnn_analysis.
+    recurrence.field.tanh_rows`` with ``float32_tanh``: NumPy's float32 tanh with one thread,
+    torch.tanh with several) and in the other schemes (``field.tanh``: NumPy's float64 tanh with
+    one thread), and of torch.sigmoid (2 sigmoid(2 p) - 1 is cheaper still but loses tanh's
+    relative accuracy near p = 0), each on the p columns of a (batch x 2n) product as the engine
+    reads them. Forward+backward: the three matmuls per step alone
     (the forward product and the two backward products), then the whole forward+backward.
     """
     T, batch, n = x.shape[1], x.shape[0], model.config.hidden
@@ -296,12 +299,20 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
         for _ in range(T):
             engine_tanh(p, out=s)
 
+    z_rows, s_rows = torch.randn(T, batch, 2 * n), torch.empty(T, batch, n)
+
+    def euler_tanh_steps() -> None:
+        row, _ = tanh_rows(z_rows[..., n:], s_rows, float32_tanh=True)
+        for l in range(T):
+            row(l)
+
     def sigmoid_steps() -> None:
         for _ in range(T):
             torch.sigmoid(p, out=s)
 
     return alternating_times({"T tanh of (batch x n) (torch.tanh)": tanh_steps,
-                              "T tanh of (batch x n) (the engine's)": engine_tanh_steps,
+                              "T tanh of (batch x n) (the engine's Euler step)": euler_tanh_steps,
+                              "T tanh of (batch x n) (the engine's, other schemes)": engine_tanh_steps,
                               "T sigmoid of (batch x n) (2 sigmoid(2 p) - 1, not used)": sigmoid_steps,
                               "forward: step matmul only": forward_matmuls,
                               "forward: step products added into rows (addmm)": forward_addmm,

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .products import mm, numpy_allowed, numpy_view
 
-__all__ = ["LureField", "tanh", "tanh_rows"]
+__all__ = ["LureField", "tanh", "tanh_float32", "tanh_rows"]
 
 # Below about this size NumPy's fixed cost per call outweighs what it saves (32 x 32: 5.4 us against torch.tanh's 3.5).
 _NUMPY_TANH_MIN_ELEMENTS = 4096
@@ -63,8 +63,10 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     (torch.tanh: 0.51), relative to tanh itself, so near p = 0 too; ``tests/recurrence/test_field.py``
     measures it on the machine that runs the tests. float64 stays with torch.tanh (within 0.76
     units; NumPy's float64 tanh, 5 times faster, was 1.17 units from tanh where |p| is about 1/2).
-    NumPy's float32 tanh would be 6 times faster still but is within 1.4 units only, which the
-    backward's 1 - s^2 magnifies near saturation (``test_engine.py -k saturation``). Everything
+    NumPy's float32 tanh is 6 times faster still but within 1.4 units only, which a backward's
+    1 - s^2 magnifies near saturation (``test_engine.py -k saturation``): the engine takes it only
+    where s is scaled by a step before it reaches a state and tanh'(p) is formed from p
+    (:func:`tanh_rows`' ``float32_tanh``, :func:`tanh_float32`). Everything
     else (CUDA, float64 and other dtypes, a graph to record, forward-mode duals, functorch
     transforms, torch.compile's or torch.jit.trace's tracing, a mode watching torch's operations
     (``products.numpy_allowed``), several threads, small tensors, an ``out`` that is not
@@ -79,24 +81,43 @@ def tanh(p: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.tanh(p) if out is None else torch.tanh(p, out=out)
 
 
-def tanh_rows(p: Tensor, out: Tensor, *sources: Tensor) -> Callable[[int], object]:
-    """The function l -> :func:`tanh` (p[l], out=out[l]) for the rows of p and ``out``, with the choice
-    between NumPy and torch.tanh made once for all rows (per call it costs about as much as NumPy's tanh
-    of a 64 x 64 row).
+def tanh_rows(p: Tensor, out: Tensor, *sources: Tensor,
+              float32_tanh: bool = False) -> tuple[Callable[[int], object], bool]:
+    """(l -> :func:`tanh` (p[l], out=out[l]) for the rows of p and ``out``, whether NumPy computes them),
+    the choice between NumPy and torch.tanh made once for all rows (per call it costs about as much
+    as NumPy's tanh of a 64 x 64 row).
 
     For a loop that writes the rows of p between the calls by operations on ``sources``: where any
     of those carries a graph or a forward-mode tangent, the rows would too, so all rows go through
-    torch.tanh."""
-    if _numpy_tanh(p[0].numel(), p, out, *sources):
+    torch.tanh.
+
+    With ``float32_tanh`` NumPy computes float32 rows in float32 (:func:`tanh_float32`), at every
+    size: for a loop that scales s by a step eps before adding it to a state, and takes tanh'(p)
+    from p rather than from s (:meth:`LureField.derivative_of_inputs`), the one place where
+    float32 tanh's 1.4 units in the last place would be magnified."""
+    if _numpy_tanh(None if float32_tanh else p[0].numel(), p, out, *sources):
         p_arrays, out_arrays = list(p.detach().numpy()), list(out.detach().numpy())
-        return lambda l: numpy.tanh(p_arrays[l], out=out_arrays[l], dtype=numpy.float64, casting="same_kind")
+        if float32_tanh:
+            return (lambda l: numpy.tanh(p_arrays[l], out=out_arrays[l])), True
+        return (lambda l: numpy.tanh(p_arrays[l], out=out_arrays[l], dtype=numpy.float64, casting="same_kind")), True
     p_rows, out_rows = p.unbind(0), out.unbind(0)
-    return lambda l: torch.tanh(p_rows[l], out=out_rows[l])
+    return (lambda l: torch.tanh(p_rows[l], out=out_rows[l])), False
 
 
-def _numpy_tanh(elements: int, p: Tensor, out: Tensor | None, *sources: Tensor) -> bool:
-    """Whether :func:`tanh` of ``elements`` elements of p goes through NumPy (its docstring)."""
-    return (elements >= _NUMPY_TANH_MIN_ELEMENTS and numpy_allowed()
+def tanh_float32(p: Tensor) -> Tensor:
+    """tanh(p) by NumPy's float32 tanh where :func:`tanh` would take NumPy whatever p's size (within
+    1.4 units in the last place of float32 on this project's CPU, 6 times as fast as the float64
+    route at 128 x 128 and faster than torch.tanh at every size), else :func:`tanh`."""
+    if _numpy_tanh(None, p, None):
+        target = torch.empty(p.shape, dtype=p.dtype)
+        numpy.tanh(p.detach().numpy(), out=target.numpy())
+        return target
+    return tanh(p)
+
+
+def _numpy_tanh(elements: int | None, p: Tensor, out: Tensor | None, *sources: Tensor) -> bool:
+    """Whether :func:`tanh` of ``elements`` elements of p goes through NumPy (its docstring; None: at any size)."""
+    return ((elements is None or elements >= _NUMPY_TANH_MIN_ELEMENTS) and numpy_allowed()
             and _float32_view(p) and (out is None or (_float32_view(out) and out.is_contiguous()))
             and all(_float32_view(source) for source in sources))
 
@@ -149,6 +170,25 @@ class LureField:
         # beta as a 0-dim tensor filled on S's device: no host-to-device copy (none allowed in a CUDA graph
         # capture), and CUDA's addcmul refuses a CPU scalar as its first argument.
         return torch.addcmul(S.new_full((), self.beta), S, S, value=-self.beta, out=out)
+
+    def derivative_of_inputs(self, P: Tensor, out: Tensor | None = None) -> Tensor:
+        """D = beta tanh'(p) = beta / cosh(p)^2 from p itself (written into ``out`` if given).
+
+        In float32 within 5e-7 of D relative to D wherever D is a normal float32 (|p| < 44), and
+        within the smallest normal float32 beyond, where cosh(p)^2 overflows and gives D = 0
+        (``tests/recurrence/test_field.py`` measures both). From s = tanh(p) rounded to float32,
+        1 - s^2 loses D's digits as |p| grows, whatever tanh's accuracy: 8e-4 of D where |p| is near
+        5, all of them beyond 9 (D then 0 or several times its value). Through NumPy's float32 cosh
+        where :func:`tanh` may take NumPy, else torch."""
+        target = torch.empty(P.shape, dtype=P.dtype, device=P.device) if out is None else out
+        if _numpy_tanh(None, P, target):
+            p, d = P.detach().numpy(), target.detach().numpy()
+            with numpy.errstate(over="ignore"):
+                numpy.cosh(p, out=d)
+                numpy.multiply(d, d, out=d)
+            numpy.divide(self.beta, d, out=d)
+            return target
+        return torch.cosh(P, out=target).square_().reciprocal_().mul_(self.beta)
 
     def _split(self, z: Tensor) -> tuple[Tensor | None, Tensor]:
         return z.split(self.n, dim=-1) if self.has_a else (None, z)
@@ -216,8 +256,9 @@ class LureField:
         """(G, Q) from the records X of ``vjp`` or ``vjp_dot`` (G None unless ``keeps_g``)."""
         return tuple(X.split(self.n, dim=-1)) if self.keeps_g else (None, X)
 
-    def weight_gradients(self, Y: Tensor, S: Tensor, X: Tensor) -> dict[str, Tensor]:
-        """{"A": sum g^T y, "W": sum q^T y, "B": sum g^T s} (A, B only where given) from the records X."""
+    def weight_gradients(self, Y: Tensor, S: Tensor | None, X: Tensor) -> dict[str, Tensor]:
+        """{"A": sum g^T y, "W": sum q^T y, "B": sum g^T s} (A, B only where given) from the records X
+        (S is read only where B is given)."""
         G, Q = self.split_record(X)
         Y = _rows(Y)
         # (Y^T X)^T rather than X^T Y (here and in ``second_order_gradients``): the same sums, and MKL's
@@ -230,9 +271,10 @@ class LureField:
             grads["B"] = mm(_rows(G).T, _rows(S))
         return grads
 
-    def tangent_terms(self, Y: Tensor, S: Tensor, direction: dict[str, Tensor], u_dot: Tensor,
+    def tangent_terms(self, Y: Tensor, S: Tensor | None, direction: dict[str, Tensor], u_dot: Tensor,
                       in_place: bool = True) -> tuple[Tensor, Tensor | None]:
-        """(c, e) for every stage evaluation: c = y [A_dot^T | W_dot^T] + [0 | u_dot], e = s B_dot^T or None.
+        """(c, e) for every stage evaluation: c = y [A_dot^T | W_dot^T] + [0 | u_dot], e = s B_dot^T or None
+        (S is read only where B is given).
 
         ``u_dot`` broadcasts against Y's leading axes (one row block per input step). With
         ``in_place`` u_dot is added into the product's p columns (the same sums, without padding u_dot

@@ -164,7 +164,8 @@ def test_tanh_rows_decides_once_and_writes_each_row_as_tanh_does(one_thread, num
     generator = torch.Generator().manual_seed(6)
     z = torch.randn(5, 64, 128, generator=generator)
     p, out = z[..., 64:], torch.full((5, 64, 64), 7.0)
-    row = field.tanh_rows(p, out, torch.randn(3, 3))
+    row, numpy_rows = field.tanh_rows(p, out, torch.randn(3, 3))
+    assert numpy_rows
     for l in (0, 3):
         row(l)
     assert len(numpy_calls) == 2
@@ -181,11 +182,13 @@ def test_tanh_rows_of_a_loop_over_a_dual_or_with_several_threads_use_torch(monke
     monkeypatch.setattr(field.numpy, "tanh", lambda *a, **k: pytest.fail("NumPy used"))
     p, out = torch.randn(2, 64, 64), torch.empty(2, 64, 64)
     with forward_ad.dual_level():
-        field.tanh_rows(p, out, forward_ad.make_dual(torch.randn(4), torch.randn(4)))(1)
-    assert torch.equal(out[1], torch.tanh(p[1]))
+        row, numpy_rows = field.tanh_rows(p, out, forward_ad.make_dual(torch.randn(4), torch.randn(4)), float32_tanh=True)
+        row(1)
+    assert torch.equal(out[1], torch.tanh(p[1])) and not numpy_rows
     torch.set_num_threads(2)
-    field.tanh_rows(p, out)(0)
-    assert torch.equal(out[0], torch.tanh(p[0]))
+    row, numpy_rows = field.tanh_rows(p, out, float32_tanh=True)
+    row(0)
+    assert torch.equal(out[0], torch.tanh(p[0])) and not numpy_rows
 
 
 @pytest.mark.parametrize("tracer", ["compile", "jit.trace"])
@@ -258,3 +261,41 @@ def test_the_engine_passes_no_cpu_scalar_where_cuda_refuses_one(method, with_a, 
         grads = torch.autograd.grad(torch.sin(states).sum(), params, create_graph=True)
         torch.autograd.grad(grads, params, [torch.ones_like(p) for p in params])
     assert rule.refused == []
+
+
+def test_tanh_rows_with_float32_tanh_take_numpys_float32_tanh_at_any_size(one_thread, numpy_calls):
+    p, out = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(7)), torch.zeros(3, 4, 4)
+    row, numpy_rows = field.tanh_rows(p, out, float32_tanh=True)
+    row(2)
+    assert numpy_rows and len(numpy_calls) == 1
+    assert numpy.array_equal(out[2].numpy(), numpy.tanh(p[2].numpy())) and not out[:2].any()
+    assert numpy.array_equal(field.tanh_float32(p).numpy(), numpy.tanh(p.numpy()))
+    torch.set_num_threads(2)
+    assert torch.equal(field.tanh_float32(p), torch.tanh(p))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("beta", [1.0, 0.03])
+def test_the_derivative_formed_from_p_is_within_5e_7_of_it_where_one_minus_s_squared_is_not(threads, beta, counted,
+                                                                                          one_thread):
+    """beta / cosh(p)^2 in float32 against beta tanh'(p) in float64, relative to it wherever it is a
+    normal float32 (0 or subnormal beyond |p| of about 44, and there within the smallest normal),
+    without a warning where cosh overflows; 1 - s^2 from s rounded to float32 is 8e-4 from it near
+    |p| = 5 and 0 beyond 9. With one thread through NumPy, with two through torch."""
+    torch.set_num_threads(threads)
+    x = numpy.concatenate([_sample(200_000, 2), numpy.linspace(-100, 100, 200_001)]).astype(numpy.float32)
+    truth = beta / numpy.cosh(x.astype(numpy.float64)) ** 2
+    cosh = counted(field.numpy, "cosh")
+    lure = field.LureField(torch.zeros(2, 2), torch.zeros(2, 2), None, beta, identity=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = lure.derivative_of_inputs(torch.from_numpy(x)).numpy().astype(numpy.float64)
+    assert bool(cosh) == (threads == 1)
+    tiny = float(numpy.finfo(numpy.float32).tiny)
+    normal = truth >= tiny
+    assert numpy.max(numpy.abs(ours - truth)[normal] / truth[normal]) <= 5e-7
+    assert numpy.max(numpy.abs(ours - truth)[~normal]) <= tiny
+    s = torch.tanh(torch.from_numpy(x).double()).float()
+    from_s = lure.derivative(s).numpy().astype(numpy.float64)
+    near_five = normal & (numpy.abs(x) > 4.5) & (numpy.abs(x) < 5.5)
+    assert numpy.max(numpy.abs(from_s - truth)[near_five] / truth[near_five]) > 5e-4
