@@ -604,6 +604,37 @@ def test_float32_records_of_p_give_the_float64_gradients_and_products_in_any_thr
             assert _relative(ours.double(), truth) < 2e-6
 
 
+
+@pytest.mark.parametrize("keep_states", [False, True])
+def test_float32_records_of_p_in_many_stored_segments_are_each_their_own(keep_states, monkeypatch, counted, one_thread):
+    """Stored mode split into one input step per segment: each segment's p (a view of the workspace's
+    z, which the next segment overwrites) must be kept in its own memory. Gradients and
+    Hessian-vector products are the float64 loop's to float32 accuracy, and no two segments' P
+    records share memory."""
+    monkeypatch.setattr(engine_module, "SEGMENT_BYTES", 1)
+    generator = torch.Generator().manual_seed(31)
+    n = 16
+    u = 2 * torch.randn(T, BATCH, n, generator=generator, dtype=torch.float64)
+    A = torch.randn(n, n, generator=generator, dtype=torch.float64) / n ** 0.5 - 0.5 * torch.eye(n, dtype=torch.float64)
+    W = torch.randn(n, n, generator=generator, dtype=torch.float64) / n ** 0.5
+    weights = torch.randn((T, BATCH, n) if keep_states else (BATCH, n), generator=generator, dtype=torch.float64)
+    direction = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in (u, A, W)]
+    params = [t.clone().requires_grad_() for t in (u, A, W)]
+    exact = _gradient_and_hvp_of(_loop(*params[:1], *params[1:], None, "euler", 0.1, 2, keep_states), weights, params,
+                                 direction)
+    single = [t.float().requires_grad_() for t in (u, A, W)]
+    cosh = counted(field_module.numpy, "cosh")
+    out = lure_recurrence(*single, scheme=build_scheme("euler", 0.1, 2), keep_states=keep_states)
+    records = [t for t in out.grad_fn.saved_tensors[6:]]
+    assert len(records) == 2 * T
+    pointers = [records[2 * k + 1].untyped_storage().data_ptr() for k in range(T)]
+    assert len(set(pointers)) == T
+    ours = _gradient_and_hvp_of(out, weights.float(), single, [d.float() for d in direction])
+    assert cosh
+    for mine, truth in zip((*ours[0], *ours[1]), (*exact[0], *exact[1])):
+        assert _relative(mine.double(), truth) < 2e-6
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_float32_euler_adjoint_adds_its_product_to_the_cotangent_once(batched):
     """Euler with eps = 1e-3 and 3 substeps in float32: lambda + [g | q] [eps A; W] with the product
