@@ -195,7 +195,7 @@ def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     tensors = (a, b) if out is None else (a, b, out)
     if (uses_numpy(*tensors) and _blas_matrix(a) and _blas_matrix(b)
             and (out is None or _rows_in_place(out))):
-        target = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype) if out is None else out
+        target = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device="cpu") if out is None else out
         numpy.matmul(a.detach().numpy(), b.detach().numpy(), out=target.detach().numpy())
         return target
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
@@ -216,7 +216,7 @@ def row_products(rows: Tensor, matrix: Tensor, outs: Tensor | None) -> Callable[
 
         def numpy_product(l: int, k: int | None) -> Tensor:
             if k is None:
-                target = torch.empty(shape, dtype=dtype)
+                target = torch.empty(shape, dtype=dtype, device="cpu")
                 numpy.matmul(row_arrays[l], matrix_array, out=target.detach().numpy())
                 return target
             numpy.matmul(row_arrays[l], matrix_array, out=out_arrays[k])
@@ -280,10 +280,11 @@ def _gemm_exact(function: Callable[..., None], dtype: torch.dtype) -> bool:
     calls it, on integer-valued operands (every sum exact in floating point), with the matrix stored
     either way."""
     generator = torch.Generator().manual_seed(0)
-    rows = torch.randint(-8, 9, (2, 3, 7), generator=generator).to(dtype)
-    matrix = torch.randint(-8, 9, (7, 5), generator=generator).to(dtype)
+    # On the CPU whatever the default device (``torch.set_default_device``): BLAS reads these pointers.
+    rows = torch.randint(-8, 9, (2, 3, 7), generator=generator, device="cpu").to(dtype)
+    matrix = torch.randint(-8, 9, (7, 5), generator=generator, device="cpu").to(dtype)
     for stored in (matrix, matrix.T.contiguous().T):
-        outs = torch.randint(-8, 9, (2, 3, 9), generator=generator).to(dtype)
+        outs = torch.randint(-8, 9, (2, 3, 9), generator=generator, device="cpu").to(dtype)
         expected = outs.clone()
         expected[0, :, 2:7] += rows[1] @ matrix
         _GemmRows(function, rows, stored, outs[..., 2:7])(1, 0)

@@ -433,3 +433,36 @@ def test_the_default_device_leaves_numpy_to_the_engine_and_another_function_mode
     with Watching():
         assert torch.equal(mm(a, b), torch.mm(a, b))
     assert numpy_calls == [1]
+
+
+_DEFAULT_DEVICE_SCRIPT = """
+import torch
+from lrnn_analysis.recurrence import build_scheme, field, lure_recurrence
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+u, A, W = (torch.randn(*s, generator=g).requires_grad_() for s in ((3, 64, 64), (64, 64), (64, 64)))
+p = torch.randn(64, 64, generator=g)
+with torch.device("meta"):  # as torch.set_default_device("cuda") with CPU tensors: allocations go elsewhere
+    for method in ("euler", "rk4"):
+        out = lure_recurrence(u, A, W, scheme=build_scheme(method, 0.1), keep_states=True)
+        grads = torch.autograd.grad(out.sin().sum(), [u, A, W], create_graph=True)
+        torch.autograd.grad(grads, [u, A, W], [torch.ones_like(t, device="cpu") for t in (u, A, W)])
+        assert out.device.type == "cpu"
+    assert field.tanh(p).device.type == "cpu" and field.tanh_float32(p).device.type == "cpu"
+print("ok")
+"""
+
+
+def test_the_numpy_paths_allocate_on_the_cpu_under_another_default_device():
+    """The default device's mode leaves NumPy to the engine (``products._observed``), so every tensor
+    a NumPy path allocates must be on the CPU whatever the default device: a CUDA or meta one had
+    NumPy refuse it (field.tanh, tanh_float32) or handed OpenBLAS a pointer it cannot read
+    (``_gemm_exact``'s probe on its first call: a segmentation fault). In a fresh process, where
+    ``_gemm`` has not been probed yet."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _DEFAULT_DEVICE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
