@@ -576,33 +576,37 @@ def test_float32_records_of_p_give_the_float64_gradients_and_products_in_any_thr
     gradients and Hessian-vector products are the float64 loop's to float32 accuracy, also where the
     backward passes run with two threads (tanh'(p) and s then formed from p by torch); the states are
     the same with a graph and without one."""
-    generator = torch.Generator().manual_seed(12)
+    single, weights, direction, exact = _float32_euler_case(12, keep_states)
+    scheme = build_scheme("euler", 0.1, 2)
+    cosh = counted(field_module.numpy, "cosh")
+    out = lure_recurrence(*single, scheme=scheme, keep_states=keep_states, segment=segment)
+    with torch.no_grad():
+        assert torch.equal(lure_recurrence(*single, scheme=scheme, keep_states=keep_states, segment=segment), out)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        grads = torch.autograd.grad((torch.sin(out) * weights).sum(), single, create_graph=True)
+        products = torch.autograd.grad(grads, single, direction, retain_graph=True)
+        assert bool(cosh) == (threads == 1)
+        cosh.clear()
+        for ours, truth in zip((*grads, *products), exact):
+            assert _relative(ours.double(), truth) < 2e-6
+
+
+def _float32_euler_case(seed: int, keep_states: bool):
+    """(u, A, W) in float32 requiring grad, the loss's weights and a direction in float32, and the
+    float64 loop's gradient and Hessian-vector product (Euler, eps 0.1, 2 substeps, n = 16)."""
+    generator = torch.Generator().manual_seed(seed)
     n = 16
     u = 2 * torch.randn(T, BATCH, n, generator=generator, dtype=torch.float64)
     A = torch.randn(n, n, generator=generator, dtype=torch.float64) / n ** 0.5 - 0.5 * torch.eye(n, dtype=torch.float64)
     W = torch.randn(n, n, generator=generator, dtype=torch.float64) / n ** 0.5
     weights = torch.randn((T, BATCH, n) if keep_states else (BATCH, n), generator=generator, dtype=torch.float64)
     direction = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in (u, A, W)]
-    scheme = build_scheme("euler", 0.1, 2)
     params = [t.clone().requires_grad_() for t in (u, A, W)]
-    exact = _gradient_and_hvp_of(_loop(*params[:1], *params[1:], None, "euler", 0.1, 2, keep_states), weights, params,
-                                 direction)
-    single = [t.float().requires_grad_() for t in (u, A, W)]
-    cosh = counted(field_module.numpy, "cosh")
-    out = lure_recurrence(*single, scheme=scheme, keep_states=keep_states, segment=segment)
-    with torch.no_grad():
-        assert torch.equal(lure_recurrence(*single, scheme=scheme, keep_states=keep_states, segment=segment), out)
-    results = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        grads = torch.autograd.grad((torch.sin(out) * weights.float()).sum(), single, create_graph=True)
-        results.append((grads, torch.autograd.grad(grads, single, [d.float() for d in direction], retain_graph=True)))
-        assert bool(cosh) == (threads == 1)
-        cosh.clear()
-    for grads, products in results:
-        for ours, truth in zip((*grads, *products), (*exact[0], *exact[1])):
-            assert _relative(ours.double(), truth) < 2e-6
-
+    gradients, products = _gradient_and_hvp_of(_loop(*params, None, "euler", 0.1, 2, keep_states), weights, params,
+                                               direction)
+    return ([t.float().requires_grad_() for t in (u, A, W)], weights.float(), [d.float() for d in direction],
+            [*gradients, *products])
 
 
 @pytest.mark.parametrize("keep_states", [False, True])
@@ -612,27 +616,17 @@ def test_float32_records_of_p_in_many_stored_segments_are_each_their_own(keep_st
     Hessian-vector products are the float64 loop's to float32 accuracy, and no two segments' P
     records share memory."""
     monkeypatch.setattr(engine_module, "SEGMENT_BYTES", 1)
-    generator = torch.Generator().manual_seed(31)
-    n = 16
-    u = 2 * torch.randn(T, BATCH, n, generator=generator, dtype=torch.float64)
-    A = torch.randn(n, n, generator=generator, dtype=torch.float64) / n ** 0.5 - 0.5 * torch.eye(n, dtype=torch.float64)
-    W = torch.randn(n, n, generator=generator, dtype=torch.float64) / n ** 0.5
-    weights = torch.randn((T, BATCH, n) if keep_states else (BATCH, n), generator=generator, dtype=torch.float64)
-    direction = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in (u, A, W)]
-    params = [t.clone().requires_grad_() for t in (u, A, W)]
-    exact = _gradient_and_hvp_of(_loop(*params[:1], *params[1:], None, "euler", 0.1, 2, keep_states), weights, params,
-                                 direction)
-    single = [t.float().requires_grad_() for t in (u, A, W)]
+    single, weights, direction, exact = _float32_euler_case(31, keep_states)
     cosh = counted(field_module.numpy, "cosh")
     out = lure_recurrence(*single, scheme=build_scheme("euler", 0.1, 2), keep_states=keep_states)
     records = [t for t in out.grad_fn.saved_tensors[6:]]
     assert len(records) == 2 * T
     pointers = [records[2 * k + 1].untyped_storage().data_ptr() for k in range(T)]
     assert len(set(pointers)) == T
-    ours = _gradient_and_hvp_of(out, weights.float(), single, [d.float() for d in direction])
+    gradients, products = _gradient_and_hvp_of(out, weights, single, direction)
     assert cosh
-    for mine, truth in zip((*ours[0], *ours[1]), (*exact[0], *exact[1])):
-        assert _relative(mine.double(), truth) < 2e-6
+    for ours, truth in zip((*gradients, *products), exact):
+        assert _relative(ours.double(), truth) < 2e-6
 
 
 @pytest.mark.parametrize("batched", [False, True])
