@@ -2,6 +2,11 @@
 nothing but the numbers is at stake, with OpenBLAS held to one thread while the engine uses it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from threadpoolctl import threadpool_info
@@ -459,10 +464,8 @@ def test_the_numpy_paths_allocate_on_the_cpu_under_another_default_device():
     NumPy refuse it (field.tanh, tanh_float32) or handed OpenBLAS a pointer it cannot read
     (``_gemm_exact``'s probe on its first call: a segmentation fault). In a fresh process, where
     ``_gemm`` has not been probed yet."""
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    repository = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", _DEFAULT_DEVICE_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
