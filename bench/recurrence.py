@@ -51,6 +51,7 @@ from threadpoolctl import threadpool_limits
 
 from lrnn_analysis.environment import environment
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.recurrence import release_workspace
 from lrnn_analysis.recurrence.field import tanh as engine_tanh
 from lrnn_analysis.recurrence.field import tanh_rows
 from lrnn_analysis.recurrence.products import one_blas_thread, row_products_added
@@ -102,7 +103,9 @@ def _status_kib(field: str) -> int:
 
 
 def peak_memory(fn: Callable[[], object]) -> int | None:
-    """Bytes by which one call of ``fn`` raises the peak resident set size (None off Linux)."""
+    """Bytes by which one call of ``fn`` raises the peak resident set size (None off Linux), the
+    engine's scratch buffers kept from earlier calls freed first (so counted)."""
+    release_workspace()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")

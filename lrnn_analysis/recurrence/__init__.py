@@ -10,8 +10,8 @@ Forward, backward (adjoint recurrence, weight gradients as single large products
 Hessian-vector products (the backward is differentiable once, by the R-operator) are exact to
 rounding; see :mod:`.engine` for the math and the memory modes.
 """
-from .engine import lure_recurrence, sqrt_segment
+from .engine import lure_recurrence, release_workspace, sqrt_segment
 from .field import LureField
 from .schemes import METHODS, Scheme, build_scheme
 
-__all__ = ["LureField", "METHODS", "Scheme", "build_scheme", "lure_recurrence", "sqrt_segment"]
+__all__ = ["LureField", "METHODS", "Scheme", "build_scheme", "lure_recurrence", "release_workspace", "sqrt_segment"]

@@ -53,6 +53,13 @@ products over all their rows still run at the matrix-multiply rate. ``segment=K`
 start of every K-th input step and recomputes a segment's stage records in the backward passes
 (O((T / K + K * stages) * batch * n)); ``sqrt_segment(T)`` = ceil(sqrt(T)) balances the two.
 Both modes compute the same numbers up to the order of floating-point sums over segments.
+Two kinds of buffers outlive a call, on the CPU only (:class:`_Workspace`): each thread keeps the
+scratch buffers of its passes (a segment's [a | p] and s, the adjoint's records and D: about 3
+``SEGMENT_BYTES``, freed by :func:`release_workspace`), and a gradient's graph keeps, for its next
+Hessian-vector product, the tangent records of its last (3 T * batch * n numbers with the Euler
+map, stored mode), freed with the graph. Allocated afresh by every call, glibc handed those buffers
+back to the system and the next call faulted them in again page by page: at sMNIST size 10 to 25
+thousand page faults per product (``getrusage``), now none.
 
 Products: the plain ones (the first-order sweep's per-step product, the weight gradients, the
 R-operator's products over all rows) and those added into a buffer row by row (the forward's, the
@@ -65,9 +72,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
@@ -75,14 +84,14 @@ from torch import Tensor
 from ..errors import InputError
 from .field import LureField, tanh_float32, tanh_rows
 from .inputs import InputGradients, Inputs
-from .products import legacy_batched, mm, one_blas_thread, row_products, row_products_added
+from .products import legacy_batched, mm, numpy_rows, one_blas_thread, row_products, row_products_added, rows_of
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
-__all__ = ["SEGMENT_BYTES", "lure_recurrence", "sqrt_segment"]
+__all__ = ["SEGMENT_BYTES", "lure_recurrence", "release_workspace", "sqrt_segment"]
 
 # Stored mode keeps the records of about this many bytes per segment (module docstring).
-SEGMENT_BYTES = 2 * 2**20
+SEGMENT_BYTES = 4 * 2**20
 
 # The fused Gauss-Newton sweep (module docstring) asks torch's autograd engine, through two private
 # functions, which graph task runs and whether a node will run in it; a torch without them runs the
@@ -144,9 +153,9 @@ class _Records:
         """D = beta tanh'(p), written into ``out`` if given."""
         return field.derivative(self.S, out) if self.P is None else field.derivative_of_inputs(self.P, out)
 
-    def tanh(self) -> Tensor:
-        """S, kept or formed from P."""
-        return self.S if self.P is None else tanh_float32(self.P)
+    def tanh(self, out: Tensor | None = None) -> Tensor:
+        """S, kept or formed from P (then written into ``out`` if given)."""
+        return self.S if self.P is None else tanh_float32(self.P, out)
 
 
 def _stack(records: list[Tensor], steps: int) -> Tensor:
@@ -166,14 +175,16 @@ def _rows(records: Tensor) -> tuple[Tensor, ...]:
     return _merge_leading(records).unbind(0)
 
 
-def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states: bool, record: bool,
-             workspace: _Workspace | None = None,
+def _forward(field: LureField, scheme: Scheme, h: Tensor, sequence: Inputs, bounds: tuple[int, int], keep_states: bool,
+             record: bool, workspace: _Workspace | None = None,
              general: bool = False) -> tuple[Tensor, list[Tensor], _Records | None]:
-    """(last state, states, records) over the input steps of u from h (records None unless ``record``);
-    with ``general`` by the general sweep of out-of-place operations, never the map's buffers."""
-    if not general and scheme.method == "map" and not field.has_b and not legacy_batched(u):
-        return _map_forward(field, scheme.substeps, h, u, keep_states, record, workspace)
-    inputs = field.value_inputs(u).unbind(0)
+    """(last state, states, records) over the input steps t0 <= t < t1 (``bounds``) of ``sequence`` from h
+    (records None unless ``record``); with ``general`` by the general sweep of out-of-place
+    operations, never the map's buffers."""
+    if (not general and scheme.method == "map" and not field.has_b
+            and not any(legacy_batched(t) for t in sequence.tensors() if t is not None)):
+        return _map_forward(field, scheme.substeps, h, sequence, bounds, keep_states, record, workspace)
+    inputs = field.pad(sequence.segment(*bounds)).unbind(0)
 
     def stage(t: int, l: int, y: Tensor) -> tuple[Tensor, Tensor]:
         return field.value(y, inputs[t])
@@ -182,8 +193,8 @@ def _forward(field: LureField, scheme: Scheme, h: Tensor, u: Tensor, keep_states
     return h, states, (_Records(_stack(ys, len(inputs)), _stack(ss, len(inputs))) if record else None)
 
 
-def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_states: bool, record: bool,
-                 workspace: _Workspace | None) -> tuple[Tensor, list[Tensor], _Records | None]:
+def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, bounds: tuple[int, int], keep_states: bool,
+                 record: bool, workspace: _Workspace | None) -> tuple[Tensor, list[Tensor], _Records | None]:
     """:func:`_forward` for a map h+ = [h +] a + beta tanh(p) (B the identity), written into buffers.
 
     One product, one tanh and one add per application (two with the identity), each writing into
@@ -197,48 +208,63 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, u: Tensor, keep_sta
     records keep p in place of s, from which the backward passes form D = beta tanh'(p) closer to
     it than beta (1 - s^2) from any float32 s (:meth:`.field.LureField.derivative_of_inputs`).
     """
-    steps, batch, n = u.shape
+    (t0, t1), (_, batch, n), like = bounds, sequence.shape, sequence.x
+    steps = t1 - t0
     rows = steps * substeps
     scratch = workspace if not (record or keep_states) else None
-    states_buffer = _Workspace.take(scratch, "states", (rows + 1, batch, n), u)
+    states_buffer = _Workspace.take(scratch, "states", (rows + 1, batch, n), like)
     states_buffer[0] = h
-    # z holds the inputs of every application before its product is added in place (addmm with an
-    # input copies it into the result first).
-    z = _Workspace.take(workspace, "z", (steps, substeps, batch, field.forward_matrix.shape[1]), u)
-    field.value_inputs(u[:, None], out=z)
+    # z = [0 | u] (A given) or u, to which every application's product is added in place (addmm with
+    # an input copies it into the result first); u written straight into its columns.
+    z = _Workspace.take(workspace, "z", (steps, substeps, batch, field.forward_matrix.shape[1]), like)
+    if field.has_a:
+        z[..., :n] = 0
+    inputs = z[..., n:] if field.has_a else z
+    sequence.segment(t0, t1, out=inputs[:, 0])
+    if substeps > 1:
+        inputs[:, 1:] = inputs[:, :1]
     z = z.view(rows, batch, z.shape[-1])
     a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
-    a_rows = None if a is None else a.unbind(0)
-    h_rows = states_buffer.unbind(0)
     matrix, beta = field.forward_matrix, field.beta
-    tanhs = _Workspace.take(workspace, "tanhs", (rows, batch, n), u)
+    tanhs = _Workspace.take(workspace, "tanhs", (rows, batch, n), like)
     tanh_row, numpy_tanh = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
     keep_p = field.identity and numpy_tanh
     if record and not keep_p and workspace is not None:
         # s is a record: its own memory.
-        tanhs = u.new_empty((rows, batch, n))
+        tanhs = like.new_empty((rows, batch, n))
         tanh_row, _ = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
-    s_rows = tanhs.unbind(0)
+    arrays = numpy_rows(states_buffer, z, tanhs)
+    h_rows, s_rows = rows_of(states_buffer, arrays), rows_of(tanhs, arrays)
+    a_rows = None if a is None else rows_of(a, arrays)
     add_product = row_products_added(states_buffer, matrix, z)
     for l in range(rows):
         add_product(l, l)
         tanh_row(l)
-        if field.identity:
+        if arrays:
+            # beta s, + a, + h into the next state's row: the two small terms first, one rounding at the
+            # size of h (NumPy has no scaled add).
+            numpy.multiply(s_rows[l], beta, out=h_rows[l + 1])
+            if a_rows is not None:
+                numpy.add(a_rows[l], h_rows[l + 1], out=h_rows[l + 1])
+            if field.identity:
+                numpy.add(h_rows[l], h_rows[l + 1], out=h_rows[l + 1])
+        elif field.identity:
             # h + (a + beta s): the two small terms first, one rounding at the size of h.
             torch.add(h_rows[l], a_rows[l].add_(s_rows[l], alpha=beta), out=h_rows[l + 1])
         elif a_rows is not None:
             torch.add(a_rows[l], s_rows[l], alpha=beta, out=h_rows[l + 1])
         else:
             torch.mul(s_rows[l], beta, out=h_rows[l + 1])
-    states = list(h_rows[substeps::substeps]) if keep_states else []
+    states = list(states_buffer[substeps::substeps].unbind(0)) if keep_states else []
+    last = states_buffer[-1].clone()
     if not record:
-        return h_rows[-1].clone(), states, None
+        return last, states, None
     Y = states_buffer[:-1].view(steps, substeps, batch, n)
     if keep_p:
         # Out of z, which the workspace lends to the next segment.
         P = p.clone(memory_format=torch.contiguous_format).view(steps, substeps, batch, n)
-        return h_rows[-1].clone(), states, _Records(Y, None, P)
-    return h_rows[-1].clone(), states, _Records(Y, tanhs.view(steps, substeps, batch, n))
+        return last, states, _Records(Y, None, P)
+    return last, states, _Records(Y, tanhs.view(steps, substeps, batch, n))
 
 
 def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: Tensor | None, records: _Records,
@@ -262,11 +288,39 @@ def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: T
 
 
 class _Workspace:
-    """Buffers reused from segment to segment of one pass: a fresh buffer costs a page fault per
-    4 KiB on first touch, a reused one nothing."""
+    """Buffers reused from segment to segment of a pass and, on the CPU, from call to call (module
+    docstring): a fresh buffer costs a page fault per 4 KiB on first touch, a reused one nothing.
+    Nothing a call returns, nor any record a later call reads, lives in them."""
 
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
+
+    @staticmethod
+    def borrow(owner: object) -> _Workspace:
+        """The workspace ``owner`` (an adjoint node) keeps, until :meth:`give_back`: a fresh one where
+        it keeps none or has lent it to a product still running (in another thread)."""
+        with _LENDING:
+            workspace = getattr(owner, "workspace", None) or _Workspace()
+            owner.workspace = None  # type: ignore[attr-defined]
+        return workspace
+
+    @staticmethod
+    def give_back(owner: object, workspace: _Workspace | None) -> None:
+        if workspace is not None:
+            owner.workspace = workspace  # type: ignore[attr-defined]
+
+    @staticmethod
+    @contextlib.contextmanager
+    def borrowed() -> Iterator[_Workspace]:
+        """This thread's workspace for one pass, its CPU buffers kept for the next. A pass that starts
+        within another gets a workspace of its own."""
+        workspace = getattr(_IDLE, "workspace", None) or _Workspace()
+        _IDLE.workspace = None
+        try:
+            yield workspace
+        finally:
+            workspace.buffers = {name: t for name, t in workspace.buffers.items() if t.device.type == "cpu"}
+            _IDLE.workspace = workspace
 
     def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """An uninitialised tensor of ``shape`` in the buffer ``name`` (grown along the first axis as needed)."""
@@ -282,6 +336,16 @@ class _Workspace:
         return like.new_empty(shape) if workspace is None else workspace.buffer(name, shape, like)
 
 
+_IDLE = threading.local()
+_LENDING = threading.Lock()
+
+
+def release_workspace() -> None:
+    """Free the scratch buffers the engine keeps on the CPU between calls in this thread (about 3
+    ``SEGMENT_BYTES`` after an Euler model's forward and backward; module docstring)."""
+    _IDLE.workspace = None
+
+
 def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: Tensor | None, D: Tensor,
                  workspace: _Workspace | None) -> tuple[Tensor, Tensor]:
     """The first-order sweep of a one-stage map (h+ = f(h)) written straight into its records.
@@ -289,7 +353,8 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     Row l of X is [g_l | q_l] (q_l where no gradient needs g). For a map, g_l is the cotangent of
     the output of application l, i.e. y_bar_{l+1} (plus the state's own cotangent at the end of an
     input step), so the fused product of row l + 1 is written into the g-slot of row l: no
-    concatenation per step and no stacking afterwards. Same numbers as :func:`backward_sweep`.
+    concatenation per step and no stacking afterwards (where no gradient needs g, the g_l take a
+    buffer of their own). Same numbers as :func:`backward_sweep`.
     """
     steps, m = D.shape[0], scheme.substeps
     d = _merge_leading(D)
@@ -297,26 +362,32 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     X = D.new_empty(shape) if workspace is None else workspace.buffer("X", shape, D)
     rows = X.view(shape[0] * shape[1], *shape[2:])  # a view: the sweep writes X through it
     G, Q = field.split_record(rows)
+    if G is None:
+        G = _Workspace.take(workspace, "G", Q.shape, Q)
     g = lam if cotangents is None else (cotangents[-1] if lam is None else lam + cotangents[-1])
-    if G is not None:
-        g = G[-1].copy_(g)
-    # Rows as lists: indexing a tensor costs about a microsecond per call, a list next to nothing.
-    d_rows, q_rows = d.unbind(0), Q.unbind(0)
-    product_row = row_products(rows if field.has_a else Q, field.backward_matrix, G)
+    G[-1].copy_(g)
     B, identity = field.B, field.identity
+    # Rows as lists: indexing a tensor costs about a microsecond per call, a list next to nothing. torch's
+    # operations, not NumPy's: NumPy's ufuncs take 1.5 to 2.7 times as long on rows of [g | q], strided.
+    g_rows, q_rows, d_rows = G.unbind(0), Q.unbind(0), d.unbind(0)
+    cotangent_rows = None if cotangents is None else cotangents.unbind(0)
+    operands = rows if field.has_a else Q
+    product_row = row_products(operands, field.backward_matrix, G)
     for l in reversed(range(len(q_rows))):
-        torch.mul(g @ B if B is not None else g, d_rows[l], out=q_rows[l])
-        product = product_row(l, None if G is None or l == 0 else l - 1)
+        g = g_rows[l]
+        torch.mul(g if B is None else g @ B, d_rows[l], out=q_rows[l])
+        if l == 0:
+            break
+        product_row(l, l - 1)
         if identity:
             # g + the product formed first: addmm accumulates the product's terms into g, rounding
             # at the size of g for each (measured 10 times the loop's error in float32).
-            product.add_(g)
-        if l == 0:
-            return product, X
-        g = product
-        if cotangents is not None and l % m == 0:
-            g.add_(cotangents[l // m - 1])
-    raise AssertionError("a segment has at least one step")
+            g_rows[l - 1].add_(g)
+        if cotangent_rows is not None and l % m == 0:
+            g_rows[l - 1].add_(cotangent_rows[l // m - 1])
+    start = product_row(0, None)
+    assert start is not None
+    return (start.add_(G[0]) if identity else start), X
 
 
 def _fused_map(field: LureField, scheme: Scheme, *tensors: Tensor | None) -> bool:
@@ -327,12 +398,12 @@ def _fused_map(field: LureField, scheme: Scheme, *tensors: Tensor | None) -> boo
 
 
 def _map_tangent(field: LureField, substeps: int, h_dot: Tensor, Y: Tensor, D: Tensor, C: Tensor,
-                 keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+                 keep_states: bool, tangents: Tensor) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     """:func:`_tangent` for a map with A given and B the identity: y_dot_{l+1} = [y_dot_l +] a_dot + D * p_dot
-    with [a_dot | p_dot] = c_l + y_dot_l [A^T | W^T], the product added in place to the rows of C."""
+    with [a_dot | p_dot] = c_l + y_dot_l [A^T | W^T], the product added in place to the rows of C, the
+    tangents written into the rows of ``tangents`` (steps * substeps + 1, batch, n)."""
     steps, _, batch, n = Y.shape
     rows = steps * substeps
-    tangents = Y.new_empty(rows + 1, batch, n)
     tangents[0] = h_dot
     z = C.reshape(rows, batch, 2 * n)
     a_rows, p_rows = z[..., :n].unbind(0), z[..., n:].unbind(0)
@@ -349,9 +420,9 @@ def _map_tangent(field: LureField, substeps: int, h_dot: Tensor, Y: Tensor, D: T
 
 
 def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangents: Tensor | None, D: Tensor,
-                      R: Tensor, X: Tensor, direction: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """The second-order adjoint of a map with A given and B the identity, written into its records
-    like :func:`_map_adjoint`: (cotangent of the segment's start, X_dot).
+                      R: Tensor, X: Tensor, direction: dict[str, Tensor], X_dot: Tensor) -> Tensor:
+    """The second-order adjoint of a map with A given and B the identity, written into its records X_dot
+    (shaped as X) like :func:`_map_adjoint`; returns the cotangent of the segment's start.
 
     Row l of X_dot is [g_dot_l | q_dot_l], q_dot_l = R_l + g_dot_l * D_l, and g_dot_l, the cotangent of
     application l's output, is P_{l+1} + [g_dot | q_dot]_{l+1} [A; W] [+ g_dot_{l+1}] (plus the state's
@@ -360,7 +431,7 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
     """
     steps, _, batch, n = D.shape
     rows = steps * substeps
-    X_dot = X.new_empty(rows, batch, 2 * n)
+    X_dot = X_dot.view(rows, batch, 2 * n)
     G, Q = X_dot[..., :n], X_dot[..., n:]
     direction_matrix = field.direction_matrix(direction)
     X_rows = X.reshape(rows, batch, 2 * n)
@@ -368,14 +439,14 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
         mm(X_rows[1:].reshape(-1, 2 * n), direction_matrix, out=G[:-1].view(-1, n))
     g = lam_dot if cotangents is None else lam_dot + cotangents[-1]
     G[-1].copy_(g)
-    g_rows, q_rows, x_rows = G.unbind(0), Q.unbind(0), X_dot.unbind(0)
+    g_rows, q_rows = G.unbind(0), Q.unbind(0)
     d_rows, r_rows, matrix = D.reshape(rows, batch, n).unbind(0), R.reshape(rows, batch, n).unbind(0), field.backward_matrix
     add_product = row_products_added(X_dot, matrix, G)
     for l in reversed(range(rows)):
         torch.addcmul(r_rows[l], g_rows[l], d_rows[l], out=q_rows[l])
         if l == 0:
-            start = torch.addmm(X_rows[0] @ direction_matrix, x_rows[0], matrix)
-            return (start.add_(g_rows[0]) if field.identity else start), X_dot.view(steps, substeps, batch, 2 * n)
+            start = torch.addmm(X_rows[0] @ direction_matrix, X_dot[0], matrix)
+            return start.add_(g_rows[0]) if field.identity else start
         add_product(l, l - 1)
         if field.identity:
             g_rows[l - 1].add_(g_rows[l])
@@ -385,13 +456,19 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
 
 
 def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tensor | None, D: Tensor,
-             direction: dict[str, Tensor], u_dot: Tensor, keep_states: bool) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
-    """(last tangent, tangents of the states, Y_dot, P_dot) over one segment from the tangent h_dot of its start."""
+             direction: dict[str, Tensor], u_dot: Tensor, keep_states: bool, workspace: _Workspace | None = None,
+             tag: str = "") -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """(last tangent, tangents of the states, Y_dot, P_dot) over one segment from the tangent h_dot of its start;
+    with a ``workspace``, the map's Y_dot and P_dot (and the states' tangents) live in its buffers named with ``tag``."""
     batched = any(legacy_batched(t) for t in (u_dot, *direction.values()))
-    C, E = field.tangent_terms(Y, S, direction, u_dot[:, None], in_place=not batched)
+    out = None
+    if workspace is not None and not batched:
+        out = workspace.buffer("C" + tag, (Y.shape[0] * Y.shape[1] * Y.shape[2], field.forward_matrix.shape[1]), Y)
+    C, E = field.tangent_terms(Y, S, direction, u_dot[:, None], in_place=not batched, out=out)
     # C is batched where any part of the direction is (h_dot may be an unbatched zero start).
     if _fused_map(field, scheme, h_dot, C):
-        return _map_tangent(field, scheme.substeps, h_dot, Y, D, C, keep_states)
+        tangents = _Workspace.take(workspace, "tangents" + tag, (Y.shape[0] * scheme.substeps + 1, *Y.shape[2:]), Y)
+        return _map_tangent(field, scheme.substeps, h_dot, Y, D, C, keep_states, tangents)
     c, d = _rows(C), _rows(D)
     e = None if E is None else _rows(E)
 
@@ -425,29 +502,29 @@ class _Tape:
             Y, stored = self.kept[2 * k], self.kept[2 * k + 1]
             return _Records(Y, None, stored) if self.pre_activations[k] else _Records(Y, stored)
         t0, t1 = self.plan.bounds[k]
-        records = _forward(self.field, self.plan.scheme, self.kept[k], self.inputs.segment(t0, t1), False, True)[2]
+        records = _forward(self.field, self.plan.scheme, self.kept[k], self.inputs, (t0, t1), False, True)[2]
         assert records is not None
         return records
 
 
 class _Mailbox:
     """Shared by a recurrence node and the adjoint nodes built from it (module docstring, "Fused
-    Gauss-Newton part"): the second-order sweeps an adjoint node left to the recurrence node in the
-    current autograd graph task."""
+    Gauss-Newton part"): the second-order sweeps an adjoint node left to the recurrence node, per
+    autograd graph task. Several tasks may run through one graph at once (Hessian-vector products in
+    two threads, a backward within a backward): each collects its own. Work posted by a task that
+    failed before reaching the recurrence node is held until the graph is freed."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[int, Callable[[Tensor | None], tuple[Tensor | None, ...]]]] = []
+        self.pending: dict[int, list[Callable[[Tensor | None], tuple[Tensor | None, ...]]]] = {}
+        self.lock = threading.Lock()
 
     def post(self, finish: Callable[[Tensor | None], tuple[Tensor | None, ...]]) -> None:
-        task = torch._C._current_graph_task_id()
-        # Work left by an earlier graph task that never reached the recurrence node is dropped.
-        self.pending = [(t, f) for t, f in self.pending if t == task] + [(task, finish)]
+        with self.lock:
+            self.pending.setdefault(torch._C._current_graph_task_id(), []).append(finish)
 
     def collect(self) -> list[Callable[[Tensor | None], tuple[Tensor | None, ...]]]:
-        task = torch._C._current_graph_task_id()
-        mine = [f for t, f in self.pending if t == task]
-        self.pending = []
-        return mine
+        with self.lock:
+            return self.pending.pop(torch._C._current_graph_task_id(), [])
 
 
 def _reaches(tensor: Tensor, node: object) -> bool:
@@ -497,12 +574,11 @@ class _Recurrence(torch.autograd.Function):
         states: list[Tensor] = []
         kept: list[Tensor] = []
         pre_activations: list[bool] = []
-        workspace = _Workspace()
-        with one_blas_thread():
+        with one_blas_thread(), _Workspace.borrowed() as workspace:
             for t0, t1 in plan.bounds:
                 if plan.recompute:
                     kept.append(h)
-                h, part, records = _forward(field, plan.scheme, h, inputs.segment(t0, t1), plan.keep_states,
+                h, part, records = _forward(field, plan.scheme, h, inputs, (t0, t1), plan.keep_states,
                                             not plan.recompute, workspace)
                 if records is not None:
                     kept += [records.Y, records.stored]
@@ -575,12 +651,11 @@ class _Adjoint(torch.autograd.Function):
         adjoints: list[Tensor | None] = [None] * segments
         derivatives: list[Tensor | None] = [None] * segments
         weights: dict[str, Tensor] = {}
-        workspace = _Workspace()
         # The input cotangents are summed and written segment by segment (the records may live in the
         # workspace), except under the vmap of is_grads_batched, where nothing can be written into a buffer.
         in_place = not legacy_batched(grad)
         input_grads = InputGradients(Inputs(x, U, b), layout.x, in_place)
-        with one_blas_thread():
+        with one_blas_thread(), _Workspace.borrowed() as workspace:
             for k in reversed(range(segments)):
                 t0, t1 = plan.bounds[k]
                 segment = tape.records(k)
@@ -618,12 +693,18 @@ class _Adjoint(torch.autograd.Function):
             field = plan.field(A, W, B)
             weight_direction = {"W": v_W, **({"A": v_A} if A is not None else {}), **({"B": v_B} if B is not None else {})}
             derivatives = None if plan.recompute else kept[len(plan.bounds):]
-            tangent = _tangent_pass(plan, tape, field, (v_x, v_U, v_b), weight_direction, derivatives)
+            workspace = _Workspace.borrow(ctx) if x.device.type == "cpu" else None
+            tangent = _tangent_pass(plan, tape, field, (v_x, v_U, v_b), weight_direction, derivatives, workspace)
+
+            def second_order(cotangent: Tensor | None) -> tuple[Tensor | None, ...]:
+                try:
+                    return _second_order_pass(plan, tape, field, kept, tangent, cotangent, layout.x, workspace)
+                finally:
+                    _Workspace.give_back(ctx, workspace)
             if fuse:
-                ctx.recurrence[1].post(lambda cotangent: _second_order_pass(plan, tape, field, kept, tangent, cotangent,
-                                                                            layout.x))
+                ctx.recurrence[1].post(second_order)
                 return (tangent.grad_dot, *(None,) * 6, *unused)
-            second = _second_order_pass(plan, tape, field, kept, tangent, None, layout.x)
+            second = second_order(None)
         results = (tangent.grad_dot, *second, *unused)
         if not torch.is_grad_enabled():
             return results
@@ -675,9 +756,11 @@ class _TangentPass:
 @one_blas_thread()
 def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField,
                   input_direction: tuple[Tensor | None, Tensor | None, Tensor | None],
-                  direction: dict[str, Tensor], derivatives: list[Tensor] | None = None) -> _TangentPass:
+                  direction: dict[str, Tensor], derivatives: list[Tensor] | None = None,
+                  workspace: _Workspace | None = None) -> _TangentPass:
     """Forward in time: the tangent of the states along the direction of (x, U, b) and of the weights
-    {"W", "A", "B"}; D per segment from ``derivatives`` where given, else formed from the records."""
+    {"W", "A", "B"}; D per segment from ``derivatives`` where given, else formed from the records. In
+    stored mode the records of every segment's tangents live in ``workspace`` where given."""
     _, batch, _ = tape.inputs.shape
     h_dot = direction["W"].new_zeros(batch, field.n)
     starts: list[Tensor] = []
@@ -688,7 +771,8 @@ def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField,
         segment = tape.records(k)
         D = segment.derivative(field) if derivatives is None else derivatives[k]
         h_dot, part, Y_dot, P_dot = _tangent(field, plan.scheme, h_dot, segment.Y, segment.S, D, direction,
-                                             tape.inputs.tangent(input_direction, t0, t1), plan.keep_states)
+                                             tape.inputs.tangent(input_direction, t0, t1), plan.keep_states,
+                                             None if plan.recompute else workspace, str(k))
         state_dots.extend(part)
         if not plan.recompute:
             records.append((D, Y_dot, P_dot))
@@ -698,10 +782,12 @@ def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField,
 
 @one_blas_thread()
 def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], tangent: _TangentPass,
-                       cotangent: Tensor | None, need_x: bool) -> tuple[Tensor | None, ...]:
+                       cotangent: Tensor | None, need_x: bool,
+                       workspace: _Workspace | None = None) -> tuple[Tensor | None, ...]:
     """Backward in time: the cotangents of (x, U, b, A, W, B) from the second-order adjoint of the first
     adjoint's cotangents, plus J^T ``cotangent`` for a cotangent of the states (the same linear sweep:
-    module docstring); x's only with ``need_x`` or where u is given, None where a tensor is absent."""
+    module docstring); x's only with ``need_x`` or where u is given, None where a tensor is absent.
+    The map's per-segment s, R and X_dot live in ``workspace`` where given."""
     scheme, bounds, direction = plan.scheme, plan.bounds, tangent.direction
     if plan.recompute:
         grad, *later = kept
@@ -710,7 +796,10 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
     lam_dot = direction["W"].new_zeros(batch, field.n)
     if cotangent is not None and not plan.keep_states:
         lam_dot = cotangent
-    input_grads = InputGradients(tape.inputs, need_x, in_place=False)
+    # The input cotangents written into buffers (the records may live in the workspace), except under the
+    # vmap of is_grads_batched, where nothing can be written into a buffer.
+    batched = any(legacy_batched(t) for t in (*direction.values(), *tangent.input_direction, cotangent) if t is not None)
+    input_grads = InputGradients(tape.inputs, need_x, in_place=not batched)
     weights: dict[str, Tensor] = {}
     for k in reversed(range(len(bounds))):
         t0, t1 = bounds[k]
@@ -723,11 +812,14 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
         else:
             (D, Y_dot, P_dot), X = tangent.records[k], kept[k]
         state_cotangents = cotangent[t0:t1] if cotangent is not None and plan.keep_states else None
-        S = segment.tanh()
         if _fused_map(field, scheme, lam_dot, P_dot, state_cotangents):
-            R = field.second_order_terms(S, D, X, P_dot, direction, with_p=False)[0]
-            lam_dot, X_dot = _map_second_order(field, scheme.substeps, lam_dot, state_cotangents, D, R, X, direction)
+            S = segment.tanh(None if workspace is None else workspace.buffer("S", D.shape, D))
+            R = field.second_order_terms(S, D, X, P_dot, direction, with_p=False,
+                                         out=None if workspace is None else workspace.buffer("R", D.shape, D))[0]
+            X_dot = _Workspace.take(workspace, "X_dot", X.shape, X)
+            lam_dot = _map_second_order(field, scheme.substeps, lam_dot, state_cotangents, D, R, X, direction, X_dot)
         else:
+            S = segment.tanh()
             R, P = field.second_order_terms(S, D, X, P_dot, direction)
             r, p, d = _rows(R), _rows(P), _rows(D)
 
@@ -796,10 +888,8 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
         field = plan.field(A, W, B)
         h = inputs.new_zeros(inputs.shape[1], n)
         states: list[Tensor] = []
-        workspace = _Workspace()
-        with one_blas_thread():
+        with one_blas_thread(), _Workspace.borrowed() as workspace:
             for t0, t1 in plan.bounds:
-                h, part, _ = _forward(field, scheme, h, sequence.segment(t0, t1), plan.keep_states, False, workspace,
-                                      general)
+                h, part, _ = _forward(field, scheme, h, sequence, (t0, t1), plan.keep_states, False, workspace, general)
                 states.extend(part)
         return torch.stack(states) if plan.keep_states else h

@@ -104,15 +104,16 @@ def tanh_rows(p: Tensor, out: Tensor, *sources: Tensor,
     return (lambda l: torch.tanh(p_rows[l], out=out_rows[l])), False
 
 
-def tanh_float32(p: Tensor) -> Tensor:
+def tanh_float32(p: Tensor, out: Tensor | None = None) -> Tensor:
     """tanh(p) by NumPy's float32 tanh where :func:`tanh` would take NumPy whatever p's size (within
     1.4 units in the last place of float32 on this project's CPU, 6 times as fast as the float64
-    route at 128 x 128 and faster than torch.tanh at every size), else :func:`tanh`."""
-    if _numpy_tanh(None, p, None):
-        target = torch.empty(p.shape, dtype=p.dtype, device="cpu")
-        numpy.tanh(p.detach().numpy(), out=target.numpy())
+    route at 128 x 128 and faster than torch.tanh at every size), else :func:`tanh`; written into
+    ``out`` if given."""
+    if _numpy_tanh(None, p, out):
+        target = torch.empty(p.shape, dtype=p.dtype, device="cpu") if out is None else out
+        numpy.tanh(p.detach().numpy(), out=target.detach().numpy())
         return target
-    return tanh(p)
+    return tanh(p, out)
 
 
 def _numpy_tanh(elements: int | None, p: Tensor, out: Tensor | None, *sources: Tensor) -> bool:
@@ -155,16 +156,6 @@ class LureField:
         """The additive term of z: [0 | u] when A is given, else u."""
         return torch.nn.functional.pad(u, (self.n, 0)) if self.has_a else u
 
-    def value_inputs(self, u: Tensor, out: Tensor | None = None) -> Tensor:
-        """The additive term of z = y @ forward_matrix + [0 | u] (A given), else u; written into
-        ``out`` (u broadcast to it) if given."""
-        if out is None:
-            return self.pad(u)
-        if self.has_a:
-            out[..., :self.n] = 0
-        (out[..., self.n:] if self.has_a else out).copy_(u)
-        return out
-
     def derivative(self, S: Tensor, out: Tensor | None = None) -> Tensor:
         """D = beta tanh'(p) = beta (1 - s^2) from s = tanh(p) (written into ``out`` if given)."""
         # beta as a 0-dim tensor filled on S's device: no host-to-device copy (none allowed in a CUDA graph
@@ -204,7 +195,7 @@ class LureField:
     # -- per step ---------------------------------------------------------------------------
 
     def value(self, y: Tensor, u_value: Tensor) -> tuple[Tensor, Tensor]:
-        """(k, s): the field at y and s = tanh(p), for u_value = ``value_inputs(u)``.
+        """(k, s): the field at y and s = tanh(p), for u_value = ``pad(u)``.
 
         s is :func:`tanh` (p), not the cheaper 2 sigmoid(2 p) - 1: that identity's error is a unit
         in the last place of 1, not of s, i.e. relative error ~ulp / |p| where |p| is small (1e-8
@@ -272,16 +263,16 @@ class LureField:
         return grads
 
     def tangent_terms(self, Y: Tensor, S: Tensor | None, direction: dict[str, Tensor], u_dot: Tensor,
-                      in_place: bool = True) -> tuple[Tensor, Tensor | None]:
+                      in_place: bool = True, out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(c, e) for every stage evaluation: c = y [A_dot^T | W_dot^T] + [0 | u_dot], e = s B_dot^T or None
-        (S is read only where B is given).
+        (S is read only where B is given); the product written into ``out`` (rows of Y, columns of c) if given.
 
         ``u_dot`` broadcasts against Y's leading axes (one row block per input step). With
         ``in_place`` u_dot is added into the product's p columns (the same sums, without padding u_dot
         with zeros and adding the padded copy: two passes over every row fewer); not where a tensor
         is batched by the vmap of is_grads_batched, which cannot write into another's memory."""
         matrix = self.direction_matrix(direction).T
-        product = mm(_rows(Y), matrix).view(*Y.shape[:-1], matrix.shape[1])
+        product = mm(_rows(Y), matrix, out=out).view(*Y.shape[:-1], matrix.shape[1])
         if in_place:
             (product[..., self.n:] if self.has_a else product).add_(u_dot)
             c = product
@@ -294,13 +285,14 @@ class LureField:
         """[A_dot; W_dot] where A is given, else W_dot."""
         return torch.cat([direction["A"], direction["W"]], dim=0) if self.has_a else direction["W"]
 
-    def second_order_terms(self, S: Tensor, D: Tensor, X: Tensor, P_dot: Tensor,
-                           direction: dict[str, Tensor], with_p: bool = True) -> tuple[Tensor, Tensor | None]:
+    def second_order_terms(self, S: Tensor, D: Tensor, X: Tensor, P_dot: Tensor, direction: dict[str, Tensor],
+                           with_p: bool = True, out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(R, P) of the module docstring for every stage evaluation (P_dot: the tangents of p; P None
-        unless ``with_p``)."""
+        unless ``with_p``); R written into ``out`` (shaped as S) if given."""
         G, Q = self.split_record(X)
         # -2 s q p_dot in two passes, the same numbers as ((-2 s) q) p_dot: scaling by -2 is exact.
-        R = torch.addcmul(S.new_zeros(()), S, Q, value=-2.0) * P_dot
+        R = torch.addcmul(S.new_zeros(()), S, Q, value=-2.0, out=out)
+        R = R.mul_(P_dot) if out is not None else R * P_dot
         if self.has_b:
             R = torch.addcmul(R, G @ direction["B"], D)
         if with_p:

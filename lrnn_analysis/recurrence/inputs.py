@@ -39,11 +39,26 @@ class Inputs:
     def tensors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         return self.x, self.weight, self.bias
 
-    def segment(self, t0: int, t1: int) -> Tensor:
-        """u_t for t0 <= t < t1."""
+    def segment(self, t0: int, t1: int, out: Tensor | None = None) -> Tensor:
+        """u_t for t0 <= t < t1, written into ``out`` (t1 - t0, batch, n) if given, which may be strided (the
+        engine's forward writes u into the columns of a wider buffer)."""
+        x, weight, bias = self.x[t0:t1], self.weight, self.bias
+        if out is None:
+            return x if not self.affine else torch.nn.functional.linear(x, weight, bias)
         if not self.affine:
-            return self.x[t0:t1]
-        return torch.nn.functional.linear(self.x[t0:t1], self.weight, self.bias)
+            return out.copy_(x)
+        if weight.shape[1] == 1:
+            # One input feature: u = x U^T + b is an outer product, one elementwise pass.
+            return torch.mul(x, weight[:, 0], out=out) if bias is None else torch.addcmul(bias, x, weight[:, 0], out=out)
+        if out.stride(0) == out.shape[1] * out.stride(1):
+            # The steps and batch axes as one: a product written straight into the rows of out.
+            rows, inputs = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
+            if bias is None:
+                torch.mm(inputs, weight.T, out=rows)
+            else:
+                torch.addmm(bias, inputs, weight.T, out=rows)
+            return out
+        return out.copy_(torch.nn.functional.linear(x, weight, bias))
 
     def tangent(self, direction: tuple[Tensor | None, Tensor | None, Tensor | None], t0: int, t1: int) -> Tensor:
         """u_dot_t for t0 <= t < t1 along the direction (x_dot, weight_dot, bias_dot) of the tensors;

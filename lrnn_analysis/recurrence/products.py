@@ -34,8 +34,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-__all__ = ["legacy_batched", "mm", "numpy_allowed", "numpy_view", "one_blas_thread", "row_products", "row_products_added",
-           "uses_numpy"]
+__all__ = ["legacy_batched", "mm", "numpy_allowed", "numpy_rows", "numpy_view", "one_blas_thread", "row_products",
+           "row_products_added", "rows_of", "uses_numpy"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -122,10 +122,11 @@ def one_blas_thread() -> Iterator[None]:
     """The block in which the engine calls :func:`mm`, :func:`row_products` and :func:`row_products_added`:
     OpenBLAS held to one thread where the engine may use it (one intra-op thread), in every Python
     thread until the last such block ends (:class:`_OneThreadHold`), and NumPy's floating-point
-    warnings off, as torch's products give inf and nan without one."""
+    warnings off, as torch's operations give inf and nan without one."""
     controller = _openblas() if torch.get_num_threads() == 1 else None
     if controller is None:
-        yield
+        with numpy.errstate(all="ignore"):
+            yield
         return
     _HOLD.enter(controller.lib_controllers)  # type: ignore[attr-defined]
     try:
@@ -171,6 +172,21 @@ def _observed() -> bool:
                for i in range(torch._C._len_torch_function_stack()))
 
 
+def numpy_rows(*tensors: Tensor | None) -> bool:
+    """Whether a sweep may run its per-row elementwise operations with NumPy's ufuncs on views of the
+    memory of ``tensors`` (None: absent), all of one dtype: under :func:`numpy_allowed`, each a
+    :func:`numpy_view`. A ufunc on a 64 x 64 row costs about half a microsecond, torch's operation
+    one (``bench/recurrence.py``'s CPU), and a segment's rows as arrays take a sixth of ``unbind``'s time."""
+    present = [t for t in tensors if t is not None]
+    return (numpy_allowed() and len({t.dtype for t in present}) == 1
+            and all(numpy_view(t) for t in present))
+
+
+def rows_of(tensor: Tensor, arrays: bool) -> list[Any]:
+    """The rows of ``tensor`` along its first axis: NumPy arrays on its memory (``arrays``), else tensor views."""
+    return list(tensor.detach().numpy()) if arrays else list(tensor.unbind(0))
+
+
 def uses_numpy(*tensors: Tensor) -> bool:
     """Whether products of ``tensors`` go through NumPy (module docstring), strides aside."""
     return (numpy_allowed() and _openblas() is not None and len({t.dtype for t in tensors}) == 1
@@ -201,31 +217,32 @@ def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
 
-def row_products(rows: Tensor, matrix: Tensor, outs: Tensor | None) -> Callable[[int, int | None], Tensor]:
-    """The function (l, k) -> rows[l] @ matrix, written into ``outs[k]`` (k None: a fresh tensor), with
-    the choice of library made once for all rows (per product it would cost about a microsecond).
+def row_products(rows: Tensor, matrix: Tensor, outs: Tensor) -> Callable[[int, int | None], Tensor | None]:
+    """The function (l, k) -> rows[l] @ matrix, written into ``outs[k]``, or returned as a fresh tensor
+    where k is None, with the choice of library made once for all rows (per product it would cost
+    about a microsecond).
 
     ``rows`` (L, batch, width) and ``outs`` (L', batch, matrix columns) may be strided views whose rows
     BLAS reads in place (a unit last stride), as the engine's records are."""
-    tensors = (rows, matrix) if outs is None else (rows, matrix, outs)
-    if (uses_numpy(*tensors) and _blas_matrix(matrix)
-            and all(_rows_in_place(t) for t in tensors if t is not matrix)):
-        row_arrays, matrix_array = list(rows.detach().numpy()), matrix.detach().numpy()
-        out_arrays, out_rows = ([], ()) if outs is None else (list(outs.detach().numpy()), outs.unbind(0))
+    if uses_numpy(rows, matrix, outs) and _blas_matrix(matrix) and _rows_in_place(rows) and _rows_in_place(outs):
+        row_arrays, matrix_array, out_arrays = list(rows.detach().numpy()), matrix.detach().numpy(), list(outs.detach().numpy())
         shape, dtype = (rows.shape[1], matrix.shape[1]), rows.dtype
 
-        def numpy_product(l: int, k: int | None) -> Tensor:
-            if k is None:
-                target = torch.empty(shape, dtype=dtype, device="cpu")
-                numpy.matmul(row_arrays[l], matrix_array, out=target.detach().numpy())
-                return target
-            numpy.matmul(row_arrays[l], matrix_array, out=out_arrays[k])
-            return out_rows[k]
+        def numpy_product(l: int, k: int | None) -> Tensor | None:
+            if k is not None:
+                numpy.matmul(row_arrays[l], matrix_array, out=out_arrays[k])
+                return None
+            target = torch.empty(shape, dtype=dtype, device="cpu")
+            numpy.matmul(row_arrays[l], matrix_array, out=target.detach().numpy())
+            return target
         return numpy_product
-    row_tensors, out_tensors = rows.unbind(0), (None if outs is None else outs.unbind(0))
+    row_tensors, out_tensors = rows.unbind(0), outs.unbind(0)
 
-    def torch_product(l: int, k: int | None) -> Tensor:
-        return torch.mm(row_tensors[l], matrix, out=None if k is None else out_tensors[k])
+    def torch_product(l: int, k: int | None) -> Tensor | None:
+        if k is not None:
+            torch.mm(row_tensors[l], matrix, out=out_tensors[k])
+            return None
+        return torch.mm(row_tensors[l], matrix)
     return torch_product
 
 
@@ -300,28 +317,32 @@ class _GemmRows:
     def __init__(self, function: Callable[..., None], rows: Tensor, matrix: Tensor, outs: Tensor) -> None:
         self.function, self.tensors = function, (rows, matrix, outs)
         self.count, self.out_count = rows.shape[0], outs.shape[0]
-        self.shape = (rows.shape[1], matrix.shape[1], rows.shape[2])
         # Row-major as stored where its rows are (unit column stride, row stride >= N), else the transpose
         # of its column-major storage (unit row stride, column stride >= K: _blas_matrix holds one of
         # the two). Strides (1, 1) of a (1, N) matrix are only the second: read as rows, ldb = 1 < N.
-        self.layout, self.leading = (_NO_TRANS, matrix.stride(0)) if _rows_in_place(matrix) else (_TRANS, matrix.stride(1))
+        layout, leading = (_NO_TRANS, matrix.stride(0)) if _rows_in_place(matrix) else (_TRANS, matrix.stride(1))
         size = rows.element_size()
         self.addresses = tuple(t.data_ptr() for t in self.tensors)
-        self.rows = (rows.stride(0) * size, rows.stride(1))
-        self.outs = (outs.stride(0) * size, outs.stride(1))
+        self.rows, self.outs = (self.addresses[0], rows.stride(0) * size), (self.addresses[2], outs.stride(0) * size)
+        # The arguments but the two row addresses as instances of their ctypes types, made once: ctypes
+        # converts a Python number on every call (2.2 against 1.3 microseconds a call).
+        types = function.argtypes
+        self.head = [kind(value) for kind, value in zip(types[:7], (_ROW_MAJOR, _NO_TRANS, layout, rows.shape[1],
+                                                                   matrix.shape[1], rows.shape[2], 1.0))]
+        self.middle = [kind(value) for kind, value in zip(types[8:12], (rows.stride(1), self.addresses[1], leading, 1.0))]
+        self.tail = types[13](outs.stride(1))
 
     def __call__(self, l: int, k: int) -> None:
-        # Addresses are computed from the indices: out of range they would be another tensor's memory.
+        # The addresses are computed from the indices: out of range they would be another tensor's memory.
         if not (0 <= l < self.count and 0 <= k < self.out_count):
             raise IndexError(f"row {l} of {self.count} into row {k} of {self.out_count}")
         # Holding the tensors keeps their memory, but a storage resized since (freed, or grown and so
         # moved) would leave the addresses pointing at memory no longer theirs.
-        if tuple(t.data_ptr() for t in self.tensors) != self.addresses:
+        rows, matrix, outs = self.tensors
+        if (rows.data_ptr(), matrix.data_ptr(), outs.data_ptr()) != self.addresses:
             raise RuntimeError("the memory of the rows, matrix or outputs moved since row_products_added was called")
-        (row_pointer, matrix_pointer, out_pointer), (row_step, row_leading), (out_step, out_leading) = (
-            self.addresses, self.rows, self.outs)
-        self.function(_ROW_MAJOR, _NO_TRANS, self.layout, *self.shape, 1.0, row_pointer + l * row_step, row_leading,
-                      matrix_pointer, self.leading, 1.0, out_pointer + k * out_step, out_leading)
+        (row_pointer, row_step), (out_pointer, out_step) = self.rows, self.outs
+        self.function(*self.head, row_pointer + l * row_step, *self.middle, out_pointer + k * out_step, self.tail)
 
 
 def row_products_added(rows: Tensor, matrix: Tensor, outs: Tensor) -> Callable[[int, int], None]:

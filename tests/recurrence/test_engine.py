@@ -280,9 +280,9 @@ def _spy_on_second_order(monkeypatch):
     calls = []
     original = engine_module._second_order_pass
 
-    def spy(plan, tape, field, kept, tangent, cotangent, need_x):
+    def spy(plan, tape, field, kept, tangent, cotangent, need_x, workspace=None):
         calls.append(cotangent is not None)
-        return original(plan, tape, field, kept, tangent, cotangent, need_x)
+        return original(plan, tape, field, kept, tangent, cotangent, need_x, workspace)
 
     monkeypatch.setattr(engine_module, "_second_order_pass", spy)
     return calls
@@ -783,3 +783,94 @@ def test_forward_mode_and_vmap_run_the_general_sweep_recorded(arch, disc):
     scheme = build_scheme("euler", 0.3)
     per_sequence = torch.func.vmap(lambda v: lure_recurrence(v[:, None], A, W, scheme=scheme)[0], in_dims=1)(u)
     assert _relative(per_sequence, lure_recurrence(u, A, W, scheme=scheme)) < RTOL
+
+
+def _euler_model(dtype):
+    return build_model(ModelConfig("lipschitz", INPUT, 16, OUTPUT, eps=0.3, init_std=2.0), seed=5).to(dtype)
+
+
+def _products(model, x, y, directions):
+    """The Hessian-vector products of the cross-entropy at each direction, all on one gradient graph."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
+    return [torch.autograd.grad(grads, params, d, retain_graph=True) for d in directions]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_buffers_kept_between_calls_and_products_change_no_number(monkeypatch, one_thread, dtype):
+    """The engine keeps its scratch buffers between passes in a thread and a gradient graph keeps its
+    products' tangent records: products in directions v1, v2, v1 on one graph, interleaved with passes
+    of other shapes, are bit for bit those of a fresh graph for each, and a product returned earlier is
+    not written over by a later one. Several stored segments, so that each keeps buffers of its own."""
+    monkeypatch.setattr(engine_module, "SEGMENT_BYTES", 2 * BATCH * 16 * torch.finfo(dtype).bits // 8 * 2)
+    model = _euler_model(dtype)
+    x, y, _ = _data()
+    x = x.to(dtype)
+    generator = torch.Generator().manual_seed(7)
+    params = list(model.parameters())
+    v1, v2 = ([torch.randn(p.shape, generator=generator, dtype=dtype) for p in params] for _ in range(2))
+    fresh = []
+    for direction in (v1, v2):
+        engine_module.release_workspace()
+        fresh.append(_products(model, x, y, [direction])[0])
+    params_grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
+    first = torch.autograd.grad(params_grads, params, v1, retain_graph=True)
+    kept = [t.clone() for t in first]
+    model(torch.randn(2 * T, 2 * BATCH, INPUT, dtype=dtype)).sum().backward()   # another shape in between
+    second = torch.autograd.grad(params_grads, params, v2, retain_graph=True)
+    third = torch.autograd.grad(params_grads, params, v1, retain_graph=True)
+    for ours, theirs in [*zip(first, fresh[0]), *zip(second, fresh[1]), *zip(third, fresh[0]), *zip(first, kept)]:
+        assert torch.equal(ours, theirs)
+    plain = copy.deepcopy(model)
+    plain.engine = "autograd"
+    for ours, truth in zip(fresh[1], _products(plain, x, y, [v2])[0]):
+        assert _relative(ours, truth) < (RTOL if dtype == torch.float64 else 1e-4)
+    # States returned without a graph are not the scratch buffers the next call writes into.
+    A, W = (torch.randn(16, 16, generator=generator, dtype=dtype) / 4 for _ in range(2))
+    with torch.no_grad():
+        u = torch.randn(T, BATCH, 16, generator=generator, dtype=dtype)
+        first_states = lure_recurrence(u, A, W, scheme=build_scheme("euler", 0.3))
+        kept_states = first_states.clone()
+        lure_recurrence(2 * u, A, W, scheme=build_scheme("euler", 0.3))
+    assert torch.equal(first_states, kept_states)
+    engine_module.release_workspace()
+    assert getattr(engine_module._IDLE, "workspace", None) is None
+
+
+def test_products_in_two_threads_on_one_graph_equal_them_one_after_the_other(one_thread):
+    """Two threads take Hessian-vector products on the same gradient graph at once (each borrows the
+    graph's buffers or, while the other holds them, its own), and run forward and backward passes of
+    other models meanwhile: the same numbers as one thread alone."""
+    import threading
+
+    model = _euler_model(torch.float32)
+    x, y, _ = _data()
+    x = x.float()
+    params = list(model.parameters())
+    generator = torch.Generator().manual_seed(8)
+    directions = [[torch.randn(p.shape, generator=generator) for p in params] for _ in range(4)]
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
+    expected = [torch.autograd.grad(grads, params, d, retain_graph=True) for d in directions]
+    other, other_x = _euler_model(torch.float32), torch.randn(T, 2 * BATCH, INPUT)
+    other_grad = torch.autograd.grad(other(other_x).sum(), list(other.parameters()))
+    results: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+    mismatches: list[int] = []
+
+    def work(worker: int) -> None:
+        torch.set_num_threads(1)
+        for round_ in range(6):
+            index = (worker + round_) % len(directions)
+            results[worker, round_] = torch.autograd.grad(grads, params, directions[index], retain_graph=True)
+            if not all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(other(other_x).sum(),
+                                                                             list(other.parameters())), other_grad)):
+                mismatches.append(worker)
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches and len(results) == 12
+    for (worker, round_), products in results.items():
+        for ours, theirs in zip(products, expected[(worker + round_) % len(directions)]):
+            assert torch.equal(ours, theirs)

@@ -7,6 +7,7 @@ import torch
 
 from lrnn_analysis.models import ModelConfig, build_model
 from lrnn_analysis.recurrence import build_scheme, lure_recurrence
+from lrnn_analysis.recurrence.inputs import Inputs
 
 T, BATCH, N, INPUT = 7, 3, 5, 2
 RTOL = 1e-11
@@ -152,3 +153,26 @@ def test_an_input_layer_the_weights_do_not_describe_is_called_instead(change):
     engine = model(x)
     model.engine = "autograd"
     assert _relative(engine, model(x)) < RTOL
+
+
+
+@pytest.mark.parametrize("features", [1, 3])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("substeps", [None, 1, 2])
+def test_inputs_written_into_a_buffer_are_the_formed_inputs(features, with_bias, substeps):
+    """The forward writes u_t = x_t U^T + b straight into the u columns of its buffer (steps, substeps,
+    batch, [0 | u]): as an outer product with one feature, a product into the buffer's rows with more,
+    formed and copied where the steps and batch axes do not merge (two substeps); u itself copied where
+    given. Nothing is written outside those columns. (substeps None: a contiguous buffer of u alone.)"""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(T, BATCH, features, generator=generator, dtype=torch.float64)
+    U = torch.randn(N, features, generator=generator, dtype=torch.float64)
+    b = torch.randn(N, generator=generator, dtype=torch.float64) if with_bias else None
+    u = torch.randn(T, BATCH, N, generator=generator, dtype=torch.float64)
+    for inputs, expected in ((Inputs(x, U, b), torch.nn.functional.linear(x, U, b)), (Inputs(u, None, None), u)):
+        buffer = torch.full((4, substeps or 1, BATCH, N if substeps is None else 2 * N), float("nan"), dtype=torch.float64)
+        out = buffer[:, 0] if substeps is None else buffer[:, 0, :, N:]
+        assert inputs.segment(2, 6, out=out).data_ptr() == out.data_ptr()
+        assert _relative(out, expected[2:6]) < 1e-15
+        assert int(buffer.isnan().sum()) == buffer.numel() - out.numel()
+        assert torch.equal(inputs.segment(2, 6), expected[2:6])
