@@ -456,15 +456,19 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
 
 
 def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tensor | None, D: Tensor,
-             direction: dict[str, Tensor], u_dot: Tensor, keep_states: bool, workspace: _Workspace | None = None,
+             direction: dict[str, Tensor], inputs: Inputs, input_direction: tuple[Tensor | None, Tensor | None, Tensor | None],
+             bounds: tuple[int, int], keep_states: bool, workspace: _Workspace | None = None,
              tag: str = "") -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
-    """(last tangent, tangents of the states, Y_dot, P_dot) over one segment from the tangent h_dot of its start;
-    with a ``workspace``, the map's Y_dot and P_dot (and the states' tangents) live in its buffers named with ``tag``."""
-    batched = any(legacy_batched(t) for t in (u_dot, *direction.values()))
+    """(last tangent, tangents of the states, Y_dot, P_dot) over the segment ``bounds`` from the tangent h_dot of
+    its start, along ``direction`` and the direction of ``inputs``' tensors; with a ``workspace``, the
+    map's Y_dot and P_dot (and the states' tangents) live in its buffers named with ``tag``."""
+    batched = any(legacy_batched(t) for t in (*input_direction, *direction.values()) if t is not None)
     out = None
     if workspace is not None and not batched:
         out = workspace.buffer("C" + tag, (Y.shape[0] * Y.shape[1] * Y.shape[2], field.forward_matrix.shape[1]), Y)
-    C, E = field.tangent_terms(Y, S, direction, u_dot[:, None], in_place=not batched, out=out)
+    u_dot = (inputs.tangent(input_direction, *bounds)[:, None] if batched
+             else functools.partial(inputs.add_tangent, input_direction, *bounds))
+    C, E = field.tangent_terms(Y, S, direction, u_dot, out=out)
     # C is batched where any part of the direction is (h_dot may be an unbatched zero start).
     if _fused_map(field, scheme, h_dot, C):
         tangents = _Workspace.take(workspace, "tangents" + tag, (Y.shape[0] * scheme.substeps + 1, *Y.shape[2:]), Y)
@@ -770,8 +774,8 @@ def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField,
         starts.append(h_dot)
         segment = tape.records(k)
         D = segment.derivative(field) if derivatives is None else derivatives[k]
-        h_dot, part, Y_dot, P_dot = _tangent(field, plan.scheme, h_dot, segment.Y, segment.S, D, direction,
-                                             tape.inputs.tangent(input_direction, t0, t1), plan.keep_states,
+        h_dot, part, Y_dot, P_dot = _tangent(field, plan.scheme, h_dot, segment.Y, segment.S, D, direction, tape.inputs,
+                                             input_direction, (t0, t1), plan.keep_states,
                                              None if plan.recompute else workspace, str(k))
         state_dots.extend(part)
         if not plan.recompute:
@@ -808,7 +812,7 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
         if plan.recompute:
             _, D, X = _adjoint(field, scheme, ends[k], grad[t0:t1] if plan.keep_states else None, segment)
             _, _, Y_dot, P_dot = _tangent(field, scheme, tangent.starts[k], Y, segment.S, D, direction,
-                                          tape.inputs.tangent(tangent.input_direction, t0, t1), False)
+                                          tape.inputs, tangent.input_direction, (t0, t1), False)
         else:
             (D, Y_dot, P_dot), X = tangent.records[k], kept[k]
         state_cotangents = cotangent[t0:t1] if cotangent is not None and plan.keep_states else None

@@ -262,19 +262,19 @@ class LureField:
             grads["B"] = mm(_rows(G).T, _rows(S))
         return grads
 
-    def tangent_terms(self, Y: Tensor, S: Tensor | None, direction: dict[str, Tensor], u_dot: Tensor,
-                      in_place: bool = True, out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def tangent_terms(self, Y: Tensor, S: Tensor | None, direction: dict[str, Tensor],
+                      u_dot: Tensor | Callable[[Tensor], object], out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(c, e) for every stage evaluation: c = y [A_dot^T | W_dot^T] + [0 | u_dot], e = s B_dot^T or None
         (S is read only where B is given); the product written into ``out`` (rows of Y, columns of c) if given.
 
-        ``u_dot`` broadcasts against Y's leading axes (one row block per input step). With
-        ``in_place`` u_dot is added into the product's p columns (the same sums, without padding u_dot
-        with zeros and adding the padded copy: two passes over every row fewer); not where a tensor
-        is batched by the vmap of is_grads_batched, which cannot write into another's memory."""
+        ``u_dot``: a tensor broadcast against Y's leading axes (one row block per input step), padded
+        and added; or a function that adds it in place into the product's p columns (the same sums
+        without forming the padded copy; not under the vmap of is_grads_batched, which cannot write
+        into another tensor's memory)."""
         matrix = self.direction_matrix(direction).T
         product = mm(_rows(Y), matrix, out=out).view(*Y.shape[:-1], matrix.shape[1])
-        if in_place:
-            (product[..., self.n:] if self.has_a else product).add_(u_dot)
+        if callable(u_dot):
+            u_dot(product[..., self.n:] if self.has_a else product)
             c = product
         else:
             c = torch.add(self.pad(u_dot), product)

@@ -72,6 +72,38 @@ class Inputs:
         return u_dot
 
 
+    def add_tangent(self, direction: tuple[Tensor | None, Tensor | None, Tensor | None], t0: int, t1: int,
+                    out: Tensor) -> None:
+        """out += u_dot_t for t0 <= t < t1 (:meth:`tangent`), in place and without forming u_dot where
+        out's second axis (the stage evaluations of an input step, over which u_dot is broadcast) has
+        one entry; ``out`` (t1 - t0, stages, batch, n) may be strided."""
+        if out.shape[1] != 1:
+            out.add_(self.tangent(direction, t0, t1)[:, None])
+            return
+        rows = out[:, 0]
+        x_dot, weight_dot, bias_dot = direction
+        if not self.affine:
+            if x_dot is not None:
+                rows.add_(x_dot[t0:t1])
+            return
+        _add_product(rows, self.x[t0:t1], weight_dot)
+        if bias_dot is not None:
+            rows.add_(bias_dot)
+        if x_dot is not None:
+            _add_product(rows, x_dot[t0:t1], self.weight)
+
+
+def _add_product(out: Tensor, x: Tensor, weight: Tensor) -> None:
+    """out += x weight^T in place, for x (steps, batch, d): an outer product with one feature, else
+    one product into out's rows where its steps and batch axes merge."""
+    if weight.shape[1] == 1:
+        out.addcmul_(x, weight[:, 0])
+    elif out.stride(0) == out.shape[1] * out.stride(1):
+        out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.T)
+    else:
+        out.add_(x @ weight.T)
+
+
 class InputGradients:
     """The cotangents of the input tensors, summed segment by segment from the cotangents du of u.
 

@@ -135,8 +135,8 @@ def test_a_forward_mode_dual_goes_through_torch_and_keeps_its_tangent(one_thread
 
 @pytest.mark.parametrize("with_a", [True, False])
 def test_tangent_terms_in_place_are_the_padded_sum(with_a):
-    """u_dot (one row block per input step, broadcast over the stages) added into the product's p
-    columns gives the numbers of [0 | u_dot] + product, and writes into nothing else."""
+    """u_dot (one row block per input step, broadcast over the stages) added by a function into the
+    product's p columns gives the numbers of [0 | u_dot] + product, and writes into nothing else."""
     generator = torch.Generator().manual_seed(5)
     n, steps, stages, batch = 4, 3, 2, 5
     A, W = (torch.randn(n, n, generator=generator, dtype=torch.float64) for _ in range(2))
@@ -145,8 +145,10 @@ def test_tangent_terms_in_place_are_the_padded_sum(with_a):
     direction = {name: torch.randn(n, n, generator=generator, dtype=torch.float64) for name in ("A", "W")}
     u_dot = torch.randn(steps, 1, batch, n, generator=generator, dtype=torch.float64)
     kept = [t.clone() for t in (Y, u_dot, *direction.values())]
-    in_place, _ = lure.tangent_terms(Y, None, direction, u_dot)
-    padded, _ = lure.tangent_terms(Y, None, direction, u_dot, in_place=False)
+    seen = []
+    in_place, _ = lure.tangent_terms(Y, None, direction, lambda p: seen.append(p.shape) or p.add_(u_dot))
+    padded, _ = lure.tangent_terms(Y, None, direction, u_dot)
+    assert seen == [(steps, stages, batch, n)]
     assert torch.equal(in_place, padded)
     assert all(torch.equal(a, b) for a, b in zip(kept, (Y, u_dot, *direction.values())))
 

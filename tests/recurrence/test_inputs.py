@@ -176,3 +176,29 @@ def test_inputs_written_into_a_buffer_are_the_formed_inputs(features, with_bias,
         assert _relative(out, expected[2:6]) < 1e-15
         assert int(buffer.isnan().sum()) == buffer.numel() - out.numel()
         assert torch.equal(inputs.segment(2, 6), expected[2:6])
+
+
+@pytest.mark.parametrize("features", [1, 3])
+@pytest.mark.parametrize("parts", ["U", "U b", "U b x", "x"])
+@pytest.mark.parametrize("stages", [1, 2])
+def test_input_tangents_added_in_place_are_the_formed_ones(features, parts, stages):
+    """u_dot = x U_dot^T + b_dot + x_dot U^T added into the p columns of the tangent pass's buffer (one
+    stage: in place, by an outer product or a product into the rows; several: formed and broadcast)
+    equals u_dot formed by :meth:`Inputs.tangent` and added; x_dot alone where u is given."""
+    generator = torch.Generator().manual_seed(4)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    x, U, b = draw(T, BATCH, features), draw(N, features), draw(N)
+    if parts == "x":
+        inputs, direction = Inputs(draw(T, BATCH, N), None, None), (draw(T, BATCH, N), None, None)
+    else:
+        inputs = Inputs(x, U, b)
+        direction = (draw(T, BATCH, features) if "x" in parts else None, draw(N, features), draw(N) if "b" in parts else None)
+    buffer = draw(4, stages, BATCH, 2 * N)
+    expected = buffer.clone()
+    expected[..., N:] += inputs.tangent(direction, 2, 6)[:, None]
+    inputs.add_tangent(direction, 2, 6, buffer[..., N:])
+    assert _relative(buffer, expected) < 1e-15
+    assert torch.equal(buffer[..., :N], expected[..., :N])
