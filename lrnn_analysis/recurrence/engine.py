@@ -294,6 +294,7 @@ class _Workspace:
 
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
+        self.row_lists: dict[tuple[str, tuple[int, ...]], tuple[tuple[int, tuple[int, ...]], tuple[Tensor, ...]]] = {}
 
     @staticmethod
     def borrow(owner: object) -> _Workspace:
@@ -328,7 +329,20 @@ class _Workspace:
         if (held is None or held.shape[0] < shape[0] or held.shape[1:] != tuple(shape[1:]) or held.dtype != like.dtype
                 or held.device != like.device):
             held = self.buffers[name] = like.new_empty(shape)
+            self.row_lists = {key: rows for key, rows in self.row_lists.items() if key[0].split("/")[0] != name}
         return held[:shape[0]]
+
+    @staticmethod
+    def rows(workspace: _Workspace | None, name: str, tensor: Tensor) -> tuple[Tensor, ...]:
+        """tensor.unbind(0) (about a quarter of a microsecond per row), kept in ``workspace`` under ``name``
+        (a buffer's name, then "/" and a part's) for the next call with the same view."""
+        if workspace is None:
+            return tensor.unbind(0)
+        key, view = (name, tuple(tensor.shape)), (tensor.data_ptr(), tensor.stride())
+        held = workspace.row_lists.get(key)
+        if held is None or held[0] != view:
+            held = workspace.row_lists[key] = (view, tensor.unbind(0))
+        return held[1]
 
     @staticmethod
     def take(workspace: _Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -369,7 +383,8 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     B, identity = field.B, field.identity
     # Rows as lists: indexing a tensor costs about a microsecond per call, a list next to nothing. torch's
     # operations, not NumPy's: NumPy's ufuncs take 1.5 to 2.7 times as long on rows of [g | q], strided.
-    g_rows, q_rows, d_rows = G.unbind(0), Q.unbind(0), d.unbind(0)
+    g_rows, q_rows = _Workspace.rows(workspace, "X/g" if field.keeps_g else "G", G), _Workspace.rows(workspace, "X/q", Q)
+    d_rows = _Workspace.rows(workspace, "D", d)
     cotangent_rows = None if cotangents is None else cotangents.unbind(0)
     operands = rows if field.has_a else Q
     product_row = row_products(operands, field.backward_matrix, G)
@@ -398,7 +413,8 @@ def _fused_map(field: LureField, scheme: Scheme, *tensors: Tensor | None) -> boo
 
 
 def _map_tangent(field: LureField, substeps: int, h_dot: Tensor, Y: Tensor, D: Tensor, C: Tensor,
-                 keep_states: bool, tangents: Tensor) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+                 keep_states: bool, tangents: Tensor, workspace: _Workspace | None = None,
+                 tag: str = "") -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     """:func:`_tangent` for a map with A given and B the identity: y_dot_{l+1} = [y_dot_l +] a_dot + D * p_dot
     with [a_dot | p_dot] = c_l + y_dot_l [A^T | W^T], the product added in place to the rows of C, the
     tangents written into the rows of ``tangents`` (steps * substeps + 1, batch, n)."""
@@ -406,8 +422,9 @@ def _map_tangent(field: LureField, substeps: int, h_dot: Tensor, Y: Tensor, D: T
     rows = steps * substeps
     tangents[0] = h_dot
     z = C.reshape(rows, batch, 2 * n)
-    a_rows, p_rows = z[..., :n].unbind(0), z[..., n:].unbind(0)
-    t_rows, d_rows = tangents.unbind(0), D.reshape(rows, batch, n).unbind(0)
+    a_rows, p_rows = _Workspace.rows(workspace, f"C{tag}/a", z[..., :n]), _Workspace.rows(workspace, f"C{tag}/p", z[..., n:])
+    t_rows = _Workspace.rows(workspace, "tangents" + tag, tangents)
+    d_rows = _Workspace.rows(workspace, "D" + tag, D.reshape(rows, batch, n))
     add_product = row_products_added(tangents, field.forward_matrix, z)
     for l in range(rows):
         add_product(l, l)
@@ -420,7 +437,8 @@ def _map_tangent(field: LureField, substeps: int, h_dot: Tensor, Y: Tensor, D: T
 
 
 def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangents: Tensor | None, D: Tensor,
-                      R: Tensor, X: Tensor, direction: dict[str, Tensor], X_dot: Tensor) -> Tensor:
+                      R: Tensor, X: Tensor, direction: dict[str, Tensor], X_dot: Tensor,
+                      workspace: _Workspace | None = None, tag: str = "") -> Tensor:
     """The second-order adjoint of a map with A given and B the identity, written into its records X_dot
     (shaped as X) like :func:`_map_adjoint`; returns the cotangent of the segment's start.
 
@@ -439,8 +457,9 @@ def _map_second_order(field: LureField, substeps: int, lam_dot: Tensor, cotangen
         mm(X_rows[1:].reshape(-1, 2 * n), direction_matrix, out=G[:-1].view(-1, n))
     g = lam_dot if cotangents is None else lam_dot + cotangents[-1]
     G[-1].copy_(g)
-    g_rows, q_rows = G.unbind(0), Q.unbind(0)
-    d_rows, r_rows, matrix = D.reshape(rows, batch, n).unbind(0), R.reshape(rows, batch, n).unbind(0), field.backward_matrix
+    g_rows, q_rows = _Workspace.rows(workspace, "X_dot/g", G), _Workspace.rows(workspace, "X_dot/q", Q)
+    d_rows = _Workspace.rows(workspace, "D" + tag, D.reshape(rows, batch, n))
+    r_rows, matrix = _Workspace.rows(workspace, "R", R.reshape(rows, batch, n)), field.backward_matrix
     add_product = row_products_added(X_dot, matrix, G)
     for l in reversed(range(rows)):
         torch.addcmul(r_rows[l], g_rows[l], d_rows[l], out=q_rows[l])
@@ -472,7 +491,7 @@ def _tangent(field: LureField, scheme: Scheme, h_dot: Tensor, Y: Tensor, S: Tens
     # C is batched where any part of the direction is (h_dot may be an unbatched zero start).
     if _fused_map(field, scheme, h_dot, C):
         tangents = _Workspace.take(workspace, "tangents" + tag, (Y.shape[0] * scheme.substeps + 1, *Y.shape[2:]), Y)
-        return _map_tangent(field, scheme.substeps, h_dot, Y, D, C, keep_states, tangents)
+        return _map_tangent(field, scheme.substeps, h_dot, Y, D, C, keep_states, tangents, workspace, tag)
     c, d = _rows(C), _rows(D)
     e = None if E is None else _rows(E)
 
@@ -821,7 +840,8 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
             R = field.second_order_terms(S, D, X, P_dot, direction, with_p=False,
                                          out=None if workspace is None else workspace.buffer("R", D.shape, D))[0]
             X_dot = _Workspace.take(workspace, "X_dot", X.shape, X)
-            lam_dot = _map_second_order(field, scheme.substeps, lam_dot, state_cotangents, D, R, X, direction, X_dot)
+            lam_dot = _map_second_order(field, scheme.substeps, lam_dot, state_cotangents, D, R, X, direction, X_dot,
+                                        workspace, "" if plan.recompute else str(k))
         else:
             S = segment.tanh()
             R, P = field.second_order_terms(S, D, X, P_dot, direction)
