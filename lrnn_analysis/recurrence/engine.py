@@ -229,32 +229,28 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     tanhs = _Workspace.take(workspace, "tanhs", (rows, batch, n), like)
     tanh_row, numpy_tanh = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
     keep_p = field.identity and numpy_tanh
-    if record and not keep_p and workspace is not None:
+    tanhs_scratch = not record or keep_p
+    if not tanhs_scratch and workspace is not None:
         # s is a record: its own memory.
         tanhs = like.new_empty((rows, batch, n))
         tanh_row, _ = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
-    arrays = numpy_rows(states_buffer, z, tanhs)
-    h_rows, s_rows = rows_of(states_buffer, arrays), rows_of(tanhs, arrays)
-    a_rows = None if a is None else rows_of(a, arrays)
+    h_rows = _Workspace.rows(scratch, "states", states_buffer)
+    s_rows = _Workspace.rows(workspace if tanhs_scratch else None, "tanhs", tanhs)
+    a_rows = None if a is None else _Workspace.rows(workspace, "z/a", a)
+    # h + (a + beta s): a + beta s in one rounding (torch's scaled add), then h, one rounding at the size of
+    # h, by NumPy's add where it may (half of torch's cost per call at 64 x 64).
+    h_arrays = rows_of(states_buffer, True) if numpy_rows(states_buffer) else h_rows
+    add = numpy.add if h_arrays is not h_rows else torch.add
     add_product = row_products_added(states_buffer, matrix, z)
     for l in range(rows):
         add_product(l, l)
         tanh_row(l)
-        if arrays:
-            # beta s, + a, + h into the next state's row: the two small terms first, one rounding at the
-            # size of h (NumPy has no scaled add).
-            numpy.multiply(s_rows[l], beta, out=h_rows[l + 1])
-            if a_rows is not None:
-                numpy.add(a_rows[l], h_rows[l + 1], out=h_rows[l + 1])
-            if field.identity:
-                numpy.add(h_rows[l], h_rows[l + 1], out=h_rows[l + 1])
-        elif field.identity:
-            # h + (a + beta s): the two small terms first, one rounding at the size of h.
-            torch.add(h_rows[l], a_rows[l].add_(s_rows[l], alpha=beta), out=h_rows[l + 1])
-        elif a_rows is not None:
-            torch.add(a_rows[l], s_rows[l], alpha=beta, out=h_rows[l + 1])
-        else:
+        if a_rows is None:
             torch.mul(s_rows[l], beta, out=h_rows[l + 1])
+            continue
+        torch.add(a_rows[l], s_rows[l], alpha=beta, out=h_rows[l + 1])
+        if field.identity:
+            add(h_arrays[l], h_arrays[l + 1], out=h_arrays[l + 1])
     states = list(states_buffer[substeps::substeps].unbind(0)) if keep_states else []
     last = states_buffer[-1].clone()
     if not record:
