@@ -31,7 +31,7 @@ are comparable; each is median (min, max), ratios are medians of per-round ratio
     freed heap memory to the system (Linux: /proc/self/clear_refs, malloc_trim).
 
     python bench/recurrence.py [--quick] [--repeats 5] [--threads N] [--T 784 --batch 128 --hidden 128]
-                               [--breakdown]
+                               [--breakdown] [--segment-mib 4]
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ from threadpoolctl import threadpool_limits
 
 from lrnn_analysis.environment import environment
 from lrnn_analysis.models import ModelConfig, build_model
+from lrnn_analysis.recurrence import engine as engine_module
 from lrnn_analysis.recurrence import release_workspace
 from lrnn_analysis.recurrence.field import tanh as engine_tanh
 from lrnn_analysis.recurrence.field import tanh_rows
@@ -335,9 +336,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--breakdown", action="store_true", help="also where the engine's forward+backward time goes")
+    parser.add_argument("--segment-mib", type=float, default=None,
+                        help="the engine's stored segments of about this many MiB (default: SEGMENT_BYTES, 4)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.segment_mib:
+        engine_module.SEGMENT_BYTES = int(args.segment_mib * 2**20)
     sizes = list(SIZES[:1] if args.quick else SIZES)
     if args.T or args.batch or args.hidden:
         sizes = [(args.T or SIZES[-1][0], args.batch or SIZES[-1][1], args.hidden or SIZES[-1][2])]

@@ -57,7 +57,7 @@ Two kinds of buffers outlive a call, on the CPU only (:class:`_Workspace`): each
 scratch buffers of its passes (a segment's [a | p] and s, the adjoint's records and D: about 3
 ``SEGMENT_BYTES``, freed by :func:`release_workspace`), and a gradient's graph keeps, for its next
 Hessian-vector product, the tangent records of its last (3 T * batch * n numbers with the Euler
-map, stored mode), freed with the graph. Allocated afresh by every call, glibc handed those buffers
+map, stored mode) and a segment's scratch, freed with the graph. Allocated afresh by every call, glibc handed those buffers
 back to the system and the next call faulted them in again page by page: at sMNIST size 10 to 25
 thousand page faults per product (``getrusage``), now none.
 
