@@ -316,7 +316,10 @@ class _Workspace:
         try:
             yield workspace
         finally:
+            # CUDA's allocator keeps freed memory for reuse itself: only CPU buffers, and row lists of them, stay.
             workspace.buffers = {name: t for name, t in workspace.buffers.items() if t.device.type == "cpu"}
+            workspace.row_lists = {key: held for key, held in workspace.row_lists.items()
+                                   if held[1] and held[1][0].device.type == "cpu"}
             _IDLE.workspace = workspace
 
     def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:

@@ -874,3 +874,20 @@ def test_products_in_two_threads_on_one_graph_equal_them_one_after_the_other(one
     for (worker, round_), products in results.items():
         for ours, theirs in zip(products, expected[(worker + round_) % len(directions)]):
             assert torch.equal(ours, theirs)
+
+
+def test_the_buffers_kept_between_calls_are_the_cpus_only(one_thread):
+    """A pass on another device (here meta, standing in for CUDA, whose allocator keeps freed memory
+    itself) leaves none of its buffers or row lists in the thread's workspace (it replaced the CPU
+    pass's buffers of the same names)."""
+    engine_module.release_workspace()
+    A, W = torch.zeros(4, 4), torch.zeros(4, 4)
+    with torch.no_grad():
+        lure_recurrence(torch.zeros(5, 2, 4), A, W, scheme=build_scheme("euler", 0.1))
+        kept = engine_module._IDLE.workspace
+        assert kept.buffers and kept.row_lists
+        lure_recurrence(torch.zeros(5, 2, 4, device="meta"), A.to("meta"), W.to("meta"), scheme=build_scheme("euler", 0.1))
+    workspace = engine_module._IDLE.workspace
+    tensors = [*workspace.buffers.values(), *(view for _, rows in workspace.row_lists.values() for view in rows)]
+    assert all(t.device.type == "cpu" for t in tensors)
+    engine_module.release_workspace()
