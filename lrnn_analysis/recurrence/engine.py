@@ -340,6 +340,11 @@ class _Workspace:
         key, view = (name, tuple(tensor.shape)), (tensor.data_ptr(), tensor.stride())
         held = workspace.row_lists.get(key)
         if held is None or held[0] != view:
+            # At most two shapes per name (a sequence's segments and its shorter last one): one kept per
+            # shape ever seen would grow without bound over calls of ever other lengths, each list
+            # holding a view per row.
+            for other in [k for k in workspace.row_lists if k[0] == name and k != key][:-1]:
+                del workspace.row_lists[other]
             held = workspace.row_lists[key] = (view, tensor.unbind(0))
         return held[1]
 

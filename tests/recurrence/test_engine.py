@@ -837,6 +837,21 @@ def test_buffers_kept_between_calls_and_products_change_no_number(monkeypatch, o
     assert getattr(engine_module._IDLE, "workspace", None) is None
 
 
+def test_row_lists_kept_between_calls_stay_bounded_over_calls_of_many_lengths(one_thread):
+    """Calls of ever shorter sequences reuse one buffer; the row lists kept with it are at most two per
+    buffer view (not one per length ever seen, a view per row each: 1,200 lengths held 1.2 GiB)."""
+    generator = torch.Generator().manual_seed(8)
+    A, W = (torch.randn(8, 8, generator=generator, dtype=torch.float64) / 4 for _ in range(2))
+    engine_module.release_workspace()
+    with torch.no_grad():
+        for steps in range(40, 0, -1):
+            u = torch.randn(steps, 2, 8, generator=generator, dtype=torch.float64)
+            assert _relative(lure_recurrence(u, A, W, scheme=build_scheme("euler", 0.3)),
+                             _loop(u, A, W, None, "euler", 0.3, 1, False)) < RTOL
+    names = [name for name, _ in engine_module._IDLE.workspace.row_lists]
+    assert names and max(names.count(name) for name in names) <= 2
+    engine_module.release_workspace()
+
 def test_products_in_two_threads_on_one_graph_equal_them_one_after_the_other(one_thread):
     """Two threads take Hessian-vector products on the same gradient graph at once (each borrows the
     graph's buffers or, while the other holds them, its own), and run forward and backward passes of
