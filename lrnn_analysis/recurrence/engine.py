@@ -72,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -534,24 +535,62 @@ class _Tape:
         return records
 
 
+# The code of torch's Python entry to its autograd engine, whose frames on a thread's stack count the
+# backward calls it is inside (None where torch has no such function: every call then counts as outermost).
+_ENGINE_CALL = getattr(getattr(torch.autograd.graph, "_engine_run_backward", None), "__code__", None)
+
+
+def _backward_depth() -> int:
+    """How many autograd backward calls this thread is inside, by the frames of torch's engine entry."""
+    frame, depth = sys._getframe(), 0
+    while frame is not None:
+        depth += frame.f_code is _ENGINE_CALL
+        frame = frame.f_back
+    return depth
+
+
 class _Mailbox:
     """Shared by a recurrence node and the adjoint nodes built from it (module docstring, "Fused
     Gauss-Newton part"): the second-order sweeps an adjoint node left to the recurrence node, per
     autograd graph task. Several tasks may run through one graph at once (Hessian-vector products in
-    two threads, a backward within a backward): each collects its own. Work posted by a task that
-    failed before reaching the recurrence node is held until the graph is freed."""
+    several threads, or one within another's backward): each collects its own.
+
+    On the CPU a graph task runs its nodes in the thread that started it, so work a thread posted in
+    another task, no deeper in its backward calls than the task posting now, was left by a task that
+    failed before reaching the recurrence node (an exception in a hook, an interrupt): it is dropped,
+    or it would hold a product's tangent records for as long as the graph lives, one set per failure.
+    A task whose work was dropped all the same (where torch's engine entry cannot be counted) raises
+    rather than lose its second-order part."""
 
     def __init__(self) -> None:
         self.pending: dict[int, list[Callable[[Tensor | None], tuple[Tensor | None, ...]]]] = {}
+        self.posters: dict[int, tuple[int, int]] = {}
+        self.dropped: set[int] = set()
         self.lock = threading.Lock()
 
-    def post(self, finish: Callable[[Tensor | None], tuple[Tensor | None, ...]]) -> None:
+    def post(self, finish: Callable[[Tensor | None], tuple[Tensor | None, ...]], cpu: bool) -> None:
+        task = torch._C._current_graph_task_id()
         with self.lock:
-            self.pending.setdefault(torch._C._current_graph_task_id(), []).append(finish)
+            if cpu:
+                poster = (threading.get_ident(), _backward_depth())
+                for stale in [t for t, (thread, depth) in self.posters.items()
+                              if thread == poster[0] and depth >= poster[1] and t != task]:
+                    del self.posters[stale]
+                    self.pending.pop(stale, None)
+                    self.dropped.add(stale)
+                self.posters[task] = poster
+            self.pending.setdefault(task, []).append(finish)
 
     def collect(self) -> list[Callable[[Tensor | None], tuple[Tensor | None, ...]]]:
+        task = torch._C._current_graph_task_id()
         with self.lock:
-            return self.pending.pop(torch._C._current_graph_task_id(), [])
+            if task in self.dropped:
+                self.dropped.discard(task)
+                raise RuntimeError("the recurrence engine dropped the second-order part of this Hessian-vector "
+                                   "product, taken within another on the same gradient graph; set the model's "
+                                   "engine to 'autograd' for nested products")
+            self.posters.pop(task, None)
+            return self.pending.pop(task, [])
 
 
 def _reaches(tensor: Tensor, node: object) -> bool:
@@ -729,7 +768,7 @@ class _Adjoint(torch.autograd.Function):
                 finally:
                     _Workspace.give_back(ctx, workspace)
             if fuse:
-                ctx.recurrence[1].post(second_order)
+                ctx.recurrence[1].post(second_order, cpu=x.device.type == "cpu")
                 return (tangent.grad_dot, *(None,) * 6, *unused)
             second = second_order(None)
         results = (tangent.grad_dot, *second, *unused)

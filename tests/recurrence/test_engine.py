@@ -906,3 +906,66 @@ def test_the_buffers_kept_between_calls_are_the_cpus_only(one_thread):
     tensors = [*workspace.buffers.values(), *(view for _, rows in workspace.row_lists.values() for view in rows)]
     assert all(t.device.type == "cpu" for t in tensors)
     engine_module.release_workspace()
+
+
+def test_products_that_fail_midway_leave_nothing_behind_and_the_next_is_exact(one_thread):
+    """A hook that raises during a Hessian-vector product stops its graph task after the adjoint node
+    posted its second-order sweep for the recurrence node: that work is dropped when the thread posts
+    again (it held the product's tangent records, one set per failure), and a later product is exact."""
+    generator = torch.Generator().manual_seed(9)
+    u, A, W = (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+               for shape, scale in (((T, BATCH, N), 1.0), ((N, N), 0.1), ((N, N), 0.3)))
+    params = [t.requires_grad_() for t in (u, A, W)]
+    out = lure_recurrence(*params, scheme=build_scheme("euler", 0.2))
+    failing = [False]
+
+    def hook(grad):
+        if failing[0]:
+            raise KeyError("raised by a hook")
+    out.register_hook(hook)
+    grads = torch.autograd.grad(torch.sin(out).sum(), params, create_graph=True)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+    expected = torch.autograd.grad(grads, params, direction, retain_graph=True)
+    mailbox = out.grad_fn.mailbox if hasattr(out.grad_fn, "mailbox") else None
+    failing[0] = True
+    for _ in range(4):
+        with pytest.raises(KeyError):
+            torch.autograd.grad(grads, params, direction, retain_graph=True)
+    failing[0] = False
+    if mailbox is not None:
+        assert sum(len(work) for work in mailbox.pending.values()) <= 1
+    for ours, theirs in zip(torch.autograd.grad(grads, params, direction, retain_graph=True), expected):
+        assert torch.equal(ours, theirs)
+    if mailbox is not None:
+        assert not mailbox.pending
+
+
+def test_a_product_within_another_on_the_same_graph_keeps_both_second_order_parts(monkeypatch, one_thread):
+    """A Hessian-vector product started from a hook of the outer one (a backward within a backward in
+    one thread, through the same gradient graph) leaves the outer's pending sweep alone: both exact.
+    Where torch's engine entry cannot be counted, the inner product drops it and the outer raises
+    rather than return its Gauss-Newton part alone."""
+    generator = torch.Generator().manual_seed(10)
+    u, A, W = (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+               for shape, scale in (((T, BATCH, N), 1.0), ((N, N), 0.1), ((N, N), 0.3)))
+    params = [t.requires_grad_() for t in (u, A, W)]
+    out = lure_recurrence(*params, scheme=build_scheme("euler", 0.2))
+    grads = torch.autograd.grad(torch.sin(out).sum(), params, create_graph=True)
+    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+    expected = torch.autograd.grad(grads, params, direction, retain_graph=True)
+    inner: list[tuple[torch.Tensor, ...]] = []
+    nested = [False]
+
+    def hook(grad):
+        if not nested[0]:  # the inner product runs this hook too
+            nested[0] = True
+            inner.append(torch.autograd.grad(grads, params, direction, retain_graph=True))
+    out.register_hook(hook)
+    outer = torch.autograd.grad(grads, params, direction, retain_graph=True)
+    for ours, theirs in [*zip(outer, expected), *zip(inner[0], expected)]:
+        assert torch.equal(ours, theirs)
+    monkeypatch.setattr(engine_module, "_ENGINE_CALL", None)
+    nested[0] = False
+    with pytest.raises(RuntimeError, match="within another"):
+        torch.autograd.grad(grads, params, direction, retain_graph=True)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(inner[1], expected))
