@@ -57,9 +57,9 @@ Two kinds of buffers outlive a call, on the CPU only (:class:`_Workspace`): each
 scratch buffers of its passes (a segment's [a | p] and s, the adjoint's records and D: about 3
 ``SEGMENT_BYTES``, freed by :func:`release_workspace`), and a gradient's graph keeps, for its next
 Hessian-vector product, the tangent records of its last (3 T * batch * n numbers with the Euler
-map, stored mode) and a segment's scratch, freed with the graph. Allocated afresh by every call, glibc handed those buffers
-back to the system and the next call faulted them in again page by page: at sMNIST size 10 to 25
-thousand page faults per product (``getrusage``), now none.
+map, stored mode) and a segment's scratch, freed with the graph. Allocated afresh by every call,
+glibc handed those buffers back to the system and the next call faulted them in again page by
+page: at sMNIST size 10 to 25 thousand page faults per product (``getrusage``), now none.
 
 Products: the plain ones (the first-order sweep's per-step product, the weight gradients, the
 R-operator's products over all rows) and those added into a buffer row by row (the forward's, the
@@ -239,7 +239,7 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     s_rows = _Workspace.rows(workspace if tanhs_scratch else None, "tanhs", tanhs)
     a_rows = None if a is None else _Workspace.rows(workspace, "z/a", a)
     # h + (a + beta s): a + beta s in one rounding (torch's scaled add), then h, one rounding at the size of
-    # h, by NumPy's add where it may (half of torch's cost per call at 64 x 64).
+    # h, by NumPy's add where it may (its fixed cost per call is below torch's).
     h_arrays = rows_of(states_buffer, True) if numpy_rows(states_buffer) else h_rows
     add = numpy.add if h_arrays is not h_rows else torch.add
     add_product = row_products_added(states_buffer, matrix, z)
@@ -334,7 +334,7 @@ class _Workspace:
 
     @staticmethod
     def rows(workspace: _Workspace | None, name: str, tensor: Tensor) -> tuple[Tensor, ...]:
-        """tensor.unbind(0) (about a quarter of a microsecond per row), kept in ``workspace`` under ``name``
+        """tensor.unbind(0) (a tensor made per row), kept in ``workspace`` under ``name``
         (a buffer's name, then "/" and a part's) for the next call with the same view."""
         if workspace is None:
             return tensor.unbind(0)
@@ -387,7 +387,7 @@ def _map_adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangent
     G[-1].copy_(g)
     B, identity = field.B, field.identity
     # Rows as lists: indexing a tensor costs about a microsecond per call, a list next to nothing. torch's
-    # operations, not NumPy's: NumPy's ufuncs take 1.5 to 2.7 times as long on rows of [g | q], strided.
+    # operations, not NumPy's: NumPy's ufuncs are the slower on the strided rows of [g | q].
     g_rows, q_rows = _Workspace.rows(workspace, "X/g" if field.keeps_g else "G", G), _Workspace.rows(workspace, "X/q", Q)
     d_rows = _Workspace.rows(workspace, "D", d)
     cotangent_rows = None if cotangents is None else cotangents.unbind(0)

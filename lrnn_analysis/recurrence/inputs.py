@@ -71,7 +71,6 @@ class Inputs:
             u_dot = u_dot + torch.nn.functional.linear(x_dot[t0:t1], self.weight)
         return u_dot
 
-
     def add_tangent(self, direction: tuple[Tensor | None, Tensor | None, Tensor | None], t0: int, t1: int,
                     out: Tensor) -> None:
         """out += u_dot_t for t0 <= t < t1 (:meth:`tangent`), in place and without forming u_dot where

@@ -175,8 +175,8 @@ def _observed() -> bool:
 def numpy_rows(*tensors: Tensor | None) -> bool:
     """Whether a sweep may run its per-row elementwise operations with NumPy's ufuncs on views of the
     memory of ``tensors`` (None: absent), all of one dtype: under :func:`numpy_allowed`, each a
-    :func:`numpy_view`. A ufunc on a 64 x 64 row costs about half a microsecond, torch's operation
-    one (``bench/recurrence.py``'s CPU), and a segment's rows as arrays take a sixth of ``unbind``'s time."""
+    :func:`numpy_view`. A ufunc's fixed cost per call is below torch's, and listing a segment's rows
+    as arrays is cheaper than ``unbind``; on strided rows NumPy's ufuncs are the slower."""
     present = [t for t in tensors if t is not None]
     return (numpy_allowed() and len({t.dtype for t in present}) == 1
             and all(numpy_view(t) for t in present))
@@ -325,7 +325,7 @@ class _GemmRows:
         self.addresses = tuple(t.data_ptr() for t in self.tensors)
         self.rows, self.outs = (self.addresses[0], rows.stride(0) * size), (self.addresses[2], outs.stride(0) * size)
         # The arguments but the two row addresses as instances of their ctypes types, made once: ctypes
-        # converts a Python number on every call (2.2 against 1.3 microseconds a call).
+        # converts a Python number on every call, a good part of a call's cost at the engine's sizes.
         types = function.argtypes
         self.head = [kind(value) for kind, value in zip(types[:7], (_ROW_MAJOR, _NO_TRANS, layout, rows.shape[1],
                                                                    matrix.shape[1], rows.shape[2], 1.0))]
