@@ -85,7 +85,7 @@ from torch import Tensor
 from ..errors import InputError
 from .field import LureField, tanh_float32, tanh_rows
 from .inputs import InputGradients, Inputs
-from .products import legacy_batched, mm, numpy_rows, one_blas_thread, row_products, row_products_added, rows_of
+from .products import legacy_batched, mm, numpy_allowed, numpy_view, one_blas_thread, row_products, row_products_added
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
@@ -240,7 +240,7 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     a_rows = None if a is None else _Workspace.rows(workspace, "z/a", a)
     # h + (a + beta s): a + beta s in one rounding (torch's scaled add), then h, one rounding at the size of
     # h, by NumPy's add where it may (its fixed cost per call is below torch's).
-    h_arrays = rows_of(states_buffer, True) if numpy_rows(states_buffer) else h_rows
+    h_arrays = list(states_buffer.detach().numpy()) if numpy_allowed() and numpy_view(states_buffer) else h_rows
     add = numpy.add if h_arrays is not h_rows else torch.add
     add_product = row_products_added(states_buffer, matrix, z)
     for l in range(rows):
@@ -759,7 +759,8 @@ class _Adjoint(torch.autograd.Function):
             field = plan.field(A, W, B)
             weight_direction = {"W": v_W, **({"A": v_A} if A is not None else {}), **({"B": v_B} if B is not None else {})}
             derivatives = None if plan.recompute else kept[len(plan.bounds):]
-            workspace = _Workspace.borrow(ctx) if x.device.type == "cpu" else None
+            cpu = x.device.type == "cpu"
+            workspace = _Workspace.borrow(ctx) if cpu else None
             tangent = _tangent_pass(plan, tape, field, (v_x, v_U, v_b), weight_direction, derivatives, workspace)
 
             def second_order(cotangent: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -768,7 +769,7 @@ class _Adjoint(torch.autograd.Function):
                 finally:
                     _Workspace.give_back(ctx, workspace)
             if fuse:
-                ctx.recurrence[1].post(second_order, cpu=x.device.type == "cpu")
+                ctx.recurrence[1].post(second_order, cpu=cpu)
                 return (tangent.grad_dot, *(None,) * 6, *unused)
             second = second_order(None)
         results = (tangent.grad_dot, *second, *unused)

@@ -34,8 +34,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-__all__ = ["legacy_batched", "mm", "numpy_allowed", "numpy_rows", "numpy_view", "one_blas_thread", "row_products",
-           "row_products_added", "rows_of", "uses_numpy"]
+__all__ = ["legacy_batched", "mm", "numpy_allowed", "numpy_view", "one_blas_thread", "row_products", "row_products_added",
+           "uses_numpy"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -170,21 +170,6 @@ def _observed() -> bool:
         return True
     return any(type(torch._C._get_function_stack_at(i)).__name__ != "DeviceContext"
                for i in range(torch._C._len_torch_function_stack()))
-
-
-def numpy_rows(*tensors: Tensor | None) -> bool:
-    """Whether a sweep may run its per-row elementwise operations with NumPy's ufuncs on views of the
-    memory of ``tensors`` (None: absent), all of one dtype: under :func:`numpy_allowed`, each a
-    :func:`numpy_view`. A ufunc's fixed cost per call is below torch's, and listing a segment's rows
-    as arrays is cheaper than ``unbind``; on strided rows NumPy's ufuncs are the slower."""
-    present = [t for t in tensors if t is not None]
-    return (numpy_allowed() and len({t.dtype for t in present}) == 1
-            and all(numpy_view(t) for t in present))
-
-
-def rows_of(tensor: Tensor, arrays: bool) -> list[Any]:
-    """The rows of ``tensor`` along its first axis: NumPy arrays on its memory (``arrays``), else tensor views."""
-    return list(tensor.detach().numpy()) if arrays else list(tensor.unbind(0))
 
 
 def uses_numpy(*tensors: Tensor) -> bool:
