@@ -47,19 +47,23 @@ run apart; both ways give the same numbers up to round-off.
 Memory: by default every stage input y and s = tanh(p) (or p in its place: :func:`_map_forward`) are
 stored (O(T * batch * n * stages)), and a gradient's graph keeps each segment's D = beta tanh'(p)
 for the Hessian-vector products through it, all
-in segments of about ``SEGMENT_BYTES``: buffers of the whole sequence (tens of MiB at sMNIST size)
-are fresh allocations on every call and measured slower on the CPU than segment-sized ones, whose
-products over all their rows still run at the matrix-multiply rate. ``segment=K`` stores only the state at the
+in segments of equal length and at most ``SEGMENT_BYTES``: buffers of the whole sequence (tens of
+MiB at sMNIST size) are fresh allocations on every call and measured slower on the CPU than
+segment-sized ones, whose products over all their rows still run at the matrix-multiply rate; the
+longest segment sets the buffers' size, so equal lengths keep it smallest (T = 196: two of 98 steps,
+not 128 and 68). ``segment=K`` stores only the state at the
 start of every K-th input step and recomputes a segment's stage records in the backward passes
 (O((T / K + K * stages) * batch * n)); ``sqrt_segment(T)`` = ceil(sqrt(T)) balances the two.
 Both modes compute the same numbers up to the order of floating-point sums over segments.
-Two kinds of buffers outlive a call, on the CPU only (:class:`_Workspace`): each thread keeps the
-scratch buffers of its passes (a segment's [a | p] and s, the adjoint's records and D: about 3
-``SEGMENT_BYTES``, freed by :func:`release_workspace`), and a gradient's graph keeps, for its next
-Hessian-vector product, the tangent records of its last (3 T * batch * n numbers with the Euler
-map, stored mode) and a segment's scratch, freed with the graph. Allocated afresh by every call,
-glibc handed those buffers back to the system and the next call faulted them in again page by
-page: at sMNIST size 10 to 25 thousand page faults per product (``getrusage``), now none.
+Buffers outlive a call, on the CPU only (:class:`_Workspace`): each thread keeps the scratch
+buffers of its passes (a segment's [a | p], the adjoint's records and D: about 2.5
+``SEGMENT_BYTES``) and the memory of its last call's first records, up to ``RECORD_BYTES``, for
+the next call to take once nothing else holds it (both freed by :func:`release_workspace`); a
+gradient's graph keeps, for its next Hessian-vector product, the tangent records of its last
+(3 T * batch * n numbers with the Euler map, stored mode) and a segment's scratch, freed with the
+graph. Allocated afresh by every call, glibc handed those buffers back to the system and the next
+call faulted them in again page by page: at sMNIST size 10 to 25 thousand page faults per product,
+and 1,350 per forward+backward in a loop at T = 196, batch = n = 64 (``getrusage``); now none.
 
 Products: the plain ones (the first-order sweep's per-step product, the weight gradients, the
 R-operator's products over all rows) and those added into a buffer row by row (the forward's, the
@@ -89,10 +93,11 @@ from .products import legacy_batched, mm, numpy_allowed, numpy_view, one_blas_th
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
-__all__ = ["SEGMENT_BYTES", "lure_recurrence", "release_workspace", "sqrt_segment"]
+__all__ = ["RECORD_BYTES", "SEGMENT_BYTES", "lure_recurrence", "release_workspace", "sqrt_segment"]
 
 # Stored mode keeps the records of about this many bytes per segment (module docstring).
 SEGMENT_BYTES = 4 * 2**20
+RECORD_BYTES = 2 * SEGMENT_BYTES
 
 # The fused Gauss-Newton sweep (module docstring) asks torch's autograd engine, through two private
 # functions, which graph task runs and whether a node will run in it; a torch without them runs the
@@ -128,7 +133,8 @@ def _make_plan(scheme: Scheme, beta: float, identity: bool, keep_states: bool, s
         # The largest per-step buffer: one record per stage evaluation, or the padded inputs [0 | u].
         # max(1, .): a zero-size batch or state stores nothing per step.
         per_step = max(1, batch * n * inputs.x.element_size() * max(2, scheme.stages * scheme.substeps))
-        length = max(1, SEGMENT_BYTES // per_step)
+        longest = max(1, SEGMENT_BYTES // per_step)
+        length = -(-steps // -(-steps // longest))  # as many segments, of equal length (module docstring)
     else:
         length = segment
     bounds = tuple((t0, min(t0 + length, steps)) for t0 in range(0, steps, length))
@@ -201,7 +207,8 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     One product, one tanh and one add per application (two with the identity), each writing into
     its row of a buffer, so the stage inputs Y are the rows of one buffer of states and nothing is
     stacked afterwards. Without A, a = 0. Buffers that outlive the call (records, returned states)
-    are fresh; the others come from ``workspace`` where one is given.
+    are fresh or the records' memory of an earlier call (:meth:`_Workspace.record`); the others come
+    from ``workspace`` where one is given.
 
     With the identity (an Euler step: beta = eps scales s before it reaches the state) and NumPy
     computing tanh, it is NumPy's float32 tanh (:func:`.field.tanh_rows`), 6 times as fast as the
@@ -213,7 +220,9 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     steps = t1 - t0
     rows = steps * substeps
     scratch = workspace if not (record or keep_states) else None
-    states_buffer = _Workspace.take(scratch, "states", (rows + 1, batch, n), like)
+    states_shape = (rows + 1, batch, n)
+    states_buffer = (_Workspace.take(scratch, "states", states_shape, like) if scratch is not None
+                     else _Workspace.record(workspace if record else None, f"states@{t0}", states_shape, like))
     states_buffer[0] = h
     # z = [0 | u] (A given) or u, to which every application's product is added in place (addmm with
     # an input copies it into the result first); u written straight into its columns.
@@ -227,12 +236,12 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     z = z.view(rows, batch, z.shape[-1])
     a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
     matrix, beta = field.forward_matrix, field.beta
-    tanhs = _Workspace.take(workspace, "tanhs", (rows, batch, n), like)
+    # Where s is no record, each application's s is read only by its own add: one row of memory for all.
+    tanhs = _Workspace.take(workspace, "tanhs", (1, batch, n), like).expand(rows, batch, n)
     tanh_row, numpy_tanh = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
     keep_p = field.identity and numpy_tanh
     tanhs_scratch = not record or keep_p
-    if not tanhs_scratch and workspace is not None:
-        # s is a record: its own memory.
+    if not tanhs_scratch:
         tanhs = like.new_empty((rows, batch, n))
         tanh_row, _ = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
     h_rows = _Workspace.rows(scratch, "states", states_buffer)
@@ -259,7 +268,7 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     Y = states_buffer[:-1].view(steps, substeps, batch, n)
     if keep_p:
         # Out of z, which the workspace lends to the next segment.
-        P = p.clone(memory_format=torch.contiguous_format).view(steps, substeps, batch, n)
+        P = _Workspace.record(workspace, f"P@{t0}", (rows, batch, n), like).copy_(p).view(steps, substeps, batch, n)
         return last, states, _Records(Y, None, P)
     return last, states, _Records(Y, tanhs.view(steps, substeps, batch, n))
 
@@ -287,10 +296,12 @@ def _adjoint(field: LureField, scheme: Scheme, lam: Tensor | None, cotangents: T
 class _Workspace:
     """Buffers reused from segment to segment of a pass and, on the CPU, from call to call (module
     docstring): a fresh buffer costs a page fault per 4 KiB on first touch, a reused one nothing.
-    Nothing a call returns, nor any record a later call reads, lives in them."""
+    Nothing a call returns, nor any record a later call reads, lives in its buffers; the memory of
+    its records is a record's again only once nothing else holds it (:meth:`record`)."""
 
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
+        self.records: dict[str, Tensor] = {}
         self.row_lists: dict[tuple[str, tuple[int, ...]], tuple[tuple[int, tuple[int, ...]], tuple[Tensor, ...]]] = {}
 
     @staticmethod
@@ -319,6 +330,7 @@ class _Workspace:
         finally:
             # CUDA's allocator keeps freed memory for reuse itself: only CPU buffers, and row lists of them, stay.
             workspace.buffers = {name: t for name, t in workspace.buffers.items() if t.device.type == "cpu"}
+            workspace.records = {name: t for name, t in workspace.records.items() if t.device.type == "cpu"}
             workspace.row_lists = {key: held for key, held in workspace.row_lists.items()
                                    if held[1] and held[1][0].device.type == "cpu"}
             _IDLE.workspace = workspace
@@ -354,14 +366,46 @@ class _Workspace:
         """``workspace.buffer(...)``, or a fresh tensor without a workspace."""
         return like.new_empty(shape) if workspace is None else workspace.buffer(name, shape, like)
 
+    @staticmethod
+    def record(workspace: _Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised tensor of ``shape`` for a record, which outlives the call (saved for the
+        backward passes, or returned): the memory of the record ``name`` of an earlier call where
+        nothing but the workspace holds it any more (:func:`_unshared`), else fresh memory, which the
+        workspace holds for a later call while its records total at most ``RECORD_BYTES``. Handed out
+        as a tensor of its own, so that whoever keeps it, or a view of it, keeps its memory from reuse."""
+        if workspace is None:
+            return like.new_empty(shape)
+        held = workspace.records.get(name)
+        if (held is not None and held.shape == shape and held.dtype == like.dtype and held.device == like.device
+                and _unshared(held)):
+            return held.detach()
+        workspace.records.pop(name, None)
+        fresh = like.new_empty(shape)
+        if sum(t.nbytes for t in workspace.records.values()) + fresh.nbytes <= RECORD_BYTES:
+            workspace.records[name] = fresh
+            return fresh.detach()
+        return fresh
+
+
+def _unshared(tensor: Tensor) -> bool:
+    """Whether no tensor, view or array but ``tensor`` holds its memory: torch counts as many references
+    to its storage as to that of a tensor just made (``torch._C._storage_Use_Count``, which torch's
+    own CUDA-graph trees ask the same way); never where torch has no such count."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return False
+    alone = torch.empty(1, device="cpu")
+    return bool(count(tensor.untyped_storage()._cdata) == count(alone.untyped_storage()._cdata))
+
 
 _IDLE = threading.local()
 _LENDING = threading.Lock()
 
 
 def release_workspace() -> None:
-    """Free the scratch buffers the engine keeps on the CPU between calls in this thread (about 3
-    ``SEGMENT_BYTES`` after an Euler model's forward and backward; module docstring)."""
+    """Free the buffers the engine keeps on the CPU between calls in this thread (about 2.5
+    ``SEGMENT_BYTES`` of scratch and up to ``RECORD_BYTES`` of records after an Euler model's
+    forward and backward; module docstring)."""
     _IDLE.workspace = None
 
 

@@ -87,6 +87,9 @@ def tanh_rows(p: Tensor, out: Tensor, *sources: Tensor,
     the choice between NumPy and torch.tanh made once for all rows (per call it costs about as much
     as NumPy's tanh of a 64 x 64 row).
 
+    Each row of ``out`` must be contiguous to go through NumPy; rows may share memory (a loop that
+    uses each row before the next is written may pass one row expanded to all).
+
     For a loop that writes the rows of p between the calls by operations on ``sources``: where any
     of those carries a graph or a forward-mode tangent, the rows would too, so all rows go through
     torch.tanh.
@@ -95,7 +98,7 @@ def tanh_rows(p: Tensor, out: Tensor, *sources: Tensor,
     size: for a loop that scales s by a step eps before adding it to a state, and takes tanh'(p)
     from p rather than from s (:meth:`LureField.derivative_of_inputs`), the one place where
     float32 tanh's 1.4 units in the last place would be magnified."""
-    if _numpy_tanh(None if float32_tanh else p[0].numel(), p, out, *sources):
+    if _numpy_tanh(None if float32_tanh else p[0].numel(), p, out[0], *sources):
         p_arrays, out_arrays = list(p.detach().numpy()), list(out.detach().numpy())
         if float32_tanh:
             return (lambda l: numpy.tanh(p_arrays[l], out=out_arrays[l])), True

@@ -969,3 +969,39 @@ def test_a_product_within_another_on_the_same_graph_keeps_both_second_order_part
     with pytest.raises(RuntimeError, match="within another"):
         torch.autograd.grad(grads, params, direction, retain_graph=True)
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(inner[1], expected))
+
+
+def test_records_reuse_memory_only_where_nothing_else_holds_it(monkeypatch, one_thread):
+    """A call's records (the states and pre-activations saved for the backward pass) take the memory of
+    the last call's once its graph is gone, with the same gradients; while a graph is kept, the next
+    call takes fresh memory and the kept graph's gradients do not change. Without torch's count of
+    storage references nothing is reused, and nothing is held past ``RECORD_BYTES``."""
+    model = _euler_model(torch.float32)
+    x, y, _ = _data()
+    x = x.float()
+    params = list(model.parameters())
+
+    def gradients(inputs=x):
+        return torch.autograd.grad(nn.functional.cross_entropy(model(inputs), y), params)
+
+    engine_module.release_workspace()
+    first = gradients()
+    records = dict(engine_module._IDLE.workspace.records)
+    assert {name.split("@")[0] for name in records} == {"states", "P"}
+    assert all(torch.equal(a, b) for a, b in zip(gradients(), first))
+    assert all(engine_module._IDLE.workspace.records[name] is held for name, held in records.items())
+    kept_loss = nn.functional.cross_entropy(model(x), y)
+    gradients(2 * x)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(kept_loss, params, retain_graph=True), first))
+    renewed = engine_module._IDLE.workspace.records
+    assert all(renewed[name] is not held for name, held in records.items())
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    held = dict(engine_module._IDLE.workspace.records)
+    del kept_loss
+    assert all(torch.equal(a, b) for a, b in zip(gradients(), first))
+    assert all(engine_module._IDLE.workspace.records[name] is not t for name, t in held.items())
+    monkeypatch.setattr(engine_module, "RECORD_BYTES", 0)
+    engine_module.release_workspace()
+    gradients()
+    assert not engine_module._IDLE.workspace.records
+    engine_module.release_workspace()
