@@ -28,10 +28,13 @@ are comparable; each is median (min, max), ratios are medians of per-round ratio
     together, its bulk terms and weight gradients);
   * peak memory of one call (forward+backward, or graph construction plus one product): the
     rise of the peak resident set size over the resident size before the call, after returning
-    freed heap memory to the system (Linux: /proc/self/clear_refs, malloc_trim).
+    freed heap memory to the system (Linux: /proc/self/clear_refs, malloc_trim);
+  * with ``--page-faults``, the minor page faults per forward+backward over 30 calls in a plain
+    loop, as training runs them, each contender alone in a fresh process (``getrusage``): memory
+    the allocator handed back to the system that the next call touches again.
 
     python bench/recurrence.py [--quick] [--repeats 5] [--threads N] [--T 784 --batch 128 --hidden 128]
-                               [--breakdown] [--segment-mib 4]
+                               [--breakdown] [--segment-mib 4] [--page-faults]
 """
 from __future__ import annotations
 
@@ -39,7 +42,10 @@ import argparse
 import copy
 import ctypes
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +121,31 @@ def peak_memory(fn: Callable[[], object]) -> int | None:
         return (_status_kib("VmHWM") - before) * 1024
     except (OSError, KeyError):
         return None
+
+
+def page_faults_alone(name: str, steps: int, batch: int, hidden: int, calls: int = 30) -> float:
+    """Minor page faults per forward+backward of contender ``name`` over ``calls`` calls in a plain loop,
+    as training runs them, after three, in this process and nothing else run in it."""
+    c = Contenders(steps, batch, hidden)
+    fn = forward_backward(c.losses(), c.parameters())[name]
+    for _ in range(3):
+        fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+def page_faults(steps: int, batch: int, hidden: int) -> dict[str, float]:
+    """:func:`page_faults_alone` of each contender, each in a fresh process (the allocator's state,
+    and so whether freed memory went back to the system, depends on everything run before)."""
+    counts = {}
+    for name in ("engine", "autograd", "reference"):
+        command = [sys.executable, str(Path(__file__)), "--page-faults-of", name, "--T", str(steps), "--batch", str(batch),
+                   "--hidden", str(hidden), "--threads", str(torch.get_num_threads()),
+                   "--segment-mib", str(engine_module.SEGMENT_BYTES / 2**20)]
+        counts[name] = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return counts
 
 
 def _mib(value: int | None) -> str:
@@ -338,6 +369,10 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also where the engine's forward+backward time goes")
     parser.add_argument("--segment-mib", type=float, default=None,
                         help="the engine's stored segments of about this many MiB (default: SEGMENT_BYTES, 4)")
+    parser.add_argument("--page-faults", action="store_true",
+                        help="also the page faults per forward+backward in a plain loop, each contender alone in a fresh process")
+    parser.add_argument("--page-faults-of", choices=("engine", "autograd", "reference"),
+                        help="only print those of one contender (what --page-faults runs in each process)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -347,8 +382,16 @@ def main() -> None:
     if args.T or args.batch or args.hidden:
         sizes = [(args.T or SIZES[-1][0], args.batch or SIZES[-1][1], args.hidden or SIZES[-1][2])]
     repeats = 3 if args.quick else args.repeats
+    if args.page_faults_of:
+        for steps, batch, hidden in sizes:
+            print(page_faults_alone(args.page_faults_of, steps, batch, hidden))
+        return
     for steps, batch, hidden in sizes:
         measure(steps, batch, hidden, repeats)
+        if args.page_faults:
+            counts = page_faults(steps, batch, hidden)
+            print("  minor page faults per forward+backward, 30 calls in a loop, each contender alone in a fresh process: "
+                  + ", ".join(f"{name} {count:.0f}" for name, count in counts.items()))
         if args.breakdown:
             c = Contenders(steps, batch, hidden)
             print("  where the engine's time goes (each \"whole\" line against the matmul-only line above it):")
