@@ -236,31 +236,44 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     z = z.view(rows, batch, z.shape[-1])
     a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
     matrix, beta = field.forward_matrix, field.beta
-    # Where s is no record, each application's s is read only by its own add: one row of memory for all.
-    tanhs = _Workspace.take(workspace, "tanhs", (1, batch, n), like).expand(rows, batch, n)
+    # Where s is no record, each application's s is read only by its own add: with NumPy, one row of
+    # memory for all (not under a tracer, which has met a buffer so expanded with a crash inside torch).
+    tanhs = (_Workspace.take(workspace, "tanhs", (1, batch, n), like).expand(rows, batch, n) if numpy_allowed()
+             else _Workspace.take(workspace, "tanhs", (rows, batch, n), like))
     tanh_row, numpy_tanh = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
     keep_p = field.identity and numpy_tanh
     tanhs_scratch = not record or keep_p
     if not tanhs_scratch:
         tanhs = like.new_empty((rows, batch, n))
         tanh_row, _ = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
-    h_rows = _Workspace.rows(scratch, "states", states_buffer)
-    s_rows = _Workspace.rows(workspace if tanhs_scratch else None, "tanhs", tanhs)
-    a_rows = None if a is None else _Workspace.rows(workspace, "z/a", a)
     # h + (a + beta s): a + beta s in one rounding (torch's scaled add), then h, one rounding at the size of
-    # h, by NumPy's add where it may (its fixed cost per call is below torch's).
-    h_arrays = list(states_buffer.detach().numpy()) if numpy_allowed() and numpy_view(states_buffer) else h_rows
-    add = numpy.add if h_arrays is not h_rows else torch.add
+    # h, by NumPy's add where it may (its fixed cost per call is below torch's): then into s's one row and
+    # on rows NumPy makes (a sixth of the cost of unbind's).
+    numpy_add = a is not None and field.identity and tanhs_scratch and numpy_allowed() and numpy_view(states_buffer)
+    if not numpy_add:
+        h_rows = _Workspace.rows(scratch, "states", states_buffer)
+        s_rows = _Workspace.rows(workspace if tanhs_scratch else None, "tanhs", tanhs)
+    a_rows = None if a is None else _Workspace.rows(workspace, "z/a", a)
     add_product = row_products_added(states_buffer, matrix, z)
-    for l in range(rows):
-        add_product(l, l)
-        tanh_row(l)
-        if a_rows is None:
-            torch.mul(s_rows[l], beta, out=h_rows[l + 1])
-            continue
-        torch.add(a_rows[l], s_rows[l], alpha=beta, out=h_rows[l + 1])
-        if field.identity:
-            add(h_arrays[l], h_arrays[l + 1], out=h_arrays[l + 1])
+    if numpy_add:
+        assert a_rows is not None
+        s = tanhs[0]
+        s_array, h_arrays = s.detach().numpy(), list(states_buffer.detach().numpy())
+        for l in range(rows):
+            add_product(l, l)
+            tanh_row(l)
+            torch.add(a_rows[l], s, alpha=beta, out=s)
+            numpy.add(h_arrays[l], s_array, out=h_arrays[l + 1])
+    else:
+        for l in range(rows):
+            add_product(l, l)
+            tanh_row(l)
+            if a_rows is None:
+                torch.mul(s_rows[l], beta, out=h_rows[l + 1])
+                continue
+            torch.add(a_rows[l], s_rows[l], alpha=beta, out=h_rows[l + 1])
+            if field.identity:
+                torch.add(h_rows[l], h_rows[l + 1], out=h_rows[l + 1])
     states = list(states_buffer[substeps::substeps].unbind(0)) if keep_states else []
     last = states_buffer[-1].clone()
     if not record:
