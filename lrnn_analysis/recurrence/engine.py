@@ -335,17 +335,23 @@ class _Workspace:
     @contextlib.contextmanager
     def borrowed() -> Iterator[_Workspace]:
         """This thread's workspace for one pass, its CPU buffers kept for the next. A pass that starts
-        within another gets a workspace of its own."""
+        within another gets a workspace of its own, and so does a pass under a mode that sees torch's
+        operations (fake tensors, make_fx: their buffers hold no memory a later pass could use, and a
+        real buffer handed to them would be one they cannot write)."""
+        if torch._C._len_torch_dispatch_stack():
+            yield _Workspace()
+            return
         workspace = getattr(_IDLE, "workspace", None) or _Workspace()
         _IDLE.workspace = None
         try:
             yield workspace
         finally:
-            # CUDA's allocator keeps freed memory for reuse itself: only CPU buffers, and row lists of them, stay.
-            workspace.buffers = {name: t for name, t in workspace.buffers.items() if t.device.type == "cpu"}
-            workspace.records = {name: t for name, t in workspace.records.items() if t.device.type == "cpu"}
+            # CUDA's allocator keeps freed memory for reuse itself: only CPU buffers, and row lists of them, stay;
+            # and only plain tensors (a FakeTensor passed in outside its mode makes fake buffers).
+            workspace.buffers = {name: t for name, t in workspace.buffers.items() if _kept(t)}
+            workspace.records = {name: t for name, t in workspace.records.items() if _kept(t)}
             workspace.row_lists = {key: held for key, held in workspace.row_lists.items()
-                                   if held[1] and held[1][0].device.type == "cpu"}
+                                   if held[1] and _kept(held[1][0])}
             _IDLE.workspace = workspace
 
     def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -398,6 +404,11 @@ class _Workspace:
             workspace.records[name] = fresh
             return fresh.detach()
         return fresh
+
+
+def _kept(tensor: Tensor) -> bool:
+    """Whether a workspace keeps ``tensor`` past a pass: a plain tensor on the CPU."""
+    return tensor.device.type == "cpu" and type(tensor) is Tensor
 
 
 def _unshared(tensor: Tensor) -> bool:

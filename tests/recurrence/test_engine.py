@@ -1005,3 +1005,33 @@ def test_records_reuse_memory_only_where_nothing_else_holds_it(monkeypatch, one_
     gradients()
     assert not engine_module._IDLE.workspace.records
     engine_module.release_workspace()
+
+
+def test_fake_tensor_passes_leave_the_workspace_alone(one_thread):
+    """A pass on fake tensors (FakeTensorMode, as torch.compile and torch.export trace) keeps none of
+    its fake buffers or records for the next pass, and takes none of the real ones: the passes after it
+    compute the same gradients (they met fake buffers: an error in float32, a crash in float64)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = _euler_model(torch.float32)
+    x, y, _ = _data()
+    x = x.float()
+    params = list(model.parameters())
+
+    def gradients():
+        return torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+
+    engine_module.release_workspace()
+    first = gradients()
+    held = dict(engine_module._IDLE.workspace.buffers)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_x = mode.from_tensor(x)
+        model(fake_x).sum()
+        nn.functional.cross_entropy(model(fake_x), y).backward()
+    workspace = engine_module._IDLE.workspace
+    assert all(type(t) is torch.Tensor for t in (*workspace.buffers.values(), *workspace.records.values()))
+    assert all(workspace.buffers[name] is t for name, t in held.items())
+    assert all(torch.equal(a, b) for a, b in zip(gradients(), first))
+    for p in params:
+        p.grad = None
+    engine_module.release_workspace()
