@@ -367,7 +367,7 @@ class _Workspace:
     def rows(workspace: _Workspace | None, name: str, tensor: Tensor) -> tuple[Tensor, ...]:
         """tensor.unbind(0) (a tensor made per row), kept in ``workspace`` under ``name``
         (a buffer's name, then "/" and a part's) for the next call with the same view."""
-        if workspace is None:
+        if workspace is None or type(tensor) is not Tensor:
             return tensor.unbind(0)
         key, view = (name, tuple(tensor.shape)), (tensor.data_ptr(), tensor.stride())
         held = workspace.row_lists.get(key)
@@ -1015,8 +1015,9 @@ def lure_recurrence(inputs: Tensor, A: Tensor | None, W: Tensor, B: Tensor | Non
     plan = _make_plan(scheme, beta, identity, bool(keep_states), segment, sequence)
     tensors = [t for t in (*sequence.tensors(), A, W, B) if t is not None]
     # The node has no forward-mode (jvp) or functorch rule: with a tangent or under a transform the
-    # general sweep runs instead, every operation recorded by whatever mode is active.
-    general = (torch._C._are_functorch_transforms_active()
+    # general sweep runs instead, every operation recorded by whatever mode is active; so too under
+    # torch.jit.trace, which fails inside torch on this Python node ("unordered_map::at").
+    general = (torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
                or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
     with _no_autocast(inputs):
         if not general and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

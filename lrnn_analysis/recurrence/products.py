@@ -38,6 +38,7 @@ __all__ = ["legacy_batched", "mm", "numpy_allowed", "numpy_view", "one_blas_thre
            "uses_numpy"]
 
 _DTYPES = (torch.float32, torch.float64)
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _numpy_blas() -> dict[str, object]:
@@ -145,8 +146,10 @@ def legacy_batched(tensor: Tensor) -> bool:
 
 def numpy_view(tensor: Tensor, dtypes: tuple[torch.dtype, ...] = _DTYPES) -> bool:
     """Whether ``tensor`` is a CPU tensor of one of ``dtypes`` that NumPy can view in its own memory
-    and autograd has no stake in: no graph to record through it, no forward-mode tangent, no vmap batching."""
-    return (tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype in dtypes
+    and autograd has no stake in: no graph to record through it, no forward-mode tangent, no vmap
+    batching; and no subclass of its own (a FakeTensor used outside its mode reports the CPU and
+    holds no memory)."""
+    return (type(tensor) in _PLAIN and tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.dtype in dtypes
             and not tensor.is_neg() and not tensor.is_conj()
             and not (torch.is_grad_enabled() and tensor.requires_grad)
             and forward_ad.unpack_dual(tensor).tangent is None and not legacy_batched(tensor))

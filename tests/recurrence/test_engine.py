@@ -1035,3 +1035,43 @@ def test_fake_tensor_passes_leave_the_workspace_alone(one_thread):
     for p in params:
         p.grad = None
     engine_module.release_workspace()
+
+
+def test_fake_tensors_outside_their_mode_take_torchs_path_and_leave_nothing(one_thread):
+    """Fake tensors used outside their mode report the CPU but hold no memory: NumPy never views them
+    (it raised), no row list keys on their addresses, and a real pass afterwards is the loop's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    generator = torch.Generator().manual_seed(9)
+    A, W = (torch.randn(8, 8, generator=generator) / 4 for _ in range(2))
+    u = torch.randn(5, 3, 8, generator=generator)
+    engine_module.release_workspace()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = [mode.from_tensor(t) for t in (u, A, W)]
+    out = lure_recurrence(*fakes, scheme=build_scheme("euler", 0.3))
+    assert type(out) is not torch.Tensor and out.shape == (3, 8)
+    workspace = engine_module._IDLE.workspace
+    kept = [*workspace.buffers.values(), *workspace.records.values(),
+            *(view for _, rows in workspace.row_lists.values() for view in rows)]
+    assert all(type(t) is torch.Tensor for t in kept)
+    u64, A64, W64 = (t.double() for t in (u, A, W))
+    assert _relative(lure_recurrence(u64, A64, W64, scheme=build_scheme("euler", 0.3)),
+                     _loop(u64, A64, W64, None, "euler", 0.3, 1, False)) < RTOL
+    engine_module.release_workspace()
+
+
+def test_a_model_traced_by_jit_trace_runs_the_general_sweep_with_the_same_gradients(one_thread):
+    """torch.jit.trace of a model whose parameters need gradients failed inside torch on the engine's
+    node ("unordered_map::at"); under the tracer the general sweep runs, recorded op by op."""
+    import warnings
+
+    model = build_model(ModelConfig("lipschitz", INPUT, N, OUTPUT, eps=0.3, init_std=2.0), seed=5).double()
+    x, y, _ = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated, and still there
+        traced = torch.jit.trace(model, x)
+    params = list(model.parameters())
+    ours = torch.autograd.grad(nn.functional.cross_entropy(traced(2 * x), y), params)
+    theirs = torch.autograd.grad(nn.functional.cross_entropy(model(2 * x), y), params)
+    for a, b in zip(ours, theirs):
+        assert _relative(a, b) < RTOL
