@@ -62,8 +62,9 @@ the next call to take once nothing else holds it (both freed by :func:`release_w
 gradient's graph keeps, for its next Hessian-vector product, the tangent records of its last
 (3 T * batch * n numbers with the Euler map, stored mode) and a segment's scratch, freed with the
 graph. Allocated afresh by every call, glibc handed those buffers back to the system and the next
-call faulted them in again page by page: at sMNIST size 10 to 25 thousand page faults per product,
-and 1,350 per forward+backward in a loop at T = 196, batch = n = 64 (``getrusage``); now none.
+call faulted them in again page by page: at sMNIST size 10 to 25 thousand page faults per product
+(``getrusage``), and in a loop at T = 196, batch = n = 64 tens or hundreds per forward+backward as
+the process's history had it (``python bench/recurrence.py --page-faults``); now none.
 
 Products: the plain ones (the first-order sweep's per-step product, the weight gradients, the
 R-operator's products over all rows) and those added into a buffer row by row (the forward's, the
@@ -236,8 +237,8 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     z = z.view(rows, batch, z.shape[-1])
     a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
     matrix, beta = field.forward_matrix, field.beta
-    # Where s is no record, each application's s is read only by its own add: with NumPy, one row of
-    # memory for all (not under a tracer, which has met a buffer so expanded with a crash inside torch).
+    # Where s is no record, each application's s is read only by its own add: where NumPy may run, one
+    # row of memory for all (not elsewhere: under torch.compile such a buffer crashed inside torch).
     tanhs = (_Workspace.take(workspace, "tanhs", (1, batch, n), like).expand(rows, batch, n) if numpy_allowed()
              else _Workspace.take(workspace, "tanhs", (rows, batch, n), like))
     tanh_row, numpy_tanh = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
