@@ -274,17 +274,18 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
     """Times that separate the model's recurrence cost into its ingredients.
 
     Forward: the step's matmul alone (T plain products at the step's shape, no autograd), the
-    same products added into the rows of a (T x batch x 2n) buffer as the engine's forward adds
-    them, by torch's addmm and by the engine's ``row_products_added`` (NumPy's OpenBLAS gemm with
-    one thread, torch's addmm otherwise), then
+    products as the engine's Euler forward forms them with one thread (into one row by NumPy's
+    product, y W^T then added to u's row of p), the same products added into the rows of a
+    (T x batch x 2n) buffer as the tangent pass adds them, by torch's addmm and by the engine's
+    ``row_products_added`` (NumPy's OpenBLAS gemm with one thread, torch's addmm otherwise), then
     the forward pass without autograd (adds tanh, scaling, adds and the per-step operator
     dispatch), then with autograd recording; first, T calls at the step's shape of torch.tanh (the
     reference's and the recorded loop's), of the engine's tanh in an Euler step (``lrnn_analysis.
     recurrence.field.tanh_rows`` with ``float32_tanh``: NumPy's float32 tanh with one thread,
     torch.tanh with several) and in the other schemes (``field.tanh``: NumPy's float64 tanh with
     one thread), and of torch.sigmoid (2 sigmoid(2 p) - 1 is cheaper still but loses tanh's
-    relative accuracy near p = 0), each on the p columns of a (batch x 2n) product as the engine
-    reads them. Forward+backward: the three matmuls per step alone
+    relative accuracy near p = 0), each on the p columns of a (batch x 2n) product as the other
+    schemes read them, the Euler step's on rows of p. Forward+backward: the three matmuls per step alone
     (the forward product and the two backward products), then the whole forward+backward.
     """
     T, batch, n = x.shape[1], x.shape[0], model.config.hidden
@@ -297,15 +298,24 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
 
     z, states, forward_matrix = torch.randn(T, batch, 2 * n), torch.randn(T, batch, n), torch.randn(2 * n, n).T
 
-    def forward_addmm() -> None:
+    def tangent_addmm() -> None:
         for l in range(T):
             z[l].addmm_(states[l], forward_matrix)
 
-    def forward_engine_products() -> None:
+    def tangent_engine_products() -> None:
         with one_blas_thread():
             add_product = row_products_added(states, forward_matrix, z)
             for l in range(T):
                 add_product(l, l)
+
+    p_rows, row = torch.zeros(T, batch, n), torch.empty(batch, 2 * n)
+
+    def forward_engine_products() -> None:
+        with one_blas_thread():
+            matrix, out, product = forward_matrix.contiguous().numpy(), row.numpy(), row[:, n:].numpy()
+            for h_l, p_l in zip(states.numpy(), p_rows.numpy(), strict=True):
+                numpy.matmul(h_l, matrix, out=out)
+                numpy.add(p_l, product, out=p_l)
 
     def all_matmuls() -> None:
         for _ in range(T):
@@ -334,12 +344,12 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
         for _ in range(T):
             engine_tanh(p, out=s)
 
-    z_rows, s_rows = torch.randn(T, batch, 2 * n), torch.empty(T, batch, n)
+    tanh_inputs, s_rows = torch.randn(T, batch, n), torch.empty(T, batch, n)
 
     def euler_tanh_steps() -> None:
-        row, _ = tanh_rows(z_rows[..., n:], s_rows, float32_tanh=True)
+        tanh_row, _ = tanh_rows(tanh_inputs, s_rows, float32_tanh=True)
         for l in range(T):
-            row(l)
+            tanh_row(l)
 
     def sigmoid_steps() -> None:
         for _ in range(T):
@@ -350,8 +360,9 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
                               "T tanh of (batch x n) (the engine's, other schemes)": engine_tanh_steps,
                               "T sigmoid of (batch x n) (2 sigmoid(2 p) - 1, not used)": sigmoid_steps,
                               "forward: step matmul only": forward_matmuls,
-                              "forward: step products added into rows (addmm)": forward_addmm,
-                              "forward: the same (the engine's)": forward_engine_products,
+                              "forward: the engine's step products (one row, + u)": forward_engine_products,
+                              "tangent: step products added into rows (addmm)": tangent_addmm,
+                              "tangent: the same (the engine's)": tangent_engine_products,
                               "forward: whole, no autograd": forward_no_grad,
                               "forward: whole, autograd recording": forward_recorded,
                               "forward+backward: step matmuls only": all_matmuls,

@@ -56,8 +56,8 @@ start of every K-th input step and recomputes a segment's stage records in the b
 (O((T / K + K * stages) * batch * n)); ``sqrt_segment(T)`` = ceil(sqrt(T)) balances the two.
 Both modes compute the same numbers up to the order of floating-point sums over segments.
 Buffers outlive a call, on the CPU only (:class:`_Workspace`): each thread keeps the scratch
-buffers of its passes (a segment's [a | p], the adjoint's records and D: about 2.5
-``SEGMENT_BYTES``) and the memory of its last call's first records, up to ``RECORD_BYTES``, for
+buffers of its passes (the adjoint's records and D: about 1.5 ``SEGMENT_BYTES``; a segment's
+states and p besides without a graph) and the memory of its last call's first records, up to ``RECORD_BYTES``, for
 the next call to take once nothing else holds it (both freed by :func:`release_workspace`); a
 gradient's graph keeps, for its next Hessian-vector product, the tangent records of its last
 (3 T * batch * n numbers with the Euler map, stored mode) and a segment's scratch, freed with the
@@ -66,9 +66,9 @@ call faulted them in again page by page: at sMNIST size 10 to 25 thousand page f
 (``getrusage``), and in a loop at T = 196, batch = n = 64 tens or hundreds per forward+backward as
 the process's history had it (``python bench/recurrence.py --page-faults``); now none.
 
-Products: the plain ones (the first-order sweep's per-step product, the weight gradients, the
-R-operator's products over all rows) and those added into a buffer row by row (the forward's, the
-tangent's and the second-order adjoint's step products) go through :mod:`.products`, which takes
+Products: the plain ones (the forward's and the first-order sweep's per-step products, the weight
+gradients, the R-operator's products over all rows) and those added into a buffer row by row (the
+forward's without A, the tangent's and the second-order adjoint's step products) go through :mod:`.products`, which takes
 NumPy's OpenBLAS with one intra-op thread (faster than torch's MKL on this project's CPU) and
 torch otherwise.
 """
@@ -88,9 +88,9 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from ..errors import InputError
-from .field import LureField, tanh_float32, tanh_rows
+from .field import LureField, numpy_tanh_rows, tanh_float32, tanh_rows
 from .inputs import InputGradients, Inputs
-from .products import legacy_batched, mm, numpy_allowed, numpy_view, one_blas_thread, row_products, row_products_added
+from .products import legacy_batched, mm, numpy_allowed, numpy_products, one_blas_thread, row_products, row_products_added
 from .schemes import Scheme
 from .sweeps import backward_sweep, forward_sweep
 
@@ -131,7 +131,8 @@ def _make_plan(scheme: Scheme, beta: float, identity: bool, keep_states: bool, s
                inputs: Inputs) -> _Plan:
     steps, batch, n = inputs.shape
     if segment is None:
-        # The largest per-step buffer: one record per stage evaluation, or the padded inputs [0 | u].
+        # The largest per-step buffer: one record per stage evaluation, or the forward's rows of
+        # [a | y W^T] where they are not one row (_map_forward).
         # max(1, .): a zero-size batch or state stores nothing per step.
         per_step = max(1, batch * n * inputs.x.element_size() * max(2, scheme.stages * scheme.substeps))
         longest = max(1, SEGMENT_BYTES // per_step)
@@ -205,11 +206,17 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
                  record: bool, workspace: _Workspace | None) -> tuple[Tensor, list[Tensor], _Records | None]:
     """:func:`_forward` for a map h+ = [h +] a + beta tanh(p) (B the identity), written into buffers.
 
-    One product, one tanh and one add per application (two with the identity), each writing into
-    its row of a buffer, so the stage inputs Y are the rows of one buffer of states and nothing is
-    stacked afterwards. Without A, a = 0. Buffers that outlive the call (records, returned states)
-    are fresh or the records' memory of an earlier call (:meth:`_Workspace.record`); the others come
-    from ``workspace`` where one is given.
+    Per application one product, y [A^T | W^T] into a row of its own, whose y W^T is added to u
+    (written beforehand into p's buffer), one tanh and one add (two with the identity), each
+    writing into its row of a buffer, so the stage inputs Y are the rows of one buffer of states
+    and nothing is stacked afterwards. Without A, a = 0 and the product y W^T is added to u by the
+    gemm itself. Where NumPy may run, the rows an application writes and reads before the next (the
+    product's, s's where it is no record) are one row of memory for all: a segment's [a | y W^T]
+    was 3 MiB at T = 196, B = n = 64, zeroed before and p copied out after the steps, and the bench's
+    alternation found it out of cache (``python bench/recurrence.py``: 1.96x the reference loop's
+    speed before, 2.04x after). Buffers that outlive the call (records, returned states) are fresh or
+    the records' memory of an earlier call (:meth:`_Workspace.record`); the others come from
+    ``workspace`` where one is given.
 
     With the identity (an Euler step: beta = eps scales s before it reaches the state) and NumPy
     computing tanh, it is NumPy's float32 tanh (:func:`.field.tanh_rows`), 6 times as fast as the
@@ -225,49 +232,61 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     states_buffer = (_Workspace.take(scratch, "states", states_shape, like) if scratch is not None
                      else _Workspace.record(workspace if record else None, f"states@{t0}", states_shape, like))
     states_buffer[0] = h
-    # z = [0 | u] (A given) or u, to which every application's product is added in place (addmm with
-    # an input copies it into the result first); u written straight into its columns.
-    z = _Workspace.take(workspace, "z", (steps, substeps, batch, field.forward_matrix.shape[1]), like)
-    if field.has_a:
-        z[..., :n] = 0
-    inputs = z[..., n:] if field.has_a else z
+    matrix, beta = field.forward_matrix, field.beta
+    # Where NumPy may run, one row of memory for each buffer an application writes and reads before the
+    # next (not elsewhere: under torch.compile such a buffer crashed inside torch).
+    one_row = numpy_allowed()
+
+    def scratch_rows(name: str, width: int) -> Tensor:
+        if one_row:
+            return _Workspace.take(workspace, name, (1, batch, width), like).expand(rows, batch, width)
+        return _Workspace.take(workspace, name, (rows, batch, width), like)
+
+    tanhs = scratch_rows("tanhs", n)
+    # NumPy's float32 tanh for an Euler step (tanh_rows), whose records then keep p (docstring). p is yet to be
+    # made: the choice depends on the kinds of the tensors only, which p shares with tanhs.
+    numpy_tanh = numpy_tanh_rows(tanhs, tanhs, states_buffer, matrix, float32_tanh=field.identity)
+    keep_p = field.identity and numpy_tanh
+    # p = u + y W^T, u written first: where p is kept, straight into its record.
+    P = (_Workspace.record(workspace, f"P@{t0}", (rows, batch, n), like) if record and keep_p
+         else _Workspace.take(workspace, "p", (rows, batch, n), like))
+    inputs = P.view(steps, substeps, batch, n)
     sequence.segment(t0, t1, out=inputs[:, 0])
     if substeps > 1:
         inputs[:, 1:] = inputs[:, :1]
-    z = z.view(rows, batch, z.shape[-1])
-    a, p = (z[..., :n], z[..., n:]) if field.has_a else (None, z)
-    matrix, beta = field.forward_matrix, field.beta
-    # Where s is no record, each application's s is read only by its own add: where NumPy may run, one
-    # row of memory for all (not elsewhere: under torch.compile such a buffer crashed inside torch).
-    tanhs = (_Workspace.take(workspace, "tanhs", (1, batch, n), like).expand(rows, batch, n) if numpy_allowed()
-             else _Workspace.take(workspace, "tanhs", (rows, batch, n), like))
-    tanh_row, numpy_tanh = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
-    keep_p = field.identity and numpy_tanh
     tanhs_scratch = not record or keep_p
     if not tanhs_scratch:
         tanhs = like.new_empty((rows, batch, n))
-        tanh_row, _ = tanh_rows(p, tanhs, states_buffer, matrix, float32_tanh=field.identity)
-    # h + (a + beta s): a + beta s in one rounding (torch's scaled add), then h, one rounding at the size of
-    # h, by NumPy's add where it may (its fixed cost per call is below torch's): then into s's one row and
-    # on rows NumPy makes (a sixth of the cost of unbind's).
-    numpy_add = a is not None and field.identity and tanhs_scratch and numpy_allowed() and numpy_view(states_buffer)
-    if not numpy_add:
-        h_rows = _Workspace.rows(scratch, "states", states_buffer)
-        s_rows = _Workspace.rows(workspace if tanhs_scratch else None, "tanhs", tanhs)
-    a_rows = None if a is None else _Workspace.rows(workspace, "z/a", a)
-    add_product = row_products_added(states_buffer, matrix, z)
-    if numpy_add:
-        assert a_rows is not None
-        s = tanhs[0]
-        s_array, h_arrays = s.detach().numpy(), list(states_buffer.detach().numpy())
+    # With A, [a | y W^T] = y [A^T | W^T] into a row of its own (no zeros to add the product to), then
+    # y W^T added to u; without, the product added to u in place.
+    z = scratch_rows("z", 2 * n) if field.has_a else None
+    if (z is not None and field.identity and tanhs_scratch and one_row and numpy_tanh
+            and numpy_products(states_buffer, matrix, z)):
+        # An Euler step through NumPy, on rows NumPy makes (a sixth of the cost of unbind's): h + (a + beta s),
+        # a + beta s in one rounding (torch's scaled add), then h, one rounding at the size of h.
+        s, a = tanhs[0], z[0, :, :n]
+        # [A^T | W^T] in its own memory: OpenBLAS multiplies by it 3% faster than by the transpose of [A; W].
+        s_array, z_array, matrix_array = s.detach().numpy(), z[0].detach().numpy(), numpy.ascontiguousarray(matrix.detach().numpy())
+        product_array = z_array[:, n:]
+        h_arrays, p_arrays = list(states_buffer.detach().numpy()), list(P.detach().numpy())
         for l in range(rows):
-            add_product(l, l)
-            tanh_row(l)
-            torch.add(a_rows[l], s, alpha=beta, out=s)
+            numpy.matmul(h_arrays[l], matrix_array, out=z_array)
+            numpy.add(p_arrays[l], product_array, out=p_arrays[l])
+            numpy.tanh(p_arrays[l], out=s_array)
+            torch.add(a, s, alpha=beta, out=s)
             numpy.add(h_arrays[l], s_array, out=h_arrays[l + 1])
     else:
+        tanh_row, _ = tanh_rows(P, tanhs, states_buffer, matrix, float32_tanh=field.identity)
+        product = row_products_added(states_buffer, matrix, P) if z is None else row_products(states_buffer, matrix, z)
+        h_rows = _Workspace.rows(scratch, "states", states_buffer)
+        s_rows = _Workspace.rows(workspace if tanhs_scratch else None, "tanhs", tanhs)
+        p_rows = _Workspace.rows(workspace if not (record and keep_p) else None, "p", P)
+        a_rows = None if z is None else _Workspace.rows(workspace, "z/a", z[..., :n])
+        product_rows = None if z is None else _Workspace.rows(workspace, "z/p", z[..., n:])
         for l in range(rows):
-            add_product(l, l)
+            product(l, l)
+            if product_rows is not None:
+                p_rows[l].add_(product_rows[l])
             tanh_row(l)
             if a_rows is None:
                 torch.mul(s_rows[l], beta, out=h_rows[l + 1])
@@ -281,9 +300,7 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
         return last, states, None
     Y = states_buffer[:-1].view(steps, substeps, batch, n)
     if keep_p:
-        # Out of z, which the workspace lends to the next segment.
-        P = _Workspace.record(workspace, f"P@{t0}", (rows, batch, n), like).copy_(p).view(steps, substeps, batch, n)
-        return last, states, _Records(Y, None, P)
+        return last, states, _Records(Y, None, inputs)
     return last, states, _Records(Y, tanhs.view(steps, substeps, batch, n))
 
 
@@ -428,7 +445,7 @@ _LENDING = threading.Lock()
 
 
 def release_workspace() -> None:
-    """Free the buffers the engine keeps on the CPU between calls in this thread (about 2.5
+    """Free the buffers the engine keeps on the CPU between calls in this thread (about 1.5
     ``SEGMENT_BYTES`` of scratch and up to ``RECORD_BYTES`` of records after an Euler model's
     forward and backward; module docstring)."""
     _IDLE.workspace = None

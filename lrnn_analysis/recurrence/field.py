@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .products import mm, numpy_allowed, numpy_view
 
-__all__ = ["LureField", "tanh", "tanh_float32", "tanh_rows"]
+__all__ = ["LureField", "numpy_tanh_rows", "tanh", "tanh_float32", "tanh_rows"]
 
 # Below about this size NumPy's fixed cost per call outweighs what it saves (32 x 32: 5.4 us against torch.tanh's 3.5).
 _NUMPY_TANH_MIN_ELEMENTS = 4096
@@ -98,13 +98,19 @@ def tanh_rows(p: Tensor, out: Tensor, *sources: Tensor,
     size: for a loop that scales s by a step eps before adding it to a state, and takes tanh'(p)
     from p rather than from s (:meth:`LureField.derivative_of_inputs`), the one place where
     float32 tanh's 1.4 units in the last place would be magnified."""
-    if _numpy_tanh(None if float32_tanh else p[0].numel(), p, out[0], *sources):
+    if numpy_tanh_rows(p, out, *sources, float32_tanh=float32_tanh):
         p_arrays, out_arrays = list(p.detach().numpy()), list(out.detach().numpy())
         if float32_tanh:
             return (lambda l: numpy.tanh(p_arrays[l], out=out_arrays[l])), True
         return (lambda l: numpy.tanh(p_arrays[l], out=out_arrays[l], dtype=numpy.float64, casting="same_kind")), True
     p_rows, out_rows = p.unbind(0), out.unbind(0)
     return (lambda l: torch.tanh(p_rows[l], out=out_rows[l])), False
+
+
+def numpy_tanh_rows(p: Tensor, out: Tensor, *sources: Tensor, float32_tanh: bool = False) -> bool:
+    """Whether :func:`tanh_rows` with these arguments computes the rows by NumPy: a matter of the
+    tensors' kinds (dtype, device, graph, tangent) and row size, not of their values."""
+    return _numpy_tanh(None if float32_tanh else p[0].numel(), p, out[0], *sources)
 
 
 def tanh_float32(p: Tensor, out: Tensor | None = None) -> Tensor:

@@ -13,12 +13,12 @@ additions. The passes that use it hold OpenBLAS to one thread (``one_blas_thread
 thread means one thread.
 
 NumPy has no product that adds into its output, so for the products the sweeps add into a buffer
-row by row (:func:`row_products_added`: the forward's, the tangent's and the second-order
-adjoint's step products) the engine calls the gemm of NumPy's OpenBLAS itself, through ctypes, with
-beta = 1 (:func:`_gemm`), under the same conditions: at sMNIST size the forward's 784 step products
-added into their rows take 0.064 s against addmm's 0.066 s (``python bench/recurrence.py
---breakdown``). Where that gemm is not found, or fails its check on exact products, torch's addmm
-does those products.
+row by row (:func:`row_products_added`: the tangent's and the second-order adjoint's step
+products, and the forward's where A is absent) the engine calls the gemm of NumPy's OpenBLAS
+itself, through ctypes, with beta = 1 (:func:`_gemm`), under the same conditions (``python
+bench/recurrence.py --breakdown`` times the tangent's step products added into their rows both
+ways). Where that gemm is not found, or fails its check on exact products, torch's addmm does
+those products.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-__all__ = ["legacy_batched", "mm", "numpy_allowed", "numpy_view", "one_blas_thread", "row_products", "row_products_added",
-           "uses_numpy"]
+__all__ = ["legacy_batched", "mm", "numpy_allowed", "numpy_products", "numpy_view", "one_blas_thread", "row_products",
+           "row_products_added", "uses_numpy"]
 
 _DTYPES = (torch.float32, torch.float64)
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -205,6 +205,12 @@ def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
 
+def numpy_products(rows: Tensor, matrix: Tensor, outs: Tensor) -> bool:
+    """Whether :func:`row_products` (rows, matrix, outs) multiplies through NumPy (the module docstring's
+    conditions; rows of ``rows`` and ``outs`` read and written in place)."""
+    return uses_numpy(rows, matrix, outs) and _blas_matrix(matrix) and _rows_in_place(rows) and _rows_in_place(outs)
+
+
 def row_products(rows: Tensor, matrix: Tensor, outs: Tensor) -> Callable[[int, int | None], Tensor | None]:
     """The function (l, k) -> rows[l] @ matrix, written into ``outs[k]``, or returned as a fresh tensor
     where k is None, with the choice of library made once for all rows (per product it would cost
@@ -212,7 +218,7 @@ def row_products(rows: Tensor, matrix: Tensor, outs: Tensor) -> Callable[[int, i
 
     ``rows`` (L, batch, width) and ``outs`` (L', batch, matrix columns) may be strided views whose rows
     BLAS reads in place (a unit last stride), as the engine's records are."""
-    if uses_numpy(rows, matrix, outs) and _blas_matrix(matrix) and _rows_in_place(rows) and _rows_in_place(outs):
+    if numpy_products(rows, matrix, outs):
         row_arrays, matrix_array, out_arrays = list(rows.detach().numpy()), matrix.detach().numpy(), list(outs.detach().numpy())
         shape, dtype = (rows.shape[1], matrix.shape[1]), rows.dtype
 

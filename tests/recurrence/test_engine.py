@@ -611,8 +611,8 @@ def _float32_euler_case(seed: int, keep_states: bool):
 
 @pytest.mark.parametrize("keep_states", [False, True])
 def test_float32_records_of_p_in_many_stored_segments_are_each_their_own(keep_states, monkeypatch, counted, one_thread):
-    """Stored mode split into one input step per segment: each segment's p (a view of the workspace's
-    z, which the next segment overwrites) must be kept in its own memory. Gradients and
+    """Stored mode split into one input step per segment: each segment's p (written into a record of
+    its own, the workspace's buffers being the next segment's) must be kept in its own memory. Gradients and
     Hessian-vector products are the float64 loop's to float32 accuracy, and no two segments' P
     records share memory."""
     monkeypatch.setattr(engine_module, "SEGMENT_BYTES", 1)
@@ -627,6 +627,28 @@ def test_float32_records_of_p_in_many_stored_segments_are_each_their_own(keep_st
     assert cosh
     for ours, truth in zip((*gradients, *products), exact):
         assert _relative(ours.double(), truth) < 2e-6
+
+
+def test_float32_euler_forward_with_numpy_writes_p_into_its_record_and_the_rest_into_one_row(monkeypatch, counted,
+                                                                                          one_thread):
+    """With one thread an Euler step's forward writes u into p's record, adds each application's
+    y W^T to it from a row of [a | y W^T] that all applications share (no segment-sized buffer to
+    zero and copy p out of), and s into one shared row too: one NumPy product per application,
+    nothing segment-sized kept but the records, and the float64 loop's gradients and
+    Hessian-vector products to float32 accuracy (in several segments, substeps 2)."""
+    single, weights, direction, exact = _float32_euler_case(14, False)
+    monkeypatch.setattr(engine_module, "SEGMENT_BYTES", 3 * 2 * BATCH * 16 * 4)  # three input steps
+    matmul = counted(engine_module.numpy, "matmul")
+    engine_module.release_workspace()
+    out = lure_recurrence(*single, scheme=build_scheme("euler", 0.1, 2))
+    assert len(out.grad_fn.saved_tensors[6:]) == 2 * 3
+    assert len(matmul) == 2 * T
+    scratch = engine_module._IDLE.workspace.buffers
+    assert {name: tuple(t.shape) for name, t in scratch.items()} == {"tanhs": (1, BATCH, 16), "z": (1, BATCH, 32)}
+    gradients, products = _gradient_and_hvp_of(out, weights, single, direction)
+    for ours, truth in zip((*gradients, *products), exact):
+        assert _relative(ours.double(), truth) < 2e-6
+    engine_module.release_workspace()
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -894,11 +916,11 @@ def test_products_in_two_threads_on_one_graph_equal_them_one_after_the_other(one
 def test_the_buffers_kept_between_calls_are_the_cpus_only(one_thread):
     """A pass on another device (here meta, standing in for CUDA, whose allocator keeps freed memory
     itself) leaves none of its buffers or row lists in the thread's workspace (it replaced the CPU
-    pass's buffers of the same names)."""
+    pass's buffers of the same names). float64 on the CPU: the general loop, which keeps row lists."""
     engine_module.release_workspace()
     A, W = torch.zeros(4, 4), torch.zeros(4, 4)
     with torch.no_grad():
-        lure_recurrence(torch.zeros(5, 2, 4), A, W, scheme=build_scheme("euler", 0.1))
+        lure_recurrence(torch.zeros(5, 2, 4, dtype=torch.float64), A.double(), W.double(), scheme=build_scheme("euler", 0.1))
         kept = engine_module._IDLE.workspace
         assert kept.buffers and kept.row_lists
         lure_recurrence(torch.zeros(5, 2, 4, device="meta"), A.to("meta"), W.to("meta"), scheme=build_scheme("euler", 0.1))
