@@ -265,16 +265,16 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
         # An Euler step through NumPy, on rows NumPy makes (a sixth of the cost of unbind's): h + (a + beta s),
         # a + beta s in one rounding (torch's scaled add), then h, one rounding at the size of h.
         s, a = tanhs[0], z[0, :, :n]
-        # [A^T | W^T] in its own memory: OpenBLAS multiplies by it 3% faster than by the transpose of [A; W].
-        s_array, z_array, matrix_array = s.detach().numpy(), z[0].detach().numpy(), numpy.ascontiguousarray(matrix.detach().numpy())
+        s_array, z_array, matrix_array = s.detach().numpy(), z[0].detach().numpy(), matrix.detach().numpy()
         product_array = z_array[:, n:]
-        h_arrays, p_arrays = list(states_buffer.detach().numpy()), list(P.detach().numpy())
-        for l in range(rows):
-            numpy.matmul(h_arrays[l], matrix_array, out=z_array)
-            numpy.add(p_arrays[l], product_array, out=p_arrays[l])
-            numpy.tanh(p_arrays[l], out=s_array)
+        h_arrays = list(states_buffer.detach().numpy())
+        # Outputs passed by position (by keyword, 50 ns more per call).
+        for h_array, h_next, p_array in zip(h_arrays[:-1], h_arrays[1:], P.detach().numpy(), strict=True):
+            numpy.matmul(h_array, matrix_array, z_array)
+            numpy.add(p_array, product_array, p_array)
+            numpy.tanh(p_array, s_array)
             torch.add(a, s, alpha=beta, out=s)
-            numpy.add(h_arrays[l], s_array, out=h_arrays[l + 1])
+            numpy.add(h_array, s_array, h_next)
     else:
         tanh_row, _ = tanh_rows(P, tanhs, states_buffer, matrix, float32_tanh=field.identity)
         product = row_products_added(states_buffer, matrix, P) if z is None else row_products(states_buffer, matrix, z)

