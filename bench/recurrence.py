@@ -285,8 +285,8 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
     torch.tanh with several) and in the other schemes (``field.tanh``: NumPy's float64 tanh with
     one thread), and of torch.sigmoid (2 sigmoid(2 p) - 1 is cheaper still but loses tanh's
     relative accuracy near p = 0), each on the p columns of a (batch x 2n) product as the other
-    schemes read them, the Euler step's on rows of p. Forward+backward: the three matmuls per step alone
-    (the forward product and the two backward products), then the whole forward+backward.
+    schemes read them, the Euler step's on rows of p. Forward+backward: the three matmuls per step
+    alone (the forward product and the two backward products), then the whole forward+backward.
     """
     T, batch, n = x.shape[1], x.shape[0], model.config.hidden
     h, w, g = torch.randn(batch, n), torch.randn(n, 2 * n), torch.randn(batch, 2 * n)
@@ -312,10 +312,10 @@ def gap_breakdown(model, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
 
     def forward_engine_products() -> None:
         with one_blas_thread():
-            matrix, out, product = forward_matrix.contiguous().numpy(), row.numpy(), row[:, n:].numpy()
+            matrix, out, product = forward_matrix.numpy(), row.numpy(), row[:, n:].numpy()
             for h_l, p_l in zip(states.numpy(), p_rows.numpy(), strict=True):
-                numpy.matmul(h_l, matrix, out=out)
-                numpy.add(p_l, product, out=p_l)
+                numpy.matmul(h_l, matrix, out)
+                numpy.add(p_l, product, p_l)
 
     def all_matmuls() -> None:
         for _ in range(T):

@@ -57,20 +57,20 @@ start of every K-th input step and recomputes a segment's stage records in the b
 Both modes compute the same numbers up to the order of floating-point sums over segments.
 Buffers outlive a call, on the CPU only (:class:`_Workspace`): each thread keeps the scratch
 buffers of its passes (the adjoint's records and D: about 1.5 ``SEGMENT_BYTES``; a segment's
-states and p besides without a graph) and the memory of its last call's first records, up to ``RECORD_BYTES``, for
-the next call to take once nothing else holds it (both freed by :func:`release_workspace`); a
-gradient's graph keeps, for its next Hessian-vector product, the tangent records of its last
-(3 T * batch * n numbers with the Euler map, stored mode) and a segment's scratch, freed with the
-graph. Allocated afresh by every call, glibc handed those buffers back to the system and the next
+states and p besides without a graph) and the memory of its last call's first records, up to
+``RECORD_BYTES``, for the next call to take once nothing else holds it (both freed by
+:func:`release_workspace`); a gradient's graph keeps, for its next Hessian-vector product, the
+tangent records of its last (3 T * batch * n numbers with the Euler map, stored mode) and a
+segment's scratch, freed with the graph. Allocated afresh by every call, glibc handed those buffers back to the system and the next
 call faulted them in again page by page: at sMNIST size 10 to 25 thousand page faults per product
 (``getrusage``), and in a loop at T = 196, batch = n = 64 tens or hundreds per forward+backward as
 the process's history had it (``python bench/recurrence.py --page-faults``); now none.
 
 Products: the plain ones (the forward's and the first-order sweep's per-step products, the weight
 gradients, the R-operator's products over all rows) and those added into a buffer row by row (the
-forward's without A, the tangent's and the second-order adjoint's step products) go through :mod:`.products`, which takes
-NumPy's OpenBLAS with one intra-op thread (faster than torch's MKL on this project's CPU) and
-torch otherwise.
+forward's without A, the tangent's and the second-order adjoint's step products) go through
+:mod:`.products`, which takes NumPy's OpenBLAS with one intra-op thread (faster than torch's MKL
+on this project's CPU) and torch otherwise.
 """
 from __future__ import annotations
 
