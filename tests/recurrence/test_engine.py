@@ -634,7 +634,7 @@ def test_float32_euler_forward_with_numpy_writes_p_into_its_record_and_the_rest_
     """With one thread an Euler step's forward writes u into p's record, adds each application's
     y W^T to it from a row of [a | y W^T] that all applications share (no segment-sized buffer to
     zero and copy p out of), and s into one shared row too: one NumPy product per application,
-    nothing segment-sized kept but the records, and the float64 loop's gradients and
+    nothing segment-sized kept after the forward but the records, and the float64 loop's gradients and
     Hessian-vector products to float32 accuracy (in several segments, substeps 2)."""
     single, weights, direction, exact = _float32_euler_case(14, False)
     monkeypatch.setattr(engine_module, "SEGMENT_BYTES", 3 * 2 * BATCH * 16 * 4)  # three input steps
