@@ -61,7 +61,9 @@ states and p besides without a graph) and the memory of its last call's first re
 ``RECORD_BYTES``, for the next call to take once nothing else holds it (both freed by
 :func:`release_workspace`); a gradient's graph keeps, for its next Hessian-vector product, the
 tangent records of its last (3 T * batch * n numbers with the Euler map, stored mode) and a
-segment's scratch, freed with the graph. Allocated afresh by every call, glibc handed those buffers back to the system and the next
+segment's scratch, and for all its products each segment's -2 s q, the part of the second-order
+term that no direction changes (T * batch * n numbers more; the tanh of p and a pass over the
+records that each product formed before), freed with the graph. Allocated afresh by every call, glibc handed those buffers back to the system and the next
 call faulted them in again page by page: at sMNIST size 10 to 25 thousand page faults per product
 (``getrusage``), and in a loop at T = 196, batch = n = 64 tens or hundreds per forward+backward as
 the process's history had it (``python bench/recurrence.py --page-faults``); now none.
@@ -824,6 +826,8 @@ class _Adjoint(torch.autograd.Function):
             ctx.save_for_backward(x, U, b, A, W, B,
                                   *(adjoints + derivatives if not plan.recompute else (grad, *ends[:-1])))
             ctx.tape, ctx.plan, ctx.recurrence, ctx.layout = tape, plan, recurrence, layout
+            # Stored mode: each segment's -2 s q, formed by the graph's first Hessian-vector product for the next.
+            ctx.factors = None if plan.recompute else [None] * segments
         return layout.pack(input_grads.result(), weights)
 
     @staticmethod
@@ -851,7 +855,8 @@ class _Adjoint(torch.autograd.Function):
 
             def second_order(cotangent: Tensor | None) -> tuple[Tensor | None, ...]:
                 try:
-                    return _second_order_pass(plan, tape, field, kept, tangent, cotangent, layout.x, workspace)
+                    return _second_order_pass(plan, tape, field, kept, tangent, cotangent, layout.x, workspace,
+                                              ctx.factors)
                 finally:
                     _Workspace.give_back(ctx, workspace)
             if fuse:
@@ -935,12 +940,14 @@ def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField,
 
 @one_blas_thread()
 def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], tangent: _TangentPass,
-                       cotangent: Tensor | None, need_x: bool,
-                       workspace: _Workspace | None = None) -> tuple[Tensor | None, ...]:
+                       cotangent: Tensor | None, need_x: bool, workspace: _Workspace | None = None,
+                       factors: list[Tensor | None] | None = None) -> tuple[Tensor | None, ...]:
     """Backward in time: the cotangents of (x, U, b, A, W, B) from the second-order adjoint of the first
     adjoint's cotangents, plus J^T ``cotangent`` for a cotangent of the states (the same linear sweep:
     module docstring); x's only with ``need_x`` or where u is given, None where a tensor is absent.
-    The map's per-segment s, R and X_dot live in ``workspace`` where given."""
+    The map's per-segment s, R and X_dot live in ``workspace`` where given. ``factors`` (stored mode):
+    each segment's -2 s q (:meth:`.field.LureField.second_order_factor`) where formed, kept there by
+    the map's sweep for the next product on the same records (None where not yet formed)."""
     scheme, bounds, direction = plan.scheme, plan.bounds, tangent.direction
     if plan.recompute:
         grad, *later = kept
@@ -966,9 +973,16 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
             (D, Y_dot, P_dot), X = tangent.records[k], kept[k]
         state_cotangents = cotangent[t0:t1] if cotangent is not None and plan.keep_states else None
         if _fused_map(field, scheme, lam_dot, P_dot, state_cotangents):
-            S = segment.tanh(None if workspace is None else workspace.buffer("S", D.shape, D))
-            R = field.second_order_terms(S, D, X, P_dot, direction, with_p=False,
-                                         out=None if workspace is None else workspace.buffer("R", D.shape, D))[0]
+            out = None if workspace is None else workspace.buffer("R", D.shape, D)
+            if factors is None:
+                S = segment.tanh(None if workspace is None else workspace.buffer("S", D.shape, D))
+                R = field.second_order_terms(S, D, X, P_dot, direction, with_p=False, out=out)[0]
+            else:
+                # s and -2 s q are the same for every product on these records (two threads may both form them).
+                S = None
+                if factors[k] is None:
+                    factors[k] = field.second_order_factor(segment.tanh(), X)
+                R = field.second_order_terms(None, D, X, P_dot, direction, with_p=False, out=out, factor=factors[k])[0]
             X_dot = _Workspace.take(workspace, "X_dot", X.shape, X)
             lam_dot = _map_second_order(field, scheme.substeps, lam_dot, state_cotangents, D, R, X, direction, X_dot,
                                         workspace, "" if plan.recompute else str(k))

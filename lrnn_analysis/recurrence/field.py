@@ -294,14 +294,25 @@ class LureField:
         """[A_dot; W_dot] where A is given, else W_dot."""
         return torch.cat([direction["A"], direction["W"]], dim=0) if self.has_a else direction["W"]
 
-    def second_order_terms(self, S: Tensor, D: Tensor, X: Tensor, P_dot: Tensor, direction: dict[str, Tensor],
-                           with_p: bool = True, out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def second_order_factor(self, S: Tensor, X: Tensor, out: Tensor | None = None) -> Tensor:
+        """-2 s q for every stage evaluation, the part of R that does not depend on the direction
+        (R = -2 s q p_dot + ...), written into ``out`` (shaped as S) if given. The same numbers as
+        (-2 s) q: scaling by -2 is exact."""
+        return torch.addcmul(S.new_zeros(()), S, self.split_record(X)[1], value=-2.0, out=out)
+
+    def second_order_terms(self, S: Tensor | None, D: Tensor, X: Tensor, P_dot: Tensor, direction: dict[str, Tensor],
+                           with_p: bool = True, out: Tensor | None = None,
+                           factor: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(R, P) of the module docstring for every stage evaluation (P_dot: the tangents of p; P None
-        unless ``with_p``); R written into ``out`` (shaped as S) if given."""
+        unless ``with_p``); R written into ``out`` (shaped as D) if given. ``factor``:
+        :meth:`second_order_factor`, formed before (S is then read only where B is given)."""
         G, Q = self.split_record(X)
-        # -2 s q p_dot in two passes, the same numbers as ((-2 s) q) p_dot: scaling by -2 is exact.
-        R = torch.addcmul(S.new_zeros(()), S, Q, value=-2.0, out=out)
-        R = R.mul_(P_dot) if out is not None else R * P_dot
+        if factor is None:
+            assert S is not None
+            R = self.second_order_factor(S, X, out=out)
+            R = R.mul_(P_dot) if out is not None else R * P_dot
+        else:
+            R = torch.mul(factor, P_dot, out=out) if out is not None else factor * P_dot
         if self.has_b:
             R = torch.addcmul(R, G @ direction["B"], D)
         if with_p:
@@ -311,9 +322,10 @@ class LureField:
             P = None
         return R, P
 
-    def second_order_gradients(self, Y: Tensor, Y_dot: Tensor, S: Tensor, D: Tensor, P_dot: Tensor,
+    def second_order_gradients(self, Y: Tensor, Y_dot: Tensor, S: Tensor | None, D: Tensor, P_dot: Tensor,
                                X: Tensor, X_dot: Tensor) -> dict[str, Tensor]:
-        """The derivatives of ``weight_gradients`` along the tangent (module docstring)."""
+        """The derivatives of ``weight_gradients`` along the tangent (module docstring; S is read only
+        where B is given)."""
         (G, Q), (G_dot, Q_dot) = self.split_record(X), self.split_record(X_dot)
         Y, Y_dot = _rows(Y), _rows(Y_dot)
         if self.has_a:

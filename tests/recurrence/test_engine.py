@@ -280,9 +280,9 @@ def _spy_on_second_order(monkeypatch):
     calls = []
     original = engine_module._second_order_pass
 
-    def spy(plan, tape, field, kept, tangent, cotangent, need_x, workspace=None):
+    def spy(plan, tape, field, kept, tangent, cotangent, need_x, workspace=None, factors=None):
         calls.append(cotangent is not None)
-        return original(plan, tape, field, kept, tangent, cotangent, need_x, workspace)
+        return original(plan, tape, field, kept, tangent, cotangent, need_x, workspace, factors)
 
     monkeypatch.setattr(engine_module, "_second_order_pass", spy)
     return calls
@@ -816,6 +816,30 @@ def _products(model, x, y, directions):
     params = list(model.parameters())
     grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
     return [torch.autograd.grad(grads, params, d, retain_graph=True) for d in directions]
+
+
+@pytest.mark.parametrize("memory", ["store", "recompute"])
+def test_the_second_order_factor_is_formed_once_per_gradient_graph(monkeypatch, counted, memory):
+    """-2 s q, the part of the second-order term R that no direction changes, is formed by a stored
+    gradient graph's first Hessian-vector product, once per segment, and kept with the graph for its
+    next products (recompute mode forms it in every product, its records being recomputed); another
+    graph forms its own. Every product is autograd's through the loop to 1e-10."""
+    monkeypatch.setattr(engine_module, "SEGMENT_BYTES", 3 * 2 * BATCH * N * 8)  # three input steps
+    engine, plain = _pair("lipschitz", "euler")
+    engine.engine_memory = memory
+    x, y, _ = _data(seed=11)
+    generator = torch.Generator().manual_seed(12)
+    directions = [[torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in engine.parameters()]
+                  for _ in range(3)]
+    factor = counted(field_module.LureField, "second_order_factor")
+    segments = -(-T // 3)
+    for _ in range(2):  # two gradient graphs
+        factor.clear()
+        products = _products(engine, x, y, directions)
+        assert len(factor) == segments * (1 if memory == "store" else len(directions))
+        for ours, truth in zip(products, _products(plain, x, y, directions), strict=True):
+            for a, b in zip(ours, truth, strict=True):
+                assert _relative(a, b) < RTOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
