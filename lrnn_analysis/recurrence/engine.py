@@ -941,13 +941,16 @@ def _tangent_pass(plan: _Plan, tape: _Tape, field: LureField,
 @one_blas_thread()
 def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Tensor], tangent: _TangentPass,
                        cotangent: Tensor | None, need_x: bool, workspace: _Workspace | None = None,
-                       factors: list[Tensor | None] | None = None) -> tuple[Tensor | None, ...]:
+                       factors: list[tuple[tuple[int, bool], Tensor] | None] | None = None) -> tuple[Tensor | None, ...]:
     """Backward in time: the cotangents of (x, U, b, A, W, B) from the second-order adjoint of the first
     adjoint's cotangents, plus J^T ``cotangent`` for a cotangent of the states (the same linear sweep:
     module docstring); x's only with ``need_x`` or where u is given, None where a tensor is absent.
     The map's per-segment s, R and X_dot live in ``workspace`` where given. ``factors`` (stored mode):
     each segment's -2 s q (:meth:`.field.LureField.second_order_factor`) where formed, kept there by
-    the map's sweep for the next product on the same records (None where not yet formed)."""
+    the map's sweep for the next product on the same records (None where not yet formed), with the
+    intra-op thread count and NumPy's permission (:func:`.products.numpy_allowed`) it was formed
+    under: a product under others forms and keeps its own, s being NumPy's tanh or torch's, split
+    among the threads, so that every product's numbers are those it would form itself."""
     scheme, bounds, direction = plan.scheme, plan.bounds, tangent.direction
     if plan.recompute:
         grad, *later = kept
@@ -978,11 +981,13 @@ def _second_order_pass(plan: _Plan, tape: _Tape, field: LureField, kept: list[Te
                 S = segment.tanh(None if workspace is None else workspace.buffer("S", D.shape, D))
                 R = field.second_order_terms(S, D, X, P_dot, direction, with_p=False, out=out)[0]
             else:
-                # s and -2 s q are the same for every product on these records (two threads may both form them).
-                S = None
-                if factors[k] is None:
-                    factors[k] = field.second_order_factor(segment.tanh(), X)
-                R = field.second_order_terms(None, D, X, P_dot, direction, with_p=False, out=out, factor=factors[k])[0]
+                # s and -2 s q are the same for every product on these records (two threads may both form them)
+                # that forms s the same way: NumPy's tanh or torch's, with as many intra-op threads.
+                S, route, kept_factor = None, (torch.get_num_threads(), numpy_allowed()), factors[k]
+                if kept_factor is None or kept_factor[0] != route:
+                    kept_factor = factors[k] = (route, field.second_order_factor(segment.tanh(), X))
+                R = field.second_order_terms(None, D, X, P_dot, direction, with_p=False, out=out,
+                                             factor=kept_factor[1])[0]
             X_dot = _Workspace.take(workspace, "X_dot", X.shape, X)
             lam_dot = _map_second_order(field, scheme.substeps, lam_dot, state_cotangents, D, R, X, direction, X_dot,
                                         workspace, "" if plan.recompute else str(k))

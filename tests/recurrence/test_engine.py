@@ -842,6 +842,32 @@ def test_the_second_order_factor_is_formed_once_per_gradient_graph(monkeypatch, 
                 assert _relative(a, b) < RTOL
 
 
+@pytest.mark.parametrize("first", ["two threads", "flop counter"])
+def test_a_kept_second_order_factor_is_not_reused_where_tanh_would_be_formed_otherwise(one_thread, first):
+    """-2 s q kept by a graph's first product is reused only where s would be formed the same way
+    (NumPy's float32 tanh with one intra-op thread and no mode observing torch, else torch.tanh): a
+    first product with two threads or under FlopCounterMode leaves a later one-thread product the
+    same bit for bit as on a fresh graph."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = _euler_model(torch.float32)
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(64, 9, INPUT, generator=generator)
+    y = torch.randint(0, OUTPUT, (64,), generator=generator)
+    directions = [[torch.randn(p.shape, generator=generator) for p in model.parameters()] for _ in range(2)]
+    expected = _products(model, x, y, directions[1:])[0]
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
+    if first == "two threads":
+        torch.set_num_threads(2)
+        torch.autograd.grad(grads, params, directions[0], retain_graph=True)
+        torch.set_num_threads(1)
+    else:
+        with FlopCounterMode(display=False):
+            torch.autograd.grad(grads, params, directions[0], retain_graph=True)
+    for ours, theirs in zip(torch.autograd.grad(grads, params, directions[1], retain_graph=True), expected, strict=True):
+        assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_buffers_kept_between_calls_and_products_change_no_number(monkeypatch, one_thread, dtype):
     """The engine keeps its scratch buffers between passes in a thread and a gradient graph keeps its
