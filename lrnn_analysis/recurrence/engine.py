@@ -63,8 +63,10 @@ states and p besides without a graph) and the memory of its last call's first re
 tangent records of its last (3 T * batch * n numbers with the Euler map, stored mode) and a
 segment's scratch, and for all its products each segment's -2 s q, the part of the second-order
 term that no direction changes (T * batch * n numbers more; the tanh of p and a pass over the
-records that each product formed before), freed with the graph. Allocated afresh by every call, glibc handed those buffers back to the system and the next
-call faulted them in again page by page: at sMNIST size 10 to 25 thousand page faults per product
+records that each product formed before; a product that would form s otherwise, with another
+intra-op thread count or NumPy not allowed, forms and keeps its own), freed with the graph.
+Allocated afresh by every call, glibc handed those buffers back to the system and the next call
+faulted them in again page by page: at sMNIST size 10 to 25 thousand page faults per product
 (``getrusage``), and in a loop at T = 196, batch = n = 64 tens or hundreds per forward+backward as
 the process's history had it (``python bench/recurrence.py --page-faults``); now none.
 
