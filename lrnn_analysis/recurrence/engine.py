@@ -252,7 +252,8 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     numpy_tanh = numpy_tanh_rows(tanhs, tanhs, states_buffer, matrix, float32_tanh=field.identity)
     keep_p = field.identity and numpy_tanh
     # p = u + y W^T, u written first: where p is kept, straight into its record.
-    P = (_Workspace.record(workspace, f"P@{t0}", (rows, batch, n), like) if record and keep_p
+    p_record = record and keep_p
+    P = (_Workspace.record(workspace, f"P@{t0}", (rows, batch, n), like) if p_record
          else _Workspace.take(workspace, "p", (rows, batch, n), like))
     inputs = P.view(steps, substeps, batch, n)
     sequence.segment(t0, t1, out=inputs[:, 0])
@@ -264,8 +265,8 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
     # With A, [a | y W^T] = y [A^T | W^T] into a row of its own (no zeros to add the product to), then
     # y W^T added to u; without, the product added to u in place.
     z = scratch_rows("z", 2 * n) if field.has_a else None
-    if (z is not None and field.identity and tanhs_scratch and one_row and numpy_tanh
-            and numpy_products(states_buffer, matrix, z)):
+    # keep_p: an Euler step with NumPy's tanh, so NumPy allowed (one row) and s no record.
+    if z is not None and keep_p and numpy_products(states_buffer, matrix, z):
         # An Euler step through NumPy, on rows NumPy makes (a sixth of the cost of unbind's): h + (a + beta s),
         # a + beta s in one rounding (torch's scaled add), then h, one rounding at the size of h.
         s, a = tanhs[0], z[0, :, :n]
@@ -284,7 +285,7 @@ def _map_forward(field: LureField, substeps: int, h: Tensor, sequence: Inputs, b
         product = row_products_added(states_buffer, matrix, P) if z is None else row_products(states_buffer, matrix, z)
         h_rows = _Workspace.rows(scratch, "states", states_buffer)
         s_rows = _Workspace.rows(workspace if tanhs_scratch else None, "tanhs", tanhs)
-        p_rows = _Workspace.rows(workspace if not (record and keep_p) else None, "p", P)
+        p_rows = _Workspace.rows(None if p_record else workspace, "p", P)
         a_rows = None if z is None else _Workspace.rows(workspace, "z/a", z[..., :n])
         product_rows = None if z is None else _Workspace.rows(workspace, "z/p", z[..., n:])
         for l in range(rows):
